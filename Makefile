@@ -1,0 +1,42 @@
+# Tandem — see README.md. The two commands a newcomer needs:
+#   make demo   walkthrough on two throwaway local PostgreSQL clusters
+#   make test   install what is missing, then the whole suite with -race
+GO       ?= go
+FUZZTIME ?= 10s
+BIN      ?= bin/tandem
+
+.PHONY: all build deps demo test unit fuzz bench clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/tandem
+
+deps:
+	./scripts/ensure-postgres.sh
+
+demo: deps
+	$(GO) run ./cmd/tandem demo
+
+test: deps
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
+	$(MAKE) --no-print-directory fuzz
+
+unit:
+	$(GO) test -race -count=1 -short ./...
+
+# Brief runs of every fuzz target over its seeded corpus (testdata/fuzz) plus
+# FUZZTIME of new inputs each. Longer: make fuzz FUZZTIME=5m
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzReadStartup$$' -fuzztime $(FUZZTIME) ./internal/pgwire
+	$(GO) test -run '^$$' -fuzz '^FuzzReadMessage$$' -fuzztime $(FUZZTIME) ./internal/pgwire
+	$(GO) test -run '^$$' -fuzz '^FuzzFramer$$' -fuzztime $(FUZZTIME) ./internal/pgwire
+
+# pgbench side by side: direct PostgreSQL, pgbouncer (session mode) and Tandem.
+bench:
+	./scripts/ensure-postgres.sh pgbouncer
+	./bench/bench.sh
+
+clean:
+	rm -rf bin

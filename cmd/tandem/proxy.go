@@ -1,0 +1,136 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/tandemdb/tandem/internal/admin"
+	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/proxy"
+	"golang.org/x/sync/errgroup"
+)
+
+func newProxyCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "proxy",
+		Short: "Run the proxy: clients connect here instead of to the old store",
+		Long: `Run the Tandem proxy.
+
+Each client session is paired with a session on the primary store (the old
+store, until a write flip) and relayed byte for byte: simple and extended
+query protocol, pipelining, COPY, notices, LISTEN/NOTIFY and errors with their
+SQLSTATE. Clients authenticate at the proxy (trust, or SCRAM-SHA-256 against a
+pgbouncer-style userlist); the proxy logs in to the store as the same user,
+with the password from the store's DSN or password file.
+
+The admin address serves /healthz, /readyz (both stores reachable) and
+/metrics (Prometheus).
+
+On SIGTERM or SIGINT the proxy stops accepting, lets open transactions finish
+within --drain-timeout, then closes the remaining sessions with SQLSTATE 57P01.`,
+		Example: `  tandem proxy --listen 127.0.0.1:6432 --admin 127.0.0.1:9187 \
+    --old 'postgres://app@old-db:5432/shop' --new 'postgres://app@new-db:5432/shop'
+  tandem proxy -c /etc/tandem/tandem.yaml`,
+		Args: cobra.NoArgs,
+	}
+	flags := config.NewFlags(cmd.Flags())
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		cfg, err := flags.Load(os.LookupEnv)
+		if err != nil {
+			return err
+		}
+		log := newLogger(cfg.Log, os.Stderr)
+		rp, err := startProxy(cfg, log)
+		if err != nil {
+			return err
+		}
+		return rp.wait(cmd.Context())
+	}
+	return cmd
+}
+
+// runningProxy is a proxy and its admin server, started together.
+type runningProxy struct {
+	cfg      *config.Config
+	log      *slog.Logger
+	srv      *proxy.Server
+	admin    *admin.Server
+	prom     *metrics.Prometheus
+	listener net.Listener
+	g        *errgroup.Group
+}
+
+// startProxy binds both addresses and starts serving. Addresses with port 0
+// get a free port; Addr and AdminAddr report the bound ones.
+func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
+	prom, err := metrics.NewPrometheus()
+	if err != nil {
+		return nil, err
+	}
+	pm, err := metrics.NewProxy(prom.Provider.Meter("github.com/tandemdb/tandem/proxy"))
+	if err != nil {
+		return nil, err
+	}
+	srv, err := proxy.New(cfg, proxy.Options{Logger: log, Metrics: pm})
+	if err != nil {
+		return nil, err
+	}
+	checks := []admin.Check{admin.StoreCheck("old", cfg.Old)}
+	if cfg.New.DSN != "" {
+		checks = append(checks, admin.StoreCheck("new", cfg.New))
+	}
+	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log}), log)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		_ = adm.Shutdown(context.Background())
+		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}}
+	rp.g.Go(adm.Serve)
+	rp.g.Go(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, proxy.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	log.Info("tandem proxy started", "listen", ln.Addr().String(), "admin", adm.Addr(),
+		"old", config.RedactDSN(cfg.Old.DSN), "auth", cfg.Auth.Method, "tls", cfg.TLS.Cert != "")
+	return rp, nil
+}
+
+func (rp *runningProxy) Addr() string      { return rp.listener.Addr().String() }
+func (rp *runningProxy) AdminAddr() string { return rp.admin.Addr() }
+
+// wait serves until ctx is done, then drains and stops everything.
+func (rp *runningProxy) wait(ctx context.Context) error {
+	done := make(chan error, 1)
+	go func() { done <- rp.g.Wait() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+	}
+	rp.log.Info("shutting down")
+	return rp.stop()
+}
+
+// stop drains sessions (bounded by the drain timeout) and stops the admin
+// server and the meter provider.
+func (rp *runningProxy) stop() error {
+	ctx, cancel := context.WithTimeout(context.Background(), rp.cfg.Limits.DrainTimeout.Duration()+5*time.Second)
+	defer cancel()
+	err := rp.srv.Shutdown(ctx)
+	err = errors.Join(err, rp.admin.Shutdown(ctx), rp.g.Wait(), rp.prom.Shutdown(ctx))
+	rp.log.Info("tandem proxy stopped")
+	return err
+}

@@ -1,0 +1,147 @@
+// Package admin is Tandem's operator HTTP API: liveness, readiness and
+// metrics now, routing state and job control as they are built.
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgpassfile"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/tandemdb/tandem/internal/config"
+)
+
+// Check is one readiness probe.
+type Check struct {
+	Name string
+	Run  func(ctx context.Context) error
+}
+
+// Options configure the admin handler.
+type Options struct {
+	Metrics http.Handler // served at /metrics
+	Checks  []Check      // run by /readyz
+	Logger  *slog.Logger
+	// CheckTimeout bounds each readiness probe (default 2s).
+	CheckTimeout time.Duration
+}
+
+// NewHandler returns the admin API's handler:
+//
+//	GET /healthz  200 "ok" while the process serves HTTP
+//	GET /readyz   200 when every check passes, else 503; JSON body per check
+//	GET /metrics  Prometheus text format
+func NewHandler(opts Options) http.Handler {
+	if opts.CheckTimeout == 0 {
+		opts.CheckTimeout = 2 * time.Second
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		type result struct {
+			Name  string `json:"name"`
+			OK    bool   `json:"ok"`
+			Error string `json:"error,omitempty"`
+		}
+		results := make([]result, len(opts.Checks))
+		var wg sync.WaitGroup
+		for i, c := range opts.Checks {
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(r.Context(), opts.CheckTimeout)
+				defer cancel()
+				results[i] = result{Name: c.Name, OK: true}
+				if err := c.Run(ctx); err != nil {
+					results[i] = result{Name: c.Name, Error: err.Error()}
+				}
+			})
+		}
+		wg.Wait()
+		status := http.StatusOK
+		for _, res := range results {
+			if !res.OK {
+				status = http.StatusServiceUnavailable
+			}
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		_ = json.NewEncoder(w).Encode(map[string]any{"ready": status == http.StatusOK, "checks": results})
+	})
+	if opts.Metrics != nil {
+		mux.Handle("GET /metrics", opts.Metrics)
+	}
+	return mux
+}
+
+// StoreCheck probes that a store accepts a session with the configured
+// credentials. The error never contains the password.
+func StoreCheck(name string, sc config.Store) Check {
+	return Check{Name: name, Run: func(ctx context.Context) error {
+		cfg, err := pgconn.ParseConfig(sc.DSN)
+		if err != nil {
+			return fmt.Errorf("%s.dsn does not parse", name)
+		}
+		if cfg.Password == "" && sc.PasswordFile != "" {
+			if pf, err := pgpassfile.ReadPassfile(sc.PasswordFile); err == nil {
+				cfg.Password = pf.FindPassword(cfg.Host, fmt.Sprint(cfg.Port), cfg.Database, cfg.User)
+			}
+		}
+		conn, err := pgconn.ConnectConfig(ctx, cfg)
+		if err != nil {
+			var pgErr *pgconn.PgError
+			if errors.As(err, &pgErr) {
+				return fmt.Errorf("%s store refused the session: %s (SQLSTATE %s)", name, pgErr.Message, pgErr.Code)
+			}
+			return fmt.Errorf("%s store unreachable at %s:%d", name, cfg.Host, cfg.Port)
+		}
+		return conn.Close(ctx)
+	}}
+}
+
+// Server is the admin HTTP server.
+type Server struct {
+	srv *http.Server
+	ln  net.Listener
+}
+
+// Listen binds addr; Serve then serves until Shutdown.
+func Listen(addr string, h http.Handler, log *slog.Logger) (*Server, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("admin listen %s: %w", addr, err)
+	}
+	var el *slog.Logger
+	if log != nil {
+		el = log
+	} else {
+		el = slog.New(slog.DiscardHandler)
+	}
+	return &Server{ln: ln, srv: &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog:          slog.NewLogLogger(el.Handler(), slog.LevelWarn),
+	}}, nil
+}
+
+// Addr is the bound address.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// Serve serves until Shutdown; it returns nil after a Shutdown.
+func (s *Server) Serve() error {
+	if err := s.srv.Serve(s.ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// Shutdown stops the server gracefully.
+func (s *Server) Shutdown(ctx context.Context) error { return s.srv.Shutdown(ctx) }

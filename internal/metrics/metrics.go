@@ -1,0 +1,285 @@
+// Package metrics defines Tandem's OpenTelemetry instruments and exports them
+// in the Prometheus text format. Instruments are created once, from a meter
+// passed in; nothing here is a package global.
+package metrics
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel/attribute"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	"go.opentelemetry.io/otel/metric"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
+)
+
+// Attribute keys that are Tandem's own; the db.* ones come from semconv.
+const (
+	KeyStore     = attribute.Key("tandem.store")
+	KeyKind      = attribute.Key("tandem.statement.kind")
+	KeyDirection = attribute.Key("tandem.direction")
+	KeyOutcome   = attribute.Key("tandem.outcome")
+	KeyOrigin    = attribute.Key("tandem.error.origin")
+)
+
+// Statement kinds, the same words the router uses.
+const (
+	KindRead        = "read"
+	KindWrite       = "write"
+	KindDDL         = "ddl"
+	KindTransaction = "transaction"
+	KindSession     = "session"
+	KindUnknown     = "unknown"
+)
+
+// Proxy holds the instruments the proxy records into. It is safe for
+// concurrent use; a nil *Proxy records nothing.
+type Proxy struct {
+	sessions    metric.Int64UpDownCounter
+	connections metric.Int64Counter
+	statements  metric.Int64Counter
+	duration    metric.Float64Histogram
+	bytes       metric.Int64Counter
+	errors      metric.Int64Counter
+
+	mu      sync.RWMutex
+	stmtOpt map[stmtKey][]metric.AddOption
+	errOpt  map[errKey][]metric.AddOption
+	durOpt  map[string][]metric.RecordOption
+	byteOpt map[[2]string][]metric.AddOption
+}
+
+type stmtKey struct{ store, op string }
+type errKey struct{ store, code, origin string }
+
+// LatencyBuckets are the histogram bounds, in seconds: fine below 10 ms,
+// where a proxy's overhead shows.
+var latencyBuckets = []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
+
+// NewProxy creates the proxy's instruments on meter.
+func NewProxy(meter metric.Meter) (*Proxy, error) {
+	p := &Proxy{
+		stmtOpt: map[stmtKey][]metric.AddOption{},
+		errOpt:  map[errKey][]metric.AddOption{},
+		durOpt:  map[string][]metric.RecordOption{},
+		byteOpt: map[[2]string][]metric.AddOption{},
+	}
+	var err error
+	if p.sessions, err = meter.Int64UpDownCounter("tandem.client.sessions",
+		metric.WithDescription("Client sessions currently open through the proxy."), metric.WithUnit("{session}")); err != nil {
+		return nil, err
+	}
+	if p.connections, err = meter.Int64Counter("tandem.client.connections",
+		metric.WithDescription("Client connections by outcome: accepted, too_many, auth_failed, protocol_error, upstream_failed, tls_required, cancel."),
+		metric.WithUnit("{connection}")); err != nil {
+		return nil, err
+	}
+	if p.statements, err = meter.Int64Counter("tandem.statements",
+		metric.WithDescription("Statements completed, by store, kind (read, write, ddl, transaction, session, unknown) and command tag."),
+		metric.WithUnit("{statement}")); err != nil {
+		return nil, err
+	}
+	if p.duration, err = meter.Float64Histogram("db.client.operation.duration",
+		metric.WithDescription("Round-trip time of a client request on a store, from its first message to ReadyForQuery."),
+		metric.WithUnit("s"), metric.WithExplicitBucketBoundaries(latencyBuckets...)); err != nil {
+		return nil, err
+	}
+	if p.bytes, err = meter.Int64Counter("tandem.bytes",
+		metric.WithDescription("Protocol bytes relayed, by store and direction (client_to_store, store_to_client)."),
+		metric.WithUnit("By")); err != nil {
+		return nil, err
+	}
+	if p.errors, err = meter.Int64Counter("tandem.errors",
+		metric.WithDescription("ErrorResponses sent to clients, by SQLSTATE and origin (store: relayed from a store; proxy: Tandem's own)."),
+		metric.WithUnit("{error}")); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// SessionOpened and SessionClosed track the open-session gauge.
+func (p *Proxy) SessionOpened(ctx context.Context) {
+	if p != nil {
+		p.sessions.Add(ctx, 1)
+	}
+}
+
+func (p *Proxy) SessionClosed(ctx context.Context) {
+	if p != nil {
+		p.sessions.Add(ctx, -1)
+	}
+}
+
+// Connection counts one client connection attempt by its outcome.
+func (p *Proxy) Connection(ctx context.Context, outcome string) {
+	if p != nil {
+		p.connections.Add(ctx, 1, metric.WithAttributes(KeyOutcome.String(outcome)))
+	}
+}
+
+// Statement counts n completed statements with command tag verb op on store.
+func (p *Proxy) Statement(ctx context.Context, store, op string, n int64) {
+	if p == nil {
+		return
+	}
+	k := stmtKey{store, op}
+	p.mu.RLock()
+	opt, ok := p.stmtOpt[k]
+	p.mu.RUnlock()
+	if !ok {
+		opt = []metric.AddOption{metric.WithAttributeSet(attribute.NewSet(
+			KeyStore.String(store), KeyKind.String(KindOfCommand(op)), semconv.DBOperationName(op),
+			semconv.DBSystemNamePostgreSQL))}
+		p.mu.Lock()
+		p.stmtOpt[k] = opt
+		p.mu.Unlock()
+	}
+	p.statements.Add(ctx, n, opt...)
+}
+
+// Latency records one request round trip on store.
+func (p *Proxy) Latency(ctx context.Context, store string, d time.Duration) {
+	if p == nil {
+		return
+	}
+	p.mu.RLock()
+	opt, ok := p.durOpt[store]
+	p.mu.RUnlock()
+	if !ok {
+		opt = []metric.RecordOption{metric.WithAttributeSet(attribute.NewSet(
+			KeyStore.String(store), semconv.DBSystemNamePostgreSQL))}
+		p.mu.Lock()
+		p.durOpt[store] = opt
+		p.mu.Unlock()
+	}
+	p.duration.Record(ctx, d.Seconds(), opt...)
+}
+
+// Directions for Bytes.
+const (
+	ClientToStore = "client_to_store"
+	StoreToClient = "store_to_client"
+)
+
+// Bytes counts n bytes relayed between a client and store in direction.
+func (p *Proxy) Bytes(ctx context.Context, store, direction string, n int64) {
+	if p == nil || n == 0 {
+		return
+	}
+	k := [2]string{store, direction}
+	p.mu.RLock()
+	opt, ok := p.byteOpt[k]
+	p.mu.RUnlock()
+	if !ok {
+		opt = []metric.AddOption{metric.WithAttributeSet(attribute.NewSet(
+			KeyStore.String(store), KeyDirection.String(direction)))}
+		p.mu.Lock()
+		p.byteOpt[k] = opt
+		p.mu.Unlock()
+	}
+	p.bytes.Add(ctx, n, opt...)
+}
+
+// Error origins.
+const (
+	OriginStore = "store"
+	OriginProxy = "proxy"
+)
+
+// Error counts one ErrorResponse with SQLSTATE code sent to a client.
+func (p *Proxy) Error(ctx context.Context, store, code, origin string) {
+	if p == nil {
+		return
+	}
+	k := errKey{store, code, origin}
+	p.mu.RLock()
+	opt, ok := p.errOpt[k]
+	p.mu.RUnlock()
+	if !ok {
+		opt = []metric.AddOption{metric.WithAttributeSet(attribute.NewSet(
+			KeyStore.String(store), semconv.DBResponseStatusCode(code), KeyOrigin.String(origin)))}
+		p.mu.Lock()
+		p.errOpt[k] = opt
+		p.mu.Unlock()
+	}
+	p.errors.Add(ctx, 1, opt...)
+}
+
+// KindOfCommand maps a CommandComplete verb (the tag's first word) to the
+// statement kind it reports.
+func KindOfCommand(op string) string {
+	switch op {
+	case "SELECT", "FETCH", "SHOW", "MOVE":
+		return KindRead
+	case "INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "CALL":
+		return KindWrite
+	case "BEGIN", "START", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "PREPARE", "END", "ABORT":
+		return KindTransaction
+	case "SET", "RESET", "DISCARD", "LISTEN", "UNLISTEN", "NOTIFY", "DEALLOCATE", "DECLARE", "CLOSE", "LOAD":
+		return KindSession
+	case "CREATE", "ALTER", "DROP", "TRUNCATE", "COMMENT", "GRANT", "REVOKE", "REINDEX", "CLUSTER",
+		"VACUUM", "ANALYZE", "REFRESH", "SECURITY", "IMPORT", "REASSIGN":
+		return KindDDL
+	}
+	return KindUnknown
+}
+
+// CommandVerb returns the first word of a CommandComplete tag, upper-case
+// ASCII as the server sends it; tags that are not a known word give "OTHER",
+// so the attribute's cardinality stays bounded.
+func CommandVerb(tag []byte) string {
+	i := 0
+	for i < len(tag) && tag[i] >= 'A' && tag[i] <= 'Z' {
+		i++
+	}
+	if i == 0 {
+		return "OTHER"
+	}
+	v := tag[:i]
+	if op, ok := knownVerbs[string(v)]; ok { // no allocation: map lookup by converted []byte
+		return op
+	}
+	return "OTHER"
+}
+
+var knownVerbs = func() map[string]string {
+	m := map[string]string{}
+	for _, w := range strings.Fields(`SELECT FETCH SHOW MOVE INSERT UPDATE DELETE MERGE COPY CALL BEGIN START COMMIT
+		ROLLBACK SAVEPOINT RELEASE PREPARE END ABORT SET RESET DISCARD LISTEN UNLISTEN NOTIFY DEALLOCATE DECLARE CLOSE
+		LOAD CREATE ALTER DROP TRUNCATE COMMENT GRANT REVOKE REINDEX CLUSTER VACUUM ANALYZE REFRESH SECURITY IMPORT
+		REASSIGN EXECUTE DO LOCK CHECKPOINT EXPLAIN`) {
+		m[w] = w
+	}
+	return m
+}()
+
+// Prometheus is a meter provider whose instruments are served in the
+// Prometheus text format by Handler.
+type Prometheus struct {
+	Provider *sdkmetric.MeterProvider
+	Handler  http.Handler
+}
+
+// NewPrometheus builds a meter provider exporting to a private Prometheus
+// registry (never the default global one).
+func NewPrometheus() (*Prometheus, error) {
+	reg := prometheus.NewRegistry()
+	exp, err := otelprom.New(otelprom.WithRegisterer(reg))
+	if err != nil {
+		return nil, err
+	}
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exp))
+	return &Prometheus{
+		Provider: mp,
+		Handler:  promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
+	}, nil
+}
+
+// Shutdown flushes and stops the provider.
+func (p *Prometheus) Shutdown(ctx context.Context) error { return p.Provider.Shutdown(ctx) }

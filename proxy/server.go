@@ -1,0 +1,311 @@
+// Package proxy is Tandem's client-facing PostgreSQL server. It accepts client
+// sessions (TLS, SCRAM or trust authentication, cancel requests), pairs each
+// with an upstream session on the primary store, and relays the protocol
+// byte for byte.
+package proxy
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/internal/pgwire"
+)
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("proxy: server closed")
+
+// Options are the parts of a Server that do not come from the config file.
+type Options struct {
+	Logger  *slog.Logger   // nil = discard
+	Metrics *metrics.Proxy // nil = record nothing
+	Knobs   TestingKnobs
+}
+
+// TestingKnobs are injection points for tests; the zero value is production
+// behaviour.
+type TestingKnobs struct {
+	// AfterSessionEnd is called when a session's goroutines have all exited.
+	AfterSessionEnd func()
+}
+
+// Server accepts client sessions and relays them to the primary store. It is
+// safe for concurrent use.
+type Server struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	metrics *metrics.Proxy
+	knobs   TestingKnobs
+	tls     *tls.Config
+	users   *Userlist // nil for trust
+	old     *store
+
+	open      atomic.Int64 // client sessions counted against the limit
+	drainFlag atomic.Bool  // set once Shutdown or Close has begun
+	baseCtx   context.Context
+	stopCtx   context.CancelFunc
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	sessions  map[*session]struct{}
+	cancels   map[cancelKey]*session
+	draining  bool
+	closed    bool
+	wg        sync.WaitGroup // every connection-handling goroutine
+	nextPID   uint32
+}
+
+type cancelKey struct {
+	pid    uint32
+	secret string
+}
+
+// New validates what it needs from cfg (TLS files, userlist, store DSNs) and
+// returns a Server that has not started listening.
+func New(cfg *config.Config, opts Options) (*Server, error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{
+		cfg:       cfg,
+		log:       log,
+		metrics:   opts.Metrics,
+		knobs:     opts.Knobs,
+		listeners: map[net.Listener]struct{}{},
+		sessions:  map[*session]struct{}{},
+		cancels:   map[cancelKey]*session{},
+	}
+	var err error
+	if s.old, err = newStore("old", cfg.Old, cfg.Limits.ConnectTimeout.Duration()); err != nil {
+		return nil, err
+	}
+	if cfg.TLS.Cert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
+		if err != nil {
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+		s.tls = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	if cfg.Auth.Method == "scram-sha-256" {
+		if s.users, err = LoadUserlist(cfg.Auth.Userlist); err != nil {
+			return nil, fmt.Errorf("auth.userlist: %w", err)
+		}
+	}
+	s.baseCtx, s.stopCtx = context.WithCancel(context.Background())
+	var seed [4]byte
+	_, _ = rand.Read(seed[:])
+	s.nextPID = binary.BigEndian.Uint32(seed[:]) & 0x3fffffff
+	return s, nil
+}
+
+// ListenAndServe listens on the configured address and serves until Shutdown
+// or Close.
+func (s *Server) ListenAndServe() error {
+	ln, err := net.Listen("tcp", s.cfg.Listen)
+	if err != nil {
+		return err
+	}
+	return s.Serve(ln)
+}
+
+// Serve accepts connections on ln until Shutdown or Close, handling each in
+// its own goroutine. It closes ln before returning, and returns
+// ErrServerClosed after Shutdown or Close. Client connections are closed by
+// the session that owns them.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closed || s.draining {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+
+	var backoff time.Duration
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if s.shuttingDown() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "error", err, "backoff", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			return err
+		}
+		backoff = 0
+		s.mu.Lock()
+		if s.closed || s.draining {
+			s.mu.Unlock()
+			s.refuse(conn, pgwire.Fatal(pgwire.CodeCannotConnectNow, "the proxy is shutting down"))
+			continue
+		}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.wg.Done()
+			s.handle(conn)
+		}()
+	}
+}
+
+func (s *Server) shuttingDown() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed || s.draining
+}
+
+// refuse answers a connection that will not be served and closes it, on the
+// accept goroutine, with a short write deadline so a stuck client cannot
+// block accepting.
+func (s *Server) refuse(conn net.Conn, e *pgwire.Error) {
+	_ = conn.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	if b, err := e.Response().Encode(nil); err == nil {
+		_, _ = conn.Write(b)
+	}
+	conn.Close()
+}
+
+// Shutdown stops accepting, lets open transactions finish until the drain
+// timeout (or ctx) expires, and closes every session with SQLSTATE 57P01 at
+// its next safe point: at once when it is idle, otherwise when its transaction
+// ends. Sessions still busy when the timeout expires are closed mid-flight.
+// Shutdown returns when every session has ended.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.draining = true
+	s.drainFlag.Store(true)
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	sessions := make([]*session, 0, len(s.sessions))
+	for ss := range s.sessions {
+		sessions = append(sessions, ss)
+	}
+	s.mu.Unlock()
+	s.log.Info("draining client sessions", "sessions", len(sessions), "drain_timeout", s.cfg.Limits.DrainTimeout.String())
+	for _, ss := range sessions {
+		ss.drainIfIdle()
+	}
+
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	timer := time.NewTimer(s.cfg.Limits.DrainTimeout.Duration())
+	defer timer.Stop()
+	select {
+	case <-done:
+		s.stopCtx()
+		return nil
+	case <-timer.C:
+	case <-ctx.Done():
+	}
+	s.mu.Lock()
+	left := make([]*session, 0, len(s.sessions))
+	for ss := range s.sessions {
+		left = append(left, ss)
+	}
+	s.mu.Unlock()
+	s.log.Warn("drain timeout: closing sessions with open transactions", "sessions", len(left))
+	for _, ss := range left {
+		ss.kill(errShutdown)
+	}
+	<-done
+	s.stopCtx()
+	return nil
+}
+
+// Close closes the listeners and every session at once, with 57P01.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.drainFlag.Store(true)
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	for ss := range s.sessions {
+		go ss.kill(errShutdown)
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	s.stopCtx()
+	return nil
+}
+
+// Sessions reports the number of client sessions currently open.
+func (s *Server) Sessions() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.sessions)
+}
+
+// register makes a session visible to Shutdown and to cancel requests, and
+// assigns its client-facing cancel key.
+func (s *Server) register(ss *session) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.draining {
+		return false
+	}
+	for {
+		s.nextPID++
+		var secret [4]byte
+		_, _ = rand.Read(secret[:])
+		k := cancelKey{pid: s.nextPID & 0x3fffffff, secret: string(secret[:])}
+		if k.pid == 0 {
+			continue
+		}
+		if _, dup := s.cancels[k]; dup {
+			continue
+		}
+		ss.key = k
+		s.cancels[k] = ss
+		s.sessions[ss] = struct{}{}
+		return true
+	}
+}
+
+func (s *Server) unregister(ss *session) {
+	s.mu.Lock()
+	delete(s.sessions, ss)
+	delete(s.cancels, ss.key)
+	s.mu.Unlock()
+}
+
+// cancel forwards a client's CancelRequest to the store running that
+// session's query. Unknown keys are ignored, as PostgreSQL does.
+func (s *Server) cancel(ctx context.Context, req *pgproto3.CancelRequest) {
+	s.mu.Lock()
+	ss := s.cancels[cancelKey{pid: req.ProcessID, secret: string(req.SecretKey)}]
+	s.mu.Unlock()
+	if ss == nil {
+		s.metrics.Connection(ctx, "cancel_unknown")
+		return
+	}
+	s.metrics.Connection(ctx, "cancel")
+	if err := ss.upstream.cancel(ctx); err != nil {
+		s.log.Warn("forwarding cancel request failed", "session", ss.key.pid, "store", ss.upstream.store.name, "error", err)
+	}
+}

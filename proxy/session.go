@@ -1,0 +1,619 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/internal/pgwire"
+	"github.com/xdg-go/scram"
+)
+
+// relayBufSize is each direction's relay buffer. A batch of small messages
+// that fits is read with one read and written with one write.
+const relayBufSize = 32 << 10
+
+// maxAuthMessage caps messages during authentication, before the client is
+// known (PostgreSQL uses the same order of magnitude).
+const maxAuthMessage = 8 << 10
+
+var (
+	errShutdown = pgwire.Fatal(pgwire.CodeAdminShutdown, "terminating connection due to administrator command").
+			WithHint("The Tandem proxy is shutting down; reconnect to be served by another replica.")
+	errIdleTimeout = pgwire.Fatal(pgwire.CodeIdleSessionTimeout, "terminating connection due to idle-session timeout").
+			WithHint("The proxy's limits.idle_session_timeout closed this session.")
+	errClientGone   = errors.New("client went away")
+	errClientDone   = errors.New("client terminated the session")
+	errUpstreamLost = errors.New("upstream connection lost")
+)
+
+// serverWhole marks the store-to-client message types the relay decodes:
+// CommandComplete (statement counts), ErrorResponse (SQLSTATE counts) and
+// ReadyForQuery (transaction state, safe points and latency).
+var serverWhole = func() *[256]bool {
+	var w [256]bool
+	w['C'], w['E'], w['Z'] = true, true, true
+	return &w
+}()
+
+// session is one client connection and its upstream session. It is owned by
+// the goroutine running Server.handle; kill and drainIfIdle may be called
+// from any goroutine.
+type session struct {
+	srv      *Server
+	ctx      context.Context
+	client   net.Conn
+	tlsOn    bool
+	user     string
+	database string
+	upstream *upstream
+	key      cancelKey
+	log      *slog.Logger
+
+	mu          sync.Mutex
+	outstanding int  // Query, Sync and FunctionCall messages not yet answered by ReadyForQuery
+	inRequest   bool // a request has started and not yet ended with ReadyForQuery
+	reqStart    time.Time
+	txStatus    byte
+
+	killOnce sync.Once
+	killCh   chan struct{}
+	killErr  error
+}
+
+// handle serves one client connection from startup to close. It closes conn.
+func (s *Server) handle(conn net.Conn) {
+	ss := &session{srv: s, ctx: s.baseCtx, client: conn, killCh: make(chan struct{}), log: s.log, txStatus: 'I'}
+	defer func() {
+		conn.Close()
+		if s.knobs.AfterSessionEnd != nil {
+			s.knobs.AfterSessionEnd()
+		}
+	}()
+	timeout := s.cfg.Limits.ConnectTimeout.Duration()
+	_ = conn.SetDeadline(time.Now().Add(timeout))
+
+	startup, err := ss.negotiate()
+	if err != nil || startup == nil {
+		ss.fail(err, "protocol_error")
+		return
+	}
+	if e := ss.checkStartup(startup); e != nil {
+		ss.fail(e, "rejected")
+		return
+	}
+	if max := int64(s.cfg.Limits.MaxClientSessions); s.open.Add(1) > max {
+		s.open.Add(-1)
+		ss.fail(pgwire.Fatal(pgwire.CodeTooManyConnections, "sorry, too many clients already").
+			WithHint("The proxy allows %d client sessions (limits.max_client_sessions).", max), "too_many")
+		return
+	}
+	defer s.open.Add(-1)
+
+	var saslFinal pgproto3.BackendMessage
+	if s.users != nil {
+		if saslFinal, err = ss.authenticateSCRAM(); err != nil {
+			ss.fail(err, "auth_failed")
+			return
+		}
+	}
+
+	params := map[string]string{}
+	for k, v := range startup.Parameters {
+		if k != "user" && k != "database" && !strings.HasPrefix(k, "_pq_.") {
+			params[k] = v
+		}
+	}
+	ctx, cancel := context.WithDeadline(ss.ctx, time.Now().Add(timeout))
+	ss.upstream, err = s.old.connect(ctx, ss.user, ss.database, params)
+	cancel()
+	if err != nil {
+		ss.log.Warn("upstream connect failed", "store", s.old.name, "user", ss.user, "database", ss.database, "error", err)
+		resp := upstreamError(s.old.name, err)
+		s.metrics.Error(ss.ctx, s.old.name, resp.Code, metrics.OriginStore)
+		ss.writeClient(resp)
+		s.metrics.Connection(ss.ctx, "upstream_failed")
+		return
+	}
+	defer ss.upstream.conn.Close()
+	if !s.register(ss) {
+		ss.fail(pgwire.Fatal(pgwire.CodeCannotConnectNow, "the proxy is shutting down"), "rejected")
+		return
+	}
+	defer s.unregister(ss)
+	ss.txStatus = ss.upstream.txStatus
+	ss.log = s.log.With("session", ss.key.pid, "user", ss.user, "database", ss.database)
+
+	if err := ss.sendReady(saslFinal); err != nil {
+		return
+	}
+	_ = conn.SetDeadline(time.Time{})
+	s.metrics.Connection(ss.ctx, "accepted")
+	s.metrics.SessionOpened(ss.ctx)
+	defer s.metrics.SessionClosed(ss.ctx)
+	ss.log.Debug("session started", "client", conn.RemoteAddr().String(), "tls", ss.tlsOn,
+		"application_name", params["application_name"], "upstream_pid", ss.upstream.pid)
+	ss.relay()
+	ss.log.Debug("session ended")
+}
+
+// negotiate answers SSLRequest and GSSEncRequest and returns the startup
+// message, or nil after serving a CancelRequest.
+func (ss *session) negotiate() (*pgproto3.StartupMessage, error) {
+	for range 3 {
+		msg, err := pgwire.ReadStartup(ss.client)
+		if err != nil {
+			if errors.Is(err, pgwire.ErrProtocol) {
+				return nil, pgwire.Fatal(pgwire.CodeProtocolViolation, "%s", strings.TrimPrefix(err.Error(), "protocol violation: ")).WithCause(err)
+			}
+			return nil, err
+		}
+		switch m := msg.(type) {
+		case *pgproto3.SSLRequest:
+			if ss.tlsOn {
+				return nil, pgwire.Fatal(pgwire.CodeProtocolViolation, "SSLRequest received on an encrypted connection")
+			}
+			if ss.srv.tls == nil {
+				if _, err := ss.client.Write([]byte{'N'}); err != nil {
+					return nil, err
+				}
+				continue
+			}
+			if _, err := ss.client.Write([]byte{'S'}); err != nil {
+				return nil, err
+			}
+			tc := tls.Server(ss.client, ss.srv.tls)
+			if err := tc.HandshakeContext(ss.ctx); err != nil {
+				return nil, err
+			}
+			ss.client, ss.tlsOn = tc, true
+		case *pgproto3.GSSEncRequest:
+			if _, err := ss.client.Write([]byte{'N'}); err != nil {
+				return nil, err
+			}
+		case *pgproto3.CancelRequest:
+			ss.srv.cancel(ss.ctx, m)
+			return nil, nil
+		case *pgproto3.StartupMessage:
+			return m, nil
+		}
+	}
+	return nil, pgwire.Fatal(pgwire.CodeProtocolViolation, "too many negotiation requests before the startup packet")
+}
+
+// checkStartup applies the rules that do not need credentials.
+func (ss *session) checkStartup(m *pgproto3.StartupMessage) *pgwire.Error {
+	ss.user = m.Parameters["user"]
+	ss.database = m.Parameters["database"]
+	if ss.user == "" {
+		return pgwire.Fatal(pgwire.CodeInvalidAuthSpec, "no PostgreSQL user name specified in startup packet")
+	}
+	if ss.database == "" {
+		ss.database = ss.user
+	}
+	if r, ok := m.Parameters["replication"]; ok && !isFalse(r) {
+		return pgwire.Fatal(pgwire.CodeFeatureNotSupported, "replication connections are not supported by the Tandem proxy").
+			WithHint("Connect replication clients to the store directly.")
+	}
+	if ss.srv.cfg.TLS.Require && !ss.tlsOn {
+		return pgwire.Fatal(pgwire.CodeInvalidAuthSpec, "the Tandem proxy requires an encrypted connection").
+			WithHint("Connect with sslmode=require (or verify-ca/verify-full).")
+	}
+	if m.ProtocolVersion != pgproto3.ProtocolVersion30 || hasPQOptions(m.Parameters) {
+		// Tandem speaks protocol 3.0 to its stores; say so, as PostgreSQL does.
+		npv := &pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0}
+		for k := range m.Parameters {
+			if strings.HasPrefix(k, "_pq_.") {
+				npv.UnrecognizedOptions = append(npv.UnrecognizedOptions, k)
+			}
+		}
+		sort.Strings(npv.UnrecognizedOptions)
+		if err := ss.writeClient(npv); err != nil {
+			return pgwire.Fatal(pgwire.CodeConnectionFailure, "could not send to client").WithCause(err)
+		}
+	}
+	return nil
+}
+
+func hasPQOptions(p map[string]string) bool {
+	for k := range p {
+		if strings.HasPrefix(k, "_pq_.") {
+			return true
+		}
+	}
+	return false
+}
+
+func isFalse(v string) bool {
+	switch strings.ToLower(v) {
+	case "false", "off", "no", "0", "":
+		return true
+	}
+	return false
+}
+
+// authenticateSCRAM runs a SCRAM-SHA-256 exchange against the userlist. The
+// client's SCRAM user name is ignored (libpq sends it empty): the startup
+// packet's user is the one checked. Unknown users fail exactly like a wrong
+// password.
+func (ss *session) authenticateSCRAM() (pgproto3.BackendMessage, error) {
+	cred, known := ss.srv.users.lookup(ss.user)
+	server, err := scram.SHA256.NewServer(func(string) (scram.StoredCredentials, error) { return cred, nil })
+	if err != nil {
+		return nil, err
+	}
+	conv := server.NewConversation()
+	failed := pgwire.Fatal(pgwire.CodeInvalidPassword, "password authentication failed for user %q", ss.user)
+
+	if err := ss.writeClient(&pgproto3.AuthenticationSASL{AuthMechanisms: []string{"SCRAM-SHA-256"}}); err != nil {
+		return nil, err
+	}
+	typ, body, err := pgwire.ReadMessage(ss.client, maxAuthMessage)
+	if err != nil {
+		return nil, authReadErr(err)
+	}
+	var first pgproto3.SASLInitialResponse
+	if typ != 'p' || first.Decode(body) != nil {
+		return nil, pgwire.Fatal(pgwire.CodeProtocolViolation, "expected SASL response, got message type %q", typ)
+	}
+	if first.AuthMechanism != "SCRAM-SHA-256" {
+		return nil, pgwire.Fatal(pgwire.CodeProtocolViolation, "client selected an invalid SASL authentication mechanism")
+	}
+	out, err := conv.Step(string(first.Data))
+	if err != nil {
+		return nil, failed.WithCause(err)
+	}
+	if err := ss.writeClient(&pgproto3.AuthenticationSASLContinue{Data: []byte(out)}); err != nil {
+		return nil, err
+	}
+	typ, body, err = pgwire.ReadMessage(ss.client, maxAuthMessage)
+	if err != nil {
+		return nil, authReadErr(err)
+	}
+	var final pgproto3.SASLResponse
+	if typ != 'p' || final.Decode(body) != nil {
+		return nil, pgwire.Fatal(pgwire.CodeProtocolViolation, "expected SASL response, got message type %q", typ)
+	}
+	out, err = conv.Step(string(final.Data))
+	if err != nil || !conv.Valid() || !known {
+		return nil, failed.WithCause(err)
+	}
+	return &pgproto3.AuthenticationSASLFinal{Data: []byte(out)}, nil
+}
+
+func authReadErr(err error) error {
+	if errors.Is(err, pgwire.ErrProtocol) {
+		return pgwire.Fatal(pgwire.CodeProtocolViolation, "invalid message during authentication").WithCause(err)
+	}
+	return err
+}
+
+// sendReady completes the client's startup: authentication ok, the store's
+// parameters (in PostgreSQL's order: case-insensitive by name), the proxy's
+// cancel key and ReadyForQuery, in one write.
+func (ss *session) sendReady(saslFinal pgproto3.BackendMessage) error {
+	msgs := make([]pgproto3.BackendMessage, 0, len(ss.upstream.params)+4)
+	if saslFinal != nil {
+		msgs = append(msgs, saslFinal)
+	}
+	msgs = append(msgs, &pgproto3.AuthenticationOk{})
+	names := make([]string, 0, len(ss.upstream.params))
+	for k := range ss.upstream.params {
+		names = append(names, k)
+	}
+	sort.Slice(names, func(i, j int) bool { return strings.ToLower(names[i]) < strings.ToLower(names[j]) })
+	for _, k := range names {
+		msgs = append(msgs, &pgproto3.ParameterStatus{Name: k, Value: ss.upstream.params[k]})
+	}
+	msgs = append(msgs,
+		&pgproto3.BackendKeyData{ProcessID: ss.key.pid, SecretKey: []byte(ss.key.secret)},
+		&pgproto3.ReadyForQuery{TxStatus: ss.upstream.txStatus})
+	return ss.writeClient(msgs...)
+}
+
+// writeClient encodes msgs and writes them in one write. It is used only
+// while no relay goroutine writes to the client.
+func (ss *session) writeClient(msgs ...pgproto3.BackendMessage) error {
+	b, err := pgwire.AppendMessages(nil, msgs...)
+	if err != nil {
+		return err
+	}
+	_, err = ss.client.Write(b)
+	return err
+}
+
+// fail ends a session that never reached the relay: a *pgwire.Error is sent
+// to the client; transport errors only go to the log.
+func (ss *session) fail(err error, outcome string) {
+	if err == nil { // a served CancelRequest
+		return
+	}
+	ss.srv.metrics.Connection(ss.ctx, outcome)
+	var pe *pgwire.Error
+	if errors.As(err, &pe) {
+		ss.srv.metrics.Error(ss.ctx, ss.srv.old.name, pe.Code, metrics.OriginProxy)
+		_ = ss.client.SetWriteDeadline(time.Now().Add(time.Second))
+		_ = ss.writeClient(pe.Response())
+		ss.log.Info("client session refused", "client", ss.client.RemoteAddr().String(), "user", ss.user,
+			"sqlstate", pe.Code, "reason", pe.Message)
+		return
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) {
+		ss.log.Debug("client left during startup", "client", ss.client.RemoteAddr().String())
+		return
+	}
+	ss.log.Info("client startup failed", "client", ss.client.RemoteAddr().String(), "error", err)
+}
+
+// kill ends the session with err (sent to the client when it is a
+// *pgwire.Error). The first call wins; later calls do nothing.
+func (ss *session) kill(err error) {
+	ss.killOnce.Do(func() {
+		ss.killErr = err
+		close(ss.killCh)
+	})
+}
+
+// idleLocked reports whether the session is at a safe point: no request in
+// flight and no open transaction. ss.mu must be held.
+func (ss *session) idleLocked() bool {
+	return ss.outstanding == 0 && !ss.inRequest && ss.txStatus == 'I'
+}
+
+// drainIfIdle ends the session now if it is at a safe point; otherwise the
+// relay ends it at the next ReadyForQuery that leaves it idle.
+func (ss *session) drainIfIdle() {
+	ss.mu.Lock()
+	idle := ss.idleLocked()
+	ss.mu.Unlock()
+	if idle {
+		ss.kill(errShutdown)
+	}
+}
+
+// relay copies messages both ways until either side ends or the session is
+// killed. When it returns both relay goroutines have exited, the upstream is
+// closed, and the client has received the final error, if any.
+func (ss *session) relay() {
+	clientFr := pgwire.NewFramer(idleReader{ss}, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), nil)
+	upFr := pgwire.NewFramer(ss.upstream.conn, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), serverWhole)
+	aDone := make(chan error, 1)
+	bDone := make(chan error, 1)
+	go func() { aDone <- ss.clientToUpstream(clientFr) }()
+	go func() { bDone <- ss.upstreamToClient(upFr) }()
+
+	var reason error
+	aOut, bOut := false, false
+	select {
+	case reason = <-aDone:
+		aOut = true
+	case reason = <-bDone:
+		bOut = true
+	case <-ss.killCh:
+		reason = ss.killErr
+	}
+	if reason == errShutdown || reason == errIdleTimeout {
+		// The session is at a safe point: end the store's backend cleanly.
+		_, _ = ss.upstream.conn.Write([]byte{'X', 0, 0, 0, 4})
+	}
+	ss.upstream.conn.Close()
+	if !bOut {
+		<-bDone
+	}
+	// From here on this goroutine is the only writer to the client.
+	if !upFr.InMessage() {
+		ss.sendFinal(reason)
+	}
+	ss.client.Close()
+	if !aOut {
+		<-aDone
+	}
+}
+
+// sendFinal tells the client why the proxy ends its session, when it is the
+// proxy's doing.
+func (ss *session) sendFinal(reason error) {
+	var pe *pgwire.Error
+	switch {
+	case errors.As(reason, &pe):
+	case errors.Is(reason, errUpstreamLost):
+		pe = pgwire.Fatal(pgwire.CodeConnectionFailure, "lost the connection to the %s store", ss.upstream.store.name).
+			WithHint("The store closed the session or went down; reconnect to retry.")
+	default:
+		return
+	}
+	ss.srv.metrics.Error(ss.ctx, ss.upstream.store.name, pe.Code, metrics.OriginProxy)
+	if pe.Code != pgwire.CodeAdminShutdown && pe.Code != pgwire.CodeIdleSessionTimeout {
+		ss.log.Info("closing client session", "sqlstate", pe.Code, "reason", pe.Message, "cause", pe.Err)
+	}
+	_ = ss.client.SetWriteDeadline(time.Now().Add(time.Second))
+	_ = ss.writeClient(pe.Response())
+}
+
+// idleReader reads from the client, arming the idle-session timeout before
+// each read when one is configured.
+type idleReader struct{ ss *session }
+
+func (r idleReader) Read(p []byte) (int, error) {
+	if d := r.ss.srv.cfg.Limits.IdleSessionTimeout.Duration(); d > 0 {
+		_ = r.ss.client.SetReadDeadline(time.Now().Add(d))
+	}
+	return r.ss.client.Read(p)
+}
+
+// clientToUpstream relays client messages to the store. It returns nil
+// after the client's Terminate, errClientGone when the client disconnects,
+// or a *pgwire.Error to send to the client.
+func (ss *session) clientToUpstream(fr *pgwire.Framer) error {
+	var syncs int
+	var terminated bool
+	visit := func(typ byte, _ int, _ []byte, _ bool) error {
+		switch typ {
+		case 'Q', 'S', 'F': // each is answered by one ReadyForQuery
+			syncs++
+		case 'X':
+			terminated = true
+			return errClientDone
+		}
+		return nil
+	}
+	store := ss.upstream.store.name
+	for {
+		out, err := fr.Next(visit)
+		if len(out) > 0 {
+			if !ss.beginRequest(syncs) {
+				return errShutdown
+			}
+			syncs = 0
+			if _, werr := ss.upstream.conn.Write(out); werr != nil {
+				return errUpstreamLost
+			}
+			ss.srv.metrics.Bytes(ss.ctx, store, metrics.ClientToStore, int64(len(out)))
+		}
+		if err == nil {
+			continue
+		}
+		if terminated {
+			return nil
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			ss.mu.Lock()
+			idle := ss.idleLocked()
+			ss.mu.Unlock()
+			if idle {
+				return errIdleTimeout
+			}
+			fr.ClearErr()
+			continue
+		}
+		if errors.Is(err, pgwire.ErrProtocol) {
+			return pgwire.Fatal(pgwire.CodeProtocolViolation, "%s", strings.TrimPrefix(err.Error(), "protocol violation: ")).WithCause(err)
+		}
+		if !fr.InMessage() && (errors.Is(err, io.EOF)) {
+			// Let the store end its backend cleanly, as the client would have.
+			_, _ = ss.upstream.conn.Write([]byte{'X', 0, 0, 0, 4})
+		}
+		return errClientGone
+	}
+}
+
+// beginRequest notes that a batch is about to go upstream. It returns false
+// when the proxy is draining and the session is at a safe point, so the
+// batch must not start.
+func (ss *session) beginRequest(syncs int) bool {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.outstanding == 0 && !ss.inRequest {
+		if ss.txStatus == 'I' && ss.srv.drainFlag.Load() {
+			return false
+		}
+		ss.inRequest = true
+		ss.reqStart = time.Now()
+	}
+	ss.outstanding += syncs
+	return true
+}
+
+// endRequests accounts for n ReadyForQuery messages, the last with status,
+// and reports whether the session should now close because the proxy is
+// draining and the session is at a safe point.
+func (ss *session) endRequests(n int, status byte, now time.Time) bool {
+	ss.mu.Lock()
+	ss.outstanding = max(ss.outstanding-n, 0)
+	ss.txStatus = status
+	var took time.Duration
+	ended := ss.outstanding == 0 && ss.inRequest
+	if ended {
+		ss.inRequest = false
+		took = now.Sub(ss.reqStart)
+	}
+	idle := ss.idleLocked()
+	ss.mu.Unlock()
+	if ended {
+		ss.srv.metrics.Latency(ss.ctx, ss.upstream.store.name, took)
+	}
+	return idle && ss.srv.drainFlag.Load()
+}
+
+// upstreamToClient relays store messages to the client, watching
+// CommandComplete, ErrorResponse and ReadyForQuery on the way.
+func (ss *session) upstreamToClient(fr *pgwire.Framer) error {
+	var zs int
+	var status, last byte
+	store := ss.upstream.store.name
+	m := ss.srv.metrics
+	visit := func(typ byte, _ int, body []byte, whole bool) error {
+		last = typ
+		if !whole {
+			return nil
+		}
+		switch typ {
+		case 'C':
+			m.Statement(ss.ctx, store, metrics.CommandVerb(body), 1)
+		case 'E':
+			m.Error(ss.ctx, store, errorCode(body), metrics.OriginStore)
+		case 'Z':
+			if len(body) == 1 {
+				zs++
+				status = body[0]
+			}
+		}
+		return nil
+	}
+	for {
+		out, err := fr.Next(visit)
+		if len(out) > 0 {
+			now := time.Now()
+			if _, werr := ss.client.Write(out); werr != nil {
+				return errClientGone
+			}
+			m.Bytes(ss.ctx, store, metrics.StoreToClient, int64(len(out)))
+			if zs > 0 {
+				drain := ss.endRequests(zs, status, now)
+				zs = 0
+				if drain {
+					return errShutdown
+				}
+			}
+		}
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, pgwire.ErrProtocol) {
+			return pgwire.Fatal(pgwire.CodeProtocolViolation, "invalid message from the %s store", store).WithCause(err)
+		}
+		if last == 'E' {
+			return nil // the store said why it closed (e.g. FATAL 57P01); nothing to add
+		}
+		return errUpstreamLost
+	}
+}
+
+// errorCode returns the SQLSTATE field of an ErrorResponse body.
+func errorCode(body []byte) string {
+	for len(body) > 1 {
+		f := body[0]
+		end := 1
+		for end < len(body) && body[end] != 0 {
+			end++
+		}
+		if f == 'C' {
+			return string(body[1:end])
+		}
+		if end >= len(body) {
+			break
+		}
+		body = body[end+1:]
+	}
+	return "XX000"
+}
