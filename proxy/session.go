@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -65,6 +66,8 @@ type session struct {
 	inRequest   bool // a request has started and not yet ended with ReadyForQuery
 	reqStart    time.Time
 	txStatus    byte
+
+	closing atomic.Bool // set once the session is ending: reads must not re-arm the idle timeout
 
 	killOnce sync.Once
 	killCh   chan struct{}
@@ -299,7 +302,7 @@ func authReadErr(err error) error {
 }
 
 // sendReady completes the client's startup: authentication ok, the store's
-// parameters (in PostgreSQL's order: case-insensitive by name), the proxy's
+// parameters (in the order the store sent them), the proxy's
 // cancel key and ReadyForQuery, in one write.
 func (ss *session) sendReady(saslFinal pgproto3.BackendMessage) error {
 	msgs := make([]pgproto3.BackendMessage, 0, len(ss.upstream.params)+4)
@@ -307,13 +310,8 @@ func (ss *session) sendReady(saslFinal pgproto3.BackendMessage) error {
 		msgs = append(msgs, saslFinal)
 	}
 	msgs = append(msgs, &pgproto3.AuthenticationOk{})
-	names := make([]string, 0, len(ss.upstream.params))
-	for k := range ss.upstream.params {
-		names = append(names, k)
-	}
-	sort.Slice(names, func(i, j int) bool { return strings.ToLower(names[i]) < strings.ToLower(names[j]) })
-	for _, k := range names {
-		msgs = append(msgs, &pgproto3.ParameterStatus{Name: k, Value: ss.upstream.params[k]})
+	for _, ps := range ss.upstream.params {
+		msgs = append(msgs, &pgproto3.ParameterStatus{Name: ps.name, Value: ps.value})
 	}
 	msgs = append(msgs,
 		&pgproto3.BackendKeyData{ProcessID: ss.key.pid, SecretKey: []byte(ss.key.secret)},
@@ -343,7 +341,9 @@ func (ss *session) fail(err error, outcome string) {
 	if errors.As(err, &pe) {
 		ss.srv.metrics.Error(ss.ctx, ss.srv.old.name, pe.Code, metrics.OriginProxy)
 		_ = ss.client.SetWriteDeadline(time.Now().Add(time.Second))
-		_ = ss.writeClient(pe.Response())
+		if ss.writeClient(pe.Response()) == nil {
+			ss.lingerClose(true)
+		}
 		ss.log.Info("client session refused", "client", ss.client.RemoteAddr().String(), "user", ss.user,
 			"sqlstate", pe.Code, "reason", pe.Message)
 		return
@@ -386,7 +386,7 @@ func (ss *session) drainIfIdle() {
 // closed, and the client has received the final error, if any.
 func (ss *session) relay() {
 	clientFr := pgwire.NewFramer(idleReader{ss}, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), nil)
-	upFr := pgwire.NewFramer(ss.upstream.conn, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), serverWhole)
+	upFr := pgwire.NewFramer(ss.upstream.reader, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), serverWhole)
 	aDone := make(chan error, 1)
 	bDone := make(chan error, 1)
 	go func() { aDone <- ss.clientToUpstream(clientFr) }()
@@ -411,8 +411,12 @@ func (ss *session) relay() {
 		<-bDone
 	}
 	// From here on this goroutine is the only writer to the client.
-	if !upFr.InMessage() {
-		ss.sendFinal(reason)
+	ss.closing.Store(true)
+	if !upFr.InMessage() && ss.sendFinal(reason) {
+		// Let the client read the error: half-close, and consume what it is
+		// still sending for a moment, so the kernel does not answer it with a
+		// reset that would discard the error unread.
+		ss.lingerClose(aOut)
 	}
 	ss.client.Close()
 	if !aOut {
@@ -420,9 +424,27 @@ func (ss *session) relay() {
 	}
 }
 
+// lingerTime bounds how long a session that sent a FATAL error keeps
+// reading its client before closing.
+const lingerTime = 250 * time.Millisecond
+
+// lingerClose half-closes the client connection and discards its input until
+// it closes its side or lingerTime passes. When the client relay goroutine
+// is still running (reading == false means it has exited) it does the
+// reading; otherwise this does.
+func (ss *session) lingerClose(readerExited bool) {
+	if cw, ok := ss.client.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+	_ = ss.client.SetReadDeadline(time.Now().Add(lingerTime))
+	if readerExited {
+		_, _ = io.Copy(io.Discard, io.LimitReader(ss.client, 1<<20))
+	}
+}
+
 // sendFinal tells the client why the proxy ends its session, when it is the
-// proxy's doing.
-func (ss *session) sendFinal(reason error) {
+// proxy's doing, and reports whether it sent anything.
+func (ss *session) sendFinal(reason error) bool {
 	var pe *pgwire.Error
 	switch {
 	case errors.As(reason, &pe):
@@ -430,14 +452,14 @@ func (ss *session) sendFinal(reason error) {
 		pe = pgwire.Fatal(pgwire.CodeConnectionFailure, "lost the connection to the %s store", ss.upstream.store.name).
 			WithHint("The store closed the session or went down; reconnect to retry.")
 	default:
-		return
+		return false
 	}
 	ss.srv.metrics.Error(ss.ctx, ss.upstream.store.name, pe.Code, metrics.OriginProxy)
 	if pe.Code != pgwire.CodeAdminShutdown && pe.Code != pgwire.CodeIdleSessionTimeout {
 		ss.log.Info("closing client session", "sqlstate", pe.Code, "reason", pe.Message, "cause", pe.Err)
 	}
 	_ = ss.client.SetWriteDeadline(time.Now().Add(time.Second))
-	_ = ss.writeClient(pe.Response())
+	return ss.writeClient(pe.Response()) == nil
 }
 
 // idleReader reads from the client, arming the idle-session timeout before
@@ -445,7 +467,7 @@ func (ss *session) sendFinal(reason error) {
 type idleReader struct{ ss *session }
 
 func (r idleReader) Read(p []byte) (int, error) {
-	if d := r.ss.srv.cfg.Limits.IdleSessionTimeout.Duration(); d > 0 {
+	if d := r.ss.srv.cfg.Limits.IdleSessionTimeout.Duration(); d > 0 && !r.ss.closing.Load() {
 		_ = r.ss.client.SetReadDeadline(time.Now().Add(d))
 	}
 	return r.ss.client.Read(p)
@@ -478,7 +500,7 @@ func (ss *session) clientToUpstream(fr *pgwire.Framer) error {
 			if _, werr := ss.upstream.conn.Write(out); werr != nil {
 				return errUpstreamLost
 			}
-			ss.srv.metrics.Bytes(ss.ctx, store, metrics.ClientToStore, int64(len(out)))
+			ss.srv.metrics.Bytes(store, metrics.ClientToStore, int64(len(out)))
 		}
 		if err == nil {
 			continue
@@ -559,7 +581,7 @@ func (ss *session) upstreamToClient(fr *pgwire.Framer) error {
 		}
 		switch typ {
 		case 'C':
-			m.Statement(ss.ctx, store, metrics.CommandVerb(body), 1)
+			m.Statement(store, metrics.CommandVerb(body), 1)
 		case 'E':
 			m.Error(ss.ctx, store, errorCode(body), metrics.OriginStore)
 		case 'Z':
@@ -577,7 +599,7 @@ func (ss *session) upstreamToClient(fr *pgwire.Framer) error {
 			if _, werr := ss.client.Write(out); werr != nil {
 				return errClientGone
 			}
-			m.Bytes(ss.ctx, store, metrics.StoreToClient, int64(len(out)))
+			m.Bytes(store, metrics.StoreToClient, int64(len(out)))
 			if zs > 0 {
 				drain := ss.endRequests(zs, status, now)
 				zs = 0

@@ -1,13 +1,20 @@
 package proxy
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"crypto/md5"
+	"crypto/tls"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
 	"net"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgpassfile"
@@ -15,6 +22,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgwire"
+	"github.com/xdg-go/scram"
 )
 
 // store is one PostgreSQL store (old or new) as the proxy connects to it. The
@@ -40,63 +48,230 @@ func newStore(name string, sc config.Store, connectTimeout time.Duration) (*stor
 	return st, nil
 }
 
-// upstream is one session's connection to a store, taken over from pgconn
-// after startup so that the proxy relays raw bytes.
+// upstream is one session's connection to a store. The proxy runs the
+// startup itself (not through pgconn) so that it owns every byte read from
+// the socket once the session is relayed.
 type upstream struct {
 	store     *store
 	conn      net.Conn
+	reader    io.Reader // conn, preceded by any bytes read past ReadyForQuery
 	pid       uint32
 	secret    []byte
-	params    map[string]string
+	params    []paramStatus // in the order the store sent them
 	txStatus  byte
+	network   string
 	addr      string
 	dialer    net.Dialer
 	connectTO time.Duration
 }
 
+type paramStatus struct{ name, value string }
+
+// rejectedError is a store's ErrorResponse during startup.
+type rejectedError struct{ resp *pgproto3.ErrorResponse }
+
+func (e *rejectedError) Error() string {
+	return fmt.Sprintf("%s: %s (SQLSTATE %s)", e.resp.Severity, e.resp.Message, e.resp.Code)
+}
+
 // connect opens a session on the store as user on database, with the
 // client's other startup parameters. The password comes from the DSN when
-// user is the DSN's user, otherwise from the store's password file.
+// user is the DSN's user, otherwise from the store's password file. Hosts
+// are tried in the DSN's order, and with sslmode=prefer or allow, with and
+// without TLS, as libpq does.
 func (st *store) connect(ctx context.Context, user, database string, params map[string]string) (*upstream, error) {
-	cfg := st.cfg.Copy()
-	if user != "" && user != cfg.User {
-		cfg.User = user
-		cfg.Password = ""
+	cfg := st.cfg
+	password := cfg.Password
+	if user == "" {
+		user = cfg.User
 	}
-	if database != "" {
-		cfg.Database = database
+	if user != cfg.User {
+		password = ""
 	}
-	if cfg.Password == "" && st.passfile != nil {
-		cfg.Password = st.passfile.FindPassword(cfg.Host, fmt.Sprint(cfg.Port), cfg.Database, cfg.User)
+	if database == "" {
+		database = cfg.Database
 	}
 	rp := maps.Clone(cfg.RuntimeParams)
 	if rp == nil {
 		rp = map[string]string{}
 	}
 	maps.Copy(rp, params)
-	cfg.RuntimeParams = rp
-	cfg.OnNotice = nil
-	cfg.OnNotification = nil
+	rp["user"], rp["database"] = user, database
 
-	pc, err := pgconn.ConnectConfig(ctx, cfg)
+	targets := append([]*pgconn.FallbackConfig{{Host: cfg.Host, Port: cfg.Port, TLSConfig: cfg.TLSConfig}}, cfg.Fallbacks...)
+	var errs []error
+	for _, tg := range targets {
+		pw := password
+		if pw == "" && st.passfile != nil {
+			pw = st.passfile.FindPassword(tg.Host, fmt.Sprint(tg.Port), database, user)
+		}
+		up, err := st.connectOne(ctx, tg, user, pw, rp)
+		if err == nil {
+			return up, nil
+		}
+		var rej *rejectedError
+		if errors.As(err, &rej) {
+			return nil, err // the store answered: trying another address would not change that
+		}
+		errs = append(errs, err)
+	}
+	return nil, errors.Join(errs...)
+}
+
+func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user, password string, params map[string]string) (*upstream, error) {
+	network, addr := "tcp", net.JoinHostPort(tg.Host, fmt.Sprint(tg.Port))
+	if strings.HasPrefix(tg.Host, "/") {
+		network, addr = "unix", fmt.Sprintf("%s/.s.PGSQL.%d", tg.Host, tg.Port)
+	}
+	up := &upstream{store: st, network: network, addr: addr, connectTO: st.cfg.ConnectTimeout, dialer: net.Dialer{KeepAlive: 5 * time.Minute}}
+	conn, err := up.dialer.DialContext(ctx, network, addr)
 	if err != nil {
 		return nil, err
 	}
-	hj, err := pc.Hijack()
+	ok := false
+	defer func() {
+		if !ok {
+			conn.Close()
+		}
+	}()
+	if dl, has := ctx.Deadline(); has {
+		_ = conn.SetDeadline(dl)
+	}
+	if tg.TLSConfig != nil {
+		if _, err := conn.Write([]byte{0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f}); err != nil { // SSLRequest
+			return nil, err
+		}
+		var b [1]byte
+		if _, err := io.ReadFull(conn, b[:]); err != nil {
+			return nil, err
+		}
+		if b[0] != 'S' {
+			return nil, errors.New("the store refused TLS")
+		}
+		tc := tls.Client(conn, tg.TLSConfig)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return nil, err
+		}
+		conn = tc
+	}
+	startup := &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: params}
+	buf, err := startup.Encode(nil)
 	if err != nil {
-		pc.Close(ctx)
 		return nil, err
 	}
-	return &upstream{
-		store:     st,
-		conn:      hj.Conn,
-		pid:       hj.PID,
-		secret:    hj.SecretKey,
-		params:    hj.ParameterStatuses,
-		txStatus:  hj.TxStatus,
-		addr:      hj.Conn.RemoteAddr().String(),
-		connectTO: st.cfg.ConnectTimeout,
-	}, nil
+	if _, err := conn.Write(buf); err != nil {
+		return nil, err
+	}
+	br := bufio.NewReaderSize(conn, 4096)
+	var sc *scram.ClientConversation
+	for {
+		typ, body, err := pgwire.ReadMessage(br, 1<<20)
+		if err != nil {
+			return nil, err
+		}
+		switch typ {
+		case 'R':
+			if len(body) < 4 {
+				return nil, errors.New("malformed authentication request from the store")
+			}
+			reply, err := authReply(binary.BigEndian.Uint32(body), body, user, password, &sc)
+			if err != nil {
+				return nil, err
+			}
+			if reply != nil {
+				if _, err := conn.Write(reply); err != nil {
+					return nil, err
+				}
+			}
+		case 'S':
+			var ps pgproto3.ParameterStatus
+			if err := ps.Decode(body); err != nil {
+				return nil, err
+			}
+			up.params = append(up.params, paramStatus{ps.Name, ps.Value})
+		case 'K':
+			var k pgproto3.BackendKeyData
+			if err := k.Decode(body); err != nil {
+				return nil, err
+			}
+			up.pid, up.secret = k.ProcessID, k.SecretKey
+		case 'E':
+			er := &pgproto3.ErrorResponse{}
+			if err := er.Decode(body); err != nil {
+				return nil, err
+			}
+			return nil, &rejectedError{resp: er}
+		case 'Z':
+			if len(body) != 1 {
+				return nil, errors.New("malformed ReadyForQuery from the store")
+			}
+			up.txStatus = body[0]
+			_ = conn.SetDeadline(time.Time{})
+			up.conn, up.reader = conn, conn
+			if n := br.Buffered(); n > 0 {
+				rest, _ := br.Peek(n)
+				up.reader = io.MultiReader(bytes.NewReader(bytes.Clone(rest)), conn)
+			}
+			ok = true
+			return up, nil
+		case 'N', 'v': // notices and NegotiateProtocolVersion during startup: nothing to do
+		default:
+			return nil, fmt.Errorf("unexpected message %q from the store during startup", typ)
+		}
+	}
+}
+
+// authReply answers one authentication request from a store.
+func authReply(kind uint32, body []byte, user, password string, sc **scram.ClientConversation) ([]byte, error) {
+	switch kind {
+	case 0: // AuthenticationOk
+		return nil, nil
+	case 3: // cleartext
+		return (&pgproto3.PasswordMessage{Password: password}).Encode(nil)
+	case 5: // MD5
+		if len(body) < 8 {
+			return nil, errors.New("malformed MD5 request from the store")
+		}
+		inner := md5.Sum([]byte(password + user))
+		outer := md5.Sum(append([]byte(hex.EncodeToString(inner[:])), body[4:8]...))
+		return (&pgproto3.PasswordMessage{Password: "md5" + hex.EncodeToString(outer[:])}).Encode(nil)
+	case 10: // SASL
+		var m pgproto3.AuthenticationSASL
+		if err := m.Decode(body); err != nil {
+			return nil, err
+		}
+		if !slices.Contains(m.AuthMechanisms, "SCRAM-SHA-256") {
+			return nil, fmt.Errorf("the store offers SASL mechanisms %v; Tandem supports SCRAM-SHA-256", m.AuthMechanisms)
+		}
+		client, err := scram.SHA256.NewClient("", password, "")
+		if err != nil {
+			return nil, err
+		}
+		*sc = client.NewConversation()
+		first, err := (*sc).Step("")
+		if err != nil {
+			return nil, err
+		}
+		return (&pgproto3.SASLInitialResponse{AuthMechanism: "SCRAM-SHA-256", Data: []byte(first)}).Encode(nil)
+	case 11: // SASL continue
+		if *sc == nil {
+			return nil, errors.New("SASL continue without a SASL exchange")
+		}
+		out, err := (*sc).Step(string(body[4:]))
+		if err != nil {
+			return nil, err
+		}
+		return (&pgproto3.SASLResponse{Data: []byte(out)}).Encode(nil)
+	case 12: // SASL final
+		if *sc == nil {
+			return nil, errors.New("SASL final without a SASL exchange")
+		}
+		if _, err := (*sc).Step(string(body[4:])); err != nil || !(*sc).Valid() {
+			return nil, errors.New("the store's SCRAM signature did not verify")
+		}
+		return nil, nil
+	}
+	return nil, fmt.Errorf("the store asks for authentication method %d, which Tandem does not support (use scram-sha-256, md5, password or trust)", kind)
 }
 
 // cancel sends a CancelRequest for this upstream session to its server, on a
@@ -104,7 +279,7 @@ func (st *store) connect(ctx context.Context, user, database string, params map[
 func (u *upstream) cancel(ctx context.Context) error {
 	ctx, stop := context.WithTimeout(ctx, u.connectTO)
 	defer stop()
-	c, err := u.dialer.DialContext(ctx, "tcp", u.addr)
+	c, err := u.dialer.DialContext(ctx, u.network, u.addr)
 	if err != nil {
 		return err
 	}
@@ -129,13 +304,9 @@ func (u *upstream) cancel(ctx context.Context) error {
 // the store's own ErrorResponse when it sent one (bad password, unknown
 // database, too many connections...), else 08006 naming the store.
 func upstreamError(storeName string, err error) *pgproto3.ErrorResponse {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		return &pgproto3.ErrorResponse{
-			Severity: pgErr.Severity, SeverityUnlocalized: pgErr.SeverityUnlocalized,
-			Code: pgErr.Code, Message: pgErr.Message, Detail: pgErr.Detail, Hint: pgErr.Hint,
-			Where: pgErr.Where, File: pgErr.File, Line: pgErr.Line, Routine: pgErr.Routine,
-		}
+	var rej *rejectedError
+	if errors.As(err, &rej) {
+		return rej.resp
 	}
 	return pgwire.Fatal(pgwire.CodeConnectionFailure, "could not connect to the %s store", storeName).
 		WithHint("Check that the %s store is up and that its DSN is right; see the proxy's log.", storeName).Response()

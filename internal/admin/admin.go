@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync"
 	"time"
 
@@ -38,6 +39,7 @@ type Options struct {
 //	GET /healthz  200 "ok" while the process serves HTTP
 //	GET /readyz   200 when every check passes, else 503; JSON body per check
 //	GET /metrics  Prometheus text format
+//	/debug/pprof/ Go profiles (the admin address is loopback by default)
 func NewHandler(opts Options) http.Handler {
 	if opts.CheckTimeout == 0 {
 		opts.CheckTimeout = 2 * time.Second
@@ -79,6 +81,11 @@ func NewHandler(opts Options) http.Handler {
 	if opts.Metrics != nil {
 		mux.Handle("GET /metrics", opts.Metrics)
 	}
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
 }
 

@@ -6,8 +6,8 @@ package metrics
 import (
 	"context"
 	"net/http"
-	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -16,6 +16,7 @@ import (
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
 	"go.opentelemetry.io/otel/metric"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/metric/exemplar"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 )
 
@@ -40,22 +41,44 @@ const (
 
 // Proxy holds the instruments the proxy records into. It is safe for
 // concurrent use; a nil *Proxy records nothing.
+//
+// The per-batch counters (statements, bytes) are plain atomics that the
+// meter reads when it is collected, so the relay's hot path never looks up
+// an attribute set.
 type Proxy struct {
 	sessions    metric.Int64UpDownCounter
 	connections metric.Int64Counter
-	statements  metric.Int64Counter
 	duration    metric.Float64Histogram
-	bytes       metric.Int64Counter
 	errors      metric.Int64Counter
 
-	mu      sync.RWMutex
-	stmtOpt map[stmtKey][]metric.AddOption
-	errOpt  map[errKey][]metric.AddOption
-	durOpt  map[string][]metric.RecordOption
-	byteOpt map[[2]string][]metric.AddOption
+	counts [numStores]storeCounts
+
+	mu     sync.RWMutex
+	errOpt map[errKey][]metric.AddOption
+	durOpt map[string][]metric.RecordOption
 }
 
-type stmtKey struct{ store, op string }
+// Stores, by index.
+const (
+	storeOld = iota
+	storeNew
+	numStores
+)
+
+var storeNames = [numStores]string{"old", "new"}
+
+func storeIndex(store string) int {
+	if store == "new" {
+		return storeNew
+	}
+	return storeOld
+}
+
+type storeCounts struct {
+	bytes [2]atomic.Int64 // by direction: 0 client_to_store, 1 store_to_client
+	stmts [len(verbs)]atomic.Int64
+}
+
 type errKey struct{ store, code, origin string }
 
 // LatencyBuckets are the histogram bounds, in seconds: fine below 10 ms,
@@ -65,10 +88,8 @@ var latencyBuckets = []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.
 // NewProxy creates the proxy's instruments on meter.
 func NewProxy(meter metric.Meter) (*Proxy, error) {
 	p := &Proxy{
-		stmtOpt: map[stmtKey][]metric.AddOption{},
-		errOpt:  map[errKey][]metric.AddOption{},
-		durOpt:  map[string][]metric.RecordOption{},
-		byteOpt: map[[2]string][]metric.AddOption{},
+		errOpt: map[errKey][]metric.AddOption{},
+		durOpt: map[string][]metric.RecordOption{},
 	}
 	var err error
 	if p.sessions, err = meter.Int64UpDownCounter("tandem.client.sessions",
@@ -80,9 +101,10 @@ func NewProxy(meter metric.Meter) (*Proxy, error) {
 		metric.WithUnit("{connection}")); err != nil {
 		return nil, err
 	}
-	if p.statements, err = meter.Int64Counter("tandem.statements",
+	statements, err := meter.Int64ObservableCounter("tandem.statements",
 		metric.WithDescription("Statements completed, by store, kind (read, write, ddl, transaction, session, unknown) and command tag."),
-		metric.WithUnit("{statement}")); err != nil {
+		metric.WithUnit("{statement}"))
+	if err != nil {
 		return nil, err
 	}
 	if p.duration, err = meter.Float64Histogram("db.client.operation.duration",
@@ -90,14 +112,45 @@ func NewProxy(meter metric.Meter) (*Proxy, error) {
 		metric.WithUnit("s"), metric.WithExplicitBucketBoundaries(latencyBuckets...)); err != nil {
 		return nil, err
 	}
-	if p.bytes, err = meter.Int64Counter("tandem.bytes",
+	bytes, err := meter.Int64ObservableCounter("tandem.bytes",
 		metric.WithDescription("Protocol bytes relayed, by store and direction (client_to_store, store_to_client)."),
-		metric.WithUnit("By")); err != nil {
+		metric.WithUnit("By"))
+	if err != nil {
 		return nil, err
 	}
 	if p.errors, err = meter.Int64Counter("tandem.errors",
 		metric.WithDescription("ErrorResponses sent to clients, by SQLSTATE and origin (store: relayed from a store; proxy: Tandem's own)."),
 		metric.WithUnit("{error}")); err != nil {
+		return nil, err
+	}
+	stmtAttrs := make([][len(verbs)]metric.ObserveOption, numStores)
+	byteAttrs := make([][2]metric.ObserveOption, numStores)
+	for si, store := range storeNames {
+		for vi, op := range verbs {
+			stmtAttrs[si][vi] = metric.WithAttributeSet(attribute.NewSet(KeyStore.String(store),
+				KeyKind.String(KindOfCommand(op)), semconv.DBOperationName(op), semconv.DBSystemNamePostgreSQL))
+		}
+		for di, dir := range []string{ClientToStore, StoreToClient} {
+			byteAttrs[si][di] = metric.WithAttributeSet(attribute.NewSet(KeyStore.String(store), KeyDirection.String(dir)))
+		}
+	}
+	_, err = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		for si := range p.counts {
+			c := &p.counts[si]
+			for vi := range c.stmts {
+				if n := c.stmts[vi].Load(); n > 0 {
+					o.ObserveInt64(statements, n, stmtAttrs[si][vi])
+				}
+			}
+			for di := range c.bytes {
+				if n := c.bytes[di].Load(); n > 0 {
+					o.ObserveInt64(bytes, n, byteAttrs[si][di])
+				}
+			}
+		}
+		return nil
+	}, statements, bytes)
+	if err != nil {
 		return nil, err
 	}
 	return p, nil
@@ -123,24 +176,13 @@ func (p *Proxy) Connection(ctx context.Context, outcome string) {
 	}
 }
 
-// Statement counts n completed statements with command tag verb op on store.
-func (p *Proxy) Statement(ctx context.Context, store, op string, n int64) {
+// Statement counts n completed statements with command tag verb op (see
+// CommandVerb) on store.
+func (p *Proxy) Statement(store, op string, n int64) {
 	if p == nil {
 		return
 	}
-	k := stmtKey{store, op}
-	p.mu.RLock()
-	opt, ok := p.stmtOpt[k]
-	p.mu.RUnlock()
-	if !ok {
-		opt = []metric.AddOption{metric.WithAttributeSet(attribute.NewSet(
-			KeyStore.String(store), KeyKind.String(KindOfCommand(op)), semconv.DBOperationName(op),
-			semconv.DBSystemNamePostgreSQL))}
-		p.mu.Lock()
-		p.stmtOpt[k] = opt
-		p.mu.Unlock()
-	}
-	p.statements.Add(ctx, n, opt...)
+	p.counts[storeIndex(store)].stmts[verbIndex(op)].Add(n)
 }
 
 // Latency records one request round trip on store.
@@ -168,22 +210,15 @@ const (
 )
 
 // Bytes counts n bytes relayed between a client and store in direction.
-func (p *Proxy) Bytes(ctx context.Context, store, direction string, n int64) {
-	if p == nil || n == 0 {
+func (p *Proxy) Bytes(store, direction string, n int64) {
+	if p == nil {
 		return
 	}
-	k := [2]string{store, direction}
-	p.mu.RLock()
-	opt, ok := p.byteOpt[k]
-	p.mu.RUnlock()
-	if !ok {
-		opt = []metric.AddOption{metric.WithAttributeSet(attribute.NewSet(
-			KeyStore.String(store), KeyDirection.String(direction)))}
-		p.mu.Lock()
-		p.byteOpt[k] = opt
-		p.mu.Unlock()
+	d := 0
+	if direction == StoreToClient {
+		d = 1
 	}
-	p.bytes.Add(ctx, n, opt...)
+	p.counts[storeIndex(store)].bytes[d].Add(n)
 }
 
 // Error origins.
@@ -230,34 +265,36 @@ func KindOfCommand(op string) string {
 	return KindUnknown
 }
 
-// CommandVerb returns the first word of a CommandComplete tag, upper-case
-// ASCII as the server sends it; tags that are not a known word give "OTHER",
-// so the attribute's cardinality stays bounded.
+// verbs are the command tag verbs counted separately; anything else is
+// "OTHER", so the attribute's cardinality stays bounded.
+var verbs = [...]string{"OTHER", "SELECT", "FETCH", "SHOW", "MOVE", "INSERT", "UPDATE", "DELETE", "MERGE", "COPY",
+	"CALL", "BEGIN", "START", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "PREPARE", "END", "ABORT", "SET", "RESET",
+	"DISCARD", "LISTEN", "UNLISTEN", "NOTIFY", "DEALLOCATE", "DECLARE", "CLOSE", "LOAD", "CREATE", "ALTER", "DROP",
+	"TRUNCATE", "COMMENT", "GRANT", "REVOKE", "REINDEX", "CLUSTER", "VACUUM", "ANALYZE", "REFRESH", "SECURITY",
+	"IMPORT", "REASSIGN", "EXECUTE", "DO", "LOCK", "CHECKPOINT", "EXPLAIN"}
+
+var verbIndexes = func() map[string]int {
+	m := make(map[string]int, len(verbs))
+	for i, v := range verbs {
+		m[v] = i
+	}
+	return m
+}()
+
+func verbIndex(op string) int { return verbIndexes[op] } // unknown verbs map to 0, "OTHER"
+
+// CommandVerb returns the first word of a CommandComplete tag as one of the
+// counted verbs, or "OTHER".
 func CommandVerb(tag []byte) string {
 	i := 0
 	for i < len(tag) && tag[i] >= 'A' && tag[i] <= 'Z' {
 		i++
 	}
-	if i == 0 {
-		return "OTHER"
-	}
-	v := tag[:i]
-	if op, ok := knownVerbs[string(v)]; ok { // no allocation: map lookup by converted []byte
-		return op
+	if idx, ok := verbIndexes[string(tag[:i])]; ok { // no allocation: lookup by converted []byte
+		return verbs[idx]
 	}
 	return "OTHER"
 }
-
-var knownVerbs = func() map[string]string {
-	m := map[string]string{}
-	for _, w := range strings.Fields(`SELECT FETCH SHOW MOVE INSERT UPDATE DELETE MERGE COPY CALL BEGIN START COMMIT
-		ROLLBACK SAVEPOINT RELEASE PREPARE END ABORT SET RESET DISCARD LISTEN UNLISTEN NOTIFY DEALLOCATE DECLARE CLOSE
-		LOAD CREATE ALTER DROP TRUNCATE COMMENT GRANT REVOKE REINDEX CLUSTER VACUUM ANALYZE REFRESH SECURITY IMPORT
-		REASSIGN EXECUTE DO LOCK CHECKPOINT EXPLAIN`) {
-		m[w] = w
-	}
-	return m
-}()
 
 // Prometheus is a meter provider whose instruments are served in the
 // Prometheus text format by Handler.
@@ -267,14 +304,15 @@ type Prometheus struct {
 }
 
 // NewPrometheus builds a meter provider exporting to a private Prometheus
-// registry (never the default global one).
+// registry (never the default global one). Exemplars are off: the proxy
+// records no spans, and sampling them costs time on every measurement.
 func NewPrometheus() (*Prometheus, error) {
 	reg := prometheus.NewRegistry()
 	exp, err := otelprom.New(otelprom.WithRegisterer(reg))
 	if err != nil {
 		return nil, err
 	}
-	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exp))
+	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exp), sdkmetric.WithExemplarFilter(exemplar.AlwaysOffFilter))
 	return &Prometheus{
 		Provider: mp,
 		Handler:  promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),

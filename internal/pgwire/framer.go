@@ -10,11 +10,13 @@ import (
 // int32 length that counts itself but not the type byte.
 const HeaderLen = 5
 
-// Visitor is told about each message the Framer passes. For the types marked
-// in the Framer's whole-set, body is the complete message body; for other
-// types, and for marked messages too large for the buffer, body is nil and
-// whole is false. A non-nil error stops the Framer; bytes of messages already
-// visited are still returned.
+// Visitor is told about each message the Framer passes. When whole is true,
+// body is the complete message body; that is always so for the types marked
+// in the Framer's whole-set that fit the buffer, and for other types only when
+// the message happened to be wholly buffered. Otherwise body is nil and whole
+// is false. A non-nil error stops the Framer; bytes of messages already
+// visited (for a streamed message, the bytes buffered so far) are still
+// returned, and a message is never visited twice.
 type Visitor func(typ byte, length int, body []byte, whole bool) error
 
 // Framer splits a stream of typed protocol messages for relaying without
@@ -106,11 +108,11 @@ func (f *Framer) scan(p int, visit Visitor) (int, error) {
 		if f.whole[typ] && total <= len(f.buf) {
 			break // wait for the rest of a message we must inspect
 		}
-		if err := visit(typ, int(n)-4, nil, false); err != nil {
-			return p, err
-		}
+		// The message is passed on even if the visitor fails, as a whole
+		// one is: its start goes out with the error and it is not visited
+		// again.
 		f.remaining = total - (f.end - p)
-		return f.end, nil
+		return f.end, visit(typ, int(n)-4, nil, false)
 	}
 	return p, nil
 }

@@ -1,0 +1,586 @@
+// Package config defines tandem's configuration and builds it from four layers, each overriding the one before:
+// built-in defaults, a YAML file, TANDEM_* environment variables, and the command-line flags the user explicitly set.
+// Every subcommand uses the same options, so one file or one set of flags drives them all.
+//
+// A Config is built only through Load (or Flags.Load) and checked with Validate; the package keeps no mutable state.
+// Problems are reported with the YAML path of the setting ("limits.max_client_sessions") and, when the value came
+// from the file, its line and column; values from the environment or flags name the variable or flag instead.
+// Passwords (inside DSNs) never appear in errors; use RedactDSN to log a DSN.
+//
+// Relative file paths given in the YAML file (password_file, userlist, tls.cert, tls.key) are resolved against the
+// directory of that file, so a config file and the files it names can move together; relative paths from
+// environment variables or flags are left as they are, i.e. relative to the working directory.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is the complete configuration of a tandem process.
+type Config struct {
+	Listen string `yaml:"listen"` // address (host:port) where clients connect; default "127.0.0.1:6432"
+	Admin  string `yaml:"admin"`  // address (host:port) of the admin HTTP server; default "127.0.0.1:9187"
+	Old    Store  `yaml:"old"`    // the store being migrated from
+	New    Store  `yaml:"new"`    // the store being migrated to
+	Auth   Auth   `yaml:"auth"`   // how clients authenticate to tandem
+	TLS    TLS    `yaml:"tls"`    // client-facing TLS
+	Limits Limits `yaml:"limits"` // resource limits and timeouts
+	Log    Log    `yaml:"log"`    // log output
+
+	// src records where Load found each value, for error positions. It is nil for a Config not built by Load.
+	src *sources
+}
+
+// Store describes how to reach one PostgreSQL store.
+type Store struct {
+	// DSN is a libpq connection URL ("postgres://user@host:5432/db?sslmode=require") or keyword/value string
+	// ("host=h port=5432 sslmode=require user=u dbname=db"): host, port, sslmode, the default user and database,
+	// and optionally a password. It is secret if it holds a password: log it only through RedactDSN.
+	DSN string `yaml:"dsn"`
+	// PasswordFile is an optional pgpass-format file ("host:port:db:user:password" lines) that supplies the
+	// passwords tandem uses upstream.
+	PasswordFile string `yaml:"password_file"`
+}
+
+// Auth methods accepted in Auth.Method.
+const (
+	AuthTrust       = "trust"         // clients are not asked for a password
+	AuthSCRAMSHA256 = "scram-sha-256" // clients prove a password listed in Auth.Userlist
+)
+
+// Auth configures how clients authenticate to tandem.
+type Auth struct {
+	Method string `yaml:"method"` // AuthTrust (default) or AuthSCRAMSHA256
+	// Userlist is a pgbouncer-style userlist file: one `"user" "SCRAM-SHA-256$..."` line per user.
+	// Required when Method is AuthSCRAMSHA256.
+	Userlist string `yaml:"userlist"`
+}
+
+// TLS configures TLS between clients and tandem.
+type TLS struct {
+	Cert    string `yaml:"cert"`    // PEM certificate (chain); empty = no TLS, an SSLRequest is answered 'N'
+	Key     string `yaml:"key"`     // PEM private key of Cert; set together with Cert
+	Require bool   `yaml:"require"` // refuse clients that do not use TLS; needs Cert and Key
+}
+
+// Bounds for Limits.MaxMessageBytes.
+const (
+	// MinMessageBytes is the smallest allowed message cap: any less and ordinary startup and query messages fail.
+	MinMessageBytes = 8 * KiB
+	// MaxMessageBytes is the largest allowed message cap: the largest length the protocol's int32 length field can
+	// express (2GiB-1), which is room for PostgreSQL's 1GiB maximum field value plus the message around it.
+	MaxMessageBytes ByteSize = 1<<31 - 1
+)
+
+// Limits bounds the resources tandem uses and how long it waits.
+type Limits struct {
+	MaxClientSessions  int      `yaml:"max_client_sessions"`  // concurrent client sessions; default 1000; >= 1
+	MaxMessageBytes    ByteSize `yaml:"max_message_bytes"`    // cap on one protocol message in either direction; default 256MiB
+	ConnectTimeout     Duration `yaml:"connect_timeout"`      // client startup+auth and upstream dial; default 10s; > 0
+	IdleSessionTimeout Duration `yaml:"idle_session_timeout"` // close sessions idle outside a transaction this long; 0 (default) = off
+	DrainTimeout       Duration `yaml:"drain_timeout"`        // on SIGTERM, how long open transactions may finish; default 30s
+}
+
+// Log formats and levels accepted in Log.
+const (
+	LogText  = "text"
+	LogJSON  = "json"
+	LogDebug = "debug"
+	LogInfo  = "info"
+	LogWarn  = "warn"
+	LogError = "error"
+)
+
+// Log configures log output.
+type Log struct {
+	Format string `yaml:"format"` // LogText (default) or LogJSON
+	Level  string `yaml:"level"`  // LogDebug, LogInfo (default), LogWarn or LogError
+}
+
+// Default returns the built-in defaults. Old.DSN is empty and must be supplied before the config validates.
+func Default() Config {
+	return Config{
+		Listen: "127.0.0.1:6432",
+		Admin:  "127.0.0.1:9187",
+		Auth:   Auth{Method: AuthTrust},
+		Limits: Limits{
+			MaxClientSessions:  1000,
+			MaxMessageBytes:    256 * MiB,
+			ConnectTimeout:     Duration(10e9),
+			IdleSessionTimeout: 0,
+			DrainTimeout:       Duration(30e9),
+		},
+		Log: Log{Format: LogText, Level: LogInfo},
+	}
+}
+
+// origin says where a value came from: a position in the config file, an environment variable, or a flag.
+type origin struct {
+	line, column int    // position of the key in the file, when the value came from the file
+	env          string // name of the environment variable that set the value
+	flag         string // name of the flag that set the value
+}
+
+// sources records, per YAML path, where the current value of each setting came from.
+type sources struct {
+	file    string
+	origins map[string]origin
+}
+
+func (c *Config) setOrigin(path string, o origin) {
+	if c.src == nil {
+		c.src = &sources{}
+	}
+	if c.src.origins == nil {
+		c.src.origins = make(map[string]origin)
+	}
+	c.src.origins[path] = o
+}
+
+// option describes one setting: its YAML path, its flag, its help text and how to reach it in a Config.
+type option struct {
+	path   string            // YAML path, e.g. "limits.max_client_sessions"; the env var is derived from it
+	flag   string            // long flag name
+	usage  string            // flag help; the env var name is appended
+	isFile bool              // a file path: relative values from the YAML file resolve against the file's directory
+	field  func(*Config) any // pointer to the field (*string, *bool, *int, *ByteSize or *Duration)
+}
+
+// envName is the environment variable that overrides the setting at the YAML path: TANDEM_ + the path upper-cased,
+// with dots as underscores ("limits.max_client_sessions" -> "TANDEM_LIMITS_MAX_CLIENT_SESSIONS").
+func envName(path string) string {
+	return "TANDEM_" + strings.ToUpper(strings.ReplaceAll(path, ".", "_"))
+}
+
+// EnvConfig names the environment variable that supplies the config file path when -c/--config is not given.
+const EnvConfig = "TANDEM_CONFIG"
+
+// options lists every setting, in the order of the Config struct.
+func options() []option {
+	return []option{
+		{path: "listen", flag: "listen",
+			usage: "address (host:port) where clients connect with the PostgreSQL protocol; an empty host listens on all interfaces, port 0 picks a free port",
+			field: func(c *Config) any { return &c.Listen }},
+		{path: "admin", flag: "admin",
+			usage: "address (host:port) of the admin HTTP server; keep it on a private interface",
+			field: func(c *Config) any { return &c.Admin }},
+		{path: "old.dsn", flag: "old",
+			usage: "`DSN` of the old store (required): a postgres:// URL or keyword/value string with host, port, sslmode, default user and dbname, and optionally password",
+			field: func(c *Config) any { return &c.Old.DSN }},
+		{path: "old.password_file", flag: "old-password-file", isFile: true,
+			usage: "pgpass-format `file` (host:port:db:user:password lines) with passwords for connecting to the old store",
+			field: func(c *Config) any { return &c.Old.PasswordFile }},
+		{path: "new.dsn", flag: "new",
+			usage: "`DSN` of the new store, the migration target; same forms as --old",
+			field: func(c *Config) any { return &c.New.DSN }},
+		{path: "new.password_file", flag: "new-password-file", isFile: true,
+			usage: "pgpass-format `file` (host:port:db:user:password lines) with passwords for connecting to the new store",
+			field: func(c *Config) any { return &c.New.PasswordFile }},
+		{path: "auth.method", flag: "auth-method",
+			usage: `how clients authenticate to tandem: "trust" (no password asked) or "scram-sha-256" (passwords from --auth-userlist)`,
+			field: func(c *Config) any { return &c.Auth.Method }},
+		{path: "auth.userlist", flag: "auth-userlist", isFile: true,
+			usage: "pgbouncer-style userlist `file` (\"user\" \"SCRAM-SHA-256$...\" per line); required with --auth-method=scram-sha-256",
+			field: func(c *Config) any { return &c.Auth.Userlist }},
+		{path: "tls.cert", flag: "tls-cert", isFile: true,
+			usage: "PEM certificate `file` for TLS with clients; empty = no TLS (SSLRequest is answered 'N'); needs --tls-key",
+			field: func(c *Config) any { return &c.TLS.Cert }},
+		{path: "tls.key", flag: "tls-key", isFile: true,
+			usage: "PEM private key `file` matching --tls-cert",
+			field: func(c *Config) any { return &c.TLS.Key }},
+		{path: "tls.require", flag: "require-tls",
+			usage: "refuse clients that do not use TLS; needs --tls-cert and --tls-key",
+			field: func(c *Config) any { return &c.TLS.Require }},
+		{path: "limits.max_client_sessions", flag: "max-client-sessions",
+			usage: "maximum concurrent client sessions; connections beyond it are refused (at least 1)",
+			field: func(c *Config) any { return &c.Limits.MaxClientSessions }},
+		{path: "limits.max_message_bytes", flag: "max-message-bytes",
+			usage: "largest protocol message accepted in either direction, in bytes or with a unit: kB, MB, GB (powers of 1000) or KiB, MiB, GiB (powers of 1024); from 8KiB to 2GiB-1",
+			field: func(c *Config) any { return &c.Limits.MaxMessageBytes }},
+		{path: "limits.connect_timeout", flag: "connect-timeout",
+			usage: "time allowed for a client's startup and authentication, and for dialing a store, e.g. 10s or 1m (must be > 0)",
+			field: func(c *Config) any { return &c.Limits.ConnectTimeout }},
+		{path: "limits.idle_session_timeout", flag: "idle-session-timeout",
+			usage: "close client sessions that stay idle outside a transaction longer than this, e.g. 15m; 0 = off",
+			field: func(c *Config) any { return &c.Limits.IdleSessionTimeout }},
+		{path: "limits.drain_timeout", flag: "drain-timeout",
+			usage: "on SIGTERM, how long open transactions may run to completion before their sessions are closed, e.g. 30s; 0 = do not wait",
+			field: func(c *Config) any { return &c.Limits.DrainTimeout }},
+		{path: "log.format", flag: "log-format",
+			usage: `log output format: "text" or "json"`,
+			field: func(c *Config) any { return &c.Log.Format }},
+		{path: "log.level", flag: "log-level",
+			usage: `least severe messages logged: "debug", "info", "warn" or "error"`,
+			field: func(c *Config) any { return &c.Log.Level }},
+	}
+}
+
+// setFromString parses s into the field p points to, as an environment variable or flag value.
+func setFromString(p any, s string) error {
+	switch v := p.(type) {
+	case *string:
+		*v = s
+	case *bool:
+		b, err := strconv.ParseBool(strings.TrimSpace(s))
+		if err != nil {
+			return fmt.Errorf("invalid boolean %q: want true or false", s)
+		}
+		*v = b
+	case *int:
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil {
+			return fmt.Errorf("invalid integer %q", s)
+		}
+		*v = n
+	case *ByteSize:
+		return v.Set(s)
+	case *Duration:
+		return v.Set(s)
+	default:
+		panic(fmt.Sprintf("config: unsupported field type %T", p))
+	}
+	return nil
+}
+
+// Load builds a Config: the defaults, then the YAML file at path (skipped when path is ""), then the TANDEM_*
+// environment variables looked up through getenv (pass os.LookupEnv; nil means no environment). It does not call
+// Validate. The file is read strictly: unknown keys, values of the wrong type and a second YAML document are
+// errors. An empty file (or one with only comments) leaves the defaults in place. A set but malformed environment
+// variable is an error naming the variable; a set but empty one sets a string option to "".
+//
+// A non-nil error is a Problems listing everything wrong, each with its position.
+func Load(path string, getenv func(string) (string, bool)) (*Config, error) {
+	cfg, probs, _ := load(path, getenv)
+	if len(probs) > 0 {
+		return nil, probs
+	}
+	return cfg, nil
+}
+
+// load does the work of Load, but returns what it could build alongside the problems it found, so Check can
+// validate the rest of a file that has, say, an unknown key. usable is false when the file could not be read or
+// is not valid YAML, so that the returned Config says nothing about it.
+func load(path string, getenv func(string) (string, bool)) (cfg *Config, probs Problems, usable bool) {
+	c := Default()
+	c.src = &sources{file: path, origins: make(map[string]origin)}
+	usable = true
+	if path != "" {
+		var fileProbs Problems
+		fileProbs, usable = c.loadFile(path)
+		probs = append(probs, fileProbs...)
+	}
+	if getenv != nil {
+		probs = append(probs, c.loadEnv(getenv)...)
+	}
+	return &c, probs, usable
+}
+
+// loadFile overlays the YAML file at path onto c. usable is false when the file could not be read or parsed.
+func (c *Config) loadFile(path string) (probs Problems, usable bool) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Problems{{File: path, Message: "cannot read config file: " + describeFileError(err)}}, false
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var doc yaml.Node
+	if err := dec.Decode(&doc); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, true // empty file: all defaults
+		}
+		return Problems{yamlSyntaxProblem(path, err)}, false
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); err == nil {
+		probs = append(probs, Problem{File: path, Line: extra.Line, Column: extra.Column,
+			Message: "a second YAML document (after ---); the config file must hold exactly one"})
+	} else if !errors.Is(err, io.EOF) {
+		return Problems{yamlSyntaxProblem(path, err)}, false
+	}
+
+	root := &doc
+	if root.Kind == yaml.DocumentNode {
+		if len(root.Content) == 0 {
+			return probs, true // only comments
+		}
+		root = root.Content[0]
+	}
+	w := walker{cfg: c, file: path, opts: make(map[string]option)}
+	for _, o := range options() {
+		w.opts[o.path] = o
+	}
+	w.walk(nil, root, "")
+	probs = append(probs, w.probs...)
+
+	if len(probs) == 0 {
+		// The walk above gives positions and precise messages; the strict yaml.v3 decode is the authority on the
+		// values themselves, and a backstop that no key escaped the walk.
+		strict := Default()
+		dec := yaml.NewDecoder(bytes.NewReader(data))
+		dec.KnownFields(true)
+		if err := dec.Decode(&strict); err != nil {
+			return Problems{yamlSyntaxProblem(path, err)}, true
+		}
+		strict.src = c.src
+		*c = strict
+	}
+
+	dir := filepath.Dir(path)
+	for _, o := range options() {
+		if _, fromFile := c.src.origins[o.path]; !fromFile || !o.isFile {
+			continue
+		}
+		if p := o.field(c).(*string); *p != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(dir, *p)
+		}
+	}
+	return probs, true
+}
+
+// loadEnv overlays the TANDEM_* environment variables onto c.
+func (c *Config) loadEnv(getenv func(string) (string, bool)) Problems {
+	var probs Problems
+	for _, o := range options() {
+		name := envName(o.path)
+		v, ok := getenv(name)
+		if !ok {
+			continue
+		}
+		if err := setFromString(o.field(c), v); err != nil {
+			probs = append(probs, Problem{Field: o.path, Message: fmt.Sprintf("environment variable %s: %v", name, err)})
+			continue
+		}
+		c.setOrigin(o.path, origin{env: name})
+	}
+	return probs
+}
+
+// yamlLineRE finds the line number yaml.v3 puts in its error messages.
+func yamlLineRE() *regexp.Regexp { return regexp.MustCompile(`^(?:yaml: )?line (\d+): `) }
+
+// yamlSyntaxProblem turns a yaml.v3 error into a Problem, moving its line number into the position.
+func yamlSyntaxProblem(file string, err error) Problem {
+	msg := err.Error()
+	var te *yaml.TypeError
+	if errors.As(err, &te) && len(te.Errors) > 0 {
+		msg = strings.Join(te.Errors, "; ")
+	}
+	p := Problem{File: file}
+	if m := yamlLineRE().FindStringSubmatch(msg); m != nil {
+		p.Line, _ = strconv.Atoi(m[1])
+		msg = msg[len(m[0]):]
+	}
+	p.Message = "invalid YAML: " + strings.TrimPrefix(msg, "yaml: ")
+	return p
+}
+
+// describeFileError shortens an os error to its cause; the path is already in the Problem.
+func describeFileError(err error) string {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err.Error()
+	}
+	return err.Error()
+}
+
+// walker checks a YAML node tree against the options, decoding each value into cfg and recording its position.
+type walker struct {
+	cfg   *Config
+	file  string
+	opts  map[string]option
+	probs Problems
+}
+
+func (w *walker) problem(n *yaml.Node, field, msg string) {
+	w.probs = append(w.probs, Problem{File: w.file, Line: n.Line, Column: n.Column, Field: field, Message: msg})
+}
+
+// walk checks the mapping n, found at the YAML path prefix ("" for the top level, else a section like "limits")
+// under the key node at (nil for the top level), which gives the position of problems with n as a whole.
+func (w *walker) walk(at, n *yaml.Node, prefix string) {
+	n = resolveAlias(n)
+	if at == nil {
+		at = n
+	}
+	where := "the top level of the file"
+	if prefix != "" {
+		where = prefix
+	}
+	if n.ShortTag() == "!!null" {
+		return
+	}
+	if n.Kind != yaml.MappingNode {
+		if prefix == "" {
+			w.problem(at, "", "the config file must be a mapping of settings (key: value), not "+nodeKind(n))
+		} else {
+			w.problem(at, prefix, "must be a mapping of settings (key: value), not "+nodeKind(n))
+		}
+		return
+	}
+	// Merge keys (<<) first, so that explicit keys override merged ones, as in YAML.
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		if k := n.Content[i]; k.ShortTag() == "!!merge" {
+			v := resolveAlias(n.Content[i+1])
+			if v.Kind == yaml.SequenceNode {
+				for _, m := range v.Content {
+					w.walk(k, m, prefix)
+				}
+			} else {
+				w.walk(k, v, prefix)
+			}
+		}
+	}
+	seen := make(map[string]*yaml.Node)
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		if k.ShortTag() == "!!merge" {
+			continue
+		}
+		if first, dup := seen[k.Value]; dup {
+			w.problem(k, "", fmt.Sprintf("key %q appears twice in %s (first on line %d)", k.Value, where, first.Line))
+			continue
+		}
+		seen[k.Value] = k
+		path := k.Value
+		if prefix != "" {
+			path = prefix + "." + k.Value
+		}
+		if o, ok := w.opts[path]; ok {
+			w.leaf(k, v, o)
+			continue
+		}
+		if prefix == "" && w.isSection(k.Value) {
+			w.cfg.setOrigin(k.Value, origin{line: k.Line, column: k.Column})
+			w.walk(k, v, k.Value)
+			continue
+		}
+		w.problem(k, "", w.unknownField(k.Value, prefix))
+	}
+}
+
+func (w *walker) isSection(name string) bool {
+	for p := range w.opts {
+		if strings.HasPrefix(p, name+".") {
+			return true
+		}
+	}
+	return false
+}
+
+// unknownField describes an unknown key, suggesting the nearest known one or listing the valid ones.
+func (w *walker) unknownField(key, prefix string) string {
+	var valid []string
+	for _, o := range options() {
+		name := o.path
+		if prefix != "" {
+			rest, ok := strings.CutPrefix(o.path, prefix+".")
+			if !ok {
+				continue
+			}
+			name = rest
+		} else if sec, _, ok := strings.Cut(o.path, "."); ok {
+			name = sec
+		}
+		if len(valid) == 0 || valid[len(valid)-1] != name {
+			valid = append(valid, name)
+		}
+	}
+	msg := fmt.Sprintf("unknown field %q", key)
+	if prefix != "" {
+		msg += " in " + prefix
+	}
+	best, bestDist := "", len(key)/3+2
+	for _, v := range valid {
+		if d := editDistance(strings.ToLower(key), v); d < bestDist {
+			best, bestDist = v, d
+		}
+	}
+	if best != "" {
+		return msg + fmt.Sprintf(" (did you mean %q?)", best)
+	}
+	return msg + " (valid: " + strings.Join(valid, ", ") + ")"
+}
+
+// leaf decodes the value v of key k into the option o, recording where it came from.
+func (w *walker) leaf(k, v *yaml.Node, o option) {
+	v = resolveAlias(v)
+	if v.ShortTag() == "!!null" {
+		return // "key:" with no value keeps the default
+	}
+	p := o.field(w.cfg)
+	if v.Kind != yaml.ScalarNode {
+		w.problem(k, o.path, "must be a single value, not "+nodeKind(v))
+		return
+	}
+	tmp := reflect.New(reflect.TypeOf(p).Elem())
+	if err := v.Decode(tmp.Interface()); err != nil {
+		var msg string
+		quoted := ""
+		if v.Style&(yaml.DoubleQuotedStyle|yaml.SingleQuotedStyle) != 0 {
+			quoted = " without quotes"
+		}
+		switch p.(type) {
+		case *int:
+			msg = fmt.Sprintf("must be a whole number%s, not %s", quoted, strconv.Quote(v.Value))
+		case *bool:
+			msg = fmt.Sprintf("must be true or false%s, not %s", quoted, strconv.Quote(v.Value))
+		case *string:
+			msg = "must be a string" // never quote the value: it may be a DSN with a password
+		default:
+			msg = err.Error()
+		}
+		w.problem(k, o.path, msg)
+		return
+	}
+	reflect.ValueOf(p).Elem().Set(tmp.Elem())
+	w.cfg.setOrigin(o.path, origin{line: k.Line, column: k.Column})
+}
+
+func resolveAlias(n *yaml.Node) *yaml.Node {
+	for n.Kind == yaml.AliasNode && n.Alias != nil {
+		n = n.Alias
+	}
+	return n
+}
+
+func nodeKind(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.MappingNode:
+		return "a mapping"
+	case yaml.SequenceNode:
+		return "a list"
+	default:
+		return "a single value"
+	}
+}
+
+// editDistance is the Levenshtein distance between a and b, for "did you mean" suggestions.
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}

@@ -1,0 +1,70 @@
+package config
+
+import (
+	"fmt"
+	"reflect"
+
+	"github.com/spf13/pflag"
+)
+
+// Flags binds every configuration option, plus -c/--config, to a pflag.FlagSet, so that every subcommand accepts
+// the same flags. Create it with NewFlags before the flag set is parsed, and call Load after.
+type Flags struct {
+	fs         *pflag.FlagSet
+	configPath string
+	values     Config // flag-backed storage; only the flags the user set are copied out of it
+}
+
+// NewFlags registers -c/--config and one flag per option on fs. Each flag's help text explains the option, names
+// the environment variable that also sets it, and shows its built-in default.
+func NewFlags(fs *pflag.FlagSet) *Flags {
+	f := &Flags{fs: fs, values: Default()}
+	fs.StringVarP(&f.configPath, "config", "c", "",
+		"YAML config `file`; environment variables and flags override its settings (env "+EnvConfig+")")
+	def := Default()
+	for _, o := range options() {
+		usage := fmt.Sprintf("%s (env %s)", o.usage, envName(o.path))
+		switch p := o.field(&f.values).(type) {
+		case *string:
+			fs.StringVar(p, o.flag, *o.field(&def).(*string), usage)
+		case *bool:
+			fs.BoolVar(p, o.flag, *o.field(&def).(*bool), usage)
+		case *int:
+			fs.IntVar(p, o.flag, *o.field(&def).(*int), usage)
+		case *ByteSize:
+			fs.Var(p, o.flag, usage)
+		case *Duration:
+			fs.Var(p, o.flag, usage)
+		default:
+			panic(fmt.Sprintf("config: unsupported field type %T for --%s", p, o.flag))
+		}
+	}
+	return f
+}
+
+// Load builds the Config for a parsed flag set: it reads the file named by -c/--config, or by the TANDEM_CONFIG
+// environment variable when -c was not given (no file if neither is set), overlays the environment through getenv
+// (pass os.LookupEnv; nil means no environment), then overlays the flags the user explicitly set (a flag left at
+// its default does not override the file or the environment), and validates the result. A non-nil error is a
+// Problems listing everything wrong.
+func (f *Flags) Load(getenv func(string) (string, bool)) (*Config, error) {
+	path := f.configPath
+	if !f.fs.Changed("config") && getenv != nil {
+		path, _ = getenv(EnvConfig)
+	}
+	cfg, err := Load(path, getenv)
+	if err != nil {
+		return nil, err
+	}
+	for _, o := range options() {
+		if !f.fs.Changed(o.flag) {
+			continue
+		}
+		reflect.ValueOf(o.field(cfg)).Elem().Set(reflect.ValueOf(o.field(&f.values)).Elem())
+		cfg.setOrigin(o.path, origin{flag: o.flag})
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}

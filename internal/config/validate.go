@@ -1,0 +1,246 @@
+package config
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Problem is one thing wrong with a configuration.
+type Problem struct {
+	File   string // config file the value came from; "" when it came from defaults, the environment or a flag
+	Line   int    // 1-based line in File, 0 if unknown
+	Column int    // 1-based column in File, 0 if unknown
+	Field  string // YAML path of the setting, e.g. "limits.max_client_sessions"; "" if the problem is not about one setting
+	// Message says what is wrong, without the field or position. It never contains a password.
+	Message string
+}
+
+// String formats the problem as "file:line:column: field: message", leaving out the parts that are unknown, e.g.
+// "tandem.yaml:7:3: limits.max_client_sessions: must be at least 1".
+func (p Problem) String() string {
+	var b strings.Builder
+	if p.File != "" {
+		b.WriteString(p.File)
+		if p.Line > 0 {
+			b.WriteString(":" + strconv.Itoa(p.Line))
+			if p.Column > 0 {
+				b.WriteString(":" + strconv.Itoa(p.Column))
+			}
+		}
+		b.WriteString(": ")
+	}
+	if p.Field != "" {
+		b.WriteString(p.Field + ": ")
+	}
+	b.WriteString(p.Message)
+	return b.String()
+}
+
+// Problems is the error returned by Load, Validate and Flags.Load: every problem found, in the order found.
+// Use errors.As to get at the individual problems.
+type Problems []Problem
+
+// Error lists the problems one per line.
+func (ps Problems) Error() string {
+	lines := make([]string, len(ps))
+	for i, p := range ps {
+		lines[i] = p.String()
+	}
+	return strings.Join(lines, "\n")
+}
+
+// Validate checks every setting and every combination of settings and returns nil or a Problems listing all that is
+// wrong. Each problem names the setting's YAML path and, when Load read the value from the file, its position;
+// values from the environment or a flag are named in the message instead. Validate reads the files the config
+// names (userlist, TLS certificate and key, password files) to check that they are usable, and parses the DSNs
+// the way the stores will be dialed (pgconn.ParseConfig, which also consults PG* environment variables).
+func (c *Config) Validate() error {
+	if ps := c.problems(); len(ps) > 0 {
+		return ps
+	}
+	return nil
+}
+
+func (c *Config) problems() Problems {
+	v := validator{c: c}
+
+	v.address("listen", c.Listen)
+	v.address("admin", c.Admin)
+	if c.Listen != "" && c.Listen == c.Admin && !strings.HasSuffix(c.Admin, ":0") {
+		v.add("admin", fmt.Sprintf("must differ from listen (both are %q)", c.Admin))
+	}
+
+	if strings.TrimSpace(c.Old.DSN) == "" {
+		v.add("old.dsn", "required: the DSN of the old store, e.g. postgres://user@host:5432/db?sslmode=require")
+	} else {
+		v.dsn("old.dsn", c.Old.DSN)
+	}
+	if strings.TrimSpace(c.New.DSN) != "" {
+		v.dsn("new.dsn", c.New.DSN)
+	}
+	v.readable("old.password_file", c.Old.PasswordFile)
+	v.readable("new.password_file", c.New.PasswordFile)
+
+	switch c.Auth.Method {
+	case AuthTrust:
+	case AuthSCRAMSHA256:
+		if c.Auth.Userlist == "" {
+			v.add("auth.userlist", "required when auth.method is scram-sha-256: the file with the users' SCRAM secrets")
+		}
+	default:
+		v.add("auth.method", fmt.Sprintf("must be %q or %q, not %q", AuthTrust, AuthSCRAMSHA256, c.Auth.Method))
+	}
+	v.readable("auth.userlist", c.Auth.Userlist)
+
+	certOK := v.readable("tls.cert", c.TLS.Cert)
+	keyOK := v.readable("tls.key", c.TLS.Key)
+	switch {
+	case c.TLS.Cert != "" && c.TLS.Key == "":
+		v.add("tls.cert", "is set but tls.key is not; set both to enable TLS, or neither")
+	case c.TLS.Cert == "" && c.TLS.Key != "":
+		v.add("tls.key", "is set but tls.cert is not; set both to enable TLS, or neither")
+	case c.TLS.Cert != "" && certOK && keyOK:
+		if _, err := tls.LoadX509KeyPair(c.TLS.Cert, c.TLS.Key); err != nil {
+			v.add("tls.cert", "cannot be loaded with tls.key: "+strings.TrimPrefix(err.Error(), "tls: "))
+		}
+	}
+	if c.TLS.Require && (c.TLS.Cert == "" || c.TLS.Key == "") {
+		v.add("tls.require", "needs tls.cert and tls.key: clients cannot be required to use TLS that is not configured")
+	}
+
+	if c.Limits.MaxClientSessions < 1 {
+		v.add("limits.max_client_sessions", "must be at least 1")
+	}
+	if m := c.Limits.MaxMessageBytes; m < MinMessageBytes || m > MaxMessageBytes {
+		v.add("limits.max_message_bytes", fmt.Sprintf("must be from %s to %s (2GiB-1), not %s", MinMessageBytes, ByteSize(MaxMessageBytes), m))
+	}
+	if c.Limits.ConnectTimeout <= 0 {
+		v.add("limits.connect_timeout", "must be greater than 0, e.g. 10s")
+	}
+	if c.Limits.IdleSessionTimeout < 0 {
+		v.add("limits.idle_session_timeout", "must not be negative (0 turns it off)")
+	}
+	if c.Limits.DrainTimeout < 0 {
+		v.add("limits.drain_timeout", "must not be negative (0 means do not wait)")
+	}
+
+	if !slices.Contains([]string{LogText, LogJSON}, c.Log.Format) {
+		v.add("log.format", fmt.Sprintf("must be %q or %q, not %q", LogText, LogJSON, c.Log.Format))
+	}
+	if !slices.Contains([]string{LogDebug, LogInfo, LogWarn, LogError}, c.Log.Level) {
+		v.add("log.level", fmt.Sprintf("must be %q, %q, %q or %q, not %q", LogDebug, LogInfo, LogWarn, LogError, c.Log.Level))
+	}
+	return v.probs
+}
+
+// validator collects problems, attaching to each the origin of the value.
+type validator struct {
+	c     *Config
+	probs Problems
+}
+
+func (v *validator) add(field, msg string) {
+	p := Problem{Field: field, Message: msg}
+	if s := v.c.src; s != nil {
+		o, ok := s.origins[field]
+		if section, _, nested := strings.Cut(field, "."); !ok && nested {
+			// A setting missing from a section that is in the file: point at the section.
+			o, ok = s.origins[section]
+		}
+		switch {
+		case !ok:
+		case o.flag != "":
+			p.Message += " (set by flag --" + o.flag + ")"
+		case o.env != "":
+			p.Message += " (set by environment variable " + o.env + ")"
+		case o.line > 0:
+			p.File, p.Line, p.Column = s.file, o.line, o.column
+		}
+	}
+	v.probs = append(v.probs, p)
+}
+
+// address checks a host:port listen address.
+func (v *validator) address(field, addr string) {
+	if addr == "" {
+		v.add(field, "required: an address as host:port, e.g. 127.0.0.1:6432")
+		return
+	}
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		msg := err.Error()
+		var ae *net.AddrError
+		if errors.As(err, &ae) {
+			msg = ae.Err
+		}
+		v.add(field, fmt.Sprintf("must be host:port, e.g. 127.0.0.1:6432 or [::1]:6432 (%s)", msg))
+		return
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || n > 65535 {
+		v.add(field, fmt.Sprintf("port %q must be a number from 0 to 65535", port))
+	}
+}
+
+// dsn checks that a DSN parses as the stores will be dialed, reporting the parser's complaint without the password.
+func (v *validator) dsn(field, dsn string) {
+	if _, err := pgconn.ParseConfig(dsn); err != nil {
+		v.add(field, "cannot parse DSN: "+redactError(err.Error(), dsn))
+	}
+}
+
+// readable checks that a file named by the config, if any, can be opened for reading. It reports whether the
+// file is usable (true also when path is empty, as there is nothing wrong with it).
+func (v *validator) readable(field, path string) bool {
+	if path == "" {
+		return true
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		v.add(field, fmt.Sprintf("cannot read %s: %s", path, describeFileError(err)))
+		return false
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		v.add(field, fmt.Sprintf("cannot read %s: %s", path, describeFileError(err)))
+		return false
+	}
+	if st.IsDir() {
+		v.add(field, fmt.Sprintf("%s is a directory, not a file", path))
+		return false
+	}
+	return true
+}
+
+// Check reads the config file at path strictly, overlays the environment (through getenv, as Load does) and
+// validates the result, returning every problem found with its position, ordered by position in the file, then
+// the problems not tied to a place in the file. It is the implementation of `tandem config check FILE`; an empty
+// result means the configuration is usable. Unlike Load, Check carries on past unknown keys and bad values, so
+// one run shows everything that needs fixing.
+func Check(path string, getenv func(string) (string, bool)) []Problem {
+	cfg, probs, usable := load(path, getenv)
+	if usable {
+		probs = append(probs, cfg.problems()...)
+	}
+	slices.SortStableFunc(probs, func(a, b Problem) int {
+		if (a.Line == 0) != (b.Line == 0) {
+			if a.Line == 0 {
+				return 1
+			}
+			return -1
+		}
+		if a.Line != b.Line {
+			return a.Line - b.Line
+		}
+		return a.Column - b.Column
+	})
+	return probs
+}
