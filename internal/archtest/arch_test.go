@@ -1,0 +1,105 @@
+// Package archtest checks the project's import arrows with `go list`, so a
+// wrong dependency fails the build: data flows client -> proxy -> router ->
+// backends; backfill and compare share internal packages and never import
+// each other; the wire codec stays pure.
+package archtest
+
+import (
+	"encoding/json"
+	"io"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+const module = "github.com/tandemdb/tandem"
+
+type pkg struct {
+	ImportPath string
+	Imports    []string
+	Deps       []string
+}
+
+func listPackages(t *testing.T) []pkg {
+	t.Helper()
+	cmd := exec.Command("go", "list", "-json", module+"/...")
+	cmd.Dir = "../.."
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var pkgs []pkg
+	dec := json.NewDecoder(out)
+	for {
+		var p pkg
+		if err := dec.Decode(&p); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		pkgs = append(pkgs, p)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if len(pkgs) < 5 {
+		t.Fatalf("go list found only %d packages", len(pkgs))
+	}
+	return pkgs
+}
+
+func under(path, prefix string) bool {
+	return path == prefix || strings.HasPrefix(path, prefix+"/")
+}
+
+func TestImportArrows(t *testing.T) {
+	rules := []struct {
+		from, mustNot, why string
+	}{
+		{module + "/proxy", module + "/cmd", "the proxy never reaches back into the CLI"},
+		{module + "/proxy", module + "/backfill", "the proxy does not run jobs"},
+		{module + "/proxy", module + "/compare", "the proxy does not run jobs"},
+		{module + "/backfill", module + "/compare", "backfill and compare share internal packages, never each other"},
+		{module + "/compare", module + "/backfill", "backfill and compare share internal packages, never each other"},
+		{module + "/backfill", module + "/proxy", "jobs talk to stores, not through the proxy package"},
+		{module + "/compare", module + "/proxy", "jobs talk to stores, not through the proxy package"},
+		{module + "/internal", module + "/proxy", "internal packages are shared leaves"},
+		{module + "/internal", module + "/cmd", "internal packages are shared leaves"},
+	}
+	for _, p := range listPackages(t) {
+		for _, r := range rules {
+			if !under(p.ImportPath, r.from) || strings.HasSuffix(p.ImportPath, "/archtest") {
+				continue
+			}
+			for _, d := range p.Deps {
+				if under(d, r.mustNot) {
+					t.Errorf("%s depends on %s: %s", p.ImportPath, d, r.why)
+				}
+			}
+		}
+	}
+}
+
+// TestPureCodec: internal/pgwire imports only pgproto3 and the standard
+// library (no networking, contexts or logging).
+func TestPureCodec(t *testing.T) {
+	for _, p := range listPackages(t) {
+		if p.ImportPath != module+"/internal/pgwire" {
+			continue
+		}
+		for _, imp := range p.Imports {
+			switch {
+			case imp == "github.com/jackc/pgx/v5/pgproto3":
+			case strings.Contains(imp, "."):
+				t.Errorf("internal/pgwire imports %s; it may import only pgproto3 and the standard library", imp)
+			case imp == "net" || imp == "context" || imp == "log" || imp == "log/slog" || strings.HasPrefix(imp, "net/"):
+				t.Errorf("internal/pgwire imports %s; the codec stays free of networking, contexts and logging", imp)
+			}
+		}
+		return
+	}
+	t.Fatal("internal/pgwire not found")
+}
