@@ -634,3 +634,31 @@ func sendCancel(t testing.TB, addr string, pid uint32, secret []byte) {
 		t.Fatalf("cancel connection: read %d bytes, %v; want EOF", n, err)
 	}
 }
+
+// TestBackendPID: the PID a client is told in BackendKeyData is its
+// backend's, so self-notifications can be recognised as PostgreSQL clients do.
+func TestBackendPID(t *testing.T) {
+	db := newDB(t)
+	p := startProxy(t, shared, db)
+	ctx := context.Background()
+	c := p.connect(t, db)
+	if got := queryOne(t, c, "SELECT pg_backend_pid()"); got != strconv.FormatUint(uint64(c.PID()), 10) {
+		t.Fatalf("pg_backend_pid() = %s, BackendKeyData says %d", got, c.PID())
+	}
+	var from uint32
+	c2, err := pgconn.ConnectConfig(ctx, func() *pgconn.Config {
+		pc, _ := pgconn.ParseConfig(p.dsn(db))
+		pc.OnNotification = func(_ *pgconn.PgConn, n *pgconn.Notification) { from = n.PID }
+		return pc
+	}())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close(ctx)
+	if _, err := c2.Exec(ctx, "LISTEN self2; NOTIFY self2, 'me'").ReadAll(); err != nil {
+		t.Fatal(err)
+	}
+	if from != c2.PID() {
+		t.Fatalf("self-notification from PID %d, session was told %d", from, c2.PID())
+	}
+}

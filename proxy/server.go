@@ -8,7 +8,6 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -63,7 +62,6 @@ type Server struct {
 	draining  bool
 	closed    bool
 	wg        sync.WaitGroup // every connection-handling goroutine
-	nextPID   uint32
 }
 
 type cancelKey struct {
@@ -104,9 +102,6 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 		}
 	}
 	s.baseCtx, s.stopCtx = context.WithCancel(context.Background())
-	var seed [4]byte
-	_, _ = rand.Read(seed[:])
-	s.nextPID = binary.BigEndian.Uint32(seed[:]) & 0x3fffffff
 	return s, nil
 }
 
@@ -262,7 +257,10 @@ func (s *Server) Sessions() int {
 }
 
 // register makes a session visible to Shutdown and to cancel requests, and
-// assigns its client-facing cancel key.
+// assigns its client-facing cancel key: the upstream backend's real process
+// ID (so pg_backend_pid() and NotificationResponse PIDs agree with what the
+// client was told) and a secret of the proxy's own, so a client's key is
+// never the store's.
 func (s *Server) register(ss *session) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -270,13 +268,9 @@ func (s *Server) register(ss *session) bool {
 		return false
 	}
 	for {
-		s.nextPID++
 		var secret [4]byte
 		_, _ = rand.Read(secret[:])
-		k := cancelKey{pid: s.nextPID & 0x3fffffff, secret: string(secret[:])}
-		if k.pid == 0 {
-			continue
-		}
+		k := cancelKey{pid: ss.upstream.pid, secret: string(secret[:])}
 		if _, dup := s.cancels[k]; dup {
 			continue
 		}

@@ -62,7 +62,7 @@ const (
 // Auth configures how clients authenticate to tandem.
 type Auth struct {
 	Method string `yaml:"method"` // AuthTrust (default) or AuthSCRAMSHA256
-	// Userlist is a pgbouncer-style userlist file: one `"user" "SCRAM-SHA-256$..."` line per user.
+	// Userlist is a pgbouncer-style userlist file: one `"user" "secret"` line per user, where the secret is a plain password or a SCRAM-SHA-256 verifier.
 	// Required when Method is AuthSCRAMSHA256.
 	Userlist string `yaml:"userlist"`
 }
@@ -191,7 +191,7 @@ func options() []option {
 			usage: `how clients authenticate to tandem: "trust" (no password asked) or "scram-sha-256" (passwords from --auth-userlist)`,
 			field: func(c *Config) any { return &c.Auth.Method }},
 		{path: "auth.userlist", flag: "auth-userlist", isFile: true,
-			usage: "pgbouncer-style userlist `file` (\"user\" \"SCRAM-SHA-256$...\" per line); required with --auth-method=scram-sha-256",
+			usage: "pgbouncer-style userlist `file`: one \"user\" \"secret\" line per user, the secret a plain password or a SCRAM-SHA-256$... verifier; required with --auth-method=scram-sha-256",
 			field: func(c *Config) any { return &c.Auth.Userlist }},
 		{path: "tls.cert", flag: "tls-cert", isFile: true,
 			usage: "PEM certificate `file` for TLS with clients; empty = no TLS (SSLRequest is answered 'N'); needs --tls-key",
