@@ -67,7 +67,8 @@ type session struct {
 	reqStart    time.Time
 	txStatus    byte
 
-	closing atomic.Bool // set once the session is ending: reads must not re-arm the idle timeout
+	closing    atomic.Bool // set once the session is ending: reads must not re-arm the idle timeout
+	terminated atomic.Bool // the client sent Terminate: the store closing after it is expected
 
 	killOnce sync.Once
 	killCh   chan struct{}
@@ -448,6 +449,8 @@ func (ss *session) sendFinal(reason error) bool {
 	var pe *pgwire.Error
 	switch {
 	case errors.As(reason, &pe):
+	case errors.Is(reason, errUpstreamLost) && ss.terminated.Load():
+		return false // the store closed because the client said goodbye
 	case errors.Is(reason, errUpstreamLost):
 		pe = pgwire.Fatal(pgwire.CodeConnectionFailure, "lost the connection to the %s store", ss.upstream.store.name).
 			WithHint("The store closed the session or went down; reconnect to retry.")
@@ -485,6 +488,7 @@ func (ss *session) clientToUpstream(fr *pgwire.Framer) error {
 			syncs++
 		case 'X':
 			terminated = true
+			ss.terminated.Store(true)
 			return errClientDone
 		}
 		return nil
