@@ -196,3 +196,34 @@ func TestReplicationRefused(t *testing.T) {
 		t.Fatalf("replication connection: %v (SQLSTATE %q), want 0A000", err, got)
 	}
 }
+
+// TestConnectTimeout: a client that connects and then stays silent, or
+// stalls during authentication, is dropped after limits.connect_timeout.
+func TestConnectTimeout(t *testing.T) {
+	db := newDB(t)
+	p := startProxy(t, shared, db, func(c *config.Config) { c.Limits.ConnectTimeout = config.Duration(300 * time.Millisecond) })
+	for _, partial := range [][]byte{nil, {0, 0, 0, 40, 0, 3, 0}} {
+		c, err := net.Dial("tcp", p.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write(partial); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, err := c.Read(make([]byte, 64))
+		took := time.Since(start)
+		c.Close()
+		if n != 0 || err == nil {
+			t.Fatalf("silent client got %d bytes, %v", n, err)
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Fatalf("the proxy kept a silent client open for 5s (connect_timeout 300ms)")
+		}
+		if took < 250*time.Millisecond {
+			t.Fatalf("dropped after %s, before connect_timeout", took)
+		}
+	}
+}

@@ -218,3 +218,43 @@ func TestProxyHelp(t *testing.T) {
 		}
 	}
 }
+
+// TestNoSecretsInLogs: a DSN password never reaches the log, even at debug
+// level, and neither do query parameters.
+func TestNoSecretsInLogs(t *testing.T) {
+	c := pgtest.New(t)
+	ctx := context.Background()
+	if err := c.Exec(ctx, "postgres", "CREATE ROLE app LOGIN PASSWORD 'Sekrit-Pa55'"); err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.Default()
+	cfg.Listen, cfg.Admin = "127.0.0.1:0", "127.0.0.1:0"
+	cfg.Old.DSN = fmt.Sprintf("postgres://app:Sekrit-Pa55@127.0.0.1:%d/postgres?sslmode=disable", c.Port())
+	cfg.Limits.DrainTimeout = config.Duration(time.Second)
+	var logs bytes.Buffer
+	rp, err := startProxy(&cfg, newLogger(config.Log{Format: "json", Level: "debug"}, &logs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := pgconn.Connect(ctx, fmt.Sprintf("postgres://app@%s/postgres?sslmode=disable", rp.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := conn.ExecParams(ctx, "SELECT $1::text", [][]byte{[]byte("param-Value-42")}, nil, nil, nil).Read()
+	if res.Err != nil {
+		t.Fatal(res.Err)
+	}
+	conn.Close(ctx)
+	if err := rp.stop(); err != nil {
+		t.Fatal(err)
+	}
+	out := logs.String()
+	for _, secret := range []string{"Sekrit-Pa55", "param-Value-42"} {
+		if strings.Contains(out, secret) {
+			t.Errorf("log contains %q:\n%s", secret, out)
+		}
+	}
+	if !strings.Contains(out, "session started") || !strings.Contains(out, "xxxxx") {
+		t.Errorf("expected debug session lines and a redacted DSN in the log:\n%s", out)
+	}
+}
