@@ -34,13 +34,24 @@ func rawSession(t *testing.T, p *testProxy, db string, startup bool) (net.Conn, 
 	if err := fe.Flush(); err != nil {
 		t.Fatal(err)
 	}
+	readUntilReady(t, fe, nil)
+	return c, fe
+}
+
+// readUntilReady receives messages until ReadyForQuery, passing each to
+// check when it is not nil.
+func readUntilReady(t *testing.T, fe *pgproto3.Frontend, check func(pgproto3.BackendMessage)) {
+	t.Helper()
 	for {
 		msg, err := fe.Receive()
 		if err != nil {
 			t.Fatal(err)
 		}
 		if _, ok := msg.(*pgproto3.ReadyForQuery); ok {
-			return c, fe
+			return
+		}
+		if check != nil {
+			check(msg)
 		}
 	}
 }
@@ -158,30 +169,19 @@ func TestProtocolNegotiation(t *testing.T) {
 	if !ok || npv.NewestMinorProtocol != 0 || len(npv.UnrecognizedOptions) != 1 || npv.UnrecognizedOptions[0] != "_pq_.future_option" {
 		t.Fatalf("first message %#v, want NegotiateProtocolVersion(3.0, [_pq_.future_option])", msg)
 	}
-	for {
-		msg, err := fe.Receive()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, ok := msg.(*pgproto3.ReadyForQuery); ok {
-			break
-		}
-	}
+	readUntilReady(t, fe, nil)
 	fe.Send(&pgproto3.Query{String: "SELECT 'negotiated'"})
 	if err := fe.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	for {
-		msg, err := fe.Receive()
-		if err != nil {
-			t.Fatal(err)
+	got := ""
+	readUntilReady(t, fe, func(msg pgproto3.BackendMessage) {
+		if dr, ok := msg.(*pgproto3.DataRow); ok {
+			got = string(dr.Values[0])
 		}
-		if dr, ok := msg.(*pgproto3.DataRow); ok && string(dr.Values[0]) != "negotiated" {
-			t.Fatalf("got %q", dr.Values[0])
-		}
-		if _, ok := msg.(*pgproto3.ReadyForQuery); ok {
-			break
-		}
+	})
+	if got != "negotiated" {
+		t.Fatalf("got %q, want negotiated", got)
 	}
 	fe.Send(&pgproto3.Terminate{})
 	_ = fe.Flush()
