@@ -403,26 +403,40 @@ func (ss *session) relay() {
 	case <-ss.killCh:
 		reason = ss.killErr
 	}
-	if reason == errShutdown || reason == errIdleTimeout {
-		// The session is at a safe point: end the store's backend cleanly.
-		_, _ = ss.upstream.conn.Write([]byte{'X', 0, 0, 0, 4})
-	}
+	ss.sayGoodbye(reason, aOut && !clientFr.InMessage())
 	ss.upstream.conn.Close()
 	if !bOut {
 		<-bDone
 	}
 	// From here on this goroutine is the only writer to the client.
+	ss.closeClient(reason, upFr, aOut)
+	if !aOut {
+		<-aDone
+	}
+}
+
+// sayGoodbye ends the store's backend cleanly with a Terminate when the
+// session stopped at a message boundary for a reason that allows it: the
+// proxy closing an idle session, or the client leaving without Terminate.
+// clientQuiet says no client bytes are in flight to the store.
+func (ss *session) sayGoodbye(reason error, clientQuiet bool) {
+	if reason == errShutdown || reason == errIdleTimeout || (reason == errClientGone && clientQuiet) {
+		_, _ = ss.upstream.conn.Write([]byte{'X', 0, 0, 0, 4})
+	}
+}
+
+// closeClient sends the client the final error, if the proxy has one to
+// say and the store's bytes stopped at a message boundary, and closes the
+// client connection. readerExited says no goroutine is reading the client.
+func (ss *session) closeClient(reason error, upFr *pgwire.Framer, readerExited bool) {
 	ss.closing.Store(true)
 	if !upFr.InMessage() && ss.sendFinal(reason) {
 		// Let the client read the error: half-close, and consume what it is
 		// still sending for a moment, so the kernel does not answer it with a
 		// reset that would discard the error unread.
-		ss.lingerClose(aOut)
+		ss.lingerClose(readerExited)
 	}
 	ss.client.Close()
-	if !aOut {
-		<-aDone
-	}
 }
 
 // lingerTime bounds how long a session that sent a FATAL error keeps
@@ -476,60 +490,137 @@ func (r idleReader) Read(p []byte) (int, error) {
 	return r.ss.client.Read(p)
 }
 
-// clientToUpstream relays client messages to the store. It returns nil
-// after the client's Terminate, errClientGone when the client disconnects,
-// or a *pgwire.Error to send to the client.
-func (ss *session) clientToUpstream(fr *pgwire.Framer) error {
-	var syncs int
-	var terminated bool
-	visit := func(typ byte, _ int, _ []byte, _ bool) error {
-		switch typ {
-		case 'Q', 'S', 'F': // each is answered by one ReadyForQuery
-			syncs++
-		case 'X':
-			terminated = true
-			ss.terminated.Store(true)
-			return errClientDone
+// toStore is the client-to-store direction's bookkeeping, shared by the
+// relay engines: which messages were seen, whether a batch may start, and
+// what a read error means for the session.
+type toStore struct {
+	ss         *session
+	syncs      int
+	terminated bool
+}
+
+func (d *toStore) visit(typ byte, _ int, _ []byte, _ bool) error {
+	switch typ {
+	case 'Q', 'S', 'F': // each is answered by one ReadyForQuery
+		d.syncs++
+	case 'X':
+		d.terminated = true
+		d.ss.terminated.Store(true)
+		return errClientDone
+	}
+	return nil
+}
+
+// before is called with a batch about to go to the store; it refuses with
+// errShutdown when the proxy is draining and the session is at a safe point.
+func (d *toStore) before() error {
+	if !d.ss.beginRequest(d.syncs) {
+		return errShutdown
+	}
+	d.syncs = 0
+	return nil
+}
+
+// after accounts for n bytes relayed.
+func (d *toStore) after(n int) {
+	d.ss.srv.metrics.Bytes(d.ss.upstream.store.name, metrics.ClientToStore, int64(n))
+}
+
+// readErr maps an error from reading the client to the session's end
+// reason; stop is false when reading should go on (an idle deadline that
+// found the session busy).
+func (d *toStore) readErr(fr *pgwire.Framer, err error) (reason error, stop bool) {
+	switch {
+	case d.terminated:
+		return nil, true
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		d.ss.mu.Lock()
+		idle := d.ss.idleLocked()
+		d.ss.mu.Unlock()
+		if idle {
+			return errIdleTimeout, true
 		}
+		fr.ClearErr()
+		return nil, false
+	case errors.Is(err, pgwire.ErrProtocol):
+		return pgwire.Fatal(pgwire.CodeProtocolViolation, "%s", strings.TrimPrefix(err.Error(), "protocol violation: ")).WithCause(err), true
+	}
+	return errClientGone, true
+}
+
+// toClient is the store-to-client direction's bookkeeping.
+type toClient struct {
+	ss     *session
+	zs     int
+	status byte
+	last   byte
+}
+
+func (d *toClient) visit(typ byte, _ int, body []byte, whole bool) error {
+	d.last = typ
+	if !whole {
 		return nil
 	}
-	store := ss.upstream.store.name
+	m, store := d.ss.srv.metrics, d.ss.upstream.store.name
+	switch typ {
+	case 'C':
+		m.Statement(store, metrics.CommandVerb(body), 1)
+	case 'E':
+		m.Error(d.ss.ctx, store, errorCode(body), metrics.OriginStore)
+	case 'Z':
+		if len(body) == 1 {
+			d.zs++
+			d.status = body[0]
+		}
+	}
+	return nil
+}
+
+// after accounts for n bytes relayed, received at now, and reports whether
+// the session must end now because the proxy is draining and the session
+// reached a safe point.
+func (d *toClient) after(n int, now time.Time) bool {
+	d.ss.srv.metrics.Bytes(d.ss.upstream.store.name, metrics.StoreToClient, int64(n))
+	if d.zs == 0 {
+		return false
+	}
+	drain := d.ss.endRequests(d.zs, d.status, now)
+	d.zs = 0
+	return drain
+}
+
+// readErr maps an error from reading the store to the session's end reason.
+func (d *toClient) readErr(err error) error {
+	if errors.Is(err, pgwire.ErrProtocol) {
+		return pgwire.Fatal(pgwire.CodeProtocolViolation, "invalid message from the %s store", d.ss.upstream.store.name).WithCause(err)
+	}
+	if d.last == 'E' {
+		return nil // the store said why it closed (e.g. FATAL 57P01); nothing to add
+	}
+	return errUpstreamLost
+}
+
+// clientToUpstream relays client messages to the store with blocking reads.
+// It returns nil after the client's Terminate, errClientGone when the client
+// disconnects, or a *pgwire.Error to send to the client.
+func (ss *session) clientToUpstream(fr *pgwire.Framer) error {
+	d := &toStore{ss: ss}
 	for {
-		out, err := fr.Next(visit)
+		out, err := fr.Next(d.visit)
 		if len(out) > 0 {
-			if !ss.beginRequest(syncs) {
-				return errShutdown
+			if e := d.before(); e != nil {
+				return e
 			}
-			syncs = 0
 			if _, werr := ss.upstream.conn.Write(out); werr != nil {
 				return errUpstreamLost
 			}
-			ss.srv.metrics.Bytes(store, metrics.ClientToStore, int64(len(out)))
+			d.after(len(out))
 		}
-		if err == nil {
-			continue
-		}
-		if terminated {
-			return nil
-		}
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			ss.mu.Lock()
-			idle := ss.idleLocked()
-			ss.mu.Unlock()
-			if idle {
-				return errIdleTimeout
+		if err != nil {
+			if reason, stop := d.readErr(fr, err); stop {
+				return reason
 			}
-			fr.ClearErr()
-			continue
 		}
-		if errors.Is(err, pgwire.ErrProtocol) {
-			return pgwire.Fatal(pgwire.CodeProtocolViolation, "%s", strings.TrimPrefix(err.Error(), "protocol violation: ")).WithCause(err)
-		}
-		if !fr.InMessage() && (errors.Is(err, io.EOF)) {
-			// Let the store end its backend cleanly, as the client would have.
-			_, _ = ss.upstream.conn.Write([]byte{'X', 0, 0, 0, 4})
-		}
-		return errClientGone
 	}
 }
 
@@ -571,57 +662,24 @@ func (ss *session) endRequests(n int, status byte, now time.Time) bool {
 	return idle && ss.srv.drainFlag.Load()
 }
 
-// upstreamToClient relays store messages to the client, watching
-// CommandComplete, ErrorResponse and ReadyForQuery on the way.
+// upstreamToClient relays store messages to the client with blocking
+// reads, watching CommandComplete, ErrorResponse and ReadyForQuery.
 func (ss *session) upstreamToClient(fr *pgwire.Framer) error {
-	var zs int
-	var status, last byte
-	store := ss.upstream.store.name
-	m := ss.srv.metrics
-	visit := func(typ byte, _ int, body []byte, whole bool) error {
-		last = typ
-		if !whole {
-			return nil
-		}
-		switch typ {
-		case 'C':
-			m.Statement(store, metrics.CommandVerb(body), 1)
-		case 'E':
-			m.Error(ss.ctx, store, errorCode(body), metrics.OriginStore)
-		case 'Z':
-			if len(body) == 1 {
-				zs++
-				status = body[0]
-			}
-		}
-		return nil
-	}
+	d := &toClient{ss: ss}
 	for {
-		out, err := fr.Next(visit)
+		out, err := fr.Next(d.visit)
 		if len(out) > 0 {
 			now := time.Now()
 			if _, werr := ss.client.Write(out); werr != nil {
 				return errClientGone
 			}
-			m.Bytes(store, metrics.StoreToClient, int64(len(out)))
-			if zs > 0 {
-				drain := ss.endRequests(zs, status, now)
-				zs = 0
-				if drain {
-					return errShutdown
-				}
+			if d.after(len(out), now) {
+				return errShutdown
 			}
 		}
-		if err == nil {
-			continue
+		if err != nil {
+			return d.readErr(err)
 		}
-		if errors.Is(err, pgwire.ErrProtocol) {
-			return pgwire.Fatal(pgwire.CodeProtocolViolation, "invalid message from the %s store", store).WithCause(err)
-		}
-		if last == 'E' {
-			return nil // the store said why it closed (e.g. FATAL 57P01); nothing to add
-		}
-		return errUpstreamLost
 	}
 }
 
