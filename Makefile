@@ -21,6 +21,7 @@ demo: deps
 test: deps
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m ./...
+	TANDEM_TEST_RELAY=goroutines $(GO) test -race -count=1 -timeout 10m ./proxy
 	$(MAKE) --no-print-directory fuzz
 
 unit:

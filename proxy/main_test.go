@@ -78,6 +78,9 @@ func startProxy(t testing.TB, c *pgtest.Cluster, db string, mutate ...func(*conf
 	cfg.Listen = "127.0.0.1:0"
 	cfg.Admin = "127.0.0.1:0"
 	cfg.Old.DSN = c.DSN(db)
+	if engine := os.Getenv("TANDEM_TEST_RELAY"); engine != "" {
+		cfg.Relay.Engine = engine // run the whole suite on another relay engine
+	}
 	for _, m := range mutate {
 		m(&cfg)
 	}

@@ -62,6 +62,11 @@ type Server struct {
 	draining  bool
 	closed    bool
 	wg        sync.WaitGroup // every connection-handling goroutine
+
+	loops     []*evloop // the epoll relay engine's loops; nil with the goroutine engine
+	loopsOnce sync.Once
+	nextLoop  atomic.Uint32
+	looped    atomic.Int64 // sessions relayed by a loop, for tests and metrics
 }
 
 type cancelKey struct {
@@ -95,6 +100,11 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 			return nil, fmt.Errorf("tls: %w", err)
 		}
 		s.tls = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	if cfg.Relay.Engine == config.RelayEpoll {
+		if err := s.startLoops(); err != nil {
+			return nil, fmt.Errorf("relay.engine epoll: %w", err)
+		}
 	}
 	if cfg.Auth.Method == "scram-sha-256" {
 		if s.users, err = LoadUserlist(cfg.Auth.Userlist); err != nil {
@@ -212,6 +222,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	defer timer.Stop()
 	select {
 	case <-done:
+		s.stopLoops()
 		s.stopCtx()
 		return nil
 	case <-timer.C:
@@ -228,6 +239,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		ss.kill(errShutdown)
 	}
 	<-done
+	s.stopLoops()
 	s.stopCtx()
 	return nil
 }
@@ -245,6 +257,7 @@ func (s *Server) Close() error {
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
+	s.stopLoops()
 	s.stopCtx()
 	return nil
 }

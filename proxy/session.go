@@ -147,7 +147,7 @@ func (s *Server) handle(conn net.Conn) {
 	defer s.metrics.SessionClosed(ss.ctx)
 	ss.log.Debug("session started", "client", conn.RemoteAddr().String(), "tls", ss.tlsOn,
 		"application_name", params["application_name"], "upstream_pid", ss.upstream.pid)
-	ss.relay()
+	ss.relayWithEngine()
 	ss.log.Debug("session ended")
 }
 
@@ -669,11 +669,13 @@ func (ss *session) upstreamToClient(fr *pgwire.Framer) error {
 	for {
 		out, err := fr.Next(d.visit)
 		if len(out) > 0 {
-			now := time.Now()
+			// Account before writing, so a client that reads the reply sees
+			// its request in the metrics; act on a drain after writing.
+			drain := d.after(len(out), time.Now())
 			if _, werr := ss.client.Write(out); werr != nil {
 				return errClientGone
 			}
-			if d.after(len(out), now) {
+			if drain {
 				return errShutdown
 			}
 		}

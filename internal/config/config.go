@@ -36,6 +36,7 @@ type Config struct {
 	Auth   Auth   `yaml:"auth"`   // how clients authenticate to tandem
 	TLS    TLS    `yaml:"tls"`    // client-facing TLS
 	Limits Limits `yaml:"limits"` // resource limits and timeouts
+	Relay  Relay  `yaml:"relay"`  // how bytes are relayed
 	Log    Log    `yaml:"log"`    // log output
 
 	// src records where Load found each value, for error positions. It is nil for a Config not built by Load.
@@ -92,6 +93,17 @@ type Limits struct {
 	DrainTimeout       Duration `yaml:"drain_timeout"`        // on SIGTERM, how long open transactions may finish; default 30s
 }
 
+// Relay engines accepted in Relay.Engine.
+const (
+	RelayGoroutines = "goroutines" // two goroutines per session, blocking reads through the Go runtime
+	RelayEpoll      = "epoll"      // plaintext sessions on epoll loops that own their sockets (Linux)
+)
+
+// Relay chooses how sessions' bytes are moved once they are authenticated.
+type Relay struct {
+	Engine string `yaml:"engine"` // RelayEpoll (default) or RelayGoroutines
+}
+
 // Log formats and levels accepted in Log.
 const (
 	LogText  = "text"
@@ -121,7 +133,8 @@ func Default() Config {
 			IdleSessionTimeout: 0,
 			DrainTimeout:       Duration(30e9),
 		},
-		Log: Log{Format: LogText, Level: LogInfo},
+		Relay: Relay{Engine: RelayEpoll},
+		Log:   Log{Format: LogText, Level: LogInfo},
 	}
 }
 
@@ -217,6 +230,9 @@ func options() []option {
 		{path: "limits.drain_timeout", flag: "drain-timeout",
 			usage: "on SIGTERM, how long open transactions may run to completion before their sessions are closed, e.g. 30s; 0 = do not wait",
 			field: func(c *Config) any { return &c.Limits.DrainTimeout }},
+		{path: "relay.engine", flag: "relay-engine",
+			usage: `how authenticated sessions are relayed: "epoll" (plaintext sessions on event loops that own their sockets: about half the CPU per transaction; TLS sessions and non-Linux systems use goroutines) or "goroutines" (two per session, through the Go runtime)`,
+			field: func(c *Config) any { return &c.Relay.Engine }},
 		{path: "log.format", flag: "log-format",
 			usage: `log output format: "text" or "json"`,
 			field: func(c *Config) any { return &c.Log.Format }},

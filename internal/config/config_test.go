@@ -101,7 +101,8 @@ func TestDefault(t *testing.T) {
 			IdleSessionTimeout: 0,
 			DrainTimeout:       Duration(30 * time.Second),
 		},
-		Log: Log{Format: "text", Level: "info"},
+		Relay: Relay{Engine: "epoll"},
+		Log:   Log{Format: "text", Level: "info"},
 	}
 	if d != want {
 		t.Errorf("Default() = %+v, want %+v", d, want)
@@ -292,7 +293,8 @@ func TestLoadGoodFile(t *testing.T) {
 			IdleSessionTimeout: Duration(15 * time.Minute),
 			DrainTimeout:       Duration(90 * time.Second),
 		},
-		Log: Log{Format: "json", Level: "debug"},
+		Relay: Relay{Engine: "epoll"},
+		Log:   Log{Format: "json", Level: "debug"},
 	}
 	cfg.src = nil
 	if *cfg != want {
@@ -337,7 +339,7 @@ func TestLoadFileErrors(t *testing.T) {
 		{"unknown top-level key", "listn: x\n",
 			[]string{`t.yaml:1:1: unknown field "listn" (did you mean "listen"?)`}},
 		{"unknown section", "metrics:\n  port: 1\n",
-			[]string{`t.yaml:1:1: unknown field "metrics" (valid: listen, admin, old, new, auth, tls, limits, log)`}},
+			[]string{`t.yaml:1:1: unknown field "metrics" (valid: listen, admin, old, new, auth, tls, limits, relay, log)`}},
 		{"wrong type int", "limits:\n  max_client_sessions: lots\n",
 			[]string{`t.yaml:2:3: limits.max_client_sessions: must be a whole number, not "lots"`}},
 		{"wrong type bool", "tls:\n  require: maybe\n",
@@ -457,6 +459,7 @@ func TestEnv(t *testing.T) {
 		"TANDEM_LIMITS_CONNECT_TIMEOUT":      "1s",
 		"TANDEM_LIMITS_IDLE_SESSION_TIMEOUT": "1h",
 		"TANDEM_LIMITS_DRAIN_TIMEOUT":        "2s",
+		"TANDEM_RELAY_ENGINE":                "goroutines",
 		"TANDEM_LOG_FORMAT":                  "json",
 		"TANDEM_LOG_LEVEL":                   "debug",
 	}
@@ -472,7 +475,8 @@ func TestEnv(t *testing.T) {
 		TLS:  TLS{Cert: "/c.pem", Key: "/k.pem", Require: true},
 		Limits: Limits{MaxClientSessions: 3, MaxMessageBytes: 16 * KiB, ConnectTimeout: Duration(time.Second),
 			IdleSessionTimeout: Duration(time.Hour), DrainTimeout: Duration(2 * time.Second)},
-		Log: Log{Format: "json", Level: "debug"},
+		Relay: Relay{Engine: "goroutines"},
+		Log:   Log{Format: "json", Level: "debug"},
 	}
 	cfg.src = nil
 	if *cfg != want {

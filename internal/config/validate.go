@@ -132,6 +132,9 @@ func (c *Config) problems() Problems {
 		v.add("limits.drain_timeout", "must not be negative (0 means do not wait)")
 	}
 
+	if !slices.Contains([]string{RelayGoroutines, RelayEpoll}, c.Relay.Engine) {
+		v.add("relay.engine", fmt.Sprintf("must be %q or %q, not %q", RelayGoroutines, RelayEpoll, c.Relay.Engine))
+	}
 	if !slices.Contains([]string{LogText, LogJSON}, c.Log.Format) {
 		v.add("log.format", fmt.Sprintf("must be %q or %q, not %q", LogText, LogJSON, c.Log.Format))
 	}

@@ -1,0 +1,13 @@
+//go:build !linux
+
+package proxy
+
+// The epoll relay engine is Linux-only. Elsewhere no loops start, and every
+// session is relayed by goroutines whatever relay.engine says.
+type evloop struct{}
+
+func (s *Server) startLoops() error { return nil }
+
+func (s *Server) stopLoops() {}
+
+func (ss *session) relayWithEngine() { ss.relay() }
