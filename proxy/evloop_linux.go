@@ -155,6 +155,17 @@ func (l *evloop) run() {
 			if ev.Events&syscall.EPOLLOUT != 0 && len(f.pending) > 0 {
 				l.flush(f)
 			}
+			if !f.ls.ended && ev.Events&(syscall.EPOLLHUP|syscall.EPOLLERR) != 0 && len(f.ls.other(f).pending) > 0 {
+				// f is gone while its peer still holds bytes from it: nothing
+				// more can move, and a hang-up cannot be masked, so end now
+				// rather than spin on it.
+				if f == f.ls.client {
+					l.end(f.ls, errClientGone)
+				} else {
+					l.end(f.ls, errUpstreamLost)
+				}
+				continue
+			}
 			if !f.ls.ended && ev.Events&(syscall.EPOLLIN|syscall.EPOLLHUP|syscall.EPOLLERR|syscall.EPOLLRDHUP) != 0 {
 				l.pump(f)
 			}
