@@ -503,6 +503,7 @@ func (ss *session) relayEpoll(l *evloop) bool {
 	l.mu.Unlock()
 	l.wake()
 	ss.srv.looped.Add(1)
+	ss.srv.metrics.Relayed(ss.ctx, "epoll")
 
 	var reason error
 	select {

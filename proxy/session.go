@@ -386,6 +386,7 @@ func (ss *session) drainIfIdle() {
 // killed. When it returns both relay goroutines have exited, the upstream is
 // closed, and the client has received the final error, if any.
 func (ss *session) relay() {
+	ss.srv.metrics.Relayed(ss.ctx, "goroutines")
 	clientFr := pgwire.NewFramer(idleReader{ss}, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), nil)
 	upFr := pgwire.NewFramer(ss.upstream.reader, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), serverWhole)
 	aDone := make(chan error, 1)

@@ -151,6 +151,7 @@ func TestAdminAndMetrics(t *testing.T) {
 		{"bytes to the store", labelled("tandem_bytes_total", `tandem_direction="client_to_store"`), 50},
 		{"bytes to the client", labelled("tandem_bytes_total", `tandem_direction="store_to_client"`), 50},
 		{"accepted connections", labelled("tandem_client_connections_total", `tandem_outcome="accepted"`), 1},
+		{"sessions on the epoll engine", labelled("tandem_relay_sessions_total", `tandem_relay_engine="epoll"`), 1},
 	}
 	for _, c := range checks {
 		if c.got < c.min {

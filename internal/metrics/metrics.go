@@ -27,6 +27,7 @@ const (
 	KeyDirection = attribute.Key("tandem.direction")
 	KeyOutcome   = attribute.Key("tandem.outcome")
 	KeyOrigin    = attribute.Key("tandem.error.origin")
+	KeyEngine    = attribute.Key("tandem.relay.engine")
 )
 
 // Statement kinds, the same words the router uses.
@@ -50,6 +51,7 @@ type Proxy struct {
 	connections metric.Int64Counter
 	duration    metric.Float64Histogram
 	errors      metric.Int64Counter
+	relayed     metric.Int64Counter
 
 	counts [numStores]storeCounts
 
@@ -99,6 +101,11 @@ func NewProxy(meter metric.Meter) (*Proxy, error) {
 	if p.connections, err = meter.Int64Counter("tandem.client.connections",
 		metric.WithDescription("Client connections by outcome: accepted, too_many, auth_failed, protocol_error, upstream_failed, tls_required, cancel."),
 		metric.WithUnit("{connection}")); err != nil {
+		return nil, err
+	}
+	if p.relayed, err = meter.Int64Counter("tandem.relay.sessions",
+		metric.WithDescription("Client sessions by the relay engine that carried them: epoll, or goroutines (TLS sessions, and relay.engine=goroutines)."),
+		metric.WithUnit("{session}")); err != nil {
 		return nil, err
 	}
 	statements, err := meter.Int64ObservableCounter("tandem.statements",
@@ -166,6 +173,13 @@ func (p *Proxy) SessionOpened(ctx context.Context) {
 func (p *Proxy) SessionClosed(ctx context.Context) {
 	if p != nil {
 		p.sessions.Add(ctx, -1)
+	}
+}
+
+// Relayed counts one session carried by engine.
+func (p *Proxy) Relayed(ctx context.Context, engine string) {
+	if p != nil {
+		p.relayed.Add(ctx, 1, metric.WithAttributes(KeyEngine.String(engine)))
 	}
 }
 
