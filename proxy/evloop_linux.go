@@ -48,9 +48,10 @@ type evloop struct {
 	stopped chan struct{}
 
 	// Owned by the loop goroutine.
-	fds      map[int32]*loopFD
-	sessions map[*loopSession]struct{}
-	lastIdle time.Time
+	fds         map[int32]*loopFD
+	sessions    map[*loopSession]struct{}
+	lastIdle    time.Time
+	idleTimeout time.Duration // limits.idle_session_timeout; 0 = off
 }
 
 type loopEnd struct {
@@ -103,7 +104,8 @@ func newEvloop(srv *Server) (*evloop, error) {
 		return nil, err
 	}
 	l := &evloop{srv: srv, epfd: epfd, evfd: evfd, stopped: make(chan struct{}),
-		fds: map[int32]*loopFD{}, sessions: map[*loopSession]struct{}{}}
+		fds: map[int32]*loopFD{}, sessions: map[*loopSession]struct{}{},
+		idleTimeout: srv.cfg.Limits.IdleSessionTimeout.Duration()}
 	go l.run()
 	return l, nil
 }
@@ -218,7 +220,7 @@ func (l *evloop) queues() bool {
 // idleCheck ends sessions idle outside a transaction for longer than the
 // idle-session timeout.
 func (l *evloop) idleCheck() {
-	timeout := l.srv.cfg.Limits.IdleSessionTimeout.Duration()
+	timeout := l.idleTimeout
 	if timeout <= 0 {
 		return
 	}
@@ -255,9 +257,10 @@ func (l *evloop) pump(src *loopFD) {
 			out, err = src.fr.Next(ls.toClient.visit)
 		}
 		if len(out) > 0 {
-			now := time.Now()
 			if fromClient {
-				ls.lastClient = now
+				if l.idleTimeout > 0 {
+					ls.lastClient = time.Now()
+				}
 				if e := ls.toStore.before(); e != nil {
 					l.end(ls, e)
 					return
@@ -267,7 +270,7 @@ func (l *evloop) pump(src *loopFD) {
 			// its request in the metrics; act on a drain after writing.
 			if fromClient {
 				ls.toStore.after(len(out))
-			} else if ls.toClient.after(len(out), now) {
+			} else if ls.toClient.after(len(out)) {
 				ls.drainAfter = true
 			}
 			w, werr := rawWrite(dst.fd, out)

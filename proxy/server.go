@@ -49,18 +49,17 @@ type Server struct {
 	tls     *tls.Config
 	users   *Userlist // nil for trust
 	old     *store
+	new     *store // nil when no new store is configured
 
-	open      atomic.Int64 // client sessions counted against the limit
-	drainFlag atomic.Bool  // set once Shutdown or Close has begun
-	baseCtx   context.Context
-	stopCtx   context.CancelFunc
+	open     atomic.Int64 // client sessions counted against the limit
+	stopping atomic.Bool  // set (under mu) once Shutdown or Close has begun
+	baseCtx  context.Context
+	stopCtx  context.CancelFunc
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	sessions  map[*session]struct{}
 	cancels   map[cancelKey]*session
-	draining  bool
-	closed    bool
 	wg        sync.WaitGroup // every connection-handling goroutine
 
 	loops     []*evloop // the epoll relay engine's loops; nil with the goroutine engine
@@ -93,6 +92,11 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 	var err error
 	if s.old, err = newStore("old", cfg.Old, cfg.Limits.ConnectTimeout.Duration()); err != nil {
 		return nil, err
+	}
+	if cfg.New.DSN != "" {
+		if s.new, err = newStore("new", cfg.New, cfg.Limits.ConnectTimeout.Duration()); err != nil {
+			return nil, err
+		}
 	}
 	if cfg.TLS.Cert != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
@@ -131,7 +135,7 @@ func (s *Server) ListenAndServe() error {
 // the session that owns them.
 func (s *Server) Serve(ln net.Listener) error {
 	s.mu.Lock()
-	if s.closed || s.draining {
+	if s.stopping.Load() {
 		s.mu.Unlock()
 		ln.Close()
 		return ErrServerClosed
@@ -149,7 +153,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
-			if s.shuttingDown() {
+			if s.stopping.Load() {
 				return ErrServerClosed
 			}
 			var ne net.Error
@@ -163,7 +167,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		}
 		backoff = 0
 		s.mu.Lock()
-		if s.closed || s.draining {
+		if s.stopping.Load() {
 			s.mu.Unlock()
 			s.refuse(conn, pgwire.Fatal(pgwire.CodeCannotConnectNow, "the proxy is shutting down"))
 			continue
@@ -175,12 +179,6 @@ func (s *Server) Serve(ln net.Listener) error {
 			s.handle(conn)
 		}()
 	}
-}
-
-func (s *Server) shuttingDown() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.closed || s.draining
 }
 
 // refuse answers a connection that will not be served and closes it, on the
@@ -201,8 +199,7 @@ func (s *Server) refuse(conn net.Conn, e *pgwire.Error) {
 // Shutdown returns when every session has ended.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
-	s.draining = true
-	s.drainFlag.Store(true)
+	s.stopping.Store(true)
 	for ln := range s.listeners {
 		ln.Close()
 	}
@@ -247,8 +244,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // Close closes the listeners and every session at once, with 57P01.
 func (s *Server) Close() error {
 	s.mu.Lock()
-	s.closed = true
-	s.drainFlag.Store(true)
+	s.stopping.Store(true)
 	for ln := range s.listeners {
 		ln.Close()
 	}
@@ -277,7 +273,7 @@ func (s *Server) Sessions() int {
 func (s *Server) register(ss *session) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed || s.draining {
+	if s.stopping.Load() {
 		return false
 	}
 	for {
@@ -315,4 +311,23 @@ func (s *Server) cancel(ctx context.Context, req *pgproto3.CancelRequest) {
 	if err := ss.upstream.cancel(ctx); err != nil {
 		s.log.Warn("forwarding cancel request failed", "session", ss.key.pid, "store", ss.upstream.store.name, "error", err)
 	}
+}
+
+// Ping opens a session on the named store ("old" or "new") the way client
+// sessions do (same DSN, TLS and credentials), and ends it. It is the
+// readiness probe: its error names the store and never holds a password.
+func (s *Server) Ping(ctx context.Context, name string) error {
+	st := s.old
+	if name == "new" {
+		st = s.new
+	}
+	if st == nil {
+		return fmt.Errorf("no %s store is configured", name)
+	}
+	up, err := st.connect(ctx, "", "", nil)
+	if err != nil {
+		return fmt.Errorf("%s store: %w", name, err)
+	}
+	_, _ = up.conn.Write([]byte{'X', 0, 0, 0, 4})
+	return up.conn.Close()
 }

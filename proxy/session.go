@@ -577,15 +577,15 @@ func (d *toClient) visit(typ byte, _ int, body []byte, whole bool) error {
 	return nil
 }
 
-// after accounts for n bytes relayed, received at now, and reports whether
-// the session must end now because the proxy is draining and the session
-// reached a safe point.
-func (d *toClient) after(n int, now time.Time) bool {
+// after accounts for n bytes relayed and reports whether the session must
+// end now because the proxy is draining and the session reached a safe
+// point. It reads the clock only when a ReadyForQuery ended a request.
+func (d *toClient) after(n int) bool {
 	d.ss.srv.metrics.Bytes(d.ss.upstream.store.name, metrics.StoreToClient, int64(n))
 	if d.zs == 0 {
 		return false
 	}
-	drain := d.ss.endRequests(d.zs, d.status, now)
+	drain := d.ss.endRequests(d.zs, d.status, time.Now())
 	d.zs = 0
 	return drain
 }
@@ -632,7 +632,7 @@ func (ss *session) beginRequest(syncs int) bool {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if ss.outstanding == 0 && !ss.inRequest {
-		if ss.txStatus == 'I' && ss.srv.drainFlag.Load() {
+		if ss.txStatus == 'I' && ss.srv.stopping.Load() {
 			return false
 		}
 		ss.inRequest = true
@@ -660,7 +660,7 @@ func (ss *session) endRequests(n int, status byte, now time.Time) bool {
 	if ended {
 		ss.srv.metrics.Latency(ss.ctx, ss.upstream.store.name, took)
 	}
-	return idle && ss.srv.drainFlag.Load()
+	return idle && ss.srv.stopping.Load()
 }
 
 // upstreamToClient relays store messages to the client with blocking
@@ -672,7 +672,7 @@ func (ss *session) upstreamToClient(fr *pgwire.Framer) error {
 		if len(out) > 0 {
 			// Account before writing, so a client that reads the reply sees
 			// its request in the metrics; act on a drain after writing.
-			drain := d.after(len(out), time.Now())
+			drain := d.after(len(out))
 			if _, werr := ss.client.Write(out); werr != nil {
 				return errClientGone
 			}

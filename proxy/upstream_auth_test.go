@@ -48,6 +48,16 @@ func TestUpstreamAuth(t *testing.T) {
 		cfg.Old.DSN = fmt.Sprintf("postgres://app:app%%20pw@127.0.0.1:%d/shop?sslmode=disable", c.Port())
 		cfg.Old.PasswordFile = passfile
 	})
+	// The readiness probe logs in exactly as sessions do.
+	if err := p.srv.Ping(ctx, "old"); err != nil {
+		t.Fatalf("Ping with the DSN's password: %v", err)
+	}
+	wrong := startProxy(t, c, "shop", func(cfg *config.Config) {
+		cfg.Old.DSN = fmt.Sprintf("postgres://app:Wrong-Pw@127.0.0.1:%d/shop?sslmode=disable", c.Port())
+	})
+	if err := wrong.srv.Ping(ctx, "old"); err == nil || !strings.Contains(err.Error(), "28P01") || strings.Contains(err.Error(), "Wrong-Pw") {
+		t.Fatalf("Ping with a wrong password: %v, want the store's 28P01 without the password", err)
+	}
 	for _, user := range []string{"app", "reporter", "legacy"} {
 		conn, err := pgconn.Connect(ctx, strings.Replace(p.dsn("shop"), "postgres@", user+"@", 1))
 		if err != nil {

@@ -82,9 +82,12 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	checks := []admin.Check{admin.StoreCheck("old", cfg.Old)}
+	ping := func(name string) admin.Check {
+		return admin.Check{Name: name, Run: func(ctx context.Context) error { return srv.Ping(ctx, name) }}
+	}
+	checks := []admin.Check{ping("old")}
 	if cfg.New.DSN != "" {
-		checks = append(checks, admin.StoreCheck("new", cfg.New))
+		checks = append(checks, ping("new"))
 	}
 	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log}), log)
 	if err != nil {

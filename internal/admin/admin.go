@@ -13,10 +13,6 @@ import (
 	"net/http/pprof"
 	"sync"
 	"time"
-
-	"github.com/jackc/pgpassfile"
-	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/tandemdb/tandem/internal/config"
 )
 
 // Check is one readiness probe.
@@ -87,31 +83,6 @@ func NewHandler(opts Options) http.Handler {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
-}
-
-// StoreCheck probes that a store accepts a session with the configured
-// credentials. The error never contains the password.
-func StoreCheck(name string, sc config.Store) Check {
-	return Check{Name: name, Run: func(ctx context.Context) error {
-		cfg, err := pgconn.ParseConfig(sc.DSN)
-		if err != nil {
-			return fmt.Errorf("%s.dsn does not parse", name)
-		}
-		if cfg.Password == "" && sc.PasswordFile != "" {
-			if pf, err := pgpassfile.ReadPassfile(sc.PasswordFile); err == nil {
-				cfg.Password = pf.FindPassword(cfg.Host, fmt.Sprint(cfg.Port), cfg.Database, cfg.User)
-			}
-		}
-		conn, err := pgconn.ConnectConfig(ctx, cfg)
-		if err != nil {
-			var pgErr *pgconn.PgError
-			if errors.As(err, &pgErr) {
-				return fmt.Errorf("%s store refused the session: %s (SQLSTATE %s)", name, pgErr.Message, pgErr.Code)
-			}
-			return fmt.Errorf("%s store unreachable at %s:%d", name, cfg.Host, cfg.Port)
-		}
-		return conn.Close(ctx)
-	}}
 }
 
 // Server is the admin HTTP server.
