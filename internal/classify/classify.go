@@ -60,6 +60,9 @@ type Classifier struct {
 
 	mu       sync.RWMutex
 	cur, old map[string]*Result
+
+	plans  textCache[*TextPlan]  // Plan's cache, same discipline as cur/old
+	shapes textCache[*shapePlan] // plans by shape (constants elided), to plan new texts of a known shape
 }
 
 // New returns a classifier that caches about limit texts (minimum 16).
@@ -109,6 +112,14 @@ func (c *Classifier) Len() int {
 }
 
 func (c *Classifier) classify(sql string) *Result {
+	// pg_query's C parser can crash the process on pathologically nested
+	// input: refuse it before parsing, as Plan does.
+	if strings.IndexByte(sql, 0) >= 0 {
+		return &Result{Kind: Unknown, Err: errNUL}
+	}
+	if sc, err := pg_query.Scan(sql); err == nil && tooDeep(sc.Tokens) {
+		return &Result{Kind: Unknown, Err: errTooDeep}
+	}
 	sum, err := pg_query.Summary(sql, -1)
 	if err != nil {
 		return &Result{Kind: Unknown, Err: err}

@@ -26,6 +26,7 @@ const (
 	CodeInternalError         = "XX000"
 	CodeQueryCanceled         = "57014"
 	CodeInvalidParameterValue = "22023"
+	CodeTransactionRollback   = "40000"
 )
 
 // Error is an error that Tandem reports to a client as an ErrorResponse. It

@@ -137,3 +137,12 @@ func (f *Framer) ReadErr() error { return f.err }
 // ClearErr forgets a sticky read error, so that a caller that decided a
 // timeout was harmless can go on reading.
 func (f *Framer) ClearErr() { f.err = nil }
+
+// Rest returns the bytes read but not yet returned by Next, and with
+// before, the n bytes Next returned last (which precede them in the buffer),
+// as one new slice. A relay that stops forwarding hands them to whoever
+// reads the stream next.
+func (f *Framer) Rest(before int) []byte {
+	from := max(f.start-before, 0)
+	return append([]byte(nil), f.buf[from:f.end]...)
+}
