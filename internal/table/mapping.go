@@ -1,0 +1,552 @@
+package table
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/tandemdb/tandem/internal/config"
+)
+
+// Mapping says how one old table becomes one new table (design section 6):
+// a new name, renamed and dropped columns, computed new columns (SQL over
+// the old row) and reverse expressions (SQL over the new row, for mirroring
+// new -> old after the write flip). It produces the SQL of every path that
+// moves rows between the stores, so the mirror, the backfill, verify and
+// repair transform a row in exactly the same way; the expressions are
+// evaluated by the server, never in Go.
+//
+// A Mapping is immutable once built and safe for concurrent use.
+type Mapping struct {
+	Old, New *Meta
+	decl     config.TableMap
+	identity bool
+
+	fwd direction // old -> new
+	rev direction // new -> old
+
+	reverseMissing []string
+}
+
+// direction is how rows of one side (from) become rows of the other (to).
+type direction struct {
+	from, to *Meta
+	targets  []target // one per column of to that can be derived, in to's column order
+	// exprRefs are the columns of from that some expression reads: they
+	// keep from's own type in the generated SQL.
+	exprRefs map[string]bool
+}
+
+// target is how one column of the destination is derived.
+type target struct {
+	col  int      // index in to.Columns
+	src  string   // the source column (pass-through), or "" for an expression
+	expr string   // SQL over the source row's columns, when src is ""
+	refs []string // the columns expr reads
+}
+
+// MappingError is a static problem with a mapping: it names the table (by
+// its old name), the side ("old" or "new") and the column concerned.
+type MappingError struct {
+	Table  Name   // the old table
+	Side   string // "old", "new" or "" when about the whole mapping
+	Column string // "" when about the table
+	Msg    string
+}
+
+func (e *MappingError) Error() string {
+	var b strings.Builder
+	b.WriteString("mapping " + e.Table.String())
+	if e.Column != "" {
+		b.WriteString(": " + e.Side + " column " + strconv.Quote(e.Column))
+	}
+	b.WriteString(": " + e.Msg)
+	return b.String()
+}
+
+// NewMapping checks decl against the two tables' metadata and builds the
+// mapping; a zero decl maps old to a table of the same shape (identity).
+// Every old column must go somewhere: to the new column of the same name,
+// through a rename, into a computed column's expression, or be dropped.
+// Every new key column must be derivable from the old row. An old column
+// without a way back (neither a rename or same-named column nor a reverse
+// expression) is not an error: it is listed by ReverseMissing and blocks
+// only the write flip. Errors are *MappingError values.
+func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
+	m := &Mapping{Old: old, New: new, decl: decl}
+	m.fwd = direction{from: old, to: new, exprRefs: map[string]bool{}}
+	m.rev = direction{from: new, to: old, exprRefs: map[string]bool{}}
+	fail := func(side, col, format string, args ...any) error {
+		return &MappingError{Table: old.Name, Side: side, Column: col, Msg: fmt.Sprintf(format, args...)}
+	}
+
+	// Every declared column exists on its side.
+	check := func(side string, meta *Meta, cols []string, what string) error {
+		for _, c := range cols {
+			if _, ok := meta.Column(c); !ok {
+				return fail(side, c, "%s names a column that %s does not have%s", what, meta.Name, suggest(c, meta))
+			}
+		}
+		return nil
+	}
+	renameTo := make(map[string]string, len(decl.Rename)) // new -> old
+	for o, n := range decl.Rename {
+		renameTo[n] = o
+	}
+	for _, c := range []struct {
+		side string
+		meta *Meta
+		cols []string
+		what string
+	}{
+		{"old", old, slices.Sorted(maps.Keys(decl.Rename)), "rename"},
+		{"new", new, slices.Sorted(maps.Keys(renameTo)), "rename"},
+		{"old", old, decl.Drop, "drop"},
+		{"new", new, slices.Sorted(maps.Keys(decl.Compute)), "compute"},
+		{"old", old, slices.Sorted(maps.Keys(decl.Reverse)), "reverse"},
+	} {
+		if err := check(c.side, c.meta, c.cols, c.what); err != nil {
+			return nil, err
+		}
+	}
+	dropped := func(c string) bool { return slices.Contains(decl.Drop, c) }
+
+	// Forward: each new column from a computed expression, a renamed old
+	// column, or the old column of the same name.
+	consumed := map[string]bool{}
+	for j, c := range new.Columns {
+		if expr, ok := decl.Compute[c.Name]; ok {
+			if c.Generated {
+				return nil, fail("new", c.Name, "is a generated column and cannot be computed by the mapping")
+			}
+			refs, err := exprColumns(expr)
+			if err != nil {
+				return nil, fail("new", c.Name, "compute: %v", err)
+			}
+			for _, r := range refs {
+				if _, ok := old.Column(r); !ok {
+					return nil, fail("old", r, "is read by the expression computing %q but %s has no such column%s", c.Name, old.Name, suggest(r, old))
+				}
+				m.fwd.exprRefs[r] = true
+				consumed[r] = true
+			}
+			m.fwd.targets = append(m.fwd.targets, target{col: j, expr: expr, refs: refs})
+			continue
+		}
+		src, ok := renameTo[c.Name]
+		if !ok {
+			if _, has := old.Column(c.Name); has && decl.Rename[c.Name] == "" && !dropped(c.Name) {
+				src = c.Name
+			}
+		}
+		if src == "" {
+			continue // not derived: a new column with a default, or NULL
+		}
+		if c.Generated {
+			if ok {
+				return nil, fail("new", c.Name, "is a generated column and cannot receive the renamed old column %q", src)
+			}
+			consumed[src] = true // the new store computes it
+			continue
+		}
+		m.fwd.targets = append(m.fwd.targets, target{col: j, src: src})
+		consumed[src] = true
+	}
+	for _, c := range old.Columns {
+		if !c.Generated && !consumed[c.Name] && !dropped(c.Name) {
+			return nil, fail("old", c.Name, "has no place in %s: rename it, drop it, or compute a new column from it%s", new.Name, suggest(c.Name, new))
+		}
+	}
+	for _, k := range new.KeyNames() {
+		if m.fwd.target(k) == nil {
+			return nil, fail("new", k, "is in the primary key of %s but is not derived from %s: rename an old column to it or compute it", new.Name, old.Name)
+		}
+	}
+
+	// Reverse: each old column from a reverse expression, the new column it
+	// was renamed to, or the same-named new column it passes through to.
+	for i, c := range old.Columns {
+		if c.Generated {
+			continue
+		}
+		if expr, ok := decl.Reverse[c.Name]; ok {
+			refs, err := exprColumns(expr)
+			if err != nil {
+				return nil, fail("old", c.Name, "reverse: %v", err)
+			}
+			for _, r := range refs {
+				if _, ok := new.Column(r); !ok {
+					return nil, fail("new", r, "is read by the reverse expression of %q but %s has no such column%s", c.Name, new.Name, suggest(r, new))
+				}
+				m.rev.exprRefs[r] = true
+			}
+			m.rev.targets = append(m.rev.targets, target{col: i, expr: expr, refs: refs})
+			continue
+		}
+		if t := m.fwd.passFrom(c.Name); t != nil {
+			m.rev.targets = append(m.rev.targets, target{col: i, src: new.Columns[t.col].Name})
+			continue
+		}
+		if !dropped(c.Name) || slices.Contains(old.Key, i) {
+			m.reverseMissing = append(m.reverseMissing, c.Name)
+		}
+	}
+	m.identity = decl.To == "" && len(decl.Rename) == 0 && len(decl.Drop) == 0 && len(decl.Compute) == 0 &&
+		len(decl.Reverse) == 0
+	return m, nil
+}
+
+// suggest returns ` (did you mean "x"?)` naming the column of meta nearest
+// to name, or "".
+func suggest(name string, meta *Meta) string {
+	best, bestDist := "", len(name)/3+2
+	for _, c := range meta.Columns {
+		if d := editDistance(strings.ToLower(name), strings.ToLower(c.Name)); d < bestDist {
+			best, bestDist = c.Name, d
+		}
+	}
+	if best == "" {
+		return ""
+	}
+	return fmt.Sprintf(" (did you mean %q?)", best)
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
+
+// Identity reports whether the mapping declares nothing: the new table has
+// the old one's name and columns match by name.
+func (m *Mapping) Identity() bool { return m.identity }
+
+// Decl returns the declaration the mapping was built from.
+func (m *Mapping) Decl() config.TableMap { return m.decl }
+
+// ReverseMissing lists the old columns (in column order) that cannot be
+// derived from a new row: neither renamed nor passed through, with no
+// reverse expression, and not declared dropped (a dropped old column gets
+// its default or NULL when a row comes back from new). An old key column is
+// listed even when dropped. A non-empty list blocks the write flip, since
+// after it writes are mirrored from new to old.
+func (m *Mapping) ReverseMissing() []string { return slices.Clone(m.reverseMissing) }
+
+// target returns the target that produces the to-column called name, or nil.
+func (d *direction) target(name string) *target {
+	for i := range d.targets {
+		if d.to.Columns[d.targets[i].col].Name == name {
+			return &d.targets[i]
+		}
+	}
+	return nil
+}
+
+// passFrom returns the pass-through target whose source is the from-column
+// called name, or nil.
+func (d *direction) passFrom(name string) *target {
+	for i := range d.targets {
+		if d.targets[i].src == name {
+			return &d.targets[i]
+		}
+	}
+	return nil
+}
+
+// srcType is the type a from-column is given in the generated SQL: its own
+// type when an expression reads it (so the expression means what it means
+// on from), else the type of the to-column it passes to (so a text value is
+// read exactly as a direct write to that column would read it), else text
+// (the value is not used).
+func (d *direction) srcType(name string) string {
+	i, ok := d.from.Column(name)
+	if ok && d.exprRefs[name] {
+		return d.from.Columns[i].ParamType
+	}
+	if t := d.passFrom(name); t != nil {
+		return d.to.Columns[t.col].ParamType
+	}
+	if ok {
+		return d.from.Columns[i].ParamType
+	}
+	return "text"
+}
+
+// value returns the SQL for target t over the source row alias src.
+func (t *target) value(alias string) string {
+	if t.src != "" {
+		return alias + "." + quoteIdent(t.src)
+	}
+	return "(" + t.expr + ")"
+}
+
+// available reports whether t can be computed from the columns cols.
+func (t *target) available(cols []string) bool {
+	if t.src != "" {
+		return slices.Contains(cols, t.src)
+	}
+	for _, r := range t.refs {
+		if !slices.Contains(cols, r) {
+			return false
+		}
+	}
+	return true
+}
+
+// source returns `(VALUES ($1::t1, ...), ...) AS src("c1", ...)` for rows
+// rows of the from-columns cols, with parameters numbered row-major.
+func (d *direction) source(cols []string, rows int) (string, error) {
+	if len(cols) == 0 {
+		return "", fmt.Errorf("%s: no columns", d.from.Name)
+	}
+	if rows < 1 {
+		return "", fmt.Errorf("%s: need at least one row, got %d", d.from.Name, rows)
+	}
+	if rows*len(cols) > maxParams {
+		return "", fmt.Errorf("%s: %d rows of %d columns exceed %d parameters", d.from.Name, rows, len(cols), maxParams)
+	}
+	seen := make(map[string]bool, len(cols))
+	types := make([]string, len(cols))
+	for j, c := range cols {
+		if seen[c] {
+			return "", fmt.Errorf("column %q of %s is listed twice", c, d.from.Name)
+		}
+		if _, ok := d.from.Column(c); !ok {
+			return "", fmt.Errorf("table %s has no column %q", d.from.Name, c)
+		}
+		seen[c] = true
+		types[j] = d.srcType(c)
+	}
+	var b strings.Builder
+	b.WriteString("(VALUES ")
+	n := 0
+	for r := range rows {
+		if r > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteByte('(')
+		for j := range cols {
+			if j > 0 {
+				b.WriteByte(',')
+			}
+			n++
+			writeParam(&b, n, types[j])
+		}
+		b.WriteByte(')')
+	}
+	b.WriteString(") AS src(" + identList(cols) + ")")
+	return b.String(), nil
+}
+
+// upsert returns INSERT INTO to (...) SELECT ... FROM <from> ON CONFLICT ...
+// for rows whose source carries the from-columns cols; from is a FROM item
+// aliased src.
+func (d *direction) upsert(from string, cols []string, conflict bool) (string, error) {
+	if conflict && !d.to.HasKey() {
+		return "", fmt.Errorf("upserting into %s: %w", d.to.Name, ErrNoKey)
+	}
+	var names, values []string
+	var idx []int
+	for i := range d.targets {
+		t := &d.targets[i]
+		name := d.to.Columns[t.col].Name
+		if !t.available(cols) {
+			if t.src == "" {
+				missing := ""
+				for _, r := range t.refs {
+					if !slices.Contains(cols, r) {
+						missing = r
+						break
+					}
+				}
+				return "", fmt.Errorf("writing %s: column %q is computed from %q of %s, which the rows lack: %w", d.to.Name, name, missing, d.from.Name, errNotDerivable)
+			}
+			if slices.Contains(d.to.Key, t.col) {
+				return "", fmt.Errorf("writing %s: key column %q comes from %q of %s, which the rows lack: %w", d.to.Name, name, t.src, d.from.Name, errNotDerivable)
+			}
+			continue // not carried: left as it is (or its default, on insert)
+		}
+		names = append(names, name)
+		values = append(values, t.value("src"))
+		idx = append(idx, t.col)
+	}
+	if len(names) == 0 {
+		return "", fmt.Errorf("writing %s: no column of it can be derived from the columns given", d.to.Name)
+	}
+	var b strings.Builder
+	b.WriteString("INSERT INTO " + d.to.Name.Quoted() + " (" + identList(names) + ")")
+	if overriding(d.to, idx) {
+		b.WriteString(" OVERRIDING SYSTEM VALUE")
+	}
+	b.WriteString(" SELECT " + strings.Join(values, ", ") + " FROM " + from)
+	if conflict {
+		b.WriteString(onConflict(d.to, idx))
+	}
+	return b.String(), nil
+}
+
+// keyValues returns the SQL values of to's key columns, each cast to the
+// column's type, over the source alias src; it fails when the columns cols
+// cannot produce them.
+func (d *direction) keyValues(cols []string) ([]string, error) {
+	if !d.to.HasKey() {
+		return nil, fmt.Errorf("deleting from %s by key: %w", d.to.Name, ErrNoKey)
+	}
+	var out []string
+	for _, k := range d.to.Key {
+		c := d.to.Columns[k]
+		t := d.target(c.Name)
+		if t == nil || !t.available(cols) {
+			return nil, fmt.Errorf("deleting from %s: key column %q cannot be derived from the columns given: %w", d.to.Name, c.Name, errNotDerivable)
+		}
+		out = append(out, t.value("src")+"::"+c.ParamType)
+	}
+	return out, nil
+}
+
+// delete returns DELETE FROM to WHERE (key) IN (SELECT <key values> FROM <from>).
+func (d *direction) delete(from string, cols []string) (string, error) {
+	keys, err := d.keyValues(cols)
+	if err != nil {
+		return "", err
+	}
+	lhs := quoteIdent(d.to.Columns[d.to.Key[0]].Name)
+	if len(keys) > 1 {
+		lhs = "(" + identList(d.to.KeyNames()) + ")"
+	}
+	return "DELETE FROM " + d.to.Name.Quoted() + " WHERE " + lhs + " IN (SELECT " + strings.Join(keys, ", ") + " FROM " + from + ")", nil
+}
+
+// ForwardUpsertSQL returns the statement that applies rows row images of
+// the old table to the new one idempotently:
+//
+//	INSERT INTO new (n1, ...) [OVERRIDING SYSTEM VALUE]
+//	SELECT src."o1", (expr), ... FROM (VALUES ($1::t1, ...), ...) AS src("o1", ...)
+//	ON CONFLICT (newkey) DO UPDATE SET n1 = EXCLUDED.n1, ...
+//
+// oldCols names the old columns each row carries (old names, in the order
+// of the parameters, row-major, as text). Every parameter appears in the
+// statement. A new column whose old source is not among oldCols is left
+// alone; a computed column whose inputs are not all there is an error, as
+// is a new key column that cannot be derived.
+func (m *Mapping) ForwardUpsertSQL(oldCols []string, rows int) (string, error) {
+	from, err := m.fwd.source(oldCols, rows)
+	if err != nil {
+		return "", fmt.Errorf("mapping %s: %w", m.Old.Name, err)
+	}
+	return m.fwd.upsert(from, oldCols, true)
+}
+
+// ForwardUpsertFromSQL is ForwardUpsertSQL for rows that come from a FROM
+// item rather than parameters: from must be aliased src and yield columns
+// named as the old table's (a staging table, json_to_recordset, ...).
+func (m *Mapping) ForwardUpsertFromSQL(from string, oldCols []string) (string, error) {
+	return m.fwd.upsert(from, oldCols, true)
+}
+
+// ForwardDeleteSQL returns the statement that deletes on the new table the
+// rows whose mapped key rows row images give:
+//
+//	DELETE FROM new WHERE (k1, ...) IN (SELECT <key exprs> FROM (VALUES ...) AS src(...))
+//
+// The images may be whole old rows or just the columns the new key needs.
+func (m *Mapping) ForwardDeleteSQL(oldCols []string, rows int) (string, error) {
+	from, err := m.fwd.source(oldCols, rows)
+	if err != nil {
+		return "", fmt.Errorf("mapping %s: %w", m.Old.Name, err)
+	}
+	return m.fwd.delete(from, oldCols)
+}
+
+// ReverseUpsertSQL is ForwardUpsertSQL from new to old: newCols are new
+// column names, and old columns are derived through renames, same-named
+// columns and reverse expressions. Old columns in ReverseMissing are not
+// written (an inserted row gets their default).
+func (m *Mapping) ReverseUpsertSQL(newCols []string, rows int) (string, error) {
+	from, err := m.rev.source(newCols, rows)
+	if err != nil {
+		return "", fmt.Errorf("mapping %s: %w", m.Old.Name, err)
+	}
+	return m.rev.upsert(from, newCols, true)
+}
+
+// ReverseDeleteSQL is ForwardDeleteSQL from new to old.
+func (m *Mapping) ReverseDeleteSQL(newCols []string, rows int) (string, error) {
+	from, err := m.rev.source(newCols, rows)
+	if err != nil {
+		return "", fmt.Errorf("mapping %s: %w", m.Old.Name, err)
+	}
+	return m.rev.delete(from, newCols)
+}
+
+// HashSQL returns an expression over the table alias t (a row of the old
+// table for side "old", of the new table for "new") that gives the md5 of
+// the row as the new table holds it: every new column derived from old, in
+// column order, each cast to the new column's type, as a row's text. A row
+// on old and the row the mapping makes of it on new hash equal, so verify
+// compares hashes only. Run it with the same DateStyle, IntervalStyle,
+// TimeZone and extra_float_digits on both stores.
+func (m *Mapping) HashSQL(side string) (string, error) {
+	var parts []string
+	for _, t := range m.fwd.targets {
+		c := m.New.Columns[t.col]
+		var v string
+		switch side {
+		case "new":
+			v = "t." + quoteIdent(c.Name)
+		case "old":
+			if t.src != "" {
+				v = "t." + quoteIdent(t.src)
+			} else {
+				v = "(SELECT (" + t.expr + ") FROM (SELECT t.*) AS src)"
+			}
+		default:
+			return "", fmt.Errorf("HashSQL: side must be \"old\" or \"new\", not %q", side)
+		}
+		parts = append(parts, "("+v+")::"+c.Type)
+	}
+	return "md5(ROW(" + strings.Join(parts, ", ") + ")::text)", nil
+}
+
+// KeyPreserving reports whether the new key is the old key, column by
+// column, through renames or same names: then a key's values (as text) name
+// the same row on both sides, which keyset copying by key ranges needs. It
+// returns, for each old key column in key order, the new column it becomes.
+func (m *Mapping) KeyPreserving() ([]Column, bool) {
+	_, to, ok := m.fwd.keyPairs()
+	return to, ok
+}
+
+// keyPairs returns from's key columns in key order and, for each, the key
+// column of to it passes to (by rename or same name); ok is false unless
+// from's key becomes to's whole key that way.
+func (d *direction) keyPairs() (from, to []Column, ok bool) {
+	if !d.from.HasKey() || len(d.from.Key) != len(d.to.Key) {
+		return nil, nil, false
+	}
+	for _, k := range d.from.Key {
+		t := d.passFrom(d.from.Columns[k].Name)
+		if t == nil || !slices.Contains(d.to.Key, t.col) {
+			return nil, nil, false
+		}
+		from = append(from, d.from.Columns[k])
+		to = append(to, d.to.Columns[t.col])
+	}
+	return from, to, true
+}

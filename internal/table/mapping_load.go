@@ -1,0 +1,404 @@
+package table
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path"
+	"slices"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/tandemdb/tandem/internal/config"
+)
+
+// Problem is something wrong with the migration's tables found at load
+// time. It names the table (by its old name) and, when it is about one, the
+// column and the side it is on.
+type Problem struct {
+	Table  Name
+	Side   string // "old", "new", or "" when about the mapping as a whole
+	Column string // "" when about the table
+	// FlipOnly is set when the problem blocks only the write flip (a column
+	// that cannot be mirrored back from new to old); the mapping still
+	// serves old -> new. Otherwise the table has no usable mapping.
+	FlipOnly bool
+	Message  string
+}
+
+func (p Problem) String() string {
+	var b strings.Builder
+	b.WriteString(p.Table.String())
+	if p.Column != "" {
+		fmt.Fprintf(&b, ": %s column %q", p.Side, p.Column)
+	} else if p.Side != "" {
+		b.WriteString(" (" + p.Side + ")")
+	}
+	b.WriteString(": " + p.Message)
+	return b.String()
+}
+
+// Mappings are the mappings of every table in the migration's scope,
+// indexed by old and by new name. It is immutable once loaded.
+type Mappings struct {
+	byOld   map[Name]*Mapping
+	byNew   map[Name]*Mapping
+	inScope map[Name]bool // old names in scope, including those without a usable mapping
+	include []pattern
+	exclude []pattern
+}
+
+type pattern struct{ schema, table string }
+
+func (p pattern) match(n Name) bool {
+	s, _ := path.Match(p.schema, n.Schema)
+	t, _ := path.Match(p.table, n.Table)
+	return s && t
+}
+
+// controlSchema is never in scope: it holds Tandem's own state.
+const controlSchema = "tandem"
+
+// InScope reports whether the old table n is in the migration's scope
+// (tables.include and tables.exclude), whether or not its mapping is usable.
+func (ms *Mappings) InScope(n Name) bool {
+	if n.Schema == controlSchema {
+		return false
+	}
+	if ms.inScope[n] {
+		return true
+	}
+	if len(ms.include) > 0 && !slices.ContainsFunc(ms.include, func(p pattern) bool { return p.match(n) }) {
+		return false
+	}
+	return !slices.ContainsFunc(ms.exclude, func(p pattern) bool { return p.match(n) })
+}
+
+// ForOld returns the mapping of the old table n: nil when n is out of scope,
+// unknown, or its mapping has problems (see the Problems of LoadMappings).
+func (ms *Mappings) ForOld(n Name) *Mapping { return ms.byOld[n] }
+
+// ForNew returns the mapping whose new table is n, or nil.
+func (ms *Mappings) ForNew(n Name) *Mapping { return ms.byNew[n] }
+
+// All returns the usable mappings, ordered by old name.
+func (ms *Mappings) All() []*Mapping {
+	out := make([]*Mapping, 0, len(ms.byOld))
+	for _, m := range ms.byOld {
+		out = append(out, m)
+	}
+	slices.SortFunc(out, func(a, b *Mapping) int { return strings.Compare(a.Old.Name.String(), b.Old.Name.String()) })
+	return out
+}
+
+// userTablesSQL lists the ordinary and partitioned tables outside the
+// system schemas and Tandem's control schema.
+const userTablesSQL = `
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', '` + controlSchema + `')
+  AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp\_%'
+ORDER BY 1, 2`
+
+// LoadMappings reads both stores' catalogs and builds the mapping of every
+// table in scope: the declared ones from cfg.Map, every other one as the
+// identity. Each mapping is then checked on the servers: the new store must
+// accept the forward statement (old types exist there, each column can be
+// assigned, each compute expression compiles over the old row), the old
+// store the reverse one, and both the verify hash; each is checked by
+// PREPARE, which runs nothing. old and new must not be in a transaction (a
+// failed check would abort it); a pool is fine.
+//
+// Problems name the table and column. A table with a problem that is not
+// FlipOnly has no mapping in the result. The error is for failures to read
+// the catalogs.
+func LoadMappings(ctx context.Context, cfg config.Tables, old, new Querier) (*Mappings, []Problem, error) {
+	ms := &Mappings{byOld: map[Name]*Mapping{}, byNew: map[Name]*Mapping{}, inScope: map[Name]bool{}}
+	for _, list := range []struct {
+		src []string
+		dst *[]pattern
+	}{{cfg.Include, &ms.include}, {cfg.Exclude, &ms.exclude}} {
+		for _, s := range list.src {
+			sch, tab, err := config.ParseTablePattern(s)
+			if err != nil {
+				return nil, nil, fmt.Errorf("tables pattern %q: %w", s, err)
+			}
+			*list.dst = append(*list.dst, pattern{sch, tab})
+		}
+	}
+	decls := make(map[Name]config.TableMap, len(cfg.Map))
+	for k, d := range cfg.Map {
+		sch, tab, err := config.ParseTableName(k)
+		if err != nil {
+			return nil, nil, fmt.Errorf("tables.map[%s]: %w", k, err)
+		}
+		decls[Name{sch, tab}] = d
+	}
+
+	rows, err := old.Query(ctx, userTablesSQL)
+	if err != nil {
+		return nil, nil, fmt.Errorf("listing the old store's tables: %w", err)
+	}
+	names, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Name, error) {
+		var n Name
+		err := r.Scan(&n.Schema, &n.Table)
+		return n, err
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("listing the old store's tables: %w", err)
+	}
+
+	var probs []Problem
+	for n := range decls {
+		if !slices.Contains(names, n) {
+			probs = append(probs, Problem{Table: n, Side: "old", Message: "is declared in tables.map but the old store has no such table"})
+		} else if !ms.InScope(n) {
+			probs = append(probs, Problem{Table: n, Message: "is declared in tables.map but excluded from the scope by tables.include/exclude"})
+		}
+	}
+	for _, n := range names {
+		if !ms.InScope(n) {
+			continue
+		}
+		ms.inScope[n] = true
+		m, ps, err := loadMapping(ctx, old, new, n, decls[n])
+		if err != nil {
+			return nil, nil, err
+		}
+		probs = append(probs, ps...)
+		if m == nil {
+			continue
+		}
+		if other := ms.byNew[m.New.Name]; other != nil {
+			probs = append(probs, Problem{Table: n, Side: "new", Message: fmt.Sprintf("maps to %s, which %s maps to as well: one new table per old table", m.New.Name, other.Old.Name)})
+			continue
+		}
+		ms.byOld[n] = m
+		ms.byNew[m.New.Name] = m
+	}
+	slices.SortStableFunc(probs, func(a, b Problem) int { return strings.Compare(a.Table.String(), b.Table.String()) })
+	return ms, probs, nil
+}
+
+// loadMapping builds and checks the mapping of the old table n. It returns
+// a nil Mapping when the problems make it unusable.
+func loadMapping(ctx context.Context, old, new Querier, n Name, decl config.TableMap) (*Mapping, []Problem, error) {
+	om, err := LoadByName(ctx, old, n)
+	if err != nil {
+		return nil, nil, fmt.Errorf("on the old store: %w", err)
+	}
+	to := n
+	if decl.To != "" {
+		sch, tab, err := config.ParseTableName(decl.To)
+		if err != nil {
+			return nil, []Problem{{Table: n, Side: "new", Message: "tables.map: to: " + err.Error()}}, nil
+		}
+		to = Name{sch, tab}
+	}
+	nm, err := LoadByName(ctx, new, to)
+	var nf *NotFoundError
+	if errors.As(err, &nf) {
+		return nil, []Problem{{Table: n, Side: "new", Message: fmt.Sprintf("the new store has no table %s", to)}}, nil
+	} else if err != nil {
+		return nil, nil, fmt.Errorf("on the new store: %w", err)
+	}
+	m, err := NewMapping(decl, om, nm)
+	var me *MappingError
+	if errors.As(err, &me) {
+		return nil, []Problem{{Table: n, Side: me.Side, Column: me.Column, Message: me.Msg}}, nil
+	} else if err != nil {
+		return nil, nil, err
+	}
+	var probs []Problem
+	if om.HasKey() && !nm.HasKey() {
+		probs = append(probs, Problem{Table: n, Side: "new", Message: fmt.Sprintf("%s has no primary key, so row images cannot be applied to it by key; add the key on the new store", nm.Name)})
+	}
+	ps, err := m.check(ctx, old, new)
+	if err != nil {
+		return nil, nil, err
+	}
+	probs = append(probs, ps...)
+	for _, c := range m.reverseMissing {
+		probs = append(probs, Problem{Table: n, Side: "old", Column: c, FlipOnly: true,
+			Message: "cannot be derived from a new row (no rename, no same-named column, no reverse expression): declare tables.map reverse for it, or the write flip stays blocked"})
+	}
+	for _, p := range probs {
+		if !p.FlipOnly {
+			return nil, probs, nil
+		}
+	}
+	return m, probs, nil
+}
+
+// check runs the server-side checks of the mapping: forward on new, reverse
+// on old, hash on both. Each statement is checked whole first; when it
+// fails, each column is checked alone to name the one at fault.
+func (m *Mapping) check(ctx context.Context, old, new Querier) ([]Problem, error) {
+	var probs []Problem
+	add := func(side, col, msg string, flipOnly bool) {
+		probs = append(probs, Problem{Table: m.Old.Name, Side: side, Column: col, Message: msg, FlipOnly: flipOnly})
+	}
+	for _, dir := range []struct {
+		d        *direction
+		on       Querier
+		fromSide string
+		toSide   string
+		flipOnly bool
+	}{{&m.fwd, new, "old", "new", false}, {&m.rev, old, "new", "old", true}} {
+		d := dir.d
+		if len(d.targets) == 0 {
+			continue
+		}
+		// The source row as typed NULLs: SELECT NULL::t1 AS "c1", ...
+		var cols, sel []string
+		for _, c := range d.from.Columns {
+			cols = append(cols, c.Name)
+		}
+		bad := map[string]bool{}
+		for _, c := range cols {
+			typ := d.srcType(c)
+			if msg, err := prepareCheck(ctx, dir.on, "SELECT NULL::"+typ); err != nil {
+				return nil, err
+			} else if msg != "" {
+				if d.exprRefs[c] || d.passFrom(c) != nil {
+					add(dir.fromSide, c, fmt.Sprintf("its type %s does not exist on the %s store: %s", typ, dir.toSide, msg), dir.flipOnly)
+				}
+				bad[c] = true
+			}
+		}
+		for _, c := range cols {
+			typ := d.srcType(c)
+			if bad[c] {
+				typ = "text"
+			}
+			sel = append(sel, "NULL::"+typ+" AS "+quoteIdent(c))
+		}
+		from := "(SELECT " + strings.Join(sel, ", ") + ") AS src"
+		// A pass-through column reads its text as the destination type, so
+		// the statement always compiles; check the types themselves: the
+		// source type must be assignable to the destination's (when the
+		// destination store knows the source type at all; when it does not,
+		// only the text form travels). A string source is not checked.
+		for _, t := range d.targets {
+			if t.src == "" {
+				continue
+			}
+			fc := d.from.Columns[must(d.from.Column(t.src))]
+			c := d.to.Columns[t.col]
+			if fc.Type == c.Type || slices.Contains([]string{"text", "character varying", "character", "name"}, fc.ParamType) {
+				continue // a string's text may be any type's input: checked row by row, by the server
+			}
+			if msg, err := prepareCheck(ctx, dir.on, "SELECT NULL::"+fc.Type); err != nil {
+				return nil, err
+			} else if msg != "" {
+				continue
+			}
+			sql := "INSERT INTO " + d.to.Name.Quoted() + " (" + quoteIdent(c.Name) + ")"
+			if c.Identity == 'a' {
+				sql += " OVERRIDING SYSTEM VALUE" // as the forward statement writes it
+			}
+			sql += " SELECT NULL::" + fc.Type
+			msg, err := prepareCheck(ctx, dir.on, sql)
+			if err != nil {
+				return nil, err
+			}
+			if msg != "" {
+				add(dir.toSide, c.Name, fmt.Sprintf("cannot take %s column %q (%s) as %s: %s", dir.fromSide, t.src, fc.Type, c.Type, msg), dir.flipOnly)
+			}
+		}
+		whole, err := d.upsert(from, cols, d.to.HasKey())
+		if err != nil {
+			add(dir.toSide, "", err.Error(), dir.flipOnly)
+			continue
+		}
+		msg, err := prepareCheck(ctx, dir.on, whole)
+		if err != nil {
+			return nil, err
+		}
+		if msg == "" {
+			continue
+		}
+		found := false
+		for _, t := range d.targets {
+			c := d.to.Columns[t.col]
+			one := &direction{from: d.from, to: d.to, targets: []target{t}, exprRefs: d.exprRefs}
+			sql, err := one.upsert(from, cols, false)
+			if err != nil {
+				continue
+			}
+			cmsg, err := prepareCheck(ctx, dir.on, sql)
+			if err != nil {
+				return nil, err
+			}
+			if cmsg == "" {
+				continue
+			}
+			found = true
+			if t.src != "" {
+				fc := d.from.Columns[must(d.from.Column(t.src))]
+				add(dir.toSide, c.Name, fmt.Sprintf("cannot take %s column %q (%s) as %s: %s", dir.fromSide, t.src, fc.Type, c.Type, cmsg), dir.flipOnly)
+			} else {
+				add(dir.toSide, c.Name, fmt.Sprintf("expression %q does not compile on the %s store: %s", t.expr, dir.toSide, cmsg), dir.flipOnly)
+			}
+		}
+		if !found {
+			add(dir.toSide, "", fmt.Sprintf("the %s statement does not compile on the %s store: %s", map[bool]string{false: "forward", true: "reverse"}[dir.flipOnly], dir.toSide, msg), dir.flipOnly)
+		}
+	}
+	if len(probs) > 0 {
+		return probs, nil
+	}
+	for _, s := range []struct {
+		side string
+		on   Querier
+		tbl  *Meta
+	}{{"old", old, m.Old}, {"new", new, m.New}} {
+		h, err := m.HashSQL(s.side)
+		if err != nil {
+			return nil, err
+		}
+		msg, err := prepareCheck(ctx, s.on, "SELECT "+h+" FROM "+s.tbl.Name.Quoted()+" AS t")
+		if err != nil {
+			return nil, err
+		}
+		if msg != "" {
+			add(s.side, "", "the verify hash does not compile on the "+s.side+" store: "+msg, false)
+		}
+	}
+	return probs, nil
+}
+
+func must(i int, ok bool) int {
+	if !ok {
+		panic("table: column vanished")
+	}
+	return i
+}
+
+// prepareCheck asks the server to PREPARE sql (and DEALLOCATE it, in the
+// same simple-protocol message, so no session state is left behind). It
+// returns the server's complaint, or "" when the statement compiles; err
+// is for failures other than the statement's own.
+func prepareCheck(ctx context.Context, q Querier, sql string) (string, error) {
+	rows, err := q.Query(ctx, "PREPARE tandem_mapping_check AS "+sql+"; DEALLOCATE tandem_mapping_check", pgx.QueryExecModeSimpleProtocol)
+	if err == nil {
+		rows.Close()
+		err = rows.Err()
+	}
+	var pe *pgconn.PgError
+	switch {
+	case err == nil:
+		return "", nil
+	case errors.As(err, &pe):
+		msg := pe.Message
+		if pe.Detail != "" {
+			msg += " (" + pe.Detail + ")"
+		}
+		if pe.Hint != "" {
+			msg += "; hint: " + pe.Hint
+		}
+		return msg, nil
+	default:
+		return "", fmt.Errorf("checking a table mapping: %w", err)
+	}
+}

@@ -1,0 +1,357 @@
+package table
+
+import (
+	"fmt"
+	"slices"
+
+	pg_query "github.com/pganalyze/pg_query_go/v6"
+	"github.com/tandemdb/tandem/internal/classify"
+	"google.golang.org/protobuf/reflect/protoreflect"
+)
+
+// defaultSchema is the schema RewriteRead gives an unqualified table name:
+// it does not know the client's search_path.
+const defaultSchema = "public"
+
+// RewriteRead rewrites a read query written against the old store so that
+// it reads the same rows from the new one, for shadow reads (design
+// section 5): each mapped table name becomes its new name and each column
+// reference its new column's name, qualified or not, through aliases. A
+// selected column that is renamed keeps its old output name (`"mail" AS
+// email`), so results compare column by column. The rewritten text is
+// deparsed from the modified parse tree, so every identifier is quoted as
+// needed.
+//
+// ok is false, with a reason for the shadow-read counters, when the query
+// cannot be shadowed faithfully: it is not one plain SELECT (SELECT INTO,
+// FOR UPDATE/SHARE and WITH are refused); it reads a table outside the
+// scope or without a usable mapping; it touches a computed or dropped
+// column ("touches computed column full_name"); a `*` would expand to other
+// columns on the new table; a NATURAL join, a whole-row reference, or a
+// column reference that cannot be attributed to one mapping. A query whose
+// tables all map to themselves (or that reads no table) is returned
+// unchanged.
+//
+// Unqualified table names are taken to be in schema public. RewriteRead is
+// safe for concurrent use.
+func (ms *Mappings) RewriteRead(sql string) (rewritten string, ok bool, reason string) {
+	if classify.TooDeep(sql) {
+		return "", false, "nested too deeply to parse safely"
+	}
+	tree, err := pg_query.Parse(sql)
+	if err != nil {
+		return "", false, "does not parse: " + err.Error()
+	}
+	if len(tree.Stmts) != 1 || tree.Stmts[0].GetStmt().GetSelectStmt() == nil {
+		return "", false, "not a single SELECT"
+	}
+	r := &rewriter{ms: ms, refs: map[string][]tableRef{}, skip: map[*pg_query.ColumnRef]bool{},
+		outputOf: map[*pg_query.ColumnRef]*pg_query.ResTarget{}}
+	root := tree.Stmts[0].GetStmt().ProtoReflect()
+	walkMessages(root, r.collect)
+	if r.reason != "" {
+		return "", false, r.reason
+	}
+	if !slices.ContainsFunc(r.tables, func(t tableRef) bool { return !t.m.Identity() }) {
+		return sql, true, ""
+	}
+	walkMessages(root, r.rewrite)
+	if r.reason != "" {
+		return "", false, r.reason
+	}
+	for _, t := range r.tables {
+		n := t.m.New.Name
+		if t.rv.Schemaname != "" || n.Schema != defaultSchema {
+			t.rv.Schemaname = n.Schema
+		}
+		t.rv.Relname = n.Table
+	}
+	out, err := pg_query.Deparse(tree)
+	if err != nil {
+		return "", false, "cannot deparse the rewritten query: " + err.Error()
+	}
+	return out, true, ""
+}
+
+// tableRef is one table a query reads: its RangeVar and its mapping.
+type tableRef struct {
+	rv *pg_query.RangeVar
+	m  *Mapping // nil for a FROM item that is not a table (a subquery, a function)
+}
+
+type rewriter struct {
+	ms     *Mappings
+	tables []tableRef
+	// refs are the FROM items by the name a column reference qualifies
+	// them with: an alias, or a table's own name.
+	refs map[string][]tableRef
+	// skip are ORDER BY references that name output columns, not table
+	// columns; outputOf is the unnamed select-list entry a column
+	// reference makes up alone.
+	skip     map[*pg_query.ColumnRef]bool
+	outputOf map[*pg_query.ColumnRef]*pg_query.ResTarget
+	reason   string // the first reason the query cannot be rewritten
+}
+
+func (r *rewriter) fail(format string, args ...any) {
+	if r.reason == "" {
+		r.reason = fmt.Sprintf(format, args...)
+	}
+}
+
+// collect finds the query's tables and aliases, and refuses the shapes
+// RewriteRead does not shadow.
+func (r *rewriter) collect(msg protoreflect.Message) {
+	switch x := msg.Interface().(type) {
+	case *pg_query.SelectStmt:
+		switch {
+		case x.IntoClause != nil:
+			r.fail("SELECT INTO writes")
+		case len(x.LockingClause) > 0:
+			r.fail("locks rows (FOR UPDATE/SHARE)")
+		case x.WithClause != nil:
+			r.fail("has a WITH clause")
+		}
+		explicit := map[string]bool{}
+		for _, t := range x.TargetList {
+			rt := t.GetResTarget()
+			if rt == nil {
+				continue
+			}
+			if rt.Name != "" {
+				explicit[rt.Name] = true
+			} else if cr := rt.GetVal().GetColumnRef(); cr != nil {
+				r.outputOf[cr] = rt
+			}
+		}
+		setOp := x.Op != pg_query.SetOperation_SETOP_NONE && x.Op != pg_query.SetOperation_SET_OPERATION_UNDEFINED
+		for _, s := range x.SortClause {
+			cr := s.GetSortBy().GetNode().GetColumnRef()
+			if cr == nil || len(cr.Fields) != 1 || cr.Fields[0].GetString_() == nil {
+				continue
+			}
+			// ORDER BY name means the output column of that name first;
+			// after a UNION it can mean nothing else.
+			if setOp || explicit[cr.Fields[0].GetString_().Sval] {
+				r.skip[cr] = true
+			}
+		}
+	case *pg_query.RangeVar:
+		if x.Catalogname != "" {
+			r.fail("names a database in %s.%s.%s", x.Catalogname, x.Schemaname, x.Relname)
+			return
+		}
+		n := Name{Schema: x.Schemaname, Table: x.Relname}
+		if n.Schema == "" {
+			n.Schema = defaultSchema
+		}
+		m := r.ms.ForOld(n)
+		switch {
+		case m == nil && r.ms.InScope(n):
+			r.fail("table %s has no usable mapping", n)
+			return
+		case m == nil:
+			r.fail("table %s is not in the migration's scope", n)
+			return
+		}
+		t := tableRef{rv: x, m: m}
+		r.tables = append(r.tables, t)
+		name := x.Relname
+		if x.Alias != nil {
+			name = x.Alias.Aliasname
+		}
+		r.refs[name] = append(r.refs[name], t)
+	case *pg_query.RangeSubselect:
+		r.other(x.Alias)
+	case *pg_query.RangeFunction:
+		r.other(x.Alias)
+	case *pg_query.RangeTableFunc:
+		r.other(x.Alias)
+	case *pg_query.JoinExpr:
+		r.other(x.Alias)
+		r.other(x.JoinUsingAlias)
+	}
+}
+
+// other records a FROM item that is not a table under its alias.
+func (r *rewriter) other(a *pg_query.Alias) {
+	if a != nil {
+		r.refs[a.Aliasname] = append(r.refs[a.Aliasname], tableRef{})
+	}
+}
+
+// rewrite renames the column references (and the qualifiers that name a
+// renamed table) and the join columns of USING.
+func (r *rewriter) rewrite(msg protoreflect.Message) {
+	if r.reason != "" {
+		return
+	}
+	switch x := msg.Interface().(type) {
+	case *pg_query.JoinExpr:
+		if x.IsNatural {
+			r.fail("has a NATURAL join")
+			return
+		}
+		for _, u := range x.UsingClause {
+			if s := u.GetString_(); s != nil {
+				if nn, found := r.resolve(s.Sval, r.tables); found {
+					s.Sval = nn
+				}
+			}
+		}
+	case *pg_query.ColumnRef:
+		if !r.skip[x] {
+			r.columnRef(x)
+		}
+	}
+}
+
+func (r *rewriter) columnRef(cr *pg_query.ColumnRef) {
+	var parts []*pg_query.String // the qualifier's parts
+	for _, f := range cr.Fields[:len(cr.Fields)-1] {
+		s := f.GetString_()
+		if s == nil {
+			r.fail("has a column reference it cannot read")
+			return
+		}
+		parts = append(parts, s)
+	}
+	last := cr.Fields[len(cr.Fields)-1]
+	star := last.GetAStar() != nil
+	col := last.GetString_()
+	if !star && col == nil {
+		r.fail("has a column reference it cannot read")
+		return
+	}
+
+	var cands []tableRef
+	switch len(parts) {
+	case 0:
+		cands = r.tables
+	case 1:
+		cands = r.refs[parts[0].Sval]
+		if len(cands) == 0 {
+			return // an outer query's or unknown: Postgres decides
+		}
+		if len(cands) > 1 && slices.ContainsFunc(cands[1:], func(t tableRef) bool { return t.m != cands[0].m }) {
+			r.fail("qualifier %q names more than one FROM item", parts[0].Sval)
+			return
+		}
+		if cands[0].m == nil {
+			return // a subquery's or function's column
+		}
+		if cands[0].rv.Alias == nil {
+			parts[0].Sval = cands[0].m.New.Name.Table
+		}
+		cands = cands[:1]
+	case 2:
+		n := Name{Schema: parts[0].Sval, Table: parts[1].Sval}
+		i := slices.IndexFunc(r.tables, func(t tableRef) bool { return t.m.Old.Name == n && t.rv.Alias == nil })
+		if i < 0 {
+			return
+		}
+		cands = r.tables[i : i+1]
+		parts[0].Sval, parts[1].Sval = cands[0].m.New.Name.Schema, cands[0].m.New.Name.Table
+	default:
+		r.fail("has a column reference with a database name")
+		return
+	}
+
+	if star {
+		for _, t := range cands {
+			if !sameStar(t.m) {
+				r.fail("* expands to other columns on %s", t.m.New.Name)
+				return
+			}
+		}
+		return
+	}
+	nn, found := r.resolve(col.Sval, cands)
+	switch {
+	case r.reason != "":
+		return
+	case found:
+		if nn != col.Sval {
+			if rt := r.outputOf[cr]; rt != nil {
+				rt.Name = col.Sval // keep the output column's name
+			}
+			col.Sval = nn
+		}
+	case len(parts) == 0:
+		for _, t := range r.refs[col.Sval] {
+			if t.m != nil && !t.m.Identity() {
+				r.fail("reads the whole row of %s", t.m.Old.Name)
+				return
+			}
+		}
+		for _, t := range cands {
+			if _, ok := t.m.New.Column(col.Sval); ok && !t.m.Identity() {
+				r.fail("column %q is not a column of %s but is one of %s", col.Sval, t.m.Old.Name, t.m.New.Name)
+				return
+			}
+		}
+		// An output column's name, a function's column or an outer
+		// reference: left alone.
+	}
+}
+
+// resolve returns the new name of the old column col of the tables cands
+// (found is false when none has it). It fails the rewrite when the column
+// has no new counterpart, or when tables that have it disagree on its new
+// name.
+func (r *rewriter) resolve(col string, cands []tableRef) (newName string, found bool) {
+	for _, t := range cands {
+		if t.m == nil {
+			continue
+		}
+		if _, ok := t.m.Old.Column(col); !ok {
+			continue
+		}
+		nn, why := t.m.newColumn(col)
+		if why != "" {
+			r.fail("%s", why)
+			return "", false
+		}
+		if found && nn != newName {
+			r.fail("column %q is ambiguous: it is renamed differently in the tables read", col)
+			return "", false
+		}
+		newName, found = nn, true
+	}
+	return newName, found
+}
+
+// newColumn returns the new column the old column col passes to, or why it
+// has none.
+func (m *Mapping) newColumn(col string) (string, string) {
+	if t := m.fwd.passFrom(col); t != nil {
+		return m.New.Columns[t.col].Name, ""
+	}
+	for _, t := range m.fwd.targets {
+		if t.src == "" && slices.Contains(t.refs, col) {
+			return "", fmt.Sprintf("touches computed column %s", m.New.Columns[t.col].Name)
+		}
+	}
+	if slices.Contains(m.decl.Drop, col) {
+		return "", fmt.Sprintf("touches dropped column %s", col)
+	}
+	return "", fmt.Sprintf("touches column %s, which %s does not have", col, m.New.Name)
+}
+
+// sameStar reports whether * over the old table expands to the same
+// columns, in the same order, as over the new one (renamed or not).
+func sameStar(m *Mapping) bool {
+	if m.Identity() {
+		return true
+	}
+	if len(m.Old.Columns) != len(m.New.Columns) {
+		return false
+	}
+	for i, c := range m.Old.Columns {
+		t := m.fwd.passFrom(c.Name)
+		if t == nil || t.col != i {
+			return false
+		}
+	}
+	return true
+}
