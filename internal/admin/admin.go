@@ -1,5 +1,7 @@
-// Package admin is Tandem's operator HTTP API: liveness, readiness and
-// metrics now, routing state and job control as they are built.
+// Package admin is Tandem's operator HTTP API: liveness, readiness,
+// metrics, and the routing state and its changes (job control as it is
+// built). The server binds only the configured admin address, which is
+// loopback by default: the API has no authentication of its own.
 package admin
 
 import (
@@ -28,6 +30,11 @@ type Options struct {
 	Logger  *slog.Logger
 	// CheckTimeout bounds each readiness probe (default 2s).
 	CheckTimeout time.Duration
+	// Routing serves /api/v1/state, /api/v1/route and /api/v1/rollback;
+	// nil answers them with 404 (no new store is configured).
+	Routing *Routing
+	// Backfill serves /api/v1/backfill; nil answers it with 404.
+	Backfill *Backfill
 }
 
 // NewHandler returns the admin API's handler:
@@ -36,6 +43,12 @@ type Options struct {
 //	GET /readyz   200 when every check passes, else 503; JSON body per check
 //	GET /metrics  Prometheus text format
 //	/debug/pprof/ Go profiles (the admin address is loopback by default)
+//	GET  /api/v1/state     routing state, replicas, history tail, open drift (Status)
+//	POST /api/v1/route     a RouteRequest: 200 with a Result; 400 malformed; 409 refused
+//	                       (illegal transition, cutover gate, concurrent change); 503 fence not drained
+//	POST /api/v1/rollback  optional {"force": bool, "reason": text}: as /api/v1/route
+//	GET  /api/v1/backfill  per table rows and chunks, finished, rate and paused (backfill.State)
+//	POST /api/v1/backfill  {"rate": rows/s} and/or {"paused": bool}: 200 with the state after; 400 malformed
 func NewHandler(opts Options) http.Handler {
 	if opts.CheckTimeout == 0 {
 		opts.CheckTimeout = 2 * time.Second
@@ -77,6 +90,8 @@ func NewHandler(opts Options) http.Handler {
 	if opts.Metrics != nil {
 		mux.Handle("GET /metrics", opts.Metrics)
 	}
+	routingHandlers(mux, opts.Routing)
+	backfillHandlers(mux, opts.Backfill)
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)

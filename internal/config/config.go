@@ -29,15 +29,18 @@ import (
 
 // Config is the complete configuration of a tandem process.
 type Config struct {
-	Listen string `yaml:"listen"` // address (host:port) where clients connect; default "127.0.0.1:6432"
-	Admin  string `yaml:"admin"`  // address (host:port) of the admin HTTP server; default "127.0.0.1:9187"
-	Old    Store  `yaml:"old"`    // the store being migrated from
-	New    Store  `yaml:"new"`    // the store being migrated to
-	Auth   Auth   `yaml:"auth"`   // how clients authenticate to tandem
-	TLS    TLS    `yaml:"tls"`    // client-facing TLS
-	Limits Limits `yaml:"limits"` // resource limits and timeouts
-	Relay  Relay  `yaml:"relay"`  // how bytes are relayed
-	Log    Log    `yaml:"log"`    // log output
+	Listen  string  `yaml:"listen"`  // address (host:port) where clients connect; default "127.0.0.1:6432"
+	Admin   string  `yaml:"admin"`   // address (host:port) of the admin HTTP server; default "127.0.0.1:9187"
+	Old     Store   `yaml:"old"`     // the store being migrated from
+	New     Store   `yaml:"new"`     // the store being migrated to
+	Auth    Auth    `yaml:"auth"`    // how clients authenticate to tandem
+	TLS     TLS     `yaml:"tls"`     // client-facing TLS
+	Limits  Limits  `yaml:"limits"`  // resource limits and timeouts
+	Relay   Relay   `yaml:"relay"`   // how bytes are relayed
+	Control Control `yaml:"control"` // where the control schema (routing state, drift ledger) lives
+	Routing Routing `yaml:"routing"` // mirroring, breaker and write-flip behaviour
+	Log     Log     `yaml:"log"`     // log output
+	Tables  Tables  `yaml:"tables"`  // the migration's scope and table mappings (YAML only)
 
 	// src records where Load found each value, for error positions. It is nil for a Config not built by Load.
 	src *sources
@@ -104,6 +107,25 @@ type Relay struct {
 	Engine string `yaml:"engine"` // RelayEpoll (default) or RelayGoroutines
 }
 
+// Control says where the control schema "tandem" lives.
+type Control struct {
+	// DSN of the database holding the control schema; empty = the old store's DSN (and password file).
+	DSN          string `yaml:"dsn"`
+	PasswordFile string `yaml:"password_file"` // pgpass-format file for DSN; empty = old.password_file when DSN is empty
+}
+
+// Routing configures the write path while mirroring, and the write flip.
+type Routing struct {
+	ReplicaID       string   `yaml:"replica_id"`       // this proxy's id in tandem.replicas; default host:pid
+	MirrorBudget    Duration `yaml:"mirror_budget"`    // per-statement latency budget on the secondary; default 500ms
+	BreakerFailures int      `yaml:"breaker_failures"` // consecutive secondary failures that open the breaker; default 5
+	BreakerOpen     Duration `yaml:"breaker_open"`     // how long the breaker stays open before a trial; default 5s
+	Poll            Duration `yaml:"poll"`             // state poll fallback and heartbeat interval; default 2s
+	FenceTimeout    Duration `yaml:"fence_timeout"`    // how long a write flip waits for in-flight writes; default 5s
+	SequenceMargin  int      `yaml:"sequence_margin"`  // added to each sequence when synced at a flip; default 1000
+	RepairInterval  Duration `yaml:"repair_interval"`  // how often the drift repairer looks at the ledger; default 1s
+}
+
 // Log formats and levels accepted in Log.
 const (
 	LogText  = "text"
@@ -134,7 +156,16 @@ func Default() Config {
 			DrainTimeout:       Duration(30e9),
 		},
 		Relay: Relay{Engine: RelayEpoll},
-		Log:   Log{Format: LogText, Level: LogInfo},
+		Routing: Routing{
+			MirrorBudget:    Duration(500e6),
+			BreakerFailures: 5,
+			BreakerOpen:     Duration(5e9),
+			Poll:            Duration(2e9),
+			FenceTimeout:    Duration(5e9),
+			SequenceMargin:  1000,
+			RepairInterval:  Duration(1e9),
+		},
+		Log: Log{Format: LogText, Level: LogInfo},
 	}
 }
 
@@ -233,6 +264,36 @@ func options() []option {
 		{path: "relay.engine", flag: "relay-engine",
 			usage: `how authenticated sessions are relayed: "epoll" (plaintext sessions on event loops that own their sockets: about 30% less CPU per transaction; TLS sessions and non-Linux systems use goroutines) or "goroutines" (two per session, through the Go runtime)`,
 			field: func(c *Config) any { return &c.Relay.Engine }},
+		{path: "control.dsn", flag: "control",
+			usage: "`DSN` of the database that holds the control schema \"tandem\" (routing state, replicas, drift ledger); empty = the old store",
+			field: func(c *Config) any { return &c.Control.DSN }},
+		{path: "control.password_file", flag: "control-password-file", isFile: true,
+			usage: "pgpass-format `file` with the password for --control",
+			field: func(c *Config) any { return &c.Control.PasswordFile }},
+		{path: "routing.replica_id", flag: "replica-id",
+			usage: "this proxy replica's id in tandem.replicas, where it acknowledges each routing version; default host:pid",
+			field: func(c *Config) any { return &c.Routing.ReplicaID }},
+		{path: "routing.mirror_budget", flag: "mirror-budget",
+			usage: "latency budget for each mirrored statement on the secondary store, e.g. 500ms; past it the secondary is abandoned for that transaction and its keys go to the drift ledger (must be > 0)",
+			field: func(c *Config) any { return &c.Routing.MirrorBudget }},
+		{path: "routing.breaker_failures", flag: "breaker-failures",
+			usage: "consecutive secondary failures that open the circuit breaker; while open, mirroring is skipped and every write is recorded as drift (at least 1)",
+			field: func(c *Config) any { return &c.Routing.BreakerFailures }},
+		{path: "routing.breaker_open", flag: "breaker-open",
+			usage: "how long the breaker stays open before it lets one trial write through, e.g. 5s (must be > 0)",
+			field: func(c *Config) any { return &c.Routing.BreakerOpen }},
+		{path: "routing.poll", flag: "state-poll",
+			usage: "how often a replica re-reads the routing state when no NOTIFY arrives, and sends its heartbeat, e.g. 2s (must be > 0)",
+			field: func(c *Config) any { return &c.Routing.Poll }},
+		{path: "routing.fence_timeout", flag: "fence-timeout",
+			usage: "how long a write flip waits for in-flight write transactions to end before it gives up and releases the fence, e.g. 5s (must be > 0)",
+			field: func(c *Config) any { return &c.Routing.FenceTimeout }},
+		{path: "routing.sequence_margin", flag: "sequence-margin",
+			usage: "added to every sequence's value when sequences are synced at a write flip (>= 0)",
+			field: func(c *Config) any { return &c.Routing.SequenceMargin }},
+		{path: "routing.repair_interval", flag: "repair-interval",
+			usage: "how often the drift repairer re-copies the keys in the drift ledger, e.g. 1s (must be > 0)",
+			field: func(c *Config) any { return &c.Routing.RepairInterval }},
 		{path: "log.format", flag: "log-format",
 			usage: `log output format: "text" or "json"`,
 			field: func(c *Config) any { return &c.Log.Format }},
@@ -475,6 +536,10 @@ func (w *walker) walk(at, n *yaml.Node, prefix string) {
 			w.leaf(k, v, o)
 			continue
 		}
+		if prefix == "" && k.Value == "tables" {
+			w.walkTables(k, v)
+			continue
+		}
 		if prefix == "" && w.isSection(k.Value) {
 			w.cfg.setOrigin(k.Value, origin{line: k.Line, column: k.Column})
 			w.walk(k, v, k.Value)
@@ -510,6 +575,9 @@ func (w *walker) unknownField(key, prefix string) string {
 		if len(valid) == 0 || valid[len(valid)-1] != name {
 			valid = append(valid, name)
 		}
+	}
+	if prefix == "" {
+		valid = append(valid, "tables")
 	}
 	msg := fmt.Sprintf("unknown field %q", key)
 	if prefix != "" {

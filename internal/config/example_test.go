@@ -27,6 +27,8 @@ new:
 limits:
   max_message_bytes: 64MiB
   idle_session_timeout: 15m
+routing:
+  fence_timeout: 2s
 `
 	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
 		log.Fatal(err)
@@ -53,6 +55,8 @@ limits:
 	fmt.Println("max message bytes:", cfg.Limits.MaxMessageBytes, int64(cfg.Limits.MaxMessageBytes))
 	fmt.Println("connect timeout:", cfg.Limits.ConnectTimeout)
 	fmt.Println("idle session timeout:", cfg.Limits.IdleSessionTimeout.Duration())
+	fmt.Println("control schema in the old store:", cfg.Control.DSN == "")
+	fmt.Println("fence timeout:", cfg.Routing.FenceTimeout, "state poll:", cfg.Routing.Poll)
 	// Output:
 	// listen: 0.0.0.0:6432
 	// old: postgres://app:xxxxx@old.internal:5432/app?sslmode=disable
@@ -60,4 +64,6 @@ limits:
 	// max message bytes: 64MiB 67108864
 	// connect timeout: 10s
 	// idle session timeout: 15m0s
+	// control schema in the old store: true
+	// fence timeout: 2s state poll: 2s
 }

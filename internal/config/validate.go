@@ -88,6 +88,10 @@ func (c *Config) problems() Problems {
 	}
 	v.readable("old.password_file", c.Old.PasswordFile)
 	v.readable("new.password_file", c.New.PasswordFile)
+	if strings.TrimSpace(c.Control.DSN) != "" {
+		v.dsn("control.dsn", c.Control.DSN)
+	}
+	v.readable("control.password_file", c.Control.PasswordFile)
 
 	switch c.Auth.Method {
 	case AuthTrust:
@@ -132,6 +136,22 @@ func (c *Config) problems() Problems {
 		v.add("limits.drain_timeout", "must not be negative (0 means do not wait)")
 	}
 
+	for _, d := range []struct {
+		path string
+		v    Duration
+	}{{"routing.mirror_budget", c.Routing.MirrorBudget}, {"routing.breaker_open", c.Routing.BreakerOpen},
+		{"routing.poll", c.Routing.Poll}, {"routing.fence_timeout", c.Routing.FenceTimeout},
+		{"routing.repair_interval", c.Routing.RepairInterval}} {
+		if d.v <= 0 {
+			v.add(d.path, fmt.Sprintf("must be > 0, not %s", d.v))
+		}
+	}
+	if c.Routing.BreakerFailures < 1 {
+		v.add("routing.breaker_failures", fmt.Sprintf("must be at least 1, not %d", c.Routing.BreakerFailures))
+	}
+	if c.Routing.SequenceMargin < 0 {
+		v.add("routing.sequence_margin", fmt.Sprintf("must be >= 0, not %d", c.Routing.SequenceMargin))
+	}
 	if !slices.Contains([]string{RelayGoroutines, RelayEpoll}, c.Relay.Engine) {
 		v.add("relay.engine", fmt.Sprintf("must be %q or %q, not %q", RelayGoroutines, RelayEpoll, c.Relay.Engine))
 	}
@@ -141,6 +161,7 @@ func (c *Config) problems() Problems {
 	if !slices.Contains([]string{LogDebug, LogInfo, LogWarn, LogError}, c.Log.Level) {
 		v.add("log.level", fmt.Sprintf("must be %q, %q, %q or %q, not %q", LogDebug, LogInfo, LogWarn, LogError, c.Log.Level))
 	}
+	v.validateTables(c.Tables)
 	return v.probs
 }
 
@@ -154,9 +175,14 @@ func (v *validator) add(field, msg string) {
 	p := Problem{Field: field, Message: msg}
 	if s := v.c.src; s != nil {
 		o, ok := s.origins[field]
-		if section, _, nested := strings.Cut(field, "."); !ok && nested {
-			// A setting missing from a section that is in the file: point at the section.
-			o, ok = s.origins[section]
+		for at := field; !ok; {
+			// A setting missing from a section that is in the file: point at the nearest enclosing key that is.
+			i := strings.LastIndexByte(at, '.')
+			if i < 0 {
+				break
+			}
+			at = at[:i]
+			o, ok = s.origins[at]
 		}
 		switch {
 		case !ok:

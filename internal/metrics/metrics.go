@@ -53,6 +53,9 @@ type Proxy struct {
 	errors      metric.Int64Counter
 	relayed     metric.Int64Counter
 
+	// Routing holds the routing and mirroring instruments.
+	Routing *Routing
+
 	counts [numStores]storeCounts
 
 	mu     sync.RWMutex
@@ -160,7 +163,18 @@ func NewProxy(meter metric.Meter) (*Proxy, error) {
 	if err != nil {
 		return nil, err
 	}
+	if p.Routing, err = newRouting(meter); err != nil {
+		return nil, err
+	}
 	return p, nil
+}
+
+// R returns the routing instruments (nil-safe).
+func (p *Proxy) R() *Routing {
+	if p == nil {
+		return nil
+	}
+	return p.Routing
 }
 
 // SessionOpened and SessionClosed track the open-session gauge.

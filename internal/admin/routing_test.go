@@ -1,0 +1,174 @@
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/table"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+type apiClient struct {
+	t    *testing.T
+	base string
+}
+
+func (c apiClient) do(method, path, body string) (int, string) {
+	c.t.Helper()
+	req, err := http.NewRequest(method, c.base+path, strings.NewReader(body))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if ct := resp.Header.Get("Content-Type"); ct != "application/json" && resp.StatusCode != http.StatusMethodNotAllowed {
+		c.t.Errorf("%s %s: Content-Type %q", method, path, ct)
+	}
+	return resp.StatusCode, string(b)
+}
+
+// TestRoutingAPI drives /api/v1 against a real control database: state,
+// legal and illegal changes, bad input, the drift gate and its override,
+// and rollback.
+func TestRoutingAPI(t *testing.T) {
+	c := pgtest.New(t)
+	ctx := context.Background()
+	connect := func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, c.DSN("postgres")) }
+	conn, err := connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if err := route.EnsureSchema(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	var synced []route.Store
+	var observed []route.Report
+	rt := &Routing{
+		Connect: connect,
+		Options: route.Options{FenceTimeout: time.Second, AckTimeout: time.Second,
+			PrepareSequences: func(ctx context.Context, to route.Store) (func(context.Context) (route.SequenceSync, error), func(), error) {
+				return func(context.Context) (route.SequenceSync, error) {
+					synced = append(synced, to)
+					return route.SequenceSync{}, nil
+				}, func() {}, nil
+			}},
+		Observe: func(_ context.Context, rep route.Report) { observed = append(observed, rep) },
+	}
+	srv := httptest.NewServer(NewHandler(Options{Routing: rt}))
+	defer srv.Close()
+	api := apiClient{t, srv.URL}
+
+	// Before the drift ledger exists, the state says so.
+	code, body := api.do("GET", "/api/v1/state", "")
+	var st Status
+	if err := json.Unmarshal([]byte(body), &st); err != nil || code != 200 {
+		t.Fatalf("GET state: %d %s %v", code, body, err)
+	}
+	if st.State.Version != 1 || st.State.Primary != route.Old || st.Drift != nil || len(st.History) != 1 {
+		t.Fatalf("initial state: %+v", st)
+	}
+	if err := table.EnsureSchema(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct {
+		name, path, body string
+		code             int
+		want             string
+	}{
+		{"bad JSON", "/api/v1/route", `{"mirror": "yes"}`, 400, "invalid JSON body"},
+		{"unknown field", "/api/v1/route", `{"mirorr": true}`, 400, `unknown field \"mirorr\"`},
+		{"nothing to change", "/api/v1/route", `{"reason": "x"}`, 400, "nothing to change"},
+		{"out of range", "/api/v1/route", `{"reads": 150, "primary": "both"}`, 400, "primary must be old or new"},
+		{"flip without mirror", "/api/v1/route", `{"primary": "new", "reads": 100}`, 409, "only while mirror is on"},
+		{"reads without mirror", "/api/v1/route", `{"reads": 10}`, 409, "reads from new need mirror=on"},
+		{"dual-write", "/api/v1/route", `{"mirror": true, "shadow": 5, "reason": "start dual-write"}`, 200, `"primary": "old"`},
+		{"rollback with a bad body", "/api/v1/rollback", `[1]`, 400, "invalid JSON body"},
+	} {
+		code, body := api.do("POST", tc.path, tc.body)
+		if code != tc.code || !strings.Contains(body, tc.want) {
+			t.Errorf("%s: %d %s, want %d with %q", tc.name, code, body, tc.code, tc.want)
+		}
+	}
+	if code, body := api.do("GET", "/api/v1/route", ""); code != http.StatusMethodNotAllowed {
+		t.Errorf("GET /api/v1/route: %d %s", code, body)
+	}
+
+	// Open drift refuses the flip with the numbers; force overrides it.
+	if err := table.RecordDrift(ctx, conn, []table.DriftEntry{
+		{Table: table.Name{Schema: "public", Table: "orders"}, Key: []string{"1"}},
+		{Table: table.Name{Schema: "public", Table: "orders"}, Key: []string{"2"}},
+		{Table: table.Name{Schema: "public", Table: "items"}, Stale: table.StaleOld},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	code, body = api.do("POST", "/api/v1/route", `{"primary": "new", "reads": 100}`)
+	var e struct{ Error string }
+	if json.Unmarshal([]byte(body), &e); code != 409 || !strings.HasPrefix(e.Error, "drift is open: 3 entries on 2 tables (public.orders, public.items)") ||
+		!strings.HasSuffix(e.Error, "(1 to the old store, 2 to the new store) (--force overrides)") {
+		t.Fatalf("flip with open drift: %d %s", code, body)
+	}
+	code, body = api.do("POST", "/api/v1/route", `{"primary": "new", "reads": 100, "force": true, "reason": "accepted"}`)
+	var res Result
+	if err := json.Unmarshal([]byte(body), &res); err != nil || code != 200 {
+		t.Fatalf("forced flip: %d %s", code, body)
+	}
+	if res.State.Primary != route.New || res.State.Version != 3 || !res.Report.Flip || len(res.Report.Forced) != 1 || len(synced) != 1 || synced[0] != route.New {
+		t.Fatalf("forced flip result: %+v", res)
+	}
+	if len(observed) != 2 || !observed[1].Flip {
+		t.Fatalf("observed reports: %+v", observed)
+	}
+
+	// State shows the drift, the history and the forced flip.
+	code, body = api.do("GET", "/api/v1/state", "")
+	st = Status{}
+	if err := json.Unmarshal([]byte(body), &st); err != nil || code != 200 {
+		t.Fatalf("GET state: %d %s %v", code, body, err)
+	}
+	if st.Drift == nil || st.Drift.Open != 3 || st.Drift.Tables["public.orders"] != 2 || st.Drift.Stale["new"] != 2 || st.Drift.Stale["old"] != 1 || len(st.History) != 3 ||
+		!st.History[0].Forced || st.History[0].FenceMS == nil || !strings.Contains(st.History[0].ChangedBy, "admin-api") {
+		t.Fatalf("state after the flip: %s", body)
+	}
+
+	// Rollback ignores the drift gate.
+	code, body = api.do("POST", "/api/v1/rollback", `{"reason": "bad p99"}`)
+	res = Result{}
+	if err := json.Unmarshal([]byte(body), &res); err != nil || code != 200 || res.State.Primary != route.Old || res.State.Reads != 0 || !res.Report.Flip {
+		t.Fatalf("rollback: %d %s", code, body)
+	}
+	// Again: nothing to do, same version.
+	code, body = api.do("POST", "/api/v1/rollback", "")
+	res = Result{}
+	if err := json.Unmarshal([]byte(body), &res); err != nil || code != 200 || res.State.Version != 4 || res.Report.ToVersion != 4 {
+		t.Fatalf("second rollback: %d %s", code, body)
+	}
+}
+
+// TestRoutingNotConfigured: without a new store the routing endpoints say so.
+func TestRoutingNotConfigured(t *testing.T) {
+	srv := httptest.NewServer(NewHandler(Options{}))
+	defer srv.Close()
+	api := apiClient{t, srv.URL}
+	for _, p := range []struct{ method, path string }{{"GET", "/api/v1/state"}, {"POST", "/api/v1/route"}, {"POST", "/api/v1/rollback"}} {
+		if code, body := api.do(p.method, p.path, "{}"); code != 404 || !strings.Contains(body, "needs a new store") {
+			t.Errorf("%s %s: %d %s", p.method, p.path, code, body)
+		}
+	}
+}

@@ -1,0 +1,462 @@
+package config
+
+import (
+	"fmt"
+	"path"
+	"slices"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Tables is the `tables:` section: which tables the migration covers and how each old table becomes a new one
+// (design section 6). It is read from the YAML file only; there are no flags or environment variables for it.
+//
+// Table names and patterns are written as SQL writes them: schema.table, an unqualified name meaning
+// public.name, unquoted parts folded to lower case and double-quoted parts kept exactly ("My Schema"."My Table").
+// Column names are exact (case-sensitive, no quoting) and expressions are SQL, evaluated by the stores.
+type Tables struct {
+	// Include lists glob patterns (path.Match syntax, matched separately against the schema and the table
+	// part: "public.*", "*.*", "sales.order_?") for the tables in the migration's scope; empty = every user table.
+	Include []string `yaml:"include"`
+	// Exclude lists patterns, of the same form, for tables taken out of the scope even when included.
+	Exclude []string `yaml:"exclude"`
+	// Map declares, by old table name, how a table maps; a table in scope without an entry maps to itself.
+	Map map[string]TableMap `yaml:"map"`
+}
+
+// TableMap is the declaration of how one old table maps to one new table.
+type TableMap struct {
+	To      string            `yaml:"to"`      // new table name; empty = the same name as the old table
+	Rename  map[string]string `yaml:"rename"`  // old column -> new column
+	Drop    []string          `yaml:"drop"`    // old columns that are not carried to the new table
+	Compute map[string]string `yaml:"compute"` // new column -> SQL expression over the old columns
+	Reverse map[string]string `yaml:"reverse"` // old column -> SQL expression over the new columns (new -> old mirroring after the write flip)
+}
+
+// tableMapKeys are the keys of one entry under tables.map, in the order of TableMap.
+var tableMapKeys = []string{"to", "rename", "drop", "compute", "reverse"}
+
+// tablesKeys are the keys of the tables section, in the order of Tables.
+var tablesKeys = []string{"include", "exclude", "map"}
+
+// ParseTableName parses a table name written as SQL writes it: "table", "schema.table", with any part
+// double-quoted ("My Schema"."My ""Big"" Table"). Unquoted parts fold to lower case (ASCII, as PostgreSQL folds
+// them) and an unqualified name is in schema public.
+func ParseTableName(s string) (schema, table string, err error) {
+	parts, err := splitIdent(s, false)
+	if err != nil {
+		return "", "", err
+	}
+	if len(parts) == 1 {
+		return "public", parts[0], nil
+	}
+	return parts[0], parts[1], nil
+}
+
+// ParseTablePattern parses an include or exclude pattern into its schema and table globs (path.Match syntax),
+// with the quoting and folding rules of ParseTableName; an unqualified pattern is in schema public.
+func ParseTablePattern(s string) (schema, table string, err error) {
+	parts, err := splitIdent(s, true)
+	if err != nil {
+		return "", "", err
+	}
+	if len(parts) == 1 {
+		parts = []string{"public", parts[0]}
+	}
+	for _, p := range parts {
+		if _, err := path.Match(p, ""); err != nil {
+			return "", "", fmt.Errorf("%q is not a valid glob pattern (path.Match syntax: *, ?, [a-z], \\ escapes)", p)
+		}
+	}
+	return parts[0], parts[1], nil
+}
+
+// splitIdent splits a possibly qualified, possibly quoted name into one or two parts.
+func splitIdent(s string, pattern bool) ([]string, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, fmt.Errorf("empty table name")
+	}
+	var parts []string
+	i := 0
+	for {
+		var part strings.Builder
+		if i < len(s) && s[i] == '"' {
+			i++
+			closed := false
+			for i < len(s) {
+				if s[i] == '"' {
+					if i+1 < len(s) && s[i+1] == '"' {
+						part.WriteByte('"')
+						i += 2
+						continue
+					}
+					i++
+					closed = true
+					break
+				}
+				part.WriteByte(s[i])
+				i++
+			}
+			if !closed {
+				return nil, fmt.Errorf("%q has an unterminated quoted identifier", s)
+			}
+			if part.Len() == 0 {
+				return nil, fmt.Errorf("%q has an empty quoted identifier", s)
+			}
+		} else {
+			for i < len(s) && s[i] != '.' {
+				c := s[i]
+				switch {
+				case c == '"':
+					return nil, fmt.Errorf("%q: a double quote may only start a part (quote the whole part)", s)
+				case c == ' ' || c == '\t' || c == '\n' || c == '\r':
+					return nil, fmt.Errorf("%q contains white space: double-quote a part that contains it", s)
+				case !pattern && (c == '*' || c == '?' || c == '['):
+					return nil, fmt.Errorf("%q looks like a pattern; a table name is wanted here", s)
+				}
+				if 'A' <= c && c <= 'Z' {
+					c += 'a' - 'A'
+				}
+				part.WriteByte(c)
+				i++
+			}
+			if part.Len() == 0 {
+				return nil, fmt.Errorf("%q has an empty part", s)
+			}
+		}
+		parts = append(parts, part.String())
+		if i == len(s) {
+			break
+		}
+		if s[i] != '.' {
+			return nil, fmt.Errorf("%q: expected a dot after a quoted part", s)
+		}
+		i++
+		if len(parts) == 2 {
+			return nil, fmt.Errorf("%q has more than two parts; write schema.table", s)
+		}
+	}
+	return parts, nil
+}
+
+// tablesPath is the YAML path of the entry for the old table key under tables.map, as problems name it.
+func tablesPath(key string) string { return "tables.map[" + key + "]" }
+
+// walkTables checks and decodes the tables section v found under key k.
+func (w *walker) walkTables(k, v *yaml.Node) {
+	w.cfg.setOrigin("tables", origin{line: k.Line, column: k.Column})
+	w.mapping(k, v, "tables", tablesKeys, func(key, val *yaml.Node, field string) {
+		switch key.Value {
+		case "include":
+			w.cfg.Tables.Include = w.strings(key, val, field)
+		case "exclude":
+			w.cfg.Tables.Exclude = w.strings(key, val, field)
+		case "map":
+			w.mapping(key, val, field, nil, func(tk, tv *yaml.Node, tfield string) {
+				if w.cfg.Tables.Map == nil {
+					w.cfg.Tables.Map = make(map[string]TableMap)
+				}
+				w.cfg.Tables.Map[tk.Value] = w.tableMap(tk, tv, tablesPath(tk.Value))
+			})
+		}
+	})
+}
+
+// tableMap checks and decodes one entry of tables.map.
+func (w *walker) tableMap(k, v *yaml.Node, field string) TableMap {
+	var tm TableMap
+	w.cfg.setOrigin(field, origin{line: k.Line, column: k.Column})
+	w.mapping(k, v, field, tableMapKeys, func(key, val *yaml.Node, f string) {
+		switch key.Value {
+		case "to":
+			tm.To = w.str(key, val, f)
+		case "rename":
+			tm.Rename = w.stringMap(key, val, f)
+		case "drop":
+			tm.Drop = w.strings(key, val, f)
+		case "compute":
+			tm.Compute = w.stringMap(key, val, f)
+		case "reverse":
+			tm.Reverse = w.stringMap(key, val, f)
+		}
+	})
+	return tm
+}
+
+// mapping checks that v (the value of key k, at the YAML path field) is a mapping whose keys are all in valid (any
+// key when valid is nil) and appear once, and calls each for every key with its value and path. Merge keys (<<)
+// are applied first, so explicit keys override merged ones. A null value is an empty mapping.
+func (w *walker) mapping(k, v *yaml.Node, field string, valid []string, each func(key, val *yaml.Node, field string)) {
+	v = resolveAlias(v)
+	if v.ShortTag() == "!!null" {
+		return
+	}
+	if v.Kind != yaml.MappingNode {
+		w.problem(k, field, "must be a mapping (key: value), not "+nodeKind(v))
+		return
+	}
+	explicit := make(map[string]*yaml.Node)
+	for i := 0; i+1 < len(v.Content); i += 2 {
+		if key := v.Content[i]; key.ShortTag() != "!!merge" && key.Kind == yaml.ScalarNode {
+			if _, dup := explicit[key.Value]; !dup {
+				explicit[key.Value] = key
+			}
+		}
+	}
+	merged := make(map[string]bool)
+	one := func(key, val *yaml.Node) {
+		if valid != nil && !slices.Contains(valid, key.Value) {
+			w.problem(key, "", unknownKey(key.Value, field, valid))
+			return
+		}
+		each(key, val, field+"."+key.Value)
+	}
+	// Merge keys (<<) first, as in YAML: a key set explicitly overrides a merged one, and an earlier merged
+	// mapping overrides a later one.
+	var merge func(n *yaml.Node)
+	merge = func(n *yaml.Node) {
+		n = resolveAlias(n)
+		switch n.Kind {
+		case yaml.SequenceNode:
+			for _, x := range n.Content {
+				merge(x)
+			}
+		case yaml.MappingNode:
+			for i := 0; i+1 < len(n.Content); i += 2 {
+				key, val := n.Content[i], n.Content[i+1]
+				if key.ShortTag() == "!!merge" {
+					merge(val)
+					continue
+				}
+				if _, ok := explicit[key.Value]; ok || merged[key.Value] || key.Kind != yaml.ScalarNode {
+					continue
+				}
+				merged[key.Value] = true
+				one(key, val)
+			}
+		}
+	}
+	for i := 0; i+1 < len(v.Content); i += 2 {
+		if key := v.Content[i]; key.ShortTag() == "!!merge" {
+			merge(v.Content[i+1])
+		}
+	}
+	for i := 0; i+1 < len(v.Content); i += 2 {
+		key, val := v.Content[i], v.Content[i+1]
+		if key.ShortTag() == "!!merge" {
+			continue
+		}
+		if key.Kind != yaml.ScalarNode {
+			w.problem(key, field, "a key must be a single value, not "+nodeKind(key))
+			continue
+		}
+		if first := explicit[key.Value]; first != key {
+			w.problem(key, "", fmt.Sprintf("key %q appears twice in %s (first on line %d)", key.Value, field, first.Line))
+			continue
+		}
+		one(key, val)
+	}
+}
+
+// unknownKey describes an unknown key in the section at field, suggesting the nearest valid one.
+func unknownKey(key, field string, valid []string) string {
+	msg := fmt.Sprintf("unknown field %q in %s", key, field)
+	best, bestDist := "", len(key)/3+2
+	for _, v := range valid {
+		if d := editDistance(strings.ToLower(key), v); d < bestDist {
+			best, bestDist = v, d
+		}
+	}
+	if best != "" {
+		return msg + fmt.Sprintf(" (did you mean %q?)", best)
+	}
+	return msg + " (valid: " + strings.Join(valid, ", ") + ")"
+}
+
+// str decodes a single string value; null is "".
+func (w *walker) str(k, v *yaml.Node, field string) string {
+	v = resolveAlias(v)
+	if v.ShortTag() == "!!null" {
+		return ""
+	}
+	if v.Kind != yaml.ScalarNode {
+		w.problem(k, field, "must be a single value, not "+nodeKind(v))
+		return ""
+	}
+	w.cfg.setOrigin(field, origin{line: k.Line, column: k.Column})
+	return v.Value
+}
+
+// strings decodes a list of strings; null is an empty list.
+func (w *walker) strings(k, v *yaml.Node, field string) []string {
+	v = resolveAlias(v)
+	if v.ShortTag() == "!!null" {
+		return nil
+	}
+	if v.Kind != yaml.SequenceNode {
+		w.problem(k, field, "must be a list of strings, not "+nodeKind(v))
+		return nil
+	}
+	w.cfg.setOrigin(field, origin{line: k.Line, column: k.Column})
+	out := make([]string, 0, len(v.Content))
+	for i, item := range v.Content {
+		item = resolveAlias(item)
+		f := fmt.Sprintf("%s[%d]", field, i)
+		if item.Kind != yaml.ScalarNode || item.ShortTag() == "!!null" {
+			what := nodeKind(item)
+			if item.ShortTag() == "!!null" {
+				what = "null"
+			}
+			w.problem(item, f, "must be a string, not "+what)
+			continue
+		}
+		w.cfg.setOrigin(f, origin{line: item.Line, column: item.Column})
+		out = append(out, item.Value)
+	}
+	return out
+}
+
+// stringMap decodes a mapping of strings to strings; null is an empty mapping.
+func (w *walker) stringMap(k, v *yaml.Node, field string) map[string]string {
+	var out map[string]string
+	w.mapping(k, v, field, nil, func(key, val *yaml.Node, f string) {
+		val = resolveAlias(val)
+		if val.Kind != yaml.ScalarNode || val.ShortTag() == "!!null" {
+			what := nodeKind(val)
+			if val.ShortTag() == "!!null" {
+				what = "empty"
+			}
+			w.problem(key, f, "must be a single value, not "+what)
+			return
+		}
+		if out == nil {
+			out = make(map[string]string)
+		}
+		w.cfg.setOrigin(f, origin{line: key.Line, column: key.Column})
+		out[key.Value] = val.Value
+	})
+	if out != nil {
+		w.cfg.setOrigin(field, origin{line: k.Line, column: k.Column})
+	}
+	return out
+}
+
+// validateTables checks the tables section: patterns and names parse, each old and new table is named once,
+// and no column is given two fates.
+func (v *validator) validateTables(t Tables) {
+	for _, list := range []struct {
+		field    string
+		patterns []string
+	}{{"tables.include", t.Include}, {"tables.exclude", t.Exclude}} {
+		for i, p := range list.patterns {
+			if _, _, err := ParseTablePattern(p); err != nil {
+				v.add(fmt.Sprintf("%s[%d]", list.field, i), "bad pattern: "+err.Error())
+			}
+		}
+	}
+	keys := make([]string, 0, len(t.Map))
+	for k := range t.Map {
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b string) int {
+		if d := v.line(tablesPath(a)) - v.line(tablesPath(b)); d != 0 {
+			return d
+		}
+		return strings.Compare(a, b)
+	})
+	olds := make(map[[2]string]string) // parsed old name -> key
+	news := make(map[[2]string]string) // parsed new name -> key
+	for _, key := range keys {
+		tm := t.Map[key]
+		field := tablesPath(key)
+		s, n, err := ParseTableName(key)
+		if err != nil {
+			v.add(field, "bad table name: "+err.Error())
+			continue
+		}
+		if other, dup := olds[[2]string{s, n}]; dup {
+			v.add(field, fmt.Sprintf("names the same table as %q", other))
+			continue
+		}
+		olds[[2]string{s, n}] = key
+		to := [2]string{s, n}
+		if tm.To != "" {
+			ts, tn, err := ParseTableName(tm.To)
+			if err != nil {
+				v.add(field+".to", "bad table name: "+err.Error())
+			}
+			to = [2]string{ts, tn}
+		}
+		if other, dup := news[to]; dup {
+			v.add(field+".to", fmt.Sprintf("%s.%s is already the new table of %q: one new table per old table", to[0], to[1], other))
+		}
+		news[to] = key
+		v.validateColumns(field, tm)
+	}
+}
+
+// validateColumns checks one table's column declarations for empty names and conflicting fates.
+func (v *validator) validateColumns(field string, tm TableMap) {
+	dropped := make(map[string]bool)
+	for i, c := range tm.Drop {
+		f := fmt.Sprintf("%s.drop[%d]", field, i)
+		switch {
+		case c == "":
+			v.add(f, "empty column name")
+		case dropped[c]:
+			v.add(f, fmt.Sprintf("column %q is listed twice", c))
+		case tm.Rename[c] != "":
+			v.add(f, fmt.Sprintf("column %q is both renamed (to %q) and dropped", c, tm.Rename[c]))
+		}
+		dropped[c] = true
+	}
+	targets := make(map[string]string) // new column -> old column renamed to it
+	for _, old := range sortedKeys(tm.Rename) {
+		nw := tm.Rename[old]
+		f := field + ".rename." + old
+		switch {
+		case old == "" || nw == "":
+			v.add(f, "empty column name")
+		case targets[nw] != "":
+			v.add(f, fmt.Sprintf("%q and %q are both renamed to %q", targets[nw], old, nw))
+		case tm.Compute[nw] != "":
+			v.add(f, fmt.Sprintf("new column %q is both renamed to (from %q) and computed", nw, old))
+		}
+		if tm.Reverse[old] != "" {
+			v.add(field+".reverse."+old, fmt.Sprintf("old column %q is renamed, which already mirrors it back from %q; remove its reverse expression", old, nw))
+		}
+		targets[nw] = old
+	}
+	for _, m := range []struct {
+		name  string
+		exprs map[string]string
+	}{{"compute", tm.Compute}, {"reverse", tm.Reverse}} {
+		for _, col := range sortedKeys(m.exprs) {
+			f := field + "." + m.name + "." + col
+			switch {
+			case col == "":
+				v.add(f, "empty column name")
+			case strings.TrimSpace(m.exprs[col]) == "":
+				v.add(f, "empty expression")
+			}
+		}
+	}
+}
+
+// line returns the line in the file where field was set, or 0.
+func (v *validator) line(field string) int {
+	if v.c.src == nil {
+		return 0
+	}
+	return v.c.src.origins[field].line
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}

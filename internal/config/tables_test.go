@@ -1,0 +1,160 @@
+package config
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestParseTableName(t *testing.T) {
+	tests := []struct {
+		in, schema, table, err string
+	}{
+		{in: "users", schema: "public", table: "users"},
+		{in: "Users", schema: "public", table: "users"},
+		{in: "sales.Orders", schema: "sales", table: "orders"},
+		{in: `"My Schema"."My Table"`, schema: "My Schema", table: "My Table"},
+		{in: `"a""b".c`, schema: `a"b`, table: "c"},
+		{in: `"x.y"`, schema: "public", table: "x.y"},
+		{in: "", err: "empty table name"},
+		{in: "a.b.c", err: "more than two parts"},
+		{in: `"open`, err: "unterminated"},
+		{in: `a"b`, err: "a double quote may only start a part"},
+		{in: "my table", err: "white space"},
+		{in: "a.", err: "empty part"},
+		{in: `""`, err: "empty quoted identifier"},
+		{in: `"a"b`, err: "expected a dot"},
+		{in: "public.*", err: "looks like a pattern"},
+	}
+	for _, tt := range tests {
+		s, n, err := ParseTableName(tt.in)
+		if tt.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.err) {
+				t.Errorf("ParseTableName(%q) error = %v, want %q", tt.in, err, tt.err)
+			}
+			continue
+		}
+		if err != nil || s != tt.schema || n != tt.table {
+			t.Errorf("ParseTableName(%q) = %q, %q, %v; want %q, %q", tt.in, s, n, err, tt.schema, tt.table)
+		}
+	}
+	if s, n, err := ParseTablePattern(`"Big Schema".tmp_*`); err != nil || s != "Big Schema" || n != "tmp_*" {
+		t.Errorf("ParseTablePattern = %q, %q, %v", s, n, err)
+	}
+	if s, n, err := ParseTablePattern("tmp_?"); err != nil || s != "public" || n != "tmp_?" {
+		t.Errorf("ParseTablePattern = %q, %q, %v", s, n, err)
+	}
+	if _, _, err := ParseTablePattern("public.[a-"); err == nil || !strings.Contains(err.Error(), "not a valid glob pattern") {
+		t.Errorf("bad glob: %v", err)
+	}
+}
+
+func TestLoadTablesErrors(t *testing.T) {
+	tests := []struct {
+		name    string
+		content string
+		want    []string
+	}{
+		{"typo in a table entry", "tables:\n  map:\n    users:\n      renmae: {mail: email}\n",
+			[]string{`t.yaml:4:7: unknown field "renmae" in tables.map[users] (did you mean "rename"?)`}},
+		{"typo in the section", "tables:\n  inclde: [x]\n",
+			[]string{`t.yaml:2:3: unknown field "inclde" in tables (did you mean "include"?)`}},
+		{"unknown key lists the valid ones", "tables:\n  map:\n    users:\n      columns: {}\n",
+			[]string{`t.yaml:4:7: unknown field "columns" in tables.map[users] (valid: to, rename, drop, compute, reverse)`}},
+		{"section is a list", "tables: [users]\n",
+			[]string{`t.yaml:1:1: tables: must be a mapping (key: value), not a list`}},
+		{"include is a string", "tables:\n  include: public.*\n",
+			[]string{`t.yaml:2:3: tables.include: must be a list of strings, not a single value`}},
+		{"include item is a mapping", "tables:\n  include:\n    - public.*\n    - {a: b}\n",
+			[]string{`t.yaml:4:7: tables.include[1]: must be a string, not a mapping`}},
+		{"map is a list", "tables:\n  map: [users]\n",
+			[]string{`t.yaml:2:3: tables.map: must be a mapping (key: value), not a list`}},
+		{"entry is a list", "tables:\n  map:\n    users: [a]\n",
+			[]string{`t.yaml:3:5: tables.map[users]: must be a mapping (key: value), not a list`}},
+		{"rename is a list", "tables:\n  map:\n    users:\n      rename: [mail, email]\n",
+			[]string{`t.yaml:4:7: tables.map[users].rename: must be a mapping (key: value), not a list`}},
+		{"to is a mapping", "tables:\n  map:\n    users:\n      to: {a: b}\n",
+			[]string{`t.yaml:4:7: tables.map[users].to: must be a single value, not a mapping`}},
+		{"compute value is a list", "tables:\n  map:\n    users:\n      compute:\n        full_name: [a]\n",
+			[]string{`t.yaml:5:9: tables.map[users].compute.full_name: must be a single value, not a list`}},
+		{"compute value is empty", "tables:\n  map:\n    users:\n      compute:\n        full_name:\n",
+			[]string{`t.yaml:5:9: tables.map[users].compute.full_name: must be a single value, not empty`}},
+		{"duplicate table", "tables:\n  map:\n    users: {}\n    users: {to: x}\n",
+			[]string{`t.yaml:4:5: key "users" appears twice in tables.map (first on line 3)`}},
+		{"duplicate column", "tables:\n  map:\n    users:\n      rename:\n        mail: email\n        mail: e\n",
+			[]string{`t.yaml:6:9: key "mail" appears twice in tables.map[users].rename (first on line 5)`}},
+		{"duplicate section", "tables: {}\ntables: {}\n",
+			[]string{`t.yaml:2:1: key "tables" appears twice in the top level of the file (first on line 1)`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			writeFile(t, dir, "t.yaml", tt.content)
+			t.Chdir(dir)
+			_, err := Load("t.yaml", nil)
+			got := problemStrings(problemsOf(t, err))
+			if !reflect.DeepEqual(got, tt.want) {
+				t.Errorf("got\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(tt.want, "\n  "))
+			}
+		})
+	}
+}
+
+func TestLoadTablesMergeKeys(t *testing.T) {
+	dir := t.TempDir()
+	file := writeFile(t, dir, "t.yaml", `
+tables:
+  map:
+    public.base: &base
+      drop: [legacy_flag]
+      rename: {mail: email}
+    users:
+      <<: *base
+      rename: {mail: e_mail}
+`)
+	cfg, err := Load(file, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := TableMap{Drop: []string{"legacy_flag"}, Rename: map[string]string{"mail": "e_mail"}}
+	if got := cfg.Tables.Map["users"]; !reflect.DeepEqual(got, want) {
+		t.Errorf("users = %+v, want %+v", got, want)
+	}
+}
+
+func TestCheckTables(t *testing.T) {
+	dir := t.TempDir()
+	file := writeFile(t, dir, "tandem.yaml", `old:
+  dsn: "postgres://app@localhost/app?sslmode=disable"
+tables:
+  include: ["public.*", "public.[a-"]
+  exclude: ['"unterminated.*']
+  map:
+    users:
+      to: accounts
+      rename: {mail: email, other: email}
+      drop: [mail, legacy_flag, legacy_flag]
+      compute: {full_name: "", email: "lower(mail)"}
+      reverse: {mail: "email"}
+    public.users: {}
+    orders: {to: accounts}
+    "a.b.c": {}
+`)
+	got := problemStrings(Check(file, nil))
+	want := []string{
+		file + `:4:25: tables.include[1]: bad pattern: "[a-" is not a valid glob pattern (path.Match syntax: *, ?, [a-z], \ escapes)`,
+		file + `:5:13: tables.exclude[0]: bad pattern: "\"unterminated.*" has an unterminated quoted identifier`,
+		file + `:9:16: tables.map[users].rename.mail: new column "email" is both renamed to (from "mail") and computed`,
+		file + `:9:29: tables.map[users].rename.other: "mail" and "other" are both renamed to "email"`,
+		file + `:10:14: tables.map[users].drop[0]: column "mail" is both renamed (to "email") and dropped`,
+		file + `:10:33: tables.map[users].drop[2]: column "legacy_flag" is listed twice`,
+		file + `:11:17: tables.map[users].compute.full_name: empty expression`,
+		file + `:12:17: tables.map[users].reverse.mail: old column "mail" is renamed, which already mirrors it back from "email"; remove its reverse expression`,
+		file + `:13:5: tables.map[public.users]: names the same table as "users"`,
+		file + `:14:14: tables.map[orders].to: public.accounts is already the new table of "users": one new table per old table`,
+		file + `:15:5: tables.map[a.b.c]: bad table name: "a.b.c" has more than two parts; write schema.table`,
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
+	}
+}

@@ -1,0 +1,406 @@
+package route
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Gate is a cutover gate: it refuses a write flip from cur to next by
+// returning an *IllegalError with Gate set, which Change.Force overrides.
+// Any other error aborts the change. conn is the control database.
+type Gate func(ctx context.Context, conn *pgx.Conn, cur, next Settings) error
+
+// Options configure Set.
+type Options struct {
+	// FenceTimeout bounds how long a write flip waits for every live
+	// replica to drain its in-flight writes (default 5s).
+	FenceTimeout time.Duration
+	// AckTimeout bounds how long Set waits for every live replica to
+	// acknowledge the new version (default 10s).
+	AckTimeout time.Duration
+	// Live is how recent a heartbeat must be for a replica to count as
+	// live (default 3 × DefaultPoll; use 3 × the replicas' poll).
+	Live time.Duration
+	// FenceLease bounds how long a fence outlives a flip that died holding
+	// it: replicas then read it as released (default FenceTimeout + 30s).
+	// A flip whose lease ran out before its step 5 applies nothing.
+	FenceLease time.Duration
+	// Gates are the caller's cutover gates, checked before a write flip
+	// other than a rollback (e.g. open drift).
+	Gates []Gate
+	// PrepareSequences, if set, is called at a write flip before the fence
+	// is raised, to get ready (e.g. connect to both stores) to bring the
+	// sequences of the store becoming primary (to) up to the other store's.
+	// Set calls the returned sync at step 4, with writes fenced, so the
+	// fence covers only the sync itself; it calls done when the flip ends.
+	PrepareSequences func(ctx context.Context, to Store) (sync func(context.Context) (SequenceSync, error), done func(), err error)
+	Logger           *slog.Logger
+}
+
+func (o Options) withDefaults() Options {
+	if o.FenceTimeout <= 0 {
+		o.FenceTimeout = 5 * time.Second
+	}
+	if o.AckTimeout <= 0 {
+		o.AckTimeout = 10 * time.Second
+	}
+	if o.Live <= 0 {
+		o.Live = 3 * DefaultPoll
+	}
+	if o.FenceLease <= 0 {
+		o.FenceLease = o.FenceTimeout + 30*time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return o
+}
+
+// Report says what Set did.
+type Report struct {
+	FromVersion int64 `json:"from_version"`
+	ToVersion   int64 `json:"to_version"` // equal to FromVersion when nothing changed
+	Flip        bool  `json:"flip"`       // primary changed: the write fence was raised
+	// Fence is how long the write fence was held, for a flip; FenceMS is the same in milliseconds.
+	Fence      time.Duration `json:"-"`
+	FenceMS    float64       `json:"fence_ms,omitempty"`
+	FenceToken int64         `json:"fence_token,omitempty"`
+	Drained    []string      `json:"drained,omitempty"`   // live replicas that drained the fence
+	Acked      []string      `json:"acked"`               // live replicas that acknowledged ToVersion
+	NotAcked   []string      `json:"not_acked,omitempty"` // live replicas that did not within AckTimeout
+	Sequences  *SequenceSync `json:"sequences,omitempty"`
+	Forced     []string      `json:"forced,omitempty"` // gate refusals overridden by Force
+}
+
+// FenceError is a write flip that gave up because live replicas did not
+// drain their in-flight writes within the fence timeout. The fence was
+// released and nothing changed.
+type FenceError struct {
+	Timeout time.Duration
+	Pending []Replica
+}
+
+func (e *FenceError) Error() string {
+	names := make([]string, len(e.Pending))
+	for i, r := range e.Pending {
+		names[i] = fmt.Sprintf("%s (%d writers)", r.ID, r.Writers)
+	}
+	return fmt.Sprintf("write fence not drained within %s by %s: the fence was released and nothing changed; "+
+		"retry when long transactions have ended, or raise routing.fence_timeout", e.Timeout, strings.Join(names, ", "))
+}
+
+// Set runs one routing change with the protocol of design section 8 and
+// waits for the live replicas to follow it.
+//
+// A change that keeps the primary is applied (version bump and history),
+// then Set waits up to AckTimeout for every live replica to acknowledge
+// the new version and reports the ones that did not.
+//
+// A write flip (the primary changes) goes: 1. check the gates (Options.Gates
+// unless it is a rollback, then the built-in ones: a live replica whose
+// breaker is open, or that has not acknowledged the current version), all
+// overridden by Force and recorded in the history; 2. raise the write fence
+// and NOTIFY; 3. wait up to FenceTimeout until every live replica has
+// drained it, else release it and return a *FenceError; 4. sync sequences;
+// 5. apply the settings and wait for the replicas' acknowledgements;
+// 6. release the fence and record its duration in the history.
+//
+// Refusals are *IllegalError (see IsIllegal). The fence is released on
+// every path, even when ctx ends. conn is the control database; Set uses
+// it exclusively until it returns.
+func Set(ctx context.Context, conn *pgx.Conn, ch Change, opts Options) (State, Report, error) {
+	opts = opts.withDefaults()
+	cur, err := Load(ctx, conn)
+	if err != nil {
+		return State{}, Report{}, err
+	}
+	rep := Report{FromVersion: cur.Version, ToVersion: cur.Version, Acked: []string{}}
+	if cur.Fence != 0 {
+		return cur, rep, &IllegalError{Reason: fmt.Sprintf("a write flip is in progress (fence %d); retry when it has ended", cur.Fence)}
+	}
+	next := ch.target(cur.Settings)
+	if next == cur.Settings {
+		return cur, rep, nil
+	}
+	if err := CheckTransition(cur.Settings, next, ch.Force); err != nil {
+		return cur, rep, err
+	}
+	rollback := ch.Rollback
+	ch.Next, ch.Edit, ch.Rollback = next, nil, false
+	if _, err := conn.Exec(ctx, "LISTEN "+AckChannel); err != nil {
+		return cur, rep, err
+	}
+	defer func() {
+		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		defer cancel()
+		_, _ = conn.Exec(uctx, "UNLISTEN "+AckChannel)
+	}()
+
+	if next.Primary == cur.Primary {
+		st, err := apply(ctx, conn, ch, guard{version: cur.Version})
+		if err != nil {
+			return cur, rep, err
+		}
+		rep.ToVersion = st.Version
+		err = opts.waitVersion(ctx, conn, st.Version, &rep)
+		return st, rep, err
+	}
+	return opts.flip(ctx, conn, cur, ch, rollback, &rep)
+}
+
+// flip runs steps 1 to 6 of a write flip.
+func (o Options) flip(ctx context.Context, conn *pgx.Conn, cur State, ch Change, rollback bool, rep *Report) (State, Report, error) {
+	rep.Flip = true
+	// 1. Gates.
+	refusals, err := o.gates(ctx, conn, cur, ch.Next, rollback)
+	if err != nil {
+		return cur, *rep, err
+	}
+	if len(refusals) > 0 {
+		if !ch.Force {
+			return cur, *rep, &IllegalError{Gate: true, Reason: strings.Join(refusals, "; ") + " (--force overrides)"}
+		}
+		rep.Forced = refusals
+		ch.Reason = strings.TrimSpace(ch.Reason + " [forced past: " + strings.Join(refusals, "; ") + "]")
+	}
+
+	var syncSequences func(context.Context) (SequenceSync, error)
+	if o.PrepareSequences != nil {
+		sync, done, err := o.PrepareSequences(ctx, ch.Next.Primary)
+		if err != nil {
+			return cur, *rep, fmt.Errorf("preparing to sync sequences to %s: %w; nothing changed", ch.Next.Primary, err)
+		}
+		defer done()
+		syncSequences = sync
+	}
+
+	// 2. Raise the fence.
+	start := time.Now()
+	token, expires, err := raiseFence(ctx, conn, cur.Version, o.FenceLease)
+	if err != nil {
+		return cur, *rep, err
+	}
+	rep.FenceToken = token
+	released := false
+	release := func() error {
+		if released {
+			return nil
+		}
+		released = true
+		err := releaseFence(ctx, conn, token)
+		rep.Fence = time.Since(start)
+		rep.FenceMS = float64(rep.Fence.Microseconds()) / 1000
+		if err != nil {
+			return fmt.Errorf("releasing write fence %d (it expires by itself at %s): %w", token, expires.Format(time.RFC3339), err)
+		}
+		return nil
+	}
+	fail := func(err error) (State, Report, error) {
+		return cur, *rep, errors.Join(err, release())
+	}
+	defer func() { _ = release() }() // a panic in a callback
+
+	// 3. Wait for every live replica to drain.
+	ok, pending, err := waitReplicas(ctx, conn, o.Live, o.FenceTimeout, func(r Replica) bool { return r.FenceAcked == token })
+	rep.Drained = ids(ok)
+	if err != nil {
+		return fail(fmt.Errorf("waiting for the write fence to drain: %w", err))
+	}
+	if len(pending) > 0 {
+		return fail(&FenceError{Timeout: o.FenceTimeout, Pending: pending})
+	}
+
+	// 4. Make the store becoming primary ready: the caller's sync repairs
+	// what it missed and brings its sequences up. A failure is a gate:
+	// --force goes past it (and the history says so).
+	if syncSequences != nil {
+		sctx, cancel := context.WithDeadline(ctx, expires.Add(-2*time.Second))
+		seq, err := syncSequences(sctx)
+		cancel()
+		if err != nil && !ch.Force {
+			return fail(&IllegalError{Gate: true, Reason: fmt.Sprintf("preparing the %s store to become primary failed: %v; nothing changed (--force overrides)", ch.Next.Primary, err)})
+		}
+		if err != nil {
+			msg := fmt.Sprintf("preparing the %s store: %v", ch.Next.Primary, err)
+			rep.Forced = append(rep.Forced, msg)
+			ch.Reason = strings.TrimSpace(ch.Reason + " [forced past: " + msg + "]")
+			o.Logger.Warn("write flip forced past a failed preparation of the new primary", "error", err)
+		}
+		rep.Sequences = &seq
+		if len(seq.Missing) > 0 {
+			o.Logger.Warn("sequences missing on the new primary were not synced", "store", ch.Next.Primary, "sequences", seq.Missing)
+		}
+	}
+
+	// 5. Bump the version and wait for the replicas to acknowledge it.
+	st, err := apply(ctx, conn, ch, guard{version: cur.Version, fence: token})
+	if err != nil {
+		return fail(err)
+	}
+	rep.ToVersion = st.Version
+	waitErr := o.waitVersion(ctx, conn, st.Version, rep)
+
+	// 6. Release the fence.
+	if err := release(); err != nil {
+		return st, *rep, errors.Join(waitErr, err)
+	}
+	st.Fence = 0
+	o.Logger.Info("write flip done", "from", cur.Settings.String(), "to", st.Settings.String(), "version", st.Version,
+		"fence", rep.Fence, "acked", rep.Acked, "not_acked", rep.NotAcked)
+	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	if _, err := conn.Exec(hctx, "UPDATE tandem.state_history SET fence_ms = $1 WHERE version = $2", rep.FenceMS, st.Version); err != nil {
+		waitErr = errors.Join(waitErr, fmt.Errorf("recording the fence time in the history: %w", err))
+	}
+	return st, *rep, waitErr
+}
+
+// gates returns the refusals of the cutover gates and the built-in ones.
+func (o Options) gates(ctx context.Context, conn *pgx.Conn, cur State, next Settings, rollback bool) ([]string, error) {
+	var refusals []string
+	if !rollback {
+		for _, g := range o.Gates {
+			err := g(ctx, conn, cur.Settings, next)
+			var ie *IllegalError
+			switch {
+			case err == nil:
+			case errors.As(err, &ie) && ie.Gate:
+				refusals = append(refusals, ie.Reason)
+			default:
+				return nil, err
+			}
+		}
+	}
+	reps, err := Replicas(ctx, conn, o.Live)
+	if err != nil {
+		return nil, err
+	}
+	var open, behind []string
+	for _, r := range reps {
+		if r.Breaker == "open" {
+			open = append(open, r.ID)
+		}
+		if r.AckedVersion < cur.Version {
+			behind = append(behind, fmt.Sprintf("%s (at %d)", r.ID, r.AckedVersion))
+		}
+	}
+	if len(open) > 0 {
+		refusals = append(refusals, fmt.Sprintf("the breaker is open on %d of %d live replicas (%s): the %s store is failing and writes to it are recorded as drift",
+			len(open), len(reps), strings.Join(open, ", "), cur.Secondary()))
+	}
+	if len(behind) > 0 {
+		refusals = append(refusals, fmt.Sprintf("%d of %d live replicas have not acknowledged version %d: %s",
+			len(behind), len(reps), cur.Version, strings.Join(behind, ", ")))
+	}
+	return refusals, nil
+}
+
+// raiseFence sets a new fence token on the state at version, unless another
+// flip holds a fence, and notifies the replicas.
+func raiseFence(ctx context.Context, conn *pgx.Conn, version int64, lease time.Duration) (token int64, expires time.Time, err error) {
+	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if err := tx.QueryRow(ctx, "SELECT nextval('tandem.fence_token')").Scan(&token); err != nil {
+			return err
+		}
+		err := tx.QueryRow(ctx, `UPDATE tandem.state SET fence = $1, fence_expires = now() + $2::interval
+			WHERE id = 1 AND version = $3 AND (fence = 0 OR fence_expires <= now())
+			RETURNING fence_expires`, token, lease.String(), version).Scan(&expires)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("raising the write fence: another change or flip got there first: %w", ErrConcurrentChange)
+		}
+		if err != nil {
+			return err
+		}
+		_, err = tx.Exec(ctx, "SELECT pg_notify($1, $2)", Channel, "fence")
+		return err
+	})
+	return token, expires, err
+}
+
+// releaseFence clears token, if it is still the fence, and notifies the
+// replicas. It runs even when ctx has ended, on a new connection if conn
+// is broken.
+func releaseFence(ctx context.Context, conn *pgx.Conn, token int64) error {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	const q = `WITH r AS (UPDATE tandem.state SET fence = 0, fence_expires = NULL WHERE id = 1 AND fence = $1 RETURNING 1)
+		SELECT pg_notify($2, 'fence') FROM r`
+	if !conn.IsClosed() {
+		if _, err := conn.Exec(rctx, q, token, Channel); err == nil {
+			return nil
+		}
+	}
+	c, err := pgx.ConnectConfig(rctx, conn.Config())
+	if err != nil {
+		return err
+	}
+	defer c.Close(rctx)
+	_, err = c.Exec(rctx, q, token, Channel)
+	return err
+}
+
+// waitVersion waits for the live replicas to acknowledge version and
+// fills rep.Acked and rep.NotAcked.
+func (o Options) waitVersion(ctx context.Context, conn *pgx.Conn, version int64, rep *Report) error {
+	ok, pending, err := waitReplicas(ctx, conn, o.Live, o.AckTimeout, func(r Replica) bool { return r.AckedVersion >= version })
+	rep.Acked, rep.NotAcked = ids(ok), ids(pending)
+	if rep.Acked == nil {
+		rep.Acked = []string{}
+	}
+	if err != nil {
+		return fmt.Errorf("waiting for replicas to acknowledge version %d: %w", version, err)
+	}
+	return nil
+}
+
+// waitReplicas waits up to timeout until every live replica satisfies done.
+// It wakes on AckChannel (the caller LISTENs) and re-reads at least every
+// 200ms, so a replica that stops heartbeating stops counting. It returns
+// the live replicas that satisfied done and those that did not.
+func waitReplicas(ctx context.Context, conn *pgx.Conn, live, timeout time.Duration, done func(Replica) bool) (ok, pending []Replica, err error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		reps, err := Replicas(ctx, conn, live)
+		if err != nil {
+			return nil, nil, err
+		}
+		ok, pending = ok[:0], pending[:0]
+		for _, r := range reps {
+			if done(r) {
+				ok = append(ok, r)
+			} else {
+				pending = append(pending, r)
+			}
+		}
+		if len(pending) == 0 || !time.Now().Before(deadline) {
+			return ok, pending, nil
+		}
+		next := time.Now().Add(200 * time.Millisecond)
+		if deadline.Before(next) {
+			next = deadline
+		}
+		wctx, cancel := context.WithDeadline(ctx, next)
+		_, err = conn.WaitForNotification(wctx)
+		cancel()
+		if err != nil && (ctx.Err() != nil || wctx.Err() == nil) {
+			return ok, pending, err
+		}
+	}
+}
+
+func ids(rs []Replica) []string {
+	if len(rs) == 0 {
+		return nil
+	}
+	out := make([]string, len(rs))
+	for i, r := range rs {
+		out[i] = r.ID
+	}
+	return out
+}
