@@ -78,6 +78,7 @@ type loopSession struct {
 	drainAfter bool      // end with errShutdown once pending bytes to the client are written
 	ended      bool
 	result     chan error // the end reason, sent once
+	handoff    *handoff   // set with errHandoff: the bytes the routed engine takes over
 }
 
 func (ls *loopSession) other(f *loopFD) *loopFD {
@@ -262,6 +263,15 @@ func (l *evloop) pump(src *loopFD) {
 					ls.lastClient = time.Now()
 				}
 				if e := ls.toStore.before(); e != nil {
+					if e == errHandoff {
+						if ls.up.fr.InMessage() {
+							e = pgwire.Fatal(pgwire.CodeConnectionFailure, "could not switch the session to routed mode in the middle of a store message").
+								WithHint("Reconnect; the new session is routed from its start.")
+						} else {
+							ls.handoff = &handoff{clientIn: ls.client.fr.Rest(len(out)), upIn: ls.up.fr.Rest(0),
+								clientOut: append([]byte(nil), ls.client.pending...)}
+						}
+					}
 					l.end(ls, e)
 					return
 				}
@@ -481,20 +491,20 @@ func (ss *session) epollCapable() bool {
 // like the goroutine engine. It reports false, with nothing changed, when the
 // sockets could not be handed over; the caller then uses the goroutine
 // engine.
-func (ss *session) relayEpoll(l *evloop) bool {
+func (ss *session) relayEpoll(l *evloop) (bool, *handoff) {
 	cfd, err := detach(ss.client)
 	if err != nil {
-		return false
+		return false, nil
 	}
 	ufd, err := detach(ss.upstream.conn)
 	if err != nil {
 		// The client's net.Conn is closed already: take its socket back.
 		c, aerr := attach(cfd, "client")
 		if aerr != nil {
-			return true // the client's socket is gone; the session ends
+			return true, nil // the client's socket is gone; the session ends
 		}
 		ss.client = c
-		return false
+		return false, nil
 	}
 	maxBody := int(ss.srv.cfg.Limits.MaxMessageBytes)
 	ls := &loopSession{ss: ss, toStore: &toStore{ss: ss}, toClient: &toClient{ss: ss},
@@ -526,13 +536,17 @@ func (ss *session) relayEpoll(l *evloop) bool {
 				c.Close()
 			}
 		}
-		return true
+		return true, nil
 	}
 	ss.client, ss.upstream.conn = client, up
+	if reason == errHandoff && ls.handoff != nil {
+		ss.upstream.reader = up
+		return true, ls.handoff
+	}
 	ss.sayGoodbye(reason, !ls.client.fr.InMessage())
 	ss.upstream.conn.Close()
 	ss.closeClient(reason, ls.up.fr, true)
-	return true
+	return true, nil
 }
 
 // startLoops creates the epoll engine's loops: one per two Ps, so the
@@ -561,13 +575,25 @@ func (s *Server) stopLoops() {
 }
 
 // relayWithEngine relays an authenticated session with the configured
-// engine.
+// engine, and hands it to the routed engine when the routing state needs
+// it routed message by message.
 func (ss *session) relayWithEngine() {
-	if s := ss.srv; len(s.loops) > 0 && ss.epollCapable() {
-		l := s.loops[int(s.nextLoop.Add(1))%len(s.loops)]
-		if ss.relayEpoll(l) {
+	if !ss.srv.wantRouted(ss) {
+		if s := ss.srv; len(s.loops) > 0 && ss.epollCapable() {
+			l := s.loops[int(s.nextLoop.Add(1))%len(s.loops)]
+			if ok, h := ss.relayEpoll(l); ok {
+				if h != nil {
+					ss.serveRouted(h)
+				}
+				return
+			}
+		}
+		h := ss.relay()
+		if h == nil {
 			return
 		}
+		ss.serveRouted(h)
+		return
 	}
-	ss.relay()
+	ss.serveRouted(&handoff{})
 }

@@ -10,4 +10,14 @@ func (s *Server) startLoops() error { return nil }
 
 func (s *Server) stopLoops() {}
 
-func (ss *session) relayWithEngine() { ss.relay() }
+func (ss *session) relayWithEngine() {
+	if !ss.srv.wantRouted(ss) {
+		h := ss.relay()
+		if h == nil {
+			return
+		}
+		ss.serveRouted(h)
+		return
+	}
+	ss.serveRouted(&handoff{})
+}

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -16,6 +17,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/route"
 )
 
 // updateGolden rewrites proxy/testdata/golden/*.txt from the proxied runs:
@@ -611,4 +614,29 @@ func lineDiff(a, b []string, aName, bName string) string {
 		}
 	}
 	return sb.String()
+}
+
+// TestGoldenTranscriptsDualWrite runs the same exchanges through a proxy
+// that mirrors every write to a second store: a client must not be able to
+// tell that its writes were rewritten to return row images, or that a
+// second store follows in lockstep.
+func TestGoldenTranscriptsDualWrite(t *testing.T) {
+	nc := sharedNew(t)
+	p := startProxy(t, shared, "postgres", func(c *config.Config) { c.New.DSN = nc.DSN("postgres") })
+	p.srv.ApplyState(route.State{Version: 2, Settings: route.Settings{Primary: route.Old, Mirror: true}})
+	direct := net.JoinHostPort("127.0.0.1", strconv.Itoa(shared.Port()))
+	for _, ex := range goldenExchanges {
+		t.Run(ex.name, func(t *testing.T) {
+			dbDirect, dbProxied := newDB(t), newDB(t)
+			if err := nc.CreateDatabase(context.Background(), dbProxied); err != nil {
+				t.Fatal(err)
+			}
+			want := runGolden(t, direct, dbDirect, ex)
+			got := runGolden(t, p.addr, dbProxied, ex)
+			if !slicesEqual(want.exact, got.exact) {
+				t.Errorf("dual-write transcript differs from direct PostgreSQL\n%s\n--- direct\n%s\n--- proxied\n%s",
+					lineDiff(want.exact, got.exact, "direct", "proxied"), numbered(want.exact), numbered(got.exact))
+			}
+		})
+	}
 }

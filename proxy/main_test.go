@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -24,6 +25,10 @@ import (
 var shared *pgtest.Cluster
 
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if f := flag.Lookup("test.fuzz"); f != nil && f.Value.String() != "" {
+		os.Exit(m.Run()) // fuzzing the codecs needs no cluster
+	}
 	var err error
 	shared, err = pgtest.Start(context.Background(), pgtest.Options{})
 	if err != nil {
@@ -31,6 +36,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	code := m.Run()
+	destroySharedNew()
 	if err := shared.Destroy(); err != nil {
 		fmt.Fprintln(os.Stderr, "destroying test cluster:", err)
 	}
@@ -74,6 +80,12 @@ type testProxy struct {
 // default) and stops it when the test ends.
 func startProxy(t testing.TB, c *pgtest.Cluster, db string, mutate ...func(*config.Config)) *testProxy {
 	t.Helper()
+	return startProxyWith(t, c, db, Options{}, mutate...)
+}
+
+// startProxyWith is startProxy with options.
+func startProxyWith(t testing.TB, c *pgtest.Cluster, db string, opts Options, mutate ...func(*config.Config)) *testProxy {
+	t.Helper()
 	cfg := config.Default()
 	cfg.Listen = "127.0.0.1:0"
 	cfg.Admin = "127.0.0.1:0"
@@ -87,7 +99,8 @@ func startProxy(t testing.TB, c *pgtest.Cluster, db string, mutate ...func(*conf
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	srv, err := New(&cfg, Options{Logger: testLogger(t)})
+	opts.Logger = testLogger(t)
+	srv, err := New(&cfg, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,9 +17,12 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/sony/gobreaker/v2"
+	"github.com/tandemdb/tandem/internal/classify"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/pgwire"
+	"github.com/tandemdb/tandem/internal/table"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
@@ -30,6 +33,13 @@ type Options struct {
 	Logger  *slog.Logger   // nil = discard
 	Metrics *metrics.Proxy // nil = record nothing
 	Knobs   TestingKnobs
+	// RecordDrift writes entries to the drift ledger in the control schema.
+	// The proxy calls it, before acknowledging the client, for every write
+	// the secondary store skipped or failed. Nil means no ledger: mirroring
+	// failures are then logged as errors.
+	RecordDrift func(ctx context.Context, entries []table.DriftEntry) error
+	// Classifier classifies statements (nil = a new one with a default cache).
+	Classifier *classify.Classifier
 }
 
 // TestingKnobs are injection points for tests; the zero value is production
@@ -37,6 +47,9 @@ type Options struct {
 type TestingKnobs struct {
 	// AfterSessionEnd is called when a session's goroutines have all exited.
 	AfterSessionEnd func()
+	// BeforeSecondaryCommit is called by a mirroring session after the
+	// primary committed a transaction and before the secondary does.
+	BeforeSecondaryCommit func()
 }
 
 // Server accepts client sessions and relays them to the primary store. It is
@@ -66,6 +79,15 @@ type Server struct {
 	loopsOnce sync.Once
 	nextLoop  atomic.Uint32
 	looped    atomic.Int64 // sessions relayed by a loop, for tests and metrics
+
+	routing      routing
+	drift        atomic.Pointer[map[string]bool] // tables with open drift ("schema.table")
+	breaker      *gobreaker.CircuitBreaker[struct{}]
+	breakerState atomic.Value // string, as the breaker last reported
+	cats         catalogs
+	recordDrift  func(ctx context.Context, entries []table.DriftEntry) error
+	classifier   *classify.Classifier
+	mappings     atomic.Pointer[table.Mappings]
 }
 
 type cancelKey struct {
@@ -114,6 +136,13 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 		if s.users, err = LoadUserlist(cfg.Auth.Userlist); err != nil {
 			return nil, fmt.Errorf("auth.userlist: %w", err)
 		}
+	}
+	s.routing.init()
+	s.breaker = newBreaker(s)
+	s.recordDrift = opts.RecordDrift
+	s.classifier = opts.Classifier
+	if s.classifier == nil {
+		s.classifier = classify.New(10000)
 	}
 	s.baseCtx, s.stopCtx = context.WithCancel(context.Background())
 	return s, nil
@@ -220,6 +249,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	select {
 	case <-done:
 		s.stopLoops()
+		s.closeCatalogs()
 		s.stopCtx()
 		return nil
 	case <-timer.C:
@@ -254,6 +284,7 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	s.wg.Wait()
 	s.stopLoops()
+	s.closeCatalogs()
 	s.stopCtx()
 	return nil
 }
@@ -308,7 +339,11 @@ func (s *Server) cancel(ctx context.Context, req *pgproto3.CancelRequest) {
 		return
 	}
 	s.metrics.Connection(ctx, "cancel")
-	if err := ss.upstream.cancel(ctx); err != nil {
+	up := ss.upstream
+	if sv := ss.serving.Load(); sv != nil {
+		up = sv
+	}
+	if err := up.cancel(ctx); err != nil {
 		s.log.Warn("forwarding cancel request failed", "session", ss.key.pid, "store", ss.upstream.store.name, "error", err)
 	}
 }

@@ -47,6 +47,15 @@ var serverWhole = func() *[256]bool {
 	return &w
 }()
 
+// clientWhole marks the client-to-store types the relay decodes: Parse and
+// Close, so that a session handed to the routed engine knows its named
+// prepared statements.
+var clientWhole = func() *[256]bool {
+	var w [256]bool
+	w['P'], w['C'] = true, true
+	return &w
+}()
+
 // session is one client connection and its upstream session. It is owned by
 // the goroutine running Server.handle; kill and drainIfIdle may be called
 // from any goroutine.
@@ -68,7 +77,15 @@ type session struct {
 	txStatus    byte
 
 	closing    atomic.Bool // set once the session is ending: reads must not re-arm the idle timeout
-	terminated atomic.Bool // the client sent Terminate: the store closing after it is expected
+	handingOff atomic.Bool // the relay is stopping to hand the session to the routed engine
+
+	params  map[string]string        // the client's startup parameters, for more store sessions
+	serving atomic.Pointer[upstream] // the store session serving the current request (routed engine), for cancels
+
+	unnamedParse []byte // the body of the last unnamed Parse relayed (owned by the relay until a handoff)
+	prepMu       sync.Mutex
+	prepared     map[string]preparedStmt // named statements the client parsed while relayed
+	terminated   atomic.Bool             // the client sent Terminate: the store closing after it is expected
 
 	killOnce sync.Once
 	killCh   chan struct{}
@@ -118,13 +135,18 @@ func (s *Server) handle(conn net.Conn) {
 			params[k] = v
 		}
 	}
+	ss.params = params
+	home := s.old
+	if st := s.State(); st.Primary == "new" && s.new != nil {
+		home = s.new
+	}
 	ctx, cancel := context.WithDeadline(ss.ctx, time.Now().Add(timeout))
-	ss.upstream, err = s.old.connect(ctx, ss.user, ss.database, params)
+	ss.upstream, err = home.connect(ctx, ss.user, ss.database, params)
 	cancel()
 	if err != nil {
-		ss.log.Warn("upstream connect failed", "store", s.old.name, "user", ss.user, "database", ss.database, "error", err)
-		resp := upstreamError(s.old.name, err)
-		s.metrics.Error(ss.ctx, s.old.name, resp.Code, metrics.OriginStore)
+		ss.log.Warn("upstream connect failed", "store", home.name, "user", ss.user, "database", ss.database, "error", err)
+		resp := upstreamError(home.name, err)
+		s.metrics.Error(ss.ctx, home.name, resp.Code, metrics.OriginStore)
 		ss.writeClient(resp)
 		s.metrics.Connection(ss.ctx, "upstream_failed")
 		return
@@ -382,16 +404,23 @@ func (ss *session) drainIfIdle() {
 	}
 }
 
-// relay copies messages both ways until either side ends or the session is
-// killed. When it returns both relay goroutines have exited, the upstream is
-// closed, and the client has received the final error, if any.
-func (ss *session) relay() {
+// relay copies messages both ways until either side ends, the session is
+// killed, or the routing state needs the session routed message by message.
+// When the session ended, it returns nil, both relay goroutines have exited,
+// the upstream is closed, and the client has received the final error, if
+// any. When it returns a handoff, nothing is closed and no goroutine reads
+// either connection.
+func (ss *session) relay() *handoff {
 	ss.srv.metrics.Relayed(ss.ctx, "goroutines")
-	clientFr := pgwire.NewFramer(idleReader{ss}, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), nil)
+	clientFr := pgwire.NewFramer(idleReader{ss}, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), clientWhole)
 	upFr := pgwire.NewFramer(ss.upstream.reader, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), serverWhole)
 	aDone := make(chan error, 1)
 	bDone := make(chan error, 1)
-	go func() { aDone <- ss.clientToUpstream(clientFr) }()
+	var held []byte // the client batch a handoff stopped
+	go func() {
+		err := ss.clientToUpstream(clientFr, &held)
+		aDone <- err
+	}()
 	go func() { bDone <- ss.upstreamToClient(upFr) }()
 
 	var reason error
@@ -404,6 +433,23 @@ func (ss *session) relay() {
 	case <-ss.killCh:
 		reason = ss.killErr
 	}
+	if reason == errHandoff && aOut {
+		// Stop the store reader at once; what it has read stays in its framer.
+		ss.handingOff.Store(true)
+		_ = ss.upstream.conn.SetReadDeadline(time.Now())
+		reason = <-bDone
+		bOut = true
+		ss.handingOff.Store(false)
+		_ = ss.upstream.conn.SetReadDeadline(time.Time{})
+		_ = ss.client.SetReadDeadline(time.Time{})
+		if reason == errHandoff && !upFr.InMessage() {
+			return &handoff{clientIn: held, upIn: upFr.Rest(0)}
+		}
+		if reason == errHandoff {
+			reason = pgwire.Fatal(pgwire.CodeConnectionFailure, "could not switch the session to routed mode in the middle of a store message").
+				WithHint("Reconnect; the new session is routed from its start.")
+		}
+	}
 	ss.sayGoodbye(reason, aOut && !clientFr.InMessage())
 	ss.upstream.conn.Close()
 	if !bOut {
@@ -414,6 +460,7 @@ func (ss *session) relay() {
 	if !aOut {
 		<-aDone
 	}
+	return nil
 }
 
 // sayGoodbye ends the store's backend cleanly with a Terminate when the
@@ -500,10 +547,12 @@ type toStore struct {
 	terminated bool
 }
 
-func (d *toStore) visit(typ byte, _ int, _ []byte, _ bool) error {
+func (d *toStore) visit(typ byte, _ int, body []byte, whole bool) error {
 	switch typ {
 	case 'Q', 'S', 'F': // each is answered by one ReadyForQuery
 		d.syncs++
+	case 'P', 'C':
+		d.ss.notePrepared(typ, body, whole)
 	case 'X':
 		d.terminated = true
 		d.ss.terminated.Store(true)
@@ -515,6 +564,9 @@ func (d *toStore) visit(typ byte, _ int, _ []byte, _ bool) error {
 // before is called with a batch about to go to the store; it refuses with
 // errShutdown when the proxy is draining and the session is at a safe point.
 func (d *toStore) before() error {
+	if d.ss.srv.wantRouted(d.ss) && d.ss.atSafePoint() {
+		return errHandoff
+	}
 	if !d.ss.beginRequest(d.syncs) {
 		return errShutdown
 	}
@@ -592,6 +644,9 @@ func (d *toClient) after(n int) bool {
 
 // readErr maps an error from reading the store to the session's end reason.
 func (d *toClient) readErr(err error) error {
+	if d.ss.handingOff.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
+		return errHandoff
+	}
 	if errors.Is(err, pgwire.ErrProtocol) {
 		return pgwire.Fatal(pgwire.CodeProtocolViolation, "invalid message from the %s store", d.ss.upstream.store.name).WithCause(err)
 	}
@@ -604,12 +659,15 @@ func (d *toClient) readErr(err error) error {
 // clientToUpstream relays client messages to the store with blocking reads.
 // It returns nil after the client's Terminate, errClientGone when the client
 // disconnects, or a *pgwire.Error to send to the client.
-func (ss *session) clientToUpstream(fr *pgwire.Framer) error {
+func (ss *session) clientToUpstream(fr *pgwire.Framer, held *[]byte) error {
 	d := &toStore{ss: ss}
 	for {
 		out, err := fr.Next(d.visit)
 		if len(out) > 0 {
 			if e := d.before(); e != nil {
+				if e == errHandoff {
+					*held = fr.Rest(len(out))
+				}
 				return e
 			}
 			if _, werr := ss.upstream.conn.Write(out); werr != nil {
