@@ -1,0 +1,569 @@
+package backfill
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/table"
+	"golang.org/x/sync/errgroup"
+	"golang.org/x/time/rate"
+)
+
+// Options configure a backfill. Control, Primary and Secondary are
+// connection configs: each worker opens its own connections.
+type Options struct {
+	Control, Primary, Secondary *pgx.ConnConfig
+	// Mappings are the migration's table mappings (table.LoadMappings).
+	Mappings *table.Mappings
+	// Tables are the old tables to backfill; empty = every usable mapping.
+	Tables []table.Name
+	// Key, when set, copies exactly the row with this key (one table only).
+	Key []string
+	// RangeLo and RangeHi, when set, copy the keys from RangeLo to RangeHi
+	// inclusive (one table only). Neither Key nor a range uses the chunk
+	// table; both are logged in the migration log.
+	RangeLo, RangeHi []string
+
+	Workers   int     // goroutines in this process; default 4
+	Chunk     int     // rows per locked-copy unit; default 1000
+	RangeRows int     // rows per claimed chunk when planning; default 50000
+	Rate      float64 // rows per second; 0 = unlimited
+	Restart   bool    // forget the tables' chunks and checkpoints and start over
+	DryRun    bool    // plan and report, write nothing
+
+	MaxAttempts int           // claims of a failing chunk per run; default 3
+	Backoff     time.Duration // before a failed chunk's next claim, doubled per attempt; default 1s
+	// LatencyBound, when positive, pauses the copy while a SELECT 1 probe on
+	// the primary, every ProbeEvery (default 1s), takes longer than it.
+	LatencyBound time.Duration
+	ProbeEvery   time.Duration
+	// Poll is how often an idle worker looks for a claimable chunk while
+	// others still work; default 200ms.
+	Poll time.Duration
+	// ControlPoll is how often the engine reads the live control row
+	// (tandem.backfill_control: rate and pause, shared by every process);
+	// default 1s.
+	ControlPoll time.Duration
+
+	WorkerID string // prefix of the worker ids; default host:pid
+	Logger   *slog.Logger
+}
+
+func (o *Options) defaults() {
+	if o.Workers < 1 {
+		o.Workers = 4
+	}
+	if o.Chunk < 1 {
+		o.Chunk = 1000
+	}
+	if o.RangeRows < 1 {
+		o.RangeRows = 50000
+	}
+	if o.MaxAttempts < 1 {
+		o.MaxAttempts = 3
+	}
+	if o.Backoff <= 0 {
+		o.Backoff = time.Second
+	}
+	if o.ProbeEvery <= 0 {
+		o.ProbeEvery = time.Second
+	}
+	if o.Poll <= 0 {
+		o.Poll = 200 * time.Millisecond
+	}
+	if o.ControlPoll <= 0 {
+		o.ControlPoll = time.Second
+	}
+	if o.WorkerID == "" {
+		h, _ := os.Hostname()
+		o.WorkerID = fmt.Sprintf("%s:%d", h, os.Getpid())
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// TableProgress is one table's progress, as the CLI's bars show it.
+type TableProgress struct {
+	Table        table.Name `json:"table"`
+	Total        int64      `json:"total_rows"` // estimated at planning
+	Done         int64      `json:"done_rows"`
+	Chunks       int        `json:"chunks"`
+	ChunksDone   int        `json:"chunks_done"`
+	ChunksFailed int        `json:"chunks_failed"`
+	FailedKeys   int        `json:"failed_keys"`
+	Skipped      string     `json:"skipped,omitempty"` // why the table is not copied (finished, no key, ...)
+}
+
+// Throttle is the throttle's state.
+type Throttle struct {
+	Rate    float64       `json:"rate"` // rows per second; 0 = unlimited
+	Paused  bool          `json:"paused"`
+	Guarded bool          `json:"guarded"` // the latency guard holds the copy
+	Probe   time.Duration `json:"probe_latency"`
+}
+
+// Engine runs one backfill. Its methods are safe for concurrent use; Run
+// is called once.
+type Engine struct {
+	o       Options
+	limiter *rate.Limiter
+
+	mu       sync.Mutex
+	paused   bool
+	guarded  bool
+	probe    time.Duration
+	changed  chan struct{} // closed and replaced when paused or guarded change
+	progress map[table.Name]*tableState
+	order    []table.Name
+	control  Control // the control row last applied; only Run's goroutines use it, in turn
+}
+
+type tableState struct {
+	p    TableProgress
+	done atomic.Int64
+	m    *table.Mapping
+}
+
+// New checks opts and returns an engine.
+func New(opts Options) (*Engine, error) {
+	opts.defaults()
+	if opts.Control == nil || opts.Primary == nil || opts.Secondary == nil {
+		return nil, errors.New("backfill: the control, primary and secondary connection configs are required")
+	}
+	if opts.Mappings == nil {
+		return nil, errors.New("backfill: the mappings are required")
+	}
+	if opts.Key != nil && opts.RangeLo != nil {
+		return nil, errors.New("backfill: a key and a range exclude each other")
+	}
+	if (opts.RangeLo == nil) != (opts.RangeHi == nil) {
+		return nil, errors.New("backfill: a range needs both ends")
+	}
+	if (opts.Key != nil || opts.RangeLo != nil) && len(opts.Tables) != 1 {
+		return nil, errors.New("backfill: a key or a range needs exactly one table")
+	}
+	if opts.Rate < 0 {
+		return nil, fmt.Errorf("backfill: the rate must be >= 0, got %v", opts.Rate)
+	}
+	e := &Engine{o: opts, changed: make(chan struct{}), progress: map[table.Name]*tableState{}}
+	e.limiter = rate.NewLimiter(rate.Inf, opts.Chunk)
+	e.SetRate(opts.Rate)
+	return e, nil
+}
+
+// SetRate changes the rate limit in rows per second, live; 0 = unlimited.
+func (e *Engine) SetRate(r float64) {
+	if r <= 0 {
+		e.limiter.SetLimit(rate.Inf)
+		return
+	}
+	e.limiter.SetLimit(rate.Limit(r))
+}
+
+// Pause holds every worker after its current unit, until Resume.
+func (e *Engine) Pause() { e.set(func() { e.paused = true }) }
+
+// Resume undoes Pause.
+func (e *Engine) Resume() { e.set(func() { e.paused = false }) }
+
+func (e *Engine) set(f func()) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	f()
+	close(e.changed)
+	e.changed = make(chan struct{})
+}
+
+// Throttle returns the throttle's state.
+func (e *Engine) Throttle() Throttle {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	t := Throttle{Paused: e.paused, Guarded: e.guarded, Probe: e.probe}
+	if l := e.limiter.Limit(); l != rate.Inf {
+		t.Rate = float64(l)
+	}
+	return t
+}
+
+// Progress returns every table's progress, in the order planned.
+func (e *Engine) Progress() []TableProgress {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make([]TableProgress, 0, len(e.order))
+	for _, n := range e.order {
+		ts := e.progress[n]
+		p := ts.p
+		p.Done = ts.done.Load()
+		out = append(out, p)
+	}
+	return out
+}
+
+// hold waits while the backfill is paused or guarded.
+func (e *Engine) hold(ctx context.Context) error {
+	for {
+		e.mu.Lock()
+		free, ch := !e.paused && !e.guarded, e.changed
+		e.mu.Unlock()
+		if free {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-ch:
+		}
+	}
+}
+
+// pace charges n rows to the rate limit and waits while held.
+func (e *Engine) pace(ctx context.Context, n int) error {
+	for n > 0 {
+		k := min(n, e.limiter.Burst())
+		if err := e.limiter.WaitN(ctx, k); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return e.hold(ctx)
+}
+
+// ErrMirrorOff is returned when the routing state does not mirror writes.
+var ErrMirrorOff = errors.New("mirror is off")
+
+// CheckMirror is the backfill's precondition: mirror must be on (and old
+// the primary) before the backfill reads its first chunk, so every write
+// after that reaches both stores and no copied row can miss one.
+func CheckMirror(ctx context.Context, control *pgx.Conn) error {
+	st, err := route.Load(ctx, control)
+	if err != nil {
+		return fmt.Errorf("reading the routing state: %w", err)
+	}
+	if !st.Mirror {
+		return fmt.Errorf("%w (routing state version %d): writes that happen during the backfill would reach only the old store; turn mirror on first (tandem route set --mirror on)", ErrMirrorOff, st.Version)
+	}
+	if st.Primary != route.Old {
+		return fmt.Errorf("the primary is %s (routing state version %d): the backfill copies old -> new and runs before the write flip", st.Primary, st.Version)
+	}
+	return nil
+}
+
+// Summary is what a run did.
+type Summary struct {
+	Tables   []TableProgress
+	Duration time.Duration
+	Failed   bool // some key or chunk failed: see the migration log (Report)
+}
+
+// Run runs the backfill until every claimable chunk is done or has failed
+// MaxAttempts times, or ctx ends. A chunk's claim lasts as long as the
+// worker's control transaction: when the process dies, the chunk becomes
+// claimable again and resumes from its checkpoint.
+func (e *Engine) Run(ctx context.Context) (Summary, error) {
+	start := time.Now()
+	o := &e.o
+	control, err := pgx.ConnectConfig(ctx, o.Control.Copy())
+	if err != nil {
+		return Summary{}, fmt.Errorf("connecting to the control database: %w", err)
+	}
+	defer control.Close(context.WithoutCancel(ctx))
+	// Ordering rule: mirror must be on before the backfill reads its first
+	// chunk. It is checked here, before anything is planned or copied.
+	if err := CheckMirror(ctx, control); err != nil {
+		return Summary{}, err
+	}
+	secondary, err := pgx.ConnectConfig(ctx, o.Secondary.Copy())
+	if err != nil {
+		return Summary{}, fmt.Errorf("connecting to the new store: %w", err)
+	}
+	defer secondary.Close(context.WithoutCancel(ctx))
+	primary, err := pgx.ConnectConfig(ctx, o.Primary.Copy())
+	if err != nil {
+		return Summary{}, fmt.Errorf("connecting to the old store: %w", err)
+	}
+	defer primary.Close(context.WithoutCancel(ctx))
+	if !o.DryRun {
+		if err := EnsureSchema(ctx, control, secondary); err != nil {
+			return Summary{}, err
+		}
+		if err := e.startControl(ctx, control); err != nil {
+			return Summary{}, err
+		}
+	}
+	tables, err := e.tables()
+	if err != nil {
+		return Summary{}, err
+	}
+	if o.Key != nil || o.RangeLo != nil {
+		err := e.single(ctx, control, primary, secondary, tables[0])
+		return Summary{Tables: e.Progress(), Duration: time.Since(start), Failed: err != nil}, err
+	}
+	for _, m := range tables {
+		// Progress reads what plan writes: planning holds the lock.
+		e.mu.Lock()
+		err := e.plan(ctx, control, primary, secondary, m)
+		e.mu.Unlock()
+		if err != nil {
+			return Summary{}, err
+		}
+	}
+	if o.DryRun {
+		return Summary{Tables: e.Progress(), Duration: time.Since(start)}, nil
+	}
+	var run []table.Name
+	for _, n := range e.order {
+		if e.progress[n].p.Skipped == "" {
+			run = append(run, n)
+		}
+	}
+	// A new run retries the chunks a previous one gave up on.
+	schemas, names := split(run)
+	if _, err := control.Exec(ctx, `UPDATE tandem.backfill_chunks SET attempts = 0, next_attempt_at = NULL
+		WHERE status = 'failed' AND (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))`, schemas, names); err != nil {
+		return Summary{}, fmt.Errorf("resetting failed chunks: %w", err)
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	guardCtx, stopGuard := context.WithCancel(gctx)
+	defer stopGuard()
+	if o.LatencyBound > 0 {
+		go e.guard(guardCtx, primary)
+	}
+	followed := make(chan struct{})
+	go func() {
+		defer close(followed)
+		e.followControl(guardCtx)
+	}()
+	defer func() { stopGuard(); <-followed }()
+	for i := range o.Workers {
+		id := fmt.Sprintf("%s:%d", o.WorkerID, i)
+		g.Go(func() error { return e.worker(gctx, id, run) })
+	}
+	werr := g.Wait()
+	stopGuard()
+	if werr == nil {
+		werr = e.finish(ctx, control, run)
+	}
+	sum := Summary{Tables: e.Progress(), Duration: time.Since(start)}
+	for _, t := range sum.Tables {
+		if t.ChunksFailed > 0 || t.FailedKeys > 0 {
+			sum.Failed = true
+		}
+	}
+	return sum, werr
+}
+
+// tables returns the mappings to backfill, registering each in the progress.
+func (e *Engine) tables() ([]*table.Mapping, error) {
+	var ms []*table.Mapping
+	if len(e.o.Tables) == 0 {
+		ms = e.o.Mappings.All()
+	} else {
+		for _, n := range e.o.Tables {
+			if !e.o.Mappings.InScope(n) {
+				return nil, fmt.Errorf("table %s is not in the migration's scope (tables.include / tables.exclude)", n)
+			}
+			m := e.o.Mappings.ForOld(n)
+			if m == nil {
+				return nil, fmt.Errorf("table %s has no usable mapping (see tandem mappings check)", n)
+			}
+			ms = append(ms, m)
+		}
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, m := range ms {
+		n := m.Old.Name
+		e.progress[n] = &tableState{p: TableProgress{Table: n}, m: m}
+		e.order = append(e.order, n)
+	}
+	return ms, nil
+}
+
+func split(ns []table.Name) (schemas, names []string) {
+	for _, n := range ns {
+		schemas = append(schemas, n.Schema)
+		names = append(names, n.Table)
+	}
+	return schemas, names
+}
+
+// plan creates the table's chunks unless they exist (resume) or the table
+// is finished (skipped); Restart forgets both first. Planning is
+// serialised across processes with an advisory lock.
+func (e *Engine) plan(ctx context.Context, control, primary, secondary *pgx.Conn, m *table.Mapping) error {
+	o := &e.o
+	n := m.Old.Name
+	ts := e.progress[n]
+	if !m.Old.HasKey() {
+		ts.p.Skipped = "no primary key: the backfill copies in key order"
+		return nil
+	}
+	if o.DryRun {
+		_, rows, err := table.SplitKeys(ctx, primary, m, 1, 0)
+		if err != nil {
+			return err
+		}
+		ts.p.Total, ts.p.Chunks = rows, e.chunks(rows)
+		var fin *time.Time
+		err = control.QueryRow(ctx, `SELECT finished_at FROM tandem.backfill_tables WHERE schema_name = $1 AND table_name = $2`, n.Schema, n.Table).Scan(&fin)
+		if err == nil && fin != nil && !o.Restart {
+			ts.p.Skipped = "finished at " + fin.Format(time.RFC3339)
+		}
+		return nil
+	}
+	if o.Restart {
+		if _, err := secondary.Exec(ctx, `DELETE FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2`, n.Schema, n.Table); err != nil {
+			return fmt.Errorf("restarting %s: %w", n, err)
+		}
+	}
+	return pgx.BeginFunc(ctx, control, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('tandem.backfill.plan'))"); err != nil {
+			return err
+		}
+		if o.Restart {
+			for _, t := range []string{"backfill_chunks", "backfill_tables"} {
+				if _, err := tx.Exec(ctx, "DELETE FROM tandem."+t+" WHERE schema_name = $1 AND table_name = $2", n.Schema, n.Table); err != nil {
+					return fmt.Errorf("restarting %s: %w", n, err)
+				}
+			}
+		}
+		var total int64
+		var chunks int
+		var fin *time.Time
+		err := tx.QueryRow(ctx, `SELECT total_rows, chunks, finished_at FROM tandem.backfill_tables WHERE schema_name = $1 AND table_name = $2`,
+			n.Schema, n.Table).Scan(&total, &chunks, &fin)
+		switch {
+		case err == nil:
+			ts.p.Total, ts.p.Chunks = total, chunks
+			if fin != nil {
+				ts.p.Skipped = "finished at " + fin.Format(time.RFC3339) + " (--restart copies it again)"
+				ts.done.Store(total)
+				ts.p.ChunksDone = chunks
+				return nil
+			}
+			return e.loadDone(ctx, tx, secondary, ts)
+		case !errors.Is(err, pgx.ErrNoRows):
+			return fmt.Errorf("planning %s: %w", n, err)
+		}
+		_, rows, err := table.SplitKeys(ctx, primary, m, 1, 0)
+		if err != nil {
+			return err
+		}
+		nChunks := e.chunks(rows)
+		bounds, _, err := table.SplitKeys(ctx, primary, m, nChunks, sampleRows(nChunks))
+		if err != nil {
+			return err
+		}
+		if bounds == nil {
+			bounds = [][]string{}
+		}
+		b, err := json.Marshal(bounds)
+		if err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO tandem.backfill_tables (schema_name, table_name, total_rows, chunks) VALUES ($1, $2, $3, $4)`,
+			n.Schema, n.Table, rows, len(bounds)+1); err != nil {
+			return fmt.Errorf("planning %s: %w", n, err)
+		}
+		// Chunk i covers (bound i-1, bound i]: the first from the start,
+		// the last to the end.
+		if _, err := tx.Exec(ctx, `INSERT INTO tandem.backfill_chunks (schema_name, table_name, chunk, lo, hi)
+			SELECT $1, $2, i - 1,
+				CASE WHEN i > 1 THEN ARRAY(SELECT jsonb_array_elements_text(b->(i - 2))) END,
+				CASE WHEN i <= jsonb_array_length(b) THEN ARRAY(SELECT jsonb_array_elements_text(b->(i - 1))) END
+			FROM (SELECT coalesce($3::jsonb, '[]'::jsonb) AS b) x, generate_series(1, jsonb_array_length(b) + 1) AS i`,
+			n.Schema, n.Table, string(b)); err != nil {
+			return fmt.Errorf("planning %s: %w", n, err)
+		}
+		ts.p.Total, ts.p.Chunks = rows, len(bounds)+1
+		return nil
+	})
+}
+
+// chunks is how many chunks a table of rows rows is split into: one per
+// RangeRows, at least two per worker, at most one per Chunk rows.
+func (e *Engine) chunks(rows int64) int {
+	n := int(math.Ceil(float64(rows) / float64(e.o.RangeRows)))
+	n = max(n, 2*e.o.Workers)
+	n = min(n, int(rows/int64(e.o.Chunk)))
+	return max(n, 1)
+}
+
+func sampleRows(chunks int) int { return max(10000, 100*chunks) }
+
+// loadDone reads a resumed table's progress: the chunks done and failed
+// from the control database, the rows copied from the checkpoints.
+func (e *Engine) loadDone(ctx context.Context, tx pgx.Tx, secondary *pgx.Conn, ts *tableState) error {
+	n := ts.p.Table
+	if err := tx.QueryRow(ctx, `SELECT count(*) FILTER (WHERE status = 'done'), count(*) FILTER (WHERE status = 'failed')
+		FROM tandem.backfill_chunks WHERE schema_name = $1 AND table_name = $2`, n.Schema, n.Table).Scan(&ts.p.ChunksDone, &ts.p.ChunksFailed); err != nil {
+		return fmt.Errorf("resuming %s: %w", n, err)
+	}
+	ts.p.ChunksFailed = 0 // retried by this run
+	var rows int64
+	if err := secondary.QueryRow(ctx, `SELECT coalesce(sum(rows), 0) FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2`,
+		n.Schema, n.Table).Scan(&rows); err != nil {
+		return fmt.Errorf("resuming %s: %w", n, err)
+	}
+	ts.done.Store(rows)
+	return nil
+}
+
+// finish marks the tables whose chunks are all done as finished.
+func (e *Engine) finish(ctx context.Context, control *pgx.Conn, run []table.Name) error {
+	schemas, names := split(run)
+	_, err := control.Exec(ctx, `UPDATE tandem.backfill_tables t SET finished_at = now()
+		WHERE finished_at IS NULL AND (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+		AND NOT EXISTS (SELECT 1 FROM tandem.backfill_chunks c WHERE c.schema_name = t.schema_name AND c.table_name = t.table_name AND c.status <> 'done')`,
+		schemas, names)
+	if err != nil {
+		return fmt.Errorf("marking finished tables: %w", err)
+	}
+	return nil
+}
+
+// guard probes the primary's latency and holds the copy while it is over
+// the bound.
+func (e *Engine) guard(ctx context.Context, primary *pgx.Conn) {
+	t := time.NewTicker(e.o.ProbeEvery)
+	defer t.Stop()
+	for {
+		start := time.Now()
+		_, err := primary.Exec(ctx, "SELECT 1")
+		lat := time.Since(start)
+		if ctx.Err() != nil {
+			e.set(func() { e.guarded = false })
+			return
+		}
+		over := err != nil || lat > e.o.LatencyBound
+		e.mu.Lock()
+		was := e.guarded
+		e.probe = lat
+		e.mu.Unlock()
+		if over != was {
+			e.o.Logger.Warn("backfill latency guard", "holding", over, "probe_latency", lat, "bound", e.o.LatencyBound)
+			e.set(func() { e.guarded = over })
+		}
+		select {
+		case <-ctx.Done():
+			e.set(func() { e.guarded = false })
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func keysEqual(a, b []string) bool { return a != nil && b != nil && slices.Equal(a, b) }
