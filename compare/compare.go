@@ -1,0 +1,510 @@
+// Package compare verifies that a table on the new store holds what the
+// mapping makes of the old store's table (design section 5, "Table
+// verify"), and repairs what differs.
+//
+// Key ranges are hashed on each store, server-side, with the mapping's
+// hash expressions (table.Mapping.HashSQL), so only a count and an md5 per
+// range cross the network. A range whose hashes differ is bisected until it
+// is small enough to fetch its keys and row hashes from both sides and diff
+// them. Each difference is re-read on both stores before it is reported, so
+// a live write between the two reads is counted as transient, not as a
+// difference. Repair reuses the backfill's locked-copy unit
+// (table.CopyKeysMapped), not a second implementation.
+//
+// compare shares internal/table with the backfill and never imports it.
+package compare
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/table"
+)
+
+// Kind is the type of one difference between the stores.
+type Kind string
+
+// The kinds of difference, as Ghostferry's inline verifier names them.
+const (
+	MissingOnNew Kind = "MissingOnNew" // the key is on old, not on new
+	MissingOnOld Kind = "MissingOnOld" // the key is on new, not on old
+	ValueDiff    Kind = "ValueDiff"    // both have the key, the mapped rows differ
+)
+
+// Difference is one confirmed difference: a key (the old table's key
+// values as text, in key order) and how the stores disagree on it.
+type Difference struct {
+	Kind Kind     `json:"kind"`
+	Key  []string `json:"key"`
+}
+
+// Options tune a verify. The zero value is usable.
+type Options struct {
+	// Batch is the number of old rows per top-level key range (default
+	// 10000). Each range costs one hashing query on each store.
+	Batch int
+	// Leaf is the row count at or under which a mismatching range is
+	// fetched as keys and row hashes and diffed, instead of bisected
+	// further (default 64).
+	Leaf int
+	// Repair copies each confirmed difference from old to new with the
+	// locked-copy unit.
+	Repair bool
+	// Logger receives one line per mismatching range; nil discards.
+	Logger *slog.Logger
+}
+
+func (o Options) withDefaults() Options {
+	if o.Batch < 1 {
+		o.Batch = 10000
+	}
+	if o.Leaf < 1 {
+		o.Leaf = 64
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	return o
+}
+
+// TableSummary is the result of verifying one table.
+type TableSummary struct {
+	Table     string        `json:"table"`     // the old table
+	NewTable  string        `json:"new_table"` // the new table
+	Rows      int64         `json:"rows"`      // rows compared (old's count)
+	Ranges    int           `json:"ranges"`    // top-level key ranges hashed
+	Bisected  int           `json:"bisected"`  // ranges whose hashes differed, at any level
+	Counts    map[Kind]int  `json:"counts"`    // confirmed differences by kind
+	Diffs     []Difference  `json:"differences"`
+	Transient int           `json:"transient"` // differences that vanished on re-read
+	Repaired  int           `json:"repaired"`  // differences fixed by --repair
+	Duration  time.Duration `json:"duration_ns"`
+	Skipped   string        `json:"skipped,omitempty"` // why the table was not verified
+}
+
+// Clean reports whether the table has no unrepaired difference.
+func (s *TableSummary) Clean() bool {
+	return s.Skipped == "" && len(s.Diffs) == s.Repaired
+}
+
+// SessionSQL is run on both connections by Table so that the rows' text,
+// and so their hashes, are rendered the same way on both stores.
+const SessionSQL = "SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; SET TimeZone = 'UTC'; SET extra_float_digits = 1"
+
+// side is the SQL of one store's half of the verify.
+type side struct {
+	name  table.Name
+	key   []table.Column
+	hash  string // the row hash expression over alias t
+	order string // t."k1", t."k2"
+}
+
+func newSide(name table.Name, key []table.Column, hash string) side {
+	cols := make([]string, len(key))
+	for i, c := range key {
+		cols[i] = "t." + quoteIdent(c.Name)
+	}
+	return side{name: name, key: key, hash: hash, order: strings.Join(cols, ", ")}
+}
+
+func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
+
+// keyText is ARRAY[t."k1"::text, ...].
+func (s side) keyText() string {
+	parts := make([]string, len(s.key))
+	for i, c := range s.key {
+		parts[i] = "t." + quoteIdent(c.Name) + "::text"
+	}
+	return "ARRAY[" + strings.Join(parts, ", ") + "]"
+}
+
+// tuple returns ($n::t1, ...) for a key given as parameters from n.
+func (s side) tuple(n int) string {
+	parts := make([]string, len(s.key))
+	for i, c := range s.key {
+		parts[i] = "$" + strconv.Itoa(n+i) + "::" + c.ParamType
+	}
+	return "(" + strings.Join(parts, ", ") + ")"
+}
+
+// cond returns the condition "after lo, at most hi" (nil = unbounded) and
+// its arguments.
+func (s side) cond(lo, hi []string) (string, []any) {
+	var conds []string
+	var args []any
+	if lo != nil {
+		conds = append(conds, "("+s.order+") > "+s.tuple(len(args)+1))
+		for _, v := range lo {
+			args = append(args, v)
+		}
+	}
+	if hi != nil {
+		conds = append(conds, "("+s.order+") <= "+s.tuple(len(args)+1))
+		for _, v := range hi {
+			args = append(args, v)
+		}
+	}
+	if len(conds) == 0 {
+		return "true", nil
+	}
+	return strings.Join(conds, " AND "), args
+}
+
+// rangeHash is a range's row count and hash on one store.
+type rangeHash struct {
+	n    int64
+	hash string
+}
+
+// hashRange hashes the rows after lo and at most hi.
+func (s side) hashRange(ctx context.Context, q table.Querier, lo, hi []string) (rangeHash, error) {
+	cond, args := s.cond(lo, hi)
+	sql := "SELECT count(*), coalesce(md5(string_agg(" + s.hash + ", '' ORDER BY " + s.order + ")), '') FROM " +
+		s.name.Quoted() + " t WHERE " + cond
+	var r rangeHash
+	if err := q.QueryRow(ctx, sql, args...).Scan(&r.n, &r.hash); err != nil {
+		return r, fmt.Errorf("hashing %s: %w", s.name, err)
+	}
+	return r, nil
+}
+
+// hashBatch hashes the first limit rows after lo and returns the last key
+// of them (nil when there are none).
+func (s side) hashBatch(ctx context.Context, q table.Querier, lo []string, limit int) (rangeHash, []string, error) {
+	cond, args := s.cond(lo, nil)
+	inner := make([]string, len(s.key))
+	outer := make([]string, len(s.key))
+	desc := make([]string, len(s.key))
+	for i, c := range s.key {
+		inner[i] = "t." + quoteIdent(c.Name) + " AS _k" + strconv.Itoa(i)
+		outer[i] = "b._k" + strconv.Itoa(i)
+		desc[i] = outer[i] + " DESC"
+	}
+	sql := "WITH b AS (SELECT " + s.hash + " AS _h, " + s.keyText() + " AS _k, " + strings.Join(inner, ", ") +
+		" FROM " + s.name.Quoted() + " t WHERE " + cond + " ORDER BY " + s.order + " LIMIT " + strconv.Itoa(limit) +
+		") SELECT count(*), coalesce(md5(string_agg(b._h, '' ORDER BY " + strings.Join(outer, ", ") + ")), ''), (SELECT b._k FROM b ORDER BY " +
+		strings.Join(desc, ", ") + " LIMIT 1) FROM b"
+	var r rangeHash
+	var last []string
+	if err := q.QueryRow(ctx, sql, args...).Scan(&r.n, &r.hash, &last); err != nil {
+		return r, nil, fmt.Errorf("hashing %s: %w", s.name, err)
+	}
+	return r, last, nil
+}
+
+// midKey returns the key of the n-th row (from 0) after lo and at most hi.
+func (s side) midKey(ctx context.Context, q table.Querier, lo, hi []string, n int64) ([]string, error) {
+	cond, args := s.cond(lo, hi)
+	sql := "SELECT " + s.keyText() + " FROM " + s.name.Quoted() + " t WHERE " + cond + " ORDER BY " + s.order +
+		" OFFSET " + strconv.FormatInt(n, 10) + " LIMIT 1"
+	var k []string
+	if err := q.QueryRow(ctx, sql, args...).Scan(&k); err != nil {
+		return nil, fmt.Errorf("splitting a range of %s: %w", s.name, err)
+	}
+	return k, nil
+}
+
+// rowHashes returns the key (joined) -> row hash of the rows after lo and
+// at most hi, and the keys in key order.
+func (s side) rowHashes(ctx context.Context, q table.Querier, lo, hi []string) (map[string]string, [][]string, error) {
+	cond, args := s.cond(lo, hi)
+	return s.collect(ctx, q, "SELECT "+s.keyText()+", "+s.hash+" FROM "+s.name.Quoted()+" t WHERE "+cond+" ORDER BY "+s.order, args)
+}
+
+// keysHashes returns the row hashes of the rows with these keys; lock adds
+// FOR SHARE.
+func (s side) keysHashes(ctx context.Context, q table.Querier, keys [][]string, lock bool) (map[string]string, error) {
+	cols := make([]string, len(s.key))
+	casts := make([]string, len(s.key))
+	args := make([]any, len(s.key))
+	for i, c := range s.key {
+		cols[i] = "c" + strconv.Itoa(i)
+		casts[i] = "x.c" + strconv.Itoa(i) + "::" + c.ParamType
+		col := make([]string, len(keys))
+		for j, k := range keys {
+			col[j] = k[i]
+		}
+		args[i] = col
+	}
+	params := make([]string, len(s.key))
+	for i := range params {
+		params[i] = "$" + strconv.Itoa(i+1) + "::text[]"
+	}
+	sql := "SELECT " + s.keyText() + ", " + s.hash + " FROM " + s.name.Quoted() + " t WHERE (" + s.order + ") IN (SELECT " +
+		strings.Join(casts, ", ") + " FROM unnest(" + strings.Join(params, ", ") + ") AS x(" + strings.Join(cols, ", ") + "))"
+	if lock {
+		sql += " FOR SHARE OF t"
+	}
+	m, _, err := s.collect(ctx, q, sql, args)
+	return m, err
+}
+
+func (s side) collect(ctx context.Context, q table.Querier, sql string, args []any) (map[string]string, [][]string, error) {
+	rows, err := q.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading %s: %w", s.name, err)
+	}
+	defer rows.Close()
+	out := map[string]string{}
+	var keys [][]string
+	for rows.Next() {
+		var k []string
+		var h string
+		if err := rows.Scan(&k, &h); err != nil {
+			return nil, nil, fmt.Errorf("reading %s: %w", s.name, err)
+		}
+		out[joinKey(k)] = h
+		keys = append(keys, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("reading %s: %w", s.name, err)
+	}
+	return out, keys, nil
+}
+
+// joinKey makes a map key of a key's values; \x00 cannot occur in text.
+func joinKey(k []string) string { return strings.Join(k, "\x00") }
+
+// ErrNotComparable is wrapped when a table cannot be verified by key: it
+// has no primary key, or the mapping does not carry the key column for
+// column.
+var ErrNotComparable = errors.New("table cannot be verified by key")
+
+// verifier holds one table's verify.
+type verifier struct {
+	m        *table.Mapping
+	old, new *pgx.Conn
+	o, n     side
+	opts     Options
+	sum      *TableSummary
+	found    []Difference
+}
+
+// Table verifies m's new table on new against its old table on old and,
+// with opts.Repair, repairs the confirmed differences from old to new.
+// It sets the session settings SessionSQL on both connections, which must
+// not be in a transaction. It returns the summary; the error is for
+// failures to read, and wraps ErrNotComparable for a table without a key
+// or whose mapping does not preserve the key (then the summary says
+// Skipped).
+func Table(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts Options) (TableSummary, error) {
+	start := time.Now()
+	opts = opts.withDefaults()
+	sum := TableSummary{Table: m.Old.Name.String(), NewTable: m.New.Name.String(), Counts: map[Kind]int{}}
+	newKey, ok := m.KeyPreserving()
+	if !ok || !m.Old.HasKey() {
+		sum.Skipped = "no primary key carried column for column from old to new"
+		return sum, fmt.Errorf("verifying %s: %w", m.Old.Name, ErrNotComparable)
+	}
+	oldKey := make([]table.Column, len(m.Old.Key))
+	for i, k := range m.Old.Key {
+		oldKey[i] = m.Old.Columns[k]
+	}
+	ho, err := m.HashSQL("old")
+	if err != nil {
+		return sum, err
+	}
+	hn, err := m.HashSQL("new")
+	if err != nil {
+		return sum, err
+	}
+	for _, c := range []*pgx.Conn{old, new} {
+		if _, err := c.Exec(ctx, SessionSQL); err != nil {
+			return sum, fmt.Errorf("verifying %s: session settings: %w", m.Old.Name, err)
+		}
+	}
+	v := &verifier{m: m, old: old, new: new, o: newSide(m.Old.Name, oldKey, ho), n: newSide(m.New.Name, newKey, hn), opts: opts, sum: &sum}
+	if err := v.run(ctx); err != nil {
+		sum.Duration = time.Since(start)
+		return sum, err
+	}
+	if err := v.confirm(ctx); err != nil {
+		sum.Duration = time.Since(start)
+		return sum, err
+	}
+	if opts.Repair && len(sum.Diffs) > 0 {
+		keys := make([][]string, len(sum.Diffs))
+		for i, d := range sum.Diffs {
+			keys[i] = d.Key
+		}
+		if _, err := table.CopyKeysMapped(ctx, old, new, m, true, keys); err != nil {
+			sum.Duration = time.Since(start)
+			return sum, fmt.Errorf("repairing %s: %w", m.Old.Name, err)
+		}
+		sum.Repaired = len(keys)
+	}
+	sum.Duration = time.Since(start)
+	return sum, nil
+}
+
+// run walks old in key order, Batch rows per range; the last range runs to
+// the end on new, so rows past old's last key are seen too. The cursor lo
+// strictly advances: each range starts after the previous range's last key.
+func (v *verifier) run(ctx context.Context) error {
+	var lo []string
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		oh, last, err := v.o.hashBatch(ctx, v.old, lo, v.opts.Batch)
+		if err != nil {
+			return err
+		}
+		final := oh.n < int64(v.opts.Batch)
+		hi := last
+		if final {
+			hi = nil
+		}
+		nh, err := v.n.hashRange(ctx, v.new, lo, hi)
+		if err != nil {
+			return err
+		}
+		v.sum.Ranges++
+		v.sum.Rows += oh.n
+		if oh != nh {
+			if err := v.bisect(ctx, lo, hi, oh, nh); err != nil {
+				return err
+			}
+		}
+		if final {
+			return nil
+		}
+		if last == nil || (lo != nil && joinKey(last) == joinKey(lo)) {
+			return fmt.Errorf("verifying %s: the key cursor did not advance past %v", v.sum.Table, lo)
+		}
+		lo = last
+	}
+}
+
+// bisect finds the differing rows of the range after lo and at most hi,
+// whose hashes differ.
+func (v *verifier) bisect(ctx context.Context, lo, hi []string, oh, nh rangeHash) error {
+	v.sum.Bisected++
+	v.opts.Logger.Debug("range differs", "table", v.sum.Table, "after", lo, "upto", hi, "old_rows", oh.n, "new_rows", nh.n)
+	if max(oh.n, nh.n) <= int64(v.opts.Leaf) {
+		return v.diffRows(ctx, lo, hi)
+	}
+	// Split at the middle row of the side with more rows.
+	s, q, n := v.o, v.old, oh.n
+	if nh.n > oh.n {
+		s, q, n = v.n, v.new, nh.n
+	}
+	mid, err := s.midKey(ctx, q, lo, hi, n/2-1)
+	if err != nil {
+		return err
+	}
+	for _, r := range [][2][]string{{lo, mid}, {mid, hi}} {
+		a, err := v.o.hashRange(ctx, v.old, r[0], r[1])
+		if err != nil {
+			return err
+		}
+		b, err := v.n.hashRange(ctx, v.new, r[0], r[1])
+		if err != nil {
+			return err
+		}
+		if a != b {
+			if err := v.bisect(ctx, r[0], r[1], a, b); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// diffRows fetches a small range's row hashes from both stores and records
+// the keys that differ.
+func (v *verifier) diffRows(ctx context.Context, lo, hi []string) error {
+	om, okeys, err := v.o.rowHashes(ctx, v.old, lo, hi)
+	if err != nil {
+		return err
+	}
+	nm, nkeys, err := v.n.rowHashes(ctx, v.new, lo, hi)
+	if err != nil {
+		return err
+	}
+	v.found = append(v.found, diff(om, nm, okeys, nkeys)...)
+	return nil
+}
+
+// diff types the differences between two key -> hash maps, in old's key
+// order, then new's for the keys old lacks.
+func diff(om, nm map[string]string, okeys, nkeys [][]string) []Difference {
+	var out []Difference
+	for _, k := range okeys {
+		h, ok := nm[joinKey(k)]
+		switch {
+		case !ok:
+			out = append(out, Difference{Kind: MissingOnNew, Key: k})
+		case h != om[joinKey(k)]:
+			out = append(out, Difference{Kind: ValueDiff, Key: k})
+		}
+	}
+	for _, k := range nkeys {
+		if _, ok := om[joinKey(k)]; !ok {
+			out = append(out, Difference{Kind: MissingOnOld, Key: k})
+		}
+	}
+	return out
+}
+
+// confirm re-reads every found difference on both stores, old's rows under
+// FOR SHARE so no write through old changes them between the two reads,
+// and keeps those that remain; the others are counted as transient.
+func (v *verifier) confirm(ctx context.Context) error {
+	const per = 1000
+	for start := 0; start < len(v.found); start += per {
+		part := v.found[start:min(start+per, len(v.found))]
+		keys := make([][]string, len(part))
+		for i, d := range part {
+			keys[i] = d.Key
+		}
+		tx, err := v.old.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted})
+		if err != nil {
+			return fmt.Errorf("re-checking %s: %w", v.sum.Table, err)
+		}
+		om, err := v.o.keysHashes(ctx, tx, keys, true)
+		if err != nil {
+			tx.Rollback(ctx) //nolint:errcheck // the read error wins
+			return err
+		}
+		nm, err := v.n.keysHashes(ctx, v.new, keys, false)
+		tx.Rollback(ctx) //nolint:errcheck // the transaction only held locks
+		if err != nil {
+			return err
+		}
+		var okeys, nkeys [][]string
+		for _, k := range keys {
+			if _, ok := om[joinKey(k)]; ok {
+				okeys = append(okeys, k)
+			}
+			if _, ok := nm[joinKey(k)]; ok {
+				nkeys = append(nkeys, k)
+			}
+		}
+		again := diff(om, nm, okeys, nkeys)
+		kinds := map[string]Kind{}
+		for _, d := range again {
+			kinds[joinKey(d.Key)] = d.Kind
+		}
+		for _, d := range part {
+			// A difference whose kind changed is still a difference: report
+			// what the re-read saw.
+			if k, ok := kinds[joinKey(d.Key)]; ok {
+				d.Kind = k
+				v.sum.Diffs = append(v.sum.Diffs, d)
+				v.sum.Counts[k]++
+			} else {
+				v.sum.Transient++
+			}
+		}
+	}
+	slices.SortStableFunc(v.sum.Diffs, func(a, b Difference) int { return strings.Compare(string(a.Kind), string(b.Kind)) })
+	return nil
+}
