@@ -33,6 +33,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzReadStartup$$' -fuzztime $(FUZZTIME) ./internal/pgwire
 	$(GO) test -run '^$$' -fuzz '^FuzzReadMessage$$' -fuzztime $(FUZZTIME) ./internal/pgwire
 	$(GO) test -run '^$$' -fuzz '^FuzzFramer$$' -fuzztime $(FUZZTIME) ./internal/pgwire
+	$(GO) test -run '^$$' -fuzz '^FuzzPlan$$' -fuzztime $(FUZZTIME) ./internal/classify
+	$(GO) test -run '^$$' -fuzz '^FuzzWireDecoders$$' -fuzztime $(FUZZTIME) ./proxy
 
 # pgbench side by side: direct PostgreSQL, pgbouncer (session mode) and Tandem.
 bench:

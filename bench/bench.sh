@@ -5,7 +5,9 @@
 # then runs bench/compare.sh (vendored company harness: pgbouncer in session mode, interleaved
 # rounds, noise control) with Tandem as an extra target, and prints a markdown report with
 # TPS, latency, the ratios Tandem/pgbouncer and Tandem/direct, and each proxy's CPU seconds per
-# 10k transactions. See bench/README.md.
+# 10k transactions. Then bench/dualwrite.sh measures dual-write: tpcb-like through Tandem in
+# passthrough vs with mirroring on to a second throwaway cluster (TPS, p50/p99), and the write
+# flip's fence under load. See bench/README.md.
 set -euo pipefail
 
 PROG=$(basename "$0")
@@ -30,6 +32,8 @@ CLUSTER=tandem-bench
 DBNAME=bench
 BUILD=1
 KEEP=0
+DUAL=1        # 0 = skip the dual-write run, 2 = only the dual-write run
+FLIPS=10
 TANDEM_BIN=${TANDEM_BIN:-$REPO/bin/tandem}
 COMPARE_ARGS=()
 declare -A SET=()   # options given explicitly (win over --quick)
@@ -58,6 +62,9 @@ Setup:
   -B PORT      pgbouncer port                                 (default $PGB_PORT)
   -t PORT      Tandem listen port                             (default $T_PORT)
   -a PORT      Tandem admin port                              (default $A_PORT)
+  --no-dual    skip the dual-write run (bench/dualwrite.sh)
+  --dual-only  only the dual-write run: no direct/pgbouncer/Tandem matrix, no pgbouncer needed
+  --flips N    write flips (and rollbacks) timed during the dual-write run (default $FLIPS)
   --no-build   do not run 'go build'; use \$TANDEM_BIN (default bin/tandem)
   --keep       leave the cluster running on exit (Tandem and pgbouncer are always stopped)
   -h, --help   this help
@@ -67,6 +74,13 @@ Everything after '--' is passed to bench/compare.sh, e.g. noise control or pinni
 
 The full default matrix is 2 workloads x 3 protocols x 3 client counts x 3 targets x 2 rounds
 = 108 runs of 15 s plus ~4 s of per-run overhead: about 35 minutes.
+
+Dual-write (bench/dualwrite.sh, after the matrix): tpcb-like, -M simple and extended, 8 clients,
+-T and -r as above, through one Tandem with both stores: passthrough (mirror off) vs dual-write
+(mirror on, a second throwaway cluster as the new store, pgbench's tables copied into it), with
+p50/p99 latency from pgbench --log; then --flips write flips and rollbacks during a dual-write
+pgbench, with the fence's p50/p99. 2 protocols x 2 modes x rounds runs + one flip run, plus ~10 s
+of setup.
 
 Environment:
   BENCH_DIR      cluster/pgbouncer state (default /tmp/tandem-bench; kept between runs, so
@@ -106,6 +120,9 @@ while [[ $# -gt 0 ]]; do
     -B) need "$@"; PGB_PORT=$2; shift 2 ;;
     -t) need "$@"; T_PORT=$2; shift 2 ;;
     -a) need "$@"; A_PORT=$2; shift 2 ;;
+    --no-dual) DUAL=0; shift ;;
+    --dual-only) DUAL=2; shift ;;
+    --flips) need "$@"; FLIPS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -119,6 +136,7 @@ if [[ $QUICK -eq 1 ]]; then
   [[ -n "${SET[c]:-}" ]] || CLIENTS=8
 fi
 
+[[ "$FLIPS" =~ ^[0-9]+$ ]] || die "bad value for --flips: '$FLIPS'"
 for v in DURATION ROUNDS SCALE PG_PORT PGB_PORT T_PORT A_PORT; do
   [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -ge 1 ]] || die "bad value for $v: '${!v}'"
 done
@@ -147,7 +165,7 @@ find_bindir() {
 }
 BINDIR=$(find_bindir)
 PSQL="$BINDIR/psql"
-command -v pgbouncer >/dev/null 2>&1 || [[ -n "${PGBOUNCER:-}" ]] \
+[[ $DUAL -eq 2 ]] || command -v pgbouncer >/dev/null 2>&1 || [[ -n "${PGBOUNCER:-}" ]] \
   || die "pgbouncer not found (./scripts/ensure-postgres.sh pgbouncer, or set PGBOUNCER)"
 
 OUTDIR=${OUTDIR:-$HERE/results/$(date +%Y%m%d-%H%M%S)}
@@ -155,7 +173,12 @@ mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 
 nruns=$((${#WL_LIST[@]} * ${#PROTO_LIST[@]} * ${#CLIENT_LIST[@]} * ROUNDS * 3))
-log "$nruns pgbench runs of ${DURATION}s: expect ~$(((nruns * (DURATION + 4) + 59) / 60)) min (+ setup); output in $OUTDIR"
+[[ $DUAL -ne 2 ]] || nruns=0
+secs=$((nruns * (DURATION + 4)))
+if [[ $DUAL -ne 0 ]]; then
+  secs=$((secs + 4 * ROUNDS * (DURATION + 3) + (DURATION > 2 * FLIPS + 4 ? DURATION : 2 * FLIPS + 4) + 15))
+fi
+log "$nruns pgbench runs of ${DURATION}s$([[ $DUAL -eq 0 ]] || echo " + dual-write ($((4 * ROUNDS + 1)) runs)"): expect ~$(((secs + 59) / 60)) min (+ setup); output in $OUTDIR"
 
 # ---------------------------------------------------------------- build
 if [[ $BUILD -eq 1 ]]; then
@@ -202,37 +225,58 @@ if [[ "$ndb" == 0 ]]; then
   "$PSQL" -X -w -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -c "create database $DBNAME" >&2
 fi
 
-if "$BINDIR/pg_isready" -q -h 127.0.0.1 -p "$T_PORT" -t 1 >/dev/null 2>&1; then
-  die "port $T_PORT is already in use (choose another with -t)"
-fi
-"$TANDEM_BIN" proxy --listen "127.0.0.1:$T_PORT" --admin "127.0.0.1:$A_PORT" \
-  --old "postgres://postgres@127.0.0.1:$PG_PORT/$DBNAME?sslmode=disable" \
-  --max-client-sessions 1000 --log-level warn >"$OUTDIR/tandem.log" 2>&1 &
-TANDEM_PID=$!
-ready=0
-for ((i = 0; i < 100; i++)); do
-  kill -0 "$TANDEM_PID" 2>/dev/null || { tail -n 20 "$OUTDIR/tandem.log" >&2; die "tandem exited at startup (log: $OUTDIR/tandem.log)"; }
-  if "$PSQL" -X -w -h 127.0.0.1 -p "$T_PORT" -U postgres -d "$DBNAME" -Atc 'select 1' >/dev/null 2>&1; then ready=1; break; fi
-  sleep 0.1
-done
-[[ $ready -eq 1 ]] || { tail -n 20 "$OUTDIR/tandem.log" >&2; die "tandem not answering on 127.0.0.1:$T_PORT"; }
-[[ "$(cat "/proc/$TANDEM_PID/comm" 2>/dev/null)" == tandem* ]] || die "pid $TANDEM_PID is not tandem"
-log "tandem ready on 127.0.0.1:$T_PORT (pid $TANDEM_PID, admin 127.0.0.1:$A_PORT)"
+# The passthrough matrix (direct, pgbouncer, Tandem): skipped with --dual-only.
+if [[ $DUAL -ne 2 ]]; then
+  if "$BINDIR/pg_isready" -q -h 127.0.0.1 -p "$T_PORT" -t 1 >/dev/null 2>&1; then
+    die "port $T_PORT is already in use (choose another with -t)"
+  fi
+  "$TANDEM_BIN" proxy --listen "127.0.0.1:$T_PORT" --admin "127.0.0.1:$A_PORT" \
+    --old "postgres://postgres@127.0.0.1:$PG_PORT/$DBNAME?sslmode=disable" \
+    --max-client-sessions 1000 --log-level warn >"$OUTDIR/tandem.log" 2>&1 &
+  TANDEM_PID=$!
+  ready=0
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$TANDEM_PID" 2>/dev/null || { tail -n 20 "$OUTDIR/tandem.log" >&2; die "tandem exited at startup (log: $OUTDIR/tandem.log)"; }
+    if "$PSQL" -X -w -h 127.0.0.1 -p "$T_PORT" -U postgres -d "$DBNAME" -Atc 'select 1' >/dev/null 2>&1; then ready=1; break; fi
+    sleep 0.1
+  done
+  [[ $ready -eq 1 ]] || { tail -n 20 "$OUTDIR/tandem.log" >&2; die "tandem not answering on 127.0.0.1:$T_PORT"; }
+  [[ "$(cat "/proc/$TANDEM_PID/comm" 2>/dev/null)" == tandem* ]] || die "pid $TANDEM_PID is not tandem"
+  log "tandem ready on 127.0.0.1:$T_PORT (pid $TANDEM_PID, admin 127.0.0.1:$A_PORT)"
 
-# ---------------------------------------------------------------- measure
-"$HERE/compare.sh" -n "$CLUSTER" -p "$PG_PORT" -b session -B "$PGB_PORT" -d "$DBNAME" \
-  -w "$WORKLOADS" -M "$PROTOCOLS" -c "$CLIENTS" -T "$DURATION" -r "$ROUNDS" -s "$SCALE" \
-  -o "$OUTDIR" --target-pid "tandem=$TANDEM_PID" "${COMPARE_ARGS[@]}" \
-  "tandem=127.0.0.1:$T_PORT" >/dev/null
-mv -f "$OUTDIR/report.md" "$OUTDIR/compare-report.md"
-kill -0 "$TANDEM_PID" 2>/dev/null || die "tandem died during the benchmark (log: $OUTDIR/tandem.log)"
-{
-  echo "tandem: $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo unknown) ($TANDEM_BIN, pid $TANDEM_PID)"
-} >>"$OUTDIR/meta.txt"
+  # measure
+  "$HERE/compare.sh" -n "$CLUSTER" -p "$PG_PORT" -b session -B "$PGB_PORT" -d "$DBNAME" \
+    -w "$WORKLOADS" -M "$PROTOCOLS" -c "$CLIENTS" -T "$DURATION" -r "$ROUNDS" -s "$SCALE" \
+    -o "$OUTDIR" --target-pid "tandem=$TANDEM_PID" "${COMPARE_ARGS[@]}" \
+    "tandem=127.0.0.1:$T_PORT" >/dev/null
+  mv -f "$OUTDIR/report.md" "$OUTDIR/compare-report.md"
+  kill -0 "$TANDEM_PID" 2>/dev/null || die "tandem died during the benchmark (log: $OUTDIR/tandem.log)"
+  {
+    echo "tandem: $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo unknown) ($TANDEM_BIN, pid $TANDEM_PID)"
+  } >>"$OUTDIR/meta.txt"
+fi
+
+# ---------------------------------------------------------------- dual-write
+if [[ $DUAL -ne 0 ]]; then
+  log "dual-write: bench/dualwrite.sh (tpcb, -M simple,extended, 8 clients, ${DURATION}s, $ROUNDS round(s), $FLIPS flips)"
+  dual_args=(-p "$PG_PORT" -d "$DBNAME" -s "$SCALE" -M simple,extended -c 8 -T "$DURATION" -r "$ROUNDS"
+    --flips "$FLIPS" -n "$CLUSTER-new" -o "$OUTDIR")
+  [[ $KEEP -eq 0 ]] || dual_args+=(--keep)
+  TANDEM_BIN="$TANDEM_BIN" "$HERE/dualwrite.sh" "${dual_args[@]}" >/dev/null
+fi
+if [[ ! -f "$OUTDIR/meta.txt" ]]; then # --dual-only: compare.sh wrote none
+  {
+    echo "date: $(date -Is)"
+    echo "host: $(hostname), $(nproc) CPUs, $(uname -r)"
+    echo "postgres: $("$BINDIR/postgres" --version 2>/dev/null || "$PSQL" --version)"
+    echo "pgbench: $("$BINDIR/pgbench" --version)"
+    echo "tandem: $(cd "$REPO" && git describe --always --dirty 2>/dev/null || echo unknown) ($TANDEM_BIN)"
+  } >"$OUTDIR/meta.txt"
+fi
 
 # ---------------------------------------------------------------- report
 # bench.csv: one row per config, from summary.csv (medians over the rounds)
-awk -F, '
+[[ $DUAL -eq 2 ]] || awk -F, '
 NR == 1 { next }
 {
   cfg = $1 "," $2 "," $3
@@ -280,28 +324,42 @@ fmt_table() {
   }' "$OUTDIR/bench.csv"
 }
 
-fails=$(awk -F, 'NR > 1 && $11 == "fail"' "$OUTDIR/runs.csv" | wc -l)
-noisy=$(awk -F, 'NR > 1 && $11 == "noisy"' "$OUTDIR/runs.csv" | wc -l)
+fails=0 noisy=0
+if [[ $DUAL -ne 2 ]]; then
+  fails=$(awk -F, 'NR > 1 && $11 == "fail"' "$OUTDIR/runs.csv" | wc -l)
+  noisy=$(awk -F, 'NR > 1 && $11 == "noisy"' "$OUTDIR/runs.csv" | wc -l)
+fi
 {
-  echo "## Tandem vs pgbouncer (session) vs direct PostgreSQL: pgbench ($(date -Is))"
+  if [[ $DUAL -eq 2 ]]; then
+    echo "## Tandem dual-write: pgbench ($(date -Is))"
+  else
+    echo "## Tandem vs pgbouncer (session) vs direct PostgreSQL: pgbench ($(date -Is))"
+  fi
   echo ""
   sed 's/^/    /' "$OUTDIR/meta.txt"
   echo ""
-  echo "TPS and latency are medians over the rounds (pgbench \"without initial connection time\" TPS,"
-  echo "\"latency average\"). CPU s/10k tx = the proxy process's utime+stime during the run / transactions"
-  echo "x 10000 (median over the rounds). Ratios > 1 mean more TPS / longer latency / more CPU for Tandem."
-  echo ""
-  fmt_table
-  echo ""
-  sed -n '/^### All targets with noise/,$p' "$OUTDIR/summary.md"
-  if [[ $fails -gt 0 ]]; then
+  if [[ $DUAL -ne 2 ]]; then
+    echo "TPS and latency are medians over the rounds (pgbench \"without initial connection time\" TPS,"
+    echo "\"latency average\"). CPU s/10k tx = the proxy process's utime+stime during the run / transactions"
+    echo "x 10000 (median over the rounds). Ratios > 1 mean more TPS / longer latency / more CPU for Tandem."
     echo ""
-    echo "### Failed runs ($fails)"
+    fmt_table
     echo ""
-    awk -F, 'NR > 1 && $11 == "fail" { e = $NF; gsub(/"/, "", e); printf "- %s %s c=%s %s r%s: %s\n", $1, $2, $3, $4, $5, e }' "$OUTDIR/runs.csv"
+    sed -n '/^### All targets with noise/,$p' "$OUTDIR/summary.md"
+    if [[ $fails -gt 0 ]]; then
+      echo ""
+      echo "### Failed runs ($fails)"
+      echo ""
+      awk -F, 'NR > 1 && $11 == "fail" { e = $NF; gsub(/"/, "", e); printf "- %s %s c=%s %s r%s: %s\n", $1, $2, $3, $4, $5, e }' "$OUTDIR/runs.csv"
+    fi
+    echo ""
+    echo "Runs repeated because of foreign CPU load (other_cpu_pct above compare.sh --max-other): $noisy (kept in runs.csv as 'noisy')."
+  fi
+  if [[ $DUAL -ne 0 ]]; then
+    [[ $DUAL -eq 2 ]] || echo ""
+    cat "$OUTDIR/dualwrite.md"
   fi
   echo ""
-  echo "Runs repeated because of foreign CPU load (other_cpu_pct above compare.sh --max-other): $noisy (kept in runs.csv as 'noisy')."
   echo "Raw data: $OUTDIR"
 } | tee "$OUTDIR/report.md"
-log "wrote $OUTDIR/report.md, bench.csv, runs.csv, summary.csv"
+log "wrote $OUTDIR/report.md$([[ $DUAL -eq 2 ]] || echo ", bench.csv, runs.csv, summary.csv")$([[ $DUAL -eq 0 ]] || echo ", dualwrite.csv, dualwrite-fences.csv")"

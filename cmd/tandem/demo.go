@@ -23,8 +23,11 @@ func newDemoCmd() *cobra.Command {
 		Use:   "demo",
 		Short: "Walk through Tandem on two throwaway local PostgreSQL clusters",
 		Long: `Start two throwaway PostgreSQL clusters (old and new) from the installed
-server binaries, put a Tandem proxy in front of them, send traffic through it
-while narrating what happens, show the proxy's metrics, and clean up.
+server binaries, put a Tandem proxy in front of them, and walk the playbook
+with traffic going through it: passthrough, dual-write, a backfill, a 50%
+read shift, the write flip and a rollback (through the admin API), then
+check that both stores hold the same rows, show the proxy's metrics, and
+clean up.
 
 It needs the PostgreSQL server binaries (pg_config --bindir); as root it runs
 them as the 'postgres' user. Nothing outside a temporary directory is touched.`,
@@ -75,16 +78,19 @@ func runDemo(ctx context.Context, w io.Writer, verbose bool) (err error) {
 	}
 	if err := oldDB.Exec(ctx, "shop", `CREATE TABLE orders (id bigserial PRIMARY KEY, customer text NOT NULL,
 		total numeric(10,2) NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
-		INSERT INTO orders (customer, total) SELECT 'customer-' || g, g * 1.5 FROM generate_series(1, 1000) g;`); err != nil {
+		INSERT INTO orders (customer, total) SELECT 'customer-' || g, g * 1.5 FROM generate_series(1, 1000) g;
+		CREATE TABLE order_events (id bigserial PRIMARY KEY, order_id bigint NOT NULL, kind text NOT NULL, at timestamptz NOT NULL DEFAULT now());
+		INSERT INTO order_events (order_id, kind) SELECT g % 1000 + 1, (ARRAY['placed', 'paid', 'shipped'])[g % 3 + 1] FROM generate_series(1, `+fmt.Sprint(demoEvents)+`) g;`); err != nil {
 		return err
 	}
-	n.say("the app's database 'shop' on old holds 1000 orders")
+	n.say("the app's database 'shop' on old holds 1000 orders and %d order events", demoEvents)
 
 	n.section("Starting the Tandem proxy in front of them")
 	cfg := config.Default()
 	cfg.Listen, cfg.Admin = "127.0.0.1:0", "127.0.0.1:0"
 	cfg.Old.DSN, cfg.New.DSN = oldDB.DSN("shop"), newDB.DSN("shop")
 	cfg.Limits.DrainTimeout = config.Duration(5 * time.Second)
+	cfg.Routing.ReplicaID = "demo-proxy"
 	logOut := io.Discard
 	if verbose {
 		logOut = w
@@ -151,7 +157,10 @@ func runDemo(ctx context.Context, w io.Writer, verbose bool) (err error) {
 	}
 	n.say("old store: %d orders. Routing is in step 1 of the playbook (primary=old, mirror=off):", onOld)
 	n.say("every statement ran on the old store, the store of record; the new store is not touched yet.")
-	n.say("Next steps, as they land: mirror writes to new, backfill, compare, shift reads, flip writes.")
+
+	if err := demoMigration(ctx, n, rp, oldDB, newDB, conn); err != nil {
+		return err
+	}
 
 	n.section("What the operator sees: /metrics")
 	if err := printMetrics(ctx, n, "http://"+rp.AdminAddr()+"/metrics"); err != nil {

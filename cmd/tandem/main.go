@@ -52,6 +52,6 @@ precedence (flags win).`,
 		SilenceErrors: true,
 		Version:       version,
 	}
-	root.AddCommand(newProxyCmd(), newConfigCmd(), newDemoCmd())
+	root.AddCommand(newProxyCmd(), newPlanCmd(), newConfigCmd(), newRouteCmd(), newRollbackCmd(), newDemoCmd(), newBackfillCmd(), newCompareCmd())
 	return root
 }

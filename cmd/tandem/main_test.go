@@ -31,6 +31,22 @@ func TestDemo(t *testing.T) {
 		"COPY FROM STDIN loaded 3 rows",
 		"SQLSTATE 23505",
 		"old store: 1004 orders",
+		"routing version 2: primary=old mirror=on",
+		"dual-write: old store 1014 orders, new store 10 orders",
+		"the app's database 'shop' on old holds 1000 orders and 300000 order events",
+		"POST /api/v1/route {\"primary\": \"new\"} before the backfill  ->  409: the backfill has not finished on 2 table(s)",
+		"backfill public.order_events: 300000 rows",
+		"backfill public.orders: 1014 rows",
+		"GET /api/v1/backfill  ->  2 tables, finished true",
+		"backfill done: old store 1014 orders, new store 1014 orders",
+		"primary=old mirror=on reads=50%",
+		"write flip: fence held",
+		"sequences synced to new: 2",
+		"written on new, mirrored to old: on new true, on old true",
+		"rollback: fence held",
+		"written on old again, mirrored to new: on old true, on new true",
+		"data checked equal on both stores",
+		"open drift: 0",
 		`tandem_statements_total{db_operation_name="SELECT"`,
 		"/readyz -> 200",
 		"SQLSTATE 57P01",
@@ -39,6 +55,14 @@ func TestDemo(t *testing.T) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q:\n%s", want, out.String())
 		}
+	}
+	// The read shift split the sessions, and the stores hash the same.
+	if m := regexp.MustCompile(`new served the reads of (\d+) of (\d+) sessions`).FindStringSubmatch(out.String()); m == nil || m[1] == "0" || m[1] == m[2] {
+		t.Errorf("read shift line: %v", m)
+	}
+	hashes := regexp.MustCompile(`(?m)^   (old|new) store: (\d+ orders, md5 [0-9a-f]{32})$`).FindAllStringSubmatch(out.String(), -1)
+	if len(hashes) != 2 || hashes[0][1] != "old" || hashes[1][1] != "new" || hashes[0][2] != hashes[1][2] {
+		t.Errorf("final hashes: %q", hashes)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/proxy"
 	"golang.org/x/sync/errgroup"
 )
@@ -30,8 +31,20 @@ SQLSTATE. Clients authenticate at the proxy (trust, or SCRAM-SHA-256 against a
 pgbouncer-style userlist); the proxy logs in to the store as the same user,
 with the password from the store's DSN or password file.
 
-The admin address serves /healthz, /readyz (both stores reachable) and
-/metrics (Prometheus).
+The admin address serves /healthz, /readyz (both stores reachable),
+/metrics (Prometheus) and, with a new store, the routing API: GET
+/api/v1/state, POST /api/v1/route and POST /api/v1/rollback (see
+'tandem route --help'), and the backfill's status and live throttle: GET
+and POST /api/v1/backfill ({"rate": rows/s}, {"paused": true|false}).
+Keep it on a private interface.
+
+With a new store configured, the proxy keeps its routing state in the
+control schema "tandem" (control.dsn, else the old store): it creates the
+schema if needed, follows every change by LISTEN/NOTIFY (polling every
+routing.poll), drains its writes for a write flip's fence, records skipped
+or failed mirror writes in the drift ledger and repairs them every
+routing.repair_interval. It refuses to start when the control database is
+unreachable.
 
 On SIGTERM or SIGINT the proxy stops accepting, lets open transactions finish
 within --drain-timeout, then closes the remaining sessions with SQLSTATE 57P01.`,
@@ -65,6 +78,7 @@ type runningProxy struct {
 	prom     *metrics.Prometheus
 	listener net.Listener
 	g        *errgroup.Group
+	control  *controlPlane // nil without a new store
 }
 
 // startProxy binds both addresses and starts serving. Addresses with port 0
@@ -78,9 +92,42 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	srv, err := proxy.New(cfg, proxy.Options{Logger: log, Metrics: pm})
+	bm, err := metrics.NewBackfill(prom.Provider.Meter("github.com/tandemdb/tandem/backfill"))
 	if err != nil {
 		return nil, err
+	}
+	opts := proxy.Options{Logger: log, Metrics: pm}
+	// With a new store, the proxy follows the routing state in the control
+	// schema; without one it stays in passthrough and needs no control database.
+	var cp *controlPlane
+	var rt *admin.Routing
+	var bf *admin.Backfill
+	if cfg.New.DSN != "" {
+		if cp, err = openControl(cfg, log); err != nil {
+			return nil, err
+		}
+		opts.RecordDrift = cp.recordDrift
+		rt, err = newRouting(cfg, log, func(ctx context.Context, rep route.Report) {
+			if rep.Flip && rep.Fence > 0 {
+				pm.R().Fence(ctx, rep.Fence)
+			}
+		})
+		if err != nil {
+			cp.stop()
+			return nil, err
+		}
+		bf = &admin.Backfill{Connect: rt.Connect}
+	}
+	srv, err := proxy.New(cfg, opts)
+	if err != nil {
+		if cp != nil {
+			cp.stop()
+		}
+		return nil, err
+	}
+	if cp != nil {
+		cp.refreshMappings(context.Background(), srv)
+		srv.ApplyState(cp.initial) // before the first client: never serve on a routing state older than the stored one
 	}
 	ping := func(name string) admin.Check {
 		return admin.Check{Name: name, Run: func(ctx context.Context) error { return srv.Ping(ctx, name) }}
@@ -89,16 +136,25 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if cfg.New.DSN != "" {
 		checks = append(checks, ping("new"))
 	}
-	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log}), log)
+	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: bf}), log)
 	if err != nil {
+		if cp != nil {
+			cp.stop()
+		}
 		return nil, err
 	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		_ = adm.Shutdown(context.Background())
+		if cp != nil {
+			cp.stop()
+		}
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
-	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}}
+	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp}
+	if cp != nil {
+		cp.start(srv, pm, bm)
+	}
 	rp.g.Go(adm.Serve)
 	rp.g.Go(func() error {
 		if err := srv.Serve(ln); !errors.Is(err, proxy.ErrServerClosed) {
@@ -133,7 +189,11 @@ func (rp *runningProxy) stop() error {
 	ctx, cancel := context.WithTimeout(context.Background(), rp.cfg.Limits.DrainTimeout.Duration()+5*time.Second)
 	defer cancel()
 	err := rp.srv.Shutdown(ctx)
-	err = errors.Join(err, rp.admin.Shutdown(ctx), rp.g.Wait(), rp.prom.Shutdown(ctx))
+	err = errors.Join(err, rp.admin.Shutdown(ctx), rp.g.Wait())
+	if rp.control != nil {
+		rp.control.stop() // after the sessions: they record drift through its pool
+	}
+	err = errors.Join(err, rp.prom.Shutdown(ctx))
 	rp.log.Info("tandem proxy stopped")
 	return err
 }

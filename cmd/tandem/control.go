@@ -1,0 +1,490 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgpassfile"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/tandemdb/tandem/internal/admin"
+	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/table"
+	"github.com/tandemdb/tandem/proxy"
+	"golang.org/x/sync/errgroup"
+)
+
+// connConfig parses dsn for pgx. When the DSN carries no password, it comes
+// from passfile (pgpass format), as the proxy's own upstream logins do.
+func connConfig(field, dsn, passfile string, connectTimeout time.Duration) (*pgx.ConnConfig, error) {
+	cc, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", field, err)
+	}
+	cc.ConnectTimeout = connectTimeout
+	if cc.Password == "" && passfile != "" {
+		pf, err := pgpassfile.ReadPassfile(passfile)
+		if err != nil {
+			return nil, fmt.Errorf("%s password file: %w", field, err)
+		}
+		cc.Password = pf.FindPassword(cc.Host, strconv.Itoa(int(cc.Port)), cc.Database, cc.User)
+	}
+	return cc, nil
+}
+
+// controlDSN is where the control schema lives: control.dsn, else the old
+// store (with old.password_file unless control.password_file is set).
+func controlDSN(cfg *config.Config) (dsn, passfile string) {
+	if cfg.Control.DSN != "" {
+		return cfg.Control.DSN, cfg.Control.PasswordFile
+	}
+	passfile = cfg.Control.PasswordFile
+	if passfile == "" {
+		passfile = cfg.Old.PasswordFile
+	}
+	return cfg.Old.DSN, passfile
+}
+
+func controlConnConfig(cfg *config.Config) (*pgx.ConnConfig, error) {
+	dsn, pf := controlDSN(cfg)
+	return connConfig("control.dsn", dsn, pf, cfg.Limits.ConnectTimeout.Duration())
+}
+
+// storeConnConfig is the connection config of store s, as the DSN's user.
+func storeConnConfig(cfg *config.Config, s route.Store) (*pgx.ConnConfig, error) {
+	sc := cfg.Old
+	if s == route.New {
+		sc = cfg.New
+		if sc.DSN == "" {
+			return nil, fmt.Errorf("new.dsn is not configured")
+		}
+	}
+	return connConfig(string(s)+".dsn", sc.DSN, sc.PasswordFile, cfg.Limits.ConnectTimeout.Duration())
+}
+
+// newRouting builds the routing control plane that both the CLI and the
+// admin API use.
+func newRouting(cfg *config.Config, log *slog.Logger, observe func(context.Context, route.Report)) (*admin.Routing, error) {
+	cc, err := controlConnConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &admin.Routing{
+		Connect: func(ctx context.Context) (*pgx.Conn, error) {
+			c, err := pgx.ConnectConfig(ctx, cc.Copy())
+			if err != nil {
+				return nil, fmt.Errorf("connecting to the control database %s: %w", config.RedactDSN(cc.ConnString()), err)
+			}
+			return c, nil
+		},
+		Options: route.Options{
+			FenceTimeout: cfg.Routing.FenceTimeout.Duration(),
+			Live:         3 * cfg.Routing.Poll.Duration(),
+			Logger:       log,
+			Gates:        []route.Gate{mappingGate(cfg), backfillGate(cfg)},
+			PrepareSequences: func(ctx context.Context, to route.Store) (func(context.Context) (route.SequenceSync, error), func(), error) {
+				return prepareSequences(ctx, cfg, to)
+			},
+		},
+		Observe: observe,
+	}, nil
+}
+
+// prepareSequences connects to both stores and the control database before
+// a write flip's fence goes up. The returned sync runs with writes fenced:
+// it first repairs the drift that is stale on the store becoming primary
+// (copying from the store that has the rows, which no writer touches while
+// the fence is up), then brings to's sequences up to the other store's.
+// Without the repair, a rollback before the repairer caught up would make a
+// stale row the store of record, and the next write to it would mirror the
+// stale row back over the good one. done closes the connections.
+func prepareSequences(ctx context.Context, cfg *config.Config, to route.Store) (func(context.Context) (route.SequenceSync, error), func(), error) {
+	from := route.Old
+	if to == route.Old {
+		from = route.New
+	}
+	conns := map[string]*pgx.Conn{}
+	done := func() {
+		for _, c := range conns {
+			c.Close(context.WithoutCancel(ctx))
+		}
+	}
+	for _, s := range []route.Store{from, to} {
+		cc, err := storeConnConfig(cfg, s)
+		if err != nil {
+			done()
+			return nil, nil, err
+		}
+		c, err := pgx.ConnectConfig(ctx, cc)
+		if err != nil {
+			done()
+			return nil, nil, fmt.Errorf("connecting to the %s store: %w", s, err)
+		}
+		conns[string(s)] = c
+	}
+	ccfg, err := controlConnConfig(cfg)
+	if err != nil {
+		done()
+		return nil, nil, err
+	}
+	control, err := pgx.ConnectConfig(ctx, ccfg)
+	if err != nil {
+		done()
+		return nil, nil, fmt.Errorf("connecting to the control database: %w", err)
+	}
+	conns["control"] = control
+	sync := func(ctx context.Context) (route.SequenceSync, error) {
+		bound, cancel := context.WithTimeout(ctx, cfg.Routing.FenceTimeout.Duration())
+		defer cancel()
+		var repairErr error
+		ms, _, err := table.LoadMappings(bound, cfg.Tables, conns[string(route.Old)], conns[string(route.New)])
+		if err != nil {
+			return route.SequenceSync{}, fmt.Errorf("loading the table mappings: %w", err)
+		}
+		for {
+			n, err := table.RepairWith(bound, control, conns[string(from)], conns[string(to)], table.RepairOptions{Target: string(to), Limit: 1000, Mappings: ms})
+			if err != nil {
+				repairErr = fmt.Errorf("repairing the drift the %s store missed before it becomes primary: %w", to, err)
+				break
+			}
+			if n == 0 {
+				break
+			}
+		}
+		seq, err := route.SyncSequences(ctx, conns[string(from)], conns[string(to)], int64(cfg.Routing.SequenceMargin))
+		if repairErr != nil {
+			return seq, repairErr
+		}
+		return seq, err
+	}
+	return sync, done, nil
+}
+
+// controlPlane is what a proxy with a new store runs next to the server:
+// the state follower, the open-drift refresher and the drift repairer, on
+// a pool of connections to the control database.
+type controlPlane struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	cc      *pgx.ConnConfig
+	pool    *pgxpool.Pool
+	initial route.State
+	drift   atomic.Int64 // open drift entries, as last read; -1 unknown
+
+	mappings atomic.Pointer[table.Mappings] // as last loaded; the repairer copies through them
+
+	// A repair pass copies rows in the lock order of the routing it started
+	// on, so a write fence must not be acknowledged while one runs: the
+	// fence's drain cancels the pass and waits for it (repairSlot).
+	repairMu     sync.Mutex
+	repairCancel context.CancelFunc // of the running pass, if any
+	repairSlot   chan struct{}      // holds a token while a pass runs
+
+	cancel context.CancelFunc
+	g      *errgroup.Group
+}
+
+// openControl connects to the control database, creates or upgrades the
+// control schema and reads the routing state. It fails when the control
+// database cannot be reached: a proxy that cannot follow the routing state
+// must not serve.
+func openControl(cfg *config.Config, log *slog.Logger) (*controlPlane, error) {
+	cc, err := controlConnConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	where := config.RedactDSN(cc.ConnString())
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.Limits.ConnectTimeout.Duration()+10*time.Second)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(ctx, cc.Copy())
+	if err != nil {
+		return nil, fmt.Errorf("the control database %s (control.dsn, else old.dsn) is unreachable: %w", where, err)
+	}
+	defer conn.Close(ctx)
+	if err := route.EnsureSchema(ctx, conn); err != nil {
+		return nil, fmt.Errorf("creating the control schema in %s: %w", where, err)
+	}
+	if err := table.EnsureSchema(ctx, conn); err != nil {
+		return nil, fmt.Errorf("creating the drift ledger in %s: %w", where, err)
+	}
+	st, err := route.Load(ctx, conn)
+	if err != nil {
+		return nil, fmt.Errorf("reading the routing state from %s: %w", where, err)
+	}
+	pc, err := pgxpool.ParseConfig("")
+	if err != nil {
+		return nil, err
+	}
+	pc.ConnConfig = cc.Copy()
+	pc.MaxConns = 8
+	pool, err := pgxpool.NewWithConfig(context.Background(), pc)
+	if err != nil {
+		return nil, err
+	}
+	cp := &controlPlane{cfg: cfg, log: log, cc: cc, pool: pool, initial: st, repairSlot: make(chan struct{}, 1)}
+	cp.drift.Store(-1)
+	return cp, nil
+}
+
+// mappingRefresh is how often a proxy reloads its table mappings.
+const mappingRefresh = 30 * time.Second
+
+// refreshMappings reloads the table mappings into the proxy; on failure the
+// previous ones stay.
+func (cp *controlPlane) refreshMappings(ctx context.Context, srv *proxy.Server) {
+	lctx, cancel := context.WithTimeout(ctx, cp.cfg.Limits.ConnectTimeout.Duration()+10*time.Second)
+	defer cancel()
+	ms, probs, err := loadMappings(lctx, cp.cfg)
+	if err != nil {
+		cp.log.Warn("could not load the table mappings; keeping the previous ones", "error", err)
+		return
+	}
+	logProblems(cp.log, probs)
+	srv.SetMappings(ms)
+	cp.mappings.Store(ms)
+}
+
+// recordDrift writes drift ledger entries; the proxy calls it before it
+// acknowledges a write whose mirror was skipped or failed.
+func (cp *controlPlane) recordDrift(ctx context.Context, entries []table.DriftEntry) error {
+	return table.RecordDrift(ctx, cp.pool, entries)
+}
+
+// start runs the follower, the drift refresher and the repairer until stop.
+func (cp *controlPlane) start(srv *proxy.Server, pm *metrics.Proxy, bm *metrics.Backfill) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cp.cancel = cancel
+	cp.g = &errgroup.Group{}
+	replica := cp.cfg.Routing.ReplicaID
+	if replica == "" {
+		host, _ := os.Hostname()
+		replica = fmt.Sprintf("%s:%d", host, os.Getpid())
+	}
+	joined := make(chan struct{})
+	f := &route.Follower{
+		Joined:  func() { close(joined) },
+		Config:  cp.cc,
+		Replica: replica,
+		Poll:    cp.cfg.Routing.Poll.Duration(),
+		Apply: func(st route.State) {
+			// Turning mirroring on: bring the table mappings up to the
+			// stores' schemas first (they are also reloaded periodically).
+			if prev := srv.State(); st.Mirror && !prev.Mirror {
+				cp.refreshMappings(ctx, srv)
+			}
+			srv.ApplyState(st)
+		},
+		Drain: func(ctx context.Context) error {
+			if err := cp.stopRepair(ctx); err != nil {
+				return err
+			}
+			return srv.DrainWrites(ctx)
+		},
+		Status: func() route.ReplicaStatus {
+			b := srv.BreakerState()
+			pm.R().Breaker(b)
+			return route.ReplicaStatus{Breaker: b, Writers: srv.Writers()}
+		},
+		Logger: cp.log,
+	}
+	cp.g.Go(func() error { _ = f.Run(ctx); return nil })
+	cp.g.Go(func() error { cp.refreshDrift(ctx, srv, pm); return nil })
+	cp.g.Go(func() error { cp.repair(ctx, srv); return nil })
+	cp.g.Go(func() error { cp.refreshBackfill(ctx, bm); return nil })
+	cp.g.Go(func() error {
+		// Schemas change during a migration: reload the mappings now and then.
+		t := time.NewTicker(mappingRefresh)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-t.C:
+				cp.refreshMappings(ctx, srv)
+			}
+		}
+	})
+	// A proxy that serves must be one the next flip waits for: hold the
+	// start until the first heartbeat is written (bounded, the follower
+	// keeps retrying on its own if the control store is slow).
+	select {
+	case <-joined:
+	case <-time.After(joinTimeout):
+		cp.log.Warn("routing state follower has not registered this replica yet; flips will not wait for it until it does", "replica", replica, "waited", joinTimeout)
+	}
+	cp.log.Info("following the routing state", "replica", replica, "version", cp.initial.Version, "state", cp.initial.Settings.String())
+}
+
+// joinTimeout bounds how long a starting proxy waits for its first heartbeat.
+const joinTimeout = 10 * time.Second
+
+// stop ends the background work and closes the pool. Call it after the
+// server has shut down: sessions record drift through the pool.
+func (cp *controlPlane) stop() {
+	if cp.cancel != nil {
+		cp.cancel()
+		_ = cp.g.Wait()
+	}
+	cp.pool.Close()
+}
+
+// every calls f now and then every d until ctx ends.
+func every(ctx context.Context, d time.Duration, f func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		f()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// refreshDrift reads the open drift every poll interval: tables with open
+// drift are not served from the new store.
+func (cp *controlPlane) refreshDrift(ctx context.Context, srv *proxy.Server, pm *metrics.Proxy) {
+	failing := false
+	every(ctx, cp.cfg.Routing.Poll.Duration(), func() {
+		m, err := table.OpenDrift(ctx, cp.pool)
+		if err != nil {
+			if ctx.Err() == nil && !failing {
+				cp.log.Warn("cannot read the drift ledger; keeping the last known open drift", "error", err)
+			}
+			failing = true
+			return
+		}
+		if failing {
+			cp.log.Info("drift ledger readable again")
+		}
+		failing = false
+		names := make([]string, 0, len(m))
+		var total int64
+		for n, c := range m {
+			names = append(names, n.String())
+			total += int64(c)
+		}
+		srv.SetDriftTables(names)
+		pm.R().DriftOpen(total)
+		cp.drift.Store(total)
+	})
+}
+
+// repair drains the drift ledger every repair interval while mirroring is
+// on, no write fence is up and the breaker is not open. Entries stale on
+// the secondary are copied from the primary; entries stale on the primary
+// (writes it missed as the secondary, before a write flip or a rollback)
+// are copied from the secondary, first, with the lock order RepairPrimary
+// keeps. Failures are logged and retried with fresh connections; they
+// never stop the proxy.
+func (cp *controlPlane) repair(ctx context.Context, srv *proxy.Server) {
+	conns := map[route.Store]*pgx.Conn{}
+	closeAll := func() {
+		for s, c := range conns {
+			c.Close(context.WithoutCancel(ctx))
+			delete(conns, s)
+		}
+	}
+	defer closeAll()
+	every(ctx, cp.cfg.Routing.RepairInterval.Duration(), func() {
+		if srv.BreakerState() == "open" || cp.drift.Load() == 0 {
+			return
+		}
+		select {
+		case cp.repairSlot <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		defer func() { <-cp.repairSlot }()
+		// The state is read and the pass made cancellable in one step, so
+		// a fence applied after the read finds the pass to cancel.
+		cp.repairMu.Lock()
+		st := srv.State()
+		if !st.Mirror || st.Fence != 0 {
+			cp.repairMu.Unlock()
+			return
+		}
+		pctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		cp.repairCancel = cancel
+		cp.repairMu.Unlock()
+		defer func() {
+			cp.repairMu.Lock()
+			cp.repairCancel = nil
+			cp.repairMu.Unlock()
+		}()
+
+		for _, target := range []route.Store{st.Primary, st.Secondary()} {
+			n, err := cp.repairOnce(pctx, st, target, conns)
+			switch {
+			case pctx.Err() != nil:
+				closeAll() // a cancelled pass may leave them mid-transaction
+				return
+			case err != nil:
+				cp.log.Warn("drift repair failed; retrying", "error", err, "stale", target, "repaired", n)
+				closeAll()
+				return
+			case n > 0:
+				cp.log.Info("drift repaired", "entries", n, "stale", target, "primary", st.Primary)
+			}
+		}
+	})
+}
+
+// stopRepair cancels a running repair pass and waits until it has ended,
+// or ctx ends. The write fence is applied before it is called, so no new
+// pass starts until the fence is released.
+func (cp *controlPlane) stopRepair(ctx context.Context) error {
+	cp.repairMu.Lock()
+	if cp.repairCancel != nil {
+		cp.repairCancel()
+	}
+	cp.repairMu.Unlock()
+	select {
+	case cp.repairSlot <- struct{}{}:
+		<-cp.repairSlot
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// repairOnce repairs up to 1000 entries stale on target, from the other
+// store, with the lock order that st's primary requires.
+func (cp *controlPlane) repairOnce(ctx context.Context, st route.State, target route.Store, conns map[route.Store]*pgx.Conn) (int, error) {
+	for _, s := range []route.Store{route.Old, route.New} {
+		if conns[s] != nil && !conns[s].IsClosed() {
+			continue
+		}
+		cc, err := storeConnConfig(cp.cfg, s)
+		if err != nil {
+			return 0, err
+		}
+		c, err := pgx.ConnectConfig(ctx, cc)
+		if err != nil {
+			return 0, fmt.Errorf("connecting to the %s store: %w", s, err)
+		}
+		conns[s] = c
+	}
+	pc, err := cp.pool.Acquire(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("control database: %w", err)
+	}
+	defer pc.Release()
+	source := route.Old
+	if target == route.Old {
+		source = route.New
+	}
+	return table.RepairWith(ctx, pc.Conn(), conns[source], conns[target], table.RepairOptions{
+		Target: string(target), Limit: 1000, TargetIsPrimary: target == st.Primary, Mappings: cp.mappings.Load(),
+	})
+}

@@ -1,0 +1,214 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/spf13/cobra"
+	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/plan"
+	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/table"
+)
+
+const planLong = `Assess a migration before it starts (playbook step 1). tandem plan connects to
+both stores with the same settings as 'tandem proxy' (old.dsn, new.dsn, their
+password files, control.dsn) and only reads them: the sample copy goes into a
+temporary table on new, in a transaction that is rolled back.
+
+Sections of the report:
+  STORES       per store: version, user, wal_level, max_prepared_transactions,
+               REPLICA MODE (can Tandem SET session_replication_role: superuser,
+               or GRANT SET ON PARAMETER on PostgreSQL 15+; without it row images
+               are applied with the store's triggers and foreign keys active) and
+               CONTROL SCHEMA (can it create or use the schema "tandem" there).
+  TABLES       each user table in scope (tables.include / tables.exclude; the
+               schemas tandem, pg_catalog and information_schema never are): the
+               new table it maps to (identity, or declared under tables.map), its
+               size, its rows (~ = the planner's estimate), its primary key, and
+               BACKFILL: the time to copy it, extrapolated from a measured sample
+               copy of --sample-rows rows in key order (COPY out of old, COPY into
+               a temporary table on new). It is a lower bound: the real backfill
+               also locks, upserts and throttles.
+  SCHEMA DIFFERENCES  what differs between the stores and the mapping does not
+               explain: a table or column missing on new, a column only on new, a
+               type change (widening such as varchar(50) -> text is noted;
+               narrowing such as bigint -> integer or a changed meaning such as
+               timestamp -> timestamptz needs attention; a type that cannot take
+               the old values, such as uuid -> integer, blocks), a key change.
+  SEQUENCES    sequences synced to new at the write flip, with their values.
+  TRIGGERS ON OLD  row images carry what a trigger did to the row written, not
+               the writes it makes to other tables: those tables rely on verify
+               and repair.
+  FOREIGN KEYS ON OLD THAT WRITE  ON DELETE/UPDATE CASCADE, SET NULL or SET
+               DEFAULT: the cascaded writes to the child table are not in the
+               parent's row images.
+  EXTENSIONS ON OLD MISSING ON NEW  with the columns whose types they provide.
+  VERDICTS     every reason, worst first. A table is ready, needs attention
+               (the migration can run; read the reason), or is blocked (fix the
+               reason first: the table is missing on new, has no key on new, a
+               column is missing or cannot take the old values, a privilege
+               is missing, ...).
+
+Exit status: 0 everything is ready, 1 something needs attention, 2 something
+is blocked (and 1 with a message on stderr when a store cannot be read).`
+
+const planExamples = `  # Assess, as text
+  tandem plan -c tandem.yaml
+  # For a script: JSON on stdout, the verdict in the exit status
+  tandem plan -c tandem.yaml --json > plan.json; echo "exit $?"
+  # Without a config file, with a bigger sample
+  tandem plan --old postgres://app@old-db/shop --new postgres://app@new-db/shop --sample-rows 10000`
+
+func newPlanCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "plan",
+		Short:   "Assess a migration: tables, keys, schema differences, privileges, backfill estimate",
+		Long:    planLong,
+		Example: planExamples,
+		Args:    cobra.NoArgs,
+	}
+	flags := config.NewFlags(cmd.Flags())
+	asJSON := cmd.Flags().Bool("json", false, "print the report as JSON")
+	sampleRows := cmd.Flags().Int("sample-rows", 1000, "rows per table in the measured sample copy that the backfill estimate extrapolates from; 0 skips it")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		if *sampleRows < 0 {
+			return fmt.Errorf("--sample-rows must be >= 0, got %d", *sampleRows)
+		}
+		cfg, err := flags.Load(os.LookupEnv)
+		if err != nil {
+			return err
+		}
+		rep, err := runPlan(cmd.Context(), cfg, *sampleRows)
+		if err != nil {
+			return err
+		}
+		out := cmd.OutOrStdout()
+		if *asJSON {
+			b, err := rep.JSON()
+			if err != nil {
+				return err
+			}
+			if _, err := fmt.Fprintf(out, "%s\n", b); err != nil {
+				return err
+			}
+		} else if err := rep.WriteText(out); err != nil {
+			return err
+		}
+		if rep.Verdict != plan.Ready {
+			return exitCode(rep.Verdict)
+		}
+		return nil
+	}
+	return cmd
+}
+
+// runPlan connects to the stores (and a separate control database) and
+// runs the assessment with the config's scope and mapping.
+func runPlan(ctx context.Context, cfg *config.Config, sampleRows int) (*plan.Report, error) {
+	mapping, err := planMapping(cfg.Tables)
+	if err != nil {
+		return nil, err
+	}
+	opts := plan.Options{SampleRows: sampleRows, Map: mapping}
+	var conns []*pgx.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close(context.WithoutCancel(ctx))
+		}
+	}()
+	for _, s := range []route.Store{route.Old, route.New} {
+		cc, err := storeConnConfig(cfg, s)
+		if err != nil {
+			return nil, err
+		}
+		c, err := pgx.ConnectConfig(ctx, cc)
+		if err != nil {
+			return nil, fmt.Errorf("connecting to the %s store %s: %w", s, config.RedactDSN(cc.ConnString()), err)
+		}
+		conns = append(conns, c)
+	}
+	opts.Old, opts.New = conns[0], conns[1]
+	if cfg.Control.DSN != "" {
+		cc, err := controlConnConfig(cfg)
+		if err != nil {
+			return nil, err
+		}
+		c, err := pgx.ConnectConfig(ctx, cc)
+		if err != nil {
+			return nil, fmt.Errorf("connecting to the control database %s: %w", config.RedactDSN(cc.ConnString()), err)
+		}
+		conns = append(conns, c)
+		opts.Control = c
+	}
+	// The scope and the server-side checks of each declared mapping come
+	// from internal/table, as the proxy loads them, so the plan and the
+	// proxy cannot disagree about which tables are in the migration.
+	ms, probs, err := table.LoadMappings(ctx, cfg.Tables, opts.Old, opts.New)
+	if err != nil {
+		return nil, fmt.Errorf("loading the table mappings: %w", err)
+	}
+	opts.InScope = ms.InScope
+	opts.Problems = map[table.Name][]plan.Reason{}
+	for _, p := range probs {
+		if !declaredAs(cfg.Tables, p.Table) {
+			continue // identity mappings: the plan's own comparison reports the same differences
+		}
+		v := plan.Blocked
+		if p.FlipOnly {
+			v = plan.Attention
+		}
+		opts.Problems[p.Table] = append(opts.Problems[p.Table], plan.Reason{Verdict: v, Text: "mapping: " + p.String()})
+	}
+	return plan.Run(ctx, opts)
+}
+
+// declaredAs reports whether tables.map declares the old table n under any
+// spelling of its name.
+func declaredAs(t config.Tables, n table.Name) bool {
+	for key := range t.Map {
+		if s, tb, err := config.ParseTableName(key); err == nil && s == n.Schema && tb == n.Table {
+			return true
+		}
+	}
+	return false
+}
+
+// planMapping turns tables.map into the plan's view of each table's mapping;
+// a table without a declaration maps to itself.
+func planMapping(t config.Tables) (func(table.Name) plan.Mapping, error) {
+	declared := map[table.Name]plan.Mapping{}
+	for key, tm := range t.Map {
+		s, n, err := config.ParseTableName(key)
+		if err != nil {
+			return nil, fmt.Errorf("tables.map[%s]: %w", key, err)
+		}
+		old := table.Name{Schema: s, Table: n}
+		m := plan.Mapping{New: old, Declared: true, Renames: tm.Rename, Dropped: tm.Drop, Computed: tm.Compute, Consumed: map[string]bool{}}
+		for _, expr := range tm.Compute {
+			cols, err := table.ExprColumns(expr)
+			if err != nil {
+				continue // LoadMappings reports the expression itself
+			}
+			for _, c := range cols {
+				m.Consumed[c] = true
+			}
+		}
+		if tm.To != "" {
+			ts, tn, err := config.ParseTableName(tm.To)
+			if err != nil {
+				return nil, fmt.Errorf("tables.map[%s].to: %w", key, err)
+			}
+			m.New = table.Name{Schema: ts, Table: tn}
+		}
+		declared[old] = m
+	}
+	return func(n table.Name) plan.Mapping {
+		if m, ok := declared[n]; ok {
+			return m
+		}
+		return plan.Mapping{New: n}
+	}, nil
+}

@@ -1,0 +1,284 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/plan"
+)
+
+// runPlanCmd runs `tandem plan` with args and returns its exit status (as
+// main would map it) and its standard output.
+func runPlanCmd(t *testing.T, args ...string) (int, string) {
+	t.Helper()
+	cmd := newPlanCmd()
+	var out, errOut bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetErr(&errOut)
+	cmd.SetArgs(args)
+	cmd.SilenceUsage, cmd.SilenceErrors = true, true
+	err := cmd.ExecuteContext(t.Context())
+	var ec exitCode
+	switch {
+	case err == nil:
+		return 0, out.String()
+	case errors.As(err, &ec):
+		return int(ec), out.String()
+	}
+	t.Fatalf("tandem plan %v: %v\n%s", args, err, errOut.String())
+	return 0, ""
+}
+
+// TestPlanSeeded seeds a pair with one of each problem and checks that the
+// report names each one with the right verdict, and exits 2.
+func TestPlanSeeded(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	both := `
+		CREATE TABLE ready (id bigint PRIMARY KEY, name varchar(50), note text);
+		CREATE TABLE nokey (line text, at timestamptz);
+		CREATE TABLE narrow (id int PRIMARY KEY, qty bigint);
+		CREATE TABLE incompatible (id int PRIMARY KEY);
+		CREATE TABLE parent (id serial PRIMARY KEY);
+		CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent ON DELETE CASCADE);
+		CREATE TABLE "Odd ""Name""" ("Key" int PRIMARY KEY, v text);
+		CREATE TABLE skipped (id int PRIMARY KEY);
+		CREATE SEQUENCE counter;`
+	mustExec(t, old, both+`
+		ALTER TABLE ready ALTER name TYPE varchar(50);
+		ALTER TABLE incompatible ADD token uuid;
+		CREATE TABLE missing (id int PRIMARY KEY);
+		CREATE EXTENSION hstore;
+		CREATE EXTENSION citext;
+		CREATE TABLE geo (id int PRIMARY KEY, attrs hstore);
+		CREATE TABLE audit (at timestamptz DEFAULT now(), what text);
+		CREATE FUNCTION audit_parent() RETURNS trigger LANGUAGE plpgsql AS $$
+			BEGIN INSERT INTO audit (what) VALUES (TG_OP); RETURN NEW; END $$;
+		CREATE TRIGGER parent_audit AFTER INSERT ON parent FOR EACH ROW EXECUTE FUNCTION audit_parent();
+		INSERT INTO ready SELECT g, 'n' || g, 'x' FROM generate_series(1, 3000) g;
+		INSERT INTO narrow VALUES (1, 5);
+		INSERT INTO parent DEFAULT VALUES; INSERT INTO parent DEFAULT VALUES;
+		INSERT INTO "Odd ""Name""" VALUES (1, 'a');
+		SELECT setval('counter', 77);`)
+	mustExec(t, new, both+`
+		ALTER TABLE ready ALTER name TYPE text;
+		ALTER TABLE narrow ALTER qty TYPE int;
+		ALTER TABLE incompatible ADD token int;
+		CREATE TABLE geo (id int PRIMARY KEY, attrs jsonb);
+		CREATE TABLE audit (at timestamptz DEFAULT now(), what text);
+		SELECT setval('parent_id_seq', 1);`)
+
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "tandem.yaml")
+	if err := os.WriteFile(cfgPath, []byte("old:\n  dsn: "+old.DSN("")+"\nnew:\n  dsn: "+new.DSN("")+
+		"\ntables:\n  exclude: [skipped]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out := runPlanCmd(t, "-c", cfgPath, "--json", "--sample-rows", "500")
+	if code != 2 {
+		t.Errorf("exit status %d, want 2", code)
+	}
+	var rep plan.Report
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	tables := map[string]plan.Table{}
+	for _, tb := range rep.Tables {
+		tables[tb.Name] = tb
+	}
+	reasons := func(tb plan.Table) string {
+		var s []string
+		for _, r := range tb.Reasons {
+			s = append(s, r.Verdict.String()+": "+r.Text)
+		}
+		return strings.Join(s, "; ")
+	}
+	for name, want := range map[string]struct {
+		verdict plan.Verdict
+		reason  string
+	}{
+		"public.ready":        {plan.Ready, ""},
+		"public.missing":      {plan.Blocked, "missing on new"},
+		"public.nokey":        {plan.Attention, "no primary key on old"},
+		"public.narrow":       {plan.Attention, "bigint -> integer narrows"},
+		"public.incompatible": {plan.Blocked, "cannot convert uuid to integer"},
+		"public.child":        {plan.Attention, "foreign key child_parent_id_fkey to public.parent (ON DELETE CASCADE"},
+		"public.parent":       {plan.Attention, "trigger parent_audit"},
+		"public.geo":          {plan.Blocked, "extension hstore"},
+		`public.Odd "Name"`:   {plan.Ready, ""},
+		"public.audit":        {plan.Attention, "no primary key on old"},
+	} {
+		tb, ok := tables[name]
+		if !ok {
+			t.Errorf("table %s is not in the report", name)
+			continue
+		}
+		if tb.Verdict != want.verdict || !strings.Contains(reasons(tb), want.reason) {
+			t.Errorf("%s: verdict %s %s; want %s with %q", name, tb.Verdict, reasons(tb), want.verdict, want.reason)
+		}
+	}
+	if _, ok := tables["public.skipped"]; ok {
+		t.Error("public.skipped is excluded by tables.exclude but was assessed")
+	}
+	if r := tables["public.ready"]; r.Sample == nil || r.Sample.Rows != 500 || r.Sample.Error != "" || r.Sample.Estimate <= 0 ||
+		r.Rows != 3000 || len(r.Key) != 1 || r.Key[0] != "id" || len(r.Differences) != 1 || r.Differences[0].Change != plan.Widening {
+		t.Errorf("public.ready: %+v sample %+v", r, r.Sample)
+	}
+	if len(rep.Triggers) != 1 || rep.Triggers[0].Name != "parent_audit" {
+		t.Errorf("triggers: %+v", rep.Triggers)
+	}
+	if len(rep.ForeignKeys) != 1 || rep.ForeignKeys[0].OnDelete != "CASCADE" {
+		t.Errorf("foreign keys: %+v", rep.ForeignKeys)
+	}
+	exts := map[string]plan.Extension{}
+	for _, e := range rep.Extensions {
+		exts[e.Name] = e
+	}
+	if e := exts["hstore"]; e.OnNew || len(e.UsedBy) != 1 || e.UsedBy[0] != "public.geo.attrs" {
+		t.Errorf("hstore: %+v", e)
+	}
+	if e := exts["citext"]; e.OnNew || !strings.Contains(strings.Join(findings(rep), "\n"), "extension citext") {
+		t.Errorf("citext: %+v, findings %q", e, findings(rep))
+	}
+	seqs := map[string]plan.Sequence{}
+	for _, s := range rep.Sequences {
+		seqs[s.Name] = s
+	}
+	if s := seqs["public.counter"]; s.Old == nil || *s.Old != 77 || !s.OnNew || s.New != nil {
+		t.Errorf("public.counter: %+v", s)
+	}
+	if s := seqs["public.parent_id_seq"]; s.OwnedBy != "public.parent.id" || s.Old == nil || *s.Old != 2 || s.New == nil || *s.New != 1 {
+		t.Errorf("public.parent_id_seq: %+v", s)
+	}
+	if len(rep.Stores) != 2 || !rep.Stores[0].ReplicationRole || rep.Stores[0].ControlSchema == nil || !*rep.Stores[0].ControlSchema ||
+		rep.Stores[0].WALLevel != "logical" || rep.Stores[1].MaxPreparedTransactions != 64 {
+		t.Errorf("stores: %+v", rep.Stores)
+	}
+
+	// Nothing was written on new: the sample went to a rolled-back temp table.
+	conn, err := new.Connect(context.Background(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	res, err := conn.Exec(context.Background(), "SELECT count(*) FROM ready").ReadAll()
+	if err != nil || len(res) != 1 || string(res[0].Rows[0][0]) != "0" {
+		t.Fatalf("new.ready was written: %v %v", res, err)
+	}
+
+	// The text form names the same problems.
+	code, text := runPlanCmd(t, "-c", cfgPath, "--sample-rows", "0")
+	if code != 2 {
+		t.Errorf("text: exit status %d, want 2", code)
+	}
+	for _, want := range []string{"public.missing is missing on new", "TRIGGERS ON OLD", "child_parent_id_fkey", "hstore", "verdict: blocked (exit status 2)"} {
+		if !strings.Contains(text, want) {
+			t.Errorf("text report lacks %q:\n%s", want, text)
+		}
+	}
+}
+
+func findings(r plan.Report) []string {
+	var out []string
+	for _, f := range r.Findings {
+		out = append(out, f.Text)
+	}
+	return out
+}
+
+// TestPlanClean: identical stores exit 0; a non-superuser without the
+// privileges Tandem needs gets attention and blocks.
+func TestPlanClean(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	schema := `CREATE TABLE orders (id bigserial PRIMARY KEY, total numeric(10,2), at timestamptz NOT NULL DEFAULT now());`
+	mustExec(t, old, schema+`INSERT INTO orders (total) SELECT g FROM generate_series(1, 100) g;`)
+	mustExec(t, new, schema)
+	code, out := runPlanCmd(t, "--old", old.DSN(""), "--new", new.DSN(""))
+	if code != 0 {
+		t.Fatalf("exit status %d, want 0:\n%s", code, out)
+	}
+	if !strings.Contains(out, "verdict: ready (exit status 0)") || !strings.Contains(out, "public.orders_id_seq") {
+		t.Errorf("report:\n%s", out)
+	}
+
+	// A plain user on new: no replica mode, no privileges on the table.
+	mustExec(t, new, `CREATE ROLE app LOGIN`)
+	newDSN := strings.Replace(new.DSN(""), "postgres@", "app@", 1)
+	code, out = runPlanCmd(t, "--old", old.DSN(""), "--new", newDSN, "--json")
+	var rep plan.Report
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if code != 2 || rep.Stores[1].ReplicationRole || rep.Stores[1].Verdict != plan.Attention ||
+		len(rep.Tables) != 1 || !strings.Contains(rep.Tables[0].Reasons[0].Text, "missing privileges on new") {
+		t.Errorf("exit %d, report %s", code, out)
+	}
+	// Granted on PostgreSQL 15+: replica mode is allowed.
+	mustExec(t, new, `GRANT SET ON PARAMETER session_replication_role TO app; GRANT ALL ON orders TO app`)
+	code, out = runPlanCmd(t, "--old", old.DSN(""), "--new", newDSN)
+	if code != 0 {
+		t.Errorf("after the grants: exit status %d, want 0:\n%s", code, out)
+	}
+}
+
+// TestPlanMapping: a declared mapping explains renames, dropped and
+// computed columns and a new table name, and the sample copy goes through
+// it.
+func TestPlanMapping(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	mustExec(t, old, `CREATE TABLE users (id int PRIMARY KEY, first_name text, last_name text, email varchar(50), legacy_flag bool);
+		INSERT INTO users SELECT g, 'a', 'b', g || '@x', false FROM generate_series(1, 50) g;`)
+	mustExec(t, new, `CREATE TABLE accounts (id int PRIMARY KEY, full_name text NOT NULL, mail text, created_at timestamptz NOT NULL DEFAULT now());`)
+	cfgPath := filepath.Join(t.TempDir(), "tandem.yaml")
+	if err := os.WriteFile(cfgPath, []byte(`old:
+  dsn: `+old.DSN("")+`
+new:
+  dsn: `+new.DSN("")+`
+tables:
+  map:
+    users:
+      to: accounts
+      rename: {email: mail}
+      drop: [legacy_flag]
+      compute: {full_name: "first_name || ' ' || last_name"}
+      reverse: {first_name: "split_part(full_name, ' ', 1)", last_name: "split_part(full_name, ' ', 2)"}
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out := runPlanCmd(t, "-c", cfgPath, "--json")
+	var rep plan.Report
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if code != 0 || len(rep.Tables) != 1 {
+		t.Fatalf("exit %d:\n%s", code, out)
+	}
+	tb := rep.Tables[0]
+	if tb.NewName != "public.accounts" || tb.Mapping != "declared" || tb.Verdict != plan.Ready || tb.Sample == nil ||
+		tb.Sample.Rows != 50 || tb.Sample.Error != "" || len(tb.Differences) != 2 {
+		t.Errorf("users: %s", out)
+	}
+}
+
+// TestPlanMappingTypo: a declared mapping that names an unknown column
+// blocks its table, and the reason names the column.
+func TestPlanMappingTypo(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	mustExec(t, old, `CREATE TABLE users (id int PRIMARY KEY, email text)`)
+	mustExec(t, new, `CREATE TABLE users (id int PRIMARY KEY, mail text)`)
+	cfgPath := filepath.Join(t.TempDir(), "tandem.yaml")
+	if err := os.WriteFile(cfgPath, []byte("old:\n  dsn: "+old.DSN("")+"\nnew:\n  dsn: "+new.DSN("")+
+		"\ntables:\n  map:\n    users:\n      rename: {emial: mail}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out := runPlanCmd(t, "-c", cfgPath)
+	if code != 2 || !strings.Contains(out, "emial") {
+		t.Errorf("exit %d:\n%s", code, out)
+	}
+}

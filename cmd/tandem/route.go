@@ -1,0 +1,334 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/user"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/tandemdb/tandem/internal/admin"
+	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/table"
+)
+
+const routeLong = `Show and change the routing state that every proxy replica follows.
+
+The state has four settings, kept in the control schema "tandem" (control.dsn,
+else the old store) with a version and a history:
+  primary  old|new  the store of record: each write runs there first
+  mirror   on|off   writes are applied to the other store as well
+  reads    0..100   percent of eligible reads served by the new store
+  shadow   0..100   percent of reads also run on the other store and compared
+                    (stored and followed today; the comparison arrives with compare)
+
+A change is refused, with the reason and exit status 1, when it would leave a
+store that serves reads incomplete (e.g. primary=new while mirror is off).
+A write flip (primary changes) is also refused while a cutover gate fails:
+open drift, a replica whose breaker is open, or a replica that has not
+acknowledged the current version; --force overrides gates, never the rules
+above, and is recorded in the history. A flip raises a write fence: new write
+transactions wait, in-flight ones get routing.fence_timeout to end (else the
+flip is abandoned and the fence released), sequences are synced to the new
+primary, every live replica acknowledges the new version, and the fence is
+released. The same operations are served by the admin API (/api/v1/state,
+/api/v1/route, /api/v1/rollback).`
+
+const routeExamples = `  # The playbook, step by step:
+  # 1. passthrough (the initial state)
+  tandem route show -c tandem.yaml
+  # 2. dual-write: mirror writes to new, then backfill and compare
+  tandem route set -c tandem.yaml --mirror on --reason "start dual-write"
+  # 3. read shift
+  tandem route set -c tandem.yaml --reads 10
+  tandem route set -c tandem.yaml --reads 100
+  # 4. write flip (fenced; old still receives every write)
+  tandem route set -c tandem.yaml --primary new --reason "cutover"
+  # 5. finish: old can be retired
+  tandem route set -c tandem.yaml --mirror off --shadow 0
+  # Roll back from any step before the finish: primary=old, reads=0
+  tandem rollback -c tandem.yaml --reason "p99 regression"`
+
+func newRouteCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "route",
+		Short:   "Show or change the routing state (primary, mirror, reads, shadow)",
+		Long:    routeLong,
+		Example: routeExamples,
+	}
+	cmd.AddCommand(newRouteShowCmd(), newRouteSetCmd(), newRollbackCmd())
+	return cmd
+}
+
+// routing loads the configuration and builds the routing control plane
+// that the admin API uses too.
+func routing(flags *config.Flags, w io.Writer) (*admin.Routing, error) {
+	cfg, err := flags.Load(os.LookupEnv)
+	if err != nil {
+		return nil, err
+	}
+	log := newLogger(config.Log{Format: cfg.Log.Format, Level: "warn"}, w)
+	return newRouting(cfg, log, nil)
+}
+
+// ensureSchema creates the control schema when it is missing, so the
+// routing can be set before any proxy has run.
+func ensureSchema(ctx context.Context, rt *admin.Routing) error {
+	conn, err := rt.Connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if err := route.EnsureSchema(ctx, conn); err != nil {
+		return err
+	}
+	return table.EnsureSchema(ctx, conn)
+}
+
+func newRouteShowCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "show",
+		Short: "Show the routing state, its history, the replicas and the open drift",
+		Long: `Show the routing state (version, settings, write fence), the last changes, every
+proxy replica with the version and fence it acknowledged, its heartbeat, its
+breaker and its writers, and the open drift. --json prints the same as the
+admin API's GET /api/v1/state.`,
+		Example: "  tandem route show -c tandem.yaml\n  tandem route show -c tandem.yaml --json",
+		Args:    cobra.NoArgs,
+	}
+	flags := config.NewFlags(cmd.Flags())
+	asJSON := cmd.Flags().Bool("json", false, "print JSON (as GET /api/v1/state)")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		rt, err := routing(flags, cmd.ErrOrStderr())
+		if err != nil {
+			return err
+		}
+		st, err := rt.Status(cmd.Context())
+		if err != nil {
+			return err
+		}
+		out := cmd.OutOrStdout()
+		if *asJSON {
+			enc := json.NewEncoder(out)
+			enc.SetIndent("", "  ")
+			return enc.Encode(st)
+		}
+		printStatus(out, st, rt.Options.Live)
+		return nil
+	}
+	return cmd
+}
+
+func printStatus(out io.Writer, st admin.Status, live time.Duration) {
+	s := st.State
+	fmt.Fprintf(out, "routing version %d: %s\n", s.Version, s.Settings)
+	fmt.Fprintf(out, "changed %s by %s\n", s.ChangedAt.Local().Format(time.RFC3339), s.ChangedBy)
+	if s.Fence != 0 {
+		fmt.Fprintf(out, "write fence: RAISED (token %d): a write flip is in progress, new writes wait\n", s.Fence)
+	} else {
+		fmt.Fprintln(out, "write fence: none")
+	}
+	switch d := st.Drift; {
+	case d == nil:
+		fmt.Fprintln(out, "open drift: no drift ledger yet (created when a proxy with a new store starts)")
+	case d.Open == 0:
+		fmt.Fprintln(out, "open drift: none")
+	default:
+		names := make([]string, 0, len(d.Tables))
+		for n, c := range d.Tables {
+			names = append(names, fmt.Sprintf("%s (%d)", n, c))
+		}
+		slices.Sort(names)
+		fmt.Fprintf(out, "open drift: %d entries on %d tables: %s\n", d.Open, len(d.Tables), strings.Join(names, ", "))
+		for _, store := range []route.Store{route.Old, route.New} {
+			if n := d.Stale[string(store)]; n > 0 {
+				fmt.Fprintf(out, "  %d missed by the %s store\n", n, store)
+			}
+		}
+	}
+
+	fmt.Fprintf(out, "\nreplicas (live: heartbeat within %s):\n", live)
+	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  REPLICA\tLIVE\tACKED\tFENCE ACKED\tHEARTBEAT\tBREAKER\tWRITERS")
+	if len(st.Replicas) == 0 {
+		fmt.Fprintln(tw, "  (none)\t\t\t\t\t\t")
+	}
+	for _, r := range st.Replicas {
+		ack := fmt.Sprint(r.AckedVersion)
+		if r.AckedVersion < s.Version {
+			ack += " (behind)"
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%d\t%s ago\t%s\t%d\n", r.ID, yesNo(r.Live), ack, r.FenceAcked,
+			time.Since(r.HeartbeatAt).Round(time.Millisecond), r.Breaker, r.Writers)
+	}
+	tw.Flush()
+
+	fmt.Fprintf(out, "\nhistory (last %d):\n", len(st.History))
+	tw = tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  VERSION\tCHANGED\tBY\tSETTINGS\tFENCE\tFORCED\tREASON")
+	for _, h := range st.History {
+		fence := "-"
+		if h.FenceMS != nil {
+			fence = fmt.Sprintf("%.1fms", *h.FenceMS)
+		}
+		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\t%s\n", h.Version, h.ChangedAt.Local().Format(time.RFC3339), h.ChangedBy,
+			h.Settings, fence, yesNo(h.Forced), h.Reason)
+	}
+	tw.Flush()
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+// operator names who runs the CLI, for the history.
+func operator() string {
+	name := os.Getenv("USER")
+	if u, err := user.Current(); err == nil {
+		name = u.Username
+	}
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s@%s (tandem cli)", name, host)
+}
+
+func newRouteSetCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "set",
+		Short: "Change the routing: --primary, --mirror, --reads, --shadow",
+		Long: `Change one or more routing settings; the ones not given keep their current value.
+It prints the new state, the write fence's duration on a flip, and which
+replicas acknowledged the new version.
+
+` + routeLong,
+		Example: routeExamples,
+		Args:    cobra.NoArgs,
+	}
+	flags := config.NewFlags(cmd.Flags())
+	fs := cmd.Flags()
+	primary := fs.String("primary", "", "the store of record: old or new (changing it is a write flip)")
+	mirror := fs.String("mirror", "", "apply writes to the other store as well: on or off")
+	reads := fs.Int("reads", 0, "percent of eligible reads served by the new store, 0..100")
+	shadow := fs.Int("shadow", 0, "percent of reads also run on the other store and compared, 0..100 (stored and followed; the comparison itself comes with tandem compare)")
+	force := fs.Bool("force", false, "override failing cutover gates (open drift, open breaker, lagging replica); recorded in the history")
+	reason := fs.String("reason", "", "why, for the history")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		var req admin.RouteRequest
+		if fs.Changed("primary") {
+			req.Primary = primary
+		}
+		if fs.Changed("mirror") {
+			var on bool
+			switch strings.ToLower(*mirror) {
+			case "on", "true":
+				on = true
+			case "off", "false":
+			default:
+				return fmt.Errorf("--mirror must be on or off, not %q", *mirror)
+			}
+			req.Mirror = &on
+		}
+		if fs.Changed("reads") {
+			req.Reads = reads
+		}
+		if fs.Changed("shadow") {
+			req.Shadow = shadow
+		}
+		req.Force, req.Reason = *force, *reason
+		if err := req.Check(); err != nil {
+			return fmt.Errorf("%w (see tandem route set --help)", err)
+		}
+		rt, err := routing(flags, cmd.ErrOrStderr())
+		if err != nil {
+			return err
+		}
+		if err := ensureSchema(cmd.Context(), rt); err != nil {
+			return err
+		}
+		res, err := rt.Route(cmd.Context(), operator(), req)
+		return printResult(cmd.OutOrStdout(), cmd.ErrOrStderr(), res, err)
+	}
+	return cmd
+}
+
+func newRollbackCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "rollback",
+		Short: "Roll back: primary=old, reads=0 (mirroring stays on)",
+		Long: `Roll back from any step of the playbook: old becomes the primary and serves
+every read. Mirroring stays on, so new keeps receiving writes and the migration
+can resume. Moving the primary back is a write flip (fenced, sequences synced
+new -> old), but the cutover gates that guard moving forward, such as open
+drift, do not hold a rollback back. The same as 'tandem route rollback' and
+POST /api/v1/rollback.`,
+		Example: `  tandem rollback -c tandem.yaml --reason "p99 regression after the flip"`,
+		Args:    cobra.NoArgs,
+	}
+	flags := config.NewFlags(cmd.Flags())
+	force := cmd.Flags().Bool("force", false, "override the built-in gates (open breaker, lagging replica); recorded in the history")
+	reason := cmd.Flags().String("reason", "", "why, for the history")
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		rt, err := routing(flags, cmd.ErrOrStderr())
+		if err != nil {
+			return err
+		}
+		if err := ensureSchema(cmd.Context(), rt); err != nil {
+			return err
+		}
+		res, err := rt.Rollback(cmd.Context(), operator(), *reason, *force)
+		return printResult(cmd.OutOrStdout(), cmd.ErrOrStderr(), res, err)
+	}
+	return cmd
+}
+
+// printResult prints what a change did to out. A refusal is printed to
+// errOut with its reason and exits with status 1; other errors are returned.
+func printResult(out, errOut io.Writer, res admin.Result, err error) error {
+	if err != nil {
+		if route.IsIllegal(err) {
+			fmt.Fprintln(errOut, "tandem:", err)
+			return exitCode(1)
+		}
+		return fmt.Errorf("routing change failed: %w", err)
+	}
+	st, rep := res.State, res.Report
+	if rep.ToVersion == rep.FromVersion {
+		fmt.Fprintf(out, "routing unchanged at version %d: %s\n", st.Version, st.Settings)
+		return nil
+	}
+	fmt.Fprintf(out, "routing version %d (was %d): %s\n", st.Version, rep.FromVersion, st.Settings)
+	if rep.Flip {
+		fmt.Fprintf(out, "write flip: fence held %s (drained by: %s)\n", rep.Fence.Round(10*time.Microsecond), listOrNone(rep.Drained))
+		if s := rep.Sequences; s != nil {
+			fmt.Fprintf(out, "sequences synced to %s: %d", st.Primary, s.Synced)
+			if len(s.Missing) > 0 {
+				fmt.Fprintf(out, " (missing there, not synced: %s)", strings.Join(s.Missing, ", "))
+			}
+			fmt.Fprintln(out)
+		}
+	}
+	if len(rep.Forced) > 0 {
+		fmt.Fprintf(out, "forced past: %s\n", strings.Join(rep.Forced, "; "))
+	}
+	fmt.Fprintf(out, "acknowledged by: %s\n", listOrNone(rep.Acked))
+	if len(rep.NotAcked) > 0 {
+		fmt.Fprintf(out, "NOT acknowledged in time by: %s (they apply it when they next reach the control database)\n", strings.Join(rep.NotAcked, ", "))
+	}
+	return nil
+}
+
+func listOrNone(s []string) string {
+	if len(s) == 0 {
+		return "no live replicas"
+	}
+	return strings.Join(s, ", ")
+}

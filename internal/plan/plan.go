@@ -1,0 +1,408 @@
+package plan
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/table"
+)
+
+// Mapping is how the plan sees one old table's declaration (design
+// section 6): the new name and which columns the declaration explains. The
+// zero value (with New set to the old name) is the identity mapping.
+type Mapping struct {
+	New      table.Name
+	Declared bool              // from the config's tables: section, not the identity default
+	Renames  map[string]string // old column -> new column
+	Dropped  []string          // old columns with no new column
+	Computed map[string]string // new column -> SQL expression over old columns
+	Consumed map[string]bool   // old columns some computed expression reads
+}
+
+// newColumn returns the new column that old column c becomes, and false when
+// the mapping drops it.
+func (m Mapping) newColumn(c string) (string, bool) {
+	if slices.Contains(m.Dropped, c) {
+		return "", false
+	}
+	if n, ok := m.Renames[c]; ok {
+		return n, true
+	}
+	return c, true
+}
+
+// Options say what to assess. Old and New are required; the plan only
+// reads them, apart from a temporary table on New that it rolls back.
+type Options struct {
+	Old, New *pgx.Conn
+	// Control is the database holding the control schema when it is not
+	// the old store; nil means the old store.
+	Control *pgx.Conn
+	// SampleRows is how many rows per table the sample copy moves; 0 skips
+	// it and leaves the estimates out.
+	SampleRows int
+	// InScope says whether an old table takes part in the migration (the
+	// config's include/exclude patterns); nil means every user table.
+	InScope func(table.Name) bool
+	// Map returns a table's mapping; nil means every table maps to itself.
+	Map func(table.Name) Mapping
+	// Problems are reasons found elsewhere (the mapping's server-side
+	// checks), by old table; they are added to the tables' verdicts.
+	Problems map[table.Name][]Reason
+	// CountBelow is the heap size in bytes under which a never-analyzed
+	// table is counted exactly; 0 means 64 MiB.
+	CountBelow int64
+}
+
+// Run assesses the migration from o.Old to o.New. An error means a store
+// could not be read; everything the plan finds is in the report.
+func Run(ctx context.Context, o Options) (*Report, error) {
+	r := &Report{Sequences: []Sequence{}, Triggers: []Trigger{}, ForeignKeys: []ForeignKey{}, Extensions: []Extension{}, Findings: []Reason{}}
+	oldCat, err := readCatalog(ctx, o.Old)
+	if err != nil {
+		return nil, fmt.Errorf("old store: %w", err)
+	}
+	newCat, err := readCatalog(ctx, o.New)
+	if err != nil {
+		return nil, fmt.Errorf("new store: %w", err)
+	}
+	if err := r.assessStores(ctx, o); err != nil {
+		return nil, err
+	}
+	triggers, err := readTriggers(ctx, o.Old)
+	if err != nil {
+		return nil, fmt.Errorf("old store: %w", err)
+	}
+	fks, err := readForeignKeys(ctx, o.Old)
+	if err != nil {
+		return nil, fmt.Errorf("old store: %w", err)
+	}
+
+	inScope := o.InScope
+	if inScope == nil {
+		inScope = func(table.Name) bool { return true }
+	}
+	mapOf := o.Map
+	if mapOf == nil {
+		mapOf = func(n table.Name) Mapping { return Mapping{New: n} }
+	}
+	scoped := map[string]bool{}
+	for _, n := range oldCat.order {
+		if inScope(n) {
+			scoped[n.String()] = true
+		}
+	}
+	for _, tr := range triggers {
+		if scoped[tr.Table] {
+			r.Triggers = append(r.Triggers, tr)
+		}
+	}
+	for _, fk := range fks {
+		if scoped[fk.Table] || scoped[fk.References] {
+			r.ForeignKeys = append(r.ForeignKeys, fk)
+		}
+	}
+	for _, name := range sortedKeys(oldCat.extensions) {
+		_, on := newCat.extensions[name]
+		r.Extensions = append(r.Extensions, Extension{Name: name, Version: oldCat.extensions[name], OnNew: on})
+	}
+	missingExt := map[string]*Extension{}
+	for i := range r.Extensions {
+		if !r.Extensions[i].OnNew {
+			missingExt[r.Extensions[i].Name] = &r.Extensions[i]
+		}
+	}
+
+	for _, n := range oldCat.order {
+		if !scoped[n.String()] {
+			continue
+		}
+		m := mapOf(n)
+		if m.New == (table.Name{}) {
+			m.New = n
+		}
+		t := assessTable(oldCat.tables[n], newCat.tables[m.New], m, missingExt)
+		for _, p := range o.Problems[n] {
+			t.reason(p.Verdict, "%s", p.Text)
+		}
+		for _, tr := range r.Triggers {
+			if tr.Table == t.Name && tr.Enabled {
+				t.reason(Attention, "trigger %s runs on old: row images carry what it does to this table's rows, not the writes it makes to other tables (those tables rely on verify and repair)", tr.Name)
+			}
+		}
+		for _, fk := range r.ForeignKeys {
+			if fk.Table == t.Name {
+				t.reason(Attention, "foreign key %s to %s (ON DELETE %s, ON UPDATE %s) writes this table when %s changes: those cascaded writes are not in the parent's row images (verify and repair catch them)",
+					fk.Name, fk.References, fk.OnDelete, fk.OnUpdate, fk.References)
+			}
+		}
+		if err := countRows(ctx, o, oldCat.tables[n], &t); err != nil {
+			return nil, err
+		}
+		if o.SampleRows > 0 && t.Verdict < Blocked {
+			s, err := sampleCopy(ctx, o.Old, o.New, oldCat.tables[n], newCat.tables[m.New], m, o.SampleRows, t.Rows)
+			if err != nil {
+				return nil, err
+			}
+			t.Sample = s
+			if s.Error != "" {
+				t.reason(Attention, "the sample copy failed on new: %s", s.Error)
+			}
+		}
+		r.Tables = append(r.Tables, t)
+	}
+
+	for _, e := range r.Extensions {
+		if !e.OnNew && len(e.UsedBy) == 0 && e.Name != "plpgsql" {
+			r.Findings = append(r.Findings, Reason{Verdict: Attention, Text: fmt.Sprintf(
+				"extension %s %s is installed on old but not on new: no column in scope uses its types, but functions, operators and defaults from it will be missing", e.Name, e.Version)})
+		}
+	}
+	for _, name := range sortedKeys(oldCat.sequences) {
+		s := oldCat.sequences[name]
+		owner := s.ownedBy
+		if owner != "" {
+			if i := strings.LastIndexByte(owner, '.'); i > 0 && !scoped[owner[:i]] {
+				continue
+			}
+		} else if i := strings.IndexByte(name, '.'); i > 0 && !inScope(table.Name{Schema: name[:i], Table: name[i+1:]}) {
+			continue
+		}
+		ns, on := newCat.sequences[name]
+		r.Sequences = append(r.Sequences, Sequence{Name: name, OwnedBy: owner, Old: s.last, New: ns.last, OnNew: on})
+		if !on {
+			r.Findings = append(r.Findings, Reason{Verdict: Attention, Text: fmt.Sprintf(
+				"sequence %s exists on old but not on new: the write flip cannot sync it", name)})
+		}
+	}
+	r.finish()
+	return r, nil
+}
+
+// assessStores checks each store's settings and Tandem's privileges.
+func (r *Report) assessStores(ctx context.Context, o Options) error {
+	for _, st := range []struct {
+		name string
+		conn *pgx.Conn
+	}{{"old", o.Old}, {"new", o.New}} {
+		s, err := readStore(ctx, st.conn, st.name)
+		if err != nil {
+			return err
+		}
+		if !s.ReplicationRole {
+			s.reason(Attention, "%s cannot SET session_replication_role: row images would be applied with this store's triggers and foreign keys active (grant it: GRANT SET ON PARAMETER session_replication_role TO %s, on PostgreSQL 15+, or use a superuser)",
+				s.User, quoteIdent(s.User))
+		}
+		if st.name == "old" && o.Control == nil {
+			ok, err := controlReady(ctx, st.conn)
+			if err != nil {
+				return err
+			}
+			s.ControlSchema = &ok
+		}
+		r.Stores = append(r.Stores, s)
+	}
+	if o.Control != nil {
+		s, err := readStore(ctx, o.Control, "control")
+		if err != nil {
+			return err
+		}
+		ok, err := controlReady(ctx, o.Control)
+		if err != nil {
+			return err
+		}
+		s.ControlSchema = &ok
+		r.Stores = append(r.Stores, s)
+	}
+	for i := range r.Stores {
+		s := &r.Stores[i]
+		if s.ControlSchema != nil && !*s.ControlSchema {
+			s.reason(Blocked, "%s can neither create the control schema \"tandem\" (CREATE on the database) nor use an existing one", s.User)
+		}
+	}
+	if oldS, newS := r.Stores[0], &r.Stores[1]; oldS.MaxPreparedTransactions > newS.MaxPreparedTransactions {
+		newS.reason(Attention, "max_prepared_transactions is %d on new but %d on old: clients that use PREPARE TRANSACTION will fail once new serves them",
+			newS.MaxPreparedTransactions, oldS.MaxPreparedTransactions)
+	}
+	return nil
+}
+
+// assessTable compares one old table with its mapped table on new (nil when
+// missing) and sets the verdict from what it finds. The caller adds the
+// reasons that need other tables (triggers, foreign keys) and the sample.
+func assessTable(old, new *relation, m Mapping, missingExt map[string]*Extension) Table {
+	t := Table{
+		Name: old.name.String(), NewName: m.New.String(), Mapping: "identity",
+		Bytes: old.bytes, Size: prettyBytes(old.bytes), Rows: int64(max(old.rows, 0)),
+		Key: nonNil(old.key), Differences: []Difference{}, Reasons: []Reason{},
+	}
+	if m.Declared {
+		t.Mapping = "declared"
+	}
+	if !old.sel {
+		t.reason(Blocked, "no SELECT privilege on old: the backfill and verify cannot read it")
+	}
+	var missing []string
+	for p, ok := range map[string]bool{"INSERT": old.ins, "UPDATE": old.upd, "DELETE": old.del} {
+		if !ok {
+			missing = append(missing, p)
+		}
+	}
+	if len(missing) > 0 {
+		slices.Sort(missing)
+		t.reason(Attention, "no %s privilege on old: writes cannot be mirrored back to old after the write flip", strings.Join(missing, ", "))
+	}
+	if !old.hasKey() {
+		t.reason(Attention, "no primary key on old: writes are only statement-mirrored, and the table cannot be backfilled by key ranges")
+	}
+	for _, c := range old.cols {
+		if e := missingExt[c.ext]; c.ext != "" && e != nil {
+			e.UsedBy = append(e.UsedBy, t.Name+"."+c.name)
+		}
+	}
+	if new == nil {
+		t.NewKey = []string{}
+		t.diff(Difference{Kind: MissingTable, Verdict: Blocked, Note: fmt.Sprintf("table %s is missing on new", t.NewName)})
+		return t
+	}
+	t.NewKey = nonNil(new.key)
+	if !new.sel || !new.ins || !new.upd || !new.del {
+		t.reason(Blocked, "missing privileges on new %s: the mirror and the backfill need SELECT, INSERT, UPDATE and DELETE", t.NewName)
+	}
+
+	filled := map[string]bool{}
+	for _, c := range old.cols {
+		if c.generated {
+			continue
+		}
+		nc, kept := m.newColumn(c.name)
+		if !kept {
+			continue
+		}
+		target := new.column(nc)
+		if target == nil && m.Consumed[c.name] {
+			continue // read by a computed column: the mapping explains it
+		}
+		filled[nc] = true
+		if target == nil {
+			t.diff(Difference{Kind: MissingColumn, Column: c.name, Old: c.typ, Verdict: Blocked,
+				Note: fmt.Sprintf("column %s has no column %s on new, and the mapping does not drop it", c.name, nc)})
+			continue
+		}
+		if target.generated {
+			t.diff(Difference{Kind: TypeChange, Column: c.name, Old: c.typ, New: target.typ + " (generated)", Verdict: Blocked,
+				Note: fmt.Sprintf("column %s is generated on new and cannot be written", nc)})
+			continue
+		}
+		change, note := ClassifyType(c.typ, target.typ)
+		if e := missingExt[c.ext]; c.ext != "" && e != nil && change != Same {
+			v, why := Blocked, "its values have no type to go to"
+			if stringLimit(parseType(target.typ)) < 0 && stringType[parseType(target.typ).base] {
+				v, why = Attention, "its values go to new as text"
+			}
+			t.diff(Difference{Kind: TypeChange, Column: c.name, Old: c.typ, New: target.typ, Change: change, Verdict: v,
+				Note: fmt.Sprintf("type %s comes from extension %s, which is missing on new: %s", c.typ, c.ext, why)})
+			continue
+		}
+		if change != Same {
+			t.diff(Difference{Kind: TypeChange, Column: c.name, Old: c.typ, New: target.typ, Change: change, Verdict: change.Verdict(), Note: note})
+		}
+	}
+	for _, nc := range new.cols {
+		if filled[nc.name] {
+			continue
+		}
+		if _, computed := m.Computed[nc.name]; computed {
+			continue
+		}
+		switch {
+		case nc.generated || nc.identity || nc.hasDefault || !nc.notNull:
+			t.diff(Difference{Kind: ExtraColumn, Column: nc.name, New: nc.typ, Verdict: Ready,
+				Note: fmt.Sprintf("column %s exists only on new; rows from old get its default", nc.name)})
+		default:
+			t.diff(Difference{Kind: ExtraColumn, Column: nc.name, New: nc.typ, Verdict: Blocked,
+				Note: fmt.Sprintf("column %s exists only on new and is NOT NULL without a default: rows from old cannot be written", nc.name)})
+		}
+	}
+	for _, nc := range sortedKeys(m.Computed) {
+		if new.column(nc) == nil {
+			t.reason(Blocked, "the mapping computes column %s, which does not exist on new", nc)
+		}
+	}
+
+	mappedKey := make([]string, 0, len(old.key))
+	for _, k := range old.key {
+		nk, _ := m.newColumn(k)
+		mappedKey = append(mappedKey, nk)
+	}
+	switch {
+	case old.hasKey() && !new.hasKey():
+		t.diff(Difference{Kind: KeyChange, Old: strings.Join(old.key, ", "), Verdict: Blocked,
+			Note: "no primary key on new: row images and the backfill apply rows by key"})
+	case old.hasKey() && !slices.Equal(mappedKey, new.key):
+		t.diff(Difference{Kind: KeyChange, Old: strings.Join(old.key, ", "), New: strings.Join(new.key, ", "), Verdict: Blocked,
+			Note: "the primary keys differ: rows are applied on new by the old key"})
+	case !old.hasKey() && new.hasKey():
+		t.diff(Difference{Kind: KeyChange, New: strings.Join(new.key, ", "), Verdict: Attention,
+			Note: "only new has a primary key: statement-mirrored writes must keep it unique"})
+	}
+	return t
+}
+
+func (r *relation) hasKey() bool { return len(r.key) > 0 }
+
+// diff records a difference; one that is not Ready is also a reason.
+func (t *Table) diff(d Difference) {
+	t.Differences = append(t.Differences, d)
+	if d.Verdict > Ready {
+		t.reason(d.Verdict, "%s", d.Note)
+	}
+}
+
+// countRows replaces a never-analyzed table's unknown estimate with an
+// exact count when the table is small.
+func countRows(ctx context.Context, o Options, rel *relation, t *Table) error {
+	limit := o.CountBelow
+	if limit == 0 {
+		limit = 64 << 20
+	}
+	if rel.rows >= 0 || rel.heap >= limit || !rel.sel {
+		return nil
+	}
+	if err := o.Old.QueryRow(ctx, "SELECT count(*) FROM "+rel.name.Quoted()).Scan(&t.Rows); err != nil {
+		return fmt.Errorf("counting the rows of %s on old: %w", rel.name, err)
+	}
+	t.RowsExact = true
+	return nil
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
+// prettyBytes writes n like pg_size_pretty: bytes, kB, MB, GB, TB (powers
+// of 1024).
+func prettyBytes(n int64) string {
+	units := []string{"bytes", "kB", "MB", "GB", "TB", "PB"}
+	v, i := n, 0
+	for i < len(units)-1 && (v >= 10240 || v <= -10240) {
+		v = (v + 512) / 1024
+		i++
+	}
+	return fmt.Sprintf("%d %s", v, units[i])
+}

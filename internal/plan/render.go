@@ -1,0 +1,187 @@
+package plan
+
+import (
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// WriteText writes the report for people: one table per section, then the
+// verdicts with their reasons, worst first.
+func (r *Report) WriteText(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	p := func(format string, args ...any) { fmt.Fprintf(tw, format, args...) }
+	section := func(title string) { tw.Flush(); p("\n%s\n", title) }
+
+	p("STORES\n")
+	p("STORE\tVERSION\tUSER\tWAL_LEVEL\tMAX_PREPARED_XACTS\tREPLICA MODE\tCONTROL SCHEMA\tVERDICT\n")
+	for _, s := range r.Stores {
+		control := "-"
+		if s.ControlSchema != nil {
+			control = yesNo(*s.ControlSchema)
+		}
+		p("%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", s.Name, s.Version, s.User, s.WALLevel, s.MaxPreparedTransactions,
+			yesNo(s.ReplicationRole), control, s.Verdict)
+	}
+
+	section("TABLES")
+	if len(r.Tables) == 0 {
+		p("(no table in scope)\n")
+	} else {
+		p("TABLE\tMAPS TO\tMAPPING\tSIZE\tROWS\tKEY\tBACKFILL\tVERDICT\n")
+		for _, t := range r.Tables {
+			rows := "~" + strconv.FormatInt(t.Rows, 10)
+			if t.RowsExact {
+				rows = strconv.FormatInt(t.Rows, 10)
+			}
+			p("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", t.Name, t.NewName, t.Mapping, t.Size, rows,
+				orDash(strings.Join(t.Key, ", ")), t.Sample.estimate(), t.Verdict)
+		}
+	}
+
+	var diffs int
+	for _, t := range r.Tables {
+		diffs += len(t.Differences)
+	}
+	if diffs > 0 {
+		section("SCHEMA DIFFERENCES (not explained by the mapping)")
+		p("TABLE\tCOLUMN\tKIND\tOLD\tNEW\tVERDICT\tNOTE\n")
+		for _, t := range r.Tables {
+			for _, d := range t.Differences {
+				kind := d.Kind
+				if d.Change != "" {
+					kind += " (" + string(d.Change) + ")"
+				}
+				p("%s\t%s\t%s\t%s\t%s\t%s\t%s\n", t.Name, orDash(d.Column), kind, orDash(d.Old), orDash(d.New), d.Verdict, d.Note)
+			}
+		}
+	}
+
+	section("SEQUENCES (synced to new at the write flip)")
+	if len(r.Sequences) == 0 {
+		p("(none)\n")
+	} else {
+		p("SEQUENCE\tOWNED BY\tOLD\tNEW\n")
+		for _, s := range r.Sequences {
+			nv := seqValue(s.New)
+			if !s.OnNew {
+				nv = "missing"
+			}
+			p("%s\t%s\t%s\t%s\n", s.Name, orDash(s.OwnedBy), seqValue(s.Old), nv)
+		}
+	}
+
+	if len(r.Triggers) > 0 {
+		section("TRIGGERS ON OLD (row images do not capture writes a trigger makes to other tables)")
+		p("TABLE\tTRIGGER\tENABLED\tDEFINITION\n")
+		for _, tr := range r.Triggers {
+			p("%s\t%s\t%s\t%s\n", tr.Table, tr.Name, yesNo(tr.Enabled), tr.Definition)
+		}
+	}
+	if len(r.ForeignKeys) > 0 {
+		section("FOREIGN KEYS ON OLD THAT WRITE (cascaded writes are not in row images)")
+		p("TABLE\tREFERENCES\tNAME\tON DELETE\tON UPDATE\n")
+		for _, fk := range r.ForeignKeys {
+			p("%s\t%s\t%s\t%s\t%s\n", fk.Table, fk.References, fk.Name, fk.OnDelete, fk.OnUpdate)
+		}
+	}
+	var missing []Extension
+	for _, e := range r.Extensions {
+		if !e.OnNew {
+			missing = append(missing, e)
+		}
+	}
+	if len(missing) > 0 {
+		section("EXTENSIONS ON OLD MISSING ON NEW")
+		p("EXTENSION\tVERSION\tUSED BY\n")
+		for _, e := range missing {
+			p("%s\t%s\t%s\n", e.Name, e.Version, orDash(strings.Join(e.UsedBy, ", ")))
+		}
+	}
+
+	section("VERDICTS")
+	var counts [3]int
+	for _, v := range []Verdict{Blocked, Attention} {
+		for _, s := range r.Stores {
+			for _, why := range s.Reasons {
+				if why.Verdict == v {
+					p("%s\tstore %s\t%s\n", v, s.Name, why.Text)
+				}
+			}
+		}
+		for _, t := range r.Tables {
+			if t.Verdict != v {
+				continue
+			}
+			for _, why := range t.Reasons {
+				if why.Verdict > Ready {
+					p("%s\t%s\t%s\n", why.Verdict, t.Name, why.Text)
+				}
+			}
+		}
+		for _, f := range r.Findings {
+			if f.Verdict == v {
+				p("%s\t-\t%s\n", v, f.Text)
+			}
+		}
+	}
+	for _, t := range r.Tables {
+		counts[t.Verdict]++
+	}
+	tw.Flush()
+	fmt.Fprintf(tw, "\nverdict: %s (exit status %d): %d table(s) blocked, %d need attention, %d ready\n",
+		r.Verdict, int(r.Verdict), counts[Blocked], counts[Attention], counts[Ready])
+	return tw.Flush()
+}
+
+// estimate is the BACKFILL column: the extrapolated time, or why there is none.
+func (s *Sample) estimate() string {
+	switch {
+	case s == nil:
+		return "-"
+	case s.Error != "":
+		return "sample failed"
+	}
+	return roundDuration(s.Estimate)
+}
+
+// roundDuration keeps two or three significant figures.
+func roundDuration(d time.Duration) string {
+	switch {
+	case d <= 0:
+		return "0s"
+	case d < time.Millisecond:
+		return "<1ms"
+	case d < time.Second:
+		return d.Round(time.Millisecond).String()
+	case d < time.Minute:
+		return d.Round(100 * time.Millisecond).String()
+	case d < time.Hour:
+		return d.Round(time.Second).String()
+	}
+	return d.Round(time.Minute).String()
+}
+
+func seqValue(v *int64) string {
+	if v == nil {
+		return "unused"
+	}
+	return strconv.FormatInt(*v, 10)
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
