@@ -11,10 +11,12 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/table"
 )
 
 // controlSchemaSQL creates the backfill's tables in the control schema. It
-// is idempotent.
+// is idempotent. The migration log is table.MigrationLogSchemaSQL, run with
+// it.
 const controlSchemaSQL = `
 CREATE SCHEMA IF NOT EXISTS tandem;
 CREATE TABLE IF NOT EXISTS tandem.backfill_tables (
@@ -47,22 +49,6 @@ CREATE TABLE IF NOT EXISTS tandem.backfill_chunks (
 );
 COMMENT ON COLUMN tandem.backfill_chunks.lo IS 'the chunk covers keys after lo (NULL: from the start) up to hi inclusive (NULL: to the end), as text in key order';
 COMMENT ON COLUMN tandem.backfill_chunks.status IS 'a worker claims a chunk by locking its row FOR UPDATE for as long as it works on it; running without a lock means the claim died';
-CREATE TABLE IF NOT EXISTS tandem.migration_log (
-	id          bigserial PRIMARY KEY,
-	schema_name text NOT NULL,
-	table_name  text NOT NULL,
-	lo          text[],
-	lo_inclusive boolean NOT NULL DEFAULT false,
-	hi          text[],
-	rows        bigint NOT NULL DEFAULT 0,
-	status      text NOT NULL CHECK (status IN ('done', 'failed')),
-	error       text,
-	duration_ms double precision NOT NULL DEFAULT 0,
-	attempt     int NOT NULL DEFAULT 1,
-	worker_id   text NOT NULL,
-	logged_at   timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX IF NOT EXISTS migration_log_failed ON tandem.migration_log (schema_name, table_name) WHERE status = 'failed';
 `
 
 // checkpointSchemaSQL creates the checkpoint table on the secondary (the
@@ -93,7 +79,7 @@ func EnsureSchema(ctx context.Context, control, secondary *pgx.Conn) error {
 		conn *pgx.Conn
 		sql  string
 		what string
-	}{{control, controlSchemaSQL, "control database"}, {secondary, checkpointSchemaSQL, "new store"}} {
+	}{{control, controlSchemaSQL + table.MigrationLogSchemaSQL, "control database"}, {secondary, checkpointSchemaSQL, "new store"}} {
 		err := pgx.BeginFunc(ctx, s.conn, func(tx pgx.Tx) error {
 			if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext($1))", schemaLock); err != nil {
 				return err

@@ -145,19 +145,8 @@ type unitLog struct {
 }
 
 func writeLog(ctx context.Context, conn *pgx.Conn, l unitLog) error {
-	status, msg := "done", (*string)(nil)
-	if l.err != nil {
-		status = "failed"
-		s := l.err.Error()
-		msg = &s
-	}
-	_, err := conn.Exec(ctx, `INSERT INTO tandem.migration_log (schema_name, table_name, lo, lo_inclusive, hi, rows, status, error, duration_ms, attempt, worker_id)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`,
-		l.table.Schema, l.table.Table, l.lo, l.loInclusive, l.hi, l.rows, status, msg, float64(l.duration.Microseconds())/1000, l.attempt, l.worker)
-	if err != nil {
-		return fmt.Errorf("writing the migration log: %w", err)
-	}
-	return nil
+	return table.LogUnit(ctx, conn, table.LogEntry{Table: l.table, Lo: l.lo, Hi: l.hi, LoInclusive: l.loInclusive, Rows: l.rows,
+		Err: l.err, Duration: l.duration, Attempt: l.attempt, Worker: l.worker, Source: table.LogSourceBackfill})
 }
 
 // runChunk copies one claimed chunk from its checkpoint and records the

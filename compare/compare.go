@@ -22,10 +22,13 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/tandemdb/tandem/internal/table"
+	"golang.org/x/time/rate"
 )
 
 // Kind is the type of one difference between the stores.
@@ -57,8 +60,50 @@ type Options struct {
 	// Repair copies each confirmed difference from old to new with the
 	// locked-copy unit.
 	Repair bool
+	// Rate is the most old rows per second the verify hashes (0 =
+	// unlimited): after each top-level range the verify waits on a token
+	// bucket for the range's row count. Table makes a bucket of its own
+	// unless Limiter is set.
+	Rate float64
+	// Limiter, when set, is the token bucket Rate describes, shared by
+	// every Table call given it, so a rate holds across a whole verify of
+	// several tables (see NewLimiter).
+	Limiter *rate.Limiter
+	// Control is the connection config of the control database (the old
+	// store unless configured elsewhere). With it, the verify records its
+	// run in tandem.verify_runs with a checkpoint after every top-level
+	// range, checks the table's open drift entries first, and logs each
+	// repair in tandem.migration_log. Without it, the verify records
+	// nothing and cannot be resumed. Table opens its own connection.
+	Control *pgx.ConnConfig
+	// Resume continues the table's latest run when it did not finish
+	// (status running, interrupted or failed): from its checkpoint, with
+	// its counts. Otherwise, and when there is no such run, a new run
+	// starts from the beginning. Needs Control.
+	Resume bool
+	// Progress, when set, is called after every top-level range (and once
+	// before the first), from the goroutine running Table.
+	Progress func(Progress)
 	// Logger receives one line per mismatching range; nil discards.
 	Logger *slog.Logger
+	// Knobs are injection points for tests; nil in production.
+	Knobs *TestingKnobs
+}
+
+// TestingKnobs are the hooks tests use to observe a verify.
+type TestingKnobs struct {
+	// BeforePace is called each time the verify consults the rate
+	// limiter, with the rows it waits for.
+	BeforePace func(rows int)
+}
+
+// Progress is a table's verify so far.
+type Progress struct {
+	Table, NewTable table.Name
+	Total           int64 // the old table's estimated rows (pg_class.reltuples, or count(*) when never analysed)
+	Rows            int64 // old rows compared, including a resumed run's
+	Ranges          int   // top-level ranges done, including a resumed run's
+	Diffs           int   // confirmed differences so far
 }
 
 func (o Options) withDefaults() Options {
@@ -71,27 +116,51 @@ func (o Options) withDefaults() Options {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
+	if o.Limiter == nil && o.Rate > 0 {
+		o.Limiter = NewLimiter(o.Rate, o.Batch)
+	}
 	return o
 }
 
-// TableSummary is the result of verifying one table.
+// NewLimiter returns a token bucket for Options.Limiter: r rows per
+// second, with a burst of one batch (or of one second's rows when more).
+func NewLimiter(r float64, batch int) *rate.Limiter {
+	return rate.NewLimiter(rate.Limit(r), max(batch, int(r), 1))
+}
+
+// TableSummary is the result of verifying one table. A resumed run's
+// counts include those of its sessions before; Diffs lists only the
+// differences this session found.
 type TableSummary struct {
 	Table     string        `json:"table"`     // the old table
 	NewTable  string        `json:"new_table"` // the new table
 	Rows      int64         `json:"rows"`      // rows compared (old's count)
 	Ranges    int           `json:"ranges"`    // top-level key ranges hashed
-	Bisected  int           `json:"bisected"`  // ranges whose hashes differed, at any level
+	Bisected  int           `json:"bisected"`  // ranges whose hashes differed, at any level (this session)
 	Counts    map[Kind]int  `json:"counts"`    // confirmed differences by kind
 	Diffs     []Difference  `json:"differences"`
-	Transient int           `json:"transient"` // differences that vanished on re-read
-	Repaired  int           `json:"repaired"`  // differences fixed by --repair
-	Duration  time.Duration `json:"duration_ns"`
+	Transient int           `json:"transient"`  // differences that vanished on re-read
+	Repaired  int           `json:"repaired"`   // differences fixed by --repair
+	DriftKeys int           `json:"drift_keys"` // keys of open drift entries checked before the walk
+	RunID     int64         `json:"run_id,omitempty"`
+	Resumed   bool          `json:"resumed,omitempty"` // the run continued from a checkpoint
+	Duration  time.Duration `json:"duration_ns"`       // this session's
 	Skipped   string        `json:"skipped,omitempty"` // why the table was not verified
 }
 
-// Clean reports whether the table has no unrepaired difference.
-func (s *TableSummary) Clean() bool {
-	return s.Skipped == "" && len(s.Diffs) == s.Repaired
+// Differences returns the number of confirmed differences (Counts summed).
+func (s TableSummary) Differences() int {
+	n := 0
+	for _, c := range s.Counts {
+		n += c
+	}
+	return n
+}
+
+// Clean reports whether the table has no unrepaired difference: repaired
+// differences count as clean, the data is now right.
+func (s TableSummary) Clean() bool {
+	return s.Skipped == "" && s.Differences() == s.Repaired
 }
 
 // SessionSQL is run on both connections by Table so that the rows' text,
@@ -285,15 +354,25 @@ type verifier struct {
 	opts     Options
 	sum      *TableSummary
 	found    []Difference
+	run      *run                // nil without Options.Control
+	seen     map[string]struct{} // keys checked as drift, not reported again by the walk
+	total    int64               // the old table's estimated rows, for Progress
 }
 
 // Table verifies m's new table on new against its old table on old and,
 // with opts.Repair, repairs the confirmed differences from old to new.
 // It sets the session settings SessionSQL on both connections, which must
-// not be in a transaction. It returns the summary; the error is for
-// failures to read, and wraps ErrNotComparable for a table without a key
-// or whose mapping does not preserve the key (then the summary says
-// Skipped).
+// not be in a transaction.
+//
+// With opts.Control, the open drift entries of the table (stale on new)
+// are verified first, then the table is walked in key order from the
+// start, or from the checkpoint of its unfinished run with opts.Resume;
+// the run is recorded in tandem.verify_runs and ends done, failed, or
+// interrupted when ctx is cancelled.
+//
+// It returns the summary; the error is for failures to read or record,
+// and wraps ErrNotComparable for a table without a key or whose mapping
+// does not preserve the key (then the summary says Skipped).
 func Table(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts Options) (TableSummary, error) {
 	start := time.Now()
 	opts = opts.withDefaults()
@@ -302,6 +381,9 @@ func Table(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts Optio
 	if !ok || !m.Old.HasKey() {
 		sum.Skipped = "no primary key carried column for column from old to new"
 		return sum, fmt.Errorf("verifying %s: %w", m.Old.Name, ErrNotComparable)
+	}
+	if opts.Resume && opts.Control == nil {
+		return sum, fmt.Errorf("verifying %s: resuming needs the control database", m.Old.Name)
 	}
 	oldKey := make([]table.Column, len(m.Old.Key))
 	for i, k := range m.Old.Key {
@@ -320,67 +402,203 @@ func Table(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts Optio
 			return sum, fmt.Errorf("verifying %s: session settings: %w", m.Old.Name, err)
 		}
 	}
-	v := &verifier{m: m, old: old, new: new, o: newSide(m.Old.Name, oldKey, ho), n: newSide(m.New.Name, newKey, hn), opts: opts, sum: &sum}
-	if err := v.run(ctx); err != nil {
-		sum.Duration = time.Since(start)
-		return sum, err
-	}
-	if err := v.confirm(ctx); err != nil {
-		sum.Duration = time.Since(start)
-		return sum, err
-	}
-	if opts.Repair && len(sum.Diffs) > 0 {
-		keys := make([][]string, len(sum.Diffs))
-		for i, d := range sum.Diffs {
-			keys[i] = d.Key
+	v := &verifier{m: m, old: old, new: new, o: newSide(m.Old.Name, oldKey, ho), n: newSide(m.New.Name, newKey, hn), opts: opts, sum: &sum,
+		seen: map[string]struct{}{}}
+	if opts.Progress != nil {
+		if v.total, err = estimate(ctx, old, m.Old.Name); err != nil {
+			return sum, err
 		}
-		if _, err := table.CopyKeysMapped(ctx, old, new, m, true, keys); err != nil {
-			sum.Duration = time.Since(start)
-			return sum, fmt.Errorf("repairing %s: %w", m.Old.Name, err)
-		}
-		sum.Repaired = len(keys)
 	}
+	var lo []string
+	if opts.Control != nil {
+		if v.run, lo, err = startRun(ctx, opts.Control, m, opts.Resume, &sum); err != nil {
+			return sum, err
+		}
+		defer v.run.close()
+	}
+	err = v.verify(ctx, lo)
 	sum.Duration = time.Since(start)
-	return sum, nil
+	if v.run != nil {
+		if ferr := v.run.finish(ctx, &sum, err); ferr != nil {
+			err = errors.Join(err, ferr)
+		}
+	}
+	slices.SortStableFunc(sum.Diffs, func(a, b Difference) int { return strings.Compare(string(a.Kind), string(b.Kind)) })
+	return sum, err
 }
 
-// run walks old in key order, Batch rows per range; the last range runs to
-// the end on new, so rows past old's last key are seen too. The cursor lo
-// strictly advances: each range starts after the previous range's last key.
-func (v *verifier) run(ctx context.Context) error {
-	var lo []string
+// estimate returns n's row estimate from pg_class, or its count when the
+// table was never analysed.
+func estimate(ctx context.Context, q table.Querier, n table.Name) (int64, error) {
+	var est float64
+	if err := q.QueryRow(ctx, "SELECT reltuples FROM pg_class WHERE oid = $1::regclass", n.Quoted()).Scan(&est); err != nil {
+		return 0, fmt.Errorf("estimating the rows of %s: %w", n, err)
+	}
+	if est >= 0 {
+		return int64(est), nil
+	}
+	var c int64
+	if err := q.QueryRow(ctx, "SELECT count(*) FROM "+n.Quoted()).Scan(&c); err != nil {
+		return 0, fmt.Errorf("counting the rows of %s: %w", n, err)
+	}
+	return c, nil
+}
+
+// verify checks the drift keys (for a new run) and walks the table after
+// lo (nil: from the start).
+func (v *verifier) verify(ctx context.Context, lo []string) error {
+	if v.run != nil && !v.sum.Resumed {
+		if err := v.driftFirst(ctx); err != nil {
+			return err
+		}
+	}
+	v.progress()
+	return v.walk(ctx, lo)
+}
+
+func (v *verifier) progress() {
+	if v.opts.Progress == nil {
+		return
+	}
+	v.opts.Progress(Progress{Table: v.m.Old.Name, NewTable: v.m.New.Name, Total: v.total, Rows: v.sum.Rows, Ranges: v.sum.Ranges,
+		Diffs: v.sum.Differences()})
+}
+
+// pace waits on the rate limiter for n rows.
+func (v *verifier) pace(ctx context.Context, n int) error {
+	lim := v.opts.Limiter
+	if lim == nil || n <= 0 {
+		return nil
+	}
+	if v.opts.Knobs != nil && v.opts.Knobs.BeforePace != nil {
+		v.opts.Knobs.BeforePace(n)
+	}
+	for n > 0 {
+		k := min(n, lim.Burst())
+		if err := lim.WaitN(ctx, k); err != nil {
+			return fmt.Errorf("verifying %s: waiting for the rate limit: %w", v.sum.Table, err)
+		}
+		n -= k
+	}
+	return nil
+}
+
+// walk walks old in key order after lo, Batch rows per range; the last
+// range runs to the end on new, so rows past old's last key are seen too.
+// The cursor lo strictly advances: each range starts after the previous
+// range's last key.
+//
+// The stores work at once: while new hashes a range, old hashes the next
+// batch. A range whose hashes differ is bisected after both are done, when
+// both connections are free again; the next batch hashed meanwhile covers
+// other keys, so it stays valid.
+//
+// Ordering: a range's differences are confirmed (and repaired) before its
+// checkpoint is written, so a resumed run never skips a difference that
+// was found but not yet settled.
+func (v *verifier) walk(ctx context.Context, lo []string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	oh, last, err := v.o.hashBatch(ctx, v.old, lo, v.opts.Batch)
+	if err != nil {
+		return err
+	}
 	for {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		oh, last, err := v.o.hashBatch(ctx, v.old, lo, v.opts.Batch)
-		if err != nil {
-			return err
-		}
 		final := oh.n < int64(v.opts.Batch)
 		hi := last
 		if final {
 			hi = nil
 		}
-		nh, err := v.n.hashRange(ctx, v.new, lo, hi)
-		if err != nil {
+		var nh rangeHash
+		var nerr error
+		var wg sync.WaitGroup
+		wg.Go(func() { nh, nerr = v.n.hashRange(ctx, v.new, lo, hi) })
+		var next rangeHash
+		var nextLast []string
+		var oerr error
+		if !final {
+			next, nextLast, oerr = v.o.hashBatch(ctx, v.old, last, v.opts.Batch)
+		}
+		wg.Wait()
+		if err := errors.Join(nerr, oerr); err != nil {
 			return err
 		}
-		v.sum.Ranges++
-		v.sum.Rows += oh.n
 		if oh != nh {
 			if err := v.bisect(ctx, lo, hi, oh, nh); err != nil {
 				return err
 			}
 		}
+		if err := v.settle(ctx); err != nil {
+			return err
+		}
+		v.sum.Ranges++
+		v.sum.Rows += oh.n
 		if final {
+			v.progress()
 			return nil
 		}
 		if last == nil || (lo != nil && joinKey(last) == joinKey(lo)) {
 			return fmt.Errorf("verifying %s: the key cursor did not advance past %v", v.sum.Table, lo)
 		}
 		lo = last
+		if v.run != nil {
+			if err := v.run.checkpoint(ctx, lo, v.sum); err != nil {
+				return err
+			}
+		}
+		v.progress()
+		if err := v.pace(ctx, int(oh.n)); err != nil {
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		oh, last = next, nextLast
 	}
+}
+
+// settle confirms the differences found so far, minus the keys already
+// checked as drift, and repairs them with Options.Repair.
+func (v *verifier) settle(ctx context.Context) error {
+	found := v.found[:0:0]
+	for _, d := range v.found {
+		if _, ok := v.seen[joinKey(d.Key)]; !ok {
+			found = append(found, d)
+		}
+	}
+	v.found = v.found[:0]
+	diffs, err := v.confirm(ctx, found)
+	if err != nil || !v.opts.Repair || len(diffs) == 0 {
+		return err
+	}
+	keys := make([][]string, len(diffs))
+	for i, d := range diffs {
+		keys[i] = d.Key
+	}
+	if err := v.repair(ctx, keys, nil); err != nil {
+		return err
+	}
+	v.sum.Repaired += len(diffs)
+	return nil
+}
+
+// repair copies keys from old to new with the locked-copy unit and logs
+// the batch in the migration log through logTo (the run's control
+// connection when nil; nothing without a run).
+func (v *verifier) repair(ctx context.Context, keys [][]string, logTo table.Execer) error {
+	start := time.Now()
+	if _, err := table.CopyKeysMapped(ctx, v.old, v.new, v.m, true, keys); err != nil {
+		return fmt.Errorf("repairing %s: %w", v.m.Old.Name, err)
+	}
+	if v.run == nil {
+		return nil
+	}
+	if logTo == nil {
+		logTo = v.run.conn
+	}
+	return table.LogUnit(ctx, logTo, table.LogEntry{Table: v.m.Old.Name, Lo: keys[0], Hi: keys[len(keys)-1], LoInclusive: true,
+		Rows: len(keys), Status: table.LogRepaired, Duration: time.Since(start), Worker: v.run.worker, Source: table.LogSourceCompare})
 }
 
 // bisect finds the differing rows of the range after lo and at most hi,
@@ -454,43 +672,35 @@ func diff(om, nm map[string]string, okeys, nkeys [][]string) []Difference {
 	return out
 }
 
-// confirm re-reads every found difference on both stores, old's rows under
+// confirm re-reads the found differences on both stores, old's rows under
 // FOR SHARE so no write through old changes them between the two reads,
-// and keeps those that remain; the others are counted as transient.
-func (v *verifier) confirm(ctx context.Context) error {
+// and keeps those that remain; the others are counted as transient. It
+// records the confirmed ones in the summary and returns them.
+func (v *verifier) confirm(ctx context.Context, found []Difference) ([]Difference, error) {
 	const per = 1000
-	for start := 0; start < len(v.found); start += per {
-		part := v.found[start:min(start+per, len(v.found))]
+	var out []Difference
+	for start := 0; start < len(found); start += per {
+		part := found[start:min(start+per, len(found))]
 		keys := make([][]string, len(part))
 		for i, d := range part {
 			keys[i] = d.Key
 		}
 		tx, err := v.old.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted})
 		if err != nil {
-			return fmt.Errorf("re-checking %s: %w", v.sum.Table, err)
+			return nil, fmt.Errorf("re-checking %s: %w", v.sum.Table, err)
 		}
 		om, err := v.o.keysHashes(ctx, tx, keys, true)
 		if err != nil {
 			tx.Rollback(ctx) //nolint:errcheck // the read error wins
-			return err
+			return nil, err
 		}
-		nm, err := v.n.keysHashes(ctx, v.new, keys, false)
+		nm, err := v.newHashes(ctx, keys)
 		tx.Rollback(ctx) //nolint:errcheck // the transaction only held locks
 		if err != nil {
-			return err
+			return nil, err
 		}
-		var okeys, nkeys [][]string
-		for _, k := range keys {
-			if _, ok := om[joinKey(k)]; ok {
-				okeys = append(okeys, k)
-			}
-			if _, ok := nm[joinKey(k)]; ok {
-				nkeys = append(nkeys, k)
-			}
-		}
-		again := diff(om, nm, okeys, nkeys)
 		kinds := map[string]Kind{}
-		for _, d := range again {
+		for _, d := range diffKeys(om, nm, keys) {
 			kinds[joinKey(d.Key)] = d.Kind
 		}
 		for _, d := range part {
@@ -500,11 +710,52 @@ func (v *verifier) confirm(ctx context.Context) error {
 				d.Kind = k
 				v.sum.Diffs = append(v.sum.Diffs, d)
 				v.sum.Counts[k]++
+				out = append(out, d)
 			} else {
 				v.sum.Transient++
 			}
 		}
 	}
-	slices.SortStableFunc(v.sum.Diffs, func(a, b Difference) int { return strings.Compare(string(a.Kind), string(b.Kind)) })
-	return nil
+	return out, nil
+}
+
+// newHashes reads the row hashes of keys on new under FOR SHARE, while
+// confirm holds old's rows FOR SHARE. Writes commit on the primary (old)
+// first and on new next, and a mirrored write holds its row lock on new
+// until it commits there: so once old's rows are locked, a write that
+// committed on old and not yet on new still holds its row on new, and
+// this read waits for it instead of reporting a difference that the mirror
+// is about to close. A writer can hold a row on new while it waits for
+// one that confirm holds on old; lock_timeout breaks that wait across the
+// stores, and the rows are then read without locks.
+func (v *verifier) newHashes(ctx context.Context, keys [][]string) (map[string]string, error) {
+	tx, err := v.new.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted})
+	if err != nil {
+		return nil, fmt.Errorf("re-checking %s: %w", v.sum.Table, err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // the transaction only held locks
+	if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '1s'"); err != nil {
+		return nil, fmt.Errorf("re-checking %s: %w", v.sum.Table, err)
+	}
+	m, err := v.n.keysHashes(ctx, tx, keys, true)
+	if pgErr := (*pgconn.PgError)(nil); errors.As(err, &pgErr) && pgErr.Code == "55P03" {
+		tx.Rollback(ctx) //nolint:errcheck // the lock wait failed the transaction
+		return v.n.keysHashes(ctx, v.new, keys, false)
+	}
+	return m, err
+}
+
+// diffKeys types the differences among keys between two key -> hash maps
+// read for those keys.
+func diffKeys(om, nm map[string]string, keys [][]string) []Difference {
+	var okeys, nkeys [][]string
+	for _, k := range keys {
+		if _, ok := om[joinKey(k)]; ok {
+			okeys = append(okeys, k)
+		}
+		if _, ok := nm[joinKey(k)]; ok {
+			nkeys = append(nkeys, k)
+		}
+	}
+	return diff(om, nm, okeys, nkeys)
 }

@@ -50,6 +50,7 @@ var dbSeq struct {
 // pair is one test's database on both clusters.
 type pair struct {
 	t        *testing.T
+	db       string
 	old, new *pgx.Conn
 }
 
@@ -59,7 +60,7 @@ func newPair(t *testing.T, oldSchema, newSchema string) *pair {
 	dbSeq.n++
 	name := fmt.Sprintf("c%d", dbSeq.n)
 	dbSeq.Unlock()
-	p := &pair{t: t}
+	p := &pair{t: t, db: name}
 	for _, c := range []struct {
 		cl     *pgtest.Cluster
 		schema string

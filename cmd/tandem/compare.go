@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,6 +16,8 @@ import (
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
+	"github.com/vbauerster/mpb/v8"
+	"github.com/vbauerster/mpb/v8/decor"
 )
 
 const compareLong = `Verify that every row of the new store is what the table mapping makes of the
@@ -40,16 +43,44 @@ and is counted as transient, not reported.
 old's rows are locked FOR SHARE, upserted on new through the mapping (or
 deleted on new when old has no such key), new commits, then old.
 
+Open drift first. Before a table's walk, the keys of its open entries in
+the drift ledger (tandem.drift, entries stale on new) are verified the same
+way and counted as drift keys; with --repair each is copied with the
+locked-copy unit and its entries are marked repaired. A whole-table entry
+needs nothing more: the walk always covers the whole table.
+
+Runs and resuming. Each table's verify is recorded in the control schema, in
+tandem.verify_runs (status running, done, failed or interrupted; the counts;
+a checkpoint, the last key whose range is verified and repaired, updated
+after every range). Ctrl-C marks the run interrupted. --since-checkpoint
+continues each table's latest unfinished run from its checkpoint, with its
+counts, instead of starting again from the first key. Every repair is logged
+in tandem.migration_log with source 'compare' and status 'repaired'.
+
+Throttling. --rate caps the rows hashed per second across the whole verify
+(the wait comes after each range, by its row count).
+
+Cutover gate. The write flip refuses to run, unless forced, when a table's
+latest done run in tandem.verify_runs is stale or not clean (clean: no
+unrepaired difference; repaired differences count as clean). Run compare,
+with --repair if needed, just before the flip.
+
 A table is verified by key: a table without a primary key, or whose mapping
 does not carry the key column for column, is skipped and says so.
 
+Progress: a bar per table when stdout is a terminal, a log line every 10 s
+otherwise.
+
 Exit status: 0 every table clean (after --repair: every difference repaired),
-1 differences remain or an error.`
+1 differences remain or an error (an interrupted run also exits 1; resume it
+with --since-checkpoint).`
 
 const compareExamples = `  # Verify every table in scope
   tandem compare -c tandem.yaml
   # Verify two tables and repair what differs, machine-readable
-  tandem compare -c tandem.yaml --table users --table orders --repair --json`
+  tandem compare -c tandem.yaml --table users --table orders --repair --json
+  # Continue an interrupted verify at 50000 rows/s
+  tandem compare -c tandem.yaml --since-checkpoint --rate 50000`
 
 func newCompareCmd() *cobra.Command {
 	cmd := &cobra.Command{
@@ -66,6 +97,8 @@ func newCompareCmd() *cobra.Command {
 	asJSON := fs.Bool("json", false, "print the summaries as JSON")
 	batch := fs.Int("batch", 10000, "old rows per hashed key range")
 	leaf := fs.Int("leaf", 64, "bisect a differing range until it holds at most this many rows, then diff its rows")
+	rateFlag := fs.Float64("rate", 0, "at most this many rows per second hashed, across every table (0 = unlimited)")
+	resume := fs.Bool("since-checkpoint", false, "continue each table's latest unfinished run from its checkpoint instead of starting again")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		cfg, err := flags.Load(os.LookupEnv)
 		if err != nil {
@@ -78,6 +111,10 @@ func newCompareCmd() *cobra.Command {
 			return err
 		}
 		newCfg, err := storeConnConfig(cfg, route.New)
+		if err != nil {
+			return err
+		}
+		ccfg, err := controlConnConfig(cfg)
 		if err != nil {
 			return err
 		}
@@ -106,21 +143,28 @@ func newCompareCmd() *cobra.Command {
 			return fmt.Errorf("connecting to the new store %s: %w", config.RedactDSN(newCfg.ConnString()), err)
 		}
 		defer nw.Close(ctx)
-		opts := compare.Options{Batch: *batch, Leaf: *leaf, Repair: *repair, Logger: newLogger(cfg.Log, cmd.ErrOrStderr())}
-		var sums []compare.TableSummary
-		clean := true
-		for _, m := range maps {
-			s, err := compare.Table(ctx, old, nw, m, opts)
-			if err != nil && !errors.Is(err, compare.ErrNotComparable) {
-				return err
-			}
+		opts := compare.Options{Batch: *batch, Leaf: *leaf, Repair: *repair, Rate: *rateFlag, Control: ccfg, Resume: *resume,
+			Logger: newLogger(cfg.Log, cmd.ErrOrStderr())}
+		if *rateFlag > 0 {
+			opts.Limiter = compare.NewLimiter(*rateFlag, *batch)
+		}
+		// With --json, stdout carries only the JSON; the progress goes to stderr.
+		progressOut := out
+		if *asJSON {
+			progressOut = cmd.ErrOrStderr()
+		}
+		sums, runErr := compareWithProgress(ctx, old, nw, maps, opts, progressOut, isTerminal(progressOut))
+		clean := runErr == nil
+		for _, s := range sums {
 			if s.Skipped == "" && !s.Clean() {
 				clean = false
 			}
-			sums = append(sums, s)
 		}
 		if err := printCompare(out, sums, *asJSON); err != nil {
 			return err
+		}
+		if runErr != nil {
+			return runErr
 		}
 		if !clean {
 			return exitCode(1)
@@ -128,6 +172,67 @@ func newCompareCmd() *cobra.Command {
 		return nil
 	}
 	return cmd
+}
+
+// compareWithProgress verifies the tables one after the other and shows
+// the progress: an mpb bar per table on a terminal, a log line every 10 s
+// otherwise. It returns the summaries so far with the first error that is
+// not a skipped table.
+func compareWithProgress(ctx context.Context, old, nw *pgx.Conn, maps []*table.Mapping, opts compare.Options, out io.Writer, tty bool) ([]compare.TableSummary, error) {
+	var p *mpb.Progress
+	if tty {
+		p = mpb.NewWithContext(ctx, mpb.WithOutput(out), mpb.WithWidth(40))
+	}
+	var sums []compare.TableSummary
+	for _, m := range maps {
+		var bar *mpb.Bar
+		start, last := time.Now(), time.Now()
+		var prev time.Time
+		o := opts
+		o.Progress = func(pr compare.Progress) {
+			now := time.Now()
+			if p == nil {
+				if now.Sub(last) >= 10*time.Second {
+					last = now
+					fmt.Fprintf(out, "compare %s: %d/~%d rows, %d ranges, %d differences, %.0f rows/s\n", pr.Table, pr.Rows, pr.Total, pr.Ranges,
+						pr.Diffs, float64(pr.Rows)/now.Sub(start).Seconds())
+				}
+				return
+			}
+			if bar == nil {
+				bar = p.AddBar(max(pr.Total, 1), mpb.PrependDecorators(decor.Name(pr.Table.String(), decor.WCSyncSpaceR),
+					decor.CountersNoUnit("%d / %d", decor.WCSyncWidth)),
+					mpb.AppendDecorators(decor.EwmaSpeed(0, "%.0f rows/s", 30, decor.WCSyncSpace), decor.Name(" ETA "), decor.EwmaETA(decor.ET_STYLE_GO, 30)))
+				bar.SetCurrent(pr.Rows)
+				prev = now
+				return
+			}
+			if pr.Rows > pr.Total {
+				bar.SetTotal(pr.Rows, false)
+			}
+			bar.EwmaSetCurrent(pr.Rows, now.Sub(prev))
+			prev = now
+		}
+		s, err := compare.Table(ctx, old, nw, m, o)
+		if bar != nil {
+			if err == nil {
+				bar.SetTotal(-1, true)
+			} else {
+				bar.Abort(false)
+			}
+		}
+		if err != nil && !errors.Is(err, compare.ErrNotComparable) {
+			if p != nil {
+				p.Wait()
+			}
+			return append(sums, s), err
+		}
+		sums = append(sums, s)
+	}
+	if p != nil {
+		p.Wait()
+	}
+	return sums, nil
 }
 
 func printCompare(out io.Writer, sums []compare.TableSummary, asJSON bool) error {
@@ -144,12 +249,16 @@ func printCompare(out io.Writer, sums []compare.TableSummary, asJSON bool) error
 			continue
 		}
 		state := "clean"
-		if len(s.Diffs) > 0 {
+		if n := s.Differences(); n > 0 {
 			state = fmt.Sprintf("%d differences (%d MissingOnNew, %d MissingOnOld, %d ValueDiff), %d repaired",
-				len(s.Diffs), s.Counts[compare.MissingOnNew], s.Counts[compare.MissingOnOld], s.Counts[compare.ValueDiff], s.Repaired)
+				n, s.Counts[compare.MissingOnNew], s.Counts[compare.MissingOnOld], s.Counts[compare.ValueDiff], s.Repaired)
 		}
-		fmt.Fprintf(out, "%s -> %s: %d rows, %d ranges, %s, %d transient, %v\n", s.Table, s.NewTable, s.Rows, s.Ranges, state, s.Transient,
-			s.Duration.Round(time.Millisecond))
+		resumed := ""
+		if s.Resumed {
+			resumed = ", resumed"
+		}
+		fmt.Fprintf(out, "%s -> %s: %d rows, %d ranges, %d drift keys, %s, %d transient, %v (run %d%s)\n", s.Table, s.NewTable, s.Rows, s.Ranges,
+			s.DriftKeys, state, s.Transient, s.Duration.Round(time.Millisecond), s.RunID, resumed)
 		for _, d := range s.Diffs {
 			fmt.Fprintf(out, "  %-12s key %s\n", d.Kind, strings.Join(d.Key, ","))
 		}

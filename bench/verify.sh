@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# verify.sh - tandem compare (the table verify) against count(*) and a naive fetch-and-compare.
+#
+# Starts two throwaway clusters (bench/pgcluster.sh), loads the same N rows into both, and
+# times on the same clusters in one run:
+#   (a) SELECT count(*) on old then new (summed), and on both at once
+#   (b) tandem compare (a clean verify: server-side range hashes)
+#   (c) bench/naivecompare: both tables streamed in key order over pgx, compared in Go
+#   (d) tandem compare again after planting 100 scattered differences on new (must report 100)
+# Prints rows/s and the ratios compare/count(*) and compare/naive as markdown on stdout
+# (progress on stderr). See bench/README.md.
+set -euo pipefail
+
+PROG=$(basename "$0")
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+export BENCH_DIR=${BENCH_DIR:-/tmp/tandem-bench}
+
+ROWS=${ROWS:-5000000}
+BATCH=10000
+OLD_PORT=45621
+NEW_PORT=45622
+OLD_CLUSTER=tandem-vf-old
+NEW_CLUSTER=tandem-vf-new
+DBNAME=vfbench
+TABLE=bench_rows
+BUILD=1
+KEEP=0
+TANDEM_BIN=${TANDEM_BIN:-$REPO/bin/tandem}
+NAIVE_BIN=${NAIVE_BIN:-$REPO/bin/naivecompare}
+
+usage() {
+  cat <<USAGE
+Usage: $PROG [options]
+
+  --rows N       rows in each store (default \$ROWS or $ROWS)
+  --batch N      tandem compare --batch (default $BATCH)
+  --no-build     do not run 'go build'; use \$TANDEM_BIN and \$NAIVE_BIN (default bin/)
+  --keep         leave both clusters running on exit
+  -h, --help     this help
+
+Clusters '$OLD_CLUSTER' (:$OLD_PORT) and '$NEW_CLUSTER' (:$NEW_PORT) live under \$BENCH_DIR
+(default /tmp/tandem-bench). Environment: ROWS, BENCH_DIR, PG_BINDIR, TANDEM_BIN, NAIVE_BIN.
+USAGE
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --rows) ROWS=$2; shift 2 ;;
+    --batch) BATCH=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    --keep) KEEP=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "$PROG: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+[[ "$ROWS" =~ ^[0-9]+$ && "$ROWS" -ge 1000 ]] || { echo "$PROG: --rows must be a number >= 1000" >&2; exit 2; }
+
+log() { echo "[$PROG] $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+BINDIR=${PG_BINDIR:-}
+if [[ -z "$BINDIR" ]] && command -v pg_config >/dev/null 2>&1; then BINDIR=$(pg_config --bindir 2>/dev/null || true); fi
+bin() { if [[ -n "$BINDIR" && -x "$BINDIR/$1" ]]; then echo "$BINDIR/$1"; else command -v "$1"; fi; }
+PSQL=$(bin psql) || die "psql not found"
+
+if [[ $BUILD -eq 1 ]]; then
+  log "go build -o $TANDEM_BIN ./cmd/tandem; go build -o $NAIVE_BIN ./bench/naivecompare"
+  (cd "$REPO" && go build -o "$TANDEM_BIN" ./cmd/tandem && go build -o "$NAIVE_BIN" ./bench/naivecompare)
+fi
+[[ -x "$TANDEM_BIN" ]] || die "no Tandem binary at $TANDEM_BIN"
+[[ -x "$NAIVE_BIN" ]] || die "no naivecompare binary at $NAIVE_BIN"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/tandem-vf.XXXXXX")
+CFG="$WORK/tandem.yaml"
+cleanup() {
+  local rc=$?
+  set +e
+  if [[ $KEEP -eq 0 ]]; then
+    "$HERE/pgcluster.sh" stop "$OLD_CLUSTER" >&2
+    "$HERE/pgcluster.sh" stop "$NEW_CLUSTER" >&2
+  fi
+  rm -rf "$WORK"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+q() { local port=$1; shift; "$PSQL" -X -w -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d "$DBNAME" "$@"; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { print b - a }'; }
+rate() { awk -v n="$ROWS" -v s="$1" 'BEGIN { printf "%.0f", n / s }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
+dsn() { echo "postgres://postgres@127.0.0.1:$1/$DBNAME?sslmode=disable"; }
+
+"$HERE/pgcluster.sh" start "$OLD_CLUSTER" "$OLD_PORT" >&2
+"$HERE/pgcluster.sh" start "$NEW_CLUSTER" "$NEW_PORT" >&2
+for port in "$OLD_PORT" "$NEW_PORT"; do
+  "$PSQL" -X -w -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -c "drop database if exists $DBNAME" -c "create database $DBNAME" >&2
+done
+
+# A realistic row: bigint key, ints, numeric, text, timestamptz, ~120 bytes. The values are
+# deterministic, so both stores hold the same rows.
+DDL="create table $TABLE (id bigint primary key, account int, qty smallint, amount numeric(12,2), status text,
+  note text, created_at timestamptz, updated_at timestamptz)"
+FILL="insert into $TABLE select i, i % 100000, (i % 30000)::smallint, (i % 1000000) * 0.37, (array['new','paid','shipped','void'])[1 + i % 4],
+    md5(i::text) || substr(md5((i + 1)::text), 1, 20), '2024-01-01 00:00:00+00'::timestamptz + i * interval '1 s',
+    '2024-06-01 00:00:00+00'::timestamptz + (i % 86400) * interval '1 s'
+  from generate_series(1, $ROWS) i"
+log "loading $ROWS rows into old and new"
+for port in "$OLD_PORT" "$NEW_PORT"; do
+  q "$port" -c "$DDL" -c "$FILL" -c "vacuum analyze $TABLE" >&2 &
+done
+wait
+BYTES=$(q "$OLD_PORT" -Atc "select pg_relation_size('$TABLE')")
+cat >"$CFG" <<YAML
+listen: 127.0.0.1:45623
+admin: 127.0.0.1:45624
+old:
+  dsn: $(dsn "$OLD_PORT")
+new:
+  dsn: $(dsn "$NEW_PORT")
+log:
+  level: warn
+YAML
+settle() { q "$OLD_PORT" -c "checkpoint" >&2; q "$NEW_PORT" -c "checkpoint" >&2; }
+count() { # $1: port; checks the count
+  local n; n=$(q "$1" -Atc "select count(*) from $TABLE")
+  [[ "$n" == "$ROWS" ]] || die "count(*) on :$1 is $n, want $ROWS"
+}
+# compare_run OUT WANT: tandem compare --json into OUT, expecting WANT differences.
+compare_run() {
+  local out=$1 want=$2 rc=0
+  "$TANDEM_BIN" compare -c "$CFG" --table "$TABLE" --batch "$BATCH" --json >"$out" 2>"$out.err" || rc=$?
+  local got; got=$(grep -c '"kind"' "$out" || true)
+  if [[ "$got" != "$want" ]] || { [[ $want -eq 0 && $rc -ne 0 ]] || [[ $want -gt 0 && $rc -ne 1 ]]; }; then
+    tail -n 20 "$out.err" >&2; head -c 2000 "$out" >&2
+    die "tandem compare reported $got differences (exit $rc), want $want"
+  fi
+}
+
+log "(a) count(*), sequential"
+settle
+t0=$(now); count "$OLD_PORT"; count "$NEW_PORT"; T_COUNT=$(since "$t0")
+log "(a) count(*), concurrent"
+t0=$(now); count "$OLD_PORT" & p1=$!; count "$NEW_PORT" & p2=$!; wait "$p1"; wait "$p2"; T_COUNTC=$(since "$t0")
+
+log "(b) tandem compare --batch $BATCH (clean)"
+settle
+t0=$(now); compare_run "$WORK/clean.json" 0; T_CMP=$(since "$t0")
+
+log "(c) naivecompare"
+settle
+t0=$(now)
+NAIVE=$("$NAIVE_BIN" -old "$(dsn "$OLD_PORT")" -new "$(dsn "$NEW_PORT")" -table "$TABLE")
+T_NAIVE=$(since "$t0")
+[[ "$NAIVE" == "rows $ROWS diffs 0 "* ]] || die "naivecompare: $NAIVE"
+
+log "(d) planting 100 scattered differences on new: 40 values, 30 deletes, 30 inserts"
+STEP=$((ROWS / 100))
+q "$NEW_PORT" -c "update $TABLE set note = 'planted' where id in (select k * $STEP from generate_series(1, 40) k)" \
+  -c "delete from $TABLE where id in (select k * $STEP - 1 from generate_series(41, 70) k)" \
+  -c "insert into $TABLE (id, account, status) select $ROWS + k * 7, 0, 'planted' from generate_series(1, 30) k" >&2
+settle
+t0=$(now); compare_run "$WORK/planted.json" 100; T_PLANT=$(since "$t0")
+
+R_COUNT=$(rate "$T_COUNT"); R_COUNTC=$(rate "$T_COUNTC"); R_CMP=$(rate "$T_CMP"); R_NAIVE=$(rate "$T_NAIVE"); R_PLANT=$(rate "$T_PLANT")
+cat <<REPORT
+## Verify benchmark: $ROWS rows ($((BYTES / 1048576)) MB heap) in each of old :$OLD_PORT and new :$NEW_PORT
+
+rows/s counts each row once (a verify reads it on both stores).
+
+| method | seconds | rows/s |
+|---|---:|---:|
+| count(*) old, then new | $(printf %.2f "$T_COUNT") | $R_COUNT |
+| count(*) old and new at once | $(printf %.2f "$T_COUNTC") | $R_COUNTC |
+| tandem compare (clean, --batch $BATCH) | $(printf %.2f "$T_CMP") | $R_CMP |
+| naivecompare (stream both, compare in Go) | $(printf %.2f "$T_NAIVE") | $R_NAIVE |
+| tandem compare (100 planted differences) | $(printf %.2f "$T_PLANT") | $R_PLANT |
+
+compare/count(*) sequential: $(ratio "$T_CMP" "$T_COUNT") the time  
+compare/count(*) concurrent: $(ratio "$T_CMP" "$T_COUNTC") the time  
+compare/naive: $(ratio "$T_CMP" "$T_NAIVE") the time ($(ratio "$R_CMP" "$R_NAIVE") the rows/s)  
+planted/clean compare: $(ratio "$T_PLANT" "$T_CMP") the time
+REPORT
