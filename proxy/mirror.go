@@ -61,7 +61,14 @@ func (rs *routedSession) serve(un *unit) error {
 	kinds, pureRead, tables := rs.analyze(un)
 	rs.beginUnit(pureRead)
 	st := rs.state
+	rs.servedBy = ""
+	if slices.Contains(kinds, classify.Session) {
+		rs.gucDirty = true // a SET: shadow runs copy the session's settings again
+	}
 	if pureRead && rs.txState == 'I' && un.end != 'H' && !rs.extOpen {
+		if j := rs.shadowSample(un, tables); j != nil {
+			defer rs.shadowDone(j, time.Now())
+		}
 		if target := rs.readStore(tables); target != st.Primary {
 			done, err := rs.shiftedRead(un, target)
 			if err != nil || done {
@@ -97,6 +104,7 @@ func (rs *routedSession) serve(un *unit) error {
 	if err != nil {
 		return rs.storeLost(prim, err)
 	}
+	rs.servedBy = st.Primary
 	if wrap {
 		return rs.finishWrapped(prim, res)
 	}
@@ -997,6 +1005,7 @@ func (rs *routedSession) shiftedRead(un *unit, target route.Store) (bool, error)
 	rs.holding = false
 	if rs.spilled && err == nil {
 		// Part of the reply is with the client: it cannot be retried.
+		rs.servedBy = target
 		rs.srv.metrics.R().Read(ctx, string(target), "served")
 		return true, rs.endWith(res)
 	}
@@ -1009,8 +1018,12 @@ func (rs *routedSession) shiftedRead(un *unit, target route.Store) (bool, error)
 		}
 		rs.srv.metrics.R().Read(ctx, string(target), "retried_on_primary")
 		rs.ss.log.Debug("shifted read failed; retrying on the primary", "store", target, "error", err)
+		if rs.capture != nil {
+			rs.capture.reset() // the primary's reply is the one the client gets
+		}
 		return false, nil
 	}
+	rs.servedBy = target
 	_, _ = rs.cout.Write(rs.hold)
 	rs.srv.metrics.R().Read(ctx, string(target), "served")
 	return true, rs.endWith(res)

@@ -14,6 +14,7 @@ import (
 	"github.com/tandemdb/tandem/internal/classify"
 	"github.com/tandemdb/tandem/internal/pgwire"
 	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/shadow"
 )
 
 // The routed engine serves a session message by message whenever the
@@ -201,6 +202,10 @@ type stmtInfo struct {
 	marker      int
 	descOK      bool
 	descPending bool // an internal Describe of it is on its way
+	// desc is the statement's result columns as the client's Describe
+	// was answered, for shadow reads (nil: not seen, or no shadowing).
+	desc      []shadow.Field
+	paramDesc []uint32 // the parameter types the store inferred
 }
 
 // image reports the row-image rewrite of a one-statement text, or nil.
@@ -263,6 +268,13 @@ type routedSession struct {
 	portals map[string]*portalInfo
 
 	tx mirrorTx // the secondary's side of the current transaction
+
+	// Shadow reads: the reply being copied for a sampled read, the store
+	// that served the current unit, and the session's SET values.
+	capture  *capture
+	servedBy route.Store
+	gucDirty bool
+	gucs     [][2]string
 }
 
 func storeIndexOf(name string) int {
@@ -463,6 +475,9 @@ func (rs *routedSession) flushIfIdle() error {
 // toClient queues one message for the client (or for the hold buffer while
 // a shifted read may still be retried on the primary).
 func (rs *routedSession) toClient(typ byte, body []byte) {
+	if rs.capture != nil {
+		rs.capture.add(typ, body)
+	}
 	if rs.holding {
 		rs.hold = appendMsg(rs.hold, typ, body)
 		rs.spillHold()

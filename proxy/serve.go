@@ -404,6 +404,9 @@ func (p *pump) handle(m backendMsg) error {
 		p.res.sentAny = true
 		switch m.typ {
 		case 't':
+			if si != nil && e.kind == expDescStmt && rs.srv.shadow != nil {
+				si.paramDesc = decodeParameterDescription(m.body)
+			}
 			rs.toClient(m.typ, m.body)
 			return nil
 		case 'T':
@@ -420,6 +423,11 @@ func (p *pump) handle(m backendMsg) error {
 					}
 					p.q = p.q[1:]
 					return nil
+				}
+			}
+			if si != nil && e.kind == expDescStmt && rs.srv.shadow != nil {
+				if fs, err := decodeRowDescription(m.body); err == nil {
+					si.desc = shadowFields(fs)
 				}
 			}
 			rs.toClient(m.typ, m.body)

@@ -21,6 +21,7 @@ import (
 	"github.com/tandemdb/tandem/internal/classify"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/pgwire"
 	"github.com/tandemdb/tandem/internal/table"
 )
@@ -40,6 +41,9 @@ type Options struct {
 	RecordDrift func(ctx context.Context, entries []table.DriftEntry) error
 	// Classifier classifies statements (nil = a new one with a default cache).
 	Classifier *classify.Classifier
+	// RecordMismatch stores a confirmed shadow-read mismatch in the control
+	// schema. Nil: mismatches are only logged and counted.
+	RecordMismatch func(ctx context.Context, r mismatch.Record) error
 }
 
 // TestingKnobs are injection points for tests; the zero value is production
@@ -50,6 +54,8 @@ type TestingKnobs struct {
 	// BeforeSecondaryCommit is called by a mirroring session after the
 	// primary committed a transaction and before the secondary does.
 	BeforeSecondaryCommit func()
+	// BeforeShadow is called by a shadow worker before it runs a sample.
+	BeforeShadow func()
 }
 
 // Server accepts client sessions and relays them to the primary store. It is
@@ -88,6 +94,7 @@ type Server struct {
 	recordDrift  func(ctx context.Context, entries []table.DriftEntry) error
 	classifier   *classify.Classifier
 	mappings     atomic.Pointer[table.Mappings]
+	shadow       *shadower // nil without a new store
 }
 
 type cancelKey struct {
@@ -145,6 +152,9 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 		s.classifier = classify.New(10000)
 	}
 	s.baseCtx, s.stopCtx = context.WithCancel(context.Background())
+	if s.new != nil {
+		s.shadow = newShadower(s, opts.RecordMismatch)
+	}
 	return s, nil
 }
 
@@ -249,7 +259,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	select {
 	case <-done:
 		s.stopLoops()
-		s.closeCatalogs()
+		s.release()
 		s.stopCtx()
 		return nil
 	case <-timer.C:
@@ -267,8 +277,18 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	<-done
 	s.stopLoops()
+	s.release()
 	s.stopCtx()
 	return nil
+}
+
+// release closes what sessions shared once they have all ended: the
+// catalog pools and the shadow workers with their connections.
+func (s *Server) release() {
+	s.closeCatalogs()
+	if s.shadow != nil {
+		s.shadow.stop()
+	}
 }
 
 // Close closes the listeners and every session at once, with 57P01.
@@ -284,7 +304,7 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	s.wg.Wait()
 	s.stopLoops()
-	s.closeCatalogs()
+	s.release()
 	s.stopCtx()
 	return nil
 }

@@ -265,6 +265,21 @@ func encodeDataRow(dst []byte, cols [][]byte) []byte {
 	return dst
 }
 
+// decodeParameterDescription returns the parameter type OIDs of a
+// ParameterDescription (nil if it is malformed).
+func decodeParameterDescription(body []byte) []uint32 {
+	r := msgReader{b: body}
+	n := r.count()
+	oids := make([]uint32, 0, n)
+	for i := 0; i < n && !r.err; i++ {
+		oids = append(oids, uint32(r.int32()))
+	}
+	if r.err {
+		return nil
+	}
+	return oids
+}
+
 // errorFields returns an ErrorResponse's SQLSTATE and message.
 func errorFields(body []byte) (code, message string) {
 	for len(body) > 1 {

@@ -35,6 +35,8 @@ type Options struct {
 	Routing *Routing
 	// Backfill serves /api/v1/backfill; nil answers it with 404.
 	Backfill *Backfill
+	// Mismatches serves /api/v1/mismatches; nil answers it with 404.
+	Mismatches *Mismatches
 }
 
 // NewHandler returns the admin API's handler:
@@ -49,6 +51,8 @@ type Options struct {
 //	POST /api/v1/rollback  optional {"force": bool, "reason": text}: as /api/v1/route
 //	GET  /api/v1/backfill  per table rows and chunks, finished, rate and paused (backfill.State)
 //	POST /api/v1/backfill  {"rate": rows/s} and/or {"paused": bool}: 200 with the state after; 400 malformed
+//	GET  /api/v1/mismatches shadow-read outcomes over ?window= (default the gate's) per fingerprint, and the
+//	                       stored mismatches grouped by fingerprint (?fingerprint=, ?since=RFC3339, ?samples=1..100)
 func NewHandler(opts Options) http.Handler {
 	if opts.CheckTimeout == 0 {
 		opts.CheckTimeout = 2 * time.Second
@@ -92,6 +96,7 @@ func NewHandler(opts Options) http.Handler {
 	}
 	routingHandlers(mux, opts.Routing)
 	backfillHandlers(mux, opts.Backfill)
+	mismatchHandlers(mux, opts.Mismatches)
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)

@@ -39,6 +39,8 @@ type Config struct {
 	Relay   Relay   `yaml:"relay"`   // how bytes are relayed
 	Control Control `yaml:"control"` // where the control schema (routing state, drift ledger) lives
 	Routing Routing `yaml:"routing"` // mirroring, breaker and write-flip behaviour
+	Shadow  Shadow  `yaml:"shadow"`  // how shadow reads run and are compared
+	Gates   Gates   `yaml:"gates"`   // the write-flip gates built on verify and shadow reads
 	Log     Log     `yaml:"log"`     // log output
 	Tables  Tables  `yaml:"tables"`  // the migration's scope and table mappings (YAML only)
 
@@ -126,6 +128,29 @@ type Routing struct {
 	RepairInterval  Duration `yaml:"repair_interval"`  // how often the drift repairer looks at the ledger; default 1s
 }
 
+// Shadow configures shadow reads: the routing state's shadow percentage
+// says how many eligible reads also run on the other store; these settings
+// say how they run and are compared.
+type Shadow struct {
+	Queue          int      `yaml:"queue"`            // reads waiting for a shadow run; when full a sample is dropped and counted; default 1000
+	Workers        int      `yaml:"workers"`          // shadow runs at once (each holds one connection per store); default 4
+	MaxResultBytes ByteSize `yaml:"max_result_bytes"` // a served result larger than this is not shadowed; default 1MiB
+	Timeout        Duration `yaml:"timeout"`          // one shadow run on one store; default 5s
+	Settle         Duration `yaml:"settle"`           // the re-read waits this long for in-flight mirrored writes; 0 (default) = routing.mirror_budget
+	FloatTolerance float64  `yaml:"float_tolerance"`  // relative difference under which two floats are equal; default 1e-9
+	AA             bool     `yaml:"aa"`               // A/A mode: shadow on the store that served, to measure the noise floor
+	RedactParams   bool     `yaml:"redact_params"`    // store mismatches without their parameter values
+}
+
+// Gates configures the write-flip gates that need evidence from compare
+// and from shadow reads (the backfill, drift, mapping and breaker gates
+// need no settings).
+type Gates struct {
+	VerifyMaxAge          Duration `yaml:"verify_max_age"`           // each table's last clean verify must be younger than this; 0 = gate off; default 24h
+	ShadowWindow          Duration `yaml:"shadow_window"`            // the window the shadow mismatch rate is measured over; default 15m
+	ShadowMaxMismatchRate float64  `yaml:"shadow_max_mismatch_rate"` // confirmed mismatches / compared reads above which a flip is refused; default 0
+}
+
 // Log formats and levels accepted in Log.
 const (
 	LogText  = "text"
@@ -164,6 +189,17 @@ func Default() Config {
 			FenceTimeout:    Duration(5e9),
 			SequenceMargin:  1000,
 			RepairInterval:  Duration(1e9),
+		},
+		Shadow: Shadow{
+			Queue:          1000,
+			Workers:        4,
+			MaxResultBytes: 1 * MiB,
+			Timeout:        Duration(5e9),
+			FloatTolerance: 1e-9,
+		},
+		Gates: Gates{
+			VerifyMaxAge: Duration(24 * 3600e9),
+			ShadowWindow: Duration(15 * 60e9),
 		},
 		Log: Log{Format: LogText, Level: LogInfo},
 	}
@@ -294,6 +330,39 @@ func options() []option {
 		{path: "routing.repair_interval", flag: "repair-interval",
 			usage: "how often the drift repairer re-copies the keys in the drift ledger, e.g. 1s (must be > 0)",
 			field: func(c *Config) any { return &c.Routing.RepairInterval }},
+		{path: "shadow.queue", flag: "shadow-queue",
+			usage: "reads waiting for their shadow run; when the queue is full a sample is dropped and counted, never waited for (at least 1)",
+			field: func(c *Config) any { return &c.Shadow.Queue }},
+		{path: "shadow.workers", flag: "shadow-workers",
+			usage: "shadow runs at once; each holds at most one connection per store and database (at least 1)",
+			field: func(c *Config) any { return &c.Shadow.Workers }},
+		{path: "shadow.max_result_bytes", flag: "shadow-max-result",
+			usage: "a served result larger than this is not shadowed (counted as skipped), e.g. 1MiB",
+			field: func(c *Config) any { return &c.Shadow.MaxResultBytes }},
+		{path: "shadow.timeout", flag: "shadow-timeout",
+			usage: "time allowed for one shadow run on one store, e.g. 5s (must be > 0)",
+			field: func(c *Config) any { return &c.Shadow.Timeout }},
+		{path: "shadow.settle", flag: "shadow-settle",
+			usage: "before a difference counts, the secondary is re-read this long after the primary so that in-flight mirrored writes have landed; 0 = routing.mirror_budget",
+			field: func(c *Config) any { return &c.Shadow.Settle }},
+		{path: "shadow.float_tolerance", flag: "shadow-float-tolerance",
+			usage: "relative difference under which two float values compare equal, e.g. 1e-9 (0..1)",
+			field: func(c *Config) any { return &c.Shadow.FloatTolerance }},
+		{path: "shadow.aa", flag: "shadow-aa",
+			usage: "A/A mode: run each shadow read on the store that served it, to measure the comparison's noise floor",
+			field: func(c *Config) any { return &c.Shadow.AA }},
+		{path: "shadow.redact_params", flag: "shadow-redact-params",
+			usage: "store shadow mismatches without their parameter values",
+			field: func(c *Config) any { return &c.Shadow.RedactParams }},
+		{path: "gates.verify_max_age", flag: "gate-verify-max-age",
+			usage: "a write flip to new needs every table in scope verified clean (tandem compare) within this long, e.g. 24h; 0 = gate off",
+			field: func(c *Config) any { return &c.Gates.VerifyMaxAge }},
+		{path: "gates.shadow_window", flag: "gate-shadow-window",
+			usage: "the window over which the shadow mismatch rate is measured for the write-flip gate, e.g. 15m (must be > 0)",
+			field: func(c *Config) any { return &c.Gates.ShadowWindow }},
+		{path: "gates.shadow_max_mismatch_rate", flag: "gate-shadow-max-mismatch-rate",
+			usage: "a write flip to new is refused when confirmed shadow mismatches / compared reads over the window is above this (0..1; 0 = any mismatch refuses)",
+			field: func(c *Config) any { return &c.Gates.ShadowMaxMismatchRate }},
 		{path: "log.format", flag: "log-format",
 			usage: `log output format: "text" or "json"`,
 			field: func(c *Config) any { return &c.Log.Format }},
@@ -320,6 +389,12 @@ func setFromString(p any, s string) error {
 			return fmt.Errorf("invalid integer %q", s)
 		}
 		*v = n
+	case *float64:
+		f, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
+		if err != nil {
+			return fmt.Errorf("invalid number %q", s)
+		}
+		*v = f
 	case *ByteSize:
 		return v.Set(s)
 	case *Duration:
@@ -618,6 +693,8 @@ func (w *walker) leaf(k, v *yaml.Node, o option) {
 			msg = fmt.Sprintf("must be a whole number%s, not %s", quoted, strconv.Quote(v.Value))
 		case *bool:
 			msg = fmt.Sprintf("must be true or false%s, not %s", quoted, strconv.Quote(v.Value))
+		case *float64:
+			msg = fmt.Sprintf("must be a number%s, not %s", quoted, strconv.Quote(v.Value))
 		case *string:
 			msg = "must be a string" // never quote the value: it may be a DSN with a password
 		default:

@@ -31,6 +31,8 @@ func NewFlags(fs *pflag.FlagSet) *Flags {
 			fs.BoolVar(p, o.flag, *o.field(&def).(*bool), usage)
 		case *int:
 			fs.IntVar(p, o.flag, *o.field(&def).(*int), usage)
+		case *float64:
+			fs.Float64Var(p, o.flag, *o.field(&def).(*float64), usage)
 		case *ByteSize:
 			fs.Var(p, o.flag, usage)
 		case *Duration:

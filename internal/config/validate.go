@@ -149,6 +149,33 @@ func (c *Config) problems() Problems {
 	if c.Routing.BreakerFailures < 1 {
 		v.add("routing.breaker_failures", fmt.Sprintf("must be at least 1, not %d", c.Routing.BreakerFailures))
 	}
+	if c.Shadow.Queue < 1 {
+		v.add("shadow.queue", fmt.Sprintf("must be at least 1, not %d", c.Shadow.Queue))
+	}
+	if c.Shadow.Workers < 1 {
+		v.add("shadow.workers", fmt.Sprintf("must be at least 1, not %d", c.Shadow.Workers))
+	}
+	if c.Shadow.MaxResultBytes < 1 {
+		v.add("shadow.max_result_bytes", "must be at least 1 byte")
+	}
+	if c.Shadow.Timeout <= 0 {
+		v.add("shadow.timeout", "must be > 0")
+	}
+	if c.Shadow.Settle < 0 {
+		v.add("shadow.settle", "must be >= 0")
+	}
+	if !(c.Shadow.FloatTolerance >= 0 && c.Shadow.FloatTolerance < 1) {
+		v.add("shadow.float_tolerance", fmt.Sprintf("must be in [0, 1), not %g", c.Shadow.FloatTolerance))
+	}
+	if c.Gates.VerifyMaxAge < 0 {
+		v.add("gates.verify_max_age", "must be >= 0 (0 turns the gate off)")
+	}
+	if c.Gates.ShadowWindow <= 0 {
+		v.add("gates.shadow_window", "must be > 0")
+	}
+	if !(c.Gates.ShadowMaxMismatchRate >= 0 && c.Gates.ShadowMaxMismatchRate <= 1) {
+		v.add("gates.shadow_max_mismatch_rate", fmt.Sprintf("must be in [0, 1], not %g", c.Gates.ShadowMaxMismatchRate))
+	}
 	if c.Routing.SequenceMargin < 0 {
 		v.add("routing.sequence_margin", fmt.Sprintf("must be >= 0, not %d", c.Routing.SequenceMargin))
 	}

@@ -14,6 +14,19 @@ const (
 	KeyMode   = attribute.Key("tandem.mirror.mode")   // row_image or statement
 	KeyResult = attribute.Key("tandem.mirror.result") // applied, failed, skipped
 	KeyReason = attribute.Key("tandem.reason")
+	// KeyFingerprint is a statement's pg_query fingerprint (semconv has no
+	// attribute for it; db.query.summary is a different thing).
+	KeyFingerprint = attribute.Key("tandem.statement.fingerprint")
+	KeyRole        = attribute.Key("tandem.shadow.role") // served or shadow
+)
+
+// Shadow-read outcomes.
+const (
+	ShadowMatched    = "matched"
+	ShadowMismatched = "mismatched"
+	ShadowTransient  = "transient"
+	ShadowDropped    = "dropped"
+	ShadowSkipped    = "skipped"
 )
 
 // Mirror modes and results.
@@ -36,6 +49,8 @@ type Routing struct {
 	shifted     metric.Int64Counter
 	fenceDur    metric.Float64Histogram
 	fenceWaits  metric.Int64Counter
+	shadowReads metric.Int64Counter
+	shadowDur   metric.Float64Histogram
 	version     atomic.Int64
 	breaker     atomic.Int64 // 0 closed, 1 half-open, 2 open
 	driftOpen   atomic.Int64
@@ -77,6 +92,16 @@ func newRouting(meter metric.Meter) (*Routing, error) {
 	}
 	if r.fenceWaits, err = meter.Int64Counter("tandem.fence.waits",
 		metric.WithDescription("Write units that waited at a raised write fence."), metric.WithUnit("{unit}")); err != nil {
+		return nil, err
+	}
+	if r.shadowReads, err = meter.Int64Counter("tandem.shadow.reads",
+		metric.WithDescription("Shadow-read samples by outcome (matched, mismatched, transient, dropped, skipped), statement fingerprint and, when skipped, reason."),
+		metric.WithUnit("{statement}")); err != nil {
+		return nil, err
+	}
+	if r.shadowDur, err = meter.Float64Histogram("tandem.shadow.duration",
+		metric.WithDescription("Latency of compared reads, side by side: the served read (role served) and its shadow run (role shadow), by store."),
+		metric.WithUnit("s"), metric.WithExplicitBucketBoundaries(latencyBuckets...)); err != nil {
 		return nil, err
 	}
 	version, err := meter.Int64ObservableGauge("tandem.state.version",
@@ -135,6 +160,26 @@ func (r *Routing) Drift(ctx context.Context, n int) {
 func (r *Routing) Read(ctx context.Context, store, outcome string) {
 	if r != nil {
 		r.shifted.Add(ctx, 1, metric.WithAttributes(KeyStore.String(store), KeyOutcome.String(outcome)))
+	}
+}
+
+// Shadow counts one shadow-read sample's outcome; reason is set for
+// skipped samples only.
+func (r *Routing) Shadow(ctx context.Context, fingerprint, outcome, reason string) {
+	if r == nil {
+		return
+	}
+	attrs := []attribute.KeyValue{KeyOutcome.String(outcome), KeyFingerprint.String(fingerprint)}
+	if reason != "" {
+		attrs = append(attrs, KeyReason.String(reason))
+	}
+	r.shadowReads.Add(ctx, 1, metric.WithAttributes(attrs...))
+}
+
+// ShadowLatency records one side of a compared read.
+func (r *Routing) ShadowLatency(ctx context.Context, store, role string, d time.Duration) {
+	if r != nil {
+		r.shadowDur.Record(ctx, d.Seconds(), metric.WithAttributes(KeyStore.String(store), KeyRole.String(role)))
 	}
 }
 

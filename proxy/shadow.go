@@ -1,0 +1,931 @@
+package proxy
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/tandemdb/tandem/internal/classify"
+	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/internal/mismatch"
+	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/shadow"
+	"golang.org/x/time/rate"
+)
+
+// Shadow reads (design section 5). A sampled read is served as usual; its
+// reply is copied as it goes to the client (up to shadow.max_result_bytes)
+// and handed, with its statement and parameters, to a bounded queue. A
+// small pool of workers runs it on the other store (the same store in A/A
+// mode) on connections of their own and compares the two results after
+// normalisation. The client never waits for any of it: a full queue drops
+// the sample and counts it.
+//
+// A difference is not yet a mismatch: the two reads ran at different
+// moments while writes went on. The worker first re-reads both stores at
+// once; if they now agree the difference was a race (transient). If they
+// still differ, it confirms under lock (see confirm): with writes to the
+// read's tables held on the primary, a secondary that does not come to
+// agree within shadow.settle is a mismatch. Re-reading alone cannot tell a
+// real difference from a row that went A -> B -> A between the reads; the
+// lock can.
+
+// shadowJob is one sampled read waiting for its shadow run.
+type shadowJob struct {
+	sql         string
+	fingerprint string
+	tables      []string
+	extended    bool
+	params      [][]byte
+	paramFmts   []int16
+	paramOIDs   []uint32
+	resultFmts  []int16
+	user, db    string
+	startup     map[string]string
+	gucs        [][2]string // the session's SET values (nil: none)
+	served      route.Store // the store whose reply the client got
+	shadowOn    route.Store
+	primary     route.Store
+	result      shadow.Result
+	desc        []shadow.Field // the statement's columns from an earlier Describe, if known
+	servedDur   time.Duration
+	aa          bool
+}
+
+// capture copies a served read's reply as it goes to the client.
+type capture struct {
+	res   shadow.Result
+	size  int
+	limit int
+	over  bool // bigger than the limit, or a partial (suspended) portal
+	cols  [][]byte
+}
+
+func (c *capture) reset() {
+	c.res, c.size, c.over = shadow.Result{}, 0, false
+}
+
+func (c *capture) add(typ byte, body []byte) {
+	if c.over {
+		return
+	}
+	switch typ {
+	case 'T':
+		fs, err := decodeRowDescription(body)
+		if err != nil {
+			c.over = true
+			return
+		}
+		c.res.Fields = shadowFields(fs)
+	case 'D':
+		cols, err := splitDataRow(body, c.cols)
+		if err != nil {
+			c.over = true
+			return
+		}
+		c.cols = cols
+		row := make([][]byte, len(cols))
+		for i, v := range cols {
+			if v != nil {
+				row[i] = append([]byte{}, v...)
+				c.size += len(v)
+			}
+		}
+		c.size += 8 * len(cols)
+		c.res.Rows = append(c.res.Rows, row)
+		if c.size > c.limit {
+			c.over = true
+			c.res.Rows = nil
+		}
+	case 'E':
+		c.res.ErrCode, c.res.ErrMsg = errorFields(body)
+	case 's':
+		c.over = true // a portal run with a row limit: only part of the result
+	}
+}
+
+// shadowFields reads each field's type and format from its raw bytes.
+func shadowFields(fs []field) []shadow.Field {
+	out := make([]shadow.Field, len(fs))
+	for i, f := range fs {
+		out[i].Name = f.name
+		// name\0, table oid int32, attnum int16, type oid int32, typlen
+		// int16, typmod int32, format int16.
+		rest := f.raw[len(f.name)+1:]
+		if len(rest) >= 18 {
+			out[i].OID = binary.BigEndian.Uint32(rest[6:10])
+			out[i].Format = int16(binary.BigEndian.Uint16(rest[16:18]))
+		}
+	}
+	return out
+}
+
+// shadowSample decides whether the read in un is shadowed and, if so,
+// prepares its job and starts capturing its reply. It returns nil when it
+// is not: not sampled, not one statement, or known to be incomparable.
+func (rs *routedSession) shadowSample(un *unit, tables []string) *shadowJob {
+	sh := rs.srv.shadow
+	st := rs.state
+	if sh == nil || st.Shadow <= 0 || rand.IntN(100) >= st.Shadow {
+		return nil
+	}
+	j := &shadowJob{tables: tables, user: rs.ss.user, db: rs.ss.database, startup: rs.ss.params,
+		primary: st.Primary, aa: sh.aa}
+	executes := 0
+	local := map[string]parseMsg{}
+	for _, m := range un.msgs {
+		switch m.typ {
+		case 'Q':
+			sql := strings.TrimSuffix(string(m.body), "\x00")
+			p := rs.srv.classifier.Plan(sql)
+			if p.Err != nil || len(p.Stmts) != 1 {
+				return nil
+			}
+			j.sql, j.fingerprint = p.Stmts[0].SQL, p.Stmts[0].Fingerprint
+			executes++
+		case 'P':
+			if p, err := decodeParse(m.body); err == nil {
+				local[p.name] = p
+			}
+		case 'B':
+			b, err := decodeBind(m.body)
+			if err != nil {
+				return nil
+			}
+			var sql string
+			var oids, inferred []uint32
+			if p, ok := local[b.stmt]; ok {
+				sql, oids = p.sql, p.oids
+			} else if si := rs.stmts[b.stmt]; si != nil {
+				sql, oids, inferred, j.desc = si.sql, si.oids, si.paramDesc, si.desc
+			} else {
+				return nil
+			}
+			p := rs.srv.classifier.Plan(sql)
+			if p.Err != nil || len(p.Stmts) != 1 {
+				return nil
+			}
+			j.extended, j.sql, j.fingerprint = true, sql, p.Stmts[0].Fingerprint
+			j.params = b.params
+			j.paramFmts = int16s(b.paramFormats)
+			j.resultFmts = int16s(b.resultFormats)
+			// The parameters' types, as the client named them or else as the
+			// store inferred them: binary parameters must be read as the
+			// same type on the other store, whatever its columns' types.
+			j.paramOIDs = make([]uint32, len(b.params))
+			copy(j.paramOIDs, oids)
+			for i := range j.paramOIDs {
+				if j.paramOIDs[i] == 0 && i < len(inferred) {
+					j.paramOIDs[i] = inferred[i]
+				}
+			}
+		case 'E':
+			r := msgReader{b: m.body}
+			r.cstring()
+			if r.int32() != 0 {
+				return nil // a row limit: the result comes in parts
+			}
+			executes++
+		case 'F':
+			return nil
+		}
+	}
+	if executes != 1 || j.sql == "" {
+		return nil
+	}
+	if ms := rs.srv.mappings.Load(); ms != nil {
+		for _, t := range tables {
+			if ms.ForOld(writtenName(t)) == nil {
+				sh.count(j.fingerprint, metrics.ShadowSkipped, "outside_scope")
+				return nil
+			}
+		}
+	}
+	if rs.srv.driftBlocks(tables) {
+		sh.count(j.fingerprint, metrics.ShadowSkipped, "open_drift")
+		return nil
+	}
+	if rs.gucDirty {
+		rs.gucDirty = false
+		rs.gucs = rs.sessionSettings()
+	}
+	j.gucs = rs.gucs
+	rs.capture = &capture{limit: sh.maxResult}
+	return j
+}
+
+func int16s(v []int) []int16 {
+	out := make([]int16, len(v))
+	for i, x := range v {
+		out[i] = int16(x)
+	}
+	return out
+}
+
+// sessionSettings reads the session's own SET values from its home store,
+// for the shadow connections to copy. On failure the session runs
+// unshadowed settings (nil).
+func (rs *routedSession) sessionSettings() [][2]string {
+	src := rs.home
+	if src == nil || src.up == nil || src.dead != nil || rs.txState != 'I' {
+		return nil
+	}
+	rows, err := rs.internalQuery(src, "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name NOT IN ('session_replication_role', 'transaction_isolation', 'transaction_read_only', 'transaction_deferrable', 'application_name')", time.Time{})
+	if err != nil {
+		return nil
+	}
+	var out [][2]string
+	for _, r := range rows {
+		if len(r) == 2 && r[0] != nil && r[1] != nil {
+			out = append(out, [2]string{*r[0], *r[1]})
+		}
+	}
+	return out
+}
+
+// shadowDone hands the captured read to the shadow workers.
+func (rs *routedSession) shadowDone(j *shadowJob, start time.Time) {
+	c := rs.capture
+	rs.capture = nil
+	sh := rs.srv.shadow
+	if c == nil || sh == nil {
+		return
+	}
+	if c.over {
+		sh.count(j.fingerprint, metrics.ShadowSkipped, "result_too_large")
+		return
+	}
+	if rs.servedBy == "" {
+		return
+	}
+	j.served = rs.servedBy
+	j.shadowOn = otherStore(j.served)
+	if j.aa {
+		j.shadowOn = j.served
+	}
+	j.result = c.res
+	if j.extended {
+		// A Bind/Execute unit carries no RowDescription when the
+		// statement was described before; a statement Describe reports
+		// text formats: the Bind's result formats are the truth.
+		if j.result.Fields == nil && j.desc != nil {
+			j.result.Fields = append([]shadow.Field(nil), j.desc...)
+		}
+		for i := range j.result.Fields {
+			j.result.Fields[i].Format = formatOf(j.resultFmts, i)
+		}
+	}
+	j.servedDur = time.Since(start)
+	select {
+	case sh.queue <- j:
+	default:
+		sh.count(j.fingerprint, metrics.ShadowDropped, "")
+	}
+}
+
+func otherStore(s route.Store) route.Store {
+	if s == route.New {
+		return route.Old
+	}
+	return route.New
+}
+
+// shadower runs the shadow workers.
+type shadower struct {
+	srv       *Server
+	aa        bool
+	maxResult int
+	timeout   time.Duration
+	settle    time.Duration
+	redact    bool
+	opts      shadow.Options
+	queue     chan *shadowJob
+	record    func(ctx context.Context, r mismatch.Record) error
+	confirms  *rate.Limiter // locked confirmations: they make writers wait
+
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	stopOnce sync.Once
+
+	mu       sync.Mutex
+	idle     map[shadowConnKey][]*shadowConn
+	counts   map[string]*mismatch.Counts // since the last TakeShadowCounts
+	recorded map[string]*recordBudget
+	fps      map[string]bool // fingerprints with their own metric series
+}
+
+type shadowConnKey struct {
+	store    string
+	user, db string
+}
+
+type shadowConn struct {
+	pc   *pgconn.PgConn
+	gucs string // the settings applied, as a key
+}
+
+// recordBudget caps stored mismatches per fingerprint per minute.
+type recordBudget struct {
+	minute time.Time
+	n      int
+}
+
+const (
+	recordsPerMinute = 20  // mismatch records stored per fingerprint per minute (all are counted)
+	metricFPs        = 500 // fingerprints with their own metric series; the rest are "other"
+)
+
+func newShadower(s *Server, record func(context.Context, mismatch.Record) error) *shadower {
+	c := s.cfg.Shadow
+	settle := c.Settle.Duration()
+	if settle <= 0 {
+		settle = s.cfg.Routing.MirrorBudget.Duration()
+	}
+	sh := &shadower{srv: s, aa: c.AA, maxResult: int(c.MaxResultBytes), timeout: c.Timeout.Duration(), settle: settle,
+		redact: c.RedactParams, opts: shadow.Options{FloatTolerance: c.FloatTolerance},
+		queue: make(chan *shadowJob, c.Queue), record: record, confirms: rate.NewLimiter(2, 4),
+		idle: map[shadowConnKey][]*shadowConn{}, counts: map[string]*mismatch.Counts{},
+		recorded: map[string]*recordBudget{}, fps: map[string]bool{}}
+	sh.ctx, sh.cancel = context.WithCancel(context.Background())
+	for range c.Workers {
+		sh.wg.Add(1)
+		go func() {
+			defer sh.wg.Done()
+			for {
+				select {
+				case <-sh.ctx.Done():
+					return
+				case j := <-sh.queue:
+					sh.process(j)
+				}
+			}
+		}()
+	}
+	return sh
+}
+
+// stop ends the workers and closes their connections.
+func (sh *shadower) stop() {
+	sh.stopOnce.Do(sh.stopNow)
+}
+
+func (sh *shadower) stopNow() {
+	sh.cancel()
+	sh.wg.Wait()
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	for k, cs := range sh.idle {
+		for _, c := range cs {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_ = c.pc.Close(ctx)
+			cancel()
+		}
+		delete(sh.idle, k)
+	}
+}
+
+// count records one outcome, in the metrics and in the counters flushed
+// to the control schema.
+func (sh *shadower) count(fp, outcome, reason string) {
+	sh.mu.Lock()
+	c := sh.counts[fp]
+	if c == nil {
+		c = &mismatch.Counts{}
+		sh.counts[fp] = c
+	}
+	switch outcome {
+	case metrics.ShadowMatched:
+		c.Matched++
+	case metrics.ShadowMismatched:
+		c.Mismatched++
+	case metrics.ShadowTransient:
+		c.Transient++
+	case metrics.ShadowDropped:
+		c.Dropped++
+	case metrics.ShadowSkipped:
+		c.Skipped++
+	}
+	mfp := fp
+	if !sh.fps[fp] {
+		if len(sh.fps) < metricFPs {
+			sh.fps[fp] = true
+		} else {
+			mfp = "other"
+		}
+	}
+	sh.mu.Unlock()
+	sh.srv.metrics.R().Shadow(sh.ctx, mfp, outcome, reason)
+}
+
+func (sh *shadower) latency(fp string, served, shadowDur time.Duration) {
+	sh.mu.Lock()
+	if c := sh.counts[fp]; c != nil {
+		c.ServedSeconds += served.Seconds()
+		c.ShadowSeconds += shadowDur.Seconds()
+	}
+	sh.mu.Unlock()
+}
+
+// TakeShadowCounts returns the shadow-read outcomes per fingerprint since
+// the last call, for the control plane to store.
+func (s *Server) TakeShadowCounts() map[string]mismatch.Counts {
+	sh := s.shadow
+	if sh == nil {
+		return nil
+	}
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	out := make(map[string]mismatch.Counts, len(sh.counts))
+	for fp, c := range sh.counts {
+		out[fp] = *c
+	}
+	clear(sh.counts)
+	return out
+}
+
+// errSkip is a shadow run that cannot be compared; its text is the reason.
+type errSkip string
+
+func (e errSkip) Error() string { return string(e) }
+
+// process runs one job to its outcome.
+func (sh *shadower) process(j *shadowJob) {
+	if k := sh.srv.knobs.BeforeShadow; k != nil {
+		k()
+	}
+	shape := classify.ShapeOf(j.sql)
+	if !shape.Comparable {
+		sh.count(j.fingerprint, metrics.ShadowSkipped, skipReason(shape.Reason))
+		return
+	}
+	sshape := shadow.Shape{Ordered: shape.Ordered, Limited: shape.Limited, Offset: shape.Offset}
+	for _, k := range shape.SortKeys {
+		sshape.SortKeys = append(sshape.SortKeys, shadow.SortKey{Name: k.Name, Pos: k.Pos})
+	}
+	if j.result.Fields == nil && j.result.ErrCode == "" {
+		// Columns never described in this session (prepared before it left
+		// the byte relay): ask the store that served it.
+		fs, err := sh.describe(j)
+		if err != nil {
+			sh.skip(j, err)
+			return
+		}
+		j.result.Fields = fs
+	}
+	other, dur, err := sh.run(j, j.shadowOn)
+	if err != nil {
+		sh.skip(j, err)
+		return
+	}
+	m := sh.srv.metrics.R()
+	m.ShadowLatency(sh.ctx, string(j.served), "served", j.servedDur)
+	m.ShadowLatency(sh.ctx, string(j.shadowOn), "shadow", dur)
+	if shadow.Compare(j.result, other, sshape, sh.opts) == nil {
+		sh.count(j.fingerprint, metrics.ShadowMatched, "")
+		sh.latency(j.fingerprint, j.servedDur, dur)
+		return
+	}
+	sh.latency(j.fingerprint, j.servedDur, dur)
+
+	// A difference. First re-read both stores at once: a race with a
+	// write that has since landed on both ends here.
+	prim, sec := j.primary, otherStore(j.primary)
+	if j.aa {
+		prim, sec = j.served, j.served
+	}
+	var p1, s1 shadow.Result
+	var perr, serr error
+	var wg sync.WaitGroup
+	wg.Go(func() { p1, _, perr = sh.run(j, prim) })
+	wg.Go(func() { s1, _, serr = sh.run(j, sec) })
+	wg.Wait()
+	if err := errors.Join(perr, serr); err != nil {
+		sh.skip(j, err)
+		return
+	}
+	if a, b := sh.orient(j, prim, p1, s1); shadow.Compare(a, b, sshape, sh.opts) == nil {
+		sh.count(j.fingerprint, metrics.ShadowTransient, "")
+		return
+	}
+	// Still different: confirm with the writes to its tables held.
+	if !sh.confirms.Allow() {
+		sh.count(j.fingerprint, metrics.ShadowSkipped, "unconfirmed")
+		return
+	}
+	d, err := sh.confirm(j, prim, sec, sshape)
+	switch {
+	case err != nil:
+		sh.skip(j, err)
+	case d == nil:
+		sh.count(j.fingerprint, metrics.ShadowTransient, "")
+	default:
+		sh.count(j.fingerprint, metrics.ShadowMismatched, "")
+		sh.srv.log.Warn("shadow read mismatch", "fingerprint", j.fingerprint, "served_by", j.served, "shadow_on", j.shadowOn,
+			"kind", d.Kind, "summary", d.Summary)
+		sh.store(j, d)
+	}
+}
+
+// orient returns the primary's and the secondary's results as (served,
+// shadow), the way the client's read saw them.
+func (sh *shadower) orient(j *shadowJob, prim route.Store, p, s shadow.Result) (shadow.Result, shadow.Result) {
+	if j.served == prim {
+		return p, s
+	}
+	return s, p
+}
+
+// confirm decides whether a difference is real. In a transaction on the
+// primary it takes SHARE locks on the read's tables: in-flight writes end
+// (their mirror on the secondary follows within the mirror budget) and new
+// ones wait. It reads the primary, then reads the secondary until it
+// agrees or shadow.settle has passed. A secondary that still differs from
+// a primary nobody can write to is a mismatch. Writers wait at most
+// lock_timeout plus settle, and confirmations are rate-limited.
+func (sh *shadower) confirm(j *shadowJob, prim, sec route.Store, shape shadow.Shape) (*shadow.Diff, error) {
+	sql, err := sh.sqlFor(j, prim)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(sh.ctx, sh.timeout+sh.settle)
+	defer cancel()
+	c, key, err := sh.conn(ctx, prim, j)
+	if err != nil {
+		return nil, err
+	}
+	defer sh.put(key, c)
+	lock := "BEGIN; SET LOCAL lock_timeout = '200ms'; LOCK TABLE " + strings.Join(sh.lockNames(j, prim), ", ") + " IN SHARE MODE"
+	if _, err := c.pc.Exec(ctx, lock).ReadAll(); err != nil {
+		_, _ = c.pc.Exec(ctx, "ROLLBACK").ReadAll()
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) {
+			return nil, errSkip("cannot hold writes for the confirmation: " + pe.Code)
+		}
+		return nil, err
+	}
+	defer func() { _, _ = c.pc.Exec(context.WithoutCancel(ctx), "ROLLBACK").ReadAll() }()
+	p, err := sh.exec(ctx, c.pc, sql, j)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(sh.settle)
+	for {
+		s, _, err := sh.run(j, sec)
+		if err != nil {
+			return nil, err
+		}
+		served, shadowRes := sh.orient(j, prim, p, s)
+		d := shadow.Compare(served, shadowRes, shape, sh.opts)
+		if d == nil || time.Now().After(deadline) {
+			return d, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// lockNames are the tables j reads, quoted, as named on store st.
+func (sh *shadower) lockNames(j *shadowJob, st route.Store) []string {
+	ms := sh.srv.mappings.Load()
+	var out []string
+	seen := map[string]bool{}
+	for _, t := range j.tables {
+		n := writtenName(t)
+		if ms != nil {
+			if m := ms.ForOld(n); m != nil {
+				n = m.Old.Name
+				if st == route.New {
+					n = m.New.Name
+				}
+			}
+		}
+		q := pgx.Identifier{n.Schema, n.Table}.Sanitize()
+		if !seen[q] {
+			seen[q] = true
+			out = append(out, q)
+		}
+	}
+	return out
+}
+
+// skipReason turns a ReadShape reason into a metric label: its words up
+// to the first detail ("volatile function random()" -> "volatile_function").
+func skipReason(reason string) string {
+	words := strings.Fields(reason)
+	if len(words) > 2 {
+		words = words[:2]
+	}
+	return strings.ToLower(strings.Join(words, "_"))
+}
+
+func (sh *shadower) skip(j *shadowJob, err error) {
+	var sk errSkip
+	if errors.As(err, &sk) {
+		sh.count(j.fingerprint, metrics.ShadowSkipped, skipReason(string(sk)))
+		return
+	}
+	if sh.ctx.Err() != nil {
+		return
+	}
+	sh.srv.log.Debug("shadow read could not run", "fingerprint", j.fingerprint, "error", err)
+	sh.count(j.fingerprint, metrics.ShadowSkipped, "store_error")
+}
+
+// store records a confirmed mismatch, within the per-fingerprint budget.
+func (sh *shadower) store(j *shadowJob, d *shadow.Diff) {
+	if sh.record == nil {
+		return
+	}
+	now := time.Now()
+	sh.mu.Lock()
+	b := sh.recorded[j.fingerprint]
+	if b == nil || now.Sub(b.minute) >= time.Minute {
+		b = &recordBudget{minute: now}
+		sh.recorded[j.fingerprint] = b
+	}
+	b.n++
+	over := b.n > recordsPerMinute
+	sh.mu.Unlock()
+	if over {
+		return
+	}
+	diff, err := json.Marshal(d)
+	if err != nil {
+		return
+	}
+	rec := mismatch.Record{Fingerprint: j.fingerprint, Statement: j.sql, ServedBy: string(j.served),
+		ShadowOn: string(j.shadowOn), AA: j.aa, Kind: d.Kind, Summary: d.Summary, Diff: diff}
+	if !sh.redact && j.params != nil {
+		rec.Params = make([]*string, len(j.params))
+		for i, p := range j.params {
+			if p == nil {
+				continue
+			}
+			v := string(p)
+			if formatOf(j.paramFmts, i) == 1 {
+				// Binary: readable when the type is known, hex otherwise.
+				v = shadow.Canonical(j.paramOIDs[i], 1, p)
+			}
+			rec.Params[i] = &v
+		}
+	}
+	ctx, cancel := context.WithTimeout(sh.ctx, 5*time.Second)
+	defer cancel()
+	if err := sh.record(ctx, rec); err != nil {
+		sh.srv.log.Warn("could not store a shadow mismatch", "fingerprint", j.fingerprint, "error", err)
+	}
+}
+
+func formatOf(fmts []int16, i int) int16 {
+	switch {
+	case len(fmts) == 0:
+		return 0
+	case len(fmts) == 1:
+		return fmts[0]
+	case i < len(fmts):
+		return fmts[i]
+	}
+	return 0
+}
+
+// sqlFor is j's statement as it runs on st: the client's text on old, the
+// text rewritten through the table mappings on new.
+func (sh *shadower) sqlFor(j *shadowJob, st route.Store) (string, error) {
+	if st != route.New {
+		return j.sql, nil
+	}
+	ms := sh.srv.mappings.Load()
+	if ms == nil {
+		return j.sql, nil
+	}
+	r, ok, reason := ms.RewriteRead(j.sql)
+	if !ok {
+		return "", errSkip("not rewritable for new: " + reason)
+	}
+	return r, nil
+}
+
+// run executes j's statement on store st and returns its result.
+func (sh *shadower) run(j *shadowJob, st route.Store) (shadow.Result, time.Duration, error) {
+	sql, err := sh.sqlFor(j, st)
+	if err != nil {
+		return shadow.Result{}, 0, err
+	}
+	ctx, cancel := context.WithTimeout(sh.ctx, sh.timeout)
+	defer cancel()
+	c, key, err := sh.conn(ctx, st, j)
+	if err != nil {
+		return shadow.Result{}, 0, err
+	}
+	start := time.Now()
+	res, err := sh.exec(ctx, c.pc, sql, j)
+	dur := time.Since(start)
+	sh.put(key, c)
+	return res, dur, err
+}
+
+// describe returns the result columns of j's statement on the store that
+// served it, with the client's result formats.
+func (sh *shadower) describe(j *shadowJob) ([]shadow.Field, error) {
+	sql, err := sh.sqlFor(j, j.served)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(sh.ctx, sh.timeout)
+	defer cancel()
+	c, key, err := sh.conn(ctx, j.served, j)
+	if err != nil {
+		return nil, err
+	}
+	sd, err := c.pc.Prepare(ctx, "", sql, j.paramOIDs)
+	sh.put(key, c)
+	if err != nil {
+		return nil, fmt.Errorf("describing the statement: %w", err)
+	}
+	fs := make([]shadow.Field, len(sd.Fields))
+	for i, f := range sd.Fields {
+		fs[i] = shadow.Field{Name: f.Name, OID: f.DataTypeOID, Format: formatOf(j.resultFmts, i)}
+	}
+	return fs, nil
+}
+
+// exec runs sql on pc the way the client ran it: the simple protocol for a
+// Query, Parse/Bind/Execute with the client's parameters and formats
+// otherwise. Only the first result is kept.
+func (sh *shadower) exec(ctx context.Context, pc *pgconn.PgConn, sql string, j *shadowJob) (shadow.Result, error) {
+	var res shadow.Result
+	limit := 2 * sh.maxResult
+	size := 0
+	read := func(rr *pgconn.ResultReader) error {
+		for _, fd := range rr.FieldDescriptions() {
+			res.Fields = append(res.Fields, shadow.Field{Name: fd.Name, OID: fd.DataTypeOID, Format: fd.Format})
+		}
+		for rr.NextRow() {
+			vals := rr.Values()
+			row := make([][]byte, len(vals))
+			for i, v := range vals {
+				if v != nil {
+					row[i] = append([]byte{}, v...)
+					size += len(v)
+				}
+			}
+			size += 8 * len(vals)
+			if size > limit {
+				_, _ = rr.Close()
+				return errSkip("shadow result too large")
+			}
+			res.Rows = append(res.Rows, row)
+		}
+		_, err := rr.Close()
+		return err
+	}
+	var err error
+	if j.extended {
+		err = read(pc.ExecParams(ctx, sql, j.params, j.paramOIDs, j.paramFmts, j.resultFmts))
+	} else {
+		mrr := pc.Exec(ctx, sql)
+		first := true
+		for mrr.NextResult() {
+			if first {
+				if e := read(mrr.ResultReader()); e != nil && err == nil {
+					err = e
+				}
+				first = false
+			} else {
+				_, _ = mrr.ResultReader().Close()
+			}
+		}
+		if e := mrr.Close(); e != nil && err == nil {
+			err = e
+		}
+	}
+	var pe *pgconn.PgError
+	var sk errSkip
+	switch {
+	case err == nil:
+		return res, nil
+	case errors.As(err, &sk):
+		return res, err
+	case errors.As(err, &pe):
+		res.ErrCode, res.ErrMsg = pe.Code, pe.Message
+		return res, nil
+	}
+	return res, err
+}
+
+// conn returns an idle connection to st for j's user and database, with
+// j's settings applied, or opens one.
+func (sh *shadower) conn(ctx context.Context, name route.Store, j *shadowJob) (*shadowConn, shadowConnKey, error) {
+	key := shadowConnKey{store: string(name), user: j.user, db: j.db}
+	gk := gucKey(j.gucs)
+	sh.mu.Lock()
+	var c *shadowConn
+	if cs := sh.idle[key]; len(cs) > 0 {
+		c = cs[len(cs)-1]
+		sh.idle[key] = cs[:len(cs)-1]
+	}
+	sh.mu.Unlock()
+	if c == nil {
+		st := sh.srv.old
+		if name == route.New {
+			st = sh.srv.new
+		}
+		if st == nil {
+			return nil, key, errSkip("no " + string(name) + " store")
+		}
+		pc, err := pgconn.ConnectConfig(ctx, shadowConfig(st, j))
+		if err != nil {
+			return nil, key, fmt.Errorf("connecting to the %s store: %w", name, err)
+		}
+		c = &shadowConn{pc: pc}
+	}
+	if c.gucs != gk {
+		var b strings.Builder
+		b.WriteString("RESET ALL")
+		for _, g := range j.gucs {
+			fmt.Fprintf(&b, "; SELECT pg_catalog.set_config(%s, %s, false)", quoteLiteral(g[0]), quoteLiteral(g[1]))
+		}
+		if _, err := c.pc.Exec(ctx, b.String()).ReadAll(); err != nil {
+			_ = c.pc.Close(context.Background())
+			return nil, key, fmt.Errorf("applying the session's settings: %w", err)
+		}
+		c.gucs = gk
+	}
+	return c, key, nil
+}
+
+func gucKey(g [][2]string) string {
+	var b strings.Builder
+	for _, kv := range g {
+		b.WriteString(kv[0])
+		b.WriteByte(0)
+		b.WriteString(kv[1])
+		b.WriteByte(0)
+	}
+	return b.String()
+}
+
+// put returns c to the idle list, or closes it if it is broken or the
+// list is full.
+func (sh *shadower) put(key shadowConnKey, c *shadowConn) {
+	if c.pc.IsClosed() || c.pc.TxStatus() != 'I' {
+		_ = c.pc.Close(context.Background())
+		return
+	}
+	sh.mu.Lock()
+	if sh.ctx.Err() == nil && len(sh.idle[key]) < cap(sh.queue) && len(sh.idle[key]) < 2*sh.srv.cfg.Shadow.Workers {
+		sh.idle[key] = append(sh.idle[key], c)
+		c = nil
+	}
+	sh.mu.Unlock()
+	if c != nil {
+		_ = c.pc.Close(context.Background())
+	}
+}
+
+// shadowConfig is st's connection config for the session's user and
+// database, as store.connect would open it.
+func shadowConfig(st *store, j *shadowJob) *pgconn.Config {
+	cfg := st.cfg.Copy()
+	user, db := j.user, j.db
+	if user == "" {
+		user = cfg.User
+	}
+	if user != cfg.User {
+		cfg.Password = ""
+	}
+	if db == "" {
+		db = cfg.Database
+	}
+	cfg.User, cfg.Database = user, db
+	if cfg.Password == "" && st.passfile != nil {
+		cfg.Password = st.passfile.FindPassword(cfg.Host, fmt.Sprint(cfg.Port), db, user)
+	}
+	rp := map[string]string{}
+	for k, v := range cfg.RuntimeParams {
+		rp[k] = v
+	}
+	for k, v := range j.startup {
+		switch k {
+		case "user", "database", "replication", "application_name":
+		default:
+			rp[k] = v
+		}
+	}
+	rp["application_name"] = "tandem shadow"
+	cfg.RuntimeParams = rp
+	cfg.OnNotice, cfg.OnNotification = nil, nil
+	return cfg
+}
