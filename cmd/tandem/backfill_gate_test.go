@@ -89,6 +89,7 @@ func TestBackfillGateAndAPI(t *testing.T) {
 		return strings.Contains(m, `tandem_backfill_rows_copied{`) && strings.Contains(m, `tandem_table="public.items"} 3000`) &&
 			strings.Contains(m, "tandem_backfill_paused") && strings.Contains(m, "tandem_backfill_chunks")
 	})
+	verifyAll(t, file) // the flip's verify gate
 	res := api.change("/api/v1/route", flip, "gate")
 	if res.State.Primary != route.New || len(res.Report.Forced) != 0 {
 		t.Fatalf("flip after the backfill: %+v", res)

@@ -16,6 +16,7 @@ import (
 	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"github.com/tandemdb/tandem/proxy"
@@ -89,7 +90,7 @@ func newRouting(cfg *config.Config, log *slog.Logger, observe func(context.Conte
 			FenceTimeout: cfg.Routing.FenceTimeout.Duration(),
 			Live:         3 * cfg.Routing.Poll.Duration(),
 			Logger:       log,
-			Gates:        []route.Gate{mappingGate(cfg), backfillGate(cfg)},
+			Gates:        []route.Gate{mappingGate(cfg), backfillGate(cfg), verifyGate(cfg), shadowGate(cfg)},
 			PrepareSequences: func(ctx context.Context, to route.Store) (func(context.Context) (route.SequenceSync, error), func(), error) {
 				return prepareSequences(ctx, cfg, to)
 			},
@@ -177,7 +178,9 @@ type controlPlane struct {
 	cc      *pgx.ConnConfig
 	pool    *pgxpool.Pool
 	initial route.State
-	drift   atomic.Int64 // open drift entries, as last read; -1 unknown
+	replica string        // this proxy's id in tandem.replicas and the shadow tables
+	srv     *proxy.Server // set by start
+	drift   atomic.Int64  // open drift entries, as last read; -1 unknown
 
 	mappings atomic.Pointer[table.Mappings] // as last loaded; the repairer copies through them
 
@@ -215,6 +218,9 @@ func openControl(cfg *config.Config, log *slog.Logger) (*controlPlane, error) {
 	if err := table.EnsureSchema(ctx, conn); err != nil {
 		return nil, fmt.Errorf("creating the drift ledger in %s: %w", where, err)
 	}
+	if err := mismatch.EnsureSchema(ctx, conn); err != nil {
+		return nil, fmt.Errorf("creating the shadow-read tables in %s: %w", where, err)
+	}
 	st, err := route.Load(ctx, conn)
 	if err != nil {
 		return nil, fmt.Errorf("reading the routing state from %s: %w", where, err)
@@ -229,7 +235,12 @@ func openControl(cfg *config.Config, log *slog.Logger) (*controlPlane, error) {
 	if err != nil {
 		return nil, err
 	}
-	cp := &controlPlane{cfg: cfg, log: log, cc: cc, pool: pool, initial: st, repairSlot: make(chan struct{}, 1)}
+	replica := cfg.Routing.ReplicaID
+	if replica == "" {
+		host, _ := os.Hostname()
+		replica = fmt.Sprintf("%s:%d", host, os.Getpid())
+	}
+	cp := &controlPlane{cfg: cfg, log: log, cc: cc, pool: pool, initial: st, replica: replica, repairSlot: make(chan struct{}, 1)}
 	cp.drift.Store(-1)
 	return cp, nil
 }
@@ -263,11 +274,8 @@ func (cp *controlPlane) start(srv *proxy.Server, pm *metrics.Proxy, bm *metrics.
 	ctx, cancel := context.WithCancel(context.Background())
 	cp.cancel = cancel
 	cp.g = &errgroup.Group{}
-	replica := cp.cfg.Routing.ReplicaID
-	if replica == "" {
-		host, _ := os.Hostname()
-		replica = fmt.Sprintf("%s:%d", host, os.Getpid())
-	}
+	replica := cp.replica
+	cp.srv = srv
 	joined := make(chan struct{})
 	f := &route.Follower{
 		Joined:  func() { close(joined) },
@@ -299,6 +307,10 @@ func (cp *controlPlane) start(srv *proxy.Server, pm *metrics.Proxy, bm *metrics.
 	cp.g.Go(func() error { cp.refreshDrift(ctx, srv, pm); return nil })
 	cp.g.Go(func() error { cp.repair(ctx, srv); return nil })
 	cp.g.Go(func() error { cp.refreshBackfill(ctx, bm); return nil })
+	cp.g.Go(func() error {
+		every(ctx, shadowFlush, func() { cp.flushShadow(ctx) })
+		return nil
+	})
 	cp.g.Go(func() error {
 		// Schemas change during a migration: reload the mappings now and then.
 		t := time.NewTicker(mappingRefresh)
@@ -332,8 +344,33 @@ func (cp *controlPlane) stop() {
 	if cp.cancel != nil {
 		cp.cancel()
 		_ = cp.g.Wait()
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		cp.flushShadow(ctx) // the last counts
+		cancel()
 	}
 	cp.pool.Close()
+}
+
+// shadowFlush is how often a proxy adds its shadow-read counts to
+// tandem.shadow_stats, where the write-flip gate reads them.
+const shadowFlush = 5 * time.Second
+
+// flushShadow stores the shadow-read counts gathered since the last call.
+func (cp *controlPlane) flushShadow(ctx context.Context) {
+	if cp.srv == nil {
+		return
+	}
+	counts := cp.srv.TakeShadowCounts()
+	if err := mismatch.FlushStats(ctx, cp.pool, cp.replica, time.Now(), counts); err != nil && ctx.Err() == nil {
+		cp.log.Warn("could not store the shadow-read counts; they are lost", "error", err)
+	}
+}
+
+// recordMismatch stores a confirmed shadow-read mismatch; the proxy's
+// shadow workers call it.
+func (cp *controlPlane) recordMismatch(ctx context.Context, r mismatch.Record) error {
+	r.Replica = cp.replica
+	return mismatch.Insert(ctx, cp.pool, r)
 }
 
 // every calls f now and then every d until ctx ends.

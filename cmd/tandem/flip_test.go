@@ -259,6 +259,7 @@ func TestFlipUnderLoad(t *testing.T) {
 	waitFor(t, func() bool { return load.acked() >= 200 })
 	// The playbook's backfill, under the load: the flip's gate waits for it.
 	backfillAll(t, file)
+	verifyAll(t, file) // and its verify gate, also under the load
 
 	before := load.acked()
 	flip := a.change("/api/v1/route", `{"primary": "new", "reads": 100, "reason": "cutover under load"}`, replicas...)
@@ -452,6 +453,7 @@ func TestDriftAfterFlipRepairedTowardsOld(t *testing.T) {
 	api.waitLive(1)
 	api.change("/api/v1/route", `{"mirror": true}`, "direction")
 	backfillAll(t, file)
+	verifyAll(t, file)
 	api.change("/api/v1/route", `{"primary": "new", "reads": 100}`, "direction")
 	ctx := context.Background()
 	app, err := pgx.Connect(ctx, fmt.Sprintf("postgres://postgres@%s/postgres?sslmode=disable", rp.Addr()))

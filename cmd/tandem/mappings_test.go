@@ -56,6 +56,7 @@ func TestMappingBlocksFlip(t *testing.T) {
         last_name: "split_part(full_name, ' ', 2)"
 `)
 	backfillAll(t, file) // the flip's backfill gate
+	verifyAll(t, file)   // and its verify gate
 	if out, errOut, err := cli("route", "set", "-c", file, "--primary", "new"); err != nil {
 		t.Fatalf("flip with the reverse declared: %v\n%s%s", err, out, errOut)
 	}

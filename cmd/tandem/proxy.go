@@ -102,11 +102,13 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	var cp *controlPlane
 	var rt *admin.Routing
 	var bf *admin.Backfill
+	var mm *admin.Mismatches
 	if cfg.New.DSN != "" {
 		if cp, err = openControl(cfg, log); err != nil {
 			return nil, err
 		}
 		opts.RecordDrift = cp.recordDrift
+		opts.RecordMismatch = cp.recordMismatch
 		rt, err = newRouting(cfg, log, func(ctx context.Context, rep route.Report) {
 			if rep.Flip && rep.Fence > 0 {
 				pm.R().Fence(ctx, rep.Fence)
@@ -117,6 +119,7 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 			return nil, err
 		}
 		bf = &admin.Backfill{Connect: rt.Connect}
+		mm = &admin.Mismatches{Connect: rt.Connect, Window: cfg.Gates.ShadowWindow.Duration()}
 	}
 	srv, err := proxy.New(cfg, opts)
 	if err != nil {
@@ -136,7 +139,7 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if cfg.New.DSN != "" {
 		checks = append(checks, ping("new"))
 	}
-	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: bf}), log)
+	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: bf, Mismatches: mm}), log)
 	if err != nil {
 		if cp != nil {
 			cp.stop()

@@ -129,6 +129,7 @@ func TestRouteCLI(t *testing.T) {
 		t.Fatalf("dual-write: %v\n%s", err, out)
 	}
 	backfillAll(t, file)
+	verifyAll(t, file)
 
 	// Open drift on a table the repairer cannot fix: the flip is refused.
 	ctx := context.Background()
