@@ -117,11 +117,19 @@ func got(s TableSummary) []string {
 // keys with their kinds, that --repair fixes them, and that a second
 // compare is clean. Small ranges and leaves make it bisect.
 func TestPlantedDifferences(t *testing.T) {
-	schema := `CREATE TABLE items (id bigint PRIMARY KEY, name text, price numeric(10,2), at timestamptz);`
-	fill := `INSERT INTO items SELECT g, 'n' || g, g * 1.5, '2024-01-01 00:00:00+00'::timestamptz + g * interval '1 minute' FROM generate_series(1, 5000) g;`
+	for _, textHash := range []bool{false, true} {
+		t.Run(fmt.Sprintf("text_hash=%v", textHash), func(t *testing.T) { testPlanted(t, &TestingKnobs{TextHash: textHash}) })
+	}
+}
+
+// testPlanted plants each kind of difference, with both row hashes (the
+// json column has no hash function: it is hashed as text).
+func testPlanted(t *testing.T, knobs *TestingKnobs) {
+	schema := `CREATE TABLE items (id bigint PRIMARY KEY, name text, price numeric(10,2), at timestamptz, doc json);`
+	fill := `INSERT INTO items SELECT g, 'n' || g, g * 1.5, '2024-01-01 00:00:00+00'::timestamptz + g * interval '1 minute', json_build_object('g', g) FROM generate_series(1, 5000) g;`
 	p := newPair(t, schema+fill, schema+fill)
 	m := p.mapping(nil, "items")
-	opts := Options{Batch: 700, Leaf: 16}
+	opts := Options{Batch: 700, Leaf: 16, Knobs: knobs}
 	s, err := Table(t.Context(), p.old, p.new, m, opts)
 	if err != nil || !s.Clean() || len(s.Diffs) != 0 || s.Rows != 5000 {
 		t.Fatalf("identical tables: %+v, %v", s, err)
@@ -129,26 +137,26 @@ func TestPlantedDifferences(t *testing.T) {
 	if s.Ranges != 8 {
 		t.Errorf("ranges = %d, want 8", s.Ranges)
 	}
-	p.exec(p.new, `UPDATE items SET name = 'changed' WHERE id = 2500;
+	p.exec(p.new, `UPDATE items SET name = 'changed' WHERE id = 2500; UPDATE items SET doc = '{"g": 0}' WHERE id = 2600;
 		DELETE FROM items WHERE id IN (1, 1400, 5000);
 		INSERT INTO items VALUES (0, 'extra', 1, now()), (9001, 'extra', 2, now())`)
 	s, err = Table(t.Context(), p.old, p.new, m, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"MissingOnNew 1", "MissingOnNew 1400", "MissingOnNew 5000", "MissingOnOld 0", "MissingOnOld 9001", "ValueDiff 2500"}
+	want := []string{"MissingOnNew 1", "MissingOnNew 1400", "MissingOnNew 5000", "MissingOnOld 0", "MissingOnOld 9001", "ValueDiff 2500", "ValueDiff 2600"}
 	if g := got(s); !slices.Equal(g, want) {
 		t.Fatalf("differences = %q, want %q", g, want)
 	}
-	if s.Counts[MissingOnNew] != 3 || s.Counts[MissingOnOld] != 2 || s.Counts[ValueDiff] != 1 || s.Clean() {
+	if s.Counts[MissingOnNew] != 3 || s.Counts[MissingOnOld] != 2 || s.Counts[ValueDiff] != 2 || s.Clean() {
 		t.Errorf("summary = %+v", s)
 	}
 	opts.Repair = true
 	s, err = Table(t.Context(), p.old, p.new, m, opts)
-	if err != nil || s.Repaired != 6 || !s.Clean() {
+	if err != nil || s.Repaired != 7 || !s.Clean() {
 		t.Fatalf("repair: %+v, %v", s, err)
 	}
-	s, err = Table(t.Context(), p.old, p.new, m, Options{})
+	s, err = Table(t.Context(), p.old, p.new, m, Options{Knobs: knobs})
 	if err != nil || len(s.Diffs) != 0 || !s.Clean() {
 		t.Fatalf("after repair: %+v, %v", s, err)
 	}

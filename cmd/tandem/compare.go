@@ -96,7 +96,7 @@ func newCompareCmd() *cobra.Command {
 	repair := fs.Bool("repair", false, "copy each confirmed difference from old to new with the locked-copy unit")
 	asJSON := fs.Bool("json", false, "print the summaries as JSON")
 	batch := fs.Int("batch", 10000, "old rows per hashed key range")
-	leaf := fs.Int("leaf", 64, "bisect a differing range until it holds at most this many rows, then diff its rows")
+	leaf := fs.Int("leaf", 1024, "bisect a differing range until it holds at most this many rows, then diff its rows")
 	rateFlag := fs.Float64("rate", 0, "at most this many rows per second hashed, across every table (0 = unlimited)")
 	resume := fs.Bool("since-checkpoint", false, "continue each table's latest unfinished run from its checkpoint instead of starting again")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {

@@ -189,3 +189,14 @@ func TestExprColumns(t *testing.T) {
 		}
 	}
 }
+
+func TestHashable(t *testing.T) {
+	for typ, want := range map[string]bool{
+		"integer": true, "numeric(12,2)": true, "character varying(20)": true, "timestamp(3) with time zone": true,
+		"text[]": true, "jsonb": true, "json": false, "xml": false, "point": false, "mood": false, "numeric(10,2)[]": true,
+	} {
+		if got := hashable(typ); got != want {
+			t.Errorf("hashable(%q) = %v, want %v", typ, got, want)
+		}
+	}
+}
