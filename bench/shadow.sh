@@ -19,6 +19,7 @@ PROTOCOLS=extended,simple
 CLIENTS=8
 DURATION=15
 ROUNDS=2
+RATE=0
 BUILD=1
 OUTDIR=
 TANDEM_BIN=${TANDEM_BIN:-$REPO/bin/tandem}
@@ -40,6 +41,8 @@ Options:
   -c N         clients                            (default $CLIENTS)
   -T SECONDS   duration of each run               (default $DURATION)
   -r ROUNDS    rounds per protocol                (default $ROUNDS)
+  -R TPS       pgbench --rate: a fixed load below saturation, where latency shows what the
+               client waits for rather than who gets the CPU (default 0: as fast as it goes)
   --no-build   use \$TANDEM_BIN as it is (default: go build -o bin/tandem ./cmd/tandem)
   -o DIR       output directory (default bench/results/<timestamp>/)
   -h           this help
@@ -57,6 +60,7 @@ while [[ $# -gt 0 ]]; do
     -c) need "$@"; CLIENTS=$2; shift 2 ;;
     -T) need "$@"; DURATION=$2; shift 2 ;;
     -r) need "$@"; ROUNDS=$2; shift 2 ;;
+    -R) need "$@"; RATE=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     -o) need "$@"; OUTDIR=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
@@ -66,6 +70,9 @@ done
 for v in SCALE CLIENTS DURATION ROUNDS; do
   [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -ge 1 ]] || die "bad value for $v: '${!v}'"
 done
+[[ "$RATE" =~ ^[0-9]+$ ]] || die "bad -R '$RATE'"
+RATE_ARGS=()
+[[ $RATE -eq 0 ]] || RATE_ARGS=(-R "$RATE")
 IFS=, read -r -a PROTO_LIST <<<"$PROTOCOLS"
 for m in "${PROTO_LIST[@]}"; do [[ "$m" =~ ^(simple|extended|prepared)$ ]] || die "bad protocol '$m'"; done
 
@@ -159,7 +166,7 @@ percentiles() { # p50,p99 in ms of pgbench --log files PREFIX.*
 run() { # NAME PORT PROTO: sets tps p50 p99
   local name=$1 port=$2 proto=$3 lf="$OUTDIR/logs/shadow-$1.log" prefix="$OUTDIR/logs/tx-$1" pct
   rm -f "$prefix".*
-  "$PGBENCH" -n -S -c "$CLIENTS" -j "$JOBS" -T "$DURATION" -M "$proto" --log --log-prefix="$prefix" \
+  "$PGBENCH" -n -S -c "$CLIENTS" -j "$JOBS" -T "$DURATION" -M "$proto" "${RATE_ARGS[@]}" --log --log-prefix="$prefix" \
     -h 127.0.0.1 -p "$port" -U postgres "$DBNAME" >"$lf" 2>&1 || die "pgbench $name failed: $(tail -n 3 "$lf")"
   tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$lf" | tail -n1)
   pct=$(percentiles "$prefix")
@@ -188,7 +195,7 @@ sleep 6 # the proxy stores its shadow counts every 5 s
 curl -fsS "http://127.0.0.1:$A_PORT/api/v1/mismatches?window=24h" >"$OUTDIR/shadow-mismatches.json" || die "GET /api/v1/mismatches failed"
 
 {
-  echo "### Shadow reads: pgbench -S, $CLIENTS clients, ${DURATION}s runs, $ROUNDS round(s), scale $SCALE"
+  echo "### Shadow reads: pgbench -S, $CLIENTS clients$([[ $RATE -eq 0 ]] || echo ", --rate $RATE tps"), ${DURATION}s runs, $ROUNDS round(s), scale $SCALE"
   echo ""
   echo "Medians over the rounds. Tandem runs are in dual-write (mirror on); shadow=100% runs every read"
   echo "again on the new store, off the client's path, and compares. Same 2-core machine for everything."

@@ -128,10 +128,11 @@ count() { # $1: port; checks the count
   local n; n=$(q "$1" -Atc "select count(*) from $TABLE")
   [[ "$n" == "$ROWS" ]] || die "count(*) on :$1 is $n, want $ROWS"
 }
-# compare_run OUT WANT: tandem compare --json into OUT, expecting WANT differences.
+# compare_run OUT WANT [FLAGS...]: tandem compare --json into OUT, expecting WANT differences.
 compare_run() {
   local out=$1 want=$2 rc=0
-  "$TANDEM_BIN" compare -c "$CFG" --table "$TABLE" --batch "$BATCH" --json >"$out" 2>"$out.err" || rc=$?
+  shift 2
+  "$TANDEM_BIN" compare -c "$CFG" --table "$TABLE" --batch "$BATCH" --json "$@" >"$out" 2>"$out.err" || rc=$?
   local got; got=$(grep -c '"kind"' "$out" || true)
   if [[ "$got" != "$want" ]] || { [[ $want -eq 0 && $rc -ne 0 ]] || [[ $want -gt 0 && $rc -ne 1 ]]; }; then
     tail -n 20 "$out.err" >&2; head -c 2000 "$out" >&2
@@ -145,9 +146,16 @@ t0=$(now); count "$OLD_PORT"; count "$NEW_PORT"; T_COUNT=$(since "$t0")
 log "(a) count(*), concurrent"
 t0=$(now); count "$OLD_PORT" & p1=$!; count "$NEW_PORT" & p2=$!; wait "$p1"; wait "$p2"; T_COUNTC=$(since "$t0")
 
+log "(a) a full scan that reads every row (count of its last column), concurrent"
+fullscan() { q "$1" -Atc "select count(updated_at) from $TABLE" >/dev/null; }
+t0=$(now); fullscan "$OLD_PORT" & p1=$!; fullscan "$NEW_PORT" & p2=$!; wait "$p1"; wait "$p2"; T_SCAN=$(since "$t0")
+
 log "(b) tandem compare --batch $BATCH (clean)"
 settle
 t0=$(now); compare_run "$WORK/clean.json" 0; T_CMP=$(since "$t0")
+log "(b) tandem compare --batch $BATCH --ranges-only (clean: the key-range walk alone)"
+settle
+t0=$(now); compare_run "$WORK/clean-ranges.json" 0 --ranges-only; T_CMPR=$(since "$t0")
 
 log "(c) naivecompare"
 settle
@@ -164,7 +172,7 @@ q "$NEW_PORT" -c "update $TABLE set note = 'planted' where id in (select k * $ST
 settle
 t0=$(now); compare_run "$WORK/planted.json" 100; T_PLANT=$(since "$t0")
 
-R_COUNT=$(rate "$T_COUNT"); R_COUNTC=$(rate "$T_COUNTC"); R_CMP=$(rate "$T_CMP"); R_NAIVE=$(rate "$T_NAIVE"); R_PLANT=$(rate "$T_PLANT")
+R_SCAN=$(rate "$T_SCAN"); R_CMPR=$(rate "$T_CMPR"); R_COUNT=$(rate "$T_COUNT"); R_COUNTC=$(rate "$T_COUNTC"); R_CMP=$(rate "$T_CMP"); R_NAIVE=$(rate "$T_NAIVE"); R_PLANT=$(rate "$T_PLANT")
 cat <<REPORT
 ## Verify benchmark: $ROWS rows ($((BYTES / 1048576)) MB heap) in each of old :$OLD_PORT and new :$NEW_PORT
 
@@ -174,12 +182,15 @@ rows/s counts each row once (a verify reads it on both stores).
 |---|---:|---:|
 | count(*) old, then new | $(printf %.2f "$T_COUNT") | $R_COUNT |
 | count(*) old and new at once | $(printf %.2f "$T_COUNTC") | $R_COUNTC |
-| tandem compare (clean, --batch $BATCH) | $(printf %.2f "$T_CMP") | $R_CMP |
+| full scan reading every row (count(updated_at)), old and new at once | $(printf %.2f "$T_SCAN") | $R_SCAN |
+| tandem compare (clean: whole-table pass) | $(printf %.2f "$T_CMP") | $R_CMP |
+| tandem compare --ranges-only (clean: key-range walk, --batch $BATCH) | $(printf %.2f "$T_CMPR") | $R_CMPR |
 | naivecompare (stream both, compare in Go) | $(printf %.2f "$T_NAIVE") | $R_NAIVE |
 | tandem compare (100 planted differences) | $(printf %.2f "$T_PLANT") | $R_PLANT |
 
 compare/count(*) sequential: $(ratio "$T_CMP" "$T_COUNT") the time  
 compare/count(*) concurrent: $(ratio "$T_CMP" "$T_COUNTC") the time  
+compare/full scan: $(ratio "$T_CMP" "$T_SCAN") the time; ranges-only/full scan: $(ratio "$T_CMPR" "$T_SCAN")  
 compare/naive: $(ratio "$T_CMP" "$T_NAIVE") the time ($(ratio "$R_CMP" "$R_NAIVE") the rows/s)  
 planted/clean compare: $(ratio "$T_PLANT" "$T_CMP") the time
 REPORT

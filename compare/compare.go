@@ -18,11 +18,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"golang.org/x/sync/errgroup"
 	"log/slog"
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -57,6 +57,14 @@ type Options struct {
 	// fetched as keys and row hashes and diffed, instead of bisected
 	// further (default 1024: fetching 1024 rows' hashes costs less than bisecting further).
 	Leaf int
+	// RangesOnly skips the first pass that hashes each whole table in one
+	// query per store (see verifier.whole) and walks key ranges at once:
+	// for tables under heavy writes, where that pass rarely agrees. A rate
+	// limit implies it.
+	RangesOnly bool
+	// Workers is how many key ranges are hashed at once, each on both
+	// stores and on a connection pair of its own (default 2).
+	Workers int
 	// Repair copies each confirmed difference from old to new with the
 	// locked-copy unit.
 	Repair bool
@@ -113,6 +121,9 @@ func (o Options) withDefaults() Options {
 	if o.Batch < 1 {
 		o.Batch = 10000
 	}
+	if o.Workers < 1 {
+		o.Workers = 2
+	}
 	if o.Leaf < 1 {
 		o.Leaf = 1024
 	}
@@ -135,20 +146,22 @@ func NewLimiter(r float64, batch int) *rate.Limiter {
 // counts include those of its sessions before; Diffs lists only the
 // differences this session found.
 type TableSummary struct {
-	Table     string        `json:"table"`     // the old table
-	NewTable  string        `json:"new_table"` // the new table
-	Rows      int64         `json:"rows"`      // rows compared (old's count)
-	Ranges    int           `json:"ranges"`    // top-level key ranges hashed
-	Bisected  int           `json:"bisected"`  // ranges whose hashes differed, at any level (this session)
-	Counts    map[Kind]int  `json:"counts"`    // confirmed differences by kind
-	Diffs     []Difference  `json:"differences"`
-	Transient int           `json:"transient"`  // differences that vanished on re-read
-	Repaired  int           `json:"repaired"`   // differences fixed by --repair
-	DriftKeys int           `json:"drift_keys"` // keys of open drift entries checked before the walk
-	RunID     int64         `json:"run_id,omitempty"`
-	Resumed   bool          `json:"resumed,omitempty"` // the run continued from a checkpoint
-	Duration  time.Duration `json:"duration_ns"`       // this session's
-	Skipped   string        `json:"skipped,omitempty"` // why the table was not verified
+	Table     string       `json:"table"`     // the old table
+	NewTable  string       `json:"new_table"` // the new table
+	Rows      int64        `json:"rows"`      // rows compared (old's count)
+	Ranges    int          `json:"ranges"`    // top-level key ranges hashed
+	Bisected  int          `json:"bisected"`  // ranges whose hashes differed, at any level (this session)
+	Counts    map[Kind]int `json:"counts"`    // confirmed differences by kind
+	Diffs     []Difference `json:"differences"`
+	Transient int          `json:"transient"`  // differences that vanished on re-read
+	Repaired  int          `json:"repaired"`   // differences fixed by --repair
+	DriftKeys int          `json:"drift_keys"` // keys of open drift entries checked before the walk
+	RunID     int64        `json:"run_id,omitempty"`
+	Resumed   bool         `json:"resumed,omitempty"` // the run continued from a checkpoint
+	// WholeTable: the whole table hashed equal on both stores in one pass.
+	WholeTable bool          `json:"whole_table,omitempty"`
+	Duration   time.Duration `json:"duration_ns"`       // this session's
+	Skipped    string        `json:"skipped,omitempty"` // why the table was not verified
 }
 
 // Differences returns the number of confirmed differences (Counts summed).
@@ -270,22 +283,20 @@ func (s side) hashRange(ctx context.Context, q table.Querier, lo, hi []string) (
 	return r, nil
 }
 
-// hashBatch hashes the next range: the limit rows after lo, its end found
-// by a key-only query (an index-only scan), then hashed like any range.
-// last is the range's last key, nil when no more than limit rows were
-// left: the range then runs to the end of the table.
-func (s side) hashBatch(ctx context.Context, q table.Querier, lo []string, limit int) (rangeHash, []string, error) {
+// rangeEnd returns the last key of the limit rows after lo, found with a
+// key-only query (an index-only scan), or nil when no more than limit rows
+// are left: the range then runs to the end of the table.
+func (s side) rangeEnd(ctx context.Context, q table.Querier, lo []string, limit int) ([]string, error) {
 	cond, args := s.cond(lo, nil)
 	sql := "SELECT " + s.keyText() + " FROM " + s.name.Quoted() + " t WHERE " + cond + " ORDER BY " + s.order +
 		" OFFSET " + strconv.Itoa(limit-1) + " LIMIT 1"
 	var last []string
 	if err := q.QueryRow(ctx, sql, args...).Scan(&last); errors.Is(err, pgx.ErrNoRows) {
-		last = nil
+		return nil, nil
 	} else if err != nil {
-		return rangeHash{}, nil, fmt.Errorf("finding the next range of %s: %w", s.name, err)
+		return nil, fmt.Errorf("finding the next range of %s: %w", s.name, err)
 	}
-	r, err := s.hashRange(ctx, q, lo, last)
-	return r, last, err
+	return last, nil
 }
 
 // midKey returns the key of the n-th row (from 0) after lo and at most hi.
@@ -392,6 +403,7 @@ type verifier struct {
 	run      *run                // nil without Options.Control
 	seen     map[string]struct{} // keys checked as drift, not reported again by the walk
 	total    int64               // the old table's estimated rows, for Progress
+	pairs    []connPair          // the walk's connections: old and new first, then Workers-1 more
 }
 
 // Table verifies m's new table on new against its old table on old and,
@@ -462,6 +474,12 @@ func Table(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts Optio
 		}
 		defer v.run.close()
 	}
+	pairs, closePairs, err := openPairs(ctx, old, new, opts.Workers)
+	if err != nil {
+		return sum, fmt.Errorf("verifying %s: %w", m.Old.Name, err)
+	}
+	defer closePairs()
+	v.pairs = pairs
 	err = v.verify(ctx, lo)
 	sum.Duration = time.Since(start)
 	if v.run != nil {
@@ -499,7 +517,36 @@ func (v *verifier) verify(ctx context.Context, lo []string) error {
 		}
 	}
 	v.progress()
+	// A rate limit asks for a gentle verify: no whole-table scans.
+	if lo == nil && !v.opts.RangesOnly && v.opts.Limiter == nil {
+		done, err := v.whole(ctx)
+		if err != nil || done {
+			return err
+		}
+	}
 	return v.walk(ctx, lo)
+}
+
+// whole hashes the whole table on both stores at once, one query each
+// (PostgreSQL may scan it in parallel). When the hashes agree the table is
+// verified in that one pass; otherwise the range walk finds what differs
+// (a live write between the two scans is enough), and the pass cost one
+// scan of each store.
+func (v *verifier) whole(ctx context.Context) (bool, error) {
+	var oh, nh rangeHash
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) { oh, err = v.o.hashRange(gctx, v.old, nil, nil); return })
+	g.Go(func() (err error) { nh, err = v.n.hashRange(gctx, v.new, nil, nil); return })
+	if err := g.Wait(); err != nil {
+		return false, err
+	}
+	if oh != nh {
+		v.opts.Logger.Debug("whole-table hashes differ; walking key ranges", "table", v.sum.Table, "old_rows", oh.n, "new_rows", nh.n)
+		return false, nil
+	}
+	v.sum.Ranges, v.sum.Rows, v.sum.WholeTable = 1, oh.n, true
+	v.progress()
+	return true, nil
 }
 
 func (v *verifier) progress() {
@@ -534,74 +581,116 @@ func (v *verifier) pace(ctx context.Context, n int) error {
 // The cursor lo strictly advances: each range starts after the previous
 // range's last key.
 //
-// The stores work at once: while new hashes a range, old hashes the next
-// batch. A range whose hashes differ is bisected after both are done, when
-// both connections are free again; the next batch hashed meanwhile covers
-// other keys, so it stays valid.
-//
-// Ordering: a range's differences are confirmed (and repaired) before its
-// checkpoint is written, so a resumed run never skips a difference that
-// was found but not yet settled.
+// Ranges go in windows of Workers: their ends are found on old with
+// key-only queries (cheap, an index-only scan), then each range is hashed
+// on both stores at once, the window's ranges in parallel on a pair of
+// connections each. The window is then settled in key order: a range
+// whose hashes differ is bisected on the main connections, and its
+// differences are confirmed (and repaired) before its checkpoint is
+// written, so a resumed run never skips a difference that was found but
+// not yet settled.
 func (v *verifier) walk(ctx context.Context, lo []string) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	oh, last, err := v.o.hashBatch(ctx, v.old, lo, v.opts.Batch)
-	if err != nil {
-		return err
+	type span struct {
+		lo, hi []string
+		final  bool
+		oh, nh rangeHash
 	}
 	for {
-		final := last == nil
-		hi := last
-		if final {
-			hi = nil
-		}
-		var nh rangeHash
-		var nerr error
-		var wg sync.WaitGroup
-		wg.Go(func() { nh, nerr = v.n.hashRange(ctx, v.new, lo, hi) })
-		var next rangeHash
-		var nextLast []string
-		var oerr error
-		if !final {
-			next, nextLast, oerr = v.o.hashBatch(ctx, v.old, last, v.opts.Batch)
-		}
-		wg.Wait()
-		if err := errors.Join(nerr, oerr); err != nil {
-			return err
-		}
-		if oh != nh {
-			if err := v.bisect(ctx, lo, hi, oh, nh); err != nil {
-				return err
-			}
-		}
-		if err := v.settle(ctx); err != nil {
-			return err
-		}
-		v.sum.Ranges++
-		v.sum.Rows += oh.n
-		if final {
-			v.progress()
-			return nil
-		}
-		if last == nil || (lo != nil && joinKey(last) == joinKey(lo)) {
-			return fmt.Errorf("verifying %s: the key cursor did not advance past %v", v.sum.Table, lo)
-		}
-		lo = last
-		if v.run != nil {
-			if err := v.run.checkpoint(ctx, lo, v.sum); err != nil {
-				return err
-			}
-		}
-		v.progress()
-		if err := v.pace(ctx, int(oh.n)); err != nil {
-			return err
-		}
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		oh, last = next, nextLast
+		// The window's ranges.
+		var win []*span
+		cur := lo
+		for len(win) < len(v.pairs) {
+			last, err := v.o.rangeEnd(ctx, v.old, cur, v.opts.Batch)
+			if err != nil {
+				return err
+			}
+			win = append(win, &span{lo: cur, hi: last, final: last == nil})
+			if last == nil {
+				break
+			}
+			if cur != nil && joinKey(last) == joinKey(cur) {
+				return fmt.Errorf("verifying %s: the key cursor did not advance past %v", v.sum.Table, cur)
+			}
+			cur = last
+		}
+		// Hash them: every range on both stores at once.
+		g, gctx := errgroup.WithContext(ctx)
+		for k, sp := range win {
+			pr := v.pairs[k]
+			g.Go(func() (err error) { sp.oh, err = v.o.hashRange(gctx, pr.old, sp.lo, sp.hi); return })
+			g.Go(func() (err error) { sp.nh, err = v.n.hashRange(gctx, pr.new, sp.lo, sp.hi); return })
+		}
+		if err := g.Wait(); err != nil {
+			return err
+		}
+		// Settle them in key order.
+		for _, sp := range win {
+			if sp.oh != sp.nh {
+				if err := v.bisect(ctx, sp.lo, sp.hi, sp.oh, sp.nh); err != nil {
+					return err
+				}
+			}
+			if err := v.settle(ctx); err != nil {
+				return err
+			}
+			v.sum.Ranges++
+			v.sum.Rows += sp.oh.n
+			if sp.final {
+				v.progress()
+				return nil
+			}
+			lo = sp.hi
+			if v.run != nil {
+				if err := v.run.checkpoint(ctx, lo, v.sum); err != nil {
+					return err
+				}
+			}
+			v.progress()
+			if err := v.pace(ctx, int(sp.oh.n)); err != nil {
+				return err
+			}
+		}
 	}
+}
+
+// connPair is one connection to each store.
+type connPair struct{ old, new *pgx.Conn }
+
+// openPairs returns n connection pairs for the walk: the main connections
+// and n-1 more, with the session settings; close closes the extra ones.
+func openPairs(ctx context.Context, old, new *pgx.Conn, n int) (pairs []connPair, close func(), err error) {
+	pairs = []connPair{{old, new}}
+	close = func() {
+		for _, p := range pairs[1:] {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+			_ = p.old.Close(cctx)
+			_ = p.new.Close(cctx)
+			cancel()
+		}
+	}
+	for len(pairs) < n {
+		var p connPair
+		if p.old, err = pgx.ConnectConfig(ctx, old.Config().Copy()); err != nil {
+			close()
+			return nil, nil, fmt.Errorf("connecting to the old store: %w", err)
+		}
+		if p.new, err = pgx.ConnectConfig(ctx, new.Config().Copy()); err != nil {
+			_ = p.old.Close(ctx)
+			close()
+			return nil, nil, fmt.Errorf("connecting to the new store: %w", err)
+		}
+		pairs = append(pairs, p)
+		for _, c := range []*pgx.Conn{p.old, p.new} {
+			if _, err := c.Exec(ctx, SessionSQL); err != nil {
+				close()
+				return nil, nil, fmt.Errorf("session settings: %w", err)
+			}
+		}
+	}
+	return pairs, close, nil
 }
 
 // settle confirms the differences found so far, minus the keys already

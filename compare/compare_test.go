@@ -134,8 +134,13 @@ func testPlanted(t *testing.T, knobs *TestingKnobs) {
 	if err != nil || !s.Clean() || len(s.Diffs) != 0 || s.Rows != 5000 {
 		t.Fatalf("identical tables: %+v, %v", s, err)
 	}
-	if s.Ranges != 8 {
-		t.Errorf("ranges = %d, want 8", s.Ranges)
+	if s.Ranges != 1 || !s.WholeTable {
+		t.Errorf("ranges = %d, whole table %v: want the one whole-table pass", s.Ranges, s.WholeTable)
+	}
+	ro := opts
+	ro.RangesOnly = true
+	if s, err := Table(t.Context(), p.old, p.new, m, ro); err != nil || !s.Clean() || s.Ranges != 8 || s.WholeTable || s.Rows != 5000 {
+		t.Fatalf("ranges only: %+v, %v", s, err)
 	}
 	p.exec(p.new, `UPDATE items SET name = 'changed' WHERE id = 2500; UPDATE items SET doc = '{"g": 0}' WHERE id = 2600;
 		DELETE FROM items WHERE id IN (1, 1400, 5000);

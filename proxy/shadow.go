@@ -18,6 +18,7 @@ import (
 	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/shadow"
+	"github.com/tandemdb/tandem/internal/table"
 	"golang.org/x/time/rate"
 )
 
@@ -55,6 +56,7 @@ type shadowJob struct {
 	shadowOn    route.Store
 	primary     route.Store
 	result      shadow.Result
+	shape       shadow.Shape   // how to compare, from the statement's text
 	desc        []shadow.Field // the statement's columns from an earlier Describe, if known
 	servedDur   time.Duration
 	aa          bool
@@ -310,6 +312,7 @@ type shadower struct {
 	queue     chan *shadowJob
 	record    func(ctx context.Context, r mismatch.Record) error
 	confirms  *rate.Limiter // locked confirmations: they make writers wait
+	rewrites  rewriteCache
 
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -326,6 +329,7 @@ type shadower struct {
 type shadowConnKey struct {
 	store    string
 	user, db string
+	gucs     string // for grouping a batch only: a connection takes any settings
 }
 
 type shadowConn struct {
@@ -365,7 +369,20 @@ func newShadower(s *Server, record func(context.Context, mismatch.Record) error)
 				case <-sh.ctx.Done():
 					return
 				case j := <-sh.queue:
-					sh.process(j)
+					// Take what else is waiting: the batch's shadow runs go
+					// to each store in one pipeline, one write and one
+					// wake-up for all of them.
+					jobs := []*shadowJob{j}
+				more:
+					for len(jobs) < maxShadowBatch {
+						select {
+						case j := <-sh.queue:
+							jobs = append(jobs, j)
+						default:
+							break more
+						}
+					}
+					sh.processBatch(jobs)
 				}
 			}
 		}()
@@ -458,18 +475,65 @@ type errSkip string
 func (e errSkip) Error() string { return string(e) }
 
 // process runs one job to its outcome.
-func (sh *shadower) process(j *shadowJob) {
+// maxShadowBatch bounds the samples a worker runs in one pipeline.
+const maxShadowBatch = 32
+
+// processBatch runs jobs to their outcomes: the first shadow run of the
+// jobs that share a connection (store, user, database, settings) goes in
+// one pipeline, each query with its own Sync so that one failing does not
+// touch the others; the rest of each job runs on its own.
+func (sh *shadower) processBatch(jobs []*shadowJob) {
+	type group struct {
+		jobs []*shadowJob
+		sqls []string
+	}
+	groups := map[shadowConnKey]*group{}
+	var order []shadowConnKey
+	for _, j := range jobs {
+		if !sh.prepare(j) {
+			continue
+		}
+		sql, err := sh.sqlFor(j, j.shadowOn)
+		if err != nil {
+			sh.skip(j, err)
+			continue
+		}
+		k := shadowConnKey{store: string(j.shadowOn), user: j.user, db: j.db, gucs: gucKey(j.gucs)}
+		g := groups[k]
+		if g == nil {
+			g = &group{}
+			groups[k] = g
+			order = append(order, k)
+		}
+		g.jobs, g.sqls = append(g.jobs, j), append(g.sqls, sql)
+	}
+	for _, k := range order {
+		g := groups[k]
+		results, errs, durs := sh.runPipeline(g.jobs, g.sqls, route.Store(k.store))
+		for i, j := range g.jobs {
+			if errs[i] != nil {
+				sh.skip(j, errs[i])
+				continue
+			}
+			sh.finish(j, results[i], durs[i])
+		}
+	}
+}
+
+// prepare decides whether j can be compared and completes what it needs;
+// it counts j as skipped when not.
+func (sh *shadower) prepare(j *shadowJob) bool {
 	if k := sh.srv.knobs.BeforeShadow; k != nil {
 		k()
 	}
 	shape := classify.ShapeOf(j.sql)
 	if !shape.Comparable {
 		sh.count(j.fingerprint, metrics.ShadowSkipped, skipReason(shape.Reason))
-		return
+		return false
 	}
-	sshape := shadow.Shape{Ordered: shape.Ordered, Limited: shape.Limited, Offset: shape.Offset}
+	j.shape = shadow.Shape{Ordered: shape.Ordered, Limited: shape.Limited, Offset: shape.Offset}
 	for _, k := range shape.SortKeys {
-		sshape.SortKeys = append(sshape.SortKeys, shadow.SortKey{Name: k.Name, Pos: k.Pos})
+		j.shape.SortKeys = append(j.shape.SortKeys, shadow.SortKey{Name: k.Name, Pos: k.Pos})
 	}
 	if j.result.Fields == nil && j.result.ErrCode == "" {
 		// Columns never described in this session (prepared before it left
@@ -477,15 +541,82 @@ func (sh *shadower) process(j *shadowJob) {
 		fs, err := sh.describe(j)
 		if err != nil {
 			sh.skip(j, err)
-			return
+			return false
 		}
 		j.result.Fields = fs
 	}
-	other, dur, err := sh.run(j, j.shadowOn)
-	if err != nil {
-		sh.skip(j, err)
-		return
+	return true
+}
+
+// runPipeline runs each job's statement (sqls[i], as it runs on st) in one
+// pipeline on one connection, and returns each one's result, error and
+// latency (from the pipeline's start to its result).
+func (sh *shadower) runPipeline(jobs []*shadowJob, sqls []string, st route.Store) ([]shadow.Result, []error, []time.Duration) {
+	results := make([]shadow.Result, len(jobs))
+	errs := make([]error, len(jobs))
+	durs := make([]time.Duration, len(jobs))
+	fail := func(err error) ([]shadow.Result, []error, []time.Duration) {
+		for i := range errs {
+			if errs[i] == nil {
+				errs[i] = err
+			}
+		}
+		return results, errs, durs
 	}
+	ctx, cancel := context.WithTimeout(sh.ctx, sh.timeout)
+	defer cancel()
+	c, key, err := sh.conn(ctx, st, jobs[0])
+	if err != nil {
+		return fail(err)
+	}
+	defer sh.put(key, c)
+	start := time.Now()
+	p := c.pc.StartPipeline(ctx)
+	for i, j := range jobs {
+		if j.extended {
+			p.SendQueryParams(sqls[i], j.params, j.paramOIDs, j.paramFmts, j.resultFmts)
+		} else {
+			p.SendQueryParams(sqls[i], nil, nil, nil, nil) // one statement, no parameters: text, as a Query
+		}
+		p.SendPipelineSync()
+	}
+	if err := p.Flush(); err != nil {
+		_ = p.Close()
+		return fail(err)
+	}
+	for i := range jobs {
+		r, err := p.GetResults()
+		var pe *pgconn.PgError
+		switch {
+		case errors.As(err, &pe):
+			results[i].ErrCode, results[i].ErrMsg = pe.Code, pe.Message
+		case err != nil:
+			_ = p.Close()
+			return fail(err)
+		default:
+			rr, ok := r.(*pgconn.ResultReader)
+			if !ok {
+				_ = p.Close()
+				return fail(fmt.Errorf("shadow pipeline: unexpected %T", r))
+			}
+			results[i], errs[i] = sh.readResult(rr)
+		}
+		durs[i] = time.Since(start)
+		if _, err := p.GetResults(); err != nil { // the query's Sync
+			_ = p.Close()
+			return fail(err)
+		}
+	}
+	if err := p.Close(); err != nil {
+		return fail(err)
+	}
+	return results, errs, durs
+}
+
+// finish compares a job's shadow result with its served one and, when they
+// differ, re-reads and confirms.
+func (sh *shadower) finish(j *shadowJob, other shadow.Result, dur time.Duration) {
+	sshape := j.shape
 	m := sh.srv.metrics.R()
 	m.ShadowLatency(sh.ctx, string(j.served), "served", j.servedDur)
 	m.ShadowLatency(sh.ctx, string(j.shadowOn), "shadow", dur)
@@ -710,11 +841,53 @@ func (sh *shadower) sqlFor(j *shadowJob, st route.Store) (string, error) {
 	if ms == nil {
 		return j.sql, nil
 	}
-	r, ok, reason := ms.RewriteRead(j.sql)
-	if !ok {
-		return "", errSkip("not rewritable for new: " + reason)
+	c := &sh.rewrites
+	c.mu.Lock()
+	if c.ms != ms {
+		// New mappings: forget the old rewrites; parse nothing at all when
+		// every table maps to itself.
+		c.ms, c.m, c.reshaped = ms, map[string]rewritten{}, false
+		for _, m := range ms.All() {
+			if !m.Identity() {
+				c.reshaped = true
+			}
+		}
 	}
-	return r, nil
+	if !c.reshaped {
+		c.mu.Unlock()
+		return j.sql, nil
+	}
+	r, ok := c.m[j.sql]
+	c.mu.Unlock()
+	if !ok {
+		r.sql, r.ok, r.reason = ms.RewriteRead(j.sql)
+		c.mu.Lock()
+		if c.ms == ms {
+			if len(c.m) >= 4096 {
+				clear(c.m)
+			}
+			c.m[j.sql] = r
+		}
+		c.mu.Unlock()
+	}
+	if !r.ok {
+		return "", errSkip("not rewritable for new: " + r.reason)
+	}
+	return r.sql, nil
+}
+
+// rewriteCache holds reads rewritten for new, for one set of mappings.
+type rewriteCache struct {
+	mu       sync.Mutex
+	ms       *table.Mappings
+	reshaped bool // some table maps to another name or shape
+	m        map[string]rewritten
+}
+
+type rewritten struct {
+	sql    string
+	ok     bool
+	reason string
 }
 
 // run executes j's statement on store st and returns its result.
@@ -766,29 +939,9 @@ func (sh *shadower) describe(j *shadowJob) ([]shadow.Field, error) {
 // otherwise. Only the first result is kept.
 func (sh *shadower) exec(ctx context.Context, pc *pgconn.PgConn, sql string, j *shadowJob) (shadow.Result, error) {
 	var res shadow.Result
-	limit := 2 * sh.maxResult
-	size := 0
 	read := func(rr *pgconn.ResultReader) error {
-		for _, fd := range rr.FieldDescriptions() {
-			res.Fields = append(res.Fields, shadow.Field{Name: fd.Name, OID: fd.DataTypeOID, Format: fd.Format})
-		}
-		for rr.NextRow() {
-			vals := rr.Values()
-			row := make([][]byte, len(vals))
-			for i, v := range vals {
-				if v != nil {
-					row[i] = append([]byte{}, v...)
-					size += len(v)
-				}
-			}
-			size += 8 * len(vals)
-			if size > limit {
-				_, _ = rr.Close()
-				return errSkip("shadow result too large")
-			}
-			res.Rows = append(res.Rows, row)
-		}
-		_, err := rr.Close()
+		var err error
+		res, err = sh.readResult(rr)
 		return err
 	}
 	var err error
@@ -819,6 +972,39 @@ func (sh *shadower) exec(ctx context.Context, pc *pgconn.PgConn, sql string, j *
 	case errors.As(err, &sk):
 		return res, err
 	case errors.As(err, &pe):
+		res.ErrCode, res.ErrMsg = pe.Code, pe.Message
+		return res, nil
+	}
+	return res, err
+}
+
+// readResult reads one result (its rows copied), up to twice the served
+// result bound. A statement error comes back as the error.
+func (sh *shadower) readResult(rr *pgconn.ResultReader) (shadow.Result, error) {
+	var res shadow.Result
+	limit, size := 2*sh.maxResult, 0
+	for _, fd := range rr.FieldDescriptions() {
+		res.Fields = append(res.Fields, shadow.Field{Name: fd.Name, OID: fd.DataTypeOID, Format: fd.Format})
+	}
+	for rr.NextRow() {
+		vals := rr.Values()
+		row := make([][]byte, len(vals))
+		for i, v := range vals {
+			if v != nil {
+				row[i] = append([]byte{}, v...)
+				size += len(v)
+			}
+		}
+		size += 8 * len(vals)
+		if size > limit {
+			_, _ = rr.Close()
+			return res, errSkip("shadow result too large")
+		}
+		res.Rows = append(res.Rows, row)
+	}
+	_, err := rr.Close()
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
 		res.ErrCode, res.ErrMsg = pe.Code, pe.Message
 		return res, nil
 	}

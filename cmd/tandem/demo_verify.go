@@ -43,8 +43,12 @@ func demoVerify(ctx context.Context, n *narrator, rp *runningProxy, oldDB, newDB
 		if d := s.Differences(); d > 0 {
 			state = fmt.Sprintf("%d differences", d)
 		}
-		n.say("verify %s -> %s: %d rows in %d key ranges hashed on both stores, %s, %d transient, %v",
-			s.Table, s.NewTable, s.Rows, s.Ranges, state, s.Transient, s.Duration.Round(time.Millisecond))
+		how := fmt.Sprintf("%d key ranges", s.Ranges)
+		if s.WholeTable {
+			how = "one whole-table pass"
+		}
+		n.say("verify %s -> %s: %d rows hashed on both stores in %s, %s, %d transient, %v",
+			s.Table, s.NewTable, s.Rows, how, state, s.Transient, s.Duration.Round(time.Millisecond))
 		if !s.Clean() {
 			return fmt.Errorf("verify of %s is not clean: %d differences", s.Table, s.Differences())
 		}
