@@ -264,8 +264,10 @@ func TestShadowSkipsAndDrops(t *testing.T) {
 	<-held
 	close(release)
 	cnt = se.waitCompared(3 + 50)
-	if cnt.Dropped < 48 || cnt.Matched < 1 {
-		t.Fatalf("with the only worker held: %+v, want at least 48 dropped and the rest matched", cnt)
+	// The held worker took one or a few samples before it stopped, the
+	// queue holds one more: the rest (nearly all) were dropped.
+	if cnt.Dropped < 40 || cnt.Matched < 1 || cnt.Dropped+cnt.Matched != 50 {
+		t.Fatalf("with the only worker held: %+v, want nearly all 50 dropped and the rest matched", cnt)
 	}
 	if len(se.mismatches()) != 0 {
 		t.Fatalf("mismatches: %+v", se.mismatches())
