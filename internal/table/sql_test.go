@@ -2,6 +2,7 @@ package table
 
 import (
 	"context"
+	"encoding/json"
 	"strings"
 	"testing"
 )
@@ -184,5 +185,16 @@ func TestUpsertExecuted(t *testing.T) {
 	}
 	if _, n := hash(t, conn, hostile, order); n != 1 {
 		t.Fatalf("%d rows after deleting 2 of 3", n)
+	}
+}
+
+func TestNameJSON(t *testing.T) {
+	b, err := json.Marshal(Name{Schema: "public", Table: "Order Items"})
+	if err != nil || string(b) != `{"schema":"public","table":"Order Items"}` {
+		t.Fatalf("%s %v", b, err)
+	}
+	var n Name
+	if err := json.Unmarshal(b, &n); err != nil || n != (Name{"public", "Order Items"}) {
+		t.Fatalf("%+v %v", n, err)
 	}
 }

@@ -24,7 +24,10 @@ type Querier interface {
 }
 
 // Name is a table's schema-qualified name, unquoted.
-type Name struct{ Schema, Table string }
+type Name struct {
+	Schema string `json:"schema"`
+	Table  string `json:"table"`
+}
 
 // Quoted returns the name as an SQL identifier: "schema"."table".
 func (n Name) Quoted() string { return quoteIdent(n.Schema) + "." + quoteIdent(n.Table) }
