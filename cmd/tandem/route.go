@@ -26,15 +26,20 @@ else the old store) with a version and a history:
   primary  old|new  the store of record: each write runs there first
   mirror   on|off   writes are applied to the other store as well
   reads    0..100   percent of eligible reads served by the new store
-  shadow   0..100   percent of reads also run on the other store and compared
-                    (stored and followed today; the comparison arrives with compare)
+  shadow   0..100   percent of eligible reads also run on the other store (the
+                    same one with shadow.aa) and compared, off the client's path;
+                    GET /api/v1/mismatches shows the outcome
 
 A change is refused, with the reason and exit status 1, when it would leave a
 store that serves reads incomplete (e.g. primary=new while mirror is off).
-A write flip (primary changes) is also refused while a cutover gate fails:
-open drift, a replica whose breaker is open, or a replica that has not
-acknowledged the current version; --force overrides gates, never the rules
-above, and is recorded in the history. A flip raises a write fence: new write
+A write flip to new is also refused while a cutover gate fails: a table
+mapping has problems; the backfill of a table in scope is unfinished; a
+table's last verify (tandem compare) is missing, not clean, or older than
+gates.verify_max_age; the confirmed shadow mismatch rate over
+gates.shadow_window is above gates.shadow_max_mismatch_rate; drift is open; a
+replica's breaker is open or it has not acknowledged the current version.
+Each refusal names the tables or fingerprints and the numbers. --force
+overrides gates, never the rules above, and is recorded in the history. A flip raises a write fence: new write
 transactions wait, in-flight ones get routing.fence_timeout to end (else the
 flip is abandoned and the fence released), sequences are synced to the new
 primary, every live replica acknowledges the new version, and the fence is
@@ -46,10 +51,12 @@ const routeExamples = `  # The playbook, step by step:
   tandem route show -c tandem.yaml
   # 2. dual-write: mirror writes to new, then backfill and compare
   tandem route set -c tandem.yaml --mirror on --reason "start dual-write"
-  # 3. read shift
+  # 3. shadow reads, then read shift
+  tandem route set -c tandem.yaml --shadow 10
   tandem route set -c tandem.yaml --reads 10
   tandem route set -c tandem.yaml --reads 100
-  # 4. write flip (fenced; old still receives every write)
+  # 4. write flip (fenced; old still receives every write), after a fresh verify
+  tandem compare -c tandem.yaml
   tandem route set -c tandem.yaml --primary new --reason "cutover"
   # 5. finish: old can be retired
   tandem route set -c tandem.yaml --mirror off --shadow 0
