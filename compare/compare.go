@@ -57,6 +57,14 @@ type Options struct {
 	// fetched as keys and row hashes and diffed, instead of bisected
 	// further (default 1024: fetching 1024 rows' hashes costs less than bisecting further).
 	Leaf int
+	// Settle bounds how long a re-check waits for writes in flight to the
+	// secondary to commit there, with the primary's table held: a write
+	// committed on the primary reaches the secondary within the mirror
+	// budget (default 1s).
+	Settle time.Duration
+	// PrimaryNew says new is the store of record (after a write flip): the
+	// re-check then holds new's table and waits for writes to old.
+	PrimaryNew bool
 	// RangesOnly skips the first pass that hashes each whole table in one
 	// query per store (see verifier.whole) and walks key ranges at once:
 	// for tables under heavy writes, where that pass rarely agrees. A rate
@@ -123,6 +131,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Workers < 1 {
 		o.Workers = 2
+	}
+	if o.Settle <= 0 {
+		o.Settle = time.Second
 	}
 	if o.Leaf < 1 {
 		o.Leaf = 1024
@@ -807,10 +818,18 @@ func diff(om, nm map[string]string, okeys, nkeys [][]string) []Difference {
 	return out
 }
 
-// confirm re-reads the found differences on both stores, old's rows under
-// FOR SHARE so no write through old changes them between the two reads,
-// and keeps those that remain; the others are counted as transient. It
-// records the confirmed ones in the summary and returns them.
+// confirm re-reads the found differences and keeps those that persist.
+//
+// Writes reach the primary first and the secondary right after, within
+// the mirror budget. To re-read both stores at one point of that stream it
+// holds the primary's table IN SHARE MODE (writers to it wait; lock_timeout
+// 1s), so no new write can start, then waits until no other transaction
+// holds a write lock on the secondary's table (the in-flight mirrors have
+// committed; at most Settle), then reads both. A difference still there is
+// the stores disagreeing. An insert still uncommitted on the secondary is
+// invisible to a row lock, which is why a row lock on the keys is not
+// enough. If the table lock cannot be had, the keys are read under FOR
+// SHARE and the secondary re-read until it agrees or Settle has passed.
 func (v *verifier) confirm(ctx context.Context, found []Difference) ([]Difference, error) {
 	const per = 1000
 	var out []Difference
@@ -820,22 +839,12 @@ func (v *verifier) confirm(ctx context.Context, found []Difference) ([]Differenc
 		for i, d := range part {
 			keys[i] = d.Key
 		}
-		tx, err := v.old.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted})
-		if err != nil {
-			return nil, fmt.Errorf("re-checking %s: %w", v.sum.Table, err)
-		}
-		om, err := v.o.keysHashes(ctx, tx, keys, true)
-		if err != nil {
-			tx.Rollback(ctx) //nolint:errcheck // the read error wins
-			return nil, err
-		}
-		nm, err := v.newHashes(ctx, keys)
-		tx.Rollback(ctx) //nolint:errcheck // the transaction only held locks
+		diffs, err := v.recheck(ctx, keys)
 		if err != nil {
 			return nil, err
 		}
 		kinds := map[string]Kind{}
-		for _, d := range diffKeys(om, nm, keys) {
+		for _, d := range diffs {
 			kinds[joinKey(d.Key)] = d.Kind
 		}
 		for _, d := range part {
@@ -852,6 +861,92 @@ func (v *verifier) confirm(ctx context.Context, found []Difference) ([]Differenc
 		}
 	}
 	return out, nil
+}
+
+// recheck is one confirmation of keys (see confirm).
+func (v *verifier) recheck(ctx context.Context, keys [][]string) ([]Difference, error) {
+	// The primary is old unless the routing says new (after a write flip).
+	pconn, sconn, pside, sside := v.old, v.new, v.o, v.n
+	if v.opts.PrimaryNew {
+		pconn, sconn, pside, sside = v.new, v.old, v.n, v.o
+	}
+	tx, err := pconn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted})
+	if err != nil {
+		return nil, fmt.Errorf("re-checking %s: %w", v.sum.Table, err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // the transaction only holds locks
+	_, err = tx.Exec(ctx, "SET LOCAL lock_timeout = '1s'; LOCK TABLE "+pside.name.Quoted()+" IN SHARE MODE")
+	if err != nil {
+		var pe *pgconn.PgError
+		if !errors.As(err, &pe) {
+			return nil, fmt.Errorf("re-checking %s: %w", v.sum.Table, err)
+		}
+		v.opts.Logger.Debug("re-check without the table lock", "table", pside.name, "error", err)
+		tx.Rollback(ctx) //nolint:errcheck // the lock failed the transaction
+		return v.recheckRows(ctx, keys)
+	}
+	deadline := time.Now().Add(v.opts.Settle)
+	for {
+		var writers int
+		if err := sconn.QueryRow(ctx, `SELECT count(*) FROM pg_catalog.pg_locks WHERE relation = to_regclass($1)
+			AND mode = 'RowExclusiveLock' AND granted AND pid <> pg_catalog.pg_backend_pid()`, sside.name.Quoted()).Scan(&writers); err != nil {
+			return nil, fmt.Errorf("re-checking %s: %w", v.sum.Table, err)
+		}
+		if writers == 0 || time.Now().After(deadline) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	pm, err := pside.keysHashes(ctx, tx, keys, false)
+	if err != nil {
+		return nil, err
+	}
+	sm, err := sside.keysHashes(ctx, sconn, keys, false)
+	if err != nil {
+		return nil, err
+	}
+	if v.opts.PrimaryNew {
+		return diffKeys(sm, pm, keys), nil
+	}
+	return diffKeys(pm, sm, keys), nil
+}
+
+// recheckRows is the re-check without a table lock: old's rows FOR SHARE,
+// new re-read until it agrees or Settle has passed.
+func (v *verifier) recheckRows(ctx context.Context, keys [][]string) ([]Difference, error) {
+	tx, err := v.old.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted})
+	if err != nil {
+		return nil, fmt.Errorf("re-checking %s: %w", v.sum.Table, err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // the transaction only holds locks
+	om, err := v.o.keysHashes(ctx, tx, keys, true)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(v.opts.Settle)
+	for left := keys; ; {
+		nm, err := v.newHashes(ctx, left)
+		if err != nil {
+			return nil, err
+		}
+		diffs := diffKeys(om, nm, left)
+		if len(diffs) == 0 || time.Now().After(deadline) {
+			return diffs, nil
+		}
+		left = left[:0:0]
+		for _, d := range diffs {
+			left = append(left, d.Key)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // newHashes reads the row hashes of keys on new under FOR SHARE, while

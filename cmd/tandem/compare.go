@@ -156,10 +156,18 @@ func newCompareCmd() *cobra.Command {
 		if *workers < 1 {
 			return fmt.Errorf("--workers must be at least 1, not %d", *workers)
 		}
-		opts := compare.Options{Batch: *batch, Workers: *workers, RangesOnly: *rangesOnly, Leaf: *leaf, Repair: *repair, Rate: *rateFlag, Control: ccfg, Resume: *resume,
+		opts := compare.Options{Settle: 2 * cfg.Routing.MirrorBudget.Duration(), Batch: *batch, Workers: *workers, RangesOnly: *rangesOnly, Leaf: *leaf, Repair: *repair, Rate: *rateFlag, Control: ccfg, Resume: *resume,
 			Logger: newLogger(cfg.Log, cmd.ErrOrStderr())}
 		if *rateFlag > 0 {
 			opts.Limiter = compare.NewLimiter(*rateFlag, *batch)
+		}
+		// The re-check holds the store of record's table: after a write
+		// flip that is new.
+		if ctl, err := pgx.ConnectConfig(ctx, ccfg.Copy()); err == nil {
+			if st, err := route.Load(ctx, ctl); err == nil {
+				opts.PrimaryNew = st.Primary == route.New
+			}
+			ctl.Close(ctx)
 		}
 		// With --json, stdout carries only the JSON; the progress goes to stderr.
 		progressOut := out
