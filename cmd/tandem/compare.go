@@ -42,9 +42,13 @@ fetched from both stores and diffed. Each difference is typed:
   MissingOnOld  the key is on new, not on old
   ValueDiff     both have the key, the mapped rows differ
 
-Before it is reported, each difference is re-read on both stores (old's row
-under FOR SHARE); one that has vanished was a live write between the reads
-and is counted as transient, not reported.
+Before it is reported, each difference is re-read at one point of the write
+stream: the store of record's table is held IN SHARE MODE (its writers wait,
+lock_timeout 1s), compare waits until no write to the other store's table is
+in flight (at most twice routing.mirror_budget), then reads both. One that
+has vanished was a live write and is counted as transient, not reported.
+Writers to a table wait during its re-checks only, and only when a range
+differed.
 
 --repair fixes each confirmed difference with the backfill's locked-copy unit:
 old's rows are locked FOR SHARE, upserted on new through the mapping (or
