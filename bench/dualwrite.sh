@@ -116,18 +116,9 @@ mkdir -p "$OUTDIR/logs"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 export PGCONNECT_TIMEOUT=${PGCONNECT_TIMEOUT:-10}
 
-# A free port on 127.0.0.1: random in 20000-32767 (below the kernel's ephemeral range), nothing
-# listening there, and not already taken by this run.
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh" # free_port, percentiles
 TAKEN=" $OLD_PORT "
-free_port() {
-  local p i
-  for ((i = 0; i < 200; i++)); do
-    p=$((20000 + RANDOM % 12768))
-    [[ "$TAKEN" != *" $p "* ]] || continue
-    if ! (: </dev/tcp/127.0.0.1/$p) 2>/dev/null; then TAKEN+="$p "; echo "$p"; return; fi
-  done
-  die "no free port found"
-}
 NEW_PORT=$(free_port)
 T_PORT=$(free_port)
 A_PORT=$(free_port)
@@ -223,16 +214,6 @@ prepare() { # both stores as compare.sh leaves them before a run
     q "$p" -c "vacuum pgbench_branches" -c "vacuum pgbench_tellers" -c "truncate pgbench_history" -c "checkpoint" >/dev/null
   done
 }
-# p50 and p99 (nearest rank) of the latencies in pgbench --log files PREFIX.*, in ms
-percentiles() {
-  cat "$1".* 2>/dev/null | awk '$3 ~ /^[0-9]+$/ { print $3 }' | sort -n | awk '
-    { v[NR] = $1 }
-    END {
-      if (NR == 0) { print ","; exit }
-      i50 = int(0.50 * NR + 0.999999); i99 = int(0.99 * NR + 0.999999)
-      printf "%.3f,%.3f\n", v[i50] / 1000, v[i99] / 1000
-    }'
-}
 
 CSV="$OUTDIR/dualwrite.csv"
 echo "protocol,mode,round,tps,lat_avg_ms,lat_p50_ms,lat_p99_ms,xacts,failed,tandem_cpu_s_per_10k_xacts,status" >"$CSV"
@@ -282,6 +263,10 @@ echo "version,direction,fence_ms" >"$FENCES"
 flip_line=
 if [[ $FLIPS -gt 0 ]]; then
   set_mirror on
+  # The flip's gates want the playbook done: every table backfilled and verified clean.
+  log "tandem backfill, then tandem compare (the write flip's gates)"
+  tandem_cli backfill >>"$OUTDIR/logs/dual-route.log" 2>&1 || die "tandem backfill failed (log: $OUTDIR/logs/dual-route.log)"
+  tandem_cli compare >>"$OUTDIR/logs/dual-route.log" 2>&1 || die "tandem compare found differences (log: $OUTDIR/logs/dual-route.log)"
   prepare
   v0=$(q "$OLD_PORT" -c "select max(version) from tandem.state_history")
   flip_secs=$((DURATION > 2 * FLIPS + 4 ? DURATION : 2 * FLIPS + 4))

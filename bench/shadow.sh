@@ -93,16 +93,8 @@ OUTDIR=${OUTDIR:-$HERE/results/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUTDIR/logs"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 
-TAKEN=" "
-free_port() {
-  local p i
-  for ((i = 0; i < 200; i++)); do
-    p=$((20000 + RANDOM % 12768))
-    [[ "$TAKEN" != *" $p "* ]] || continue
-    if ! (: </dev/tcp/127.0.0.1/$p) 2>/dev/null; then TAKEN+="$p "; echo "$p"; return; fi
-  done
-  die "no free port found"
-}
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh" # free_port, percentiles
 OLD_PORT=$(free_port) NEW_PORT=$(free_port) T_PORT=$(free_port) A_PORT=$(free_port)
 q() { local port=$1; shift; "$PSQL" -X -w -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d "$DBNAME" -At "$@"; }
 
@@ -157,12 +149,6 @@ done
 route() { "$TANDEM_BIN" route set -c "$CFG" "$@" >>"$OUTDIR/logs/shadow-route.log" 2>&1 || die "tandem route set $* failed"; }
 route --mirror on --reason "bench: dual-write"
 
-percentiles() { # p50,p99 in ms of pgbench --log files PREFIX.*
-  cat "$1".* 2>/dev/null | awk '$3 ~ /^[0-9]+$/ { print $3 }' | sort -n | awk '
-    { v[NR] = $1 }
-    END { if (NR == 0) { print ","; exit }
-          printf "%.3f,%.3f\n", v[int(0.50 * NR + 0.999999)] / 1000, v[int(0.99 * NR + 0.999999)] / 1000 }'
-}
 run() { # NAME PORT PROTO: sets tps p50 p99
   local name=$1 port=$2 proto=$3 lf="$OUTDIR/logs/shadow-$1.log" prefix="$OUTDIR/logs/tx-$1" pct
   rm -f "$prefix".*

@@ -241,16 +241,27 @@ func TestVerifyThroughput(t *testing.T) {
 	t.Logf("clean verify of %d rows in %d ranges: %v, %.0f rows/s", s.Rows, s.Ranges, time.Since(start), float64(s.Rows)/time.Since(start).Seconds())
 }
 
-// TestInFlightWrite: a write committed on old and still uncommitted on new
-// (a mirror in flight) is not reported: the re-check holds old's table and
-// waits for new's open write to commit. A write that never lands is
-// reported once Settle has passed.
+// TestInFlightWrite: a write committed on the primary and still
+// uncommitted on the secondary (a mirror in flight) is not reported: the
+// re-check holds the primary's table and waits for the secondary's open
+// write to commit. A write that never lands is reported once Settle has
+// passed. Both directions: old primary, and new primary after a flip.
 func TestInFlightWrite(t *testing.T) {
+	for _, primaryNew := range []bool{false, true} {
+		t.Run(fmt.Sprintf("primary_new=%v", primaryNew), func(t *testing.T) { testInFlight(t, primaryNew) })
+	}
+}
+
+func testInFlight(t *testing.T, primaryNew bool) {
 	schema := `CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;`
 	p := newPair(t, schema, schema)
 	m := p.mapping(nil, "items")
 	ctx := t.Context()
-	mirror, err := pgx.Connect(ctx, newStore.DSN(p.db))
+	primary, secondary, missing := p.old, newStore, "MissingOnNew"
+	if primaryNew {
+		primary, secondary, missing = p.new, oldStore, "MissingOnOld"
+	}
+	mirror, err := pgx.Connect(ctx, secondary.DSN(p.db))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -267,7 +278,7 @@ func TestInFlightWrite(t *testing.T) {
 		if _, err := tx.Exec(ctx, "INSERT INTO items VALUES ($1, 'late')", id); err != nil {
 			t.Fatal(err)
 		}
-		p.exec(p.old, fmt.Sprintf("INSERT INTO items VALUES (%d, 'late')", id))
+		p.exec(primary, fmt.Sprintf("INSERT INTO items VALUES (%d, 'late')", id))
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
@@ -276,7 +287,7 @@ func TestInFlightWrite(t *testing.T) {
 				_ = tx.Commit(context.Background())
 			}
 		}()
-		s, err := Table(ctx, p.old, p.new, m, Options{Settle: time.Second, RangesOnly: true})
+		s, err := Table(ctx, p.old, p.new, m, Options{Settle: time.Second, RangesOnly: true, PrimaryNew: primaryNew})
 		<-done
 		if !commit {
 			_ = tx.Rollback(context.Background())
@@ -287,8 +298,8 @@ func TestInFlightWrite(t *testing.T) {
 		if commit && (len(s.Diffs) != 0 || s.Transient != 1) {
 			t.Fatalf("a mirror in flight was reported: %+v", s)
 		}
-		if !commit && !slices.Equal(got(s), []string{"MissingOnNew 201"}) {
-			t.Fatalf("a write that never reached new: %+v", s)
+		if !commit && !slices.Equal(got(s), []string{fmt.Sprintf("%s %d", missing, id)}) {
+			t.Fatalf("a write that never reached the secondary: %+v", s)
 		}
 	}
 }

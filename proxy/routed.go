@@ -289,7 +289,8 @@ func (ss *session) serveRouted(h *handoff) {
 	s := ss.srv
 	rs := &routedSession{ss: ss, srv: s, maxBody: int(s.cfg.Limits.MaxMessageBytes),
 		cout: bufio.NewWriterSize(ss.client, 32<<10), stmts: map[string]*stmtInfo{}, portals: map[string]*portalInfo{},
-		txState: ss.upstream.txStatus}
+		txState:  ss.upstream.txStatus,
+		gucDirty: true} // SETs made while relayed are unknown: read them at the first shadow sample
 	ss.mu.Lock()
 	rs.txState = ss.txStatus
 	ss.mu.Unlock()
@@ -617,15 +618,13 @@ func (rs *routedSession) syncSettings(u *rstore) error {
 	if src == u || src.up == nil || src.dead != nil || rs.txState == 'E' {
 		return nil
 	}
-	rows, err := rs.internalQuery(src, "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name NOT IN ('session_replication_role', 'transaction_isolation', 'transaction_read_only', 'transaction_deferrable')", time.Time{})
+	sets, err := rs.sessionSETs(src)
 	if err != nil {
 		return err
 	}
 	var b []byte
-	for _, r := range rows {
-		if len(r) == 2 && r[0] != nil && r[1] != nil {
-			b = encodeQuery(b, fmt.Sprintf("SELECT pg_catalog.set_config(%s, %s, false)", quoteLiteral(*r[0]), quoteLiteral(*r[1])))
-		}
+	for _, kv := range sets {
+		b = encodeQuery(b, fmt.Sprintf("SELECT pg_catalog.set_config(%s, %s, false)", quoteLiteral(kv[0]), quoteLiteral(kv[1])))
 	}
 	if len(b) == 0 {
 		return nil
@@ -635,7 +634,7 @@ func (rs *routedSession) syncSettings(u *rstore) error {
 		return err
 	}
 	var firstErr error
-	for range rows {
+	for range sets {
 		_, err := rs.drainInternal(u, time.Time{})
 		if err != nil && firstErr == nil {
 			firstErr = err
@@ -645,6 +644,22 @@ func (rs *routedSession) syncSettings(u *rstore) error {
 		}
 	}
 	return firstErr
+}
+
+// sessionSETs returns the settings the session changed on src (name,
+// value), except those a second session must not copy.
+func (rs *routedSession) sessionSETs(src *rstore) ([][2]string, error) {
+	rows, err := rs.internalQuery(src, "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name NOT IN ('session_replication_role', 'transaction_isolation', 'transaction_read_only', 'transaction_deferrable')", time.Time{})
+	if err != nil {
+		return nil, err
+	}
+	var out [][2]string
+	for _, r := range rows {
+		if len(r) == 2 && r[0] != nil && r[1] != nil {
+			out = append(out, [2]string{*r[0], *r[1]})
+		}
+	}
+	return out, nil
 }
 
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }

@@ -404,7 +404,7 @@ func (p *pump) handle(m backendMsg) error {
 		p.res.sentAny = true
 		switch m.typ {
 		case 't':
-			if si != nil && e.kind == expDescStmt && rs.srv.shadow != nil {
+			if si != nil && e.kind == expDescStmt && rs.state.Shadow > 0 { // kept for shadow reads only while they run
 				si.paramDesc = decodeParameterDescription(m.body)
 			}
 			rs.toClient(m.typ, m.body)
@@ -425,7 +425,7 @@ func (p *pump) handle(m backendMsg) error {
 					return nil
 				}
 			}
-			if si != nil && e.kind == expDescStmt && rs.srv.shadow != nil {
+			if si != nil && e.kind == expDescStmt && rs.state.Shadow > 0 { // kept for shadow reads only while they run
 				if fs, err := decodeRowDescription(m.body); err == nil {
 					si.desc = shadowFields(fs)
 				}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -233,24 +234,19 @@ func int16s(v []int) []int16 {
 }
 
 // sessionSettings reads the session's own SET values from its home store,
-// for the shadow connections to copy. On failure the session runs
-// unshadowed settings (nil).
+// for the shadow connections to copy. On failure (nil) the shadow runs
+// with the connection's defaults.
 func (rs *routedSession) sessionSettings() [][2]string {
 	src := rs.home
 	if src == nil || src.up == nil || src.dead != nil || rs.txState != 'I' {
 		return nil
 	}
-	rows, err := rs.internalQuery(src, "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name NOT IN ('session_replication_role', 'transaction_isolation', 'transaction_read_only', 'transaction_deferrable', 'application_name')", time.Time{})
+	sets, err := rs.sessionSETs(src)
 	if err != nil {
 		return nil
 	}
-	var out [][2]string
-	for _, r := range rows {
-		if len(r) == 2 && r[0] != nil && r[1] != nil {
-			out = append(out, [2]string{*r[0], *r[1]})
-		}
-	}
-	return out
+	// The shadow connection names itself (application_name "tandem shadow").
+	return slices.DeleteFunc(sets, func(kv [2]string) bool { return kv[0] == "application_name" })
 }
 
 // shadowDone hands the captured read to the shadow workers.
@@ -414,11 +410,7 @@ func (sh *shadower) stopNow() {
 // to the control schema.
 func (sh *shadower) count(fp, outcome, reason string) {
 	sh.mu.Lock()
-	c := sh.counts[fp]
-	if c == nil {
-		c = &mismatch.Counts{}
-		sh.counts[fp] = c
-	}
+	c := sh.countsOf(fp)
 	switch outcome {
 	case metrics.ShadowMatched:
 		c.Matched++
@@ -443,13 +435,24 @@ func (sh *shadower) count(fp, outcome, reason string) {
 	sh.srv.metrics.R().Shadow(sh.ctx, mfp, outcome, reason)
 }
 
+// latency adds one compared read's served and shadow time to fp's counters.
 func (sh *shadower) latency(fp string, served, shadowDur time.Duration) {
 	sh.mu.Lock()
-	if c := sh.counts[fp]; c != nil {
-		c.ServedSeconds += served.Seconds()
-		c.ShadowSeconds += shadowDur.Seconds()
-	}
+	c := sh.countsOf(fp)
+	c.ServedSeconds += served.Seconds()
+	c.ShadowSeconds += shadowDur.Seconds()
 	sh.mu.Unlock()
+}
+
+// countsOf returns fp's counters since the last TakeShadowCounts; sh.mu
+// must be held.
+func (sh *shadower) countsOf(fp string) *mismatch.Counts {
+	c := sh.counts[fp]
+	if c == nil {
+		c = &mismatch.Counts{}
+		sh.counts[fp] = c
+	}
+	return c
 }
 
 // TakeShadowCounts returns the shadow-read outcomes per fingerprint since
@@ -573,11 +576,8 @@ func (sh *shadower) runPipeline(jobs []*shadowJob, sqls []string, st route.Store
 	start := time.Now()
 	p := c.pc.StartPipeline(ctx)
 	for i, j := range jobs {
-		if j.extended {
-			p.SendQueryParams(sqls[i], j.params, j.paramOIDs, j.paramFmts, j.resultFmts)
-		} else {
-			p.SendQueryParams(sqls[i], nil, nil, nil, nil) // one statement, no parameters: text, as a Query
-		}
+		params, oids, fmts, rfmts := j.bindArgs()
+		p.SendQueryParams(sqls[i], params, oids, fmts, rfmts)
 		p.SendPipelineSync()
 	}
 	if err := p.Flush(); err != nil {
@@ -620,12 +620,11 @@ func (sh *shadower) finish(j *shadowJob, other shadow.Result, dur time.Duration)
 	m := sh.srv.metrics.R()
 	m.ShadowLatency(sh.ctx, string(j.served), "served", j.servedDur)
 	m.ShadowLatency(sh.ctx, string(j.shadowOn), "shadow", dur)
+	sh.latency(j.fingerprint, j.servedDur, dur)
 	if shadow.Compare(j.result, other, sshape, sh.opts) == nil {
 		sh.count(j.fingerprint, metrics.ShadowMatched, "")
-		sh.latency(j.fingerprint, j.servedDur, dur)
 		return
 	}
-	sh.latency(j.fingerprint, j.servedDur, dur)
 
 	// A difference. First re-read both stores at once: a race with a
 	// write that has since landed on both ends here.
@@ -934,52 +933,26 @@ func (sh *shadower) describe(j *shadowJob) ([]shadow.Field, error) {
 	return fs, nil
 }
 
-// exec runs sql on pc the way the client ran it: the simple protocol for a
-// Query, Parse/Bind/Execute with the client's parameters and formats
-// otherwise. Only the first result is kept.
+// exec runs j's statement alone on pc: sql is its text as it runs on that
+// store. A Query runs as one parameterless extended-protocol statement with
+// text results, as in a pipeline: for one statement the result is the same.
 func (sh *shadower) exec(ctx context.Context, pc *pgconn.PgConn, sql string, j *shadowJob) (shadow.Result, error) {
-	var res shadow.Result
-	read := func(rr *pgconn.ResultReader) error {
-		var err error
-		res, err = sh.readResult(rr)
-		return err
+	params, oids, fmts, rfmts := j.bindArgs()
+	return sh.readResult(pc.ExecParams(ctx, sql, params, oids, fmts, rfmts))
+}
+
+// bindArgs are the parameters and formats j's statement is bound with:
+// the client's, or none for a Query.
+func (j *shadowJob) bindArgs() (params [][]byte, oids []uint32, fmts, rfmts []int16) {
+	if !j.extended {
+		return nil, nil, nil, nil
 	}
-	var err error
-	if j.extended {
-		err = read(pc.ExecParams(ctx, sql, j.params, j.paramOIDs, j.paramFmts, j.resultFmts))
-	} else {
-		mrr := pc.Exec(ctx, sql)
-		first := true
-		for mrr.NextResult() {
-			if first {
-				if e := read(mrr.ResultReader()); e != nil && err == nil {
-					err = e
-				}
-				first = false
-			} else {
-				_, _ = mrr.ResultReader().Close()
-			}
-		}
-		if e := mrr.Close(); e != nil && err == nil {
-			err = e
-		}
-	}
-	var pe *pgconn.PgError
-	var sk errSkip
-	switch {
-	case err == nil:
-		return res, nil
-	case errors.As(err, &sk):
-		return res, err
-	case errors.As(err, &pe):
-		res.ErrCode, res.ErrMsg = pe.Code, pe.Message
-		return res, nil
-	}
-	return res, err
+	return j.params, j.paramOIDs, j.paramFmts, j.resultFmts
 }
 
 // readResult reads one result (its rows copied), up to twice the served
-// result bound. A statement error comes back as the error.
+// result bound. A statement's error becomes the result's ErrCode; the
+// error returned is the connection's, or a result over the bound.
 func (sh *shadower) readResult(rr *pgconn.ResultReader) (shadow.Result, error) {
 	var res shadow.Result
 	limit, size := 2*sh.maxResult, 0
@@ -1085,19 +1058,9 @@ func (sh *shadower) put(key shadowConnKey, c *shadowConn) {
 // database, as store.connect would open it.
 func shadowConfig(st *store, j *shadowJob) *pgconn.Config {
 	cfg := st.cfg.Copy()
-	user, db := j.user, j.db
-	if user == "" {
-		user = cfg.User
-	}
-	if user != cfg.User {
-		cfg.Password = ""
-	}
-	if db == "" {
-		db = cfg.Database
-	}
-	cfg.User, cfg.Database = user, db
+	cfg.User, cfg.Database, cfg.Password = st.login(j.user, j.db)
 	if cfg.Password == "" && st.passfile != nil {
-		cfg.Password = st.passfile.FindPassword(cfg.Host, fmt.Sprint(cfg.Port), db, user)
+		cfg.Password = st.passfile.FindPassword(cfg.Host, fmt.Sprint(cfg.Port), cfg.Database, cfg.User)
 	}
 	rp := map[string]string{}
 	for k, v := range cfg.RuntimeParams {

@@ -473,3 +473,63 @@ func TestShadowThroughMapping(t *testing.T) {
 		t.Fatalf("diff %s %v", recs[0].Diff, err)
 	}
 }
+
+// A session's state reaches its shadow runs: a SET made before the session
+// left the byte relay (search_path: the same name is another table), and a
+// statement prepared before it (no Describe seen by the routed engine:
+// the worker describes it on the served store).
+func TestShadowSessionState(t *testing.T) {
+	se := newShadowEnv(t, `CREATE SCHEMA s2;
+		CREATE TABLE public.t (id int PRIMARY KEY, v text); INSERT INTO public.t VALUES (1, 'public');
+		CREATE TABLE s2.t (id int PRIMARY KEY, v text); INSERT INTO s2.t VALUES (1, 's2');`)
+	ctx := context.Background()
+	// On new, public.t differs: a shadow that ignored search_path would
+	// read it and report a mismatch.
+	if err := se.new.Exec(ctx, se.db, `UPDATE public.t SET v = 'other'`); err != nil {
+		t.Fatal(err)
+	}
+	c := se.client() // passthrough: the byte relay
+	if _, err := c.Exec(ctx, `SET search_path = s2`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Prepare(ctx, "byid", `SELECT id, v FROM t WHERE id = $1`); err != nil {
+		t.Fatal(err)
+	}
+	se.set(route.Settings{Primary: route.Old, Mirror: true, Shadow: 100})
+	var v string
+	if err := c.QueryRow(ctx, "byid", 1).Scan(new(int), &v); err != nil || v != "s2" {
+		t.Fatalf("read %q %v", v, err)
+	}
+	if cnt := se.waitCompared(1); cnt.Matched != 1 {
+		t.Fatalf("outcomes %+v: want the prepared read in s2 matched", cnt)
+	}
+}
+
+// Parameters can be left out of mismatch records, and a served result
+// over shadow.max_result_bytes is skipped, not compared.
+func TestShadowRedactAndSizeBound(t *testing.T) {
+	se := newShadowEnv(t, `CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 100) g;`,
+		func(c *config.Config) { c.Shadow.RedactParams, c.Shadow.MaxResultBytes = true, 4*config.KiB })
+	ctx := context.Background()
+	if err := se.new.Exec(ctx, se.db, `UPDATE t SET v = 'planted' WHERE id = 5`); err != nil {
+		t.Fatal(err)
+	}
+	se.set(route.Settings{Primary: route.Old, Mirror: true, Shadow: 100})
+	c := se.client()
+	var v string
+	if err := c.QueryRow(ctx, `SELECT v FROM t WHERE id = $1`, 5).Scan(&v); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := c.Query(ctx, `SELECT * FROM t`) // ~10 kB
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows.Close()
+	cnt := se.waitCompared(2)
+	if cnt.Mismatched != 1 || cnt.Skipped != 1 {
+		t.Fatalf("outcomes %+v: want 1 mismatched and the large read skipped", cnt)
+	}
+	if recs := se.mismatches(); len(recs) != 1 || recs[0].Params != nil {
+		t.Fatalf("records %+v: want one, without parameters", recs)
+	}
+}

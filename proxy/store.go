@@ -81,16 +81,7 @@ func (e *rejectedError) Error() string {
 // without TLS, as libpq does.
 func (st *store) connect(ctx context.Context, user, database string, params map[string]string) (*upstream, error) {
 	cfg := st.cfg
-	password := cfg.Password
-	if user == "" {
-		user = cfg.User
-	}
-	if user != cfg.User {
-		password = ""
-	}
-	if database == "" {
-		database = cfg.Database
-	}
+	user, database, password := st.login(user, database)
 	rp := maps.Clone(cfg.RuntimeParams)
 	if rp == nil {
 		rp = map[string]string{}
@@ -116,6 +107,23 @@ func (st *store) connect(ctx context.Context, user, database string, params map[
 		errs = append(errs, err)
 	}
 	return nil, errors.Join(errs...)
+}
+
+// login returns the user and database a session for user and database
+// opens on st (the DSN's when empty) and the DSN's password when the user
+// is the DSN's (otherwise "": the password file is asked per host).
+func (st *store) login(user, database string) (string, string, string) {
+	password := st.cfg.Password
+	if user == "" {
+		user = st.cfg.User
+	}
+	if user != st.cfg.User {
+		password = ""
+	}
+	if database == "" {
+		database = st.cfg.Database
+	}
+	return user, database, password
 }
 
 func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user, password string, params map[string]string) (*upstream, error) {

@@ -7,10 +7,8 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/backfill"
 	"github.com/tandemdb/tandem/internal/pgtest"
-	"github.com/tandemdb/tandem/internal/table"
 )
 
 // demoEvents is how many order events the demo's old store holds before
@@ -30,26 +28,12 @@ func demoBackfill(ctx context.Context, n *narrator, api *demoAPI, rp *runningPro
 	_ = json.Unmarshal(b, &refusal)
 	n.say("POST /api/v1/route {\"primary\": \"new\"} before the backfill  ->  %d: %.160s...", code, refusal.Error)
 
-	var cfgs [2]*pgx.ConnConfig
-	for i, c := range []*pgtest.Cluster{oldDB, newDB} {
-		if cfgs[i], err = pgx.ParseConfig(c.DSN("shop")); err != nil {
-			return err
-		}
-	}
-	oldConn, err := pgx.ConnectConfig(ctx, cfgs[0])
+	stores, err := openDemoStores(ctx, rp, oldDB, newDB)
 	if err != nil {
 		return err
 	}
-	defer oldConn.Close(ctx)
-	newConn, err := pgx.ConnectConfig(ctx, cfgs[1])
-	if err != nil {
-		return err
-	}
-	defer newConn.Close(ctx)
-	ms, _, err := table.LoadMappings(ctx, rp.cfg.Tables, oldConn, newConn)
-	if err != nil {
-		return err
-	}
+	defer stores.close(ctx)
+	cfgs, ms := stores.cfgs, stores.ms
 	// The control schema is on old (no control.dsn).
 	eng, err := backfill.New(backfill.Options{Control: cfgs[0], Primary: cfgs[0], Secondary: cfgs[1], Mappings: ms,
 		Workers: 4, Chunk: 2000, RangeRows: 25000, WorkerID: "demo"})

@@ -14,28 +14,54 @@ import (
 	"github.com/tandemdb/tandem/internal/table"
 )
 
+// demoStores are the demo's two stores ("shop" on each), connected, and
+// the table mappings between them.
+type demoStores struct {
+	cfgs  [2]*pgx.ConnConfig
+	conns [2]*pgx.Conn
+	ms    *table.Mappings
+}
+
+func openDemoStores(ctx context.Context, rp *runningProxy, oldDB, newDB *pgtest.Cluster) (*demoStores, error) {
+	st := &demoStores{}
+	for i, c := range []*pgtest.Cluster{oldDB, newDB} {
+		var err error
+		if st.cfgs[i], err = pgx.ParseConfig(c.DSN("shop")); err != nil {
+			st.close(ctx)
+			return nil, err
+		}
+		if st.conns[i], err = pgx.ConnectConfig(ctx, st.cfgs[i]); err != nil {
+			st.close(ctx)
+			return nil, err
+		}
+	}
+	var err error
+	if st.ms, _, err = table.LoadMappings(ctx, rp.cfg.Tables, st.conns[0], st.conns[1]); err != nil {
+		st.close(ctx)
+		return nil, err
+	}
+	return st, nil
+}
+
+func (st *demoStores) close(ctx context.Context) {
+	for _, c := range st.conns {
+		if c != nil {
+			c.Close(ctx)
+		}
+	}
+}
+
 // demoVerify runs the table verify over every table in scope, as
 // `tandem compare` does, and prints one line per table. It fails if a
 // table is not clean.
 func demoVerify(ctx context.Context, n *narrator, rp *runningProxy, oldDB, newDB *pgtest.Cluster) error {
-	var cfgs [2]*pgx.ConnConfig
-	var conns [2]*pgx.Conn
-	for i, c := range []*pgtest.Cluster{oldDB, newDB} {
-		var err error
-		if cfgs[i], err = pgx.ParseConfig(c.DSN("shop")); err != nil {
-			return err
-		}
-		if conns[i], err = pgx.ConnectConfig(ctx, cfgs[i]); err != nil {
-			return err
-		}
-		defer conns[i].Close(ctx)
-	}
-	ms, _, err := table.LoadMappings(ctx, rp.cfg.Tables, conns[0], conns[1])
+	st, err := openDemoStores(ctx, rp, oldDB, newDB)
 	if err != nil {
 		return err
 	}
-	for _, m := range ms.All() {
-		s, err := compare.Table(ctx, conns[0], conns[1], m, compare.Options{Control: cfgs[0]})
+	defer st.close(ctx)
+	for _, m := range st.ms.All() {
+		s, err := compare.Table(ctx, st.conns[0], st.conns[1], m, compare.Options{Control: st.cfgs[0]})
 		if err != nil {
 			return err
 		}
