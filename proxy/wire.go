@@ -41,15 +41,17 @@ func (r *msgReader) int16() int {
 	return v
 }
 
-// count reads an int16 count, which must not be negative.
+// count reads a 16-bit count. PostgreSQL reads counts as unsigned
+// (pq_getmsgint(msg, 2)): a Bind may carry up to 65,535 parameters.
 func (r *msgReader) count() int {
-	n := r.int16()
-	if n < 0 {
+	if len(r.b) < 2 {
 		r.err = true
 		r.b = nil
 		return 0
 	}
-	return n
+	v := int(binary.BigEndian.Uint16(r.b))
+	r.b = r.b[2:]
+	return v
 }
 
 func (r *msgReader) int32() int32 {
@@ -213,6 +215,15 @@ func decodeRowDescription(body []byte) ([]field, error) {
 		return nil, errMalformed
 	}
 	return fs, nil
+}
+
+// rowDescriptionBody is the body of a RowDescription of fs.
+func rowDescriptionBody(fs []field) []byte {
+	b := putInt16(nil, len(fs))
+	for _, f := range fs {
+		b = append(b, f.raw...)
+	}
+	return b
 }
 
 func encodeRowDescription(dst []byte, fs []field) []byte {
