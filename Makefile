@@ -3,6 +3,7 @@
 #   make test   install what is missing, then the whole suite with -race
 GO       ?= go
 FUZZTIME ?= 10s
+SEEDS    ?= 200
 BIN      ?= bin/tandem
 
 .PHONY: all build deps demo test unit fuzz bench clean
@@ -38,6 +39,8 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzShapeOf$$' -fuzztime $(FUZZTIME) ./internal/classify
 	$(GO) test -run '^$$' -fuzz '^FuzzCanonical$$' -fuzztime $(FUZZTIME) ./internal/shadow
 	$(GO) test -run '^$$' -fuzz '^FuzzCompare$$' -fuzztime $(FUZZTIME) ./internal/shadow
+	TANDEM_RANDOM_SEEDS=$(SEEDS) $(GO) test -count=1 -run '^TestRandomProtocol$$' ./proxy
+	$(GO) test -count=1 -run '^TestGoldenTranscriptsDualWrite$$/many_parameters' ./proxy
 
 # pgbench side by side: direct PostgreSQL, pgbouncer (session mode) and Tandem.
 bench:

@@ -62,6 +62,7 @@ func (s *Server) catalogFor(ctx context.Context, st *store, database string) (*c
 
 // invalidateCatalogs drops cached metadata after DDL.
 func (s *Server) invalidateCatalogs() {
+	s.oids.invalidate()
 	s.cats.mu.Lock()
 	defer s.cats.mu.Unlock()
 	for _, c := range s.cats.m {

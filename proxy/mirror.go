@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -66,10 +67,22 @@ func (rs *routedSession) serve(un *unit) error {
 		rs.gucDirty = true // a SET: shadow runs copy the session's settings again
 	}
 	if pureRead && rs.txState == 'I' && un.end != 'H' && !rs.extOpen {
-		if j := rs.shadowSample(un, tables); j != nil {
-			defer rs.shadowDone(j, time.Now())
+		catalog := catalogRead(rs.unitText(un), tables)
+		temp := rs.usesTemp(tables)
+		if !catalog && !temp {
+			if j := rs.shadowSample(un, tables); j != nil {
+				defer rs.shadowDone(j, time.Now())
+			}
 		}
-		if target := rs.readStore(tables); target != st.Primary {
+		target := rs.readStore(tables)
+		switch {
+		case temp:
+			target = st.Primary // where the session's temporary tables are
+		case catalog:
+			// Catalog lookups reveal OIDs: they stay on the home store.
+			target = route.Store(rs.home.name)
+		}
+		if target != st.Primary {
 			done, err := rs.shiftedRead(un, target)
 			if err != nil || done {
 				return err
@@ -131,6 +144,30 @@ func (rs *routedSession) serve(un *unit) error {
 	}
 	rs.follow(res, startTx != 'I', mirror)
 	return rs.endWith(res)
+}
+
+// unitText is the text of every statement a unit runs, for checks that
+// look at the words of a read.
+func (rs *routedSession) unitText(un *unit) string {
+	var sb strings.Builder
+	for _, m := range un.msgs {
+		switch m.typ {
+		case 'Q':
+			sb.Write(m.body)
+		case 'P':
+			if p, err := decodeParse(m.body); err == nil {
+				sb.WriteString(p.sql)
+			}
+		case 'B':
+			if b, err := decodeBind(m.body); err == nil {
+				if si := rs.stmts[b.stmt]; si != nil {
+					sb.WriteString(si.sql)
+				}
+			}
+		}
+		sb.WriteByte(';')
+	}
+	return sb.String()
 }
 
 // endWith tells the client the unit is done (ReadyForQuery with the
@@ -256,7 +293,14 @@ func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
 		}
 		rs.tx.drift = nil
 	}
-	if _, err := rs.internalQuery(prim, "COMMIT", time.Time{}); err != nil {
+	_, err := rs.internalQuery(prim, "COMMIT", time.Time{})
+	if err == nil && prim.lastTag != "COMMIT" {
+		// The primary's transaction had failed (an internal statement of
+		// the proxy's was cancelled or timed out): COMMIT rolled it back.
+		// The secondary must not keep what the primary did not.
+		err = &storeError{store: prim.name, code: "40000", message: "the transaction was rolled back on the " + prim.name + " store: a statement Tandem ran in it failed"}
+	}
+	if err != nil {
 		var se *storeError
 		if !errors.As(err, &se) {
 			return rs.storeLost(prim, err)
@@ -310,6 +354,9 @@ func (rs *routedSession) follow(res *unitResult, inTx, mirror bool) {
 		if st != nil && st.Kind == classify.Write && st.Image == nil && strings.HasPrefix(st.NoImage, "locking") {
 			continue // a locking SELECT changes nothing
 		}
+		if st != nil && rs.sessionPrivate(st) {
+			continue // temporary objects are never mirrored (docs/design.md, "Temporary tables")
+		}
 		if !mirror {
 			continue
 		}
@@ -325,6 +372,40 @@ func (rs *routedSession) follow(res *unitResult, inTx, mirror bool) {
 		}
 		rs.mirrorWrite(ev, inTx, ordered)
 	}
+}
+
+// sessionPrivate reports whether st creates a temporary relation or only
+// touches the session's temporary relations, and keeps the list of them.
+func (rs *routedSession) sessionPrivate(st *classify.StmtPlan) bool {
+	if st.Creates != "" {
+		name := strings.ToLower(strings.ReplaceAll(st.Creates, `"`, ""))
+		if st.Temp {
+			if rs.temps == nil {
+				rs.temps = map[string]bool{}
+			}
+			rs.temps[strings.TrimPrefix(name, "pg_temp.")] = true
+			return true
+		}
+		delete(rs.temps, name)
+		return false
+	}
+	return len(st.Tables) > 0 && !slices.ContainsFunc(st.Tables, func(t string) bool { return !rs.isTemp(t) })
+}
+
+// isTemp reports whether the table, as written, is one of the session's
+// temporary relations.
+func (rs *routedSession) isTemp(t string) bool {
+	t = strings.ToLower(strings.ReplaceAll(t, `"`, ""))
+	if strings.HasPrefix(t, "pg_temp.") || strings.HasPrefix(t, "pg_temp_") {
+		return true
+	}
+	return !strings.Contains(t, ".") && rs.temps[t]
+}
+
+// usesTemp reports whether any of tables is a temporary relation of the
+// session: such reads stay on the store that holds them.
+func (rs *routedSession) usesTemp(tables []string) bool {
+	return slices.ContainsFunc(tables, rs.isTemp)
 }
 
 // followTx makes the secondary's transaction follow the client's.
@@ -469,10 +550,10 @@ func (rs *routedSession) secBegin(sec *rstore) error {
 	if sec.replOK || sec.noRepl {
 		// Known to work here: send it ahead with what follows, saving a
 		// round trip; its reply is read before the next one.
-		sec.out = encodeQuery(sec.out, sql)
+		sec.queueQuery(sql)
 		sec.queued++
 		for _, sp := range rs.tx.savepoints {
-			sec.out = encodeQuery(sec.out, "SAVEPOINT "+quoteIdent(sp))
+			sec.queueQuery("SAVEPOINT " + quoteIdent(sp))
 			sec.queued++
 		}
 		rs.tx.open = true
@@ -602,6 +683,9 @@ func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore)
 		if err != nil {
 			return nil, nil, err
 		}
+		if privateSchema(pm.Name.Schema) {
+			return nil, nil, errOutOfScope // a temporary table: the session's own
+		}
 		if ms := rs.srv.mappings.Load(); ms != nil {
 			var m *table.Mapping
 			if rs.state.Primary == route.Old {
@@ -644,10 +728,19 @@ func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore)
 	var entries []table.DriftEntry
 	if ev.stmt != nil && reason != "ddl" {
 		for _, t := range ev.stmt.Tables {
+			if rs.isTemp(t) {
+				continue
+			}
 			entries = append(entries, table.DriftEntry{Table: writtenName(t), Reason: "statement mirrored"})
 		}
 	}
 	return entries, rs.statementApplier(ev), nil
+}
+
+// privateSchema reports whether schema holds session-private or internal
+// relations, which are never part of a migration.
+func privateSchema(schema string) bool {
+	return strings.HasPrefix(schema, "pg_temp") || strings.HasPrefix(schema, "pg_toast") || schema == "pg_catalog" || schema == "information_schema"
 }
 
 // writtenName turns a table name as written into a ledger name (public
@@ -674,7 +767,7 @@ func (rs *routedSession) statementApplier(ev *event) func(*rstore) error {
 		}
 		b := *ev.bind
 		b.portal, b.stmt, b.resultFormats = "", "", nil
-		sec.out = encodeParse(sec.out, "", ev.sql, rs.stmtOIDs(ev))
+		sec.out = encodeParse(sec.out, "", ev.sql, rs.storeOIDs(sec, rs.stmtOIDs(ev)))
 		sec.out = encodeBind(sec.out, b)
 		sec.out = encodeExecute(sec.out, "", 0)
 		sec.out = append(sec.out, syncMsg...)
@@ -1001,6 +1094,9 @@ func (rs *routedSession) shiftedRead(un *unit, target route.Store) (bool, error)
 	}
 	rs.ss.serving.Store(u.up)
 	rs.holding, rs.hold, rs.spilled = true, rs.hold[:0], false
+	// A retry on the primary runs the whole unit again: it must start from
+	// the statements and portals the client had before this attempt.
+	stmts, portals := maps.Clone(rs.stmts), maps.Clone(rs.portals)
 	res, err := rs.runUnit(u, un, false, false)
 	rs.holding = false
 	if rs.spilled && err == nil {
@@ -1021,6 +1117,7 @@ func (rs *routedSession) shiftedRead(un *unit, target route.Store) (bool, error)
 		if rs.capture != nil {
 			rs.capture.reset() // the primary's reply is the one the client gets
 		}
+		rs.stmts, rs.portals = stmts, portals
 		return false, nil
 	}
 	rs.servedBy = target

@@ -500,6 +500,34 @@ func repairAll(t testing.TB, e *pairEnv) {
 	}
 }
 
+// repairDrift brings both stores level from the drift ledger, as the
+// repairer does with primary old: entries stale on old (missed while new
+// was primary) first, copied from new, then those stale on new.
+func repairDrift(t testing.TB, e *pairEnv) {
+	t.Helper()
+	ctx := context.Background()
+	connect := func(dsn string) *pgx.Conn {
+		c, err := pgx.Connect(ctx, dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close(ctx) })
+		return c
+	}
+	control, oldc, newc := connect(e.old.DSN(e.db)), connect(e.old.DSN(e.db)), connect(e.new.DSN(e.db))
+	for i := 0; e.openDrift() > 0; i++ {
+		if i == 200 {
+			t.Fatalf("drift still open after %d repair passes: %d entries", i, e.openDrift())
+		}
+		if _, err := table.RepairWith(ctx, control, newc, oldc, table.RepairOptions{Target: table.StaleOld, Limit: 1000, TargetIsPrimary: true}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := table.Repair(ctx, control, oldc, newc, table.StaleNew, 1000); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestMirrorLargeStatement: a write whose row images outgrow the memory
 // bound is not held: its table goes to the drift ledger and the repairer
 // brings new level.

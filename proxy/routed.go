@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -123,6 +124,13 @@ type rstore struct {
 	nextStmt  int
 	preparing bool
 	dead      error // set once the connection failed
+	// lastTag is the last CommandComplete tag an internal query got, and
+	// txStatus the store's last ReadyForQuery status.
+	lastTag  string
+	txStatus byte
+	// skipping: an extended-protocol message failed and the store discards
+	// every message up to the next Sync.
+	skipping bool
 }
 
 func (u *rstore) start(maxBody int, first io.Reader) {
@@ -167,6 +175,14 @@ func wholeBuffered(r *bufio.Reader) bool {
 	return n >= 4 && r.Buffered() >= 1+n
 }
 
+// queueQuery queues a simple Query. PostgreSQL destroys the unnamed
+// statement when it runs one, so the next use of the client's unnamed
+// statement parses it here again.
+func (u *rstore) queueQuery(sql string) {
+	u.out = encodeQuery(u.out, sql)
+	delete(u.parsed, "")
+}
+
 // stop closes the connection, saying goodbye when it is still healthy, and
 // waits for the reader.
 func (u *rstore) stop(goodbye bool) {
@@ -201,7 +217,8 @@ type stmtInfo struct {
 	fields      []field
 	marker      int
 	descOK      bool
-	descPending bool // an internal Describe of it is on its way
+	descPending bool   // an internal Describe of it is on its way
+	descFrom    string // the store that described it: fields hold that store's table OIDs
 	// desc is the statement's result columns as the client's Describe
 	// was answered, for shadow reads (nil: not seen, or no shadowing).
 	desc      []shadow.Field
@@ -273,6 +290,12 @@ type routedSession struct {
 	// that served the current unit, and the session's SET values.
 	capture  *capture
 	servedBy route.Store
+	// temps are the temporary relations the session created while routed
+	// (lower case, as written): session-private, never migration data.
+	temps map[string]bool
+	// from is the store whose replies are being passed to the client: its
+	// descriptions are translated into the home store's OIDs.
+	from *rstore
 	gucDirty bool
 	gucs     [][2]string
 }
@@ -297,7 +320,7 @@ func (ss *session) serveRouted(h *handoff) {
 	f := fnv.New32a()
 	fmt.Fprint(f, ss.key.pid, ss.key.secret)
 	rs.bucket = int(f.Sum32() % 100)
-	home := &rstore{name: ss.upstream.store.name, st: ss.upstream.store, up: ss.upstream}
+	home := &rstore{name: ss.upstream.store.name, st: ss.upstream.store, up: ss.upstream, txStatus: rs.txState}
 	home.start(rs.maxBody, io.MultiReader(bytesReader(h.upIn), ss.upstream.reader))
 	rs.home = home
 	rs.stores[storeIndexOf(home.name)] = home
@@ -311,6 +334,16 @@ func (ss *session) serveRouted(h *handoff) {
 		home.parsed[name] = p.sql
 	}
 	ss.prepMu.Unlock()
+	// The relay noted the Parse messages it read, but those it hands over
+	// unsent never reached the store: the routed engine runs them itself.
+	forEachMsg(h.clientIn, func(typ byte, body []byte) {
+		if typ == 'P' {
+			if p, err := decodeParse(body); err == nil {
+				delete(rs.stmts, p.name)
+				delete(home.parsed, p.name)
+			}
+		}
+	})
 	rs.startClientReader(io.MultiReader(bytesReader(h.clientIn), idleReader{ss}))
 	s.metrics.Relayed(ss.ctx, "routed")
 	if len(h.clientOut) > 0 {
@@ -318,6 +351,19 @@ func (ss *session) serveRouted(h *handoff) {
 	}
 	reason := rs.run()
 	rs.finish(reason)
+}
+
+// forEachMsg calls fn with each whole message in b (from a message
+// boundary).
+func forEachMsg(b []byte, fn func(typ byte, body []byte)) {
+	for len(b) >= 5 {
+		n := int(binary.BigEndian.Uint32(b[1:5]))
+		if n < 4 || len(b) < 1+n {
+			return
+		}
+		fn(b[0], b[5:1+n])
+		b = b[1+n:]
+	}
 }
 
 type byteSliceReader struct{ b []byte }
@@ -476,6 +522,9 @@ func (rs *routedSession) flushIfIdle() error {
 // toClient queues one message for the client (or for the hold buffer while
 // a shifted read may still be retried on the primary).
 func (rs *routedSession) toClient(typ byte, body []byte) {
+	if (typ == 'T' || typ == 't') && rs.from != rs.home {
+		body = rs.homeOIDs(rs.from, typ, body)
+	}
 	if rs.capture != nil {
 		rs.capture.add(typ, body)
 	}
@@ -618,18 +667,34 @@ func (rs *routedSession) syncSettings(u *rstore) error {
 	if src == u || src.up == nil || src.dead != nil || rs.txState == 'E' {
 		return nil
 	}
+	// The home store may be inside the client's (or the proxy's own)
+	// transaction: a failure of this read there (a cancel meant for the
+	// client's statement, a statement_timeout) must not abort it.
+	guarded := src.txStatus == 'T'
+	if guarded {
+		if _, err := rs.internalQuery(src, "SAVEPOINT tandem_settings", time.Time{}); err != nil {
+			return err
+		}
+	}
 	sets, err := rs.sessionSETs(src)
+	if guarded {
+		end := "RELEASE SAVEPOINT tandem_settings"
+		if err != nil {
+			end = "ROLLBACK TO SAVEPOINT tandem_settings; RELEASE SAVEPOINT tandem_settings"
+		}
+		if _, gerr := rs.internalQuery(src, end, time.Time{}); gerr != nil && err == nil {
+			err = gerr
+		}
+	}
 	if err != nil {
 		return err
 	}
-	var b []byte
-	for _, kv := range sets {
-		b = encodeQuery(b, fmt.Sprintf("SELECT pg_catalog.set_config(%s, %s, false)", quoteLiteral(kv[0]), quoteLiteral(kv[1])))
-	}
-	if len(b) == 0 {
+	if len(sets) == 0 {
 		return nil
 	}
-	u.out = append(u.out, b...)
+	for _, kv := range sets {
+		u.queueQuery(fmt.Sprintf("SELECT pg_catalog.set_config(%s, %s, false)", quoteLiteral(kv[0]), quoteLiteral(kv[1])))
+	}
 	if err := rs.send(u, time.Time{}); err != nil {
 		return err
 	}
@@ -679,6 +744,8 @@ func (rs *routedSession) send(u *rstore, deadline time.Time) error {
 	return nil
 }
 
+var errSkipping = errors.New("the store is discarding messages up to the client's next Sync")
+
 var errBudget = errors.New("the secondary store exceeded the mirror latency budget")
 
 // recv returns u's next message; a zero deadline waits as long as it takes.
@@ -693,6 +760,7 @@ func (rs *routedSession) recv(u *rstore, deadline time.Time) (backendMsg, error)
 			u.dead = m.err
 			return m, m.err
 		}
+		u.note(m)
 		return m, nil
 	}
 	var timeout <-chan time.Time
@@ -709,12 +777,21 @@ func (rs *routedSession) recv(u *rstore, deadline time.Time) (backendMsg, error)
 			u.dead = m.err
 			return m, m.err
 		}
+		u.note(m)
 		return m, nil
 	case <-timeout:
 		u.dead = errBudget
 		return backendMsg{}, errBudget
 	case <-rs.ss.killCh:
 		return backendMsg{}, rs.ss.killErr
+	}
+}
+
+// note keeps the store's transaction status from its ReadyForQuery.
+func (u *rstore) note(m backendMsg) {
+	if m.typ == 'Z' && len(m.body) == 1 {
+		u.txStatus = m.body[0]
+		u.skipping = false
 	}
 }
 
@@ -781,6 +858,8 @@ func (rs *routedSession) drainOne(u *rstore, deadline time.Time) ([][]*string, e
 			if u.name == string(rs.state.Primary) {
 				rs.toClient(m.typ, m.body)
 			}
+		case 'C':
+			u.lastTag = tagString(m.body)
 		case 'Z':
 			return rows, firstErr
 		}
@@ -789,7 +868,10 @@ func (rs *routedSession) drainOne(u *rstore, deadline time.Time) ([][]*string, e
 
 // internalQuery runs sql on u with the simple protocol and returns its rows.
 func (rs *routedSession) internalQuery(u *rstore, sql string, deadline time.Time) ([][]*string, error) {
-	u.out = encodeQuery(u.out, sql)
+	if u.skipping {
+		return nil, errSkipping
+	}
+	u.queueQuery(sql)
 	if err := rs.send(u, deadline); err != nil {
 		return nil, err
 	}
@@ -942,11 +1024,13 @@ func (rs *routedSession) analyze(u *unit) (kinds []classify.Kind, pureRead bool,
 // readStore picks the store that serves an eligible read.
 func (rs *routedSession) readStore(tables []string) route.Store {
 	st := rs.state
-	toNew := rs.bucket < st.Reads
-	if toNew && (rs.srv.driftBlocks(tables) || rs.srv.reshaped(tables)) {
-		toNew = false
+	if rs.srv.reshaped(tables) {
+		return route.Old // written for old's shape
 	}
-	if toNew {
+	if rs.srv.driftBlocks(tables) {
+		return st.Primary // the secondary may be missing writes
+	}
+	if rs.bucket < st.Reads {
 		return route.New
 	}
 	return route.Old

@@ -41,6 +41,29 @@ type expectation struct {
 	imgMem int        // their size
 	over   bool       // they outgrew maxImageBytes: the table goes to the drift ledger instead
 	copied bool       // the statement being answered read COPY data
+	// undo takes back what queueing the message did to the proxy's model
+	// of the store's statements and portals, when the store skipped the
+	// message (failed false: an earlier error) or refused it (failed true).
+	undo func(failed bool)
+}
+
+// drop takes back e's effects: the store never carried it out.
+func (e *expectation) drop(failed bool) {
+	if e.kind == expIntDesc && e.si != nil {
+		e.si.descPending = false
+	}
+	if e.undo != nil {
+		e.undo(failed)
+	}
+}
+
+// restore sets m[k] back to v (present) or removes it.
+func restore[V any](m map[string]V, k string, v V, present bool) {
+	if present {
+		m[k] = v
+	} else {
+		delete(m, k)
+	}
 }
 
 // event is something the primary did that the secondary must follow, in
@@ -103,21 +126,48 @@ func (p *pump) ensureParsed(si *stmtInfo) {
 		return
 	}
 	want, rewr := p.rs.desiredSQL(si, p.u)
-	if have, ok := p.u.parsed[si.name]; ok && have == want && (!rewr || si.descOK || si.descPending) {
+	if have, ok := p.u.parsed[si.name]; ok && have == want && (!rewr || (si.descOK || si.descPending) && si.descFrom == p.u.name) {
 		return
 	}
-	if _, ok := p.u.parsed[si.name]; ok || si.name != "" {
-		p.u.out = encodeClose(p.u.out, 'S', si.name)
-		p.q = append(p.q, &expectation{kind: expIntClose})
+	u, name := p.u, si.name
+	prev, had := u.parsed[name]
+	undo := func(failed bool) {
+		if failed {
+			delete(u.parsed, name)
+		} else {
+			restore(u.parsed, name, prev, had)
+		}
 	}
-	p.u.out = encodeParse(p.u.out, si.name, want, si.oids)
-	p.q = append(p.q, &expectation{kind: expIntParse})
-	p.u.parsed[si.name] = want
+	if had || name != "" {
+		u.out = encodeClose(u.out, 'S', name)
+		p.q = append(p.q, &expectation{kind: expIntClose, undo: undo})
+	}
+	u.out = encodeParse(u.out, name, want, p.rs.storeOIDs(u, si.oids))
+	p.q = append(p.q, &expectation{kind: expIntParse, undo: undo})
+	u.parsed[name] = want
 	if rewr {
-		si.descOK, si.descPending = false, true
+		si.descOK, si.descPending, si.descFrom = false, true, p.u.name
 		p.u.out = encodeDescribe(p.u.out, 'S', si.name)
 		p.q = append(p.q, &expectation{kind: expIntDesc, si: si})
 	}
+}
+
+// forget closes a statement the store still holds under a name the
+// client no longer has (it closed it, or a simple Query on another store
+// destroyed the unnamed statement), so that the store answers a use of
+// the name as PostgreSQL would: it does not exist, or it can be parsed.
+func (p *pump) forget(name string) {
+	if p.rs.stmts[name] != nil {
+		return
+	}
+	prev, had := p.u.parsed[name]
+	if !had {
+		return
+	}
+	u := p.u
+	u.out = encodeClose(u.out, 'S', name)
+	p.q = append(p.q, &expectation{kind: expIntClose, undo: func(bool) { restore(u.parsed, name, prev, had) }})
+	delete(u.parsed, name)
 }
 
 // run sends unit m to store u and processes the replies. wrap puts the
@@ -125,11 +175,18 @@ func (p *pump) ensureParsed(si *stmtInfo) {
 // images and collects them.
 func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unitResult, error) {
 	p := &pump{rs: rs, u: u, res: &unitResult{}, wrapQ: wrap}
+	rs.from = u
 	if wrap {
-		u.out = encodeQuery(u.out, "BEGIN")
+		u.queueQuery("BEGIN")
 		p.q = append(p.q, &expectation{kind: expIntQuery})
 	}
 	for _, m := range un.msgs {
+		if u.skipping && m.typ != 'S' {
+			// An earlier message of the batch failed: the store discards
+			// everything up to the Sync, and nothing of it takes effect.
+			u.out = appendMsg(u.out, m.typ, m.body)
+			continue
+		}
 		switch m.typ {
 		case 'Q':
 			sql := strings.TrimSuffix(string(m.body), "\x00")
@@ -139,7 +196,8 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 			if rewr {
 				send = plan.SQL
 			}
-			u.out = encodeQuery(u.out, send)
+			u.queueQuery(send)
+			delete(rs.stmts, "") // a simple Query destroys the unnamed statement
 			p.q = append(p.q, &expectation{kind: expQuery, plan: plan, rewr: rewr, marker: -1})
 		case 'F':
 			u.out = appendMsg(u.out, 'F', m.body)
@@ -149,11 +207,30 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 			if err != nil {
 				return nil, errMalformedClient
 			}
+			prevSI, hadSI := rs.stmts[pm.name]
+			if hadSI && pm.name != "" {
+				// The name is taken: make sure the store knows it, so that
+				// it refuses the Parse (42P05) as PostgreSQL would.
+				p.ensureParsed(prevSI)
+			} else if pm.name != "" {
+				p.forget(pm.name)
+			}
+			prevParsed, hadParsed := u.parsed[pm.name]
 			si := &stmtInfo{name: pm.name, sql: pm.sql, oids: pm.oids, plan: rs.srv.classifier.Plan(pm.sql), marker: -1}
 			rs.stmts[pm.name] = si
 			want, rewr := rs.desiredSQL(si, u)
-			u.out = encodeParse(u.out, pm.name, want, pm.oids)
-			p.q = append(p.q, &expectation{kind: expParse})
+			u.out = encodeParse(u.out, pm.name, want, rs.storeOIDs(u, pm.oids))
+			name := pm.name
+			p.q = append(p.q, &expectation{kind: expParse, undo: func(failed bool) {
+				if failed && name == "" {
+					// A failed Parse leaves no unnamed statement behind.
+					delete(rs.stmts, name)
+					delete(u.parsed, name)
+					return
+				}
+				restore(rs.stmts, name, prevSI, hadSI)
+				restore(u.parsed, name, prevParsed, hadParsed)
+			}})
 			u.parsed[pm.name] = want
 			for _, o := range rs.stores {
 				if o != nil && o != u {
@@ -161,7 +238,7 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 				}
 			}
 			if rewr {
-				si.descPending = true
+				si.descPending, si.descFrom = true, u.name
 				u.out = encodeDescribe(u.out, 'S', pm.name)
 				p.q = append(p.q, &expectation{kind: expIntDesc, si: si})
 			}
@@ -171,6 +248,7 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 				return nil, errMalformedClient
 			}
 			si := rs.stmts[b.stmt]
+			p.forget(b.stmt)
 			p.ensureParsed(si)
 			_, rewr := rs.desiredSQL(si, u)
 			if si != nil && rewr {
@@ -184,6 +262,12 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 					if err := p.until(func() bool { return si.descOK || !p.has(expIntDesc, si) }); err != nil {
 						return nil, err
 					}
+					if u.skipping {
+						// An earlier message failed meanwhile: the store
+						// discards this Bind too.
+						u.out = appendMsg(u.out, 'B', m.body)
+						continue
+					}
 				}
 				if si.descOK && si.marker >= 0 && needsColumnCount(b.resultFormats) {
 					b2 := b
@@ -195,8 +279,10 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 			} else {
 				u.out = appendMsg(u.out, 'B', m.body)
 			}
+			prevPortal, hadPortal := rs.portals[b.portal]
 			rs.portals[b.portal] = &portalInfo{stmt: si, bind: b}
-			p.q = append(p.q, &expectation{kind: expBind})
+			portal := b.portal
+			p.q = append(p.q, &expectation{kind: expBind, undo: func(bool) { restore(rs.portals, portal, prevPortal, hadPortal) }})
 		case 'D':
 			if len(m.body) < 2 {
 				return nil, errMalformedClient
@@ -204,6 +290,7 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 			name := strings.TrimSuffix(string(m.body[1:]), "\x00")
 			if m.body[0] == 'S' {
 				si := rs.stmts[name]
+				p.forget(name)
 				p.ensureParsed(si)
 				u.out = appendMsg(u.out, 'D', m.body)
 				p.q = append(p.q, &expectation{kind: expDescStmt, si: si})
@@ -221,14 +308,23 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 				return nil, errMalformedClient
 			}
 			name := strings.TrimSuffix(string(m.body[1:]), "\x00")
+			var undo func(bool)
 			if m.body[0] == 'S' {
+				prevSI, hadSI := rs.stmts[name]
+				prevParsed, hadParsed := u.parsed[name]
+				undo = func(bool) {
+					restore(rs.stmts, name, prevSI, hadSI)
+					restore(u.parsed, name, prevParsed, hadParsed)
+				}
 				delete(rs.stmts, name)
 				delete(u.parsed, name)
 			} else {
+				prevPortal, hadPortal := rs.portals[name]
+				undo = func(bool) { restore(rs.portals, name, prevPortal, hadPortal) }
 				delete(rs.portals, name)
 			}
 			u.out = appendMsg(u.out, 'C', m.body)
-			p.q = append(p.q, &expectation{kind: expClose})
+			p.q = append(p.q, &expectation{kind: expClose, undo: undo})
 		case 'S':
 			u.out = appendMsg(u.out, 'S', nil)
 			p.q = append(p.q, &expectation{kind: expSync})
@@ -345,19 +441,33 @@ func (p *pump) handle(m backendMsg) error {
 			e.idx = 1 << 30 // the rest of the query does not run
 			return nil
 		}
-		// Extended protocol: the store skips everything up to Sync.
-		for len(p.q) > 0 && p.q[0].kind != expSync {
-			if p.q[0].kind == expIntDesc && p.q[0].si != nil {
-				p.q[0].si.descPending = false
-			}
-			p.q = p.q[1:]
+		// Extended protocol: the message failed, and the store skips
+		// everything after it up to Sync.
+		// Their effects are taken back last first.
+		p.u.skipping = true
+		n := 0
+		for n < len(p.q) && p.q[n].kind != expSync {
+			n++
 		}
+		for i := n - 1; i >= 0; i-- {
+			p.q[i].drop(i == 0)
+		}
+		p.q = p.q[n:]
 		return nil
 	case 'Z':
 		status := byte('I')
 		if len(m.body) == 1 {
 			status = m.body[0]
 		}
+		// A ReadyForQuery answers the first Sync or simple query queued:
+		// anything before it was skipped by a store still discarding
+		// messages after an error (a batch ended by Flush failed).
+		p.skipToReady()
+		if len(p.q) == 0 {
+			rs.toClient(m.typ, m.body)
+			return nil
+		}
+		e = p.q[0]
 		p.q = p.q[1:]
 		if e.kind == expIntQuery {
 			return nil
@@ -419,7 +529,7 @@ func (p *pump) handle(m backendMsg) error {
 					if mk == 0 {
 						rs.toClient('n', nil)
 					} else {
-						rs.toClientRaw(encodeRowDescription(nil, fs[:mk]))
+						rs.toClient('T', rowDescriptionBody(fs[:mk]))
 					}
 					p.q = p.q[1:]
 					return nil
@@ -445,6 +555,23 @@ func (p *pump) handle(m backendMsg) error {
 		return nil
 	}
 	return nil
+}
+
+// skipToReady drops the expectations the store skipped before its next
+// ReadyForQuery.
+func (p *pump) skipToReady() {
+	n := 0
+	for n < len(p.q) {
+		k := p.q[n].kind
+		if k == expSync || k == expQuery || k == expFunc || k == expIntQuery {
+			break
+		}
+		n++
+	}
+	for i := n - 1; i >= 0; i-- { // last first
+		p.q[i].drop(false)
+	}
+	p.q = p.q[n:]
 }
 
 func markerIndex(fs []field) int {
@@ -585,7 +712,7 @@ func (p *pump) queryReply(e *expectation, m backendMsg) error {
 			if mk := markerIndex(fs); mk >= 0 {
 				e.fields, e.marker = fs, mk
 				if mk > 0 {
-					rs.toClientRaw(encodeRowDescription(nil, fs[:mk]))
+					rs.toClient('T', rowDescriptionBody(fs[:mk]))
 				}
 				return nil
 			}
@@ -632,10 +759,55 @@ func (p *pump) copyIn(m backendMsg, st *classify.StmtPlan) error {
 	if err := rs.cout.Flush(); err != nil {
 		return errClientGone
 	}
+	failed := false
 	for {
-		c := rs.nextClient()
+		// The store may reject the data midway: its error goes to the
+		// client at once, as it would directly, so that the client stops
+		// sending. After an error the store drops the rest of the copy.
+		for len(p.u.queue) > 0 {
+			bm := p.u.queue[0]
+			p.u.queue = p.u.queue[1:]
+			if bm.err != nil {
+				p.u.dead = bm.err
+				return bm.err
+			}
+			p.u.note(bm)
+			if err := p.handle(bm); err != nil {
+				return err
+			}
+			if err := rs.cout.Flush(); err != nil {
+				return errClientGone
+			}
+			switch bm.typ {
+			case 'E':
+				failed, p.u.out = true, p.u.out[:0]
+			case 'Z':
+				// A simple-query COPY ended by an error: the store is ready
+				// again; copy messages the client still sends are dropped
+				// by the store, as PostgreSQL documents.
+				return nil
+			}
+		}
+		var c clientMsg
+		if len(rs.pushback) > 0 {
+			c = rs.nextClient()
+		} else {
+			select {
+			case b := <-rs.clientIn:
+				rs.pushback = b
+				c = rs.nextClient()
+			case b := <-p.u.in:
+				p.u.queue = b
+				continue
+			case <-rs.ss.killCh:
+				return rs.ss.killErr
+			}
+		}
 		if c.err != nil {
 			return rs.clientErr(c.err)
+		}
+		if failed && c.typ == 'd' {
+			continue // the store drops it anyway
 		}
 		p.u.out = appendMsg(p.u.out, c.typ, c.body)
 		if len(p.u.out) > 64<<10 || c.typ == 'c' || c.typ == 'f' {

@@ -91,6 +91,7 @@ type Server struct {
 	breaker      *gobreaker.CircuitBreaker[struct{}]
 	breakerState atomic.Value // string, as the breaker last reported
 	cats         catalogs
+	oids         oidCache // user-defined OIDs translated between the stores
 	recordDrift  func(ctx context.Context, entries []table.DriftEntry) error
 	classifier   *classify.Classifier
 	mappings     atomic.Pointer[table.Mappings]

@@ -74,6 +74,12 @@ type StmtPlan struct {
 
 	Image   *Rewrite // non-nil for a DML statement that can be row-image mirrored
 	NoImage string   // when Kind == Write and Image == nil: why not
+
+	// Creates names the relation a CREATE TABLE, CREATE TABLE AS, SELECT
+	// INTO, CREATE VIEW or CREATE SEQUENCE makes, as written, and Temp
+	// says whether it is temporary (TEMP, or created in pg_temp).
+	Creates string
+	Temp    bool
 }
 
 // Rewrite says how a DML statement runs on the primary so that it also
@@ -304,7 +310,31 @@ func (c *Classifier) planStmt(version int32, node *pg_query.Node, text string, s
 	if sp.Kind == Write && sp.Image == nil && sp.NoImage == "" {
 		sp.NoImage = noImageReason(node, r)
 	}
+	if rv := createdRelation(node); rv != nil {
+		sp.Creates = rv.Relname
+		if rv.Schemaname != "" {
+			sp.Creates = rv.Schemaname + "." + rv.Relname
+		}
+		sp.Temp = rv.Relpersistence == "t" || rv.Schemaname == "pg_temp"
+	}
 	return sp
+}
+
+// createdRelation returns the relation a statement creates, or nil.
+func createdRelation(node *pg_query.Node) *pg_query.RangeVar {
+	switch n := node.GetNode().(type) {
+	case *pg_query.Node_CreateStmt:
+		return n.CreateStmt.GetRelation()
+	case *pg_query.Node_CreateTableAsStmt:
+		return n.CreateTableAsStmt.GetInto().GetRel()
+	case *pg_query.Node_SelectStmt:
+		return n.SelectStmt.GetIntoClause().GetRel()
+	case *pg_query.Node_ViewStmt:
+		return n.ViewStmt.GetView()
+	case *pg_query.Node_CreateSeqStmt:
+		return n.CreateSeqStmt.GetSequence()
+	}
+	return nil
 }
 
 // summarizeDML is classify for a top-level INSERT, UPDATE or DELETE, which

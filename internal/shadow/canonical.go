@@ -187,11 +187,19 @@ func baseFamily(oid uint32) string {
 // family is the comparison family of a column type; arrays are "array of"
 // their element family.
 func family(oid uint32) string {
+	if oid >= firstUserOID {
+		// User-defined and extension types have store-specific OIDs: the
+		// same type is numbered differently on the two stores.
+		return "user-defined"
+	}
 	if elem, ok := elemOf(oid); ok {
 		return "array of " + baseFamily(elem)
 	}
 	return baseFamily(oid)
 }
+
+// firstUserOID is PostgreSQL's FirstNormalObjectId.
+const firstUserOID = 16384
 
 // Canonical renders one wire value of type oid, sent in format (0 text,
 // 1 binary), as the string that is compared: two values that PostgreSQL

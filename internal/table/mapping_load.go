@@ -63,8 +63,9 @@ const controlSchema = "tandem"
 // InScope reports whether the old table n is in the migration's scope
 // (tables.include and tables.exclude), whether or not its mapping is usable.
 func (ms *Mappings) InScope(n Name) bool {
-	if n.Schema == controlSchema {
-		return false
+	if n.Schema == controlSchema || strings.HasPrefix(n.Schema, "pg_temp") || strings.HasPrefix(n.Schema, "pg_toast") ||
+		n.Schema == "pg_catalog" || n.Schema == "information_schema" {
+		return false // session-private and internal relations are never migrated
 	}
 	if ms.inScope[n] {
 		return true
