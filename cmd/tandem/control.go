@@ -151,7 +151,10 @@ func prepareSequences(ctx context.Context, cfg *config.Config, to route.Store) (
 			return route.SequenceSync{}, fmt.Errorf("loading the table mappings: %w", err)
 		}
 		for {
-			n, err := table.RepairWith(bound, control, conns[string(from)], conns[string(to)], table.RepairOptions{Target: string(to), Limit: 1000, Mappings: ms})
+			// Every entry, also those in their backoff after failing: a
+			// failure now fails the flip (a gate --force overrides).
+			n, err := table.RepairWith(bound, control, conns[string(from)], conns[string(to)], table.RepairOptions{
+				Target: string(to), Limit: 1000, Mappings: ms, IgnoreBackoff: true})
 			if err != nil {
 				repairErr = fmt.Errorf("repairing the drift the %s store missed before it becomes primary: %w", to, err)
 				break
