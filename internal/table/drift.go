@@ -314,8 +314,18 @@ type EntryFailures struct {
 	Errs    []error // one per table, or per entry when a table's entries failed apart
 }
 
+// Error names the first few failures: a pass may claim a thousand entries.
 func (e *EntryFailures) Error() string {
-	return fmt.Sprintf("%d drift entries could not be repaired: %v", e.Entries, errors.Join(e.Errs...))
+	const shown = 5
+	msgs := make([]string, 0, shown+1)
+	for i, err := range e.Errs {
+		if i == shown {
+			msgs = append(msgs, fmt.Sprintf("and %d more", len(e.Errs)-shown))
+			break
+		}
+		msgs = append(msgs, err.Error())
+	}
+	return fmt.Sprintf("%d drift entries could not be repaired: %s", e.Entries, strings.Join(msgs, "; "))
 }
 
 func (e *EntryFailures) Unwrap() []error { return e.Errs }
