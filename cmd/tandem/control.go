@@ -472,25 +472,35 @@ func (cp *controlPlane) repair(ctx context.Context, srv *proxy.Server) {
 			cp.repairMu.Unlock()
 		}()
 
-		for _, target := range []route.Store{st.Primary, st.Secondary()} {
-			n, err := cp.repairOnce(pctx, st, target, conns)
-			var failed *table.EntryFailures
-			switch {
-			case pctx.Err() != nil:
-				closeAll() // a cancelled pass may leave them mid-transaction
-				return
-			case errors.As(err, &failed):
-				cp.log.Warn("drift entries could not be repaired; each is retried after its backoff (tandem route show lists those stuck)",
-					"failed", failed.Entries, "repaired", n, "stale", target, "error", err)
-			case err != nil:
-				cp.log.Warn("drift repair failed; retrying on fresh connections", "error", err, "stale", target, "repaired", n)
-				closeAll()
-				return
-			case n > 0:
-				cp.log.Info("drift repaired", "entries", n, "stale", target, "primary", st.Primary)
-			}
+		if !cp.repairPass(pctx, st, conns) {
+			closeAll() // a store error, or a cancelled pass that may have left them mid-transaction
 		}
 	})
+}
+
+// repairPass repairs the entries stale on st's primary, then those stale on
+// its secondary, on conns (connecting what is missing). Entries that fail
+// do not end it (their failures are on the entries); it returns false when
+// a store error or the end of ctx did, and the connections must be
+// replaced.
+func (cp *controlPlane) repairPass(ctx context.Context, st route.State, conns map[route.Store]*pgx.Conn) bool {
+	for _, target := range []route.Store{st.Primary, st.Secondary()} {
+		n, err := cp.repairOnce(ctx, st, target, conns)
+		var failed *table.EntryFailures
+		switch {
+		case ctx.Err() != nil:
+			return false
+		case errors.As(err, &failed):
+			cp.log.Warn("drift entries could not be repaired; each is retried after its backoff (tandem route show lists those stuck)",
+				"failed", failed.Entries, "repaired", n, "stale", target, "error", err)
+		case err != nil:
+			cp.log.Warn("drift repair failed; retrying on fresh connections", "error", err, "stale", target, "repaired", n)
+			return false
+		case n > 0:
+			cp.log.Info("drift repaired", "entries", n, "stale", target, "primary", st.Primary)
+		}
+	}
+	return true
 }
 
 // stopRepair cancels a running repair pass and waits until it has ended,

@@ -15,6 +15,7 @@ import (
 	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 )
 
@@ -183,5 +184,122 @@ func TestRepairerIsolatesFailures(t *testing.T) {
 	verifyAll(t, file)
 	if out, errOut, err := cli("route", "set", "-c", file, "--primary", "new", "--reads", "100"); err != nil {
 		t.Fatalf("flip after the repair: %v\n%s%s", err, out, errOut)
+	}
+}
+
+// TestRepairPassGoesOn: one repair pass, as the proxy's repairer runs it.
+// An entry stale on the primary that fails (its table is gone) does not
+// end the pass: the entries stale on the secondary, on three tables, are
+// repaired in the same pass (issue 10: the pass used to end at the first
+// failure, so they never were). A store error (the new store's session
+// killed) does end it, asking for fresh connections, and counts against
+// no entry.
+func TestRepairPassGoesOn(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	_, cfg := pairConfig(t, oldC, newC, "pass-proxy")
+	tables := []string{"t1", "t2", "t3"}
+	for _, tb := range tables {
+		mustExec(t, oldC, fmt.Sprintf("CREATE TABLE %s (id int PRIMARY KEY, v text); INSERT INTO %[1]s SELECT i, 'v' || i FROM generate_series(1, 10) i", tb))
+		mustExec(t, newC, fmt.Sprintf("CREATE TABLE %s (id int PRIMARY KEY, v text); INSERT INTO %[1]s SELECT i, 'stale' FROM generate_series(1, 5) i", tb))
+	}
+	cp, err := openControl(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cp.stop()
+	ctx := context.Background()
+	entries := []table.DriftEntry{{Table: table.Name{Schema: "public", Table: "ghost"}, Key: []string{"1"}, Stale: table.StaleOld}}
+	for _, tb := range tables {
+		for i := 1; i <= 10; i++ {
+			entries = append(entries, table.DriftEntry{Table: table.Name{Schema: "public", Table: tb}, Key: []string{fmt.Sprint(i)}})
+		}
+	}
+	if err := table.RecordDrift(ctx, cp.pool, entries); err != nil {
+		t.Fatal(err)
+	}
+	conns := map[route.Store]*pgx.Conn{}
+	defer func() {
+		for _, c := range conns {
+			c.Close(ctx)
+		}
+	}()
+	st := route.State{Version: 2, Settings: route.Settings{Primary: route.Old, Mirror: true}}
+	if !cp.repairPass(ctx, st, conns) {
+		t.Fatal("the pass ended early")
+	}
+	type entry struct {
+		Table    string
+		Open     bool
+		Attempts int
+	}
+	read := func() map[string]entry {
+		rows, err := cp.pool.Query(ctx, "SELECT table_name, bool_or(repaired_at IS NULL), max(attempts) FROM tandem.drift GROUP BY table_name")
+		if err != nil {
+			t.Fatal(err)
+		}
+		list, err := pgx.CollectRows(rows, pgx.RowToStructByPos[entry])
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := map[string]entry{}
+		for _, e := range list {
+			m[e.Table] = e
+		}
+		return m
+	}
+	got := read()
+	if g := got["ghost"]; !g.Open || g.Attempts != 1 {
+		t.Errorf("ghost entry: %+v, want open after 1 attempt", g)
+	}
+	for _, tb := range tables {
+		if got[tb].Open {
+			t.Errorf("%s: entries still open after the pass", tb)
+		}
+		var o, n string
+		q := "SELECT string_agg(id || v, ',' ORDER BY id) FROM " + tb
+		if err := conns[route.Old].QueryRow(ctx, q).Scan(&o); err != nil {
+			t.Fatal(err)
+		}
+		if err := conns[route.New].QueryRow(ctx, q).Scan(&n); err != nil || o != n {
+			t.Errorf("%s differs after the pass: old %s, new %s (%v)", tb, o, n, err)
+		}
+	}
+
+	// The new store's session dies: the pass ends, and no entry is blamed.
+	mustExec(t, newC, "UPDATE t1 SET v = 'stale again' WHERE id = 1")
+	if err := table.RecordDrift(ctx, cp.pool, []table.DriftEntry{{Table: table.Name{Schema: "public", Table: "t1"}, Key: []string{"1"}, Reason: "second"}}); err != nil {
+		t.Fatal(err)
+	}
+	pid := conns[route.New].PgConn().PID()
+	mustExec(t, newC, fmt.Sprintf("SELECT pg_terminate_backend(%d)", pid))
+	watch, err := pgx.Connect(ctx, newC.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watch.Close(ctx)
+	waitFor(t, func() bool {
+		var alive bool
+		if err := watch.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", int(pid)).Scan(&alive); err != nil {
+			t.Fatal(err)
+		}
+		return !alive
+	})
+	if cp.repairPass(ctx, st, conns) {
+		t.Fatal("the pass went on with the new store's session gone")
+	}
+	var attempts int
+	var open bool
+	if err := cp.pool.QueryRow(ctx, "SELECT attempts, repaired_at IS NULL FROM tandem.drift WHERE reason = 'second'").Scan(&attempts, &open); err != nil ||
+		attempts != 0 || !open {
+		t.Errorf("entry after a store error: attempts %d, open %v (%v)", attempts, open, err)
+	}
+	// Fresh connections, as the repairer makes them: repaired.
+	conns[route.New].Close(ctx)
+	delete(conns, route.New)
+	if !cp.repairPass(ctx, st, conns) {
+		t.Fatal("the pass on fresh connections ended early")
+	}
+	if err := cp.pool.QueryRow(ctx, "SELECT repaired_at IS NULL FROM tandem.drift WHERE reason = 'second'").Scan(&open); err != nil || open {
+		t.Errorf("entry still open on fresh connections (%v)", err)
 	}
 }
