@@ -38,7 +38,8 @@ table's last verify (tandem compare) is missing, not clean, or older than
 gates.verify_max_age; the confirmed shadow mismatch rate over
 gates.shadow_window is above gates.shadow_max_mismatch_rate; drift is open;
 drift is stuck (entries the repairer failed on routing.drift_stuck_attempts
-times, named with their last error); a replica's breaker is open or it has not acknowledged the current version.
+times, named with their last error); a replica's breaker is open or it has
+not acknowledged the current version.
 Each refusal names the tables or fingerprints and the numbers. --force
 overrides gates, never the rules above, and is recorded in the history. A flip raises a write fence: new write
 transactions wait, in-flight ones get routing.fence_timeout to end (else the
@@ -239,7 +240,7 @@ replicas acknowledged the new version.
 	mirror := fs.String("mirror", "", "apply writes to the other store as well: on or off")
 	reads := fs.Int("reads", 0, "percent of eligible reads served by the new store, 0..100")
 	shadow := fs.Int("shadow", 0, "percent of reads also run on the other store and compared, 0..100 (stored and followed; the comparison itself comes with tandem compare)")
-	force := fs.Bool("force", false, "override failing cutover gates (open drift, open breaker, lagging replica); recorded in the history")
+	force := fs.Bool("force", false, "override failing cutover gates (open or stuck drift, open breaker, lagging replica); recorded in the history")
 	reason := fs.String("reason", "", "why, for the history")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		var req admin.RouteRequest
