@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -95,7 +96,8 @@ func newRouting(cfg *config.Config, log *slog.Logger, observe func(context.Conte
 				return prepareSequences(ctx, cfg, to)
 			},
 		},
-		Observe: observe,
+		Observe:       observe,
+		StuckAttempts: cfg.Routing.DriftStuckAttempts,
 	}, nil
 }
 
@@ -151,7 +153,10 @@ func prepareSequences(ctx context.Context, cfg *config.Config, to route.Store) (
 			return route.SequenceSync{}, fmt.Errorf("loading the table mappings: %w", err)
 		}
 		for {
-			n, err := table.RepairWith(bound, control, conns[string(from)], conns[string(to)], table.RepairOptions{Target: string(to), Limit: 1000, Mappings: ms})
+			// Every entry, also those in their backoff after failing: a
+			// failure now fails the flip (a gate --force overrides).
+			n, err := table.RepairWith(bound, control, conns[string(from)], conns[string(to)], table.RepairOptions{
+				Target: string(to), Limit: 1000, Mappings: ms, IgnoreBackoff: true})
 			if err != nil {
 				repairErr = fmt.Errorf("repairing the drift the %s store missed before it becomes primary: %w", to, err)
 				break
@@ -413,6 +418,11 @@ func (cp *controlPlane) refreshDrift(ctx context.Context, srv *proxy.Server, pm 
 		srv.SetDriftTables(names)
 		pm.R().DriftOpen(total)
 		cp.drift.Store(total)
+		if _, stuck, err := table.StuckDrift(ctx, cp.pool, cp.cfg.Routing.DriftStuckAttempts, 0); err == nil {
+			pm.R().DriftStuck(stuck)
+		} else if ctx.Err() == nil {
+			cp.log.Warn("cannot read the stuck drift entries", "error", err)
+		}
 	})
 }
 
@@ -421,8 +431,10 @@ func (cp *controlPlane) refreshDrift(ctx context.Context, srv *proxy.Server, pm 
 // the secondary are copied from the primary; entries stale on the primary
 // (writes it missed as the secondary, before a write flip or a rollback)
 // are copied from the secondary, first, with the lock order RepairPrimary
-// keeps. Failures are logged and retried with fresh connections; they
-// never stop the proxy.
+// keeps. An entry that fails is recorded on the entry and backs off
+// (table.RepairWith); the pass goes on with the other entries and the
+// other store (issue 10). A store error ends the pass, and the next one
+// runs on fresh connections. Failures never stop the proxy.
 func (cp *controlPlane) repair(ctx context.Context, srv *proxy.Server) {
 	conns := map[route.Store]*pgx.Conn{}
 	closeAll := func() {
@@ -460,21 +472,35 @@ func (cp *controlPlane) repair(ctx context.Context, srv *proxy.Server) {
 			cp.repairMu.Unlock()
 		}()
 
-		for _, target := range []route.Store{st.Primary, st.Secondary()} {
-			n, err := cp.repairOnce(pctx, st, target, conns)
-			switch {
-			case pctx.Err() != nil:
-				closeAll() // a cancelled pass may leave them mid-transaction
-				return
-			case err != nil:
-				cp.log.Warn("drift repair failed; retrying", "error", err, "stale", target, "repaired", n)
-				closeAll()
-				return
-			case n > 0:
-				cp.log.Info("drift repaired", "entries", n, "stale", target, "primary", st.Primary)
-			}
+		if !cp.repairPass(pctx, st, conns) {
+			closeAll() // a store error, or a cancelled pass that may have left them mid-transaction
 		}
 	})
+}
+
+// repairPass repairs the entries stale on st's primary, then those stale on
+// its secondary, on conns (connecting what is missing). Entries that fail
+// do not end it (their failures are on the entries); it returns false when
+// a store error or the end of ctx did, and the connections must be
+// replaced.
+func (cp *controlPlane) repairPass(ctx context.Context, st route.State, conns map[route.Store]*pgx.Conn) bool {
+	for _, target := range []route.Store{st.Primary, st.Secondary()} {
+		n, err := cp.repairOnce(ctx, st, target, conns)
+		var failed *table.EntryFailures
+		switch {
+		case ctx.Err() != nil:
+			return false
+		case errors.As(err, &failed):
+			cp.log.Warn("drift entries could not be repaired; each is retried after its backoff (tandem route show lists those stuck)",
+				"failed", failed.Entries, "repaired", n, "stale", target, "error", err)
+		case err != nil:
+			cp.log.Warn("drift repair failed; retrying on fresh connections", "error", err, "stale", target, "repaired", n)
+			return false
+		case n > 0:
+			cp.log.Info("drift repaired", "entries", n, "stale", target, "primary", st.Primary)
+		}
+	}
+	return true
 }
 
 // stopRepair cancels a running repair pass and waits until it has ended,
@@ -523,5 +549,6 @@ func (cp *controlPlane) repairOnce(ctx context.Context, st route.State, target r
 	}
 	return table.RepairWith(ctx, pc.Conn(), conns[source], conns[target], table.RepairOptions{
 		Target: string(target), Limit: 1000, TargetIsPrimary: target == st.Primary, Mappings: cp.mappings.Load(),
+		Backoff: table.Backoff{Base: cp.cfg.Routing.RepairInterval.Duration(), Max: cp.cfg.Routing.RepairBackoffMax.Duration()},
 	})
 }

@@ -43,8 +43,9 @@ control schema "tandem" (control.dsn, else the old store): it creates the
 schema if needed, follows every change by LISTEN/NOTIFY (polling every
 routing.poll), drains its writes for a write flip's fence, records skipped
 or failed mirror writes in the drift ledger and repairs them every
-routing.repair_interval. It refuses to start when the control database is
-unreachable.
+routing.repair_interval (an entry that fails backs off, up to
+routing.repair_backoff_max, and is stuck after routing.drift_stuck_attempts
+failures). It refuses to start when the control database is unreachable.
 
 On SIGTERM or SIGINT the proxy stops accepting, lets open transactions finish
 within --drain-timeout, then closes the remaining sessions with SQLSTATE 57P01.`,

@@ -36,8 +36,10 @@ A write flip to new is also refused while a cutover gate fails: a table
 mapping has problems; the backfill of a table in scope is unfinished; a
 table's last verify (tandem compare) is missing, not clean, or older than
 gates.verify_max_age; the confirmed shadow mismatch rate over
-gates.shadow_window is above gates.shadow_max_mismatch_rate; drift is open; a
-replica's breaker is open or it has not acknowledged the current version.
+gates.shadow_window is above gates.shadow_max_mismatch_rate; drift is open;
+drift is stuck (entries the repairer failed on routing.drift_stuck_attempts
+times, named with their last error); a replica's breaker is open or it has
+not acknowledged the current version.
 Each refusal names the tables or fingerprints and the numbers. --force
 overrides gates, never the rules above, and is recorded in the history. A flip raises a write fence: new write
 transactions wait, in-flight ones get routing.fence_timeout to end (else the
@@ -105,8 +107,10 @@ func newRouteShowCmd() *cobra.Command {
 		Short: "Show the routing state, its history, the replicas and the open drift",
 		Long: `Show the routing state (version, settings, write fence), the last changes, every
 proxy replica with the version and fence it acknowledged, its heartbeat, its
-breaker and its writers, and the open drift. --json prints the same as the
-admin API's GET /api/v1/state.`,
+breaker and its writers, and the open drift, with the entries the repairer
+keeps failing on (stuck: at least routing.drift_stuck_attempts failed
+attempts; they refuse a write flip) and their last error. --json prints the
+same as the admin API's GET /api/v1/state.`,
 		Example: "  tandem route show -c tandem.yaml\n  tandem route show -c tandem.yaml --json",
 		Args:    cobra.NoArgs,
 	}
@@ -158,6 +162,16 @@ func printStatus(out io.Writer, st admin.Status, live time.Duration) {
 			if n := d.Stale[string(store)]; n > 0 {
 				fmt.Fprintf(out, "  %d missed by the %s store\n", n, store)
 			}
+		}
+	}
+	if d := st.Drift; d != nil && d.Stuck > 0 {
+		fmt.Fprintf(out, "stuck drift: %d entries failed to repair at least %d times (routing.drift_stuck_attempts); a write flip is refused until they are repaired:\n",
+			d.Stuck, d.StuckAttempts)
+		for _, e := range d.StuckEntries {
+			fmt.Fprintf(out, "  %s; next attempt %s\n", e, e.NextAttempt.Local().Format(time.RFC3339))
+		}
+		if n := d.Stuck - int64(len(d.StuckEntries)); n > 0 {
+			fmt.Fprintf(out, "  and %d more (SELECT * FROM tandem.drift WHERE repaired_at IS NULL AND attempts >= %d)\n", n, d.StuckAttempts)
 		}
 	}
 
@@ -226,7 +240,7 @@ replicas acknowledged the new version.
 	mirror := fs.String("mirror", "", "apply writes to the other store as well: on or off")
 	reads := fs.Int("reads", 0, "percent of eligible reads served by the new store, 0..100")
 	shadow := fs.Int("shadow", 0, "percent of reads also run on the other store and compared, 0..100 (stored and followed; the comparison itself comes with tandem compare)")
-	force := fs.Bool("force", false, "override failing cutover gates (open drift, open breaker, lagging replica); recorded in the history")
+	force := fs.Bool("force", false, "override failing cutover gates (open or stuck drift, open breaker, lagging replica); recorded in the history")
 	reason := fs.String("reason", "", "why, for the history")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		var req admin.RouteRequest

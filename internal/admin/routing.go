@@ -33,6 +33,11 @@ type Routing struct {
 	Observe func(ctx context.Context, rep route.Report)
 	// History is how many history entries Status returns (default 10).
 	History int
+	// StuckAttempts is the failed repair attempts after which a drift entry
+	// is stuck (routing.drift_stuck_attempts; default
+	// table.DefaultStuckAttempts): Status lists it and StuckDriftGate
+	// refuses a write flip.
+	StuckAttempts int
 }
 
 // Status is the routing state as GET /api/v1/state and `tandem route show`
@@ -49,6 +54,37 @@ type Drift struct {
 	Open   int64            `json:"open"`   // open entries
 	Tables map[string]int   `json:"tables"` // open entries per "schema.table"
 	Stale  map[string]int64 `json:"stale"`  // open entries per store that missed the writes ("old", "new")
+	// Stuck is the open entries the repairer has failed on at least
+	// StuckAttempts times; StuckEntries are the first of them (failing
+	// longest first).
+	Stuck         int64        `json:"stuck"`
+	StuckAttempts int          `json:"stuck_attempts"`
+	StuckEntries  []StuckEntry `json:"stuck_entries"`
+}
+
+// StuckEntry is a drift entry the repairer keeps failing on.
+type StuckEntry struct {
+	ID           int64     `json:"id"`    // tandem.drift.id
+	Table        string    `json:"table"` // "schema.table", as the store that had the write names it
+	Key          []string  `json:"key"`   // the key values as text; null = the whole table
+	Stale        string    `json:"stale"` // the store that missed the write ("old", "new")
+	Reason       string    `json:"reason"`
+	Attempts     int       `json:"attempts"`
+	LastError    string    `json:"last_error"`
+	FailingSince time.Time `json:"failing_since"`
+	NextAttempt  time.Time `json:"next_attempt"`
+}
+
+// stuckShown is how many stuck entries Status and the gate name.
+const stuckShown = 10
+
+func (e StuckEntry) String() string {
+	key := "(whole table)"
+	if e.Key != nil {
+		key = "key (" + strings.Join(e.Key, ", ") + ")"
+	}
+	return fmt.Sprintf("entry %d: %s %s, stale on %s, %d attempts since %s, last error: %s",
+		e.ID, e.Table, key, e.Stale, e.Attempts, e.FailingSince.UTC().Format(time.RFC3339), e.LastError)
 }
 
 // RouteRequest is a partial routing change: nil fields keep their current
@@ -135,21 +171,34 @@ func (r *Routing) Status(ctx context.Context) (Status, error) {
 	if st.History, err = route.History(ctx, conn, n); err != nil {
 		return st, err
 	}
-	st.Drift, err = openDrift(ctx, conn)
+	st.Drift, err = openDrift(ctx, conn, r.stuckAttempts())
 	return st, err
 }
 
-// openDrift reads the drift ledger; nil when it does not exist.
-func openDrift(ctx context.Context, conn *pgx.Conn) (*Drift, error) {
-	m, err := table.OpenDriftByStore(ctx, conn)
+func (r *Routing) stuckAttempts() int {
+	if r.StuckAttempts > 0 {
+		return r.StuckAttempts
+	}
+	return table.DefaultStuckAttempts
+}
+
+// noLedger reports whether err says the drift ledger does not exist.
+func noLedger(err error) bool {
 	var pe *pgconn.PgError
-	if errors.As(err, &pe) && pe.Code == "42P01" { // undefined_table: no proxy with a new store has run yet
+	return errors.As(err, &pe) && pe.Code == "42P01" // undefined_table: no proxy with a new store has run yet
+}
+
+// openDrift reads the drift ledger, with the entries stuck at
+// stuckAttempts; nil when it does not exist.
+func openDrift(ctx context.Context, conn *pgx.Conn, stuckAttempts int) (*Drift, error) {
+	m, err := table.OpenDriftByStore(ctx, conn)
+	if noLedger(err) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, err
 	}
-	d := &Drift{Tables: map[string]int{}, Stale: map[string]int64{}}
+	d := &Drift{Tables: map[string]int{}, Stale: map[string]int64{}, StuckAttempts: stuckAttempts, StuckEntries: []StuckEntry{}}
 	for store, tables := range m {
 		for name, n := range tables {
 			d.Tables[name.String()] += n
@@ -157,14 +206,31 @@ func openDrift(ctx context.Context, conn *pgx.Conn) (*Drift, error) {
 			d.Open += int64(n)
 		}
 	}
+	if d.StuckEntries, d.Stuck, err = stuckDrift(ctx, conn, stuckAttempts); err != nil {
+		return nil, err
+	}
 	return d, nil
+}
+
+// stuckDrift reads the first stuck entries and how many there are.
+func stuckDrift(ctx context.Context, conn *pgx.Conn, attempts int) ([]StuckEntry, int64, error) {
+	list, total, err := table.StuckDrift(ctx, conn, attempts, stuckShown)
+	if err != nil {
+		return nil, 0, err
+	}
+	out := make([]StuckEntry, 0, len(list))
+	for _, e := range list {
+		out = append(out, StuckEntry{ID: e.ID, Table: e.Table.String(), Key: e.Key, Stale: e.Stale, Reason: e.Reason,
+			Attempts: e.Attempts, LastError: e.LastError, FailingSince: e.FailingSince, NextAttempt: e.NextAttempt})
+	}
+	return out, total, nil
 }
 
 // DriftGate is the cutover gate on open drift: a write flip is refused
 // while the drift ledger has open entries, since the store becoming
 // primary may miss those writes.
 func DriftGate(ctx context.Context, conn *pgx.Conn, cur, next route.Settings) error {
-	d, err := openDrift(ctx, conn)
+	d, err := openDrift(ctx, conn, table.DefaultStuckAttempts)
 	if err != nil || d == nil || d.Open == 0 {
 		return err
 	}
@@ -186,9 +252,40 @@ func DriftGate(ctx context.Context, conn *pgx.Conn, cur, next route.Settings) er
 		d.Open, len(d.Tables), strings.Join(names, ", "), strings.Join(stale, ", "))}
 }
 
+// StuckDriftGate is the cutover gate on stuck drift: a write flip is
+// refused while an open drift entry has failed to repair at least attempts
+// times, naming the first entries with their error. DriftGate refuses
+// while any entry is open; this one says which entries will not close by
+// themselves, and what to do about them (issue 10).
+func StuckDriftGate(attempts int) route.Gate {
+	return func(ctx context.Context, conn *pgx.Conn, cur, next route.Settings) error {
+		list, total, err := stuckDrift(ctx, conn, attempts)
+		if noLedger(err) || (err == nil && total == 0) {
+			return nil
+		}
+		if err != nil {
+			return &route.IllegalError{Gate: true, Reason: "stuck drift could not be checked: " + err.Error()}
+		}
+		shown := make([]string, 0, len(list))
+		for i, e := range list {
+			if i == 3 {
+				shown = append(shown, fmt.Sprintf("and %d more", total-3))
+				break
+			}
+			shown = append(shown, e.String())
+		}
+		return &route.IllegalError{Gate: true, Reason: fmt.Sprintf(
+			"drift is stuck: %d entries failed to repair at least %d times (routing.drift_stuck_attempts): %s; "+
+				"fix the cause (the table's mapping, or the row the stale store rejects) and the repairer retries each entry within routing.repair_backoff_max; "+
+				"an entry that can never apply (a dropped or temporary table) can be closed with UPDATE tandem.drift SET repaired_at = now() WHERE id = <id>; "+
+				"tandem route show lists them",
+			total, attempts, strings.Join(shown, "; "))}
+	}
+}
+
 func (r *Routing) options() route.Options {
 	o := r.Options
-	o.Gates = append(slices.Clip(o.Gates), DriftGate)
+	o.Gates = append(slices.Clip(o.Gates), DriftGate, StuckDriftGate(r.stuckAttempts()))
 	return o
 }
 

@@ -3,6 +3,7 @@ package admin
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -172,3 +173,103 @@ func TestRoutingNotConfigured(t *testing.T) {
 		}
 	}
 }
+
+// TestStuckDriftGate: an entry the repairer has failed on
+// routing.drift_stuck_attempts times refuses a write flip, named with its
+// key, attempts and last error and a hint; Status lists it; --force
+// overrides; once the cause is fixed and the entry repaired, the flip
+// passes.
+func TestStuckDriftGate(t *testing.T) {
+	c := pgtest.New(t)
+	ctx := context.Background()
+	connect := func(ctx context.Context) (*pgx.Conn, error) { return pgx.Connect(ctx, c.DSN("postgres")) }
+	var conns []*pgx.Conn
+	for range 3 {
+		conn, err := connect(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close(ctx)
+		conns = append(conns, conn)
+	}
+	control, source, target := conns[0], conns[1], conns[2]
+	if err := route.EnsureSchema(ctx, control); err != nil {
+		t.Fatal(err)
+	}
+	if err := table.EnsureSchema(ctx, control); err != nil {
+		t.Fatal(err)
+	}
+	rt := &Routing{
+		Connect:       connect,
+		Options:       route.Options{FenceTimeout: time.Second, AckTimeout: time.Second},
+		StuckAttempts: 3,
+	}
+	if _, err := rt.Route(ctx, "test", RouteRequest{Mirror: ptr(true)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := table.RecordDrift(ctx, control, []table.DriftEntry{{Table: table.Name{Schema: "public", Table: "ghost"}, Key: []string{"7"}}}); err != nil {
+		t.Fatal(err)
+	}
+	// The repairer fails on it (the table does not exist), attempt after
+	// attempt. Source and target are one database: a repair copies a row
+	// onto itself, which is enough to settle an entry.
+	repair := func() (int, error) {
+		return table.RepairWith(ctx, control, source, target, table.RepairOptions{Target: table.StaleNew, Limit: 10, IgnoreBackoff: true})
+	}
+	flip := func(force bool) (Result, error) {
+		return rt.Route(ctx, "test", RouteRequest{Primary: ptr(string(route.New)), Reads: ptr(100), Force: force})
+	}
+	for attempt := 1; attempt <= 3; attempt++ {
+		if n, err := repair(); n != 0 || err == nil {
+			t.Fatalf("attempt %d: %d, %v; want a failure", attempt, n, err)
+		}
+		_, err := flip(false)
+		var ie *route.IllegalError
+		if !errors.As(err, &ie) || !strings.Contains(ie.Reason, "drift is open: 1 entries") {
+			t.Fatalf("flip after %d attempts: %v", attempt, err)
+		}
+		if stuck := strings.Contains(ie.Reason, "drift is stuck"); stuck != (attempt == 3) {
+			t.Fatalf("flip after %d attempts (stuck at 3): %s", attempt, ie.Reason)
+		}
+		if attempt < 3 {
+			continue
+		}
+		for _, want := range []string{"drift is stuck: 1 entries failed to repair at least 3 times (routing.drift_stuck_attempts)",
+			"public.ghost key (7), stale on new, 3 attempts since", "last error: repairing public.ghost on new: on the primary: table public.ghost does not exist",
+			"fix the cause", "UPDATE tandem.drift SET repaired_at = now() WHERE id = <id>", "(--force overrides)"} {
+			if !strings.Contains(ie.Reason, want) {
+				t.Errorf("refusal lacks %q:\n%s", want, ie.Reason)
+			}
+		}
+	}
+	st, err := rt.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := st.Drift; d == nil || d.Stuck != 1 || d.StuckAttempts != 3 || len(d.StuckEntries) != 1 || d.StuckEntries[0].Table != "public.ghost" ||
+		d.StuckEntries[0].Attempts != 3 || !strings.Contains(d.StuckEntries[0].LastError, "does not exist") || d.StuckEntries[0].FailingSince.IsZero() {
+		t.Fatalf("status drift: %+v", st.Drift)
+	}
+
+	// --force goes past it, and the history says so; roll back.
+	res, err := flip(true)
+	if err != nil || res.State.Primary != route.New || !strings.Contains(strings.Join(res.Report.Forced, "; "), "drift is stuck") {
+		t.Fatalf("forced flip: %+v %v", res, err)
+	}
+	if _, err := rt.Rollback(ctx, "test", "", false); err != nil {
+		t.Fatal(err)
+	}
+
+	// The cause fixed, the entry is repaired: the flip passes.
+	if _, err := control.Exec(ctx, "CREATE TABLE ghost (id int PRIMARY KEY); INSERT INTO ghost VALUES (7)"); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := repair(); n != 1 || err != nil {
+		t.Fatalf("repair after the fix: %d, %v", n, err)
+	}
+	if res, err := flip(false); err != nil || res.State.Primary != route.New || len(res.Report.Forced) != 0 {
+		t.Fatalf("flip after the repair: %+v %v", res, err)
+	}
+}
+
+func ptr[T any](v T) *T { return &v }

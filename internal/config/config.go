@@ -118,14 +118,16 @@ type Control struct {
 
 // Routing configures the write path while mirroring, and the write flip.
 type Routing struct {
-	ReplicaID       string   `yaml:"replica_id"`       // this proxy's id in tandem.replicas; default host:pid
-	MirrorBudget    Duration `yaml:"mirror_budget"`    // per-statement latency budget on the secondary; default 500ms
-	BreakerFailures int      `yaml:"breaker_failures"` // consecutive secondary failures that open the breaker; default 5
-	BreakerOpen     Duration `yaml:"breaker_open"`     // how long the breaker stays open before a trial; default 5s
-	Poll            Duration `yaml:"poll"`             // state poll fallback and heartbeat interval; default 2s
-	FenceTimeout    Duration `yaml:"fence_timeout"`    // how long a write flip waits for in-flight writes; default 5s
-	SequenceMargin  int      `yaml:"sequence_margin"`  // added to each sequence when synced at a flip; default 1000
-	RepairInterval  Duration `yaml:"repair_interval"`  // how often the drift repairer looks at the ledger; default 1s
+	ReplicaID          string   `yaml:"replica_id"`           // this proxy's id in tandem.replicas; default host:pid
+	MirrorBudget       Duration `yaml:"mirror_budget"`        // per-statement latency budget on the secondary; default 500ms
+	BreakerFailures    int      `yaml:"breaker_failures"`     // consecutive secondary failures that open the breaker; default 5
+	BreakerOpen        Duration `yaml:"breaker_open"`         // how long the breaker stays open before a trial; default 5s
+	Poll               Duration `yaml:"poll"`                 // state poll fallback and heartbeat interval; default 2s
+	FenceTimeout       Duration `yaml:"fence_timeout"`        // how long a write flip waits for in-flight writes; default 5s
+	SequenceMargin     int      `yaml:"sequence_margin"`      // added to each sequence when synced at a flip; default 1000
+	RepairInterval     Duration `yaml:"repair_interval"`      // how often the drift repairer looks at the ledger; default 1s
+	RepairBackoffMax   Duration `yaml:"repair_backoff_max"`   // the longest wait before a failing drift entry is retried; default 5m
+	DriftStuckAttempts int      `yaml:"drift_stuck_attempts"` // failed repair attempts after which a drift entry is stuck (refuses a write flip); default 5
 }
 
 // Shadow configures shadow reads: the routing state's shadow percentage
@@ -182,13 +184,15 @@ func Default() Config {
 		},
 		Relay: Relay{Engine: RelayEpoll},
 		Routing: Routing{
-			MirrorBudget:    Duration(500e6),
-			BreakerFailures: 5,
-			BreakerOpen:     Duration(5e9),
-			Poll:            Duration(2e9),
-			FenceTimeout:    Duration(5e9),
-			SequenceMargin:  1000,
-			RepairInterval:  Duration(1e9),
+			MirrorBudget:       Duration(500e6),
+			BreakerFailures:    5,
+			BreakerOpen:        Duration(5e9),
+			Poll:               Duration(2e9),
+			FenceTimeout:       Duration(5e9),
+			SequenceMargin:     1000,
+			RepairInterval:     Duration(1e9),
+			RepairBackoffMax:   Duration(300e9),
+			DriftStuckAttempts: 5,
 		},
 		Shadow: Shadow{
 			Queue:          1000,
@@ -330,6 +334,12 @@ func options() []option {
 		{path: "routing.repair_interval", flag: "repair-interval",
 			usage: "how often the drift repairer re-copies the keys in the drift ledger, e.g. 1s (must be > 0)",
 			field: func(c *Config) any { return &c.Routing.RepairInterval }},
+		{path: "routing.repair_backoff_max", flag: "repair-backoff-max",
+			usage: "a drift entry the repairer fails on waits 2, 4, 8... times routing.repair_interval before its next attempt, at most this, e.g. 5m (must be >= routing.repair_interval)",
+			field: func(c *Config) any { return &c.Routing.RepairBackoffMax }},
+		{path: "routing.drift_stuck_attempts", flag: "drift-stuck-attempts",
+			usage: "failed repair attempts after which a drift entry counts as stuck: shown by tandem route show and the tandem_drift_stuck metric, and a write flip is refused (at least 1)",
+			field: func(c *Config) any { return &c.Routing.DriftStuckAttempts }},
 		{path: "shadow.queue", flag: "shadow-queue",
 			usage: "reads waiting for their shadow run; when the queue is full a sample is dropped and counted, never waited for (at least 1)",
 			field: func(c *Config) any { return &c.Shadow.Queue }},

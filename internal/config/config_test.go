@@ -104,7 +104,7 @@ func TestDefault(t *testing.T) {
 		Relay: Relay{Engine: "epoll"},
 		Routing: Routing{MirrorBudget: Duration(500 * time.Millisecond), BreakerFailures: 5, BreakerOpen: Duration(5 * time.Second),
 			Poll: Duration(2 * time.Second), FenceTimeout: Duration(5 * time.Second), SequenceMargin: 1000,
-			RepairInterval: Duration(time.Second)},
+			RepairInterval: Duration(time.Second), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5},
 		Shadow: Shadow{Queue: 1000, Workers: 4, MaxResultBytes: MiB, Timeout: Duration(5 * time.Second), FloatTolerance: 1e-9},
 		Gates:  Gates{VerifyMaxAge: Duration(24 * time.Hour), ShadowWindow: Duration(15 * time.Minute)},
 		Log:    Log{Format: "text", Level: "info"},
@@ -312,7 +312,7 @@ func TestLoadGoodFile(t *testing.T) {
 		Control: Control{DSN: "postgres://tandem@control.internal:5432/tandem?sslmode=disable", PasswordFile: filepath.Join("testdata", "pgpass")},
 		Routing: Routing{ReplicaID: "proxy-a", MirrorBudget: Duration(250 * time.Millisecond), BreakerFailures: 3,
 			BreakerOpen: Duration(10 * time.Second), Poll: Duration(time.Second), FenceTimeout: Duration(2 * time.Second),
-			SequenceMargin: 5000, RepairInterval: Duration(500 * time.Millisecond)},
+			SequenceMargin: 5000, RepairInterval: Duration(500 * time.Millisecond), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5},
 		Shadow: Shadow{Queue: 50, Workers: 2, MaxResultBytes: 256 * KiB, Timeout: Duration(2 * time.Second),
 			Settle: Duration(time.Second), FloatTolerance: 1e-6, AA: true, RedactParams: true},
 		Gates: Gates{VerifyMaxAge: Duration(6 * time.Hour), ShadowWindow: Duration(30 * time.Minute), ShadowMaxMismatchRate: 0.001},
@@ -539,7 +539,7 @@ func TestEnv(t *testing.T) {
 		Control: Control{DSN: "host=control", PasswordFile: "/control.pgpass"},
 		Routing: Routing{ReplicaID: "replica-7", MirrorBudget: Duration(time.Second), BreakerFailures: 9,
 			BreakerOpen: Duration(30 * time.Second), Poll: Duration(3 * time.Second), FenceTimeout: Duration(750 * time.Millisecond),
-			SequenceMargin: 0, RepairInterval: Duration(time.Minute)},
+			SequenceMargin: 0, RepairInterval: Duration(time.Minute), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5},
 		Shadow: Shadow{Queue: 7, Workers: 1, MaxResultBytes: 64 * KiB, Timeout: Duration(3 * time.Second),
 			Settle: Duration(250 * time.Millisecond), FloatTolerance: 0.5e-6, AA: true, RedactParams: true},
 		Gates: Gates{VerifyMaxAge: Duration(2 * time.Hour), ShadowWindow: Duration(5 * time.Minute), ShadowMaxMismatchRate: 0.01},
@@ -670,7 +670,7 @@ func TestValidate(t *testing.T) {
 		{"control store set and valid", func(c *Config) {
 			c.Control = Control{DSN: "host=control port=5434 dbname=tandem sslmode=disable", PasswordFile: userlist}
 			c.Routing = Routing{ReplicaID: "a", MirrorBudget: 1, BreakerFailures: 1, BreakerOpen: 1, Poll: 1,
-				FenceTimeout: 1, SequenceMargin: 0, RepairInterval: 1}
+				FenceTimeout: 1, SequenceMargin: 0, RepairInterval: 1, RepairBackoffMax: 1, DriftStuckAttempts: 1}
 		}, nil},
 		{"control.dsn does not parse", func(c *Config) { c.Control.DSN = "postgres://tandem:s3cret@control:port/tandem" },
 			[]string{"control.dsn: cannot parse DSN: invalid port"}},
@@ -688,6 +688,12 @@ func TestValidate(t *testing.T) {
 			"routing.poll: must be > 0, not 0s",
 			"routing.fence_timeout: must be > 0, not 0s",
 			"routing.repair_interval: must be > 0, not -1ms",
+		}},
+		{"repair backoff and stuck bound", func(c *Config) {
+			c.Routing.RepairInterval, c.Routing.RepairBackoffMax, c.Routing.DriftStuckAttempts = Duration(time.Minute), Duration(time.Second), 0
+		}, []string{
+			"routing.repair_backoff_max: must be at least routing.repair_interval (1m0s), not 1s",
+			"routing.drift_stuck_attempts: must be at least 1, not 0",
 		}},
 		{"breaker needs a failure", func(c *Config) { c.Routing.BreakerFailures = 0 },
 			[]string{"routing.breaker_failures: must be at least 1, not 0"}},

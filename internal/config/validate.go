@@ -146,6 +146,12 @@ func (c *Config) problems() Problems {
 			v.add(d.path, fmt.Sprintf("must be > 0, not %s", d.v))
 		}
 	}
+	if c.Routing.RepairBackoffMax < c.Routing.RepairInterval {
+		v.add("routing.repair_backoff_max", fmt.Sprintf("must be at least routing.repair_interval (%s), not %s", c.Routing.RepairInterval, c.Routing.RepairBackoffMax))
+	}
+	if c.Routing.DriftStuckAttempts < 1 {
+		v.add("routing.drift_stuck_attempts", fmt.Sprintf("must be at least 1, not %d", c.Routing.DriftStuckAttempts))
+	}
 	if c.Routing.BreakerFailures < 1 {
 		v.add("routing.breaker_failures", fmt.Sprintf("must be at least 1, not %d", c.Routing.BreakerFailures))
 	}

@@ -55,10 +55,12 @@ type Routing struct {
 	breaker     atomic.Int64 // 0 closed, 1 half-open, 2 open
 	driftOpen   atomic.Int64
 	driftOpenOK atomic.Bool
+	driftStuck  atomic.Int64 // -1 unknown
 }
 
 func newRouting(meter metric.Meter) (*Routing, error) {
 	r := &Routing{}
+	r.driftStuck.Store(-1)
 	var err error
 	if r.mirrored, err = meter.Int64Counter("tandem.mirror.writes",
 		metric.WithDescription("Writes mirrored to the secondary store, by mode (row_image, statement) and result (applied, failed, skipped)."),
@@ -120,14 +122,23 @@ func newRouting(meter metric.Meter) (*Routing, error) {
 	if err != nil {
 		return nil, err
 	}
+	driftStuck, err := meter.Int64ObservableGauge("tandem.drift.stuck",
+		metric.WithDescription("Open drift ledger entries the repairer has failed on at least routing.drift_stuck_attempts times; while any exist a write flip is refused. See tandem route show."),
+		metric.WithUnit("{entry}"))
+	if err != nil {
+		return nil, err
+	}
 	_, err = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
 		o.ObserveInt64(version, r.version.Load())
 		o.ObserveInt64(breaker, r.breaker.Load())
 		if r.driftOpenOK.Load() {
 			o.ObserveInt64(driftOpen, r.driftOpen.Load())
 		}
+		if n := r.driftStuck.Load(); n >= 0 {
+			o.ObserveInt64(driftStuck, n)
+		}
 		return nil
-	}, version, breaker, driftOpen)
+	}, version, breaker, driftOpen, driftStuck)
 	return r, err
 }
 
@@ -217,6 +228,13 @@ func (r *Routing) Breaker(state string) {
 		v = 2
 	}
 	r.breaker.Store(v)
+}
+
+// DriftStuck records the stuck drift entries last read from the ledger.
+func (r *Routing) DriftStuck(n int64) {
+	if r != nil {
+		r.driftStuck.Store(n)
+	}
 }
 
 // DriftOpen records the open drift entries last read from the ledger.

@@ -5,6 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -24,11 +28,22 @@ CREATE TABLE IF NOT EXISTS tandem.drift (
 	repaired_at timestamptz,
 	attempts    int NOT NULL DEFAULT 0,
 	last_error  text,
-	stale       text NOT NULL DEFAULT 'new' CHECK (stale IN ('old', 'new'))
+	stale       text NOT NULL DEFAULT 'new' CHECK (stale IN ('old', 'new')),
+	failing_since   timestamptz,
+	next_attempt_at timestamptz
 );
 -- Ledgers created before the stale column: every entry then was a write the
 -- new store (the only secondary before a write flip existed) missed.
 ALTER TABLE tandem.drift ADD COLUMN IF NOT EXISTS stale text NOT NULL DEFAULT 'new' CHECK (stale IN ('old', 'new'));
+-- Ledgers created before the repairer backed off failing entries (issue 10).
+ALTER TABLE tandem.drift ADD COLUMN IF NOT EXISTS attempts int NOT NULL DEFAULT 0;
+ALTER TABLE tandem.drift ADD COLUMN IF NOT EXISTS last_error text;
+ALTER TABLE tandem.drift ADD COLUMN IF NOT EXISTS failing_since timestamptz;
+ALTER TABLE tandem.drift ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz;
+COMMENT ON COLUMN tandem.drift.attempts IS 'failed repair attempts so far; the entry is stuck at routing.drift_stuck_attempts';
+COMMENT ON COLUMN tandem.drift.last_error IS 'the error of the last failed repair attempt';
+COMMENT ON COLUMN tandem.drift.failing_since IS 'when the first repair attempt failed';
+COMMENT ON COLUMN tandem.drift.next_attempt_at IS 'the repairer leaves the entry alone until then (backoff after a failure); NULL = now';
 COMMENT ON COLUMN tandem.drift.key IS 'the key values as text, in key order; NULL = the whole table';
 COMMENT ON COLUMN tandem.drift.stale IS 'the store that missed the write (old or new); the repairer copies to it from the other';
 CREATE INDEX IF NOT EXISTS drift_open ON tandem.drift (repaired_at) WHERE repaired_at IS NULL;
@@ -187,9 +202,10 @@ const repairChunk = 500
 // held until they are settled, so concurrent repairers never take the same
 // entry. Entries are grouped per table and copied with the locked-copy
 // unit: CopyTable when the table has a whole-table entry, CopyKeys
-// otherwise. A repaired entry gets repaired_at; a failed one stays open
-// with attempts bumped and last_error set, and its error is returned
-// (joined with the others) after the ledger is updated.
+// otherwise. A repaired entry gets repaired_at. An entry that fails fails
+// alone (see RepairWith): it stays open with attempts bumped, last_error
+// set and a backoff before it is claimed again, and the other entries are
+// still repaired.
 //
 // The unit locks source's rows before it writes target's, the order in
 // which writers take locks when source is the primary: use Repair when
@@ -239,10 +255,127 @@ type RepairOptions struct {
 	// old -> new), new ones when Target is StaleOld (copied back new ->
 	// old through the reverse expressions).
 	Mappings *Mappings
+	// Backoff is how long an entry that failed is left alone before it is
+	// claimed again; the zero value is DefaultBackoff.
+	Backoff Backoff
+	// IgnoreBackoff claims entries whose backoff has not ended too. The
+	// repair that runs under a write flip's fence uses it: every entry
+	// stale on the store becoming primary must be tried then.
+	IgnoreBackoff bool
+}
+
+// Backoff is the wait between repair attempts of a failing drift entry:
+// Base·2^n after its n-th consecutive failure, at most Max. Base is the
+// repair interval, so the first retry skips one pass, and Max bounds how
+// long a fixed cause (a mapping corrected, a row fixed on the target)
+// waits to be noticed.
+//
+// The schedule is a function of the entry's stored attempts, computed by
+// the control database when the failure is recorded, rather than an
+// in-process retry loop (such as github.com/cenkalti/backoff's): entries
+// are claimed by whichever replica's repairer gets there first, and the
+// schedule must survive restarts. No jitter is added: a claimed entry is
+// locked (SKIP LOCKED), so repairers never retry the same entry at once.
+type Backoff struct {
+	Base, Max time.Duration
+}
+
+// DefaultBackoff is the backoff of RepairOptions without one: 2s, 4s,
+// 8s... up to 5 minutes.
+var DefaultBackoff = Backoff{Base: time.Second, Max: 5 * time.Minute}
+
+// Delay is the wait after the n-th consecutive failure (n >= 1).
+func (b Backoff) Delay(n int) time.Duration {
+	b = b.orDefault()
+	d := b.Base
+	for i := 0; i < n && d < b.Max; i++ {
+		d *= 2
+	}
+	return min(d, b.Max)
+}
+
+func (b Backoff) orDefault() Backoff {
+	if b.Base <= 0 {
+		b.Base = DefaultBackoff.Base
+	}
+	if b.Max <= 0 {
+		b.Max = max(DefaultBackoff.Max, b.Base)
+	}
+	return b
+}
+
+// EntryFailures are the drift entries that RepairWith could not repair
+// although both stores answered: a table without a usable mapping, a key
+// that does not fit, a row the target rejects. Each is recorded on its
+// entry (attempts, last_error, next_attempt_at); the other entries were
+// repaired.
+type EntryFailures struct {
+	Entries int     // entries that failed
+	Errs    []error // one per table, or per entry when a table's entries failed apart
+}
+
+// Error names the first few failures: a pass may claim a thousand entries.
+func (e *EntryFailures) Error() string {
+	const shown = 5
+	msgs := make([]string, 0, shown+1)
+	for i, err := range e.Errs {
+		if i == shown {
+			msgs = append(msgs, fmt.Sprintf("and %d more", len(e.Errs)-shown))
+			break
+		}
+		msgs = append(msgs, err.Error())
+	}
+	return fmt.Sprintf("%d drift entries could not be repaired: %s", e.Entries, strings.Join(msgs, "; "))
+}
+
+func (e *EntryFailures) Unwrap() []error { return e.Errs }
+
+// storeError reports whether err, from copying between source and target,
+// is a failure of a store or a session rather than of the entries being
+// copied: a session lost or cancelled, a store shutting down, refusing
+// connections, out of resources or read-only. Such an error says nothing
+// about the entries, so it is not recorded on them: the pass ends and is
+// retried on fresh connections.
+func storeError(err error, conns ...*pgx.Conn) bool {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	for _, c := range conns {
+		if c.IsClosed() {
+			return true
+		}
+	}
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		switch pe.Code[:2] {
+		case "08", // connection exception
+			"53", // insufficient resources: disk full, out of memory, too many connections
+			"58": // system error: I/O error
+			return true
+		}
+		return strings.HasPrefix(pe.Code, "57P") || // admin or crash shutdown, cannot connect now
+			pe.Code == "25006" || // read-only transaction: a standby or a read-only store
+			pe.Code == "25P03" // idle in transaction timeout
+	}
+	var ne net.Error
+	return errors.As(err, &ne) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.Timeout(err)
 }
 
 // RepairWith is Repair, or RepairPrimary when opts.TargetIsPrimary, with
 // the options opts; see RepairOptions for the table mappings.
+//
+// Failures are isolated (issue 10). A table whose entries cannot be
+// planned (no usable mapping, gone) fails alone, and when copying a
+// table's keys fails, each key is copied alone, so only the entries that
+// cannot be repaired fail. A failed entry gets attempts + 1, last_error,
+// failing_since and a next_attempt_at opts.Backoff away; it is not claimed
+// again before then (unless opts.IgnoreBackoff). The other entries are
+// repaired in the same call, and the error is then an *EntryFailures.
+//
+// A store error (see storeError: the session lost, the store shutting down
+// or refusing) is not the entries' fault: RepairWith records the entries
+// settled so far, leaves the rest as they were, and returns the error
+// wrapped, never an *EntryFailures. So does a failure to update the ledger.
 func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts RepairOptions) (int, error) {
 	targetName, limit, targetIsPrimary := opts.Target, opts.Limit, opts.TargetIsPrimary
 	if err := checkStore("repairing drift: the target store", targetName); err != nil {
@@ -251,6 +384,7 @@ func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts Rep
 	if limit < 1 {
 		return 0, fmt.Errorf("repairing drift: limit must be at least 1, got %d", limit)
 	}
+	backoff := opts.Backoff.orDefault()
 	tx, err := control.Begin(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("repairing drift: %w", err)
@@ -265,7 +399,8 @@ func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts Rep
 	var order []Name
 	groups := map[Name]*group{}
 	rows, err := tx.Query(ctx, `SELECT id, schema_name, table_name, key FROM tandem.drift
-		WHERE repaired_at IS NULL AND stale = $2 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED`, limit, targetName)
+		WHERE repaired_at IS NULL AND stale = $2 AND ($3 OR next_attempt_at IS NULL OR next_attempt_at <= now())
+		ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED`, limit, targetName, opts.IgnoreBackoff)
 	if err != nil {
 		return 0, fmt.Errorf("claiming drift: %w", err)
 	}
@@ -295,15 +430,24 @@ func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts Rep
 	}
 
 	repaired := 0
-	var errs []error
+	failures := &EntryFailures{}
+	var stopped error // a store error that ended the pass
 	settle := func(ids []int64, copyErr error) error {
-		if copyErr == nil {
+		switch {
+		case copyErr == nil:
 			repaired += len(ids)
 			_, err := tx.Exec(ctx, "UPDATE tandem.drift SET repaired_at = now() WHERE id = ANY($1)", ids)
 			return err
+		case storeError(copyErr, source, target):
+			return &storeFailure{copyErr}
 		}
-		errs = append(errs, copyErr)
-		_, err := tx.Exec(ctx, "UPDATE tandem.drift SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)", ids, copyErr.Error())
+		failures.Entries += len(ids)
+		failures.Errs = append(failures.Errs, copyErr)
+		_, err := tx.Exec(ctx, `UPDATE tandem.drift SET attempts = attempts + 1, last_error = $2,
+			failing_since = coalesce(failing_since, now()),
+			next_attempt_at = now() + least($3::float8 * power(2, least(attempts + 1, 40)), $4::float8) * interval '1 microsecond'
+			WHERE id = ANY($1)`,
+			ids, copyErr.Error(), float64(backoff.Base.Microseconds()), float64(backoff.Max.Microseconds()))
 		return err
 	}
 	for _, n := range order {
@@ -324,6 +468,11 @@ func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts Rep
 		default:
 			err = repairKeys(ctx, source, target, p, g.ids, g.keys, settle)
 		}
+		var sf *storeFailure
+		if errors.As(err, &sf) {
+			stopped = sf.err
+			break
+		}
 		if err != nil {
 			// The ledger update failed, so the transaction is lost.
 			return 0, fmt.Errorf("repairing drift: updating the ledger: %w", err)
@@ -332,12 +481,25 @@ func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts Rep
 	if err := tx.Commit(ctx); err != nil {
 		return 0, fmt.Errorf("repairing drift: updating the ledger: %w", err)
 	}
-	return repaired, errors.Join(errs...)
+	if stopped != nil {
+		return repaired, fmt.Errorf("repairing drift on %s: %w", targetName, stopped)
+	}
+	if failures.Entries > 0 {
+		return repaired, failures
+	}
+	return repaired, nil
 }
 
+// storeFailure carries a store error out of settle: the pass stops there.
+type storeFailure struct{ err error }
+
+func (e *storeFailure) Error() string { return e.err.Error() }
+
 // repairKeys copies one table's keyed entries and settles them. An entry
-// whose key does not fit the table's primary key fails alone, so it cannot
-// hold the others back.
+// whose key does not fit the table's primary key fails alone, and when the
+// copy of the others fails for a reason of their own (a row the target
+// rejects), each key is copied alone, so one bad entry cannot hold the
+// others back.
 func repairKeys(ctx context.Context, source, target *pgx.Conn, p *plan, ids []int64, keys [][]string,
 	settle func([]int64, error) error) error {
 	var goodIDs []int64
@@ -360,10 +522,23 @@ func repairKeys(ctx context.Context, source, target *pgx.Conn, p *plan, ids []in
 		return nil
 	}
 	_, err := p.copyKeys(ctx, source, target, goodKeys)
-	if err != nil {
-		err = fmt.Errorf("repairing %s: %w", p.src.Name, err)
+	if err == nil || len(goodIDs) == 1 || storeError(err, source, target) {
+		if err != nil {
+			err = fmt.Errorf("repairing %s: %w", p.src.Name, err)
+		}
+		return settle(goodIDs, err)
 	}
-	return settle(goodIDs, err)
+	// Units that committed before the failure are copied again: harmless.
+	for i, k := range goodKeys {
+		_, err := p.copyKeys(ctx, source, target, [][]string{k})
+		if err != nil {
+			err = fmt.Errorf("repairing %s key (%s): %w", p.src.Name, strings.Join(k, ", "), err)
+		}
+		if err := settle(goodIDs[i:i+1], err); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // repairPlan returns the plan that copies the table n of source (the store
@@ -389,4 +564,58 @@ func repairPlan(ctx context.Context, source, target *pgx.Conn, n Name, stale str
 		return nil, fmt.Errorf("no mapping has %s as its new table", n)
 	}
 	return loadPlan(ctx, source, target, n, n)
+}
+
+// DefaultStuckAttempts is the failed repair attempts after which an open
+// drift entry counts as stuck, when not configured
+// (routing.drift_stuck_attempts).
+const DefaultStuckAttempts = 5
+
+// StuckEntry is an open drift entry that the repairer has failed to repair
+// at least the stuck bound of times in a row: it needs an operator.
+type StuckEntry struct {
+	ID           int64
+	Table        Name
+	Key          []string // nil = the whole table
+	Stale        string   // the store that missed the write
+	Reason       string
+	Attempts     int
+	LastError    string
+	FailingSince time.Time
+	NextAttempt  time.Time
+}
+
+// StuckDrift returns up to limit open entries with at least minAttempts
+// failed repair attempts (at least 1), those failing longest first, and
+// how many there are in all.
+func StuckDrift(ctx context.Context, q Querier, minAttempts, limit int) ([]StuckEntry, int64, error) {
+	minAttempts = max(minAttempts, 1)
+	var total int64
+	if err := q.QueryRow(ctx, "SELECT count(*) FROM tandem.drift WHERE repaired_at IS NULL AND attempts >= $1", minAttempts).Scan(&total); err != nil {
+		return nil, 0, fmt.Errorf("reading stuck drift: %w", err)
+	}
+	if total == 0 || limit <= 0 {
+		return nil, total, nil
+	}
+	rows, err := q.Query(ctx, `SELECT id, schema_name, table_name, key, stale, reason, attempts, coalesce(last_error, ''),
+			coalesce(failing_since, recorded_at), coalesce(next_attempt_at, now())
+		FROM tandem.drift WHERE repaired_at IS NULL AND attempts >= $1
+		ORDER BY failing_since NULLS FIRST, id LIMIT $2`, minAttempts, limit)
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading stuck drift: %w", err)
+	}
+	defer rows.Close()
+	var out []StuckEntry
+	for rows.Next() {
+		var e StuckEntry
+		if err := rows.Scan(&e.ID, &e.Table.Schema, &e.Table.Table, &e.Key, &e.Stale, &e.Reason, &e.Attempts, &e.LastError,
+			&e.FailingSince, &e.NextAttempt); err != nil {
+			return nil, 0, fmt.Errorf("reading stuck drift: %w", err)
+		}
+		out = append(out, e)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, 0, fmt.Errorf("reading stuck drift: %w", err)
+	}
+	return out, total, nil
 }

@@ -2,6 +2,8 @@ package table
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"reflect"
 	"strings"
 	"sync"
@@ -162,12 +164,212 @@ func TestRepair(t *testing.T) {
 		attempts != 1 || !strings.Contains(lastErr, "does not exist") {
 		t.Errorf("failed entry: attempts %d, last_error %q (%v)", attempts, lastErr, err)
 	}
-	// Nothing left that can be repaired: the failed entries stay open.
+	// Nothing left that can be repaired: the failed entries stay open, and
+	// are left alone until their backoff ends.
+	if n, err := Repair(ctx, control, primary, secondary, StaleNew, 100); n != 0 || err != nil {
+		t.Errorf("second Repair, in the backoff: %d, %v", n, err)
+	}
+	if _, err := control.Exec(ctx, "UPDATE tandem.drift SET next_attempt_at = now() WHERE repaired_at IS NULL"); err != nil {
+		t.Fatal(err)
+	}
 	if n, err := Repair(ctx, control, primary, secondary, StaleNew, 100); n != 0 || err == nil {
-		t.Errorf("second Repair: %d, %v", n, err)
+		t.Errorf("third Repair, after the backoff: %d, %v", n, err)
 	}
 	if err := control.QueryRow(ctx, "SELECT attempts FROM tandem.drift WHERE table_name = 'gone'").Scan(&attempts); err != nil || attempts != 2 {
 		t.Errorf("attempts %d (%v), want 2", attempts, err)
+	}
+}
+
+// TestRepairIsolatesFailures is issue 10: drift on five ordinary tables,
+// after an outage of the new store, next to entries that can never be
+// repaired (a table that is gone, a row the new store's CHECK rejects).
+// One pass repairs every other entry, the rejected row's neighbours in
+// its own table included; the bad entries carry their error and attempts
+// and sit in their backoff, so a later pass with a small limit is not
+// starved by them; once due they are retried with a longer wait, capped.
+func TestRepairIsolatesFailures(t *testing.T) {
+	s := newStores(t)
+	tables := []string{"t1", "t2", "t3", "t4", "t5"}
+	var ddl, fill, stale strings.Builder
+	for _, tb := range tables {
+		fmt.Fprintf(&ddl, "CREATE TABLE %s (id int PRIMARY KEY, v text);", tb)
+		fmt.Fprintf(&fill, "INSERT INTO %s SELECT i, 'good ' || i FROM generate_series(1, 20) i;", tb)
+		fmt.Fprintf(&stale, "INSERT INTO %s SELECT i, 'good ' || i FROM generate_series(1, 10) i; INSERT INTO %[1]s VALUES (15, 'stale');", tb)
+	}
+	s.both(ddl.String() + "CREATE TABLE strict (id int PRIMARY KEY, v text)")
+	s.new("ALTER TABLE strict ADD CHECK (v <> 'bad')")
+	s.old(fill.String() + "INSERT INTO strict VALUES (1, 'ok 1'), (2, 'bad'), (3, 'ok 3')")
+	s.new(stale.String())
+	control, primary, secondary := s.primary(), s.primary(), s.secondary()
+	ctx := context.Background()
+	if err := EnsureSchema(ctx, control); err != nil {
+		t.Fatal(err)
+	}
+	// The bad entries first: the oldest ids, where a claim starts.
+	entries := []DriftEntry{{Table: Name{"public", "gone"}, Key: []string{"1"}}}
+	for _, k := range []string{"1", "2", "3"} {
+		entries = append(entries, DriftEntry{Table: Name{"public", "strict"}, Key: []string{k}})
+	}
+	for _, tb := range tables {
+		for i := 11; i <= 20; i++ {
+			entries = append(entries, DriftEntry{Table: Name{"public", tb}, Key: []string{fmt.Sprint(i)}, Reason: "new store down"})
+		}
+	}
+	if err := RecordDrift(ctx, control, entries); err != nil {
+		t.Fatal(err)
+	}
+	opts := RepairOptions{Target: StaleNew, Limit: 1000, Backoff: Backoff{Base: 10 * time.Second, Max: 30 * time.Second}}
+	n, err := RepairWith(ctx, control, primary, secondary, opts)
+	var ef *EntryFailures
+	if n != 52 || !errors.As(err, &ef) || ef.Entries != 2 {
+		t.Fatalf("RepairWith = %d, %v; want 52 repaired and the 2 bad entries' failures", n, err)
+	}
+	for _, tb := range tables {
+		sameTable(t, primary, secondary, Name{"public", tb}, "id")
+	}
+	var got string
+	if err := secondary.QueryRow(ctx, "SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM strict").Scan(&got); err != nil || got != "1=ok 1,3=ok 3" {
+		t.Errorf("strict on new: %q (%v), want rows 1 and 3 repaired", got, err)
+	}
+	type failed struct {
+		Table    string
+		Attempts int
+		LastErr  string
+		Wait     float64 // seconds until next_attempt_at
+	}
+	read := func() []failed {
+		t.Helper()
+		rows, err := control.Query(ctx, `SELECT table_name, attempts, coalesce(last_error, ''),
+			extract(epoch FROM next_attempt_at - clock_timestamp())::float8
+			FROM tandem.drift WHERE repaired_at IS NULL ORDER BY id`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := pgx.CollectRows(rows, pgx.RowToStructByPos[failed])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	check := func(attempts int, minWait, maxWait float64) {
+		t.Helper()
+		f := read()
+		if len(f) != 2 || f[0].Table != "gone" || f[1].Table != "strict" {
+			t.Fatalf("open entries: %+v, want gone and strict", f)
+		}
+		for i, want := range []string{`table public.gone does not exist`, `violates check constraint`} {
+			if f[i].Attempts != attempts || !strings.Contains(f[i].LastErr, want) || f[i].Wait <= minWait || f[i].Wait > maxWait {
+				t.Errorf("entry %+v: want %d attempts, an error with %q, the next attempt in (%gs, %gs]", f[i], attempts, want, minWait, maxWait)
+			}
+		}
+	}
+	check(1, 15, 20) // Base·2
+
+	// More drift on t1: a pass that claims 2 entries takes it, not the bad
+	// entries with lower ids, which wait for their backoff.
+	s.new("UPDATE t1 SET v = 'stale again' WHERE id = 3")
+	if err := RecordDrift(ctx, control, []DriftEntry{{Table: Name{"public", "t1"}, Key: []string{"3"}}}); err != nil {
+		t.Fatal(err)
+	}
+	opts.Limit = 2
+	if n, err := RepairWith(ctx, control, primary, secondary, opts); n != 1 || err != nil {
+		t.Fatalf("pass during the backoff: %d, %v; want the t1 entry alone", n, err)
+	}
+	sameTable(t, primary, secondary, Name{"public", "t1"}, "id")
+	check(1, 15, 20)
+
+	// Due: retried, and the wait doubles up to the cap.
+	if _, err := control.Exec(ctx, "UPDATE tandem.drift SET next_attempt_at = now() WHERE repaired_at IS NULL"); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := RepairWith(ctx, control, primary, secondary, opts); n != 0 || !errors.As(err, &ef) || ef.Entries != 2 {
+		t.Fatalf("retry when due: %d, %v", n, err)
+	}
+	check(2, 25, 30) // Base·4 = 40s, capped at 30s
+
+	// Stuck at 2 attempts, not at 3.
+	if stuck, total, err := StuckDrift(ctx, control, 3, 10); err != nil || total != 0 || len(stuck) != 0 {
+		t.Errorf("StuckDrift(3) = %v, %d, %v", stuck, total, err)
+	}
+	stuck, total, err := StuckDrift(ctx, control, 2, 1)
+	if err != nil || total != 2 || len(stuck) != 1 || stuck[0].Table != (Name{"public", "gone"}) || !reflect.DeepEqual(stuck[0].Key, []string{"1"}) ||
+		stuck[0].Attempts != 2 || !strings.Contains(stuck[0].LastError, "does not exist") || stuck[0].Stale != StaleNew {
+		t.Errorf("StuckDrift(2) = %+v, %d, %v", stuck, total, err)
+	}
+
+	// The fence's repair ignores the backoff: every entry is tried.
+	opts.IgnoreBackoff = true
+	if n, err := RepairWith(ctx, control, primary, secondary, opts); n != 0 || !errors.As(err, &ef) || ef.Entries != 2 {
+		t.Fatalf("repair ignoring the backoff: %d, %v", n, err)
+	}
+	check(3, 25, 30)
+}
+
+// TestRepairStoreDown: a store error (the new store's session killed) is
+// not recorded on the entries: no attempt counted, no backoff, and the
+// error is not an *EntryFailures. A fresh connection then repairs them.
+func TestRepairStoreDown(t *testing.T) {
+	s := newStores(t)
+	s.both("CREATE TABLE t (id int PRIMARY KEY, v text)")
+	s.old("INSERT INTO t VALUES (1, 'a'), (2, 'b')")
+	control, primary, secondary, killer := s.primary(), s.primary(), s.secondary(), s.secondary()
+	ctx := context.Background()
+	if err := EnsureSchema(ctx, control); err != nil {
+		t.Fatal(err)
+	}
+	if err := RecordDrift(ctx, control, []DriftEntry{{Table: Name{"public", "t"}, Key: []string{"1"}}, {Table: Name{"public", "t"}, Key: []string{"2"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := killer.Exec(ctx, "SELECT pg_terminate_backend($1)", int(secondary.PgConn().PID())); err != nil {
+		t.Fatal(err)
+	}
+	succeedsSoon(t, func() error {
+		var alive bool
+		if err := killer.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", int(secondary.PgConn().PID())).Scan(&alive); err != nil || alive {
+			return fmt.Errorf("backend still alive (%v)", err)
+		}
+		return nil
+	})
+	n, err := Repair(ctx, control, primary, secondary, StaleNew, 100)
+	var ef *EntryFailures
+	if n != 0 || err == nil || errors.As(err, &ef) {
+		t.Fatalf("Repair with the new store's session gone: %d, %v; want a store error", n, err)
+	}
+	var attempts int
+	var untouched bool
+	if err := control.QueryRow(ctx, "SELECT max(attempts), bool_and(last_error IS NULL AND next_attempt_at IS NULL AND repaired_at IS NULL) FROM tandem.drift").Scan(&attempts, &untouched); err != nil ||
+		attempts != 0 || !untouched {
+		t.Errorf("entries after a store error: attempts %d, untouched %v (%v)", attempts, untouched, err)
+	}
+	if n, err := Repair(ctx, control, primary, s.secondary(), StaleNew, 100); n != 2 || err != nil {
+		t.Fatalf("Repair on a fresh connection: %d, %v", n, err)
+	}
+}
+
+// TestDriftSchemaUpgrade: a ledger made before the backoff columns gets
+// them from EnsureSchema.
+func TestDriftSchemaUpgrade(t *testing.T) {
+	s := newStores(t)
+	conn := s.primary()
+	ctx := context.Background()
+	if err := EnsureSchema(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, `ALTER TABLE tandem.drift DROP COLUMN failing_since, DROP COLUMN next_attempt_at, DROP COLUMN attempts, DROP COLUMN last_error`); err != nil {
+		t.Fatal(err)
+	}
+	if err := RecordDrift(ctx, conn, []DriftEntry{{Table: Name{"public", "t"}, Key: []string{"1"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := EnsureSchema(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	var attempts int
+	var lastErr *string
+	var since, next *time.Time
+	if err := conn.QueryRow(ctx, "SELECT attempts, last_error, failing_since, next_attempt_at FROM tandem.drift").Scan(&attempts, &lastErr, &since, &next); err != nil ||
+		attempts != 0 || lastErr != nil || since != nil || next != nil {
+		t.Fatalf("upgraded ledger: %d %v %v %v (%v)", attempts, lastErr, since, next, err)
 	}
 }
 
