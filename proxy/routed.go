@@ -514,10 +514,7 @@ func (rs *routedSession) spillHold() {
 func (rs *routedSession) finish(reason error) {
 	ss := rs.ss
 	_ = rs.cout.Flush()
-	if rs.writer {
-		rs.writer = false
-		rs.srv.writerDone()
-	}
+	rs.setWriter(false)
 	for _, u := range rs.stores {
 		if u != nil && u.up != nil {
 			clean := reason == nil || reason == errShutdown || reason == errIdleTimeout || reason == errClientGone
@@ -799,6 +796,7 @@ func (rs *routedSession) internalQuery(u *rstore, sql string, deadline time.Time
 // setWriter keeps the server's count of sessions in a transaction or a
 // write, which a write fence waits for.
 func (rs *routedSession) setWriter(on bool) {
+	rs.markWriter(on)
 	if on == rs.writer {
 		return
 	}

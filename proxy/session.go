@@ -87,6 +87,8 @@ type session struct {
 	prepared     map[string]preparedStmt // named statements the client parsed while relayed
 	terminated   atomic.Bool             // the client sent Terminate: the store closing after it is expected
 
+	writer atomic.Pointer[writerMark] // set while the session counts in Server.Writers (fence.go)
+
 	killOnce sync.Once
 	killCh   chan struct{}
 	killErr  error
