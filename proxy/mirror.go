@@ -112,9 +112,11 @@ func (rs *routedSession) serve(un *unit) error {
 		if res.failed {
 			rs.extFailed = true
 		}
+		if un.end == 'H' {
+			rs.extOpen = true // already while the secondary follows (see syncSettings)
+		}
 		rs.follow(res, true, mirror)
 		if un.end == 'H' {
-			rs.extOpen = true
 			return rs.endWith(res)
 		}
 		// The Sync that ends the implicit transaction has been answered.

@@ -615,6 +615,12 @@ func (rs *routedSession) syncSettings(u *rstore) error {
 	if src == u || src.up == nil || src.dead != nil || rs.txState == 'E' {
 		return nil
 	}
+	if rs.extOpen && src.name == string(rs.state.Primary) {
+		// A simple Query would commit the primary's implicit transaction
+		// (and be skipped after an error in it): leave the SETs.
+		rs.ss.log.Debug("session settings not copied to the second store: the primary's implicit transaction is open", "store", u.name)
+		return nil
+	}
 	sets, err := rs.sessionSETs(src)
 	if err != nil {
 		return err
