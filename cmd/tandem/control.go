@@ -142,14 +142,17 @@ func prepareSequences(ctx context.Context, cfg *config.Config, to route.Store) (
 		return nil, nil, fmt.Errorf("connecting to the control database: %w", err)
 	}
 	conns["control"] = control
+	// The mappings are read now, before the fence goes up: the fence then
+	// covers only the repair and the sequences. A failure still fails the
+	// sync, under the fence, as a gate --force can override.
+	ms, _, mapErr := table.LoadMappings(ctx, cfg.Tables, conns[string(route.Old)], conns[string(route.New)])
 	sync := func(ctx context.Context) (route.SequenceSync, error) {
+		if mapErr != nil {
+			return route.SequenceSync{}, fmt.Errorf("loading the table mappings: %w", mapErr)
+		}
 		bound, cancel := context.WithTimeout(ctx, cfg.Routing.FenceTimeout.Duration())
 		defer cancel()
 		var repairErr error
-		ms, _, err := table.LoadMappings(bound, cfg.Tables, conns[string(route.Old)], conns[string(route.New)])
-		if err != nil {
-			return route.SequenceSync{}, fmt.Errorf("loading the table mappings: %w", err)
-		}
 		for {
 			n, err := table.RepairWith(bound, control, conns[string(from)], conns[string(to)], table.RepairOptions{Target: string(to), Limit: 1000, Mappings: ms})
 			if err != nil {
