@@ -1,9 +1,13 @@
 package proxy
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"time"
+
+	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/internal/pgwire"
 )
 
 // writerMark is why a session counts as a writer for the write fence, and
@@ -22,7 +26,11 @@ func (s *Server) WriterSessions() []string {
 	now := time.Now()
 	for ss := range s.sessions {
 		if m := ss.writer.Load(); m != nil {
-			out = append(out, fmt.Sprintf("session %d (%s@%s): %s for %s", ss.key.pid, ss.user, ss.database, m.why, now.Sub(m.since).Round(time.Millisecond)))
+			line := fmt.Sprintf("session %d (%s@%s): %s", ss.key.pid, ss.user, ss.database, m.why)
+			if !m.since.IsZero() {
+				line += " for " + now.Sub(m.since).Round(time.Millisecond).String()
+			}
+			out = append(out, line)
 		}
 	}
 	slices.Sort(out)
@@ -56,4 +64,101 @@ func (rs *routedSession) markWriter(on bool) {
 		since = cur.since
 	}
 	rs.ss.writer.Store(&writerMark{why: why, since: since})
+}
+
+// waitFence sets rs.state to the routing state a unit starting now runs
+// under. While a write fence is up, a unit that may write waits for the
+// state to change: it never runs on the state the fence is moving away
+// from, since the flip may by then have drained, synced sequences and
+// applied the next state on other replicas. It gives up, with an error the
+// client can retry, when the fence is held 2 × routing.fence_timeout
+// without the state moving on (a flip takes at most fence_timeout to
+// drain; a dead flip's fence expires with its lease), and ends at once
+// when the session is killed.
+func (rs *routedSession) waitFence(pureRead bool) error {
+	var timer *time.Timer
+	version := int64(-1)
+	for {
+		rs.state = rs.srv.State()
+		if rs.state.Fence == 0 || pureRead {
+			return nil
+		}
+		ch := rs.srv.stateChanged()
+		if rs.srv.State() != rs.state {
+			continue // changed before ch was taken
+		}
+		if rs.state.Version != version {
+			// A write flip is draining writes (or applying its next state):
+			// wait for the state after it.
+			if timer == nil {
+				rs.srv.metrics.R().FenceWait(rs.ss.ctx)
+				timer = time.NewTimer(0)
+				defer timer.Stop()
+			}
+			version = rs.state.Version
+			timer.Reset(2 * rs.srv.cfg.Routing.FenceTimeout.Duration())
+		}
+		select {
+		case <-ch:
+		case <-timer.C:
+			rs.ss.log.Warn("write held at a write fence for twice routing.fence_timeout; refusing it", "fence", rs.state.Fence, "version", rs.state.Version)
+			return errFenceHeld()
+		case <-rs.ss.killCh:
+			return rs.ss.killErr
+		}
+	}
+}
+
+// errFenceHeld is the error of a unit refused at a write fence that did not
+// end in time: a serialization failure, which clients and frameworks retry.
+func errFenceHeld() *pgwire.Error {
+	e := pgwire.Fatal(pgwire.CodeSerializationFailure, "could not start the write: a write flip is in progress and its fence was held longer than expected").
+		WithHint("Nothing was run. Retry the transaction; the flip ends, or gives up, within seconds.")
+	e.Severity = "ERROR"
+	return e
+}
+
+// refuseUnit answers a unit that beginUnit refused. An ERROR is what
+// PostgreSQL would send for a batch that failed before running anything:
+// for a Query, FunctionCall or Sync-ended batch the error and
+// ReadyForQuery; for a Flush-ended batch the error, then, as PostgreSQL
+// does after an error in an extended-protocol batch, every message up to
+// the next Sync is skipped and that Sync answered. Anything else (the
+// session killed, a unit of another shape) ends the session.
+func (rs *routedSession) refuseUnit(un *unit, err error) error {
+	var pe *pgwire.Error
+	if !errors.As(err, &pe) || pe.Severity != "ERROR" {
+		return err
+	}
+	switch un.end {
+	case 'Q', 'F', 'S', 'H':
+	default:
+		f := *pe
+		f.Severity = "FATAL"
+		return &f
+	}
+	rs.srv.metrics.Error(rs.ss.ctx, string(rs.state.Primary), pe.Code, metrics.OriginProxy)
+	rs.toClientRaw(mustAppend(pe.Response()))
+	if un.end == 'H' {
+		if err := rs.cout.Flush(); err != nil {
+			return errClientGone
+		}
+		for {
+			m := rs.nextClient()
+			if m.err != nil {
+				return rs.clientErr(m.err)
+			}
+			if m.typ == 'X' {
+				rs.pushback = append([]clientMsg{m}, rs.pushback...)
+				rs.endUnit(rs.txState)
+				return nil
+			}
+			if m.typ == 'S' {
+				break
+			}
+		}
+	}
+	rs.toClient('Z', []byte{rs.txState})
+	rs.endUnit(rs.txState)
+	return nil
 }

@@ -197,5 +197,278 @@ func TestFenceUnitEndings(t *testing.T) {
 	})
 }
 
-var _ = errors.New
-var _ = config.Default
+// TestFenceBrokenSecondary: a secondary that refuses a mirrored write, or
+// whose session dies, breaks the transaction's mirror; the transaction
+// still ends, its keys go to the drift ledger, and its writer mark goes.
+func TestFenceBrokenSecondary(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE f (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)`)
+	if err := e.new.Exec(context.Background(), e.db, `ALTER TABLE f ADD CONSTRAINT small CHECK (v < 100)`); err != nil {
+		t.Fatal(err)
+	}
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	srv := e.proxy.srv
+	ctx := context.Background()
+	c := e.client()
+
+	err := pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `INSERT INTO f VALUES (1, 500)`) // new refuses it
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantWriters(t, srv, 0, "transaction whose mirror the secondary refused")
+	drains(t, e, "secondary refused a write")
+
+	// The secondary's session dies in the middle of a transaction.
+	tx, err := c.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO f VALUES (2, 1)`); err != nil {
+		t.Fatal(err)
+	}
+	nc, err := pgx.Connect(ctx, e.new.DSN(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close(ctx)
+	var killed int
+	if err := nc.QueryRow(ctx, `SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+		WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'`).Scan(&killed); err != nil || killed == 0 {
+		t.Fatalf("terminating the secondary's sessions: %d %v", killed, err)
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO f VALUES (3, 1)`); err != nil {
+		t.Fatal(err)
+	}
+	wantWriters(t, srv, 1, "transaction open, its secondary gone")
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	wantWriters(t, srv, 0, "transaction committed without its secondary")
+	drains(t, e, "secondary lost mid-transaction")
+	if n := e.openDrift(); n == 0 {
+		t.Fatal("no drift recorded for the writes the secondary missed")
+	}
+}
+
+// TestFenceStateChangeMidTransaction: a routing change, and a write fence,
+// arriving while a transaction is open: the transaction runs on under the
+// state it started with, the fence waits for it (and only for it), and
+// once it commits the count is zero.
+func TestFenceStateChangeMidTransaction(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE f (id int PRIMARY KEY)`)
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	srv := e.proxy.srv
+	ctx := context.Background()
+	c := e.client()
+	tx, err := c.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO f VALUES (1)`); err != nil {
+		t.Fatal(err)
+	}
+	e.set(route.Settings{Primary: route.Old, Mirror: true, Reads: 50, Shadow: 50})
+	st := srv.State()
+	st.Fence = 77
+	srv.ApplyState(st)
+	defer func() {
+		st.Fence = 0
+		srv.ApplyState(st)
+	}()
+	dctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	err = srv.DrainWrites(dctx)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a fence drained while a transaction was open: %v", err)
+	}
+	if got := srv.WriterSessions(); len(got) != 1 {
+		t.Fatalf("writer sessions: %v", got)
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO f VALUES (2)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	dctx, cancel = context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if err := srv.DrainWrites(dctx); err != nil {
+		t.Fatalf("the fence did not drain once the transaction committed: %v (%v)", err, srv.WriterSessions())
+	}
+	st.Fence = 0
+	srv.ApplyState(st)
+	if n := e.assertEqual("f", "id"); n != 2 {
+		t.Fatalf("f has %d rows", n)
+	}
+}
+
+// TestFenceHoldsWrites: while a fence is up a write waits (without
+// counting, so the fence drains), a read does not, and the write runs on
+// the state the fence ends with: after a flip, on the new primary.
+func TestFenceHoldsWrites(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE f (id int PRIMARY KEY)`)
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	srv := e.proxy.srv
+	ctx := context.Background()
+	c := e.client()
+	if _, err := c.Exec(ctx, `INSERT INTO f VALUES (1)`); err != nil {
+		t.Fatal(err)
+	}
+	st := srv.State()
+	st.Fence = 5
+	srv.ApplyState(st)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Exec(ctx, `INSERT INTO f VALUES (2)`)
+		done <- err
+	}()
+	time.Sleep(100 * time.Millisecond)
+	select {
+	case err := <-done:
+		t.Fatalf("a write ran through a write fence: %v", err)
+	default:
+	}
+	wantWriters(t, srv, 0, "a write waiting at the fence")
+	dctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if err := srv.DrainWrites(dctx); err != nil {
+		t.Fatalf("a write waiting at the fence kept it from draining: %v", err)
+	}
+	// A read from another session is not held. (A Parse-only batch, as
+	// pgx sends to prepare a statement, is held like a write.)
+	var n int
+	if err := e.client().QueryRow(ctx, `SELECT count(*) FROM f`, pgx.QueryExecModeSimpleProtocol).Scan(&n); err != nil || n != 1 {
+		t.Fatalf("read under the fence: %d %v", n, err)
+	}
+	// The flip applies its state (fence still up), then releases the fence.
+	flipped := route.State{Version: st.Version + 1, Fence: 5, Settings: route.Settings{Primary: route.New, Mirror: true, Reads: 100}}
+	srv.ApplyState(flipped)
+	time.Sleep(50 * time.Millisecond)
+	select {
+	case err := <-done:
+		t.Fatalf("a write ran before the fence was released: %v", err)
+	default:
+	}
+	flipped.Fence = 0
+	srv.ApplyState(flipped)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	wantWriters(t, srv, 0, "the held write done")
+	// It ran on new as primary, mirrored to old: both have it.
+	if n := e.assertEqual("f", "id"); n != 2 {
+		t.Fatalf("f has %d rows", n)
+	}
+}
+
+// TestFenceHeldTooLong: a write held at a fence for 2 × fence_timeout
+// without the state moving on is refused with a retryable error and runs
+// nowhere; never on the state the fence is moving away from. The session
+// stays usable: after a Query, a Sync-ended batch and a Flush-ended one
+// (whose messages up to the next Sync are skipped).
+func TestFenceHeldTooLong(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE f (id int PRIMARY KEY)`, func(c *config.Config) {
+		c.Routing.FenceTimeout = config.Duration(50 * time.Millisecond)
+	})
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	srv := e.proxy.srv
+	ctx := context.Background()
+	c := e.client()
+	st := srv.State()
+	st.Fence = 9
+	srv.ApplyState(st)
+	start := time.Now()
+	if _, err := c.Exec(ctx, `INSERT INTO f VALUES (1)`); sqlState(err) != "40001" {
+		t.Fatalf("simple query held at a stuck fence: want 40001, got %v", err)
+	}
+	if took := time.Since(start); took < 100*time.Millisecond || took > 2*time.Second {
+		t.Fatalf("refused after %s, want about 2 × fence_timeout", took)
+	}
+	if _, err := c.Exec(ctx, `INSERT INTO f VALUES ($1)`, 2); sqlState(err) != "40001" {
+		t.Fatalf("extended batch held at a stuck fence: want 40001, got %v", err)
+	}
+	pc := c.PgConn()
+	pl := pc.StartPipeline(ctx)
+	pl.SendQueryParams(`INSERT INTO f VALUES (3)`, nil, nil, nil, nil)
+	pl.SendFlushRequest()
+	if err := pl.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pl.GetResults(); sqlState(err) != "40001" {
+		t.Fatalf("Flush-ended batch held at a stuck fence: want 40001, got %v", err)
+	}
+	pl.SendQueryParams(`INSERT INTO f VALUES (4)`, nil, nil, nil, nil) // skipped, as after any error
+	pl.SendPipelineSync()
+	if err := pl.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		res, err := pl.GetResults()
+		if err != nil {
+			t.Fatalf("after the refused Flush batch: %v", err)
+		}
+		if _, ok := res.(*pgconn.PipelineSync); ok {
+			break
+		}
+		if rr, ok := res.(*pgconn.ResultReader); ok {
+			if _, err := rr.Close(); err != nil {
+				t.Fatalf("a message after the refused Flush batch ran: %v", err)
+			}
+		}
+	}
+	if err := pl.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wantWriters(t, srv, 0, "refused writes")
+	st.Fence = 0
+	srv.ApplyState(st)
+	if _, err := c.Exec(ctx, `INSERT INTO f VALUES (5)`); err != nil {
+		t.Fatalf("the session after the fence: %v", err)
+	}
+	var ids string
+	if err := c.QueryRow(ctx, `SELECT string_agg(id::text, ',' ORDER BY id) FROM f`).Scan(&ids); err != nil || ids != "5" {
+		t.Fatalf("f: %q %v: a refused write ran", ids, err)
+	}
+	e.assertEqual("f", "id")
+}
+
+// TestFenceKilledWhileHeld: a session killed (the proxy shutting down)
+// while its write waits at a fence ends at once, and its write never runs.
+func TestFenceKilledWhileHeld(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE f (id int PRIMARY KEY)`)
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	srv := e.proxy.srv
+	ctx := context.Background()
+	c := e.client()
+	st := srv.State()
+	st.Fence = 3
+	srv.ApplyState(st)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Exec(ctx, `INSERT INTO f VALUES (1)`)
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	sctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	_ = srv.Shutdown(sctx)
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("the held write succeeded")
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("a session killed at the fence did not end")
+	}
+	st.Fence = 0
+	srv.ApplyState(st)
+	time.Sleep(50 * time.Millisecond)
+	if _, n := tableHash(t, e.old, e.db, "f", "id"); n != 0 {
+		t.Fatalf("the write of a session killed at the fence ran (%d rows)", n)
+	}
+	if w := srv.Writers(); w != 0 {
+		t.Fatalf("%d writers after shutdown", w)
+	}
+}

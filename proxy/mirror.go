@@ -59,7 +59,9 @@ func (s *Server) BreakerState() string {
 // serve runs one request under the session's routing state.
 func (rs *routedSession) serve(un *unit) error {
 	kinds, pureRead, tables := rs.analyze(un)
-	rs.beginUnit(pureRead)
+	if err := rs.beginUnit(pureRead); err != nil {
+		return rs.refuseUnit(un, err)
+	}
 	st := rs.state
 	rs.servedBy = ""
 	if slices.Contains(kinds, classify.Session) {

@@ -815,8 +815,9 @@ func (rs *routedSession) setWriter(on bool) {
 }
 
 // beginUnit marks the session busy, picks up a new routing state at a safe
-// point, and holds new writes while a write fence is up.
-func (rs *routedSession) beginUnit(pureRead bool) {
+// point, and holds new writes while a write fence is up (waitFence). An
+// error means the unit must not run: nothing was sent to a store.
+func (rs *routedSession) beginUnit(pureRead bool) error {
 	ss := rs.ss
 	ss.mu.Lock()
 	ss.inRequest = true
@@ -824,33 +825,13 @@ func (rs *routedSession) beginUnit(pureRead bool) {
 	ss.outstanding = 1
 	ss.mu.Unlock()
 	if rs.txState != 'I' || rs.extOpen {
-		return
+		return nil
 	}
-	for {
-		rs.state = rs.srv.State()
-		if rs.state.Fence == 0 || pureRead {
-			break
-		}
-		// A write flip is draining writes: wait for the new state.
-		rs.srv.metrics.R().FenceWait(ss.ctx)
-		ch := rs.srv.stateChanged()
-		if rs.srv.State().Fence == 0 {
-			continue
-		}
-		t := time.NewTimer(2 * rs.srv.cfg.Routing.FenceTimeout.Duration())
-		select {
-		case <-ch:
-		case <-t.C:
-			ss.log.Warn("write fence held longer than twice routing.fence_timeout; proceeding")
-			t.Stop()
-			rs.state = rs.srv.State()
-			rs.setWriter(!pureRead)
-			return
-		case <-ss.killCh:
-		}
-		t.Stop()
+	if err := rs.waitFence(pureRead); err != nil {
+		return err
 	}
 	rs.setWriter(!pureRead)
+	return nil
 }
 
 // endUnit records the transaction status the client was told.
