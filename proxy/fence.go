@@ -162,3 +162,40 @@ func (rs *routedSession) refuseUnit(un *unit, err error) error {
 	rs.endUnit(rs.txState)
 	return nil
 }
+
+// relayMark is the writer mark of a relayed session: the byte relay does
+// not classify statements, so it counts from the start of each request
+// until a ReadyForQuery leaves the session idle outside a transaction.
+var relayMark = &writerMark{why: "relayed: a request or a transaction in flight"}
+
+// noteRelayLocked keeps a relayed session's count in Server.Writers in step
+// with its state, so that a write fence also waits for a session still
+// relayed (one in a transaction since before mirroring was turned on).
+// ss.mu is held.
+func (ss *session) noteRelayLocked() {
+	busy := !ss.idleLocked()
+	if busy == ss.relayWriter {
+		return
+	}
+	ss.relayWriter = busy
+	if busy {
+		ss.srv.routing.writers.Add(1)
+		ss.writer.Store(relayMark)
+	} else {
+		ss.writer.Store(nil)
+		ss.srv.writerDone()
+	}
+}
+
+// endRelayWriter releases a relayed session's count when the relay ends
+// (the session is over, or handed to the routed engine, which keeps its
+// own).
+func (ss *session) endRelayWriter() {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.relayWriter {
+		ss.relayWriter = false
+		ss.writer.Store(nil)
+		ss.srv.writerDone()
+	}
+}

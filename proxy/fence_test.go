@@ -472,3 +472,52 @@ func TestFenceKilledWhileHeld(t *testing.T) {
 		t.Fatalf("%d writers after shutdown", w)
 	}
 }
+
+// TestFenceRelayedTransaction: a session still relayed byte for byte (in a
+// transaction since before mirroring was turned on) counts as a writer
+// until its transaction ends, so a fence waits for it.
+func TestFenceRelayedTransaction(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE f (id int PRIMARY KEY)`)
+	srv := e.proxy.srv
+	ctx := context.Background()
+	c := e.client() // passthrough: relayed
+	if _, err := c.Exec(ctx, `INSERT INTO f VALUES (1)`); err != nil {
+		t.Fatal(err)
+	}
+	wantWriters(t, srv, 0, "relayed autocommit write done")
+	tx, err := c.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `INSERT INTO f VALUES (2)`); err != nil {
+		t.Fatal(err)
+	}
+	wantWriters(t, srv, 1, "relayed transaction open")
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	st := srv.State()
+	st.Fence = 4
+	srv.ApplyState(st)
+	dctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	err = srv.DrainWrites(dctx)
+	cancel()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a fence drained while a relayed transaction was open: %v", err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	dctx, cancel = context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if err := srv.DrainWrites(dctx); err != nil {
+		t.Fatalf("the fence did not drain once the relayed transaction committed: %v (%v)", err, srv.WriterSessions())
+	}
+	st.Fence = 0
+	srv.ApplyState(st)
+	// The next write is routed (and mirrored); the relayed session's end
+	// releases nothing twice.
+	if _, err := c.Exec(ctx, `INSERT INTO f VALUES (3)`); err != nil {
+		t.Fatal(err)
+	}
+	rawClose(c)
+	wantWriters(t, srv, 0, "relayed-then-routed session gone")
+}
