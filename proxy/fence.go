@@ -199,3 +199,10 @@ func (ss *session) endRelayWriter() {
 		ss.srv.writerDone()
 	}
 }
+
+// loneFlush reports whether un is a Flush alone at a safe point: it opens
+// no implicit transaction on the store and writes nothing, so it neither
+// waits at a fence nor counts as a writer until some later Sync.
+func (rs *routedSession) loneFlush(un *unit) bool {
+	return len(un.msgs) == 1 && un.end == 'H' && un.msgs[0].typ == 'H' && rs.txState == 'I' && !rs.extOpen
+}

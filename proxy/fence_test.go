@@ -172,6 +172,34 @@ func TestFenceUnitEndings(t *testing.T) {
 		check("client gone mid-transaction")
 	})
 
+	t.Run("lone flush", func(t *testing.T) {
+		// A Flush with nothing before it opens no transaction: the session
+		// must not count as a writer until some later Sync.
+		pl := c.PgConn().StartPipeline(ctx)
+		pl.SendFlushRequest()
+		if err := pl.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+		check("a lone Flush")
+		pl.SendPipelineSync()
+		if err := pl.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if res, err := pl.GetResults(); err != nil {
+			t.Fatal(err)
+		} else if _, ok := res.(*pgconn.PipelineSync); !ok {
+			t.Fatalf("after a lone Flush and a Sync: %T", res)
+		}
+		if err := pl.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Exec(ctx, `UPDATE f SET v = v + 1 WHERE id = 1`); err != nil {
+			t.Fatal(err)
+		}
+		check("after a lone Flush")
+	})
+
 	t.Run("flush-ended batch then the client leaves", func(t *testing.T) {
 		c2 := e.client()
 		pl := c2.PgConn().StartPipeline(ctx)

@@ -59,7 +59,8 @@ func (s *Server) BreakerState() string {
 // serve runs one request under the session's routing state.
 func (rs *routedSession) serve(un *unit) error {
 	kinds, pureRead, tables := rs.analyze(un)
-	if err := rs.beginUnit(pureRead); err != nil {
+	lone := rs.loneFlush(un)
+	if err := rs.beginUnit(pureRead || lone); err != nil {
 		return rs.refuseUnit(un, err)
 	}
 	st := rs.state
@@ -92,7 +93,7 @@ func (rs *routedSession) serve(un *unit) error {
 	// A batch ended by Flush instead of Sync leaves the primary's implicit
 	// transaction open until a later Sync: until then the secondary follows
 	// inside a transaction of its own, committed when the primary's is.
-	implicit := startTx == 'I' && (rs.extOpen || un.end == 'H')
+	implicit := startTx == 'I' && (rs.extOpen || un.end == 'H' && !lone)
 
 	if mirror && rs.tx.broken != nil && len(rs.tx.drift) > 0 && hasCommit(rs, un) {
 		// The secondary missed part of this transaction: record it before the
