@@ -74,7 +74,7 @@ func (rs *routedSession) markWriter(on bool) {
 // client can retry, when the fence is held 2 × routing.fence_timeout
 // without the state moving on (a flip takes at most fence_timeout to
 // drain; a dead flip's fence expires with its lease), and ends at once
-// when the session is killed.
+// when the session is killed or the client goes away.
 func (rs *routedSession) waitFence(pureRead bool) error {
 	var timer *time.Timer
 	version := int64(-1)
@@ -100,6 +100,13 @@ func (rs *routedSession) waitFence(pureRead bool) error {
 		}
 		select {
 		case <-ch:
+		case b := <-rs.clientIn:
+			// Keep what the client sends meanwhile for after the unit; a
+			// client gone while its write is held abandons the write.
+			rs.pushback = append(rs.pushback, b...)
+			if m := b[len(b)-1]; m.err != nil {
+				return rs.clientErr(m.err)
+			}
 		case <-timer.C:
 			rs.ss.log.Warn("write held at a write fence for twice routing.fence_timeout; refusing it", "fence", rs.state.Fence, "version", rs.state.Version)
 			return errFenceHeld()

@@ -549,3 +549,43 @@ func TestFenceRelayedTransaction(t *testing.T) {
 	rawClose(c)
 	wantWriters(t, srv, 0, "relayed-then-routed session gone")
 }
+
+// TestFenceClientLeavesWhileHeld: a client that goes away while its write
+// waits at a fence: the session ends at once and the write runs nowhere,
+// even after the fence is released.
+func TestFenceClientLeavesWhileHeld(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE f (id int PRIMARY KEY)`, func(c *config.Config) {
+		c.Routing.FenceTimeout = config.Duration(time.Minute) // no refusal meanwhile
+	})
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	srv := e.proxy.srv
+	ctx := context.Background()
+	c := e.client()
+	st := srv.State()
+	st.Fence = 6
+	srv.ApplyState(st)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Exec(ctx, `INSERT INTO f VALUES (1)`)
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	_ = c.PgConn().Conn().Close()
+	if err := <-done; err == nil {
+		t.Fatal("the held write succeeded")
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for srv.Sessions() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d sessions: a session whose client left while held at the fence did not end", srv.Sessions())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	st.Fence = 0
+	srv.ApplyState(st)
+	time.Sleep(50 * time.Millisecond)
+	if _, n := tableHash(t, e.old, e.db, "f", "id"); n != 0 {
+		t.Fatalf("the write of a client gone while held at the fence ran (%d rows)", n)
+	}
+	wantWriters(t, srv, 0, "client gone at the fence")
+}
