@@ -84,7 +84,7 @@ func (rs *routedSession) waitFence(pureRead bool) error {
 			return nil
 		}
 		ch := rs.srv.stateChanged()
-		if rs.srv.State() != rs.state {
+		if cur := rs.srv.State(); cur.Version != rs.state.Version || cur.Fence != rs.state.Fence {
 			continue // changed before ch was taken
 		}
 		if rs.state.Version != version {
