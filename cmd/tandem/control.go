@@ -153,7 +153,15 @@ func prepareSequences(ctx context.Context, cfg *config.Config, to route.Store) (
 		bound, cancel := context.WithTimeout(ctx, cfg.Routing.FenceTimeout.Duration())
 		defer cancel()
 		var repairErr error
-		for {
+		// Writes are fenced and drained, so the drift the store becoming
+		// primary missed can only shrink: look before claiming (a claim is
+		// a transaction of three round trips, with nothing to claim most
+		// of the time).
+		var pending bool
+		if err := control.QueryRow(bound, `SELECT EXISTS (SELECT 1 FROM tandem.drift WHERE repaired_at IS NULL AND stale = $1)`, string(to)).Scan(&pending); err != nil {
+			pending = true // let the repair say what is wrong
+		}
+		for pending {
 			n, err := table.RepairWith(bound, control, conns[string(from)], conns[string(to)], table.RepairOptions{Target: string(to), Limit: 1000, Mappings: ms})
 			if err != nil {
 				repairErr = fmt.Errorf("repairing the drift the %s store missed before it becomes primary: %w", to, err)
