@@ -106,7 +106,7 @@ func (l *randomLoad) writer(dsn string, w int, r *rand.Rand) {
 		// writers with none would only measure the 2-core test machine's
 		// run queue.
 		time.Sleep(time.Duration(r.IntN(3000)) * time.Microsecond)
-		counter := func() int { return 1 + r.IntN(4) }
+		counter := func() int { return 1 + r.IntN(fenceCounters) }
 		switch op := r.IntN(24); {
 		case op < 5: // an autocommit insert
 			var id int64
@@ -231,6 +231,11 @@ func (l *randomLoad) writer(dsn string, w int, r *rand.Rand) {
 	}
 }
 
+// fenceCounters is how many shared counters the writers update: as in
+// TestFlipUnderLoad, 8 for 16 writers, hot enough for lock queues and
+// deadlocks (which the fence waits for, as it must).
+const fenceCounters = 8
+
 // fenceStats summarises fence durations in milliseconds.
 func fenceStats(ms []float64) (p50, p99, worst float64) {
 	s := slices.Sorted(slices.Values(ms))
@@ -267,10 +272,10 @@ func TestFenceFlipsUnderRandomWriters(t *testing.T) {
 	// the fence waits for the transactions in it.
 	oldC, newC := pgtest.NewPair(t, pgtest.Options{Settings: map[string]string{"deadlock_timeout": "20ms"}})
 	for _, c := range []*pgtest.Cluster{oldC, newC} {
-		mustExec(t, c, `CREATE TABLE items (id serial PRIMARY KEY, writer int NOT NULL, n int NOT NULL, note text);
+		mustExec(t, c, fmt.Sprintf(`CREATE TABLE items (id serial PRIMARY KEY, writer int NOT NULL, n int NOT NULL, note text);
 			CREATE TABLE counters (id int PRIMARY KEY, hits bigint NOT NULL DEFAULT 0);
-			INSERT INTO counters (id) SELECT generate_series(1, 4);
-			CREATE TABLE uniq (k int PRIMARY KEY); INSERT INTO uniq VALUES (1);`)
+			INSERT INTO counters (id) SELECT generate_series(1, %d);
+			CREATE TABLE uniq (k int PRIMARY KEY); INSERT INTO uniq VALUES (1);`, fenceCounters))
 	}
 	replicas := []string{"fence-a", "fence-b"}
 	var proxies []*runningProxy
