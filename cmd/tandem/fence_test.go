@@ -9,6 +9,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -375,6 +376,16 @@ func TestFenceFlipsUnderRandomWriters(t *testing.T) {
 		t.Logf("rollback %d: fence %.1f ms", i, back.Report.FenceMS)
 		progress("rollback")
 	}
+	// Under load the admin API names the sessions a fence would wait for.
+	waitFor(t, func() bool {
+		var got struct {
+			Writers  int      `json:"writers"`
+			Sessions []string `json:"sessions"`
+		}
+		code, _ := a.call("GET", "/api/v1/writers", "", &got)
+		return code == 200 && got.Writers > 0 && got.Writers == len(got.Sessions) &&
+			strings.Contains(got.Sessions[0], "postgres@postgres")
+	})
 	stopped = true
 	load.finish()
 	for _, err := range load.errs {
@@ -443,14 +454,21 @@ func rowDiff(t *testing.T, oldC, newC *pgtest.Cluster, tbl string) string {
 }
 
 // waitForWriters wants rp's count of sessions in a transaction or a write
-// back at zero once the clients are gone.
+// back at zero once the clients are gone, and the admin API to agree.
 func waitForWriters(t *testing.T, rp *runningProxy) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for rp.srv.Writers() != 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("%d writers left on a proxy with no client", rp.srv.Writers())
+			t.Fatalf("%d writers left on a proxy with no client: %v", rp.srv.Writers(), rp.srv.WriterSessions())
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+	var got struct {
+		Writers  int      `json:"writers"`
+		Sessions []string `json:"sessions"`
+	}
+	if code, raw := newAdminClient(t, rp).call("GET", "/api/v1/writers", "", &got); code != 200 || got.Writers != 0 || got.Sessions == nil {
+		t.Fatalf("GET /api/v1/writers: %d %s", code, raw)
 	}
 }
