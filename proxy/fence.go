@@ -207,9 +207,10 @@ func (ss *session) endRelayWriter() {
 	}
 }
 
-// loneFlush reports whether un is a Flush alone at a safe point: it opens
-// no implicit transaction on the store and writes nothing, so it neither
-// waits at a fence nor counts as a writer until some later Sync.
-func (rs *routedSession) loneFlush(un *unit) bool {
-	return len(un.msgs) == 1 && un.end == 'H' && un.msgs[0].typ == 'H' && rs.txState == 'I' && !rs.extOpen
+// lone reports whether un is a Flush or a Sync alone at a safe point: it
+// opens no implicit transaction on the store and writes nothing, so it
+// neither waits at a fence nor counts as a writer (a Flush, until some
+// later Sync).
+func (rs *routedSession) lone(un *unit) bool {
+	return len(un.msgs) == 1 && (un.end == 'H' || un.end == 'S') && un.msgs[0].typ == un.end && rs.txState == 'I' && !rs.extOpen
 }

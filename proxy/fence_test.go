@@ -395,7 +395,7 @@ func TestFenceHoldsWrites(t *testing.T) {
 // without the state moving on is refused with a retryable error and runs
 // nowhere; never on the state the fence is moving away from. The session
 // stays usable: after a Query, a Sync-ended batch and a Flush-ended one
-// (whose messages up to the next Sync are skipped).
+// (whose messages up to the next Sync are skipped). A lone Sync is not held.
 func TestFenceHeldTooLong(t *testing.T) {
 	e := newPairEnv(t, `CREATE TABLE f (id int PRIMARY KEY)`, func(c *config.Config) {
 		c.Routing.FenceTimeout = config.Duration(50 * time.Millisecond)
@@ -407,6 +407,20 @@ func TestFenceHeldTooLong(t *testing.T) {
 	st := srv.State()
 	st.Fence = 9
 	srv.ApplyState(st)
+	// A Sync alone writes nothing: it is answered at once.
+	pl := c.PgConn().StartPipeline(ctx)
+	pl.SendPipelineSync()
+	if err := pl.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := pl.GetResults(); err != nil {
+		t.Fatalf("a lone Sync under the fence: %v", err)
+	} else if _, ok := res.(*pgconn.PipelineSync); !ok {
+		t.Fatalf("a lone Sync under the fence: %T", res)
+	}
+	if err := pl.Close(); err != nil {
+		t.Fatal(err)
+	}
 	start := time.Now()
 	if _, err := c.Exec(ctx, `INSERT INTO f VALUES (1)`); sqlState(err) != "40001" {
 		t.Fatalf("simple query held at a stuck fence: want 40001, got %v", err)
@@ -417,8 +431,7 @@ func TestFenceHeldTooLong(t *testing.T) {
 	if _, err := c.Exec(ctx, `INSERT INTO f VALUES ($1)`, 2); sqlState(err) != "40001" {
 		t.Fatalf("extended batch held at a stuck fence: want 40001, got %v", err)
 	}
-	pc := c.PgConn()
-	pl := pc.StartPipeline(ctx)
+	pl = c.PgConn().StartPipeline(ctx)
 	pl.SendQueryParams(`INSERT INTO f VALUES (3)`, nil, nil, nil, nil)
 	pl.SendFlushRequest()
 	if err := pl.Flush(); err != nil {
