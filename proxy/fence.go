@@ -79,10 +79,20 @@ func (rs *routedSession) waitFence(pureRead bool) error {
 	var timer *time.Timer
 	version := int64(-1)
 	for {
+		// Count first, then look at the fence (the drain raises the fence
+		// first, then looks at the count): with both atomic, either this
+		// unit sees the fence or the drain sees this unit. Looking first
+		// left a window in which a fence could be raised and drained
+		// between the look and the count, and the write then ran on the
+		// state being left.
+		if !pureRead {
+			rs.setWriter(true)
+		}
 		rs.state = rs.srv.State()
 		if rs.state.Fence == 0 || pureRead {
 			return nil
 		}
+		rs.setWriter(false) // held: not a writer while waiting
 		ch := rs.srv.stateChanged()
 		if cur := rs.srv.State(); cur.Version != rs.state.Version || cur.Fence != rs.state.Fence {
 			continue // changed before ch was taken
@@ -90,13 +100,15 @@ func (rs *routedSession) waitFence(pureRead bool) error {
 		if rs.state.Version != version {
 			// A write flip is draining writes (or applying its next state):
 			// wait for the state after it.
+			bound := 2 * rs.srv.cfg.Routing.FenceTimeout.Duration()
 			if timer == nil {
 				rs.srv.metrics.R().FenceWait(rs.ss.ctx)
-				timer = time.NewTimer(0)
+				timer = time.NewTimer(bound)
 				defer timer.Stop()
+			} else {
+				timer.Reset(bound)
 			}
 			version = rs.state.Version
-			timer.Reset(2 * rs.srv.cfg.Routing.FenceTimeout.Duration())
 		}
 		select {
 		case <-ch:

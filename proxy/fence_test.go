@@ -602,3 +602,71 @@ func TestFenceClientLeavesWhileHeld(t *testing.T) {
 	}
 	wantWriters(t, srv, 0, "client gone at the fence")
 }
+
+// TestFenceNoWriteAfterDrain: once a fence has drained, nothing commits on
+// the primary until it is released, however the writers' units and the
+// fence interleave; and none of them sees an error.
+func TestFenceNoWriteAfterDrain(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE f (id serial PRIMARY KEY, w int NOT NULL)`)
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	srv := e.proxy.srv
+	ctx := context.Background()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for w := range 8 {
+		c := e.client()
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := c.Exec(ctx, `INSERT INTO f (w) VALUES ($1)`, w); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	direct, err := pgx.Connect(ctx, e.old.DSN(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close(ctx)
+	count := func() int64 {
+		var n int64
+		if err := direct.QueryRow(ctx, `SELECT count(*) FROM f`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for i := range 30 {
+		st := srv.State()
+		st.Fence = int64(1000 + i)
+		srv.ApplyState(st)
+		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err := srv.DrainWrites(dctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("fence %d did not drain: %v (%v)", i, err, srv.WriterSessions())
+		}
+		before := count()
+		time.Sleep(20 * time.Millisecond)
+		if after := count(); after != before {
+			t.Fatalf("fence %d: %d rows committed on the primary after the drain", i, after-before)
+		}
+		st.Fence = 0
+		srv.ApplyState(st)
+		time.Sleep(time.Duration(5+i%10) * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Errorf("client error: %v", err)
+	}
+	wantWriters(t, srv, 0, "writers done")
+	e.assertEqual("f", "id")
+}
