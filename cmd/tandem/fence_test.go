@@ -254,7 +254,8 @@ func fenceStats(ms []float64) (p50, p99, worst float64) {
 // writer is left, no drift is open and old equals new. make test runs 3
 // of each, 1.5 s apart; TANDEM_FENCE_SOAK=1 (make soak) runs 10 of each,
 // 10 s apart as in the issue, and holds the fences to the 100 ms p99.
-// TANDEM_FENCE_ROUNDS and TANDEM_FENCE_GAP override the count and the gap.
+// TANDEM_FENCE_ROUNDS and TANDEM_FENCE_GAP override the count and the gap,
+// TANDEM_FENCE_P99_MS the bound.
 func TestFenceFlipsUnderRandomWriters(t *testing.T) {
 	rounds, gap := 3, 1500*time.Millisecond
 	soak := os.Getenv("TANDEM_FENCE_SOAK") != ""
@@ -397,8 +398,12 @@ func TestFenceFlipsUnderRandomWriters(t *testing.T) {
 	// detector). The short run in make test has 6 fences, shares two cores
 	// with the rest of the suite, under the race detector: its fence times
 	// are reported, and a fence that does not drain fails its flip above.
-	if soak && p99 >= 100 {
-		t.Errorf("fence p99 %.1f ms, want under 100 ms (all: %v)", p99, fences)
+	bound := 100.0 // ms, the issue's; TANDEM_FENCE_P99_MS for slower machines
+	if v, err := strconv.ParseFloat(os.Getenv("TANDEM_FENCE_P99_MS"), 64); err == nil && v > 0 {
+		bound = v
+	}
+	if soak && p99 >= bound {
+		t.Errorf("fence p99 %.1f ms, want under %.0f ms (all: %v)", p99, bound, fences)
 	}
 	for _, rp := range proxies {
 		waitForWriters(t, rp)
