@@ -6,7 +6,7 @@ FUZZTIME ?= 10s
 SEEDS    ?= 200
 BIN      ?= bin/tandem
 
-.PHONY: all build deps demo test unit fuzz bench clean
+.PHONY: all build deps demo test unit soak fuzz bench clean
 
 all: build
 
@@ -27,6 +27,13 @@ test: deps
 
 unit:
 	$(GO) test -race -count=1 -short ./...
+
+# Issue 10's "done when", in full: ten write flips and ten rollbacks,
+# alternating 10 s apart, under 16 random writers in dual-write; each must
+# succeed without --force, with fences under 100 ms at p99 and no client
+# error beyond the workload's own. (make test runs 3 of each.)
+soak: deps
+	TANDEM_FENCE_SOAK=1 $(GO) test -count=1 -timeout 20m -run '^TestFenceFlipsUnderRandomWriters$$' -v ./cmd/tandem
 
 # Brief runs of every fuzz target over its seeded corpus (testdata/fuzz) plus
 # FUZZTIME of new inputs each. Longer: make fuzz FUZZTIME=5m

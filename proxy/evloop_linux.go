@@ -582,6 +582,7 @@ func (ss *session) relayWithEngine() {
 		if s := ss.srv; len(s.loops) > 0 && ss.epollCapable() {
 			l := s.loops[int(s.nextLoop.Add(1))%len(s.loops)]
 			if ok, h := ss.relayEpoll(l); ok {
+				ss.endRelayWriter()
 				if h != nil {
 					ss.serveRouted(h)
 				}
@@ -589,6 +590,7 @@ func (ss *session) relayWithEngine() {
 			}
 		}
 		h := ss.relay()
+		ss.endRelayWriter()
 		if h == nil {
 			return
 		}

@@ -13,6 +13,7 @@ func (s *Server) stopLoops() {}
 func (ss *session) relayWithEngine() {
 	if !ss.srv.wantRouted(ss) {
 		h := ss.relay()
+		ss.endRelayWriter()
 		if h == nil {
 			return
 		}

@@ -60,7 +60,10 @@ func (s *Server) BreakerState() string {
 // serve runs one request under the session's routing state.
 func (rs *routedSession) serve(un *unit) error {
 	kinds, pureRead, tables := rs.analyze(un)
-	rs.beginUnit(pureRead)
+	lone := rs.lone(un)
+	if err := rs.beginUnit(pureRead || lone); err != nil {
+		return rs.refuseUnit(un, err)
+	}
 	st := rs.state
 	rs.servedBy = ""
 	if slices.Contains(kinds, classify.Session) {
@@ -103,7 +106,7 @@ func (rs *routedSession) serve(un *unit) error {
 	// A batch ended by Flush instead of Sync leaves the primary's implicit
 	// transaction open until a later Sync: until then the secondary follows
 	// inside a transaction of its own, committed when the primary's is.
-	implicit := startTx == 'I' && (rs.extOpen || un.end == 'H')
+	implicit := startTx == 'I' && (rs.extOpen || un.end == 'H' && !lone)
 
 	if mirror && rs.tx.broken != nil && len(rs.tx.drift) > 0 && hasCommit(rs, un) {
 		// The secondary missed part of this transaction: record it before the
@@ -125,9 +128,11 @@ func (rs *routedSession) serve(un *unit) error {
 		if res.failed {
 			rs.extFailed = true
 		}
+		if un.end == 'H' {
+			rs.extOpen = true // already while the secondary follows (see syncSettings)
+		}
 		rs.follow(res, true, mirror)
 		if un.end == 'H' {
-			rs.extOpen = true
 			return rs.endWith(res)
 		}
 		// The Sync that ends the implicit transaction has been answered.

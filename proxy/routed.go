@@ -563,10 +563,7 @@ func (rs *routedSession) spillHold() {
 func (rs *routedSession) finish(reason error) {
 	ss := rs.ss
 	_ = rs.cout.Flush()
-	if rs.writer {
-		rs.writer = false
-		rs.srv.writerDone()
-	}
+	rs.setWriter(false)
 	for _, u := range rs.stores {
 		if u != nil && u.up != nil {
 			clean := reason == nil || reason == errShutdown || reason == errIdleTimeout || reason == errClientGone
@@ -665,6 +662,12 @@ func (rs *routedSession) store(name route.Store) (*rstore, error) {
 func (rs *routedSession) syncSettings(u *rstore) error {
 	src := rs.home
 	if src == u || src.up == nil || src.dead != nil || rs.txState == 'E' {
+		return nil
+	}
+	if rs.extOpen && src.name == string(rs.state.Primary) {
+		// A simple Query would commit the primary's implicit transaction
+		// (and be skipped after an error in it): leave the SETs.
+		rs.ss.log.Debug("session settings not copied to the second store: the primary's implicit transaction is open", "store", u.name)
 		return nil
 	}
 	// The home store may be inside the client's (or the proxy's own)
@@ -881,6 +884,7 @@ func (rs *routedSession) internalQuery(u *rstore, sql string, deadline time.Time
 // setWriter keeps the server's count of sessions in a transaction or a
 // write, which a write fence waits for.
 func (rs *routedSession) setWriter(on bool) {
+	rs.markWriter(on)
 	if on == rs.writer {
 		return
 	}
@@ -893,8 +897,9 @@ func (rs *routedSession) setWriter(on bool) {
 }
 
 // beginUnit marks the session busy, picks up a new routing state at a safe
-// point, and holds new writes while a write fence is up.
-func (rs *routedSession) beginUnit(pureRead bool) {
+// point, and holds new writes while a write fence is up (waitFence). An
+// error means the unit must not run: nothing was sent to a store.
+func (rs *routedSession) beginUnit(pureRead bool) error {
 	ss := rs.ss
 	ss.mu.Lock()
 	ss.inRequest = true
@@ -902,33 +907,13 @@ func (rs *routedSession) beginUnit(pureRead bool) {
 	ss.outstanding = 1
 	ss.mu.Unlock()
 	if rs.txState != 'I' || rs.extOpen {
-		return
+		return nil
 	}
-	for {
-		rs.state = rs.srv.State()
-		if rs.state.Fence == 0 || pureRead {
-			break
-		}
-		// A write flip is draining writes: wait for the new state.
-		rs.srv.metrics.R().FenceWait(ss.ctx)
-		ch := rs.srv.stateChanged()
-		if rs.srv.State().Fence == 0 {
-			continue
-		}
-		t := time.NewTimer(2 * rs.srv.cfg.Routing.FenceTimeout.Duration())
-		select {
-		case <-ch:
-		case <-t.C:
-			ss.log.Warn("write fence held longer than twice routing.fence_timeout; proceeding")
-			t.Stop()
-			rs.state = rs.srv.State()
-			rs.setWriter(!pureRead)
-			return
-		case <-ss.killCh:
-		}
-		t.Stop()
+	if err := rs.waitFence(pureRead); err != nil {
+		return err
 	}
 	rs.setWriter(!pureRead)
+	return nil
 }
 
 // endUnit records the transaction status the client was told.

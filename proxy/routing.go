@@ -62,6 +62,9 @@ func (s *Server) DrainWrites(ctx context.Context) error {
 		select {
 		case <-s.routing.drained:
 		case <-ctx.Done():
+			if n := s.routing.writers.Load(); n > 0 {
+				s.log.Warn("write fence not drained: sessions still writing", "writers", n, "sessions", s.WriterSessions())
+			}
 			return ctx.Err()
 		}
 	}

@@ -87,6 +87,9 @@ type session struct {
 	prepared     map[string]preparedStmt // named statements the client parsed while relayed
 	terminated   atomic.Bool             // the client sent Terminate: the store closing after it is expected
 
+	writer      atomic.Pointer[writerMark] // set while the session counts in Server.Writers (fence.go)
+	relayWriter bool                       // under mu: counted while relayed (noteRelayLocked)
+
 	killOnce sync.Once
 	killCh   chan struct{}
 	killErr  error
@@ -697,6 +700,7 @@ func (ss *session) beginRequest(syncs int) bool {
 		ss.reqStart = time.Now()
 	}
 	ss.outstanding += syncs
+	ss.noteRelayLocked()
 	return true
 }
 
@@ -714,6 +718,7 @@ func (ss *session) endRequests(n int, status byte, now time.Time) bool {
 		took = now.Sub(ss.reqStart)
 	}
 	idle := ss.idleLocked()
+	ss.noteRelayLocked()
 	ss.mu.Unlock()
 	if ended {
 		ss.srv.metrics.Latency(ss.ctx, ss.upstream.store.name, took)

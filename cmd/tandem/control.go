@@ -144,15 +144,26 @@ func prepareSequences(ctx context.Context, cfg *config.Config, to route.Store) (
 		return nil, nil, fmt.Errorf("connecting to the control database: %w", err)
 	}
 	conns["control"] = control
+	// The mappings are read now, before the fence goes up: the fence then
+	// covers only the repair and the sequences. A failure still fails the
+	// sync, under the fence, as a gate --force can override.
+	ms, _, mapErr := table.LoadMappings(ctx, cfg.Tables, conns[string(route.Old)], conns[string(route.New)])
 	sync := func(ctx context.Context) (route.SequenceSync, error) {
+		if mapErr != nil {
+			return route.SequenceSync{}, fmt.Errorf("loading the table mappings: %w", mapErr)
+		}
 		bound, cancel := context.WithTimeout(ctx, cfg.Routing.FenceTimeout.Duration())
 		defer cancel()
 		var repairErr error
-		ms, _, err := table.LoadMappings(bound, cfg.Tables, conns[string(route.Old)], conns[string(route.New)])
-		if err != nil {
-			return route.SequenceSync{}, fmt.Errorf("loading the table mappings: %w", err)
+		// Writes are fenced and drained, so the drift the store becoming
+		// primary missed can only shrink: look before claiming (a claim is
+		// a transaction of three round trips, with nothing to claim most
+		// of the time).
+		var pending bool
+		if err := control.QueryRow(bound, `SELECT EXISTS (SELECT 1 FROM tandem.drift WHERE repaired_at IS NULL AND stale = $1)`, string(to)).Scan(&pending); err != nil {
+			pending = true // let the repair say what is wrong
 		}
-		for {
+		for pending {
 			// Every entry, also those in their backoff after failing: a
 			// failure now fails the flip (a gate --force overrides).
 			n, err := table.RepairWith(bound, control, conns[string(from)], conns[string(to)], table.RepairOptions{

@@ -140,7 +140,8 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if cfg.New.DSN != "" {
 		checks = append(checks, ping("new"))
 	}
-	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: bf, Mismatches: mm}), log)
+	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: bf, Mismatches: mm,
+		Writers: srv.WriterSessions}), log)
 	if err != nil {
 		if cp != nil {
 			cp.stop()

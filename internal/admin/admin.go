@@ -37,6 +37,9 @@ type Options struct {
 	Backfill *Backfill
 	// Mismatches serves /api/v1/mismatches; nil answers it with 404.
 	Mismatches *Mismatches
+	// Writers serves /api/v1/writers: this proxy's sessions a write fence
+	// waits for, one line each (why, for how long); nil answers 404.
+	Writers func() []string
 }
 
 // NewHandler returns the admin API's handler:
@@ -51,6 +54,7 @@ type Options struct {
 //	POST /api/v1/rollback  optional {"force": bool, "reason": text}: as /api/v1/route
 //	GET  /api/v1/backfill  per table rows and chunks, finished, rate and paused (backfill.State)
 //	POST /api/v1/backfill  {"rate": rows/s} and/or {"paused": bool}: 200 with the state after; 400 malformed
+//	GET  /api/v1/writers   this proxy's sessions a write fence would wait for: {"writers": n, "sessions": [why...]}
 //	GET  /api/v1/mismatches shadow-read outcomes over ?window= (default the gate's) per fingerprint, and the
 //	                       stored mismatches grouped by fingerprint (?fingerprint=, ?since=RFC3339, ?samples=1..100)
 func NewHandler(opts Options) http.Handler {
@@ -97,6 +101,16 @@ func NewHandler(opts Options) http.Handler {
 	routingHandlers(mux, opts.Routing)
 	backfillHandlers(mux, opts.Backfill)
 	mismatchHandlers(mux, opts.Mismatches)
+	if opts.Writers != nil {
+		mux.HandleFunc("GET /api/v1/writers", func(w http.ResponseWriter, r *http.Request) {
+			sessions := opts.Writers()
+			if sessions == nil {
+				sessions = []string{}
+			}
+			w.Header().Set("Content-Type", "application/json")
+			_ = json.NewEncoder(w).Encode(map[string]any{"writers": len(sessions), "sessions": sessions})
+		})
+	}
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)

@@ -27,6 +27,7 @@ const (
 	CodeQueryCanceled         = "57014"
 	CodeInvalidParameterValue = "22023"
 	CodeTransactionRollback   = "40000"
+	CodeSerializationFailure  = "40001"
 )
 
 // Error is an error that Tandem reports to a client as an ErrorResponse. It

@@ -302,24 +302,17 @@ func (o Options) gates(ctx context.Context, conn *pgx.Conn, cur State, next Sett
 }
 
 // raiseFence sets a new fence token on the state at version, unless another
-// flip holds a fence, and notifies the replicas.
+// flip holds a fence, and notifies the replicas: one statement, so one
+// round trip to the control database while writes are about to be held.
 func raiseFence(ctx context.Context, conn *pgx.Conn, version int64, lease time.Duration) (token int64, expires time.Time, err error) {
-	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if err := tx.QueryRow(ctx, "SELECT nextval('tandem.fence_token')").Scan(&token); err != nil {
-			return err
-		}
-		err := tx.QueryRow(ctx, `UPDATE tandem.state SET fence = $1, fence_expires = now() + $2::interval
-			WHERE id = 1 AND version = $3 AND (fence = 0 OR fence_expires <= now())
-			RETURNING fence_expires`, token, lease.String(), version).Scan(&expires)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return fmt.Errorf("raising the write fence: another change or flip got there first: %w", ErrConcurrentChange)
-		}
-		if err != nil {
-			return err
-		}
-		_, err = tx.Exec(ctx, "SELECT pg_notify($1, $2)", Channel, "fence")
-		return err
-	})
+	err = conn.QueryRow(ctx, `WITH t AS (SELECT nextval('tandem.fence_token') AS token),
+		u AS (UPDATE tandem.state SET fence = t.token, fence_expires = now() + $1::interval FROM t
+			WHERE id = 1 AND version = $2 AND (fence = 0 OR fence_expires <= now())
+			RETURNING fence, fence_expires)
+		SELECT fence, fence_expires, pg_notify($3, 'fence') IS NULL FROM u`, lease.String(), version, Channel).Scan(&token, &expires, new(bool))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, time.Time{}, fmt.Errorf("raising the write fence: another change or flip got there first: %w", ErrConcurrentChange)
+	}
 	return token, expires, err
 }
 
