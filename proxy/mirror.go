@@ -121,6 +121,13 @@ func (rs *routedSession) serve(un *unit) error {
 		return rs.storeLost(prim, err)
 	}
 	rs.servedBy = st.Primary
+	if wrap && res.unwrapped {
+		// The primary ran the statements without the proxy's transaction
+		// (its BEGIN failed): each committed on its own, so each is
+		// mirrored on its own, in order.
+		rs.ss.log.Warn("the proxy's BEGIN around an autocommit write failed; mirroring its statements one by one")
+		wrap = false
+	}
 	if wrap {
 		return rs.finishWrapped(prim, res)
 	}

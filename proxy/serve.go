@@ -94,6 +94,9 @@ type unitResult struct {
 	events  []event
 	failed  bool // an ErrorResponse was sent to the client
 	sentAny bool // some reply reached the client (or the hold buffer)
+	// unwrapped: the proxy's own BEGIN around the unit failed, so the
+	// primary ran (and committed) its statements one by one.
+	unwrapped bool
 }
 
 // pump is the state of processing one store's replies to one unit.
@@ -432,6 +435,9 @@ func (p *pump) handle(m backendMsg) error {
 		if e.kind == expIntQuery {
 			code, msg := errorFields(m.body)
 			p.intErr = &storeError{store: p.u.name, code: code, message: msg}
+			if p.wrapQ {
+				p.res.unwrapped = true
+			}
 			return nil
 		}
 		p.res.failed = true
