@@ -298,18 +298,18 @@ var goldenExchanges = []goldenExchange{
 	}},
 	{name: "statement_timeout_between_messages", steps: []goldenStep{
 		gQuery(`CREATE TABLE st (id int PRIMARY KEY)`),
-		gQuery(`SET statement_timeout = '100ms'`),
+		gQuery(`SET statement_timeout = '200ms'`),
 		// The timeout runs from the first message to the Sync: it fires
 		// while the server waits for the Describe.
-		{send: []pgproto3.FrontendMessage{&pgproto3.Parse{Name: "slow", Query: `INSERT INTO st VALUES ($1)`}, &pgproto3.Flush{}}, flushed: 1, pause: 300 * time.Millisecond},
+		{send: []pgproto3.FrontendMessage{&pgproto3.Parse{Name: "slow", Query: `INSERT INTO st VALUES ($1)`}, &pgproto3.Flush{}}, flushed: 1, pause: 600 * time.Millisecond},
 		gMsgs(1, &pgproto3.Describe{ObjectType: 'S', Name: "slow"}, &pgproto3.Sync{}),
-		{send: []pgproto3.FrontendMessage{&pgproto3.Parse{Query: `INSERT INTO st VALUES ($1)`}, &pgproto3.Flush{}}, flushed: 1, pause: 300 * time.Millisecond},
+		{send: []pgproto3.FrontendMessage{&pgproto3.Parse{Query: `INSERT INTO st VALUES ($1)`}, &pgproto3.Flush{}}, flushed: 1, pause: 600 * time.Millisecond},
 		gMsgs(1, &pgproto3.Describe{ObjectType: 'S'}, &pgproto3.Bind{Parameters: [][]byte{[]byte("1")}}, &pgproto3.Execute{}, &pgproto3.Sync{}),
 		// The timeout fires in a batch, before a write's Describe.
-		gMsgs(1, &pgproto3.Parse{Query: `SELECT pg_sleep(0.3)`}, &pgproto3.Bind{}, &pgproto3.Execute{},
+		gMsgs(1, &pgproto3.Parse{Query: `SELECT pg_sleep(0.6)`}, &pgproto3.Bind{}, &pgproto3.Execute{},
 			&pgproto3.Parse{Name: "w", Query: `INSERT INTO st VALUES ($1)`}, &pgproto3.Describe{ObjectType: 'S', Name: "w"}, &pgproto3.Sync{}),
 		gMsgs(1, &pgproto3.Parse{Name: "w", Query: `INSERT INTO st VALUES ($1)`}, &pgproto3.Describe{ObjectType: 'S', Name: "w"},
-			&pgproto3.Parse{Query: `SELECT pg_sleep(0.3)`}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{}),
+			&pgproto3.Parse{Query: `SELECT pg_sleep(0.6)`}, &pgproto3.Bind{}, &pgproto3.Execute{}, &pgproto3.Sync{}),
 		gMsgs(1, &pgproto3.Bind{PreparedStatement: "w", Parameters: [][]byte{[]byte("2")}}, &pgproto3.Execute{}, &pgproto3.Sync{}),
 		gQuery(`RESET statement_timeout`),
 		gQuery(`SELECT count(*) FROM st`),

@@ -129,7 +129,8 @@ func randomExchange(seed uint64) goldenExchange {
 // TestRandomProtocol is a differential test: random extended-protocol
 // exchanges run directly against PostgreSQL and through Tandem in each
 // routed phase must get identical replies, and leave both stores with the
-// same rows. TANDEM_RANDOM_SEEDS sets how many (make fuzz runs more).
+// same rows. TANDEM_RANDOM_SEEDS sets how many, TANDEM_RANDOM_FIRST the
+// first seed, TANDEM_RANDOM_SEED replays one (make fuzz runs more).
 func TestRandomProtocol(t *testing.T) {
 	seeds := 12
 	if v, err := strconv.Atoi(os.Getenv("TANDEM_RANDOM_SEEDS")); err == nil && v > 0 {
@@ -152,6 +153,9 @@ func TestRandomProtocol(t *testing.T) {
 			p := startProxyWith(t, shared, "postgres", Options{RecordDrift: record}, func(c *config.Config) { c.New.DSN = nc.DSN("postgres") })
 			p.srv.ApplyState(route.State{Version: 2, Settings: ph.set})
 			first := uint64(0)
+			if v, err := strconv.ParseUint(os.Getenv("TANDEM_RANDOM_FIRST"), 10, 64); err == nil {
+				first = v
+			}
 			if v, err := strconv.ParseUint(os.Getenv("TANDEM_RANDOM_SEED"), 10, 64); err == nil {
 				first, seeds = v, 1 // replay one seed
 			}
