@@ -780,25 +780,9 @@ var routedPhases = []struct {
 // second store follows in lockstep. After each exchange the two stores
 // hold the same rows.
 func TestGoldenTranscriptsDualWrite(t *testing.T) {
-	nc := sharedNew(t)
-	direct := net.JoinHostPort("127.0.0.1", strconv.Itoa(shared.Port()))
 	for _, ph := range routedPhases {
 		t.Run(ph.name, func(t *testing.T) {
-			// Writes that cannot be mirrored in lockstep (COPY FROM STDIN)
-			// go to the drift ledger, for the repairer: those tables are
-			// not compared.
-			var mu sync.Mutex
-			drifted := map[string]bool{}
-			record := func(_ context.Context, entries []table.DriftEntry) error {
-				mu.Lock()
-				defer mu.Unlock()
-				for _, e := range entries {
-					drifted[e.Table.Table] = true
-				}
-				return nil
-			}
-			p := startProxyWith(t, shared, "postgres", Options{RecordDrift: record}, func(c *config.Config) { c.New.DSN = nc.DSN("postgres") })
-			p.srv.ApplyState(route.State{Version: 2, Settings: ph.set})
+			d := newDifferential(t, ph.set)
 			for _, ex := range goldenExchanges {
 				t.Run(ex.name, func(t *testing.T) {
 					if ex.name == "many_parameters" && raceEnabled {
@@ -807,29 +791,68 @@ func TestGoldenTranscriptsDualWrite(t *testing.T) {
 						// test runs this exchange without it (make fuzz).
 						t.Skip("run without -race by make fuzz")
 					}
-					dbDirect, dbProxied := newDB(t), newDB(t)
-					if err := nc.CreateDatabase(context.Background(), dbProxied); err != nil {
-						t.Fatal(err)
-					}
-					want := runGolden(t, direct, dbDirect, ex)
-					got := runGolden(t, p.addr, dbProxied, ex)
-					if !slicesEqual(want.exact, got.exact) {
-						t.Errorf("%s transcript differs from direct PostgreSQL\n%s\n--- direct\n%s\n--- proxied\n%s", ph.name,
-							lineDiff(want.exact, got.exact, "direct", "proxied"), numbered(want.exact), numbered(got.exact))
-					}
-					mu.Lock()
-					skip := maps.Clone(drifted)
-					mu.Unlock()
-					assertStoresEqual(t, shared, nc, dbProxied, skip)
+					d.run(t, ex)
 				})
 			}
 		})
 	}
 }
 
+// differential runs exchanges directly against the old cluster and
+// through a proxy in one routing state, each in fresh databases, and
+// checks that the replies match and that both stores then hold the same
+// rows. Writes that cannot be mirrored in lockstep (COPY FROM STDIN, a
+// secondary past its budget) go to the drift ledger, for the repairer:
+// their tables are not compared.
+type differential struct {
+	nc      *pgtest.Cluster
+	direct  string
+	p       *testProxy
+	phase   string
+	mu      sync.Mutex
+	drifted map[string]bool
+}
+
+func newDifferential(t *testing.T, set route.Settings) *differential {
+	t.Helper()
+	d := &differential{nc: sharedNew(t), direct: net.JoinHostPort("127.0.0.1", strconv.Itoa(shared.Port())), phase: set.String(), drifted: map[string]bool{}}
+	record := func(_ context.Context, entries []table.DriftEntry) error {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		for _, e := range entries {
+			d.drifted[e.Table.Table] = true
+		}
+		return nil
+	}
+	d.p = startProxyWith(t, shared, "postgres", Options{RecordDrift: record}, func(c *config.Config) { c.New.DSN = d.nc.DSN("postgres") })
+	d.p.srv.ApplyState(route.State{Version: 2, Settings: set})
+	return d
+}
+
+// run runs ex both ways and compares; it reports whether they matched.
+func (d *differential) run(t *testing.T, ex goldenExchange) bool {
+	t.Helper()
+	dbDirect, dbProxied := newDB(t), newDB(t)
+	if err := d.nc.CreateDatabase(context.Background(), dbProxied); err != nil {
+		t.Fatal(err)
+	}
+	want := runGolden(t, d.direct, dbDirect, ex)
+	got := runGolden(t, d.p.addr, dbProxied, ex)
+	if !slicesEqual(want.exact, got.exact) {
+		t.Errorf("%s (%s): transcript differs from direct PostgreSQL\n%s\n--- direct\n%s\n--- proxied\n%s", ex.name, d.phase,
+			lineDiff(want.exact, got.exact, "direct", "proxied"), numbered(want.exact), numbered(got.exact))
+		return false
+	}
+	d.mu.Lock()
+	skip := maps.Clone(d.drifted)
+	clear(d.drifted)
+	d.mu.Unlock()
+	return assertStoresEqual(t, shared, d.nc, dbProxied, skip)
+}
+
 // assertStoresEqual checks that every table of db's public schema holds
 // the same rows on both clusters.
-func assertStoresEqual(t *testing.T, a, b *pgtest.Cluster, db string, skip map[string]bool) {
+func assertStoresEqual(t *testing.T, a, b *pgtest.Cluster, db string, skip map[string]bool) bool {
 	t.Helper()
 	ctx := context.Background()
 	dump := func(c *pgtest.Cluster) map[string]string {
@@ -863,5 +886,7 @@ func assertStoresEqual(t *testing.T, a, b *pgtest.Cluster, db string, skip map[s
 	da, db2 := dump(a), dump(b)
 	if !reflect.DeepEqual(da, db2) {
 		t.Errorf("the stores differ after the exchange:\n old %v\n new %v", da, db2)
+		return false
 	}
+	return true
 }
