@@ -21,10 +21,10 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
-	"github.com/tandemdb/tandem/internal/pgtest"
-	"github.com/tandemdb/tandem/internal/table"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/table"
 )
 
 // updateGolden rewrites proxy/testdata/golden/*.txt from the proxied runs:

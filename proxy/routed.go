@@ -295,7 +295,7 @@ type routedSession struct {
 	temps map[string]bool
 	// from is the store whose replies are being passed to the client: its
 	// descriptions are translated into the home store's OIDs.
-	from *rstore
+	from     *rstore
 	gucDirty bool
 	gucs     [][2]string
 }
