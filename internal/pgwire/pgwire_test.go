@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"runtime"
 	"sort"
 	"strings"
 	"testing"
@@ -1156,5 +1157,35 @@ func TestAppendMessages(t *testing.T) {
 	// Encoding errors are reported.
 	if _, err := AppendMessages(nil, &pgproto3.DataRow{Values: make([][]byte, 1<<16)}); err == nil {
 		t.Fatal("no error for an unencodable message")
+	}
+}
+
+// TestReadMessageAllocatesAsBytesArrive: a peer that announces a message
+// of the largest allowed size and then sends a few bytes makes the reader
+// hold about one chunk, not the announced length (a few such sessions used
+// to take a gigabyte of heap); a body that arrives whole is read whole.
+func TestReadMessageAllocatesAsBytesArrive(t *testing.T) {
+	const announced = 256 << 20
+	hdr := []byte{'Q', 0, 0, 0, 0}
+	binary.BigEndian.PutUint32(hdr[1:], announced+4)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	_, _, err := ReadMessage(io.MultiReader(bytes.NewReader(hdr), bytes.NewReader([]byte("SELECT"))), announced)
+	runtime.ReadMemStats(&after)
+	if !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("want an unexpected EOF, got %v", err)
+	}
+	if got := after.TotalAlloc - before.TotalAlloc; got > 8<<20 {
+		t.Fatalf("reading a 6-byte start of a %d-byte message allocated %d bytes", announced, got)
+	}
+	for _, size := range []int{0, 10, bodyChunk, bodyChunk + 1, 3*bodyChunk + 17} {
+		body := bytes.Repeat([]byte{'x'}, size)
+		msg := append([]byte{'d', 0, 0, 0, 0}, body...)
+		binary.BigEndian.PutUint32(msg[1:], uint32(size+4))
+		typ, got, err := ReadMessage(bytes.NewReader(msg), 4*bodyChunk)
+		if err != nil || typ != 'd' || !bytes.Equal(got, body) {
+			t.Fatalf("size %d: got %q, %d bytes, %v", size, typ, len(got), err)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 )
@@ -84,11 +85,37 @@ func ReadMessage(r io.Reader, maxBody int) (byte, []byte, error) {
 	if n < 4 || n-4 > int64(maxBody) {
 		return hdr[0], nil, protoErr("invalid message length %d for message type %q (limit %d)", n, hdr[0], maxBody)
 	}
-	body := make([]byte, n-4)
-	if _, err := io.ReadFull(r, body); err != nil {
+	body, err := readBody(r, int(n-4))
+	if err != nil {
 		return hdr[0], nil, unexpectedEOF(err)
 	}
 	return hdr[0], body, nil
+}
+
+// bodyChunk is how much of a message body is allocated before its bytes
+// arrive. A peer that announces a large message and sends little of it
+// holds this much, not the announced length; a body that does arrive is
+// allocated at most about twice over as it grows.
+const bodyChunk = 1 << 20
+
+// readBody reads a body of size bytes, allocating as they arrive.
+func readBody(r io.Reader, size int) ([]byte, error) {
+	if size <= bodyChunk {
+		body := make([]byte, size)
+		_, err := io.ReadFull(r, body)
+		return body, err
+	}
+	body := make([]byte, 0, bodyChunk)
+	for len(body) < size {
+		step := min(size-len(body), max(len(body), bodyChunk))
+		body = slices.Grow(body, step)
+		m, err := io.ReadFull(r, body[len(body):len(body)+step])
+		body = body[:len(body)+m]
+		if err != nil {
+			return nil, err
+		}
+	}
+	return body, nil
 }
 
 func unexpectedEOF(err error) error {
