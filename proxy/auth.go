@@ -2,7 +2,9 @@ package proxy
 
 import (
 	"bufio"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -18,7 +20,11 @@ import (
 // immutable afterwards, so it is safe for concurrent use.
 type Userlist struct {
 	creds map[string]scram.StoredCredentials
-	fake  scram.StoredCredentials // used for unknown users, so they fail like a wrong password
+	// mockKey derives the credentials of unknown users, so they fail like
+	// a wrong password with a salt of their own that stays the same from
+	// one attempt to the next: as PostgreSQL's scram_mock_salt does, so
+	// that the salt does not tell which user names exist.
+	mockKey []byte
 }
 
 // LoadUserlist reads a pgbouncer-style userlist: one `"user" "secret"` pair a
@@ -54,8 +60,8 @@ func LoadUserlist(path string) (*Userlist, error) {
 	if err := sc.Err(); err != nil {
 		return nil, err
 	}
-	ul.fake, err = credentialFor(randomString())
-	if err != nil {
+	ul.mockKey = make([]byte, 32)
+	if _, err := rand.Read(ul.mockKey); err != nil {
 		return nil, err
 	}
 	return ul, nil
@@ -69,9 +75,27 @@ func (u *Userlist) Len() int { return len(u.creds) }
 func (u *Userlist) lookup(user string) (scram.StoredCredentials, bool) {
 	c, ok := u.creds[user]
 	if !ok {
-		return u.fake, false
+		return u.mock(user), false
 	}
 	return c, true
+}
+
+// mock returns the made-up credentials of an unknown user: derived from
+// the user name with a key of this process, so each name has its own
+// salt, the same at every attempt, and no password matches them.
+func (u *Userlist) mock(user string) scram.StoredCredentials {
+	derive := func(label string) []byte {
+		m := hmac.New(sha256.New, u.mockKey)
+		m.Write([]byte(label))
+		m.Write([]byte{0})
+		m.Write([]byte(user))
+		return m.Sum(nil)
+	}
+	return scram.StoredCredentials{
+		KeyFactors: scram.KeyFactors{Salt: string(derive("salt")[:16]), Iters: 4096},
+		StoredKey:  derive("stored"),
+		ServerKey:  derive("server"),
+	}
 }
 
 func credentialFor(secret string) (scram.StoredCredentials, error) {
@@ -153,10 +177,4 @@ func splitQuoted(s string) ([]string, error) {
 		out = append(out, b.String())
 		s = s[i:]
 	}
-}
-
-func randomString() string {
-	b := make([]byte, 18)
-	_, _ = rand.Read(b)
-	return base64.RawStdEncoding.EncodeToString(b)
 }

@@ -15,10 +15,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/xdg-go/scram"
 )
@@ -170,4 +172,62 @@ func TestTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	pc.Close(ctx)
+}
+
+// TestSCRAMUnknownUserSalt: the salt the proxy offers an unknown user is
+// its own and the same at every attempt, as PostgreSQL's mock salt is, so
+// comparing salts does not tell which user names exist.
+func TestSCRAMUnknownUserSalt(t *testing.T) {
+	dir := tempDir(t)
+	userlist := filepath.Join(dir, "userlist.txt")
+	if err := os.WriteFile(userlist, []byte(fmt.Sprintf("\"bob\" \"%s\"\n", scramVerifier(t, "hunter2"))), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := startProxy(t, shared, "postgres", func(c *config.Config) {
+		c.Auth.Method = "scram-sha-256"
+		c.Auth.Userlist = userlist
+	})
+	// serverFirst returns the salt and iteration count the proxy offers user.
+	serverFirst := func(user string) string {
+		t.Helper()
+		conn, err := net.DialTimeout("tcp", p.addr, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		fe := pgproto3.NewFrontend(conn, conn)
+		fe.Send(&pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: map[string]string{"user": user, "database": "postgres"}})
+		if err := fe.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		msg, err := fe.Receive()
+		if _, ok := msg.(*pgproto3.AuthenticationSASL); err != nil || !ok {
+			t.Fatalf("%s: want AuthenticationSASL, got %T %v", user, msg, err)
+		}
+		fe.Send(&pgproto3.SASLInitialResponse{AuthMechanism: "SCRAM-SHA-256", Data: []byte("n,,n=,r=clientnonce0123456789")})
+		if err := fe.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		msg, err = fe.Receive()
+		cont, ok := msg.(*pgproto3.AuthenticationSASLContinue)
+		if err != nil || !ok {
+			t.Fatalf("%s: want AuthenticationSASLContinue, got %T %v", user, msg, err)
+		}
+		_, rest, _ := strings.Cut(string(cont.Data), ",s=")
+		return rest // salt, then the iteration count
+	}
+	ghost1, again, ghost2, bob := serverFirst("ghost1"), serverFirst("ghost1"), serverFirst("ghost2"), serverFirst("bob")
+	if ghost1 != again {
+		t.Errorf("an unknown user got two salts: %q, then %q", ghost1, again)
+	}
+	if ghost1 == ghost2 {
+		t.Errorf("two unknown users share the salt %q", ghost1)
+	}
+	if want := base64.StdEncoding.EncodeToString([]byte("0123456789abcdef")) + ",i=4096"; bob != want {
+		t.Errorf("bob is offered %q, want his verifier's %q", bob, want)
+	}
+	if !strings.HasSuffix(ghost1, ",i=4096") {
+		t.Errorf("an unknown user is offered %q: the iteration count differs from a real user's", ghost1)
+	}
 }

@@ -730,7 +730,16 @@ func (rs *routedSession) sessionSETs(src *rstore) ([][2]string, error) {
 	return out, nil
 }
 
-func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+// quoteLiteral quotes s as an SQL literal that means s whatever
+// standard_conforming_strings is, as PostgreSQL's quote_literal does: a
+// value with a backslash becomes an E'' string with it doubled.
+func quoteLiteral(s string) string {
+	q := strings.ReplaceAll(s, "'", "''")
+	if strings.Contains(s, `\`) {
+		return "E'" + strings.ReplaceAll(q, `\`, `\\`) + "'"
+	}
+	return "'" + q + "'"
+}
 
 // send writes u's queued output.
 func (rs *routedSession) send(u *rstore, deadline time.Time) error {

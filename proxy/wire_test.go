@@ -2,8 +2,10 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"testing"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -144,4 +146,30 @@ func FuzzWireDecoders(f *testing.F) {
 		}
 		errorFields(b)
 	})
+}
+
+// TestQuoteLiteral: the literals Tandem builds to replay a session's
+// settings on another store mean the same value to PostgreSQL with
+// standard_conforming_strings on and off.
+func TestQuoteLiteral(t *testing.T) {
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, shared.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	values := []string{"", "plain", "it's", `back\slash`, `\'`, `C:\new\table`, `ends with \`, "tab\there", "é ☃"}
+	for _, scs := range []string{"on", "off"} {
+		if _, err := conn.Exec(ctx, "SET standard_conforming_strings = "+scs); err != nil {
+			t.Fatal(err)
+		}
+		for _, v := range values {
+			// The simple protocol, as the replay runs it (pgconn does not
+			// refuse standard_conforming_strings=off as pgx does).
+			got := queryOne(t, conn.PgConn(), "SELECT "+quoteLiteral(v))
+			if got != v {
+				t.Errorf("standard_conforming_strings=%s: %q quoted as %s reads back as %q", scs, v, quoteLiteral(v), got)
+			}
+		}
+	}
 }
