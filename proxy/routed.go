@@ -732,7 +732,7 @@ func (rs *routedSession) sessionSETs(src *rstore) ([][2]string, error) {
 
 // quoteLiteral quotes s as an SQL literal that means s whatever
 // standard_conforming_strings is, as PostgreSQL's quote_literal does: a
-// value with a backslash becomes an E'' string with it doubled.
+// value with a backslash becomes an E'...' string with it doubled.
 func quoteLiteral(s string) string {
 	q := strings.ReplaceAll(s, "'", "''")
 	if strings.Contains(s, `\`) {
