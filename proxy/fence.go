@@ -226,3 +226,21 @@ func (ss *session) endRelayWriter() {
 func (rs *routedSession) lone(un *unit) bool {
 	return len(un.msgs) == 1 && (un.end == 'H' || un.end == 'S') && un.msgs[0].typ == un.end && rs.txState == 'I' && !rs.extOpen
 }
+
+// inert reports whether un runs nothing: Parse, Bind, Describe and Close
+// ended by a Sync at a safe point (how drivers prepare a statement). It
+// changes no data and leaves no transaction open, so it does not wait at
+// a write fence.
+func (rs *routedSession) inert(un *unit) bool {
+	if un.end != 'S' || rs.txState != 'I' || rs.extOpen {
+		return false
+	}
+	for _, m := range un.msgs {
+		switch m.typ {
+		case 'P', 'B', 'D', 'C', 'S':
+		default:
+			return false
+		}
+	}
+	return true
+}

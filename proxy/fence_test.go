@@ -364,11 +364,17 @@ func TestFenceHoldsWrites(t *testing.T) {
 	if err := srv.DrainWrites(dctx); err != nil {
 		t.Fatalf("a write waiting at the fence kept it from draining: %v", err)
 	}
-	// A read from another session is not held. (A Parse-only batch, as
-	// pgx sends to prepare a statement, is held like a write.)
+	// A read from another session is not held, nor is preparing a
+	// statement (Parse, Describe, Sync: it runs nothing).
+	other := e.client()
 	var n int
-	if err := e.client().QueryRow(ctx, `SELECT count(*) FROM f`, pgx.QueryExecModeSimpleProtocol).Scan(&n); err != nil || n != 1 {
+	if err := other.QueryRow(ctx, `SELECT count(*) FROM f`, pgx.QueryExecModeSimpleProtocol).Scan(&n); err != nil || n != 1 {
 		t.Fatalf("read under the fence: %d %v", n, err)
+	}
+	pctx, pcancel := context.WithTimeout(ctx, time.Second)
+	defer pcancel()
+	if _, err := other.Prepare(pctx, "ins", `INSERT INTO f VALUES ($1)`); err != nil {
+		t.Fatalf("preparing a statement under the fence: %v", err)
 	}
 	// The flip applies its state (fence still up), then releases the fence.
 	flipped := route.State{Version: st.Version + 1, Fence: 5, Settings: route.Settings{Primary: route.New, Mirror: true, Reads: 100}}
@@ -385,8 +391,12 @@ func TestFenceHoldsWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantWriters(t, srv, 0, "the held write done")
-	// It ran on new as primary, mirrored to old: both have it.
-	if n := e.assertEqual("f", "id"); n != 2 {
+	// The statement prepared under the fence (on old) runs after the flip.
+	if _, err := other.Exec(ctx, "ins", 3); err != nil {
+		t.Fatalf("the statement prepared under the fence: %v", err)
+	}
+	// They ran on new as primary, mirrored to old: both have them.
+	if n := e.assertEqual("f", "id"); n != 3 {
 		t.Fatalf("f has %d rows", n)
 	}
 }

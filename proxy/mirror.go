@@ -60,7 +60,7 @@ func (s *Server) BreakerState() string {
 // serve runs one request under the session's routing state.
 func (rs *routedSession) serve(un *unit) error {
 	kinds, pureRead, tables := rs.analyze(un)
-	lone := rs.lone(un)
+	lone := rs.lone(un) || rs.inert(un)
 	if err := rs.beginUnit(pureRead || lone); err != nil {
 		return rs.refuseUnit(un, err)
 	}
