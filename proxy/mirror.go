@@ -69,8 +69,8 @@ func (rs *routedSession) serve(un *unit) error {
 	if slices.Contains(kinds, classify.Session) {
 		rs.gucDirty = true // a SET: shadow runs copy the session's settings again
 	}
-	if pureRead && rs.txState == 'I' && un.end != 'H' && !rs.extOpen {
-		catalog := catalogRead(rs.unitText(un), tables)
+	if pureRead && rs.txState == 'I' && un.end != 'H' && !rs.extOpen && rs.mayLeavePrimary(st) {
+		catalog := rs.catalogRead(un, tables)
 		temp := rs.usesTemp(tables)
 		if !catalog && !temp {
 			if j := rs.shadowSample(un, tables); j != nil {
@@ -158,28 +158,16 @@ func (rs *routedSession) serve(un *unit) error {
 	return rs.endWith(res)
 }
 
-// unitText is the text of every statement a unit runs, for checks that
-// look at the words of a read.
-func (rs *routedSession) unitText(un *unit) string {
-	var sb strings.Builder
-	for _, m := range un.msgs {
-		switch m.typ {
-		case 'Q':
-			sb.Write(m.body)
-		case 'P':
-			if p, err := decodeParse(m.body); err == nil {
-				sb.WriteString(p.sql)
-			}
-		case 'B':
-			if b, err := decodeBind(m.body); err == nil {
-				if si := rs.stmts[b.stmt]; si != nil {
-					sb.WriteString(si.sql)
-				}
-			}
-		}
-		sb.WriteByte(';')
+// mayLeavePrimary reports whether an eligible read could be served or
+// shadowed anywhere but the primary under st: only then is it worth
+// looking at its tables and text. In the common case (primary old, this
+// session's reads on old, no shadowing, started on old) it is not.
+func (rs *routedSession) mayLeavePrimary(st route.State) bool {
+	natural := route.Old
+	if rs.bucket < st.Reads {
+		natural = route.New
 	}
-	return sb.String()
+	return natural != st.Primary || st.Shadow > 0 || st.Primary != route.Old || rs.home.name != string(st.Primary)
 }
 
 // endWith tells the client the unit is done (ReadyForQuery with the
@@ -367,7 +355,7 @@ func (rs *routedSession) follow(res *unitResult, inTx, mirror bool) {
 			continue // a locking SELECT changes nothing
 		}
 		if st != nil && rs.sessionPrivate(st) {
-			continue // temporary objects are never mirrored (docs/design.md, "Temporary tables")
+			continue // temporary objects are never mirrored (docs/dual-write.md)
 		}
 		if !mirror {
 			continue
@@ -407,6 +395,9 @@ func (rs *routedSession) sessionPrivate(st *classify.StmtPlan) bool {
 // isTemp reports whether the table, as written, is one of the session's
 // temporary relations.
 func (rs *routedSession) isTemp(t string) bool {
+	if len(rs.temps) == 0 && !containsFold(t, "pg_temp") {
+		return false // the common case, without allocating
+	}
 	t = strings.ToLower(strings.ReplaceAll(t, `"`, ""))
 	if strings.HasPrefix(t, "pg_temp.") || strings.HasPrefix(t, "pg_temp_") {
 		return true

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"strings"
@@ -209,19 +210,72 @@ func (rs *routedSession) storeOIDs(to *rstore, oids []uint32) []uint32 {
 var catalogNames = []string{"pg_catalog.", "information_schema.", "pg_type", "pg_class", "pg_attribute", "pg_namespace",
 	"pg_enum", "pg_range", "pg_proc", "pg_extension", "pg_depend", "pg_constraint", "pg_index", "::reg", "::oid", "to_regtype", "to_regclass", "format_type"}
 
-// catalogRead reports whether a read looks up catalog objects.
-func catalogRead(sql string, tables []string) bool {
+// catalogRead reports whether the read un looks up catalog objects: it
+// names a pg_* or information_schema relation, or its text mentions one of
+// catalogNames. It reads the messages in place, allocating nothing.
+func (rs *routedSession) catalogRead(un *unit, tables []string) bool {
 	for _, t := range tables {
-		t = strings.ToLower(strings.ReplaceAll(t, `"`, ""))
-		if strings.HasPrefix(t, "pg_") || strings.HasPrefix(t, "pg_catalog.") || strings.HasPrefix(t, "information_schema.") {
+		t = strings.TrimLeft(t, `"`)
+		if hasPrefixFold(t, "pg_") || hasPrefixFold(t, "information_schema") {
 			return true
 		}
 	}
-	l := strings.ToLower(sql)
-	for _, n := range catalogNames {
-		if strings.Contains(l, n) {
+	for _, m := range un.msgs {
+		var text []byte
+		switch m.typ {
+		case 'Q':
+			text = m.body
+		case 'P': // name, then the statement's text
+			if _, rest, ok := bytes.Cut(m.body, []byte{0}); ok {
+				text, _, _ = bytes.Cut(rest, []byte{0})
+			}
+		case 'B': // portal, then the statement's name
+			if _, rest, ok := bytes.Cut(m.body, []byte{0}); ok {
+				name, _, _ := bytes.Cut(rest, []byte{0})
+				if si := rs.stmts[string(name)]; si != nil && mentionsCatalog(si.sql) {
+					return true
+				}
+			}
+		}
+		if mentionsCatalog(text) {
 			return true
 		}
 	}
 	return false
+}
+
+func mentionsCatalog[T string | []byte](text T) bool {
+	for _, n := range catalogNames {
+		if containsFold(text, n) {
+			return true
+		}
+	}
+	return false
+}
+
+// hasPrefixFold is strings.HasPrefix ignoring ASCII case; prefix is lower case.
+func hasPrefixFold(s, prefix string) bool {
+	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
+}
+
+// containsFold reports whether b contains sub, ignoring ASCII case; sub is
+// lower case.
+func containsFold[T string | []byte](b T, sub string) bool {
+	for i := 0; i+len(sub) <= len(b); i++ {
+		j := 0
+		for j < len(sub) && lowerASCII(b[i+j]) == sub[j] {
+			j++
+		}
+		if j == len(sub) {
+			return true
+		}
+	}
+	return false
+}
+
+func lowerASCII(c byte) byte {
+	if 'A' <= c && c <= 'Z' {
+		return c + 'a' - 'A'
+	}
+	return c
 }

@@ -173,3 +173,23 @@ func TestQuoteLiteral(t *testing.T) {
 		}
 	}
 }
+
+func TestContainsFold(t *testing.T) {
+	for _, tc := range []struct {
+		text, sub string
+		want      bool
+	}{
+		{"SELECT oid FROM PG_TYPE WHERE typname = $1", "pg_type", true},
+		{"select 'mood'::RegType::oid", "::reg", true},
+		{"SELECT * FROM accounts", "pg_type", false},
+		{"pg_typ", "pg_type", false},
+		{"", "pg_", false},
+	} {
+		if got := containsFold(tc.text, tc.sub); got != tc.want {
+			t.Errorf("containsFold(%q, %q) = %v", tc.text, tc.sub, got)
+		}
+		if got := containsFold([]byte(tc.text), tc.sub); got != tc.want {
+			t.Errorf("containsFold([]byte(%q), %q) = %v", tc.text, tc.sub, got)
+		}
+	}
+}
