@@ -16,6 +16,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/agnivade/levenshtein"
 	"io"
 	"os"
 	"path/filepath"
@@ -670,7 +671,7 @@ func (w *walker) unknownField(key, prefix string) string {
 	}
 	best, bestDist := "", len(key)/3+2
 	for _, v := range valid {
-		if d := editDistance(strings.ToLower(key), v); d < bestDist {
+		if d := levenshtein.ComputeDistance(strings.ToLower(key), v); d < bestDist {
 			best, bestDist = v, d
 		}
 	}
@@ -733,25 +734,4 @@ func nodeKind(n *yaml.Node) string {
 	default:
 		return "a single value"
 	}
-}
-
-// editDistance is the Levenshtein distance between a and b, for "did you mean" suggestions.
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	cur := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev, cur = cur, prev
-	}
-	return prev[len(b)]
 }

@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"github.com/agnivade/levenshtein"
 	"path"
 	"slices"
 	"strings"
@@ -264,7 +265,7 @@ func unknownKey(key, field string, valid []string) string {
 	msg := fmt.Sprintf("unknown field %q in %s", key, field)
 	best, bestDist := "", len(key)/3+2
 	for _, v := range valid {
-		if d := editDistance(strings.ToLower(key), v); d < bestDist {
+		if d := levenshtein.ComputeDistance(strings.ToLower(key), v); d < bestDist {
 			best, bestDist = v, d
 		}
 	}

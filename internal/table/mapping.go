@@ -2,6 +2,7 @@ package table
 
 import (
 	"fmt"
+	"github.com/agnivade/levenshtein"
 	"maps"
 	"slices"
 	"strconv"
@@ -203,7 +204,7 @@ func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
 func suggest(name string, meta *Meta) string {
 	best, bestDist := "", len(name)/3+2
 	for _, c := range meta.Columns {
-		if d := editDistance(strings.ToLower(name), strings.ToLower(c.Name)); d < bestDist {
+		if d := levenshtein.ComputeDistance(strings.ToLower(name), strings.ToLower(c.Name)); d < bestDist {
 			best, bestDist = c.Name, d
 		}
 	}
@@ -211,26 +212,6 @@ func suggest(name string, meta *Meta) string {
 		return ""
 	}
 	return fmt.Sprintf(" (did you mean %q?)", best)
-}
-
-func editDistance(a, b string) int {
-	prev := make([]int, len(b)+1)
-	cur := make([]int, len(b)+1)
-	for j := range prev {
-		prev[j] = j
-	}
-	for i := 1; i <= len(a); i++ {
-		cur[0] = i
-		for j := 1; j <= len(b); j++ {
-			cost := 1
-			if a[i-1] == b[j-1] {
-				cost = 0
-			}
-			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
-		}
-		prev, cur = cur, prev
-	}
-	return prev[len(b)]
 }
 
 // Identity reports whether the mapping declares nothing: the new table has
