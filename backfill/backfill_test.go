@@ -3,10 +3,9 @@ package backfill
 import (
 	"context"
 	"errors"
-	"fmt"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,36 +14,12 @@ import (
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
-	"go.uber.org/goleak"
 )
 
 var oldStore, newStore *pgtest.Cluster
 
 func TestMain(m *testing.M) {
-	var err error
-	oldStore, newStore, err = pgtest.StartPair(context.Background(), pgtest.Options{})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "starting test clusters:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	for _, c := range []*pgtest.Cluster{oldStore, newStore} {
-		if err := c.Destroy(); err != nil {
-			fmt.Fprintln(os.Stderr, "destroying test cluster:", err)
-		}
-	}
-	if code == 0 {
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintln(os.Stderr, "goleak:", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-var dbSeq struct {
-	sync.Mutex
-	n int
+	os.Exit(harness.Run(m, harness.Clusters(&oldStore, &newStore)))
 }
 
 // env is one test's database on both clusters, with the control schema on
@@ -57,10 +32,7 @@ type env struct {
 
 func newEnv(t *testing.T, schema string, mirror bool) *env {
 	t.Helper()
-	dbSeq.Lock()
-	dbSeq.n++
-	name := fmt.Sprintf("b%d", dbSeq.n)
-	dbSeq.Unlock()
+	name := harness.DBName(t)
 	e := &env{t: t, db: name}
 	for _, c := range []*pgtest.Cluster{oldStore, newStore} {
 		if err := c.CreateDatabase(t.Context(), name); err != nil {

@@ -3,8 +3,8 @@ package proxy
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"io"
 	"log/slog"
 	"net"
@@ -17,7 +17,6 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
-	"go.uber.org/goleak"
 )
 
 // shared is one throwaway cluster for the whole package; tests that need
@@ -25,45 +24,13 @@ import (
 var shared *pgtest.Cluster
 
 func TestMain(m *testing.M) {
-	flag.Parse()
-	if f := flag.Lookup("test.fuzz"); f != nil && f.Value.String() != "" {
-		os.Exit(m.Run()) // fuzzing the codecs needs no cluster
-	}
-	var err error
-	shared, err = pgtest.Start(context.Background(), pgtest.Options{})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "starting test cluster:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	destroySharedNew()
-	if err := shared.Destroy(); err != nil {
-		fmt.Fprintln(os.Stderr, "destroying test cluster:", err)
-	}
-	if code == 0 {
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintln(os.Stderr, "goleak:", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-var dbSeq struct {
-	sync.Mutex
-	n int
+	os.Exit(harness.Run(m, harness.Clusters(&shared), destroySharedNew))
 }
 
 // newDB creates a fresh database on the shared cluster.
 func newDB(t testing.TB) string {
 	t.Helper()
-	dbSeq.Lock()
-	dbSeq.n++
-	name := fmt.Sprintf("t%d_%s", dbSeq.n, strings.ToLower(strings.NewReplacer("/", "_", " ", "_").Replace(t.Name())))
-	dbSeq.Unlock()
-	if len(name) > 60 {
-		name = name[:60]
-	}
+	name := harness.DBName(t)
 	if err := shared.CreateDatabase(context.Background(), name); err != nil {
 		t.Fatal(err)
 	}

@@ -3,15 +3,13 @@ package table
 import (
 	"context"
 	"fmt"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"os"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
-	"go.uber.org/goleak"
 )
 
 // oldStore and newStore are one pair of throwaway clusters for the whole
@@ -19,25 +17,7 @@ import (
 var oldStore, newStore *pgtest.Cluster
 
 func TestMain(m *testing.M) {
-	var err error
-	oldStore, newStore, err = pgtest.StartPair(context.Background(), pgtest.Options{})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "starting test clusters:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	for _, c := range []*pgtest.Cluster{oldStore, newStore} {
-		if err := c.Destroy(); err != nil {
-			fmt.Fprintln(os.Stderr, "destroying test cluster:", err)
-		}
-	}
-	if code == 0 {
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintln(os.Stderr, "goleak:", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
+	os.Exit(harness.Run(m, harness.Clusters(&oldStore, &newStore)))
 }
 
 // Hostile identifiers: capitals, spaces and double quotes.
@@ -47,11 +27,6 @@ const (
 )
 
 var hostile = Name{Schema: hostileSchema, Table: hostileTable}
-
-var dbSeq struct {
-	sync.Mutex
-	n int
-}
 
 // stores is one test's database on the old (primary) and new (secondary)
 // clusters.
@@ -63,13 +38,7 @@ type stores struct {
 // newStores creates a fresh database with the same name on both clusters.
 func newStores(t *testing.T) *stores {
 	t.Helper()
-	dbSeq.Lock()
-	dbSeq.n++
-	name := fmt.Sprintf("t%d_%s", dbSeq.n, strings.ToLower(strings.NewReplacer("/", "_", " ", "_").Replace(t.Name())))
-	dbSeq.Unlock()
-	if len(name) > 60 {
-		name = name[:60]
-	}
+	name := harness.DBName(t)
 	for _, c := range []*pgtest.Cluster{oldStore, newStore} {
 		if err := c.CreateDatabase(t.Context(), name); err != nil {
 			t.Fatal(err)
