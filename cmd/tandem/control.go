@@ -251,14 +251,20 @@ func openControl(cfg *config.Config, log *slog.Logger) (*controlPlane, error) {
 	if err != nil {
 		return nil, err
 	}
-	replica := cfg.Routing.ReplicaID
-	if replica == "" {
-		host, _ := os.Hostname()
-		replica = fmt.Sprintf("%s:%d", host, os.Getpid())
-	}
+	replica := replicaID(cfg)
 	cp := &controlPlane{cfg: cfg, log: log, cc: cc, pool: pool, initial: st, replica: replica, repairSlot: make(chan struct{}, 1)}
 	cp.drift.Store(-1)
 	return cp, nil
+}
+
+// replicaID is this proxy's name in tandem.replicas and in its metrics:
+// routing.replica_id, else host:pid.
+func replicaID(cfg *config.Config) string {
+	if cfg.Routing.ReplicaID != "" {
+		return cfg.Routing.ReplicaID
+	}
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s:%d", host, os.Getpid())
 }
 
 // mappingRefresh is how often a proxy reloads its table mappings.

@@ -12,8 +12,8 @@ import (
 	"github.com/spf13/cobra"
 )
 
-// version is set at build time with -ldflags "-X main.version=...".
-var version = "dev"
+// release is set at build time with -ldflags "-X main.release=...".
+var release = "dev"
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -50,8 +50,29 @@ TANDEM_CONFIG), TANDEM_* environment variables, and flags, in that order of
 precedence (flags win).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
-		Version:       version,
+		Version:       release,
 	}
-	root.AddCommand(newProxyCmd(), newPlanCmd(), newConfigCmd(), newRouteCmd(), newRollbackCmd(), newDemoCmd(), newBackfillCmd(), newCompareCmd())
+	root.AddCommand(newProxyCmd(), newPlanCmd(), newConfigCmd(), newRouteCmd(), newRollbackCmd(), newDemoCmd(), newBackfillCmd(), newCompareCmd(), newVersionCmd())
 	return root
+}
+
+// group makes cmd a command that only groups subcommands: run alone it
+// prints its help; run with an unknown subcommand it fails (exit status 1)
+// and suggests the nearest one, where cobra would print help and exit 0.
+func group(cmd *cobra.Command) *cobra.Command {
+	cmd.Args = cobra.ArbitraryArgs
+	if cmd.SuggestionsMinimumDistance <= 0 {
+		cmd.SuggestionsMinimumDistance = 2
+	}
+	cmd.RunE = func(c *cobra.Command, args []string) error {
+		if len(args) == 0 {
+			return c.Help()
+		}
+		msg := fmt.Sprintf("unknown command %q for %q", args[0], c.CommandPath())
+		if s := c.SuggestionsFor(args[0]); len(s) > 0 {
+			msg += fmt.Sprintf("; did you mean %q?", s[0])
+		}
+		return fmt.Errorf("%s (run '%s --help' for the list)", msg, c.CommandPath())
+	}
+	return cmd
 }

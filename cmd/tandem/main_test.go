@@ -137,6 +137,13 @@ func TestAdminAndMetrics(t *testing.T) {
 	conn.Close(ctx)
 
 	_, metrics := get("/metrics")
+	// The build and the replica are named on every scrape.
+	if !regexp.MustCompile(`(?m)^tandem_build_info\{[^}]*tandem_go_version="go[^"]+"[^}]*\} 1$`).MatchString(metrics) {
+		t.Errorf("/metrics lacks tandem_build_info with the Go version:\n%s", grepLines(metrics, "build_info"))
+	}
+	if !strings.Contains(metrics, `service_name="tandem"`) || strings.Contains(metrics, "unknown_service") {
+		t.Errorf("/metrics does not name the service tandem:\n%s", grepLines(metrics, "target_info"))
+	}
 	value := func(series string) float64 {
 		t.Helper()
 		re := regexp.MustCompile(`(?m)^` + series + `(?:\{[^}]*\})? ([0-9.e+]+)$`)
@@ -288,4 +295,15 @@ func TestNoSecretsInLogs(t *testing.T) {
 	if !strings.Contains(out, "session started") || !strings.Contains(out, "xxxxx") {
 		t.Errorf("expected debug session lines and a redacted DSN in the log:\n%s", out)
 	}
+}
+
+// grepLines returns the lines of text that contain sub, for failure messages.
+func grepLines(text, sub string) string {
+	var out []string
+	for _, l := range strings.Split(text, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tandemdb/tandem/internal/version"
 	"log/slog"
 	"net"
 	"os"
@@ -85,7 +86,10 @@ type runningProxy struct {
 // startProxy binds both addresses and starts serving. Addresses with port 0
 // get a free port; Addr and AdminAddr report the bound ones.
 func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
-	prom, err := metrics.NewPrometheus()
+	bi := version.Get(release)
+	prom, err := metrics.NewPrometheus(
+		metrics.WithService(bi.Version, replicaID(cfg)),
+		metrics.WithBuildInfo(metrics.BuildInfo{Version: bi.Version, Commit: bi.Commit, GoVersion: bi.GoVersion}))
 	if err != nil {
 		return nil, err
 	}

@@ -73,7 +73,7 @@ func newRouteCmd() *cobra.Command {
 		Example: routeExamples,
 	}
 	cmd.AddCommand(newRouteShowCmd(), newRouteSetCmd(), newRollbackCmd())
-	return cmd
+	return group(cmd)
 }
 
 // routing loads the configuration and builds the routing control plane

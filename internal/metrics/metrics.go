@@ -17,6 +17,7 @@ import (
 	"go.opentelemetry.io/otel/metric"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/exemplar"
+	"go.opentelemetry.io/otel/sdk/resource"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 )
 
@@ -331,16 +332,74 @@ type Prometheus struct {
 	Handler  http.Handler
 }
 
+// PromOption configures NewPrometheus.
+type PromOption func(*promConfig)
+
+type promConfig struct {
+	attrs []attribute.KeyValue
+	build *BuildInfo
+}
+
+// BuildInfo labels the tandem_build_info series.
+type BuildInfo struct {
+	Version, Commit, GoVersion string
+}
+
+// WithService names the process in the OpenTelemetry resource
+// (service.name "tandem", service.version, service.instance.id = the
+// replica's id), so every exported series says which replica it is from.
+func WithService(version, instance string) PromOption {
+	return func(c *promConfig) {
+		c.attrs = append(c.attrs, semconv.ServiceName("tandem"), semconv.ServiceVersion(version))
+		if instance != "" {
+			c.attrs = append(c.attrs, semconv.ServiceInstanceID(instance))
+		}
+	}
+}
+
+// WithBuildInfo adds the tandem_build_info gauge: always 1, labelled with the
+// build's version, commit and Go version.
+func WithBuildInfo(b BuildInfo) PromOption {
+	return func(c *promConfig) { c.build = &b }
+}
+
 // NewPrometheus builds a meter provider exporting to a private Prometheus
 // registry (never the default global one). Exemplars are off: the proxy
 // records no spans, and sampling them costs time on every measurement.
-func NewPrometheus() (*Prometheus, error) {
+func NewPrometheus(opts ...PromOption) (*Prometheus, error) {
+	var cfg promConfig
+	for _, o := range opts {
+		o(&cfg)
+	}
 	reg := prometheus.NewRegistry()
 	exp, err := otelprom.New(otelprom.WithRegisterer(reg))
 	if err != nil {
 		return nil, err
 	}
-	mp := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exp), sdkmetric.WithExemplarFilter(exemplar.AlwaysOffFilter))
+	popts := []sdkmetric.Option{sdkmetric.WithReader(exp), sdkmetric.WithExemplarFilter(exemplar.AlwaysOffFilter)}
+	if len(cfg.attrs) > 0 {
+		res, err := resource.Merge(resource.Default(), resource.NewWithAttributes(semconv.SchemaURL, cfg.attrs...))
+		if err != nil {
+			return nil, err
+		}
+		popts = append(popts, sdkmetric.WithResource(res))
+	}
+	mp := sdkmetric.NewMeterProvider(popts...)
+	if b := cfg.build; b != nil {
+		attrs := metric.WithAttributes(
+			attribute.String("tandem.version", b.Version),
+			attribute.String("tandem.commit", b.Commit),
+			attribute.String("tandem.go_version", b.GoVersion))
+		_, err := mp.Meter("tandem").Int64ObservableGauge("tandem.build.info",
+			metric.WithDescription("Always 1; the labels say which build of Tandem is running."),
+			metric.WithInt64Callback(func(_ context.Context, o metric.Int64Observer) error {
+				o.Observe(1, attrs)
+				return nil
+			}))
+		if err != nil {
+			return nil, err
+		}
+	}
 	return &Prometheus{
 		Provider: mp,
 		Handler:  promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
