@@ -106,7 +106,7 @@ func newEvloop(srv *Server) (*evloop, error) {
 	}
 	l := &evloop{srv: srv, epfd: epfd, evfd: evfd, stopped: make(chan struct{}),
 		fds: map[int32]*loopFD{}, sessions: map[*loopSession]struct{}{},
-		idleTimeout: srv.cfg.Limits.IdleSessionTimeout.Duration()}
+		idleTimeout: srv.config().Limits.IdleSessionTimeout.Duration()}
 	go l.run()
 	return l, nil
 }
@@ -506,7 +506,7 @@ func (ss *session) relayEpoll(l *evloop) (bool, *handoff) {
 		ss.client = c
 		return false, nil
 	}
-	maxBody := int(ss.srv.cfg.Limits.MaxMessageBytes)
+	maxBody := int(ss.srv.config().Limits.MaxMessageBytes)
 	ls := &loopSession{ss: ss, toStore: &toStore{ss: ss}, toClient: &toClient{ss: ss},
 		lastClient: time.Now(), result: make(chan error, 1)}
 	ls.client = &loopFD{fd: cfd, ls: ls, fr: pgwire.NewFramer(&fdReader{fd: cfd}, relayBufSize, maxBody, nil)}

@@ -100,7 +100,7 @@ func (rs *routedSession) waitFence(pureRead bool) error {
 		if rs.state.Version != version {
 			// A write flip is draining writes (or applying its next state):
 			// wait for the state after it.
-			bound := 2 * rs.srv.cfg.Routing.FenceTimeout.Duration()
+			bound := 2 * rs.srv.config().Routing.FenceTimeout.Duration()
 			if timer == nil {
 				rs.srv.metrics.R().FenceWait(rs.ss.ctx)
 				timer = time.NewTimer(bound)

@@ -33,11 +33,11 @@ var (
 
 // newBreaker builds the secondary store's circuit breaker.
 func newBreaker(s *Server) *gobreaker.CircuitBreaker[struct{}] {
-	failures := uint32(max(s.cfg.Routing.BreakerFailures, 1))
+	failures := uint32(max(s.config().Routing.BreakerFailures, 1))
 	return gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        "secondary",
 		MaxRequests: 1,
-		Timeout:     s.cfg.Routing.BreakerOpen.Duration(),
+		Timeout:     s.config().Routing.BreakerOpen.Duration(),
 		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= failures },
 		OnStateChange: func(_ string, from, to gobreaker.State) {
 			// Never call State() here: gobreaker holds its lock.
@@ -474,7 +474,7 @@ func (rs *routedSession) secExec(sql string) {
 }
 
 func (rs *routedSession) budget() time.Time {
-	return time.Now().Add(rs.srv.cfg.Routing.MirrorBudget.Duration())
+	return time.Now().Add(rs.srv.config().Routing.MirrorBudget.Duration())
 }
 
 // secFailed marks the secondary's side of the transaction as broken and

@@ -310,7 +310,7 @@ func storeIndexOf(name string) int {
 // serveRouted serves the session with the routed engine until it ends.
 func (ss *session) serveRouted(h *handoff) {
 	s := ss.srv
-	rs := &routedSession{ss: ss, srv: s, maxBody: int(s.cfg.Limits.MaxMessageBytes),
+	rs := &routedSession{ss: ss, srv: s, maxBody: int(s.config().Limits.MaxMessageBytes),
 		cout: bufio.NewWriterSize(ss.client, 32<<10), stmts: map[string]*stmtInfo{}, portals: map[string]*portalInfo{},
 		txState:  ss.upstream.txStatus,
 		gucDirty: true} // SETs made while relayed are unknown: read them at the first shadow sample
@@ -637,11 +637,11 @@ func (rs *routedSession) store(name route.Store) (*rstore, error) {
 	if st == nil {
 		return nil, fmt.Errorf("no %s store is configured", name)
 	}
-	timeout := rs.srv.cfg.Limits.ConnectTimeout.Duration()
+	timeout := rs.srv.config().Limits.ConnectTimeout.Duration()
 	if name != rs.state.Primary {
 		// A session on the secondary is opened inside a client's request:
 		// it gets the mirror budget, like any other secondary work.
-		timeout = min(timeout, rs.srv.cfg.Routing.MirrorBudget.Duration())
+		timeout = min(timeout, rs.srv.config().Routing.MirrorBudget.Duration())
 	}
 	ctx, cancel := context.WithTimeout(rs.ss.ctx, timeout)
 	up, err := st.connect(ctx, rs.ss.user, rs.ss.database, rs.ss.params)

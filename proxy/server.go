@@ -61,12 +61,12 @@ type TestingKnobs struct {
 // Server accepts client sessions and relays them to the primary store. It is
 // safe for concurrent use.
 type Server struct {
-	cfg     *config.Config
+	conf    atomic.Pointer[config.Config] // replaced whole by Reload
 	log     *slog.Logger
 	metrics *metrics.Proxy
 	knobs   TestingKnobs
-	tls     *tls.Config
-	users   *Userlist // nil for trust
+	tls     atomic.Pointer[tls.Config] // nil without a certificate
+	users   atomic.Pointer[Userlist]   // nil for trust
 	old     *store
 	new     *store // nil when no new store is configured
 
@@ -111,7 +111,6 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{
-		cfg:       cfg,
 		log:       log,
 		metrics:   opts.Metrics,
 		knobs:     opts.Knobs,
@@ -128,21 +127,13 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 			return nil, err
 		}
 	}
-	if cfg.TLS.Cert != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
-		if err != nil {
-			return nil, fmt.Errorf("tls: %w", err)
-		}
-		s.tls = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	s.conf.Store(cfg)
+	if err := s.loadSecrets(cfg); err != nil {
+		return nil, err
 	}
 	if cfg.Relay.Engine == config.RelayEpoll {
 		if err := s.startLoops(); err != nil {
 			return nil, fmt.Errorf("relay.engine epoll: %w", err)
-		}
-	}
-	if cfg.Auth.Method == "scram-sha-256" {
-		if s.users, err = LoadUserlist(cfg.Auth.Userlist); err != nil {
-			return nil, fmt.Errorf("auth.userlist: %w", err)
 		}
 	}
 	s.routing.init()
@@ -159,10 +150,60 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 	return s, nil
 }
 
+// config returns the configuration in force: the one New was given, or the
+// last one Reload applied. Callers read it once per decision and never
+// modify it.
+func (s *Server) config() *config.Config { return s.conf.Load() }
+
+// loadSecrets reads cfg's TLS certificate and userlist and installs them;
+// on error it installs nothing.
+func (s *Server) loadSecrets(cfg *config.Config) error {
+	var tc *tls.Config
+	if cfg.TLS.Cert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLS.Cert, cfg.TLS.Key)
+		if err != nil {
+			return fmt.Errorf("tls: %w", err)
+		}
+		tc = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	var users *Userlist
+	if cfg.Auth.Method == "scram-sha-256" {
+		var err error
+		if users, err = LoadUserlist(cfg.Auth.Userlist); err != nil {
+			return fmt.Errorf("auth.userlist: %w", err)
+		}
+	}
+	s.tls.Store(tc)
+	s.users.Store(users)
+	return nil
+}
+
+// Reload puts next in force for what can change while sessions are open:
+// the auth method and userlist, the TLS certificate and tls.require, the
+// limits, the mirror budget and fence timeout, and the shadow settings
+// other than workers and queue. Sessions that start afterwards get all of
+// them; open sessions keep their TLS and login, and see the rest at their
+// next use. next must be validated, and its settings that need a restart
+// (config.RestartOnly) must equal the running ones. On error (an unreadable
+// certificate or userlist) nothing changes.
+func (s *Server) Reload(next *config.Config) error {
+	if diff := config.RestartOnly(s.config(), next); len(diff) > 0 {
+		return fmt.Errorf("reload: %v can only change with a restart", diff)
+	}
+	if err := s.loadSecrets(next); err != nil {
+		return err
+	}
+	s.conf.Store(next)
+	if s.shadow != nil {
+		s.shadow.set.Store(shadowSettingsOf(next))
+	}
+	return nil
+}
+
 // ListenAndServe listens on the configured address and serves until Shutdown
 // or Close.
 func (s *Server) ListenAndServe() error {
-	ln, err := net.Listen("tcp", s.cfg.Listen)
+	ln, err := net.Listen("tcp", s.config().Listen)
 	if err != nil {
 		return err
 	}
@@ -248,14 +289,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		sessions = append(sessions, ss)
 	}
 	s.mu.Unlock()
-	s.log.Info("draining client sessions", "sessions", len(sessions), "drain_timeout", s.cfg.Limits.DrainTimeout.String())
+	s.log.Info("draining client sessions", "sessions", len(sessions), "drain_timeout", s.config().Limits.DrainTimeout.String())
 	for _, ss := range sessions {
 		ss.drainIfIdle()
 	}
 
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
-	timer := time.NewTimer(s.cfg.Limits.DrainTimeout.Duration())
+	timer := time.NewTimer(s.config().Limits.DrainTimeout.Duration())
 	defer timer.Stop()
 	select {
 	case <-done:

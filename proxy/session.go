@@ -104,7 +104,7 @@ func (s *Server) handle(conn net.Conn) {
 			s.knobs.AfterSessionEnd()
 		}
 	}()
-	timeout := s.cfg.Limits.ConnectTimeout.Duration()
+	timeout := s.config().Limits.ConnectTimeout.Duration()
 	_ = conn.SetDeadline(time.Now().Add(timeout))
 
 	startup, err := ss.negotiate()
@@ -116,7 +116,7 @@ func (s *Server) handle(conn net.Conn) {
 		ss.fail(e, "rejected")
 		return
 	}
-	if max := int64(s.cfg.Limits.MaxClientSessions); s.open.Add(1) > max {
+	if max := int64(s.config().Limits.MaxClientSessions); s.open.Add(1) > max {
 		s.open.Add(-1)
 		ss.fail(pgwire.Fatal(pgwire.CodeTooManyConnections, "sorry, too many clients already").
 			WithHint("The proxy allows %d client sessions (limits.max_client_sessions).", max), "too_many")
@@ -125,8 +125,8 @@ func (s *Server) handle(conn net.Conn) {
 	defer s.open.Add(-1)
 
 	var saslFinal pgproto3.BackendMessage
-	if s.users != nil {
-		if saslFinal, err = ss.authenticateSCRAM(); err != nil {
+	if users := s.users.Load(); users != nil { // one userlist for the whole login, even across a reload
+		if saslFinal, err = ss.authenticateSCRAM(users); err != nil {
 			ss.fail(err, "auth_failed")
 			return
 		}
@@ -192,7 +192,8 @@ func (ss *session) negotiate() (*pgproto3.StartupMessage, error) {
 			if ss.tlsOn {
 				return nil, pgwire.Fatal(pgwire.CodeProtocolViolation, "SSLRequest received on an encrypted connection")
 			}
-			if ss.srv.tls == nil {
+			tc := ss.srv.tls.Load()
+			if tc == nil {
 				if _, err := ss.client.Write([]byte{'N'}); err != nil {
 					return nil, err
 				}
@@ -201,11 +202,11 @@ func (ss *session) negotiate() (*pgproto3.StartupMessage, error) {
 			if _, err := ss.client.Write([]byte{'S'}); err != nil {
 				return nil, err
 			}
-			tc := tls.Server(ss.client, ss.srv.tls)
-			if err := tc.HandshakeContext(ss.ctx); err != nil {
+			tconn := tls.Server(ss.client, tc)
+			if err := tconn.HandshakeContext(ss.ctx); err != nil {
 				return nil, err
 			}
-			ss.client, ss.tlsOn = tc, true
+			ss.client, ss.tlsOn = tconn, true
 		case *pgproto3.GSSEncRequest:
 			if _, err := ss.client.Write([]byte{'N'}); err != nil {
 				return nil, err
@@ -234,7 +235,7 @@ func (ss *session) checkStartup(m *pgproto3.StartupMessage) *pgwire.Error {
 		return pgwire.Fatal(pgwire.CodeFeatureNotSupported, "replication connections are not supported by the Tandem proxy").
 			WithHint("Connect replication clients to the store directly.")
 	}
-	if ss.srv.cfg.TLS.Require && !ss.tlsOn {
+	if ss.srv.config().TLS.Require && !ss.tlsOn {
 		return pgwire.Fatal(pgwire.CodeInvalidAuthSpec, "the Tandem proxy requires an encrypted connection").
 			WithHint("Connect with sslmode=require (or verify-ca/verify-full).")
 	}
@@ -275,8 +276,8 @@ func isFalse(v string) bool {
 // client's SCRAM user name is ignored (libpq sends it empty): the startup
 // packet's user is the one checked. Unknown users fail exactly like a wrong
 // password.
-func (ss *session) authenticateSCRAM() (pgproto3.BackendMessage, error) {
-	cred, known := ss.srv.users.lookup(ss.user)
+func (ss *session) authenticateSCRAM(users *Userlist) (pgproto3.BackendMessage, error) {
+	cred, known := users.lookup(ss.user)
 	server, err := scram.SHA256.NewServer(func(string) (scram.StoredCredentials, error) { return cred, nil })
 	if err != nil {
 		return nil, err
@@ -415,8 +416,8 @@ func (ss *session) drainIfIdle() {
 // either connection.
 func (ss *session) relay() *handoff {
 	ss.srv.metrics.Relayed(ss.ctx, "goroutines")
-	clientFr := pgwire.NewFramer(idleReader{ss}, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), clientWhole)
-	upFr := pgwire.NewFramer(ss.upstream.reader, relayBufSize, int(ss.srv.cfg.Limits.MaxMessageBytes), serverWhole)
+	clientFr := pgwire.NewFramer(idleReader{ss}, relayBufSize, int(ss.srv.config().Limits.MaxMessageBytes), clientWhole)
+	upFr := pgwire.NewFramer(ss.upstream.reader, relayBufSize, int(ss.srv.config().Limits.MaxMessageBytes), serverWhole)
 	aDone := make(chan error, 1)
 	bDone := make(chan error, 1)
 	var held []byte // the client batch a handoff stopped
@@ -535,7 +536,7 @@ func (ss *session) sendFinal(reason error) bool {
 type idleReader struct{ ss *session }
 
 func (r idleReader) Read(p []byte) (int, error) {
-	if d := r.ss.srv.cfg.Limits.IdleSessionTimeout.Duration(); d > 0 && !r.ss.closing.Load() {
+	if d := r.ss.srv.config().Limits.IdleSessionTimeout.Duration(); d > 0 && !r.ss.closing.Load() {
 		_ = r.ss.client.SetReadDeadline(time.Now().Add(d))
 	}
 	return r.ss.client.Read(p)

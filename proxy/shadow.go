@@ -10,11 +10,13 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/tandemdb/tandem/internal/classify"
+	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/route"
@@ -141,7 +143,7 @@ func (rs *routedSession) shadowSample(un *unit, tables []string) *shadowJob {
 		return nil
 	}
 	j := &shadowJob{tables: tables, user: rs.ss.user, db: rs.ss.database, startup: rs.ss.params,
-		primary: st.Primary, aa: sh.aa}
+		primary: st.Primary, aa: sh.settings().aa}
 	executes := 0
 	local := map[string]parseMsg{}
 	for _, m := range un.msgs {
@@ -221,7 +223,7 @@ func (rs *routedSession) shadowSample(un *unit, tables []string) *shadowJob {
 		rs.gucs = rs.sessionSettings()
 	}
 	j.gucs = rs.gucs
-	rs.capture = &capture{limit: sh.maxResult}
+	rs.capture = &capture{limit: sh.settings().maxResult}
 	return j
 }
 
@@ -298,17 +300,12 @@ func otherStore(s route.Store) route.Store {
 
 // shadower runs the shadow workers.
 type shadower struct {
-	srv       *Server
-	aa        bool
-	maxResult int
-	timeout   time.Duration
-	settle    time.Duration
-	redact    bool
-	opts      shadow.Options
-	queue     chan *shadowJob
-	record    func(ctx context.Context, r mismatch.Record) error
-	confirms  *rate.Limiter // locked confirmations: they make writers wait
-	rewrites  rewriteCache
+	srv      *Server
+	set      atomic.Pointer[shadowSettings] // replaced whole by a reload
+	queue    chan *shadowJob
+	record   func(ctx context.Context, r mismatch.Record) error
+	confirms *rate.Limiter // locked confirmations: they make writers wait
+	rewrites rewriteCache
 
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -344,17 +341,37 @@ const (
 	metricFPs        = 500 // fingerprints with their own metric series; the rest are "other"
 )
 
-func newShadower(s *Server, record func(context.Context, mismatch.Record) error) *shadower {
-	c := s.cfg.Shadow
+// shadowSettings are the shadow section's settings that a reload can
+// change; workers and the queue's length keep their values until a restart.
+type shadowSettings struct {
+	aa        bool
+	maxResult int
+	timeout   time.Duration
+	settle    time.Duration
+	redact    bool
+	opts      shadow.Options
+}
+
+func shadowSettingsOf(cfg *config.Config) *shadowSettings {
+	c := cfg.Shadow
 	settle := c.Settle.Duration()
 	if settle <= 0 {
-		settle = s.cfg.Routing.MirrorBudget.Duration()
+		settle = cfg.Routing.MirrorBudget.Duration()
 	}
-	sh := &shadower{srv: s, aa: c.AA, maxResult: int(c.MaxResultBytes), timeout: c.Timeout.Duration(), settle: settle,
-		redact: c.RedactParams, opts: shadow.Options{FloatTolerance: c.FloatTolerance},
+	return &shadowSettings{aa: c.AA, maxResult: int(c.MaxResultBytes), timeout: c.Timeout.Duration(), settle: settle,
+		redact: c.RedactParams, opts: shadow.Options{FloatTolerance: c.FloatTolerance}}
+}
+
+// settings returns the settings in force now.
+func (sh *shadower) settings() *shadowSettings { return sh.set.Load() }
+
+func newShadower(s *Server, record func(context.Context, mismatch.Record) error) *shadower {
+	c := s.config().Shadow
+	sh := &shadower{srv: s,
 		queue: make(chan *shadowJob, c.Queue), record: record, confirms: rate.NewLimiter(2, 4),
 		idle: map[shadowConnKey][]*shadowConn{}, counts: map[string]*mismatch.Counts{},
 		recorded: map[string]*recordBudget{}, fps: map[string]bool{}}
+	sh.set.Store(shadowSettingsOf(s.config()))
 	sh.ctx, sh.cancel = context.WithCancel(context.Background())
 	for range c.Workers {
 		sh.wg.Add(1)
@@ -566,7 +583,7 @@ func (sh *shadower) runPipeline(jobs []*shadowJob, sqls []string, st route.Store
 		}
 		return results, errs, durs
 	}
-	ctx, cancel := context.WithTimeout(sh.ctx, sh.timeout)
+	ctx, cancel := context.WithTimeout(sh.ctx, sh.settings().timeout)
 	defer cancel()
 	c, key, err := sh.conn(ctx, st, jobs[0])
 	if err != nil {
@@ -621,7 +638,7 @@ func (sh *shadower) finish(j *shadowJob, other shadow.Result, dur time.Duration)
 	m.ShadowLatency(sh.ctx, string(j.served), "served", j.servedDur)
 	m.ShadowLatency(sh.ctx, string(j.shadowOn), "shadow", dur)
 	sh.latency(j.fingerprint, j.servedDur, dur)
-	if shadow.Compare(j.result, other, sshape, sh.opts) == nil {
+	if shadow.Compare(j.result, other, sshape, sh.settings().opts) == nil {
 		sh.count(j.fingerprint, metrics.ShadowMatched, "")
 		return
 	}
@@ -642,7 +659,7 @@ func (sh *shadower) finish(j *shadowJob, other shadow.Result, dur time.Duration)
 		sh.skip(j, err)
 		return
 	}
-	if a, b := sh.orient(j, prim, p1, s1); shadow.Compare(a, b, sshape, sh.opts) == nil {
+	if a, b := sh.orient(j, prim, p1, s1); shadow.Compare(a, b, sshape, sh.settings().opts) == nil {
 		sh.count(j.fingerprint, metrics.ShadowTransient, "")
 		return
 	}
@@ -686,7 +703,7 @@ func (sh *shadower) confirm(j *shadowJob, prim, sec route.Store, shape shadow.Sh
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(sh.ctx, sh.timeout+sh.settle)
+	ctx, cancel := context.WithTimeout(sh.ctx, sh.settings().timeout+sh.settings().settle)
 	defer cancel()
 	c, key, err := sh.conn(ctx, prim, j)
 	if err != nil {
@@ -707,14 +724,14 @@ func (sh *shadower) confirm(j *shadowJob, prim, sec route.Store, shape shadow.Sh
 	if err != nil {
 		return nil, err
 	}
-	deadline := time.Now().Add(sh.settle)
+	deadline := time.Now().Add(sh.settings().settle)
 	for {
 		s, _, err := sh.run(j, sec)
 		if err != nil {
 			return nil, err
 		}
 		served, shadowRes := sh.orient(j, prim, p, s)
-		d := shadow.Compare(served, shadowRes, shape, sh.opts)
+		d := shadow.Compare(served, shadowRes, shape, sh.settings().opts)
 		if d == nil || time.Now().After(deadline) {
 			return d, nil
 		}
@@ -797,7 +814,7 @@ func (sh *shadower) store(j *shadowJob, d *shadow.Diff) {
 	}
 	rec := mismatch.Record{Fingerprint: j.fingerprint, Statement: j.sql, ServedBy: string(j.served),
 		ShadowOn: string(j.shadowOn), AA: j.aa, Kind: d.Kind, Summary: d.Summary, Diff: diff}
-	if !sh.redact && j.params != nil {
+	if !sh.settings().redact && j.params != nil {
 		rec.Params = make([]*string, len(j.params))
 		for i, p := range j.params {
 			if p == nil {
@@ -895,7 +912,7 @@ func (sh *shadower) run(j *shadowJob, st route.Store) (shadow.Result, time.Durat
 	if err != nil {
 		return shadow.Result{}, 0, err
 	}
-	ctx, cancel := context.WithTimeout(sh.ctx, sh.timeout)
+	ctx, cancel := context.WithTimeout(sh.ctx, sh.settings().timeout)
 	defer cancel()
 	c, key, err := sh.conn(ctx, st, j)
 	if err != nil {
@@ -915,7 +932,7 @@ func (sh *shadower) describe(j *shadowJob) ([]shadow.Field, error) {
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(sh.ctx, sh.timeout)
+	ctx, cancel := context.WithTimeout(sh.ctx, sh.settings().timeout)
 	defer cancel()
 	c, key, err := sh.conn(ctx, j.served, j)
 	if err != nil {
@@ -955,7 +972,7 @@ func (j *shadowJob) bindArgs() (params [][]byte, oids []uint32, fmts, rfmts []in
 // error returned is the connection's, or a result over the bound.
 func (sh *shadower) readResult(rr *pgconn.ResultReader) (shadow.Result, error) {
 	var res shadow.Result
-	limit, size := 2*sh.maxResult, 0
+	limit, size := 2*sh.settings().maxResult, 0
 	for _, fd := range rr.FieldDescriptions() {
 		res.Fields = append(res.Fields, shadow.Field{Name: fd.Name, OID: fd.DataTypeOID, Format: fd.Format})
 	}
@@ -1044,7 +1061,7 @@ func (sh *shadower) put(key shadowConnKey, c *shadowConn) {
 		return
 	}
 	sh.mu.Lock()
-	if sh.ctx.Err() == nil && len(sh.idle[key]) < cap(sh.queue) && len(sh.idle[key]) < 2*sh.srv.cfg.Shadow.Workers {
+	if sh.ctx.Err() == nil && len(sh.idle[key]) < cap(sh.queue) && len(sh.idle[key]) < 2*sh.srv.config().Shadow.Workers {
 		sh.idle[key] = append(sh.idle[key], c)
 		c = nil
 	}

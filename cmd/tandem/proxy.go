@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/tandemdb/tandem/internal/version"
 	"log/slog"
 	"net"
 	"os"
+	"os/signal"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -15,6 +17,7 @@ import (
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/version"
 	"github.com/tandemdb/tandem/proxy"
 	"golang.org/x/sync/errgroup"
 )
@@ -48,6 +51,13 @@ routing.repair_interval (an entry that fails backs off, up to
 routing.repair_backoff_max, and is stuck after routing.drift_stuck_attempts
 failures). It refuses to start when the control database is unreachable.
 
+On SIGHUP the proxy re-reads its configuration (file, environment, flags)
+and puts in force, without dropping a session, the userlist and auth
+method, the TLS certificate, the limits, routing.mirror_budget, the shadow
+settings other than workers and queue, and log.level; the log line names
+any changed setting that needs a restart. A file that does not load or
+validate leaves the running configuration in force.
+
 On SIGTERM or SIGINT the proxy stops accepting, lets open transactions finish
 within --drain-timeout, then closes the remaining sessions with SQLSTATE 57P01.`,
 		Example: `  tandem proxy --listen 127.0.0.1:6432 --admin 127.0.0.1:9187 \
@@ -61,19 +71,42 @@ within --drain-timeout, then closes the remaining sessions with SQLSTATE 57P01.`
 		if err != nil {
 			return err
 		}
-		log := newLogger(cfg.Log, os.Stderr)
+		log, level := newLevelLogger(cfg.Log, os.Stderr)
 		rp, err := startProxy(cfg, log)
 		if err != nil {
 			return err
 		}
-		return rp.wait(cmd.Context())
+		rp.level = level
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		ctx := cmd.Context()
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-hup:
+				}
+				next, err := flags.Load(os.LookupEnv)
+				if err == nil {
+					err = rp.reload(next)
+				}
+				if err != nil {
+					log.Error("configuration not reloaded: the running configuration stays", "error", err)
+				}
+			}
+		}()
+		return rp.wait(ctx)
 	}
 	return cmd
 }
 
 // runningProxy is a proxy and its admin server, started together.
 type runningProxy struct {
-	cfg      *config.Config
+	cfg      *config.Config                // as started
+	live     atomic.Pointer[config.Config] // in force: cfg, or what the last reload put in force
+	level    *slog.LevelVar                // nil: the log level does not reload
 	log      *slog.Logger
 	srv      *proxy.Server
 	admin    *admin.Server
@@ -161,6 +194,7 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
 	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp}
+	rp.live.Store(cfg)
 	if cp != nil {
 		cp.start(srv, pm, bm)
 	}
@@ -174,6 +208,29 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	log.Info("tandem proxy started", "listen", ln.Addr().String(), "admin", adm.Addr(),
 		"old", config.RedactDSN(cfg.Old.DSN), "auth", cfg.Auth.Method, "tls", cfg.TLS.Cert != "")
 	return rp, nil
+}
+
+// reload puts next's reloadable settings in force (config.Reloadable: the
+// userlist and auth method, TLS, limits, the mirror budget, most shadow
+// settings, the log level) without dropping a session, and names in the log
+// the changed settings that need a restart, which keep their running
+// values. On error nothing changes.
+func (rp *runningProxy) reload(next *config.Config) error {
+	cur := rp.live.Load()
+	eff := config.TakeReloadable(cur, next)
+	if err := rp.srv.Reload(eff); err != nil {
+		return err
+	}
+	if rp.level != nil {
+		rp.level.Set(logLevel(eff.Log.Level))
+	}
+	rp.live.Store(eff)
+	args := []any{"changed", config.Changed(cur, eff)}
+	if restart := config.RestartOnly(cur, next); len(restart) > 0 {
+		args = append(args, "need_restart", restart)
+	}
+	rp.log.Info("configuration reloaded", args...)
+	return nil
 }
 
 func (rp *runningProxy) Addr() string      { return rp.listener.Addr().String() }
@@ -195,7 +252,7 @@ func (rp *runningProxy) wait(ctx context.Context) error {
 // stop drains sessions (bounded by the drain timeout) and stops the admin
 // server and the meter provider.
 func (rp *runningProxy) stop() error {
-	ctx, cancel := context.WithTimeout(context.Background(), rp.cfg.Limits.DrainTimeout.Duration()+5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), rp.live.Load().Limits.DrainTimeout.Duration()+5*time.Second)
 	defer cancel()
 	err := rp.srv.Shutdown(ctx)
 	err = errors.Join(err, rp.admin.Shutdown(ctx), rp.g.Wait())

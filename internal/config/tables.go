@@ -2,11 +2,11 @@ package config
 
 import (
 	"fmt"
-	"github.com/agnivade/levenshtein"
 	"path"
 	"slices"
 	"strings"
 
+	"github.com/agnivade/levenshtein"
 	"go.yaml.in/yaml/v3"
 )
 

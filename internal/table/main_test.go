@@ -3,13 +3,13 @@ package table
 import (
 	"context"
 	"fmt"
-	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"os"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 )
 
 // oldStore and newStore are one pair of throwaway clusters for the whole

@@ -2,12 +2,12 @@ package table
 
 import (
 	"fmt"
-	"github.com/agnivade/levenshtein"
 	"maps"
 	"slices"
 	"strconv"
 	"strings"
 
+	"github.com/agnivade/levenshtein"
 	"github.com/tandemdb/tandem/internal/config"
 )
 
