@@ -91,7 +91,7 @@ func newRouting(cfg *config.Config, log *slog.Logger, observe func(context.Conte
 			FenceTimeout: cfg.Routing.FenceTimeout.Duration(),
 			Live:         3 * cfg.Routing.Poll.Duration(),
 			Logger:       log,
-			Gates:        []route.Gate{mappingGate(cfg), backfillGate(cfg), verifyGate(cfg), shadowGate(cfg)},
+			Gates:        gateChecks(cutoverGates(cfg)),
 			PrepareSequences: func(ctx context.Context, to route.Store) (func(context.Context) (route.SequenceSync, error), func(), error) {
 				return prepareSequences(ctx, cfg, to)
 			},

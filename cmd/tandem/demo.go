@@ -162,6 +162,17 @@ func runDemo(ctx context.Context, w io.Writer, verbose bool) (err error) {
 		return err
 	}
 
+	n.section("The whole migration on one screen: tandem status")
+	rt, err := newRouting(&cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard), nil)
+	if err != nil {
+		return err
+	}
+	st, err := collectStatus(ctx, &cfg, rt)
+	if err != nil {
+		return err
+	}
+	printMigration(w, st, rt.Options.Live)
+
 	n.section("What the operator sees: /metrics")
 	if err := printMetrics(ctx, n, "http://"+rp.AdminAddr()+"/metrics"); err != nil {
 		return err

@@ -277,7 +277,20 @@ func (o Options) gates(ctx context.Context, conn *pgx.Conn, cur State, next Sett
 			}
 		}
 	}
-	reps, err := Replicas(ctx, conn, o.Live)
+	builtin, err := BuiltinRefusals(ctx, conn, cur, o.withDefaults().Live)
+	if err != nil {
+		return nil, err
+	}
+	return append(refusals, builtin...), nil
+}
+
+// BuiltinRefusals are the refusals of the gates every write flip has,
+// forced or not, other than the caller's: a live replica whose breaker is
+// open, and live replicas that have not acknowledged cur's version. live is
+// how recent a heartbeat must be.
+func BuiltinRefusals(ctx context.Context, conn *pgx.Conn, cur State, live time.Duration) ([]string, error) {
+	var refusals []string
+	reps, err := Replicas(ctx, conn, live)
 	if err != nil {
 		return nil, err
 	}
