@@ -175,6 +175,8 @@ func printStatus(out io.Writer, st admin.Status, live time.Duration) {
 		}
 	}
 
+	printFeed(out, st.Feed)
+
 	fmt.Fprintf(out, "\nreplicas (live: heartbeat within %s):\n", live)
 	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "  REPLICA\tLIVE\tACKED\tFENCE ACKED\tHEARTBEAT\tBREAKER\tWRITERS")
@@ -201,6 +203,79 @@ func printStatus(out io.Writer, st admin.Status, live time.Duration) {
 		}
 		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\t%s\n", h.Version, h.ChangedAt.Local().Format(time.RFC3339), h.ChangedBy,
 			h.Settings, fence, yesNo(h.Forced), h.Reason)
+	}
+	tw.Flush()
+}
+
+// printFeed prints the change feed's section of route show.
+func printFeed(out io.Writer, f *admin.Feed) {
+	if f == nil {
+		return
+	}
+	switch {
+	case !f.Enabled && len(f.Stores) == 0:
+		fmt.Fprintln(out, "change feed: off (feed.enabled)")
+		return
+	case !f.Enabled:
+		fmt.Fprintln(out, "change feed: off (feed.enabled), but its state or slots remain:")
+	default:
+		fmt.Fprintln(out, "change feed: on (write flips and rollbacks wait for it)")
+	}
+	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  STORE\tSLOT\tHOLDER\tCHECKED LSN\tLAG\tRETAINED WAL\tHEARTBEAT\tLAST ERROR")
+	for _, fs := range f.Stores {
+		store := fs.Store
+		if fs.Primary {
+			store += " (primary)"
+		}
+		slot := fs.Slot
+		switch {
+		case fs.StoreError != "":
+			slot += " (store unreadable)"
+		case !fs.SlotExists:
+			slot += " (missing)"
+		case fs.SlotActive:
+			slot += " (active)"
+		default:
+			slot += " (inactive)"
+		}
+		holder := fs.Holder
+		switch {
+		case fs.HeartbeatAt == nil:
+			holder = "(never ran)"
+		case holder == "":
+			holder = "(nobody)"
+		case !fs.Live:
+			holder += " (DOWN)"
+		}
+		checked, lag, retained, hb := "-", "-", "-", "-"
+		if fs.CheckedLSN != "" {
+			checked = fs.CheckedLSN
+		}
+		if fs.LagBytes != nil || fs.LagSeconds != nil {
+			var parts []string
+			if fs.LagBytes != nil {
+				parts = append(parts, fmt.Sprintf("%d bytes", *fs.LagBytes))
+			}
+			if fs.LagSeconds != nil {
+				parts = append(parts, fmt.Sprintf("%.1fs", *fs.LagSeconds))
+			}
+			lag = strings.Join(parts, ", ")
+		}
+		if fs.Retained != nil {
+			retained = fmt.Sprintf("%d bytes", *fs.Retained)
+		}
+		if fs.HeartbeatAt != nil {
+			hb = time.Since(*fs.HeartbeatAt).Round(time.Millisecond).String() + " ago"
+		}
+		lastErr := fs.LastError
+		if fs.StoreError != "" {
+			lastErr = strings.TrimSpace(lastErr + " " + fs.StoreError)
+		}
+		if lastErr == "" {
+			lastErr = "-"
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", store, slot, holder, checked, lag, retained, hb, lastErr)
 	}
 	tw.Flush()
 }
@@ -336,6 +411,13 @@ func printResult(out, errOut io.Writer, res admin.Result, err error) error {
 			}
 			fmt.Fprintln(out)
 		}
+		if f := rep.Feed; f != nil {
+			if f.CaughtUp {
+				fmt.Fprintf(out, "change feed: checked the %s store's WAL up to %s (fence position %s) after %.1fms of waiting\n", f.Store, f.CheckedLSN, f.FenceLSN, f.WaitedMS)
+			} else {
+				fmt.Fprintf(out, "change feed: NOT caught up with the %s store's fence position %s (checked %s) after %.1fms; forced past it\n", f.Store, f.FenceLSN, orDash(f.CheckedLSN), f.WaitedMS)
+			}
+		}
 	}
 	if len(rep.Forced) > 0 {
 		fmt.Fprintf(out, "forced past: %s\n", strings.Join(rep.Forced, "; "))
@@ -345,6 +427,13 @@ func printResult(out, errOut io.Writer, res admin.Result, err error) error {
 		fmt.Fprintf(out, "NOT acknowledged in time by: %s (they apply it when they next reach the control database)\n", strings.Join(rep.NotAcked, ", "))
 	}
 	return nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func listOrNone(s []string) string {
