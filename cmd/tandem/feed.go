@@ -24,6 +24,9 @@ import (
 // for the transactions running on the store to end before it returns.
 const feedSlotTimeout = 30 * time.Second
 
+// feedStatusTimeout bounds reading one store's side of the feed's status.
+const feedStatusTimeout = 3 * time.Second
+
 // feedTables are the tables in scope under the names store gives them.
 func feedTables(ms *table.Mappings, store route.Store) []table.Name {
 	var out []table.Name
@@ -214,6 +217,10 @@ func feedStatus(ctx context.Context, cfg *config.Config, control *pgx.Conn, stor
 // storeFeedStatus fills in what store s says: its WAL position, the lag
 // of the checked position behind it, and the feed's slot.
 func storeFeedStatus(ctx context.Context, cfg *config.Config, s route.Store, fs *admin.FeedStatus) error {
+	// A store that is down must not hold up route show or the gate for
+	// limits.connect_timeout: the status says it could not be read.
+	ctx, cancel := context.WithTimeout(ctx, feedStatusTimeout)
+	defer cancel()
 	cc, err := storeConnConfig(cfg, s)
 	if err != nil {
 		return err

@@ -165,6 +165,7 @@ func TestFeedGateAndFlip(t *testing.T) {
 		strings.Contains(out, "forced") {
 		t.Fatalf("flip: %v\n%s%s", err, out, errOut)
 	}
+	t.Logf("flip waiting for a feed that confirms every 100ms:\n%s", out)
 	ctx := context.Background()
 	// The flip's prepare step made the publication and the slot on new.
 	nc, err := pgx.Connect(ctx, newC.DSN("postgres"))

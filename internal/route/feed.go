@@ -170,7 +170,7 @@ func (r feedRow) why(store Store, target string, waited time.Duration) string {
 // fence is up, so the wait should end soon after the feed gets there.
 const feedPoll = 20 * time.Millisecond
 
-// waitFeed waits, with writes fenced, until the feed has checked store's WAL
+// wait waits, with writes fenced, until the feed has checked store's WAL
 // up to target with a live heartbeat, or timeout passes.
 func (f *FeedWait) wait(ctx context.Context, conn *pgx.Conn, store Store, target string, timeout time.Duration) (FeedReport, string, error) {
 	rep := FeedReport{Store: store, FenceLSN: target}
