@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"strings"
@@ -240,5 +241,112 @@ func TestFeedGateAndFlip(t *testing.T) {
 	}
 	if forced, reason := lastHistory(); !forced || !strings.Contains(reason, "cutover 2 [forced past: change feed: it is behind on the old store") {
 		t.Fatalf("history of the forced flip: %v %q", forced, reason)
+	}
+}
+
+// TestFeedWaitHoldsWrites: a write that arrives while a flip waits for the
+// change feed is held at the fence, not refused, for as long as the flip
+// may wait (2 × routing.fence_timeout plus routing.feed_wait), and runs on
+// the new primary once the feed has caught up and the flip is done.
+func TestFeedWaitHoldsWrites(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	for _, c := range []*pgtest.Cluster{oldC, newC} {
+		mustExec(t, c, "CREATE TABLE orders (id serial PRIMARY KEY, note text)")
+	}
+	base, _ := pairConfig(t, oldC, newC, "held-proxy")
+	raw, err := os.ReadFile(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// fence_timeout 1s: without the feed, a write held 2s is refused.
+	file := base + ".held.yaml"
+	s := strings.Replace(string(raw), "  fence_timeout: 2s\n", "  fence_timeout: 1s\n  feed_wait: 8s\n", 1) + "feed:\n  enabled: true\n"
+	if err := os.WriteFile(file, []byte(s), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(file, nil)
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := rp.stop(); err != nil {
+			t.Error(err)
+		}
+	}()
+	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
+		t.Fatalf("dual-write: %v\n%s%s", err, out, errOut)
+	}
+	backfillAll(t, file)
+	verifyAll(t, file)
+
+	// The feed is alive but 1 MiB behind: the gate (64MiB) lets the flip
+	// through, and the flip then waits for it.
+	lagging := startTestFeed(t, oldC, route.Old, oldC, 1<<20)
+	ctx := context.Background()
+	app, err := pgx.Connect(ctx, fmt.Sprintf("postgres://postgres@%s/postgres?sslmode=disable", rp.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close(ctx)
+
+	type result struct {
+		out string
+		err error
+	}
+	flipped := make(chan result, 1)
+	go func() {
+		out, errOut, err := cli("route", "set", "-c", file, "--primary", "new", "--reads", "100", "--reason", "cutover")
+		flipped <- result{out + errOut, err}
+	}()
+	waitFor(t, func() bool { return rp.srv.State().Fence != 0 })
+	wrote := make(chan error, 1)
+	start := time.Now()
+	go func() {
+		_, err := app.Exec(ctx, "INSERT INTO orders (note) VALUES ('held')")
+		wrote <- err
+	}()
+	// Held past 2 × fence_timeout: neither run nor refused.
+	select {
+	case err := <-wrote:
+		t.Fatalf("the write ended while the flip waited for the feed, after %s: %v", time.Since(start), err)
+	case r := <-flipped:
+		t.Fatalf("the flip ended before the feed caught up: %v\n%s", r.err, r.out)
+	case <-time.After(3 * time.Second):
+	}
+	lagging.halt()
+	startTestFeed(t, oldC, route.Old, oldC, 0)
+	var r result
+	select {
+	case r = <-flipped:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the flip did not end within 30s of the feed catching up")
+	}
+	if r.err != nil || !strings.Contains(r.out, "primary=new") || !strings.Contains(r.out, "change feed: checked the old store's WAL") {
+		t.Fatalf("flip: %v\n%s", r.err, r.out)
+	}
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatalf("the held write: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the held write did not end within 30s of the flip")
+	}
+	t.Logf("the write was held %s", time.Since(start))
+	var n int
+	nc, err := pgx.Connect(ctx, newC.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close(ctx)
+	if err := nc.QueryRow(ctx, "SELECT count(*) FROM orders WHERE note = 'held'").Scan(&n); err != nil || n != 1 {
+		t.Fatalf("the held write on new: %d rows, %v", n, err)
 	}
 }

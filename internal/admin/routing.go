@@ -380,6 +380,9 @@ func routingHandlers(mux *http.ServeMux, rt *Routing) {
 func changeContext(r *http.Request, rt *Routing) (context.Context, context.CancelFunc) {
 	o := rt.Options
 	budget := o.FenceTimeout + o.AckTimeout + o.FenceLease + time.Minute
+	if o.Feed != nil {
+		budget += o.Feed.Timeout
+	}
 	return context.WithTimeout(context.WithoutCancel(r.Context()), budget)
 }
 
