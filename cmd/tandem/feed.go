@@ -157,7 +157,7 @@ func prepareFeed(ctx context.Context, cfg *config.Config, from, to route.Store) 
 // before it.
 func fencePosition(ctx context.Context, conn *pgx.Conn) (string, error) {
 	if err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		_, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id()")
+		_, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on; SELECT txid_current()")
 		return err
 	}); err != nil {
 		return "", fmt.Errorf("flushing the WAL: %w", err)
