@@ -226,10 +226,10 @@ func printFeed(out io.Writer, f *admin.Feed) {
 	}
 	switch {
 	case !f.Enabled && len(f.Stores) == 0:
-		fmt.Fprintln(out, "change feed: off (feed.enabled)")
+		fmt.Fprintln(out, "change feed: off (feed.enabled is false)")
 		return
 	case !f.Enabled:
-		fmt.Fprintln(out, "change feed: off (feed.enabled), but its state or slots remain:")
+		fmt.Fprintln(out, "change feed: off (feed.enabled is false), but its state or slots remain:")
 	default:
 		fmt.Fprintln(out, "change feed: on (write flips and rollbacks wait for it)")
 	}
