@@ -72,9 +72,11 @@ func (rs *routedSession) markWriter(on bool) {
 // from, since the flip may by then have drained, synced sequences and
 // applied the next state on other replicas. It gives up, with an error the
 // client can retry, when the fence is held 2 × routing.fence_timeout
-// without the state moving on (a flip takes at most fence_timeout to
-// drain; a dead flip's fence expires with its lease), and ends at once
-// when the session is killed or the client goes away.
+// (plus routing.feed_wait with feed.enabled) without the state moving on (a
+// flip takes at most fence_timeout to drain and as long to repair, and
+// with the change feed waits up to feed_wait for it; a dead flip's fence
+// expires with its lease), and ends at once when the session is killed or
+// the client goes away.
 func (rs *routedSession) waitFence(pureRead bool) error {
 	var timer *time.Timer
 	version := int64(-1)
@@ -100,7 +102,11 @@ func (rs *routedSession) waitFence(pureRead bool) error {
 		if rs.state.Version != version {
 			// A write flip is draining writes (or applying its next state):
 			// wait for the state after it.
-			bound := 2 * rs.srv.config().Routing.FenceTimeout.Duration()
+			cfg := rs.srv.config()
+			bound := 2 * cfg.Routing.FenceTimeout.Duration()
+			if cfg.Feed.Enabled {
+				bound += cfg.Routing.FeedWait.Duration()
+			}
 			if timer == nil {
 				rs.srv.metrics.R().FenceWait(rs.ss.ctx)
 				timer = time.NewTimer(bound)
@@ -120,7 +126,7 @@ func (rs *routedSession) waitFence(pureRead bool) error {
 				return rs.clientErr(m.err)
 			}
 		case <-timer.C:
-			rs.ss.log.Warn("write held at a write fence for twice routing.fence_timeout; refusing it", "fence", rs.state.Fence, "version", rs.state.Version)
+			rs.ss.log.Warn("write held at a write fence for twice routing.fence_timeout (plus routing.feed_wait with the change feed); refusing it", "fence", rs.state.Fence, "version", rs.state.Version)
 			return errFenceHeld()
 		case <-rs.ss.killCh:
 			return rs.ss.killErr

@@ -79,6 +79,16 @@ func newRouting(cfg *config.Config, log *slog.Logger, observe func(context.Conte
 	if err != nil {
 		return nil, err
 	}
+	var feed *route.FeedWait
+	gates := gateChecks(cutoverGates(cfg)) // with the feed gate when the feed is on
+	if cfg.Feed.Enabled {
+		feed = &route.FeedWait{
+			Timeout: cfg.Routing.FeedWait.Duration(),
+			Prepare: func(ctx context.Context, from, to route.Store) (func(context.Context) (string, error), func(), error) {
+				return prepareFeed(ctx, cfg, from, to)
+			},
+		}
+	}
 	return &admin.Routing{
 		Connect: func(ctx context.Context) (*pgx.Conn, error) {
 			c, err := pgx.ConnectConfig(ctx, cc.Copy())
@@ -91,13 +101,17 @@ func newRouting(cfg *config.Config, log *slog.Logger, observe func(context.Conte
 			FenceTimeout: cfg.Routing.FenceTimeout.Duration(),
 			Live:         3 * cfg.Routing.Poll.Duration(),
 			Logger:       log,
-			Gates:        gateChecks(cutoverGates(cfg)),
+			Gates:        gates,
+			Feed:         feed,
 			PrepareSequences: func(ctx context.Context, to route.Store) (func(context.Context) (route.SequenceSync, error), func(), error) {
 				return prepareSequences(ctx, cfg, to)
 			},
 		},
 		Observe:       observe,
 		StuckAttempts: cfg.Routing.DriftStuckAttempts,
+		Feed: func(ctx context.Context, control *pgx.Conn) (*admin.Feed, error) {
+			return feedStatus(ctx, cfg, control)
+		},
 	}, nil
 }
 

@@ -24,6 +24,17 @@ Sections of the report:
                or GRANT SET ON PARAMETER on PostgreSQL 15+; without it row images
                are applied with the store's triggers and foreign keys active) and
                CONTROL SCHEMA (can it create or use the schema "tandem" there).
+  CHANGE FEED PREREQUISITES  per store (either can be the primary whose WAL
+               the change feed reads): wal_level (logical needed), free
+               replication slots and WAL senders, the REPLICATION privilege (or
+               rds_replication, cloudsqlsuperuser, azure_pg_admin), whether the
+               publication tandem_feed can be created (CREATE on the database).
+               Each table in scope also needs a replica identity on both stores
+               (a primary key, or REPLICA IDENTITY USING INDEX; NOTHING, or
+               DEFAULT without a key, does not name the row) and an owner that
+               can add it to the publication. A missing prerequisite blocks
+               with feed.enabled and needs attention otherwise; each reason
+               gives the statement that fixes it.
   TABLES       each user table in scope (tables.include / tables.exclude; the
                schemas tandem, pg_catalog and information_schema never are): the
                new table it maps to (identity, or declared under tables.map), its
@@ -112,7 +123,7 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int) (*plan.Rep
 	if err != nil {
 		return nil, err
 	}
-	opts := plan.Options{SampleRows: sampleRows, Map: mapping}
+	opts := plan.Options{SampleRows: sampleRows, Map: mapping, Feed: cfg.Feed.Enabled}
 	var conns []*pgx.Conn
 	defer func() {
 		for _, c := range conns {

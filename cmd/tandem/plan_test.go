@@ -219,8 +219,17 @@ func TestPlanClean(t *testing.T) {
 		len(rep.Tables) != 1 || !strings.Contains(rep.Tables[0].Reasons[0].Text, "missing privileges on new") {
 		t.Errorf("exit %d, report %s", code, out)
 	}
-	// Granted on PostgreSQL 15+: replica mode is allowed.
+	// Granted on PostgreSQL 15+: replica mode is allowed. The change
+	// feed's prerequisites, though the feed is off, still need attention.
 	mustExec(t, new, `GRANT SET ON PARAMETER session_replication_role TO app; GRANT ALL ON orders TO app`)
+	code, out = runPlanCmd(t, "--old", old.DSN(""), "--new", newDSN)
+	for _, want := range []string{`attention  store new      app has no REPLICATION privilege`, `ALTER ROLE "app" REPLICATION;`,
+		`GRANT CREATE ON DATABASE "postgres" TO "app";`, `ALTER TABLE "public"."orders" OWNER TO "app";`} {
+		if code != 1 || !strings.Contains(out, want) {
+			t.Errorf("after the grants: exit status %d, want 1 and %q:\n%s", code, want, out)
+		}
+	}
+	mustExec(t, new, `ALTER ROLE app REPLICATION; GRANT CREATE ON DATABASE postgres TO app; ALTER TABLE orders OWNER TO app`)
 	code, out = runPlanCmd(t, "--old", old.DSN(""), "--new", newDSN)
 	if code != 0 {
 		t.Errorf("after the grants: exit status %d, want 0:\n%s", code, out)
@@ -281,4 +290,108 @@ func TestPlanMappingTypo(t *testing.T) {
 	if code != 2 || !strings.Contains(out, "emial") {
 		t.Errorf("exit %d:\n%s", code, out)
 	}
+}
+
+// TestPlanFeedPrereqs: with feed.enabled, tandem plan blocks on each missing
+// prerequisite of the change feed with the statement that fixes it:
+// wal_level=replica, a table without a key (and one with REPLICA IDENTITY
+// NOTHING, one with only a unique index), a user without REPLICATION or
+// CREATE on the database. Without feed.enabled they need attention. The
+// statements it gives, run as given, make the plan pass.
+func TestPlanFeedPrereqs(t *testing.T) {
+	old := pgtest.New(t, pgtest.Options{Settings: map[string]string{"wal_level": "replica"}})
+	new := pgtest.New(t)
+	schema := `CREATE TABLE keyed (id int PRIMARY KEY, v text);
+		CREATE TABLE nokey (v text);
+		CREATE TABLE uniq (id int NOT NULL UNIQUE, v text);
+		CREATE TABLE nothing (id int PRIMARY KEY, v text);`
+	mustExec(t, old, schema)
+	mustExec(t, new, schema+`ALTER TABLE nothing REPLICA IDENTITY NOTHING;
+		CREATE ROLE app LOGIN; GRANT SET ON PARAMETER session_replication_role TO app; GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
+		ALTER TABLE keyed OWNER TO app; ALTER TABLE nokey OWNER TO app; ALTER TABLE uniq OWNER TO app; ALTER TABLE nothing OWNER TO app;`)
+	newDSN := strings.Replace(new.DSN(""), "postgres@", "app@", 1)
+	dir := t.TempDir()
+	write := func(name string, feed bool) string {
+		p := filepath.Join(dir, name)
+		body := "old:\n  dsn: " + old.DSN("") + "\nnew:\n  dsn: " + newDSN + "\n"
+		if feed {
+			body += "feed:\n  enabled: true\n"
+		}
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	on, off := write("on.yaml", true), write("off.yaml", false)
+
+	fixes := []struct{ verdict, where, text string }{
+		{"blocked", "store old", "wal_level is replica: the change feed needs logical decoding; run ALTER SYSTEM SET wal_level = logical; and restart PostgreSQL"},
+		{"blocked", "store new", `app has no REPLICATION privilege: the change feed streams the WAL through a replication connection; run ALTER ROLE "app" REPLICATION;`},
+		{"blocked", "store new", `app cannot create the publication tandem_feed (CREATE on the database): the change feed needs it; run GRANT CREATE ON DATABASE "postgres" TO "app";`},
+		{"blocked", "public.nokey", `replica identity default without a primary key on old: the change feed cannot tell which row an UPDATE or DELETE changed; add a primary key (ALTER TABLE "public"."nokey" ADD PRIMARY KEY (...);)`},
+		{"blocked", "public.nokey", `replica identity default without a primary key on new`},
+		{"blocked", "public.uniq", `replica identity default without a primary key on old: the change feed cannot tell which row an UPDATE or DELETE changed; run ALTER TABLE "public"."uniq" REPLICA IDENTITY USING INDEX "uniq_id_key";`},
+		{"blocked", "public.nothing", `replica identity nothing on new: the change feed cannot tell which row an UPDATE or DELETE changed; run ALTER TABLE "public"."nothing" REPLICA IDENTITY DEFAULT;`},
+	}
+	code, out := runPlanCmd(t, "-c", on)
+	if code != 2 {
+		t.Errorf("feed on: exit status %d, want 2", code)
+	}
+	for _, f := range fixes {
+		if line := f.verdict + "  " + f.where; !strings.Contains(out, f.text) || !containsLine(out, line, f.text) {
+			t.Errorf("feed on: the report lacks %q for %q:\n%s", f.text, line, out)
+		}
+	}
+	if strings.Contains(out, "public.keyed") && containsLine(out, "public.keyed", "replica identity") {
+		t.Errorf("feed on: a keyed table is reported:\n%s", out)
+	}
+	// Off: the same reasons, needing attention only.
+	code, out = runPlanCmd(t, "-c", off)
+	if code != 1 || !containsLine(out, "attention  store old", "wal_level is replica: the change feed (feed.enabled, off now) needs logical decoding") {
+		t.Errorf("feed off: exit status %d, want 1:\n%s", code, out)
+	}
+
+	// Run the statements the plan gave.
+	mustExec(t, old, `ALTER SYSTEM SET wal_level = logical`)
+	mustExec(t, old, `ALTER TABLE nokey ADD PRIMARY KEY (v); ALTER TABLE uniq REPLICA IDENTITY USING INDEX "uniq_id_key"`)
+	if err := old.Restart(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, new, `ALTER ROLE app REPLICATION; GRANT CREATE ON DATABASE postgres TO app;
+		ALTER TABLE nokey ADD PRIMARY KEY (v); ALTER TABLE uniq REPLICA IDENTITY USING INDEX "uniq_id_key"; ALTER TABLE nothing REPLICA IDENTITY DEFAULT`)
+	code, out = runPlanCmd(t, "-c", on, "--json")
+	var rep plan.Report
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	// public.uniq still has no primary key, which the backfill wants (attention), but nothing blocks.
+	if code != 1 || rep.Stores[0].Feed == nil || rep.Stores[0].Feed.WALLevel != "logical" || !rep.Stores[1].Feed.Replication {
+		t.Fatalf("after the fixes: exit status %d, want 1:\n%s", code, out)
+	}
+	for _, s := range rep.Stores {
+		if s.Verdict != plan.Ready {
+			t.Errorf("after the fixes: store %s: %+v", s.Name, s.Reasons)
+		}
+	}
+	for _, tb := range rep.Tables {
+		for _, r := range tb.Reasons {
+			if strings.Contains(r.Text, "change feed") {
+				t.Errorf("after the fixes: %s: %s", tb.Name, r.Text)
+			}
+		}
+		if tb.Name == "public.uniq" && (tb.ReplicaIdentity != "index" || tb.NewReplicaIdentity != "index") {
+			t.Errorf("public.uniq replica identity %q/%q, want index/index", tb.ReplicaIdentity, tb.NewReplicaIdentity)
+		}
+	}
+}
+
+// containsLine reports whether some line of out starts with prefix (after
+// the column padding is squeezed) and contains text.
+func containsLine(out, prefix, text string) bool {
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(strings.Join(strings.Fields(l), " "), strings.Join(strings.Fields(prefix), " ")) && strings.Contains(l, text) {
+			return true
+		}
+	}
+	return false
 }

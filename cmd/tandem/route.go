@@ -39,14 +39,22 @@ gates.verify_max_age; the confirmed shadow mismatch rate over
 gates.shadow_window is above gates.shadow_max_mismatch_rate; drift is open;
 drift is stuck (entries the repairer failed on routing.drift_stuck_attempts
 times, named with their last error); a replica's breaker is open or it has
-not acknowledged the current version.
+not acknowledged the current version; with feed.enabled, the change feed is
+down (no holder, or a heartbeat older than 5s) or behind (it last advanced
+longer ago than gates.feed_max_lag, or lags the primary's WAL by more than
+gates.feed_max_lag_bytes).
 Each refusal names the tables or fingerprints and the numbers. --force
 overrides gates, never the rules above, and is recorded in the history. A flip raises a write fence: new write
 transactions wait, in-flight ones get routing.fence_timeout to end (else the
 flip is abandoned and the fence released), sequences are synced to the new
 primary, every live replica acknowledges the new version, and the fence is
-released. The same operations are served by the admin API (/api/v1/state,
-/api/v1/route, /api/v1/rollback).`
+released. With feed.enabled, a flip or rollback first creates the publication
+tandem_feed and the slot tandem_feed_<store> on the store becoming primary,
+then, writes fenced, waits up to routing.feed_wait until the change feed has
+checked the primary's WAL up to the fence and the drift it found is repaired;
+else the fence is released, nothing changes, and the error names the change
+feed (--force goes on without it, on the record). The same operations are
+served by the admin API (/api/v1/state, /api/v1/route, /api/v1/rollback).`
 
 const routeExamples = `  # The playbook, step by step:
   # 1. passthrough (the initial state)
@@ -109,8 +117,12 @@ func newRouteShowCmd() *cobra.Command {
 proxy replica with the version and fence it acknowledged, its heartbeat, its
 breaker and its writers, and the open drift, with the entries the repairer
 keeps failing on (stuck: at least routing.drift_stuck_attempts failed
-attempts; they refuse a write flip) and their last error. --json prints the
-same as the admin API's GET /api/v1/state.`,
+attempts; they refuse a write flip) and their last error. The change feed's
+section shows, per store, its slot (and whether it is active), the replica
+holding the feed, the checked LSN, the lag (bytes: the store's WAL position
+minus the checked LSN; seconds: since the checked LSN last moved), the WAL the
+slot retains and the feed's last error. --json prints the same as the admin
+API's GET /api/v1/state.`,
 		Example: "  tandem route show -c tandem.yaml\n  tandem route show -c tandem.yaml --json",
 		Args:    cobra.NoArgs,
 	}
@@ -175,6 +187,8 @@ func printStatus(out io.Writer, st admin.Status, live time.Duration) {
 		}
 	}
 
+	printFeed(out, st.Feed)
+
 	fmt.Fprintf(out, "\nreplicas (live: heartbeat within %s):\n", live)
 	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "  REPLICA\tLIVE\tACKED\tFENCE ACKED\tHEARTBEAT\tBREAKER\tWRITERS")
@@ -201,6 +215,79 @@ func printStatus(out io.Writer, st admin.Status, live time.Duration) {
 		}
 		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\t%s\n", h.Version, h.ChangedAt.Local().Format(time.RFC3339), h.ChangedBy,
 			h.Settings, fence, yesNo(h.Forced), h.Reason)
+	}
+	tw.Flush()
+}
+
+// printFeed prints the change feed's section of route show.
+func printFeed(out io.Writer, f *admin.Feed) {
+	if f == nil {
+		return
+	}
+	switch {
+	case !f.Enabled && len(f.Stores) == 0:
+		fmt.Fprintln(out, "change feed: off (feed.enabled is false)")
+		return
+	case !f.Enabled:
+		fmt.Fprintln(out, "change feed: off (feed.enabled is false), but its state or slots remain:")
+	default:
+		fmt.Fprintln(out, "change feed: on (write flips and rollbacks wait for it)")
+	}
+	tw := tabwriter.NewWriter(out, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  STORE\tSLOT\tHOLDER\tCHECKED LSN\tLAG\tRETAINED WAL\tHEARTBEAT\tLAST ERROR")
+	for _, fs := range f.Stores {
+		store := fs.Store
+		if fs.Primary {
+			store += " (primary)"
+		}
+		slot := fs.Slot
+		switch {
+		case fs.StoreError != "":
+			slot += " (store unreadable)"
+		case !fs.SlotExists:
+			slot += " (missing)"
+		case fs.SlotActive:
+			slot += " (active)"
+		default:
+			slot += " (inactive)"
+		}
+		holder := fs.Holder
+		switch {
+		case fs.HeartbeatAt == nil:
+			holder = "(never ran)"
+		case holder == "":
+			holder = "(nobody)"
+		case !fs.Live:
+			holder += " (DOWN)"
+		}
+		checked, lag, retained, hb := "-", "-", "-", "-"
+		if fs.CheckedLSN != "" {
+			checked = fs.CheckedLSN
+		}
+		if fs.LagBytes != nil || fs.LagSeconds != nil {
+			var parts []string
+			if fs.LagBytes != nil {
+				parts = append(parts, fmt.Sprintf("%d bytes", *fs.LagBytes))
+			}
+			if fs.LagSeconds != nil {
+				parts = append(parts, fmt.Sprintf("%.1fs", *fs.LagSeconds))
+			}
+			lag = strings.Join(parts, ", ")
+		}
+		if fs.Retained != nil {
+			retained = fmt.Sprintf("%d bytes", *fs.Retained)
+		}
+		if fs.HeartbeatAt != nil {
+			hb = time.Since(*fs.HeartbeatAt).Round(time.Millisecond).String() + " ago"
+		}
+		lastErr := fs.LastError
+		if fs.StoreError != "" {
+			lastErr = strings.TrimSpace(lastErr + " " + fs.StoreError)
+		}
+		if lastErr == "" {
+			lastErr = "-"
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", store, slot, holder, checked, lag, retained, hb, lastErr)
 	}
 	tw.Flush()
 }
@@ -240,7 +327,7 @@ replicas acknowledged the new version.
 	mirror := fs.String("mirror", "", "apply writes to the other store as well: on or off")
 	reads := fs.Int("reads", 0, "percent of eligible reads served by the new store, 0..100")
 	shadow := fs.Int("shadow", 0, "percent of reads also run on the other store and compared, 0..100 (stored and followed; the comparison itself comes with tandem compare)")
-	force := fs.Bool("force", false, "override failing cutover gates (open or stuck drift, open breaker, lagging replica); recorded in the history")
+	force := fs.Bool("force", false, "override failing cutover gates (open or stuck drift, open breaker, lagging replica, change feed down or behind) and a change feed that does not catch up within routing.feed_wait; recorded in the history")
 	reason := fs.String("reason", "", "why, for the history")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		var req admin.RouteRequest
@@ -289,13 +376,16 @@ func newRollbackCmd() *cobra.Command {
 every read. Mirroring stays on, so new keeps receiving writes and the migration
 can resume. Moving the primary back is a write flip (fenced, sequences synced
 new -> old), but the cutover gates that guard moving forward, such as open
-drift, do not hold a rollback back. The same as 'tandem route rollback' and
-POST /api/v1/rollback.`,
+drift, do not hold a rollback back. With feed.enabled a rollback waits for the
+change feed like a flip (so that it loses no write the mirror missed), and is
+refused if the feed does not catch up within routing.feed_wait: --force
+then rolls back without it, and the output says so. The same as
+'tandem route rollback' and POST /api/v1/rollback.`,
 		Example: `  tandem rollback -c tandem.yaml --reason "p99 regression after the flip"`,
 		Args:    cobra.NoArgs,
 	}
 	flags := config.NewFlags(cmd.Flags())
-	force := cmd.Flags().Bool("force", false, "override the built-in gates (open breaker, lagging replica); recorded in the history")
+	force := cmd.Flags().Bool("force", false, "override the built-in gates (open breaker, lagging replica) and a change feed that does not catch up within routing.feed_wait; recorded in the history")
 	reason := cmd.Flags().String("reason", "", "why, for the history")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		rt, err := routing(flags, cmd.ErrOrStderr())
@@ -336,6 +426,13 @@ func printResult(out, errOut io.Writer, res admin.Result, err error) error {
 			}
 			fmt.Fprintln(out)
 		}
+		if f := rep.Feed; f != nil {
+			if f.CaughtUp {
+				fmt.Fprintf(out, "change feed: checked the %s store's WAL up to %s (fence position %s) after %.1fms of waiting\n", f.Store, f.CheckedLSN, f.FenceLSN, f.WaitedMS)
+			} else {
+				fmt.Fprintf(out, "change feed: NOT caught up with the %s store's fence position %s (checked %s) after %.1fms; forced past it\n", f.Store, f.FenceLSN, orDash(f.CheckedLSN), f.WaitedMS)
+			}
+		}
 	}
 	if len(rep.Forced) > 0 {
 		fmt.Fprintf(out, "forced past: %s\n", strings.Join(rep.Forced, "; "))
@@ -345,6 +442,13 @@ func printResult(out, errOut io.Writer, res admin.Result, err error) error {
 		fmt.Fprintf(out, "NOT acknowledged in time by: %s (they apply it when they next reach the control database)\n", strings.Join(rep.NotAcked, ", "))
 	}
 	return nil
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func listOrNone(s []string) string {

@@ -171,7 +171,7 @@ func TestRouteCLI(t *testing.T) {
 
 	out, _, err = cli("route", "show", "-c", file)
 	for _, want := range []string{"routing version 3: primary=new", "write fence: none", "open drift: 1 entries on 1 tables: public.ghost (1)", "1 missed by the new store",
-		"cli-proxy", "closed", "cutover [forced past: drift is open", "start dual-write", "tandem cli"} {
+		"cli-proxy", "closed", "cutover [forced past: drift is open", "start dual-write", "tandem cli", "change feed: off (feed.enabled is false)"} {
 		if err != nil || !strings.Contains(out, want) {
 			t.Errorf("route show lacks %q (%v):\n%s", want, err, out)
 		}

@@ -34,12 +34,16 @@ type namedGate struct {
 // playbook produces their evidence. newRouting gives them to every flip;
 // status evaluates them one by one.
 func cutoverGates(cfg *config.Config) []namedGate {
-	return []namedGate{
+	gs := []namedGate{
 		{"mapping", mappingGate(cfg)},
 		{"backfill", backfillGate(cfg)},
 		{"verify", verifyGate(cfg)},
 		{"shadow", shadowGate(cfg)},
 	}
+	if cfg.Feed.Enabled {
+		gs = append(gs, namedGate{"change feed", feedGate(cfg)})
+	}
+	return gs
 }
 
 func gateChecks(gs []namedGate) []route.Gate {

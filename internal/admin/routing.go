@@ -38,6 +38,9 @@ type Routing struct {
 	// table.DefaultStuckAttempts): Status lists it and StuckDriftGate
 	// refuses a write flip.
 	StuckAttempts int
+	// Feed, if set, reads the change feed's state for Status (it reaches
+	// the stores, which Routing does not); conn is the control database.
+	Feed func(ctx context.Context, conn *pgx.Conn) (*Feed, error)
 }
 
 // Status is the routing state as GET /api/v1/state and `tandem route show`
@@ -47,6 +50,7 @@ type Status struct {
 	Replicas []route.Replica      `json:"replicas"` // every replica recorded; Live marks those that count
 	History  []route.HistoryEntry `json:"history"`  // newest first
 	Drift    *Drift               `json:"drift"`    // nil when the drift ledger does not exist yet
+	Feed     *Feed                `json:"feed"`     // nil when the proxy is not configured to read it
 }
 
 // Drift is the open part of the drift ledger.
@@ -171,8 +175,15 @@ func (r *Routing) Status(ctx context.Context) (Status, error) {
 	if st.History, err = route.History(ctx, conn, n); err != nil {
 		return st, err
 	}
-	st.Drift, err = openDrift(ctx, conn, r.stuckAttempts())
-	return st, err
+	if st.Drift, err = openDrift(ctx, conn, r.stuckAttempts()); err != nil {
+		return st, err
+	}
+	if r.Feed != nil {
+		if st.Feed, err = r.Feed(ctx, conn); err != nil {
+			return st, fmt.Errorf("reading the change feed's state: %w", err)
+		}
+	}
+	return st, nil
 }
 
 func (r *Routing) stuckAttempts() int {
@@ -369,6 +380,9 @@ func routingHandlers(mux *http.ServeMux, rt *Routing) {
 func changeContext(r *http.Request, rt *Routing) (context.Context, context.CancelFunc) {
 	o := rt.Options
 	budget := o.FenceTimeout + o.AckTimeout + o.FenceLease + time.Minute
+	if o.Feed != nil {
+		budget += o.Feed.Timeout
+	}
 	return context.WithTimeout(context.WithoutCancel(r.Context()), budget)
 }
 
@@ -411,11 +425,13 @@ func respond(w http.ResponseWriter, res Result, err error) {
 
 // writeError maps err to a status: 400 for a malformed request, 409 for a
 // refusal (illegal transition, cutover gate, a concurrent change or flip),
-// 503 when a write fence did not drain, else 500.
+// 503 when a write fence did not drain or the change feed did not catch
+// up, else 500.
 func writeError(w http.ResponseWriter, err error) {
 	status := http.StatusInternalServerError
 	var bad *BadRequestError
 	var fe *route.FenceError
+	var feed *route.FeedError
 	var ie *route.IllegalError
 	switch {
 	case errors.As(err, &bad):
@@ -425,7 +441,7 @@ func writeError(w http.ResponseWriter, err error) {
 		err = errors.New(ie.Reason)
 	case errors.Is(err, route.ErrConcurrentChange):
 		status = http.StatusConflict
-	case errors.As(err, &fe):
+	case errors.As(err, &fe), errors.As(err, &feed):
 		status = http.StatusServiceUnavailable
 	}
 	writeJSON(w, status, errorBody{err.Error()})

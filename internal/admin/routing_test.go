@@ -273,3 +273,27 @@ func TestStuckDriftGate(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// TestWriteErrorStatus: a flip that gave up because writes did not drain or
+// the change feed did not catch up is a 503 (retry later), not a refusal.
+func TestWriteErrorStatus(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want int
+	}{
+		{&route.FenceError{Timeout: time.Second}, http.StatusServiceUnavailable},
+		{&route.FeedError{Report: route.FeedReport{Store: route.Old}, Why: "the change feed has not checked"}, http.StatusServiceUnavailable},
+		{&route.IllegalError{Gate: true, Reason: "change feed: it is down"}, http.StatusConflict},
+		{&BadRequestError{Reason: "x"}, http.StatusBadRequest},
+		{errors.New("boom"), http.StatusInternalServerError},
+	} {
+		rec := httptest.NewRecorder()
+		writeError(rec, c.err)
+		if rec.Code != c.want {
+			t.Errorf("%T: status %d, want %d", c.err, rec.Code, c.want)
+		}
+		if _, ok := c.err.(*route.FeedError); ok && !strings.Contains(rec.Body.String(), "change feed: write flip refused") {
+			t.Errorf("feed error body: %s", rec.Body.String())
+		}
+	}
+}

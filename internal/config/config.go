@@ -42,6 +42,7 @@ type Config struct {
 	Routing Routing `yaml:"routing"` // mirroring, breaker and write-flip behaviour
 	Shadow  Shadow  `yaml:"shadow"`  // how shadow reads run and are compared
 	Gates   Gates   `yaml:"gates"`   // the write-flip gates built on verify and shadow reads
+	Feed    Feed    `yaml:"feed"`    // the change feed: logical decoding of the primary's WAL (design section 10)
 	Log     Log     `yaml:"log"`     // log output
 	Tables  Tables  `yaml:"tables"`  // the migration's scope and table mappings (YAML only)
 
@@ -129,6 +130,7 @@ type Routing struct {
 	RepairInterval     Duration `yaml:"repair_interval"`      // how often the drift repairer looks at the ledger; default 1s
 	RepairBackoffMax   Duration `yaml:"repair_backoff_max"`   // the longest wait before a failing drift entry is retried; default 5m
 	DriftStuckAttempts int      `yaml:"drift_stuck_attempts"` // failed repair attempts after which a drift entry is stuck (refuses a write flip); default 5
+	FeedWait           Duration `yaml:"feed_wait"`            // with feed.enabled, how long a write flip waits under the fence for the change feed; default 5s
 }
 
 // Shadow configures shadow reads: the routing state's shadow percentage
@@ -152,6 +154,17 @@ type Gates struct {
 	VerifyMaxAge          Duration `yaml:"verify_max_age"`           // each table's last clean verify must be younger than this; 0 = gate off; default 24h
 	ShadowWindow          Duration `yaml:"shadow_window"`            // the window the shadow mismatch rate is measured over; default 15m
 	ShadowMaxMismatchRate float64  `yaml:"shadow_max_mismatch_rate"` // confirmed mismatches / compared reads above which a flip is refused; default 0
+	FeedMaxLag            Duration `yaml:"feed_max_lag"`             // with feed.enabled, a write flip is refused when the change feed last advanced longer ago than this; default 30s
+	FeedMaxLagBytes       ByteSize `yaml:"feed_max_lag_bytes"`       // ... or is this far behind the primary's WAL; default 64MiB
+}
+
+// Feed configures the change feed (design section 10): one proxy replica
+// reads the primary's WAL through a logical slot and checks every committed
+// change against the other store.
+type Feed struct {
+	// Enabled makes write flips and rollbacks wait for the feed, adds the
+	// feed's cutover gate, and makes tandem plan block on its prerequisites.
+	Enabled bool `yaml:"enabled"`
 }
 
 // Log formats and levels accepted in Log.
@@ -194,6 +207,7 @@ func Default() Config {
 			RepairInterval:     Duration(1e9),
 			RepairBackoffMax:   Duration(300e9),
 			DriftStuckAttempts: 5,
+			FeedWait:           Duration(5e9),
 		},
 		Shadow: Shadow{
 			Queue:          1000,
@@ -203,8 +217,10 @@ func Default() Config {
 			FloatTolerance: 1e-9,
 		},
 		Gates: Gates{
-			VerifyMaxAge: Duration(24 * 3600e9),
-			ShadowWindow: Duration(15 * 60e9),
+			VerifyMaxAge:    Duration(24 * 3600e9),
+			ShadowWindow:    Duration(15 * 60e9),
+			FeedMaxLag:      Duration(30e9),
+			FeedMaxLagBytes: 64 * MiB,
 		},
 		Log: Log{Format: LogText, Level: LogInfo},
 	}
@@ -341,6 +357,9 @@ func options() []option {
 		{path: "routing.drift_stuck_attempts", flag: "drift-stuck-attempts",
 			usage: "failed repair attempts after which a drift entry counts as stuck: shown by tandem route show and the tandem_drift_stuck metric, and a write flip is refused (at least 1)",
 			field: func(c *Config) any { return &c.Routing.DriftStuckAttempts }},
+		{path: "routing.feed_wait", flag: "feed-wait",
+			usage: "with feed.enabled, how long a write flip or rollback waits, writes fenced, for the change feed to check the primary's WAL up to the fence, e.g. 5s; past it the flip is refused and the fence released (--force goes on without it) (must be > 0)",
+			field: func(c *Config) any { return &c.Routing.FeedWait }},
 		{path: "shadow.queue", flag: "shadow-queue",
 			usage: "reads waiting for their shadow run; when the queue is full a sample is dropped and counted, never waited for (at least 1)",
 			field: func(c *Config) any { return &c.Shadow.Queue }},
@@ -374,6 +393,15 @@ func options() []option {
 		{path: "gates.shadow_max_mismatch_rate", flag: "gate-shadow-max-mismatch-rate",
 			usage: "a write flip to new is refused when confirmed shadow mismatches / compared reads over the window is above this (0..1; 0 = any mismatch refuses)",
 			field: func(c *Config) any { return &c.Gates.ShadowMaxMismatchRate }},
+		{path: "gates.feed_max_lag", flag: "gate-feed-max-lag",
+			usage: "with feed.enabled, a write flip is refused when the change feed's checked position last advanced longer ago than this, e.g. 30s (must be > 0)",
+			field: func(c *Config) any { return &c.Gates.FeedMaxLag }},
+		{path: "gates.feed_max_lag_bytes", flag: "gate-feed-max-lag-bytes",
+			usage: "with feed.enabled, a write flip is refused when the change feed is this far behind the primary's WAL, e.g. 64MiB (at least 1 byte)",
+			field: func(c *Config) any { return &c.Gates.FeedMaxLagBytes }},
+		{path: "feed.enabled", flag: "feed",
+			usage: "the change feed is in use: write flips and rollbacks wait for it under the fence, a feed that is down or behind refuses a write flip, and tandem plan blocks on its prerequisites (wal_level=logical, slots, REPLICATION, replica identity)",
+			field: func(c *Config) any { return &c.Feed.Enabled }},
 		{path: "log.format", flag: "log-format",
 			usage: `log output format: "text" or "json"`,
 			field: func(c *Config) any { return &c.Log.Format }},

@@ -104,10 +104,11 @@ func TestDefault(t *testing.T) {
 		Relay: Relay{Engine: "epoll"},
 		Routing: Routing{MirrorBudget: Duration(500 * time.Millisecond), BreakerFailures: 5, BreakerOpen: Duration(5 * time.Second),
 			Poll: Duration(2 * time.Second), FenceTimeout: Duration(5 * time.Second), SequenceMargin: 1000,
-			RepairInterval: Duration(time.Second), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5},
+			RepairInterval: Duration(time.Second), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5, FeedWait: Duration(5 * time.Second)},
 		Shadow: Shadow{Queue: 1000, Workers: 4, MaxResultBytes: MiB, Timeout: Duration(5 * time.Second), FloatTolerance: 1e-9},
-		Gates:  Gates{VerifyMaxAge: Duration(24 * time.Hour), ShadowWindow: Duration(15 * time.Minute)},
-		Log:    Log{Format: "text", Level: "info"},
+		Gates: Gates{VerifyMaxAge: Duration(24 * time.Hour), ShadowWindow: Duration(15 * time.Minute),
+			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
+		Log: Log{Format: "text", Level: "info"},
 	}
 	if !reflect.DeepEqual(d, want) {
 		t.Errorf("Default() = %+v, want %+v", d, want)
@@ -312,11 +313,13 @@ func TestLoadGoodFile(t *testing.T) {
 		Control: Control{DSN: "postgres://tandem@control.internal:5432/tandem?sslmode=disable", PasswordFile: filepath.Join("testdata", "pgpass")},
 		Routing: Routing{ReplicaID: "proxy-a", MirrorBudget: Duration(250 * time.Millisecond), BreakerFailures: 3,
 			BreakerOpen: Duration(10 * time.Second), Poll: Duration(time.Second), FenceTimeout: Duration(2 * time.Second),
-			SequenceMargin: 5000, RepairInterval: Duration(500 * time.Millisecond), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5},
+			SequenceMargin: 5000, RepairInterval: Duration(500 * time.Millisecond), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5,
+			FeedWait: Duration(5 * time.Second)},
 		Shadow: Shadow{Queue: 50, Workers: 2, MaxResultBytes: 256 * KiB, Timeout: Duration(2 * time.Second),
 			Settle: Duration(time.Second), FloatTolerance: 1e-6, AA: true, RedactParams: true},
-		Gates: Gates{VerifyMaxAge: Duration(6 * time.Hour), ShadowWindow: Duration(30 * time.Minute), ShadowMaxMismatchRate: 0.001},
-		Log:   Log{Format: "json", Level: "debug"},
+		Gates: Gates{VerifyMaxAge: Duration(6 * time.Hour), ShadowWindow: Duration(30 * time.Minute), ShadowMaxMismatchRate: 0.001,
+			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
+		Log: Log{Format: "json", Level: "debug"},
 		Tables: Tables{
 			Include: []string{"public.*", `"Sales".*`},
 			Exclude: []string{"public.tmp_*"},
@@ -378,7 +381,7 @@ func TestLoadFileErrors(t *testing.T) {
 		{"unknown top-level key", "listn: x\n",
 			[]string{`t.yaml:1:1: unknown field "listn" (did you mean "listen"?)`}},
 		{"unknown section", "metrics:\n  port: 1\n",
-			[]string{`t.yaml:1:1: unknown field "metrics" (valid: listen, admin, old, new, auth, tls, limits, relay, control, routing, shadow, gates, log, tables)`}},
+			[]string{`t.yaml:1:1: unknown field "metrics" (valid: listen, admin, old, new, auth, tls, limits, relay, control, routing, shadow, gates, feed, log, tables)`}},
 		{"wrong type int", "limits:\n  max_client_sessions: lots\n",
 			[]string{`t.yaml:2:3: limits.max_client_sessions: must be a whole number, not "lots"`}},
 		{"wrong type bool", "tls:\n  require: maybe\n",
@@ -539,11 +542,13 @@ func TestEnv(t *testing.T) {
 		Control: Control{DSN: "host=control", PasswordFile: "/control.pgpass"},
 		Routing: Routing{ReplicaID: "replica-7", MirrorBudget: Duration(time.Second), BreakerFailures: 9,
 			BreakerOpen: Duration(30 * time.Second), Poll: Duration(3 * time.Second), FenceTimeout: Duration(750 * time.Millisecond),
-			SequenceMargin: 0, RepairInterval: Duration(time.Minute), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5},
+			SequenceMargin: 0, RepairInterval: Duration(time.Minute), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5,
+			FeedWait: Duration(5 * time.Second)},
 		Shadow: Shadow{Queue: 7, Workers: 1, MaxResultBytes: 64 * KiB, Timeout: Duration(3 * time.Second),
 			Settle: Duration(250 * time.Millisecond), FloatTolerance: 0.5e-6, AA: true, RedactParams: true},
-		Gates: Gates{VerifyMaxAge: Duration(2 * time.Hour), ShadowWindow: Duration(5 * time.Minute), ShadowMaxMismatchRate: 0.01},
-		Log:   Log{Format: "json", Level: "debug"},
+		Gates: Gates{VerifyMaxAge: Duration(2 * time.Hour), ShadowWindow: Duration(5 * time.Minute), ShadowMaxMismatchRate: 0.01,
+			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
+		Log: Log{Format: "json", Level: "debug"},
 	}
 	cfg.src = nil
 	if !reflect.DeepEqual(*cfg, want) {
@@ -670,8 +675,11 @@ func TestValidate(t *testing.T) {
 		{"control store set and valid", func(c *Config) {
 			c.Control = Control{DSN: "host=control port=5434 dbname=tandem sslmode=disable", PasswordFile: userlist}
 			c.Routing = Routing{ReplicaID: "a", MirrorBudget: 1, BreakerFailures: 1, BreakerOpen: 1, Poll: 1,
-				FenceTimeout: 1, SequenceMargin: 0, RepairInterval: 1, RepairBackoffMax: 1, DriftStuckAttempts: 1}
+				FenceTimeout: 1, SequenceMargin: 0, RepairInterval: 1, RepairBackoffMax: 1, DriftStuckAttempts: 1, FeedWait: 1}
 		}, nil},
+		{"feed bounds", func(c *Config) {
+			c.Routing.FeedWait, c.Gates.FeedMaxLag, c.Gates.FeedMaxLagBytes = 0, -1, 0
+		}, []string{"routing.feed_wait: must be > 0, not 0s", "gates.feed_max_lag: must be > 0, not -1ns", "gates.feed_max_lag_bytes: must be at least 1 byte"}},
 		{"control.dsn does not parse", func(c *Config) { c.Control.DSN = "postgres://tandem:s3cret@control:port/tandem" },
 			[]string{"control.dsn: cannot parse DSN: invalid port"}},
 		{"control.password_file missing", func(c *Config) { c.Control.PasswordFile = missing },

@@ -141,7 +141,8 @@ func (c *Config) problems() Problems {
 		v    Duration
 	}{{"routing.mirror_budget", c.Routing.MirrorBudget}, {"routing.breaker_open", c.Routing.BreakerOpen},
 		{"routing.poll", c.Routing.Poll}, {"routing.fence_timeout", c.Routing.FenceTimeout},
-		{"routing.repair_interval", c.Routing.RepairInterval}} {
+		{"routing.repair_interval", c.Routing.RepairInterval}, {"routing.feed_wait", c.Routing.FeedWait},
+		{"gates.feed_max_lag", c.Gates.FeedMaxLag}} {
 		if d.v <= 0 {
 			v.add(d.path, fmt.Sprintf("must be > 0, not %s", d.v))
 		}
@@ -181,6 +182,9 @@ func (c *Config) problems() Problems {
 	}
 	if !(c.Gates.ShadowMaxMismatchRate >= 0 && c.Gates.ShadowMaxMismatchRate <= 1) {
 		v.add("gates.shadow_max_mismatch_rate", fmt.Sprintf("must be in [0, 1], not %g", c.Gates.ShadowMaxMismatchRate))
+	}
+	if c.Gates.FeedMaxLagBytes < 1 {
+		v.add("gates.feed_max_lag_bytes", "must be at least 1 byte")
 	}
 	if c.Routing.SequenceMargin < 0 {
 		v.add("routing.sequence_margin", fmt.Sprintf("must be >= 0, not %d", c.Routing.SequenceMargin))

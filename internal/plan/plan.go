@@ -52,6 +52,9 @@ type Options struct {
 	// Problems are reasons found elsewhere (the mapping's server-side
 	// checks), by old table; they are added to the tables' verdicts.
 	Problems map[table.Name][]Reason
+	// Feed says the change feed is enabled (feed.enabled): its missing
+	// prerequisites block; otherwise they need attention.
+	Feed bool
 	// CountBelow is the heap size in bytes under which a never-analyzed
 	// table is counted exactly; 0 means 64 MiB.
 	CountBelow int64
@@ -71,6 +74,18 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	if err := r.assessStores(ctx, o); err != nil {
 		return nil, err
+	}
+	feedVerdict := Attention
+	if o.Feed {
+		feedVerdict = Blocked
+	}
+	oldIDs, err := readIdentities(ctx, o.Old)
+	if err != nil {
+		return nil, fmt.Errorf("old store: %w", err)
+	}
+	newIDs, err := readIdentities(ctx, o.New)
+	if err != nil {
+		return nil, fmt.Errorf("new store: %w", err)
 	}
 	triggers, err := readTriggers(ctx, o.Old)
 	if err != nil {
@@ -125,6 +140,16 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			m.New = n
 		}
 		t := assessTable(oldCat.tables[n], newCat.tables[m.New], m, missingExt)
+		oid, ook := oldIDs[n]
+		nid, nok := newIDs[m.New]
+		if ook {
+			t.ReplicaIdentity = oid.String()
+		}
+		if nok {
+			t.NewReplicaIdentity = nid.String()
+		}
+		assessFeedTable(&t, "old", r.Stores[0].User, n, oid, ook, feedVerdict)
+		assessFeedTable(&t, "new", r.Stores[1].User, m.New, nid, nok, feedVerdict)
 		for _, p := range o.Problems[n] {
 			t.reason(p.Verdict, "%s", p.Text)
 		}
@@ -196,6 +221,16 @@ func (r *Report) assessStores(ctx context.Context, o Options) error {
 			s.reason(Attention, "%s cannot SET session_replication_role: row images would be applied with this store's triggers and foreign keys active (grant it: GRANT SET ON PARAMETER session_replication_role TO %s, on PostgreSQL 15+, or use a superuser)",
 				s.User, quoteIdent(s.User))
 		}
+		f, err := readFeedPrereqs(ctx, st.conn, st.name)
+		if err != nil {
+			return err
+		}
+		s.Feed = &f
+		v := Attention
+		if o.Feed {
+			v = Blocked
+		}
+		assessFeedStore(&s, f, v)
 		if st.name == "old" && o.Control == nil {
 			ok, err := controlReady(ctx, st.conn)
 			if err != nil {

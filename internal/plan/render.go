@@ -3,6 +3,7 @@ package plan
 import (
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -25,6 +26,33 @@ func (r *Report) WriteText(w io.Writer) error {
 		}
 		p("%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", s.Name, s.Version, s.User, s.WALLevel, s.MaxPreparedTransactions,
 			yesNo(s.ReplicationRole), control, s.Verdict)
+	}
+
+	if r.Stores != nil && slices.ContainsFunc(r.Stores, func(s Store) bool { return s.Feed != nil }) {
+		section("CHANGE FEED PREREQUISITES (either store can be the primary whose WAL the feed reads)")
+		p("STORE\tWAL_LEVEL\tFREE SLOTS\tFREE WAL SENDERS\tREPLICATION\tPUBLICATION\n")
+		for _, s := range r.Stores {
+			f := s.Feed
+			if f == nil {
+				continue
+			}
+			slots := strconv.Itoa(f.MaxSlots - f.UsedSlots)
+			if f.HasSlot {
+				slots = "has its slot"
+			}
+			repl := yesNo(f.Replication)
+			if f.ReplicationVia != "" {
+				repl += " (" + f.ReplicationVia + ")"
+			}
+			pub := "can create"
+			switch {
+			case f.HasPublication:
+				pub = "exists"
+			case !f.CreatePublication:
+				pub = "cannot create"
+			}
+			p("%s\t%s\t%s\t%d\t%s\t%s\n", s.Name, f.WALLevel, slots, f.MaxWALSenders-f.UsedWALSenders, repl, pub)
+		}
 	}
 
 	section("TABLES")

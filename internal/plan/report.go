@@ -87,8 +87,8 @@ type Store struct {
 	Name    string `json:"name"` // "old", "new" (or "control" when the control database is separate)
 	Version string `json:"version"`
 	User    string `json:"user"`
-	// WALLevel is informational: row-image mirroring does not need logical
-	// decoding; the WAL engine planned for trigger-written tables will.
+	// WALLevel: row-image mirroring does not need logical decoding; the
+	// change feed does (see Feed).
 	WALLevel                string `json:"wal_level"`
 	MaxPreparedTransactions int    `json:"max_prepared_transactions"`
 	Superuser               bool   `json:"superuser"`
@@ -99,9 +99,12 @@ type Store struct {
 	// ControlSchema: this store holds the control schema and Tandem can
 	// create it (CREATE on the database) or already uses it. Nil when the
 	// control schema lives elsewhere.
-	ControlSchema *bool    `json:"control_schema,omitempty"`
-	Verdict       Verdict  `json:"verdict"`
-	Reasons       []Reason `json:"reasons"`
+	ControlSchema *bool `json:"control_schema,omitempty"`
+	// Feed is the change feed's prerequisites on the store: either store
+	// can be the primary whose WAL it reads. Nil for the control database.
+	Feed    *FeedPrereqs `json:"feed,omitempty"`
+	Verdict Verdict      `json:"verdict"`
+	Reasons []Reason     `json:"reasons"`
 }
 
 // Table is one table in scope, named as on the old store.
@@ -113,14 +116,19 @@ type Table struct {
 	Size    string `json:"size"`     // Bytes, pretty
 	// Rows is pg_class.reltuples, or an exact count when the table was
 	// never analyzed and is small enough to count (RowsExact).
-	Rows        int64        `json:"rows"`
-	RowsExact   bool         `json:"rows_exact,omitempty"`
-	Key         []string     `json:"key"`     // primary key on old
-	NewKey      []string     `json:"new_key"` // primary key on new
-	Differences []Difference `json:"differences"`
-	Sample      *Sample      `json:"sample,omitempty"`
-	Verdict     Verdict      `json:"verdict"`
-	Reasons     []Reason     `json:"reasons"`
+	Rows      int64    `json:"rows"`
+	RowsExact bool     `json:"rows_exact,omitempty"`
+	Key       []string `json:"key"`     // primary key on old
+	NewKey    []string `json:"new_key"` // primary key on new
+	// ReplicaIdentity and NewReplicaIdentity are the table's replica
+	// identity on each store (default, index, full, nothing): the change
+	// feed needs a key to name the row an UPDATE or DELETE changed.
+	ReplicaIdentity    string       `json:"replica_identity,omitempty"`
+	NewReplicaIdentity string       `json:"new_replica_identity,omitempty"`
+	Differences        []Difference `json:"differences"`
+	Sample             *Sample      `json:"sample,omitempty"`
+	Verdict            Verdict      `json:"verdict"`
+	Reasons            []Reason     `json:"reasons"`
 }
 
 // Difference kinds.

@@ -40,7 +40,10 @@ type Options struct {
 	// Set calls the returned sync at step 4, with writes fenced, so the
 	// fence covers only the sync itself; it calls done when the flip ends.
 	PrepareSequences func(ctx context.Context, to Store) (sync func(context.Context) (SequenceSync, error), done func(), err error)
-	Logger           *slog.Logger
+	// Feed, if set (feed.enabled), makes every write flip and rollback wait
+	// for the change feed under the fence: see FeedWait and Set.
+	Feed   *FeedWait
+	Logger *slog.Logger
 }
 
 func (o Options) withDefaults() Options {
@@ -53,8 +56,21 @@ func (o Options) withDefaults() Options {
 	if o.Live <= 0 {
 		o.Live = 3 * DefaultPoll
 	}
+	if o.Feed != nil {
+		f := *o.Feed
+		if f.Timeout <= 0 {
+			f.Timeout = 5 * time.Second
+		}
+		if f.Live <= 0 {
+			f.Live = FeedLive
+		}
+		o.Feed = &f
+	}
 	if o.FenceLease <= 0 {
 		o.FenceLease = o.FenceTimeout + 30*time.Second
+		if o.Feed != nil {
+			o.FenceLease += o.Feed.Timeout
+		}
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
@@ -75,6 +91,7 @@ type Report struct {
 	Acked      []string      `json:"acked"`               // live replicas that acknowledged ToVersion
 	NotAcked   []string      `json:"not_acked,omitempty"` // live replicas that did not within AckTimeout
 	Sequences  *SequenceSync `json:"sequences,omitempty"`
+	Feed       *FeedReport   `json:"feed,omitempty"`   // the wait for the change feed, when it is enabled
 	Forced     []string      `json:"forced,omitempty"` // gate refusals overridden by Force
 }
 
@@ -110,6 +127,19 @@ func (e *FenceError) Error() string {
 // drained it, else release it and return a *FenceError; 4. sync sequences;
 // 5. apply the settings and wait for the replicas' acknowledgements;
 // 6. release the fence and record its duration in the history.
+//
+// With Options.Feed (the change feed is enabled), a write flip or rollback
+// also, before step 2, has the publication and the slot made on the store
+// becoming primary; after step 3, reads the current primary's WAL position
+// and waits up to Feed.Timeout until tandem.feed says the feed has checked
+// that store's WAL up to it (every change committed before the fence is
+// then equal on the other store or in the drift ledger) with a live
+// heartbeat; after step 4 (whose preparation repairs the drift stale on the
+// store becoming primary, under the fence, as the background repairer is
+// paused by it), checks that no such drift is left open. Either failure
+// releases the fence and changes nothing, with a *FeedError, unless
+// Change.Force is set: then the flip goes on, and the report and the
+// history say so. A rollback waits the same way.
 //
 // Refusals are *IllegalError (see IsIllegal). The fence is released on
 // every path, even when ctx ends. conn is the control database; Set uses
@@ -179,6 +209,26 @@ func (o Options) flip(ctx context.Context, conn *pgx.Conn, cur State, ch Change,
 		defer done()
 		syncSequences = sync
 	}
+	var feedPosition func(context.Context) (string, error)
+	if o.Feed != nil {
+		if err := EnsureFeedSchema(ctx, conn); err != nil {
+			return cur, *rep, fmt.Errorf("creating tandem.feed: %w; nothing changed", err)
+		}
+		if o.Feed.Prepare == nil {
+			return cur, *rep, errors.New("the change feed is enabled but the flip cannot prepare it (no FeedWait.Prepare); nothing changed")
+		}
+		pos, done, err := o.Feed.Prepare(ctx, cur.Primary, ch.Next.Primary)
+		if err != nil {
+			return cur, *rep, fmt.Errorf("preparing the change feed's publication and slot on the %s store: %w; nothing changed", ch.Next.Primary, err)
+		}
+		defer done()
+		feedPosition = pos
+	}
+	// forced records a failure Force goes past, in the report and the history.
+	forced := func(msg string) {
+		rep.Forced = append(rep.Forced, msg)
+		ch.Reason = strings.TrimSpace(ch.Reason + " [forced past: " + msg + "]")
+	}
 
 	// 2. Raise the fence.
 	start := time.Now()
@@ -216,6 +266,26 @@ func (o Options) flip(ctx context.Context, conn *pgx.Conn, cur State, ch Change,
 		return fail(&FenceError{Timeout: o.FenceTimeout, Pending: pending})
 	}
 
+	// 3b. Writes are fenced and drained: wait until the change feed has
+	// checked everything the current primary committed before the fence.
+	if feedPosition != nil {
+		fctx, cancel := context.WithDeadline(ctx, expires.Add(-2*time.Second))
+		frep, why, err := o.feedWait(fctx, conn, cur.Primary, feedPosition)
+		cancel()
+		rep.Feed = &frep
+		if err != nil {
+			return fail(err)
+		}
+		if why != "" {
+			if !ch.Force {
+				return fail(&FeedError{Report: frep, Timeout: o.Feed.Timeout, Rollback: rollback, Why: why})
+			}
+			rep.Feed.Forced = true
+			forced(why)
+			o.Logger.Warn("write flip forced past the change feed", "reason", why)
+		}
+	}
+
 	// 4. Make the store becoming primary ready: the caller's sync repairs
 	// what it missed and brings its sequences up. A failure is a gate:
 	// --force goes past it (and the history says so).
@@ -227,14 +297,32 @@ func (o Options) flip(ctx context.Context, conn *pgx.Conn, cur State, ch Change,
 			return fail(&IllegalError{Gate: true, Reason: fmt.Sprintf("preparing the %s store to become primary failed: %v; nothing changed (--force overrides)", ch.Next.Primary, err)})
 		}
 		if err != nil {
-			msg := fmt.Sprintf("preparing the %s store: %v", ch.Next.Primary, err)
-			rep.Forced = append(rep.Forced, msg)
-			ch.Reason = strings.TrimSpace(ch.Reason + " [forced past: " + msg + "]")
+			forced(fmt.Sprintf("preparing the %s store: %v", ch.Next.Primary, err))
 			o.Logger.Warn("write flip forced past a failed preparation of the new primary", "error", err)
 		}
 		rep.Sequences = &seq
 		if len(seq.Missing) > 0 {
 			o.Logger.Warn("sequences missing on the new primary were not synced", "store", ch.Next.Primary, "sequences", seq.Missing)
+		}
+	}
+
+	// 4b. With the feed: what it found the store becoming primary misses
+	// must have been repaired by step 4, since no repairer runs under the
+	// fence.
+	if rep.Feed != nil {
+		n, err := openDriftStaleOn(ctx, conn, ch.Next.Primary)
+		if err != nil {
+			return fail(fmt.Errorf("reading the drift ledger: %w", err))
+		}
+		rep.Feed.Drift = n
+		if n > 0 {
+			why := fmt.Sprintf("%d drift entries stale on the %s store are still open after the repair under the fence", n, ch.Next.Primary)
+			if !ch.Force {
+				return fail(&FeedError{Report: *rep.Feed, Timeout: o.Feed.Timeout, Rollback: rollback, Why: why})
+			}
+			rep.Feed.Forced = true
+			forced(why)
+			o.Logger.Warn("write flip forced past open drift after the change feed's wait", "entries", n, "stale", ch.Next.Primary)
 		}
 	}
 
@@ -259,6 +347,25 @@ func (o Options) flip(ctx context.Context, conn *pgx.Conn, cur State, ch Change,
 		waitErr = errors.Join(waitErr, fmt.Errorf("recording the fence time in the history: %w", err))
 	}
 	return st, *rep, waitErr
+}
+
+// feedWait reads the current primary's WAL position with writes fenced and
+// waits for the change feed to have checked it. why is non-empty when it
+// did not in time.
+func (o Options) feedWait(ctx context.Context, conn *pgx.Conn, primary Store, position func(context.Context) (string, error)) (FeedReport, string, error) {
+	lsn, err := position(ctx)
+	if err != nil {
+		return FeedReport{Store: primary}, "", fmt.Errorf("reading the %s store's WAL position for the change feed: %w", primary, err)
+	}
+	timeout := o.Feed.Timeout
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < timeout {
+		timeout = time.Until(dl)
+	}
+	frep, why, err := o.Feed.wait(ctx, conn, primary, lsn, timeout)
+	if err == nil {
+		o.Logger.Info("change feed wait", "store", primary, "fence_lsn", lsn, "checked_lsn", frep.CheckedLSN, "waited_ms", frep.WaitedMS, "caught_up", frep.CaughtUp)
+	}
+	return frep, why, err
 }
 
 // gates returns the refusals of the cutover gates and the built-in ones.
