@@ -25,6 +25,7 @@ demo: deps
 	$(GO) run ./cmd/tandem demo
 
 test: deps
+	./scripts/ensure-chromium.sh
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m ./...
 	TANDEM_TEST_RELAY=goroutines $(GO) test -race -count=1 -timeout 10m ./proxy

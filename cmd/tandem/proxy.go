@@ -177,8 +177,12 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if cfg.New.DSN != "" {
 		checks = append(checks, ping("new"))
 	}
+	var status func(ctx context.Context) (any, error)
+	if rt != nil {
+		status = func(ctx context.Context) (any, error) { return collectStatus(ctx, cfg, rt) }
+	}
 	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: bf, Mismatches: mm,
-		Writers: srv.WriterSessions}), log)
+		Writers: srv.WriterSessions, Status: status}), log)
 	if err != nil {
 		if cp != nil {
 			cp.stop()

@@ -40,14 +40,19 @@ type Options struct {
 	// Writers serves /api/v1/writers: this proxy's sessions a write fence
 	// waits for, one line each (why, for how long); nil answers 404.
 	Writers func() []string
+	// Status serves /api/v1/status: the whole migration, as `tandem
+	// status --json`; nil answers 404. The status page at / reads it.
+	Status func(ctx context.Context) (any, error)
 }
 
 // NewHandler returns the admin API's handler:
 //
+//	GET /         the migration status page (HTML; reads /api/v1/status and /metrics)
 //	GET /healthz  200 "ok" while the process serves HTTP
 //	GET /readyz   200 when every check passes, else 503; JSON body per check
 //	GET /metrics  Prometheus text format
 //	/debug/pprof/ Go profiles (the admin address is loopback by default)
+//	GET  /api/v1/status    the whole migration: routing, backfill, verify, shadow, gates (tandem status --json)
 //	GET  /api/v1/state     routing state, replicas, history tail, open drift (Status)
 //	POST /api/v1/route     a RouteRequest: 200 with a Result; 400 malformed; 409 refused
 //	                       (illegal transition, cutover gate, concurrent change); 503 fence not drained
@@ -98,6 +103,7 @@ func NewHandler(opts Options) http.Handler {
 	if opts.Metrics != nil {
 		mux.Handle("GET /metrics", opts.Metrics)
 	}
+	uiHandlers(mux, opts.Status)
 	routingHandlers(mux, opts.Routing)
 	backfillHandlers(mux, opts.Backfill)
 	mismatchHandlers(mux, opts.Mismatches)
