@@ -80,7 +80,7 @@ func newRouteCmd() *cobra.Command {
 		Long:    routeLong,
 		Example: routeExamples,
 	}
-	cmd.AddCommand(newRouteShowCmd(), newRouteSetCmd(), newRollbackCmd())
+	cmd.AddCommand(newRouteShowCmd(), newRouteSetCmd(), newRollbackCmd(), newRoutePruneCmd())
 	return group(cmd)
 }
 
@@ -456,4 +456,49 @@ func listOrNone(s []string) string {
 		return "no live replicas"
 	}
 	return strings.Join(s, ", ")
+}
+
+func newRoutePruneCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "prune",
+		Short: "Remove replicas not heard from for a while from tandem.replicas",
+		Long: `Remove the rows of proxy replicas not heard from for --older-than (default
+1h) from tandem.replicas: pods that were replaced, processes that were killed.
+Only live replicas count for a flip's acknowledgements, so stale rows do no
+harm there, but they clutter 'tandem route show' and 'tandem status'.
+--older-than must be at least the liveness window (3 x routing.poll), so a
+live replica is never removed; a pruned replica that comes back registers
+again with its next heartbeat.`,
+		Example: "  tandem route prune -c tandem.yaml --older-than 30m",
+		Args:    cobra.NoArgs,
+	}
+	flags := config.NewFlags(cmd.Flags())
+	older := cmd.Flags().Duration("older-than", time.Hour, "remove replicas whose last heartbeat is older than this")
+	asJSON := cmd.Flags().Bool("json", false, `print {"pruned": [ids]}`)
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		rt, err := routing(flags, cmd.ErrOrStderr())
+		if err != nil {
+			return err
+		}
+		conn, err := rt.Connect(cmd.Context())
+		if err != nil {
+			return err
+		}
+		defer conn.Close(context.WithoutCancel(cmd.Context()))
+		ids, err := route.PruneReplicas(cmd.Context(), conn, *older, rt.Options.Live)
+		if err != nil {
+			return err
+		}
+		out := cmd.OutOrStdout()
+		if *asJSON {
+			return json.NewEncoder(out).Encode(map[string][]string{"pruned": ids})
+		}
+		if len(ids) == 0 {
+			fmt.Fprintf(out, "no replica was silent for longer than %s\n", *older)
+			return nil
+		}
+		fmt.Fprintf(out, "pruned %d replica(s) silent for longer than %s: %s\n", len(ids), *older, strings.Join(ids, ", "))
+		return nil
+	}
+	return cmd
 }

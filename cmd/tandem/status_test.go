@@ -124,3 +124,36 @@ func TestStatus(t *testing.T) {
 		}
 	}
 }
+
+// TestRoutePrune: replicas silent for longer than --older-than are removed,
+// live ones never, and a window shorter than liveness is refused.
+func TestRoutePrune(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	file, cfg := pairConfig(t, oldC, newC, "prune-proxy")
+	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := rp.stop(); err != nil {
+			t.Error(err)
+		}
+	}()
+	mustExec(t, oldC, `INSERT INTO tandem.replicas (replica_id, acked_version, heartbeat_at) VALUES
+		('gone-a', 1, now() - interval '2 hours'), ('gone-b', 1, now() - interval '3 days'), ('recent', 1, now() - interval '10 minutes')`)
+	out, _, err := cli("route", "prune", "-c", file)
+	if err != nil || !strings.Contains(out, "pruned 2 replica(s) silent for longer than 1h0m0s: gone-a, gone-b") {
+		t.Fatalf("prune: %v %s", err, out)
+	}
+	out, _, err = cli("route", "prune", "-c", file, "--older-than", "5m", "--json")
+	if err != nil || strings.TrimSpace(out) != `{"pruned":["recent"]}` {
+		t.Fatalf("prune 5m: %v %s", err, out)
+	}
+	if _, _, err := cli("route", "prune", "-c", file, "--older-than", "10ms"); err == nil || !strings.Contains(err.Error(), "shorter than the liveness window") {
+		t.Fatalf("prune 10ms: %v", err)
+	}
+	st, _ := statusJSON(t, file)
+	if len(st.Routing.Replicas) != 1 || st.Routing.Replicas[0].ID != "prune-proxy" {
+		t.Errorf("replicas after pruning: %+v", st.Routing.Replicas)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -314,4 +315,24 @@ func History(ctx context.Context, q Querier, n int) ([]HistoryEntry, error) {
 		h.Primary = Store(primary)
 		return h, err
 	})
+}
+
+// PruneReplicas deletes the rows of replicas not heard from for longer
+// than olderThan (which must be at least live, so that no replica a flip
+// waits for is removed) and returns their ids. A pruned replica that comes
+// back registers again with its next heartbeat.
+func PruneReplicas(ctx context.Context, conn *pgx.Conn, olderThan, live time.Duration) ([]string, error) {
+	if olderThan < live {
+		return nil, fmt.Errorf("prune: %s is shorter than the liveness window %s: a live replica could be removed", olderThan, live)
+	}
+	rows, err := conn.Query(ctx, `DELETE FROM tandem.replicas WHERE heartbeat_at < now() - $1::interval RETURNING replica_id`, olderThan.String())
+	if err != nil {
+		return nil, err
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, err
+	}
+	slices.Sort(ids)
+	return ids, nil
 }
