@@ -157,3 +157,62 @@ func TestRoutePrune(t *testing.T) {
 		t.Errorf("replicas after pruning: %+v", st.Routing.Replicas)
 	}
 }
+
+// TestComplete: complete is refused before the flip; after it, it turns
+// mirroring off and drops the change feed's slots and publications on both
+// stores, keeps the history, and a second run finds nothing left to do.
+func TestComplete(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	file, cfg := pairConfig(t, oldC, newC, "complete-proxy")
+	for _, c := range []*pgtest.Cluster{oldC, newC} {
+		mustExec(t, c, "CREATE TABLE orders (id serial PRIMARY KEY, note text)")
+	}
+	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := rp.stop(); err != nil {
+			t.Error(err)
+		}
+	}()
+	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on", "--shadow", "10"); err != nil {
+		t.Fatalf("mirror on: %v\n%s%s", err, out, errOut)
+	}
+	if _, _, err := cli("complete", "-c", file); err == nil || !strings.Contains(err.Error(), "complete refused: the primary is old") {
+		t.Fatalf("complete before the flip: %v", err)
+	}
+	if out, errOut, err := cli("route", "set", "-c", file, "--primary", "new", "--reads", "100", "--force"); err != nil {
+		t.Fatalf("flip: %v\n%s%s", err, out, errOut)
+	}
+	// What the change feed leaves on the stores.
+	for _, c := range []*pgtest.Cluster{oldC, newC} {
+		mustExec(t, c, `CREATE PUBLICATION tandem_feed FOR TABLE orders`)
+		mustExec(t, c, `SELECT pg_create_logical_replication_slot('tandem_feed_old', 'pgoutput')`)
+		mustExec(t, c, `SELECT pg_create_logical_replication_slot('tandem_feed_new', 'pgoutput')`)
+	}
+	out, _, err := cli("complete", "-c", file, "--reason", "soaked")
+	if err != nil {
+		t.Fatalf("complete: %v\n%s", err, out)
+	}
+	for _, want := range []string{"routing version 4: primary=new mirror=off reads=100% shadow=0%", "mirroring to old: turned off",
+		"dropped old: slot tandem_feed_old", "dropped new: slot tandem_feed_new", "dropped new: publication tandem_feed"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("complete output lacks %q:\n%s", want, out)
+		}
+	}
+	for _, c := range []*pgtest.Cluster{oldC, newC} {
+		h, n := storeHash(t, c, "(SELECT slot_name FROM pg_replication_slots UNION ALL SELECT pubname FROM pg_publication)", "1")
+		if n != 0 {
+			t.Errorf("left on a store: %d slots or publications (%s)", n, h)
+		}
+	}
+	st, _ := statusJSON(t, file)
+	if st.Routing.State.Mirror || len(st.Routing.History) < 4 || st.Routing.History[0].Reason != "soaked" {
+		t.Errorf("after complete: %+v, history %+v", st.Routing.State, st.Routing.History)
+	}
+	out, _, err = cli("complete", "-c", file)
+	if err != nil || !strings.Contains(out, "mirroring to old: already off") || !strings.Contains(out, "change feed: nothing to drop") {
+		t.Errorf("second complete: %v\n%s", err, out)
+	}
+}
