@@ -62,7 +62,7 @@ func newBackfillCmd() *cobra.Command {
 		Example: backfillExamples,
 		Args:    cobra.NoArgs,
 	}
-	flags := config.NewFlags(cmd.Flags())
+	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	fs := cmd.Flags()
 	tables := fs.StringSlice("table", nil, "old table to backfill (schema.table or table in public); repeatable; default every table in scope")
 	key := fs.String("key", "", "copy only the row with this key (values comma-separated in key order); needs one --table")

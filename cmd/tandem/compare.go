@@ -102,7 +102,7 @@ func newCompareCmd() *cobra.Command {
 		Example: compareExamples,
 		Args:    cobra.NoArgs,
 	}
-	flags := config.NewFlags(cmd.Flags())
+	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	fs := cmd.Flags()
 	tables := fs.StringSlice("table", nil, "old table to verify (schema.table or table in public); repeatable; default every table in scope")
 	repair := fs.Bool("repair", false, "copy each confirmed difference from old to new with the locked-copy unit")

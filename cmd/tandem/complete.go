@@ -44,7 +44,7 @@ complete again to finish it.`,
 		Example: "  tandem complete -c tandem.yaml --reason \"cutover soaked for 7 days\"",
 		Args:    cobra.NoArgs,
 	}
-	flags := config.NewFlags(cmd.Flags())
+	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	reason := cmd.Flags().String("reason", "migration complete", "recorded in the routing history")
 	asJSON := cmd.Flags().Bool("json", false, "print what was done as JSON")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {

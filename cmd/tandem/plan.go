@@ -81,7 +81,7 @@ func newPlanCmd() *cobra.Command {
 		Example: planExamples,
 		Args:    cobra.NoArgs,
 	}
-	flags := config.NewFlags(cmd.Flags())
+	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	asJSON := cmd.Flags().Bool("json", false, "print the report as JSON")
 	sampleRows := cmd.Flags().Int("sample-rows", 1000, "rows per table in the measured sample copy that the backfill estimate extrapolates from; 0 skips it")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {

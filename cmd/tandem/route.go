@@ -126,7 +126,7 @@ API's GET /api/v1/state.`,
 		Example: "  tandem route show -c tandem.yaml\n  tandem route show -c tandem.yaml --json",
 		Args:    cobra.NoArgs,
 	}
-	flags := config.NewFlags(cmd.Flags())
+	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	asJSON := cmd.Flags().Bool("json", false, "print JSON (as GET /api/v1/state)")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		rt, err := routing(flags, cmd.ErrOrStderr())
@@ -321,7 +321,7 @@ replicas acknowledged the new version.
 		Example: routeExamples,
 		Args:    cobra.NoArgs,
 	}
-	flags := config.NewFlags(cmd.Flags())
+	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	fs := cmd.Flags()
 	primary := fs.String("primary", "", "the store of record: old or new (changing it is a write flip)")
 	mirror := fs.String("mirror", "", "apply writes to the other store as well: on or off")
@@ -384,7 +384,7 @@ then rolls back without it, and the output says so. The same as
 		Example: `  tandem rollback -c tandem.yaml --reason "p99 regression after the flip"`,
 		Args:    cobra.NoArgs,
 	}
-	flags := config.NewFlags(cmd.Flags())
+	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	force := cmd.Flags().Bool("force", false, "override the built-in gates (open breaker, lagging replica) and a change feed that does not catch up within routing.feed_wait; recorded in the history")
 	reason := cmd.Flags().String("reason", "", "why, for the history")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
@@ -472,7 +472,7 @@ again with its next heartbeat.`,
 		Example: "  tandem route prune -c tandem.yaml --older-than 30m",
 		Args:    cobra.NoArgs,
 	}
-	flags := config.NewFlags(cmd.Flags())
+	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	older := cmd.Flags().Duration("older-than", time.Hour, "remove replicas whose last heartbeat is older than this")
 	asJSON := cmd.Flags().Bool("json", false, `print {"pruned": [ids]}`)
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {

@@ -134,7 +134,7 @@ interrupted.`,
 		Example: "  tandem status -c tandem.yaml\n  tandem status -c tandem.yaml --json\n  tandem status -c tandem.yaml --watch 2s",
 		Args:    cobra.NoArgs,
 	}
-	flags := config.NewFlags(cmd.Flags())
+	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	asJSON := cmd.Flags().Bool("json", false, "print one JSON document (stable schema)")
 	watch := cmd.Flags().Duration("watch", 0, "refresh every interval until interrupted (0 = print once)")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {

@@ -1125,3 +1125,26 @@ func TestDSNErrorsHideThePassword(t *testing.T) {
 		}
 	}
 }
+
+// TestFlagsShow: Show hides the flags of other settings from --help, and
+// they are still accepted.
+func TestFlagsShow(t *testing.T) {
+	fs := pflag.NewFlagSet("t", pflag.ContinueOnError)
+	f := NewFlags(fs).Show(ToolSettings...)
+	for name, hidden := range map[string]bool{"old": false, "control": false, "fence-timeout": false, "listen": true, "tls-cert": true, "relay-engine": true, "config": false} {
+		fl := fs.Lookup(name)
+		if fl == nil {
+			t.Fatalf("--%s not registered", name)
+		}
+		if fl.Hidden != hidden {
+			t.Errorf("--%s hidden %v, want %v", name, fl.Hidden, hidden)
+		}
+	}
+	if err := fs.Parse([]string{"--old", "postgres://u@127.0.0.1:1/d", "--listen", "127.0.0.1:7"}); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := f.Load(nil)
+	if err != nil || cfg.Listen != "127.0.0.1:7" {
+		t.Fatalf("a hidden flag is still applied: %v %q", err, cfg.Listen)
+	}
+}

@@ -3,6 +3,7 @@ package config
 import (
 	"fmt"
 	"reflect"
+	"strings"
 
 	"github.com/spf13/pflag"
 )
@@ -69,4 +70,31 @@ func (f *Flags) Load(getenv func(string) (string, bool)) (*Config, error) {
 		return nil, err
 	}
 	return cfg, nil
+}
+
+// ToolSettings are the settings of the commands that are not the proxy
+// itself (route, status, complete, backfill, compare, plan): the stores, the
+// control database, logging, and what the gates and the flip read.
+var ToolSettings = []string{"old.", "new.", "control.", "log.", "limits.connect_timeout",
+	"routing.fence_timeout", "routing.poll", "routing.feed_wait", "routing.sequence_margin", "routing.drift_stuck_attempts", "routing.mirror_budget",
+	"gates.", "feed.enabled"}
+
+// Show keeps in the command's --help only the option flags whose setting
+// (yaml path) starts with one of prefixes, and -c/--config. The others stay
+// accepted, hidden, so a shared script or environment never breaks: every
+// command still reads the same configuration.
+func (f *Flags) Show(prefixes ...string) *Flags {
+	for _, o := range options() {
+		shown := false
+		for _, p := range prefixes {
+			if o.path == p || strings.HasSuffix(p, ".") && strings.HasPrefix(o.path, p) {
+				shown = true
+				break
+			}
+		}
+		if !shown {
+			_ = f.fs.MarkHidden(o.flag)
+		}
+	}
+	return f
 }
