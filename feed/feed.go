@@ -1,0 +1,271 @@
+// Package feed is the change feed (design section 10): one elected proxy
+// replica reads the store of record's WAL through a logical replication
+// slot (pgoutput, the publication tandem_feed over the tables in scope)
+// and checks, for every committed transaction, that the other store holds
+// the same row for each key it changed. A key whose row differs is
+// re-checked with the verify's race-free protocol (compare.Checker) and a
+// confirmed difference goes to the drift ledger with reason "change feed",
+// where the repairer fixes it. The slot's position is confirmed, and
+// tandem.feed.checked_lsn advanced, only after a transaction's keys are
+// checked or recorded: a crash re-checks, it never skips.
+//
+// The feed is a job like compare, not part of the proxy: it talks to the
+// stores and the control database, and shares internal/table's mappings
+// and ledger with the other jobs.
+package feed
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/table"
+)
+
+// Reason is the drift ledger reason of every entry the feed records.
+const Reason = "change feed"
+
+// electionLock is the session advisory lock the running feed holds on its
+// control connection: one replica at a time, and the lock goes with the
+// session when its holder dies.
+const electionLock = "tandem.feed"
+
+// Options configure a Runner.
+type Options struct {
+	Control  *pgx.ConnConfig // the control database (tandem schema)
+	Old, New *pgx.ConnConfig // the stores, as a user that may replicate on the primary
+	Tables   config.Tables   // the tables in scope and their mappings
+	Replica  string          // this replica's id, written to tandem.feed.holder
+
+	// WALWarn and WALMax are the slot's retained WAL (bytes) past which
+	// the feed warns, and past which it drops the slot and records
+	// whole-table drift for every table in scope; 0 = no limit.
+	WALWarn, WALMax int64
+	// Retry is how often a replica that is not elected tries again, and
+	// how long a failed feed waits before it restarts (default 1s).
+	Retry time.Duration
+	// Settle bounds the re-check's wait for in-flight mirror writes (see
+	// compare.Options.Settle; default 1s).
+	Settle time.Duration
+	// Batch is the most keys checked together (default 1000): committed
+	// transactions that arrive together are checked in one batch.
+	Batch int
+
+	Logger  *slog.Logger
+	Metrics *metrics.Feed // nil records nothing
+	Knobs   *TestingKnobs
+}
+
+// TestingKnobs are injection points for tests.
+type TestingKnobs struct {
+	// BeforeCheck is called before a batch of committed transactions is
+	// checked, with the end LSN of its last transaction; an error ends
+	// the feed's session as a store failure would.
+	BeforeCheck func(ctx context.Context, end pglogrepl.LSN) error
+	// Detected is called when a drift entry has been recorded for a
+	// change, with the commit time of the transaction that made it.
+	Detected func(committed time.Time)
+}
+
+func (o Options) withDefaults() Options {
+	if o.Retry <= 0 {
+		o.Retry = time.Second
+	}
+	if o.Settle <= 0 {
+		o.Settle = time.Second
+	}
+	if o.Batch <= 0 {
+		o.Batch = 1000
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Knobs == nil {
+		o.Knobs = &TestingKnobs{}
+	}
+	return o
+}
+
+// Runner runs the change feed on whichever replica wins the election.
+type Runner struct {
+	opts Options
+	log  *slog.Logger
+}
+
+// New returns a Runner; Run starts it.
+func New(opts Options) *Runner {
+	opts = opts.withDefaults()
+	return &Runner{opts: opts, log: opts.Logger.With("component", "change feed")}
+}
+
+// Run takes part in the election until ctx ends: it tries to take the
+// election lock every Retry, and while it holds it, runs the feed on the
+// routing state's primary whenever mirroring is on. Errors are logged and
+// the feed restarts after Retry; Run returns only when ctx ends.
+func (r *Runner) Run(ctx context.Context) {
+	for ctx.Err() == nil {
+		led, err := r.elect(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			r.log.Warn("change feed stopped; retrying", "error", err, "after", r.opts.Retry)
+		}
+		if !led || err != nil {
+			_ = waitCtx(ctx, r.opts.Retry)
+		}
+	}
+}
+
+// elect connects to the control database and, when it wins the lock,
+// leads until an error or the end of ctx. led is false when another
+// replica holds the lock.
+func (r *Runner) elect(ctx context.Context) (led bool, err error) {
+	conn, err := pgx.ConnectConfig(ctx, r.opts.Control.Copy())
+	if err != nil {
+		return false, fmt.Errorf("connecting to the control database: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	for {
+		var ok bool
+		if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext($1))", electionLock).Scan(&ok); err != nil {
+			return false, fmt.Errorf("the change feed's election: %w", err)
+		}
+		if ok {
+			break
+		}
+		r.opts.Metrics.Leader(false)
+		if err := waitCtx(ctx, r.opts.Retry); err != nil {
+			return false, err
+		}
+	}
+	r.log.Info("elected to run the change feed", "replica", r.opts.Replica)
+	r.opts.Metrics.Leader(true)
+	defer r.opts.Metrics.Leader(false)
+	return true, r.lead(ctx, conn)
+}
+
+// lead runs the feed while this replica holds the election lock on
+// control; every control write goes through control, so a lost session
+// (and with it the lock) stops the feed within a heartbeat.
+func (r *Runner) lead(ctx context.Context, control *pgx.Conn) error {
+	if err := EnsureSchema(ctx, control); err != nil {
+		return fmt.Errorf("creating tandem.feed: %w", err)
+	}
+	if err := table.EnsureSchema(ctx, control); err != nil {
+		return fmt.Errorf("creating the drift ledger: %w", err)
+	}
+	var prev route.Store // the primary the last session read, to drop its slot
+	for {
+		st, err := route.Load(ctx, control)
+		if err != nil {
+			return fmt.Errorf("reading the routing state: %w", err)
+		}
+		if !st.Mirror {
+			// Nothing to compare: the feed waits, alive, for mirroring.
+			if err := heartbeat(ctx, control, st.Primary, r.opts.Replica, 0); err != nil {
+				return err
+			}
+			if err := waitCtx(ctx, r.opts.Retry); err != nil {
+				return err
+			}
+			continue
+		}
+		if prev != "" && prev != st.Primary {
+			if err := r.retire(ctx, control, prev); err != nil {
+				return err
+			}
+		}
+		prev = st.Primary
+		s, err := r.open(ctx, control, st.Primary)
+		if err != nil {
+			return err
+		}
+		err = s.run(ctx)
+		s.close(context.WithoutCancel(ctx))
+		if errors.Is(err, errFollow) {
+			continue
+		}
+		if err != nil {
+			r.recordError(ctx, control, st.Primary, err)
+		}
+		return err
+	}
+}
+
+// errFollow ends a session whose store is no longer the primary, or when
+// mirroring turned off.
+var errFollow = errors.New("the routing state changed")
+
+// retire drops the slot on store, which stopped being the primary: the
+// session on it checked its WAL up to the position read when the change
+// was seen (see session.run), and the slot is of no more use.
+func (r *Runner) retire(ctx context.Context, control *pgx.Conn, store route.Store) error {
+	cc := r.opts.Old
+	if store == route.New {
+		cc = r.opts.New
+	}
+	conn, err := pgx.ConnectConfig(ctx, cc.Copy())
+	if err != nil {
+		return fmt.Errorf("connecting to the %s store to drop its slot: %w", store, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if err := DropSlot(ctx, conn, SlotName(store)); err != nil {
+		return err
+	}
+	if _, err := control.Exec(ctx, "UPDATE tandem.feed SET holder = NULL, last_error = NULL WHERE store = $1", string(store)); err != nil {
+		return fmt.Errorf("updating tandem.feed: %w", err)
+	}
+	r.log.Info("dropped the slot of the store that is no longer primary", "store", store, "slot", SlotName(store))
+	return nil
+}
+
+func (r *Runner) recordError(ctx context.Context, control *pgx.Conn, store route.Store, err error) {
+	if control.IsClosed() || ctx.Err() != nil {
+		return
+	}
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	_, _ = control.Exec(wctx, "UPDATE tandem.feed SET last_error = $2 WHERE store = $1", string(store), err.Error())
+}
+
+// waitCtx waits d or until ctx ends.
+func waitCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// replicationConfig is cc for a logical replication connection.
+func replicationConfig(cc *pgx.ConnConfig) *pgconn.Config {
+	pc := cc.Config.Copy()
+	if pc.RuntimeParams == nil {
+		pc.RuntimeParams = map[string]string{}
+	}
+	pc.RuntimeParams["replication"] = "database"
+	return pc
+}
+
+// isCopyData reports whether msg is replication data, and returns it.
+func isCopyData(msg pgproto3.BackendMessage) (*pgproto3.CopyData, bool) {
+	cd, ok := msg.(*pgproto3.CopyData)
+	return cd, ok
+}
+
+// joinKey makes a map key of a key's values; \x00 cannot occur in text.
+func joinKey(k []string) string { return strings.Join(k, "\x00") }
