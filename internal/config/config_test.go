@@ -107,6 +107,7 @@ func TestDefault(t *testing.T) {
 			RepairInterval: Duration(time.Second), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5},
 		Shadow: Shadow{Queue: 1000, Workers: 4, MaxResultBytes: MiB, Timeout: Duration(5 * time.Second), FloatTolerance: 1e-9},
 		Gates:  Gates{VerifyMaxAge: Duration(24 * time.Hour), ShadowWindow: Duration(15 * time.Minute)},
+		Feed:   Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
 		Log:    Log{Format: "text", Level: "info"},
 	}
 	if !reflect.DeepEqual(d, want) {
@@ -316,6 +317,7 @@ func TestLoadGoodFile(t *testing.T) {
 		Shadow: Shadow{Queue: 50, Workers: 2, MaxResultBytes: 256 * KiB, Timeout: Duration(2 * time.Second),
 			Settle: Duration(time.Second), FloatTolerance: 1e-6, AA: true, RedactParams: true},
 		Gates: Gates{VerifyMaxAge: Duration(6 * time.Hour), ShadowWindow: Duration(30 * time.Minute), ShadowMaxMismatchRate: 0.001},
+		Feed:  Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
 		Log:   Log{Format: "json", Level: "debug"},
 		Tables: Tables{
 			Include: []string{"public.*", `"Sales".*`},
@@ -378,7 +380,7 @@ func TestLoadFileErrors(t *testing.T) {
 		{"unknown top-level key", "listn: x\n",
 			[]string{`t.yaml:1:1: unknown field "listn" (did you mean "listen"?)`}},
 		{"unknown section", "metrics:\n  port: 1\n",
-			[]string{`t.yaml:1:1: unknown field "metrics" (valid: listen, admin, old, new, auth, tls, limits, relay, control, routing, shadow, gates, log, tables)`}},
+			[]string{`t.yaml:1:1: unknown field "metrics" (valid: listen, admin, old, new, auth, tls, limits, relay, control, routing, shadow, gates, feed, log, tables)`}},
 		{"wrong type int", "limits:\n  max_client_sessions: lots\n",
 			[]string{`t.yaml:2:3: limits.max_client_sessions: must be a whole number, not "lots"`}},
 		{"wrong type bool", "tls:\n  require: maybe\n",
@@ -520,6 +522,9 @@ func TestEnv(t *testing.T) {
 		"TANDEM_GATES_VERIFY_MAX_AGE":           "2h",
 		"TANDEM_GATES_SHADOW_WINDOW":            "5m",
 		"TANDEM_GATES_SHADOW_MAX_MISMATCH_RATE": "0.01",
+		"TANDEM_FEED_ENABLED":                   "true",
+		"TANDEM_FEED_WAL_WARN":                  "2MiB",
+		"TANDEM_FEED_WAL_MAX":                   "3GiB",
 		"TANDEM_LOG_FORMAT":                     "json",
 		"TANDEM_LOG_LEVEL":                      "debug",
 	}
@@ -543,6 +548,7 @@ func TestEnv(t *testing.T) {
 		Shadow: Shadow{Queue: 7, Workers: 1, MaxResultBytes: 64 * KiB, Timeout: Duration(3 * time.Second),
 			Settle: Duration(250 * time.Millisecond), FloatTolerance: 0.5e-6, AA: true, RedactParams: true},
 		Gates: Gates{VerifyMaxAge: Duration(2 * time.Hour), ShadowWindow: Duration(5 * time.Minute), ShadowMaxMismatchRate: 0.01},
+		Feed:  Feed{Enabled: true, WALWarn: 2 * MiB, WALMax: 3 * GiB},
 		Log:   Log{Format: "json", Level: "debug"},
 	}
 	cfg.src = nil
@@ -695,6 +701,10 @@ func TestValidate(t *testing.T) {
 			"routing.repair_backoff_max: must be at least routing.repair_interval (1m0s), not 1s",
 			"routing.drift_stuck_attempts: must be at least 1, not 0",
 		}},
+		{"feed WAL limits", func(c *Config) { c.Feed.WALWarn, c.Feed.WALMax = 2*GiB, 1*GiB },
+			[]string{"feed.wal_max: must be at least feed.wal_warn (2GiB), not 1GiB"}},
+		{"feed WAL warn zero", func(c *Config) { c.Feed.WALWarn = 0 },
+			[]string{"feed.wal_warn: must be at least 1 byte"}},
 		{"breaker needs a failure", func(c *Config) { c.Routing.BreakerFailures = 0 },
 			[]string{"routing.breaker_failures: must be at least 1, not 0"}},
 		{"negative sequence margin", func(c *Config) { c.Routing.SequenceMargin = -1 },
