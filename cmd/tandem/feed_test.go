@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/pgtest"
+)
+
+// TestFeedCatchesWhatTheProxyCannotSee is issue 11's trigger side-write,
+// write inside a function and write that bypasses the proxy, through a
+// running tandem proxy with feed.enabled: the proxy mirrors items' row
+// images (in replica mode, so new's trigger does not fire), the audit rows
+// the trigger writes on old and the rows written directly on old reach
+// new only through the feed: ledger entries with reason "change feed",
+// which the proxy's repairer then repairs, until every table hashes the
+// same on both stores. Without the feed the audit table stays short on
+// new and the test fails.
+func TestFeedCatchesWhatTheProxyCannotSee(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	file, _ := pairConfig(t, oldC, newC, "feed-proxy")
+	f, err := os.OpenFile(file, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString("feed:\n  enabled: true\n"); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	cfg, err := config.Load(file, nil)
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil || !cfg.Feed.Enabled {
+		t.Fatalf("config: %v (feed enabled %v)", err, cfg.Feed.Enabled)
+	}
+	schema := `CREATE TABLE items (id int PRIMARY KEY, name text, n int);
+INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 50) g;
+CREATE TABLE audit (id bigserial PRIMARY KEY, item int, what text);
+CREATE FUNCTION audit_items() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO audit (item, what) VALUES (NEW.id, TG_OP); RETURN NEW; END $$;
+CREATE TRIGGER items_audit AFTER UPDATE ON items FOR EACH ROW EXECUTE FUNCTION audit_items();
+CREATE FUNCTION bump(k int) RETURNS void LANGUAGE sql AS $$ UPDATE items SET n = n + 1 WHERE id = k $$;`
+	mustExec(t, oldC, schema)
+	mustExec(t, newC, schema)
+	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := rp.stop(); err != nil {
+			t.Error(err)
+		}
+	}()
+	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
+		t.Fatalf("dual-write: %v\n%s%s", err, out, errOut)
+	}
+	ctx := context.Background()
+	ctl, err := pgx.Connect(ctx, oldC.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctl.Close(ctx)
+	newConn, err := pgx.Connect(ctx, newC.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer newConn.Close(ctx)
+	// The feed is reading once it has checked everything committed so far.
+	waitChecked := func() {
+		t.Helper()
+		var target string
+		if err := ctl.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&target); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, 60*time.Second, func() error {
+			var ok *bool
+			if err := ctl.QueryRow(ctx, "SELECT checked_lsn >= $1::pg_lsn FROM tandem.feed WHERE store = 'old' AND holder = 'feed-proxy'", target).Scan(&ok); err != nil {
+				return err
+			}
+			if ok == nil || !*ok {
+				return fmt.Errorf("checked_lsn has not passed %s", target)
+			}
+			return nil
+		})
+	}
+	waitChecked()
+
+	app, err := pgx.Connect(ctx, fmt.Sprintf("postgres://postgres@%s/postgres?sslmode=disable", rp.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close(ctx)
+	for _, sql := range []string{
+		"UPDATE items SET name = 'renamed' WHERE id IN (3, 4)", // the trigger's audit rows: old only
+		"SELECT bump(9)",
+		"DO $$ BEGIN UPDATE items SET n = -1 WHERE id = 10; END $$",
+	} {
+		if _, err := app.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	// A cron job on old, not through the proxy.
+	if _, err := ctl.Exec(ctx, "INSERT INTO items VALUES (500, 'cron', 0)"); err != nil {
+		t.Fatal(err)
+	}
+	waitChecked()
+	var audit, direct int
+	if err := ctl.QueryRow(ctx, `SELECT count(*) FILTER (WHERE table_name = 'audit'), count(*) FILTER (WHERE table_name = 'items' AND key = '{500}')
+		FROM tandem.drift WHERE reason = 'change feed' AND stale = 'new'`).Scan(&audit, &direct); err != nil {
+		t.Fatal(err)
+	}
+	if audit < 2 || direct != 1 {
+		t.Fatalf("the feed recorded %d audit entries (want 2) and %d for the direct insert (want 1)", audit, direct)
+	}
+	hash := func(c *pgx.Conn, tbl string) string {
+		var h string
+		if err := c.QueryRow(ctx, fmt.Sprintf("SELECT coalesce(md5(string_agg(r::text, '|' ORDER BY r::text)), '') || count(*) FROM %s r", tbl)).Scan(&h); err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	// The proxy's repairer closes the entries.
+	waitUntil(t, 60*time.Second, func() error {
+		for _, tbl := range []string{"items", "audit"} {
+			if o, n := hash(ctl, tbl), hash(newConn, tbl); o != n {
+				return fmt.Errorf("%s differs: old %s, new %s", tbl, o, n)
+			}
+		}
+		var open int
+		if err := ctl.QueryRow(ctx, "SELECT count(*) FROM tandem.drift WHERE repaired_at IS NULL").Scan(&open); err != nil {
+			return err
+		}
+		if open != 0 {
+			return fmt.Errorf("%d drift entries open", open)
+		}
+		return nil
+	})
+}
+
+// waitUntil retries f until it returns nil, failing the test after d.
+func waitUntil(t *testing.T, d time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("condition not met within %s: %v", d, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
