@@ -63,7 +63,7 @@ func NewChecker(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts 
 	sum := &TableSummary{Table: m.Old.Name.String(), NewTable: m.New.Name.String(), Counts: map[Kind]int{}}
 	v := &verifier{m: m, old: old, new: new, o: newSide(m.Old.Name, oldKey, ho, record), n: newSide(m.New.Name, newKey, hn, record),
 		opts: opts, sum: sum, seen: map[string]struct{}{}}
-	return &Checker{v: v, Grace: 200 * time.Millisecond}, nil
+	return &Checker{v: v, Grace: 50 * time.Millisecond}, nil
 }
 
 // Check returns the confirmed differences among keys (the key values as
