@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -158,4 +161,138 @@ func waitUntil(t *testing.T, d time.Duration, f func() error) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// feedConfig writes a config for replica with the feed enabled.
+func feedConfig(t *testing.T, oldC, newC *pgtest.Cluster, replica string) (string, *config.Config) {
+	t.Helper()
+	file, _ := pairConfig(t, oldC, newC, replica)
+	f, err := os.OpenFile(file, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString("feed:\n  enabled: true\n"); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	cfg, err := config.Load(file, nil)
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil || !cfg.Feed.Enabled {
+		t.Fatalf("config: %v", err)
+	}
+	return file, cfg
+}
+
+// TestFeedProxyChild is not a test: TestFeedReplicaKilled runs the test
+// binary as a separate tandem proxy process through it, to kill it with -9.
+func TestFeedProxyChild(t *testing.T) {
+	args := os.Getenv("TANDEM_FEED_CHILD")
+	if args == "" {
+		t.Skip("helper process for TestFeedReplicaKilled")
+	}
+	_, _, err := cli(strings.Split(args, "\x1f")...)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}
+
+// TestFeedReplicaKilled: the tandem proxy running the feed is killed with
+// -9 while rows are written directly on old; the other replica is elected
+// within seconds and resumes from the slot's confirmed position, so every
+// one of those rows is in the ledger (reason change feed) and, repaired,
+// on new: no change is left unchecked.
+func TestFeedReplicaKilled(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	mustExec(t, oldC, "CREATE TABLE items (id int PRIMARY KEY, v text)")
+	mustExec(t, newC, "CREATE TABLE items (id int PRIMARY KEY, v text)")
+	fileA, _ := feedConfig(t, oldC, newC, "feed-a")
+	_, cfgB := feedConfig(t, oldC, newC, "feed-b")
+	if out, errOut, err := cli("route", "set", "-c", fileA, "--mirror", "on", "--force"); err != nil {
+		t.Fatalf("mirror on: %v\n%s%s", err, out, errOut)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestFeedProxyChild$")
+	cmd.Env = append(os.Environ(), "TANDEM_FEED_CHILD="+strings.Join([]string{"proxy", "-c", fileA}, "\x1f"))
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() {
+		_ = cmd.Process.Signal(syscall.SIGKILL)
+		<-done
+	}()
+	ctx := context.Background()
+	ctl, err := pgx.Connect(ctx, oldC.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctl.Close(ctx)
+	checkedBy := func(holder string) {
+		t.Helper()
+		var target string
+		if err := ctl.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&target); err != nil {
+			t.Fatal(err)
+		}
+		waitUntil(t, 60*time.Second, func() error {
+			var ok *bool
+			if err := ctl.QueryRow(ctx, "SELECT checked_lsn >= $1::pg_lsn FROM tandem.feed WHERE store = 'old' AND holder = $2", target, holder).Scan(&ok); err != nil {
+				return fmt.Errorf("%s: %w (child output: %s)", holder, err, out.String())
+			}
+			if ok == nil || !*ok {
+				return fmt.Errorf("%s has not checked up to %s", holder, target)
+			}
+			return nil
+		})
+	}
+	checkedBy("feed-a")
+	rp, err := startProxy(cfgB, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := rp.stop(); err != nil {
+			t.Error(err)
+		}
+	}()
+	const rows = 300
+	for i := range rows {
+		if i == rows/3 {
+			_ = cmd.Process.Signal(syscall.SIGKILL) // mid-stream
+		}
+		if _, err := ctl.Exec(ctx, "INSERT INTO items VALUES ($1, 'direct')", i); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Millisecond) // pacing the writes across the kill, not synchronisation
+	}
+	checkedBy("feed-b")
+	var missing []int
+	rowsq, err := ctl.Query(ctx, `SELECT g FROM generate_series(0, $1 - 1) g WHERE NOT EXISTS (
+		SELECT 1 FROM tandem.drift WHERE reason = 'change feed' AND table_name = 'items' AND key = ARRAY[g::text])`, rows)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rowsq.Next() {
+		var g int
+		if err := rowsq.Scan(&g); err != nil {
+			t.Fatal(err)
+		}
+		missing = append(missing, g)
+	}
+	rowsq.Close()
+	if len(missing) > 0 {
+		t.Fatalf("%d of %d rows written directly on old were never recorded by the feed: %v", len(missing), rows, missing)
+	}
+	ho, no := storeHash(t, oldC, "items", "id")
+	waitUntil(t, 60*time.Second, func() error {
+		if hn, nn := storeHash(t, newC, "items", "id"); hn != ho || nn != no {
+			return fmt.Errorf("new has %d rows, old %d", nn, no)
+		}
+		return nil
+	})
 }
