@@ -166,6 +166,7 @@ func (r *Runner) lead(ctx context.Context, control *pgx.Conn) error {
 		return fmt.Errorf("creating the drift ledger: %w", err)
 	}
 	var prev route.Store // the primary the last session read, to drop its slot
+	idle := false        // mirroring is off and the primary's slot dropped
 	for {
 		st, err := route.Load(ctx, control)
 		if err != nil {
@@ -173,6 +174,15 @@ func (r *Runner) lead(ctx context.Context, control *pgx.Conn) error {
 		}
 		if !st.Mirror {
 			// Nothing to compare: the feed waits, alive, for mirroring.
+			// The slot would only hold the primary's WAL meanwhile: drop it
+			// (turning mirroring on again creates a new one, and what was
+			// written while it was off is the backfill's, as at the start).
+			if !idle {
+				if err := r.retire(ctx, control, st.Primary); err != nil {
+					return err
+				}
+				prev, idle = "", true
+			}
 			if err := heartbeat(ctx, control, st.Primary, r.opts.Replica, 0); err != nil {
 				return err
 			}
@@ -181,6 +191,7 @@ func (r *Runner) lead(ctx context.Context, control *pgx.Conn) error {
 			}
 			continue
 		}
+		idle = false
 		if prev != "" && prev != st.Primary {
 			if err := r.retire(ctx, control, prev); err != nil {
 				return err
@@ -207,9 +218,10 @@ func (r *Runner) lead(ctx context.Context, control *pgx.Conn) error {
 // mirroring turned off.
 var errFollow = errors.New("the routing state changed")
 
-// retire drops the slot on store, which stopped being the primary: the
+// retire drops the slot on store, which stopped being the primary (the
 // session on it checked its WAL up to the position read when the change
-// was seen (see session.run), and the slot is of no more use.
+// was seen, see session.follow) or whose WAL is not read while mirroring
+// is off: the slot is of no more use, and would hold WAL.
 func (r *Runner) retire(ctx context.Context, control *pgx.Conn, store route.Store) error {
 	cc := r.opts.Old
 	if store == route.New {
@@ -226,7 +238,7 @@ func (r *Runner) retire(ctx context.Context, control *pgx.Conn, store route.Stor
 	if _, err := control.Exec(ctx, "UPDATE tandem.feed SET holder = NULL, last_error = NULL WHERE store = $1", string(store)); err != nil {
 		return fmt.Errorf("updating tandem.feed: %w", err)
 	}
-	r.log.Info("dropped the slot of the store that is no longer primary", "store", store, "slot", SlotName(store))
+	r.log.Info("dropped the change feed's slot: its store is not the primary, or mirroring is off", "store", store, "slot", SlotName(store))
 	return nil
 }
 

@@ -538,3 +538,39 @@ func TestDetectionLag(t *testing.T) {
 		t.Errorf("p99 detection lag %s, want under 2s", p99)
 	}
 }
+
+// TestMirrorOffDropsTheSlot: while mirroring is off the slot would only
+// hold the primary's WAL, so the feed drops it; turning mirroring on again
+// creates a new one, and the feed checks writes again.
+func TestMirrorOffDropsTheSlot(t *testing.T) {
+	e := newEnv(t, itemsSchema)
+	e.start(e.options("r1"))
+	e.waitChecked()
+	slots := func() int {
+		var n int
+		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", SlotName(route.Old)).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if slots() != 1 {
+		t.Fatal("no slot while the feed runs")
+	}
+	e.exec(e.old, "UPDATE tandem.state SET mirror = false, version = version + 1")
+	succeedsSoon(t, 30*time.Second, func() error {
+		if slots() != 0 {
+			return errors.New("the slot is still there with mirroring off")
+		}
+		return nil
+	})
+	e.exec(e.old, "UPDATE tandem.state SET mirror = true, version = version + 1")
+	succeedsSoon(t, 30*time.Second, func() error {
+		if slots() != 1 {
+			return errors.New("no slot after mirroring turned on again")
+		}
+		return nil
+	})
+	e.waitChecked()
+	e.exec(e.old, "DELETE FROM items WHERE id = 42")
+	e.waitDrift("items 42")
+}

@@ -69,16 +69,31 @@ type change struct {
 // changes are the keys of one transaction or of a batch of them.
 type changes struct {
 	keys  map[uint32]map[string]change
-	whole map[uint32]time.Time // relations truncated, or whose key could not be read
+	whole map[uint32]wholeChange // relations truncated, or whose keys are not checked one by one
 	end   pglogrepl.LSN        // end of the last transaction in it
 	last  time.Time            // commit time of the last transaction in it
 	first time.Time            // when the batch's first transaction arrived
 	n     int
 }
 
+// wholeChange is a table changed as a whole: truncated, or with keys that
+// cannot be read or are too many to hold.
+type wholeChange struct {
+	at       time.Time
+	truncate bool // only a truncate: equal when the secondary's table is empty too
+}
+
+// maxKeys is the most keys of one table one transaction (or batch) keeps
+// in memory; past it the table is recorded as whole-table drift, and the
+// repairer copies it, rather than the feed holding an unbounded set.
+const maxKeys = 1 << 20
+
 func (c *changes) reset() { *c = changes{} }
 
 func (c *changes) add(rel uint32, key []string, at time.Time) {
+	if w, ok := c.whole[rel]; ok && !w.truncate {
+		return // the whole table is recorded anyway
+	}
 	if c.keys == nil {
 		c.keys = map[uint32]map[string]change{}
 	}
@@ -92,15 +107,28 @@ func (c *changes) add(rel uint32, key []string, at time.Time) {
 		m[k] = change{key: key, at: at}
 		c.n++
 	}
+	if len(m) > maxKeys {
+		c.addWhole(rel, at, false)
+		c.n -= len(m)
+		delete(c.keys, rel)
+	}
 }
 
-func (c *changes) addWhole(rel uint32, at time.Time) {
+// addWhole marks table rel changed as a whole; truncate says it was only
+// truncated (a later unreadable key makes it a plain whole-table change).
+func (c *changes) addWhole(rel uint32, at time.Time, truncate bool) {
 	if c.whole == nil {
-		c.whole = map[uint32]time.Time{}
+		c.whole = map[uint32]wholeChange{}
 	}
-	if _, ok := c.whole[rel]; !ok {
-		c.whole[rel] = at
+	w, ok := c.whole[rel]
+	if !ok {
+		c.whole[rel] = wholeChange{at: at, truncate: truncate}
 		c.n++
+		return
+	}
+	if !truncate && w.truncate {
+		w.truncate = false
+		c.whole[rel] = w
 	}
 }
 
@@ -114,8 +142,8 @@ func (c *changes) merge(t *changes) {
 			c.add(rel, ch.key, ch.at)
 		}
 	}
-	for rel, at := range t.whole {
-		c.addWhole(rel, at)
+	for rel, w := range t.whole {
+		c.addWhole(rel, w.at, w.truncate)
 	}
 	c.end, c.last = t.end, t.last
 }
@@ -341,7 +369,7 @@ func (s *session) decode(m pglogrepl.Message) {
 	case *pglogrepl.TruncateMessage:
 		for _, id := range m.RelationIDs {
 			if s.rels[id] != nil {
-				s.tx.addWhole(id, s.tx.last)
+				s.tx.addWhole(id, s.tx.last, true)
 			}
 		}
 	case *pglogrepl.CommitMessage:
@@ -417,7 +445,7 @@ func (s *session) addTuple(id uint32, t *pglogrepl.TupleData) {
 		key[i] = string(t.Columns[c].Data)
 	}
 	if len(key) == 0 {
-		s.tx.addWhole(id, s.tx.last)
+		s.tx.addWhole(id, s.tx.last, false)
 		return
 	}
 	s.tx.add(id, key, s.tx.last)
@@ -447,9 +475,9 @@ func (s *session) check(ctx context.Context) error {
 		if rel == nil {
 			continue
 		}
-		if at, ok := s.batch.whole[id]; ok {
+		if w, ok := s.batch.whole[id]; ok {
 			empty := false
-			if rel.keyIdx != nil { // a truncate: fine if the secondary's table is empty too
+			if w.truncate { // fine if the secondary's table is empty too
 				var err error
 				if empty, err = s.secondaryEmpty(ctx, rel); err != nil {
 					return err
@@ -457,7 +485,7 @@ func (s *session) check(ctx context.Context) error {
 			}
 			if !empty {
 				entries = append(entries, table.DriftEntry{Table: rel.name, Reason: Reason, Stale: string(s.secondary)})
-				detected = append(detected, at)
+				detected = append(detected, w.at)
 				s.r.opts.Metrics.Differences(rel.name.String(), "whole table", 1)
 				continue
 			}
