@@ -70,9 +70,9 @@ type change struct {
 type changes struct {
 	keys  map[uint32]map[string]change
 	whole map[uint32]wholeChange // relations truncated, or whose keys are not checked one by one
-	end   pglogrepl.LSN        // end of the last transaction in it
-	last  time.Time            // commit time of the last transaction in it
-	first time.Time            // when the batch's first transaction arrived
+	end   pglogrepl.LSN          // end of the last transaction in it
+	last  time.Time              // commit time of the last transaction in it
+	first time.Time              // when the batch's first transaction arrived
 	n     int
 }
 
