@@ -85,12 +85,18 @@ func newEnv(t *testing.T, schema string) *env {
 	e.exec(e.old, "UPDATE tandem.state SET mirror = true, version = version + 1")
 	t.Cleanup(func() {
 		// The slots are cluster-wide names: drop this database's.
-		for _, c := range []*pgx.Conn{e.old, e.new} {
+		for _, cl := range []*pgtest.Cluster{oldStore, newStore} {
+			c, err := pgx.Connect(context.Background(), cl.DSN(e.db))
+			if err != nil {
+				t.Errorf("dropping the slots: %v", err)
+				continue
+			}
 			for _, s := range []route.Store{route.Old, route.New} {
 				if err := DropSlot(context.Background(), c, SlotName(s)); err != nil {
 					t.Errorf("dropping the slot: %v", err)
 				}
 			}
+			c.Close(context.Background())
 		}
 	})
 	return e
@@ -414,9 +420,20 @@ func TestTakeOverAfterCrash(t *testing.T) {
 // TestRetentionHardLimit: a slot that retains more WAL than WALMax is
 // dropped (and created again), and every table in scope is recorded as
 // whole-table drift; the repair then makes the stores equal, including a
-// write the dropped slot held unread.
+// write the dropped slot held unread. With secondaryDown the new store is
+// stopped meanwhile: the primary's WAL is guarded all the same.
 func TestRetentionHardLimit(t *testing.T) {
+	for _, down := range []bool{false, true} {
+		t.Run(fmt.Sprintf("secondary_down=%v", down), func(t *testing.T) { testRetention(t, down) })
+	}
+}
+
+func testRetention(t *testing.T, secondaryDown bool) {
 	e := newEnv(t, itemsSchema+`CREATE TABLE other (id int PRIMARY KEY); INSERT INTO other VALUES (1);`)
+	// As a feed that ran before left them: the publication, and the slot.
+	if err := EnsurePublication(t.Context(), e.old, []table.Name{{Schema: "public", Table: "items"}, {Schema: "public", Table: "other"}}); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := EnsureSlot(t.Context(), e.old, SlotName(route.Old)); err != nil {
 		t.Fatal(err)
 	}
@@ -430,6 +447,11 @@ func TestRetentionHardLimit(t *testing.T) {
 	const walMax = 4 << 20
 	if retained <= walMax {
 		t.Fatalf("the test made only %d bytes of WAL", retained)
+	}
+	if secondaryDown {
+		if err := newStore.Stop(t.Context()); err != nil {
+			t.Fatal(err)
+		}
 	}
 	opts := e.options("r1")
 	opts.WALWarn, opts.WALMax = walMax/2, walMax
@@ -445,6 +467,12 @@ func TestRetentionHardLimit(t *testing.T) {
 		}
 		return nil
 	})
+	if secondaryDown {
+		if err := newStore.Restart(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		e.new = e.connect(newStore)
+	}
 	e.waitChecked() // the new slot is read
 	e.repair()
 	e.same("items")

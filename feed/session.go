@@ -162,15 +162,22 @@ func (r *Runner) open(ctx context.Context, control *pgx.Conn, primary route.Stor
 			s.close(context.WithoutCancel(ctx))
 		}
 	}()
-	if s.old, err = pgx.ConnectConfig(ctx, r.opts.Old.Copy()); err != nil {
-		return nil, fmt.Errorf("connecting to the old store: %w", err)
-	}
-	if s.new, err = pgx.ConnectConfig(ctx, r.opts.New.Copy()); err != nil {
-		return nil, fmt.Errorf("connecting to the new store: %w", err)
-	}
-	s.prim = s.old
+	// The primary first: its slot's WAL is guarded even while the
+	// secondary is unreachable (and nothing can be checked).
+	pconn, sconn := &s.old, &s.new
+	pcc, scc := r.opts.Old, r.opts.New
 	if primary == route.New {
-		s.prim = s.new
+		pconn, sconn, pcc, scc = sconn, pconn, scc, pcc
+	}
+	if *pconn, err = pgx.ConnectConfig(ctx, pcc.Copy()); err != nil {
+		return nil, fmt.Errorf("connecting to the %s store: %w", primary, err)
+	}
+	s.prim = *pconn
+	if err := s.guard(ctx); err != nil && !errors.Is(err, errFollow) && !errors.Is(err, errNoSlot) {
+		return nil, err
+	}
+	if *sconn, err = pgx.ConnectConfig(ctx, scc.Copy()); err != nil {
+		return nil, fmt.Errorf("connecting to the %s store: %w", s.secondary, err)
 	}
 	ms, probs, err := table.LoadMappings(ctx, r.opts.Tables, s.old, s.new)
 	if err != nil {
@@ -184,9 +191,6 @@ func (r *Runner) open(ctx context.Context, control *pgx.Conn, primary route.Stor
 		return nil, err
 	}
 	if _, err := EnsureSlot(ctx, s.prim, s.slot); err != nil {
-		return nil, err
-	}
-	if err := s.guard(ctx); err != nil && !errors.Is(err, errFollow) { // errFollow: the slot was replaced, read the new one
 		return nil, err
 	}
 	var confirmed *string
@@ -618,6 +622,9 @@ func (s *session) follow(ctx context.Context) error {
 	return nil
 }
 
+// errNoSlot is returned by guard when the slot does not exist.
+var errNoSlot = errors.New("the replication slot is gone")
+
 // guard measures the WAL the slot retains on the primary: past WALWarn
 // it warns, past WALMax it drops the slot rather than fill the primary's
 // disk, creates it again, and records whole-table drift for every table
@@ -628,7 +635,7 @@ func (s *session) guard(ctx context.Context) error {
 	var retained *int64
 	err := s.prim.QueryRow(ctx, "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()", s.slot).Scan(&retained)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return fmt.Errorf("the replication slot %s is gone from the %s store", s.slot, s.store)
+		return fmt.Errorf("%w: %s on the %s store", errNoSlot, s.slot, s.store)
 	}
 	if err != nil {
 		return fmt.Errorf("reading the WAL the slot %s retains: %w", s.slot, err)
@@ -652,8 +659,12 @@ func (s *session) guard(ctx context.Context) error {
 		if _, err := EnsureSlot(ctx, s.prim, s.slot); err != nil {
 			return err
 		}
+		scope, err := publishedTables(ctx, s.prim)
+		if err != nil {
+			return err
+		}
 		var entries []table.DriftEntry
-		for _, n := range s.scope() {
+		for _, n := range scope {
 			entries = append(entries, table.DriftEntry{Table: n, Reason: Reason, Stale: string(s.secondary)})
 			o.Metrics.Differences(n.String(), "slot dropped", 1)
 		}
@@ -695,4 +706,24 @@ func heartbeat(ctx context.Context, control *pgx.Conn, store route.Store, holder
 		return fmt.Errorf("the change feed's heartbeat: %w", err)
 	}
 	return nil
+}
+
+// publishedTables are the tables of the feed's publication on the store
+// conn reaches: the tables in scope, by the primary's names, known without
+// the secondary or the mappings.
+func publishedTables(ctx context.Context, conn *pgx.Conn) ([]table.Name, error) {
+	rows, err := conn.Query(ctx, "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2", Publication)
+	if err != nil {
+		return nil, fmt.Errorf("reading the publication %s: %w", Publication, err)
+	}
+	defer rows.Close()
+	var out []table.Name
+	for rows.Next() {
+		var n table.Name
+		if err := rows.Scan(&n.Schema, &n.Table); err != nil {
+			return nil, fmt.Errorf("reading the publication %s: %w", Publication, err)
+		}
+		out = append(out, n)
+	}
+	return out, rows.Err()
 }
