@@ -50,6 +50,7 @@ type session struct {
 	lastAt  time.Time     // commit time of the last checked transaction
 	until   pglogrepl.LSN // when set, the store stopped being primary: end once checked passes it
 	warned  bool
+	beat    time.Time // when tandem.feed was last written
 }
 
 // relation is a published table as the stream describes it.
@@ -479,6 +480,12 @@ func (s *session) check(ctx context.Context) error {
 		if rel == nil {
 			continue
 		}
+		// A batch over many tables may take a while: stay alive meanwhile.
+		if time.Since(s.beat) > statusEvery {
+			if err := s.heartbeat(ctx); err != nil {
+				return err
+			}
+		}
 		if w, ok := s.batch.whole[id]; ok {
 			empty := false
 			if w.truncate { // fine if the secondary's table is empty too
@@ -563,7 +570,7 @@ func (s *session) checker(ctx context.Context, rel *relation) (*compare.Checker,
 // status confirms the checked position to the slot and the control
 // database, and reports the feed's lag.
 func (s *session) status(ctx context.Context) error {
-	if err := heartbeat(ctx, s.control, s.store, s.r.opts.Replica, s.checked); err != nil {
+	if err := s.heartbeat(ctx); err != nil {
 		return err
 	}
 	if err := s.confirm(ctx); err != nil {
@@ -581,6 +588,15 @@ func (s *session) status(ctx context.Context) error {
 		}
 	}
 	s.r.opts.Metrics.Lag(lag, secs)
+	return nil
+}
+
+// heartbeat writes tandem.feed: alive, and checked up to s.checked.
+func (s *session) heartbeat(ctx context.Context) error {
+	if err := heartbeat(ctx, s.control, s.store, s.r.opts.Replica, s.checked); err != nil {
+		return err
+	}
+	s.beat = time.Now()
 	return nil
 }
 
