@@ -282,10 +282,16 @@ INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 100) g;`
 // an update, a delete) are caught by the feed, recorded as drift stale on
 // new with reason "change feed", and the repairer makes the stores equal.
 // Unchanged keys are checked and equal: nothing is recorded for them.
+// A table without a key is not published, so the application's writes to
+// it keep working on the primary.
 func TestDirectWriteCaught(t *testing.T) {
-	e := newEnv(t, itemsSchema)
+	e := newEnv(t, itemsSchema+"CREATE TABLE nokey (v int); INSERT INTO nokey VALUES (1);")
 	e.start(e.options("r1"))
 	e.waitChecked() // the slot exists: every later write is in it
+	// A table without a replica identity is left out of the publication:
+	// in it, PostgreSQL would refuse its UPDATEs and DELETEs on the primary.
+	e.exec(e.old, "UPDATE nokey SET v = 2")
+	e.exec(e.old, "DELETE FROM nokey")
 	e.exec(e.old, "INSERT INTO items VALUES (1000, 'direct', 1)")
 	e.exec(e.old, "UPDATE items SET n = -n WHERE id IN (5, 6)")
 	e.exec(e.old, "DELETE FROM items WHERE id = 7")

@@ -113,6 +113,33 @@ func EnsurePublication(ctx context.Context, conn *pgx.Conn, tables []table.Name)
 	return nil
 }
 
+// Publishable splits tables into those that may be published on the store
+// conn reaches and those that may not: a table without a replica identity
+// (no primary key under REPLICA IDENTITY DEFAULT, or REPLICA IDENTITY
+// NOTHING) in a publication makes PostgreSQL refuse every UPDATE and
+// DELETE on it, which would break the application's writes on the
+// primary. The feed does not check the tables left out.
+func Publishable(ctx context.Context, conn *pgx.Conn, tables []table.Name) (ok, without []table.Name, err error) {
+	for _, n := range tables {
+		var usable bool
+		err := conn.QueryRow(ctx, `SELECT c.relreplident IN ('f', 'i')
+				OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+			FROM pg_class c WHERE c.oid = to_regclass($1)`, n.Quoted()).Scan(&usable)
+		if errors.Is(err, pgx.ErrNoRows) {
+			continue // gone meanwhile
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("reading the replica identity of %s: %w", n, err)
+		}
+		if usable {
+			ok = append(ok, n)
+		} else {
+			without = append(without, n)
+		}
+	}
+	return ok, without, nil
+}
+
 // EnsureSlot creates the logical slot name (plugin pgoutput) on the
 // database conn reaches when it is missing, and reports whether it did.
 // Every transaction that commits after it returns is in the slot.

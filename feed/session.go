@@ -188,7 +188,15 @@ func (r *Runner) open(ctx context.Context, control *pgx.Conn, primary route.Stor
 		r.log.Warn("tables with a mapping problem are not checked by the change feed", "problems", len(probs), "first", probs[0].String())
 	}
 	s.ms = ms
-	if err := EnsurePublication(ctx, s.prim, s.scope()); err != nil {
+	scope, without, err := Publishable(ctx, s.prim, s.scope())
+	if err != nil {
+		return nil, err
+	}
+	if len(without) > 0 {
+		r.log.Warn("tables without a replica identity are not published, and the change feed does not check them (add a primary key, or ALTER TABLE ... REPLICA IDENTITY)",
+			"tables", len(without), "first", without[0].String())
+	}
+	if err := EnsurePublication(ctx, s.prim, scope); err != nil {
 		return nil, err
 	}
 	if _, err := EnsureSlot(ctx, s.prim, s.slot); err != nil {
@@ -227,10 +235,14 @@ func (s *session) cc() *pgx.ConnConfig {
 	return s.r.opts.Old
 }
 
-// scope is the primary's names of the tables in scope.
+// scope is the primary's names of the tables in scope that can be checked
+// by key: a primary key carried column for column by the mapping.
 func (s *session) scope() []table.Name {
 	var out []table.Name
 	for _, m := range s.ms.All() {
+		if _, ok := m.KeyPreserving(); !ok || !m.Old.HasKey() {
+			continue
+		}
 		if s.store == route.New {
 			out = append(out, m.New.Name)
 		} else {
