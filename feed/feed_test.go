@@ -486,17 +486,25 @@ func testRetention(t *testing.T, secondaryDown bool) {
 }
 
 // TestFollowsThePrimary: after a write flip the feed checks the former
-// primary's WAL to its end, drops its slot there, and reads the new
-// primary's slot: a write made directly on new is then drift stale on old,
-// which the repairer copies back.
+// primary's WAL to its end (what committed there before the flip; a write
+// there after it is never recorded as stale on the new primary), drops its
+// slot there, and reads the new primary's slot: a write made directly on
+// new is then drift stale on old, which the repairer copies back.
 func TestFollowsThePrimary(t *testing.T) {
 	e := newEnv(t, itemsSchema)
 	e.start(e.options("r1"))
 	e.waitChecked()
 	e.exec(e.old, "UPDATE items SET n = 0 WHERE id = 1") // before the flip, on old only
-	e.exec(e.old, "UPDATE tandem.state SET primary_store = 'new', version = version + 1")
+	e.exec(e.old, "UPDATE tandem.state SET primary_store = 'new', version = version + 1, changed_at = now()")
+	// After the flip, a write on old is a mirror from new: whatever differs
+	// is not stale on new, the primary; never copy old over it.
+	e.exec(e.old, "UPDATE items SET n = 0 WHERE id = 3")
 	e.waitCheckedOn(route.New)
 	e.waitDrift("items 1")
+	if slices.Contains(e.drift(), "items 3") {
+		t.Fatal("a write on the former primary after the flip was recorded as stale on the new primary")
+	}
+	e.exec(e.old, "UPDATE items SET n = 3 WHERE id = 3") // writes to the secondary are not the feed's to see: undo it
 	succeedsSoon(t, 30*time.Second, func() error {
 		var n int
 		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", SlotName(route.Old)).Scan(&n); err != nil {

@@ -49,8 +49,14 @@ type session struct {
 	sent    pglogrepl.LSN // the server's WAL end, as last reported
 	lastAt  time.Time     // commit time of the last checked transaction
 	until   pglogrepl.LSN // when set, the store stopped being primary: end once checked passes it
-	warned  bool
-	beat    time.Time // when tandem.feed was last written
+	// flippedAt is when the routing state made another store primary
+	// (set with until). A change this store's WAL holds from then on is a
+	// mirror write from the new primary, whose own slot checks it; only
+	// the changes before it are checked here, against the new primary.
+	flippedAt  time.Time
+	primaryNow route.Store // the routing state's primary, as last read
+	warned     bool
+	beat       time.Time // when tandem.feed was last written
 }
 
 // relation is a published table as the stream describes it.
@@ -153,7 +159,7 @@ func (c *changes) merge(t *changes) {
 // publication and the slot when missing) and registers this replica in
 // tandem.feed.
 func (r *Runner) open(ctx context.Context, control *pgx.Conn, primary route.Store) (_ *session, err error) {
-	s := &session{r: r, control: control, store: primary, secondary: route.New, slot: SlotName(primary),
+	s := &session{r: r, control: control, store: primary, primaryNow: primary, secondary: route.New, slot: SlotName(primary),
 		rels: map[uint32]*relation{}, checkers: map[table.Name]*compare.Checker{}}
 	if primary == route.New {
 		s.secondary = route.Old
@@ -536,6 +542,23 @@ func (s *session) check(ctx context.Context) error {
 			s.r.opts.Metrics.Differences(rel.name.String(), string(d.Kind), 1)
 		}
 	}
+	if len(entries) > 0 && s.until == 0 {
+		// Before recording which store is stale, make sure this store is
+		// still the primary: a difference in a mirror write that the new
+		// primary made after a flip is stale on this store, not the other.
+		if err := s.follow(ctx); err != nil {
+			return err
+		}
+	}
+	if !s.flippedAt.IsZero() {
+		kept, keptAt := entries[:0], detected[:0]
+		for i, e := range entries {
+			if detected[i].Before(s.flippedAt) {
+				kept, keptAt = append(kept, e), append(keptAt, detected[i])
+			}
+		}
+		entries, detected = kept, keptAt
+	}
 	if err := table.RecordDrift(ctx, s.control, entries); err != nil {
 		return err
 	}
@@ -571,7 +594,7 @@ func (s *session) checker(ctx context.Context, rel *relation) (*compare.Checker,
 	if c := s.checkers[rel.name]; c != nil {
 		return c, nil
 	}
-	c, err := compare.NewChecker(ctx, s.old, s.new, rel.m, compare.Options{Settle: s.r.opts.Settle, PrimaryNew: s.store == route.New})
+	c, err := compare.NewChecker(ctx, s.old, s.new, rel.m, compare.Options{Settle: s.r.opts.Settle, PrimaryNew: s.primaryNow == route.New})
 	if err != nil {
 		return nil, err
 	}
@@ -646,6 +669,9 @@ func (s *session) follow(ctx context.Context) error {
 	if s.until, err = pglogrepl.ParseLSN(end); err != nil {
 		return err
 	}
+	// The re-check holds the actual primary from now on.
+	s.flippedAt, s.primaryNow = st.ChangedAt, st.Primary
+	s.checkers = map[table.Name]*compare.Checker{}
 	s.r.log.Info("the primary changed; checking the former primary's WAL to its end before moving", "from", s.store, "to", st.Primary, "until", s.until)
 	return nil
 }
