@@ -586,6 +586,9 @@ func (cp *controlPlane) startFeed(ctx context.Context) error {
 	r := feed.New(feed.Options{
 		Control: cp.cc, Old: oldCC, New: newCC, Tables: cp.cfg.Tables, Replica: cp.replica,
 		WALWarn: int64(cp.cfg.Feed.WALWarn), WALMax: int64(cp.cfg.Feed.WALMax),
+		// As tandem compare: a mirrored write reaches the secondary within
+		// the mirror budget; twice that before a difference is confirmed.
+		Settle: 2 * cp.cfg.Routing.MirrorBudget.Duration(),
 		Logger: cp.log, Metrics: cp.feedMetrics,
 	})
 	cp.g.Go(func() error { r.Run(ctx); return nil })
