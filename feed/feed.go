@@ -60,6 +60,10 @@ type Options struct {
 	// Batch is the most keys checked together (default 1000): committed
 	// transactions that arrive together are checked in one batch.
 	Batch int
+	// Rescope is how often the tables in scope are re-read (default 30s,
+	// as the proxy reloads its mappings): a table that joined the scope
+	// is added to the publication, and checked from then on.
+	Rescope time.Duration
 
 	Logger  *slog.Logger
 	Metrics *metrics.Feed // nil records nothing
@@ -86,6 +90,9 @@ func (o Options) withDefaults() Options {
 	}
 	if o.Batch <= 0 {
 		o.Batch = 1000
+	}
+	if o.Rescope <= 0 {
+		o.Rescope = 30 * time.Second
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)

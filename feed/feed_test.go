@@ -616,3 +616,32 @@ func TestMirrorOffDropsTheSlot(t *testing.T) {
 	e.exec(e.old, "DELETE FROM items WHERE id = 42")
 	e.waitDrift("items 42")
 }
+
+// TestTableJoinsScope: a table created on both stores while the feed runs
+// joins the publication within the rescope interval, and a write to it
+// directly on old is then caught.
+func TestTableJoinsScope(t *testing.T) {
+	e := newEnv(t, itemsSchema)
+	opts := e.options("r1")
+	opts.Rescope = 300 * time.Millisecond
+	e.start(opts)
+	e.waitChecked()
+	for _, c := range []*pgx.Conn{e.old, e.new} {
+		e.exec(c, "CREATE TABLE later (id int PRIMARY KEY, v text); INSERT INTO later VALUES (1, 'both')")
+	}
+	succeedsSoon(t, 30*time.Second, func() error {
+		var n int
+		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1 AND tablename = 'later'", Publication).Scan(&n); err != nil {
+			return err
+		}
+		if n != 1 {
+			return errors.New("later is not published yet")
+		}
+		return nil
+	})
+	e.waitChecked() // the session on the new scope reads
+	e.exec(e.old, "INSERT INTO later VALUES (2, 'old only')")
+	e.waitDrift("later 2")
+	e.repair()
+	e.same("later")
+}

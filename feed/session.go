@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -274,7 +275,7 @@ func (s *session) close(ctx context.Context) {
 // run streams until ctx ends, an error, or errFollow.
 func (s *session) run(ctx context.Context) error {
 	now := time.Now()
-	nextStatus, nextState, nextGuard := now, now.Add(stateEvery), now.Add(retentionEvery)
+	nextStatus, nextState, nextGuard, nextScope := now, now.Add(stateEvery), now.Add(retentionEvery), now.Add(s.r.opts.Rescope)
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -318,6 +319,12 @@ func (s *session) run(ctx context.Context) error {
 				return err
 			}
 			nextState = now.Add(stateEvery)
+		}
+		if now.After(nextScope) && s.batch.n == 0 && !s.inTx {
+			if err := s.rescope(ctx); err != nil {
+				return err
+			}
+			nextScope = now.Add(s.r.opts.Rescope)
 		}
 		if now.After(nextGuard) {
 			if err := s.guard(ctx); err != nil {
@@ -674,6 +681,23 @@ func (s *session) follow(ctx context.Context) error {
 	s.checkers = map[table.Name]*compare.Checker{}
 	s.r.log.Info("the primary changed; checking the former primary's WAL to its end before moving", "from", s.store, "to", st.Primary, "until", s.until)
 	return nil
+}
+
+// rescope re-reads the tables in scope; when it changed, the session ends
+// (errFollow) and the next one publishes and maps the new scope. Nothing
+// is pending when it is called, so nothing is re-checked needlessly.
+func (s *session) rescope(ctx context.Context) error {
+	ms, _, err := table.LoadMappings(ctx, s.r.opts.Tables, s.old, s.new)
+	if err != nil {
+		return fmt.Errorf("reloading the table mappings: %w", err)
+	}
+	was := s.scope()
+	cur := (&session{ms: ms, store: s.store}).scope()
+	if slices.EqualFunc(was, cur, func(a, b table.Name) bool { return a == b }) {
+		return nil
+	}
+	s.r.log.Info("the tables in scope changed; the change feed restarts on the new scope", "tables", len(cur), "were", len(was))
+	return errFollow
 }
 
 // errNoSlot is returned by guard when the slot does not exist.
