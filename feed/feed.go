@@ -173,6 +173,7 @@ func (r *Runner) lead(ctx context.Context, control *pgx.Conn) error {
 		return fmt.Errorf("creating the drift ledger: %w", err)
 	}
 	var prev route.Store // the primary the last session read, to drop its slot
+	drained := false     // the last session read prev's WAL to the flip (session.follow)
 	idle := false        // mirroring is off and the primary's slot dropped
 	for {
 		st, err := route.Load(ctx, control)
@@ -200,6 +201,13 @@ func (r *Runner) lead(ctx context.Context, control *pgx.Conn) error {
 		}
 		idle = false
 		if prev != "" && prev != st.Primary {
+			if !drained {
+				// The last session ended for another reason before it saw
+				// the flip: read the former primary's WAL to its end first.
+				if err := r.drain(ctx, control, prev); err != nil {
+					return err
+				}
+			}
 			if err := r.retire(ctx, control, prev); err != nil {
 				return err
 			}
@@ -210,6 +218,7 @@ func (r *Runner) lead(ctx context.Context, control *pgx.Conn) error {
 			return err
 		}
 		err = s.run(ctx)
+		drained = s.until != 0 && s.checked >= s.until
 		s.close(context.WithoutCancel(ctx))
 		if errors.Is(err, errFollow) {
 			continue
@@ -219,6 +228,26 @@ func (r *Runner) lead(ctx context.Context, control *pgx.Conn) error {
 		}
 		return err
 	}
+}
+
+// drain reads store's slot, store being no longer the primary, up to its
+// current WAL end (see session.follow).
+func (r *Runner) drain(ctx context.Context, control *pgx.Conn, store route.Store) error {
+	s, err := r.open(ctx, control, store)
+	if err != nil {
+		return err
+	}
+	defer s.close(context.WithoutCancel(ctx))
+	if err := s.follow(ctx); err != nil && !errors.Is(err, errFollow) {
+		return err
+	}
+	if s.until == 0 { // mirroring went off, or the primary is back: nothing to drain
+		return nil
+	}
+	if err := s.run(ctx); !errors.Is(err, errFollow) {
+		return err
+	}
+	return nil
 }
 
 // errFollow ends a session whose store is no longer the primary, or when
