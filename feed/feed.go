@@ -159,7 +159,32 @@ func (r *Runner) elect(ctx context.Context) (led bool, err error) {
 	r.log.Info("elected to run the change feed", "replica", r.opts.Replica)
 	r.opts.Metrics.Leader(true)
 	defer r.opts.Metrics.Leader(false)
-	return true, r.lead(ctx, conn)
+	err = r.lead(ctx, conn)
+	// Stepping down: nobody holds the feed until the next is elected. (A
+	// replica killed outright leaves its name, with a heartbeat that
+	// stops.)
+	r.stepDown(ctx, conn)
+	return true, err
+}
+
+// stepDown clears holder if it still names this replica: on conn, or on a
+// new connection when ending the feed closed conn (the lock went with it,
+// and a successor may already have written its own name).
+func (r *Runner) stepDown(ctx context.Context, conn *pgx.Conn) {
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	const clear = "UPDATE tandem.feed SET holder = NULL WHERE holder = $1"
+	if !conn.IsClosed() {
+		if _, err := conn.Exec(uctx, clear, r.opts.Replica); err == nil {
+			return
+		}
+	}
+	c, err := pgx.ConnectConfig(uctx, r.opts.Control.Copy())
+	if err != nil {
+		return
+	}
+	defer c.Close(uctx)
+	_, _ = c.Exec(uctx, clear, r.opts.Replica)
 }
 
 // lead runs the feed while this replica holds the election lock on

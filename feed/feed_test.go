@@ -309,10 +309,10 @@ func TestDirectWriteCaught(t *testing.T) {
 
 // TestKeyChangeCaught: an UPDATE that changes the key, made directly on
 // old, leaves the old key on new; the feed records both keys and the
-// repair deletes the old key on new.
+// repair deletes the old key on new. A replica that stops steps down.
 func TestKeyChangeCaught(t *testing.T) {
 	e := newEnv(t, itemsSchema)
-	e.start(e.options("r1"))
+	stop := e.start(e.options("r1"))
 	e.waitChecked()
 	e.exec(e.old, "UPDATE items SET id = id + 1000 WHERE id IN (1, 2)")
 	e.waitDrift("items 1", "items 2", "items 1001", "items 1002")
@@ -321,6 +321,12 @@ func TestKeyChangeCaught(t *testing.T) {
 	var n int
 	if err := e.new.QueryRow(context.Background(), "SELECT count(*) FROM items WHERE id IN (1, 2)").Scan(&n); err != nil || n != 0 {
 		t.Fatalf("old keys left on new: %d, %v", n, err)
+	}
+	// A replica that stops steps down: holder NULL = nobody runs the feed.
+	stop()
+	var holder *string
+	if err := e.old.QueryRow(context.Background(), "SELECT holder FROM tandem.feed WHERE store = 'old'").Scan(&holder); err != nil || holder != nil {
+		t.Fatalf("holder after stopping = %v, %v; want NULL", holder, err)
 	}
 }
 
