@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgpassfile"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/tandemdb/tandem/feed"
 	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/metrics"
@@ -221,6 +222,8 @@ type controlPlane struct {
 	repairCancel context.CancelFunc // of the running pass, if any
 	repairSlot   chan struct{}      // holds a token while a pass runs
 
+	feedMetrics *metrics.Feed // the change feed's instruments (feed.enabled)
+
 	cancel context.CancelFunc
 	g      *errgroup.Group
 }
@@ -343,6 +346,11 @@ func (cp *controlPlane) start(srv *proxy.Server, pm *metrics.Proxy, bm *metrics.
 	cp.g.Go(func() error { cp.refreshDrift(ctx, srv, pm); return nil })
 	cp.g.Go(func() error { cp.repair(ctx, srv); return nil })
 	cp.g.Go(func() error { cp.refreshBackfill(ctx, bm); return nil })
+	if cp.cfg.Feed.Enabled {
+		if err := cp.startFeed(ctx); err != nil {
+			cp.log.Error("the change feed cannot start; the proxy runs without it", "error", err)
+		}
+	}
 	cp.g.Go(func() error {
 		every(ctx, shadowFlush, func() { cp.flushShadow(ctx) })
 		return nil
@@ -582,4 +590,28 @@ func (cp *controlPlane) repairOnce(ctx context.Context, st route.State, target r
 		Target: string(target), Limit: 1000, TargetIsPrimary: target == st.Primary, Mappings: cp.mappings.Load(),
 		Backoff: table.Backoff{Base: cp.cfg.Routing.RepairInterval.Duration(), Max: cp.cfg.Routing.RepairBackoffMax.Duration()},
 	})
+}
+
+// startFeed runs the change feed's election (and, when elected, the feed)
+// until ctx ends: docs/change-feed.md.
+func (cp *controlPlane) startFeed(ctx context.Context) error {
+	oldCC, err := storeConnConfig(cp.cfg, route.Old)
+	if err != nil {
+		return err
+	}
+	newCC, err := storeConnConfig(cp.cfg, route.New)
+	if err != nil {
+		return err
+	}
+	r := feed.New(feed.Options{
+		Control: cp.cc, Old: oldCC, New: newCC, Tables: cp.cfg.Tables, Replica: cp.replica,
+		WALWarn: int64(cp.cfg.Feed.WALWarn), WALMax: int64(cp.cfg.Feed.WALMax),
+		// As tandem compare: a mirrored write reaches the secondary within
+		// the mirror budget; twice that before a difference is confirmed.
+		Settle: 2 * cp.cfg.Routing.MirrorBudget.Duration(),
+		Delay:  cp.cfg.Routing.MirrorBudget.Duration(),
+		Logger: cp.log, Metrics: cp.feedMetrics,
+	})
+	cp.g.Go(func() error { r.Run(ctx); return nil })
+	return nil
 }

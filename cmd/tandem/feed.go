@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/tandemdb/tandem/feed"
 	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/route"
@@ -43,58 +43,27 @@ func feedTables(ms *table.Mappings, store route.Store) []table.Name {
 	return out
 }
 
-func isDuplicate(err error) bool {
-	var pe *pgconn.PgError
-	return errors.As(err, &pe) && pe.Code == "42710" // duplicate_object: someone else created it first
-}
-
-// ensureFeed makes sure store (on conn) has the publication over tables
-// (adding the tables it lacks) and the feed's logical slot. It is
-// idempotent and safe against a concurrent caller.
+// ensureFeed makes sure store (on conn) has the publication over the
+// tables of tables that may be published (a table without a replica
+// identity in a publication would make the store refuse its UPDATEs and
+// DELETEs: feed.Publishable leaves it out) and the feed's logical slot,
+// the publication first: pgoutput cannot decode WAL written before its
+// publication existed. It is idempotent and safe against a concurrent
+// caller.
 func ensureFeed(ctx context.Context, conn *pgx.Conn, store route.Store, tables []table.Name) error {
-	var exists bool
-	if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", route.FeedPublication).Scan(&exists); err != nil {
-		return fmt.Errorf("reading the publications: %w", err)
-	}
-	if !exists {
-		q := "CREATE PUBLICATION " + route.FeedPublication
-		if len(tables) > 0 {
-			names := make([]string, len(tables))
-			for i, n := range tables {
-				names[i] = n.Quoted()
-			}
-			q += " FOR TABLE " + strings.Join(names, ", ")
-		}
-		if _, err := conn.Exec(ctx, q); err != nil && !isDuplicate(err) {
-			return fmt.Errorf("creating the publication %s: %w", route.FeedPublication, err)
-		}
-	}
-	rows, err := conn.Query(ctx, "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1", route.FeedPublication)
+	ok, _, err := feed.Publishable(ctx, conn, tables) // tandem plan names the others
 	if err != nil {
-		return fmt.Errorf("reading the publication %s: %w", route.FeedPublication, err)
+		return err
 	}
-	published := map[table.Name]bool{}
-	var n table.Name
-	if _, err := pgx.ForEachRow(rows, []any{&n.Schema, &n.Table}, func() error { published[n] = true; return nil }); err != nil {
-		return fmt.Errorf("reading the publication %s: %w", route.FeedPublication, err)
-	}
-	for _, t := range tables {
-		if published[t] {
-			continue
-		}
-		if _, err := conn.Exec(ctx, "ALTER PUBLICATION "+route.FeedPublication+" ADD TABLE "+t.Quoted()); err != nil && !isDuplicate(err) {
-			return fmt.Errorf("adding %s to the publication %s: %w", t, route.FeedPublication, err)
+	if len(ok) > 0 {
+		if err := feed.EnsurePublication(ctx, conn, ok); err != nil {
+			return err
 		}
 	}
 	sctx, cancel := context.WithTimeout(ctx, feedSlotTimeout)
 	defer cancel()
-	slot := route.FeedSlot(store)
-	_, err = conn.Exec(sctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')
-		WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, slot)
-	if err != nil && !isDuplicate(err) {
-		return fmt.Errorf("creating the logical replication slot %s: %w", slot, err)
-	}
-	return nil
+	_, err = feed.EnsureSlot(sctx, conn, feed.SlotName(store))
+	return err
 }
 
 // prepareFeed is route.FeedWait.Prepare: before the fence goes up, it

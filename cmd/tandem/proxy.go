@@ -134,6 +134,10 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if err != nil {
 		return nil, err
 	}
+	fm, err := metrics.NewFeed(prom.Provider.Meter("github.com/tandemdb/tandem/feed"))
+	if err != nil {
+		return nil, err
+	}
 	opts := proxy.Options{Logger: log, Metrics: pm}
 	// With a new store, the proxy follows the routing state in the control
 	// schema; without one it stays in passthrough and needs no control database.
@@ -200,6 +204,7 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp}
 	rp.live.Store(cfg)
 	if cp != nil {
+		cp.feedMetrics = fm
 		cp.start(srv, pm, bm)
 	}
 	rp.g.Go(adm.Serve)

@@ -42,7 +42,7 @@ type Config struct {
 	Routing Routing `yaml:"routing"` // mirroring, breaker and write-flip behaviour
 	Shadow  Shadow  `yaml:"shadow"`  // how shadow reads run and are compared
 	Gates   Gates   `yaml:"gates"`   // the write-flip gates built on verify and shadow reads
-	Feed    Feed    `yaml:"feed"`    // the change feed: logical decoding of the primary's WAL (design section 10)
+	Feed    Feed    `yaml:"feed"`    // the change feed: the primary's WAL checked against the secondary (design section 10)
 	Log     Log     `yaml:"log"`     // log output
 	Tables  Tables  `yaml:"tables"`  // the migration's scope and table mappings (YAML only)
 
@@ -147,6 +147,20 @@ type Shadow struct {
 	RedactParams   bool     `yaml:"redact_params"`    // store mismatches without their parameter values
 }
 
+// Feed configures the change feed (docs/change-feed.md): one elected proxy
+// replica reads the primary's WAL through a logical replication slot and
+// checks every committed change on the secondary.
+type Feed struct {
+	// Enabled runs the feed in tandem proxy, makes write flips and
+	// rollbacks wait for it, adds its cutover gate, and makes tandem plan
+	// block on its prerequisites. Off by default: it needs wal_level=logical
+	// and a replication slot on the primary, and a slot retains WAL on the
+	// primary's disk until the feed has checked it.
+	Enabled bool     `yaml:"enabled"`
+	WALWarn ByteSize `yaml:"wal_warn"` // retained WAL past which the feed warns; default 1GiB
+	WALMax  ByteSize `yaml:"wal_max"`  // retained WAL past which the slot is dropped and every table recorded as drift; default 8GiB
+}
+
 // Gates configures the write-flip gates that need evidence from compare
 // and from shadow reads (the backfill, drift, mapping and breaker gates
 // need no settings).
@@ -156,15 +170,6 @@ type Gates struct {
 	ShadowMaxMismatchRate float64  `yaml:"shadow_max_mismatch_rate"` // confirmed mismatches / compared reads above which a flip is refused; default 0
 	FeedMaxLag            Duration `yaml:"feed_max_lag"`             // with feed.enabled, a write flip is refused when the change feed last advanced longer ago than this; default 30s
 	FeedMaxLagBytes       ByteSize `yaml:"feed_max_lag_bytes"`       // ... or is this far behind the primary's WAL; default 64MiB
-}
-
-// Feed configures the change feed (design section 10): one proxy replica
-// reads the primary's WAL through a logical slot and checks every committed
-// change against the other store.
-type Feed struct {
-	// Enabled makes write flips and rollbacks wait for the feed, adds the
-	// feed's cutover gate, and makes tandem plan block on its prerequisites.
-	Enabled bool `yaml:"enabled"`
 }
 
 // Log formats and levels accepted in Log.
@@ -216,6 +221,7 @@ func Default() Config {
 			Timeout:        Duration(5e9),
 			FloatTolerance: 1e-9,
 		},
+		Feed: Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
 		Gates: Gates{
 			VerifyMaxAge:    Duration(24 * 3600e9),
 			ShadowWindow:    Duration(15 * 60e9),
@@ -400,8 +406,14 @@ func options() []option {
 			usage: "with feed.enabled, a write flip is refused when the change feed is this far behind the primary's WAL, e.g. 64MiB (at least 1 byte)",
 			field: func(c *Config) any { return &c.Gates.FeedMaxLagBytes }},
 		{path: "feed.enabled", flag: "feed",
-			usage: "the change feed is in use: write flips and rollbacks wait for it under the fence, a feed that is down or behind refuses a write flip, and tandem plan blocks on its prerequisites (wal_level=logical, slots, REPLICATION, replica identity)",
+			usage: "run the change feed: the elected proxy replica reads the primary's WAL (logical slot tandem_feed_<store>, publication tandem_feed) and checks every committed change on the secondary, recording differences as drift; write flips and rollbacks wait for it, a feed that is down or behind refuses a flip, and tandem plan blocks on its prerequisites (wal_level=logical, slots, REPLICATION, replica identity)",
 			field: func(c *Config) any { return &c.Feed.Enabled }},
+		{path: "feed.wal_warn", flag: "feed-wal-warn",
+			usage: "WAL retained by the change feed's slot on the primary past which it warns (log and tandem_feed_retained_bytes), in bytes or with a unit, e.g. 1GiB (>= 1)",
+			field: func(c *Config) any { return &c.Feed.WALWarn }},
+		{path: "feed.wal_max", flag: "feed-wal-max",
+			usage: "WAL retained by the change feed's slot past which the slot is dropped and every table in scope recorded as drift, rather than fill the primary's disk, e.g. 8GiB (must be >= feed.wal_warn)",
+			field: func(c *Config) any { return &c.Feed.WALMax }},
 		{path: "log.format", flag: "log-format",
 			usage: `log output format: "text" or "json"`,
 			field: func(c *Config) any { return &c.Log.Format }},

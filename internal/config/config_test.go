@@ -108,6 +108,7 @@ func TestDefault(t *testing.T) {
 		Shadow: Shadow{Queue: 1000, Workers: 4, MaxResultBytes: MiB, Timeout: Duration(5 * time.Second), FloatTolerance: 1e-9},
 		Gates: Gates{VerifyMaxAge: Duration(24 * time.Hour), ShadowWindow: Duration(15 * time.Minute),
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
+		Feed: Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
 		Log: Log{Format: "text", Level: "info"},
 	}
 	if !reflect.DeepEqual(d, want) {
@@ -319,6 +320,7 @@ func TestLoadGoodFile(t *testing.T) {
 			Settle: Duration(time.Second), FloatTolerance: 1e-6, AA: true, RedactParams: true},
 		Gates: Gates{VerifyMaxAge: Duration(6 * time.Hour), ShadowWindow: Duration(30 * time.Minute), ShadowMaxMismatchRate: 0.001,
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
+		Feed: Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
 		Log: Log{Format: "json", Level: "debug"},
 		Tables: Tables{
 			Include: []string{"public.*", `"Sales".*`},
@@ -523,6 +525,9 @@ func TestEnv(t *testing.T) {
 		"TANDEM_GATES_VERIFY_MAX_AGE":           "2h",
 		"TANDEM_GATES_SHADOW_WINDOW":            "5m",
 		"TANDEM_GATES_SHADOW_MAX_MISMATCH_RATE": "0.01",
+		"TANDEM_FEED_ENABLED":                   "true",
+		"TANDEM_FEED_WAL_WARN":                  "2MiB",
+		"TANDEM_FEED_WAL_MAX":                   "3GiB",
 		"TANDEM_LOG_FORMAT":                     "json",
 		"TANDEM_LOG_LEVEL":                      "debug",
 	}
@@ -548,6 +553,7 @@ func TestEnv(t *testing.T) {
 			Settle: Duration(250 * time.Millisecond), FloatTolerance: 0.5e-6, AA: true, RedactParams: true},
 		Gates: Gates{VerifyMaxAge: Duration(2 * time.Hour), ShadowWindow: Duration(5 * time.Minute), ShadowMaxMismatchRate: 0.01,
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
+		Feed: Feed{Enabled: true, WALWarn: 2 * MiB, WALMax: 3 * GiB},
 		Log: Log{Format: "json", Level: "debug"},
 	}
 	cfg.src = nil
@@ -703,6 +709,10 @@ func TestValidate(t *testing.T) {
 			"routing.repair_backoff_max: must be at least routing.repair_interval (1m0s), not 1s",
 			"routing.drift_stuck_attempts: must be at least 1, not 0",
 		}},
+		{"feed WAL limits", func(c *Config) { c.Feed.WALWarn, c.Feed.WALMax = 2*GiB, 1*GiB },
+			[]string{"feed.wal_max: must be at least feed.wal_warn (2GiB), not 1GiB"}},
+		{"feed WAL warn zero", func(c *Config) { c.Feed.WALWarn = 0 },
+			[]string{"feed.wal_warn: must be at least 1 byte"}},
 		{"breaker needs a failure", func(c *Config) { c.Routing.BreakerFailures = 0 },
 			[]string{"routing.breaker_failures: must be at least 1, not 0"}},
 		{"negative sequence margin", func(c *Config) { c.Routing.SequenceMargin = -1 },

@@ -162,6 +162,12 @@ func (c *Config) problems() Problems {
 	if c.Shadow.Workers < 1 {
 		v.add("shadow.workers", fmt.Sprintf("must be at least 1, not %d", c.Shadow.Workers))
 	}
+	if c.Feed.WALWarn < 1 {
+		v.add("feed.wal_warn", "must be at least 1 byte")
+	}
+	if c.Feed.WALMax < c.Feed.WALWarn {
+		v.add("feed.wal_max", fmt.Sprintf("must be at least feed.wal_warn (%s), not %s", c.Feed.WALWarn, c.Feed.WALMax))
+	}
 	if c.Shadow.MaxResultBytes < 1 {
 		v.add("shadow.max_result_bytes", "must be at least 1 byte")
 	}

@@ -25,8 +25,8 @@ func FeedSlot(s Store) string { return "tandem_feed_" + string(s) }
 // running: it writes one at least every second.
 const FeedLive = 5 * time.Second
 
-// feedSchemaSQL is tandem.feed as the feed creates it; the flip creates it
-// too (idempotently) so it can wait on it before any feed has run.
+// feedSchemaSQL is tandem.feed: the feed (package feed) writes it, the
+// write flip waits on it; both create it through EnsureFeedSchema.
 const feedSchemaSQL = `
 CREATE SCHEMA IF NOT EXISTS tandem;
 CREATE TABLE IF NOT EXISTS tandem.feed (
@@ -37,7 +37,11 @@ CREATE TABLE IF NOT EXISTS tandem.feed (
   checked_at   timestamptz,
   heartbeat_at timestamptz NOT NULL DEFAULT now(),
   last_error   text
-);`
+);
+COMMENT ON COLUMN tandem.feed.store IS 'the store whose WAL the feed reads';
+COMMENT ON COLUMN tandem.feed.holder IS 'the proxy replica running the feed now; NULL = nobody';
+COMMENT ON COLUMN tandem.feed.checked_lsn IS 'every transaction that committed on store at or before this LSN is checked: equal on the other store, or in tandem.drift';
+COMMENT ON COLUMN tandem.feed.heartbeat_at IS 'the feed is alive: updated at least every second while it runs';`
 
 // EnsureFeedSchema creates tandem.feed when it is missing, under the same
 // advisory lock as EnsureSchema.
