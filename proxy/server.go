@@ -93,6 +93,7 @@ type Server struct {
 	cats         catalogs
 	oids         oidCache // user-defined OIDs translated between the stores
 	recordDrift  func(ctx context.Context, entries []table.DriftEntry) error
+	held         heldDrift // drift not yet recorded though its write committed (held.go)
 	classifier   *classify.Classifier
 	mappings     atomic.Pointer[table.Mappings]
 	shadow       *shadower // nil without a new store
@@ -286,6 +287,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // release closes what sessions shared once they have all ended: the
 // catalog pools and the shadow workers with their connections.
 func (s *Server) release() {
+	s.stopHeld()
 	s.closeCatalogs()
 	if s.shadow != nil {
 		s.shadow.stop()
