@@ -3,12 +3,15 @@ package proxy
 import (
 	"context"
 	"fmt"
+	"net"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -385,4 +388,70 @@ func TestHoleTwoPhase(t *testing.T) {
 	}
 	e.exec(c, `COMMIT PREPARED 'hole2pc'`)
 	e.assertLedger("two-phase commit", "tp")
+}
+
+// TestHoleAmbiguousCommit: the primary committed, the secondary did not
+// follow in lockstep (BEGIN; INSERT; COMMIT in one request commits before
+// the mirror can), and the control database is cut off, so the drift
+// cannot be recorded. The client gets no ReadyForQuery but SQLSTATE 08006,
+// the proxy holds the entry in memory and records it once the control
+// database is back; the repairer then makes the stores equal. Ledger.
+func TestHoleAmbiguousCommit(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE amb (id int PRIMARY KEY, v text)`)
+	ctx := context.Background()
+	tp := startToxiproxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(e.old.Port())))
+	pc, err := pgxpool.ParseConfig(e.old.DSN(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, port, err := net.SplitHostPort(tp.Listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pn, _ := strconv.Atoi(port)
+	pc.ConnConfig.Host, pc.ConnConfig.Port = host, uint16(pn)
+	pc.ConnConfig.ConnectTimeout = 2 * time.Second
+	ctl, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ctl.Close)
+	p := startProxyWith(t, e.old, e.db, Options{RecordDrift: func(ctx context.Context, entries []table.DriftEntry) error {
+		return table.RecordDrift(ctx, ctl, entries)
+	}}, func(c *config.Config) { c.New.DSN = e.new.DSN(e.db) })
+	p.srv.ApplyState(route.State{Version: 2, Settings: route.Settings{Primary: route.Old, Mirror: true}})
+	c, err := pgx.Connect(ctx, p.dsn(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	e.exec(c, `INSERT INTO amb VALUES (1, 'a')`)
+	e.assertLockstep("before the cut")
+
+	tp.Stop()
+	_, err = c.Exec(ctx, `BEGIN; INSERT INTO amb VALUES (2, 'b'); COMMIT`)
+	if sqlState(err) != "08006" {
+		t.Fatalf("want SQLSTATE 08006 for a commit whose drift could not be recorded, got %v", err)
+	}
+	if !c.IsClosed() {
+		if err := c.Ping(ctx); err == nil {
+			t.Fatal("the session survived an ambiguous commit")
+		}
+	}
+	if n := p.srv.HeldDrift(); n == 0 {
+		t.Fatal("no drift held in memory")
+	}
+	if d := e.openEntries(); len(d) != 0 {
+		t.Fatalf("drift recorded while the control database was cut off: %v", d)
+	}
+	if err := tp.Start(); err != nil {
+		t.Fatal(err)
+	}
+	succeedsSoon(t, func() error {
+		if n := p.srv.HeldDrift(); n > 0 {
+			return fmt.Errorf("%d entries still held", n)
+		}
+		return nil
+	})
+	e.assertLedger("ambiguous commit", "amb")
 }
