@@ -133,6 +133,9 @@ func (g *fkGraph) deleteActions(parent table.Name) []fkAction {
 // cols of parent may change through ON UPDATE actions (and, through those,
 // further down), or nil when none.
 func (g *fkGraph) updateDrift(parent table.Name, cols []string) []table.DriftEntry {
+	if len(g.byParent[parent]) == 0 {
+		return nil // the common case, without allocating
+	}
 	var out []table.DriftEntry
 	seen := map[table.Name]bool{}
 	var walk func(parent table.Name, cols []string)

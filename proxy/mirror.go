@@ -1040,7 +1040,7 @@ func (rs *routedSession) mustForUpdate(ev *event, pm *table.Meta, g *fkGraph) {
 		return
 	}
 	for _, c := range st.Image.SetColumns {
-		if slices.Contains(pm.KeyNames(), c) {
+		if j, ok := pm.Column(c); ok && slices.Contains(pm.Key, j) {
 			rs.must = append(rs.must, table.DriftEntry{Table: pm.Name, Reason: "key columns updated"})
 			break
 		}
