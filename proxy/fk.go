@@ -215,8 +215,15 @@ func (rs *routedSession) applyDeleteActions(sec *rstore, g *fkGraph, first fkDel
 				} else {
 					drift = append(drift, g.setDrift(f)...)
 				}
-				sql := fkActionSQL(f, returning)
-				rs.queueExec(sec, sql, params)
+				// A child inserted by a transaction that committed on the
+				// primary but not yet on the secondary is invisible to
+				// the action's statement there: wait for such writers,
+				// and hold off new ones until this transaction ends.
+				// SHARE ROW EXCLUSIVE conflicts with their ROW EXCLUSIVE
+				// and with itself, so two cascades into one table queue
+				// instead of deadlocking.
+				rs.queueExec(sec, "LOCK TABLE "+f.child.Quoted()+" IN SHARE ROW EXCLUSIVE MODE", nil)
+				rs.queueExec(sec, fkActionSQL(f, returning), params)
 				rows, err := rs.execQueuedRows(sec)
 				if err != nil {
 					return drift, fmt.Errorf("applying foreign key %s to %s: %w", f.name, f.child, err)
