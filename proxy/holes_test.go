@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -516,4 +517,57 @@ INSERT INTO cp SELECT generate_series(1, 40);`, generousBudget)
 	if !assertStoresEqual(t, e.old, e.new, e.db, nil) {
 		t.Fatal("the stores differ after concurrent cascades")
 	}
+}
+
+// TestHoleCommitReplyLost: the primary commits an autocommit write but its
+// reply never reaches the proxy (the connection dies after the COMMIT went
+// out). The client gets 08006, as from PostgreSQL, and the write's key is
+// in the ledger, since the primary may have committed it and the
+// secondary, whose transaction ends with the session, has not. Ledger.
+func TestHoleCommitReplyLost(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE rl (id int PRIMARY KEY, v text)`)
+	ctx := context.Background()
+	tp := startToxiproxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(e.old.Port())))
+	var cut atomic.Bool
+	p := startProxyWith(t, e.old, e.db, Options{
+		RecordDrift: func(ctx context.Context, entries []table.DriftEntry) error {
+			return table.RecordDrift(ctx, e.control, entries)
+		},
+		Knobs: TestingKnobs{BeforePrimaryCommit: func() {
+			if !cut.CompareAndSwap(true, false) {
+				return
+			}
+			// The COMMIT still reaches old; its reply does not come back.
+			if _, err := tp.Toxics.AddToxicJson(strings.NewReader(`{"name": "cut", "type": "timeout", "stream": "downstream", "attributes": {"timeout": 200}}`)); err != nil {
+				t.Error(err)
+			}
+		}},
+	}, func(c *config.Config) {
+		c.Old.DSN = "postgres://postgres@" + tp.Listen + "/" + e.db + "?sslmode=disable"
+		c.New.DSN = e.new.DSN(e.db)
+	})
+	p.srv.ApplyState(route.State{Version: 2, Settings: route.Settings{Primary: route.Old, Mirror: true}})
+	c, err := pgx.Connect(ctx, p.dsn(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	e.exec(c, `INSERT INTO rl VALUES (1, 'a')`)
+	e.assertLockstep("before the cut")
+	cut.Store(true)
+	_, err = c.Exec(ctx, `INSERT INTO rl VALUES (2, 'b')`)
+	if sqlState(err) != "08006" {
+		t.Fatalf("want SQLSTATE 08006 when the primary's commit reply is lost, got %v", err)
+	}
+	if err := tp.Toxics.RemoveToxic(ctx, "cut"); err != nil {
+		t.Fatal(err)
+	}
+	if _, n := tableHash(t, e.old, e.db, "rl", "id"); n != 2 {
+		t.Fatalf("old has %d rows: the primary did not commit, the test proves nothing", n)
+	}
+	d := e.openEntries()
+	if len(d) != 1 || !strings.HasPrefix(d[0], "rl {2} the primary's commit outcome is unknown") {
+		t.Fatalf("want one entry for key 2, got %v", d)
+	}
+	e.assertLedger("commit reply lost", "rl")
 }

@@ -133,6 +133,9 @@ func (rs *routedSession) serve(un *unit) error {
 	}
 	res, err := rs.runUnit(prim, un, wrap, mirror)
 	if err != nil {
+		if mirror && !wrap && (hasCommit(rs, un) || rs.extOpen && un.end != 'H') {
+			rs.commitUnknown(err)
+		}
 		return rs.storeLost(prim, err)
 	}
 	rs.servedBy = st.Primary
@@ -312,6 +315,9 @@ func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
 			return rs.refuseCommit(prim, err)
 		}
 	}
+	if k := rs.srv.knobs.BeforePrimaryCommit; k != nil {
+		k()
+	}
 	_, err := rs.internalQuery(prim, "COMMIT", time.Time{})
 	if err == nil && prim.lastTag != "COMMIT" {
 		// The primary's transaction had failed (an internal statement of
@@ -322,6 +328,7 @@ func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
 	if err != nil {
 		var se *storeError
 		if !errors.As(err, &se) {
+			rs.commitUnknown(err)
 			return rs.storeLost(prim, err)
 		}
 		// A deferred constraint failed at commit: the client sees the error,
@@ -340,6 +347,24 @@ func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
 	rs.toClient('Z', []byte{'I'})
 	rs.endUnit('I')
 	return nil
+}
+
+// commitUnknown records every key of the client's transaction as drift
+// when the primary's session was lost while it committed: the primary may
+// have committed (its reply was lost), and the secondary, whose
+// transaction ends with the session, has not. If the primary did not
+// commit, the repairer finds the keys equal and closes the entries.
+func (rs *routedSession) commitUnknown(cause error) {
+	entries := append(slices.Clone(rs.tx.drift), rs.tx.must...)
+	if len(entries) == 0 {
+		return
+	}
+	for i := range entries {
+		entries[i].Reason = "the primary's commit outcome is unknown"
+	}
+	rs.ss.log.Warn("lost the primary while it committed; recording the transaction's keys as drift", "entries", len(entries), "error", cause)
+	rs.recordAcked(entries, "a commit whose outcome is unknown")
+	rs.tx.drift, rs.tx.must = nil, nil
 }
 
 // pending reports whether the transaction has drift to record before its

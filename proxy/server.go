@@ -54,6 +54,9 @@ type TestingKnobs struct {
 	// BeforeSecondaryCommit is called by a mirroring session after the
 	// primary committed a transaction and before the secondary does.
 	BeforeSecondaryCommit func()
+	// BeforePrimaryCommit is called by a mirroring session before it sends
+	// the COMMIT of an autocommit write it wrapped in a transaction.
+	BeforePrimaryCommit func()
 	// BeforeShadow is called by a shadow worker before it runs a sample.
 	BeforeShadow func()
 }
