@@ -222,7 +222,11 @@ func (rs *routedSession) applyDeleteActions(sec *rstore, g *fkGraph, first fkDel
 				// SHARE ROW EXCLUSIVE conflicts with their ROW EXCLUSIVE
 				// and with itself, so two cascades into one table queue
 				// instead of deadlocking.
-				rs.queueExec(sec, "LOCK TABLE "+f.child.Quoted()+" IN SHARE ROW EXCLUSIVE MODE", nil)
+				// (Outside a transaction, the secondary runs without replica
+				// mode, where PostgreSQL's own actions fire.)
+				if rs.tx.open {
+					rs.queueExec(sec, "LOCK TABLE "+f.child.Quoted()+" IN SHARE ROW EXCLUSIVE MODE", nil)
+				}
 				rs.queueExec(sec, fkActionSQL(f, returning), params)
 				rows, err := rs.execQueuedRows(sec)
 				if err != nil {
