@@ -129,6 +129,88 @@ func (g *fkGraph) deleteActions(parent table.Name) []fkAction {
 	return out
 }
 
+// updateActions returns the keys referencing parent with an ON UPDATE
+// action on some of cols.
+func (g *fkGraph) updateActions(parent table.Name, cols []string) []fkAction {
+	var out []fkAction
+	for _, f := range g.byParent[parent] {
+		if hasAction(f.onUpdate) && slices.ContainsFunc(f.parentCols, func(c string) bool { return slices.Contains(cols, c) }) {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// queueUpdateActions queues, on the secondary and before the parent's row
+// images are applied there, the ON UPDATE action of each of acts for the
+// rows of pm whose images are rows (columns names): the children that
+// match a row's referenced values as the secondary still has them (read
+// FOR UPDATE, so a transaction changing them there is waited for) get the
+// new values, NULL or their default. Rows whose referenced values did not
+// change are left alone, as PostgreSQL does.
+func (rs *routedSession) queueUpdateActions(sec *rstore, pm *table.Meta, acts []fkAction, names []string, rows [][][]byte) error {
+	keys := pm.KeyNames()
+	for _, f := range acts {
+		var cols []string // key columns, then the referenced columns
+		var types []string
+		for _, c := range append(slices.Clone(keys), f.parentCols...) {
+			j, ok := pm.Column(c)
+			if !ok {
+				return fmt.Errorf("foreign key %s: column %q of %s is unknown", f.name, c, pm.Name)
+			}
+			cols, types = append(cols, c), append(types, pm.Columns[j].ParamType)
+		}
+		pos := make([]int, len(cols))
+		for i, c := range cols {
+			if pos[i] = slices.Index(names, c); pos[i] < 0 {
+				return fmt.Errorf("row image of %s lacks column %q", pm.Name, c)
+			}
+		}
+		params := make([][]byte, len(cols))
+		for i, p := range pos {
+			vals := make([]*string, len(rows))
+			for r, row := range rows {
+				if row[p] != nil {
+					v := string(row[p])
+					vals[r] = &v
+				}
+			}
+			params[i] = []byte(textArrayNull(vals))
+		}
+		nk := len(keys)
+		var sel, on, args, set, match, olds, news []string
+		for i := range cols {
+			args = append(args, fmt.Sprintf("$%d::text[]", i+1))
+		}
+		for i, k := range keys {
+			on = append(on, fmt.Sprintf("p.%s = n.a%d::%s", quoteIdent(k), i+1, types[i]))
+		}
+		for i, c := range f.parentCols {
+			sel = append(sel, fmt.Sprintf("p.%s AS o%d, n.a%d::%s AS n%d", quoteIdent(c), i+1, nk+i+1, types[nk+i], i+1))
+			match = append(match, fmt.Sprintf("c.%s = x.o%d", quoteIdent(f.childCols[i]), i+1))
+			olds, news = append(olds, fmt.Sprintf("x.o%d", i+1)), append(news, fmt.Sprintf("x.n%d", i+1))
+			switch f.onUpdate {
+			case 'c':
+				set = append(set, fmt.Sprintf("%s = x.n%d", quoteIdent(f.childCols[i]), i+1))
+			case 'n':
+				set = append(set, quoteIdent(f.childCols[i])+" = NULL")
+			default:
+				set = append(set, quoteIdent(f.childCols[i])+" = DEFAULT")
+			}
+		}
+		alias := make([]string, len(cols))
+		for i := range cols {
+			alias[i] = fmt.Sprintf("a%d", i+1)
+		}
+		sql := fmt.Sprintf("UPDATE %s c SET %s FROM (SELECT %s FROM %s p JOIN unnest(%s) AS n(%s) ON %s FOR UPDATE OF p) x WHERE %s AND ROW(%s) IS DISTINCT FROM ROW(%s)",
+			f.child.Quoted(), strings.Join(set, ", "), strings.Join(sel, ", "), pm.Name.Quoted(), strings.Join(args, ", "), strings.Join(alias, ", "),
+			strings.Join(on, " AND "), strings.Join(match, " AND "), strings.Join(olds, ", "), strings.Join(news, ", "))
+		rs.queueExec(sec, "LOCK TABLE "+f.child.Quoted()+" IN SHARE ROW EXCLUSIVE MODE", nil)
+		rs.queueExec(sec, sql, params)
+	}
+	return nil
+}
+
 // updateDrift returns whole-table drift entries for the tables an update of
 // cols of parent may change through ON UPDATE actions (and, through those,
 // further down), or nil when none.
@@ -284,14 +366,27 @@ func fkParams(f fkAction, d fkDeleted) ([][]byte, bool) {
 
 // textArray encodes vals as a text[] literal.
 func textArray(vals []string) string {
+	p := make([]*string, len(vals))
+	for i := range vals {
+		p[i] = &vals[i]
+	}
+	return textArrayNull(p)
+}
+
+// textArrayNull encodes vals as a text[] literal, nil as NULL.
+func textArrayNull(vals []*string) string {
 	var b strings.Builder
 	b.WriteByte('{')
 	for i, v := range vals {
 		if i > 0 {
 			b.WriteByte(',')
 		}
+		if v == nil {
+			b.WriteString("NULL")
+			continue
+		}
 		b.WriteByte('"')
-		for _, r := range v {
+		for _, r := range *v {
 			if r == '"' || r == '\\' {
 				b.WriteByte('\\')
 			}

@@ -92,6 +92,7 @@ CREATE TABLE c_cols (id int PRIMARY KEY, pid int, tag int, note text,
 	FOREIGN KEY (pid, tag) REFERENCES p2 (a, b) ON DELETE SET NULL (tag));
 CREATE TABLE c_def (id int PRIMARY KEY, pid int DEFAULT 0 REFERENCES p ON DELETE SET DEFAULT);
 CREATE TABLE c_upd (id int PRIMARY KEY, pcode text REFERENCES p (code) ON UPDATE CASCADE ON DELETE CASCADE);
+CREATE TABLE c_upd_null (id int PRIMARY KEY, pcode text REFERENCES p (code) ON UPDATE SET NULL ON DELETE CASCADE);
 CREATE TABLE c_plain (id int PRIMARY KEY, pid int REFERENCES p (id));
 CREATE TABLE tree (id int PRIMARY KEY, parent int REFERENCES tree ON DELETE CASCADE);
 `
@@ -114,6 +115,7 @@ func TestHoleCascade(t *testing.T) {
 		`INSERT INTO c_cols SELECT g, g % 4 + 1, g % 4 + 1, 'n' || g FROM generate_series(1, 12) g`,
 		`INSERT INTO c_def SELECT g, g % 12 + 1 FROM generate_series(1, 30) g`,
 		`INSERT INTO c_upd SELECT g, 'c' || (g % 12 + 1) FROM generate_series(1, 30) g`,
+		`INSERT INTO c_upd_null SELECT g, 'c' || (g % 12 + 1) FROM generate_series(1, 30) g`,
 		`INSERT INTO c_plain VALUES (1, 12)`,
 		`INSERT INTO tree VALUES (1, NULL), (2, 1), (3, 1), (4, 2), (5, 4), (6, 5), (7, NULL), (8, 7)`,
 	)
@@ -129,10 +131,17 @@ func TestHoleCascade(t *testing.T) {
 	e.exec(c, `DELETE FROM p2 WHERE a IN (1, 2)`, `DELETE FROM tree WHERE id = 1`, `DELETE FROM c_cascade WHERE id = 40`)
 	e.assertLockstep("cascading deletes")
 
-	// A referenced column that is not the key changes: the children's
-	// tables go to the ledger before the acknowledgement.
-	e.exec(c, `UPDATE p SET code = code || 'x' WHERE id IN (8, 9)`)
-	e.assertLedger("ON UPDATE CASCADE", "c_upd")
+	// A referenced column that is not the key changes: ON UPDATE CASCADE
+	// and SET NULL, in lockstep too (also where the value stays the same,
+	// and in a transaction that changes it twice).
+	e.exec(c, `UPDATE p SET code = code || 'x' WHERE id IN (8, 9)`, `UPDATE p SET code = code WHERE id = 10`,
+		`BEGIN`, `UPDATE p SET code = 'y' || code WHERE id = 11`, `UPDATE p SET code = code || 'z' WHERE id = 11`, `COMMIT`,
+		`INSERT INTO p VALUES (11, 'c11') ON CONFLICT (id) DO UPDATE SET code = 'w11'`)
+	e.assertLockstep("ON UPDATE actions")
+
+	// A key change: the ledger (the old keys are not in the row image).
+	e.exec(c, `INSERT INTO p VALUES (50, 'c50')`, `UPDATE p SET id = id + 100, code = 'k50' WHERE id = 50`)
+	e.assertLedger("key change of a parent", "p")
 }
 
 // TestHoleKeyChange: an UPDATE that changes a key leaves new with the new

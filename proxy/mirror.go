@@ -981,7 +981,7 @@ func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store, g *
 	if err != nil {
 		return nil, nil, err
 	}
-	rs.mustForUpdate(ev, pm, g)
+	updActs := rs.mustForUpdate(ev, pm, g, true)
 	del := isDelete(ev)
 	actions := del && len(img.rows) > 0 && len(g.deleteActions(pm.Name)) > 0
 	if actions {
@@ -1031,6 +1031,16 @@ func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store, g *
 				}
 			}()
 		}
+		if len(updActs) > 0 {
+			// Before the row images, while the secondary's rows still hold
+			// the old referenced values the children match.
+			if !rs.tx.open || sec.noRepl {
+				// Outside replica mode PostgreSQL's own actions fire.
+				updActs = nil
+			} else if err := rs.queueUpdateActions(sec, pm, updActs, names, img.rows); err != nil {
+				return err
+			}
+		}
 		err = batches(img.rows, len(cols), func(rows [][][]byte) error {
 			sql, err := table.UpsertSQL(sm, cols, len(rows))
 			if err != nil {
@@ -1059,18 +1069,34 @@ func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store, g *
 // lockstep cannot follow: a changed key (the old keys are not in the row
 // image, so the secondary would keep them: the repairer removes them), and
 // changed referenced columns with ON UPDATE actions.
-func (rs *routedSession) mustForUpdate(ev *event, pm *table.Meta, g *fkGraph) {
+//
+// With lockstep set, ON UPDATE actions of a write that keeps its keys are
+// not recorded but returned, for the applier to run on the secondary
+// before the row images (see queueUpdateActions).
+func (rs *routedSession) mustForUpdate(ev *event, pm *table.Meta, g *fkGraph, lockstep bool) []fkAction {
 	st := ev.stmt
 	if st == nil || st.Image == nil || st.Image.Op == "delete" || len(st.Image.SetColumns) == 0 || ev.image == nil || len(ev.image.rows) == 0 {
-		return
+		return nil
 	}
+	keyChange := false
 	for _, c := range st.Image.SetColumns {
 		if j, ok := pm.Column(c); ok && slices.Contains(pm.Key, j) {
 			rs.must = append(rs.must, table.DriftEntry{Table: pm.Name, Reason: "key columns updated"})
+			keyChange = true
 			break
 		}
 	}
-	rs.must = append(rs.must, g.updateDrift(pm.Name, st.Image.SetColumns)...)
+	if !lockstep || keyChange {
+		rs.must = append(rs.must, g.updateDrift(pm.Name, st.Image.SetColumns)...)
+		return nil
+	}
+	acts := g.updateActions(pm.Name, st.Image.SetColumns)
+	for _, f := range acts {
+		// The children's columns the action changes may be referenced
+		// with ON UPDATE actions in turn (rare): the ledger.
+		rs.must = append(rs.must, g.updateDrift(f.child, f.childCols)...)
+	}
+	return acts
 }
 
 func isDelete(ev *event) bool {
@@ -1090,7 +1116,7 @@ func (rs *routedSession) planMapped(ev *event, pm *table.Meta, m *table.Mapping,
 	if err != nil {
 		return nil, nil, err
 	}
-	rs.mustForUpdate(ev, pm, g)
+	rs.mustForUpdate(ev, pm, g, false)
 	if isDelete(ev) && len(img.rows) > 0 {
 		// The children of a mapped table live under their mapped names
 		// on the secondary: their ON DELETE actions go to the ledger.
