@@ -936,7 +936,11 @@ func imageKeys(pm *table.Meta, img *imageSet) (names []string, keyPos []int, ent
 // table is drift, and nothing is applied.
 func overflowed(pm *table.Meta, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
 	entries := []table.DriftEntry{{Table: pm.Name, Reason: "row images over the memory bound"}}
-	for _, e := range append(g.deleteDrift(pm.Name), g.updateDrift(pm.Name, pm.KeyNames())...) {
+	all := make([]string, len(pm.Columns))
+	for i, c := range pm.Columns {
+		all[i] = c.Name
+	}
+	for _, e := range append(g.deleteDrift(pm.Name), g.updateDrift(pm.Name, all)...) {
 		e.Reason = "row images over the memory bound"
 		entries = append(entries, e)
 	}
@@ -982,6 +986,10 @@ func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store, g *
 		return nil, nil, err
 	}
 	updActs := rs.mustForUpdate(ev, pm, g, true)
+	if len(updActs) > 0 {
+		// Should the mirror fail, so did the actions.
+		entries = append(entries, g.updateDrift(pm.Name, ev.stmt.Image.SetColumns)...)
+	}
 	del := isDelete(ev)
 	actions := del && len(img.rows) > 0 && len(g.deleteActions(pm.Name)) > 0
 	if actions {
