@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -58,6 +59,14 @@ type Options struct {
 
 	WorkerID string // prefix of the worker ids; default host:pid
 	Logger   *slog.Logger
+
+	// Live is how recently a proxy replica must have been heard from to
+	// count as live (see WaitMirrorSettled); default 15s.
+	Live time.Duration
+	// SettleTimeout bounds the wait, before the first chunk, for every
+	// live replica to acknowledge mirror=on and for every transaction
+	// that began before that on the primary to end; default 5 minutes.
+	SettleTimeout time.Duration
 }
 
 func (o *Options) defaults() {
@@ -260,6 +269,92 @@ func CheckMirror(ctx context.Context, control *pgx.Conn) error {
 	return nil
 }
 
+// ErrNotSettled is returned when mirror=on has not settled within the
+// backfill's SettleTimeout (see WaitMirrorSettled).
+var ErrNotSettled = errors.New("mirror=on has not settled")
+
+// WaitMirrorSettled waits, up to timeout, until mirror=on holds for every
+// write the backfill could otherwise miss: every live proxy replica has
+// acknowledged the routing state (a replica that has not still relays
+// writes to old only), and then no transaction that began before that on
+// the primary's database is still open (a session inside a transaction
+// when mirror turned on finishes it on old only: its writes reach neither
+// the mirror nor, when it commits after the backfill's snapshot, the
+// backfill).
+func WaitMirrorSettled(ctx context.Context, control, primary *pgx.Conn, live, timeout time.Duration, log *slog.Logger) error {
+	if live <= 0 {
+		live = 15 * time.Second
+	}
+	if timeout <= 0 {
+		timeout = 5 * time.Minute
+	}
+	deadline := time.Now().Add(timeout)
+	st, err := route.Load(ctx, control)
+	if err != nil {
+		return fmt.Errorf("reading the routing state: %w", err)
+	}
+	wait := func(what string, check func() (string, error)) error {
+		logged := false
+		for {
+			pending, err := check()
+			if err != nil {
+				return err
+			}
+			if pending == "" {
+				return nil
+			}
+			if !time.Now().Before(deadline) {
+				return fmt.Errorf("%w after %s: %s; the backfill would miss their writes", ErrNotSettled, timeout, pending)
+			}
+			if !logged && log != nil {
+				log.Info("the backfill waits for "+what, "pending", pending)
+				logged = true
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}
+	err = wait("every live proxy replica to acknowledge mirror=on", func() (string, error) {
+		reps, err := route.Replicas(ctx, control, live)
+		if err != nil {
+			return "", fmt.Errorf("reading the proxy replicas: %w", err)
+		}
+		var behind []string
+		for _, r := range reps {
+			if r.AckedVersion < st.Version {
+				behind = append(behind, fmt.Sprintf("%s (at version %d)", r.ID, r.AckedVersion))
+			}
+		}
+		if len(behind) == 0 {
+			return "", nil
+		}
+		return fmt.Sprintf("proxy replica(s) %s have not acknowledged routing state version %d", strings.Join(behind, ", "), st.Version), nil
+	})
+	if err != nil {
+		return err
+	}
+	var since time.Time
+	if err := primary.QueryRow(ctx, "SELECT clock_timestamp()").Scan(&since); err != nil {
+		return fmt.Errorf("reading the old store's clock: %w", err)
+	}
+	return wait("transactions older than mirror=on to end", func() (string, error) {
+		rows, err := primary.Query(ctx, `SELECT pid::text || coalesce(' (' || nullif(application_name, '') || ')', '') || ' since ' || xact_start::text
+			FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+			AND backend_type = 'client backend' AND xact_start < $1 ORDER BY xact_start`, since)
+		if err != nil {
+			return "", fmt.Errorf("reading the old store's open transactions: %w", err)
+		}
+		open, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil || len(open) == 0 {
+			return "", err
+		}
+		return fmt.Sprintf("%d transaction(s) on the old store began before mirror=on settled and are still open: backend %s", len(open), strings.Join(open, ", ")), nil
+	})
+}
+
 // Summary is what a run did.
 type Summary struct {
 	Tables   []TableProgress
@@ -294,6 +389,11 @@ func (e *Engine) Run(ctx context.Context) (Summary, error) {
 		return Summary{}, fmt.Errorf("connecting to the old store: %w", err)
 	}
 	defer primary.Close(context.WithoutCancel(ctx))
+	if !o.DryRun {
+		if err := WaitMirrorSettled(ctx, control, primary, o.Live, o.SettleTimeout, o.Logger); err != nil {
+			return Summary{}, err
+		}
+	}
 	if !o.DryRun {
 		if err := EnsureSchema(ctx, control, secondary); err != nil {
 			return Summary{}, err

@@ -341,3 +341,42 @@ func TestBackfillPause(t *testing.T) {
 	}
 	equalTables(t, e, "items")
 }
+
+// TestBackfillWaitsForMirrorToSettle: a transaction open on old since
+// before mirror turned on writes to old only; the backfill does not start
+// while it is open (it would miss the write when it commits after the
+// backfill's snapshot), nor while a live proxy replica has not
+// acknowledged mirror=on. Once both have settled it runs, and the row is
+// on new.
+func TestBackfillWaitsForMirrorToSettle(t *testing.T) {
+	e := newEnv(t, itemsSchema, false)
+	e.exec(e.old, `INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 50) g`)
+	late := e.connect(oldStore)
+	tx, err := late.Begin(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(t.Context(), `INSERT INTO items VALUES (1000, 'late', 1)`); err != nil {
+		t.Fatal(err)
+	}
+	st, err := route.Apply(t.Context(), e.old, route.Change{Next: route.Settings{Primary: route.Old, Mirror: true}, By: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := e.options(nil, "items")
+	o.SettleTimeout = 500 * time.Millisecond
+	if _, err := run(t, o); !errors.Is(err, ErrNotSettled) || !strings.Contains(err.Error(), "began before mirror=on") {
+		t.Fatalf("err = %v, want a refusal naming the open transaction", err)
+	}
+	if err := tx.Commit(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	// A live replica that has not acknowledged the version holds it too.
+	e.exec(e.old, fmt.Sprintf(`INSERT INTO tandem.replicas (replica_id, acked_version) VALUES ('lagging', %d)`, st.Version-1))
+	if _, err := run(t, o); !errors.Is(err, ErrNotSettled) || !strings.Contains(err.Error(), "lagging") {
+		t.Fatalf("err = %v, want a refusal naming the lagging replica", err)
+	}
+	e.exec(e.old, fmt.Sprintf(`UPDATE tandem.replicas SET acked_version = %d WHERE replica_id = 'lagging'`, st.Version))
+	mustRun(t, o)
+	equalTables(t, e, "items")
+}

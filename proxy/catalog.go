@@ -15,6 +15,7 @@ import (
 type catalog struct {
 	pool  *pgxpool.Pool
 	cache *table.Cache
+	fks   fkCache // foreign keys with referential actions (fk.go)
 }
 
 type catalogKey struct{ store, database string }
@@ -67,6 +68,7 @@ func (s *Server) invalidateCatalogs() {
 	defer s.cats.mu.Unlock()
 	for _, c := range s.cats.m {
 		c.cache.Invalidate()
+		c.fks.invalidate()
 	}
 }
 

@@ -19,10 +19,14 @@ import (
 
 // mirrorTx is the secondary's side of the client's current transaction.
 type mirrorTx struct {
-	open       bool               // the secondary is inside its transaction
-	broken     error              // the secondary missed something: every key goes to the drift ledger
-	drift      []table.DriftEntry // what this transaction wrote, as drift entries, should it break
-	savepoints []string           // the client's savepoints, in order
+	open   bool               // the secondary is inside its transaction
+	broken error              // the secondary missed something: every key goes to the drift ledger
+	drift  []table.DriftEntry // what this transaction wrote, as drift entries, should it break
+	// must is drift the transaction causes whatever the mirror does (a key
+	// changed, an ON UPDATE action): recorded before its commit is
+	// acknowledged.
+	must       []table.DriftEntry
+	savepoints []string // the client's savepoints, in order
 }
 
 var (
@@ -108,16 +112,30 @@ func (rs *routedSession) serve(un *unit) error {
 	// inside a transaction of its own, committed when the primary's is.
 	implicit := startTx == 'I' && (rs.extOpen || un.end == 'H' && !lone)
 
-	if mirror && rs.tx.broken != nil && len(rs.tx.drift) > 0 && hasCommit(rs, un) {
+	if mirror && rs.tx.pending() && hasCommit(rs, un) {
 		// The secondary missed part of this transaction: record it before the
 		// primary commits, so an acknowledged commit always has its drift.
-		if err := rs.recordDrift(rs.tx.drift); err != nil {
+		if err := rs.recordPending(); err != nil {
 			return rs.refuseCommit(prim, err)
 		}
-		rs.tx.drift = nil
+	}
+	if mirror && rs.extOpen && un.end != 'H' && rs.tx.pending() {
+		// The Sync of this unit commits the primary's implicit transaction,
+		// opened by a batch ended by Flush whose part on the secondary
+		// failed: record the drift before the primary commits. When it
+		// cannot be, the session ends without the Sync: the primary rolls
+		// the implicit transaction back.
+		if err := rs.recordPending(); err != nil {
+			rs.ss.log.Error("could not record drift before a Sync commits a pipelined batch; ending the session so that the primary rolls it back", "error", err)
+			return pgwire.Fatal(pgwire.CodeTransactionRollback, "transaction rolled back: Tandem could not record that the secondary store missed its writes").
+				WithHint("The control database is unreachable; retry once it is back.")
+		}
 	}
 	res, err := rs.runUnit(prim, un, wrap, mirror)
 	if err != nil {
+		if mirror && !wrap && (hasCommit(rs, un) || rs.extOpen && un.end != 'H') {
+			rs.commitUnknown(err)
+		}
 		return rs.storeLost(prim, err)
 	}
 	rs.servedBy = st.Primary
@@ -173,6 +191,11 @@ func (rs *routedSession) mayLeavePrimary(st route.State) bool {
 // endWith tells the client the unit is done (ReadyForQuery with the
 // primary's status) and records it.
 func (rs *routedSession) endWith(res *unitResult) error {
+	if rs.doomed != nil {
+		// The primary committed and Tandem cannot tell whether the
+		// secondary has it, nor record that it may not: no ReadyForQuery.
+		return rs.doomed
+	}
 	if res.status != 0 {
 		rs.toClient('Z', []byte{res.status})
 		rs.endUnit(res.status)
@@ -287,11 +310,13 @@ func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
 		return nil
 	}
 	rs.follow(res, true, true)
-	if rs.tx.broken != nil && len(rs.tx.drift) > 0 {
-		if err := rs.recordDrift(rs.tx.drift); err != nil {
+	if rs.tx.pending() {
+		if err := rs.recordPending(); err != nil {
 			return rs.refuseCommit(prim, err)
 		}
-		rs.tx.drift = nil
+	}
+	if k := rs.srv.knobs.BeforePrimaryCommit; k != nil {
+		k()
 	}
 	_, err := rs.internalQuery(prim, "COMMIT", time.Time{})
 	if err == nil && prim.lastTag != "COMMIT" {
@@ -303,6 +328,7 @@ func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
 	if err != nil {
 		var se *storeError
 		if !errors.As(err, &se) {
+			rs.commitUnknown(err)
 			return rs.storeLost(prim, err)
 		}
 		// A deferred constraint failed at commit: the client sees the error,
@@ -315,8 +341,53 @@ func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
 		return nil
 	}
 	rs.secFinish(true)
+	if rs.doomed != nil {
+		return rs.doomed
+	}
 	rs.toClient('Z', []byte{'I'})
 	rs.endUnit('I')
+	return nil
+}
+
+// commitUnknown records every key of the client's transaction as drift
+// when the primary's session was lost while it committed: the primary may
+// have committed (its reply was lost), and the secondary, whose
+// transaction ends with the session, has not. If the primary did not
+// commit, the repairer finds the keys equal and closes the entries.
+func (rs *routedSession) commitUnknown(cause error) {
+	entries := append(slices.Clone(rs.tx.drift), rs.tx.must...)
+	if len(entries) == 0 {
+		return
+	}
+	for i := range entries {
+		entries[i].Reason = "the primary's commit outcome is unknown"
+	}
+	rs.ss.log.Warn("lost the primary while it committed; recording the transaction's keys as drift", "entries", len(entries), "error", cause)
+	rs.recordAcked(entries, "a commit whose outcome is unknown")
+	rs.tx.drift, rs.tx.must = nil, nil
+}
+
+// pending reports whether the transaction has drift to record before its
+// commit is acknowledged: the secondary missed part of it, or it did what
+// lockstep cannot follow.
+func (tx *mirrorTx) pending() bool {
+	return tx.broken != nil && len(tx.drift) > 0 || len(tx.must) > 0
+}
+
+// recordPending records the transaction's pending drift (see pending).
+func (rs *routedSession) recordPending() error {
+	var entries []table.DriftEntry
+	if rs.tx.broken != nil {
+		entries = append(entries, rs.tx.drift...)
+	}
+	entries = append(entries, rs.tx.must...)
+	if err := rs.recordDrift(entries); err != nil {
+		return err
+	}
+	if rs.tx.broken != nil {
+		rs.tx.drift = nil
+	}
+	rs.tx.must = nil
 	return nil
 }
 
@@ -430,10 +501,8 @@ func (rs *routedSession) followTx(ev *event) {
 	case classify.TxPrepare:
 		// Two-phase commit is not mirrored in lockstep: hand its rows to
 		// the repairer.
-		if len(rs.tx.drift) > 0 {
-			if err := rs.recordDrift(rs.tx.drift); err != nil {
-				rs.ss.log.Error("could not record drift for a prepared transaction", "error", err)
-			}
+		if entries := append(slices.Clone(rs.tx.drift), rs.tx.must...); len(entries) > 0 {
+			rs.recordAcked(entries, "a prepared transaction")
 		}
 		rs.secFinish(false)
 	case classify.TxSavepoint:
@@ -505,6 +574,18 @@ func (rs *routedSession) secFailed(sec *rstore, err error) {
 func (rs *routedSession) secFinish(commit bool) {
 	tx := rs.tx
 	rs.tx = mirrorTx{}
+	if commit && tx.pending() {
+		// The primary has committed (a Sync or COMMIT answered before the
+		// proxy saw the secondary fail): record before the acknowledgement.
+		var entries []table.DriftEntry
+		if tx.broken != nil {
+			entries = append(entries, tx.drift...)
+		}
+		rs.recordAcked(append(entries, tx.must...), "a committed transaction")
+		if tx.broken != nil {
+			tx.drift = nil
+		}
+	}
 	sec := rs.stores[storeIndexOf(string(rs.state.Secondary()))]
 	if !tx.open || sec == nil || sec.up == nil {
 		if commit && tx.broken == nil && len(tx.drift) > 0 && tx.open {
@@ -528,9 +609,7 @@ func (rs *routedSession) secFinish(commit bool) {
 		rs.secFailed(sec, err)
 		rs.tx = mirrorTx{}
 		if sql == "COMMIT" && len(tx.drift) > 0 {
-			if derr := rs.recordDrift(tx.drift); derr != nil {
-				rs.ss.log.Error("the secondary failed to commit and its drift could not be recorded", "error", derr, "commit_error", err)
-			}
+			rs.recordAcked(tx.drift, "a transaction the secondary failed to commit")
 		}
 	}
 }
@@ -591,10 +670,26 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 	if ev.image != nil {
 		mode = metrics.ModeRowImage
 	}
+	rs.must = nil
 	entries, plan, perr := rs.planWrite(ev)
 	if errors.Is(perr, errOutOfScope) {
 		return // tables outside tables.include/exclude are passed through untouched
 	}
+	// Drift the write causes whatever the mirror does (planWrite and the
+	// applier add to it): with the transaction's, or at once when the
+	// primary has committed already.
+	defer func() {
+		if len(rs.must) == 0 {
+			return
+		}
+		must := rs.must
+		rs.must = nil
+		if inTx && ordered && !ev.copyIn && !overflowOf(ev) {
+			rs.tx.must = append(rs.tx.must, must...)
+			return
+		}
+		rs.recordAcked(must, "a committed write")
+	}()
 	if perr != nil {
 		rs.ss.log.Warn("cannot mirror a write by row image; recording drift", "error", perr)
 	}
@@ -611,9 +706,7 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 		for i := range entries {
 			entries[i].Reason = reason
 		}
-		if err := rs.recordDrift(entries); err != nil {
-			rs.ss.log.Error("could not record drift", "error", err)
-		}
+		rs.recordAcked(entries, "a write committed before lockstep")
 		rs.srv.metrics.R().Mirrored(ctx, mode, metrics.MirrorSkipped, 0)
 		return
 	}
@@ -661,13 +754,22 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 		}
 		return
 	}
+	ddl := ev.stmt != nil && ev.stmt.Kind == classify.DDL
 	for i := range entries {
-		entries[i].Reason = err.Error()
+		if ddl {
+			entries[i].Reason += ": " + err.Error()
+		} else {
+			entries[i].Reason = err.Error()
+		}
 	}
-	if derr := rs.recordDrift(entries); derr != nil {
-		rs.ss.log.Error("could not record drift", "error", derr, "mirror_error", err)
+	if ddl {
+		rs.ss.log.Error("DDL failed on the secondary store; its tables are recorded as whole-table drift: apply it there by hand",
+			"tag", ev.tag, "tables", ev.stmt.Tables, "store", rs.state.Secondary(), "error", err)
 	}
+	rs.recordAcked(entries, "a write the secondary missed")
 }
+
+func overflowOf(ev *event) bool { return ev.image != nil && ev.image.overflow }
 
 // planWrite returns the drift entries a write stands for and the function
 // that applies it to the secondary.
@@ -689,6 +791,10 @@ func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore)
 		if privateSchema(pm.Name.Schema) {
 			return nil, nil, errOutOfScope // a temporary table: the session's own
 		}
+		g, err := rs.srv.fkGraphOf(ctx, pc)
+		if err != nil {
+			return []table.DriftEntry{{Table: pm.Name, Reason: "mirror failed"}}, nil, err
+		}
 		if ms := rs.srv.mappings.Load(); ms != nil {
 			var m *table.Mapping
 			if rs.state.Primary == route.Old {
@@ -704,11 +810,11 @@ func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore)
 				return entries, nil, fmt.Errorf("table %s is in scope but its mapping has problems (see the proxy's log or tandem plan)", pm.Name)
 			}
 			if !m.Identity() && pm.HasKey() {
-				return rs.planMapped(ev, pm, m)
+				return rs.planMapped(ev, pm, m, g)
 			}
 		}
 		if pm.HasKey() {
-			return rs.planImage(ev, pm, sstore)
+			return rs.planImage(ev, pm, sstore, g)
 		}
 		rs.srv.metrics.R().Fallback(ctx, "no_key")
 		entries := []table.DriftEntry{{Table: pm.Name, Reason: "no primary key"}}
@@ -729,12 +835,23 @@ func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore)
 		rs.ss.log.Info("write mirrored as statement text", "reason", reason, "fingerprint", fp)
 	}
 	var entries []table.DriftEntry
-	if ev.stmt != nil && reason != "ddl" {
+	if ev.stmt != nil {
+		why := "statement mirrored"
+		if reason == "ddl" {
+			// Should the DDL fail on the secondary (a TRUNCATE, an ALTER
+			// TABLE behind a lock held there), the tables it names are
+			// drift, named by its tag.
+			tag := ev.tag
+			if tag == "" {
+				tag = "DDL"
+			}
+			why = tag + " failed on the secondary"
+		}
 		for _, t := range ev.stmt.Tables {
 			if rs.isTemp(t) {
 				continue
 			}
-			entries = append(entries, table.DriftEntry{Table: writtenName(t), Reason: "statement mirrored"})
+			entries = append(entries, table.DriftEntry{Table: writtenName(t), Reason: why})
 		}
 	}
 	return entries, rs.statementApplier(ev), nil
@@ -817,8 +934,17 @@ func imageKeys(pm *table.Meta, img *imageSet) (names []string, keyPos []int, ent
 
 // overflowed is the plan of a statement whose images were not held: the
 // table is drift, and nothing is applied.
-func overflowed(pm *table.Meta) ([]table.DriftEntry, func(*rstore) error, error) {
-	return []table.DriftEntry{{Table: pm.Name, Reason: "row images over the memory bound"}}, func(*rstore) error { return nil }, nil
+func overflowed(pm *table.Meta, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
+	entries := []table.DriftEntry{{Table: pm.Name, Reason: "row images over the memory bound"}}
+	all := make([]string, len(pm.Columns))
+	for i, c := range pm.Columns {
+		all[i] = c.Name
+	}
+	for _, e := range append(g.deleteDrift(pm.Name), g.updateDrift(pm.Name, all)...) {
+		e.Reason = "row images over the memory bound"
+		entries = append(entries, e)
+	}
+	return entries, func(*rstore) error { return nil }, nil
 }
 
 // batches calls fn with the rows of img in batches of at most 1000 rows
@@ -850,27 +976,28 @@ func rowParams(rows [][][]byte, pos []int) [][]byte {
 
 // planImage builds the upserts (or deletes) that apply row images to a
 // table that maps to itself.
-func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store) ([]table.DriftEntry, func(*rstore) error, error) {
+func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
 	img := ev.image
 	if img.overflow {
-		return overflowed(pm)
+		return overflowed(pm, g)
 	}
 	names, keyPos, entries, err := imageKeys(pm, img)
 	if err != nil {
 		return nil, nil, err
 	}
-	if st := ev.stmt; st != nil && st.Image != nil && st.Image.Op != "delete" {
-		for _, c := range st.Image.SetColumns {
-			if slices.Contains(pm.KeyNames(), c) {
-				// A key change: the old keys are not in the image. The
-				// repairer removes them from the secondary.
-				entries = append(entries, table.DriftEntry{Table: pm.Name, Reason: "key columns updated"})
-				break
-			}
-		}
+	updActs := rs.mustForUpdate(ev, pm, g, true)
+	if len(updActs) > 0 {
+		// Should the mirror fail, so did the actions.
+		entries = append(entries, g.updateDrift(pm.Name, ev.stmt.Image.SetColumns)...)
 	}
 	del := isDelete(ev)
-	apply := func(sec *rstore) error {
+	actions := del && len(img.rows) > 0 && len(g.deleteActions(pm.Name)) > 0
+	if actions {
+		// Should the mirror fail, the children the actions reach are drift
+		// too.
+		entries = append(entries, g.deleteDrift(pm.Name)...)
+	}
+	apply := func(sec *rstore) (err error) {
 		if len(img.rows) == 0 {
 			return nil
 		}
@@ -897,6 +1024,31 @@ func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store) ([]
 		// CONFLICT waits for a transaction that is inserting the same key
 		// on the secondary, where a DELETE would not see the uncommitted
 		// row and so would miss it when that insert commits after.
+		if actions {
+			defer func() {
+				if err != nil {
+					return
+				}
+				// PostgreSQL's own actions do not fire in replica mode:
+				// apply them here, after the parent's rows are gone.
+				var drift []table.DriftEntry
+				drift, err = rs.applyDeleteActions(sec, g, fkDeleted{table: pm.Name, cols: names, rows: img.rows})
+				rs.must = append(rs.must, drift...)
+				if err != nil {
+					rs.ss.log.Warn("could not apply ON DELETE actions on the secondary", "table", pm.Name, "error", err)
+				}
+			}()
+		}
+		if len(updActs) > 0 {
+			// Before the row images, while the secondary's rows still hold
+			// the old referenced values the children match.
+			if !rs.tx.open || sec.noRepl {
+				// Outside replica mode PostgreSQL's own actions fire.
+				updActs = nil
+			} else if err := rs.queueUpdateActions(sec, pm, updActs, names, img.rows); err != nil {
+				return err
+			}
+		}
 		err = batches(img.rows, len(cols), func(rows [][][]byte) error {
 			sql, err := table.UpsertSQL(sm, cols, len(rows))
 			if err != nil {
@@ -915,9 +1067,44 @@ func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store) ([]
 		if err != nil {
 			return err
 		}
-		return rs.execQueued(sec)
+		err = rs.execQueued(sec)
+		return err
 	}
 	return entries, apply, nil
+}
+
+// mustForUpdate adds to rs.must what an update or upsert of pm causes that
+// lockstep cannot follow: a changed key (the old keys are not in the row
+// image, so the secondary would keep them: the repairer removes them), and
+// changed referenced columns with ON UPDATE actions.
+//
+// With lockstep set, ON UPDATE actions of a write that keeps its keys are
+// not recorded but returned, for the applier to run on the secondary
+// before the row images (see queueUpdateActions).
+func (rs *routedSession) mustForUpdate(ev *event, pm *table.Meta, g *fkGraph, lockstep bool) []fkAction {
+	st := ev.stmt
+	if st == nil || st.Image == nil || st.Image.Op == "delete" || len(st.Image.SetColumns) == 0 || ev.image == nil || len(ev.image.rows) == 0 {
+		return nil
+	}
+	keyChange := false
+	for _, c := range st.Image.SetColumns {
+		if j, ok := pm.Column(c); ok && slices.Contains(pm.Key, j) {
+			rs.must = append(rs.must, table.DriftEntry{Table: pm.Name, Reason: "key columns updated"})
+			keyChange = true
+			break
+		}
+	}
+	if !lockstep || keyChange {
+		rs.must = append(rs.must, g.updateDrift(pm.Name, st.Image.SetColumns)...)
+		return nil
+	}
+	acts := g.updateActions(pm.Name, st.Image.SetColumns)
+	for _, f := range acts {
+		// The children's columns the action changes may be referenced
+		// with ON UPDATE actions in turn (rare): the ledger.
+		rs.must = append(rs.must, g.updateDrift(f.child, f.childCols)...)
+	}
+	return acts
 }
 
 func isDelete(ev *event) bool {
@@ -928,14 +1115,23 @@ func isDelete(ev *event) bool {
 // (old -> new) while old is primary, reverse after the write flip. The
 // server evaluates the mapping's expressions; a deleted row's image is
 // upserted first, as in planImage.
-func (rs *routedSession) planMapped(ev *event, pm *table.Meta, m *table.Mapping) ([]table.DriftEntry, func(*rstore) error, error) {
+func (rs *routedSession) planMapped(ev *event, pm *table.Meta, m *table.Mapping, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
 	img := ev.image
 	if img.overflow {
-		return overflowed(pm)
+		return overflowed(pm, g)
 	}
 	names, _, entries, err := imageKeys(pm, img)
 	if err != nil {
 		return nil, nil, err
+	}
+	rs.mustForUpdate(ev, pm, g, false)
+	if isDelete(ev) && len(img.rows) > 0 {
+		// The children of a mapped table live under their mapped names
+		// on the secondary: their ON DELETE actions go to the ledger.
+		for _, e := range g.deleteDrift(pm.Name) {
+			e.Reason = "ON DELETE action through a table mapping"
+			rs.must = append(rs.must, e)
+		}
 	}
 	upsert, remove := m.ForwardUpsertSQL, m.ForwardDeleteSQL
 	if rs.state.Primary != route.Old {
@@ -1037,6 +1233,34 @@ func (rs *routedSession) recordDrift(entries []table.DriftEntry) error {
 	// after the next refresh from the ledger.
 	rs.srv.addDrift(entries)
 	return nil
+}
+
+// recordAcked records drift of a write the primary has already committed,
+// before the client's acknowledgement. When the ledger cannot be written
+// the outcome is ambiguous to the client's eyes: the primary has the
+// write, the secondary may not, and nothing says so. Tandem then does what
+// PostgreSQL does when it cannot tell whether a commit happened: the
+// session ends without a ReadyForQuery (SQLSTATE 08006), and the entries
+// are kept in memory and recorded as soon as the ledger is writable again.
+func (rs *routedSession) recordAcked(entries []table.DriftEntry, what string) {
+	if len(entries) == 0 {
+		return
+	}
+	err := rs.recordDrift(entries)
+	if err == nil {
+		return
+	}
+	if rs.srv.recordDrift == nil {
+		rs.ss.log.Error("drift not recorded: no drift ledger is configured", "what", what, "entries", len(entries))
+		return
+	}
+	rs.ss.log.Error("could not record drift after the primary committed; ending the session without an acknowledgement and keeping the drift in memory until the ledger is writable",
+		"what", what, "entries", len(entries), "error", err)
+	rs.srv.holdDrift(entries)
+	if rs.doomed == nil {
+		rs.doomed = pgwire.Fatal(pgwire.CodeConnectionFailure, "the outcome of the transaction is unknown: the %s store committed it, but Tandem could not record that the %s store may have missed it", rs.state.Primary, rs.state.Secondary()).
+			WithHint("Check whether the transaction's changes are present before retrying it; Tandem records the drift once its control database is reachable.").WithCause(err)
+	}
 }
 
 func (s *Server) addDrift(entries []table.DriftEntry) {

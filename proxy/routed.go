@@ -16,6 +16,7 @@ import (
 	"github.com/tandemdb/tandem/internal/pgwire"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/shadow"
+	"github.com/tandemdb/tandem/internal/table"
 )
 
 // The routed engine serves a session message by message whenever the
@@ -285,6 +286,13 @@ type routedSession struct {
 	portals map[string]*portalInfo
 
 	tx mirrorTx // the secondary's side of the current transaction
+	// must collects the drift the write being mirrored causes whatever the
+	// mirror does (see mirrorTx.must).
+	must []table.DriftEntry
+	// doomed, once set, ends the session instead of the next ReadyForQuery:
+	// the primary committed, and drift that may be real could not be
+	// recorded (see recordAcked).
+	doomed error
 
 	// Shadow reads: the reply being copied for a sampled read, the store
 	// that served the current unit, and the session's SET values.

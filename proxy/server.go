@@ -54,6 +54,9 @@ type TestingKnobs struct {
 	// BeforeSecondaryCommit is called by a mirroring session after the
 	// primary committed a transaction and before the secondary does.
 	BeforeSecondaryCommit func()
+	// BeforePrimaryCommit is called by a mirroring session before it sends
+	// the COMMIT of an autocommit write it wrapped in a transaction.
+	BeforePrimaryCommit func()
 	// BeforeShadow is called by a shadow worker before it runs a sample.
 	BeforeShadow func()
 }
@@ -93,6 +96,7 @@ type Server struct {
 	cats         catalogs
 	oids         oidCache // user-defined OIDs translated between the stores
 	recordDrift  func(ctx context.Context, entries []table.DriftEntry) error
+	held         heldDrift // drift not yet recorded though its write committed (held.go)
 	classifier   *classify.Classifier
 	mappings     atomic.Pointer[table.Mappings]
 	shadow       *shadower // nil without a new store
@@ -327,6 +331,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // release closes what sessions shared once they have all ended: the
 // catalog pools and the shadow workers with their connections.
 func (s *Server) release() {
+	s.stopHeld()
 	s.closeCatalogs()
 	if s.shadow != nil {
 		s.shadow.stop()

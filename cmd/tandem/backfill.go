@@ -25,7 +25,10 @@ const backfillLong = `Copy the rows that existed before mirroring started from t
 new one, while live writes continue (playbook step 2, after mirror is on). It reads the same
 configuration as 'tandem proxy' and refuses to start unless the routing state
 has mirror on (tandem route set --mirror on), so that every write after the
-start reaches both stores.
+start reaches both stores. Before the first chunk it waits (up to
+--settle-timeout) until every live proxy replica has acknowledged mirror=on
+and no transaction that began before that is still open on old: a session
+inside a transaction when mirror turned on finishes it on old only.
 
 Each unit locks one chunk of --chunk rows in key order on old (SELECT ... FOR
 SHARE), upserts it on new through the table's mapping in one transaction that
@@ -74,6 +77,7 @@ func newBackfillCmd() *cobra.Command {
 	dryRun := fs.Bool("dry-run", false, "plan and print what would be copied, write nothing")
 	restart := fs.Bool("restart", false, "forget the tables' checkpoints and copy them again from the start")
 	report := fs.Bool("report", false, "summarise the failures in the migration log and exit")
+	settle := fs.Duration("settle-timeout", 5*time.Minute, "wait at most this long for the proxy replicas to acknowledge mirror=on and older transactions on old to end")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		cfg, err := flags.Load(os.LookupEnv)
 		if err != nil {
@@ -100,7 +104,8 @@ func newBackfillCmd() *cobra.Command {
 			return err
 		}
 		opts := backfill.Options{Control: ccfg, Primary: oldCfg, Secondary: newCfg, Workers: *workers, Rate: *rate, Chunk: *chunk,
-			Restart: *restart, DryRun: *dryRun, LatencyBound: *latency, Logger: newLogger(cfg.Log, cmd.ErrOrStderr())}
+			Restart: *restart, DryRun: *dryRun, LatencyBound: *latency, Logger: newLogger(cfg.Log, cmd.ErrOrStderr()),
+			Live: 3 * cfg.Routing.Poll.Duration(), SettleTimeout: *settle}
 		for _, t := range *tables {
 			opts.Tables = append(opts.Tables, parseTable(t))
 		}

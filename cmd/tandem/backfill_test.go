@@ -66,7 +66,7 @@ func TestBackfillHelp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"upserts it on new", "--restart", "--range", "--report", "mirror on", "SKIP LOCKED"} {
+	for _, want := range []string{"upserts it on new", "--restart", "--range", "--report", "mirror on", "SKIP LOCKED", "--settle-timeout"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("help lacks %q", want)
 		}

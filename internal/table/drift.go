@@ -429,6 +429,19 @@ func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts Rep
 		return 0, fmt.Errorf("claiming drift: %w", err)
 	}
 
+	// A prepared transaction (PREPARE TRANSACTION) on either store holds
+	// its rows until COMMIT or ROLLBACK PREPARED: repairing its table now
+	// would wait for its row locks, or settle its entries against rows it
+	// has not made visible yet, closing them before COMMIT PREPARED makes
+	// the write real on one store only. Its tables are left alone, their
+	// entries open, until it ends.
+	held := map[Name]bool{}
+	for _, c := range []*pgx.Conn{source, target} {
+		if err := preparedTables(ctx, c, held); err != nil {
+			return 0, fmt.Errorf("repairing drift: reading prepared transactions: %w", err)
+		}
+	}
+
 	repaired := 0
 	failures := &EntryFailures{}
 	var stopped error // a store error that ended the pass
@@ -452,6 +465,9 @@ func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts Rep
 	}
 	for _, n := range order {
 		g := groups[n]
+		if held[n] {
+			continue
+		}
 		p, err := repairPlan(ctx, source, target, n, targetName, opts.Mappings)
 		if p != nil {
 			p.lockTables = targetIsPrimary
@@ -488,6 +504,27 @@ func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts Rep
 		return repaired, failures
 	}
 	return repaired, nil
+}
+
+// preparedTables adds to held the tables on which a prepared transaction
+// of c's database holds a lock (pg_locks shows them without a pid).
+func preparedTables(ctx context.Context, c *pgx.Conn, held map[Name]bool) error {
+	rows, err := c.Query(ctx, `SELECT DISTINCT n.nspname, r.relname FROM pg_locks l
+		JOIN pg_class r ON r.oid = l.relation JOIN pg_namespace n ON n.oid = r.relnamespace
+		WHERE l.locktype = 'relation' AND l.pid IS NULL
+		AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())`)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var n Name
+		if err := rows.Scan(&n.Schema, &n.Table); err != nil {
+			return err
+		}
+		held[n] = true
+	}
+	return rows.Err()
 }
 
 // storeFailure carries a store error out of settle: the pass stops there.
