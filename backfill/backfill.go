@@ -67,6 +67,12 @@ type Options struct {
 	// live replica to acknowledge mirror=on and for every transaction
 	// that began before that on the primary to end; default 5 minutes.
 	SettleTimeout time.Duration
+	// Feed: the change feed is enabled (feed.enabled). The first chunk
+	// then also waits until the feed reads the primary's WAL: a write
+	// committed after a chunk was copied and before the feed's slot
+	// existed would otherwise be seen by neither (a trigger's side-write,
+	// a write that bypasses the proxy).
+	Feed bool
 }
 
 func (o *Options) defaults() {
@@ -355,6 +361,56 @@ func WaitMirrorSettled(ctx context.Context, control, primary *pgx.Conn, live, ti
 	})
 }
 
+// WaitFeedReading waits, up to timeout, until the change feed reads the
+// primary's WAL: its slot exists on the primary and tandem.feed shows it
+// alive there. Every write committed from then on is checked by the feed;
+// what committed before is in the rows the backfill copies. A no-op when
+// feed is false.
+func WaitFeedReading(ctx context.Context, control, primary *pgx.Conn, feed bool, timeout time.Duration, log *slog.Logger) error {
+	if !feed {
+		return nil
+	}
+	if timeout <= 0 {
+		timeout = 5 * time.Minute
+	}
+	st, err := route.Load(ctx, control)
+	if err != nil {
+		return fmt.Errorf("reading the routing state: %w", err)
+	}
+	if err := route.EnsureFeedSchema(ctx, control); err != nil {
+		return err
+	}
+	slot := route.FeedSlot(st.Primary)
+	deadline := time.Now().Add(timeout)
+	logged := false
+	for {
+		var hasSlot, alive bool
+		if err := primary.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database())", slot).Scan(&hasSlot); err != nil {
+			return fmt.Errorf("reading the primary's replication slots: %w", err)
+		}
+		if err := control.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM tandem.feed WHERE store = $1 AND holder IS NOT NULL
+				AND checked_lsn IS NOT NULL AND heartbeat_at > now() - $2::interval)`, string(st.Primary), route.FeedLive.String()).Scan(&alive); err != nil {
+			return fmt.Errorf("reading tandem.feed: %w", err)
+		}
+		if hasSlot && alive {
+			return nil
+		}
+		if !time.Now().Before(deadline) {
+			return fmt.Errorf("%w after %s: the change feed is not reading the %s store's WAL (slot %s present: %v; a live feed: %v); "+
+				"is a tandem proxy with feed.enabled running?", ErrNotSettled, timeout, st.Primary, slot, hasSlot, alive)
+		}
+		if !logged && log != nil {
+			log.Info("the backfill waits for the change feed to read the primary's WAL", "slot", slot)
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
 // Summary is what a run did.
 type Summary struct {
 	Tables   []TableProgress
@@ -391,6 +447,9 @@ func (e *Engine) Run(ctx context.Context) (Summary, error) {
 	defer primary.Close(context.WithoutCancel(ctx))
 	if !o.DryRun {
 		if err := WaitMirrorSettled(ctx, control, primary, o.Live, o.SettleTimeout, o.Logger); err != nil {
+			return Summary{}, err
+		}
+		if err := WaitFeedReading(ctx, control, primary, o.Feed, o.SettleTimeout, o.Logger); err != nil {
 			return Summary{}, err
 		}
 	}

@@ -827,12 +827,23 @@ func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore)
 		reason = "unknown"
 	}
 	rs.srv.metrics.R().Fallback(ctx, reason)
+	// With the change feed, a write whose effects the proxy cannot know
+	// (DO, CALL, a function that writes, what does not parse) is not run
+	// again on the secondary: run there, its defaults and sequences would
+	// make rows of their own, which the feed never sees (they are not in
+	// the primary's WAL). The feed checks what it did on the primary,
+	// key by key, and the repairer copies it (design section 10).
+	replay := reason == "ddl" || !rs.srv.config().Feed.Enabled
 	if reason != "ddl" {
 		fp := ""
 		if ev.stmt != nil {
 			fp = ev.stmt.Fingerprint
 		}
-		rs.ss.log.Info("write mirrored as statement text", "reason", reason, "fingerprint", fp)
+		if replay {
+			rs.ss.log.Info("write mirrored as statement text", "reason", reason, "fingerprint", fp)
+		} else {
+			rs.ss.log.Debug("write left to the change feed", "reason", reason, "fingerprint", fp)
+		}
 	}
 	var entries []table.DriftEntry
 	if ev.stmt != nil {
@@ -853,6 +864,9 @@ func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore)
 			}
 			entries = append(entries, table.DriftEntry{Table: writtenName(t), Reason: why})
 		}
+	}
+	if !replay {
+		return entries, func(*rstore) error { return nil }, nil
 	}
 	return entries, rs.statementApplier(ev), nil
 }

@@ -105,7 +105,7 @@ func newBackfillCmd() *cobra.Command {
 		}
 		opts := backfill.Options{Control: ccfg, Primary: oldCfg, Secondary: newCfg, Workers: *workers, Rate: *rate, Chunk: *chunk,
 			Restart: *restart, DryRun: *dryRun, LatencyBound: *latency, Logger: newLogger(cfg.Log, cmd.ErrOrStderr()),
-			Live: 3 * cfg.Routing.Poll.Duration(), SettleTimeout: *settle}
+			Live: 3 * cfg.Routing.Poll.Duration(), SettleTimeout: *settle, Feed: cfg.Feed.Enabled}
 		for _, t := range *tables {
 			opts.Tables = append(opts.Tables, parseTable(t))
 		}

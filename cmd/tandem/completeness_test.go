@@ -19,6 +19,11 @@ import (
 	"github.com/tandemdb/tandem/internal/pgtest"
 )
 
+// convergeBound is how soon after the writers stop both stores must hash
+// the same: 10s, as issue 11 asks; longer under the race detector, which
+// slows the proxy several times over.
+var convergeBound = map[bool]time.Duration{false: 10 * time.Second, true: 45 * time.Second}[raceEnabled]
+
 // completenessSchema is an ordinary application schema with what a
 // dual-write proxy cannot see from statement text: ON DELETE/UPDATE CASCADE
 // children, a trigger that writes another table, and a function that
@@ -194,16 +199,7 @@ func TestCompletenessUnderChaos(t *testing.T) {
 	mustExec(t, oldC, completenessSchema)
 	mustExec(t, newC, completenessSchema)
 	file, cfg := feedConfigWithRepair(t, oldC, newC, "chaos-proxy", 100*time.Millisecond)
-	logTo := io.Writer(io.Discard)
-	if p := os.Getenv("TANDEM_TEST_LOG"); p != "" {
-		f, err := os.Create(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		logTo = f
-	}
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "info"}, logTo))
+	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -255,15 +251,12 @@ func TestCompletenessUnderChaos(t *testing.T) {
 		if diff = storesDiffer(t, oldC, newC); len(diff) == 0 {
 			break
 		}
-		if time.Since(stopped) > time.Minute {
-			t.Fatalf("a minute after the writers stopped, these tables still differ: %v\n%s", diff, ledgerReport(t, oldC))
+		if time.Since(stopped) > convergeBound {
+			t.Fatalf("%s after the writers stopped, these tables still differ: %v\n%s\nold: %s\nnew: %s", convergeBound, diff, ledgerReport(t, oldC), activity(oldC), activity(newC))
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
 	t.Logf("%d direct writes on old; every table equal %s after the writers stopped", direct.Load(), time.Since(stopped).Round(10*time.Millisecond))
-	if os.Getenv("TANDEM_STRICT_CONVERGENCE") != "" && time.Since(stopped) > 10*time.Second {
-		t.Errorf("converged in %s, over 10s", time.Since(stopped))
-	}
 }
 
 // TestFlipWithDirectWritesMissesNothing: writers through the proxy and a
@@ -361,6 +354,31 @@ func ledgerReport(t *testing.T, control *pgtest.Cluster) string {
 			}
 		}
 		rows.Close()
+	}
+	return b.String()
+}
+
+// activity lists what a store's sessions are doing, for a failure message.
+func activity(c *pgtest.Cluster) string {
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, c.DSN("postgres"))
+	if err != nil {
+		return err.Error()
+	}
+	defer conn.Close(ctx)
+	rows, err := conn.Query(ctx, `SELECT pid, state, coalesce(wait_event_type || '/' || wait_event, '-'), coalesce(extract(epoch FROM now() - xact_start)::int, -1), left(query, 100)
+		FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND backend_type = 'client backend' AND state <> 'idle'`)
+	if err != nil {
+		return err.Error()
+	}
+	defer rows.Close()
+	var b strings.Builder
+	for rows.Next() {
+		var pid, secs int
+		var state, wait, q string
+		if rows.Scan(&pid, &state, &wait, &secs, &q) == nil {
+			fmt.Fprintf(&b, "\n  %d %s wait %s xact %ds: %s", pid, state, wait, secs, q)
+		}
 	}
 	return b.String()
 }
