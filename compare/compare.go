@@ -343,6 +343,57 @@ func (s side) midKey(ctx context.Context, q table.Querier, lo, hi []string, n in
 	return k, nil
 }
 
+// bounds returns, for a one-column key, the key of every every-th row
+// after lo and at most hi, in key order (an index-only scan): the ends of
+// the subranges hashGroups hashes.
+func (s side) bounds(ctx context.Context, q table.Querier, lo, hi []string, every int) ([]string, error) {
+	cond, args := s.cond(lo, hi)
+	sql := "SELECT k FROM (SELECT t." + quoteIdent(s.key[0].Name) + "::text AS k, row_number() OVER (ORDER BY " + s.order + ") AS rn FROM " +
+		s.name.Quoted() + " t WHERE " + cond + ") AS r WHERE rn % " + strconv.Itoa(every) + " = 0 ORDER BY rn"
+	rows, err := q.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, fmt.Errorf("splitting a range of %s: %w", s.name, err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("splitting a range of %s: %w", s.name, err)
+	}
+	return out, nil
+}
+
+// hashGroups hashes, in one query, the subranges of the range after lo
+// and at most hi that ends (one-column keys, ascending) cut: subrange j
+// holds the keys after ends[j-1] and at most ends[j] (lo and hi beyond
+// either end). Empty subranges are missing from the map.
+func (s side) hashGroups(ctx context.Context, q table.Querier, lo, hi, ends []string) (map[int]rangeHash, error) {
+	cond, args := s.cond(lo, hi)
+	args = append(args, ends)
+	k := "t." + quoteIdent(s.key[0].Name)
+	arr := "$" + strconv.Itoa(len(args)) + "::text[]::" + s.key[0].ParamType + "[]"
+	// width_bucket counts the ends at or below the key; an end itself
+	// belongs to the subrange it closes.
+	b := "width_bucket(" + k + ", " + arr + ") - (" + k + " = ANY(" + arr + "))::int"
+	sql := "SELECT " + b + ", count(*), " + s.aggregate(s.rowHash, s.order) + " FROM " + s.name.Quoted() + " t WHERE " + cond + " GROUP BY 1"
+	rows, err := q.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+	}
+	defer rows.Close()
+	out := map[int]rangeHash{}
+	for rows.Next() {
+		var j int
+		var r rangeHash
+		if err := rows.Scan(&j, &r.n, &r.hash); err != nil {
+			return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+		}
+		out[j] = r
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+	}
+	return out, nil
+}
+
 // rowHashes returns the key (joined) -> row hash of the rows after lo and
 // at most hi, and the keys in key order.
 func (s side) rowHashes(ctx context.Context, q table.Querier, lo, hi []string) (map[string]string, [][]string, error) {
@@ -798,6 +849,9 @@ func (v *verifier) bisect(ctx context.Context, pr connPair, lo, hi []string, oh,
 	if nh.n > oh.n {
 		s, q, n = v.n, pr.new, nh.n
 	}
+	if len(s.key) == 1 {
+		return v.split(ctx, pr, s, q, lo, hi)
+	}
 	mid, err := s.midKey(ctx, q, lo, hi, n/2-1)
 	if err != nil {
 		return nil, 0, err
@@ -826,6 +880,52 @@ func (v *verifier) bisect(ctx context.Context, pr connPair, lo, hi []string, oh,
 			out = append(out, found...)
 			bisected += k
 		}
+	}
+	return out, bisected, nil
+}
+
+// split is bisect's step for a one-column key, in three round trips
+// instead of one or two per halving: the ends of subranges of Leaf rows
+// (on s, the side with more rows, over q), then every subrange hashed on
+// both stores at once in one query each, then each differing subrange
+// bisected (at most Leaf rows on s: diffed by rows).
+func (v *verifier) split(ctx context.Context, pr connPair, s side, q *pgx.Conn, lo, hi []string) ([]Difference, int, error) {
+	ends, err := s.bounds(ctx, q, lo, hi, v.opts.Leaf)
+	if err != nil {
+		return nil, 0, err
+	}
+	if len(ends) == 0 {
+		// Fewer than Leaf rows now (a write since the range was hashed).
+		d, err := v.diffRows(ctx, pr, lo, hi)
+		return d, 1, err
+	}
+	var og, ng map[int]rangeHash
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) { og, err = v.o.hashGroups(gctx, pr.old, lo, hi, ends); return })
+	g.Go(func() (err error) { ng, err = v.n.hashGroups(gctx, pr.new, lo, hi, ends); return })
+	if err := g.Wait(); err != nil {
+		return nil, 0, err
+	}
+	var out []Difference
+	bisected := 1
+	for j := 0; j <= len(ends); j++ {
+		a, b := og[j], ng[j]
+		if a == b {
+			continue
+		}
+		sublo, subhi := lo, hi
+		if j > 0 {
+			sublo = []string{ends[j-1]}
+		}
+		if j < len(ends) {
+			subhi = []string{ends[j]}
+		}
+		found, k, err := v.bisect(ctx, pr, sublo, subhi, a, b)
+		if err != nil {
+			return nil, 0, err
+		}
+		out = append(out, found...)
+		bisected += k
 	}
 	return out, bisected, nil
 }
