@@ -667,11 +667,11 @@ func (v *verifier) pace(ctx context.Context, n int) error {
 // Ranges go in windows of Workers: their ends are found on old with
 // key-only queries (cheap, an index-only scan), then each range is hashed
 // on both stores at once, the window's ranges in parallel on a pair of
-// connections each. The window is then settled in key order: a range
-// whose hashes differ is bisected on the main connections, and its
-// differences are confirmed (and repaired) before its checkpoint is
-// written, so a resumed run never skips a difference that was found but
-// not yet settled.
+// connections each. A range whose hashes differ is bisected on its pair,
+// the window's at once. The window's differences are then confirmed (and
+// repaired) together before any of its checkpoints is written, so a
+// resumed run never skips a difference that was found but not yet
+// settled.
 func (v *verifier) walk(ctx context.Context, lo []string) error {
 	type span struct {
 		lo, hi []string
@@ -725,13 +725,16 @@ func (v *verifier) walk(ctx context.Context, lo []string) error {
 		if err := g.Wait(); err != nil {
 			return err
 		}
-		// Settle them in key order.
+		// Confirm (and repair) the window's differences in one re-check,
+		// then record its ranges in key order.
 		for _, sp := range win {
 			v.sum.Bisected += sp.bisected
 			v.found = append(v.found, sp.found...)
-			if err := v.settle(ctx); err != nil {
-				return err
-			}
+		}
+		if err := v.settle(ctx); err != nil {
+			return err
+		}
+		for _, sp := range win {
 			v.sum.Ranges++
 			v.sum.Rows += sp.oh.n
 			if sp.final {
