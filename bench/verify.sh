@@ -7,6 +7,8 @@
 #   (b) tandem compare (a clean verify: server-side range hashes)
 #   (c) bench/naivecompare: both tables streamed in key order over pgx, compared in Go
 #   (d) tandem compare again after planting 100 scattered differences on new (must report 100)
+# With --baseline BIN, (b) and (d) are also timed with that Tandem binary (e.g. one built from
+# the commit before a change), alternating with the new one, so both are measured side by side.
 # Prints rows/s and the ratios compare/count(*) and compare/naive as markdown on stdout
 # (progress on stderr). See bench/README.md.
 set -euo pipefail
@@ -27,6 +29,7 @@ TABLE=bench_rows
 BUILD=1
 KEEP=0
 TANDEM_BIN=${TANDEM_BIN:-$REPO/bin/tandem}
+BASE_BIN=
 NAIVE_BIN=${NAIVE_BIN:-$REPO/bin/naivecompare}
 
 usage() {
@@ -37,6 +40,7 @@ Usage: $PROG [options]
   --batch N      tandem compare --batch (default $BATCH)
   --no-build     do not run 'go build'; use \$TANDEM_BIN and \$NAIVE_BIN (default bin/)
   --keep         leave both clusters running on exit
+  --baseline BIN also time (b) and (d) with the Tandem binary BIN, alternating with the new one
   -h, --help     this help
 
 Clusters '$OLD_CLUSTER' (:$OLD_PORT) and '$NEW_CLUSTER' (:$NEW_PORT) live under \$BENCH_DIR
@@ -50,6 +54,7 @@ while [[ $# -gt 0 ]]; do
     --batch) BATCH=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
+    --baseline) BASE_BIN=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "$PROG: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -70,6 +75,7 @@ if [[ $BUILD -eq 1 ]]; then
 fi
 [[ -x "$TANDEM_BIN" ]] || die "no Tandem binary at $TANDEM_BIN"
 [[ -x "$NAIVE_BIN" ]] || die "no naivecompare binary at $NAIVE_BIN"
+[[ -z "$BASE_BIN" || -x "$BASE_BIN" ]] || die "no baseline binary at $BASE_BIN"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tandem-vf.XXXXXX")
 CFG="$WORK/tandem.yaml"
@@ -129,10 +135,11 @@ count() { # $1: port; checks the count
   [[ "$n" == "$ROWS" ]] || die "count(*) on :$1 is $n, want $ROWS"
 }
 # compare_run OUT WANT [FLAGS...]: tandem compare --json into OUT, expecting WANT differences.
+# BIN (default $TANDEM_BIN) is the binary.
 compare_run() {
   local out=$1 want=$2 rc=0
   shift 2
-  "$TANDEM_BIN" compare -c "$CFG" --table "$TABLE" --batch "$BATCH" --json "$@" >"$out" 2>"$out.err" || rc=$?
+  "${BIN:-$TANDEM_BIN}" compare -c "$CFG" --table "$TABLE" --batch "$BATCH" --json "$@" >"$out" 2>"$out.err" || rc=$?
   local got; got=$(grep -c '"kind"' "$out" || true)
   if [[ "$got" != "$want" ]] || { [[ $want -eq 0 && $rc -ne 0 ]] || [[ $want -gt 0 && $rc -ne 1 ]]; }; then
     tail -n 20 "$out.err" >&2; head -c 2000 "$out" >&2
@@ -153,6 +160,15 @@ t0=$(now); fullscan "$OLD_PORT" & p1=$!; fullscan "$NEW_PORT" & p2=$!; wait "$p1
 log "(b) tandem compare --batch $BATCH (clean)"
 settle
 t0=$(now); compare_run "$WORK/clean.json" 0; T_CMP=$(since "$t0")
+if [[ -n "$BASE_BIN" ]]; then
+  log "(b) baseline $BASE_BIN compare (clean), then the new one again"
+  settle
+  t0=$(now); BIN=$BASE_BIN compare_run "$WORK/base-clean.json" 0; T_BCMP=$(since "$t0")
+  settle
+  t0=$(now); compare_run "$WORK/clean2.json" 0; T_CMP2=$(since "$t0")
+  settle
+  t0=$(now); BIN=$BASE_BIN compare_run "$WORK/base-clean.json" 0; T_BCMP2=$(since "$t0")
+fi
 log "(b) tandem compare --batch $BATCH --ranges-only (clean: the key-range walk alone)"
 settle
 t0=$(now); compare_run "$WORK/clean-ranges.json" 0 --ranges-only; T_CMPR=$(since "$t0")
@@ -171,6 +187,15 @@ q "$NEW_PORT" -c "update $TABLE set note = 'planted' where id in (select k * $ST
   -c "insert into $TABLE (id, account, status) select $ROWS + k * 7, 0, 'planted' from generate_series(1, 30) k" >&2
 settle
 t0=$(now); compare_run "$WORK/planted.json" 100; T_PLANT=$(since "$t0")
+if [[ -n "$BASE_BIN" ]]; then
+  log "(d) baseline compare (100 planted), then the new one again"
+  settle
+  t0=$(now); BIN=$BASE_BIN compare_run "$WORK/base-planted.json" 100; T_BPLANT=$(since "$t0")
+  settle
+  t0=$(now); compare_run "$WORK/planted2.json" 100; T_PLANT2=$(since "$t0")
+  settle
+  t0=$(now); BIN=$BASE_BIN compare_run "$WORK/base-planted.json" 100; T_BPLANT2=$(since "$t0")
+fi
 
 R_SCAN=$(rate "$T_SCAN"); R_CMPR=$(rate "$T_CMPR"); R_COUNT=$(rate "$T_COUNT"); R_COUNTC=$(rate "$T_COUNTC"); R_CMP=$(rate "$T_CMP"); R_NAIVE=$(rate "$T_NAIVE"); R_PLANT=$(rate "$T_PLANT")
 cat <<REPORT
@@ -194,3 +219,19 @@ compare/full scan: $(ratio "$T_CMP" "$T_SCAN") the time; ranges-only/full scan: 
 compare/naive: $(ratio "$T_CMP" "$T_NAIVE") the time ($(ratio "$R_CMP" "$R_NAIVE") the rows/s)  
 planted/clean compare: $(ratio "$T_PLANT" "$T_CMP") the time
 REPORT
+if [[ -n "$BASE_BIN" ]]; then
+  cat <<REPORT
+
+### Side by side: baseline $(basename "$BASE_BIN") against $(basename "$TANDEM_BIN"), alternating on the same clusters
+
+| run | baseline s | new s | new/baseline |
+|---|---:|---:|---:|
+| clean, 1st | $(printf %.2f "$T_BCMP") | $(printf %.2f "$T_CMP") | $(ratio "$T_CMP" "$T_BCMP") |
+| clean, 2nd | $(printf %.2f "$T_BCMP2") | $(printf %.2f "$T_CMP2") | $(ratio "$T_CMP2" "$T_BCMP2") |
+| 100 planted, 1st | $(printf %.2f "$T_BPLANT") | $(printf %.2f "$T_PLANT") | $(ratio "$T_PLANT" "$T_BPLANT") |
+| 100 planted, 2nd | $(printf %.2f "$T_BPLANT2") | $(printf %.2f "$T_PLANT2") | $(ratio "$T_PLANT2" "$T_BPLANT2") |
+
+baseline: clean/full scan $(ratio "$T_BCMP" "$T_SCAN"), planted/clean $(ratio "$T_BPLANT" "$T_BCMP")  
+new: clean/full scan $(ratio "$T_CMP" "$T_SCAN"), planted/clean $(ratio "$T_PLANT" "$T_CMP")
+REPORT
+fi

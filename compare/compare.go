@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"golang.org/x/sync/errgroup"
 	"log/slog"
+	"math/big"
 	"slices"
 	"strconv"
 	"strings"
@@ -203,6 +204,8 @@ type side struct {
 	// rowHash is the row hash as it is aggregated; agg aggregates a
 	// range's row hashes ($ stands for them) into one text.
 	rowHash, agg string
+	// record: the range hash is a sum of row hashes (see rangeHash.minus).
+	record bool
 }
 
 // newSide builds one store's SQL. With record (both stores on PostgreSQL
@@ -214,7 +217,7 @@ func newSide(name table.Name, key []table.Column, hash string, record bool) side
 	for i, c := range key {
 		cols[i] = "t." + quoteIdent(c.Name)
 	}
-	s := side{name: name, key: key, hash: hash, rowHash: hash, order: strings.Join(cols, ", ")}
+	s := side{name: name, key: key, hash: hash, rowHash: hash, order: strings.Join(cols, ", "), record: record}
 	if record {
 		s.hash = hash + "::text"
 		s.agg = "coalesce(sum($)::text, '')"
@@ -283,6 +286,24 @@ type rangeHash struct {
 	hash string
 }
 
+// minus returns the hash of r's rows that are not in part, a subrange of
+// r, when range hashes are sums of row hashes (side.record): counts and
+// sums subtract. An empty range's sum is "".
+func (r rangeHash) minus(part rangeHash) rangeHash {
+	sum := func(s string) *big.Int {
+		n, ok := new(big.Int).SetString(s, 10)
+		if !ok {
+			return new(big.Int)
+		}
+		return n
+	}
+	out := rangeHash{n: r.n - part.n}
+	if out.n > 0 {
+		out.hash = new(big.Int).Sub(sum(r.hash), sum(part.hash)).String()
+	}
+	return out
+}
+
 // hashRange hashes the rows after lo and at most hi.
 func (s side) hashRange(ctx context.Context, q table.Querier, lo, hi []string) (rangeHash, error) {
 	cond, args := s.cond(lo, hi)
@@ -320,6 +341,57 @@ func (s side) midKey(ctx context.Context, q table.Querier, lo, hi []string, n in
 		return nil, fmt.Errorf("splitting a range of %s: %w", s.name, err)
 	}
 	return k, nil
+}
+
+// bounds returns, for a one-column key, the key of every every-th row
+// after lo and at most hi, in key order (an index-only scan): the ends of
+// the subranges hashGroups hashes.
+func (s side) bounds(ctx context.Context, q table.Querier, lo, hi []string, every int) ([]string, error) {
+	cond, args := s.cond(lo, hi)
+	sql := "SELECT k FROM (SELECT t." + quoteIdent(s.key[0].Name) + "::text AS k, row_number() OVER (ORDER BY " + s.order + ") AS rn FROM " +
+		s.name.Quoted() + " t WHERE " + cond + ") AS r WHERE rn % " + strconv.Itoa(every) + " = 0 ORDER BY rn"
+	rows, err := q.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, fmt.Errorf("splitting a range of %s: %w", s.name, err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("splitting a range of %s: %w", s.name, err)
+	}
+	return out, nil
+}
+
+// hashGroups hashes, in one query, the subranges of the range after lo
+// and at most hi that ends (one-column keys, ascending) cut: subrange j
+// holds the keys after ends[j-1] and at most ends[j] (lo and hi beyond
+// either end). Empty subranges are missing from the map.
+func (s side) hashGroups(ctx context.Context, q table.Querier, lo, hi, ends []string) (map[int]rangeHash, error) {
+	cond, args := s.cond(lo, hi)
+	args = append(args, ends)
+	k := "t." + quoteIdent(s.key[0].Name)
+	arr := "$" + strconv.Itoa(len(args)) + "::text[]::" + s.key[0].ParamType + "[]"
+	// width_bucket counts the ends at or below the key; an end itself
+	// belongs to the subrange it closes.
+	b := "width_bucket(" + k + ", " + arr + ") - (" + k + " = ANY(" + arr + "))::int"
+	sql := "SELECT " + b + ", count(*), " + s.aggregate(s.rowHash, s.order) + " FROM " + s.name.Quoted() + " t WHERE " + cond + " GROUP BY 1"
+	rows, err := q.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+	}
+	defer rows.Close()
+	out := map[int]rangeHash{}
+	for rows.Next() {
+		var j int
+		var r rangeHash
+		if err := rows.Scan(&j, &r.n, &r.hash); err != nil {
+			return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+		}
+		out[j] = r
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+	}
+	return out, nil
 }
 
 // rowHashes returns the key (joined) -> row hash of the rows after lo and
@@ -595,16 +667,19 @@ func (v *verifier) pace(ctx context.Context, n int) error {
 // Ranges go in windows of Workers: their ends are found on old with
 // key-only queries (cheap, an index-only scan), then each range is hashed
 // on both stores at once, the window's ranges in parallel on a pair of
-// connections each. The window is then settled in key order: a range
-// whose hashes differ is bisected on the main connections, and its
-// differences are confirmed (and repaired) before its checkpoint is
-// written, so a resumed run never skips a difference that was found but
-// not yet settled.
+// connections each. A range whose hashes differ is bisected on its pair,
+// the window's at once. The window's differences are then confirmed (and
+// repaired) together before any of its checkpoints is written, so a
+// resumed run never skips a difference that was found but not yet
+// settled.
 func (v *verifier) walk(ctx context.Context, lo []string) error {
 	type span struct {
 		lo, hi []string
 		final  bool
 		oh, nh rangeHash
+		// found are the differences bisect found, to be confirmed.
+		found    []Difference
+		bisected int
 	}
 	for {
 		if err := ctx.Err(); err != nil {
@@ -637,16 +712,29 @@ func (v *verifier) walk(ctx context.Context, lo []string) error {
 		if err := g.Wait(); err != nil {
 			return err
 		}
-		// Settle them in key order.
-		for _, sp := range win {
+		// Bisect the differing ones, each on its pair, all at once.
+		g, gctx = errgroup.WithContext(ctx)
+		for k, sp := range win {
 			if sp.oh != sp.nh {
-				if err := v.bisect(ctx, sp.lo, sp.hi, sp.oh, sp.nh); err != nil {
-					return err
-				}
+				g.Go(func() (err error) {
+					sp.found, sp.bisected, err = v.bisect(gctx, v.pairs[k], sp.lo, sp.hi, sp.oh, sp.nh)
+					return
+				})
 			}
-			if err := v.settle(ctx); err != nil {
-				return err
-			}
+		}
+		if err := g.Wait(); err != nil {
+			return err
+		}
+		// Confirm (and repair) the window's differences in one re-check,
+		// then record its ranges in key order.
+		for _, sp := range win {
+			v.sum.Bisected += sp.bisected
+			v.found = append(v.found, sp.found...)
+		}
+		if err := v.settle(ctx); err != nil {
+			return err
+		}
+		for _, sp := range win {
 			v.sum.Ranges++
 			v.sum.Rows += sp.oh.n
 			if sp.final {
@@ -748,53 +836,125 @@ func (v *verifier) repair(ctx context.Context, keys [][]string, logTo table.Exec
 }
 
 // bisect finds the differing rows of the range after lo and at most hi,
-// whose hashes differ.
-func (v *verifier) bisect(ctx context.Context, lo, hi []string, oh, nh rangeHash) error {
-	v.sum.Bisected++
+// whose hashes differ, on the connection pair pr; it returns them (to be
+// confirmed) and how many ranges it found differing, this one included.
+// Both stores are queried at once. With summed record hashes a range's
+// hash is its two halves' summed, so only the lower half is hashed and
+// the upper half's hash is the difference.
+func (v *verifier) bisect(ctx context.Context, pr connPair, lo, hi []string, oh, nh rangeHash) ([]Difference, int, error) {
 	v.opts.Logger.Debug("range differs", "table", v.sum.Table, "after", lo, "upto", hi, "old_rows", oh.n, "new_rows", nh.n)
 	if max(oh.n, nh.n) <= int64(v.opts.Leaf) {
-		return v.diffRows(ctx, lo, hi)
+		d, err := v.diffRows(ctx, pr, lo, hi)
+		return d, 1, err
 	}
 	// Split at the middle row of the side with more rows.
-	s, q, n := v.o, v.old, oh.n
+	s, q, n := v.o, pr.old, oh.n
 	if nh.n > oh.n {
-		s, q, n = v.n, v.new, nh.n
+		s, q, n = v.n, pr.new, nh.n
+	}
+	if len(s.key) == 1 {
+		return v.split(ctx, pr, s, q, lo, hi)
 	}
 	mid, err := s.midKey(ctx, q, lo, hi, n/2-1)
 	if err != nil {
-		return err
+		return nil, 0, err
 	}
-	for _, r := range [][2][]string{{lo, mid}, {mid, hi}} {
-		a, err := v.o.hashRange(ctx, v.old, r[0], r[1])
-		if err != nil {
-			return err
-		}
-		b, err := v.n.hashRange(ctx, v.new, r[0], r[1])
-		if err != nil {
-			return err
-		}
-		if a != b {
-			if err := v.bisect(ctx, r[0], r[1], a, b); err != nil {
-				return err
+	a, b, err := v.hashBoth(ctx, pr, lo, mid)
+	if err != nil {
+		return nil, 0, err
+	}
+	var c, d rangeHash
+	if v.o.record {
+		c, d = oh.minus(a), nh.minus(b)
+	} else if c, d, err = v.hashBoth(ctx, pr, mid, hi); err != nil {
+		return nil, 0, err
+	}
+	var out []Difference
+	bisected := 1
+	for _, r := range []struct {
+		lo, hi []string
+		a, b   rangeHash
+	}{{lo, mid, a, b}, {mid, hi, c, d}} {
+		if r.a != r.b {
+			found, k, err := v.bisect(ctx, pr, r.lo, r.hi, r.a, r.b)
+			if err != nil {
+				return nil, 0, err
 			}
+			out = append(out, found...)
+			bisected += k
 		}
 	}
-	return nil
+	return out, bisected, nil
 }
 
-// diffRows fetches a small range's row hashes from both stores and records
-// the keys that differ.
-func (v *verifier) diffRows(ctx context.Context, lo, hi []string) error {
-	om, okeys, err := v.o.rowHashes(ctx, v.old, lo, hi)
+// split is bisect's step for a one-column key, in three round trips
+// instead of one or two per halving: the ends of subranges of Leaf rows
+// (on s, the side with more rows, over q), then every subrange hashed on
+// both stores at once in one query each, then each differing subrange
+// bisected (at most Leaf rows on s: diffed by rows).
+func (v *verifier) split(ctx context.Context, pr connPair, s side, q *pgx.Conn, lo, hi []string) ([]Difference, int, error) {
+	ends, err := s.bounds(ctx, q, lo, hi, v.opts.Leaf)
 	if err != nil {
-		return err
+		return nil, 0, err
 	}
-	nm, nkeys, err := v.n.rowHashes(ctx, v.new, lo, hi)
-	if err != nil {
-		return err
+	if len(ends) == 0 {
+		// Fewer than Leaf rows now (a write since the range was hashed).
+		d, err := v.diffRows(ctx, pr, lo, hi)
+		return d, 1, err
 	}
-	v.found = append(v.found, diff(om, nm, okeys, nkeys)...)
-	return nil
+	var og, ng map[int]rangeHash
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) { og, err = v.o.hashGroups(gctx, pr.old, lo, hi, ends); return })
+	g.Go(func() (err error) { ng, err = v.n.hashGroups(gctx, pr.new, lo, hi, ends); return })
+	if err := g.Wait(); err != nil {
+		return nil, 0, err
+	}
+	var out []Difference
+	bisected := 1
+	for j := 0; j <= len(ends); j++ {
+		a, b := og[j], ng[j]
+		if a == b {
+			continue
+		}
+		sublo, subhi := lo, hi
+		if j > 0 {
+			sublo = []string{ends[j-1]}
+		}
+		if j < len(ends) {
+			subhi = []string{ends[j]}
+		}
+		found, k, err := v.bisect(ctx, pr, sublo, subhi, a, b)
+		if err != nil {
+			return nil, 0, err
+		}
+		out = append(out, found...)
+		bisected += k
+	}
+	return out, bisected, nil
+}
+
+// hashBoth hashes the range after lo and at most hi on both stores of pr
+// at once.
+func (v *verifier) hashBoth(ctx context.Context, pr connPair, lo, hi []string) (oh, nh rangeHash, err error) {
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) { oh, err = v.o.hashRange(gctx, pr.old, lo, hi); return })
+	g.Go(func() (err error) { nh, err = v.n.hashRange(gctx, pr.new, lo, hi); return })
+	err = g.Wait()
+	return oh, nh, err
+}
+
+// diffRows fetches a small range's row hashes from both stores at once and
+// returns the keys that differ.
+func (v *verifier) diffRows(ctx context.Context, pr connPair, lo, hi []string) ([]Difference, error) {
+	var om, nm map[string]string
+	var okeys, nkeys [][]string
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) { om, okeys, err = v.o.rowHashes(gctx, pr.old, lo, hi); return })
+	g.Go(func() (err error) { nm, nkeys, err = v.n.rowHashes(gctx, pr.new, lo, hi); return })
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	return diff(om, nm, okeys, nkeys), nil
 }
 
 // diff types the differences between two key -> hash maps, in old's key

@@ -27,16 +27,18 @@ the write flip), and optionally repair what differs.
 Rows are hashed on each store, server-side, with the mapping's hash
 expressions (renames, computed columns and dropped columns applied), so only
 a row count and a hash per range cross the network: hash_record_extended over
-the mapped values, summed, when both stores run PostgreSQL 14 or later, else
-the md5 of the rows' text in key order.
+the mapped values, seeded with the row's key and summed, when both stores run
+PostgreSQL 14 or later, else the md5 of the rows' text in key order.
 
 First each whole table is hashed in one query per store, both at once
 (PostgreSQL may scan it in parallel): a quiet table that agrees is verified
 in that pass. Otherwise (or with --ranges-only, or --rate) the old table is
 walked in key order, --batch rows per key range, --workers ranges at a time,
 each hashed on both stores at once. A range whose hashes differ is bisected
-until it holds at most --leaf rows, whose keys and row hashes are then
-fetched from both stores and diffed. Each difference is typed:
+on its own connections, the window's at once, until it holds at most --leaf
+rows, whose keys and row hashes are then fetched from both stores and diffed;
+with a one-column key the range is cut into subranges of --leaf rows hashed
+in one query per store. Each difference is typed:
 
   MissingOnNew  the key is on old, not on new
   MissingOnOld  the key is on new, not on old

@@ -498,10 +498,48 @@ func (m *Mapping) HashSQL(side string) (string, error) {
 // settings; columns of types without a hash function (json, xml, point...)
 // are hashed as their text. Both stores must run on machines of the same
 // byte order (the hash functions are not portable across it).
+//
+// The hash is seeded with the row's key (RecordHashSeedSQL): a verify sums
+// row hashes per range, and hash_record_extended is linear in its columns'
+// hashes (h = 31*h + column hash), so with one seed for every row the sum
+// of a range is a sum of per-column sums, and two rows that swapped a
+// column's values would hash equal as a range. Seeded by the key, each
+// column's hash depends on the row it is in.
 func (m *Mapping) RecordHashSQL(side string) (string, error) {
 	parts, err := m.hashParts(side, true)
 	if err != nil {
 		return "", err
+	}
+	seed, err := m.RecordHashSeedSQL(side)
+	if err != nil {
+		return "", err
+	}
+	return "hash_record_extended(ROW(" + strings.Join(parts, ", ") + "), " + seed + ")", nil
+}
+
+// RecordHashSeedSQL is the seed RecordHashSQL hashes a row with: a bigint
+// from the new key's values as side holds them (the value itself for one
+// integer column, else hash_record_extended over the key), 0 when the new
+// table has no key derived from old.
+func (m *Mapping) RecordHashSeedSQL(side string) (string, error) {
+	all, err := m.hashParts(side, true)
+	if err != nil {
+		return "", err
+	}
+	var parts, types []string
+	for _, k := range m.New.Key {
+		for i, t := range m.fwd.targets {
+			if t.col == k {
+				parts = append(parts, all[i])
+				types = append(types, m.New.Columns[k].Type)
+			}
+		}
+	}
+	switch {
+	case len(parts) == 0:
+		return "0", nil
+	case len(parts) == 1 && (types[0] == "bigint" || types[0] == "integer" || types[0] == "smallint"):
+		return "(" + parts[0] + ")::bigint", nil
 	}
 	return "hash_record_extended(ROW(" + strings.Join(parts, ", ") + "), 0)", nil
 }
