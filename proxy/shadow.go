@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -303,7 +304,7 @@ type shadower struct {
 	maxResult int
 	timeout   time.Duration
 	settle    time.Duration
-	redact    bool
+	redact    bool // store records without values: !shadow.record_values
 	opts      shadow.Options
 	queue     chan *shadowJob
 	record    func(ctx context.Context, r mismatch.Record) error
@@ -351,7 +352,7 @@ func newShadower(s *Server, record func(context.Context, mismatch.Record) error)
 		settle = s.cfg.Routing.MirrorBudget.Duration()
 	}
 	sh := &shadower{srv: s, aa: c.AA, maxResult: int(c.MaxResultBytes), timeout: c.Timeout.Duration(), settle: settle,
-		redact: c.RedactParams, opts: shadow.Options{FloatTolerance: c.FloatTolerance},
+		redact: !c.RecordValues, opts: shadow.Options{FloatTolerance: c.FloatTolerance},
 		queue: make(chan *shadowJob, c.Queue), record: record, confirms: rate.NewLimiter(2, 4),
 		idle: map[shadowConnKey][]*shadowConn{}, counts: map[string]*mismatch.Counts{},
 		recorded: map[string]*recordBudget{}, fps: map[string]bool{}}
@@ -790,6 +791,15 @@ func (sh *shadower) store(j *shadowJob, d *shadow.Diff) {
 	sh.mu.Unlock()
 	if over {
 		return
+	}
+	if sh.redact {
+		dc := *d
+		dc.Changed = slices.Clone(d.Changed)
+		for i := range dc.Changed {
+			dc.Changed[i].Columns = maps.Clone(d.Changed[i].Columns)
+		}
+		dc.Redact()
+		d = &dc
 	}
 	diff, err := json.Marshal(d)
 	if err != nil {

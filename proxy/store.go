@@ -31,6 +31,9 @@ type store struct {
 	name     string
 	cfg      *pgconn.Config
 	passfile *pgpassfile.Passfile
+	// allowed is the store's require_auth set; nil = the default: SCRAM
+	// and no authentication always, MD5 and cleartext only over TLS.
+	allowed map[string]bool
 }
 
 func newStore(name string, sc config.Store, connectTimeout time.Duration) (*store, error) {
@@ -40,6 +43,9 @@ func newStore(name string, sc config.Store, connectTimeout time.Duration) (*stor
 	}
 	cfg.ConnectTimeout = connectTimeout
 	st := &store{name: name, cfg: cfg}
+	if st.allowed, err = config.ParseRequireAuth(sc.RequireAuth); err != nil {
+		return nil, fmt.Errorf("%s.require_auth: %w", name, err)
+	}
 	if sc.PasswordFile != "" {
 		if st.passfile, err = pgpassfile.ReadPassfile(sc.PasswordFile); err != nil {
 			return nil, fmt.Errorf("%s.password_file: %w", name, err)
@@ -172,6 +178,8 @@ func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user
 	}
 	br := bufio.NewReaderSize(conn, 4096)
 	var sc *scram.ClientConversation
+	_, overTLS := conn.(*tls.Conn)
+	asked := false // the store asked for a password
 	for {
 		typ, body, err := pgwire.ReadMessage(br, 1<<20)
 		if err != nil {
@@ -182,7 +190,12 @@ func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user
 			if len(body) < 4 {
 				return nil, errors.New("malformed authentication request from the store")
 			}
-			reply, err := authReply(binary.BigEndian.Uint32(body), body, user, password, &sc)
+			kind := binary.BigEndian.Uint32(body)
+			if err := st.allow(kind, asked, overTLS); err != nil {
+				return nil, err
+			}
+			asked = asked || kind != 0
+			reply, err := authReply(kind, body, user, password, &sc)
 			if err != nil {
 				return nil, err
 			}
@@ -227,6 +240,49 @@ func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user
 			return nil, fmt.Errorf("unexpected message %q from the store during startup", typ)
 		}
 	}
+}
+
+// authRefusedError is a store asking for an authentication method its
+// require_auth does not allow: Tandem hangs up rather than send the
+// password that way.
+type authRefusedError struct {
+	store, method, why string
+}
+
+func (e *authRefusedError) Error() string {
+	return fmt.Sprintf("the %s store asked for %s authentication%s; Tandem does not send the password that way", e.store, e.method, e.why)
+}
+
+// allow checks the authentication request kind (an AuthenticationXXX
+// code; 0 = AuthenticationOk) against st's require_auth, as libpq's
+// require_auth does, with Tandem's default when none is set.
+func (st *store) allow(kind uint32, asked, overTLS bool) error {
+	method := ""
+	switch kind {
+	case 0:
+		if asked {
+			return nil // the end of an exchange that was allowed
+		}
+		method = config.UpstreamNone
+	case 3:
+		method = config.UpstreamPassword
+	case 5:
+		method = config.UpstreamMD5
+	case 10, 11, 12:
+		method = config.UpstreamSCRAM
+	default:
+		return nil // authReply refuses the methods Tandem does not speak
+	}
+	if st.allowed != nil {
+		if st.allowed[method] {
+			return nil
+		}
+		return &authRefusedError{store: st.name, method: method, why: fmt.Sprintf(" and %s.require_auth does not list it", st.name)}
+	}
+	if (method == config.UpstreamPassword || method == config.UpstreamMD5) && !overTLS {
+		return &authRefusedError{store: st.name, method: method, why: " on a connection without TLS"}
+	}
+	return nil
 }
 
 // authReply answers one authentication request from a store.
@@ -315,6 +371,11 @@ func upstreamError(storeName string, err error) *pgproto3.ErrorResponse {
 	var rej *rejectedError
 	if errors.As(err, &rej) {
 		return rej.resp
+	}
+	var ar *authRefusedError
+	if errors.As(err, &ar) {
+		return pgwire.Fatal(pgwire.CodeInvalidAuthSpec, "%s", ar.Error()).
+			WithHint("Use TLS to the store (sslmode=require or verify-full in %s.dsn), give the role a SCRAM-SHA-256 password, or allow the method explicitly in %s.require_auth.", ar.store, ar.store).Response()
 	}
 	return pgwire.Fatal(pgwire.CodeConnectionFailure, "could not connect to the %s store", storeName).
 		WithHint("Check that the %s store is up and that its DSN is right; see the proxy's log.", storeName).Response()

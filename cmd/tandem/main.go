@@ -52,6 +52,6 @@ precedence (flags win).`,
 		SilenceErrors: true,
 		Version:       version,
 	}
-	root.AddCommand(newProxyCmd(), newPlanCmd(), newConfigCmd(), newRouteCmd(), newRollbackCmd(), newDemoCmd(), newBackfillCmd(), newCompareCmd())
+	root.AddCommand(newProxyCmd(), newPlanCmd(), newConfigCmd(), newRouteCmd(), newRollbackCmd(), newDemoCmd(), newBackfillCmd(), newCompareCmd(), newHealthCmd())
 	return root
 }

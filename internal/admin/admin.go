@@ -1,11 +1,13 @@
 // Package admin is Tandem's operator HTTP API: liveness, readiness,
 // metrics, and the routing state and its changes (job control as it is
-// built). The server binds only the configured admin address, which is
-// loopback by default: the API has no authentication of its own.
+// built). Everything but the probes and the metrics needs the bearer token
+// when one is configured (Security); the server binds only the configured
+// admin address, which is loopback by default.
 package admin
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -40,6 +42,11 @@ type Options struct {
 	// Writers serves /api/v1/writers: this proxy's sessions a write fence
 	// waits for, one line each (why, for how long); nil answers 404.
 	Writers func() []string
+	// Security is the token and Host checks every request goes through.
+	Security Security
+	// Pprof serves /debug/pprof/ (behind the token); /debug/pprof/cmdline,
+	// which would show the command line and so any DSN on it, never is.
+	Pprof bool
 }
 
 // NewHandler returns the admin API's handler:
@@ -47,7 +54,7 @@ type Options struct {
 //	GET /healthz  200 "ok" while the process serves HTTP
 //	GET /readyz   200 when every check passes, else 503; JSON body per check
 //	GET /metrics  Prometheus text format
-//	/debug/pprof/ Go profiles (the admin address is loopback by default)
+//	/debug/pprof/ Go profiles, only with Pprof (never /debug/pprof/cmdline)
 //	GET  /api/v1/state     routing state, replicas, history tail, open drift (Status)
 //	POST /api/v1/route     a RouteRequest: 200 with a Result; 400 malformed; 409 refused
 //	                       (illegal transition, cutover gate, concurrent change); 503 fence not drained
@@ -111,12 +118,14 @@ func NewHandler(opts Options) http.Handler {
 			_ = json.NewEncoder(w).Encode(map[string]any{"writers": len(sessions), "sessions": sessions})
 		})
 	}
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	return mux
+	if opts.Pprof {
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", http.NotFound)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
+	return opts.Security.guard(mux)
 }
 
 // Server is the admin HTTP server.
@@ -125,8 +134,24 @@ type Server struct {
 	ln  net.Listener
 }
 
+// ServerOptions bound what one client can hold of the admin server. Zero
+// fields take the defaults.
+type ServerOptions struct {
+	// TLS, when set, serves HTTPS.
+	TLS *tls.Config
+	// MaxConnections caps the connections held at once (default 64); more
+	// wait in the listen backlog until one closes.
+	MaxConnections int
+	// ReadHeaderTimeout bounds reading a request's headers (default 5s),
+	// ReadTimeout the whole request (default 30s), WriteTimeout writing the
+	// response from the end of the headers (default 2m; a write flip's
+	// handler waits up to its fence and ack timeouts, so cmd/tandem sets it
+	// from them), and IdleTimeout a kept-alive connection (default 60s).
+	ReadHeaderTimeout, ReadTimeout, WriteTimeout, IdleTimeout time.Duration
+}
+
 // Listen binds addr; Serve then serves until Shutdown.
-func Listen(addr string, h http.Handler, log *slog.Logger) (*Server, error) {
+func Listen(addr string, h http.Handler, log *slog.Logger, o ServerOptions) (*Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("admin listen %s: %w", addr, err)
@@ -137,11 +162,60 @@ func Listen(addr string, h http.Handler, log *slog.Logger) (*Server, error) {
 	} else {
 		el = slog.New(slog.DiscardHandler)
 	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&o.ReadHeaderTimeout, 5*time.Second)
+	def(&o.ReadTimeout, 30*time.Second)
+	def(&o.WriteTimeout, 2*time.Minute)
+	def(&o.IdleTimeout, time.Minute)
+	if o.MaxConnections <= 0 {
+		o.MaxConnections = 64
+	}
+	ln = &limitListener{Listener: ln, sem: make(chan struct{}, o.MaxConnections)}
+	if o.TLS != nil {
+		ln = tls.NewListener(ln, o.TLS)
+	}
 	return &Server{ln: ln, srv: &http.Server{
 		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
+		ReadHeaderTimeout: o.ReadHeaderTimeout,
+		ReadTimeout:       o.ReadTimeout,
+		WriteTimeout:      o.WriteTimeout,
+		IdleTimeout:       o.IdleTimeout,
+		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(el.Handler(), slog.LevelWarn),
 	}}, nil
+}
+
+// limitListener accepts at most cap(sem) connections at once: Accept waits
+// for one to close (as golang.org/x/net/netutil.LimitListener).
+type limitListener struct {
+	net.Listener
+	sem chan struct{}
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	l.sem <- struct{}{}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.sem
+		return nil, err
+	}
+	return &limitConn{Conn: c, release: func() { <-l.sem }}, nil
+}
+
+type limitConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
 }
 
 // Addr is the bound address.

@@ -29,23 +29,40 @@ import (
 
 // Config is the complete configuration of a tandem process.
 type Config struct {
-	Listen  string  `yaml:"listen"`  // address (host:port) where clients connect; default "127.0.0.1:6432"
-	Admin   string  `yaml:"admin"`   // address (host:port) of the admin HTTP server; default "127.0.0.1:9187"
-	Old     Store   `yaml:"old"`     // the store being migrated from
-	New     Store   `yaml:"new"`     // the store being migrated to
-	Auth    Auth    `yaml:"auth"`    // how clients authenticate to tandem
-	TLS     TLS     `yaml:"tls"`     // client-facing TLS
-	Limits  Limits  `yaml:"limits"`  // resource limits and timeouts
-	Relay   Relay   `yaml:"relay"`   // how bytes are relayed
-	Control Control `yaml:"control"` // where the control schema (routing state, drift ledger) lives
-	Routing Routing `yaml:"routing"` // mirroring, breaker and write-flip behaviour
-	Shadow  Shadow  `yaml:"shadow"`  // how shadow reads run and are compared
-	Gates   Gates   `yaml:"gates"`   // the write-flip gates built on verify and shadow reads
-	Log     Log     `yaml:"log"`     // log output
-	Tables  Tables  `yaml:"tables"`  // the migration's scope and table mappings (YAML only)
+	Listen string `yaml:"listen"` // address (host:port) where clients connect; default "127.0.0.1:6432"
+	Admin  string `yaml:"admin"`  // address (host:port) of the admin HTTP server; default "127.0.0.1:9187"
+	// AdminAPI secures the admin HTTP server: its token, TLS, allowed Host names, pprof and connection cap.
+	AdminAPI AdminAPI `yaml:"admin_api"`
+	Old      Store    `yaml:"old"`     // the store being migrated from
+	New      Store    `yaml:"new"`     // the store being migrated to
+	Auth     Auth     `yaml:"auth"`    // how clients authenticate to tandem
+	TLS      TLS      `yaml:"tls"`     // client-facing TLS
+	Limits   Limits   `yaml:"limits"`  // resource limits and timeouts
+	Relay    Relay    `yaml:"relay"`   // how bytes are relayed
+	Control  Control  `yaml:"control"` // where the control schema (routing state, drift ledger) lives
+	Routing  Routing  `yaml:"routing"` // mirroring, breaker and write-flip behaviour
+	Shadow   Shadow   `yaml:"shadow"`  // how shadow reads run and are compared
+	Gates    Gates    `yaml:"gates"`   // the write-flip gates built on verify and shadow reads
+	Log      Log      `yaml:"log"`     // log output
+	Tables   Tables   `yaml:"tables"`  // the migration's scope and table mappings (YAML only)
 
 	// src records where Load found each value, for error positions. It is nil for a Config not built by Load.
 	src *sources
+}
+
+// AdminAPI secures the admin HTTP server (the address is Config.Admin).
+type AdminAPI struct {
+	// TokenFile holds the bearer token every admin request but /healthz, /readyz and /metrics must carry
+	// ("Authorization: Bearer TOKEN"); surrounding whitespace is ignored. Empty = no token, which is allowed only
+	// while Admin is a loopback address. The CLI commands that call the admin API read the same file.
+	TokenFile string `yaml:"token_file"`
+	TLSCert   string `yaml:"tls_cert"` // PEM certificate (chain) for HTTPS on the admin address; set together with TLSKey
+	TLSKey    string `yaml:"tls_key"`  // PEM private key of TLSCert
+	// AllowedHosts lists, comma-separated, the host names (without port) a state-changing request may name in
+	// its Host header besides the loopback names and Admin's own host: a guard against DNS rebinding.
+	AllowedHosts   string `yaml:"allowed_hosts"`
+	Pprof          bool   `yaml:"pprof"`           // serve /debug/pprof/ (behind the token; never cmdline); default false
+	MaxConnections int    `yaml:"max_connections"` // concurrent admin connections; more wait to be accepted; default 64
 }
 
 // Store describes how to reach one PostgreSQL store.
@@ -57,7 +74,20 @@ type Store struct {
 	// PasswordFile is an optional pgpass-format file ("host:port:db:user:password" lines) that supplies the
 	// passwords tandem uses upstream.
 	PasswordFile string `yaml:"password_file"`
+	// RequireAuth lists, comma-separated, the authentication methods the store may ask of Tandem, as libpq's
+	// require_auth: "scram-sha-256", "md5", "password", "none". Empty (the default) allows scram-sha-256 and none
+	// always, and md5 and password only over TLS, so a password never crosses the network in cleartext or as
+	// an MD5 hash an eavesdropper can replay against other servers.
+	RequireAuth string `yaml:"require_auth"`
 }
+
+// Upstream authentication methods accepted in Store.RequireAuth.
+const (
+	UpstreamSCRAM    = "scram-sha-256"
+	UpstreamMD5      = "md5"
+	UpstreamPassword = "password"
+	UpstreamNone     = "none"
+)
 
 // Auth methods accepted in Auth.Method.
 const (
@@ -71,6 +101,9 @@ type Auth struct {
 	// Userlist is a pgbouncer-style userlist file: one `"user" "secret"` line per user, where the secret is a plain password or a SCRAM-SHA-256 verifier.
 	// Required when Method is AuthSCRAMSHA256.
 	Userlist string `yaml:"userlist"`
+	// AllowRemoteTrust lets Method be AuthTrust while Listen is not a loopback address: anyone who reaches the
+	// port logs in upstream with the stores' credentials. Off by default; Validate refuses the combination.
+	AllowRemoteTrust bool `yaml:"allow_remote_trust"`
 }
 
 // TLS configures TLS between clients and tandem.
@@ -141,7 +174,10 @@ type Shadow struct {
 	Settle         Duration `yaml:"settle"`           // the re-read waits this long for in-flight mirrored writes; 0 (default) = routing.mirror_budget
 	FloatTolerance float64  `yaml:"float_tolerance"`  // relative difference under which two floats are equal; default 1e-9
 	AA             bool     `yaml:"aa"`               // A/A mode: shadow on the store that served, to measure the noise floor
-	RedactParams   bool     `yaml:"redact_params"`    // store mismatches without their parameter values
+	// RecordValues stores mismatches with their parameter values and the differing rows' values (and the
+	// stores' error messages); off by default, when a record keeps only the statement text, column names,
+	// counts and SQLSTATEs, as values may be personal data.
+	RecordValues bool `yaml:"record_values"`
 }
 
 // Gates configures the write-flip gates that need evidence from compare
@@ -172,9 +208,10 @@ type Log struct {
 // Default returns the built-in defaults. Old.DSN is empty and must be supplied before the config validates.
 func Default() Config {
 	return Config{
-		Listen: "127.0.0.1:6432",
-		Admin:  "127.0.0.1:9187",
-		Auth:   Auth{Method: AuthTrust},
+		Listen:   "127.0.0.1:6432",
+		Admin:    "127.0.0.1:9187",
+		AdminAPI: AdminAPI{MaxConnections: 64},
+		Auth:     Auth{Method: AuthTrust},
 		Limits: Limits{
 			MaxClientSessions:  1000,
 			MaxMessageBytes:    256 * MiB,
@@ -259,24 +296,51 @@ func options() []option {
 		{path: "admin", flag: "admin",
 			usage: "address (host:port) of the admin HTTP server; keep it on a private interface",
 			field: func(c *Config) any { return &c.Admin }},
+		{path: "admin_api.token_file", flag: "admin-token-file", isFile: true,
+			usage: "`file` holding the bearer token the admin API requires on every request but /healthz, /readyz and /metrics; required when --admin is not a loopback address; CLI commands that call the admin API send it",
+			field: func(c *Config) any { return &c.AdminAPI.TokenFile }},
+		{path: "admin_api.tls_cert", flag: "admin-tls-cert", isFile: true,
+			usage: "PEM certificate `file`: serve the admin API over HTTPS; needs --admin-tls-key",
+			field: func(c *Config) any { return &c.AdminAPI.TLSCert }},
+		{path: "admin_api.tls_key", flag: "admin-tls-key", isFile: true,
+			usage: "PEM private key `file` of --admin-tls-cert",
+			field: func(c *Config) any { return &c.AdminAPI.TLSKey }},
+		{path: "admin_api.allowed_hosts", flag: "admin-allowed-hosts",
+			usage: "comma-separated host names a state-changing admin request may carry in its Host header, besides localhost, 127.0.0.1, ::1 and the --admin host (a guard against DNS rebinding)",
+			field: func(c *Config) any { return &c.AdminAPI.AllowedHosts }},
+		{path: "admin_api.pprof", flag: "admin-pprof",
+			usage: "serve Go profiles at /debug/pprof/ on the admin address, behind the token (/debug/pprof/cmdline is never served)",
+			field: func(c *Config) any { return &c.AdminAPI.Pprof }},
+		{path: "admin_api.max_connections", flag: "admin-max-connections",
+			usage: "concurrent connections the admin server holds; further ones wait to be accepted (at least 1)",
+			field: func(c *Config) any { return &c.AdminAPI.MaxConnections }},
 		{path: "old.dsn", flag: "old",
 			usage: "`DSN` of the old store (required): a postgres:// URL or keyword/value string with host, port, sslmode, default user and dbname, and optionally password",
 			field: func(c *Config) any { return &c.Old.DSN }},
 		{path: "old.password_file", flag: "old-password-file", isFile: true,
 			usage: "pgpass-format `file` (host:port:db:user:password lines) with passwords for connecting to the old store",
 			field: func(c *Config) any { return &c.Old.PasswordFile }},
+		{path: "old.require_auth", flag: "old-require-auth",
+			usage: `comma-separated authentication methods the old store may ask for ("scram-sha-256", "md5", "password", "none", as libpq's require_auth); empty = scram-sha-256 and none, and md5 and password only over TLS`,
+			field: func(c *Config) any { return &c.Old.RequireAuth }},
 		{path: "new.dsn", flag: "new",
 			usage: "`DSN` of the new store, the migration target; same forms as --old",
 			field: func(c *Config) any { return &c.New.DSN }},
 		{path: "new.password_file", flag: "new-password-file", isFile: true,
 			usage: "pgpass-format `file` (host:port:db:user:password lines) with passwords for connecting to the new store",
 			field: func(c *Config) any { return &c.New.PasswordFile }},
+		{path: "new.require_auth", flag: "new-require-auth",
+			usage: "authentication methods the new store may ask for; same forms as --old-require-auth",
+			field: func(c *Config) any { return &c.New.RequireAuth }},
 		{path: "auth.method", flag: "auth-method",
 			usage: `how clients authenticate to tandem: "trust" (no password asked) or "scram-sha-256" (passwords from --auth-userlist)`,
 			field: func(c *Config) any { return &c.Auth.Method }},
 		{path: "auth.userlist", flag: "auth-userlist", isFile: true,
 			usage: "pgbouncer-style userlist `file`: one \"user\" \"secret\" line per user, the secret a plain password or a SCRAM-SHA-256$... verifier; required with --auth-method=scram-sha-256",
 			field: func(c *Config) any { return &c.Auth.Userlist }},
+		{path: "auth.allow_remote_trust", flag: "auth-allow-remote-trust",
+			usage: "allow --auth-method=trust while --listen is not a loopback address (anyone who reaches the port then uses the stores' credentials); refused without it",
+			field: func(c *Config) any { return &c.Auth.AllowRemoteTrust }},
 		{path: "tls.cert", flag: "tls-cert", isFile: true,
 			usage: "PEM certificate `file` for TLS with clients; empty = no TLS (SSLRequest is answered 'N'); needs --tls-key",
 			field: func(c *Config) any { return &c.TLS.Cert }},
@@ -361,9 +425,9 @@ func options() []option {
 		{path: "shadow.aa", flag: "shadow-aa",
 			usage: "A/A mode: run each shadow read on the store that served it, to measure the comparison's noise floor",
 			field: func(c *Config) any { return &c.Shadow.AA }},
-		{path: "shadow.redact_params", flag: "shadow-redact-params",
-			usage: "store shadow mismatches without their parameter values",
-			field: func(c *Config) any { return &c.Shadow.RedactParams }},
+		{path: "shadow.record_values", flag: "shadow-record-values",
+			usage: "store shadow mismatches with their parameter values, the differing rows' values and the stores' error messages; off = only statement text, column names, counts and SQLSTATEs",
+			field: func(c *Config) any { return &c.Shadow.RecordValues }},
 		{path: "gates.verify_max_age", flag: "gate-verify-max-age",
 			usage: "a write flip to new needs every table in scope verified clean (tandem compare) within this long, e.g. 24h; 0 = gate off",
 			field: func(c *Config) any { return &c.Gates.VerifyMaxAge }},
