@@ -266,6 +266,10 @@ type routedSession struct {
 	holding bool
 	spilled bool // the held reply grew past maxHold and went to the client
 
+	// controlWrite is the control-schema table the unit analyze last saw
+	// would change ("" = none): refused, see refuseControlWrite.
+	controlWrite string
+
 	clientIn   chan []clientMsg
 	clientQuit chan struct{}
 	clientDone chan struct{}
@@ -955,6 +959,7 @@ func (rs *routedSession) endUnit(status byte) {
 // Execute (nil for a Query).
 func (rs *routedSession) analyze(u *unit) (kinds []classify.Kind, pureRead bool, tables []string) {
 	pureRead = true
+	rs.controlWrite = ""
 	note := func(si *stmtInfo) {
 		if si == nil || si.plan == nil || si.plan.Err != nil {
 			kinds = append(kinds, classify.Unknown)
@@ -965,6 +970,9 @@ func (rs *routedSession) analyze(u *unit) (kinds []classify.Kind, pureRead bool,
 			kinds = append(kinds, st.Kind)
 			if st.Kind != classify.Read {
 				pureRead = false
+				if t := controlTable(st.Tables); t != "" && rs.controlWrite == "" {
+					rs.controlWrite = t
+				}
 			}
 			tables = append(tables, st.Tables...)
 		}
