@@ -391,7 +391,7 @@ func (rs *routedSession) startClientReader(r io.Reader) {
 	go func() {
 		defer close(rs.clientDone)
 		for {
-			typ, body, err := pgwire.ReadMessage(br, rs.maxBody)
+			typ, body, err := rs.readClientMsg(br)
 			if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && !rs.ss.atSafePoint() {
 				continue // the idle timeout does not apply inside a request or transaction
 			}
@@ -475,7 +475,9 @@ func (rs *routedSession) run() error {
 		if err != nil {
 			return err
 		}
-		if err := rs.serve(u); err != nil {
+		err = rs.serve(u)
+		rs.release(u)
+		if err != nil {
 			return err
 		}
 	}
@@ -587,12 +589,21 @@ func (rs *routedSession) finish(reason error) {
 // messages up to a Sync or Flush.
 type unit struct {
 	msgs []clientMsg
-	end  byte // 'Q', 'F', 'S', 'H', or the type of a lone message
+	end  byte  // 'Q', 'F', 'S', 'H', or the type of a lone message
+	held int64 // bytes counted in Server.buffered for msgs (limits.go)
 }
 
 // collect reads the rest of the request that m starts.
-func (rs *routedSession) collect(m clientMsg) (*unit, error) {
+func (rs *routedSession) collect(m clientMsg) (_ *unit, err error) {
 	u := &unit{msgs: []clientMsg{m}}
+	defer func() {
+		if err != nil {
+			rs.release(u)
+		}
+	}()
+	if err := rs.holdMsg(u, m); err != nil {
+		return nil, err
+	}
 	switch m.typ {
 	case 'Q', 'F', 'S', 'H':
 		u.end = m.typ
@@ -614,6 +625,9 @@ func (rs *routedSession) collect(m clientMsg) (*unit, error) {
 			return u, nil
 		case 'P', 'B', 'D', 'E', 'C':
 			u.msgs = append(u.msgs, n)
+			if err := rs.holdMsg(u, n); err != nil {
+				return nil, err
+			}
 		default:
 			// A message that does not belong in an extended-protocol batch
 			// (Query, Terminate...): serve what came before it first.

@@ -73,43 +73,39 @@ func NewHandler(opts Options) http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write([]byte("ok\n"))
 	})
+	probe := &readiness{checks: opts.Checks, timeout: opts.CheckTimeout, maxAge: time.Second}
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		type result struct {
-			Name  string `json:"name"`
-			OK    bool   `json:"ok"`
-			Error string `json:"error,omitempty"`
-		}
-		results := make([]result, len(opts.Checks))
-		var wg sync.WaitGroup
-		for i, c := range opts.Checks {
-			wg.Go(func() {
-				ctx, cancel := context.WithTimeout(r.Context(), opts.CheckTimeout)
-				defer cancel()
-				results[i] = result{Name: c.Name, OK: true}
-				if err := c.Run(ctx); err != nil {
-					results[i] = result{Name: c.Name, Error: err.Error()}
-				}
-			})
-		}
-		wg.Wait()
+		results, ok := probe.get(r.Context())
 		status := http.StatusOK
-		for _, res := range results {
-			if !res.OK {
-				status = http.StatusServiceUnavailable
-			}
+		if !ok {
+			status = http.StatusServiceUnavailable
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(status)
-		_ = json.NewEncoder(w).Encode(map[string]any{"ready": status == http.StatusOK, "checks": results})
+		_ = json.NewEncoder(w).Encode(map[string]any{"ready": ok, "checks": results})
 	})
 	if opts.Metrics != nil {
 		mux.Handle("GET /metrics", opts.Metrics)
 	}
-	routingHandlers(mux, opts.Routing)
-	backfillHandlers(mux, opts.Backfill)
-	mismatchHandlers(mux, opts.Mismatches)
+	// The API handlers each open a control-database connection: at most
+	// apiConcurrency run at once, so hammering the admin API cannot use up
+	// the control database's max_connections.
+	api := http.NewServeMux()
+	routingHandlers(api, opts.Routing)
+	backfillHandlers(api, opts.Backfill)
+	mismatchHandlers(api, opts.Mismatches)
+	sem := make(chan struct{}, apiConcurrency)
+	mux.Handle("/api/v1/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case sem <- struct{}{}:
+			defer func() { <-sem }()
+		case <-r.Context().Done():
+			return
+		}
+		api.ServeHTTP(w, r)
+	}))
 	if opts.Writers != nil {
-		mux.HandleFunc("GET /api/v1/writers", func(w http.ResponseWriter, r *http.Request) {
+		api.HandleFunc("GET /api/v1/writers", func(w http.ResponseWriter, r *http.Request) {
 			sessions := opts.Writers()
 			if sessions == nil {
 				sessions = []string{}
@@ -126,6 +122,72 @@ func NewHandler(opts Options) http.Handler {
 		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	}
 	return opts.Security.guard(mux)
+}
+
+// apiConcurrency is how many /api/v1 requests run at once; more wait.
+const apiConcurrency = 4
+
+// readiness runs the readiness checks for /readyz: one run at a time, its
+// result shared by the requests that wait for it and reused for maxAge, so
+// that probes at any rate open at most one connection per store per maxAge.
+type readiness struct {
+	checks  []Check
+	timeout time.Duration
+	maxAge  time.Duration
+
+	run     sync.Mutex // held while the checks run
+	mu      sync.Mutex
+	at      time.Time
+	results []checkResult
+	ok      bool
+}
+
+type checkResult struct {
+	Name  string `json:"name"`
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+}
+
+func (p *readiness) cached() ([]checkResult, bool, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.at.IsZero() && time.Since(p.at) < p.maxAge {
+		return p.results, p.ok, true
+	}
+	return nil, false, false
+}
+
+func (p *readiness) get(ctx context.Context) ([]checkResult, bool) {
+	if res, ok, hit := p.cached(); hit {
+		return res, ok
+	}
+	p.run.Lock()
+	defer p.run.Unlock()
+	if res, ok, hit := p.cached(); hit {
+		return res, ok // another request ran them meanwhile
+	}
+	results := make([]checkResult, len(p.checks))
+	var wg sync.WaitGroup
+	for i, c := range p.checks {
+		wg.Go(func() {
+			// Not the request's context: the result serves other requests too.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
+			defer cancel()
+			results[i] = checkResult{Name: c.Name, OK: true}
+			if err := c.Run(cctx); err != nil {
+				results[i] = checkResult{Name: c.Name, Error: err.Error()}
+			}
+		})
+	}
+	wg.Wait()
+	ok := true
+	for _, r := range results {
+		ok = ok && r.OK
+	}
+	p.mu.Lock()
+	p.at, p.results, p.ok = time.Now(), results, ok
+	p.mu.Unlock()
+	return results, ok
 }
 
 // Server is the admin HTTP server.

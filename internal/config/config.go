@@ -129,6 +129,17 @@ type Limits struct {
 	ConnectTimeout     Duration `yaml:"connect_timeout"`      // client startup+auth and upstream dial; default 10s; > 0
 	IdleSessionTimeout Duration `yaml:"idle_session_timeout"` // close sessions idle outside a transaction this long; 0 (default) = off
 	DrainTimeout       Duration `yaml:"drain_timeout"`        // on SIGTERM, how long open transactions may finish; default 30s
+	// MessageTimeout bounds how long the rest of a client message may take to arrive once its header has (in
+	// routed mode); past it the session ends with 08P01. Default 60s; 0 = off.
+	MessageTimeout Duration `yaml:"message_timeout"`
+	// MaxBatchBytes and MaxBatchMessages cap what one session's extended-protocol batch may buffer in the proxy
+	// before its Sync (routed mode); past either the session ends with 54000. MaxBatchBytes 0 (the default)
+	// is MaxMessageBytes; MaxBatchMessages defaults to 10000.
+	MaxBatchBytes    ByteSize `yaml:"max_batch_bytes"`
+	MaxBatchMessages int      `yaml:"max_batch_messages"`
+	// MaxBufferedBytes caps the batch bytes held for all sessions together; a batch that would pass it ends its
+	// session with 54000. Default 1GiB.
+	MaxBufferedBytes ByteSize `yaml:"max_buffered_bytes"`
 }
 
 // Relay engines accepted in Relay.Engine.
@@ -218,6 +229,9 @@ func Default() Config {
 			ConnectTimeout:     Duration(10e9),
 			IdleSessionTimeout: 0,
 			DrainTimeout:       Duration(30e9),
+			MessageTimeout:     Duration(60e9),
+			MaxBatchMessages:   10000,
+			MaxBufferedBytes:   1 * GiB,
 		},
 		Relay: Relay{Engine: RelayEpoll},
 		Routing: Routing{
@@ -365,6 +379,18 @@ func options() []option {
 		{path: "limits.drain_timeout", flag: "drain-timeout",
 			usage: "on SIGTERM, how long open transactions may run to completion before their sessions are closed, e.g. 30s; 0 = do not wait",
 			field: func(c *Config) any { return &c.Limits.DrainTimeout }},
+		{path: "limits.message_timeout", flag: "message-timeout",
+			usage: "once a client message's header has arrived, how long the rest may take (routed mode); past it the session ends with 08P01, e.g. 60s; 0 = off",
+			field: func(c *Config) any { return &c.Limits.MessageTimeout }},
+		{path: "limits.max_batch_bytes", flag: "max-batch-bytes",
+			usage: "bytes of one session's extended-protocol batch the proxy buffers before its Sync (routed mode); past it the session ends with 54000; 0 = --max-message-bytes",
+			field: func(c *Config) any { return &c.Limits.MaxBatchBytes }},
+		{path: "limits.max_batch_messages", flag: "max-batch-messages",
+			usage: "messages of one session's extended-protocol batch the proxy buffers before its Sync (routed mode); past it the session ends with 54000 (at least 1)",
+			field: func(c *Config) any { return &c.Limits.MaxBatchMessages }},
+		{path: "limits.max_buffered_bytes", flag: "max-buffered-bytes",
+			usage: "batch bytes the proxy buffers for all sessions together; a batch that would pass it ends its session with 54000, e.g. 1GiB",
+			field: func(c *Config) any { return &c.Limits.MaxBufferedBytes }},
 		{path: "relay.engine", flag: "relay-engine",
 			usage: `how authenticated sessions are relayed: "epoll" (plaintext sessions on event loops that own their sockets: about 30% less CPU per transaction; TLS sessions and non-Linux systems use goroutines) or "goroutines" (two per session, through the Go runtime)`,
 			field: func(c *Config) any { return &c.Relay.Engine }},

@@ -101,6 +101,9 @@ func TestDefault(t *testing.T) {
 			ConnectTimeout:     Duration(10 * time.Second),
 			IdleSessionTimeout: 0,
 			DrainTimeout:       Duration(30 * time.Second),
+			MessageTimeout:     Duration(time.Minute),
+			MaxBatchMessages:   10000,
+			MaxBufferedBytes:   GiB,
 		},
 		Relay: Relay{Engine: "epoll"},
 		Routing: Routing{MirrorBudget: Duration(500 * time.Millisecond), BreakerFailures: 5, BreakerOpen: Duration(5 * time.Second),
@@ -310,6 +313,10 @@ func TestLoadGoodFile(t *testing.T) {
 			ConnectTimeout:     Duration(5 * time.Second),
 			IdleSessionTimeout: Duration(15 * time.Minute),
 			DrainTimeout:       Duration(90 * time.Second),
+			MessageTimeout:     Duration(30 * time.Second),
+			MaxBatchBytes:      128 * MiB,
+			MaxBatchMessages:   500,
+			MaxBufferedBytes:   2 * GiB,
 		},
 		Relay:   Relay{Engine: "epoll"},
 		Control: Control{DSN: "postgres://tandem@control.internal:5432/tandem?sslmode=disable", PasswordFile: filepath.Join("testdata", "pgpass")},
@@ -375,7 +382,7 @@ func TestLoadFileErrors(t *testing.T) {
 		want    []string // Problem strings, with the file name "t.yaml"
 	}{
 		{"unknown key in section", "limits:\n  max_client_sessions: 5\n  max_sesions: 3\n",
-			[]string{`t.yaml:3:3: unknown field "max_sesions" in limits (valid: max_client_sessions, max_message_bytes, connect_timeout, idle_session_timeout, drain_timeout)`}},
+			[]string{`t.yaml:3:3: unknown field "max_sesions" in limits (valid: max_client_sessions, max_message_bytes, connect_timeout, idle_session_timeout, drain_timeout, message_timeout, max_batch_bytes, max_batch_messages, max_buffered_bytes)`}},
 		{"unknown key with a suggestion", "old:\n  dns: x\n",
 			[]string{`t.yaml:2:3: unknown field "dns" in old (did you mean "dsn"?)`}},
 		{"unknown top-level key", "listn: x\n",
@@ -501,6 +508,10 @@ func TestEnv(t *testing.T) {
 		"TANDEM_LIMITS_CONNECT_TIMEOUT":         "1s",
 		"TANDEM_LIMITS_IDLE_SESSION_TIMEOUT":    "1h",
 		"TANDEM_LIMITS_DRAIN_TIMEOUT":           "2s",
+		"TANDEM_LIMITS_MESSAGE_TIMEOUT":         "5s",
+		"TANDEM_LIMITS_MAX_BATCH_BYTES":         "32KiB",
+		"TANDEM_LIMITS_MAX_BATCH_MESSAGES":      "7",
+		"TANDEM_LIMITS_MAX_BUFFERED_BYTES":      "1MiB",
 		"TANDEM_RELAY_ENGINE":                   "goroutines",
 		"TANDEM_CONTROL_DSN":                    "host=control",
 		"TANDEM_CONTROL_PASSWORD_FILE":          "/control.pgpass",
@@ -548,7 +559,8 @@ func TestEnv(t *testing.T) {
 		Auth: Auth{Method: "scram-sha-256", Userlist: "/userlist", AllowRemoteTrust: true},
 		TLS:  TLS{Cert: "/c.pem", Key: "/k.pem", Require: true},
 		Limits: Limits{MaxClientSessions: 3, MaxMessageBytes: 16 * KiB, ConnectTimeout: Duration(time.Second),
-			IdleSessionTimeout: Duration(time.Hour), DrainTimeout: Duration(2 * time.Second)},
+			IdleSessionTimeout: Duration(time.Hour), DrainTimeout: Duration(2 * time.Second),
+			MessageTimeout: Duration(5 * time.Second), MaxBatchBytes: 32 * KiB, MaxBatchMessages: 7, MaxBufferedBytes: MiB},
 		Relay:   Relay{Engine: "goroutines"},
 		Control: Control{DSN: "host=control", PasswordFile: "/control.pgpass"},
 		Routing: Routing{ReplicaID: "replica-7", MirrorBudget: Duration(time.Second), BreakerFailures: 9,
@@ -623,7 +635,7 @@ func TestValidate(t *testing.T) {
 			c.Auth = Auth{Method: "scram-sha-256", Userlist: userlist}
 			c.TLS = TLS{Cert: cert, Key: key, Require: true}
 			c.Limits = Limits{MaxClientSessions: 1, MaxMessageBytes: MinMessageBytes, ConnectTimeout: 1,
-				IdleSessionTimeout: Duration(time.Minute), DrainTimeout: 0}
+				IdleSessionTimeout: Duration(time.Minute), DrainTimeout: 0, MaxBatchMessages: 1, MaxBufferedBytes: MinMessageBytes}
 			c.Log = Log{Format: "json", Level: "error"}
 		}, nil},
 		{"largest message size", func(c *Config) { c.Limits.MaxMessageBytes = MaxMessageBytes }, nil},
@@ -658,6 +670,11 @@ func TestValidate(t *testing.T) {
 			[]string{"admin_api.max_connections: must be at least 1, not 0"}},
 		{"require_auth", func(c *Config) { c.Old.RequireAuth, c.New.RequireAuth = "scram-sha-256, md5", "kerberos" },
 			[]string{`new.require_auth: unknown authentication method "kerberos": use a comma-separated list of "scram-sha-256", "md5", "password" and "none"`}},
+		{"batch caps", func(c *Config) {
+			c.Limits.MaxBatchBytes, c.Limits.MaxBatchMessages, c.Limits.MaxBufferedBytes, c.Limits.MessageTimeout = MiB, 0, 1, -1
+		}, []string{"limits.message_timeout: must not be negative (0 turns it off)",
+			"limits.max_batch_bytes: must be 0 (= limits.max_message_bytes) or at least limits.max_message_bytes (256MiB): a batch holds at least one message, not 1MiB",
+			"limits.max_batch_messages: must be at least 1, not 0", "limits.max_buffered_bytes: must be at least 8KiB, not 1B"}},
 		{"admin equals listen", func(c *Config) { c.Admin = c.Listen },
 			[]string{`admin: must differ from listen (both are "127.0.0.1:6432")`}},
 		{"old.dsn missing", func(c *Config) { c.Old.DSN = "" },
@@ -862,7 +879,7 @@ func TestCheck(t *testing.T) {
 		file + ":2:1: listen: must be host:port, e.g. 127.0.0.1:6432 or [::1]:6432 (missing port in address)",
 		file + ":4:3: old.dsn: cannot parse DSN: invalid port",
 		file + ":5:1: auth.userlist: required when auth.method is scram-sha-256: the file with the users' SCRAM secrets",
-		file + `:8:3: unknown field "max_sesions" in limits (valid: max_client_sessions, max_message_bytes, connect_timeout, idle_session_timeout, drain_timeout)`,
+		file + `:8:3: unknown field "max_sesions" in limits (valid: max_client_sessions, max_message_bytes, connect_timeout, idle_session_timeout, drain_timeout, message_timeout, max_batch_bytes, max_batch_messages, max_buffered_bytes)`,
 		file + ":9:3: limits.max_client_sessions: must be at least 1",
 		file + `:10:3: limits.connect_timeout: invalid duration "10": needs a unit, e.g. "10s" or "10ms"`,
 		file + `:12:3: log.level: must be "debug", "info", "warn" or "error", not "verbose"`,

@@ -144,6 +144,18 @@ func (c *Config) problems() Problems {
 	if c.Limits.DrainTimeout < 0 {
 		v.add("limits.drain_timeout", "must not be negative (0 means do not wait)")
 	}
+	if c.Limits.MessageTimeout < 0 {
+		v.add("limits.message_timeout", "must not be negative (0 turns it off)")
+	}
+	if c.Limits.MaxBatchBytes != 0 && c.Limits.MaxBatchBytes < c.Limits.MaxMessageBytes {
+		v.add("limits.max_batch_bytes", fmt.Sprintf("must be 0 (= limits.max_message_bytes) or at least limits.max_message_bytes (%s): a batch holds at least one message, not %s", c.Limits.MaxMessageBytes, c.Limits.MaxBatchBytes))
+	}
+	if c.Limits.MaxBatchMessages < 1 {
+		v.add("limits.max_batch_messages", fmt.Sprintf("must be at least 1, not %d", c.Limits.MaxBatchMessages))
+	}
+	if c.Limits.MaxBufferedBytes < MinMessageBytes {
+		v.add("limits.max_buffered_bytes", fmt.Sprintf("must be at least %s, not %s", MinMessageBytes, c.Limits.MaxBufferedBytes))
+	}
 
 	for _, d := range []struct {
 		path string
