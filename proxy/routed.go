@@ -933,6 +933,9 @@ func (rs *routedSession) beginUnit(pureRead bool) error {
 	ss.reqStart = time.Now()
 	ss.outstanding = 1
 	ss.mu.Unlock()
+	if err := rs.checkSelfFence(pureRead); err != nil {
+		return err
+	}
 	if rs.txState != 'I' || rs.extOpen {
 		return nil
 	}

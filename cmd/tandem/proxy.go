@@ -146,6 +146,7 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if cp != nil {
 		cp.refreshMappings(context.Background(), srv)
 		srv.ApplyState(cp.initial) // before the first client: never serve on a routing state older than the stored one
+		srv.HeardState(cp.initialAt)
 	}
 	ping := func(name string) admin.Check {
 		return admin.Check{Name: name, Run: func(ctx context.Context) error { return srv.Ping(ctx, name) }}

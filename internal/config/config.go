@@ -172,6 +172,11 @@ type Routing struct {
 	RepairInterval     Duration `yaml:"repair_interval"`      // how often the drift repairer looks at the ledger; default 1s
 	RepairBackoffMax   Duration `yaml:"repair_backoff_max"`   // the longest wait before a failing drift entry is retried; default 5m
 	DriftStuckAttempts int      `yaml:"drift_stuck_attempts"` // failed repair attempts after which a drift entry is stuck (refuses a write flip); default 5
+
+	// SelfFence is how long a replica may go without reading the routing state before it refuses writes (40001)
+	// until it reads it again; 0 (default) = 2 × Poll. At most 3 × Poll: a flip stops waiting for a replica it has
+	// not heard from for 3 × Poll, which must by then refuse writes.
+	SelfFence Duration `yaml:"self_fence"`
 }
 
 // Shadow configures shadow reads: the routing state's shadow percentage
@@ -214,6 +219,14 @@ const (
 type Log struct {
 	Format string `yaml:"format"` // LogText (default) or LogJSON
 	Level  string `yaml:"level"`  // LogDebug, LogInfo (default), LogWarn or LogError
+}
+
+// SelfFenceBound is Routing.SelfFence with its default applied: 2 × Poll when 0.
+func (r Routing) SelfFenceBound() Duration {
+	if r.SelfFence == 0 {
+		return 2 * r.Poll
+	}
+	return r.SelfFence
 }
 
 // Default returns the built-in defaults. Old.DSN is empty and must be supplied before the config validates.
@@ -430,6 +443,9 @@ func options() []option {
 		{path: "routing.drift_stuck_attempts", flag: "drift-stuck-attempts",
 			usage: "failed repair attempts after which a drift entry counts as stuck: shown by tandem route show and the tandem_drift_stuck metric, and a write flip is refused (at least 1)",
 			field: func(c *Config) any { return &c.Routing.DriftStuckAttempts }},
+		{path: "routing.self_fence", flag: "self-fence",
+			usage: "a replica that has not read the routing state for this long refuses writes (40001) until it reads it again, e.g. 4s; more than routing.poll and at most 3 × routing.poll (when a flip stops waiting for a silent replica); 0 = 2 × routing.poll",
+			field: func(c *Config) any { return &c.Routing.SelfFence }},
 		{path: "shadow.queue", flag: "shadow-queue",
 			usage: "reads waiting for their shadow run; when the queue is full a sample is dropped and counted, never waited for (at least 1)",
 			field: func(c *Config) any { return &c.Shadow.Queue }},

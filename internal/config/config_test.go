@@ -670,6 +670,11 @@ func TestValidate(t *testing.T) {
 			[]string{"admin_api.max_connections: must be at least 1, not 0"}},
 		{"require_auth", func(c *Config) { c.Old.RequireAuth, c.New.RequireAuth = "scram-sha-256, md5", "kerberos" },
 			[]string{`new.require_auth: unknown authentication method "kerberos": use a comma-separated list of "scram-sha-256", "md5", "password" and "none"`}},
+		{"self_fence in the liveness window", func(c *Config) { c.Routing.SelfFence = Duration(5 * time.Second) }, nil},
+		{"self_fence past the liveness window", func(c *Config) { c.Routing.SelfFence = Duration(7 * time.Second) },
+			[]string{"routing.self_fence: must be more than routing.poll (2s) and at most 3 × routing.poll (6s), when a write flip stops waiting for a replica it cannot hear from; or 0 for 2 × routing.poll; not 7s"}},
+		{"self_fence within a poll", func(c *Config) { c.Routing.SelfFence = Duration(time.Second) },
+			[]string{"routing.self_fence: must be more than routing.poll (2s) and at most 3 × routing.poll (6s), when a write flip stops waiting for a replica it cannot hear from; or 0 for 2 × routing.poll; not 1s"}},
 		{"batch caps", func(c *Config) {
 			c.Limits.MaxBatchBytes, c.Limits.MaxBatchMessages, c.Limits.MaxBufferedBytes, c.Limits.MessageTimeout = MiB, 0, 1, -1
 		}, []string{"limits.message_timeout: must not be negative (0 turns it off)",
