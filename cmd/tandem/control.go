@@ -89,7 +89,7 @@ func newRouting(cfg *config.Config, log *slog.Logger, observe func(context.Conte
 		},
 		Options: route.Options{
 			FenceTimeout: cfg.Routing.FenceTimeout.Duration(),
-			Live:         3 * cfg.Routing.Poll.Duration(),
+			Live:         cfg.Routing.LivenessWindow().Duration(), // a silent replica has fenced itself by then
 			Logger:       log,
 			Gates:        []route.Gate{mappingGate(cfg), backfillGate(cfg), verifyGate(cfg), shadowGate(cfg)},
 			PrepareSequences: func(ctx context.Context, to route.Store) (func(context.Context) (route.SequenceSync, error), func(), error) {

@@ -174,8 +174,8 @@ type Routing struct {
 	DriftStuckAttempts int      `yaml:"drift_stuck_attempts"` // failed repair attempts after which a drift entry is stuck (refuses a write flip); default 5
 
 	// SelfFence is how long a replica may go without reading the routing state before it refuses writes (40001)
-	// until it reads it again; 0 (default) = 2 × Poll. At most 3 × Poll: a flip stops waiting for a replica it has
-	// not heard from for 3 × Poll, which must by then refuse writes.
+	// until it reads it again; 0 (default) = 2 × Poll, at least 2s. More than Poll. A flip stops waiting for a
+	// replica it has not heard from for LivenessWindow, which is at least SelfFence + Poll.
 	SelfFence Duration `yaml:"self_fence"`
 }
 
@@ -221,12 +221,20 @@ type Log struct {
 	Level  string `yaml:"level"`  // LogDebug, LogInfo (default), LogWarn or LogError
 }
 
-// SelfFenceBound is Routing.SelfFence with its default applied: 2 × Poll when 0.
+// SelfFenceBound is Routing.SelfFence with its default applied: when 0, 2 × Poll but at least 2s, so that a
+// replica under load does not fence itself between two reads.
 func (r Routing) SelfFenceBound() Duration {
 	if r.SelfFence == 0 {
-		return 2 * r.Poll
+		return max(2*r.Poll, Duration(2e9))
 	}
 	return r.SelfFence
+}
+
+// LivenessWindow is how recent a replica's heartbeat must be for a write flip to wait for it: 3 × Poll, and at
+// least SelfFenceBound + Poll, so that a replica a flip stops waiting for has fenced itself (its bound counts
+// from a read that started before its last heartbeat) with a poll interval to spare for a statement in flight.
+func (r Routing) LivenessWindow() Duration {
+	return max(3*r.Poll, r.SelfFenceBound()+r.Poll)
 }
 
 // Default returns the built-in defaults. Old.DSN is empty and must be supplied before the config validates.
@@ -444,7 +452,7 @@ func options() []option {
 			usage: "failed repair attempts after which a drift entry counts as stuck: shown by tandem route show and the tandem_drift_stuck metric, and a write flip is refused (at least 1)",
 			field: func(c *Config) any { return &c.Routing.DriftStuckAttempts }},
 		{path: "routing.self_fence", flag: "self-fence",
-			usage: "a replica that has not read the routing state for this long refuses writes (40001) until it reads it again, e.g. 4s; more than routing.poll and at most 3 × routing.poll (when a flip stops waiting for a silent replica); 0 = 2 × routing.poll",
+			usage: "a replica that has not read the routing state for this long refuses writes (40001) until it reads it again, e.g. 4s (more than routing.poll); a flip waits for a silent replica until max(3 × routing.poll, this + routing.poll) after its last heartbeat; 0 = 2 × routing.poll, at least 2s",
 			field: func(c *Config) any { return &c.Routing.SelfFence }},
 		{path: "shadow.queue", flag: "shadow-queue",
 			usage: "reads waiting for their shadow run; when the queue is full a sample is dropped and counted, never waited for (at least 1)",

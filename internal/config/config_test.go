@@ -670,11 +670,9 @@ func TestValidate(t *testing.T) {
 			[]string{"admin_api.max_connections: must be at least 1, not 0"}},
 		{"require_auth", func(c *Config) { c.Old.RequireAuth, c.New.RequireAuth = "scram-sha-256, md5", "kerberos" },
 			[]string{`new.require_auth: unknown authentication method "kerberos": use a comma-separated list of "scram-sha-256", "md5", "password" and "none"`}},
-		{"self_fence in the liveness window", func(c *Config) { c.Routing.SelfFence = Duration(5 * time.Second) }, nil},
-		{"self_fence past the liveness window", func(c *Config) { c.Routing.SelfFence = Duration(7 * time.Second) },
-			[]string{"routing.self_fence: must be more than routing.poll (2s) and at most 3 × routing.poll (6s), when a write flip stops waiting for a replica it cannot hear from; or 0 for 2 × routing.poll; not 7s"}},
+		{"self_fence", func(c *Config) { c.Routing.SelfFence = Duration(7 * time.Second) }, nil},
 		{"self_fence within a poll", func(c *Config) { c.Routing.SelfFence = Duration(time.Second) },
-			[]string{"routing.self_fence: must be more than routing.poll (2s) and at most 3 × routing.poll (6s), when a write flip stops waiting for a replica it cannot hear from; or 0 for 2 × routing.poll; not 1s"}},
+			[]string{"routing.self_fence: must be more than routing.poll (2s): a replica reads the state once a poll; or 0 for 2 × routing.poll, at least 2s; not 1s"}},
 		{"batch caps", func(c *Config) {
 			c.Limits.MaxBatchBytes, c.Limits.MaxBatchMessages, c.Limits.MaxBufferedBytes, c.Limits.MessageTimeout = MiB, 0, 1, -1
 		}, []string{"limits.message_timeout: must not be negative (0 turns it off)",
@@ -1172,6 +1170,22 @@ func TestDSNErrorsHideThePassword(t *testing.T) {
 		}
 		if msg := err.Error(); strings.Contains(msg, "Secr3t") || !strings.HasPrefix(msg, "old.dsn: cannot parse DSN: ") {
 			t.Errorf("%q: %s", RedactDSN(dsn), msg)
+		}
+	}
+}
+
+// The liveness window a flip waits for a silent replica covers the
+// replica's self-fence bound plus a poll, whatever the settings.
+func TestLivenessWindow(t *testing.T) {
+	for _, tc := range []struct{ poll, sf, bound, live time.Duration }{
+		{2 * time.Second, 0, 4 * time.Second, 6 * time.Second},
+		{200 * time.Millisecond, 0, 2 * time.Second, 2200 * time.Millisecond},
+		{time.Second, 5 * time.Second, 5 * time.Second, 6 * time.Second},
+		{3 * time.Second, 0, 6 * time.Second, 9 * time.Second},
+	} {
+		r := Routing{Poll: Duration(tc.poll), SelfFence: Duration(tc.sf)}
+		if b, l := r.SelfFenceBound().Duration(), r.LivenessWindow().Duration(); b != tc.bound || l != tc.live || l < b+tc.poll {
+			t.Errorf("poll %s self_fence %s: bound %s window %s, want %s and %s", tc.poll, tc.sf, b, l, tc.bound, tc.live)
 		}
 	}
 }

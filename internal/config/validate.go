@@ -167,9 +167,9 @@ func (c *Config) problems() Problems {
 			v.add(d.path, fmt.Sprintf("must be > 0, not %s", d.v))
 		}
 	}
-	if sf := c.Routing.SelfFence; sf != 0 && (sf <= c.Routing.Poll || sf > 3*c.Routing.Poll) {
-		v.add("routing.self_fence", fmt.Sprintf("must be more than routing.poll (%s) and at most 3 × routing.poll (%s), when a write flip stops waiting for a replica it cannot hear from; or 0 for 2 × routing.poll; not %s",
-			c.Routing.Poll, 3*c.Routing.Poll, sf))
+	if sf := c.Routing.SelfFence; sf < 0 || (sf != 0 && sf <= c.Routing.Poll) {
+		v.add("routing.self_fence", fmt.Sprintf("must be more than routing.poll (%s): a replica reads the state once a poll; or 0 for 2 × routing.poll, at least 2s; not %s",
+			c.Routing.Poll, sf))
 	}
 	if c.Routing.RepairBackoffMax < c.Routing.RepairInterval {
 		v.add("routing.repair_backoff_max", fmt.Sprintf("must be at least routing.repair_interval (%s), not %s", c.Routing.RepairInterval, c.Routing.RepairBackoffMax))
