@@ -53,6 +53,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzShapeOf$$' -fuzztime $(FUZZTIME) ./internal/classify
 	$(GO) test -run '^$$' -fuzz '^FuzzCanonical$$' -fuzztime $(FUZZTIME) ./internal/shadow
 	$(GO) test -run '^$$' -fuzz '^FuzzCompare$$' -fuzztime $(FUZZTIME) ./internal/shadow
+	$(GO) test -run '^$$' -fuzz '^FuzzAdminJSON$$' -fuzztime $(FUZZTIME) ./internal/admin
 	TANDEM_RANDOM_FIRST=1000 TANDEM_RANDOM_SEEDS=$(SEEDS) $(GO) test -count=1 -timeout 60m -run '^TestRandomProtocol$$' ./proxy
 	$(GO) test -count=1 -run '^TestGoldenTranscriptsDualWrite$$/.*/^many_parameters$$' ./proxy
 

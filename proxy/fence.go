@@ -134,6 +134,31 @@ func (rs *routedSession) waitFence(pureRead bool) error {
 	}
 }
 
+// checkSelfFence refuses a unit that may write while this replica has not
+// read the routing state for longer than routing.self_fence (issue 12): a
+// write flip on another replica may have moved the primary, and stops
+// waiting for this one once it has been silent 3 × routing.poll. Outside a
+// transaction the unit gets 40001 and nothing runs; inside one the session
+// ends (FATAL), so the store rolls the transaction back rather than let it
+// commit on a primary that may no longer be the primary.
+func (rs *routedSession) checkSelfFence(pureRead bool) error {
+	if pureRead {
+		return nil
+	}
+	since, fenced := rs.srv.selfFenced()
+	if !fenced {
+		return nil
+	}
+	e := pgwire.Fatal(pgwire.CodeSerializationFailure, "this Tandem replica has not been able to read the routing state for %s (routing.self_fence is %s): it refuses writes until it can",
+		since.Round(time.Millisecond), rs.srv.config().Routing.SelfFenceBound()).
+		WithHint("Nothing of this request ran. Retry, through another replica if you can; check this replica's connection to the control database.")
+	if rs.txState == 'I' && !rs.extOpen {
+		e.Severity = "ERROR"
+	}
+	rs.ss.log.Debug("refusing a write: the routing state has not been read within routing.self_fence", "since", since)
+	return e
+}
+
 // errFenceHeld is the error of a unit refused at a write fence that did not
 // end in time: a serialization failure, which clients and frameworks retry.
 func errFenceHeld() *pgwire.Error {

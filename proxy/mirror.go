@@ -64,6 +64,9 @@ func (s *Server) BreakerState() string {
 // serve runs one request under the session's routing state.
 func (rs *routedSession) serve(un *unit) error {
 	kinds, pureRead, tables := rs.analyze(un)
+	if rs.controlWrite != "" {
+		return rs.refuseControlWrite(un, rs.controlWrite)
+	}
 	lone := rs.lone(un) || rs.inert(un)
 	if err := rs.beginUnit(pureRead || lone); err != nil {
 		return rs.refuseUnit(un, err)

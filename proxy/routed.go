@@ -267,6 +267,10 @@ type routedSession struct {
 	holding bool
 	spilled bool // the held reply grew past maxHold and went to the client
 
+	// controlWrite is the control-schema table the unit analyze last saw
+	// would change ("" = none): refused, see refuseControlWrite.
+	controlWrite string
+
 	clientIn   chan []clientMsg
 	clientQuit chan struct{}
 	clientDone chan struct{}
@@ -395,7 +399,7 @@ func (rs *routedSession) startClientReader(r io.Reader) {
 	go func() {
 		defer close(rs.clientDone)
 		for {
-			typ, body, err := pgwire.ReadMessage(br, rs.maxBody)
+			typ, body, err := rs.readClientMsg(br)
 			if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && !rs.ss.atSafePoint() {
 				continue // the idle timeout does not apply inside a request or transaction
 			}
@@ -479,7 +483,9 @@ func (rs *routedSession) run() error {
 		if err != nil {
 			return err
 		}
-		if err := rs.serve(u); err != nil {
+		err = rs.serve(u)
+		rs.release(u)
+		if err != nil {
 			return err
 		}
 	}
@@ -591,12 +597,21 @@ func (rs *routedSession) finish(reason error) {
 // messages up to a Sync or Flush.
 type unit struct {
 	msgs []clientMsg
-	end  byte // 'Q', 'F', 'S', 'H', or the type of a lone message
+	end  byte  // 'Q', 'F', 'S', 'H', or the type of a lone message
+	held int64 // bytes counted in Server.buffered for msgs (limits.go)
 }
 
 // collect reads the rest of the request that m starts.
-func (rs *routedSession) collect(m clientMsg) (*unit, error) {
+func (rs *routedSession) collect(m clientMsg) (_ *unit, err error) {
 	u := &unit{msgs: []clientMsg{m}}
+	defer func() {
+		if err != nil {
+			rs.release(u)
+		}
+	}()
+	if err := rs.holdMsg(u, m); err != nil {
+		return nil, err
+	}
 	switch m.typ {
 	case 'Q', 'F', 'S', 'H':
 		u.end = m.typ
@@ -618,6 +633,9 @@ func (rs *routedSession) collect(m clientMsg) (*unit, error) {
 			return u, nil
 		case 'P', 'B', 'D', 'E', 'C':
 			u.msgs = append(u.msgs, n)
+			if err := rs.holdMsg(u, n); err != nil {
+				return nil, err
+			}
 		default:
 			// A message that does not belong in an extended-protocol batch
 			// (Query, Terminate...): serve what came before it first.
@@ -923,6 +941,9 @@ func (rs *routedSession) beginUnit(pureRead bool) error {
 	ss.reqStart = time.Now()
 	ss.outstanding = 1
 	ss.mu.Unlock()
+	if err := rs.checkSelfFence(pureRead); err != nil {
+		return err
+	}
 	if rs.txState != 'I' || rs.extOpen {
 		return nil
 	}
@@ -963,6 +984,7 @@ func (rs *routedSession) endUnit(status byte) {
 // Execute (nil for a Query).
 func (rs *routedSession) analyze(u *unit) (kinds []classify.Kind, pureRead bool, tables []string) {
 	pureRead = true
+	rs.controlWrite = ""
 	note := func(si *stmtInfo) {
 		if si == nil || si.plan == nil || si.plan.Err != nil {
 			kinds = append(kinds, classify.Unknown)
@@ -973,6 +995,9 @@ func (rs *routedSession) analyze(u *unit) (kinds []classify.Kind, pureRead bool,
 			kinds = append(kinds, st.Kind)
 			if st.Kind != classify.Read {
 				pureRead = false
+				if t := controlTable(st.Tables); t != "" && rs.controlWrite == "" {
+					rs.controlWrite = t
+				}
 			}
 			tables = append(tables, st.Tables...)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -21,6 +22,8 @@ type routing struct {
 	// unit that is not a plain read: what a write fence waits for.
 	writers atomic.Int64
 	drained chan struct{} // signalled (non-blocking) when writers drops to 0
+
+	heard atomic.Int64 // Unix ns when the last acknowledged read of the state started; 0 = never (HeardState)
 }
 
 func (r *routing) init() {
@@ -42,6 +45,27 @@ func (s *Server) ApplyState(st route.State) {
 	s.routing.mu.Unlock()
 	s.metrics.R().StateVersion(st.Version)
 	s.log.Info("routing state applied", "version", st.Version, "state", st.Settings.String(), "fence", st.Fence)
+}
+
+// HeardState records that the routing state was read (and acknowledged)
+// with a read that started at readAt. Until it is first called the replica
+// does not fence itself: a proxy without a control plane has no state to
+// hear.
+func (s *Server) HeardState(readAt time.Time) {
+	s.routing.heard.Store(readAt.UnixNano())
+}
+
+// selfFenced reports, and says why, whether this replica has not read the
+// routing state for longer than routing.self_fence: it then refuses
+// writes, since a write flip elsewhere stops waiting for it once it has
+// been silent 3 × routing.poll (issue 12).
+func (s *Server) selfFenced() (time.Duration, bool) {
+	h := s.routing.heard.Load()
+	if h == 0 {
+		return 0, false
+	}
+	since := time.Since(time.Unix(0, h))
+	return since, since > s.config().Routing.SelfFenceBound().Duration()
 }
 
 // State returns the routing state the server applies.

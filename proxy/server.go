@@ -74,6 +74,7 @@ type Server struct {
 	new     *store // nil when no new store is configured
 
 	open     atomic.Int64 // client sessions counted against the limit
+	buffered atomic.Int64 // bytes of requests the routed engine holds for all sessions (limits.max_buffered_bytes)
 	stopping atomic.Bool  // set (under mu) once Shutdown or Close has begun
 	baseCtx  context.Context
 	stopCtx  context.CancelFunc

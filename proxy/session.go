@@ -78,6 +78,9 @@ type session struct {
 
 	closing    atomic.Bool // set once the session is ending: reads must not re-arm the idle timeout
 	handingOff atomic.Bool // the relay is stopping to hand the session to the routed engine
+	// msgDeadline (Unix nanoseconds; 0 = none) is when the rest of the
+	// client message being read must have arrived (limits.message_timeout).
+	msgDeadline atomic.Int64
 
 	params  map[string]string        // the client's startup parameters, for more store sessions
 	serving atomic.Pointer[upstream] // the store session serving the current request (routed engine), for cancels
@@ -536,8 +539,12 @@ func (ss *session) sendFinal(reason error) bool {
 type idleReader struct{ ss *session }
 
 func (r idleReader) Read(p []byte) (int, error) {
-	if d := r.ss.srv.config().Limits.IdleSessionTimeout.Duration(); d > 0 && !r.ss.closing.Load() {
+	if md := r.ss.msgDeadline.Load(); md != 0 && !r.ss.closing.Load() {
+		_ = r.ss.client.SetReadDeadline(time.Unix(0, md)) // within a message: its deadline, not the idle one
+	} else if d := r.ss.srv.config().Limits.IdleSessionTimeout.Duration(); d > 0 && !r.ss.closing.Load() {
 		_ = r.ss.client.SetReadDeadline(time.Now().Add(d))
+	} else if !r.ss.closing.Load() && r.ss.srv.config().Limits.MessageTimeout > 0 {
+		_ = r.ss.client.SetReadDeadline(time.Time{}) // a past message's deadline no longer applies
 	}
 	return r.ss.client.Read(p)
 }

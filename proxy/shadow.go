@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -359,7 +360,7 @@ func shadowSettingsOf(cfg *config.Config) *shadowSettings {
 		settle = cfg.Routing.MirrorBudget.Duration()
 	}
 	return &shadowSettings{aa: c.AA, maxResult: int(c.MaxResultBytes), timeout: c.Timeout.Duration(), settle: settle,
-		redact: c.RedactParams, opts: shadow.Options{FloatTolerance: c.FloatTolerance}}
+		redact: !c.RecordValues, opts: shadow.Options{FloatTolerance: c.FloatTolerance}}
 }
 
 // settings returns the settings in force now.
@@ -807,6 +808,15 @@ func (sh *shadower) store(j *shadowJob, d *shadow.Diff) {
 	sh.mu.Unlock()
 	if over {
 		return
+	}
+	if sh.settings().redact {
+		dc := *d
+		dc.Changed = slices.Clone(d.Changed)
+		for i := range dc.Changed {
+			dc.Changed[i].Columns = maps.Clone(d.Changed[i].Columns)
+		}
+		dc.Redact()
+		d = &dc
 	}
 	diff, err := json.Marshal(d)
 	if err != nil {

@@ -80,7 +80,8 @@ func (se *shadowEnv) mismatches() []mismatch.Record {
 // reads that do not; on either protocol.
 func TestShadowTruePositive(t *testing.T) {
 	se := newShadowEnv(t, `CREATE TABLE t (id int PRIMARY KEY, v text, n numeric(10,2));
-		INSERT INTO t SELECT g, 'v' || g, g * 1.5 FROM generate_series(1, 50) g;`)
+		INSERT INTO t SELECT g, 'v' || g, g * 1.5 FROM generate_series(1, 50) g;`,
+		func(c *config.Config) { c.Shadow.RecordValues = true })
 	ctx := context.Background()
 	if err := se.new.Exec(ctx, se.db, `UPDATE t SET v = 'planted' WHERE id = 7; DELETE FROM t WHERE id = 9`); err != nil {
 		t.Fatal(err)
@@ -411,7 +412,7 @@ func TestShadowFieldsFromRowDescription(t *testing.T) {
 // so equal rows match and a planted change on new is a mismatch. A read
 // that touches a computed column cannot be rewritten and is skipped.
 func TestShadowThroughMapping(t *testing.T) {
-	se := newShadowEnv(t, "")
+	se := newShadowEnv(t, "", func(c *config.Config) { c.Shadow.RecordValues = true })
 	ctx := context.Background()
 	if err := se.old.Exec(ctx, se.db, `CREATE TABLE users (id int PRIMARY KEY, mail text, first_name text, last_name text);
 		INSERT INTO users SELECT g, 'u' || g || '@x', 'F' || g, 'L' || g FROM generate_series(1, 30) g;`); err != nil {
@@ -509,7 +510,7 @@ func TestShadowSessionState(t *testing.T) {
 // over shadow.max_result_bytes is skipped, not compared.
 func TestShadowRedactAndSizeBound(t *testing.T) {
 	se := newShadowEnv(t, `CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 100) g;`,
-		func(c *config.Config) { c.Shadow.RedactParams, c.Shadow.MaxResultBytes = true, 4*config.KiB })
+		func(c *config.Config) { c.Shadow.MaxResultBytes = 4 * config.KiB })
 	ctx := context.Background()
 	if err := se.new.Exec(ctx, se.db, `UPDATE t SET v = 'planted' WHERE id = 5`); err != nil {
 		t.Fatal(err)

@@ -31,6 +31,9 @@ type store struct {
 	name     string
 	cfg      *pgconn.Config
 	passfile *pgpassfile.Passfile
+	// allowed is the store's require_auth set; nil = the default: SCRAM
+	// and no authentication always, MD5 and cleartext only over TLS.
+	allowed map[string]bool
 }
 
 func newStore(name string, sc config.Store, connectTimeout time.Duration) (*store, error) {
@@ -40,6 +43,9 @@ func newStore(name string, sc config.Store, connectTimeout time.Duration) (*stor
 	}
 	cfg.ConnectTimeout = connectTimeout
 	st := &store{name: name, cfg: cfg}
+	if st.allowed, err = config.ParseRequireAuth(sc.RequireAuth); err != nil {
+		return nil, fmt.Errorf("%s.require_auth: %w", name, err)
+	}
 	if sc.PasswordFile != "" {
 		if st.passfile, err = pgpassfile.ReadPassfile(sc.PasswordFile); err != nil {
 			return nil, fmt.Errorf("%s.password_file: %w", name, err)
@@ -142,36 +148,14 @@ func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user
 			conn.Close()
 		}
 	}()
-	if dl, has := ctx.Deadline(); has {
-		_ = conn.SetDeadline(dl)
-	}
-	if tg.TLSConfig != nil {
-		if _, err := conn.Write([]byte{0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f}); err != nil { // SSLRequest
-			return nil, err
-		}
-		var b [1]byte
-		if _, err := io.ReadFull(conn, b[:]); err != nil {
-			return nil, err
-		}
-		if b[0] != 'S' {
-			return nil, errors.New("the store refused TLS")
-		}
-		tc := tls.Client(conn, tg.TLSConfig)
-		if err := tc.HandshakeContext(ctx); err != nil {
-			return nil, err
-		}
-		conn = tc
-	}
-	startup := &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: params}
-	buf, err := startup.Encode(nil)
+	sconn, br, err := startup(ctx, conn, tg, params)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := conn.Write(buf); err != nil {
-		return nil, err
-	}
-	br := bufio.NewReaderSize(conn, 4096)
+	conn = sconn
 	var sc *scram.ClientConversation
+	_, overTLS := conn.(*tls.Conn)
+	asked := false // the store asked for a password
 	for {
 		typ, body, err := pgwire.ReadMessage(br, 1<<20)
 		if err != nil {
@@ -182,7 +166,12 @@ func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user
 			if len(body) < 4 {
 				return nil, errors.New("malformed authentication request from the store")
 			}
-			reply, err := authReply(binary.BigEndian.Uint32(body), body, user, password, &sc)
+			kind := binary.BigEndian.Uint32(body)
+			if err := st.allow(kind, asked, overTLS); err != nil {
+				return nil, err
+			}
+			asked = asked || kind != 0
+			reply, err := authReply(kind, body, user, password, &sc)
 			if err != nil {
 				return nil, err
 			}
@@ -227,6 +216,172 @@ func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user
 			return nil, fmt.Errorf("unexpected message %q from the store during startup", typ)
 		}
 	}
+}
+
+// AuthProbe is what a store asks of Tandem when it logs in, as ProbeAuth
+// finds it.
+type AuthProbe struct {
+	Method string // config.UpstreamSCRAM, UpstreamMD5, UpstreamPassword or UpstreamNone
+	TLS    bool   // the connection used TLS
+	// Refused is the error a session would get: the method is not allowed
+	// by the store's require_auth (or the default); nil = allowed.
+	Refused error
+}
+
+// ProbeAuth opens a connection to the store sc describes (named name, "old"
+// or "new") as its DSN's user and database, the way sessions do, reads the
+// store's first authentication request and hangs up without answering it:
+// no password is sent. It is for `tandem plan`.
+func ProbeAuth(ctx context.Context, name string, sc config.Store, connectTimeout time.Duration) (AuthProbe, error) {
+	st, err := newStore(name, sc, connectTimeout)
+	if err != nil {
+		return AuthProbe{}, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, connectTimeout)
+	defer cancel()
+	user, database, _ := st.login("", "")
+	params := maps.Clone(st.cfg.RuntimeParams)
+	if params == nil {
+		params = map[string]string{}
+	}
+	params["user"], params["database"] = user, database
+	targets := append([]*pgconn.FallbackConfig{{Host: st.cfg.Host, Port: st.cfg.Port, TLSConfig: st.cfg.TLSConfig}}, st.cfg.Fallbacks...)
+	var errs []error
+	for _, tg := range targets {
+		p, err := st.probeOne(ctx, tg, params)
+		if err == nil {
+			return p, nil
+		}
+		errs = append(errs, err)
+	}
+	return AuthProbe{}, errors.Join(errs...)
+}
+
+func (st *store) probeOne(ctx context.Context, tg *pgconn.FallbackConfig, params map[string]string) (AuthProbe, error) {
+	network, addr := "tcp", net.JoinHostPort(tg.Host, fmt.Sprint(tg.Port))
+	if strings.HasPrefix(tg.Host, "/") {
+		network, addr = "unix", fmt.Sprintf("%s/.s.PGSQL.%d", tg.Host, tg.Port)
+	}
+	var d net.Dialer
+	raw, err := d.DialContext(ctx, network, addr)
+	if err != nil {
+		return AuthProbe{}, err
+	}
+	defer raw.Close()
+	conn, br, err := startup(ctx, raw, tg, params)
+	if err != nil {
+		return AuthProbe{}, err
+	}
+	defer conn.Close()
+	_, overTLS := conn.(*tls.Conn)
+	typ, body, err := pgwire.ReadMessage(br, 1<<20)
+	if err != nil {
+		return AuthProbe{}, err
+	}
+	switch {
+	case typ == 'E':
+		er := &pgproto3.ErrorResponse{}
+		if err := er.Decode(body); err != nil {
+			return AuthProbe{}, err
+		}
+		return AuthProbe{}, &rejectedError{resp: er}
+	case typ != 'R' || len(body) < 4:
+		return AuthProbe{}, fmt.Errorf("unexpected message %q from the store during startup", typ)
+	}
+	kind := binary.BigEndian.Uint32(body)
+	p := AuthProbe{TLS: overTLS, Refused: st.allow(kind, false, overTLS)}
+	switch kind {
+	case 0:
+		p.Method = config.UpstreamNone
+	case 3:
+		p.Method = config.UpstreamPassword
+	case 5:
+		p.Method = config.UpstreamMD5
+	case 10:
+		p.Method = config.UpstreamSCRAM
+	default:
+		p.Method = fmt.Sprintf("method %d", kind)
+	}
+	return p, nil
+}
+
+// startup sends the StartupMessage for params on conn, after an SSLRequest
+// and the TLS handshake when tg asks for TLS, and returns the connection to
+// use from then on and a reader over it. It sets conn's deadline from ctx.
+func startup(ctx context.Context, conn net.Conn, tg *pgconn.FallbackConfig, params map[string]string) (net.Conn, *bufio.Reader, error) {
+	if dl, has := ctx.Deadline(); has {
+		_ = conn.SetDeadline(dl)
+	}
+	if tg.TLSConfig != nil {
+		if _, err := conn.Write([]byte{0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f}); err != nil { // SSLRequest
+			return nil, nil, err
+		}
+		var b [1]byte
+		if _, err := io.ReadFull(conn, b[:]); err != nil {
+			return nil, nil, err
+		}
+		if b[0] != 'S' {
+			return nil, nil, errors.New("the store refused TLS")
+		}
+		tc := tls.Client(conn, tg.TLSConfig)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return nil, nil, err
+		}
+		conn = tc
+	}
+	startup := &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersion30, Parameters: params}
+	buf, err := startup.Encode(nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := conn.Write(buf); err != nil {
+		return nil, nil, err
+	}
+	br := bufio.NewReaderSize(conn, 4096)
+	return conn, br, nil
+}
+
+// authRefusedError is a store asking for an authentication method its
+// require_auth does not allow: Tandem hangs up rather than send the
+// password that way.
+type authRefusedError struct {
+	store, method, why string
+}
+
+func (e *authRefusedError) Error() string {
+	return fmt.Sprintf("the %s store asked for %s authentication%s; Tandem does not send the password that way", e.store, e.method, e.why)
+}
+
+// allow checks the authentication request kind (an AuthenticationXXX
+// code; 0 = AuthenticationOk) against st's require_auth, as libpq's
+// require_auth does, with Tandem's default when none is set.
+func (st *store) allow(kind uint32, asked, overTLS bool) error {
+	method := ""
+	switch kind {
+	case 0:
+		if asked {
+			return nil // the end of an exchange that was allowed
+		}
+		method = config.UpstreamNone
+	case 3:
+		method = config.UpstreamPassword
+	case 5:
+		method = config.UpstreamMD5
+	case 10, 11, 12:
+		method = config.UpstreamSCRAM
+	default:
+		return nil // authReply refuses the methods Tandem does not speak
+	}
+	if st.allowed != nil {
+		if st.allowed[method] {
+			return nil
+		}
+		return &authRefusedError{store: st.name, method: method, why: fmt.Sprintf(" and %s.require_auth does not list it", st.name)}
+	}
+	if (method == config.UpstreamPassword || method == config.UpstreamMD5) && !overTLS {
+		return &authRefusedError{store: st.name, method: method, why: " on a connection without TLS"}
+	}
+	return nil
 }
 
 // authReply answers one authentication request from a store.
@@ -315,6 +470,11 @@ func upstreamError(storeName string, err error) *pgproto3.ErrorResponse {
 	var rej *rejectedError
 	if errors.As(err, &rej) {
 		return rej.resp
+	}
+	var ar *authRefusedError
+	if errors.As(err, &ar) {
+		return pgwire.Fatal(pgwire.CodeInvalidAuthSpec, "%s", ar.Error()).
+			WithHint("Use TLS to the store (sslmode=require or verify-full in %s.dsn), give the role a SCRAM-SHA-256 password, or allow the method explicitly in %s.require_auth.", ar.store, ar.store).Response()
 	}
 	return pgwire.Fatal(pgwire.CodeConnectionFailure, "could not connect to the %s store", storeName).
 		WithHint("Check that the %s store is up and that its DSN is right; see the proxy's log.", storeName).Response()

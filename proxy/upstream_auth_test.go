@@ -58,7 +58,32 @@ func TestUpstreamAuth(t *testing.T) {
 	if err := wrong.srv.Ping(ctx, "old"); err == nil || !strings.Contains(err.Error(), "28P01") || strings.Contains(err.Error(), "Wrong-Pw") {
 		t.Fatalf("Ping with a wrong password: %v, want the store's 28P01 without the password", err)
 	}
-	for _, user := range []string{"app", "reporter", "legacy"} {
+	// legacy's store asks for MD5 on a connection without TLS: by default
+	// the proxy hangs up rather than send the hash (issue 12), saying why.
+	_, err := pgconn.Connect(ctx, strings.Replace(p.dsn("shop"), "postgres@", "legacy@", 1))
+	if got := sqlState(err); got != "28000" || !strings.Contains(err.Error(), "the old store asked for md5 authentication on a connection without TLS") {
+		t.Fatalf("md5 without TLS: %v (SQLSTATE %q), want 28000 naming md5 and TLS", err, got)
+	}
+	// Allowed explicitly, as libpq's require_auth does.
+	legacy := startProxy(t, c, "shop", func(cfg *config.Config) {
+		cfg.Old.DSN = fmt.Sprintf("postgres://app:app%%20pw@127.0.0.1:%d/shop?sslmode=disable", c.Port())
+		cfg.Old.PasswordFile = passfile
+		cfg.Old.RequireAuth = "scram-sha-256,md5"
+	})
+	conn, err := pgconn.Connect(ctx, strings.Replace(legacy.dsn("shop"), "postgres@", "legacy@", 1))
+	if err != nil {
+		t.Fatalf("legacy with old.require_auth allowing md5: %v", err)
+	}
+	conn.Close(ctx)
+	// A require_auth without scram refuses even SCRAM.
+	onlyMD5 := startProxy(t, c, "shop", func(cfg *config.Config) {
+		cfg.Old.DSN = fmt.Sprintf("postgres://app:app%%20pw@127.0.0.1:%d/shop?sslmode=disable", c.Port())
+		cfg.Old.RequireAuth = "md5"
+	})
+	if err := onlyMD5.srv.Ping(ctx, "old"); err == nil || !strings.Contains(err.Error(), "scram-sha-256 authentication and old.require_auth does not list it") {
+		t.Fatalf("SCRAM with require_auth md5: %v", err)
+	}
+	for _, user := range []string{"app", "reporter"} {
 		conn, err := pgconn.Connect(ctx, strings.Replace(p.dsn("shop"), "postgres@", user+"@", 1))
 		if err != nil {
 			t.Fatalf("%s: %v", user, err)
@@ -71,7 +96,7 @@ func TestUpstreamAuth(t *testing.T) {
 	if err := c.Exec(ctx, "postgres", "CREATE ROLE intruder LOGIN PASSWORD 'other'"); err != nil {
 		t.Fatal(err)
 	}
-	_, err := pgconn.Connect(ctx, strings.Replace(p.dsn("shop"), "postgres@", "intruder@", 1))
+	_, err = pgconn.Connect(ctx, strings.Replace(p.dsn("shop"), "postgres@", "intruder@", 1))
 	if got := sqlState(err); got != "28P01" {
 		t.Fatalf("wrong upstream password: %v (SQLSTATE %q), want the store's 28P01", err, got)
 	}

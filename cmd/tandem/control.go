@@ -100,7 +100,7 @@ func newRouting(cfg *config.Config, log *slog.Logger, observe func(context.Conte
 		},
 		Options: route.Options{
 			FenceTimeout: cfg.Routing.FenceTimeout.Duration(),
-			Live:         3 * cfg.Routing.Poll.Duration(),
+			Live:         cfg.Routing.LivenessWindow().Duration(), // a silent replica has fenced itself by then
 			Logger:       log,
 			Gates:        gates,
 			Feed:         feed,
@@ -213,6 +213,10 @@ type controlPlane struct {
 	srv     *proxy.Server // set by start
 	drift   atomic.Int64  // open drift entries, as last read; -1 unknown
 
+	// initialAt is when the read of initial started: the replica's view is
+	// that fresh until the follower's first heartbeat (routing.self_fence).
+	initialAt time.Time
+
 	mappings atomic.Pointer[table.Mappings] // as last loaded; the repairer copies through them
 
 	// A repair pass copies rows in the lock order of the routing it started
@@ -254,6 +258,7 @@ func openControl(cfg *config.Config, log *slog.Logger) (*controlPlane, error) {
 	if err := mismatch.EnsureSchema(ctx, conn); err != nil {
 		return nil, fmt.Errorf("creating the shadow-read tables in %s: %w", where, err)
 	}
+	readAt := time.Now()
 	st, err := route.Load(ctx, conn)
 	if err != nil {
 		return nil, fmt.Errorf("reading the routing state from %s: %w", where, err)
@@ -269,7 +274,7 @@ func openControl(cfg *config.Config, log *slog.Logger) (*controlPlane, error) {
 		return nil, err
 	}
 	replica := replicaID(cfg)
-	cp := &controlPlane{cfg: cfg, log: log, cc: cc, pool: pool, initial: st, replica: replica, repairSlot: make(chan struct{}, 1)}
+	cp := &controlPlane{cfg: cfg, log: log, cc: cc, pool: pool, initial: st, initialAt: readAt, replica: replica, repairSlot: make(chan struct{}, 1)}
 	cp.drift.Store(-1)
 	return cp, nil
 }
@@ -318,6 +323,7 @@ func (cp *controlPlane) start(srv *proxy.Server, pm *metrics.Proxy, bm *metrics.
 	joined := make(chan struct{})
 	f := &route.Follower{
 		Joined:  func() { close(joined) },
+		Heard:   srv.HeardState,
 		Config:  cp.cc,
 		Replica: replica,
 		Poll:    cp.cfg.Routing.Poll.Duration(),

@@ -21,7 +21,7 @@ import (
 // proxy: dual-write, the backfill's locked copy, a 50% read shift, the
 // flip, the rollback, and a check that both stores hold the same rows.
 func demoMigration(ctx context.Context, n *narrator, rp *runningProxy, oldDB, newDB *pgtest.Cluster, app *pgx.Conn) error {
-	api := &demoAPI{base: "http://" + rp.AdminAddr(), client: &http.Client{Timeout: time.Minute}}
+	api := &demoAPI{base: "http://" + rp.AdminAddr(), client: &http.Client{Timeout: time.Minute}, token: rp.adminToken}
 	appDSN := fmt.Sprintf("postgres://postgres@%s/shop?sslmode=disable&application_name=demo-app", rp.Addr())
 	oldConn, err := pgx.Connect(ctx, oldDB.DSN("shop"))
 	if err != nil {
@@ -289,12 +289,19 @@ func readsServed(ctx context.Context, url string) (int64, error) {
 type demoAPI struct {
 	base   string
 	client *http.Client
+	token  string // the admin token, if the proxy has one
 }
 
 func (a *demoAPI) do(ctx context.Context, method, path, body string) (int, []byte, error) {
 	req, err := http.NewRequestWithContext(ctx, method, a.base+path, strings.NewReader(body))
 	if err != nil {
 		return 0, nil, err
+	}
+	if method != http.MethodGet {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if a.token != "" {
+		req.Header.Set("Authorization", "Bearer "+a.token)
 	}
 	resp, err := a.client.Do(req)
 	if err != nil {

@@ -99,6 +99,7 @@ func TestDeployManifests(t *testing.T) {
 		"old.pgpass":   "old-postgres:5432:shop:app:secret\n",
 		"new.pgpass":   "new-postgres:5432:shop:app:secret\n",
 		"userlist.txt": `"app" "secret"` + "\n",
+		"admin-token":  "a-long-random-admin-token-for-the-test\n",
 	} {
 		if err := os.WriteFile(filepath.Join(secrets, name), []byte(text), 0o600); err != nil {
 			t.Fatal(err)

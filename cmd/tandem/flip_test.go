@@ -41,6 +41,9 @@ func (a *adminClient) call(method, path, body string, v any) (int, string) {
 	if err != nil {
 		a.t.Fatal(err)
 	}
+	if method != http.MethodGet {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	resp, err := a.http.Do(req)
 	if err != nil {
 		a.t.Fatal(err)

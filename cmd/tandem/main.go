@@ -52,7 +52,7 @@ precedence (flags win).`,
 		SilenceErrors: true,
 		Version:       release,
 	}
-	root.AddCommand(newProxyCmd(), newPlanCmd(), newConfigCmd(), newRouteCmd(), newRollbackCmd(), newDemoCmd(), newBackfillCmd(), newCompareCmd(), newStatusCmd(), newCompleteCmd(), newVersionCmd())
+	root.AddCommand(newProxyCmd(), newPlanCmd(), newConfigCmd(), newRouteCmd(), newRollbackCmd(), newDemoCmd(), newBackfillCmd(), newCompareCmd(), newStatusCmd(), newCompleteCmd(), newHealthCmd(), newVersionCmd())
 	return root
 }
 

@@ -11,6 +11,7 @@ import (
 	"github.com/tandemdb/tandem/internal/plan"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
+	"github.com/tandemdb/tandem/proxy"
 )
 
 const planLong = `Assess a migration before it starts (playbook step 1). tandem plan connects to
@@ -162,6 +163,7 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int) (*plan.Rep
 		return nil, fmt.Errorf("loading the table mappings: %w", err)
 	}
 	opts.InScope = ms.InScope
+	opts.StoreReasons = upstreamAuthReasons(ctx, cfg)
 	opts.Problems = map[table.Name][]plan.Reason{}
 	for _, p := range probs {
 		if !declaredAs(cfg.Tables, p.Table) {
@@ -174,6 +176,29 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int) (*plan.Rep
 		opts.Problems[p.Table] = append(opts.Problems[p.Table], plan.Reason{Verdict: v, Text: "mapping: " + p.String()})
 	}
 	return plan.Run(ctx, opts)
+}
+
+// upstreamAuthReasons says, per store, how the proxy's logins there would
+// go: a store that asks for an MD5 or cleartext password without TLS gets
+// no password (sessions fail with 28000) unless require_auth allows it, in
+// which case the password crosses the network unprotected. It probes as
+// the DSN's user and sends no password.
+func upstreamAuthReasons(ctx context.Context, cfg *config.Config) map[string][]plan.Reason {
+	out := map[string][]plan.Reason{}
+	for name, sc := range map[string]config.Store{"old": cfg.Old, "new": cfg.New} {
+		p, err := proxy.ProbeAuth(ctx, name, sc, cfg.Limits.ConnectTimeout.Duration())
+		switch {
+		case err != nil:
+			out[name] = append(out[name], plan.Reason{Verdict: plan.Attention, Text: "could not see how the store asks the proxy to log in: " + err.Error()})
+		case p.Refused != nil:
+			out[name] = append(out[name], plan.Reason{Verdict: plan.Blocked, Text: p.Refused.Error() +
+				fmt.Sprintf(": sessions through the proxy would fail with 28000; use TLS (sslmode=require or verify-full in %s.dsn), a SCRAM-SHA-256 password for the role, or allow it in %s.require_auth", name, name)})
+		case (p.Method == config.UpstreamMD5 || p.Method == config.UpstreamPassword) && !p.TLS:
+			out[name] = append(out[name], plan.Reason{Verdict: plan.Attention, Text: fmt.Sprintf(
+				"the store asks for %s authentication without TLS and %s.require_auth allows it: the proxy will send the password (or its MD5 hash) unprotected", p.Method, name)})
+		}
+	}
+	return out
 }
 
 // declaredAs reports whether tables.map declares the old table n under any

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -395,3 +396,52 @@ func containsLine(out, prefix, text string) bool {
 	}
 	return false
 }
+
+// TestPlanSecurity: the plan says when the proxy's logins would fail
+// because a store asks for MD5 without TLS (blocked), when require_auth
+// lets the hash cross the network (attention), and when the application's
+// role can write the control schema (attention with the REVOKE to run).
+func TestPlanSecurity(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	mustExec(t, old, `SET password_encryption = 'md5';
+		CREATE ROLE legacy LOGIN SUPERUSER PASSWORD 'old-md5';
+		CREATE SCHEMA tandem; CREATE TABLE tandem.state (v int)`)
+	hba := "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all legacy 127.0.0.1/32 md5\n"
+	if err := os.WriteFile(filepath.Join(old.DataDir(), "pg_hba.conf"), []byte(hba), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, old, "SELECT pg_reload_conf()")
+	oldDSN := "postgres://legacy:old-md5@127.0.0.1:" + itoa(old.Port()) + "/postgres?sslmode=disable"
+	// The control schema is reached as postgres, a separate control role.
+	args := []string{"--json", "--sample-rows", "0", "--old", oldDSN, "--new", new.DSN("postgres"), "--control", old.DSN("postgres")}
+	reasons := func(out, store string) string {
+		t.Helper()
+		var rep plan.Report
+		if err := json.Unmarshal([]byte(out), &rep); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		var texts []string
+		for _, s := range rep.Stores {
+			if s.Name == store {
+				for _, r := range s.Reasons {
+					texts = append(texts, r.Verdict.String()+": "+r.Text)
+				}
+			}
+		}
+		return strings.Join(texts, "\n")
+	}
+	code, out := runPlanCmd(t, args...)
+	if got := reasons(out, "old"); code != int(plan.Blocked) || !strings.Contains(got, "blocked: the old store asked for md5 authentication on a connection without TLS") {
+		t.Fatalf("exit %d, old store reasons:\n%s", code, got)
+	}
+	if got := reasons(out, "control"); !strings.Contains(got, `attention: the application's role legacy can write the control schema "tandem"`) ||
+		!strings.Contains(got, "REVOKE ALL ON ALL TABLES IN SCHEMA tandem FROM \"legacy\"") {
+		t.Fatalf("control reasons:\n%s", got)
+	}
+	_, out = runPlanCmd(t, append(args, "--old-require-auth", "md5,scram-sha-256")...)
+	if got := reasons(out, "old"); !strings.Contains(got, "attention: the store asks for md5 authentication without TLS and old.require_auth allows it") {
+		t.Fatalf("old store reasons with require_auth md5:\n%s", got)
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,6 +11,7 @@ import (
 	"os/signal"
 	"sync/atomic"
 	"syscall"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -40,7 +42,16 @@ The admin address serves /healthz, /readyz (both stores reachable),
 /api/v1/state, POST /api/v1/route and POST /api/v1/rollback (see
 'tandem route --help'), and the backfill's status and live throttle: GET
 and POST /api/v1/backfill ({"rate": rows/s}, {"paused": true|false}).
-Keep it on a private interface.
+All but /healthz, /readyz and /metrics need the bearer token of
+--admin-token-file when one is set, and a non-loopback --admin needs one; a
+POST must be application/json and name this server in its Host header.
+--admin-tls-cert/--admin-tls-key serve it over HTTPS; --admin-pprof adds
+/debug/pprof/. 'tandem health' asks it from the same configuration.
+
+Clients authenticate with --auth-method; trust on a non-loopback --listen
+is refused unless --auth-allow-remote-trust. Upstream, a store that asks
+for an MD5 or cleartext password on a connection without TLS is refused
+(28000) unless --old-require-auth/--new-require-auth allow it.
 
 With a new store configured, the proxy keeps its routing state in the
 control schema "tandem" (control.dsn, else the old store): it creates the
@@ -114,6 +125,9 @@ type runningProxy struct {
 	listener net.Listener
 	g        *errgroup.Group
 	control  *controlPlane // nil without a new store
+	// adminToken is the admin API's token ("" = none), for in-process
+	// callers such as the demo.
+	adminToken string
 }
 
 // startProxy binds both addresses and starts serving. Addresses with port 0
@@ -173,6 +187,7 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if cp != nil {
 		cp.refreshMappings(context.Background(), srv)
 		srv.ApplyState(cp.initial) // before the first client: never serve on a routing state older than the stored one
+		srv.HeardState(cp.initialAt)
 	}
 	ping := func(name string) admin.Check {
 		return admin.Check{Name: name, Run: func(ctx context.Context) error { return srv.Ping(ctx, name) }}
@@ -181,12 +196,19 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if cfg.New.DSN != "" {
 		checks = append(checks, ping("new"))
 	}
+	sec, sopts, err := adminSecurity(cfg)
+	if err != nil {
+		if cp != nil {
+			cp.stop()
+		}
+		return nil, err
+	}
 	var status func(ctx context.Context) (any, error)
 	if rt != nil {
 		status = func(ctx context.Context) (any, error) { return collectStatus(ctx, cfg, rt) }
 	}
 	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: bf, Mismatches: mm,
-		Writers: srv.WriterSessions, Status: status}), log)
+		Writers: srv.WriterSessions, Security: sec, Pprof: cfg.AdminAPI.Pprof, Status: status}), log, sopts)
 	if err != nil {
 		if cp != nil {
 			cp.stop()
@@ -201,7 +223,7 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 		}
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
-	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp}
+	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp, adminToken: sec.Token}
 	rp.live.Store(cfg)
 	if cp != nil {
 		cp.feedMetrics = fm
@@ -215,7 +237,8 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 		return nil
 	})
 	log.Info("tandem proxy started", "listen", ln.Addr().String(), "admin", adm.Addr(),
-		"old", config.RedactDSN(cfg.Old.DSN), "auth", cfg.Auth.Method, "tls", cfg.TLS.Cert != "")
+		"old", config.RedactDSN(cfg.Old.DSN), "auth", cfg.Auth.Method, "tls", cfg.TLS.Cert != "",
+		"admin_token", cfg.AdminAPI.TokenFile != "", "admin_tls", cfg.AdminAPI.TLSCert != "")
 	return rp, nil
 }
 
@@ -240,6 +263,41 @@ func (rp *runningProxy) reload(next *config.Config) error {
 	}
 	rp.log.Info("configuration reloaded", args...)
 	return nil
+}
+
+// adminSecurity builds the admin server's checks and limits from the
+// config: the token (read once, at start), the Host names a state-changing
+// request may carry, TLS, and timeouts long enough for a write flip.
+func adminSecurity(cfg *config.Config) (admin.Security, admin.ServerOptions, error) {
+	var sec admin.Security
+	a := cfg.AdminAPI
+	if a.TokenFile != "" {
+		tok, err := config.ReadToken(a.TokenFile)
+		if err != nil {
+			return sec, admin.ServerOptions{}, fmt.Errorf("admin_api.token_file: %w", err)
+		}
+		sec.Token = tok
+	}
+	if host, _, err := net.SplitHostPort(cfg.Admin); err == nil && host != "" {
+		sec.Hosts = append(sec.Hosts, host)
+	}
+	for h := range strings.SplitSeq(a.AllowedHosts, ",") {
+		if h = strings.TrimSpace(h); h != "" {
+			sec.Hosts = append(sec.Hosts, h)
+		}
+	}
+	r := cfg.Routing
+	so := admin.ServerOptions{MaxConnections: a.MaxConnections,
+		// A flip's handler waits for the fence, the acks and the lease (see admin.changeContext).
+		WriteTimeout: 3*r.FenceTimeout.Duration() + 2*r.Poll.Duration() + 2*time.Minute}
+	if a.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(a.TLSCert, a.TLSKey)
+		if err != nil {
+			return sec, so, fmt.Errorf("admin_api.tls_cert: %w", err)
+		}
+		so.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	return sec, so, nil
 }
 
 func (rp *runningProxy) Addr() string      { return rp.listener.Addr().String() }

@@ -245,6 +245,7 @@ func TestRoutingAdminAPI(t *testing.T) {
 	call := func(method, path, body string, v any) int {
 		t.Helper()
 		req, _ := http.NewRequest(method, "http://"+rp.AdminAddr()+path, strings.NewReader(body))
+		req.Header.Set("Content-Type", "application/json")
 		resp, err := client.Do(req)
 		if err != nil {
 			t.Fatal(err)

@@ -1,11 +1,13 @@
 // Package admin is Tandem's operator HTTP API: liveness, readiness,
 // metrics, and the routing state and its changes (job control as it is
-// built). The server binds only the configured admin address, which is
-// loopback by default: the API has no authentication of its own.
+// built). Everything but the probes and the metrics needs the bearer token
+// when one is configured (Security); the server binds only the configured
+// admin address, which is loopback by default.
 package admin
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -43,6 +45,11 @@ type Options struct {
 	// Status serves /api/v1/status: the whole migration, as `tandem
 	// status --json`; nil answers 404. The status page at / reads it.
 	Status func(ctx context.Context) (any, error)
+	// Security is the token and Host checks every request goes through.
+	Security Security
+	// Pprof serves /debug/pprof/ (behind the token); /debug/pprof/cmdline,
+	// which would show the command line and so any DSN on it, never is.
+	Pprof bool
 }
 
 // NewHandler returns the admin API's handler:
@@ -51,7 +58,7 @@ type Options struct {
 //	GET /healthz  200 "ok" while the process serves HTTP
 //	GET /readyz   200 when every check passes, else 503; JSON body per check
 //	GET /metrics  Prometheus text format
-//	/debug/pprof/ Go profiles (the admin address is loopback by default)
+//	/debug/pprof/ Go profiles, only with Pprof (never /debug/pprof/cmdline)
 //	GET  /api/v1/status    the whole migration: routing, backfill, verify, shadow, gates (tandem status --json)
 //	GET  /api/v1/state     routing state, replicas, history tail, open drift (Status)
 //	POST /api/v1/route     a RouteRequest: 200 with a Result; 400 malformed; 409 refused
@@ -71,44 +78,41 @@ func NewHandler(opts Options) http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write([]byte("ok\n"))
 	})
+	probe := &readiness{checks: opts.Checks, timeout: opts.CheckTimeout, maxAge: time.Second}
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		type result struct {
-			Name  string `json:"name"`
-			OK    bool   `json:"ok"`
-			Error string `json:"error,omitempty"`
-		}
-		results := make([]result, len(opts.Checks))
-		var wg sync.WaitGroup
-		for i, c := range opts.Checks {
-			wg.Go(func() {
-				ctx, cancel := context.WithTimeout(r.Context(), opts.CheckTimeout)
-				defer cancel()
-				results[i] = result{Name: c.Name, OK: true}
-				if err := c.Run(ctx); err != nil {
-					results[i] = result{Name: c.Name, Error: err.Error()}
-				}
-			})
-		}
-		wg.Wait()
+		results, ok := probe.get(r.Context())
 		status := http.StatusOK
-		for _, res := range results {
-			if !res.OK {
-				status = http.StatusServiceUnavailable
-			}
+		if !ok {
+			status = http.StatusServiceUnavailable
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(status)
-		_ = json.NewEncoder(w).Encode(map[string]any{"ready": status == http.StatusOK, "checks": results})
+		_ = json.NewEncoder(w).Encode(map[string]any{"ready": ok, "checks": results})
 	})
 	if opts.Metrics != nil {
 		mux.Handle("GET /metrics", opts.Metrics)
 	}
-	uiHandlers(mux, opts.Status)
-	routingHandlers(mux, opts.Routing)
-	backfillHandlers(mux, opts.Backfill)
-	mismatchHandlers(mux, opts.Mismatches)
+	uiPage(mux)
+	// The API handlers each open a control-database connection: at most
+	// apiConcurrency run at once, so hammering the admin API cannot use up
+	// the control database's max_connections.
+	api := http.NewServeMux()
+	routingHandlers(api, opts.Routing)
+	statusHandler(api, opts.Status)
+	backfillHandlers(api, opts.Backfill)
+	mismatchHandlers(api, opts.Mismatches)
+	sem := make(chan struct{}, apiConcurrency)
+	mux.Handle("/api/v1/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case sem <- struct{}{}:
+			defer func() { <-sem }()
+		case <-r.Context().Done():
+			return
+		}
+		api.ServeHTTP(w, r)
+	}))
 	if opts.Writers != nil {
-		mux.HandleFunc("GET /api/v1/writers", func(w http.ResponseWriter, r *http.Request) {
+		api.HandleFunc("GET /api/v1/writers", func(w http.ResponseWriter, r *http.Request) {
 			sessions := opts.Writers()
 			if sessions == nil {
 				sessions = []string{}
@@ -117,12 +121,80 @@ func NewHandler(opts Options) http.Handler {
 			_ = json.NewEncoder(w).Encode(map[string]any{"writers": len(sessions), "sessions": sessions})
 		})
 	}
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	return mux
+	if opts.Pprof {
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", http.NotFound)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
+	return opts.Security.guard(mux)
+}
+
+// apiConcurrency is how many /api/v1 requests run at once; more wait.
+const apiConcurrency = 4
+
+// readiness runs the readiness checks for /readyz: one run at a time, its
+// result shared by the requests that wait for it and reused for maxAge, so
+// that probes at any rate open at most one connection per store per maxAge.
+type readiness struct {
+	checks  []Check
+	timeout time.Duration
+	maxAge  time.Duration
+
+	run     sync.Mutex // held while the checks run
+	mu      sync.Mutex
+	at      time.Time
+	results []checkResult
+	ok      bool
+}
+
+type checkResult struct {
+	Name  string `json:"name"`
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+}
+
+func (p *readiness) cached() ([]checkResult, bool, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.at.IsZero() && time.Since(p.at) < p.maxAge {
+		return p.results, p.ok, true
+	}
+	return nil, false, false
+}
+
+func (p *readiness) get(ctx context.Context) ([]checkResult, bool) {
+	if res, ok, hit := p.cached(); hit {
+		return res, ok
+	}
+	p.run.Lock()
+	defer p.run.Unlock()
+	if res, ok, hit := p.cached(); hit {
+		return res, ok // another request ran them meanwhile
+	}
+	results := make([]checkResult, len(p.checks))
+	var wg sync.WaitGroup
+	for i, c := range p.checks {
+		wg.Go(func() {
+			// Not the request's context: the result serves other requests too.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
+			defer cancel()
+			results[i] = checkResult{Name: c.Name, OK: true}
+			if err := c.Run(cctx); err != nil {
+				results[i] = checkResult{Name: c.Name, Error: err.Error()}
+			}
+		})
+	}
+	wg.Wait()
+	ok := true
+	for _, r := range results {
+		ok = ok && r.OK
+	}
+	p.mu.Lock()
+	p.at, p.results, p.ok = time.Now(), results, ok
+	p.mu.Unlock()
+	return results, ok
 }
 
 // Server is the admin HTTP server.
@@ -131,8 +203,24 @@ type Server struct {
 	ln  net.Listener
 }
 
+// ServerOptions bound what one client can hold of the admin server. Zero
+// fields take the defaults.
+type ServerOptions struct {
+	// TLS, when set, serves HTTPS.
+	TLS *tls.Config
+	// MaxConnections caps the connections held at once (default 64); more
+	// wait in the listen backlog until one closes.
+	MaxConnections int
+	// ReadHeaderTimeout bounds reading a request's headers (default 5s),
+	// ReadTimeout the whole request (default 30s), WriteTimeout writing the
+	// response from the end of the headers (default 2m; a write flip's
+	// handler waits up to its fence and ack timeouts, so cmd/tandem sets it
+	// from them), and IdleTimeout a kept-alive connection (default 60s).
+	ReadHeaderTimeout, ReadTimeout, WriteTimeout, IdleTimeout time.Duration
+}
+
 // Listen binds addr; Serve then serves until Shutdown.
-func Listen(addr string, h http.Handler, log *slog.Logger) (*Server, error) {
+func Listen(addr string, h http.Handler, log *slog.Logger, o ServerOptions) (*Server, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("admin listen %s: %w", addr, err)
@@ -143,11 +231,60 @@ func Listen(addr string, h http.Handler, log *slog.Logger) (*Server, error) {
 	} else {
 		el = slog.New(slog.DiscardHandler)
 	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&o.ReadHeaderTimeout, 5*time.Second)
+	def(&o.ReadTimeout, 30*time.Second)
+	def(&o.WriteTimeout, 2*time.Minute)
+	def(&o.IdleTimeout, time.Minute)
+	if o.MaxConnections <= 0 {
+		o.MaxConnections = 64
+	}
+	ln = &limitListener{Listener: ln, sem: make(chan struct{}, o.MaxConnections)}
+	if o.TLS != nil {
+		ln = tls.NewListener(ln, o.TLS)
+	}
 	return &Server{ln: ln, srv: &http.Server{
 		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
+		ReadHeaderTimeout: o.ReadHeaderTimeout,
+		ReadTimeout:       o.ReadTimeout,
+		WriteTimeout:      o.WriteTimeout,
+		IdleTimeout:       o.IdleTimeout,
+		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(el.Handler(), slog.LevelWarn),
 	}}, nil
+}
+
+// limitListener accepts at most cap(sem) connections at once: Accept waits
+// for one to close (as golang.org/x/net/netutil.LimitListener).
+type limitListener struct {
+	net.Listener
+	sem chan struct{}
+}
+
+func (l *limitListener) Accept() (net.Conn, error) {
+	l.sem <- struct{}{}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.sem
+		return nil, err
+	}
+	return &limitConn{Conn: c, release: func() { <-l.sem }}, nil
+}
+
+type limitConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
 }
 
 // Addr is the bound address.

@@ -31,6 +31,9 @@ func (c apiClient) do(method, path, body string) (int, string) {
 	if err != nil {
 		c.t.Fatal(err)
 	}
+	if method != http.MethodGet {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		c.t.Fatal(err)

@@ -15,9 +15,8 @@ import (
 //go:embed ui/index.html
 var statusPage []byte
 
-// uiHandlers serves the status page and, with status set, GET
-// /api/v1/status (what `tandem status --json` prints).
-func uiHandlers(mux *http.ServeMux, status func(ctx context.Context) (any, error)) {
+// uiPage serves the status page at GET /.
+func uiPage(mux *http.ServeMux) {
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		w.Header().Set("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:")
@@ -25,6 +24,11 @@ func uiHandlers(mux *http.ServeMux, status func(ctx context.Context) (any, error
 		w.Header().Set("Cache-Control", "no-store")
 		_, _ = w.Write(statusPage)
 	})
+}
+
+// statusHandler serves GET /api/v1/status (what `tandem status --json`
+// prints) when status is set.
+func statusHandler(mux *http.ServeMux, status func(ctx context.Context) (any, error)) {
 	if status == nil {
 		return
 	}

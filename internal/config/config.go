@@ -30,24 +30,41 @@ import (
 
 // Config is the complete configuration of a tandem process.
 type Config struct {
-	Listen  string  `yaml:"listen"`  // address (host:port) where clients connect; default "127.0.0.1:6432"
-	Admin   string  `yaml:"admin"`   // address (host:port) of the admin HTTP server; default "127.0.0.1:9187"
-	Old     Store   `yaml:"old"`     // the store being migrated from
-	New     Store   `yaml:"new"`     // the store being migrated to
-	Auth    Auth    `yaml:"auth"`    // how clients authenticate to tandem
-	TLS     TLS     `yaml:"tls"`     // client-facing TLS
-	Limits  Limits  `yaml:"limits"`  // resource limits and timeouts
-	Relay   Relay   `yaml:"relay"`   // how bytes are relayed
-	Control Control `yaml:"control"` // where the control schema (routing state, drift ledger) lives
-	Routing Routing `yaml:"routing"` // mirroring, breaker and write-flip behaviour
-	Shadow  Shadow  `yaml:"shadow"`  // how shadow reads run and are compared
-	Gates   Gates   `yaml:"gates"`   // the write-flip gates built on verify and shadow reads
-	Feed    Feed    `yaml:"feed"`    // the change feed: the primary's WAL checked against the secondary (design section 10)
-	Log     Log     `yaml:"log"`     // log output
-	Tables  Tables  `yaml:"tables"`  // the migration's scope and table mappings (YAML only)
+	Listen string `yaml:"listen"` // address (host:port) where clients connect; default "127.0.0.1:6432"
+	Admin  string `yaml:"admin"`  // address (host:port) of the admin HTTP server; default "127.0.0.1:9187"
+	// AdminAPI secures the admin HTTP server: its token, TLS, allowed Host names, pprof and connection cap.
+	AdminAPI AdminAPI `yaml:"admin_api"`
+	Old      Store    `yaml:"old"`     // the store being migrated from
+	New      Store    `yaml:"new"`     // the store being migrated to
+	Auth     Auth     `yaml:"auth"`    // how clients authenticate to tandem
+	TLS      TLS      `yaml:"tls"`     // client-facing TLS
+	Limits   Limits   `yaml:"limits"`  // resource limits and timeouts
+	Relay    Relay    `yaml:"relay"`   // how bytes are relayed
+	Control  Control  `yaml:"control"` // where the control schema (routing state, drift ledger) lives
+	Routing  Routing  `yaml:"routing"` // mirroring, breaker and write-flip behaviour
+	Shadow   Shadow   `yaml:"shadow"`  // how shadow reads run and are compared
+	Gates    Gates    `yaml:"gates"`   // the write-flip gates built on verify and shadow reads
+	Feed     Feed     `yaml:"feed"`    // the change feed: the primary's WAL checked against the secondary (design section 10)
+	Log      Log      `yaml:"log"`     // log output
+	Tables   Tables   `yaml:"tables"`  // the migration's scope and table mappings (YAML only)
 
 	// src records where Load found each value, for error positions. It is nil for a Config not built by Load.
 	src *sources
+}
+
+// AdminAPI secures the admin HTTP server (the address is Config.Admin).
+type AdminAPI struct {
+	// TokenFile holds the bearer token every admin request but /healthz, /readyz and /metrics must carry
+	// ("Authorization: Bearer TOKEN"); surrounding whitespace is ignored. Empty = no token, which is allowed only
+	// while Admin is a loopback address. The CLI commands that call the admin API read the same file.
+	TokenFile string `yaml:"token_file"`
+	TLSCert   string `yaml:"tls_cert"` // PEM certificate (chain) for HTTPS on the admin address; set together with TLSKey
+	TLSKey    string `yaml:"tls_key"`  // PEM private key of TLSCert
+	// AllowedHosts lists, comma-separated, the host names (without port) a state-changing request may name in
+	// its Host header besides the loopback names and Admin's own host: a guard against DNS rebinding.
+	AllowedHosts   string `yaml:"allowed_hosts"`
+	Pprof          bool   `yaml:"pprof"`           // serve /debug/pprof/ (behind the token; never cmdline); default false
+	MaxConnections int    `yaml:"max_connections"` // concurrent admin connections; more wait to be accepted; default 64
 }
 
 // Store describes how to reach one PostgreSQL store.
@@ -59,7 +76,20 @@ type Store struct {
 	// PasswordFile is an optional pgpass-format file ("host:port:db:user:password" lines) that supplies the
 	// passwords tandem uses upstream.
 	PasswordFile string `yaml:"password_file"`
+	// RequireAuth lists, comma-separated, the authentication methods the store may ask of Tandem, as libpq's
+	// require_auth: "scram-sha-256", "md5", "password", "none". Empty (the default) allows scram-sha-256 and none
+	// always, and md5 and password only over TLS, so a password never crosses the network in cleartext or as
+	// an MD5 hash an eavesdropper can replay against other servers.
+	RequireAuth string `yaml:"require_auth"`
 }
+
+// Upstream authentication methods accepted in Store.RequireAuth.
+const (
+	UpstreamSCRAM    = "scram-sha-256"
+	UpstreamMD5      = "md5"
+	UpstreamPassword = "password"
+	UpstreamNone     = "none"
+)
 
 // Auth methods accepted in Auth.Method.
 const (
@@ -73,6 +103,9 @@ type Auth struct {
 	// Userlist is a pgbouncer-style userlist file: one `"user" "secret"` line per user, where the secret is a plain password or a SCRAM-SHA-256 verifier.
 	// Required when Method is AuthSCRAMSHA256.
 	Userlist string `yaml:"userlist"`
+	// AllowRemoteTrust lets Method be AuthTrust while Listen is not a loopback address: anyone who reaches the
+	// port logs in upstream with the stores' credentials. Off by default; Validate refuses the combination.
+	AllowRemoteTrust bool `yaml:"allow_remote_trust"`
 }
 
 // TLS configures TLS between clients and tandem.
@@ -98,6 +131,17 @@ type Limits struct {
 	ConnectTimeout     Duration `yaml:"connect_timeout"`      // client startup+auth and upstream dial; default 10s; > 0
 	IdleSessionTimeout Duration `yaml:"idle_session_timeout"` // close sessions idle outside a transaction this long; 0 (default) = off
 	DrainTimeout       Duration `yaml:"drain_timeout"`        // on SIGTERM, how long open transactions may finish; default 30s
+	// MessageTimeout bounds how long the rest of a client message may take to arrive once its header has (in
+	// routed mode); past it the session ends with 08P01. Default 60s; 0 = off.
+	MessageTimeout Duration `yaml:"message_timeout"`
+	// MaxBatchBytes and MaxBatchMessages cap what one session's extended-protocol batch may buffer in the proxy
+	// before its Sync (routed mode); past either the session ends with 54000. MaxBatchBytes 0 (the default)
+	// is MaxMessageBytes; MaxBatchMessages defaults to 10000.
+	MaxBatchBytes    ByteSize `yaml:"max_batch_bytes"`
+	MaxBatchMessages int      `yaml:"max_batch_messages"`
+	// MaxBufferedBytes caps the batch bytes held for all sessions together; a batch that would pass it ends its
+	// session with 54000. Default 1GiB.
+	MaxBufferedBytes ByteSize `yaml:"max_buffered_bytes"`
 }
 
 // Relay engines accepted in Relay.Engine.
@@ -131,6 +175,11 @@ type Routing struct {
 	RepairBackoffMax   Duration `yaml:"repair_backoff_max"`   // the longest wait before a failing drift entry is retried; default 5m
 	DriftStuckAttempts int      `yaml:"drift_stuck_attempts"` // failed repair attempts after which a drift entry is stuck (refuses a write flip); default 5
 	FeedWait           Duration `yaml:"feed_wait"`            // with feed.enabled, how long a write flip waits under the fence for the change feed; default 5s
+
+	// SelfFence is how long a replica may go without reading the routing state before it refuses writes (40001)
+	// until it reads it again; 0 (default) = 2 × Poll, at least 2s. More than Poll. A flip stops waiting for a
+	// replica it has not heard from for LivenessWindow, which is at least SelfFence + Poll.
+	SelfFence Duration `yaml:"self_fence"`
 }
 
 // Shadow configures shadow reads: the routing state's shadow percentage
@@ -144,7 +193,10 @@ type Shadow struct {
 	Settle         Duration `yaml:"settle"`           // the re-read waits this long for in-flight mirrored writes; 0 (default) = routing.mirror_budget
 	FloatTolerance float64  `yaml:"float_tolerance"`  // relative difference under which two floats are equal; default 1e-9
 	AA             bool     `yaml:"aa"`               // A/A mode: shadow on the store that served, to measure the noise floor
-	RedactParams   bool     `yaml:"redact_params"`    // store mismatches without their parameter values
+	// RecordValues stores mismatches with their parameter values and the differing rows' values (and the
+	// stores' error messages); off by default, when a record keeps only the statement text, column names,
+	// counts and SQLSTATEs, as values may be personal data.
+	RecordValues bool `yaml:"record_values"`
 }
 
 // Feed configures the change feed (docs/change-feed.md): one elected proxy
@@ -188,18 +240,38 @@ type Log struct {
 	Level  string `yaml:"level"`  // LogDebug, LogInfo (default), LogWarn or LogError
 }
 
+// SelfFenceBound is Routing.SelfFence with its default applied: when 0, 2 × Poll but at least 2s, so that a
+// replica under load does not fence itself between two reads.
+func (r Routing) SelfFenceBound() Duration {
+	if r.SelfFence == 0 {
+		return max(2*r.Poll, Duration(2e9))
+	}
+	return r.SelfFence
+}
+
+// LivenessWindow is how recent a replica's heartbeat must be for a write flip to wait for it: 3 × Poll, and at
+// least SelfFenceBound + Poll, so that a replica a flip stops waiting for has fenced itself (its bound counts
+// from a read that started before its last heartbeat) with a poll interval to spare for a statement in flight.
+func (r Routing) LivenessWindow() Duration {
+	return max(3*r.Poll, r.SelfFenceBound()+r.Poll)
+}
+
 // Default returns the built-in defaults. Old.DSN is empty and must be supplied before the config validates.
 func Default() Config {
 	return Config{
-		Listen: "127.0.0.1:6432",
-		Admin:  "127.0.0.1:9187",
-		Auth:   Auth{Method: AuthTrust},
+		Listen:   "127.0.0.1:6432",
+		Admin:    "127.0.0.1:9187",
+		AdminAPI: AdminAPI{MaxConnections: 64},
+		Auth:     Auth{Method: AuthTrust},
 		Limits: Limits{
 			MaxClientSessions:  1000,
 			MaxMessageBytes:    256 * MiB,
 			ConnectTimeout:     Duration(10e9),
 			IdleSessionTimeout: 0,
 			DrainTimeout:       Duration(30e9),
+			MessageTimeout:     Duration(60e9),
+			MaxBatchMessages:   10000,
+			MaxBufferedBytes:   1 * GiB,
 		},
 		Relay: Relay{Engine: RelayEpoll},
 		Routing: Routing{
@@ -282,24 +354,51 @@ func options() []option {
 		{path: "admin", flag: "admin",
 			usage: "address (host:port) of the admin HTTP server; keep it on a private interface",
 			field: func(c *Config) any { return &c.Admin }},
+		{path: "admin_api.token_file", flag: "admin-token-file", isFile: true,
+			usage: "`file` holding the bearer token the admin API requires on every request but /healthz, /readyz and /metrics; required when --admin is not a loopback address; CLI commands that call the admin API send it",
+			field: func(c *Config) any { return &c.AdminAPI.TokenFile }},
+		{path: "admin_api.tls_cert", flag: "admin-tls-cert", isFile: true,
+			usage: "PEM certificate `file`: serve the admin API over HTTPS; needs --admin-tls-key",
+			field: func(c *Config) any { return &c.AdminAPI.TLSCert }},
+		{path: "admin_api.tls_key", flag: "admin-tls-key", isFile: true,
+			usage: "PEM private key `file` of --admin-tls-cert",
+			field: func(c *Config) any { return &c.AdminAPI.TLSKey }},
+		{path: "admin_api.allowed_hosts", flag: "admin-allowed-hosts",
+			usage: "comma-separated host names a state-changing admin request may carry in its Host header, besides localhost, 127.0.0.1, ::1 and the --admin host (a guard against DNS rebinding)",
+			field: func(c *Config) any { return &c.AdminAPI.AllowedHosts }},
+		{path: "admin_api.pprof", flag: "admin-pprof",
+			usage: "serve Go profiles at /debug/pprof/ on the admin address, behind the token (/debug/pprof/cmdline is never served)",
+			field: func(c *Config) any { return &c.AdminAPI.Pprof }},
+		{path: "admin_api.max_connections", flag: "admin-max-connections",
+			usage: "concurrent connections the admin server holds; further ones wait to be accepted (at least 1)",
+			field: func(c *Config) any { return &c.AdminAPI.MaxConnections }},
 		{path: "old.dsn", flag: "old",
 			usage: "`DSN` of the old store (required): a postgres:// URL or keyword/value string with host, port, sslmode, default user and dbname, and optionally password",
 			field: func(c *Config) any { return &c.Old.DSN }},
 		{path: "old.password_file", flag: "old-password-file", isFile: true,
 			usage: "pgpass-format `file` (host:port:db:user:password lines) with passwords for connecting to the old store",
 			field: func(c *Config) any { return &c.Old.PasswordFile }},
+		{path: "old.require_auth", flag: "old-require-auth",
+			usage: `comma-separated authentication methods the old store may ask for ("scram-sha-256", "md5", "password", "none", as libpq's require_auth); empty = scram-sha-256 and none, and md5 and password only over TLS`,
+			field: func(c *Config) any { return &c.Old.RequireAuth }},
 		{path: "new.dsn", flag: "new",
 			usage: "`DSN` of the new store, the migration target; same forms as --old",
 			field: func(c *Config) any { return &c.New.DSN }},
 		{path: "new.password_file", flag: "new-password-file", isFile: true,
 			usage: "pgpass-format `file` (host:port:db:user:password lines) with passwords for connecting to the new store",
 			field: func(c *Config) any { return &c.New.PasswordFile }},
+		{path: "new.require_auth", flag: "new-require-auth",
+			usage: "authentication methods the new store may ask for; same forms as --old-require-auth",
+			field: func(c *Config) any { return &c.New.RequireAuth }},
 		{path: "auth.method", flag: "auth-method",
 			usage: `how clients authenticate to tandem: "trust" (no password asked) or "scram-sha-256" (passwords from --auth-userlist)`,
 			field: func(c *Config) any { return &c.Auth.Method }},
 		{path: "auth.userlist", flag: "auth-userlist", isFile: true,
 			usage: "pgbouncer-style userlist `file`: one \"user\" \"secret\" line per user, the secret a plain password or a SCRAM-SHA-256$... verifier; required with --auth-method=scram-sha-256",
 			field: func(c *Config) any { return &c.Auth.Userlist }},
+		{path: "auth.allow_remote_trust", flag: "auth-allow-remote-trust",
+			usage: "allow --auth-method=trust while --listen is not a loopback address (anyone who reaches the port then uses the stores' credentials); refused without it",
+			field: func(c *Config) any { return &c.Auth.AllowRemoteTrust }},
 		{path: "tls.cert", flag: "tls-cert", isFile: true,
 			usage: "PEM certificate `file` for TLS with clients; empty = no TLS (SSLRequest is answered 'N'); needs --tls-key",
 			field: func(c *Config) any { return &c.TLS.Cert }},
@@ -324,6 +423,18 @@ func options() []option {
 		{path: "limits.drain_timeout", flag: "drain-timeout",
 			usage: "on SIGTERM, how long open transactions may run to completion before their sessions are closed, e.g. 30s; 0 = do not wait",
 			field: func(c *Config) any { return &c.Limits.DrainTimeout }},
+		{path: "limits.message_timeout", flag: "message-timeout",
+			usage: "once a client message's header has arrived, how long the rest may take (routed mode); past it the session ends with 08P01, e.g. 60s; 0 = off",
+			field: func(c *Config) any { return &c.Limits.MessageTimeout }},
+		{path: "limits.max_batch_bytes", flag: "max-batch-bytes",
+			usage: "bytes of one session's extended-protocol batch the proxy buffers before its Sync (routed mode); past it the session ends with 54000; 0 = --max-message-bytes",
+			field: func(c *Config) any { return &c.Limits.MaxBatchBytes }},
+		{path: "limits.max_batch_messages", flag: "max-batch-messages",
+			usage: "messages of one session's extended-protocol batch the proxy buffers before its Sync (routed mode); past it the session ends with 54000 (at least 1)",
+			field: func(c *Config) any { return &c.Limits.MaxBatchMessages }},
+		{path: "limits.max_buffered_bytes", flag: "max-buffered-bytes",
+			usage: "batch bytes the proxy buffers for all sessions together; a batch that would pass it ends its session with 54000, e.g. 1GiB",
+			field: func(c *Config) any { return &c.Limits.MaxBufferedBytes }},
 		{path: "relay.engine", flag: "relay-engine",
 			usage: `how authenticated sessions are relayed: "epoll" (plaintext sessions on event loops that own their sockets: about 30% less CPU per transaction; TLS sessions and non-Linux systems use goroutines) or "goroutines" (two per session, through the Go runtime)`,
 			field: func(c *Config) any { return &c.Relay.Engine }},
@@ -366,6 +477,9 @@ func options() []option {
 		{path: "routing.feed_wait", flag: "feed-wait",
 			usage: "with feed.enabled, how long a write flip or rollback waits, writes fenced, for the change feed to check the primary's WAL up to the fence, e.g. 5s; past it the flip is refused and the fence released (--force goes on without it) (must be > 0)",
 			field: func(c *Config) any { return &c.Routing.FeedWait }},
+		{path: "routing.self_fence", flag: "self-fence",
+			usage: "a replica that has not read the routing state for this long refuses writes (40001) until it reads it again, e.g. 4s (more than routing.poll); a flip waits for a silent replica until max(3 × routing.poll, this + routing.poll) after its last heartbeat; 0 = 2 × routing.poll, at least 2s",
+			field: func(c *Config) any { return &c.Routing.SelfFence }},
 		{path: "shadow.queue", flag: "shadow-queue",
 			usage: "reads waiting for their shadow run; when the queue is full a sample is dropped and counted, never waited for (at least 1)",
 			field: func(c *Config) any { return &c.Shadow.Queue }},
@@ -387,9 +501,9 @@ func options() []option {
 		{path: "shadow.aa", flag: "shadow-aa",
 			usage: "A/A mode: run each shadow read on the store that served it, to measure the comparison's noise floor",
 			field: func(c *Config) any { return &c.Shadow.AA }},
-		{path: "shadow.redact_params", flag: "shadow-redact-params",
-			usage: "store shadow mismatches without their parameter values",
-			field: func(c *Config) any { return &c.Shadow.RedactParams }},
+		{path: "shadow.record_values", flag: "shadow-record-values",
+			usage: "store shadow mismatches with their parameter values, the differing rows' values and the stores' error messages; off = only statement text, column names, counts and SQLSTATEs",
+			field: func(c *Config) any { return &c.Shadow.RecordValues }},
 		{path: "gates.verify_max_age", flag: "gate-verify-max-age",
 			usage: "a write flip to new needs every table in scope verified clean (tandem compare) within this long, e.g. 24h; 0 = gate off",
 			field: func(c *Config) any { return &c.Gates.VerifyMaxAge }},

@@ -91,15 +91,19 @@ func problemStrings(ps []Problem) []string {
 func TestDefault(t *testing.T) {
 	d := Default()
 	want := Config{
-		Listen: "127.0.0.1:6432",
-		Admin:  "127.0.0.1:9187",
-		Auth:   Auth{Method: "trust"},
+		Listen:   "127.0.0.1:6432",
+		Admin:    "127.0.0.1:9187",
+		AdminAPI: AdminAPI{MaxConnections: 64},
+		Auth:     Auth{Method: "trust"},
 		Limits: Limits{
 			MaxClientSessions:  1000,
 			MaxMessageBytes:    256 * 1024 * 1024,
 			ConnectTimeout:     Duration(10 * time.Second),
 			IdleSessionTimeout: 0,
 			DrainTimeout:       Duration(30 * time.Second),
+			MessageTimeout:     Duration(time.Minute),
+			MaxBatchMessages:   10000,
+			MaxBufferedBytes:   GiB,
 		},
 		Relay: Relay{Engine: "epoll"},
 		Routing: Routing{MirrorBudget: Duration(500 * time.Millisecond), BreakerFailures: 5, BreakerOpen: Duration(5 * time.Second),
@@ -299,8 +303,10 @@ func TestLoadGoodFile(t *testing.T) {
 	want := Config{
 		Listen: "0.0.0.0:6432",
 		Admin:  "127.0.0.1:9999",
+		AdminAPI: AdminAPI{TokenFile: filepath.Join("testdata", "admin.token"), AllowedHosts: "tandem.internal, proxy-a",
+			Pprof: true, MaxConnections: 16},
 		Old: Store{DSN: "postgres://app:s3cret@old.internal:5432/app?sslmode=disable",
-			PasswordFile: filepath.Join("testdata", "pgpass")},
+			PasswordFile: filepath.Join("testdata", "pgpass"), RequireAuth: "scram-sha-256"},
 		New:  Store{DSN: "host=new.internal port=5433 dbname=app user=app sslmode=disable"},
 		Auth: Auth{Method: "scram-sha-256", Userlist: filepath.Join("testdata", "userlist.txt")},
 		Limits: Limits{
@@ -309,6 +315,10 @@ func TestLoadGoodFile(t *testing.T) {
 			ConnectTimeout:     Duration(5 * time.Second),
 			IdleSessionTimeout: Duration(15 * time.Minute),
 			DrainTimeout:       Duration(90 * time.Second),
+			MessageTimeout:     Duration(30 * time.Second),
+			MaxBatchBytes:      128 * MiB,
+			MaxBatchMessages:   500,
+			MaxBufferedBytes:   2 * GiB,
 		},
 		Relay:   Relay{Engine: "epoll"},
 		Control: Control{DSN: "postgres://tandem@control.internal:5432/tandem?sslmode=disable", PasswordFile: filepath.Join("testdata", "pgpass")},
@@ -317,7 +327,7 @@ func TestLoadGoodFile(t *testing.T) {
 			SequenceMargin: 5000, RepairInterval: Duration(500 * time.Millisecond), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5,
 			FeedWait: Duration(5 * time.Second)},
 		Shadow: Shadow{Queue: 50, Workers: 2, MaxResultBytes: 256 * KiB, Timeout: Duration(2 * time.Second),
-			Settle: Duration(time.Second), FloatTolerance: 1e-6, AA: true, RedactParams: true},
+			Settle: Duration(time.Second), FloatTolerance: 1e-6, AA: true, RecordValues: true},
 		Gates: Gates{VerifyMaxAge: Duration(6 * time.Hour), ShadowWindow: Duration(30 * time.Minute), ShadowMaxMismatchRate: 0.001,
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
 		Feed: Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
@@ -377,13 +387,13 @@ func TestLoadFileErrors(t *testing.T) {
 		want    []string // Problem strings, with the file name "t.yaml"
 	}{
 		{"unknown key in section", "limits:\n  max_client_sessions: 5\n  max_sesions: 3\n",
-			[]string{`t.yaml:3:3: unknown field "max_sesions" in limits (valid: max_client_sessions, max_message_bytes, connect_timeout, idle_session_timeout, drain_timeout)`}},
+			[]string{`t.yaml:3:3: unknown field "max_sesions" in limits (valid: max_client_sessions, max_message_bytes, connect_timeout, idle_session_timeout, drain_timeout, message_timeout, max_batch_bytes, max_batch_messages, max_buffered_bytes)`}},
 		{"unknown key with a suggestion", "old:\n  dns: x\n",
 			[]string{`t.yaml:2:3: unknown field "dns" in old (did you mean "dsn"?)`}},
 		{"unknown top-level key", "listn: x\n",
 			[]string{`t.yaml:1:1: unknown field "listn" (did you mean "listen"?)`}},
 		{"unknown section", "metrics:\n  port: 1\n",
-			[]string{`t.yaml:1:1: unknown field "metrics" (valid: listen, admin, old, new, auth, tls, limits, relay, control, routing, shadow, gates, feed, log, tables)`}},
+			[]string{`t.yaml:1:1: unknown field "metrics" (valid: listen, admin, admin_api, old, new, auth, tls, limits, relay, control, routing, shadow, gates, feed, log, tables)`}},
 		{"wrong type int", "limits:\n  max_client_sessions: lots\n",
 			[]string{`t.yaml:2:3: limits.max_client_sessions: must be a whole number, not "lots"`}},
 		{"wrong type bool", "tls:\n  require: maybe\n",
@@ -503,6 +513,10 @@ func TestEnv(t *testing.T) {
 		"TANDEM_LIMITS_CONNECT_TIMEOUT":         "1s",
 		"TANDEM_LIMITS_IDLE_SESSION_TIMEOUT":    "1h",
 		"TANDEM_LIMITS_DRAIN_TIMEOUT":           "2s",
+		"TANDEM_LIMITS_MESSAGE_TIMEOUT":         "5s",
+		"TANDEM_LIMITS_MAX_BATCH_BYTES":         "32KiB",
+		"TANDEM_LIMITS_MAX_BATCH_MESSAGES":      "7",
+		"TANDEM_LIMITS_MAX_BUFFERED_BYTES":      "1MiB",
 		"TANDEM_RELAY_ENGINE":                   "goroutines",
 		"TANDEM_CONTROL_DSN":                    "host=control",
 		"TANDEM_CONTROL_PASSWORD_FILE":          "/control.pgpass",
@@ -521,7 +535,16 @@ func TestEnv(t *testing.T) {
 		"TANDEM_SHADOW_SETTLE":                  "250ms",
 		"TANDEM_SHADOW_FLOAT_TOLERANCE":         "0.5e-6",
 		"TANDEM_SHADOW_AA":                      "true",
-		"TANDEM_SHADOW_REDACT_PARAMS":           "true",
+		"TANDEM_SHADOW_RECORD_VALUES":           "true",
+		"TANDEM_ADMIN_API_TOKEN_FILE":           "/admin.token",
+		"TANDEM_ADMIN_API_TLS_CERT":             "/admin.pem",
+		"TANDEM_ADMIN_API_TLS_KEY":              "/admin.key",
+		"TANDEM_ADMIN_API_ALLOWED_HOSTS":        "a,b",
+		"TANDEM_ADMIN_API_PPROF":                "true",
+		"TANDEM_ADMIN_API_MAX_CONNECTIONS":      "5",
+		"TANDEM_OLD_REQUIRE_AUTH":               "md5",
+		"TANDEM_NEW_REQUIRE_AUTH":               "password",
+		"TANDEM_AUTH_ALLOW_REMOTE_TRUST":        "true",
 		"TANDEM_GATES_VERIFY_MAX_AGE":           "2h",
 		"TANDEM_GATES_SHADOW_WINDOW":            "5m",
 		"TANDEM_GATES_SHADOW_MAX_MISMATCH_RATE": "0.01",
@@ -537,12 +560,15 @@ func TestEnv(t *testing.T) {
 	}
 	want := Config{
 		Listen: "127.0.0.1:1", Admin: "127.0.0.1:2",
-		Old:  Store{DSN: "host=old", PasswordFile: "/old.pgpass"},
-		New:  Store{DSN: "host=new", PasswordFile: "/new.pgpass"},
-		Auth: Auth{Method: "scram-sha-256", Userlist: "/userlist"},
+		AdminAPI: AdminAPI{TokenFile: "/admin.token", TLSCert: "/admin.pem", TLSKey: "/admin.key", AllowedHosts: "a,b",
+			Pprof: true, MaxConnections: 5},
+		Old:  Store{DSN: "host=old", PasswordFile: "/old.pgpass", RequireAuth: "md5"},
+		New:  Store{DSN: "host=new", PasswordFile: "/new.pgpass", RequireAuth: "password"},
+		Auth: Auth{Method: "scram-sha-256", Userlist: "/userlist", AllowRemoteTrust: true},
 		TLS:  TLS{Cert: "/c.pem", Key: "/k.pem", Require: true},
 		Limits: Limits{MaxClientSessions: 3, MaxMessageBytes: 16 * KiB, ConnectTimeout: Duration(time.Second),
-			IdleSessionTimeout: Duration(time.Hour), DrainTimeout: Duration(2 * time.Second)},
+			IdleSessionTimeout: Duration(time.Hour), DrainTimeout: Duration(2 * time.Second),
+			MessageTimeout: Duration(5 * time.Second), MaxBatchBytes: 32 * KiB, MaxBatchMessages: 7, MaxBufferedBytes: MiB},
 		Relay:   Relay{Engine: "goroutines"},
 		Control: Control{DSN: "host=control", PasswordFile: "/control.pgpass"},
 		Routing: Routing{ReplicaID: "replica-7", MirrorBudget: Duration(time.Second), BreakerFailures: 9,
@@ -550,7 +576,7 @@ func TestEnv(t *testing.T) {
 			SequenceMargin: 0, RepairInterval: Duration(time.Minute), RepairBackoffMax: Duration(5 * time.Minute), DriftStuckAttempts: 5,
 			FeedWait: Duration(5 * time.Second)},
 		Shadow: Shadow{Queue: 7, Workers: 1, MaxResultBytes: 64 * KiB, Timeout: Duration(3 * time.Second),
-			Settle: Duration(250 * time.Millisecond), FloatTolerance: 0.5e-6, AA: true, RedactParams: true},
+			Settle: Duration(250 * time.Millisecond), FloatTolerance: 0.5e-6, AA: true, RecordValues: true},
 		Gates: Gates{VerifyMaxAge: Duration(2 * time.Hour), ShadowWindow: Duration(5 * time.Minute), ShadowMaxMismatchRate: 0.01,
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
 		Feed: Feed{Enabled: true, WALWarn: 2 * MiB, WALMax: 3 * GiB},
@@ -620,7 +646,7 @@ func TestValidate(t *testing.T) {
 			c.Auth = Auth{Method: "scram-sha-256", Userlist: userlist}
 			c.TLS = TLS{Cert: cert, Key: key, Require: true}
 			c.Limits = Limits{MaxClientSessions: 1, MaxMessageBytes: MinMessageBytes, ConnectTimeout: 1,
-				IdleSessionTimeout: Duration(time.Minute), DrainTimeout: 0}
+				IdleSessionTimeout: Duration(time.Minute), DrainTimeout: 0, MaxBatchMessages: 1, MaxBufferedBytes: MinMessageBytes}
 			c.Log = Log{Format: "json", Level: "error"}
 		}, nil},
 		{"largest message size", func(c *Config) { c.Limits.MaxMessageBytes = MaxMessageBytes }, nil},
@@ -633,6 +659,36 @@ func TestValidate(t *testing.T) {
 			[]string{`listen: port "postgres" must be a number from 0 to 65535`}},
 		{"admin port out of range", func(c *Config) { c.Admin = "127.0.0.1:70000" },
 			[]string{`admin: port "70000" must be a number from 0 to 65535`}},
+		{"trust off loopback", func(c *Config) { c.Listen = "0.0.0.0:6432" },
+			[]string{`auth.method: is trust while listen ("0.0.0.0:6432") is not a loopback address: anyone who reaches that port would use the stores' credentials without a password; use scram-sha-256 with auth.userlist, listen on 127.0.0.1, or set auth.allow_remote_trust: true (--auth-allow-remote-trust) if a network boundary you trust guards the port`}},
+		{"trust on all interfaces", func(c *Config) { c.Listen = ":6432" },
+			[]string{`auth.method: is trust while listen (":6432") is not a loopback address: anyone who reaches that port would use the stores' credentials without a password; use scram-sha-256 with auth.userlist, listen on 127.0.0.1, or set auth.allow_remote_trust: true (--auth-allow-remote-trust) if a network boundary you trust guards the port`}},
+		{"trust off loopback, opted in", func(c *Config) { c.Listen, c.Auth.AllowRemoteTrust = "10.0.0.1:6432", true }, nil},
+		{"trust on localhost and ::1", func(c *Config) { c.Listen, c.Admin = "localhost:6432", "[::1]:9187" }, nil},
+		{"admin off loopback without a token", func(c *Config) { c.Admin = "0.0.0.0:9187" },
+			[]string{`admin: "0.0.0.0:9187" is not a loopback address and the admin API has no token: anyone who reaches it could flip writes or stop mirroring; set admin_api.token_file (--admin-token-file, TANDEM_ADMIN_API_TOKEN_FILE) to a file holding a long random token, e.g. from 'openssl rand -hex 32', or listen on 127.0.0.1`}},
+		{"admin off loopback with a token", func(c *Config) {
+			c.Admin, c.AdminAPI.TokenFile = "0.0.0.0:9187", writeFile(t, dir, "token", "  0123456789abcdef0123\n")
+		}, nil},
+		{"admin token too short", func(c *Config) { c.AdminAPI.TokenFile = writeFile(t, dir, "short", "secret\n") },
+			[]string{"admin_api.token_file: the token in " + filepath.Join(dir, "short") + " is 6 bytes; use at least 16 (e.g. 'openssl rand -hex 32')"}},
+		{"admin token file missing", func(c *Config) { c.AdminAPI.TokenFile = missing },
+			[]string{"admin_api.token_file: cannot read " + missing + ": no such file or directory"}},
+		{"admin TLS cert without key", func(c *Config) { c.AdminAPI.TLSCert = cert },
+			[]string{"admin_api.tls_cert: is set but admin_api.tls_key is not; set both to serve HTTPS, or neither"}},
+		{"admin TLS", func(c *Config) { c.AdminAPI.TLSCert, c.AdminAPI.TLSKey = cert, key }, nil},
+		{"admin connection cap", func(c *Config) { c.AdminAPI.MaxConnections = 0 },
+			[]string{"admin_api.max_connections: must be at least 1, not 0"}},
+		{"require_auth", func(c *Config) { c.Old.RequireAuth, c.New.RequireAuth = "scram-sha-256, md5", "kerberos" },
+			[]string{`new.require_auth: unknown authentication method "kerberos": use a comma-separated list of "scram-sha-256", "md5", "password" and "none"`}},
+		{"self_fence", func(c *Config) { c.Routing.SelfFence = Duration(7 * time.Second) }, nil},
+		{"self_fence within a poll", func(c *Config) { c.Routing.SelfFence = Duration(time.Second) },
+			[]string{"routing.self_fence: must be more than routing.poll (2s): a replica reads the state once a poll; or 0 for 2 × routing.poll, at least 2s; not 1s"}},
+		{"batch caps", func(c *Config) {
+			c.Limits.MaxBatchBytes, c.Limits.MaxBatchMessages, c.Limits.MaxBufferedBytes, c.Limits.MessageTimeout = MiB, 0, 1, -1
+		}, []string{"limits.message_timeout: must not be negative (0 turns it off)",
+			"limits.max_batch_bytes: must be 0 (= limits.max_message_bytes) or at least limits.max_message_bytes (256MiB): a batch holds at least one message, not 1MiB",
+			"limits.max_batch_messages: must be at least 1, not 0", "limits.max_buffered_bytes: must be at least 8KiB, not 1B"}},
 		{"admin equals listen", func(c *Config) { c.Admin = c.Listen },
 			[]string{`admin: must differ from listen (both are "127.0.0.1:6432")`}},
 		{"old.dsn missing", func(c *Config) { c.Old.DSN = "" },
@@ -844,7 +900,7 @@ func TestCheck(t *testing.T) {
 		file + ":2:1: listen: must be host:port, e.g. 127.0.0.1:6432 or [::1]:6432 (missing port in address)",
 		file + ":4:3: old.dsn: cannot parse DSN: invalid port",
 		file + ":5:1: auth.userlist: required when auth.method is scram-sha-256: the file with the users' SCRAM secrets",
-		file + `:8:3: unknown field "max_sesions" in limits (valid: max_client_sessions, max_message_bytes, connect_timeout, idle_session_timeout, drain_timeout)`,
+		file + `:8:3: unknown field "max_sesions" in limits (valid: max_client_sessions, max_message_bytes, connect_timeout, idle_session_timeout, drain_timeout, message_timeout, max_batch_bytes, max_batch_messages, max_buffered_bytes)`,
 		file + ":9:3: limits.max_client_sessions: must be at least 1",
 		file + `:10:3: limits.connect_timeout: invalid duration "10": needs a unit, e.g. "10s" or "10ms"`,
 		file + `:12:3: log.level: must be "debug", "info", "warn" or "error", not "verbose"`,
@@ -1156,5 +1212,21 @@ func TestFlagsShow(t *testing.T) {
 	cfg, err := f.Load(nil)
 	if err != nil || cfg.Listen != "127.0.0.1:7" {
 		t.Fatalf("a hidden flag is still applied: %v %q", err, cfg.Listen)
+	}
+}
+
+// The liveness window a flip waits for a silent replica covers the
+// replica's self-fence bound plus a poll, whatever the settings.
+func TestLivenessWindow(t *testing.T) {
+	for _, tc := range []struct{ poll, sf, bound, live time.Duration }{
+		{2 * time.Second, 0, 4 * time.Second, 6 * time.Second},
+		{200 * time.Millisecond, 0, 2 * time.Second, 2200 * time.Millisecond},
+		{time.Second, 5 * time.Second, 5 * time.Second, 6 * time.Second},
+		{3 * time.Second, 0, 6 * time.Second, 9 * time.Second},
+	} {
+		r := Routing{Poll: Duration(tc.poll), SelfFence: Duration(tc.sf)}
+		if b, l := r.SelfFenceBound().Duration(), r.LivenessWindow().Duration(); b != tc.bound || l != tc.live || l < b+tc.poll {
+			t.Errorf("poll %s self_fence %s: bound %s window %s, want %s and %s", tc.poll, tc.sf, b, l, tc.bound, tc.live)
+		}
 	}
 }

@@ -20,6 +20,9 @@ func ExampleLoad() {
 	path := filepath.Join(dir, "tandem.yaml")
 	yaml := `
 listen: "0.0.0.0:6432"
+auth:
+  method: trust
+  allow_remote_trust: true # a private network only this proxy's clients reach
 old:
   dsn: "postgres://app:s3cret@old.internal:5432/app?sslmode=disable"
 new:

@@ -13,7 +13,7 @@ import (
 // here: its change is refused by RestartOnly, never silently ignored.
 var reloadable = []string{
 	"auth.", "tls.", "limits.", "routing.mirror_budget",
-	"shadow.max_result_bytes", "shadow.timeout", "shadow.settle", "shadow.float_tolerance", "shadow.aa", "shadow.redact_params",
+	"shadow.max_result_bytes", "shadow.timeout", "shadow.settle", "shadow.float_tolerance", "shadow.aa", "shadow.record_values",
 	"log.level",
 }
 
@@ -98,7 +98,7 @@ func TakeReloadable(running, next *Config) *Config {
 	c.Shadow.Settle = next.Shadow.Settle
 	c.Shadow.FloatTolerance = next.Shadow.FloatTolerance
 	c.Shadow.AA = next.Shadow.AA
-	c.Shadow.RedactParams = next.Shadow.RedactParams
+	c.Shadow.RecordValues = next.Shadow.RecordValues
 	c.Log.Level = next.Log.Level
 	return c
 }

@@ -25,7 +25,7 @@ func TestReloadableSettings(t *testing.T) {
 	b.Control = Control{DSN: "postgres://u@127.0.0.1:4/d", PasswordFile: "r"}
 	b.Routing = Routing{ReplicaID: "x", MirrorBudget: 1, BreakerFailures: 1, BreakerOpen: 1, Poll: 1, FenceTimeout: 1,
 		SequenceMargin: 1, RepairInterval: 1, RepairBackoffMax: 1, DriftStuckAttempts: 1}
-	b.Shadow = Shadow{Queue: 1, Workers: 1, MaxResultBytes: 1, Timeout: 1, Settle: 1, FloatTolerance: 1, AA: true, RedactParams: true}
+	b.Shadow = Shadow{Queue: 1, Workers: 1, MaxResultBytes: 1, Timeout: 1, Settle: 1, FloatTolerance: 1, AA: true, RecordValues: true}
 	b.Gates = Gates{VerifyMaxAge: 1, ShadowWindow: 1, ShadowMaxMismatchRate: 1}
 	b.Log = Log{Format: LogJSON, Level: LogDebug}
 	b.Tables = Tables{Include: []string{"x.*"}}

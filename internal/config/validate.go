@@ -78,6 +78,8 @@ func (c *Config) problems() Problems {
 		v.add("admin", fmt.Sprintf("must differ from listen (both are %q)", c.Admin))
 	}
 
+	v.adminAPI()
+
 	if strings.TrimSpace(c.Old.DSN) == "" {
 		v.add("old.dsn", "required: the DSN of the old store, e.g. postgres://user@host:5432/db?sslmode=require")
 	} else {
@@ -88,6 +90,8 @@ func (c *Config) problems() Problems {
 	}
 	v.readable("old.password_file", c.Old.PasswordFile)
 	v.readable("new.password_file", c.New.PasswordFile)
+	v.requireAuth("old.require_auth", c.Old.RequireAuth)
+	v.requireAuth("new.require_auth", c.New.RequireAuth)
 	if strings.TrimSpace(c.Control.DSN) != "" {
 		v.dsn("control.dsn", c.Control.DSN)
 	}
@@ -95,6 +99,11 @@ func (c *Config) problems() Problems {
 
 	switch c.Auth.Method {
 	case AuthTrust:
+		if _, _, err := net.SplitHostPort(c.Listen); err == nil && !IsLoopback(c.Listen) && !c.Auth.AllowRemoteTrust {
+			v.add("auth.method", fmt.Sprintf("is trust while listen (%q) is not a loopback address: anyone who reaches that port would "+
+				"use the stores' credentials without a password; use scram-sha-256 with auth.userlist, listen on 127.0.0.1, "+
+				"or set auth.allow_remote_trust: true (--auth-allow-remote-trust) if a network boundary you trust guards the port", c.Listen))
+		}
 	case AuthSCRAMSHA256:
 		if c.Auth.Userlist == "" {
 			v.add("auth.userlist", "required when auth.method is scram-sha-256: the file with the users' SCRAM secrets")
@@ -135,6 +144,18 @@ func (c *Config) problems() Problems {
 	if c.Limits.DrainTimeout < 0 {
 		v.add("limits.drain_timeout", "must not be negative (0 means do not wait)")
 	}
+	if c.Limits.MessageTimeout < 0 {
+		v.add("limits.message_timeout", "must not be negative (0 turns it off)")
+	}
+	if c.Limits.MaxBatchBytes != 0 && c.Limits.MaxBatchBytes < c.Limits.MaxMessageBytes {
+		v.add("limits.max_batch_bytes", fmt.Sprintf("must be 0 (= limits.max_message_bytes) or at least limits.max_message_bytes (%s): a batch holds at least one message, not %s", c.Limits.MaxMessageBytes, c.Limits.MaxBatchBytes))
+	}
+	if c.Limits.MaxBatchMessages < 1 {
+		v.add("limits.max_batch_messages", fmt.Sprintf("must be at least 1, not %d", c.Limits.MaxBatchMessages))
+	}
+	if c.Limits.MaxBufferedBytes < MinMessageBytes {
+		v.add("limits.max_buffered_bytes", fmt.Sprintf("must be at least %s, not %s", MinMessageBytes, c.Limits.MaxBufferedBytes))
+	}
 
 	for _, d := range []struct {
 		path string
@@ -146,6 +167,10 @@ func (c *Config) problems() Problems {
 		if d.v <= 0 {
 			v.add(d.path, fmt.Sprintf("must be > 0, not %s", d.v))
 		}
+	}
+	if sf := c.Routing.SelfFence; sf < 0 || (sf != 0 && sf <= c.Routing.Poll) {
+		v.add("routing.self_fence", fmt.Sprintf("must be more than routing.poll (%s): a replica reads the state once a poll; or 0 for 2 × routing.poll, at least 2s; not %s",
+			c.Routing.Poll, sf))
 	}
 	if c.Routing.RepairBackoffMax < c.Routing.RepairInterval {
 		v.add("routing.repair_backoff_max", fmt.Sprintf("must be at least routing.repair_interval (%s), not %s", c.Routing.RepairInterval, c.Routing.RepairBackoffMax))
@@ -238,6 +263,94 @@ func (v *validator) add(field, msg string) {
 		}
 	}
 	v.probs = append(v.probs, p)
+}
+
+// adminAPI checks the admin server's token, TLS and limits.
+func (v *validator) adminAPI() {
+	a := v.c.AdminAPI
+	if v.readable("admin_api.token_file", a.TokenFile) && a.TokenFile != "" {
+		if _, err := ReadToken(a.TokenFile); err != nil {
+			v.add("admin_api.token_file", err.Error())
+		}
+	}
+	if _, _, err := net.SplitHostPort(v.c.Admin); err == nil && a.TokenFile == "" && !IsLoopback(v.c.Admin) {
+		v.add("admin", fmt.Sprintf("%q is not a loopback address and the admin API has no token: anyone who reaches it could flip "+
+			"writes or stop mirroring; set admin_api.token_file (--admin-token-file, TANDEM_ADMIN_API_TOKEN_FILE) to a file "+
+			"holding a long random token, e.g. from 'openssl rand -hex 32', or listen on 127.0.0.1", v.c.Admin))
+	}
+	certOK := v.readable("admin_api.tls_cert", a.TLSCert)
+	keyOK := v.readable("admin_api.tls_key", a.TLSKey)
+	switch {
+	case a.TLSCert != "" && a.TLSKey == "":
+		v.add("admin_api.tls_cert", "is set but admin_api.tls_key is not; set both to serve HTTPS, or neither")
+	case a.TLSCert == "" && a.TLSKey != "":
+		v.add("admin_api.tls_key", "is set but admin_api.tls_cert is not; set both to serve HTTPS, or neither")
+	case a.TLSCert != "" && certOK && keyOK:
+		if _, err := tls.LoadX509KeyPair(a.TLSCert, a.TLSKey); err != nil {
+			v.add("admin_api.tls_cert", "cannot be loaded with admin_api.tls_key: "+strings.TrimPrefix(err.Error(), "tls: "))
+		}
+	}
+	if a.MaxConnections < 1 {
+		v.add("admin_api.max_connections", fmt.Sprintf("must be at least 1, not %d", a.MaxConnections))
+	}
+}
+
+// requireAuth checks a store's require_auth list.
+func (v *validator) requireAuth(field, list string) {
+	if _, err := ParseRequireAuth(list); err != nil {
+		v.add(field, err.Error())
+	}
+}
+
+// ParseRequireAuth parses a Store.RequireAuth list into the set of methods it allows. An empty list returns nil:
+// the default (scram-sha-256 and none always, md5 and password only over TLS).
+func ParseRequireAuth(list string) (map[string]bool, error) {
+	if strings.TrimSpace(list) == "" {
+		return nil, nil
+	}
+	set := map[string]bool{}
+	for m := range strings.SplitSeq(list, ",") {
+		m = strings.TrimSpace(m)
+		switch m {
+		case UpstreamSCRAM, UpstreamMD5, UpstreamPassword, UpstreamNone:
+			set[m] = true
+		default:
+			return nil, fmt.Errorf("unknown authentication method %q: use a comma-separated list of %q, %q, %q and %q",
+				m, UpstreamSCRAM, UpstreamMD5, UpstreamPassword, UpstreamNone)
+		}
+	}
+	return set, nil
+}
+
+// ReadToken reads an admin token file: its content without surrounding whitespace, which must be at least 16
+// bytes. The error never contains the file's content.
+func ReadToken(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("cannot read %s: %s", path, describeFileError(err))
+	}
+	tok := strings.TrimSpace(string(b))
+	if len(tok) < 16 {
+		return "", fmt.Errorf("the token in %s is %d bytes; use at least 16 (e.g. 'openssl rand -hex 32')", path, len(tok))
+	}
+	if strings.ContainsAny(tok, " \t\r\n") {
+		return "", fmt.Errorf("the token in %s holds whitespace; use one line of printable characters", path)
+	}
+	return tok, nil
+}
+
+// IsLoopback reports whether the host of the host:port address addr is a loopback address or "localhost". An
+// empty host (all interfaces) is not.
+func IsLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		host = addr
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // address checks a host:port listen address.

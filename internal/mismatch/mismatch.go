@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS tandem.mismatches (
 	diff        jsonb NOT NULL
 );
 CREATE INDEX IF NOT EXISTS mismatches_fingerprint ON tandem.mismatches (fingerprint, at);
-COMMENT ON COLUMN tandem.mismatches.params IS 'the statement''s parameters as text (NULL: none, or redacted by shadow.redact_params)';
+COMMENT ON COLUMN tandem.mismatches.params IS 'the statement''s parameters as text (NULL: none, or not recorded as shadow.record_values is off)';
 CREATE TABLE IF NOT EXISTS tandem.shadow_stats (
 	bucket      timestamptz NOT NULL,
 	replica     text NOT NULL,

@@ -95,8 +95,9 @@ func ReadMessage(r io.Reader, maxBody int) (byte, []byte, error) {
 // bodyChunk is how much of a message body is allocated before its bytes
 // arrive. A peer that announces a large message and sends little of it
 // holds this much, not the announced length; a body that does arrive is
-// allocated at most about twice over as it grows.
-const bodyChunk = 1 << 20
+// allocated at most about twice over as it grows (doubling). It was 1 MiB:
+// 200 sessions that each announce 200 MB then held 200 MiB (issue 12).
+const bodyChunk = 16 << 10
 
 // readBody reads a body of size bytes, allocating as they arrive.
 func readBody(r io.Reader, size int) ([]byte, error) {

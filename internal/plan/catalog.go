@@ -215,6 +215,23 @@ func controlReady(ctx context.Context, q table.Querier) (bool, error) {
 	return ok, nil
 }
 
+// controlWritable reports whether role (which may not exist on this
+// server: false) can change the control schema "tandem": create objects in
+// it, or insert, update, delete or truncate any of its tables. Superusers
+// and owners can.
+func controlWritable(ctx context.Context, q table.Querier, role string) (bool, error) {
+	var ok bool
+	err := q.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) AND EXISTS (
+		SELECT 1 FROM pg_namespace n WHERE n.nspname = 'tandem' AND (
+			has_schema_privilege($1, n.oid, 'CREATE')
+			OR EXISTS (SELECT 1 FROM pg_class c WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p')
+				AND has_table_privilege($1, c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE'))))`, role).Scan(&ok)
+	if err != nil {
+		return false, fmt.Errorf("reading the privileges on the control schema: %w", err)
+	}
+	return ok, nil
+}
+
 // readTriggers lists the user triggers on old.
 func readTriggers(ctx context.Context, q table.Querier) ([]Trigger, error) {
 	rows, err := q.Query(ctx, `

@@ -58,6 +58,9 @@ type Options struct {
 	// CountBelow is the heap size in bytes under which a never-analyzed
 	// table is counted exactly; 0 means 64 MiB.
 	CountBelow int64
+	// StoreReasons are reasons found elsewhere about a store (how it asks
+	// the proxy to authenticate), by store name ("old", "new").
+	StoreReasons map[string][]Reason
 }
 
 // Run assesses the migration from o.Old to o.New. An error means a store
@@ -256,6 +259,29 @@ func (r *Report) assessStores(ctx context.Context, o Options) error {
 		s := &r.Stores[i]
 		if s.ControlSchema != nil && !*s.ControlSchema {
 			s.reason(Blocked, "%s can neither create the control schema \"tandem\" (CREATE on the database) nor use an existing one", s.User)
+		}
+	}
+	// The control schema is not the application's (issue 12): a role that
+	// can write it can change the routing past every gate and the fence.
+	// The application's role is the old store's DSN user.
+	app := r.Stores[0].User
+	control, cs := o.Old, &r.Stores[0]
+	if o.Control != nil {
+		control, cs = o.Control, &r.Stores[len(r.Stores)-1]
+	}
+	switch w, err := controlWritable(ctx, control, app); {
+	case err != nil:
+		return err
+	case w && cs.User == app:
+		cs.reason(Ready, "the application's role %s is also the control role: it can change tandem.state and tandem.drift directly, past the gates and the fence (the proxy refuses such statements from clients with 42501); use a dedicated control role in control.dsn (see README, Security)", app)
+	case w:
+		cs.reason(Attention, "the application's role %s can write the control schema \"tandem\": it could change the routing state past the gates and the fence; REVOKE ALL ON ALL TABLES IN SCHEMA tandem FROM %s; REVOKE CREATE ON SCHEMA tandem FROM %s, or for a superuser or the owner, log the application in as another role (see README, Security)",
+			app, quoteIdent(app), quoteIdent(app))
+	}
+	for i := range r.Stores {
+		s := &r.Stores[i]
+		for _, reason := range o.StoreReasons[s.Name] {
+			s.reason(reason.Verdict, "%s", reason.Text)
 		}
 	}
 	if oldS, newS := r.Stores[0], &r.Stores[1]; oldS.MaxPreparedTransactions > newS.MaxPreparedTransactions {

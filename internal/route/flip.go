@@ -93,6 +93,11 @@ type Report struct {
 	Sequences  *SequenceSync `json:"sequences,omitempty"`
 	Feed       *FeedReport   `json:"feed,omitempty"`   // the wait for the change feed, when it is enabled
 	Forced     []string      `json:"forced,omitempty"` // gate refusals overridden by Force
+
+	// SelfFenced are replicas that neither drained the fence nor were heard
+	// from again: the flip waited until they left the liveness window, by
+	// when they refuse writes (routing.self_fence).
+	SelfFenced []string `json:"self_fenced,omitempty"`
 }
 
 // FenceError is a write flip that gave up because live replicas did not
@@ -263,7 +268,15 @@ func (o Options) flip(ctx context.Context, conn *pgx.Conn, cur State, ch Change,
 		return fail(fmt.Errorf("waiting for the write fence to drain: %w", err))
 	}
 	if len(pending) > 0 {
-		return fail(&FenceError{Timeout: o.FenceTimeout, Pending: pending})
+		// Some may be cut off, not slow: wait for their self-fence (selffence.go).
+		silent, still, err := o.waitSilent(ctx, conn, pending, token, expires.Add(-5*time.Second))
+		if err != nil {
+			return fail(fmt.Errorf("waiting for silent replicas to fence themselves: %w", err))
+		}
+		if len(still) > 0 {
+			return fail(&FenceError{Timeout: o.FenceTimeout, Pending: still})
+		}
+		rep.SelfFenced = ids(silent)
 	}
 
 	// 3b. Writes are fenced and drained: wait until the change feed has

@@ -40,6 +40,12 @@ type Follower struct {
 	// Joined, if set, is called once, after the first heartbeat is
 	// written: from then on flips wait for this replica.
 	Joined func()
+	// Heard, if set, is called after each heartbeat with the time just
+	// before the state it acknowledged was read: the replica's view is at
+	// least that fresh, and its heartbeat_at is no earlier (self-fencing,
+	// issue 12).
+	Heard func(readAt time.Time)
+
 	Logger *slog.Logger
 }
 
@@ -132,6 +138,7 @@ func (f *Follower) session(ctx context.Context, poll time.Duration, fs *followed
 	}()
 	var retryDrain time.Time // after a failed drain, not before this
 	for {
+		readAt := time.Now()
 		st, err := Load(ctx, conn)
 		if err != nil {
 			return err
@@ -175,6 +182,9 @@ func (f *Follower) session(ctx context.Context, poll time.Duration, fs *followed
 			return err
 		}
 		fs.sent.version, fs.sent.fence = fs.applied.Version, fs.fenceAcked
+		if f.Heard != nil {
+			f.Heard(readAt)
+		}
 		if !fs.joined {
 			fs.joined = true
 			if f.Joined != nil {

@@ -94,6 +94,51 @@ type Diff struct {
 	OrderDiffers bool `json:"order_differs,omitempty"`
 	// Truncated is set when some rows were left out of the lists.
 	Truncated bool `json:"truncated,omitempty"`
+	// Redacted is set when the values were removed (see Redact).
+	Redacted bool `json:"redacted,omitempty"`
+}
+
+// Redact removes every value from d: the rows found on one side only, the
+// key and values of changed rows (their column names stay) and the stores'
+// error messages (their SQLSTATEs stay). Counts, column descriptions and the
+// summary, which name no values, are kept, so a redacted Diff still says
+// what kind of difference it was and where. Redacted is set.
+func (d *Diff) Redact() {
+	if n := len(d.OnlyServed); n > 0 && d.OnlyServedCount == 0 {
+		d.OnlyServedCount = n
+	}
+	if n := len(d.OnlyShadow); n > 0 && d.OnlyShadowCount == 0 {
+		d.OnlyShadowCount = n
+	}
+	d.OnlyServed, d.OnlyShadow = nil, nil
+	for i := range d.Changed {
+		c := &d.Changed[i]
+		c.Key = ""
+		for name := range c.Columns {
+			c.Columns[name] = [2]*string{}
+		}
+	}
+	d.ServedError = sqlstateOnly(d.ServedError)
+	d.ShadowError = sqlstateOnly(d.ShadowError)
+	if d.Kind == KindError {
+		d.Summary = "served " + outcome(d.ServedError, d.ServedRows) + "; shadow " + outcome(d.ShadowError, d.ShadowRows)
+	}
+	d.Redacted = true
+}
+
+// sqlstateOnly keeps the "SQLSTATE" of an "SQLSTATE: message" error text.
+func sqlstateOnly(e string) string {
+	code, _, _ := strings.Cut(e, ":")
+	return code
+}
+
+// outcome describes one side of an error Diff as errorDiff does, from a
+// SQLSTATE alone.
+func outcome(code string, rows int) string {
+	if code == "" {
+		return "succeeded with " + plural(rows, "row")
+	}
+	return "failed with " + code
 }
 
 // ColumnDiff lists both RowDescriptions as "name:type" per column.

@@ -415,3 +415,30 @@ func TestDiffJSON(t *testing.T) {
 		t.Errorf("round trip: %v %+v", err, back)
 	}
 }
+
+// A redacted Diff keeps where the difference is (counts, column names,
+// SQLSTATEs) and none of the values.
+func TestDiffRedact(t *testing.T) {
+	d := Compare(
+		Result{Fields: fields("id:int4", "note"), Rows: rows(r("1", "secret-a"), r("2", "secret-only"))},
+		Result{Fields: fields("id:int4", "note"), Rows: rows(r("1", "secret-b"))},
+		Shape{}, Options{})
+	d.Redact()
+	b, err := json.Marshal(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"kind":"rows","summary":"served 2 rows, shadow 1; 1 row only on served; column note differs in 1 row",` +
+		`"served_rows":2,"shadow_rows":1,"only_served_count":1,` +
+		`"changed":[{"key":"","columns":{"note":[null,null]}}],"changed_count":1,"redacted":true}`
+	if string(b) != want {
+		t.Errorf("json\n got %s\nwant %s", b, want)
+	}
+	e := Compare(Result{ErrCode: "23505", ErrMsg: `duplicate key value violates unique constraint "t_pkey": Key (id)=(secret-7)`},
+		Result{Rows: rows(r("1"))}, Shape{}, Options{})
+	e.Redact()
+	if b, _ := json.Marshal(e); strings.Contains(string(b), "secret") || e.ServedError != "23505" ||
+		e.Summary != "served failed with 23505; shadow succeeded with 1 row" {
+		t.Errorf("redacted error diff %s", b)
+	}
+}
