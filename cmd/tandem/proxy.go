@@ -9,9 +9,9 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"sync/atomic"
 	"syscall"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"

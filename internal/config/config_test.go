@@ -113,7 +113,7 @@ func TestDefault(t *testing.T) {
 		Gates: Gates{VerifyMaxAge: Duration(24 * time.Hour), ShadowWindow: Duration(15 * time.Minute),
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
 		Feed: Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
-		Log: Log{Format: "text", Level: "info"},
+		Log:  Log{Format: "text", Level: "info"},
 	}
 	if !reflect.DeepEqual(d, want) {
 		t.Errorf("Default() = %+v, want %+v", d, want)
@@ -331,7 +331,7 @@ func TestLoadGoodFile(t *testing.T) {
 		Gates: Gates{VerifyMaxAge: Duration(6 * time.Hour), ShadowWindow: Duration(30 * time.Minute), ShadowMaxMismatchRate: 0.001,
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
 		Feed: Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
-		Log: Log{Format: "json", Level: "debug"},
+		Log:  Log{Format: "json", Level: "debug"},
 		Tables: Tables{
 			Include: []string{"public.*", `"Sales".*`},
 			Exclude: []string{"public.tmp_*"},
@@ -580,7 +580,7 @@ func TestEnv(t *testing.T) {
 		Gates: Gates{VerifyMaxAge: Duration(2 * time.Hour), ShadowWindow: Duration(5 * time.Minute), ShadowMaxMismatchRate: 0.01,
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
 		Feed: Feed{Enabled: true, WALWarn: 2 * MiB, WALMax: 3 * GiB},
-		Log: Log{Format: "json", Level: "debug"},
+		Log:  Log{Format: "json", Level: "debug"},
 	}
 	cfg.src = nil
 	if !reflect.DeepEqual(*cfg, want) {
