@@ -302,8 +302,21 @@ func TestFeedWaitHoldsWrites(t *testing.T) {
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("dual-write: %v\n%s%s", err, out, errOut)
 	}
+	// The backfill waits until a feed reads old's WAL: the slot, and the
+	// test playing the feed.
+	bctx := context.Background()
+	oc, err := pgx.Connect(bctx, oldC.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ensureFeed(bctx, oc, route.Old, feedTables(rp.control.mappings.Load(), route.Old)); err != nil {
+		t.Fatal(err)
+	}
+	oc.Close(bctx)
+	playing := startTestFeed(t, oldC, route.Old, oldC, 0)
 	backfillAll(t, file)
 	verifyAll(t, file)
+	playing.halt()
 
 	// The feed is alive but 1 MiB behind: the gate (64MiB) lets the flip
 	// through, and the flip then waits for it.
