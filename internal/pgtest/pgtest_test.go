@@ -427,7 +427,10 @@ func TestPortCollision(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), time.Second)
+	// Restart retries a taken port until its deadline, then names it. One
+	// second was too short on a loaded machine: the first attempt had not
+	// reached the bind, and the error was a bare deadline.
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
 	defer cancel()
 	err = c.Restart(ctx)
 	if err == nil || !strings.Contains(err.Error(), "already in use") {
