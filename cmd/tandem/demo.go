@@ -172,6 +172,7 @@ func runDemo(ctx context.Context, w io.Writer, verbose bool) (err error) {
 		return err
 	}
 	printMigration(w, st, rt.Options.Live)
+	n.say("the same, live, with charts and the routing controls: http://%s/ (while the proxy runs)", rp.AdminAddr())
 
 	n.section("What the operator sees: /metrics")
 	if err := printMetrics(ctx, n, "http://"+rp.AdminAddr()+"/metrics"); err != nil {
