@@ -425,13 +425,14 @@ func (rs *routedSession) shiftedRead(un *unit, target route.Store) (bool, error)
 		return false, nil
 	}
 	rs.ss.serving.Store(u.up)
-	rs.holding, rs.hold, rs.spilled = true, rs.hold[:0], false
+	rs.hold, rs.reply = rs.hold[:0], replyHeld
 	// A retry on the primary runs the whole unit again: it must start from
 	// the statements and portals the client had before this attempt.
 	stmts, portals := maps.Clone(rs.stmts), maps.Clone(rs.portals)
 	res, err := rs.runUnit(u, un, false, false)
-	rs.holding = false
-	if rs.spilled && err == nil {
+	spilled := rs.reply == replySpilled
+	rs.reply = replyDirect
+	if spilled && err == nil {
 		// Part of the reply is with the client: it cannot be retried.
 		rs.servedBy = target
 		rs.srv.metrics.R().Read(ctx, string(target), "served")

@@ -161,9 +161,8 @@ type routedSession struct {
 	srv     *Server
 	maxBody int
 	cout    *bufio.Writer
-	hold    []byte // client output held back while a shifted read may still be retried
-	holding bool
-	spilled bool // the held reply grew past maxHold and went to the client
+	hold    []byte     // client output held back while a shifted read may still be retried
+	reply   replyState // whether output goes to the client or to hold
 
 	// controlWrite is the control-schema table the unit analyze last saw
 	// would change ("" = none): refused, see refuseControlWrite.
@@ -209,6 +208,20 @@ type routedSession struct {
 	gucDirty bool
 	gucs     [][2]string
 }
+
+// replyState says where the client's output goes while a unit runs.
+type replyState uint8
+
+const (
+	// replyDirect: straight to the client (buffered in cout).
+	replyDirect replyState = iota
+	// replyHeld: into hold, so that a shifted read that fails can be run
+	// again on the primary before the client has seen anything.
+	replyHeld
+	// replySpilled: the held reply grew past maxHold and went to the
+	// client; the rest streams, and the read can no longer be retried.
+	replySpilled
+)
 
 func storeIndexOf(name string) int {
 	if name == "new" {
@@ -440,7 +453,7 @@ func (rs *routedSession) toClient(typ byte, body []byte) {
 	if rs.capture != nil {
 		rs.capture.add(typ, body)
 	}
-	if rs.holding {
+	if rs.reply == replyHeld {
 		rs.hold = appendMsg(rs.hold, typ, body)
 		rs.spillHold()
 		return
@@ -451,7 +464,7 @@ func (rs *routedSession) toClient(typ byte, body []byte) {
 }
 
 func (rs *routedSession) toClientRaw(b []byte) {
-	if rs.holding {
+	if rs.reply == replyHeld {
 		rs.hold = append(rs.hold, b...)
 		rs.spillHold()
 		return
@@ -466,7 +479,7 @@ const maxHold = 1 << 20
 func (rs *routedSession) spillHold() {
 	if len(rs.hold) > maxHold {
 		_, _ = rs.cout.Write(rs.hold)
-		rs.hold, rs.holding, rs.spilled = rs.hold[:0], false, true
+		rs.hold, rs.reply = rs.hold[:0], replySpilled
 	}
 }
 
