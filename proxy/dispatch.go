@@ -19,14 +19,58 @@ import (
 
 // unit is one request: a Query, a FunctionCall, or extended-protocol
 // messages up to a Sync or Flush.
+//
+// collect also analyzes it, once: every later stage (serve, the shadow
+// sample, runUnit, the commit check) reads what analyze found instead of
+// decoding and classifying the messages again.
 type unit struct {
 	msgs []clientMsg
 	end  byte  // 'Q', 'F', 'S', 'H', or the type of a lone message
 	held int64 // bytes counted in Server.buffered for msgs (limits.go)
+
+	dec      []decoded       // one per message of msgs
+	kinds    []classify.Kind // of each statement the unit runs, in order
+	pureRead bool            // only reads (and at least one statement)
+	tables   []string        // as written in the statements
+	// commits: a statement of the unit ends the client's transaction with
+	// COMMIT or PREPARE TRANSACTION. A Bind counts with the session's
+	// statement of its name as it was before the unit.
+	commits bool
+	// controlWrite is a control-schema table the unit would change ("" =
+	// none): refused, see refuseControlWrite.
+	controlWrite string
 }
 
-// collect reads the rest of the request that m starts.
-func (rs *routedSession) collect(m clientMsg) (_ *unit, err error) {
+// decoded is one client message of a unit, decoded once by analyze.
+type decoded struct {
+	err  error              // the message did not decode (Parse, Bind)
+	sql  string             // Query: the client's text
+	plan *classify.TextPlan // Query: the text's plan; Parse: the statement's
+	// parse is a Parse's content.
+	parse parseMsg
+	// bind is a Bind's content, and stmt the statement it binds as analyze
+	// resolved it: a Parse earlier in the unit, else the session's (nil:
+	// unknown).
+	bind bindMsg
+	stmt *stmtInfo
+	// portal and maxRows are an Execute's; execErr: the body was short.
+	portal  string
+	maxRows int32
+	execErr bool
+}
+
+// collect reads the rest of the request that m starts and analyzes it.
+func (rs *routedSession) collect(m clientMsg) (*unit, error) {
+	u, err := rs.gather(m)
+	if err != nil {
+		return nil, err
+	}
+	rs.analyze(u)
+	return u, nil
+}
+
+// gather reads the rest of the request that m starts.
+func (rs *routedSession) gather(m clientMsg) (_ *unit, err error) {
 	u := &unit{msgs: []clientMsg{m}}
 	defer func() {
 		if err != nil {
@@ -70,72 +114,91 @@ func (rs *routedSession) collect(m clientMsg) (_ *unit, err error) {
 	}
 }
 
-// statementsOf returns the statements a unit runs, with the Bind of each
-// Execute (nil for a Query).
-func (rs *routedSession) analyze(u *unit) (kinds []classify.Kind, pureRead bool, tables []string) {
-	pureRead = true
-	rs.controlWrite = ""
+// analyze decodes and classifies the unit's messages once: the statement
+// kinds, the tables, whether it is a pure read, whether it commits, and a
+// write to the control schema.
+func (rs *routedSession) analyze(u *unit) {
+	u.dec = make([]decoded, len(u.msgs))
+	u.pureRead = true
 	note := func(si *stmtInfo) {
 		if si == nil || si.plan == nil || si.plan.Err != nil {
-			kinds = append(kinds, classify.Unknown)
-			pureRead = false
+			u.kinds = append(u.kinds, classify.Unknown)
+			u.pureRead = false
 			return
 		}
 		for _, st := range si.plan.Stmts {
-			kinds = append(kinds, st.Kind)
+			u.kinds = append(u.kinds, st.Kind)
 			if st.Kind != classify.Read {
-				pureRead = false
-				if t := controlTable(st.Tables); t != "" && rs.controlWrite == "" {
-					rs.controlWrite = t
+				u.pureRead = false
+				if t := controlTable(st.Tables); t != "" && u.controlWrite == "" {
+					u.controlWrite = t
 				}
 			}
-			tables = append(tables, st.Tables...)
+			u.tables = append(u.tables, st.Tables...)
 		}
+	}
+	// commits reports whether p ends the transaction (see unit.commits).
+	commits := func(p *classify.TextPlan) bool {
+		for _, s := range p.Stmts {
+			if s.Kind == classify.Transaction && (s.Tx == classify.TxCommit || s.Tx == classify.TxPrepare) {
+				return true
+			}
+		}
+		return false
 	}
 	local := map[string]*stmtInfo{}
 	portals := map[string]*stmtInfo{}
-	for _, m := range u.msgs {
+	for i, m := range u.msgs {
+		d := &u.dec[i]
 		switch m.typ {
 		case 'Q':
-			sql := strings.TrimSuffix(string(m.body), "\x00")
-			note(&stmtInfo{sql: sql, plan: rs.srv.classifier.Plan(sql)})
+			d.sql = strings.TrimSuffix(string(m.body), "\x00")
+			d.plan = rs.srv.classifier.Plan(d.sql)
+			note(&stmtInfo{sql: d.sql, plan: d.plan})
+			u.commits = u.commits || commits(d.plan)
 		case 'P':
-			p, err := decodeParse(m.body)
-			if err != nil {
-				pureRead = false
+			if d.parse, d.err = decodeParse(m.body); d.err != nil {
+				u.pureRead = false
 				continue
 			}
-			local[p.name] = &stmtInfo{sql: p.sql, plan: rs.srv.classifier.Plan(p.sql)}
+			d.plan = rs.srv.classifier.Plan(d.parse.sql)
+			local[d.parse.name] = &stmtInfo{sql: d.parse.sql, oids: d.parse.oids, plan: d.plan}
+			u.commits = u.commits || commits(d.plan)
 		case 'B':
-			b, err := decodeBind(m.body)
-			if err != nil {
-				pureRead = false
+			if d.bind, d.err = decodeBind(m.body); d.err != nil {
+				u.pureRead = false
 				continue
 			}
-			si := local[b.stmt]
-			if si == nil {
-				si = rs.stmts[b.stmt]
+			// The commit check asks the session's statement of the name as
+			// it was before the unit (a Parse of the unit counts on its own).
+			if si := rs.stmts[d.bind.stmt]; si != nil && si.plan != nil {
+				u.commits = u.commits || commits(si.plan)
 			}
-			portals[b.portal] = si
+			d.stmt = local[d.bind.stmt]
+			if d.stmt == nil {
+				d.stmt = rs.stmts[d.bind.stmt]
+			}
+			portals[d.bind.portal] = d.stmt
 		case 'E':
 			r := msgReader{b: m.body}
-			name := r.cstring()
-			si, ok := portals[name]
+			d.portal = r.cstring()
+			d.maxRows = r.int32()
+			d.execErr = r.err
+			si, ok := portals[d.portal]
 			if !ok {
-				if p := rs.portals[name]; p != nil {
+				if p := rs.portals[d.portal]; p != nil {
 					si = p.stmt
 				}
 			}
 			note(si)
 		case 'F':
-			kinds = append(kinds, classify.Unknown)
-			pureRead = false
+			u.kinds = append(u.kinds, classify.Unknown)
+			u.pureRead = false
 		}
 	}
-	if len(kinds) == 0 {
-		pureRead = false // a bare Sync or Flush belongs to the primary's session
+	if len(u.kinds) == 0 {
+		u.pureRead = false // a bare Sync or Flush belongs to the primary's session
 	}
-	return kinds, pureRead, tables
 }
 
 // readStore picks the store that serves an eligible read.
@@ -193,9 +256,9 @@ func (s *Server) driftBlocks(tables []string) bool {
 
 // serve runs one request under the session's routing state.
 func (rs *routedSession) serve(un *unit) error {
-	kinds, pureRead, tables := rs.analyze(un)
-	if rs.controlWrite != "" {
-		return rs.refuseControlWrite(un, rs.controlWrite)
+	kinds, pureRead, tables := un.kinds, un.pureRead, un.tables
+	if un.controlWrite != "" {
+		return rs.refuseControlWrite(un, un.controlWrite)
 	}
 	lone := rs.lone(un) || rs.inert(un)
 	if err := rs.beginUnit(pureRead || lone); err != nil {
@@ -210,7 +273,7 @@ func (rs *routedSession) serve(un *unit) error {
 		catalog := rs.catalogRead(un, tables)
 		temp := rs.usesTemp(tables)
 		if !catalog && !temp {
-			if j := rs.shadowSample(un, tables); j != nil {
+			if j := rs.shadowSample(un); j != nil {
 				defer rs.shadowDone(j, time.Now())
 			}
 		}
@@ -245,7 +308,7 @@ func (rs *routedSession) serve(un *unit) error {
 	// inside a transaction of its own, committed when the primary's is.
 	implicit := startTx == 'I' && (rs.extOpen || un.end == 'H' && !lone)
 
-	if mirror && rs.tx.pending() && hasCommit(rs, un) {
+	if mirror && rs.tx.pending() && un.commits {
 		// The secondary missed part of this transaction: record it before the
 		// primary commits, so an acknowledged commit always has its drift.
 		if err := rs.recordPending(); err != nil {
@@ -266,7 +329,7 @@ func (rs *routedSession) serve(un *unit) error {
 	}
 	res, err := rs.runUnit(prim, un, wrap, mirror)
 	if err != nil {
-		if mirror && !wrap && (hasCommit(rs, un) || rs.extOpen && un.end != 'H') {
+		if mirror && !wrap && (un.commits || rs.extOpen && un.end != 'H') {
 			rs.commitUnknown(err)
 		}
 		return rs.storeLost(prim, err)
@@ -382,35 +445,6 @@ func wrappable(kinds []classify.Kind) bool {
 		}
 	}
 	return true
-}
-
-// hasCommit reports whether un ends the client's transaction with COMMIT.
-func hasCommit(rs *routedSession, un *unit) bool {
-	for _, m := range un.msgs {
-		var plans []*classify.TextPlan
-		switch m.typ {
-		case 'Q':
-			plans = append(plans, rs.srv.classifier.Plan(strings.TrimSuffix(string(m.body), "\x00")))
-		case 'P':
-			if p, err := decodeParse(m.body); err == nil {
-				plans = append(plans, rs.srv.classifier.Plan(p.sql))
-			}
-		case 'B':
-			if b, err := decodeBind(m.body); err == nil {
-				if si := rs.stmts[b.stmt]; si != nil && si.plan != nil {
-					plans = append(plans, si.plan)
-				}
-			}
-		}
-		for _, p := range plans {
-			for _, s := range p.Stmts {
-				if s.Kind == classify.Transaction && (s.Tx == classify.TxCommit || s.Tx == classify.TxPrepare) {
-					return true
-				}
-			}
-		}
-	}
-	return false
 }
 
 // shiftedRead serves an eligible read from target, holding the reply until

@@ -164,10 +164,6 @@ type routedSession struct {
 	hold    []byte     // client output held back while a shifted read may still be retried
 	reply   replyState // whether output goes to the client or to hold
 
-	// controlWrite is the control-schema table the unit analyze last saw
-	// would change ("" = none): refused, see refuseControlWrite.
-	controlWrite string
-
 	clientIn   chan []clientMsg
 	clientQuit chan struct{}
 	clientDone chan struct{}

@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"math/rand/v2"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/tandemdb/tandem/internal/metrics"
@@ -123,7 +122,8 @@ func shadowFields(fs []field) []shadow.Field {
 // shadowSample decides whether the read in un is shadowed and, if so,
 // prepares its job and starts capturing its reply. It returns nil when it
 // is not: not sampled, not one statement, or known to be incomparable.
-func (rs *routedSession) shadowSample(un *unit, tables []string) *shadowJob {
+func (rs *routedSession) shadowSample(un *unit) *shadowJob {
+	tables := un.tables
 	sh := rs.srv.shadow
 	st := rs.state
 	if sh == nil || st.Shadow <= 0 || rand.IntN(100) >= st.Shadow {
@@ -132,40 +132,30 @@ func (rs *routedSession) shadowSample(un *unit, tables []string) *shadowJob {
 	j := &shadowJob{tables: tables, user: rs.ss.user, db: rs.ss.database, startup: rs.ss.params,
 		primary: st.Primary, aa: sh.settings().aa}
 	executes := 0
-	local := map[string]parseMsg{}
-	for _, m := range un.msgs {
+	for i, m := range un.msgs {
+		d := &un.dec[i]
 		switch m.typ {
 		case 'Q':
-			sql := strings.TrimSuffix(string(m.body), "\x00")
-			p := rs.srv.classifier.Plan(sql)
+			p := d.plan
 			if p.Err != nil || len(p.Stmts) != 1 {
 				return nil
 			}
 			j.sql, j.fingerprint = p.Stmts[0].SQL, p.Stmts[0].Fingerprint
 			executes++
-		case 'P':
-			if p, err := decodeParse(m.body); err == nil {
-				local[p.name] = p
-			}
 		case 'B':
-			b, err := decodeBind(m.body)
-			if err != nil {
+			if d.err != nil || d.stmt == nil {
 				return nil
 			}
-			var sql string
-			var oids, inferred []uint32
-			if p, ok := local[b.stmt]; ok {
-				sql, oids = p.sql, p.oids
-			} else if si := rs.stmts[b.stmt]; si != nil {
-				sql, oids, inferred, j.desc = si.sql, si.oids, si.paramDesc, si.desc
-			} else {
-				return nil
-			}
-			p := rs.srv.classifier.Plan(sql)
+			// A statement parsed in this unit has no Describe answer or
+			// inferred types yet: those fields are nil.
+			si, b := d.stmt, d.bind
+			oids, inferred := si.oids, si.paramDesc
+			j.desc = si.desc
+			p := si.plan
 			if p.Err != nil || len(p.Stmts) != 1 {
 				return nil
 			}
-			j.extended, j.sql, j.fingerprint = true, sql, p.Stmts[0].Fingerprint
+			j.extended, j.sql, j.fingerprint = true, si.sql, p.Stmts[0].Fingerprint
 			j.params = b.params
 			j.paramFmts = int16s(b.paramFormats)
 			j.resultFmts = int16s(b.resultFormats)
@@ -180,9 +170,7 @@ func (rs *routedSession) shadowSample(un *unit, tables []string) *shadowJob {
 				}
 			}
 		case 'E':
-			r := msgReader{b: m.body}
-			r.cstring()
-			if r.int32() != 0 {
+			if d.maxRows != 0 {
 				return nil // a row limit: the result comes in parts
 			}
 			executes++
