@@ -23,6 +23,7 @@ import (
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/pgwire"
+	"github.com/tandemdb/tandem/internal/shadowpool"
 	"github.com/tandemdb/tandem/internal/table"
 )
 
@@ -100,7 +101,9 @@ type Server struct {
 	held         heldDrift // drift not yet recorded though its write committed (held.go)
 	classifier   *classify.Classifier
 	mappings     atomic.Pointer[table.Mappings]
-	shadow       *shadower // nil without a new store
+	shadow       *shadowpool.Pool // nil without a new store
+	// recordMismatch stores a confirmed shadow mismatch (Options.RecordMismatch).
+	recordMismatch func(ctx context.Context, r mismatch.Record) error
 }
 
 type cancelKey struct {
@@ -150,7 +153,8 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 	}
 	s.baseCtx, s.stopCtx = context.WithCancel(context.Background())
 	if s.new != nil {
-		s.shadow = newShadower(s, opts.RecordMismatch)
+		s.recordMismatch = opts.RecordMismatch
+		s.shadow = s.newShadowPool()
 	}
 	return s, nil
 }
@@ -200,7 +204,7 @@ func (s *Server) Reload(next *config.Config) error {
 	}
 	s.conf.Store(next)
 	if s.shadow != nil {
-		s.shadow.set.Store(shadowSettingsOf(next))
+		s.shadow.SetSettings(shadowSettingsOf(next))
 	}
 	return nil
 }
@@ -335,7 +339,7 @@ func (s *Server) release() {
 	s.stopHeld()
 	s.closeCatalogs()
 	if s.shadow != nil {
-		s.shadow.stop()
+		s.shadow.Stop()
 	}
 }
 

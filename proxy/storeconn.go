@@ -195,7 +195,7 @@ func (rs *routedSession) syncSettings(u *rstore) error {
 		return nil
 	}
 	for _, kv := range sets {
-		u.queueQuery(fmt.Sprintf("SELECT pg_catalog.set_config(%s, %s, false)", quoteLiteral(kv[0]), quoteLiteral(kv[1])))
+		u.queueQuery(fmt.Sprintf("SELECT pg_catalog.set_config(%s, %s, false)", pgwire.QuoteLiteral(kv[0]), pgwire.QuoteLiteral(kv[1])))
 	}
 	if err := rs.send(u, time.Time{}); err != nil {
 		return err
@@ -227,17 +227,6 @@ func (rs *routedSession) sessionSETs(src *rstore) ([][2]string, error) {
 		}
 	}
 	return out, nil
-}
-
-// quoteLiteral quotes s as an SQL literal that means s whatever
-// standard_conforming_strings is, as PostgreSQL's quote_literal does: a
-// value with a backslash becomes an E'...' string with it doubled.
-func quoteLiteral(s string) string {
-	q := strings.ReplaceAll(s, "'", "''")
-	if strings.Contains(s, `\`) {
-		return "E'" + strings.ReplaceAll(q, `\`, `\\`) + "'"
-	}
-	return "'" + q + "'"
 }
 
 // send writes u's queued output.

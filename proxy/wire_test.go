@@ -7,6 +7,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/tandemdb/tandem/internal/pgwire"
 )
 
 // The routed engine decodes Parse, Bind, RowDescription and DataRow bodies
@@ -166,9 +167,9 @@ func TestQuoteLiteral(t *testing.T) {
 		for _, v := range values {
 			// The simple protocol, as the replay runs it (pgconn does not
 			// refuse standard_conforming_strings=off as pgx does).
-			got := queryOne(t, conn.PgConn(), "SELECT "+quoteLiteral(v))
+			got := queryOne(t, conn.PgConn(), "SELECT "+pgwire.QuoteLiteral(v))
 			if got != v {
-				t.Errorf("standard_conforming_strings=%s: %q quoted as %s reads back as %q", scs, v, quoteLiteral(v), got)
+				t.Errorf("standard_conforming_strings=%s: %q quoted as %s reads back as %q", scs, v, pgwire.QuoteLiteral(v), got)
 			}
 		}
 	}
