@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 )
 
@@ -163,7 +164,7 @@ func runDemo(ctx context.Context, w io.Writer, verbose bool) (err error) {
 	}
 
 	n.section("The whole migration on one screen: tandem status")
-	rt, err := newRouting(&cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard), nil)
+	rt, err := control.NewRouting(&cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard), nil)
 	if err != nil {
 		return err
 	}

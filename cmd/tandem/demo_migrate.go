@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/admin"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/table"
 )
@@ -313,8 +313,8 @@ func (a *demoAPI) do(ctx context.Context, method, path, body string) (int, []byt
 }
 
 // change posts a routing change or a rollback and returns its result.
-func (a *demoAPI) change(ctx context.Context, path, body string) (admin.Result, error) {
-	var res admin.Result
+func (a *demoAPI) change(ctx context.Context, path, body string) (control.Result, error) {
+	var res control.Result
 	code, b, err := a.do(ctx, http.MethodPost, path, body)
 	if err != nil {
 		return res, err
@@ -337,7 +337,7 @@ func (a *demoAPI) waitLive(ctx context.Context, n int) error {
 		if err != nil {
 			return err
 		}
-		var st admin.Status
+		var st control.Status
 		live := 0
 		if code == http.StatusOK && json.Unmarshal(b, &st) == nil {
 			for _, r := range st.Replicas {

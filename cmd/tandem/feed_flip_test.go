@@ -11,8 +11,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 )
@@ -163,7 +163,7 @@ func TestFeedGateAndFlip(t *testing.T) {
 		}
 	}
 	out, _, err = cli("route", "show", "-c", file, "--json")
-	var st admin.Status
+	var st control.Status
 	if err != nil || json.Unmarshal([]byte(out), &st) != nil || st.Feed == nil || !st.Feed.Enabled || len(st.Feed.Stores) != 1 ||
 		st.Feed.Stores[0].Holder != "feed-test" || !st.Feed.Stores[0].Live || st.Feed.Stores[0].LagBytes == nil ||
 		*st.Feed.Stores[0].LagBytes < behind || st.Feed.Stores[0].CurrentLSN == "" || st.Feed.Stores[0].LagSeconds == nil {
@@ -202,7 +202,7 @@ func TestFeedGateAndFlip(t *testing.T) {
 		t.Fatalf("publication tandem_feed on new: %v %v", tables, err)
 	}
 	// Idempotent: the same preparation again changes nothing.
-	if err := ensureFeed(ctx, nc, route.New, feedTables(rp.control.mappings.Load(), route.New)); err != nil {
+	if err := control.EnsureFeed(ctx, nc, route.New, control.FeedTables(rp.control.Mappings(), route.New)); err != nil {
 		t.Fatalf("ensureFeed again: %v", err)
 	}
 	out, _, err = cli("route", "show", "-c", file)
@@ -309,7 +309,7 @@ func TestFeedWaitHoldsWrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ensureFeed(bctx, oc, route.Old, feedTables(rp.control.mappings.Load(), route.Old)); err != nil {
+	if err := control.EnsureFeed(bctx, oc, route.Old, control.FeedTables(rp.control.Mappings(), route.Old)); err != nil {
 		t.Fatal(err)
 	}
 	oc.Close(bctx)

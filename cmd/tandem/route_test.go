@@ -14,8 +14,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -177,7 +177,7 @@ func TestRouteCLI(t *testing.T) {
 		}
 	}
 	out, _, err = cli("route", "show", "-c", file, "--json")
-	var st admin.Status
+	var st control.Status
 	if err != nil || json.Unmarshal([]byte(out), &st) != nil || st.State.Version != 3 || len(st.Replicas) != 1 ||
 		!st.Replicas[0].Live || st.Replicas[0].AckedVersion != 3 || st.Drift == nil || st.Drift.Open != 1 {
 		t.Fatalf("route show --json: %v\n%s", err, out)
@@ -259,7 +259,7 @@ func TestRoutingAdminAPI(t *testing.T) {
 		}
 		return resp.StatusCode
 	}
-	var st admin.Status
+	var st control.Status
 	if code := call("GET", "/api/v1/state", "", &st); code != 200 || st.State.Version != 1 || st.Drift == nil || st.Drift.Open != 0 {
 		t.Fatalf("GET state: %d %+v", code, st)
 	}
@@ -270,11 +270,11 @@ func TestRoutingAdminAPI(t *testing.T) {
 	if code := call("POST", "/api/v1/route", `{"reads": "all"}`, &e); code != 400 {
 		t.Fatalf("bad input: %d %+v", code, e)
 	}
-	var res admin.Result
+	var res control.Result
 	if code := call("POST", "/api/v1/route", `{"mirror": true}`, &res); code != 200 || res.State.Version != 2 || strings.Join(res.Report.Acked, ",") != "api-proxy" {
 		t.Fatalf("dual-write: %d %+v", code, res)
 	}
-	res = admin.Result{}
+	res = control.Result{}
 	if code := call("POST", "/api/v1/route", `{"primary": "new", "reads": 100, "reason": "cutover"}`, &res); code != 200 ||
 		!res.Report.Flip || strings.Join(res.Report.Drained, ",") != "api-proxy" || res.Report.FenceMS <= 0 || res.State.Primary != route.New {
 		t.Fatalf("write flip: %d %+v", code, res)
@@ -286,7 +286,7 @@ func TestRoutingAdminAPI(t *testing.T) {
 		t.Fatalf("proxy state: version %d %s", s.Version, s.Settings)
 	}
 	waitFor(t, func() bool { return rp.srv.State().Fence == 0 })
-	res = admin.Result{}
+	res = control.Result{}
 	if code := call("POST", "/api/v1/rollback", `{"reason": "drill"}`, &res); code != 200 || res.State.Primary != route.Old || res.State.Version != 4 {
 		t.Fatalf("rollback: %d %+v", code, res)
 	}

@@ -17,6 +17,8 @@ import (
 	"net/http/pprof"
 	"sync"
 	"time"
+
+	"github.com/tandemdb/tandem/internal/control"
 )
 
 // Check is one readiness probe.
@@ -34,9 +36,9 @@ type Options struct {
 	CheckTimeout time.Duration
 	// Routing serves /api/v1/state, /api/v1/route and /api/v1/rollback;
 	// nil answers them with 404 (no new store is configured).
-	Routing *Routing
+	Routing *control.Routing
 	// Backfill serves /api/v1/backfill; nil answers it with 404.
-	Backfill *Backfill
+	Backfill *control.Backfill
 	// Mismatches serves /api/v1/mismatches; nil answers it with 404.
 	Mismatches *Mismatches
 	// Writers serves /api/v1/writers: this proxy's sessions a write fence

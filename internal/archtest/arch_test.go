@@ -1,7 +1,8 @@
 // Package archtest checks the project's import arrows with `go list`, so a
 // wrong dependency fails the build: data flows client -> proxy -> router ->
 // backends; backfill and compare share internal packages and never import
-// each other; the wire codec stays pure.
+// each other; the control plane drives the proxy without importing it; the
+// admin API is handlers over internal packages; the wire codec stays pure.
 package archtest
 
 import (
@@ -68,6 +69,7 @@ func TestImportArrows(t *testing.T) {
 		{module + "/compare", module + "/proxy", "jobs talk to stores, not through the proxy package"},
 		{module + "/internal", module + "/proxy", "internal packages are shared leaves"},
 		{module + "/internal", module + "/cmd", "internal packages are shared leaves"},
+		{module + "/internal/control", module + "/proxy", "the control plane drives the proxy through control.Server, never imports it"},
 	}
 	for _, p := range listPackages(t) {
 		for _, r := range rules {
@@ -102,4 +104,22 @@ func TestPureCodec(t *testing.T) {
 		return
 	}
 	t.Fatal("internal/pgwire not found")
+}
+
+// TestAdminHandlersOnly: internal/admin is HTTP handlers over the internal
+// packages (the control plane's facade among them); it imports no
+// top-level package directly. What it serves is built in internal/control.
+func TestAdminHandlersOnly(t *testing.T) {
+	for _, p := range listPackages(t) {
+		if p.ImportPath != module+"/internal/admin" {
+			continue
+		}
+		for _, imp := range p.Imports {
+			if under(imp, module) && !under(imp, module+"/internal") {
+				t.Errorf("internal/admin imports %s; it serves internal/control over HTTP and imports no top-level package (backfill, compare, feed, proxy, cmd)", imp)
+			}
+		}
+		return
+	}
+	t.Fatal("internal/admin not found")
 }
