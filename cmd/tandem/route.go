@@ -15,8 +15,8 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
+	"github.com/tandemdb/tandem/internal/controlschema"
 	"github.com/tandemdb/tandem/internal/route"
-	"github.com/tandemdb/tandem/internal/table"
 )
 
 const routeLong = `Show and change the routing state that every proxy replica follows.
@@ -103,10 +103,7 @@ func ensureSchema(ctx context.Context, rt *control.Routing) error {
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	if err := route.EnsureSchema(ctx, conn); err != nil {
-		return err
-	}
-	return table.EnsureSchema(ctx, conn)
+	return controlschema.Apply(ctx, conn)
 }
 
 func newRouteShowCmd() *cobra.Command {

@@ -123,3 +123,21 @@ func TestAdminHandlersOnly(t *testing.T) {
 	}
 	t.Fatal("internal/admin not found")
 }
+
+// TestControlSchemaIsALeaf: the control schema's migrations import nothing
+// of the module, so every owner of control tables (route, table, mismatch,
+// backfill, compare, feed) can apply them without an import cycle.
+func TestControlSchemaIsALeaf(t *testing.T) {
+	for _, p := range listPackages(t) {
+		if p.ImportPath != module+"/internal/controlschema" {
+			continue
+		}
+		for _, d := range p.Deps {
+			if under(d, module) {
+				t.Errorf("internal/controlschema depends on %s; it must stay a leaf", d)
+			}
+		}
+		return
+	}
+	t.Fatal("internal/controlschema not found")
+}

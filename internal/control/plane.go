@@ -15,6 +15,7 @@ import (
 	"github.com/tandemdb/tandem/backfill"
 	"github.com/tandemdb/tandem/feed"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/controlschema"
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/route"
@@ -71,14 +72,8 @@ func Open(cfg *config.Config, log *slog.Logger) (*Plane, error) {
 		return nil, fmt.Errorf("the control database %s (control.dsn, else old.dsn) is unreachable: %w", where, err)
 	}
 	defer conn.Close(ctx)
-	if err := route.EnsureSchema(ctx, conn); err != nil {
-		return nil, fmt.Errorf("creating the control schema in %s: %w", where, err)
-	}
-	if err := table.EnsureSchema(ctx, conn); err != nil {
-		return nil, fmt.Errorf("creating the drift ledger in %s: %w", where, err)
-	}
-	if err := mismatch.EnsureSchema(ctx, conn); err != nil {
-		return nil, fmt.Errorf("creating the shadow-read tables in %s: %w", where, err)
+	if err := controlschema.Apply(ctx, conn); err != nil {
+		return nil, fmt.Errorf("creating or upgrading the control schema in %s: %w", where, err)
 	}
 	readAt := time.Now()
 	st, err := route.Load(ctx, conn)

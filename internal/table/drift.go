@@ -12,58 +12,13 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/tandemdb/tandem/internal/controlschema"
 )
 
-// driftSchemaSQL creates the drift ledger in the control schema. It is
-// idempotent.
-const driftSchemaSQL = `
-CREATE SCHEMA IF NOT EXISTS tandem;
-CREATE TABLE IF NOT EXISTS tandem.drift (
-	id          bigserial PRIMARY KEY,
-	schema_name text NOT NULL,
-	table_name  text NOT NULL,
-	key         text[],
-	reason      text NOT NULL DEFAULT '',
-	recorded_at timestamptz NOT NULL DEFAULT now(),
-	repaired_at timestamptz,
-	attempts    int NOT NULL DEFAULT 0,
-	last_error  text,
-	stale       text NOT NULL DEFAULT 'new' CHECK (stale IN ('old', 'new')),
-	failing_since   timestamptz,
-	next_attempt_at timestamptz
-);
--- Ledgers created before the stale column: every entry then was a write the
--- new store (the only secondary before a write flip existed) missed.
-ALTER TABLE tandem.drift ADD COLUMN IF NOT EXISTS stale text NOT NULL DEFAULT 'new' CHECK (stale IN ('old', 'new'));
--- Ledgers created before the repairer backed off failing entries (issue 10).
-ALTER TABLE tandem.drift ADD COLUMN IF NOT EXISTS attempts int NOT NULL DEFAULT 0;
-ALTER TABLE tandem.drift ADD COLUMN IF NOT EXISTS last_error text;
-ALTER TABLE tandem.drift ADD COLUMN IF NOT EXISTS failing_since timestamptz;
-ALTER TABLE tandem.drift ADD COLUMN IF NOT EXISTS next_attempt_at timestamptz;
-COMMENT ON COLUMN tandem.drift.attempts IS 'failed repair attempts so far; the entry is stuck at routing.drift_stuck_attempts';
-COMMENT ON COLUMN tandem.drift.last_error IS 'the error of the last failed repair attempt';
-COMMENT ON COLUMN tandem.drift.failing_since IS 'when the first repair attempt failed';
-COMMENT ON COLUMN tandem.drift.next_attempt_at IS 'the repairer leaves the entry alone until then (backoff after a failure); NULL = now';
-COMMENT ON COLUMN tandem.drift.key IS 'the key values as text, in key order; NULL = the whole table';
-COMMENT ON COLUMN tandem.drift.stale IS 'the store that missed the write (old or new); the repairer copies to it from the other';
-CREATE INDEX IF NOT EXISTS drift_open ON tandem.drift (repaired_at) WHERE repaired_at IS NULL;
-`
-
-// schemaLock is the advisory lock every creator of the control schema
-// takes, so concurrent CREATE SCHEMA IF NOT EXISTS cannot collide. It is
-// the one internal/route takes for its tables.
-const schemaLock = "tandem.route.schema"
-
-// EnsureSchema creates the drift ledger (and the control schema) when
-// missing. Concurrent callers are serialised with an advisory lock.
+// EnsureSchema creates the drift ledger (and the rest of the control
+// schema) when missing: controlschema.Apply.
 func EnsureSchema(ctx context.Context, conn *pgx.Conn) error {
-	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext($1))", schemaLock); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, driftSchemaSQL)
-		return err
-	})
+	return controlschema.Apply(ctx, conn)
 }
 
 // Execer runs a statement. *pgx.Conn, pgx.Tx and *pgxpool.Pool satisfy it.
