@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -95,25 +94,6 @@ func (f *testFeed) halt() {
 	<-f.done
 }
 
-// withFeed writes a copy of the config file with the change feed enabled
-// and the extra gates settings.
-func withFeed(t *testing.T, file, name, gates string) string {
-	t.Helper()
-	raw, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := strings.Replace(string(raw), "routing:\n", "routing:\n  feed_wait: 2s\n", 1) + "feed:\n  enabled: true\n"
-	if gates != "" {
-		s += "gates:\n" + gates
-	}
-	out := file + "." + name + ".yaml"
-	if err := os.WriteFile(out, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
-
 // TestFeedGateAndFlip: with feed.enabled, the change feed gate refuses a
 // write flip when no feed has run, when it is behind by more than
 // gates.feed_max_lag_bytes and when its heartbeat is stale; --force goes
@@ -128,8 +108,8 @@ func TestFeedGateAndFlip(t *testing.T) {
 	}
 	mustExec(t, oldC, "INSERT INTO orders (note) SELECT 'x' FROM generate_series(1, 10)")
 	base, cfg := pairConfig(t, oldC, newC, "feed-proxy")
-	file := withFeed(t, base, "feed", "")
-	strict := withFeed(t, base, "strict", "  feed_max_lag_bytes: 1\n")
+	file := editConfig(t, base, "feed", feedWait(2*time.Second), feedOn)
+	strict := editConfig(t, base, "strict", feedWait(2*time.Second), feedOn, withGates("  feed_max_lag_bytes: 1\n"))
 	holdFeedElection(t, oldC) // the test plays the feed
 	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
 	if err != nil {
@@ -272,16 +252,10 @@ func TestFeedWaitHoldsWrites(t *testing.T) {
 		mustExec(t, c, "CREATE TABLE orders (id serial PRIMARY KEY, note text)")
 	}
 	base, _ := pairConfig(t, oldC, newC, "held-proxy")
-	raw, err := os.ReadFile(base)
-	if err != nil {
-		t.Fatal(err)
-	}
 	// fence_timeout 1s: without the feed, a write held 2s is refused.
-	file := base + ".held.yaml"
-	s := strings.Replace(string(raw), "  fence_timeout: 2s\n", "  fence_timeout: 1s\n  feed_wait: 8s\n", 1) + "feed:\n  enabled: true\n"
-	if err := os.WriteFile(file, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	file := editConfig(t, base, "held", func(yaml string) string {
+		return strings.Replace(yaml, "  fence_timeout: 2s\n", "  fence_timeout: 1s\n  feed_wait: 8s\n", 1)
+	}, feedOn)
 	cfg, err := config.Load(file, nil)
 	if err == nil {
 		err = cfg.Validate()

@@ -22,15 +22,8 @@ func TestMain(m *testing.M) { os.Exit(harness.Run(m, harness.Clusters(&cluster))
 //go:embed testdata/before_versions.sql
 var beforeVersions string
 
-// newDB is a fresh database of its own for t.
-func newDB(t *testing.T) string {
-	t.Helper()
-	name := harness.DBName(t)
-	if err := cluster.CreateDatabase(t.Context(), name); err != nil {
-		t.Fatal(err)
-	}
-	return cluster.DSN(name)
-}
+// newDB is a fresh database of its own for t; its DSN.
+func newDB(t *testing.T) string { return cluster.DSN(harness.NewDB(t, cluster)) }
 
 func connect(t *testing.T, dsn string) *pgx.Conn {
 	t.Helper()
