@@ -1,6 +1,8 @@
 // Package admin is Tandem's operator HTTP API: liveness, readiness,
 // metrics, and the routing state and its changes (job control as it is
-// built). Everything but the probes and the metrics needs the bearer token
+// built). It is HTTP handlers only: what they serve is the control plane's
+// (internal/control: the routing facade, the backfill's throttle), and it
+// imports no top-level package. Everything but the probes and the metrics needs the bearer token
 // when one is configured (Security); the server binds only the configured
 // admin address, which is loopback by default.
 package admin
