@@ -244,8 +244,11 @@ func TestFlipWithDirectWritesMissesNothing(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	mustExec(t, oldC, completenessSchema)
 	mustExec(t, newC, completenessSchema)
-	// No repair runs on its own: what the flip does is all there is.
-	file, cfg := pairConfig(t, oldC, newC, "flip-feed-proxy", repairEvery(time.Hour), feedOn)
+	// No repair runs on its own: what the flip does is all there is. The
+	// flip waits for the feed up to routing.feed_wait: 30s, which a loaded
+	// machine running -race does not exceed (the default 5s it did, once,
+	// with the feed 86 kB of WAL short).
+	file, cfg := pairConfig(t, oldC, newC, "flip-feed-proxy", repairEvery(time.Hour), feedOn, feedWait(30*time.Second))
 	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
 	if err != nil {
 		t.Fatal(err)
