@@ -11,36 +11,15 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/tandemdb/tandem/internal/controlschema"
 	"github.com/tandemdb/tandem/internal/table"
 )
 
-// controlTableSQL creates the live control row: the rate and the pause
-// switch every running engine, in any process, polls and applies. It is
-// idempotent.
-const controlTableSQL = `
-CREATE SCHEMA IF NOT EXISTS tandem;
-CREATE TABLE IF NOT EXISTS tandem.backfill_control (
-	id         int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
-	rate       float8 NOT NULL DEFAULT 0 CHECK (rate >= 0),
-	paused     boolean NOT NULL DEFAULT false,
-	updated_at timestamptz NOT NULL DEFAULT now(),
-	updated_by text
-);
-COMMENT ON TABLE tandem.backfill_control IS 'the live throttle of every running tandem backfill: rate in rows per second (0 = unlimited) and the pause switch; engines poll it about every second';
-INSERT INTO tandem.backfill_control (id) VALUES (1) ON CONFLICT DO NOTHING;
-`
-
-// EnsureControl creates the control row in the control database when it is
-// missing.
+// EnsureControl creates the live control row (tandem.backfill_control: the
+// rate and the pause switch every running engine polls) in the control
+// database when it is missing: controlschema.Apply.
 func EnsureControl(ctx context.Context, control *pgx.Conn) error {
-	err := pgx.BeginFunc(ctx, control, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext($1))", schemaLock); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, controlTableSQL)
-		return err
-	})
-	if err != nil {
+	if err := controlschema.Apply(ctx, control); err != nil {
 		return fmt.Errorf("creating tandem.backfill_control: %w", err)
 	}
 	return nil

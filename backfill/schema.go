@@ -11,45 +11,8 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/table"
+	"github.com/tandemdb/tandem/internal/controlschema"
 )
-
-// controlSchemaSQL creates the backfill's tables in the control schema. It
-// is idempotent. The migration log is table.MigrationLogSchemaSQL, run with
-// it.
-const controlSchemaSQL = `
-CREATE SCHEMA IF NOT EXISTS tandem;
-CREATE TABLE IF NOT EXISTS tandem.backfill_tables (
-	schema_name text NOT NULL,
-	table_name  text NOT NULL,
-	total_rows  bigint NOT NULL,
-	chunks      int NOT NULL,
-	planned_at  timestamptz NOT NULL DEFAULT now(),
-	finished_at timestamptz,
-	PRIMARY KEY (schema_name, table_name)
-);
-COMMENT ON TABLE tandem.backfill_tables IS 'one row per table a backfill has planned; finished_at is set when every chunk is done';
-CREATE TABLE IF NOT EXISTS tandem.backfill_chunks (
-	schema_name     text NOT NULL,
-	table_name      text NOT NULL,
-	chunk           int NOT NULL,
-	lo              text[],
-	hi              text[],
-	status          text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'running', 'done', 'failed')),
-	claimed_by      text,
-	claimed_at      timestamptz,
-	attempts        int NOT NULL DEFAULT 0,
-	next_attempt_at timestamptz,
-	last_error      text,
-	failed_keys     jsonb NOT NULL DEFAULT '[]',
-	rows            bigint NOT NULL DEFAULT 0,
-	created_at      timestamptz NOT NULL DEFAULT now(),
-	updated_at      timestamptz NOT NULL DEFAULT now(),
-	PRIMARY KEY (schema_name, table_name, chunk)
-);
-COMMENT ON COLUMN tandem.backfill_chunks.lo IS 'the chunk covers keys after lo (NULL: from the start) up to hi inclusive (NULL: to the end), as text in key order';
-COMMENT ON COLUMN tandem.backfill_chunks.status IS 'a worker claims a chunk by locking its row FOR UPDATE for as long as it works on it; running without a lock means the claim died';
-`
 
 // checkpointSchemaSQL creates the checkpoint table on the secondary (the
 // new store): a unit writes its checkpoint in the transaction that writes
@@ -69,27 +32,25 @@ COMMENT ON TABLE tandem.backfill_checkpoints IS 'written by tandem backfill in t
 `
 
 // schemaLock is the advisory lock every creator of the control schema
-// takes (the one internal/route and internal/table take).
-const schemaLock = "tandem.route.schema"
+// takes; the checkpoint table on the new store is created under it too.
+const schemaLock = controlschema.Lock
 
-// EnsureSchema creates the backfill's tables in the control database and
-// the checkpoint table on the secondary when they are missing.
+// EnsureSchema creates the backfill's tables in the control database (the
+// control schema's migrations: controlschema.Apply) and the checkpoint
+// table on the secondary when they are missing.
 func EnsureSchema(ctx context.Context, control, secondary *pgx.Conn) error {
-	for _, s := range []struct {
-		conn *pgx.Conn
-		sql  string
-		what string
-	}{{control, controlSchemaSQL + table.MigrationLogSchemaSQL, "control database"}, {secondary, checkpointSchemaSQL, "new store"}} {
-		err := pgx.BeginFunc(ctx, s.conn, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext($1))", schemaLock); err != nil {
-				return err
-			}
-			_, err := tx.Exec(ctx, s.sql)
+	if err := controlschema.Apply(ctx, control); err != nil {
+		return fmt.Errorf("creating the backfill tables in the control database: %w", err)
+	}
+	err := pgx.BeginFunc(ctx, secondary, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext($1))", schemaLock); err != nil {
 			return err
-		})
-		if err != nil {
-			return fmt.Errorf("creating the backfill tables in the %s: %w", s.what, err)
 		}
+		_, err := tx.Exec(ctx, checkpointSchemaSQL)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("creating the backfill tables in the new store: %w", err)
 	}
 	return nil
 }

@@ -8,44 +8,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/controlschema"
 	"github.com/tandemdb/tandem/internal/table"
 )
-
-// runsSchemaSQL creates the verify's run table in the control schema. It
-// is idempotent.
-const runsSchemaSQL = `
-CREATE SCHEMA IF NOT EXISTS tandem;
-CREATE TABLE IF NOT EXISTS tandem.verify_runs (
-	id             bigserial PRIMARY KEY,
-	schema_name    text NOT NULL,
-	table_name     text NOT NULL,
-	new_schema     text NOT NULL,
-	new_table      text NOT NULL,
-	started_at     timestamptz NOT NULL DEFAULT now(),
-	updated_at     timestamptz NOT NULL DEFAULT now(),
-	finished_at    timestamptz,
-	status         text NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
-	checkpoint     text[],
-	rows           bigint NOT NULL DEFAULT 0,
-	ranges         bigint NOT NULL DEFAULT 0,
-	missing_on_new bigint NOT NULL DEFAULT 0,
-	missing_on_old bigint NOT NULL DEFAULT 0,
-	value_diff     bigint NOT NULL DEFAULT 0,
-	transient      bigint NOT NULL DEFAULT 0,
-	repaired       bigint NOT NULL DEFAULT 0,
-	drift_keys     bigint NOT NULL DEFAULT 0,
-	clean          boolean,
-	error          text
-);
-COMMENT ON TABLE tandem.verify_runs IS 'one row per table verify (tandem compare); the cutover gate reads the latest done run per table';
-COMMENT ON COLUMN tandem.verify_runs.checkpoint IS 'the last old key whose top-level range is verified (and repaired), as text in key order';
-COMMENT ON COLUMN tandem.verify_runs.clean IS 'set when done: no unrepaired difference';
-CREATE INDEX IF NOT EXISTS verify_runs_table ON tandem.verify_runs (schema_name, table_name, id);
-`
-
-// schemaLock is the advisory lock every creator of the control schema
-// takes (the one internal/route and internal/table take).
-const schemaLock = "tandem.route.schema"
 
 // Run is one table's latest finished verify.
 type Run struct {
@@ -169,17 +134,10 @@ func startRun(ctx context.Context, cfg *pgx.ConnConfig, m *table.Mapping, resume
 	return r, cp, nil
 }
 
-// ensureSchema creates tandem.verify_runs and the migration log under the
-// control schema's advisory lock.
+// ensureSchema creates tandem.verify_runs and the migration log (the
+// control schema's migrations: controlschema.Apply).
 func ensureSchema(ctx context.Context, conn *pgx.Conn) error {
-	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext($1))", schemaLock); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, runsSchemaSQL+table.MigrationLogSchemaSQL)
-		return err
-	})
-	if err != nil {
+	if err := controlschema.Apply(ctx, conn); err != nil {
 		return fmt.Errorf("creating the verify tables in the control database: %w", err)
 	}
 	return nil

@@ -18,38 +18,15 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
-	"go.uber.org/goleak"
 )
 
 var oldStore, newStore *pgtest.Cluster
 
 func TestMain(m *testing.M) {
-	var err error
-	oldStore, newStore, err = pgtest.StartPair(context.Background(), pgtest.Options{})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "starting test clusters:", err)
-		os.Exit(1)
-	}
-	code := m.Run()
-	for _, c := range []*pgtest.Cluster{oldStore, newStore} {
-		if err := c.Destroy(); err != nil {
-			fmt.Fprintln(os.Stderr, "destroying test cluster:", err)
-		}
-	}
-	if code == 0 {
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintln(os.Stderr, "goleak:", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-var dbSeq struct {
-	sync.Mutex
-	n int
+	os.Exit(harness.Run(m, harness.Clusters(&oldStore, &newStore)))
 }
 
 // env is one test's database on both clusters, with the control schema on
@@ -63,10 +40,7 @@ type env struct {
 
 func newEnv(t *testing.T, schema string) *env {
 	t.Helper()
-	dbSeq.Lock()
-	dbSeq.n++
-	e := &env{t: t, db: fmt.Sprintf("f%d", dbSeq.n)}
-	dbSeq.Unlock()
+	e := &env{t: t, db: harness.DBName(t)}
 	for _, c := range []*pgtest.Cluster{oldStore, newStore} {
 		if err := c.CreateDatabase(t.Context(), e.db); err != nil {
 			t.Fatal(err)

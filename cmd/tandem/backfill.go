@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/backfill"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"github.com/vbauerster/mpb/v8"
@@ -88,18 +89,18 @@ func newBackfillCmd() *cobra.Command {
 		}
 		ctx := cmd.Context()
 		out := cmd.OutOrStdout()
-		ccfg, err := controlConnConfig(cfg)
+		ccfg, err := control.ControlConnConfig(cfg)
 		if err != nil {
 			return err
 		}
 		if *report {
 			return printBackfillReport(ctx, ccfg, out)
 		}
-		oldCfg, err := storeConnConfig(cfg, route.Old)
+		oldCfg, err := control.StoreConnConfig(cfg, route.Old)
 		if err != nil {
 			return err
 		}
-		newCfg, err := storeConnConfig(cfg, route.New)
+		newCfg, err := control.StoreConnConfig(cfg, route.New)
 		if err != nil {
 			return err
 		}

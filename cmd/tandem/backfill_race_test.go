@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/tandemdb/tandem/backfill"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -158,13 +159,13 @@ func backfillRace(t *testing.T, tc raceCase) {
 	}
 
 	// The backfill, with 4 workers, while they write.
-	ms, probs, err := loadMappings(ctx, cfg)
+	ms, probs, err := control.LoadMappings(ctx, cfg)
 	if err != nil || len(probs) > 0 {
 		t.Fatalf("mappings: %v %v", probs, err)
 	}
-	cc, _ := controlConnConfig(cfg)
-	oc, _ := storeConnConfig(cfg, route.Old)
-	nc, _ := storeConnConfig(cfg, route.New)
+	cc, _ := control.ControlConnConfig(cfg)
+	oc, _ := control.StoreConnConfig(cfg, route.Old)
+	nc, _ := control.StoreConnConfig(cfg, route.New)
 	eng, err := backfill.New(backfill.Options{Control: cc, Primary: oc, Secondary: nc, Mappings: ms,
 		Workers: 4, Chunk: 1000, RangeRows: 10000, Tables: []table.Name{{Schema: "public", Table: "acct"}}})
 	if err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/compare"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"github.com/vbauerster/mpb/v8"
@@ -122,15 +123,15 @@ func newCompareCmd() *cobra.Command {
 		}
 		ctx := cmd.Context()
 		out := cmd.OutOrStdout()
-		oldCfg, err := storeConnConfig(cfg, route.Old)
+		oldCfg, err := control.StoreConnConfig(cfg, route.Old)
 		if err != nil {
 			return err
 		}
-		newCfg, err := storeConnConfig(cfg, route.New)
+		newCfg, err := control.StoreConnConfig(cfg, route.New)
 		if err != nil {
 			return err
 		}
-		ccfg, err := controlConnConfig(cfg)
+		ccfg, err := control.ControlConnConfig(cfg)
 		if err != nil {
 			return err
 		}

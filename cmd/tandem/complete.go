@@ -11,8 +11,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/spf13/cobra"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/route"
 )
 
@@ -53,7 +53,7 @@ complete again to finish it.`,
 			return err
 		}
 		log := newLogger(config.Log{Format: cfg.Log.Format, Level: "warn"}, cmd.ErrOrStderr())
-		rt, err := newRouting(cfg, log, nil)
+		rt, err := control.NewRouting(cfg, log, nil)
 		if err != nil {
 			return err
 		}
@@ -75,7 +75,7 @@ complete again to finish it.`,
 
 // complete turns mirroring off after a write flip and drops the change
 // feed's slots and publications on both stores.
-func complete(ctx context.Context, cfg *config.Config, rt *admin.Routing, reason string) (completion, error) {
+func complete(ctx context.Context, cfg *config.Config, rt *control.Routing, reason string) (completion, error) {
 	res := completion{Dropped: []string{}, Skipped: []string{}}
 	st, err := rt.Status(ctx)
 	if err != nil {
@@ -88,7 +88,7 @@ func complete(ctx context.Context, cfg *config.Config, rt *admin.Routing, reason
 	res.State, res.Mirror = st.State, "already off"
 	if st.State.Mirror || st.State.Shadow != 0 {
 		off, zero := false, 0
-		r, err := rt.Route(ctx, operator(), admin.RouteRequest{Mirror: &off, Shadow: &zero, Reason: reason})
+		r, err := rt.Route(ctx, operator(), control.RouteRequest{Mirror: &off, Shadow: &zero, Reason: reason})
 		if err != nil {
 			return res, err
 		}
@@ -115,7 +115,7 @@ func complete(ctx context.Context, cfg *config.Config, rt *admin.Routing, reason
 // streaming (the feed stops once mirroring is off) is given a few seconds,
 // then its walsender is ended.
 func dropFeed(ctx context.Context, cfg *config.Config, s route.Store) ([]string, error) {
-	cc, err := storeConnConfig(cfg, s)
+	cc, err := control.StoreConnConfig(cfg, s)
 	if err != nil {
 		return nil, err
 	}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -43,30 +42,6 @@ INSERT INTO child (parent_id, v) SELECT 1 + g % 200, g FROM generate_series(1, 4
 `
 
 var completenessTables = []string{"parent", "child", "audit"}
-
-// feedConfigWithRepair is pairConfig with the change feed on and the repairer every repairInterval.
-func feedConfigWithRepair(t *testing.T, oldC, newC *pgtest.Cluster, replica string, repairInterval time.Duration) (string, *config.Config) {
-	t.Helper()
-	file, _ := pairConfig(t, oldC, newC, replica)
-	text, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	text = []byte(strings.Replace(string(text), "repair_interval: 100ms",
-		fmt.Sprintf("repair_interval: %s\n  repair_backoff_max: %s", repairInterval, max(repairInterval, 5*time.Second)), 1))
-	if err := os.WriteFile(file, text, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	appendFile(t, file, "feed:\n  enabled: true\n")
-	cfg, err := config.Load(file, nil)
-	if err == nil {
-		err = cfg.Validate()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	return file, cfg
-}
 
 // tolerated are the errors an application expects from this workload:
 // constraint violations and serialization failures between its own
@@ -198,7 +173,7 @@ func TestCompletenessUnderChaos(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	mustExec(t, oldC, completenessSchema)
 	mustExec(t, newC, completenessSchema)
-	file, cfg := feedConfigWithRepair(t, oldC, newC, "chaos-proxy", 100*time.Millisecond)
+	file, cfg := pairConfig(t, oldC, newC, "chaos-proxy", repairEvery(100*time.Millisecond), feedOn)
 	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
 	if err != nil {
 		t.Fatal(err)
@@ -269,8 +244,11 @@ func TestFlipWithDirectWritesMissesNothing(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	mustExec(t, oldC, completenessSchema)
 	mustExec(t, newC, completenessSchema)
-	// No repair runs on its own: what the flip does is all there is.
-	file, cfg := feedConfigWithRepair(t, oldC, newC, "flip-feed-proxy", time.Hour)
+	// No repair runs on its own: what the flip does is all there is. The
+	// flip waits for the feed up to routing.feed_wait: 30s, which a loaded
+	// machine running -race does not exceed (the default 5s it did, once,
+	// with the feed 86 kB of WAL short).
+	file, cfg := pairConfig(t, oldC, newC, "flip-feed-proxy", repairEvery(time.Hour), feedOn, feedWait(30*time.Second))
 	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
 	if err != nil {
 		t.Fatal(err)

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 )
 
@@ -59,18 +60,84 @@ func runDemo(ctx context.Context, w io.Writer, verbose bool) (err error) {
 	fmt.Fprintln(w, "Tandem demo: a PostgreSQL proxy that turns a migration into a routing flip.")
 
 	n.section("Starting two throwaway PostgreSQL clusters: the old store and the new store")
-	t0 := time.Now()
-	oldDB, newDB, err := pgtest.StartPair(ctx, pgtest.Options{})
+	oldDB, newDB, err := demoClusters(ctx, n)
 	if err != nil {
-		return fmt.Errorf("starting clusters: %w", err)
+		return err
 	}
 	defer func() {
 		n.section("Cleaning up")
 		err = errors.Join(err, oldDB.Destroy(), newDB.Destroy())
 		n.say("both clusters stopped and their directories removed")
 	}()
+	if err := demoShop(ctx, n, oldDB, newDB); err != nil {
+		return err
+	}
+
+	n.section("Starting the Tandem proxy in front of them")
+	cfg, rp, err := demoProxy(n, w, verbose, oldDB, newDB)
+	if err != nil {
+		return err
+	}
+	stopped := false
+	defer func() {
+		if !stopped {
+			err = errors.Join(err, rp.stop())
+		}
+	}()
+
+	n.section("The app talks to Tandem exactly as it talked to PostgreSQL")
+	appDSN := fmt.Sprintf("postgres://postgres@%s/shop?sslmode=disable&application_name=demo-app", rp.Addr())
+	conn, err := pgx.Connect(ctx, appDSN)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(ctx)
+	if err := demoTransparent(ctx, n, conn); err != nil {
+		return err
+	}
+
+	n.section("Where the rows live")
+	onOld, err := countRows(ctx, oldDB.DSN("shop"))
+	if err != nil {
+		return err
+	}
+	n.say("old store: %d orders. Routing is in step 1 of the playbook (primary=old, mirror=off):", onOld)
+	n.say("every statement ran on the old store, the store of record; the new store is not touched yet.")
+
+	if err := demoMigration(ctx, n, rp, oldDB, newDB, conn); err != nil {
+		return err
+	}
+
+	n.section("The whole migration on one screen: tandem status")
+	if err := demoStatus(ctx, n, w, cfg, rp); err != nil {
+		return err
+	}
+
+	n.section("What the operator sees: /metrics")
+	if err := demoOperator(ctx, n, rp); err != nil {
+		return err
+	}
+
+	n.section("Graceful shutdown (what SIGTERM does)")
+	stopped = true
+	return demoShutdown(ctx, n, rp, conn)
+}
+
+// demoClusters starts the two stores.
+func demoClusters(ctx context.Context, n *narrator) (oldDB, newDB *pgtest.Cluster, err error) {
+	t0 := time.Now()
+	oldDB, newDB, err = pgtest.StartPair(ctx, pgtest.Options{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("starting clusters: %w", err)
+	}
 	n.say("old store: PostgreSQL %s on 127.0.0.1:%d", oldDB.Version(), oldDB.Port())
 	n.say("new store: PostgreSQL %s on 127.0.0.1:%d (ready in %s)", newDB.Version(), newDB.Port(), time.Since(t0).Round(10*time.Millisecond))
+	return oldDB, newDB, nil
+}
+
+// demoShop gives both stores the app's database, shop, and old its orders
+// and order events.
+func demoShop(ctx context.Context, n *narrator, oldDB, newDB *pgtest.Cluster) error {
 	for _, c := range []*pgtest.Cluster{oldDB, newDB} {
 		if err := c.CreateDatabase(ctx, "shop"); err != nil {
 			return err
@@ -84,8 +151,12 @@ func runDemo(ctx context.Context, w io.Writer, verbose bool) (err error) {
 		return err
 	}
 	n.say("the app's database 'shop' on old holds 1000 orders and %d order events", demoEvents)
+	return nil
+}
 
-	n.section("Starting the Tandem proxy in front of them")
+// demoProxy starts Tandem in front of both stores, logging to w only when
+// verbose.
+func demoProxy(n *narrator, w io.Writer, verbose bool, oldDB, newDB *pgtest.Cluster) (*config.Config, *runningProxy, error) {
 	cfg := config.Default()
 	cfg.Listen, cfg.Admin = "127.0.0.1:0", "127.0.0.1:0"
 	cfg.Old.DSN, cfg.New.DSN = oldDB.DSN("shop"), newDB.DSN("shop")
@@ -97,24 +168,17 @@ func runDemo(ctx context.Context, w io.Writer, verbose bool) (err error) {
 	}
 	rp, err := startProxy(&cfg, newLogger(config.Log{Format: "text", Level: "info"}, logOut))
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	stopped := false
-	defer func() {
-		if !stopped {
-			err = errors.Join(err, rp.stop())
-		}
-	}()
-	appDSN := fmt.Sprintf("postgres://postgres@%s/shop?sslmode=disable&application_name=demo-app", rp.Addr())
 	n.say("clients connect to %s (admin API on http://%s)", rp.Addr(), rp.AdminAddr())
 	n.say("the app's only change: its connection string now names the proxy")
+	return &cfg, rp, nil
+}
 
-	n.section("The app talks to Tandem exactly as it talked to PostgreSQL")
-	conn, err := pgx.Connect(ctx, appDSN)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(ctx)
+// demoTransparent shows the app's session through the proxy as it was on
+// PostgreSQL: the extended protocol, RETURNING, a transaction, COPY and an
+// error, unchanged.
+func demoTransparent(ctx context.Context, n *narrator, conn *pgx.Conn) error {
 	var count int
 	var sum string
 	if err := conn.QueryRow(ctx, "SELECT count(*), sum(total)::text FROM orders").Scan(&count, &sum); err != nil {
@@ -149,32 +213,26 @@ func runDemo(ctx context.Context, w io.Writer, verbose bool) (err error) {
 		return fmt.Errorf("expected a unique violation, got %v", err)
 	}
 	n.say("errors arrive unchanged: %q, SQLSTATE %s", pgErr.Message, pgErr.Code)
+	return nil
+}
 
-	n.section("Where the rows live")
-	onOld, err := countRows(ctx, oldDB.DSN("shop"))
+// demoStatus prints tandem status, as the operator would run it.
+func demoStatus(ctx context.Context, n *narrator, w io.Writer, cfg *config.Config, rp *runningProxy) error {
+	rt, err := control.NewRouting(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard), nil)
 	if err != nil {
 		return err
 	}
-	n.say("old store: %d orders. Routing is in step 1 of the playbook (primary=old, mirror=off):", onOld)
-	n.say("every statement ran on the old store, the store of record; the new store is not touched yet.")
-
-	if err := demoMigration(ctx, n, rp, oldDB, newDB, conn); err != nil {
-		return err
-	}
-
-	n.section("The whole migration on one screen: tandem status")
-	rt, err := newRouting(&cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard), nil)
-	if err != nil {
-		return err
-	}
-	st, err := collectStatus(ctx, &cfg, rt)
+	st, err := collectStatus(ctx, cfg, rt)
 	if err != nil {
 		return err
 	}
 	printMigration(w, st, rt.Options.Live)
 	n.say("the same, live, with charts and the routing controls: http://%s/ (while the proxy runs)", rp.AdminAddr())
+	return nil
+}
 
-	n.section("What the operator sees: /metrics")
+// demoOperator shows the metrics and the readiness probe.
+func demoOperator(ctx context.Context, n *narrator, rp *runningProxy) error {
 	if err := printMetrics(ctx, n, "http://"+rp.AdminAddr()+"/metrics"); err != nil {
 		return err
 	}
@@ -185,21 +243,23 @@ func runDemo(ctx context.Context, w io.Writer, verbose bool) (err error) {
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	n.say("/readyz -> %d %s", resp.StatusCode, strings.TrimSpace(string(body)))
+	return nil
+}
 
-	n.section("Graceful shutdown (what SIGTERM does)")
-	stopped = true
+// demoShutdown stops the proxy as SIGTERM does and shows what the app's
+// idle session gets.
+func demoShutdown(ctx context.Context, n *narrator, rp *runningProxy, conn *pgx.Conn) error {
 	if err := rp.stop(); err != nil {
 		return err
 	}
 	n.say("the proxy stopped accepting, let open transactions finish, and closed idle sessions")
-	_, err = conn.PgConn().Exec(ctx, "SELECT 1").ReadAll()
+	_, err := conn.PgConn().Exec(ctx, "SELECT 1").ReadAll()
 	var shutdownErr *pgconn.PgError
 	if !errors.As(err, &shutdownErr) {
 		return fmt.Errorf("expected the session to be closed with 57P01, got %v", err)
 	}
 	n.say("the app's idle session got SQLSTATE %s: %s", shutdownErr.Code, shutdownErr.Message)
 	n.say("proxy stopped")
-
 	return nil
 }
 

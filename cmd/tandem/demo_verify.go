@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/compare"
 	"github.com/tandemdb/tandem/internal/admin"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/table"
 )
@@ -85,7 +86,7 @@ func demoVerify(ctx context.Context, n *narrator, rp *runningProxy, oldDB, newDB
 // demoShadow prints the shadow-read outcomes the proxy has stored, from
 // GET /api/v1/mismatches, once at least want reads have been compared.
 func demoShadow(ctx context.Context, n *narrator, api *demoAPI, want int64) error {
-	deadline := time.Now().Add(3 * shadowFlush)
+	deadline := time.Now().Add(3 * control.ShadowFlush)
 	var rep admin.MismatchReport
 	for {
 		code, b, err := api.do(ctx, http.MethodGet, "/api/v1/mismatches", "")

@@ -5,14 +5,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 )
@@ -95,25 +94,6 @@ func (f *testFeed) halt() {
 	<-f.done
 }
 
-// withFeed writes a copy of the config file with the change feed enabled
-// and the extra gates settings.
-func withFeed(t *testing.T, file, name, gates string) string {
-	t.Helper()
-	raw, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := strings.Replace(string(raw), "routing:\n", "routing:\n  feed_wait: 2s\n", 1) + "feed:\n  enabled: true\n"
-	if gates != "" {
-		s += "gates:\n" + gates
-	}
-	out := file + "." + name + ".yaml"
-	if err := os.WriteFile(out, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
-
 // TestFeedGateAndFlip: with feed.enabled, the change feed gate refuses a
 // write flip when no feed has run, when it is behind by more than
 // gates.feed_max_lag_bytes and when its heartbeat is stale; --force goes
@@ -128,8 +108,8 @@ func TestFeedGateAndFlip(t *testing.T) {
 	}
 	mustExec(t, oldC, "INSERT INTO orders (note) SELECT 'x' FROM generate_series(1, 10)")
 	base, cfg := pairConfig(t, oldC, newC, "feed-proxy")
-	file := withFeed(t, base, "feed", "")
-	strict := withFeed(t, base, "strict", "  feed_max_lag_bytes: 1\n")
+	file := editConfig(t, base, "feed", feedWait(2*time.Second), feedOn)
+	strict := editConfig(t, base, "strict", feedWait(2*time.Second), feedOn, withGates("  feed_max_lag_bytes: 1\n"))
 	holdFeedElection(t, oldC) // the test plays the feed
 	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
 	if err != nil {
@@ -163,7 +143,7 @@ func TestFeedGateAndFlip(t *testing.T) {
 		}
 	}
 	out, _, err = cli("route", "show", "-c", file, "--json")
-	var st admin.Status
+	var st control.Status
 	if err != nil || json.Unmarshal([]byte(out), &st) != nil || st.Feed == nil || !st.Feed.Enabled || len(st.Feed.Stores) != 1 ||
 		st.Feed.Stores[0].Holder != "feed-test" || !st.Feed.Stores[0].Live || st.Feed.Stores[0].LagBytes == nil ||
 		*st.Feed.Stores[0].LagBytes < behind || st.Feed.Stores[0].CurrentLSN == "" || st.Feed.Stores[0].LagSeconds == nil {
@@ -202,7 +182,7 @@ func TestFeedGateAndFlip(t *testing.T) {
 		t.Fatalf("publication tandem_feed on new: %v %v", tables, err)
 	}
 	// Idempotent: the same preparation again changes nothing.
-	if err := ensureFeed(ctx, nc, route.New, feedTables(rp.control.mappings.Load(), route.New)); err != nil {
+	if err := control.EnsureFeed(ctx, nc, route.New, control.FeedTables(rp.control.Mappings(), route.New)); err != nil {
 		t.Fatalf("ensureFeed again: %v", err)
 	}
 	out, _, err = cli("route", "show", "-c", file)
@@ -272,16 +252,10 @@ func TestFeedWaitHoldsWrites(t *testing.T) {
 		mustExec(t, c, "CREATE TABLE orders (id serial PRIMARY KEY, note text)")
 	}
 	base, _ := pairConfig(t, oldC, newC, "held-proxy")
-	raw, err := os.ReadFile(base)
-	if err != nil {
-		t.Fatal(err)
-	}
 	// fence_timeout 1s: without the feed, a write held 2s is refused.
-	file := base + ".held.yaml"
-	s := strings.Replace(string(raw), "  fence_timeout: 2s\n", "  fence_timeout: 1s\n  feed_wait: 8s\n", 1) + "feed:\n  enabled: true\n"
-	if err := os.WriteFile(file, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	file := editConfig(t, base, "held", func(yaml string) string {
+		return strings.Replace(yaml, "  fence_timeout: 2s\n", "  fence_timeout: 1s\n  feed_wait: 8s\n", 1)
+	}, feedOn)
 	cfg, err := config.Load(file, nil)
 	if err == nil {
 		err = cfg.Validate()
@@ -309,7 +283,7 @@ func TestFeedWaitHoldsWrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ensureFeed(bctx, oc, route.Old, feedTables(rp.control.mappings.Load(), route.Old)); err != nil {
+	if err := control.EnsureFeed(bctx, oc, route.Old, control.FeedTables(rp.control.Mappings(), route.Old)); err != nil {
 		t.Fatal(err)
 	}
 	oc.Close(bctx)

@@ -27,21 +27,9 @@ import (
 // new and the test fails.
 func TestFeedCatchesWhatTheProxyCannotSee(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
-	file, _ := pairConfig(t, oldC, newC, "feed-proxy")
-	f, err := os.OpenFile(file, os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteString("feed:\n  enabled: true\n"); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	cfg, err := config.Load(file, nil)
-	if err == nil {
-		err = cfg.Validate()
-	}
-	if err != nil || !cfg.Feed.Enabled {
-		t.Fatalf("config: %v (feed enabled %v)", err, cfg.Feed.Enabled)
+	file, cfg := pairConfig(t, oldC, newC, "feed-proxy", feedOn)
+	if !cfg.Feed.Enabled {
+		t.Fatal("config: the feed is not enabled")
 	}
 	schema := `CREATE TABLE items (id int PRIMARY KEY, name text, n int);
 INSERT INTO items SELECT g, 'item ' || g, g FROM generate_series(1, 50) g;
@@ -163,28 +151,6 @@ func waitUntil(t *testing.T, d time.Duration, f func() error) {
 	}
 }
 
-// feedConfig writes a config for replica with the feed enabled.
-func feedConfig(t *testing.T, oldC, newC *pgtest.Cluster, replica string) (string, *config.Config) {
-	t.Helper()
-	file, _ := pairConfig(t, oldC, newC, replica)
-	f, err := os.OpenFile(file, os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteString("feed:\n  enabled: true\n"); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	cfg, err := config.Load(file, nil)
-	if err == nil {
-		err = cfg.Validate()
-	}
-	if err != nil || !cfg.Feed.Enabled {
-		t.Fatalf("config: %v", err)
-	}
-	return file, cfg
-}
-
 // TestFeedProxyChild is not a test: TestFeedReplicaKilled runs the test
 // binary as a separate tandem proxy process through it, to kill it with -9.
 func TestFeedProxyChild(t *testing.T) {
@@ -209,8 +175,8 @@ func TestFeedReplicaKilled(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	mustExec(t, oldC, "CREATE TABLE items (id int PRIMARY KEY, v text)")
 	mustExec(t, newC, "CREATE TABLE items (id int PRIMARY KEY, v text)")
-	fileA, _ := feedConfig(t, oldC, newC, "feed-a")
-	_, cfgB := feedConfig(t, oldC, newC, "feed-b")
+	fileA, _ := pairConfig(t, oldC, newC, "feed-a", feedOn)
+	_, cfgB := pairConfig(t, oldC, newC, "feed-b", feedOn)
 	if out, errOut, err := cli("route", "set", "-c", fileA, "--mirror", "on", "--force"); err != nil {
 		t.Fatalf("mirror on: %v\n%s%s", err, out, errOut)
 	}

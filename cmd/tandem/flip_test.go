@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -63,7 +63,7 @@ func (a *adminClient) call(method, path, body string, v any) (int, string) {
 func (a *adminClient) waitLive(n int) {
 	a.t.Helper()
 	waitFor(a.t, func() bool {
-		var st admin.Status
+		var st control.Status
 		if code, _ := a.call("GET", "/api/v1/state", "", &st); code != http.StatusOK {
 			return false
 		}
@@ -79,9 +79,9 @@ func (a *adminClient) waitLive(n int) {
 
 // change posts a routing change or rollback and checks that it succeeded
 // and that every replica acknowledged it.
-func (a *adminClient) change(path, body string, replicas ...string) admin.Result {
+func (a *adminClient) change(path, body string, replicas ...string) control.Result {
 	a.t.Helper()
-	var res admin.Result
+	var res control.Result
 	code, raw := a.call("POST", path, body, &res)
 	if code != http.StatusOK {
 		a.t.Fatalf("POST %s %s: %d %s", path, body, code, raw)

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/shadow"
@@ -142,7 +143,7 @@ func TestShadowGateAndAPI(t *testing.T) {
 		}
 	}
 	// The counts reach the control schema within the flush interval.
-	deadline := time.Now().Add(3 * shadowFlush)
+	deadline := time.Now().Add(3 * control.ShadowFlush)
 	for {
 		rep = admin.MismatchReport{}
 		code, raw := api.call("GET", "/api/v1/mismatches", "", &rep)

@@ -14,8 +14,8 @@ import (
 	"github.com/Shopify/toxiproxy/v2"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 )
@@ -133,7 +133,7 @@ func TestPartitionSelfFence(t *testing.T) {
 		}
 	}()
 
-	var res admin.Result
+	var res control.Result
 	code, raw := a.call("POST", "/api/v1/route", `{"primary": "new", "reads": 100, "force": true, "reason": "partition drill"}`, &res)
 	flipped := time.Now()
 	if code != 200 || res.State.Primary != route.New {

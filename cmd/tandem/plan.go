@@ -8,6 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/plan"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -132,7 +133,7 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int) (*plan.Rep
 		}
 	}()
 	for _, s := range []route.Store{route.Old, route.New} {
-		cc, err := storeConnConfig(cfg, s)
+		cc, err := control.StoreConnConfig(cfg, s)
 		if err != nil {
 			return nil, err
 		}
@@ -144,7 +145,7 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int) (*plan.Rep
 	}
 	opts.Old, opts.New = conns[0], conns[1]
 	if cfg.Control.DSN != "" {
-		cc, err := controlConnConfig(cfg)
+		cc, err := control.ControlConnConfig(cfg)
 		if err != nil {
 			return nil, err
 		}

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/version"
@@ -124,7 +125,7 @@ type runningProxy struct {
 	prom     *metrics.Prometheus
 	listener net.Listener
 	g        *errgroup.Group
-	control  *controlPlane // nil without a new store
+	control  *control.Plane // nil without a new store
 	// adminToken is the admin API's token ("" = none), for in-process
 	// callers such as the demo.
 	adminToken string
@@ -135,7 +136,7 @@ type runningProxy struct {
 func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	bi := version.Get(release)
 	prom, err := metrics.NewPrometheus(
-		metrics.WithService(bi.Version, replicaID(cfg)),
+		metrics.WithService(bi.Version, control.ReplicaID(cfg)),
 		metrics.WithBuildInfo(metrics.BuildInfo{Version: bi.Version, Commit: bi.Commit, GoVersion: bi.GoVersion}))
 	if err != nil {
 		return nil, err
@@ -155,39 +156,40 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	opts := proxy.Options{Logger: log, Metrics: pm}
 	// With a new store, the proxy follows the routing state in the control
 	// schema; without one it stays in passthrough and needs no control database.
-	var cp *controlPlane
-	var rt *admin.Routing
-	var bf *admin.Backfill
+	var cp *control.Plane
+	var rt *control.Routing
+	var bf *control.Backfill
 	var mm *admin.Mismatches
 	if cfg.New.DSN != "" {
-		if cp, err = openControl(cfg, log); err != nil {
+		if cp, err = control.Open(cfg, log); err != nil {
 			return nil, err
 		}
-		opts.RecordDrift = cp.recordDrift
-		opts.RecordMismatch = cp.recordMismatch
-		rt, err = newRouting(cfg, log, func(ctx context.Context, rep route.Report) {
+		opts.RecordDrift = cp.RecordDrift
+		opts.RecordMismatch = cp.RecordMismatch
+		rt, err = control.NewRouting(cfg, log, func(ctx context.Context, rep route.Report) {
 			if rep.Flip && rep.Fence > 0 {
 				pm.R().Fence(ctx, rep.Fence)
 			}
 		})
 		if err != nil {
-			cp.stop()
+			cp.Stop()
 			return nil, err
 		}
-		bf = &admin.Backfill{Connect: rt.Connect}
+		bf = &control.Backfill{Connect: rt.Connect}
 		mm = &admin.Mismatches{Connect: rt.Connect, Window: cfg.Gates.ShadowWindow.Duration()}
 	}
 	srv, err := proxy.New(cfg, opts)
 	if err != nil {
 		if cp != nil {
-			cp.stop()
+			cp.Stop()
 		}
 		return nil, err
 	}
 	if cp != nil {
-		cp.refreshMappings(context.Background(), srv)
-		srv.ApplyState(cp.initial) // before the first client: never serve on a routing state older than the stored one
-		srv.HeardState(cp.initialAt)
+		cp.RefreshMappings(context.Background(), srv)
+		st, readAt := cp.Initial()
+		srv.ApplyState(st) // before the first client: never serve on a routing state older than the stored one
+		srv.HeardState(readAt)
 	}
 	ping := func(name string) admin.Check {
 		return admin.Check{Name: name, Run: func(ctx context.Context) error { return srv.Ping(ctx, name) }}
@@ -199,7 +201,7 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	sec, sopts, err := adminSecurity(cfg)
 	if err != nil {
 		if cp != nil {
-			cp.stop()
+			cp.Stop()
 		}
 		return nil, err
 	}
@@ -211,7 +213,7 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 		Writers: srv.WriterSessions, Security: sec, Pprof: cfg.AdminAPI.Pprof, Status: status}), log, sopts)
 	if err != nil {
 		if cp != nil {
-			cp.stop()
+			cp.Stop()
 		}
 		return nil, err
 	}
@@ -219,15 +221,14 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if err != nil {
 		_ = adm.Shutdown(context.Background())
 		if cp != nil {
-			cp.stop()
+			cp.Stop()
 		}
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
 	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp, adminToken: sec.Token}
 	rp.live.Store(cfg)
 	if cp != nil {
-		cp.feedMetrics = fm
-		cp.start(srv, pm, bm)
+		cp.Start(srv, pm, bm, fm)
 	}
 	rp.g.Go(adm.Serve)
 	rp.g.Go(func() error {
@@ -324,7 +325,7 @@ func (rp *runningProxy) stop() error {
 	err := rp.srv.Shutdown(ctx)
 	err = errors.Join(err, rp.admin.Shutdown(ctx), rp.g.Wait())
 	if rp.control != nil {
-		rp.control.stop() // after the sessions: they record drift through its pool
+		rp.control.Stop() // after the sessions: they record drift through its pool
 	}
 	err = errors.Join(err, rp.prom.Shutdown(ctx))
 	rp.log.Info("tandem proxy stopped")

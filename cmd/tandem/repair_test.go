@@ -12,8 +12,8 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -139,7 +139,7 @@ func TestRepairerIsolatesFailures(t *testing.T) {
 		}
 	}
 	out, _, err = cli("route", "show", "-c", file, "--json")
-	var st admin.Status
+	var st control.Status
 	if err != nil || json.Unmarshal([]byte(out), &st) != nil || st.Drift == nil || st.Drift.Stuck != 2 || st.Drift.StuckAttempts != 3 ||
 		len(st.Drift.StuckEntries) != 2 || st.Drift.StuckEntries[0].Table != "public.ghost" || st.Drift.StuckEntries[0].Attempts < 3 ||
 		st.Drift.StuckEntries[0].Stale != "old" || !strings.Contains(st.Drift.StuckEntries[0].LastError, "no mapping") ||
@@ -202,11 +202,11 @@ func TestRepairPassGoesOn(t *testing.T) {
 		mustExec(t, oldC, fmt.Sprintf("CREATE TABLE %s (id int PRIMARY KEY, v text); INSERT INTO %[1]s SELECT i, 'v' || i FROM generate_series(1, 10) i", tb))
 		mustExec(t, newC, fmt.Sprintf("CREATE TABLE %s (id int PRIMARY KEY, v text); INSERT INTO %[1]s SELECT i, 'stale' FROM generate_series(1, 5) i", tb))
 	}
-	cp, err := openControl(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
+	cp, err := control.Open(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cp.stop()
+	defer cp.Stop()
 	ctx := context.Background()
 	entries := []table.DriftEntry{{Table: table.Name{Schema: "public", Table: "ghost"}, Key: []string{"1"}, Stale: table.StaleOld}}
 	for _, tb := range tables {
@@ -214,7 +214,7 @@ func TestRepairPassGoesOn(t *testing.T) {
 			entries = append(entries, table.DriftEntry{Table: table.Name{Schema: "public", Table: tb}, Key: []string{fmt.Sprint(i)}})
 		}
 	}
-	if err := table.RecordDrift(ctx, cp.pool, entries); err != nil {
+	if err := table.RecordDrift(ctx, cp.Pool(), entries); err != nil {
 		t.Fatal(err)
 	}
 	conns := map[route.Store]*pgx.Conn{}
@@ -224,7 +224,7 @@ func TestRepairPassGoesOn(t *testing.T) {
 		}
 	}()
 	st := route.State{Version: 2, Settings: route.Settings{Primary: route.Old, Mirror: true}}
-	if !cp.repairPass(ctx, st, conns) {
+	if !cp.RepairPass(ctx, st, conns) {
 		t.Fatal("the pass ended early")
 	}
 	type entry struct {
@@ -233,7 +233,7 @@ func TestRepairPassGoesOn(t *testing.T) {
 		Attempts int
 	}
 	read := func() map[string]entry {
-		rows, err := cp.pool.Query(ctx, "SELECT table_name, bool_or(repaired_at IS NULL), max(attempts) FROM tandem.drift GROUP BY table_name")
+		rows, err := cp.Pool().Query(ctx, "SELECT table_name, bool_or(repaired_at IS NULL), max(attempts) FROM tandem.drift GROUP BY table_name")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -267,7 +267,7 @@ func TestRepairPassGoesOn(t *testing.T) {
 
 	// The new store's session dies: the pass ends, and no entry is blamed.
 	mustExec(t, newC, "UPDATE t1 SET v = 'stale again' WHERE id = 1")
-	if err := table.RecordDrift(ctx, cp.pool, []table.DriftEntry{{Table: table.Name{Schema: "public", Table: "t1"}, Key: []string{"1"}, Reason: "second"}}); err != nil {
+	if err := table.RecordDrift(ctx, cp.Pool(), []table.DriftEntry{{Table: table.Name{Schema: "public", Table: "t1"}, Key: []string{"1"}, Reason: "second"}}); err != nil {
 		t.Fatal(err)
 	}
 	pid := conns[route.New].PgConn().PID()
@@ -284,22 +284,22 @@ func TestRepairPassGoesOn(t *testing.T) {
 		}
 		return !alive
 	})
-	if cp.repairPass(ctx, st, conns) {
+	if cp.RepairPass(ctx, st, conns) {
 		t.Fatal("the pass went on with the new store's session gone")
 	}
 	var attempts int
 	var open bool
-	if err := cp.pool.QueryRow(ctx, "SELECT attempts, repaired_at IS NULL FROM tandem.drift WHERE reason = 'second'").Scan(&attempts, &open); err != nil ||
+	if err := cp.Pool().QueryRow(ctx, "SELECT attempts, repaired_at IS NULL FROM tandem.drift WHERE reason = 'second'").Scan(&attempts, &open); err != nil ||
 		attempts != 0 || !open {
 		t.Errorf("entry after a store error: attempts %d, open %v (%v)", attempts, open, err)
 	}
 	// Fresh connections, as the repairer makes them: repaired.
 	conns[route.New].Close(ctx)
 	delete(conns, route.New)
-	if !cp.repairPass(ctx, st, conns) {
+	if !cp.RepairPass(ctx, st, conns) {
 		t.Fatal("the pass on fresh connections ended early")
 	}
-	if err := cp.pool.QueryRow(ctx, "SELECT repaired_at IS NULL FROM tandem.drift WHERE reason = 'second'").Scan(&open); err != nil || open {
+	if err := cp.Pool().QueryRow(ctx, "SELECT repaired_at IS NULL FROM tandem.drift WHERE reason = 'second'").Scan(&open); err != nil || open {
 		t.Errorf("entry still open on fresh connections (%v)", err)
 	}
 }

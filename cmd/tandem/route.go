@@ -13,10 +13,10 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
+	"github.com/tandemdb/tandem/internal/controlschema"
 	"github.com/tandemdb/tandem/internal/route"
-	"github.com/tandemdb/tandem/internal/table"
 )
 
 const routeLong = `Show and change the routing state that every proxy replica follows.
@@ -86,27 +86,24 @@ func newRouteCmd() *cobra.Command {
 
 // routing loads the configuration and builds the routing control plane
 // that the admin API uses too.
-func routing(flags *config.Flags, w io.Writer) (*admin.Routing, error) {
+func routing(flags *config.Flags, w io.Writer) (*control.Routing, error) {
 	cfg, err := flags.Load(os.LookupEnv)
 	if err != nil {
 		return nil, err
 	}
 	log := newLogger(config.Log{Format: cfg.Log.Format, Level: "warn"}, w)
-	return newRouting(cfg, log, nil)
+	return control.NewRouting(cfg, log, nil)
 }
 
 // ensureSchema creates the control schema when it is missing, so the
 // routing can be set before any proxy has run.
-func ensureSchema(ctx context.Context, rt *admin.Routing) error {
+func ensureSchema(ctx context.Context, rt *control.Routing) error {
 	conn, err := rt.Connect(ctx)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	if err := route.EnsureSchema(ctx, conn); err != nil {
-		return err
-	}
-	return table.EnsureSchema(ctx, conn)
+	return controlschema.Apply(ctx, conn)
 }
 
 func newRouteShowCmd() *cobra.Command {
@@ -149,7 +146,7 @@ API's GET /api/v1/state.`,
 	return cmd
 }
 
-func printStatus(out io.Writer, st admin.Status, live time.Duration) {
+func printStatus(out io.Writer, st control.Status, live time.Duration) {
 	s := st.State
 	fmt.Fprintf(out, "routing version %d: %s\n", s.Version, s.Settings)
 	fmt.Fprintf(out, "changed %s by %s\n", s.ChangedAt.Local().Format(time.RFC3339), s.ChangedBy)
@@ -220,7 +217,7 @@ func printStatus(out io.Writer, st admin.Status, live time.Duration) {
 }
 
 // printFeed prints the change feed's section of route show.
-func printFeed(out io.Writer, f *admin.Feed) {
+func printFeed(out io.Writer, f *control.Feed) {
 	if f == nil {
 		return
 	}
@@ -330,7 +327,7 @@ replicas acknowledged the new version.
 	force := fs.Bool("force", false, "override failing cutover gates (open or stuck drift, open breaker, lagging replica, change feed down or behind) and a change feed that does not catch up within routing.feed_wait; recorded in the history")
 	reason := fs.String("reason", "", "why, for the history")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
-		var req admin.RouteRequest
+		var req control.RouteRequest
 		if fs.Changed("primary") {
 			req.Primary = primary
 		}
@@ -403,7 +400,7 @@ then rolls back without it, and the output says so. The same as
 
 // printResult prints what a change did to out. A refusal is printed to
 // errOut with its reason and exits with status 1; other errors are returned.
-func printResult(out, errOut io.Writer, res admin.Result, err error) error {
+func printResult(out, errOut io.Writer, res control.Result, err error) error {
 	if err != nil {
 		if route.IsIllegal(err) {
 			fmt.Fprintln(errOut, "tandem:", err)

@@ -14,8 +14,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -33,9 +33,11 @@ func cli(args ...string) (string, string, error) {
 	return out.String(), errOut.String(), err
 }
 
-// pairConfig writes a config file for a proxy in front of old and new and
-// returns its path and the loaded config.
-func pairConfig(t *testing.T, oldC, newC *pgtest.Cluster, replica string) (string, *config.Config) {
+// pairConfig writes a config file for a proxy in front of old and new,
+// changed by edits in order (feedOn, repairEvery, feedWait, withGates), and
+// returns its path and the loaded config. It is every cmd/tandem test's
+// config; editConfig derives variants of one.
+func pairConfig(t *testing.T, oldC, newC *pgtest.Cluster, replica string, edits ...configEdit) (string, *config.Config) {
 	t.Helper()
 	file := filepath.Join(t.TempDir(), "tandem.yaml")
 	yaml := fmt.Sprintf(`listen: 127.0.0.1:0
@@ -54,6 +56,9 @@ routing:
 log:
   level: error
 `, oldC.DSN("postgres"), newC.DSN("postgres"), replica)
+	for _, e := range edits {
+		yaml = e(yaml)
+	}
 	if err := os.WriteFile(file, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -65,6 +70,51 @@ log:
 		t.Fatal(err)
 	}
 	return file, cfg
+}
+
+// configEdit changes a test config's YAML before it is written.
+type configEdit func(yaml string) string
+
+// feedOn enables the change feed.
+func feedOn(yaml string) string { return yaml + "feed:\n  enabled: true\n" }
+
+// repairEvery runs the repairer every d, backing off to at most max(d, 5s).
+func repairEvery(d time.Duration) configEdit {
+	return func(yaml string) string {
+		return strings.Replace(yaml, "repair_interval: 100ms",
+			fmt.Sprintf("repair_interval: %s\n  repair_backoff_max: %s", d, max(d, 5*time.Second)), 1)
+	}
+}
+
+// feedWait sets routing.feed_wait.
+func feedWait(d time.Duration) configEdit {
+	return func(yaml string) string {
+		return strings.Replace(yaml, "routing:\n", fmt.Sprintf("routing:\n  feed_wait: %s\n", d), 1)
+	}
+}
+
+// withGates adds a gates section (its lines indented by two spaces).
+func withGates(gates string) configEdit {
+	return func(yaml string) string { return yaml + "gates:\n" + gates }
+}
+
+// editConfig writes a copy of the config file with edits applied, named
+// after name, and returns its path.
+func editConfig(t *testing.T, file, name string, edits ...configEdit) string {
+	t.Helper()
+	raw, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	yaml := string(raw)
+	for _, e := range edits {
+		yaml = e(yaml)
+	}
+	out := file + "." + name + ".yaml"
+	if err := os.WriteFile(out, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
 
 // waitFor waits up to 5s for cond.
@@ -177,7 +227,7 @@ func TestRouteCLI(t *testing.T) {
 		}
 	}
 	out, _, err = cli("route", "show", "-c", file, "--json")
-	var st admin.Status
+	var st control.Status
 	if err != nil || json.Unmarshal([]byte(out), &st) != nil || st.State.Version != 3 || len(st.Replicas) != 1 ||
 		!st.Replicas[0].Live || st.Replicas[0].AckedVersion != 3 || st.Drift == nil || st.Drift.Open != 1 {
 		t.Fatalf("route show --json: %v\n%s", err, out)
@@ -259,7 +309,7 @@ func TestRoutingAdminAPI(t *testing.T) {
 		}
 		return resp.StatusCode
 	}
-	var st admin.Status
+	var st control.Status
 	if code := call("GET", "/api/v1/state", "", &st); code != 200 || st.State.Version != 1 || st.Drift == nil || st.Drift.Open != 0 {
 		t.Fatalf("GET state: %d %+v", code, st)
 	}
@@ -270,11 +320,11 @@ func TestRoutingAdminAPI(t *testing.T) {
 	if code := call("POST", "/api/v1/route", `{"reads": "all"}`, &e); code != 400 {
 		t.Fatalf("bad input: %d %+v", code, e)
 	}
-	var res admin.Result
+	var res control.Result
 	if code := call("POST", "/api/v1/route", `{"mirror": true}`, &res); code != 200 || res.State.Version != 2 || strings.Join(res.Report.Acked, ",") != "api-proxy" {
 		t.Fatalf("dual-write: %d %+v", code, res)
 	}
-	res = admin.Result{}
+	res = control.Result{}
 	if code := call("POST", "/api/v1/route", `{"primary": "new", "reads": 100, "reason": "cutover"}`, &res); code != 200 ||
 		!res.Report.Flip || strings.Join(res.Report.Drained, ",") != "api-proxy" || res.Report.FenceMS <= 0 || res.State.Primary != route.New {
 		t.Fatalf("write flip: %d %+v", code, res)
@@ -286,7 +336,7 @@ func TestRoutingAdminAPI(t *testing.T) {
 		t.Fatalf("proxy state: version %d %s", s.Version, s.Settings)
 	}
 	waitFor(t, func() bool { return rp.srv.State().Fence == 0 })
-	res = admin.Result{}
+	res = control.Result{}
 	if code := call("POST", "/api/v1/rollback", `{"reason": "drill"}`, &res); code != 200 || res.State.Primary != route.Old || res.State.Version != 4 {
 		t.Fatalf("rollback: %d %+v", code, res)
 	}

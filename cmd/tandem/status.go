@@ -18,48 +18,18 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/backfill"
 	"github.com/tandemdb/tandem/compare"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/route"
 )
-
-// namedGate is a cutover gate with the name `tandem status` shows it by.
-type namedGate struct {
-	Name  string
-	Check route.Gate
-}
-
-// cutoverGates are the evidence gates a write flip checks, in the order the
-// playbook produces their evidence. newRouting gives them to every flip;
-// status evaluates them one by one.
-func cutoverGates(cfg *config.Config) []namedGate {
-	gs := []namedGate{
-		{"mapping", mappingGate(cfg)},
-		{"backfill", backfillGate(cfg)},
-		{"verify", verifyGate(cfg)},
-		{"shadow", shadowGate(cfg)},
-	}
-	if cfg.Feed.Enabled {
-		gs = append(gs, namedGate{"change feed", feedGate(cfg)})
-	}
-	return gs
-}
-
-func gateChecks(gs []namedGate) []route.Gate {
-	out := make([]route.Gate, len(gs))
-	for i, g := range gs {
-		out[i] = g.Check
-	}
-	return out
-}
 
 // migrationStatus is `tandem status --json`. The schema is stable: fields
 // are added, never renamed or removed; lists are [] when empty, times are
 // RFC 3339, durations are strings ("1m30s").
 type migrationStatus struct {
 	GeneratedAt time.Time          `json:"generated_at"`
-	Routing     admin.Status       `json:"routing"`  // state, replicas, history, drift (as GET /api/v1/state)
+	Routing     control.Status     `json:"routing"`  // state, replicas, history, drift (as GET /api/v1/state)
 	Backfill    []backfillProgress `json:"backfill"` // per table in the backfill's plan
 	Verify      []verifyResult     `json:"verify"`   // per table in scope
 	Shadow      shadowSummary      `json:"shadow"`
@@ -146,7 +116,7 @@ interrupted.`,
 			return errors.New("status needs new.dsn: without a new store there is no migration to show")
 		}
 		log := newLogger(config.Log{Format: cfg.Log.Format, Level: "warn"}, cmd.ErrOrStderr())
-		rt, err := newRouting(cfg, log, nil)
+		rt, err := control.NewRouting(cfg, log, nil)
 		if err != nil {
 			return err
 		}
@@ -188,7 +158,7 @@ interrupted.`,
 // collectStatus reads every section. A section that cannot be read is
 // named in Errors and left empty; only an unreachable control database is
 // an error.
-func collectStatus(ctx context.Context, cfg *config.Config, rt *admin.Routing) (migrationStatus, error) {
+func collectStatus(ctx context.Context, cfg *config.Config, rt *control.Routing) (migrationStatus, error) {
 	st := migrationStatus{GeneratedAt: time.Now().UTC(), Backfill: []backfillProgress{}, Verify: []verifyResult{},
 		Gates: []gateStatus{}, Errors: map[string]string{}}
 	st.Shadow.Top = []shadowFingerprintTop{}
@@ -221,7 +191,7 @@ func collectStatus(ctx context.Context, cfg *config.Config, rt *admin.Routing) (
 
 	if runs, err := compare.LastRuns(ctx, conn); err != nil {
 		st.Errors["verify"] = err.Error()
-	} else if ms, _, err := loadMappings(ctx, cfg); err != nil {
+	} else if ms, _, err := control.LoadMappings(ctx, cfg); err != nil {
 		st.Errors["verify"] = err.Error()
 	} else {
 		for _, m := range ms.All() {
@@ -252,12 +222,12 @@ func collectStatus(ctx context.Context, cfg *config.Config, rt *admin.Routing) (
 			if len(st.Shadow.Top) == 5 {
 				break
 			}
-			st.Shadow.Top = append(st.Shadow.Top, shadowFingerprintTop{Fingerprint: f.Fingerprint, Statement: truncate(f.Statement, 120),
+			st.Shadow.Top = append(st.Shadow.Top, shadowFingerprintTop{Fingerprint: f.Fingerprint, Statement: control.Truncate(f.Statement, 120),
 				Compared: f.Compared(), Mismatched: f.Mismatched})
 		}
 	}
 
-	st.Gates, st.NextFlip, err = checkGates(ctx, conn, cfg, rs.State, rt.Options.Live)
+	st.Gates, st.NextFlip, err = checkGates(ctx, conn, rt, rs.State)
 	if err != nil {
 		st.Errors["gates"] = err.Error()
 	}
@@ -265,8 +235,9 @@ func collectStatus(ctx context.Context, cfg *config.Config, rt *admin.Routing) (
 }
 
 // checkGates evaluates each cutover gate of the next write flip (to the
-// store that is not primary now) as route.Set would, without flipping.
-func checkGates(ctx context.Context, conn *pgx.Conn, cfg *config.Config, cur route.State, live time.Duration) ([]gateStatus, string, error) {
+// store that is not primary now) as route.Set would, without flipping: the
+// gates of rt, the list its flips check.
+func checkGates(ctx context.Context, conn *pgx.Conn, rt *control.Routing, cur route.State) ([]gateStatus, string, error) {
 	next := cur.Settings
 	next.Primary, next.Mirror = cur.Secondary(), true
 	next.Reads = 0
@@ -274,11 +245,8 @@ func checkGates(ctx context.Context, conn *pgx.Conn, cfg *config.Config, cur rou
 		next.Reads = 100
 	}
 	flip := fmt.Sprintf("%s -> %s", cur.Primary, next.Primary)
-	gates := append(cutoverGates(cfg),
-		namedGate{"drift", admin.DriftGate},
-		namedGate{"stuck drift", admin.StuckDriftGate(cfg.Routing.DriftStuckAttempts)})
 	out := []gateStatus{}
-	for _, g := range gates {
+	for _, g := range rt.Gates() {
 		gs := gateStatus{Name: g.Name, Ready: true}
 		err := g.Check(ctx, conn, cur.Settings, next)
 		var ie *route.IllegalError
@@ -291,7 +259,7 @@ func checkGates(ctx context.Context, conn *pgx.Conn, cfg *config.Config, cur rou
 		}
 		out = append(out, gs)
 	}
-	builtin, err := route.BuiltinRefusals(ctx, conn, cur, live)
+	builtin, err := route.BuiltinRefusals(ctx, conn, cur, rt.Options.Live)
 	if err != nil {
 		return out, flip, err
 	}

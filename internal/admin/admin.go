@@ -1,6 +1,8 @@
 // Package admin is Tandem's operator HTTP API: liveness, readiness,
 // metrics, and the routing state and its changes (job control as it is
-// built). Everything but the probes and the metrics needs the bearer token
+// built). It is HTTP handlers only: what they serve is the control plane's
+// (internal/control: the routing facade, the backfill's throttle), and it
+// imports no top-level package. Everything but the probes and the metrics needs the bearer token
 // when one is configured (Security); the server binds only the configured
 // admin address, which is loopback by default.
 package admin
@@ -17,6 +19,8 @@ import (
 	"net/http/pprof"
 	"sync"
 	"time"
+
+	"github.com/tandemdb/tandem/internal/control"
 )
 
 // Check is one readiness probe.
@@ -34,9 +38,9 @@ type Options struct {
 	CheckTimeout time.Duration
 	// Routing serves /api/v1/state, /api/v1/route and /api/v1/rollback;
 	// nil answers them with 404 (no new store is configured).
-	Routing *Routing
+	Routing *control.Routing
 	// Backfill serves /api/v1/backfill; nil answers it with 404.
-	Backfill *Backfill
+	Backfill *control.Backfill
 	// Mismatches serves /api/v1/mismatches; nil answers it with 404.
 	Mismatches *Mismatches
 	// Writers serves /api/v1/writers: this proxy's sessions a write fence

@@ -11,6 +11,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/backfill"
+	"github.com/tandemdb/tandem/internal/control"
 )
 
 // FuzzAdminJSON posts arbitrary bodies to every admin endpoint that reads
@@ -35,8 +36,8 @@ func FuzzAdminJSON(f *testing.F) {
 	down := errors.New("the control database is down")
 	connect := func(context.Context) (*pgx.Conn, error) { return nil, down }
 	h := NewHandler(Options{
-		Routing:  &Routing{Connect: connect},
-		Backfill: &Backfill{Connect: connect},
+		Routing:  &control.Routing{Connect: connect},
+		Backfill: &control.Backfill{Connect: connect},
 		Security: Security{Token: testToken},
 	})
 	f.Fuzz(func(t *testing.T, path, body string) {
@@ -83,7 +84,7 @@ func wellFormed(path, body string) bool {
 	dec.DisallowUnknownFields()
 	switch path {
 	case "/api/v1/route":
-		var r RouteRequest
+		var r control.RouteRequest
 		if dec.Decode(&r) != nil || dec.More() {
 			return false
 		}
@@ -95,7 +96,7 @@ func wellFormed(path, body string) bool {
 		}
 		return dec.Decode(&r) == nil && !dec.More()
 	default:
-		var r BackfillRequest
+		var r control.BackfillRequest
 		if dec.Decode(&r) != nil || dec.More() {
 			return false
 		}

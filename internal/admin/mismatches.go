@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/mismatch"
 )
 
@@ -55,7 +56,7 @@ func mismatchHandlers(mux *http.ServeMux, m *Mismatches) {
 		if v := q.Get("window"); v != "" {
 			d, err := time.ParseDuration(v)
 			if err != nil || d <= 0 {
-				writeError(w, &BadRequestError{Reason: "window must be a positive duration such as 15m, not " + strconv.Quote(v)})
+				writeError(w, &control.BadRequestError{Reason: "window must be a positive duration such as 15m, not " + strconv.Quote(v)})
 				return
 			}
 			window = d
@@ -64,7 +65,7 @@ func mismatchHandlers(mux *http.ServeMux, m *Mismatches) {
 		if v := q.Get("since"); v != "" {
 			t, err := time.Parse(time.RFC3339, v)
 			if err != nil {
-				writeError(w, &BadRequestError{Reason: "since must be an RFC 3339 time such as 2026-11-21T10:00:00Z, not " + strconv.Quote(v)})
+				writeError(w, &control.BadRequestError{Reason: "since must be an RFC 3339 time such as 2026-11-21T10:00:00Z, not " + strconv.Quote(v)})
 				return
 			}
 			o.Since = t
@@ -72,7 +73,7 @@ func mismatchHandlers(mux *http.ServeMux, m *Mismatches) {
 		if v := q.Get("samples"); v != "" {
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 || n > 100 {
-				writeError(w, &BadRequestError{Reason: "samples must be 1..100, not " + strconv.Quote(v)})
+				writeError(w, &control.BadRequestError{Reason: "samples must be 1..100, not " + strconv.Quote(v)})
 				return
 			}
 			o.Samples = n

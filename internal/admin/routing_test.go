@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -63,7 +64,7 @@ func TestRoutingAPI(t *testing.T) {
 	}
 	var synced []route.Store
 	var observed []route.Report
-	rt := &Routing{
+	rt := &control.Routing{
 		Connect: connect,
 		Options: route.Options{FenceTimeout: time.Second, AckTimeout: time.Second,
 			PrepareSequences: func(ctx context.Context, to route.Store) (func(context.Context) (route.SequenceSync, error), func(), error) {
@@ -78,9 +79,15 @@ func TestRoutingAPI(t *testing.T) {
 	defer srv.Close()
 	api := apiClient{t, srv.URL}
 
-	// Before the drift ledger exists, the state says so.
+	// Before the drift ledger exists, the state says so. The control schema
+	// is one migration now, so a schema without the ledger is one an older
+	// release made (without tandem.schema_version either); table.EnsureSchema
+	// below upgrades it.
+	if _, err := conn.Exec(ctx, "DROP TABLE tandem.drift; DROP TABLE tandem.schema_version"); err != nil {
+		t.Fatal(err)
+	}
 	code, body := api.do("GET", "/api/v1/state", "")
-	var st Status
+	var st control.Status
 	if err := json.Unmarshal([]byte(body), &st); err != nil || code != 200 {
 		t.Fatalf("GET state: %d %s %v", code, body, err)
 	}
@@ -129,7 +136,7 @@ func TestRoutingAPI(t *testing.T) {
 		t.Fatalf("flip with open drift: %d %s", code, body)
 	}
 	code, body = api.do("POST", "/api/v1/route", `{"primary": "new", "reads": 100, "force": true, "reason": "accepted"}`)
-	var res Result
+	var res control.Result
 	if err := json.Unmarshal([]byte(body), &res); err != nil || code != 200 {
 		t.Fatalf("forced flip: %d %s", code, body)
 	}
@@ -142,7 +149,7 @@ func TestRoutingAPI(t *testing.T) {
 
 	// State shows the drift, the history and the forced flip.
 	code, body = api.do("GET", "/api/v1/state", "")
-	st = Status{}
+	st = control.Status{}
 	if err := json.Unmarshal([]byte(body), &st); err != nil || code != 200 {
 		t.Fatalf("GET state: %d %s %v", code, body, err)
 	}
@@ -153,13 +160,13 @@ func TestRoutingAPI(t *testing.T) {
 
 	// Rollback ignores the drift gate.
 	code, body = api.do("POST", "/api/v1/rollback", `{"reason": "bad p99"}`)
-	res = Result{}
+	res = control.Result{}
 	if err := json.Unmarshal([]byte(body), &res); err != nil || code != 200 || res.State.Primary != route.Old || res.State.Reads != 0 || !res.Report.Flip {
 		t.Fatalf("rollback: %d %s", code, body)
 	}
 	// Again: nothing to do, same version.
 	code, body = api.do("POST", "/api/v1/rollback", "")
-	res = Result{}
+	res = control.Result{}
 	if err := json.Unmarshal([]byte(body), &res); err != nil || code != 200 || res.State.Version != 4 || res.Report.ToVersion != 4 {
 		t.Fatalf("second rollback: %d %s", code, body)
 	}
@@ -195,32 +202,32 @@ func TestStuckDriftGate(t *testing.T) {
 		defer conn.Close(ctx)
 		conns = append(conns, conn)
 	}
-	control, source, target := conns[0], conns[1], conns[2]
-	if err := route.EnsureSchema(ctx, control); err != nil {
+	ctl, source, target := conns[0], conns[1], conns[2]
+	if err := route.EnsureSchema(ctx, ctl); err != nil {
 		t.Fatal(err)
 	}
-	if err := table.EnsureSchema(ctx, control); err != nil {
+	if err := table.EnsureSchema(ctx, ctl); err != nil {
 		t.Fatal(err)
 	}
-	rt := &Routing{
+	rt := &control.Routing{
 		Connect:       connect,
 		Options:       route.Options{FenceTimeout: time.Second, AckTimeout: time.Second},
 		StuckAttempts: 3,
 	}
-	if _, err := rt.Route(ctx, "test", RouteRequest{Mirror: ptr(true)}); err != nil {
+	if _, err := rt.Route(ctx, "test", control.RouteRequest{Mirror: ptr(true)}); err != nil {
 		t.Fatal(err)
 	}
-	if err := table.RecordDrift(ctx, control, []table.DriftEntry{{Table: table.Name{Schema: "public", Table: "ghost"}, Key: []string{"7"}}}); err != nil {
+	if err := table.RecordDrift(ctx, ctl, []table.DriftEntry{{Table: table.Name{Schema: "public", Table: "ghost"}, Key: []string{"7"}}}); err != nil {
 		t.Fatal(err)
 	}
 	// The repairer fails on it (the table does not exist), attempt after
 	// attempt. Source and target are one database: a repair copies a row
 	// onto itself, which is enough to settle an entry.
 	repair := func() (int, error) {
-		return table.RepairWith(ctx, control, source, target, table.RepairOptions{Target: table.StaleNew, Limit: 10, IgnoreBackoff: true})
+		return table.RepairWith(ctx, ctl, source, target, table.RepairOptions{Target: table.StaleNew, Limit: 10, IgnoreBackoff: true})
 	}
-	flip := func(force bool) (Result, error) {
-		return rt.Route(ctx, "test", RouteRequest{Primary: ptr(string(route.New)), Reads: ptr(100), Force: force})
+	flip := func(force bool) (control.Result, error) {
+		return rt.Route(ctx, "test", control.RouteRequest{Primary: ptr(string(route.New)), Reads: ptr(100), Force: force})
 	}
 	for attempt := 1; attempt <= 3; attempt++ {
 		if n, err := repair(); n != 0 || err == nil {
@@ -264,7 +271,7 @@ func TestStuckDriftGate(t *testing.T) {
 	}
 
 	// The cause fixed, the entry is repaired: the flip passes.
-	if _, err := control.Exec(ctx, "CREATE TABLE ghost (id int PRIMARY KEY); INSERT INTO ghost VALUES (7)"); err != nil {
+	if _, err := ctl.Exec(ctx, "CREATE TABLE ghost (id int PRIMARY KEY); INSERT INTO ghost VALUES (7)"); err != nil {
 		t.Fatal(err)
 	}
 	if n, err := repair(); n != 1 || err != nil {
@@ -287,7 +294,7 @@ func TestWriteErrorStatus(t *testing.T) {
 		{&route.FenceError{Timeout: time.Second}, http.StatusServiceUnavailable},
 		{&route.FeedError{Report: route.FeedReport{Store: route.Old}, Why: "the change feed has not checked"}, http.StatusServiceUnavailable},
 		{&route.IllegalError{Gate: true, Reason: "change feed: it is down"}, http.StatusConflict},
-		{&BadRequestError{Reason: "x"}, http.StatusBadRequest},
+		{&control.BadRequestError{Reason: "x"}, http.StatusBadRequest},
 		{errors.New("boom"), http.StatusInternalServerError},
 	} {
 		rec := httptest.NewRecorder()

@@ -1,7 +1,8 @@
 // Package archtest checks the project's import arrows with `go list`, so a
 // wrong dependency fails the build: data flows client -> proxy -> router ->
 // backends; backfill and compare share internal packages and never import
-// each other; the wire codec stays pure.
+// each other; the control plane drives the proxy without importing it; the
+// admin API is handlers over internal packages; the wire codec stays pure.
 package archtest
 
 import (
@@ -69,6 +70,7 @@ func TestImportArrows(t *testing.T) {
 		{module + "/internal", module + "/proxy", "internal packages are shared leaves"},
 		{module + "/internal", module + "/cmd", "internal packages are shared leaves"},
 		{module + "/internal/shadow", module + "/internal/shadowpool", "the comparison stays pure: the shadow pool uses it, never the reverse"},
+		{module + "/internal/control", module + "/proxy", "the control plane drives the proxy through control.Server, never imports it"},
 	}
 	for _, p := range listPackages(t) {
 		for _, r := range rules {
@@ -103,4 +105,40 @@ func TestPureCodec(t *testing.T) {
 		return
 	}
 	t.Fatal("internal/pgwire not found")
+}
+
+// TestAdminHandlersOnly: internal/admin is HTTP handlers over the internal
+// packages (the control plane's facade among them); it imports no
+// top-level package directly. What it serves is built in internal/control.
+func TestAdminHandlersOnly(t *testing.T) {
+	for _, p := range listPackages(t) {
+		if p.ImportPath != module+"/internal/admin" {
+			continue
+		}
+		for _, imp := range p.Imports {
+			if under(imp, module) && !under(imp, module+"/internal") {
+				t.Errorf("internal/admin imports %s; it serves internal/control over HTTP and imports no top-level package (backfill, compare, feed, proxy, cmd)", imp)
+			}
+		}
+		return
+	}
+	t.Fatal("internal/admin not found")
+}
+
+// TestControlSchemaIsALeaf: the control schema's migrations import nothing
+// of the module, so every owner of control tables (route, table, mismatch,
+// backfill, compare, feed) can apply them without an import cycle.
+func TestControlSchemaIsALeaf(t *testing.T) {
+	for _, p := range listPackages(t) {
+		if p.ImportPath != module+"/internal/controlschema" {
+			continue
+		}
+		for _, d := range p.Deps {
+			if under(d, module) {
+				t.Errorf("internal/controlschema depends on %s; it must stay a leaf", d)
+			}
+		}
+		return
+	}
+	t.Fatal("internal/controlschema not found")
 }

@@ -19,42 +19,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/tandemdb/tandem/internal/controlschema"
 )
-
-// SchemaSQL creates the mismatch tables. It is idempotent.
-const SchemaSQL = `
-CREATE SCHEMA IF NOT EXISTS tandem;
-CREATE TABLE IF NOT EXISTS tandem.mismatches (
-	id          bigserial PRIMARY KEY,
-	at          timestamptz NOT NULL DEFAULT now(),
-	replica     text NOT NULL,
-	fingerprint text NOT NULL,
-	statement   text NOT NULL,
-	params      jsonb,
-	served_by   text NOT NULL,
-	shadow_on   text NOT NULL,
-	aa          boolean NOT NULL DEFAULT false,
-	kind        text NOT NULL,
-	summary     text NOT NULL,
-	diff        jsonb NOT NULL
-);
-CREATE INDEX IF NOT EXISTS mismatches_fingerprint ON tandem.mismatches (fingerprint, at);
-COMMENT ON COLUMN tandem.mismatches.params IS 'the statement''s parameters as text (NULL: none, or not recorded as shadow.record_values is off)';
-CREATE TABLE IF NOT EXISTS tandem.shadow_stats (
-	bucket      timestamptz NOT NULL,
-	replica     text NOT NULL,
-	fingerprint text NOT NULL,
-	matched     bigint NOT NULL DEFAULT 0,
-	mismatched  bigint NOT NULL DEFAULT 0,
-	transient   bigint NOT NULL DEFAULT 0,
-	dropped     bigint NOT NULL DEFAULT 0,
-	skipped     bigint NOT NULL DEFAULT 0,
-	served_seconds double precision NOT NULL DEFAULT 0,
-	shadow_seconds double precision NOT NULL DEFAULT 0,
-	PRIMARY KEY (bucket, replica, fingerprint)
-);
-COMMENT ON TABLE tandem.shadow_stats IS 'shadow-read outcomes per minute, replica and statement fingerprint';
-`
 
 // Querier is what the package needs of a connection or pool.
 type Querier interface {
@@ -63,9 +29,10 @@ type Querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
-// EnsureSchema creates the mismatch tables if they are missing.
-func EnsureSchema(ctx context.Context, q Querier) error {
-	if _, err := q.Exec(ctx, SchemaSQL); err != nil {
+// EnsureSchema creates the mismatch tables (tandem.mismatches,
+// tandem.shadow_stats) if they are missing: controlschema.Apply.
+func EnsureSchema(ctx context.Context, db controlschema.DB) error {
+	if err := controlschema.Apply(ctx, db); err != nil {
 		return fmt.Errorf("creating the mismatch tables: %w", err)
 	}
 	return nil

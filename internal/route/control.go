@@ -9,59 +9,11 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/tandemdb/tandem/internal/controlschema"
 )
 
 // Channel is the NOTIFY channel that announces a new state version.
 const Channel = "tandem_state"
-
-// schemaSQL creates the control schema's routing tables. It is idempotent.
-const schemaSQL = `
-CREATE SCHEMA IF NOT EXISTS tandem;
-CREATE TABLE IF NOT EXISTS tandem.state (
-	id         int PRIMARY KEY DEFAULT 1 CHECK (id = 1),
-	version    bigint NOT NULL,
-	primary_store text NOT NULL CHECK (primary_store IN ('old', 'new')),
-	mirror     boolean NOT NULL,
-	reads      int NOT NULL CHECK (reads BETWEEN 0 AND 100),
-	shadow     int NOT NULL CHECK (shadow BETWEEN 0 AND 100),
-	changed_at timestamptz NOT NULL DEFAULT now(),
-	changed_by text NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tandem.state_history (
-	version    bigint PRIMARY KEY,
-	primary_store text NOT NULL,
-	mirror     boolean NOT NULL,
-	reads      int NOT NULL,
-	shadow     int NOT NULL,
-	changed_at timestamptz NOT NULL DEFAULT now(),
-	changed_by text NOT NULL,
-	reason     text NOT NULL DEFAULT '',
-	forced     boolean NOT NULL DEFAULT false
-);
-CREATE TABLE IF NOT EXISTS tandem.replicas (
-	replica_id    text PRIMARY KEY,
-	acked_version bigint NOT NULL,
-	heartbeat_at  timestamptz NOT NULL DEFAULT now(),
-	started_at    timestamptz NOT NULL DEFAULT now()
-);
--- Added with the write flip; ADD COLUMN IF NOT EXISTS upgrades an older schema in place.
-ALTER TABLE tandem.state
-	ADD COLUMN IF NOT EXISTS fence bigint NOT NULL DEFAULT 0,
-	ADD COLUMN IF NOT EXISTS fence_expires timestamptz NULL;
-ALTER TABLE tandem.state_history
-	ADD COLUMN IF NOT EXISTS fence_ms double precision NULL;
-ALTER TABLE tandem.replicas
-	ADD COLUMN IF NOT EXISTS fence_acked bigint NOT NULL DEFAULT 0,
-	ADD COLUMN IF NOT EXISTS breaker text NOT NULL DEFAULT 'closed',
-	ADD COLUMN IF NOT EXISTS writers bigint NOT NULL DEFAULT 0;
-CREATE SEQUENCE IF NOT EXISTS tandem.fence_token;
-INSERT INTO tandem.state (id, version, primary_store, mirror, reads, shadow, changed_by)
-VALUES (1, 1, 'old', false, 0, 0, 'tandem: initial passthrough')
-ON CONFLICT (id) DO NOTHING;
-INSERT INTO tandem.state_history (version, primary_store, mirror, reads, shadow, changed_by, reason)
-VALUES (1, 'old', false, 0, 0, 'tandem: initial passthrough', 'control schema created')
-ON CONFLICT (version) DO NOTHING;
-`
 
 // State is a versioned routing state as stored.
 type State struct {
@@ -75,18 +27,10 @@ type State struct {
 	ChangedBy string    `json:"changed_by"`
 }
 
-// EnsureSchema creates the control schema's routing tables and the initial
-// passthrough state when they are missing, and adds the columns of newer
-// releases to an older schema. Concurrent callers are serialised with an
-// advisory lock.
+// EnsureSchema creates or upgrades the control schema (controlschema.Apply:
+// the routing tables and the initial passthrough state among the rest).
 func EnsureSchema(ctx context.Context, conn *pgx.Conn) error {
-	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('tandem.route.schema'))"); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, schemaSQL)
-		return err
-	})
+	return controlschema.Apply(ctx, conn)
 }
 
 // Querier is what Load and the listing functions need: a *pgx.Conn, a

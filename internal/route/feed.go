@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/tandemdb/tandem/internal/controlschema"
 )
 
 // The change feed (design section 10) is built elsewhere; the flip knows it
@@ -25,34 +26,11 @@ func FeedSlot(s Store) string { return "tandem_feed_" + string(s) }
 // running: it writes one at least every second.
 const FeedLive = 5 * time.Second
 
-// feedSchemaSQL is tandem.feed: the feed (package feed) writes it, the
-// write flip waits on it; both create it through EnsureFeedSchema.
-const feedSchemaSQL = `
-CREATE SCHEMA IF NOT EXISTS tandem;
-CREATE TABLE IF NOT EXISTS tandem.feed (
-  store        text PRIMARY KEY CHECK (store IN ('old','new')),
-  slot_name    text NOT NULL,
-  holder       text,
-  checked_lsn  pg_lsn,
-  checked_at   timestamptz,
-  heartbeat_at timestamptz NOT NULL DEFAULT now(),
-  last_error   text
-);
-COMMENT ON COLUMN tandem.feed.store IS 'the store whose WAL the feed reads';
-COMMENT ON COLUMN tandem.feed.holder IS 'the proxy replica running the feed now; NULL = nobody';
-COMMENT ON COLUMN tandem.feed.checked_lsn IS 'every transaction that committed on store at or before this LSN is checked: equal on the other store, or in tandem.drift';
-COMMENT ON COLUMN tandem.feed.heartbeat_at IS 'the feed is alive: updated at least every second while it runs';`
-
-// EnsureFeedSchema creates tandem.feed when it is missing, under the same
-// advisory lock as EnsureSchema.
+// EnsureFeedSchema creates tandem.feed when it is missing: the feed
+// (package feed) writes it, the write flip waits on it. It is
+// controlschema.Apply, as EnsureSchema.
 func EnsureFeedSchema(ctx context.Context, conn *pgx.Conn) error {
-	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('tandem.route.schema'))"); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, feedSchemaSQL)
-		return err
-	})
+	return controlschema.Apply(ctx, conn)
 }
 
 // FeedWait makes every write flip and rollback wait for the change feed, so

@@ -268,8 +268,8 @@ func TestFlipFeedNeverCatchesUp(t *testing.T) {
 
 	// The feed caught up, but left drift the store becoming primary misses
 	// and nothing repaired it: refused.
-	if _, err := conn.Exec(ctx, `CREATE TABLE tandem.drift (id bigserial PRIMARY KEY, stale text NOT NULL, repaired_at timestamptz);
-		INSERT INTO tandem.drift (stale) VALUES ('new')`); err != nil {
+	// (EnsureSchema made the drift ledger: the control schema is one.)
+	if _, err := conn.Exec(ctx, `INSERT INTO tandem.drift (schema_name, table_name, key, stale) VALUES ('public', 't', '{1}', 'new')`); err != nil {
 		t.Fatal(err)
 	}
 	var lsn string

@@ -315,8 +315,10 @@ func TestFlipWithoutReplicas(t *testing.T) {
 	if err := EnsureSchema(ctx, conn); err != nil {
 		t.Fatal(err)
 	}
-	// An older schema, without the columns the write flip added, upgrades in place.
-	if _, err := conn.Exec(ctx, `ALTER TABLE tandem.state DROP COLUMN fence, DROP COLUMN fence_expires;
+	// An older schema, without the columns the write flip added (and made
+	// before the control schema was versioned), upgrades in place.
+	if _, err := conn.Exec(ctx, `DROP TABLE tandem.schema_version;
+		ALTER TABLE tandem.state DROP COLUMN fence, DROP COLUMN fence_expires;
 		ALTER TABLE tandem.state_history DROP COLUMN fence_ms;
 		ALTER TABLE tandem.replicas DROP COLUMN fence_acked, DROP COLUMN breaker, DROP COLUMN writers;
 		DROP SEQUENCE tandem.fence_token`); err != nil {

@@ -43,7 +43,7 @@ const keysPerUnit = 1000
 // but not on update, which Postgres refuses. Keys are processed in units of
 // at most 1000; on error the units already committed stay committed.
 func CopyKeys(ctx context.Context, primary, secondary *pgx.Conn, src, dst Name, keys [][]string) (CopyResult, error) {
-	p, err := loadPlan(ctx, primary, secondary, src, dst)
+	p, err := loadCopier(ctx, primary, secondary, src, dst)
 	if err != nil {
 		return CopyResult{}, err
 	}
@@ -66,7 +66,7 @@ func CopyTable(ctx context.Context, primary, secondary *pgx.Conn, src, dst Name,
 	if chunk < 1 {
 		return CopyResult{}, fmt.Errorf("copying %s: chunk must be at least 1, got %d", src, chunk)
 	}
-	p, err := loadPlan(ctx, primary, secondary, src, dst)
+	p, err := loadCopier(ctx, primary, secondary, src, dst)
 	if err != nil {
 		return CopyResult{}, err
 	}
@@ -88,7 +88,7 @@ func CopyTable(ctx context.Context, primary, secondary *pgx.Conn, src, dst Name,
 // the same text names the row on the target, where absent keys are
 // deleted. A reverse copy is refused while m has ReverseMissing columns.
 func CopyKeysMapped(ctx context.Context, primary, secondary *pgx.Conn, m *Mapping, forward bool, keys [][]string) (CopyResult, error) {
-	p, err := newMappedPlan(m, forward)
+	p, err := newMappedCopier(m, forward)
 	if err != nil {
 		return CopyResult{}, err
 	}
@@ -98,7 +98,7 @@ func CopyKeysMapped(ctx context.Context, primary, secondary *pgx.Conn, m *Mappin
 // CopyTableMapped is CopyTable through the mapping m, in the direction
 // forward says (see CopyKeysMapped).
 func CopyTableMapped(ctx context.Context, primary, secondary *pgx.Conn, m *Mapping, forward bool, chunk int) (CopyResult, error) {
-	p, err := newMappedPlan(m, forward)
+	p, err := newMappedCopier(m, forward)
 	if err != nil {
 		return CopyResult{}, err
 	}
@@ -109,21 +109,21 @@ func CopyTableMapped(ctx context.Context, primary, secondary *pgx.Conn, m *Mappi
 }
 
 // copyAll copies the whole table, chunk rows at a time.
-func (p *plan) copyAll(ctx context.Context, primary, secondary *pgx.Conn, chunk int) (CopyResult, error) {
+func (p *copier) copyAll(ctx context.Context, primary, secondary *pgx.Conn, chunk int) (CopyResult, error) {
 	if !p.src.HasKey() {
 		return p.copyWhole(ctx, primary, secondary, chunk)
 	}
 	return p.copyTable(ctx, primary, secondary, chunk)
 }
 
-// plan is how rows of src on the primary are written to dst on the
-// secondary: column by column of the same name (newPlan), or through a
-// table mapping (newMappedPlan).
-type plan struct {
+// copier is how rows of src on the primary are written to dst on the
+// secondary: column by column of the same name (newCopier), or through a
+// table mapping (newMappedCopier).
+type copier struct {
 	src, dst *Meta
 	srcKey   []Column // src's key columns, in key order
 	dstKey   []Column // the dst columns they become, in the same order
-	cols     []string // newPlan: the columns written on dst; newMappedPlan: the src columns the mapping reads
+	cols     []string // newCopier: the columns written on dst; newMappedCopier: the src columns the mapping reads
 
 	upsert string // json array $1 -> upsert into dst
 	insert string // json array $1 -> plain insert into dst (tables without a key)
@@ -149,7 +149,7 @@ type testingKnobs struct {
 	afterRead func()
 }
 
-func loadPlan(ctx context.Context, primary, secondary Querier, src, dst Name) (*plan, error) {
+func loadCopier(ctx context.Context, primary, secondary Querier, src, dst Name) (*copier, error) {
 	sm, err := LoadByName(ctx, primary, src)
 	if err != nil {
 		return nil, fmt.Errorf("on the primary: %w", err)
@@ -158,13 +158,13 @@ func loadPlan(ctx context.Context, primary, secondary Querier, src, dst Name) (*
 	if err != nil {
 		return nil, fmt.Errorf("on the secondary: %w", err)
 	}
-	return newPlan(sm, dm)
+	return newCopier(sm, dm)
 }
 
-// newPlan checks that src's rows fit dst: every written column of src exists
+// newCopier checks that src's rows fit dst: every written column of src exists
 // on dst, and both have the same primary key columns (or src has none).
-func newPlan(src, dst *Meta) (*plan, error) {
-	p := &plan{src: src, dst: dst}
+func newCopier(src, dst *Meta) (*copier, error) {
+	p := &copier{src: src, dst: dst}
 	for _, c := range src.Columns {
 		if c.Generated {
 			continue
@@ -221,13 +221,13 @@ func newPlan(src, dst *Meta) (*plan, error) {
 	return p, nil
 }
 
-// newMappedPlan is the plan that copies rows through m, old -> new when
+// newMappedCopier is the copier that copies rows through m, old -> new when
 // forward, else new -> old. The rows read from the source as JSON are
 // typed with json_to_recordset as the mapping's source row (each column
 // keeps the type the mapping's SQL gives it) and written with the
 // mapping's own INSERT ... SELECT, so a copied row is transformed exactly
 // as a mirrored one.
-func newMappedPlan(m *Mapping, forward bool) (*plan, error) {
+func newMappedCopier(m *Mapping, forward bool) (*copier, error) {
 	d := &m.fwd
 	if !forward {
 		d = &m.rev
@@ -236,7 +236,7 @@ func newMappedPlan(m *Mapping, forward bool) (*plan, error) {
 				m.New.Name, m.Old.Name, miss)
 		}
 	}
-	p := &plan{src: d.from, dst: d.to}
+	p := &copier{src: d.from, dst: d.to}
 	var defs []string
 	for _, c := range d.from.Columns {
 		if d.exprRefs[c.Name] || d.passFrom(c.Name) != nil {
@@ -368,20 +368,20 @@ func (r *rowSet) jsonArray() string {
 	return "[" + strings.Join(r.json, ",") + "]"
 }
 
-// unit is one locked copy in progress: a primary transaction that holds
+// copyUnit is one locked copy in progress: a primary transaction that holds
 // FOR SHARE locks on the rows read, and a secondary transaction in replica
 // mode that writes them. Commit order is secondary, then primary.
-type unit struct {
-	p        *plan
+type copyUnit struct {
+	p        *copier
 	ptx, stx pgx.Tx
 	res      CopyResult
 	deleted  [][]string // keys deleted on the secondary, re-read after commit
 }
 
-// runUnit runs body as one unit and commits it, then re-reads the keys it
+// runCopyUnit runs body as one unit and commits it, then re-reads the keys it
 // deleted (design section 4, "Keys missing on the primary").
-func (p *plan) runUnit(ctx context.Context, primary, secondary *pgx.Conn, body func(*unit) error) (CopyResult, error) {
-	u, err := p.unit(ctx, primary, secondary, body)
+func (p *copier) runCopyUnit(ctx context.Context, primary, secondary *pgx.Conn, body func(*copyUnit) error) (CopyResult, error) {
+	u, err := p.openCopyUnit(ctx, primary, secondary, body)
 	res := u.res
 	if err != nil || len(u.deleted) == 0 || p.lockTables {
 		return res, err
@@ -392,15 +392,15 @@ func (p *plan) runUnit(ctx context.Context, primary, secondary *pgx.Conn, body f
 	// lock and copy back any row that exists. An insert that commits after
 	// this read is mirrored after the delete, so nothing is lost.
 	deleted := u.deleted
-	again, err := p.unit(ctx, primary, secondary, func(v *unit) error {
+	again, err := p.openCopyUnit(ctx, primary, secondary, func(v *copyUnit) error {
 		return v.copyKeys(ctx, deleted, false)
 	})
 	res.Upserted += again.res.Upserted
 	return res, err
 }
 
-func (p *plan) unit(ctx context.Context, primary, secondary *pgx.Conn, body func(*unit) error) (*unit, error) {
-	u := &unit{p: p}
+func (p *copier) openCopyUnit(ctx context.Context, primary, secondary *pgx.Conn, body func(*copyUnit) error) (*copyUnit, error) {
+	u := &copyUnit{p: p}
 	var err error
 	if u.ptx, err = primary.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted}); err != nil {
 		return u, fmt.Errorf("copying %s: primary: %w", p.src.Name, err)
@@ -442,7 +442,7 @@ func (p *plan) unit(ctx context.Context, primary, secondary *pgx.Conn, body func
 // copyKeys copies the rows with these keys: lock them on the primary,
 // upsert those found and, if deleteAbsent, delete the others on the
 // secondary.
-func (u *unit) copyKeys(ctx context.Context, keys [][]string, deleteAbsent bool) error {
+func (u *copyUnit) copyKeys(ctx context.Context, keys [][]string, deleteAbsent bool) error {
 	rows, err := u.lockKeys(ctx, keys)
 	if err != nil {
 		return err
@@ -461,7 +461,7 @@ func (u *unit) copyKeys(ctx context.Context, keys [][]string, deleteAbsent bool)
 
 // lockKeys reads the rows with these keys on the primary FOR SHARE, in key
 // order (the order writers are likeliest to lock in).
-func (u *unit) lockKeys(ctx context.Context, keys [][]string) (rowSet, error) {
+func (u *copyUnit) lockKeys(ctx context.Context, keys [][]string) (rowSet, error) {
 	src := u.p.srcKey
 	sql := "SELECT row_to_json(r.*)::text, " + keyText("r", src) + " FROM " + u.p.src.Name.Quoted() + " r WHERE " +
 		keyTuple("r", src) + " IN (" + keySet("x", 1, src) + ") ORDER BY " + keyList("r", src) + " FOR SHARE OF r"
@@ -471,7 +471,7 @@ func (u *unit) lockKeys(ctx context.Context, keys [][]string) (rowSet, error) {
 // lockChunk reads the next chunk of at most limit rows after key after (nil:
 // from the start; at or after it when incl), at most hi (nil: no end), on
 // the primary FOR SHARE, in key order.
-func (u *unit) lockChunk(ctx context.Context, after []string, incl bool, hi []string, limit int) (rowSet, error) {
+func (u *copyUnit) lockChunk(ctx context.Context, after []string, incl bool, hi []string, limit int) (rowSet, error) {
 	src := u.p.srcKey
 	sql := "SELECT row_to_json(r.*)::text, " + keyText("r", src) + " FROM " + u.p.src.Name.Quoted() + " r"
 	where, args := rangeCond("r", src, after, incl, hi, nil)
@@ -529,7 +529,7 @@ func readRows(ctx context.Context, tx pgx.Tx, sql string, args ...any) (rowSet, 
 }
 
 // write upserts rows into the secondary.
-func (u *unit) write(ctx context.Context, rows rowSet) error {
+func (u *copyUnit) write(ctx context.Context, rows rowSet) error {
 	if len(rows.json) == 0 {
 		return nil
 	}
@@ -543,7 +543,7 @@ func (u *unit) write(ctx context.Context, rows rowSet) error {
 // deleteAbsent deletes on the secondary the rows with keys among keys but
 // not among found (the keys the primary has), and remembers the keys it
 // deleted for the re-read.
-func (u *unit) deleteAbsent(ctx context.Context, keys, found [][]string) error {
+func (u *copyUnit) deleteAbsent(ctx context.Context, keys, found [][]string) error {
 	dst := u.p.dstKey
 	w := len(dst)
 	sql := "DELETE FROM " + u.p.dst.Name.Quoted() + " d WHERE " + keyTuple("d", dst) + " IN (" + keySet("x", 1, dst) + ") AND " +
@@ -565,7 +565,7 @@ func (u *unit) deleteAbsent(ctx context.Context, keys, found [][]string) error {
 // candidates returns up to limit keys on the secondary, in key order, that
 // are after lo (at or after it when incl; nil: from the start), at most hi
 // (nil: no end) and not among exclude.
-func (u *unit) candidates(ctx context.Context, lo []string, incl bool, hi []string, exclude [][]string, limit int) ([][]string, error) {
+func (u *copyUnit) candidates(ctx context.Context, lo []string, incl bool, hi []string, exclude [][]string, limit int) ([][]string, error) {
 	dst := u.p.dstKey
 	w := len(dst)
 	args := columnsOf(exclude, w)
@@ -586,7 +586,7 @@ func (u *unit) candidates(ctx context.Context, lo []string, incl bool, hi []stri
 	return keys, nil
 }
 
-func (p *plan) copyKeys(ctx context.Context, primary, secondary *pgx.Conn, keys [][]string) (CopyResult, error) {
+func (p *copier) copyKeys(ctx context.Context, primary, secondary *pgx.Conn, keys [][]string) (CopyResult, error) {
 	var res CopyResult
 	if !p.src.HasKey() {
 		return res, fmt.Errorf("copying %s by key: %w", p.src.Name, ErrNoKey)
@@ -598,7 +598,7 @@ func (p *plan) copyKeys(ctx context.Context, primary, secondary *pgx.Conn, keys 
 		}
 	}
 	for batch := range slices.Chunk(keys, keysPerUnit) {
-		r, err := p.runUnit(ctx, primary, secondary, func(u *unit) error {
+		r, err := p.runCopyUnit(ctx, primary, secondary, func(u *copyUnit) error {
 			return u.copyKeys(ctx, batch, true)
 		})
 		res.add(r)
@@ -611,7 +611,7 @@ func (p *plan) copyKeys(ctx context.Context, primary, secondary *pgx.Conn, keys 
 
 // copyTable copies a table with a key chunk by chunk: copyRange over the
 // whole key space.
-func (p *plan) copyTable(ctx context.Context, primary, secondary *pgx.Conn, chunk int) (CopyResult, error) {
+func (p *copier) copyTable(ctx context.Context, primary, secondary *pgx.Conn, chunk int) (CopyResult, error) {
 	res, _, err := p.copyRange(ctx, primary, secondary, RangeOptions{Chunk: chunk})
 	return res, err
 }
@@ -619,8 +619,8 @@ func (p *plan) copyTable(ctx context.Context, primary, secondary *pgx.Conn, chun
 // copyWhole copies a table without a primary key in one unit: lock the
 // primary's table against writers, empty the secondary's and insert the
 // primary's rows, batch rows at a time.
-func (p *plan) copyWhole(ctx context.Context, primary, secondary *pgx.Conn, batch int) (CopyResult, error) {
-	u, err := p.unit(ctx, primary, secondary, func(u *unit) error {
+func (p *copier) copyWhole(ctx context.Context, primary, secondary *pgx.Conn, batch int) (CopyResult, error) {
+	u, err := p.openCopyUnit(ctx, primary, secondary, func(u *copyUnit) error {
 		if _, err := u.ptx.Exec(ctx, "LOCK TABLE "+p.src.Name.Quoted()+" IN SHARE MODE"); err != nil {
 			return fmt.Errorf("locking the primary: %w", err)
 		}

@@ -21,7 +21,7 @@ const (
 	stageKey = "tandem.key"
 )
 
-// stage is how a plan stages a chunk on the secondary for the fast path: a
+// stage is how a copier stages a chunk on the secondary for the fast path: a
 // temporary table (one per connection and column layout, emptied at every
 // commit) that COPY fills with the source columns, and the upsert that
 // writes it to dst.
@@ -34,7 +34,7 @@ type stage struct {
 // newStage builds p's staging table and upsert: types[i] is the type the
 // source column p.cols[i] is staged as, and upsertFrom makes the upsert
 // from a FROM item aliased src that carries p.cols.
-func (p *plan) newStage(types []string, upsertFrom func(from string) (string, error)) error {
+func (p *copier) newStage(types []string, upsertFrom func(from string) (string, error)) error {
 	defs := make([]string, len(p.cols))
 	for i, c := range p.cols {
 		defs[i] = quoteIdent(c) + " " + types[i]
@@ -74,11 +74,11 @@ const copySettings = "SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle 
 // limit rows after after (at it when incl), at most hi, in key order, and
 // locks them as it reads, in the unit's primary transaction; on the
 // secondary, COPY ... FROM STDIN puts them into the staging table, and one
-// INSERT ... SELECT through the plan's upsert (the mapping's, for a mapped
-// plan) writes them, in the unit's secondary transaction. The rows pass
+// INSERT ... SELECT through the copier's upsert (the mapping's, for a mapped
+// copier) writes them, in the unit's secondary transaction. The rows pass
 // through an io.Pipe, so memory does not grow with the chunk; only the
 // keys are returned (json is nil), in key order.
-func (u *unit) lockChunkCopy(ctx context.Context, after []string, incl bool, hi []string, limit int) (rowSet, error) {
+func (u *copyUnit) lockChunkCopy(ctx context.Context, after []string, incl bool, hi []string, limit int) (rowSet, error) {
 	p := u.p
 	if _, err := u.ptx.Exec(ctx, copySettings); err != nil {
 		return rowSet{}, fmt.Errorf("reading the primary: %w", err)

@@ -17,7 +17,7 @@ var copyPaths = []struct {
 
 // copyTableOn is CopyTable with the fast path chosen from fastRows.
 func copyTableOn(ctx context.Context, fastRows int, primary, secondary *pgx.Conn, src, dst Name, chunk int) (CopyResult, error) {
-	p, err := loadPlan(ctx, primary, secondary, src, dst)
+	p, err := loadCopier(ctx, primary, secondary, src, dst)
 	if err != nil {
 		return CopyResult{}, err
 	}
@@ -28,7 +28,7 @@ func copyTableOn(ctx context.Context, fastRows int, primary, secondary *pgx.Conn
 // copyTableMappedOn is CopyTableMapped with the fast path chosen from
 // fastRows.
 func copyTableMappedOn(ctx context.Context, fastRows int, primary, secondary *pgx.Conn, m *Mapping, forward bool, chunk int) (CopyResult, error) {
-	p, err := newMappedPlan(m, forward)
+	p, err := newMappedCopier(m, forward)
 	if err != nil {
 		return CopyResult{}, err
 	}

@@ -232,7 +232,7 @@ func TestMappedPlanKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := newMappedPlan(m, true); err == nil || !strings.Contains(err.Error(), "primary keys differ") {
+	if _, err := newMappedCopier(m, true); err == nil || !strings.Contains(err.Error(), "primary keys differ") {
 		t.Errorf("computed key: %v", err)
 	}
 	m, err = NewMapping(hostileDecl, hostileOld, hostileNew)
@@ -240,7 +240,7 @@ func TestMappedPlanKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, fwd := range []bool{true, false} {
-		p, err := newMappedPlan(m, fwd)
+		p, err := newMappedCopier(m, fwd)
 		if err != nil {
 			t.Fatal(err)
 		}

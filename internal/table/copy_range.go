@@ -69,7 +69,7 @@ type UnitReport struct {
 // checks it. It returns what it changed and the last committed cursor
 // (nil if no unit committed).
 func CopyRangeMapped(ctx context.Context, primary, secondary *pgx.Conn, m *Mapping, forward bool, opts RangeOptions) (CopyResult, []string, error) {
-	p, err := newMappedPlan(m, forward)
+	p, err := newMappedCopier(m, forward)
 	if err != nil {
 		return CopyResult{}, nil, err
 	}
@@ -90,7 +90,7 @@ func CopyRangeMapped(ctx context.Context, primary, secondary *pgx.Conn, m *Mappi
 
 // copyRange copies the range chunk by chunk. The cursor is the last key of
 // the previous chunk, as text; each chunk starts strictly after it.
-func (p *plan) copyRange(ctx context.Context, primary, secondary *pgx.Conn, opts RangeOptions) (CopyResult, []string, error) {
+func (p *copier) copyRange(ctx context.Context, primary, secondary *pgx.Conn, opts RangeOptions) (CopyResult, []string, error) {
 	var res CopyResult
 	chunk := opts.Chunk
 	fast := chunk >= fastRows(opts.FastRows)
@@ -101,7 +101,7 @@ func (p *plan) copyRange(ctx context.Context, primary, secondary *pgx.Conn, opts
 		final := false
 		var unitRows int
 		start := time.Now()
-		r, err := p.runUnit(ctx, primary, secondary, func(u *unit) error {
+		r, err := p.runCopyUnit(ctx, primary, secondary, func(u *copyUnit) error {
 			var rows rowSet
 			var err error
 			if fast {
@@ -215,7 +215,7 @@ func unitHi(last []string, final bool, hi []string) []string {
 // opts.KeyFailed. It returns the last key covered (nil: no key, so no row
 // is to blame) and writes the checkpoint there in its own secondary
 // transaction after every key has been handled.
-func (p *plan) isolate(ctx context.Context, primary, secondary *pgx.Conn, opts RangeOptions, cursor []string, incl bool) ([]string, CopyResult, error) {
+func (p *copier) isolate(ctx context.Context, primary, secondary *pgx.Conn, opts RangeOptions, cursor []string, incl bool) ([]string, CopyResult, error) {
 	var res CopyResult
 	src := p.srcKey
 	where, args := rangeCond("r", src, cursor, incl, opts.Hi, nil)
@@ -252,7 +252,7 @@ func (p *plan) isolate(ctx context.Context, primary, secondary *pgx.Conn, opts R
 	}
 	for _, k := range keys {
 		start := time.Now()
-		r, err := p.runUnit(ctx, primary, secondary, func(u *unit) error {
+		r, err := p.runCopyUnit(ctx, primary, secondary, func(u *copyUnit) error {
 			return u.copyKeys(ctx, [][]string{k}, true)
 		})
 		res.add(r)

@@ -170,7 +170,7 @@ func TestCopyKeysRereadsDeleted(t *testing.T) {
 	primary, secondary := s.primary(), s.secondary()
 	ctx := context.Background()
 	n := Name{"public", "t"}
-	p, err := loadPlan(ctx, primary, secondary, n, n)
+	p, err := loadCopier(ctx, primary, secondary, n, n)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -355,7 +355,10 @@ func TestDriftSchemaUpgrade(t *testing.T) {
 	if err := EnsureSchema(ctx, conn); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := conn.Exec(ctx, `ALTER TABLE tandem.drift DROP COLUMN failing_since, DROP COLUMN next_attempt_at, DROP COLUMN attempts, DROP COLUMN last_error`); err != nil {
+	// As an older release made it: before the backoff columns, and before
+	// the control schema was versioned.
+	if _, err := conn.Exec(ctx, `DROP TABLE tandem.schema_version;
+		ALTER TABLE tandem.drift DROP COLUMN failing_since, DROP COLUMN next_attempt_at, DROP COLUMN attempts, DROP COLUMN last_error`); err != nil {
 		t.Fatal(err)
 	}
 	if err := RecordDrift(ctx, conn, []DriftEntry{{Table: Name{"public", "t"}, Key: []string{"1"}}}); err != nil {

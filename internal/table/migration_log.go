@@ -6,54 +6,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/controlschema"
 )
-
-// MigrationLogSchemaSQL creates the migration log in the control schema,
-// and upgrades one created before the source column and the 'repaired'
-// status. It is idempotent; run it under the control schema's advisory
-// lock (EnsureMigrationLog does).
-//
-// The status check is replaced by name: a log created by an older Tandem
-// has the auto-named check (status IN ('done', 'failed')), which is dropped
-// with every other check on status before migration_log_status_allowed is
-// added, once.
-const MigrationLogSchemaSQL = `
-CREATE SCHEMA IF NOT EXISTS tandem;
-CREATE TABLE IF NOT EXISTS tandem.migration_log (
-	id          bigserial PRIMARY KEY,
-	schema_name text NOT NULL,
-	table_name  text NOT NULL,
-	lo          text[],
-	lo_inclusive boolean NOT NULL DEFAULT false,
-	hi          text[],
-	rows        bigint NOT NULL DEFAULT 0,
-	status      text NOT NULL CONSTRAINT migration_log_status_allowed CHECK (status IN ('done', 'failed', 'repaired')),
-	error       text,
-	duration_ms double precision NOT NULL DEFAULT 0,
-	attempt     int NOT NULL DEFAULT 1,
-	worker_id   text NOT NULL,
-	logged_at   timestamptz NOT NULL DEFAULT now(),
-	source      text NOT NULL DEFAULT 'backfill'
-);
-ALTER TABLE tandem.migration_log ADD COLUMN IF NOT EXISTS source text NOT NULL DEFAULT 'backfill';
-DO $tandem$
-DECLARE
-	c record;
-BEGIN
-	IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'tandem.migration_log'::regclass
-			AND contype = 'c' AND conname = 'migration_log_status_allowed') THEN
-		FOR c IN SELECT conname FROM pg_constraint WHERE conrelid = 'tandem.migration_log'::regclass
-				AND contype = 'c' AND pg_get_constraintdef(oid) LIKE '%status%' LOOP
-			EXECUTE format('ALTER TABLE tandem.migration_log DROP CONSTRAINT %I', c.conname);
-		END LOOP;
-		ALTER TABLE tandem.migration_log ADD CONSTRAINT migration_log_status_allowed
-			CHECK (status IN ('done', 'failed', 'repaired'));
-	END IF;
-END
-$tandem$;
-COMMENT ON COLUMN tandem.migration_log.source IS 'the tool that ran the unit: backfill or compare (a verify repair)';
-CREATE INDEX IF NOT EXISTS migration_log_failed ON tandem.migration_log (schema_name, table_name) WHERE status = 'failed';
-`
 
 // The sources of migration log entries.
 const (
@@ -68,18 +22,12 @@ const (
 	LogRepaired = "repaired" // a verify repaired the keys of the entry
 )
 
-// EnsureMigrationLog creates or upgrades the migration log (and the control
-// schema) on conn, the control database, under the control schema's
-// advisory lock.
+// EnsureMigrationLog creates or upgrades the migration log (and the rest of
+// the control schema) on conn, the control database: controlschema.Apply.
+// A log made by an older Tandem, before the source column and the
+// 'repaired' status, is upgraded by migration 1.
 func EnsureMigrationLog(ctx context.Context, conn *pgx.Conn) error {
-	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext($1))", schemaLock); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, MigrationLogSchemaSQL)
-		return err
-	})
-	if err != nil {
+	if err := controlschema.Apply(ctx, conn); err != nil {
 		return fmt.Errorf("creating the migration log: %w", err)
 	}
 	return nil

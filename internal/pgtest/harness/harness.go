@@ -102,3 +102,14 @@ func DBName(t testing.TB) string {
 	}
 	return name
 }
+
+// NewDB creates a database of its own for t on c (named by DBName) and
+// returns its name.
+func NewDB(t testing.TB, c *pgtest.Cluster) string {
+	t.Helper()
+	name := DBName(t)
+	if err := c.CreateDatabase(context.Background(), name); err != nil {
+		t.Fatal(err)
+	}
+	return name
+}

@@ -1,4 +1,4 @@
-package main
+package control
 
 import (
 	"context"
@@ -9,11 +9,38 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/tandemdb/tandem/feed"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 )
+
+// Feed is the change feed's state as GET /api/v1/state and `tandem route
+// show` report it (design section 10).
+type Feed struct {
+	Enabled bool         `json:"enabled"` // feed.enabled: flips wait for it and its gate refuses when it is down or behind
+	Stores  []FeedStatus `json:"stores"`  // each store with a row in tandem.feed or a feed slot, old first
+}
+
+// FeedStatus is the change feed on one store: its row in tandem.feed and
+// its slot in the store's pg_replication_slots.
+type FeedStatus struct {
+	Store       string     `json:"store"`   // the store whose WAL is read
+	Primary     bool       `json:"primary"` // it is the primary: the feed should be reading it
+	Slot        string     `json:"slot"`
+	Holder      string     `json:"holder"`               // the replica running the feed; "" = nobody
+	Live        bool       `json:"live"`                 // a holder with a heartbeat within route.FeedLive
+	CheckedLSN  string     `json:"checked_lsn"`          // every change committed up to here is checked
+	CheckedAt   *time.Time `json:"checked_at"`           // when it last advanced or was confirmed
+	HeartbeatAt *time.Time `json:"heartbeat_at"`         // null when tandem.feed has no row for the store
+	LastError   string     `json:"last_error,omitempty"` // the feed's last error
+	CurrentLSN  string     `json:"current_lsn"`          // the store's WAL position now
+	LagBytes    *int64     `json:"lag_bytes"`            // current_lsn - checked_lsn
+	LagSeconds  *float64   `json:"lag_seconds"`          // now - checked_at
+	SlotExists  bool       `json:"slot_exists"`
+	SlotActive  bool       `json:"slot_active"`           // a walsender is streaming from it
+	Retained    *int64     `json:"retained_bytes"`        // WAL the slot holds on the store: current_lsn - restart_lsn
+	StoreError  string     `json:"store_error,omitempty"` // the store could not be read
+}
 
 // The flip's side of the change feed (design section 10): the feed itself
 // runs in the proxy; what is here only follows the contract's names (the
@@ -27,8 +54,8 @@ const feedSlotTimeout = 30 * time.Second
 // feedStatusTimeout bounds reading one store's side of the feed's status.
 const feedStatusTimeout = 3 * time.Second
 
-// feedTables are the tables in scope under the names store gives them.
-func feedTables(ms *table.Mappings, store route.Store) []table.Name {
+// FeedTables are the tables in scope under the names store gives them.
+func FeedTables(ms *table.Mappings, store route.Store) []table.Name {
 	var out []table.Name
 	for _, m := range ms.All() {
 		if !ms.InScope(m.Old.Name) {
@@ -43,14 +70,14 @@ func feedTables(ms *table.Mappings, store route.Store) []table.Name {
 	return out
 }
 
-// ensureFeed makes sure store (on conn) has the publication over the
+// EnsureFeed makes sure store (on conn) has the publication over the
 // tables of tables that may be published (a table without a replica
 // identity in a publication would make the store refuse its UPDATEs and
 // DELETEs: feed.Publishable leaves it out) and the feed's logical slot,
 // the publication first: pgoutput cannot decode WAL written before its
 // publication existed. It is idempotent and safe against a concurrent
 // caller.
-func ensureFeed(ctx context.Context, conn *pgx.Conn, store route.Store, tables []table.Name) error {
+func EnsureFeed(ctx context.Context, conn *pgx.Conn, store route.Store, tables []table.Name) error {
 	ok, _, err := feed.Publishable(ctx, conn, tables) // tandem plan names the others
 	if err != nil {
 		return err
@@ -78,7 +105,7 @@ func prepareFeed(ctx context.Context, cfg *config.Config, from, to route.Store) 
 		}
 	}
 	connect := func(s route.Store) (*pgx.Conn, error) {
-		cc, err := storeConnConfig(cfg, s)
+		cc, err := StoreConnConfig(cfg, s)
 		if err != nil {
 			return nil, err
 		}
@@ -108,7 +135,7 @@ func prepareFeed(ctx context.Context, cfg *config.Config, from, to route.Store) 
 		done()
 		return nil, nil, fmt.Errorf("loading the table mappings: %w", err)
 	}
-	if err := ensureFeed(ctx, toConn, to, feedTables(ms, to)); err != nil {
+	if err := EnsureFeed(ctx, toConn, to, FeedTables(ms, to)); err != nil {
 		done()
 		return nil, nil, fmt.Errorf("on the %s store: %w", to, err)
 	}
@@ -136,11 +163,11 @@ func fencePosition(ctx context.Context, conn *pgx.Conn) (string, error) {
 	return lsn, err
 }
 
-// feedStatus reads the change feed's state: tandem.feed on control, and
+// FeedState reads the change feed's state: tandem.feed on control, and
 // the slot and WAL position of each store in stores (every store when
 // none is given). A store that cannot be read is reported in its
 // StoreError, not as an error.
-func feedStatus(ctx context.Context, cfg *config.Config, control *pgx.Conn, stores ...route.Store) (*admin.Feed, error) {
+func FeedState(ctx context.Context, cfg *config.Config, control *pgx.Conn, stores ...route.Store) (*Feed, error) {
 	if len(stores) == 0 {
 		stores = []route.Store{route.Old, route.New}
 	}
@@ -148,9 +175,9 @@ func feedStatus(ctx context.Context, cfg *config.Config, control *pgx.Conn, stor
 	if err != nil {
 		return nil, err
 	}
-	f := &admin.Feed{Enabled: cfg.Feed.Enabled, Stores: []admin.FeedStatus{}}
+	f := &Feed{Enabled: cfg.Feed.Enabled, Stores: []FeedStatus{}}
 	for _, s := range stores {
-		fs := admin.FeedStatus{Store: string(s), Primary: st.Primary == s, Slot: route.FeedSlot(s)}
+		fs := FeedStatus{Store: string(s), Primary: st.Primary == s, Slot: route.FeedSlot(s)}
 		var holder, checked, lastErr *string
 		var age *time.Duration
 		err := control.QueryRow(ctx, `SELECT slot_name, holder, checked_lsn::text, checked_at, heartbeat_at, now() - heartbeat_at, last_error,
@@ -185,12 +212,12 @@ func feedStatus(ctx context.Context, cfg *config.Config, control *pgx.Conn, stor
 
 // storeFeedStatus fills in what store s says: its WAL position, the lag
 // of the checked position behind it, and the feed's slot.
-func storeFeedStatus(ctx context.Context, cfg *config.Config, s route.Store, fs *admin.FeedStatus) error {
+func storeFeedStatus(ctx context.Context, cfg *config.Config, s route.Store, fs *FeedStatus) error {
 	// A store that is down must not hold up route show or the gate for
 	// limits.connect_timeout: the status says it could not be read.
 	ctx, cancel := context.WithTimeout(ctx, feedStatusTimeout)
 	defer cancel()
-	cc, err := storeConnConfig(cfg, s)
+	cc, err := StoreConnConfig(cfg, s)
 	if err != nil {
 		return err
 	}
@@ -217,52 +244,4 @@ func storeFeedStatus(ctx context.Context, cfg *config.Config, s route.Store, fs 
 	fs.SlotExists = active != nil
 	fs.SlotActive = active != nil && *active
 	return nil
-}
-
-// feedGate refuses a write flip, with the change feed enabled, when the
-// feed of the current primary is down (nobody holds it, or its heartbeat
-// is older than route.FeedLive) or behind: its checked position last
-// moved longer ago than gates.feed_max_lag, or lies more than
-// gates.feed_max_lag_bytes behind the primary's WAL. The flip would
-// otherwise hold the write fence for routing.feed_wait and then give up.
-func feedGate(cfg *config.Config) route.Gate {
-	return func(ctx context.Context, control *pgx.Conn, cur, next route.Settings) error {
-		if !cfg.Feed.Enabled || cur.Primary == next.Primary {
-			return nil
-		}
-		refuse := func(format string, args ...any) error {
-			return &route.IllegalError{Gate: true, Reason: "change feed: " + fmt.Sprintf(format, args...)}
-		}
-		f, err := feedStatus(ctx, cfg, control, cur.Primary)
-		if err != nil {
-			return refuse("its state could not be read: %v", err)
-		}
-		var fs admin.FeedStatus
-		if len(f.Stores) > 0 {
-			fs = f.Stores[0]
-		}
-		lastErr := ""
-		if fs.LastError != "" {
-			lastErr = "; its last error: " + fs.LastError
-		}
-		switch {
-		case fs.HeartbeatAt == nil:
-			return refuse("no change feed has run on the %s store (tandem.feed has no row for it): start a proxy with feed.enabled", cur.Primary)
-		case !fs.Live && fs.Holder == "":
-			return refuse("it is down on the %s store: no replica holds it%s", cur.Primary, lastErr)
-		case !fs.Live:
-			return refuse("it is down on the %s store: the heartbeat of %s is older than %s%s", cur.Primary, fs.Holder, route.FeedLive, lastErr)
-		case fs.StoreError != "":
-			return refuse("its lag could not be measured: %s", fs.StoreError)
-		case fs.CheckedAt == nil || fs.LagBytes == nil:
-			return refuse("it has not checked anything on the %s store yet%s", cur.Primary, lastErr)
-		case fs.LagSeconds != nil && *fs.LagSeconds > cfg.Gates.FeedMaxLag.Duration().Seconds():
-			return refuse("it is behind on the %s store: it last advanced %.1fs ago (gates.feed_max_lag %s), at %s%s",
-				cur.Primary, *fs.LagSeconds, cfg.Gates.FeedMaxLag, fs.CheckedLSN, lastErr)
-		case *fs.LagBytes > int64(cfg.Gates.FeedMaxLagBytes):
-			return refuse("it is behind on the %s store by %d bytes of WAL (checked %s, WAL at %s; gates.feed_max_lag_bytes %s)%s",
-				cur.Primary, *fs.LagBytes, fs.CheckedLSN, fs.CurrentLSN, cfg.Gates.FeedMaxLagBytes, lastErr)
-		}
-		return nil
-	}
 }

@@ -1,4 +1,4 @@
-package main
+package control
 
 import (
 	"context"
@@ -6,212 +6,35 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pgpassfile"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/tandemdb/tandem/backfill"
 	"github.com/tandemdb/tandem/feed"
-	"github.com/tandemdb/tandem/internal/admin"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/controlschema"
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
-	"github.com/tandemdb/tandem/proxy"
 	"golang.org/x/sync/errgroup"
 )
 
-// connConfig parses dsn for pgx. When the DSN carries no password, it comes
-// from passfile (pgpass format), as the proxy's own upstream logins do.
-func connConfig(field, dsn, passfile string, connectTimeout time.Duration) (*pgx.ConnConfig, error) {
-	cc, err := pgx.ParseConfig(dsn)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", field, err)
-	}
-	cc.ConnectTimeout = connectTimeout
-	if cc.Password == "" && passfile != "" {
-		pf, err := pgpassfile.ReadPassfile(passfile)
-		if err != nil {
-			return nil, fmt.Errorf("%s password file: %w", field, err)
-		}
-		cc.Password = pf.FindPassword(cc.Host, strconv.Itoa(int(cc.Port)), cc.Database, cc.User)
-	}
-	return cc, nil
-}
-
-// controlDSN is where the control schema lives: control.dsn, else the old
-// store (with old.password_file unless control.password_file is set).
-func controlDSN(cfg *config.Config) (dsn, passfile string) {
-	if cfg.Control.DSN != "" {
-		return cfg.Control.DSN, cfg.Control.PasswordFile
-	}
-	passfile = cfg.Control.PasswordFile
-	if passfile == "" {
-		passfile = cfg.Old.PasswordFile
-	}
-	return cfg.Old.DSN, passfile
-}
-
-func controlConnConfig(cfg *config.Config) (*pgx.ConnConfig, error) {
-	dsn, pf := controlDSN(cfg)
-	return connConfig("control.dsn", dsn, pf, cfg.Limits.ConnectTimeout.Duration())
-}
-
-// storeConnConfig is the connection config of store s, as the DSN's user.
-func storeConnConfig(cfg *config.Config, s route.Store) (*pgx.ConnConfig, error) {
-	sc := cfg.Old
-	if s == route.New {
-		sc = cfg.New
-		if sc.DSN == "" {
-			return nil, fmt.Errorf("new.dsn is not configured")
-		}
-	}
-	return connConfig(string(s)+".dsn", sc.DSN, sc.PasswordFile, cfg.Limits.ConnectTimeout.Duration())
-}
-
-// newRouting builds the routing control plane that both the CLI and the
-// admin API use.
-func newRouting(cfg *config.Config, log *slog.Logger, observe func(context.Context, route.Report)) (*admin.Routing, error) {
-	cc, err := controlConnConfig(cfg)
-	if err != nil {
-		return nil, err
-	}
-	var feed *route.FeedWait
-	gates := gateChecks(cutoverGates(cfg)) // with the feed gate when the feed is on
-	if cfg.Feed.Enabled {
-		feed = &route.FeedWait{
-			Timeout: cfg.Routing.FeedWait.Duration(),
-			Prepare: func(ctx context.Context, from, to route.Store) (func(context.Context) (string, error), func(), error) {
-				return prepareFeed(ctx, cfg, from, to)
-			},
-		}
-	}
-	return &admin.Routing{
-		Connect: func(ctx context.Context) (*pgx.Conn, error) {
-			c, err := pgx.ConnectConfig(ctx, cc.Copy())
-			if err != nil {
-				return nil, fmt.Errorf("connecting to the control database %s: %w", config.RedactDSN(cc.ConnString()), err)
-			}
-			return c, nil
-		},
-		Options: route.Options{
-			FenceTimeout: cfg.Routing.FenceTimeout.Duration(),
-			Live:         cfg.Routing.LivenessWindow().Duration(), // a silent replica has fenced itself by then
-			Logger:       log,
-			Gates:        gates,
-			Feed:         feed,
-			PrepareSequences: func(ctx context.Context, to route.Store) (func(context.Context) (route.SequenceSync, error), func(), error) {
-				return prepareSequences(ctx, cfg, to)
-			},
-		},
-		Observe:       observe,
-		StuckAttempts: cfg.Routing.DriftStuckAttempts,
-		Feed: func(ctx context.Context, control *pgx.Conn) (*admin.Feed, error) {
-			return feedStatus(ctx, cfg, control)
-		},
-	}, nil
-}
-
-// prepareSequences connects to both stores and the control database before
-// a write flip's fence goes up. The returned sync runs with writes fenced:
-// it first repairs the drift that is stale on the store becoming primary
-// (copying from the store that has the rows, which no writer touches while
-// the fence is up), then brings to's sequences up to the other store's.
-// Without the repair, a rollback before the repairer caught up would make a
-// stale row the store of record, and the next write to it would mirror the
-// stale row back over the good one. done closes the connections.
-func prepareSequences(ctx context.Context, cfg *config.Config, to route.Store) (func(context.Context) (route.SequenceSync, error), func(), error) {
-	from := route.Old
-	if to == route.Old {
-		from = route.New
-	}
-	conns := map[string]*pgx.Conn{}
-	done := func() {
-		for _, c := range conns {
-			c.Close(context.WithoutCancel(ctx))
-		}
-	}
-	for _, s := range []route.Store{from, to} {
-		cc, err := storeConnConfig(cfg, s)
-		if err != nil {
-			done()
-			return nil, nil, err
-		}
-		c, err := pgx.ConnectConfig(ctx, cc)
-		if err != nil {
-			done()
-			return nil, nil, fmt.Errorf("connecting to the %s store: %w", s, err)
-		}
-		conns[string(s)] = c
-	}
-	ccfg, err := controlConnConfig(cfg)
-	if err != nil {
-		done()
-		return nil, nil, err
-	}
-	control, err := pgx.ConnectConfig(ctx, ccfg)
-	if err != nil {
-		done()
-		return nil, nil, fmt.Errorf("connecting to the control database: %w", err)
-	}
-	conns["control"] = control
-	// The mappings are read now, before the fence goes up: the fence then
-	// covers only the repair and the sequences. A failure still fails the
-	// sync, under the fence, as a gate --force can override.
-	ms, _, mapErr := table.LoadMappings(ctx, cfg.Tables, conns[string(route.Old)], conns[string(route.New)])
-	sync := func(ctx context.Context) (route.SequenceSync, error) {
-		if mapErr != nil {
-			return route.SequenceSync{}, fmt.Errorf("loading the table mappings: %w", mapErr)
-		}
-		bound, cancel := context.WithTimeout(ctx, cfg.Routing.FenceTimeout.Duration())
-		defer cancel()
-		var repairErr error
-		// Writes are fenced and drained, so the drift the store becoming
-		// primary missed can only shrink: look before claiming (a claim is
-		// a transaction of three round trips, with nothing to claim most
-		// of the time).
-		var pending bool
-		if err := control.QueryRow(bound, `SELECT EXISTS (SELECT 1 FROM tandem.drift WHERE repaired_at IS NULL AND stale = $1)`, string(to)).Scan(&pending); err != nil {
-			pending = true // let the repair say what is wrong
-		}
-		for pending {
-			// Every entry, also those in their backoff after failing: a
-			// failure now fails the flip (a gate --force overrides).
-			n, err := table.RepairWith(bound, control, conns[string(from)], conns[string(to)], table.RepairOptions{
-				Target: string(to), Limit: 1000, Mappings: ms, IgnoreBackoff: true})
-			if err != nil {
-				repairErr = fmt.Errorf("repairing the drift the %s store missed before it becomes primary: %w", to, err)
-				break
-			}
-			if n == 0 {
-				break
-			}
-		}
-		seq, err := route.SyncSequences(ctx, conns[string(from)], conns[string(to)], int64(cfg.Routing.SequenceMargin))
-		if repairErr != nil {
-			return seq, repairErr
-		}
-		return seq, err
-	}
-	return sync, done, nil
-}
-
-// controlPlane is what a proxy with a new store runs next to the server:
+// Plane is what a proxy with a new store runs next to the server:
 // the state follower, the open-drift refresher and the drift repairer, on
 // a pool of connections to the control database.
-type controlPlane struct {
+type Plane struct {
 	cfg     *config.Config
 	log     *slog.Logger
 	cc      *pgx.ConnConfig
 	pool    *pgxpool.Pool
 	initial route.State
-	replica string        // this proxy's id in tandem.replicas and the shadow tables
-	srv     *proxy.Server // set by start
-	drift   atomic.Int64  // open drift entries, as last read; -1 unknown
+	replica string       // this proxy's id in tandem.replicas and the shadow tables
+	srv     Server       // set by Start
+	drift   atomic.Int64 // open drift entries, as last read; -1 unknown
 
 	// initialAt is when the read of initial started: the replica's view is
 	// that fresh until the follower's first heartbeat (routing.self_fence).
@@ -226,18 +49,18 @@ type controlPlane struct {
 	repairCancel context.CancelFunc // of the running pass, if any
 	repairSlot   chan struct{}      // holds a token while a pass runs
 
-	feedMetrics *metrics.Feed // the change feed's instruments (feed.enabled)
+	feedMetrics *metrics.Feed // the change feed's instruments (feed.enabled); set by Start
 
 	cancel context.CancelFunc
 	g      *errgroup.Group
 }
 
-// openControl connects to the control database, creates or upgrades the
+// Open connects to the control database, creates or upgrades the
 // control schema and reads the routing state. It fails when the control
 // database cannot be reached: a proxy that cannot follow the routing state
 // must not serve.
-func openControl(cfg *config.Config, log *slog.Logger) (*controlPlane, error) {
-	cc, err := controlConnConfig(cfg)
+func Open(cfg *config.Config, log *slog.Logger) (*Plane, error) {
+	cc, err := ControlConnConfig(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -249,14 +72,8 @@ func openControl(cfg *config.Config, log *slog.Logger) (*controlPlane, error) {
 		return nil, fmt.Errorf("the control database %s (control.dsn, else old.dsn) is unreachable: %w", where, err)
 	}
 	defer conn.Close(ctx)
-	if err := route.EnsureSchema(ctx, conn); err != nil {
-		return nil, fmt.Errorf("creating the control schema in %s: %w", where, err)
-	}
-	if err := table.EnsureSchema(ctx, conn); err != nil {
-		return nil, fmt.Errorf("creating the drift ledger in %s: %w", where, err)
-	}
-	if err := mismatch.EnsureSchema(ctx, conn); err != nil {
-		return nil, fmt.Errorf("creating the shadow-read tables in %s: %w", where, err)
+	if err := controlschema.Apply(ctx, conn); err != nil {
+		return nil, fmt.Errorf("creating or upgrading the control schema in %s: %w", where, err)
 	}
 	readAt := time.Now()
 	st, err := route.Load(ctx, conn)
@@ -273,15 +90,15 @@ func openControl(cfg *config.Config, log *slog.Logger) (*controlPlane, error) {
 	if err != nil {
 		return nil, err
 	}
-	replica := replicaID(cfg)
-	cp := &controlPlane{cfg: cfg, log: log, cc: cc, pool: pool, initial: st, initialAt: readAt, replica: replica, repairSlot: make(chan struct{}, 1)}
+	replica := ReplicaID(cfg)
+	cp := &Plane{cfg: cfg, log: log, cc: cc, pool: pool, initial: st, initialAt: readAt, replica: replica, repairSlot: make(chan struct{}, 1)}
 	cp.drift.Store(-1)
 	return cp, nil
 }
 
-// replicaID is this proxy's name in tandem.replicas and in its metrics:
+// ReplicaID is this proxy's name in tandem.replicas and in its metrics:
 // routing.replica_id, else host:pid.
-func replicaID(cfg *config.Config) string {
+func ReplicaID(cfg *config.Config) string {
 	if cfg.Routing.ReplicaID != "" {
 		return cfg.Routing.ReplicaID
 	}
@@ -292,32 +109,33 @@ func replicaID(cfg *config.Config) string {
 // mappingRefresh is how often a proxy reloads its table mappings.
 const mappingRefresh = 30 * time.Second
 
-// refreshMappings reloads the table mappings into the proxy; on failure the
+// RefreshMappings reloads the table mappings into the proxy; on failure the
 // previous ones stay.
-func (cp *controlPlane) refreshMappings(ctx context.Context, srv *proxy.Server) {
+func (cp *Plane) RefreshMappings(ctx context.Context, srv Server) {
 	lctx, cancel := context.WithTimeout(ctx, cp.cfg.Limits.ConnectTimeout.Duration()+10*time.Second)
 	defer cancel()
-	ms, probs, err := loadMappings(lctx, cp.cfg)
+	ms, probs, err := LoadMappings(lctx, cp.cfg)
 	if err != nil {
 		cp.log.Warn("could not load the table mappings; keeping the previous ones", "error", err)
 		return
 	}
-	logProblems(cp.log, probs)
+	LogProblems(cp.log, probs)
 	srv.SetMappings(ms)
 	cp.mappings.Store(ms)
 }
 
-// recordDrift writes drift ledger entries; the proxy calls it before it
+// RecordDrift writes drift ledger entries; the proxy calls it before it
 // acknowledges a write whose mirror was skipped or failed.
-func (cp *controlPlane) recordDrift(ctx context.Context, entries []table.DriftEntry) error {
+func (cp *Plane) RecordDrift(ctx context.Context, entries []table.DriftEntry) error {
 	return table.RecordDrift(ctx, cp.pool, entries)
 }
 
-// start runs the follower, the drift refresher and the repairer until stop.
-func (cp *controlPlane) start(srv *proxy.Server, pm *metrics.Proxy, bm *metrics.Backfill) {
+// Start runs the follower, the drift refresher and the repairer until stop.
+func (cp *Plane) Start(srv Server, pm *metrics.Proxy, bm *metrics.Backfill, fm *metrics.Feed) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cp.cancel = cancel
 	cp.g = &errgroup.Group{}
+	cp.feedMetrics = fm
 	replica := cp.replica
 	cp.srv = srv
 	joined := make(chan struct{})
@@ -331,7 +149,7 @@ func (cp *controlPlane) start(srv *proxy.Server, pm *metrics.Proxy, bm *metrics.
 			// Turning mirroring on: bring the table mappings up to the
 			// stores' schemas first (they are also reloaded periodically).
 			if prev := srv.State(); st.Mirror && !prev.Mirror {
-				cp.refreshMappings(ctx, srv)
+				cp.RefreshMappings(ctx, srv)
 			}
 			srv.ApplyState(st)
 		},
@@ -358,7 +176,7 @@ func (cp *controlPlane) start(srv *proxy.Server, pm *metrics.Proxy, bm *metrics.
 		}
 	}
 	cp.g.Go(func() error {
-		every(ctx, shadowFlush, func() { cp.flushShadow(ctx) })
+		every(ctx, ShadowFlush, func() { cp.flushShadow(ctx) })
 		return nil
 	})
 	cp.g.Go(func() error {
@@ -370,7 +188,7 @@ func (cp *controlPlane) start(srv *proxy.Server, pm *metrics.Proxy, bm *metrics.
 			case <-ctx.Done():
 				return nil
 			case <-t.C:
-				cp.refreshMappings(ctx, srv)
+				cp.RefreshMappings(ctx, srv)
 			}
 		}
 	})
@@ -388,9 +206,9 @@ func (cp *controlPlane) start(srv *proxy.Server, pm *metrics.Proxy, bm *metrics.
 // joinTimeout bounds how long a starting proxy waits for its first heartbeat.
 const joinTimeout = 10 * time.Second
 
-// stop ends the background work and closes the pool. Call it after the
+// Stop ends the background work and closes the pool. Call it after the
 // server has shut down: sessions record drift through the pool.
-func (cp *controlPlane) stop() {
+func (cp *Plane) Stop() {
 	if cp.cancel != nil {
 		cp.cancel()
 		_ = cp.g.Wait()
@@ -401,12 +219,12 @@ func (cp *controlPlane) stop() {
 	cp.pool.Close()
 }
 
-// shadowFlush is how often a proxy adds its shadow-read counts to
+// ShadowFlush is how often a proxy adds its shadow-read counts to
 // tandem.shadow_stats, where the write-flip gate reads them.
-const shadowFlush = 5 * time.Second
+const ShadowFlush = 5 * time.Second
 
 // flushShadow stores the shadow-read counts gathered since the last call.
-func (cp *controlPlane) flushShadow(ctx context.Context) {
+func (cp *Plane) flushShadow(ctx context.Context) {
 	if cp.srv == nil {
 		return
 	}
@@ -416,9 +234,9 @@ func (cp *controlPlane) flushShadow(ctx context.Context) {
 	}
 }
 
-// recordMismatch stores a confirmed shadow-read mismatch; the proxy's
+// RecordMismatch stores a confirmed shadow-read mismatch; the proxy's
 // shadow workers call it.
-func (cp *controlPlane) recordMismatch(ctx context.Context, r mismatch.Record) error {
+func (cp *Plane) RecordMismatch(ctx context.Context, r mismatch.Record) error {
 	r.Replica = cp.replica
 	return mismatch.Insert(ctx, cp.pool, r)
 }
@@ -439,7 +257,7 @@ func every(ctx context.Context, d time.Duration, f func()) {
 
 // refreshDrift reads the open drift every poll interval: tables with open
 // drift are not served from the new store.
-func (cp *controlPlane) refreshDrift(ctx context.Context, srv *proxy.Server, pm *metrics.Proxy) {
+func (cp *Plane) refreshDrift(ctx context.Context, srv Server, pm *metrics.Proxy) {
 	failing := false
 	every(ctx, cp.cfg.Routing.Poll.Duration(), func() {
 		m, err := table.OpenDrift(ctx, cp.pool)
@@ -480,7 +298,7 @@ func (cp *controlPlane) refreshDrift(ctx context.Context, srv *proxy.Server, pm 
 // (table.RepairWith); the pass goes on with the other entries and the
 // other store (issue 10). A store error ends the pass, and the next one
 // runs on fresh connections. Failures never stop the proxy.
-func (cp *controlPlane) repair(ctx context.Context, srv *proxy.Server) {
+func (cp *Plane) repair(ctx context.Context, srv Server) {
 	conns := map[route.Store]*pgx.Conn{}
 	closeAll := func() {
 		for s, c := range conns {
@@ -517,18 +335,18 @@ func (cp *controlPlane) repair(ctx context.Context, srv *proxy.Server) {
 			cp.repairMu.Unlock()
 		}()
 
-		if !cp.repairPass(pctx, st, conns) {
+		if !cp.RepairPass(pctx, st, conns) {
 			closeAll() // a store error, or a cancelled pass that may have left them mid-transaction
 		}
 	})
 }
 
-// repairPass repairs the entries stale on st's primary, then those stale on
+// RepairPass repairs the entries stale on st's primary, then those stale on
 // its secondary, on conns (connecting what is missing). Entries that fail
 // do not end it (their failures are on the entries); it returns false when
 // a store error or the end of ctx did, and the connections must be
 // replaced.
-func (cp *controlPlane) repairPass(ctx context.Context, st route.State, conns map[route.Store]*pgx.Conn) bool {
+func (cp *Plane) RepairPass(ctx context.Context, st route.State, conns map[route.Store]*pgx.Conn) bool {
 	for _, target := range []route.Store{st.Primary, st.Secondary()} {
 		n, err := cp.repairOnce(ctx, st, target, conns)
 		var failed *table.EntryFailures
@@ -551,7 +369,7 @@ func (cp *controlPlane) repairPass(ctx context.Context, st route.State, conns ma
 // stopRepair cancels a running repair pass and waits until it has ended,
 // or ctx ends. The write fence is applied before it is called, so no new
 // pass starts until the fence is released.
-func (cp *controlPlane) stopRepair(ctx context.Context) error {
+func (cp *Plane) stopRepair(ctx context.Context) error {
 	cp.repairMu.Lock()
 	if cp.repairCancel != nil {
 		cp.repairCancel()
@@ -568,12 +386,12 @@ func (cp *controlPlane) stopRepair(ctx context.Context) error {
 
 // repairOnce repairs up to 1000 entries stale on target, from the other
 // store, with the lock order that st's primary requires.
-func (cp *controlPlane) repairOnce(ctx context.Context, st route.State, target route.Store, conns map[route.Store]*pgx.Conn) (int, error) {
+func (cp *Plane) repairOnce(ctx context.Context, st route.State, target route.Store, conns map[route.Store]*pgx.Conn) (int, error) {
 	for _, s := range []route.Store{route.Old, route.New} {
 		if conns[s] != nil && !conns[s].IsClosed() {
 			continue
 		}
-		cc, err := storeConnConfig(cp.cfg, s)
+		cc, err := StoreConnConfig(cp.cfg, s)
 		if err != nil {
 			return 0, err
 		}
@@ -600,12 +418,12 @@ func (cp *controlPlane) repairOnce(ctx context.Context, st route.State, target r
 
 // startFeed runs the change feed's election (and, when elected, the feed)
 // until ctx ends: docs/change-feed.md.
-func (cp *controlPlane) startFeed(ctx context.Context) error {
-	oldCC, err := storeConnConfig(cp.cfg, route.Old)
+func (cp *Plane) startFeed(ctx context.Context) error {
+	oldCC, err := StoreConnConfig(cp.cfg, route.Old)
 	if err != nil {
 		return err
 	}
-	newCC, err := storeConnConfig(cp.cfg, route.New)
+	newCC, err := StoreConnConfig(cp.cfg, route.New)
 	if err != nil {
 		return err
 	}
@@ -621,3 +439,55 @@ func (cp *controlPlane) startFeed(ctx context.Context) error {
 	cp.g.Go(func() error { r.Run(ctx); return nil })
 	return nil
 }
+
+// refreshBackfill reads the backfill's state from the control schema every
+// poll interval into the backfill metrics, whichever process runs it.
+func (cp *Plane) refreshBackfill(ctx context.Context, bm *metrics.Backfill) {
+	failing := false
+	every(ctx, cp.cfg.Routing.Poll.Duration(), func() {
+		st, err := backfill.Status(ctx, cp.pool)
+		if err != nil {
+			if ctx.Err() == nil && !failing {
+				cp.log.Warn("cannot read the backfill's state; keeping the last known metrics", "error", err)
+			}
+			failing = true
+			return
+		}
+		failing = false
+		snap := metrics.BackfillSnapshot{Rate: st.Rate, Paused: st.Paused}
+		for _, t := range st.Tables {
+			snap.Tables = append(snap.Tables, metrics.BackfillTable{Table: t.Table.String(), TotalRows: t.TotalRows, DoneRows: t.DoneRows,
+				ChunksDone: int64(t.ChunksDone), ChunksFailed: int64(t.ChunksFailed), ChunksRunning: int64(t.ChunksRunning)})
+		}
+		bm.Set(snap)
+	})
+}
+
+// Server is the part of the proxy (proxy.Server) the control plane drives:
+// it applies the routing state the follower reads, drains writes for a
+// fence, and takes the mappings, the open drift and the shadow counts. An
+// interface, so the control plane does not import the proxy.
+type Server interface {
+	State() route.State
+	ApplyState(st route.State)
+	HeardState(readAt time.Time)
+	DrainWrites(ctx context.Context) error
+	BreakerState() string
+	Writers() int64
+	SetMappings(ms *table.Mappings)
+	SetDriftTables(tables []string)
+	TakeShadowCounts() map[string]mismatch.Counts
+}
+
+// Initial is the routing state Open read and when the read started: a
+// proxy applies it before its first client (never serving on a routing
+// state older than the stored one) and is that fresh until the follower's
+// first heartbeat (routing.self_fence).
+func (cp *Plane) Initial() (route.State, time.Time) { return cp.initial, cp.initialAt }
+
+// Pool is the plane's pool of control-database connections.
+func (cp *Plane) Pool() *pgxpool.Pool { return cp.pool }
+
+// Mappings are the table mappings as last loaded (nil before the first
+// load).
+func (cp *Plane) Mappings() *table.Mappings { return cp.mappings.Load() }
