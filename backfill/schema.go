@@ -48,6 +48,14 @@ CREATE TABLE IF NOT EXISTS tandem.backfill_chunks (
 	PRIMARY KEY (schema_name, table_name, chunk)
 );
 COMMENT ON COLUMN tandem.backfill_chunks.lo IS 'the chunk covers keys after lo (NULL: from the start) up to hi inclusive (NULL: to the end), as text in key order';
+CREATE TABLE IF NOT EXISTS tandem.backfill_slots (
+	slot_name      text PRIMARY KEY,
+	consistent_lsn pg_lsn NOT NULL,
+	schemas        text[] NOT NULL,
+	tables         text[] NOT NULL,
+	created_at     timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE tandem.backfill_slots IS 'the logical slot on the old store of a snapshot backfill: its changes from consistent_lsn on are reconciled before its tables are finished; dropped with the row after the reconcile';
 COMMENT ON COLUMN tandem.backfill_chunks.status IS 'a worker claims a chunk by locking its row FOR UPDATE for as long as it works on it; running without a lock means the claim died';
 `
 
@@ -65,6 +73,13 @@ CREATE TABLE IF NOT EXISTS tandem.backfill_checkpoints (
 	updated_at  timestamptz NOT NULL DEFAULT now(),
 	PRIMARY KEY (schema_name, table_name, chunk)
 );
+CREATE TABLE IF NOT EXISTS tandem.backfill_recheck (
+	schema_name text NOT NULL,
+	table_name  text NOT NULL,
+	key         text[] NOT NULL,
+	PRIMARY KEY (schema_name, table_name, key)
+);
+COMMENT ON TABLE tandem.backfill_recheck IS 'keys the new store already held in a chunk''s range when the snapshot backfill loaded it (not overwritten): the reconcile copies them again under lock';
 COMMENT ON TABLE tandem.backfill_checkpoints IS 'written by tandem backfill in the same transaction as the rows it copies; cursor = the last key copied of the chunk';
 `
 
