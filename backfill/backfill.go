@@ -154,7 +154,7 @@ type Engine struct {
 	order    []table.Name
 	control  Control // the control row last applied; only Run's goroutines use it, in turn
 
-	path       Path   // the copy path taken, and why (Path)
+	path       Path // the copy path taken, and why (Path)
 	pathReason string
 	slot       *slotState // the snapshot backfill's slot, when one is recorded
 	snap       *snapshot  // the snapshot the workers load from; nil on the locked path
