@@ -159,6 +159,8 @@ type Engine struct {
 	slot       *slotState // the snapshot backfill's slot, when one is recorded
 	snap       *snapshot  // the snapshot the workers load from; nil on the locked path
 	reconciled bool       // the slot's changes were reconciled and the slot dropped
+	// slotForeign: another process owns the slot (and its reconcile).
+	slotForeign bool
 }
 
 type tableState struct {
@@ -539,7 +541,7 @@ func (e *Engine) Run(ctx context.Context) (Summary, error) {
 	}
 	werr := g.Wait()
 	e.closeSnapshot(ctx)
-	if werr == nil && e.slot != nil {
+	if werr == nil && e.slot != nil && !e.slotForeign {
 		werr = e.reconcile(ctx, control, primary, secondary)
 	}
 	stopGuard()

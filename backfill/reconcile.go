@@ -68,6 +68,9 @@ func (e *Engine) reconcile(ctx context.Context, control, primary, secondary *pgx
 			continue
 		}
 		m := o.Mappings.ForOld(n)
+		if m == nil {
+			return fmt.Errorf("reconciling %s: the table has no usable mapping now (see tandem mappings check); the slot %s stays", n, st.slot)
+		}
 		ts := e.progress[n]
 		keyFailed := func(ctx context.Context, key []string, err error) error {
 			failed++

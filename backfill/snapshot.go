@@ -169,6 +169,21 @@ func (e *Engine) prepareSnapshot(ctx context.Context, control, primary, secondar
 	if err != nil {
 		return err
 	}
+	// The process that holds the lock owns the slot: it alone creates,
+	// reconciles and drops it. Another one copies under lock and leaves
+	// the slot's tables unfinished for the owner's reconcile.
+	var owner bool
+	if err := control.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext($1))", snapshotLock).Scan(&owner); err != nil {
+		return fmt.Errorf("taking the snapshot lock: %w", err)
+	}
+	if !owner {
+		e.slot, e.slotForeign = rec, true
+		if o.Path == PathSnapshot {
+			return errors.New("backfill: --path snapshot: another tandem backfill process runs a snapshot backfill now")
+		}
+		e.usePath(PathLocked, "another tandem backfill process runs a snapshot backfill now")
+		return nil
+	}
 	exists, err := slotExists(ctx, primary, slot)
 	if err != nil {
 		return err
@@ -214,13 +229,6 @@ func (e *Engine) prepareSnapshot(ctx context.Context, control, primary, secondar
 				return refuse(fmt.Sprintf("the unfinished snapshot backfill of %s (slot %s) does not cover %s", names(rec.tables), slot, n))
 			}
 		}
-	}
-	var locked bool
-	if err := control.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext($1))", snapshotLock).Scan(&locked); err != nil {
-		return fmt.Errorf("taking the snapshot lock: %w", err)
-	}
-	if !locked {
-		return refuse("another tandem backfill process runs a snapshot backfill now")
 	}
 	loaders := map[table.Name]*table.SnapshotCopy{}
 	for _, n := range run {
