@@ -73,6 +73,13 @@ type Options struct {
 	// existed would otherwise be seen by neither (a trigger's side-write,
 	// a write that bypasses the proxy).
 	Feed bool
+
+	// Path chooses how chunks are copied: PathAuto (the default) takes
+	// the snapshot path where the old store allows it, PathSnapshot and
+	// PathLocked force one. A key or a range is always copied under lock.
+	Path Path
+
+	hooks snapshotHooks
 }
 
 func (o *Options) defaults() {
@@ -106,6 +113,9 @@ func (o *Options) defaults() {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Path == "" {
+		o.Path = PathAuto
 	}
 }
 
@@ -143,6 +153,14 @@ type Engine struct {
 	progress map[table.Name]*tableState
 	order    []table.Name
 	control  Control // the control row last applied; only Run's goroutines use it, in turn
+
+	path       Path // the copy path taken, and why (Path)
+	pathReason string
+	slot       *slotState // the snapshot backfill's slot, when one is recorded
+	snap       *snapshot  // the snapshot the workers load from; nil on the locked path
+	reconciled bool       // the slot's changes were reconciled and the slot dropped
+	// slotForeign: another process owns the slot (and its reconcile).
+	slotForeign bool
 }
 
 type tableState struct {
@@ -168,6 +186,12 @@ func New(opts Options) (*Engine, error) {
 	}
 	if (opts.Key != nil || opts.RangeLo != nil) && len(opts.Tables) != 1 {
 		return nil, errors.New("backfill: a key or a range needs exactly one table")
+	}
+	if _, err := ParsePath(string(opts.Path)); err != nil {
+		return nil, err
+	}
+	if opts.Path == PathSnapshot && (opts.Key != nil || opts.RangeLo != nil) {
+		return nil, errors.New("backfill: a key or a range is copied under lock, not from a snapshot")
 	}
 	if opts.Rate < 0 {
 		return nil, fmt.Errorf("backfill: the rate must be >= 0, got %v", opts.Rate)
@@ -466,6 +490,7 @@ func (e *Engine) Run(ctx context.Context) (Summary, error) {
 		return Summary{}, err
 	}
 	if o.Key != nil || o.RangeLo != nil {
+		e.usePath(PathLocked, "a key or a range is copied under lock")
 		err := e.single(ctx, control, primary, secondary, tables[0])
 		return Summary{Tables: e.Progress(), Duration: time.Since(start), Failed: err != nil}, err
 	}
@@ -493,6 +518,10 @@ func (e *Engine) Run(ctx context.Context) (Summary, error) {
 		WHERE status = 'failed' AND (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))`, schemas, names); err != nil {
 		return Summary{}, fmt.Errorf("resetting failed chunks: %w", err)
 	}
+	if err := e.prepareSnapshot(ctx, control, primary, secondary, run); err != nil {
+		return Summary{}, err
+	}
+	defer e.closeSnapshot(ctx)
 
 	g, gctx := errgroup.WithContext(ctx)
 	guardCtx, stopGuard := context.WithCancel(gctx)
@@ -511,6 +540,10 @@ func (e *Engine) Run(ctx context.Context) (Summary, error) {
 		g.Go(func() error { return e.worker(gctx, id, run) })
 	}
 	werr := g.Wait()
+	e.closeSnapshot(ctx)
+	if werr == nil && e.slot != nil && !e.slotForeign {
+		werr = e.reconcile(ctx, control, primary, secondary)
+	}
 	stopGuard()
 	if werr == nil {
 		werr = e.finish(ctx, control, run)
@@ -681,8 +714,14 @@ func (e *Engine) loadDone(ctx context.Context, tx pgx.Tx, secondary *pgx.Conn, t
 	return nil
 }
 
-// finish marks the tables whose chunks are all done as finished.
+// finish marks the tables whose chunks are all done as finished; the
+// tables of an unreconciled snapshot backfill wait for its reconcile.
 func (e *Engine) finish(ctx context.Context, control *pgx.Conn, run []table.Name) error {
+	if e.slot != nil && e.reconciled {
+		run = append(slices.Clone(run), e.slot.tables...)
+	} else if e.slot != nil {
+		run = slices.DeleteFunc(slices.Clone(run), func(n table.Name) bool { return slices.Contains(e.slot.tables, n) })
+	}
 	schemas, names := split(run)
 	_, err := control.Exec(ctx, `UPDATE tandem.backfill_tables t SET finished_at = now()
 		WHERE finished_at IS NULL AND (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))

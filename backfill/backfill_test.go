@@ -142,27 +142,39 @@ func equalTables(t *testing.T, e *env, tbl string) {
 const itemsSchema = `CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL, qty int);`
 
 func TestBackfillIdempotent(t *testing.T) {
-	e := newEnv(t, itemsSchema, true)
-	e.exec(e.old, `INSERT INTO items SELECT g, 'n' || g, g % 7 FROM generate_series(1, 3000) g`)
-	e.exec(e.new, `INSERT INTO items VALUES (5, 'stale', 0), (999999, 'extra', 1)`)
-	o := e.options(nil, "items")
-	s := mustRun(t, o)
-	equalTables(t, e, "items")
-	if len(s.Tables) != 1 || s.Tables[0].Done != 3000 || s.Tables[0].Chunks < 2 || s.Failed {
-		t.Fatalf("summary %+v", s)
+	// Both paths: rows new holds before the backfill (stale, or absent on
+	// old) are made equal to old's.
+	for _, path := range []Path{PathLocked, PathSnapshot} {
+		t.Run(string(path), func(t *testing.T) {
+			e := newEnv(t, itemsSchema, true)
+			e.exec(e.old, `INSERT INTO items SELECT g, 'n' || g, g % 7 FROM generate_series(1, 3000) g`)
+			e.exec(e.new, `INSERT INTO items VALUES (5, 'stale', 0), (999999, 'extra', 1)`)
+			o := e.options(nil, "items")
+			o.Path = path
+			s := mustRun(t, o)
+			equalTables(t, e, "items")
+			if len(s.Tables) != 1 || s.Tables[0].Done != 3000 || s.Tables[0].Chunks < 2 || s.Failed {
+				t.Fatalf("summary %+v", s)
+			}
+			// A unit per Chunk rows on the locked path, per chunk on the snapshot path.
+			want := 30
+			if path == PathSnapshot {
+				want = s.Tables[0].Chunks
+			}
+			var units int
+			if err := e.old.QueryRow(t.Context(), `SELECT count(*) FROM tandem.migration_log WHERE status = 'done'`).Scan(&units); err != nil || units < want {
+				t.Fatalf("migration log: %d units, %v", units, err)
+			}
+			// A finished table is skipped; --restart copies it again to the same data.
+			s = mustRun(t, o)
+			if !strings.HasPrefix(s.Tables[0].Skipped, "finished") {
+				t.Fatalf("second run did not skip: %+v", s.Tables[0])
+			}
+			o.Restart = true
+			mustRun(t, o)
+			equalTables(t, e, "items")
+		})
 	}
-	var units int
-	if err := e.old.QueryRow(t.Context(), `SELECT count(*) FROM tandem.migration_log WHERE status = 'done'`).Scan(&units); err != nil || units < 30 {
-		t.Fatalf("migration log: %d units, %v", units, err)
-	}
-	// A finished table is skipped; --restart copies it again to the same data.
-	s = mustRun(t, o)
-	if !strings.HasPrefix(s.Tables[0].Skipped, "finished") {
-		t.Fatalf("second run did not skip: %+v", s.Tables[0])
-	}
-	o.Restart = true
-	mustRun(t, o)
-	equalTables(t, e, "items")
 }
 
 func TestBackfillSingleKeyAndRange(t *testing.T) {
@@ -314,33 +326,47 @@ func TestBackfillThrottle(t *testing.T) {
 	}
 }
 
-// TestBackfillPause holds the copy while paused.
+// TestBackfillPause holds the copy while paused, on both paths.
 func TestBackfillPause(t *testing.T) {
-	e := newEnv(t, itemsSchema, true)
-	e.exec(e.old, `INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 2000) g`)
-	eng, err := New(e.options(nil, "items"))
-	if err != nil {
-		t.Fatal(err)
+	for _, path := range []Path{PathLocked, PathSnapshot} {
+		t.Run(string(path), func(t *testing.T) {
+			e := newEnv(t, itemsSchema, true)
+			e.exec(e.old, `INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 2000) g`)
+			o := e.options(nil, "items")
+			o.Path = path
+			if path == PathSnapshot {
+				o.Workers = 1 // 4 chunks of 500: a paused worker loads one
+			}
+			eng, err := New(o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			eng.Pause()
+			done := make(chan error, 1)
+			go func() { _, err := eng.Run(t.Context()); done <- err }()
+			select {
+			case err := <-done:
+				t.Fatalf("a paused run ended: %v", err)
+			case <-time.After(500 * time.Millisecond):
+			}
+			// At most one unit per worker: Chunk rows locked, a chunk (RangeRows) from the snapshot.
+			unit := int64(o.Chunk)
+			if path == PathSnapshot {
+				unit = int64(o.RangeRows)
+			}
+			if p := eng.Progress(); len(p) == 1 && p[0].Done > int64(o.Workers)*unit {
+				t.Fatalf("paused run copied %d rows, want at most one unit per worker", p[0].Done)
+			}
+			if !eng.Throttle().Paused {
+				t.Fatal("throttle does not say paused")
+			}
+			eng.Resume()
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+			equalTables(t, e, "items")
+		})
 	}
-	eng.Pause()
-	done := make(chan error, 1)
-	go func() { _, err := eng.Run(t.Context()); done <- err }()
-	select {
-	case err := <-done:
-		t.Fatalf("a paused run ended: %v", err)
-	case <-time.After(500 * time.Millisecond):
-	}
-	if p := eng.Progress(); len(p) == 1 && p[0].Done > 4*100 {
-		t.Fatalf("paused run copied %d rows, want at most one unit per worker", p[0].Done)
-	}
-	if !eng.Throttle().Paused {
-		t.Fatal("throttle does not say paused")
-	}
-	eng.Resume()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	equalTables(t, e, "items")
 }
 
 // TestBackfillWaitsForMirrorToSettle: a transaction open on old since

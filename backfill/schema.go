@@ -28,6 +28,13 @@ CREATE TABLE IF NOT EXISTS tandem.backfill_checkpoints (
 	updated_at  timestamptz NOT NULL DEFAULT now(),
 	PRIMARY KEY (schema_name, table_name, chunk)
 );
+CREATE TABLE IF NOT EXISTS tandem.backfill_recheck (
+	schema_name text NOT NULL,
+	table_name  text NOT NULL,
+	key         text[] NOT NULL,
+	PRIMARY KEY (schema_name, table_name, key)
+);
+COMMENT ON TABLE tandem.backfill_recheck IS 'keys the new store already held in a chunk''s range when the snapshot backfill loaded it (not overwritten): the reconcile copies them again under lock';
 COMMENT ON TABLE tandem.backfill_checkpoints IS 'written by tandem backfill in the same transaction as the rows it copies; cursor = the last key copied of the chunk';
 `
 

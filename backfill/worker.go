@@ -16,6 +16,10 @@ import (
 // claim's rollback).
 type conns struct {
 	claim, log, primary, secondary *pgx.Conn
+	// snap holds snapTx, the worker's transaction in the exported
+	// snapshot (the snapshot path only; nil when lost).
+	snap   *pgx.Conn
+	snapTx pgx.Tx
 }
 
 func (e *Engine) connect(ctx context.Context) (*conns, error) {
@@ -37,7 +41,7 @@ func (e *Engine) connect(ctx context.Context) (*conns, error) {
 }
 
 func (c *conns) close(ctx context.Context) {
-	for _, x := range []*pgx.Conn{c.claim, c.log, c.primary, c.secondary} {
+	for _, x := range []*pgx.Conn{c.claim, c.log, c.primary, c.secondary, c.snap} {
 		if x != nil {
 			x.Close(context.WithoutCancel(ctx))
 		}
@@ -63,6 +67,11 @@ func (e *Engine) worker(ctx context.Context, id string, run []table.Name) error 
 		return err
 	}
 	defer c.close(ctx)
+	if e.snap != nil {
+		if err := e.importSnapshot(ctx, c); err != nil {
+			return err
+		}
+	}
 	schemas, names := split(run)
 	tick := time.NewTicker(e.o.Poll)
 	defer tick.Stop()
@@ -90,7 +99,11 @@ func (e *Engine) worker(ctx context.Context, id string, run []table.Name) error 
 			}
 			continue
 		}
-		err = e.runChunk(ctx, c, tx, id, ch)
+		if c.snapTx != nil && e.snap.loaders[ch.table] != nil && len(ch.failedKeys) == 0 {
+			err = e.runSnapshotChunk(ctx, c, tx, id, ch)
+		} else {
+			err = e.runChunk(ctx, c, tx, id, ch)
+		}
 		_ = tx.Rollback(context.WithoutCancel(ctx)) // a no-op after commit
 		if err != nil {
 			return err

@@ -5,7 +5,8 @@
 # one, and copies them old -> new three ways on the same clusters in one run:
 #   (a) pg_dump -t T old | psql new
 #   (b) psql old -c "COPY T TO STDOUT" | psql new -c "COPY T FROM STDIN"   (T pre-created, with its key)
-#   (c) tandem backfill (mirror on through 'tandem route set'; no proxy needed for the copy)
+#   (c) tandem backfill --path snapshot (mirror on through 'tandem route set'; no proxy needed)
+#   (d) tandem backfill --path locked
 # The new table is emptied between runs. Prints rows/s and the ratios backfill/pg_dump and
 # backfill/COPY as markdown on stdout (progress on stderr). See bench/README.md.
 set -euo pipefail
@@ -127,10 +128,6 @@ q "$OLD_PORT" -c "copy $TABLE to stdout" | q "$NEW_PORT" -c "copy $TABLE from st
 T_COPY=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }')
 check copy
 
-log "(c) tandem backfill --workers $WORKERS --chunk $CHUNK"
-fresh_new 1
-q "$OLD_PORT" -c "drop schema if exists tandem cascade" 2>/dev/null
-q "$NEW_PORT" -c "drop schema if exists tandem cascade" 2>/dev/null
 cat >"$CFG" <<YAML
 listen: 127.0.0.1:45613
 admin: 127.0.0.1:45614
@@ -141,15 +138,28 @@ new:
 log:
   level: warn
 YAML
-"$TANDEM_BIN" route set -c "$CFG" --mirror on --reason "bench: backfill" >"$WORK/route.log" 2>&1 \
-  || { cat "$WORK/route.log" >&2; die "tandem route set --mirror on failed"; }
-t0=$(now)
-"$TANDEM_BIN" backfill -c "$CFG" --table "$TABLE" --workers "$WORKERS" --chunk "$CHUNK" >"$WORK/backfill.log" 2>&1 \
-  || { tail -n 20 "$WORK/backfill.log" >&2; die "tandem backfill failed"; }
-T_BF=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }')
-check backfill
+backfill() { # $1: --path; sets T_BF
+  fresh_new 1
+  q "$OLD_PORT" -c "drop schema if exists tandem cascade" 2>/dev/null
+  q "$NEW_PORT" -c "drop schema if exists tandem cascade" 2>/dev/null
+  "$TANDEM_BIN" route set -c "$CFG" --mirror on --reason "bench: backfill" >"$WORK/route.log" 2>&1 \
+    || { cat "$WORK/route.log" >&2; die "tandem route set --mirror on failed"; }
+  t0=$(now)
+  "$TANDEM_BIN" backfill -c "$CFG" --table "$TABLE" --workers "$WORKERS" --chunk "$CHUNK" --path "$1" >"$WORK/backfill-$1.log" 2>&1 \
+    || { tail -n 20 "$WORK/backfill-$1.log" >&2; die "tandem backfill --path $1 failed"; }
+  T_BF=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }')
+  grep -q "^path: $1 " "$WORK/backfill-$1.log" || { cat "$WORK/backfill-$1.log" >&2; die "tandem backfill did not take the $1 path"; }
+  check "backfill --path $1"
+}
 
-R_DUMP=$(rate "$T_DUMP"); R_COPY=$(rate "$T_COPY"); R_BF=$(rate "$T_BF")
+log "(c) tandem backfill --path snapshot --workers $WORKERS"
+backfill snapshot
+T_SNAP=$T_BF
+log "(d) tandem backfill --path locked --workers $WORKERS --chunk $CHUNK"
+backfill locked
+T_LOCK=$T_BF
+
+R_DUMP=$(rate "$T_DUMP"); R_COPY=$(rate "$T_COPY"); R_SNAP=$(rate "$T_SNAP"); R_LOCK=$(rate "$T_LOCK")
 cat <<REPORT
 ## Backfill benchmark: $ROWS rows ($((BYTES / 1048576)) MB heap), old :$OLD_PORT -> new :$NEW_PORT
 
@@ -157,8 +167,10 @@ cat <<REPORT
 |---|---:|---:|
 | pg_dump -t $TABLE \| psql | $(printf %.1f "$T_DUMP") | $R_DUMP |
 | COPY TO STDOUT \| COPY FROM STDIN | $(printf %.1f "$T_COPY") | $R_COPY |
-| tandem backfill (--workers $WORKERS --chunk $CHUNK) | $(printf %.1f "$T_BF") | $R_BF |
+| tandem backfill --path snapshot (--workers $WORKERS) | $(printf %.1f "$T_SNAP") | $R_SNAP |
+| tandem backfill --path locked (--workers $WORKERS --chunk $CHUNK) | $(printf %.1f "$T_LOCK") | $R_LOCK |
 
-backfill/pg_dump: $(awk -v a="$R_BF" -v b="$R_DUMP" 'BEGIN { printf "%.2fx", a / b }')  
-backfill/COPY: $(awk -v a="$R_BF" -v b="$R_COPY" 'BEGIN { printf "%.2fx", a / b }')
+snapshot/pg_dump: $(awk -v a="$R_SNAP" -v b="$R_DUMP" 'BEGIN { printf "%.2fx", a / b }')  
+locked/pg_dump: $(awk -v a="$R_LOCK" -v b="$R_DUMP" 'BEGIN { printf "%.2fx", a / b }')  
+snapshot/COPY: $(awk -v a="$R_SNAP" -v b="$R_COPY" 'BEGIN { printf "%.2fx", a / b }')
 REPORT

@@ -78,6 +78,8 @@ func newBackfillCmd() *cobra.Command {
 	dryRun := fs.Bool("dry-run", false, "plan and print what would be copied, write nothing")
 	restart := fs.Bool("restart", false, "forget the tables' checkpoints and copy them again from the start")
 	report := fs.Bool("report", false, "summarise the failures in the migration log and exit")
+	path := fs.String("path", "auto", "how chunks are copied: snapshot (COPY from one exported snapshot of old, then the keys changed since reconciled under lock), locked (the locked-copy unit), or auto (snapshot where old has wal_level=logical and the slot can be made; the choice and its reason are printed)")
+	rangeRows := fs.Int("range-rows", 50000, "rows per claimed chunk (the snapshot path copies a chunk in one COPY)")
 	settle := fs.Duration("settle-timeout", 5*time.Minute, "wait at most this long for the proxy replicas to acknowledge mirror=on and older transactions on old to end")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		cfg, err := flags.Load(os.LookupEnv)
@@ -86,6 +88,10 @@ func newBackfillCmd() *cobra.Command {
 		}
 		if *key != "" && *rng != "" {
 			return errors.New("--key and --range exclude each other")
+		}
+		bpath, err := backfill.ParsePath(*path)
+		if err != nil {
+			return fmt.Errorf("--path: %w", err)
 		}
 		ctx := cmd.Context()
 		out := cmd.OutOrStdout()
@@ -104,7 +110,7 @@ func newBackfillCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		opts := backfill.Options{Control: ccfg, Primary: oldCfg, Secondary: newCfg, Workers: *workers, Rate: *rate, Chunk: *chunk,
+		opts := backfill.Options{Control: ccfg, Primary: oldCfg, Secondary: newCfg, Workers: *workers, Rate: *rate, Chunk: *chunk, RangeRows: *rangeRows, Path: bpath,
 			Restart: *restart, DryRun: *dryRun, LatencyBound: *latency, Logger: newLogger(cfg.Log, cmd.ErrOrStderr()),
 			Live: 3 * cfg.Routing.Poll.Duration(), SettleTimeout: *settle, Feed: cfg.Feed.Enabled}
 		for _, t := range *tables {
@@ -137,6 +143,9 @@ func newBackfillCmd() *cobra.Command {
 		sum, err := runWithProgress(ctx, eng, out, isTerminal(out))
 		if err != nil {
 			return err
+		}
+		if p, why := eng.Path(); p != "" {
+			fmt.Fprintf(out, "path: %s (%s)\n", p, why)
 		}
 		printSummary(out, sum, *dryRun)
 		if sum.Failed {

@@ -32,9 +32,22 @@ func TestBackfillChild(t *testing.T) {
 // TestBackfillKilled: the backfill process is killed with -9 at random
 // points three times, then run to the end. No row is missing or
 // duplicated, every copied range is in the migration log, and the stores
-// are equal.
+// are equal. On both paths; on the snapshot path rows are deleted, updated
+// and inserted after each kill (on old, then on new as the mirror does),
+// so the rerun's reconcile must cover the changes since the first run's
+// snapshot, and the slot is gone at the end.
 func TestBackfillKilled(t *testing.T) {
+	for _, path := range []string{"locked", "snapshot"} {
+		t.Run(path, func(t *testing.T) { backfillKilled(t, path) })
+	}
+}
+
+func backfillKilled(t *testing.T, path string) {
 	const rows = 60000
+	unit := 500 // rows per logged unit: --chunk on the locked path, --range-rows on the snapshot path
+	if path == "snapshot" {
+		unit = 5000
+	}
 	oldC, newC := pgtest.NewPair(t)
 	mustExec(t, oldC, fmt.Sprintf(`CREATE TABLE big (id int PRIMARY KEY, v text);
 		INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, %d) g;`, rows))
@@ -45,7 +58,8 @@ func TestBackfillKilled(t *testing.T) {
 	}
 	run := func(killAfter time.Duration) (killed bool) {
 		t.Helper()
-		args := strings.Join([]string{"backfill", "-c", file, "--workers", "4", "--chunk", "500", "--rate", "20000"}, "\x1f")
+		args := strings.Join([]string{"backfill", "-c", file, "--workers", "4", "--chunk", "500", "--rate", "20000",
+			"--path", path, "--range-rows", fmt.Sprint(unit)}, "\x1f")
 		cmd := exec.Command(os.Args[0], "-test.run=^TestBackfillChild$")
 		cmd.Env = append(os.Environ(), "TANDEM_BACKFILL_CHILD="+args)
 		var out strings.Builder
@@ -71,14 +85,32 @@ func TestBackfillKilled(t *testing.T) {
 		}
 		return false
 	}
+	changes := 0
 	for i, after := range []time.Duration{700 * time.Millisecond, 1100 * time.Millisecond, 900 * time.Millisecond} {
 		if !run(after) {
 			t.Logf("run %d finished before its kill", i+1)
+		}
+		if path == "snapshot" {
+			// What the mirror does: old first, then new. Deleted and
+			// re-inserted keys keep the row count.
+			for _, c := range []*pgtest.Cluster{oldC, newC} {
+				mustExec(t, c, fmt.Sprintf(`UPDATE big SET v = 'upd%[1]d' WHERE id %% 97 = %[1]d;
+					DELETE FROM big WHERE id %% 89 = %[1]d; INSERT INTO big SELECT g, 'back%[1]d' FROM generate_series(1, %[2]d) g WHERE g %% 89 = %[1]d`, i, rows))
+			}
+			changes++
 		}
 	}
 	run(0)
 	ho, no := storeHash(t, oldC, "big", "id")
 	hn, nn := storeHash(t, newC, "big", "id")
+	if changes > 0 {
+		if v := pgtestScalar(t, oldC, "SELECT count(*) FROM big WHERE v LIKE 'upd%' OR v LIKE 'back%'"); v == "0" {
+			t.Fatal("the changes between the kills did not reach old")
+		}
+		if v := pgtestScalar(t, oldC, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'tandem_backfill%'"); v != "0" {
+			t.Fatalf("%s backfill slots left on old", v)
+		}
+	}
 	if ho != hn || no != nn || nn != rows {
 		t.Fatalf("after three kills and a resume: old %d rows %s, new %d rows %s", no, ho, nn, hn)
 	}
@@ -97,8 +129,23 @@ func TestBackfillKilled(t *testing.T) {
 	if err := ctl.QueryRow(ctx, `SELECT coalesce(sum(rows), 0) FROM tandem.migration_log WHERE status = 'done'`).Scan(&logged); err != nil {
 		t.Fatal(err)
 	}
-	if lost := int64(3 * 4 * 500); logged < rows-lost {
+	if lost := int64(3 * 4 * unit); logged < rows-lost {
 		t.Fatalf("the migration log accounts for %d rows, fewer than the %d copied less %d", logged, rows, lost)
 	}
 	t.Logf("%d rows copied across 3 kills and a resume; the migration log accounts for %d row copies", rows, logged)
+}
+
+// pgtestScalar reads one value from c's postgres database as text.
+func pgtestScalar(t *testing.T, c *pgtest.Cluster, sql string) string {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), c.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	var s string
+	if err := conn.QueryRow(context.Background(), "SELECT ("+sql+")::text").Scan(&s); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return s
 }

@@ -23,7 +23,11 @@ import (
 // TestBackfillRace: 16 writers run random inserts, updates and deletes
 // through the proxy in dual-write mode while a 4-worker backfill copies the
 // rows that existed before. At the end both stores hold the same rows,
-// checked by a full-row hash independent of Tandem.
+// checked by a full-row hash independent of Tandem. The backfill takes the
+// snapshot path (the clusters have wal_level=logical): the writers delete
+// and update rows the snapshot holds and insert keys it does not have
+// (ids up to 10% past the existing ones), during the copy and the
+// reconcile; one case forces the locked path.
 func TestBackfillRace(t *testing.T) {
 	for _, tc := range []raceCase{
 		{name: "int_key", rows: 200000,
@@ -47,6 +51,10 @@ func TestBackfillRace(t *testing.T) {
 			new:      `CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, note text, note_len int)`,
 			mapping:  "tables:\n  map:\n    public.acct:\n      to: public.accounts\n      rename: {bal: balance}\n      compute: {note_len: \"length(note)\"}\n",
 			newTable: "accounts", newOrder: "id", oldHashSQL: "(SELECT id, bal AS balance, note, length(note) AS note_len FROM acct)"},
+		{name: "int_key_locked", rows: 50000, path: backfill.PathLocked,
+			old: `CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL, note text);
+				INSERT INTO acct SELECT g, g, md5(g::text) FROM generate_series(1, %d) g;`,
+			new: `CREATE TABLE acct (id int PRIMARY KEY, bal bigint NOT NULL, note text)`},
 	} {
 		t.Run(tc.name, func(t *testing.T) { backfillRace(t, tc) })
 	}
@@ -56,10 +64,11 @@ type raceCase struct {
 	name               string
 	rows               int
 	old, new, insert   string
-	key                string // the key to order the hash by; default id
-	mapping            string // a tables: section appended to the config
-	newTable, newOrder string // the table and order on new when mapped
-	oldHashSQL         string // what old's rows look like on new, for the hash
+	key                string        // the key to order the hash by; default id
+	mapping            string        // a tables: section appended to the config
+	newTable, newOrder string        // the table and order on new when mapped
+	oldHashSQL         string        // what old's rows look like on new, for the hash
+	path               backfill.Path // forced; default auto, which must take the snapshot path
 }
 
 func backfillRace(t *testing.T, tc raceCase) {
@@ -167,7 +176,7 @@ func backfillRace(t *testing.T, tc raceCase) {
 	oc, _ := control.StoreConnConfig(cfg, route.Old)
 	nc, _ := control.StoreConnConfig(cfg, route.New)
 	eng, err := backfill.New(backfill.Options{Control: cc, Primary: oc, Secondary: nc, Mappings: ms,
-		Workers: 4, Chunk: 1000, RangeRows: 10000, Tables: []table.Name{{Schema: "public", Table: "acct"}}})
+		Workers: 4, Chunk: 1000, RangeRows: 10000, Tables: []table.Name{{Schema: "public", Table: "acct"}}, Path: tc.path})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -177,6 +186,13 @@ func backfillRace(t *testing.T, tc raceCase) {
 		t.Fatalf("backfill: %v (%+v)", err, sum)
 	}
 	took := time.Since(start)
+	want := tc.path
+	if want == "" {
+		want = backfill.PathSnapshot
+	}
+	if p, why := eng.Path(); p != want {
+		t.Fatalf("the backfill took the %s path (%s), want %s", p, why, want)
+	}
 	time.Sleep(200 * time.Millisecond) // writes during the last units too
 	close(stop)
 	wg.Wait()

@@ -44,15 +44,18 @@ func TestBackfillCLI(t *testing.T) {
 		t.Fatalf("route set: %v\n%s", err, out.String())
 	}
 	got, err := runBackfillCmd(t, append(base, "--table", "items", "--key", "7")...)
-	if err != nil {
+	if err != nil || !strings.Contains(got, "path: locked (a key or a range is copied under lock)") {
 		t.Fatalf("--key: %v\n%s", err, got)
+	}
+	if got, err := runBackfillCmd(t, append(base, "--path", "fast")...); err == nil || !strings.Contains(err.Error()+got, "auto, snapshot or locked") {
+		t.Fatalf("--path fast: %v\n%s", err, got)
 	}
 	got, err = runBackfillCmd(t, append(base, "--dry-run")...)
 	if err != nil || !strings.Contains(got, "public.items: would copy ~2500 rows") {
 		t.Fatalf("--dry-run: %v\n%s", err, got)
 	}
 	got, err = runBackfillCmd(t, append(base, "--workers", "3", "--chunk", "200")...)
-	if err != nil || !strings.Contains(got, "public.items: 2500 rows") {
+	if err != nil || !strings.Contains(got, "public.items: 2500 rows") || !strings.Contains(got, "path: snapshot (snapshot ") {
 		t.Fatalf("backfill: %v\n%s", err, got)
 	}
 	got, err = runBackfillCmd(t, append(base, "--report")...)

@@ -1,0 +1,318 @@
+package backfill
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/table"
+)
+
+// changed is what the slot says changed in one table after the snapshot:
+// keys, or the whole table (a TRUNCATE, a key that cannot be read).
+type changed struct {
+	keys  map[string][]string
+	whole bool
+}
+
+// reconcile makes every key that changed on old after the recorded slot's
+// consistent point equal on new, with the locked-copy unit, then drops the
+// slot and finishes the slot's tables. It runs once every chunk of those
+// tables is loaded.
+//
+// Its end: every old transaction open when the loads ended has ended, and
+// the old store's WAL position then. A change that commits on old after
+// that belongs to a transaction that began after the last load committed,
+// so its mirrored write on new came after the load and is not undone by
+// it; every earlier one is in the slot, and is copied again under lock.
+func (e *Engine) reconcile(ctx context.Context, control, primary, secondary *pgx.Conn) error {
+	o := &e.o
+	st := e.slot
+	schemas, tnames := split(st.tables)
+	var pending int
+	if err := control.QueryRow(ctx, `SELECT count(*) FROM tandem.backfill_chunks WHERE status <> 'done'
+		AND (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))`, schemas, tnames).Scan(&pending); err != nil {
+		return fmt.Errorf("counting chunks: %w", err)
+	}
+	if pending > 0 {
+		o.Logger.Warn("the snapshot backfill's reconcile waits for every chunk of its tables to be loaded; run tandem backfill again", "slot", st.slot, "chunks_left", pending)
+		return nil
+	}
+	if o.hooks.beforeReconcile != nil {
+		o.hooks.beforeReconcile(ctx)
+	}
+	if o.hooks.skipReconcile {
+		return nil
+	}
+	start := time.Now()
+	end, err := e.reconcileEnd(ctx, primary)
+	if err != nil {
+		return err
+	}
+	ch, err := readChanges(ctx, primary, st, end, o.Mappings)
+	if err != nil {
+		return err
+	}
+	if err := readRecheck(ctx, secondary, st.tables, ch); err != nil {
+		return err
+	}
+	id := o.WorkerID + ":reconcile"
+	failed, keys := 0, 0
+	for _, n := range st.tables {
+		c := ch[n]
+		if c == nil {
+			continue
+		}
+		m := o.Mappings.ForOld(n)
+		if m == nil {
+			return fmt.Errorf("reconciling %s: the table has no usable mapping now (see tandem mappings check); the slot %s stays", n, st.slot)
+		}
+		ts := e.progress[n]
+		keyFailed := func(ctx context.Context, key []string, err error) error {
+			failed++
+			if ts != nil {
+				e.mu.Lock()
+				ts.p.FailedKeys++
+				e.mu.Unlock()
+			}
+			o.Logger.Warn("reconcile: key failed", "table", n.String(), "key", key, "err", err)
+			return writeLog(ctx, control, unitLog{table: n, lo: key, loInclusive: true, hi: key, err: err, attempt: 1, worker: id})
+		}
+		if c.whole {
+			o.Logger.Info("reconcile: the whole table changed after the snapshot (a truncate, or keys the slot cannot show); copying it under lock", "table", n.String())
+			_, _, err := table.CopyRangeMapped(ctx, primary, secondary, m, true, table.RangeOptions{Chunk: o.Chunk,
+				Done: func(ctx context.Context, u table.UnitReport) error {
+					if err := writeLog(ctx, control, unitLog{table: n, lo: u.Lo, loInclusive: u.LoInclusive, hi: u.Hi, rows: u.Rows, duration: u.Duration, attempt: 1, worker: id}); err != nil {
+						return err
+					}
+					return e.pace(ctx, u.Rows)
+				},
+				KeyFailed: keyFailed,
+			})
+			if err != nil {
+				return fmt.Errorf("reconciling %s: %w", n, err)
+			}
+			continue
+		}
+		ks := make([][]string, 0, len(c.keys))
+		for _, k := range c.keys {
+			ks = append(ks, k)
+		}
+		slices.SortFunc(ks, func(a, b []string) int { return strings.Compare(strings.Join(a, "\x00"), strings.Join(b, "\x00")) })
+		keys += len(ks)
+		for batch := range slices.Chunk(ks, o.Chunk) {
+			t0 := time.Now()
+			r, err := table.CopyKeysMapped(ctx, primary, secondary, m, true, batch)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err != nil {
+				// Isolate the key that fails: one unit per key.
+				for _, k := range batch {
+					if _, kerr := table.CopyKeysMapped(ctx, primary, secondary, m, true, [][]string{k}); kerr != nil {
+						if ctx.Err() != nil {
+							return ctx.Err()
+						}
+						if lerr := keyFailed(ctx, k, kerr); lerr != nil {
+							return lerr
+						}
+					}
+				}
+				continue
+			}
+			if err := writeLog(ctx, control, unitLog{table: n, lo: batch[0], loInclusive: true, hi: batch[len(batch)-1], rows: r.Upserted + r.Deleted,
+				duration: time.Since(t0), attempt: 1, worker: id}); err != nil {
+				return err
+			}
+			if err := e.pace(ctx, len(batch)); err != nil {
+				return err
+			}
+		}
+	}
+	o.Logger.Info("reconciled the changes made on old since the snapshot", "slot", st.slot, "from", st.lsn.String(), "to", end.String(),
+		"keys", keys, "failed", failed, "duration", time.Since(start))
+	if failed > 0 {
+		return nil // the slot stays: a rerun reconciles again
+	}
+	if err := dropSlot(ctx, primary, st.slot); err != nil {
+		return err
+	}
+	if _, err := primary.Exec(ctx, "DROP PUBLICATION IF EXISTS "+Publication); err != nil {
+		return fmt.Errorf("dropping the publication %s: %w", Publication, err)
+	}
+	schemas2, tnames2 := split(st.tables)
+	if _, err := secondary.Exec(ctx, `DELETE FROM tandem.backfill_recheck WHERE (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))`,
+		schemas2, tnames2); err != nil {
+		return fmt.Errorf("forgetting the keys to recheck: %w", err)
+	}
+	if _, err := control.Exec(ctx, `DELETE FROM tandem.backfill_slots WHERE slot_name = $1`, st.slot); err != nil {
+		return fmt.Errorf("forgetting the backfill's slot: %w", err)
+	}
+	e.reconciled = true
+	return nil
+}
+
+// reconcileEnd waits until every transaction open on old now has ended
+// (bounded by SettleTimeout) and returns the WAL position after that.
+func (e *Engine) reconcileEnd(ctx context.Context, primary *pgx.Conn) (pglogrepl.LSN, error) {
+	var since time.Time
+	if err := primary.QueryRow(ctx, "SELECT clock_timestamp()").Scan(&since); err != nil {
+		return 0, fmt.Errorf("reading the old store's clock: %w", err)
+	}
+	timeout := e.o.SettleTimeout
+	if timeout <= 0 {
+		timeout = 5 * time.Minute
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		var open []string
+		rows, err := primary.Query(ctx, `SELECT pid::text FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+			AND backend_type = 'client backend' AND xact_start < $1`, since)
+		if err == nil {
+			open, err = pgx.CollectRows(rows, pgx.RowTo[string])
+		}
+		if err != nil {
+			return 0, fmt.Errorf("reading the old store's open transactions: %w", err)
+		}
+		if len(open) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("%w after %s: transactions on the old store that were open when the snapshot load ended are still open (backend %s); run tandem backfill again to reconcile",
+				ErrNotSettled, timeout, strings.Join(open, ", "))
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	var lsn string
+	if err := primary.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&lsn); err != nil {
+		return 0, fmt.Errorf("reading the old store's WAL position: %w", err)
+	}
+	return pglogrepl.ParseLSN(lsn)
+}
+
+// readChanges decodes the slot, without consuming it, from its start to
+// the transactions that committed before end, and returns the keys that
+// changed per old table of the slot.
+func readChanges(ctx context.Context, primary *pgx.Conn, st *slotState, end pglogrepl.LSN, ms *table.Mappings) (map[table.Name]*changed, error) {
+	type rel struct {
+		name   table.Name
+		keyIdx []int
+	}
+	rels := map[uint32]*rel{}
+	out := map[table.Name]*changed{}
+	get := func(n table.Name) *changed {
+		c := out[n]
+		if c == nil {
+			c = &changed{keys: map[string][]string{}}
+			out[n] = c
+		}
+		return c
+	}
+	add := func(id uint32, t *pglogrepl.TupleData) {
+		r := rels[id]
+		if r == nil || t == nil {
+			return
+		}
+		c := get(r.name)
+		if r.keyIdx == nil {
+			c.whole = true
+			return
+		}
+		key := make([]string, len(r.keyIdx))
+		for i, j := range r.keyIdx {
+			if j >= len(t.Columns) || t.Columns[j].DataType != pglogrepl.TupleDataTypeText {
+				c.whole = true
+				return
+			}
+			key[i] = string(t.Columns[j].Data)
+		}
+		c.keys[strings.Join(key, "\x00")] = key
+	}
+	rows, err := primary.Query(ctx, `SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::pg_lsn, NULL,
+		'proto_version', '1', 'publication_names', $3)`, st.slot, end.String(), Publication)
+	if err != nil {
+		return nil, fmt.Errorf("reading the slot %s: %w", st.slot, err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var data []byte
+		if err := rows.Scan(&data); err != nil {
+			return nil, fmt.Errorf("reading the slot %s: %w", st.slot, err)
+		}
+		msg, err := pglogrepl.Parse(data)
+		if err != nil {
+			return nil, fmt.Errorf("decoding the slot %s: %w", st.slot, err)
+		}
+		switch m := msg.(type) {
+		case *pglogrepl.RelationMessage:
+			n := table.Name{Schema: m.Namespace, Table: m.RelationName}
+			if !slices.Contains(st.tables, n) {
+				rels[m.RelationID] = nil
+				continue
+			}
+			r := &rel{name: n}
+			if mp := ms.ForOld(n); mp != nil {
+				for _, k := range mp.Old.KeyNames() {
+					i := slices.IndexFunc(m.Columns, func(c *pglogrepl.RelationMessageColumn) bool { return c.Name == k })
+					if i < 0 {
+						r.keyIdx = nil
+						break
+					}
+					r.keyIdx = append(r.keyIdx, i)
+				}
+			}
+			rels[m.RelationID] = r
+		case *pglogrepl.InsertMessage:
+			add(m.RelationID, m.Tuple)
+		case *pglogrepl.UpdateMessage:
+			add(m.RelationID, m.OldTuple)
+			add(m.RelationID, m.NewTuple)
+		case *pglogrepl.DeleteMessage:
+			add(m.RelationID, m.OldTuple)
+		case *pglogrepl.TruncateMessage:
+			for _, id := range m.RelationIDs {
+				if r := rels[id]; r != nil {
+					get(r.name).whole = true
+				}
+			}
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("reading the slot %s: %w", st.slot, err)
+	}
+	return out, nil
+}
+
+// readRecheck adds the keys the loads kept (tandem.backfill_recheck on
+// new) to ch.
+func readRecheck(ctx context.Context, secondary *pgx.Conn, tables []table.Name, ch map[table.Name]*changed) error {
+	schemas, tnames := split(tables)
+	rows, err := secondary.Query(ctx, `SELECT schema_name, table_name, key FROM tandem.backfill_recheck
+		WHERE (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))`, schemas, tnames)
+	if err != nil {
+		return fmt.Errorf("reading the keys to recheck: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var n table.Name
+		var k []string
+		if err := rows.Scan(&n.Schema, &n.Table, &k); err != nil {
+			return fmt.Errorf("reading the keys to recheck: %w", err)
+		}
+		c := ch[n]
+		if c == nil {
+			c = &changed{keys: map[string][]string{}}
+			ch[n] = c
+		}
+		c.keys[strings.Join(k, "\x00")] = k
+	}
+	return rows.Err()
+}
