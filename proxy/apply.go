@@ -13,17 +13,17 @@ import (
 
 // The apply step: how a write the primary ran is applied on the secondary.
 // A statement whose row images came back is applied by key from the
-// images (planImage); a table under a schema mapping gets the mapped
-// statements (planMapped); a table without a key, DDL and what the proxy
+// images (imageApplier); a table under a schema mapping gets the mapped
+// statements (mappedApplier); a table without a key, DDL and what the proxy
 // cannot rewrite replay the statement's text (or, with the change feed on,
-// are left to the feed). planWrite chooses; mirrorWrite (secondary.go)
+// are left to the feed). writeApplier chooses; mirrorWrite (secondary.go)
 // runs the result.
 
 func overflowOf(ev *event) bool { return ev.image != nil && ev.image.overflow }
 
-// planWrite returns the drift entries a write stands for and the function
+// writeApplier returns the drift entries a write stands for and the function
 // that applies it to the secondary.
-func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore) error, error) {
+func (rs *routedSession) writeApplier(ev *event) ([]table.DriftEntry, func(*rstore) error, error) {
 	ctx := rs.ss.ctx
 	if ev.image != nil && len(ev.image.fields) > 0 && ev.image.fields[0].tableOID != 0 {
 		pstore, sstore := rs.srv.old, rs.srv.new
@@ -60,11 +60,11 @@ func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore)
 				return entries, nil, fmt.Errorf("table %s is in scope but its mapping has problems (see the proxy's log or tandem plan)", pm.Name)
 			}
 			if !m.Identity() && pm.HasKey() {
-				return rs.planMapped(ev, pm, m, g)
+				return rs.mappedApplier(ev, pm, m, g)
 			}
 		}
 		if pm.HasKey() {
-			return rs.planImage(ev, pm, sstore, g)
+			return rs.imageApplier(ev, pm, sstore, g)
 		}
 		rs.srv.metrics.R().Fallback(ctx, "no_key")
 		entries := []table.DriftEntry{{Table: pm.Name, Reason: "no primary key"}}
@@ -238,9 +238,9 @@ func rowParams(rows [][][]byte, pos []int) [][]byte {
 	return out
 }
 
-// planImage builds the upserts (or deletes) that apply row images to a
+// imageApplier builds the upserts (or deletes) that apply row images to a
 // table that maps to itself.
-func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
+func (rs *routedSession) imageApplier(ev *event, pm *table.Meta, sstore *store, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
 	img := ev.image
 	if img.overflow {
 		return overflowed(pm, g)
@@ -375,11 +375,11 @@ func isDelete(ev *event) bool {
 	return ev.stmt != nil && ev.stmt.Image != nil && ev.stmt.Image.Op == "delete"
 }
 
-// planMapped applies row images through a declared table mapping: forward
+// mappedApplier applies row images through a declared table mapping: forward
 // (old -> new) while old is primary, reverse after the write flip. The
 // server evaluates the mapping's expressions; a deleted row's image is
-// upserted first, as in planImage.
-func (rs *routedSession) planMapped(ev *event, pm *table.Meta, m *table.Mapping, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
+// upserted first, as in imageApplier.
+func (rs *routedSession) mappedApplier(ev *event, pm *table.Meta, m *table.Mapping, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
 	img := ev.image
 	if img.overflow {
 		return overflowed(pm, g)

@@ -308,23 +308,9 @@ func (rs *routedSession) serve(un *unit) error {
 	// inside a transaction of its own, committed when the primary's is.
 	implicit := startTx == 'I' && (rs.extOpen || un.end == 'H' && !lone)
 
-	if mirror && rs.tx.pending() && un.commits {
-		// The secondary missed part of this transaction: record it before the
-		// primary commits, so an acknowledged commit always has its drift.
-		if err := rs.recordPending(); err != nil {
-			return rs.refuseCommit(prim, err)
-		}
-	}
-	if mirror && rs.extOpen && un.end != 'H' && rs.tx.pending() {
-		// The Sync of this unit commits the primary's implicit transaction,
-		// opened by a batch ended by Flush whose part on the secondary
-		// failed: record the drift before the primary commits. When it
-		// cannot be, the session ends without the Sync: the primary rolls
-		// the implicit transaction back.
-		if err := rs.recordPending(); err != nil {
-			rs.ss.log.Error("could not record drift before a Sync commits a pipelined batch; ending the session so that the primary rolls it back", "error", err)
-			return pgwire.Fatal(pgwire.CodeTransactionRollback, "transaction rolled back: Tandem could not record that the secondary store missed its writes").
-				WithHint("The control database is unreachable; retry once it is back.")
+	if mirror {
+		if stop, err := rs.beforeCommit(prim, un); stop {
+			return err
 		}
 	}
 	res, err := rs.runUnit(prim, un, wrap, mirror)
@@ -346,29 +332,61 @@ func (rs *routedSession) serve(un *unit) error {
 		return rs.finishWrapped(prim, res)
 	}
 	if implicit {
-		if res.failed {
-			rs.extFailed = true
-		}
-		if un.end == 'H' {
-			rs.extOpen = true // already while the secondary follows (see syncSettings)
-		}
-		rs.follow(res, true, mirror)
-		if un.end == 'H' {
-			return rs.endWith(res)
-		}
-		// The Sync that ends the implicit transaction has been answered.
-		failed := rs.extFailed || res.status != 'I'
-		rs.extOpen, rs.extFailed = false, false
-		if mirror {
-			rs.secFinish(!failed)
-		}
-		return rs.endWith(res)
+		return rs.endImplicit(un, res, mirror)
 	}
 	if startTx == 'I' && res.failed && res.status == 'I' && !hasTxEvent(res.events) {
 		// An implicit transaction failed: the primary kept none of it.
 		res.events = nil
 	}
 	rs.follow(res, startTx != 'I', mirror)
+	return rs.endWith(res)
+}
+
+// beforeCommit records the drift of a mirrored transaction the secondary
+// missed part of, before the unit that commits it reaches the primary, so
+// that an acknowledged commit always has its drift. stop: the unit is not
+// to run (err says how the client is answered).
+func (rs *routedSession) beforeCommit(prim *rstore, un *unit) (stop bool, _ error) {
+	if rs.tx.pending() && un.commits {
+		if err := rs.recordPending(); err != nil {
+			return true, rs.refuseCommit(prim, err)
+		}
+	}
+	if rs.extOpen && un.end != 'H' && rs.tx.pending() {
+		// The Sync of this unit commits the primary's implicit transaction,
+		// opened by a batch ended by Flush whose part on the secondary
+		// failed: record the drift before the primary commits. When it
+		// cannot be, the session ends without the Sync: the primary rolls
+		// the implicit transaction back.
+		if err := rs.recordPending(); err != nil {
+			rs.ss.log.Error("could not record drift before a Sync commits a pipelined batch; ending the session so that the primary rolls it back", "error", err)
+			return true, pgwire.Fatal(pgwire.CodeTransactionRollback, "transaction rolled back: Tandem could not record that the secondary store missed its writes").
+				WithHint("The control database is unreachable; retry once it is back.")
+		}
+	}
+	return false, nil
+}
+
+// endImplicit ends a unit served inside the primary's implicit
+// transaction of an extended-protocol batch: a Flush leaves it open, the
+// Sync that ends it commits the secondary's too (or rolls it back).
+func (rs *routedSession) endImplicit(un *unit, res *unitResult, mirror bool) error {
+	if res.failed {
+		rs.extFailed = true
+	}
+	if un.end == 'H' {
+		rs.extOpen = true // already while the secondary follows (see syncSettings)
+	}
+	rs.follow(res, true, mirror)
+	if un.end == 'H' {
+		return rs.endWith(res)
+	}
+	// The Sync that ends the implicit transaction has been answered.
+	failed := rs.extFailed || res.status != 'I'
+	rs.extOpen, rs.extFailed = false, false
+	if mirror {
+		rs.secFinish(!failed)
+	}
 	return rs.endWith(res)
 }
 
