@@ -6,6 +6,7 @@ import (
 
 	"github.com/tandemdb/tandem/internal/classify"
 	"github.com/tandemdb/tandem/internal/metrics"
+	"github.com/tandemdb/tandem/internal/pgwire"
 )
 
 // expKind is what a message sent to a store is answered with.
@@ -137,13 +138,13 @@ func (p *pump) until(done func() bool) error {
 func (p *pump) handle(m backendMsg) error {
 	rs := p.rs
 	switch m.typ {
-	case 'N', 'A':
+	case pgwire.ServerNoticeResponse, pgwire.ServerNotification:
 		if len(p.q) > 0 && p.q[0].kind >= expIntParse {
 			return nil
 		}
 		rs.toClient(m.typ, m.body)
 		return nil
-	case 'S':
+	case pgwire.ServerParameterStatus:
 		rs.toClient(m.typ, m.body)
 		return nil
 	}
@@ -154,18 +155,18 @@ func (p *pump) handle(m backendMsg) error {
 	}
 	e := p.q[0]
 	switch m.typ {
-	case 'C':
+	case pgwire.ServerCommandComplete:
 		if len(p.q) == 0 || p.q[0].kind < expIntParse { // the client's statements, not the proxy's own
 			rs.srv.metrics.Statement(p.u.name, metrics.CommandVerb(m.body), 1)
 		}
-	case 'E':
+	case pgwire.ServerErrorResponse:
 		rs.srv.metrics.Error(rs.ss.ctx, p.u.name, errorCode(m.body), metrics.OriginStore)
 	}
 	switch m.typ {
-	case 'E':
+	case pgwire.ServerErrorResponse:
 		p.storeError(e, m)
 		return nil
-	case 'Z':
+	case pgwire.ServerReadyForQuery:
 		p.ready(m)
 		return nil
 	}
@@ -173,7 +174,7 @@ func (p *pump) handle(m backendMsg) error {
 	case expIntQuery:
 		return nil
 	case expIntParse, expIntClose:
-		if m.typ == '1' || m.typ == '3' {
+		if m.typ == pgwire.ServerParseComplete || m.typ == pgwire.ServerCloseComplete {
 			p.q = p.q[1:]
 		}
 		return nil
@@ -202,7 +203,7 @@ func (p *pump) handle(m backendMsg) error {
 // everything up to the Sync is skipped and its effects taken back.
 func (p *pump) storeError(e *expectation, m backendMsg) {
 	if e.kind == expIntQuery {
-		code, msg := errorFields(m.body)
+		code, msg := pgwire.ErrorFields(m.body)
 		p.intErr = &storeError{store: p.u.name, code: code, message: msg}
 		if p.wrapQ {
 			p.res.unwrapped = true
@@ -211,7 +212,7 @@ func (p *pump) storeError(e *expectation, m backendMsg) {
 	}
 	p.res.failed = true
 	p.res.sentAny = true
-	p.rs.toClient('E', m.body)
+	p.rs.toClient(pgwire.ServerErrorResponse, m.body)
 	if e.kind == expQuery || e.kind == expFunc {
 		e.idx = 1 << 30 // the rest of the query does not run
 		return
@@ -233,7 +234,7 @@ func (p *pump) storeError(e *expectation, m backendMsg) {
 // ready handles a ReadyForQuery: the unit's (or the proxy's own query's)
 // end. The client gets the unit's only once the secondary has followed.
 func (p *pump) ready(m backendMsg) {
-	status := byte('I')
+	status := byte(pgwire.TxIdle)
 	if len(m.body) == 1 {
 		status = m.body[0]
 	}
@@ -257,8 +258,8 @@ func (p *pump) ready(m backendMsg) {
 // rewritten statement: where its row image starts.
 func (p *pump) internalDescribe(e *expectation, m backendMsg) error {
 	switch m.typ {
-	case 't':
-	case 'T':
+	case pgwire.ServerParameterDescription:
+	case pgwire.ServerRowDescription:
 		fs, err := decodeRowDescription(m.body)
 		if err != nil {
 			return err
@@ -266,7 +267,7 @@ func (p *pump) internalDescribe(e *expectation, m backendMsg) error {
 		e.si.fields, e.si.marker = fs, markerIndex(fs)
 		e.si.descOK, e.si.descPending = true, false
 		p.q = p.q[1:]
-	case 'n':
+	case pgwire.ServerNoData:
 		e.si.fields, e.si.marker, e.si.descOK, e.si.descPending = nil, -1, true, false
 		p.q = p.q[1:]
 	}
@@ -285,13 +286,13 @@ func (p *pump) describeReply(e *expectation, m backendMsg) error {
 	}
 	p.res.sentAny = true
 	switch m.typ {
-	case 't':
+	case pgwire.ServerParameterDescription:
 		if si != nil && e.kind == expDescStmt && rs.state.Shadow > 0 { // kept for shadow reads only while they run
 			si.paramDesc = decodeParameterDescription(m.body)
 		}
 		rs.toClient(m.typ, m.body)
 		return nil
-	case 'T':
+	case pgwire.ServerRowDescription:
 		if _, rewr := rs.desiredSQL(si, p.u); rewr {
 			fs, err := decodeRowDescription(m.body)
 			if err != nil {
@@ -299,9 +300,9 @@ func (p *pump) describeReply(e *expectation, m backendMsg) error {
 			}
 			if mk := markerIndex(fs); mk >= 0 {
 				if mk == 0 {
-					rs.toClient('n', nil)
+					rs.toClient(pgwire.ServerNoData, nil)
 				} else {
-					rs.toClient('T', rowDescriptionBody(fs[:mk]))
+					rs.toClient(pgwire.ServerRowDescription, rowDescriptionBody(fs[:mk]))
 				}
 				p.q = p.q[1:]
 				return nil
@@ -355,21 +356,21 @@ func (p *pump) execReply(e *expectation, m backendMsg) error {
 		si = e.portal.stmt
 	}
 	switch m.typ {
-	case 'D':
+	case pgwire.ServerDataRow:
 		if si != nil && si.descOK && si.marker >= 0 {
 			if _, rewr := rs.desiredSQL(si, p.u); rewr {
 				return p.stripRow(e, m.body, si.fields, si.marker)
 			}
 		}
-		rs.toClient('D', m.body)
-	case 'C':
-		rs.toClient('C', m.body)
+		rs.toClient(pgwire.ServerDataRow, m.body)
+	case pgwire.ServerCommandComplete:
+		rs.toClient(pgwire.ServerCommandComplete, m.body)
 		p.finishStmt(e, si, m.body)
 		p.q = p.q[1:]
-	case 'I', 's':
+	case pgwire.ServerEmptyQueryResponse, pgwire.ServerPortalSuspended:
 		rs.toClient(m.typ, m.body)
 		p.q = p.q[1:]
-	case 'G':
+	case pgwire.ServerCopyInResponse:
 		e.copied = true
 		return p.copyIn(m, siPlanStmt(si))
 	default: // CopyOut and its data
@@ -465,7 +466,7 @@ func (p *pump) queryReply(e *expectation, m backendMsg) error {
 		st = &e.plan.Stmts[e.idx]
 	}
 	switch m.typ {
-	case 'T':
+	case pgwire.ServerRowDescription:
 		e.fields, e.marker = nil, -1
 		if e.rewr && st != nil && st.Image != nil {
 			fs, err := decodeRowDescription(m.body)
@@ -475,19 +476,19 @@ func (p *pump) queryReply(e *expectation, m backendMsg) error {
 			if mk := markerIndex(fs); mk >= 0 {
 				e.fields, e.marker = fs, mk
 				if mk > 0 {
-					rs.toClient('T', rowDescriptionBody(fs[:mk]))
+					rs.toClient(pgwire.ServerRowDescription, rowDescriptionBody(fs[:mk]))
 				}
 				return nil
 			}
 		}
-		rs.toClient('T', m.body)
-	case 'D':
+		rs.toClient(pgwire.ServerRowDescription, m.body)
+	case pgwire.ServerDataRow:
 		if e.marker >= 0 {
 			return p.stripRow(e, m.body, e.fields, e.marker)
 		}
-		rs.toClient('D', m.body)
-	case 'C':
-		rs.toClient('C', m.body)
+		rs.toClient(pgwire.ServerDataRow, m.body)
+	case pgwire.ServerCommandComplete:
+		rs.toClient(pgwire.ServerCommandComplete, m.body)
 		if st != nil {
 			ev := event{stmt: st, sql: st.SQL, tag: tagString(m.body), ordered: true}
 			if e.marker >= 0 {
@@ -502,10 +503,10 @@ func (p *pump) queryReply(e *expectation, m backendMsg) error {
 		}
 		e.idx++
 		e.fields, e.marker, e.rows, e.copied, e.over, e.imgMem = nil, -1, nil, false, false, 0
-	case 'I':
-		rs.toClient('I', m.body)
+	case pgwire.ServerEmptyQueryResponse:
+		rs.toClient(pgwire.ServerEmptyQueryResponse, m.body)
 		e.idx++
-	case 'G':
+	case pgwire.ServerCopyInResponse:
 		e.copied = true
 		return p.copyIn(m, st)
 	default: // RowDescription-less replies: CopyOut data, FunctionCallResponse...
@@ -542,9 +543,9 @@ func (p *pump) copyIn(m backendMsg, st *classify.StmtPlan) error {
 				return errClientGone
 			}
 			switch bm.typ {
-			case 'E':
+			case pgwire.ServerErrorResponse:
 				failed, p.u.out = true, p.u.out[:0]
-			case 'Z':
+			case pgwire.ServerReadyForQuery:
 				// A simple-query COPY ended by an error: the store is ready
 				// again; copy messages the client still sends are dropped
 				// by the store, as PostgreSQL documents.
@@ -569,16 +570,16 @@ func (p *pump) copyIn(m backendMsg, st *classify.StmtPlan) error {
 		if c.err != nil {
 			return rs.clientErr(c.err)
 		}
-		if failed && c.typ == 'd' {
+		if failed && c.typ == pgwire.ClientCopyData {
 			continue // the store drops it anyway
 		}
 		p.u.out = appendMsg(p.u.out, c.typ, c.body)
-		if len(p.u.out) > 64<<10 || c.typ == 'c' || c.typ == 'f' {
+		if len(p.u.out) > 64<<10 || c.typ == pgwire.ClientCopyDone || c.typ == pgwire.ClientCopyFail {
 			if err := rs.send(p.u, time.Time{}); err != nil {
 				return err
 			}
 		}
-		if c.typ == 'c' || c.typ == 'f' {
+		if c.typ == pgwire.ClientCopyDone || c.typ == pgwire.ClientCopyFail {
 			return nil
 		}
 	}

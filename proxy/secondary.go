@@ -76,21 +76,21 @@ func (rs *routedSession) refuseCommit(prim *rstore, cause error) error {
 		WithHint("The control database is unreachable; retry once it is back.")
 	e.Severity = "ERROR"
 	rs.toClientRaw(mustAppend(e.Response()))
-	rs.toClient('Z', []byte{'I'})
-	rs.endUnit('I')
+	rs.toClient(pgwire.ServerReadyForQuery, []byte{pgwire.TxIdle})
+	rs.endUnit(pgwire.TxIdle)
 	return nil
 }
 
 // finishWrapped ends an autocommit write the proxy wrapped in its own
 // transaction: mirror, then commit the primary, then the secondary.
 func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
-	if res.status != 'T' {
+	if res.status != pgwire.TxInBlock {
 		if _, err := rs.internalQuery(prim, "ROLLBACK", time.Time{}); err != nil {
 			return rs.storeLost(prim, err)
 		}
 		rs.secFinish(false)
-		rs.toClient('Z', []byte{'I'})
-		rs.endUnit('I')
+		rs.toClient(pgwire.ServerReadyForQuery, []byte{pgwire.TxIdle})
+		rs.endUnit(pgwire.TxIdle)
 		return nil
 	}
 	rs.follow(res, true, true)
@@ -120,16 +120,16 @@ func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
 		rs.secFinish(false)
 		e := &pgwire.Error{Severity: "ERROR", Code: se.code, Message: se.message}
 		rs.toClientRaw(mustAppend(e.Response()))
-		rs.toClient('Z', []byte{'I'})
-		rs.endUnit('I')
+		rs.toClient(pgwire.ServerReadyForQuery, []byte{pgwire.TxIdle})
+		rs.endUnit(pgwire.TxIdle)
 		return nil
 	}
 	rs.secFinish(true)
 	if rs.doomed != nil {
 		return rs.doomed
 	}
-	rs.toClient('Z', []byte{'I'})
-	rs.endUnit('I')
+	rs.toClient(pgwire.ServerReadyForQuery, []byte{pgwire.TxIdle})
+	rs.endUnit(pgwire.TxIdle)
 	return nil
 }
 

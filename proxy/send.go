@@ -3,6 +3,8 @@ package proxy
 import (
 	"strings"
 	"time"
+
+	"github.com/tandemdb/tandem/internal/pgwire"
 )
 
 // Sending a unit: runUnit queues each client message of the unit for a
@@ -42,7 +44,7 @@ func (p *pump) ensureParsed(si *stmtInfo) {
 		}
 	}
 	if had || name != "" {
-		u.out = encodeClose(u.out, 'S', name)
+		u.out = encodeClose(u.out, pgwire.TargetStatement, name)
 		p.q = append(p.q, &expectation{kind: expIntClose, undo: undo})
 	}
 	u.out = encodeParse(u.out, name, want, p.rs.storeOIDs(u, si.oids))
@@ -50,7 +52,7 @@ func (p *pump) ensureParsed(si *stmtInfo) {
 	u.parsed[name] = want
 	if rewr {
 		si.descOK, si.descPending, si.descFrom = false, true, p.u.name
-		p.u.out = encodeDescribe(p.u.out, 'S', si.name)
+		p.u.out = encodeDescribe(p.u.out, pgwire.TargetStatement, si.name)
 		p.q = append(p.q, &expectation{kind: expIntDesc, si: si})
 	}
 }
@@ -68,7 +70,7 @@ func (p *pump) forget(name string) {
 		return
 	}
 	u := p.u
-	u.out = encodeClose(u.out, 'S', name)
+	u.out = encodeClose(u.out, pgwire.TargetStatement, name)
 	p.q = append(p.q, &expectation{kind: expIntClose, undo: func(bool) { restore(u.parsed, name, prev, had) }})
 	delete(u.parsed, name)
 }
@@ -85,7 +87,7 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 	}
 	for i, m := range un.msgs {
 		d := &un.dec[i]
-		if u.skipping && m.typ != 'S' {
+		if u.skipping && m.typ != pgwire.ClientSync {
 			// An earlier message of the batch failed: the store discards
 			// everything up to the Sync, and nothing of it takes effect.
 			u.out = appendMsg(u.out, m.typ, m.body)
@@ -93,7 +95,7 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 		}
 		var err error
 		switch m.typ {
-		case 'Q':
+		case pgwire.ClientQuery:
 			sql, plan := d.sql, d.plan
 			send := sql
 			rewr := collect && plan.Err == nil && plan.SQL != sql
@@ -103,25 +105,25 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 			u.queueQuery(send)
 			delete(rs.stmts, "") // a simple Query destroys the unnamed statement
 			p.q = append(p.q, &expectation{kind: expQuery, plan: plan, rewr: rewr, marker: -1})
-		case 'F':
-			u.out = appendMsg(u.out, 'F', m.body)
+		case pgwire.ClientFunctionCall:
+			u.out = appendMsg(u.out, pgwire.ClientFunctionCall, m.body)
 			p.q = append(p.q, &expectation{kind: expFunc})
-		case 'P':
+		case pgwire.ClientParse:
 			err = p.sendParse(d)
-		case 'B':
+		case pgwire.ClientBind:
 			err = p.sendBind(m, d)
-		case 'D':
+		case pgwire.ClientDescribe:
 			err = p.sendDescribe(m)
-		case 'E':
-			u.out = appendMsg(u.out, 'E', m.body)
+		case pgwire.ClientExecute:
+			u.out = appendMsg(u.out, pgwire.ClientExecute, m.body)
 			p.q = append(p.q, &expectation{kind: expExecute, portal: rs.portals[d.portal]})
-		case 'C':
+		case pgwire.ClientClose:
 			err = p.sendClose(m)
-		case 'S':
-			u.out = appendMsg(u.out, 'S', nil)
+		case pgwire.ClientSync:
+			u.out = appendMsg(u.out, pgwire.ClientSync, nil)
 			p.q = append(p.q, &expectation{kind: expSync})
-		case 'H':
-			u.out = appendMsg(u.out, 'H', nil)
+		case pgwire.ClientFlush:
+			u.out = appendMsg(u.out, pgwire.ClientFlush, nil)
 		default:
 			u.out = appendMsg(u.out, m.typ, m.body)
 		}
@@ -179,7 +181,7 @@ func (p *pump) sendParse(d *decoded) error {
 	}
 	if rewr {
 		si.descPending, si.descFrom = true, u.name
-		u.out = encodeDescribe(u.out, 'S', pm.name)
+		u.out = encodeDescribe(u.out, pgwire.TargetStatement, pm.name)
 		p.q = append(p.q, &expectation{kind: expIntDesc, si: si})
 	}
 	return nil
@@ -211,7 +213,7 @@ func (p *pump) sendBind(m clientMsg, d *decoded) error {
 			if u.skipping {
 				// An earlier message failed meanwhile: the store
 				// discards this Bind too.
-				u.out = appendMsg(u.out, 'B', m.body)
+				u.out = appendMsg(u.out, pgwire.ClientBind, m.body)
 				return nil
 			}
 		}
@@ -220,10 +222,10 @@ func (p *pump) sendBind(m clientMsg, d *decoded) error {
 			b2.resultFormats = imageFormats(b.resultFormats, si.marker, len(si.fields))
 			u.out = encodeBind(u.out, b2)
 		} else {
-			u.out = appendMsg(u.out, 'B', m.body)
+			u.out = appendMsg(u.out, pgwire.ClientBind, m.body)
 		}
 	} else {
-		u.out = appendMsg(u.out, 'B', m.body)
+		u.out = appendMsg(u.out, pgwire.ClientBind, m.body)
 	}
 	prevPortal, hadPortal := rs.portals[b.portal]
 	rs.portals[b.portal] = &portalInfo{stmt: si, bind: b}
@@ -240,14 +242,14 @@ func (p *pump) sendDescribe(m clientMsg) error {
 		return errMalformedClient
 	}
 	name := strings.TrimSuffix(string(m.body[1:]), "\x00")
-	if m.body[0] == 'S' {
+	if m.body[0] == pgwire.TargetStatement {
 		si := rs.stmts[name]
 		p.forget(name)
 		p.ensureParsed(si)
-		u.out = appendMsg(u.out, 'D', m.body)
+		u.out = appendMsg(u.out, pgwire.ClientDescribe, m.body)
 		p.q = append(p.q, &expectation{kind: expDescStmt, si: si})
 	} else {
-		u.out = appendMsg(u.out, 'D', m.body)
+		u.out = appendMsg(u.out, pgwire.ClientDescribe, m.body)
 		p.q = append(p.q, &expectation{kind: expDescPortal, portal: rs.portals[name]})
 	}
 	return nil
@@ -262,7 +264,7 @@ func (p *pump) sendClose(m clientMsg) error {
 	}
 	name := strings.TrimSuffix(string(m.body[1:]), "\x00")
 	var undo func(bool)
-	if m.body[0] == 'S' {
+	if m.body[0] == pgwire.TargetStatement {
 		prevSI, hadSI := rs.stmts[name]
 		prevParsed, hadParsed := u.parsed[name]
 		undo = func(bool) {
@@ -276,7 +278,7 @@ func (p *pump) sendClose(m clientMsg) error {
 		undo = func(bool) { restore(rs.portals, name, prevPortal, hadPortal) }
 		delete(rs.portals, name)
 	}
-	u.out = appendMsg(u.out, 'C', m.body)
+	u.out = appendMsg(u.out, pgwire.ClientClose, m.body)
 	p.q = append(p.q, &expectation{kind: expClose, undo: undo})
 	return nil
 }
