@@ -313,25 +313,9 @@ func (rs *routedSession) imageApplier(ev *event, pm *table.Meta, sstore *store, 
 				return err
 			}
 		}
-		err = batches(img.rows, len(cols), func(rows [][][]byte) error {
-			sql, err := table.UpsertSQL(sm, cols, len(rows))
-			if err != nil {
-				return err
-			}
-			rs.queueExec(sec, sql, rowParams(rows, pos))
-			if !del {
-				return nil
-			}
-			if sql, err = table.DeleteSQL(sm, len(rows)); err != nil {
-				return err
-			}
-			rs.queueExec(sec, sql, rowParams(rows, keyPos))
-			return nil
-		})
-		if err != nil {
-			return err
-		}
-		err = rs.execQueued(sec)
+		err = rs.applyRows(sec, img.rows, len(cols), del,
+			func(n int) (string, error) { return table.UpsertSQL(sm, cols, n) }, pos,
+			func(n int) (string, error) { return table.DeleteSQL(sm, n) }, keyPos)
 		return err
 	}
 	return entries, apply, nil
@@ -406,26 +390,35 @@ func (rs *routedSession) mappedApplier(ev *event, pm *table.Meta, m *table.Mappi
 		if len(img.rows) == 0 {
 			return nil
 		}
-		err := batches(img.rows, len(names), func(rows [][][]byte) error {
-			params := rowParams(rows, nil)
-			sql, err := upsert(names, len(rows))
-			if err != nil {
-				return err
-			}
-			rs.queueExec(sec, sql, params)
-			if !del {
-				return nil
-			}
-			if sql, err = remove(names, len(rows)); err != nil {
-				return err
-			}
-			rs.queueExec(sec, sql, params)
-			return nil
-		})
+		return rs.applyRows(sec, img.rows, len(names), del,
+			func(n int) (string, error) { return upsert(names, n) }, nil,
+			func(n int) (string, error) { return remove(names, n) }, nil)
+	}
+	return entries, apply, nil
+}
+
+// applyRows applies row images on sec, batch by batch: the upsert of each
+// batch (parameters: the images' columns at upsertPos, nil for all) and,
+// for a DELETE, the delete by key (removePos); then runs what it queued.
+func (rs *routedSession) applyRows(sec *rstore, rows [][][]byte, width int, del bool,
+	upsert func(n int) (string, error), upsertPos []int, remove func(n int) (string, error), removePos []int) error {
+	err := batches(rows, width, func(rows [][][]byte) error {
+		sql, err := upsert(len(rows))
 		if err != nil {
 			return err
 		}
-		return rs.execQueued(sec)
+		rs.queueExec(sec, sql, rowParams(rows, upsertPos))
+		if !del {
+			return nil
+		}
+		if sql, err = remove(len(rows)); err != nil {
+			return err
+		}
+		rs.queueExec(sec, sql, rowParams(rows, removePos))
+		return nil
+	})
+	if err != nil {
+		return err
 	}
-	return entries, apply, nil
+	return rs.execQueued(sec)
 }
