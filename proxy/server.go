@@ -435,6 +435,6 @@ func (s *Server) Ping(ctx context.Context, name string) error {
 	if err != nil {
 		return fmt.Errorf("%s store: %w", name, err)
 	}
-	_, _ = up.conn.Write([]byte{'X', 0, 0, 0, 4})
+	_, _ = up.conn.Write([]byte{pgwire.ClientTerminate, 0, 0, 0, 4})
 	return up.conn.Close()
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/mismatch"
+	"github.com/tandemdb/tandem/internal/pgwire"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/shadow"
 	"github.com/tandemdb/tandem/internal/shadowpool"
@@ -53,14 +54,14 @@ func (c *capture) add(typ byte, body []byte) {
 		return
 	}
 	switch typ {
-	case 'T':
+	case pgwire.ServerRowDescription:
 		fs, err := decodeRowDescription(body)
 		if err != nil {
 			c.over = true
 			return
 		}
 		c.res.Fields = shadowFields(fs)
-	case 'D':
+	case pgwire.ServerDataRow:
 		cols, err := splitDataRow(body, c.cols)
 		if err != nil {
 			c.over = true
@@ -80,9 +81,9 @@ func (c *capture) add(typ byte, body []byte) {
 			c.over = true
 			c.res.Rows = nil
 		}
-	case 'E':
-		c.res.ErrCode, c.res.ErrMsg = errorFields(body)
-	case 's':
+	case pgwire.ServerErrorResponse:
+		c.res.ErrCode, c.res.ErrMsg = pgwire.ErrorFields(body)
+	case pgwire.ServerPortalSuspended:
 		c.over = true // a portal run with a row limit: only part of the result
 	}
 }
@@ -119,14 +120,14 @@ func (rs *routedSession) shadowSample(un *unit) *shadowpool.Job {
 	for i, m := range un.msgs {
 		d := &un.dec[i]
 		switch m.typ {
-		case 'Q':
+		case pgwire.ClientQuery:
 			p := d.plan
 			if p.Err != nil || len(p.Stmts) != 1 {
 				return nil
 			}
 			j.SQL, j.Fingerprint = p.Stmts[0].SQL, p.Stmts[0].Fingerprint
 			executes++
-		case 'B':
+		case pgwire.ClientBind:
 			if d.err != nil || d.stmt == nil {
 				return nil
 			}
@@ -153,12 +154,12 @@ func (rs *routedSession) shadowSample(un *unit) *shadowpool.Job {
 					j.ParamOIDs[i] = inferred[i]
 				}
 			}
-		case 'E':
+		case pgwire.ClientExecute:
 			if d.maxRows != 0 {
 				return nil // a row limit: the result comes in parts
 			}
 			executes++
-		case 'F':
+		case pgwire.ClientFunctionCall:
 			return nil
 		}
 	}
@@ -202,7 +203,7 @@ func int16s(v []int) []int16 {
 // with the connection's defaults.
 func (rs *routedSession) sessionSettings() [][2]string {
 	src := rs.home
-	if src == nil || src.up == nil || src.dead != nil || rs.txState != 'I' {
+	if src == nil || src.up == nil || src.dead != nil || rs.txState != pgwire.TxIdle {
 		return nil
 	}
 	sets, err := rs.sessionSETs(src)

@@ -83,7 +83,7 @@ func TestWireRoundTrips(t *testing.T) {
 	if re := encodeDataRow(nil, cols)[5:]; !bytes.Equal(re, body) {
 		t.Fatal("DataRow does not round-trip")
 	}
-	code, msg := errorFields(encodeBackend(t, &pgproto3.ErrorResponse{Severity: "ERROR", Code: "23505", Message: "dup"}))
+	code, msg := pgwire.ErrorFields(encodeBackend(t, &pgproto3.ErrorResponse{Severity: "ERROR", Code: "23505", Message: "dup"}))
 	if code != "23505" || msg != "dup" {
 		t.Fatalf("errorFields: %q %q", code, msg)
 	}
@@ -145,7 +145,7 @@ func FuzzWireDecoders(f *testing.F) {
 				t.Fatalf("DataRow re-encodes differently")
 			}
 		}
-		errorFields(b)
+		pgwire.ErrorFields(b)
 	})
 }
 
