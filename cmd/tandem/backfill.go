@@ -15,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/backfill"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"github.com/vbauerster/mpb/v8"
@@ -77,6 +78,7 @@ func newBackfillCmd() *cobra.Command {
 	dryRun := fs.Bool("dry-run", false, "plan and print what would be copied, write nothing")
 	restart := fs.Bool("restart", false, "forget the tables' checkpoints and copy them again from the start")
 	report := fs.Bool("report", false, "summarise the failures in the migration log and exit")
+	asJSON := fs.Bool("json", false, "print the summary (with --report, the failures) as one JSON document; progress goes to stderr")
 	settle := fs.Duration("settle-timeout", 5*time.Minute, "wait at most this long for the proxy replicas to acknowledge mirror=on and older transactions on old to end")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		cfg, err := flags.Load(os.LookupEnv)
@@ -93,7 +95,7 @@ func newBackfillCmd() *cobra.Command {
 			return err
 		}
 		if *report {
-			return printBackfillReport(ctx, ccfg, out)
+			return printBackfillReport(ctx, ccfg, out, *asJSON)
 		}
 		oldCfg, err := storeConnConfig(cfg, route.Old)
 		if err != nil {
@@ -133,11 +135,21 @@ func newBackfillCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		sum, err := runWithProgress(ctx, eng, out, isTerminal(out))
+		progress := out
+		if *asJSON {
+			progress = cmd.ErrOrStderr()
+		}
+		sum, err := runWithProgress(ctx, eng, progress, isTerminal(progress))
 		if err != nil {
 			return err
 		}
-		printSummary(out, sum, *dryRun)
+		if *asJSON {
+			if err := jsonout.Write(out, backfillSummary{Tables: sum.Tables, Duration: jsonout.Duration(sum.Duration), Failed: sum.Failed, DryRun: *dryRun}); err != nil {
+				return err
+			}
+		} else {
+			printSummary(out, sum, *dryRun)
+		}
 		if sum.Failed {
 			return exitCode(2)
 		}
@@ -250,6 +262,20 @@ func runWithProgress(ctx context.Context, eng *backfill.Engine, out io.Writer, t
 	}
 }
 
+// backfillSummary is what tandem backfill --json prints.
+type backfillSummary struct {
+	Tables   []backfill.TableProgress `json:"tables"`
+	Duration jsonout.Duration         `json:"duration"`
+	Failed   bool                     `json:"failed"` // some rows failed: see tandem backfill --report
+	DryRun   bool                     `json:"dry_run"`
+}
+
+// backfillReport is what tandem backfill --report --json prints.
+type backfillReport struct {
+	Failures []backfill.Failure `json:"failures"` // newest first
+	Failing  int                `json:"failing"`  // not fixed by a later unit
+}
+
 func printSummary(out io.Writer, s backfill.Summary, dry bool) {
 	for _, t := range s.Tables {
 		switch {
@@ -269,7 +295,7 @@ func printSummary(out io.Writer, s backfill.Summary, dry bool) {
 	}
 }
 
-func printBackfillReport(ctx context.Context, ccfg *pgx.ConnConfig, out io.Writer) error {
+func printBackfillReport(ctx context.Context, ccfg *pgx.ConnConfig, out io.Writer, asJSON bool) error {
 	c, err := pgx.ConnectConfig(ctx, ccfg.Copy())
 	if err != nil {
 		return fmt.Errorf("connecting to the control database: %w", err)
@@ -281,11 +307,23 @@ func printBackfillReport(ctx context.Context, ccfg *pgx.ConnConfig, out io.Write
 	}
 	open := 0
 	for _, f := range fs {
+		if !f.Fixed {
+			open++
+		}
+	}
+	if asJSON {
+		if err := jsonout.Write(out, backfillReport{Failures: fs, Failing: open}); err != nil {
+			return err
+		}
+		if open > 0 {
+			return exitCode(2)
+		}
+		return nil
+	}
+	for _, f := range fs {
 		state := "FAILING"
 		if f.Fixed {
 			state = "fixed"
-		} else {
-			open++
 		}
 		fmt.Fprintf(out, "%-8s %s key %s..%s: %d attempts, last %s: %s\n", state, f.Table, strings.Join(f.Lo, ","), strings.Join(f.Hi, ","),
 			f.Attempts, f.Last.Format(time.RFC3339), f.Error)

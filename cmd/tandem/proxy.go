@@ -128,6 +128,10 @@ type runningProxy struct {
 	// adminToken is the admin API's token ("" = none), for in-process
 	// callers such as the demo.
 	adminToken string
+	// history samples /metrics for the status page's charts until
+	// stopHistory; historyDone is closed when it has.
+	stopHistory context.CancelFunc
+	historyDone chan struct{}
 }
 
 // startProxy binds both addresses and starts serving. Addresses with port 0
@@ -207,8 +211,9 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if rt != nil {
 		status = func(ctx context.Context) (any, error) { return collectStatus(ctx, cfg, rt) }
 	}
+	hist := &admin.History{Read: prom.Sums}
 	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: bf, Mismatches: mm,
-		Writers: srv.WriterSessions, Security: sec, Pprof: cfg.AdminAPI.Pprof, Status: status}), log, sopts)
+		Writers: srv.WriterSessions, Security: sec, Pprof: cfg.AdminAPI.Pprof, Status: status, History: hist}), log, sopts)
 	if err != nil {
 		if cp != nil {
 			cp.stop()
@@ -225,6 +230,12 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	}
 	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp, adminToken: sec.Token}
 	rp.live.Store(cfg)
+	hctx, stopHistory := context.WithCancel(context.Background())
+	rp.stopHistory, rp.historyDone = stopHistory, make(chan struct{})
+	go func() {
+		defer close(rp.historyDone)
+		hist.Run(hctx)
+	}()
 	if cp != nil {
 		cp.feedMetrics = fm
 		cp.start(srv, pm, bm)
@@ -326,6 +337,8 @@ func (rp *runningProxy) stop() error {
 	if rp.control != nil {
 		rp.control.stop() // after the sessions: they record drift through its pool
 	}
+	rp.stopHistory()
+	<-rp.historyDone
 	err = errors.Join(err, rp.prom.Shutdown(ctx))
 	rp.log.Info("tandem proxy stopped")
 	return err

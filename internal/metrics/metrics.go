@@ -330,6 +330,7 @@ func CommandVerb(tag []byte) string {
 type Prometheus struct {
 	Provider *sdkmetric.MeterProvider
 	Handler  http.Handler
+	gatherer prometheus.Gatherer
 }
 
 // PromOption configures NewPrometheus.
@@ -403,6 +404,7 @@ func NewPrometheus(opts ...PromOption) (*Prometheus, error) {
 	return &Prometheus{
 		Provider: mp,
 		Handler:  promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
+		gatherer: reg,
 	}, nil
 }
 
