@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bufio"
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -99,107 +98,6 @@ func (ss *session) atSafePoint() bool {
 	return ss.idleLocked()
 }
 
-// backendMsg is one message from a store, or the error that ended reading.
-type backendMsg struct {
-	typ  byte
-	body []byte
-	err  error
-}
-
-// rstore is a routed session's connection to one store.
-type rstore struct {
-	name   string
-	st     *store
-	up     *upstream
-	out    []byte
-	in     chan []backendMsg // batches: every message one read made whole
-	queue  []backendMsg      // the rest of the batch being consumed
-	quit   chan struct{}
-	done   chan struct{}
-	parsed map[string]string // statement name -> text parsed there
-	noRepl bool              // session_replication_role cannot be set here
-	replOK bool              // a replica-mode BEGIN has worked here: later ones are pipelined
-	queued int               // internal requests sent whose replies are still to be read
-	// prepared maps the mirror's statements to their names on this store.
-	prepared  map[string]string
-	nextStmt  int
-	preparing bool
-	dead      error // set once the connection failed
-	// lastTag is the last CommandComplete tag an internal query got, and
-	// txStatus the store's last ReadyForQuery status.
-	lastTag  string
-	txStatus byte
-	// skipping: an extended-protocol message failed and the store discards
-	// every message up to the next Sync.
-	skipping bool
-}
-
-func (u *rstore) start(maxBody int, first io.Reader) {
-	u.in = make(chan []backendMsg, 16)
-	u.quit = make(chan struct{})
-	u.done = make(chan struct{})
-	u.parsed = map[string]string{}
-	r := bufio.NewReaderSize(first, 32<<10)
-	go func() {
-		defer close(u.done)
-		for {
-			// Hand over every message that one read brought in, at once:
-			// one wake-up of the session per read, not per message.
-			typ, body, err := pgwire.ReadMessage(r, maxBody)
-			batch := []backendMsg{{typ: typ, body: body, err: err}}
-			for err == nil && wholeBuffered(r) {
-				typ, body, err = pgwire.ReadMessage(r, maxBody)
-				batch = append(batch, backendMsg{typ: typ, body: body, err: err})
-			}
-			select {
-			case u.in <- batch:
-			case <-u.quit:
-				return
-			}
-			if err != nil {
-				return
-			}
-		}
-	}()
-}
-
-// wholeBuffered reports whether r holds a whole message already.
-func wholeBuffered(r *bufio.Reader) bool {
-	if r.Buffered() < 5 {
-		return false
-	}
-	h, err := r.Peek(5)
-	if err != nil {
-		return false
-	}
-	n := int(int32(uint32(h[1])<<24 | uint32(h[2])<<16 | uint32(h[3])<<8 | uint32(h[4])))
-	return n >= 4 && r.Buffered() >= 1+n
-}
-
-// queueQuery queues a simple Query. PostgreSQL destroys the unnamed
-// statement when it runs one, so the next use of the client's unnamed
-// statement parses it here again.
-func (u *rstore) queueQuery(sql string) {
-	u.out = encodeQuery(u.out, sql)
-	delete(u.parsed, "")
-}
-
-// stop closes the connection, saying goodbye when it is still healthy, and
-// waits for the reader.
-func (u *rstore) stop(goodbye bool) {
-	if u.up == nil {
-		return
-	}
-	if goodbye && u.dead == nil {
-		_ = u.up.conn.SetWriteDeadline(time.Now().Add(time.Second))
-		_, _ = u.up.conn.Write([]byte{'X', 0, 0, 0, 4})
-	}
-	u.up.conn.Close()
-	close(u.quit)
-	<-u.done
-	u.up, u.queue = nil, nil
-}
-
 // clientMsg is one message from the client, or the error that ended reading.
 type clientMsg struct {
 	typ  byte
@@ -263,13 +161,8 @@ type routedSession struct {
 	srv     *Server
 	maxBody int
 	cout    *bufio.Writer
-	hold    []byte // client output held back while a shifted read may still be retried
-	holding bool
-	spilled bool // the held reply grew past maxHold and went to the client
-
-	// controlWrite is the control-schema table the unit analyze last saw
-	// would change ("" = none): refused, see refuseControlWrite.
-	controlWrite string
+	hold    []byte     // client output held back while a shifted read may still be retried
+	reply   replyState // whether output goes to the client or to hold
 
 	clientIn   chan []clientMsg
 	clientQuit chan struct{}
@@ -311,6 +204,20 @@ type routedSession struct {
 	gucDirty bool
 	gucs     [][2]string
 }
+
+// replyState says where the client's output goes while a unit runs.
+type replyState uint8
+
+const (
+	// replyDirect: straight to the client (buffered in cout).
+	replyDirect replyState = iota
+	// replyHeld: into hold, so that a shifted read that fails can be run
+	// again on the primary before the client has seen anything.
+	replyHeld
+	// replySpilled: the held reply grew past maxHold and went to the
+	// client; the rest streams, and the read can no longer be retried.
+	replySpilled
+)
 
 func storeIndexOf(name string) int {
 	if name == "new" {
@@ -542,7 +449,7 @@ func (rs *routedSession) toClient(typ byte, body []byte) {
 	if rs.capture != nil {
 		rs.capture.add(typ, body)
 	}
-	if rs.holding {
+	if rs.reply == replyHeld {
 		rs.hold = appendMsg(rs.hold, typ, body)
 		rs.spillHold()
 		return
@@ -553,7 +460,7 @@ func (rs *routedSession) toClient(typ byte, body []byte) {
 }
 
 func (rs *routedSession) toClientRaw(b []byte) {
-	if rs.holding {
+	if rs.reply == replyHeld {
 		rs.hold = append(rs.hold, b...)
 		rs.spillHold()
 		return
@@ -568,7 +475,7 @@ const maxHold = 1 << 20
 func (rs *routedSession) spillHold() {
 	if len(rs.hold) > maxHold {
 		_, _ = rs.cout.Write(rs.hold)
-		rs.hold, rs.holding, rs.spilled = rs.hold[:0], false, true
+		rs.hold, rs.reply = rs.hold[:0], replySpilled
 	}
 }
 
@@ -591,329 +498,6 @@ func (rs *routedSession) finish(reason error) {
 	}
 	ss.client.Close()
 	<-rs.clientDone
-}
-
-// unit is one request: a Query, a FunctionCall, or extended-protocol
-// messages up to a Sync or Flush.
-type unit struct {
-	msgs []clientMsg
-	end  byte  // 'Q', 'F', 'S', 'H', or the type of a lone message
-	held int64 // bytes counted in Server.buffered for msgs (limits.go)
-}
-
-// collect reads the rest of the request that m starts.
-func (rs *routedSession) collect(m clientMsg) (_ *unit, err error) {
-	u := &unit{msgs: []clientMsg{m}}
-	defer func() {
-		if err != nil {
-			rs.release(u)
-		}
-	}()
-	if err := rs.holdMsg(u, m); err != nil {
-		return nil, err
-	}
-	switch m.typ {
-	case 'Q', 'F', 'S', 'H':
-		u.end = m.typ
-		return u, nil
-	case 'P', 'B', 'D', 'E', 'C':
-	default:
-		u.end = m.typ
-		return u, nil
-	}
-	for {
-		n := rs.nextClient()
-		if n.err != nil {
-			return nil, rs.clientErr(n.err)
-		}
-		switch n.typ {
-		case 'S', 'H':
-			u.msgs = append(u.msgs, n)
-			u.end = n.typ
-			return u, nil
-		case 'P', 'B', 'D', 'E', 'C':
-			u.msgs = append(u.msgs, n)
-			if err := rs.holdMsg(u, n); err != nil {
-				return nil, err
-			}
-		default:
-			// A message that does not belong in an extended-protocol batch
-			// (Query, Terminate...): serve what came before it first.
-			rs.pushback = append([]clientMsg{n}, rs.pushback...)
-			u.end = 'H'
-			return u, nil
-		}
-	}
-}
-
-// store returns the session's connection to the named store, opening it
-// (and bringing its session settings in step with the home store) when
-// needed.
-func (rs *routedSession) store(name route.Store) (*rstore, error) {
-	i := storeIndexOf(string(name))
-	if u := rs.stores[i]; u != nil && u.up != nil && u.dead == nil {
-		return u, nil
-	} else if u != nil && u.up != nil {
-		u.stop(false)
-	}
-	st := rs.srv.old
-	if name == route.New {
-		st = rs.srv.new
-	}
-	if st == nil {
-		return nil, fmt.Errorf("no %s store is configured", name)
-	}
-	timeout := rs.srv.config().Limits.ConnectTimeout.Duration()
-	if name != rs.state.Primary {
-		// A session on the secondary is opened inside a client's request:
-		// it gets the mirror budget, like any other secondary work.
-		timeout = min(timeout, rs.srv.config().Routing.MirrorBudget.Duration())
-	}
-	ctx, cancel := context.WithTimeout(rs.ss.ctx, timeout)
-	up, err := st.connect(ctx, rs.ss.user, rs.ss.database, rs.ss.params)
-	cancel()
-	if err != nil {
-		return nil, err
-	}
-	u := &rstore{name: string(name), st: st, up: up}
-	u.start(rs.maxBody, up.reader)
-	rs.stores[i] = u
-	if err := rs.syncSettings(u); err != nil {
-		rs.ss.log.Warn("could not copy session settings to the second store", "store", name, "error", err)
-	}
-	return u, nil
-}
-
-// syncSettings copies the home session's SET values to u.
-func (rs *routedSession) syncSettings(u *rstore) error {
-	src := rs.home
-	if src == u || src.up == nil || src.dead != nil || rs.txState == 'E' {
-		return nil
-	}
-	if rs.extOpen && src.name == string(rs.state.Primary) {
-		// A simple Query would commit the primary's implicit transaction
-		// (and be skipped after an error in it): leave the SETs.
-		rs.ss.log.Debug("session settings not copied to the second store: the primary's implicit transaction is open", "store", u.name)
-		return nil
-	}
-	// The home store may be inside the client's (or the proxy's own)
-	// transaction: a failure of this read there (a cancel meant for the
-	// client's statement, a statement_timeout) must not abort it.
-	guarded := src.txStatus == 'T'
-	if guarded {
-		if _, err := rs.internalQuery(src, "SAVEPOINT tandem_settings", time.Time{}); err != nil {
-			return err
-		}
-	}
-	sets, err := rs.sessionSETs(src)
-	if guarded {
-		end := "RELEASE SAVEPOINT tandem_settings"
-		if err != nil {
-			end = "ROLLBACK TO SAVEPOINT tandem_settings; RELEASE SAVEPOINT tandem_settings"
-		}
-		if _, gerr := rs.internalQuery(src, end, time.Time{}); gerr != nil && err == nil {
-			err = gerr
-		}
-	}
-	if err != nil {
-		return err
-	}
-	if len(sets) == 0 {
-		return nil
-	}
-	for _, kv := range sets {
-		u.queueQuery(fmt.Sprintf("SELECT pg_catalog.set_config(%s, %s, false)", quoteLiteral(kv[0]), quoteLiteral(kv[1])))
-	}
-	if err := rs.send(u, time.Time{}); err != nil {
-		return err
-	}
-	var firstErr error
-	for range sets {
-		_, err := rs.drainInternal(u, time.Time{})
-		if err != nil && firstErr == nil {
-			firstErr = err
-		}
-		if u.dead != nil {
-			return u.dead
-		}
-	}
-	return firstErr
-}
-
-// sessionSETs returns the settings the session changed on src (name,
-// value), except those a second session must not copy.
-func (rs *routedSession) sessionSETs(src *rstore) ([][2]string, error) {
-	rows, err := rs.internalQuery(src, "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name NOT IN ('session_replication_role', 'transaction_isolation', 'transaction_read_only', 'transaction_deferrable')", time.Time{})
-	if err != nil {
-		return nil, err
-	}
-	var out [][2]string
-	for _, r := range rows {
-		if len(r) == 2 && r[0] != nil && r[1] != nil {
-			out = append(out, [2]string{*r[0], *r[1]})
-		}
-	}
-	return out, nil
-}
-
-// quoteLiteral quotes s as an SQL literal that means s whatever
-// standard_conforming_strings is, as PostgreSQL's quote_literal does: a
-// value with a backslash becomes an E'...' string with it doubled.
-func quoteLiteral(s string) string {
-	q := strings.ReplaceAll(s, "'", "''")
-	if strings.Contains(s, `\`) {
-		return "E'" + strings.ReplaceAll(q, `\`, `\\`) + "'"
-	}
-	return "'" + q + "'"
-}
-
-// send writes u's queued output.
-func (rs *routedSession) send(u *rstore, deadline time.Time) error {
-	if len(u.out) == 0 {
-		return nil
-	}
-	_ = u.up.conn.SetWriteDeadline(deadline)
-	_, err := u.up.conn.Write(u.out)
-	u.out = u.out[:0]
-	if err != nil {
-		u.dead = err
-		return err
-	}
-	return nil
-}
-
-var errSkipping = errors.New("the store is discarding messages up to the client's next Sync")
-
-var errBudget = errors.New("the secondary store exceeded the mirror latency budget")
-
-// recv returns u's next message; a zero deadline waits as long as it takes.
-func (rs *routedSession) recv(u *rstore, deadline time.Time) (backendMsg, error) {
-	if u.dead != nil {
-		return backendMsg{}, u.dead
-	}
-	if len(u.queue) > 0 {
-		m := u.queue[0]
-		u.queue = u.queue[1:]
-		if m.err != nil {
-			u.dead = m.err
-			return m, m.err
-		}
-		u.note(m)
-		return m, nil
-	}
-	var timeout <-chan time.Time
-	if !deadline.IsZero() {
-		t := time.NewTimer(time.Until(deadline))
-		defer t.Stop()
-		timeout = t.C
-	}
-	select {
-	case b := <-u.in:
-		m := b[0]
-		u.queue = b[1:]
-		if m.err != nil {
-			u.dead = m.err
-			return m, m.err
-		}
-		u.note(m)
-		return m, nil
-	case <-timeout:
-		u.dead = errBudget
-		return backendMsg{}, errBudget
-	case <-rs.ss.killCh:
-		return backendMsg{}, rs.ss.killErr
-	}
-}
-
-// note keeps the store's transaction status from its ReadyForQuery.
-func (u *rstore) note(m backendMsg) {
-	if m.typ == 'Z' && len(m.body) == 1 {
-		u.txStatus = m.body[0]
-		u.skipping = false
-	}
-}
-
-// storeError is an ErrorResponse from a store for an internal statement.
-type storeError struct {
-	store, code, message string
-}
-
-func (e *storeError) Error() string {
-	return fmt.Sprintf("%s store: %s (SQLSTATE %s)", e.store, e.message, e.code)
-}
-
-// drainInternal reads one internal request's replies up to ReadyForQuery,
-// returning its rows (text) and its first error.
-func (rs *routedSession) drainInternal(u *rstore, deadline time.Time) ([][]*string, error) {
-	for u.queued > 0 {
-		// Replies to requests sent ahead without waiting (a pipelined
-		// BEGIN): an error there is this request's error too.
-		u.queued--
-		if _, err := rs.drainOne(u, deadline); err != nil {
-			for ; u.queued > 0; u.queued-- {
-				if _, e := rs.drainOne(u, deadline); e != nil && u.dead != nil {
-					return nil, e
-				}
-			}
-			_, _ = rs.drainOne(u, deadline)
-			return nil, err
-		}
-	}
-	return rs.drainOne(u, deadline)
-}
-
-func (rs *routedSession) drainOne(u *rstore, deadline time.Time) ([][]*string, error) {
-	var rows [][]*string
-	var firstErr error
-	var cols [][]byte
-	for {
-		m, err := rs.recv(u, deadline)
-		if err != nil {
-			return nil, err
-		}
-		switch m.typ {
-		case 'D':
-			cols, err = splitDataRow(m.body, cols)
-			if err != nil {
-				return nil, err
-			}
-			row := make([]*string, len(cols))
-			for i, c := range cols {
-				if c != nil {
-					s := string(c)
-					row[i] = &s
-				}
-			}
-			rows = append(rows, row)
-		case 'E':
-			if firstErr == nil {
-				code, msg := errorFields(m.body)
-				firstErr = &storeError{store: u.name, code: code, message: msg}
-			}
-		case 'A', 'S':
-			// A notification or parameter change caused by the proxy's own
-			// COMMIT or SET on the store serving the client is the client's.
-			if u.name == string(rs.state.Primary) {
-				rs.toClient(m.typ, m.body)
-			}
-		case 'C':
-			u.lastTag = tagString(m.body)
-		case 'Z':
-			return rows, firstErr
-		}
-	}
-}
-
-// internalQuery runs sql on u with the simple protocol and returns its rows.
-func (rs *routedSession) internalQuery(u *rstore, sql string, deadline time.Time) ([][]*string, error) {
-	if u.skipping {
-		return nil, errSkipping
-	}
-	u.queueQuery(sql)
-	if err := rs.send(u, deadline); err != nil {
-		return nil, err
-	}
-	return rs.drainInternal(u, deadline)
 }
 
 // setWriter keeps the server's count of sessions in a transaction or a
@@ -978,125 +562,4 @@ func (rs *routedSession) endUnit(status byte) {
 	default:
 		rs.setWriter(true)
 	}
-}
-
-// statementsOf returns the statements a unit runs, with the Bind of each
-// Execute (nil for a Query).
-func (rs *routedSession) analyze(u *unit) (kinds []classify.Kind, pureRead bool, tables []string) {
-	pureRead = true
-	rs.controlWrite = ""
-	note := func(si *stmtInfo) {
-		if si == nil || si.plan == nil || si.plan.Err != nil {
-			kinds = append(kinds, classify.Unknown)
-			pureRead = false
-			return
-		}
-		for _, st := range si.plan.Stmts {
-			kinds = append(kinds, st.Kind)
-			if st.Kind != classify.Read {
-				pureRead = false
-				if t := controlTable(st.Tables); t != "" && rs.controlWrite == "" {
-					rs.controlWrite = t
-				}
-			}
-			tables = append(tables, st.Tables...)
-		}
-	}
-	local := map[string]*stmtInfo{}
-	portals := map[string]*stmtInfo{}
-	for _, m := range u.msgs {
-		switch m.typ {
-		case 'Q':
-			sql := strings.TrimSuffix(string(m.body), "\x00")
-			note(&stmtInfo{sql: sql, plan: rs.srv.classifier.Plan(sql)})
-		case 'P':
-			p, err := decodeParse(m.body)
-			if err != nil {
-				pureRead = false
-				continue
-			}
-			local[p.name] = &stmtInfo{sql: p.sql, plan: rs.srv.classifier.Plan(p.sql)}
-		case 'B':
-			b, err := decodeBind(m.body)
-			if err != nil {
-				pureRead = false
-				continue
-			}
-			si := local[b.stmt]
-			if si == nil {
-				si = rs.stmts[b.stmt]
-			}
-			portals[b.portal] = si
-		case 'E':
-			r := msgReader{b: m.body}
-			name := r.cstring()
-			si, ok := portals[name]
-			if !ok {
-				if p := rs.portals[name]; p != nil {
-					si = p.stmt
-				}
-			}
-			note(si)
-		case 'F':
-			kinds = append(kinds, classify.Unknown)
-			pureRead = false
-		}
-	}
-	if len(kinds) == 0 {
-		pureRead = false // a bare Sync or Flush belongs to the primary's session
-	}
-	return kinds, pureRead, tables
-}
-
-// readStore picks the store that serves an eligible read.
-func (rs *routedSession) readStore(tables []string) route.Store {
-	st := rs.state
-	if rs.srv.reshaped(tables) {
-		return route.Old // written for old's shape
-	}
-	if rs.srv.driftBlocks(tables) {
-		return st.Primary // the secondary may be missing writes
-	}
-	if rs.bucket < st.Reads {
-		return route.New
-	}
-	return route.Old
-}
-
-// reshaped reports whether any of tables (as written) maps to a new table
-// of another name or shape: a read written for old cannot run on new.
-func (s *Server) reshaped(tables []string) bool {
-	ms := s.mappings.Load()
-	if ms == nil {
-		return false
-	}
-	for _, t := range tables {
-		if m := ms.ForOld(writtenName(t)); m != nil && !m.Identity() {
-			return true
-		}
-	}
-	return false
-}
-
-// driftBlocks reports whether any of tables has open drift.
-func (s *Server) driftBlocks(tables []string) bool {
-	m := s.drift.Load()
-	if m == nil || len(*m) == 0 {
-		return false
-	}
-	for _, t := range tables {
-		t = strings.ToLower(strings.ReplaceAll(t, `"`, ""))
-		if (*m)[t] {
-			return true
-		}
-		if !strings.Contains(t, ".") && (*m)["public."+t] {
-			return true
-		}
-		for k := range *m {
-			if i := strings.LastIndexByte(k, '.'); i >= 0 && k[i+1:] == t {
-				return true
-			}
-		}
-	}
-	return false
 }

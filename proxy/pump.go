@@ -183,7 +183,8 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 		u.queueQuery("BEGIN")
 		p.q = append(p.q, &expectation{kind: expIntQuery})
 	}
-	for _, m := range un.msgs {
+	for i, m := range un.msgs {
+		d := &un.dec[i]
 		if u.skipping && m.typ != 'S' {
 			// An earlier message of the batch failed: the store discards
 			// everything up to the Sync, and nothing of it takes effect.
@@ -192,8 +193,7 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 		}
 		switch m.typ {
 		case 'Q':
-			sql := strings.TrimSuffix(string(m.body), "\x00")
-			plan := rs.srv.classifier.Plan(sql)
+			sql, plan := d.sql, d.plan
 			send := sql
 			rewr := collect && plan.Err == nil && plan.SQL != sql
 			if rewr {
@@ -206,10 +206,10 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 			u.out = appendMsg(u.out, 'F', m.body)
 			p.q = append(p.q, &expectation{kind: expFunc})
 		case 'P':
-			pm, err := decodeParse(m.body)
-			if err != nil {
+			if d.err != nil {
 				return nil, errMalformedClient
 			}
+			pm := d.parse
 			prevSI, hadSI := rs.stmts[pm.name]
 			if hadSI && pm.name != "" {
 				// The name is taken: make sure the store knows it, so that
@@ -219,7 +219,7 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 				p.forget(pm.name)
 			}
 			prevParsed, hadParsed := u.parsed[pm.name]
-			si := &stmtInfo{name: pm.name, sql: pm.sql, oids: pm.oids, plan: rs.srv.classifier.Plan(pm.sql), marker: -1}
+			si := &stmtInfo{name: pm.name, sql: pm.sql, oids: pm.oids, plan: d.plan, marker: -1}
 			rs.stmts[pm.name] = si
 			want, rewr := rs.desiredSQL(si, u)
 			u.out = encodeParse(u.out, pm.name, want, rs.storeOIDs(u, pm.oids))
@@ -246,10 +246,10 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 				p.q = append(p.q, &expectation{kind: expIntDesc, si: si})
 			}
 		case 'B':
-			b, err := decodeBind(m.body)
-			if err != nil {
+			if d.err != nil {
 				return nil, errMalformedClient
 			}
+			b := d.bind
 			si := rs.stmts[b.stmt]
 			p.forget(b.stmt)
 			p.ensureParsed(si)
@@ -302,10 +302,8 @@ func (rs *routedSession) runUnit(u *rstore, un *unit, wrap, collect bool) (*unit
 				p.q = append(p.q, &expectation{kind: expDescPortal, portal: rs.portals[name]})
 			}
 		case 'E':
-			r := msgReader{b: m.body}
-			name := r.cstring()
 			u.out = appendMsg(u.out, 'E', m.body)
-			p.q = append(p.q, &expectation{kind: expExecute, portal: rs.portals[name]})
+			p.q = append(p.q, &expectation{kind: expExecute, portal: rs.portals[d.portal]})
 		case 'C':
 			if len(m.body) < 2 {
 				return nil, errMalformedClient

@@ -1,0 +1,431 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/tandemdb/tandem/internal/classify"
+	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/table"
+)
+
+// The apply step: how a write the primary ran is applied on the secondary.
+// A statement whose row images came back is applied by key from the
+// images (planImage); a table under a schema mapping gets the mapped
+// statements (planMapped); a table without a key, DDL and what the proxy
+// cannot rewrite replay the statement's text (or, with the change feed on,
+// are left to the feed). planWrite chooses; mirrorWrite (secondary.go)
+// runs the result.
+
+func overflowOf(ev *event) bool { return ev.image != nil && ev.image.overflow }
+
+// planWrite returns the drift entries a write stands for and the function
+// that applies it to the secondary.
+func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore) error, error) {
+	ctx := rs.ss.ctx
+	if ev.image != nil && len(ev.image.fields) > 0 && ev.image.fields[0].tableOID != 0 {
+		pstore, sstore := rs.srv.old, rs.srv.new
+		if rs.state.Primary == route.New {
+			pstore, sstore = rs.srv.new, rs.srv.old
+		}
+		pc, err := rs.srv.catalogFor(ctx, pstore, rs.ss.database)
+		if err != nil {
+			return nil, nil, err
+		}
+		pm, err := pc.cache.ByOID(ctx, pc.pool, ev.image.fields[0].tableOID)
+		if err != nil {
+			return nil, nil, err
+		}
+		if privateSchema(pm.Name.Schema) {
+			return nil, nil, errOutOfScope // a temporary table: the session's own
+		}
+		g, err := rs.srv.fkGraphOf(ctx, pc)
+		if err != nil {
+			return []table.DriftEntry{{Table: pm.Name, Reason: "mirror failed"}}, nil, err
+		}
+		if ms := rs.srv.mappings.Load(); ms != nil {
+			var m *table.Mapping
+			if rs.state.Primary == route.Old {
+				if !ms.InScope(pm.Name) {
+					return nil, nil, errOutOfScope
+				}
+				m = ms.ForOld(pm.Name)
+			} else if m = ms.ForNew(pm.Name); m == nil {
+				return nil, nil, errOutOfScope
+			}
+			if m == nil {
+				entries := []table.DriftEntry{{Table: pm.Name, Reason: "the table's mapping has problems"}}
+				return entries, nil, fmt.Errorf("table %s is in scope but its mapping has problems (see the proxy's log or tandem plan)", pm.Name)
+			}
+			if !m.Identity() && pm.HasKey() {
+				return rs.planMapped(ev, pm, m, g)
+			}
+		}
+		if pm.HasKey() {
+			return rs.planImage(ev, pm, sstore, g)
+		}
+		rs.srv.metrics.R().Fallback(ctx, "no_key")
+		entries := []table.DriftEntry{{Table: pm.Name, Reason: "no primary key"}}
+		return entries, rs.statementApplier(ev), nil
+	}
+	reason := "not_rewritable"
+	if ev.stmt != nil && ev.stmt.Kind == classify.DDL {
+		reason = "ddl"
+	} else if ev.stmt == nil || ev.stmt.Kind == classify.Unknown {
+		reason = "unknown"
+	}
+	rs.srv.metrics.R().Fallback(ctx, reason)
+	// With the change feed, a write whose effects the proxy cannot know
+	// (DO, CALL, a function that writes, what does not parse) is not run
+	// again on the secondary: run there, its defaults and sequences would
+	// make rows of their own, which the feed never sees (they are not in
+	// the primary's WAL). The feed checks what it did on the primary,
+	// key by key, and the repairer copies it (design section 10).
+	replay := reason == "ddl" || !rs.srv.config().Feed.Enabled
+	if reason != "ddl" {
+		fp := ""
+		if ev.stmt != nil {
+			fp = ev.stmt.Fingerprint
+		}
+		if replay {
+			rs.ss.log.Info("write mirrored as statement text", "reason", reason, "fingerprint", fp)
+		} else {
+			rs.ss.log.Debug("write left to the change feed", "reason", reason, "fingerprint", fp)
+		}
+	}
+	var entries []table.DriftEntry
+	if ev.stmt != nil {
+		why := "statement mirrored"
+		if reason == "ddl" {
+			// Should the DDL fail on the secondary (a TRUNCATE, an ALTER
+			// TABLE behind a lock held there), the tables it names are
+			// drift, named by its tag.
+			tag := ev.tag
+			if tag == "" {
+				tag = "DDL"
+			}
+			why = tag + " failed on the secondary"
+		}
+		for _, t := range ev.stmt.Tables {
+			if rs.isTemp(t) {
+				continue
+			}
+			entries = append(entries, table.DriftEntry{Table: writtenName(t), Reason: why})
+		}
+	}
+	if !replay {
+		return entries, func(*rstore) error { return nil }, nil
+	}
+	return entries, rs.statementApplier(ev), nil
+}
+
+// privateSchema reports whether schema holds session-private or internal
+// relations, which are never part of a migration.
+func privateSchema(schema string) bool {
+	return strings.HasPrefix(schema, "pg_temp") || strings.HasPrefix(schema, "pg_toast") || schema == "pg_catalog" || schema == "information_schema"
+}
+
+// writtenName turns a table name as written into a ledger name (public
+// when unqualified).
+func writtenName(t string) table.Name {
+	t = strings.ReplaceAll(t, `"`, "")
+	if i := strings.LastIndexByte(t, '.'); i >= 0 {
+		return table.Name{Schema: t[:i], Table: t[i+1:]}
+	}
+	return table.Name{Schema: "public", Table: t}
+}
+
+// statementApplier mirrors a write by running its text (with its
+// parameters) on the secondary.
+func (rs *routedSession) statementApplier(ev *event) func(*rstore) error {
+	return func(sec *rstore) error {
+		if ev.sql == "" {
+			return errors.New("the statement's text is unknown to the proxy")
+		}
+		deadline := rs.budget()
+		if ev.bind == nil {
+			_, err := rs.internalQuery(sec, ev.sql, deadline)
+			return err
+		}
+		b := *ev.bind
+		b.portal, b.stmt, b.resultFormats = "", "", nil
+		sec.out = encodeParse(sec.out, "", ev.sql, rs.storeOIDs(sec, rs.stmtOIDs(ev)))
+		sec.out = encodeBind(sec.out, b)
+		sec.out = encodeExecute(sec.out, "", 0)
+		sec.out = append(sec.out, syncMsg...)
+		if err := rs.send(sec, deadline); err != nil {
+			return err
+		}
+		_, err := rs.drainInternal(sec, deadline)
+		return err
+	}
+}
+
+func (rs *routedSession) stmtOIDs(ev *event) []uint32 {
+	if ev.bind != nil {
+		if si := rs.stmts[ev.bind.stmt]; si != nil {
+			return si.oids
+		}
+	}
+	return nil
+}
+
+// imageKeys returns the image's column names, where pm's key columns sit
+// among them, and one drift entry per row (by key), should the mirror fail.
+func imageKeys(pm *table.Meta, img *imageSet) (names []string, keyPos []int, entries []table.DriftEntry, err error) {
+	names = make([]string, len(img.fields))
+	for i, f := range img.fields {
+		names[i] = f.name
+	}
+	keyPos = make([]int, len(pm.Key))
+	for i, k := range pm.KeyNames() {
+		if keyPos[i] = slices.Index(names, k); keyPos[i] < 0 {
+			return nil, nil, nil, fmt.Errorf("row image of %s lacks key column %q", pm.Name, k)
+		}
+	}
+	entries = make([]table.DriftEntry, 0, len(img.rows))
+	for _, row := range img.rows {
+		key := make([]string, len(keyPos))
+		for i, p := range keyPos {
+			key[i] = string(row[p])
+		}
+		entries = append(entries, table.DriftEntry{Table: pm.Name, Key: key, Reason: "mirror failed"})
+	}
+	return names, keyPos, entries, nil
+}
+
+// overflowed is the plan of a statement whose images were not held: the
+// table is drift, and nothing is applied.
+func overflowed(pm *table.Meta, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
+	entries := []table.DriftEntry{{Table: pm.Name, Reason: "row images over the memory bound"}}
+	all := make([]string, len(pm.Columns))
+	for i, c := range pm.Columns {
+		all[i] = c.Name
+	}
+	for _, e := range append(g.deleteDrift(pm.Name), g.updateDrift(pm.Name, all)...) {
+		e.Reason = "row images over the memory bound"
+		entries = append(entries, e)
+	}
+	return entries, func(*rstore) error { return nil }, nil
+}
+
+// batches calls fn with the rows of img in batches of at most 1000 rows
+// and 60000 parameters of width columns each.
+func batches(rows [][][]byte, width int, fn func(rows [][][]byte) error) error {
+	per := max(1, min(1000, 60000/max(width, 1)))
+	for start := 0; start < len(rows); start += per {
+		if err := fn(rows[start:min(start+per, len(rows))]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// rowParams flattens the columns at pos of rows, row-major (pos nil: all).
+func rowParams(rows [][][]byte, pos []int) [][]byte {
+	var out [][]byte
+	for _, r := range rows {
+		if pos == nil {
+			out = append(out, r...)
+			continue
+		}
+		for _, p := range pos {
+			out = append(out, r[p])
+		}
+	}
+	return out
+}
+
+// planImage builds the upserts (or deletes) that apply row images to a
+// table that maps to itself.
+func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
+	img := ev.image
+	if img.overflow {
+		return overflowed(pm, g)
+	}
+	names, keyPos, entries, err := imageKeys(pm, img)
+	if err != nil {
+		return nil, nil, err
+	}
+	updActs := rs.mustForUpdate(ev, pm, g, true)
+	if len(updActs) > 0 {
+		// Should the mirror fail, so did the actions.
+		entries = append(entries, g.updateDrift(pm.Name, ev.stmt.Image.SetColumns)...)
+	}
+	del := isDelete(ev)
+	actions := del && len(img.rows) > 0 && len(g.deleteActions(pm.Name)) > 0
+	if actions {
+		// Should the mirror fail, the children the actions reach are drift
+		// too.
+		entries = append(entries, g.deleteDrift(pm.Name)...)
+	}
+	apply := func(sec *rstore) (err error) {
+		if len(img.rows) == 0 {
+			return nil
+		}
+		ctx := rs.ss.ctx
+		sc, err := rs.srv.catalogFor(ctx, sstore, rs.ss.database)
+		if err != nil {
+			return err
+		}
+		sm, err := sc.cache.ByName(ctx, sc.pool, pm.Name)
+		if err != nil {
+			return err
+		}
+		var cols []string
+		var pos []int
+		for i, n := range names {
+			if j, ok := sm.Column(n); ok && !sm.Columns[j].Generated {
+				cols = append(cols, n)
+				pos = append(pos, i)
+			} else if !ok {
+				return fmt.Errorf("column %q of %s is missing on the %s store", n, pm.Name, sec.name)
+			}
+		}
+		// Every image is upserted, a deleted row's too: INSERT ... ON
+		// CONFLICT waits for a transaction that is inserting the same key
+		// on the secondary, where a DELETE would not see the uncommitted
+		// row and so would miss it when that insert commits after.
+		if actions {
+			defer func() {
+				if err != nil {
+					return
+				}
+				// PostgreSQL's own actions do not fire in replica mode:
+				// apply them here, after the parent's rows are gone.
+				var drift []table.DriftEntry
+				drift, err = rs.applyDeleteActions(sec, g, fkDeleted{table: pm.Name, cols: names, rows: img.rows})
+				rs.must = append(rs.must, drift...)
+				if err != nil {
+					rs.ss.log.Warn("could not apply ON DELETE actions on the secondary", "table", pm.Name, "error", err)
+				}
+			}()
+		}
+		if len(updActs) > 0 {
+			// Before the row images, while the secondary's rows still hold
+			// the old referenced values the children match.
+			if !rs.tx.open || sec.noRepl {
+				// Outside replica mode PostgreSQL's own actions fire.
+				updActs = nil
+			} else if err := rs.queueUpdateActions(sec, pm, updActs, names, img.rows); err != nil {
+				return err
+			}
+		}
+		err = batches(img.rows, len(cols), func(rows [][][]byte) error {
+			sql, err := table.UpsertSQL(sm, cols, len(rows))
+			if err != nil {
+				return err
+			}
+			rs.queueExec(sec, sql, rowParams(rows, pos))
+			if !del {
+				return nil
+			}
+			if sql, err = table.DeleteSQL(sm, len(rows)); err != nil {
+				return err
+			}
+			rs.queueExec(sec, sql, rowParams(rows, keyPos))
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		err = rs.execQueued(sec)
+		return err
+	}
+	return entries, apply, nil
+}
+
+// mustForUpdate adds to rs.must what an update or upsert of pm causes that
+// lockstep cannot follow: a changed key (the old keys are not in the row
+// image, so the secondary would keep them: the repairer removes them), and
+// changed referenced columns with ON UPDATE actions.
+//
+// With lockstep set, ON UPDATE actions of a write that keeps its keys are
+// not recorded but returned, for the applier to run on the secondary
+// before the row images (see queueUpdateActions).
+func (rs *routedSession) mustForUpdate(ev *event, pm *table.Meta, g *fkGraph, lockstep bool) []fkAction {
+	st := ev.stmt
+	if st == nil || st.Image == nil || st.Image.Op == "delete" || len(st.Image.SetColumns) == 0 || ev.image == nil || len(ev.image.rows) == 0 {
+		return nil
+	}
+	keyChange := false
+	for _, c := range st.Image.SetColumns {
+		if j, ok := pm.Column(c); ok && slices.Contains(pm.Key, j) {
+			rs.must = append(rs.must, table.DriftEntry{Table: pm.Name, Reason: "key columns updated"})
+			keyChange = true
+			break
+		}
+	}
+	if !lockstep || keyChange {
+		rs.must = append(rs.must, g.updateDrift(pm.Name, st.Image.SetColumns)...)
+		return nil
+	}
+	acts := g.updateActions(pm.Name, st.Image.SetColumns)
+	for _, f := range acts {
+		// The children's columns the action changes may be referenced
+		// with ON UPDATE actions in turn (rare): the ledger.
+		rs.must = append(rs.must, g.updateDrift(f.child, f.childCols)...)
+	}
+	return acts
+}
+
+func isDelete(ev *event) bool {
+	return ev.stmt != nil && ev.stmt.Image != nil && ev.stmt.Image.Op == "delete"
+}
+
+// planMapped applies row images through a declared table mapping: forward
+// (old -> new) while old is primary, reverse after the write flip. The
+// server evaluates the mapping's expressions; a deleted row's image is
+// upserted first, as in planImage.
+func (rs *routedSession) planMapped(ev *event, pm *table.Meta, m *table.Mapping, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
+	img := ev.image
+	if img.overflow {
+		return overflowed(pm, g)
+	}
+	names, _, entries, err := imageKeys(pm, img)
+	if err != nil {
+		return nil, nil, err
+	}
+	rs.mustForUpdate(ev, pm, g, false)
+	if isDelete(ev) && len(img.rows) > 0 {
+		// The children of a mapped table live under their mapped names
+		// on the secondary: their ON DELETE actions go to the ledger.
+		for _, e := range g.deleteDrift(pm.Name) {
+			e.Reason = "ON DELETE action through a table mapping"
+			rs.must = append(rs.must, e)
+		}
+	}
+	upsert, remove := m.ForwardUpsertSQL, m.ForwardDeleteSQL
+	if rs.state.Primary != route.Old {
+		upsert, remove = m.ReverseUpsertSQL, m.ReverseDeleteSQL
+	}
+	del := isDelete(ev)
+	apply := func(sec *rstore) error {
+		if len(img.rows) == 0 {
+			return nil
+		}
+		err := batches(img.rows, len(names), func(rows [][][]byte) error {
+			params := rowParams(rows, nil)
+			sql, err := upsert(names, len(rows))
+			if err != nil {
+				return err
+			}
+			rs.queueExec(sec, sql, params)
+			if !del {
+				return nil
+			}
+			if sql, err = remove(names, len(rows)); err != nil {
+				return err
+			}
+			rs.queueExec(sec, sql, params)
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		return rs.execQueued(sec)
+	}
+	return entries, apply, nil
+}
