@@ -327,7 +327,9 @@ func (rs *routedSession) serve(un *unit) error {
 				WithHint("The control database is unreachable; retry once it is back.")
 		}
 	}
+	endPrimary := rs.traceStep(spanPrimary, st.Primary)
 	res, err := rs.runUnit(prim, un, wrap, mirror)
+	endPrimary(err)
 	if err != nil {
 		if mirror && !wrap && (un.commits || rs.extOpen && un.end != 'H') {
 			rs.commitUnknown(err)

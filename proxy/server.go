@@ -24,6 +24,7 @@ import (
 	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/pgwire"
 	"github.com/tandemdb/tandem/internal/table"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
@@ -44,6 +45,9 @@ type Options struct {
 	// RecordMismatch stores a confirmed shadow-read mismatch in the control
 	// schema. Nil: mismatches are only logged and counted.
 	RecordMismatch func(ctx context.Context, r mismatch.Record) error
+	// Tracer records a span per client unit of a routed session (trace.go);
+	// nil records none, at the cost of a nil check per step.
+	Tracer trace.Tracer
 }
 
 // TestingKnobs are injection points for tests; the zero value is production
@@ -100,7 +104,8 @@ type Server struct {
 	held         heldDrift // drift not yet recorded though its write committed (held.go)
 	classifier   *classify.Classifier
 	mappings     atomic.Pointer[table.Mappings]
-	shadow       *shadower // nil without a new store
+	shadow       *shadower    // nil without a new store
+	tracer       trace.Tracer // nil: no spans (trace.go)
 }
 
 type cancelKey struct {
@@ -144,6 +149,7 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 	s.routing.init()
 	s.breaker = newBreaker(s)
 	s.recordDrift = opts.RecordDrift
+	s.tracer = opts.Tracer
 	s.classifier = opts.Classifier
 	if s.classifier == nil {
 		s.classifier = classify.New(10000)

@@ -19,6 +19,7 @@ import (
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/tracing"
 	"github.com/tandemdb/tandem/internal/version"
 	"github.com/tandemdb/tandem/proxy"
 	"golang.org/x/sync/errgroup"
@@ -122,6 +123,7 @@ type runningProxy struct {
 	srv      *proxy.Server
 	admin    *admin.Server
 	prom     *metrics.Prometheus
+	tracing  *tracing.Provider // nil: tracing is off
 	listener net.Listener
 	g        *errgroup.Group
 	control  *controlPlane // nil without a new store
@@ -156,7 +158,18 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	opts := proxy.Options{Logger: log, Metrics: pm}
+	tp, err := tracing.New(tracing.Options{Endpoint: cfg.Tracing.Endpoint, SampleRatio: cfg.Tracing.SampleRatio, Insecure: cfg.Tracing.Insecure,
+		Headers: tracing.ParseHeaders(cfg.Tracing.Headers), Version: bi.Version, Replica: replicaID(cfg)})
+	if err != nil {
+		return nil, err
+	}
+	started := false
+	defer func() {
+		if !started {
+			_ = tp.Shutdown(context.Background()) // a start that failed leaves no exporter running
+		}
+	}()
+	opts := proxy.Options{Logger: log, Metrics: pm, Tracer: tp.Tracer()}
 	// With a new store, the proxy follows the routing state in the control
 	// schema; without one it stays in passthrough and needs no control database.
 	var cp *controlPlane
@@ -228,7 +241,7 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 		}
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
-	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp, adminToken: sec.Token}
+	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp, adminToken: sec.Token, tracing: tp}
 	rp.live.Store(cfg)
 	hctx, stopHistory := context.WithCancel(context.Background())
 	rp.stopHistory, rp.historyDone = stopHistory, make(chan struct{})
@@ -249,7 +262,8 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	})
 	log.Info("tandem proxy started", "listen", ln.Addr().String(), "admin", adm.Addr(),
 		"old", config.RedactDSN(cfg.Old.DSN), "auth", cfg.Auth.Method, "tls", cfg.TLS.Cert != "",
-		"admin_token", cfg.AdminAPI.TokenFile != "", "admin_tls", cfg.AdminAPI.TLSCert != "")
+		"admin_token", cfg.AdminAPI.TokenFile != "", "admin_tls", cfg.AdminAPI.TLSCert != "", "tracing", cfg.Tracing.Endpoint != "")
+	started = true
 	return rp, nil
 }
 
@@ -339,7 +353,7 @@ func (rp *runningProxy) stop() error {
 	}
 	rp.stopHistory()
 	<-rp.historyDone
-	err = errors.Join(err, rp.prom.Shutdown(ctx))
+	err = errors.Join(err, rp.prom.Shutdown(ctx), rp.tracing.Shutdown(ctx))
 	rp.log.Info("tandem proxy stopped")
 	return err
 }
