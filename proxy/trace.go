@@ -90,6 +90,11 @@ func (rs *routedSession) traceUnit(un *unit) func(error) {
 		attrs = append(attrs, semconv.DBNamespace(db))
 	}
 	ctx, span := tr.Start(ctx, spanUnit, trace.WithSpanKind(trace.SpanKindServer), trace.WithAttributes(attrs...))
+	if !span.IsRecording() {
+		// Not sampled: its steps would not be either; skip them.
+		span.End()
+		return noEnd
+	}
 	rs.trace = unitTrace{ctx: ctx, span: span}
 	return func(err error) {
 		span.SetAttributes(keyVersion.Int64(rs.state.Version), keyPrimary.String(string(rs.state.Primary)))

@@ -212,3 +212,73 @@ func TestTraceFenceWait(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkTraceOverhead: BenchmarkMirrorAutocommit's plain case (an
+// autocommit INSERT, UPDATE and DELETE, mirrored) with tracing off (no
+// tracer: the default), with a tracer that samples nothing, and with
+// every unit sampled and exported to a no-op exporter.
+func BenchmarkTraceOverhead(b *testing.B) {
+	for _, tc := range []struct {
+		name    string
+		sampler sdktrace.Sampler // nil: no tracer
+	}{
+		{"off", nil},
+		{"never_sampled", sdktrace.NeverSample()},
+		{"sampled", sdktrace.AlwaysSample()},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			var opts Options
+			if tc.sampler != nil {
+				tp := sdktrace.NewTracerProvider(sdktrace.WithSampler(tc.sampler), sdktrace.WithSyncer(tracetest.NewNoopExporter()))
+				b.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
+				opts.Tracer = tp.Tracer("bench")
+			}
+			e := newPairEnvWith(b, sharedNew(b), opts, `CREATE TABLE bw (id int PRIMARY KEY, v int)`)
+			e.set(route.Settings{Primary: route.Old, Mirror: true})
+			c := e.client()
+			ctx := context.Background()
+			b.ResetTimer()
+			for i := range b.N {
+				if _, err := c.Exec(ctx, `INSERT INTO bw VALUES ($1, 0)`, i); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := c.Exec(ctx, `UPDATE bw SET v = v + 1 WHERE id = $1`, i); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := c.Exec(ctx, `DELETE FROM bw WHERE id = $1`, i); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkTraceSteps: the tracing calls one mirrored unit makes (the
+// unit, the primary, the secondary, its commit, the ledger), without a
+// database: "off" is the cost every unit pays by default.
+func BenchmarkTraceSteps(b *testing.B) {
+	for _, tc := range []struct {
+		name    string
+		sampler sdktrace.Sampler
+	}{{"off", nil}, {"never_sampled", sdktrace.NeverSample()}, {"sampled", sdktrace.AlwaysSample()}} {
+		b.Run(tc.name, func(b *testing.B) {
+			srv := &Server{}
+			if tc.sampler != nil {
+				tp := sdktrace.NewTracerProvider(sdktrace.WithSampler(tc.sampler), sdktrace.WithSyncer(tracetest.NewNoopExporter()))
+				b.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
+				srv.tracer = tp.Tracer("bench")
+			}
+			rs := &routedSession{srv: srv, ss: &session{ctx: context.Background()}}
+			un := &unit{}
+			b.ReportAllocs()
+			for b.Loop() {
+				end := rs.traceUnit(un)
+				rs.traceStep(spanPrimary, route.Old)(nil)
+				rs.traceStep(spanSecondary, route.New)(nil)
+				rs.traceStep(spanSecondaryCommit, route.New)(nil)
+				rs.traceStep(spanLedger, "")(nil)
+				end(nil)
+			}
+		})
+	}
+}
