@@ -165,6 +165,11 @@ func TestJSONOutputs(t *testing.T) {
 		t.Errorf("status: shadow.window is not duration text: %v", st["shadow"])
 	}
 	run(0, []string{"failures", "failing"}, "backfill", "-c", file, "--report")
+	planOut, planErr, code := runBinary(t, adminEnv, "plan", "-c", file, "--json")
+	if code > 2 {
+		t.Fatalf("tandem plan --json: exit status %d\n%s%s", code, planOut, planErr)
+	}
+	decodeJSON(t, "tandem plan", planOut, "verdict", "stores", "tables", "sequences", "triggers", "foreign_keys", "extensions", "findings")
 
 	routeFields := []string{"state", "report"}
 	run(0, routeFields, "route", "set", "-c", file, "--mirror", "on", "--reason", "json test")
