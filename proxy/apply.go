@@ -13,17 +13,17 @@ import (
 
 // The apply step: how a write the primary ran is applied on the secondary.
 // A statement whose row images came back is applied by key from the
-// images (planImage); a table under a schema mapping gets the mapped
-// statements (planMapped); a table without a key, DDL and what the proxy
+// images (imageApplier); a table under a schema mapping gets the mapped
+// statements (mappedApplier); a table without a key, DDL and what the proxy
 // cannot rewrite replay the statement's text (or, with the change feed on,
-// are left to the feed). planWrite chooses; mirrorWrite (secondary.go)
+// are left to the feed). writeApplier chooses; mirrorWrite (secondary.go)
 // runs the result.
 
 func overflowOf(ev *event) bool { return ev.image != nil && ev.image.overflow }
 
-// planWrite returns the drift entries a write stands for and the function
+// writeApplier returns the drift entries a write stands for and the function
 // that applies it to the secondary.
-func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore) error, error) {
+func (rs *routedSession) writeApplier(ev *event) ([]table.DriftEntry, func(*rstore) error, error) {
 	ctx := rs.ss.ctx
 	if ev.image != nil && len(ev.image.fields) > 0 && ev.image.fields[0].tableOID != 0 {
 		pstore, sstore := rs.srv.old, rs.srv.new
@@ -60,11 +60,11 @@ func (rs *routedSession) planWrite(ev *event) ([]table.DriftEntry, func(*rstore)
 				return entries, nil, fmt.Errorf("table %s is in scope but its mapping has problems (see the proxy's log or tandem plan)", pm.Name)
 			}
 			if !m.Identity() && pm.HasKey() {
-				return rs.planMapped(ev, pm, m, g)
+				return rs.mappedApplier(ev, pm, m, g)
 			}
 		}
 		if pm.HasKey() {
-			return rs.planImage(ev, pm, sstore, g)
+			return rs.imageApplier(ev, pm, sstore, g)
 		}
 		rs.srv.metrics.R().Fallback(ctx, "no_key")
 		entries := []table.DriftEntry{{Table: pm.Name, Reason: "no primary key"}}
@@ -238,9 +238,9 @@ func rowParams(rows [][][]byte, pos []int) [][]byte {
 	return out
 }
 
-// planImage builds the upserts (or deletes) that apply row images to a
+// imageApplier builds the upserts (or deletes) that apply row images to a
 // table that maps to itself.
-func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
+func (rs *routedSession) imageApplier(ev *event, pm *table.Meta, sstore *store, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
 	img := ev.image
 	if img.overflow {
 		return overflowed(pm, g)
@@ -313,25 +313,9 @@ func (rs *routedSession) planImage(ev *event, pm *table.Meta, sstore *store, g *
 				return err
 			}
 		}
-		err = batches(img.rows, len(cols), func(rows [][][]byte) error {
-			sql, err := table.UpsertSQL(sm, cols, len(rows))
-			if err != nil {
-				return err
-			}
-			rs.queueExec(sec, sql, rowParams(rows, pos))
-			if !del {
-				return nil
-			}
-			if sql, err = table.DeleteSQL(sm, len(rows)); err != nil {
-				return err
-			}
-			rs.queueExec(sec, sql, rowParams(rows, keyPos))
-			return nil
-		})
-		if err != nil {
-			return err
-		}
-		err = rs.execQueued(sec)
+		err = rs.applyRows(sec, img.rows, len(cols), del,
+			func(n int) (string, error) { return table.UpsertSQL(sm, cols, n) }, pos,
+			func(n int) (string, error) { return table.DeleteSQL(sm, n) }, keyPos)
 		return err
 	}
 	return entries, apply, nil
@@ -375,11 +359,11 @@ func isDelete(ev *event) bool {
 	return ev.stmt != nil && ev.stmt.Image != nil && ev.stmt.Image.Op == "delete"
 }
 
-// planMapped applies row images through a declared table mapping: forward
+// mappedApplier applies row images through a declared table mapping: forward
 // (old -> new) while old is primary, reverse after the write flip. The
 // server evaluates the mapping's expressions; a deleted row's image is
-// upserted first, as in planImage.
-func (rs *routedSession) planMapped(ev *event, pm *table.Meta, m *table.Mapping, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
+// upserted first, as in imageApplier.
+func (rs *routedSession) mappedApplier(ev *event, pm *table.Meta, m *table.Mapping, g *fkGraph) ([]table.DriftEntry, func(*rstore) error, error) {
 	img := ev.image
 	if img.overflow {
 		return overflowed(pm, g)
@@ -406,26 +390,35 @@ func (rs *routedSession) planMapped(ev *event, pm *table.Meta, m *table.Mapping,
 		if len(img.rows) == 0 {
 			return nil
 		}
-		err := batches(img.rows, len(names), func(rows [][][]byte) error {
-			params := rowParams(rows, nil)
-			sql, err := upsert(names, len(rows))
-			if err != nil {
-				return err
-			}
-			rs.queueExec(sec, sql, params)
-			if !del {
-				return nil
-			}
-			if sql, err = remove(names, len(rows)); err != nil {
-				return err
-			}
-			rs.queueExec(sec, sql, params)
-			return nil
-		})
+		return rs.applyRows(sec, img.rows, len(names), del,
+			func(n int) (string, error) { return upsert(names, n) }, nil,
+			func(n int) (string, error) { return remove(names, n) }, nil)
+	}
+	return entries, apply, nil
+}
+
+// applyRows applies row images on sec, batch by batch: the upsert of each
+// batch (parameters: the images' columns at upsertPos, nil for all) and,
+// for a DELETE, the delete by key (removePos); then runs what it queued.
+func (rs *routedSession) applyRows(sec *rstore, rows [][][]byte, width int, del bool,
+	upsert func(n int) (string, error), upsertPos []int, remove func(n int) (string, error), removePos []int) error {
+	err := batches(rows, width, func(rows [][][]byte) error {
+		sql, err := upsert(len(rows))
 		if err != nil {
 			return err
 		}
-		return rs.execQueued(sec)
+		rs.queueExec(sec, sql, rowParams(rows, upsertPos))
+		if !del {
+			return nil
+		}
+		if sql, err = remove(len(rows)); err != nil {
+			return err
+		}
+		rs.queueExec(sec, sql, rowParams(rows, removePos))
+		return nil
+	})
+	if err != nil {
+		return err
 	}
-	return entries, apply, nil
+	return rs.execQueued(sec)
 }

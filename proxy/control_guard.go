@@ -37,7 +37,7 @@ func (rs *routedSession) refuseControlWrite(un *unit, table string) error {
 	e := pgwire.Fatal(CodeInsufficientPrivilege, "permission denied: %s is in Tandem's control schema, which clients of the proxy cannot change", table).
 		WithHint("Change the routing with 'tandem route' or the admin API; run the control schema's maintenance as its own role, not through the proxy.")
 	rs.ss.log.Warn("refused a client statement that writes the control schema", "table", table)
-	if rs.txState != 'I' || rs.extOpen {
+	if rs.txState != pgwire.TxIdle || rs.extOpen {
 		return e
 	}
 	e.Severity = "ERROR"

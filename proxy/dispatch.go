@@ -81,10 +81,10 @@ func (rs *routedSession) gather(m clientMsg) (_ *unit, err error) {
 		return nil, err
 	}
 	switch m.typ {
-	case 'Q', 'F', 'S', 'H':
+	case pgwire.ClientQuery, pgwire.ClientFunctionCall, pgwire.ClientSync, pgwire.ClientFlush:
 		u.end = m.typ
 		return u, nil
-	case 'P', 'B', 'D', 'E', 'C':
+	case pgwire.ClientParse, pgwire.ClientBind, pgwire.ClientDescribe, pgwire.ClientExecute, pgwire.ClientClose:
 	default:
 		u.end = m.typ
 		return u, nil
@@ -95,11 +95,11 @@ func (rs *routedSession) gather(m clientMsg) (_ *unit, err error) {
 			return nil, rs.clientErr(n.err)
 		}
 		switch n.typ {
-		case 'S', 'H':
+		case pgwire.ClientSync, pgwire.ClientFlush:
 			u.msgs = append(u.msgs, n)
 			u.end = n.typ
 			return u, nil
-		case 'P', 'B', 'D', 'E', 'C':
+		case pgwire.ClientParse, pgwire.ClientBind, pgwire.ClientDescribe, pgwire.ClientExecute, pgwire.ClientClose:
 			u.msgs = append(u.msgs, n)
 			if err := rs.holdMsg(u, n); err != nil {
 				return nil, err
@@ -108,7 +108,7 @@ func (rs *routedSession) gather(m clientMsg) (_ *unit, err error) {
 			// A message that does not belong in an extended-protocol batch
 			// (Query, Terminate...): serve what came before it first.
 			rs.pushback = append([]clientMsg{n}, rs.pushback...)
-			u.end = 'H'
+			u.end = pgwire.ClientFlush
 			return u, nil
 		}
 	}
@@ -151,12 +151,12 @@ func (rs *routedSession) analyze(u *unit) {
 	for i, m := range u.msgs {
 		d := &u.dec[i]
 		switch m.typ {
-		case 'Q':
+		case pgwire.ClientQuery:
 			d.sql = strings.TrimSuffix(string(m.body), "\x00")
 			d.plan = rs.srv.classifier.Plan(d.sql)
 			note(&stmtInfo{sql: d.sql, plan: d.plan})
 			u.commits = u.commits || commits(d.plan)
-		case 'P':
+		case pgwire.ClientParse:
 			if d.parse, d.err = decodeParse(m.body); d.err != nil {
 				u.pureRead = false
 				continue
@@ -164,7 +164,7 @@ func (rs *routedSession) analyze(u *unit) {
 			d.plan = rs.srv.classifier.Plan(d.parse.sql)
 			local[d.parse.name] = &stmtInfo{sql: d.parse.sql, oids: d.parse.oids, plan: d.plan}
 			u.commits = u.commits || commits(d.plan)
-		case 'B':
+		case pgwire.ClientBind:
 			if d.bind, d.err = decodeBind(m.body); d.err != nil {
 				u.pureRead = false
 				continue
@@ -179,7 +179,7 @@ func (rs *routedSession) analyze(u *unit) {
 				d.stmt = rs.stmts[d.bind.stmt]
 			}
 			portals[d.bind.portal] = d.stmt
-		case 'E':
+		case pgwire.ClientExecute:
 			r := msgReader{b: m.body}
 			d.portal = r.cstring()
 			d.maxRows = r.int32()
@@ -191,7 +191,7 @@ func (rs *routedSession) analyze(u *unit) {
 				}
 			}
 			note(si)
-		case 'F':
+		case pgwire.ClientFunctionCall:
 			u.kinds = append(u.kinds, classify.Unknown)
 			u.pureRead = false
 		}
@@ -269,7 +269,7 @@ func (rs *routedSession) serve(un *unit) error {
 	if slices.Contains(kinds, classify.Session) {
 		rs.gucDirty = true // a SET: shadow runs copy the session's settings again
 	}
-	if pureRead && rs.txState == 'I' && un.end != 'H' && !rs.extOpen && rs.mayLeavePrimary(st) {
+	if pureRead && rs.txState == pgwire.TxIdle && un.end != pgwire.ClientFlush && !rs.extOpen && rs.mayLeavePrimary(st) {
 		catalog := rs.catalogRead(un, tables)
 		temp := rs.usesTemp(tables)
 		if !catalog && !temp {
@@ -301,37 +301,23 @@ func (rs *routedSession) serve(un *unit) error {
 	rs.ss.serving.Store(prim.up)
 	writes := hasWrite(kinds)
 	mirror := st.Mirror && !pureRead
-	wrap := mirror && writes && rs.txState == 'I' && wrappable(kinds) && un.end != 'H' && !rs.extOpen
+	wrap := mirror && writes && rs.txState == pgwire.TxIdle && wrappable(kinds) && un.end != pgwire.ClientFlush && !rs.extOpen
 	startTx := rs.txState
 	// A batch ended by Flush instead of Sync leaves the primary's implicit
 	// transaction open until a later Sync: until then the secondary follows
 	// inside a transaction of its own, committed when the primary's is.
-	implicit := startTx == 'I' && (rs.extOpen || un.end == 'H' && !lone)
+	implicit := startTx == pgwire.TxIdle && (rs.extOpen || un.end == pgwire.ClientFlush && !lone)
 
-	if mirror && rs.tx.pending() && un.commits {
-		// The secondary missed part of this transaction: record it before the
-		// primary commits, so an acknowledged commit always has its drift.
-		if err := rs.recordPending(); err != nil {
-			return rs.refuseCommit(prim, err)
-		}
-	}
-	if mirror && rs.extOpen && un.end != 'H' && rs.tx.pending() {
-		// The Sync of this unit commits the primary's implicit transaction,
-		// opened by a batch ended by Flush whose part on the secondary
-		// failed: record the drift before the primary commits. When it
-		// cannot be, the session ends without the Sync: the primary rolls
-		// the implicit transaction back.
-		if err := rs.recordPending(); err != nil {
-			rs.ss.log.Error("could not record drift before a Sync commits a pipelined batch; ending the session so that the primary rolls it back", "error", err)
-			return pgwire.Fatal(pgwire.CodeTransactionRollback, "transaction rolled back: Tandem could not record that the secondary store missed its writes").
-				WithHint("The control database is unreachable; retry once it is back.")
+	if mirror {
+		if stop, err := rs.beforeCommit(prim, un); stop {
+			return err
 		}
 	}
 	endPrimary := rs.traceStep(spanPrimary, st.Primary)
 	res, err := rs.runUnit(prim, un, wrap, mirror)
 	endPrimary(err)
 	if err != nil {
-		if mirror && !wrap && (un.commits || rs.extOpen && un.end != 'H') {
+		if mirror && !wrap && (un.commits || rs.extOpen && un.end != pgwire.ClientFlush) {
 			rs.commitUnknown(err)
 		}
 		return rs.storeLost(prim, err)
@@ -348,29 +334,61 @@ func (rs *routedSession) serve(un *unit) error {
 		return rs.finishWrapped(prim, res)
 	}
 	if implicit {
-		if res.failed {
-			rs.extFailed = true
-		}
-		if un.end == 'H' {
-			rs.extOpen = true // already while the secondary follows (see syncSettings)
-		}
-		rs.follow(res, true, mirror)
-		if un.end == 'H' {
-			return rs.endWith(res)
-		}
-		// The Sync that ends the implicit transaction has been answered.
-		failed := rs.extFailed || res.status != 'I'
-		rs.extOpen, rs.extFailed = false, false
-		if mirror {
-			rs.secFinish(!failed)
-		}
-		return rs.endWith(res)
+		return rs.endImplicit(un, res, mirror)
 	}
-	if startTx == 'I' && res.failed && res.status == 'I' && !hasTxEvent(res.events) {
+	if startTx == pgwire.TxIdle && res.failed && res.status == pgwire.TxIdle && !hasTxEvent(res.events) {
 		// An implicit transaction failed: the primary kept none of it.
 		res.events = nil
 	}
-	rs.follow(res, startTx != 'I', mirror)
+	rs.follow(res, startTx != pgwire.TxIdle, mirror)
+	return rs.endWith(res)
+}
+
+// beforeCommit records the drift of a mirrored transaction the secondary
+// missed part of, before the unit that commits it reaches the primary, so
+// that an acknowledged commit always has its drift. stop: the unit is not
+// to run (err says how the client is answered).
+func (rs *routedSession) beforeCommit(prim *rstore, un *unit) (stop bool, _ error) {
+	if rs.tx.pending() && un.commits {
+		if err := rs.recordPending(); err != nil {
+			return true, rs.refuseCommit(prim, err)
+		}
+	}
+	if rs.extOpen && un.end != pgwire.ClientFlush && rs.tx.pending() {
+		// The Sync of this unit commits the primary's implicit transaction,
+		// opened by a batch ended by Flush whose part on the secondary
+		// failed: record the drift before the primary commits. When it
+		// cannot be, the session ends without the Sync: the primary rolls
+		// the implicit transaction back.
+		if err := rs.recordPending(); err != nil {
+			rs.ss.log.Error("could not record drift before a Sync commits a pipelined batch; ending the session so that the primary rolls it back", "error", err)
+			return true, pgwire.Fatal(pgwire.CodeTransactionRollback, "transaction rolled back: Tandem could not record that the secondary store missed its writes").
+				WithHint("The control database is unreachable; retry once it is back.")
+		}
+	}
+	return false, nil
+}
+
+// endImplicit ends a unit served inside the primary's implicit
+// transaction of an extended-protocol batch: a Flush leaves it open, the
+// Sync that ends it commits the secondary's too (or rolls it back).
+func (rs *routedSession) endImplicit(un *unit, res *unitResult, mirror bool) error {
+	if res.failed {
+		rs.extFailed = true
+	}
+	if un.end == pgwire.ClientFlush {
+		rs.extOpen = true // already while the secondary follows (see syncSettings)
+	}
+	rs.follow(res, true, mirror)
+	if un.end == pgwire.ClientFlush {
+		return rs.endWith(res)
+	}
+	// The Sync that ends the implicit transaction has been answered.
+	failed := rs.extFailed || res.status != pgwire.TxIdle
+	rs.extOpen, rs.extFailed = false, false
+	if mirror {
+		rs.secFinish(!failed)
+	}
 	return rs.endWith(res)
 }
 
@@ -395,7 +413,7 @@ func (rs *routedSession) endWith(res *unitResult) error {
 		return rs.doomed
 	}
 	if res.status != 0 {
-		rs.toClient('Z', []byte{res.status})
+		rs.toClient(pgwire.ServerReadyForQuery, []byte{res.status})
 		rs.endUnit(res.status)
 	} else {
 		rs.endUnit(rs.txState)

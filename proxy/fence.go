@@ -51,9 +51,9 @@ func (rs *routedSession) markWriter(on bool) {
 	switch {
 	case rs.extOpen:
 		why = "an implicit transaction is open (a Flush-ended batch) until the client's Sync"
-	case rs.txState == 'T':
+	case rs.txState == pgwire.TxInBlock:
 		why = "in a transaction"
-	case rs.txState == 'E':
+	case rs.txState == pgwire.TxFailed:
 		why = "in a failed transaction, until the client's ROLLBACK"
 	}
 	if cur != nil && cur.why == why {
@@ -153,7 +153,7 @@ func (rs *routedSession) checkSelfFence(pureRead bool) error {
 	e := pgwire.Fatal(pgwire.CodeSerializationFailure, "this Tandem replica has not been able to read the routing state for %s (routing.self_fence is %s): it refuses writes until it can",
 		since.Round(time.Millisecond), rs.srv.config().Routing.SelfFenceBound()).
 		WithHint("Nothing of this request ran. Retry, through another replica if you can; check this replica's connection to the control database.")
-	if rs.txState == 'I' && !rs.extOpen {
+	if rs.txState == pgwire.TxIdle && !rs.extOpen {
 		e.Severity = "ERROR"
 	}
 	rs.ss.log.Debug("refusing a write: the routing state has not been read within routing.self_fence", "since", since)
@@ -182,7 +182,7 @@ func (rs *routedSession) refuseUnit(un *unit, err error) error {
 		return err
 	}
 	switch un.end {
-	case 'Q', 'F', 'S', 'H':
+	case pgwire.ClientQuery, pgwire.ClientFunctionCall, pgwire.ClientSync, pgwire.ClientFlush:
 	default:
 		f := *pe
 		f.Severity = "FATAL"
@@ -190,7 +190,7 @@ func (rs *routedSession) refuseUnit(un *unit, err error) error {
 	}
 	rs.srv.metrics.Error(rs.ss.ctx, string(rs.state.Primary), pe.Code, metrics.OriginProxy)
 	rs.toClientRaw(mustAppend(pe.Response()))
-	if un.end == 'H' {
+	if un.end == pgwire.ClientFlush {
 		if err := rs.cout.Flush(); err != nil {
 			return errClientGone
 		}
@@ -199,17 +199,17 @@ func (rs *routedSession) refuseUnit(un *unit, err error) error {
 			if m.err != nil {
 				return rs.clientErr(m.err)
 			}
-			if m.typ == 'X' {
+			if m.typ == pgwire.ClientTerminate {
 				rs.pushback = append([]clientMsg{m}, rs.pushback...)
 				rs.endUnit(rs.txState)
 				return nil
 			}
-			if m.typ == 'S' {
+			if m.typ == pgwire.ClientSync {
 				break
 			}
 		}
 	}
-	rs.toClient('Z', []byte{rs.txState})
+	rs.toClient(pgwire.ServerReadyForQuery, []byte{rs.txState})
 	rs.endUnit(rs.txState)
 	return nil
 }
@@ -256,7 +256,7 @@ func (ss *session) endRelayWriter() {
 // neither waits at a fence nor counts as a writer (a Flush, until some
 // later Sync).
 func (rs *routedSession) lone(un *unit) bool {
-	return len(un.msgs) == 1 && (un.end == 'H' || un.end == 'S') && un.msgs[0].typ == un.end && rs.txState == 'I' && !rs.extOpen
+	return len(un.msgs) == 1 && (un.end == pgwire.ClientFlush || un.end == pgwire.ClientSync) && un.msgs[0].typ == un.end && rs.txState == pgwire.TxIdle && !rs.extOpen
 }
 
 // inert reports whether un runs nothing: Parse, Bind, Describe and Close
@@ -264,12 +264,12 @@ func (rs *routedSession) lone(un *unit) bool {
 // changes no data and leaves no transaction open, so it does not wait at
 // a write fence.
 func (rs *routedSession) inert(un *unit) bool {
-	if un.end != 'S' || rs.txState != 'I' || rs.extOpen {
+	if un.end != pgwire.ClientSync || rs.txState != pgwire.TxIdle || rs.extOpen {
 		return false
 	}
 	for _, m := range un.msgs {
 		switch m.typ {
-		case 'P', 'B', 'D', 'C', 'S':
+		case pgwire.ClientParse, pgwire.ClientBind, pgwire.ClientDescribe, pgwire.ClientClose, pgwire.ClientSync:
 		default:
 			return false
 		}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/pgwire"
 )
 
 // One set of OIDs per session. The OIDs of user-defined objects (enums,
@@ -137,7 +138,7 @@ func (rs *routedSession) homeOIDs(from *rstore, typ byte, body []byte) []byte {
 		binary.BigEndian.PutUint32(out[at:], v)
 	}
 	switch typ {
-	case 't':
+	case pgwire.ServerParameterDescription:
 		if len(body) < 2 {
 			return body
 		}
@@ -150,7 +151,7 @@ func (rs *routedSession) homeOIDs(from *rstore, typ byte, body []byte) []byte {
 				}
 			}
 		}
-	case 'T':
+	case pgwire.ServerRowDescription:
 		if len(body) < 2 {
 			return body
 		}
@@ -223,13 +224,13 @@ func (rs *routedSession) catalogRead(un *unit, tables []string) bool {
 	for _, m := range un.msgs {
 		var text []byte
 		switch m.typ {
-		case 'Q':
+		case pgwire.ClientQuery:
 			text = m.body
-		case 'P': // name, then the statement's text
+		case pgwire.ClientParse: // name, then the statement's text
 			if _, rest, ok := bytes.Cut(m.body, []byte{0}); ok {
 				text, _, _ = bytes.Cut(rest, []byte{0})
 			}
-		case 'B': // portal, then the statement's name
+		case pgwire.ClientBind: // portal, then the statement's name
 			if _, rest, ok := bytes.Cut(m.body, []byte{0}); ok {
 				name, _, _ := bytes.Cut(rest, []byte{0})
 				if si := rs.stmts[string(name)]; si != nil && mentionsCatalog(si.sql) {

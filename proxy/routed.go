@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -45,7 +46,7 @@ func (ss *session) notePrepared(typ byte, body []byte, whole bool) {
 	if !whole || len(body) < 2 {
 		return
 	}
-	if typ == 'P' && body[0] == 0 {
+	if typ == pgwire.ClientParse && body[0] == 0 {
 		// The unnamed statement lives until the next Parse: keep its last
 		// body in a reused buffer (no allocation per statement), decoded
 		// only if the session is handed over.
@@ -53,7 +54,7 @@ func (ss *session) notePrepared(typ byte, body []byte, whole bool) {
 		return
 	}
 	switch typ {
-	case 'P':
+	case pgwire.ClientParse:
 		p, err := decodeParse(body)
 		if err != nil || p.name == "" {
 			return
@@ -64,8 +65,8 @@ func (ss *session) notePrepared(typ byte, body []byte, whole bool) {
 		}
 		ss.prepared[p.name] = preparedStmt{sql: p.sql, oids: p.oids}
 		ss.prepMu.Unlock()
-	case 'C':
-		if len(body) > 1 && body[0] == 'S' {
+	case pgwire.ClientClose:
+		if len(body) > 1 && body[0] == pgwire.TargetStatement {
 			name := strings.TrimSuffix(string(body[1:]), "\x00")
 			ss.prepMu.Lock()
 			delete(ss.prepared, name)
@@ -242,7 +243,7 @@ func (ss *session) serveRouted(h *handoff) {
 	fmt.Fprint(f, ss.key.pid, ss.key.secret)
 	rs.bucket = int(f.Sum32() % 100)
 	home := &rstore{name: ss.upstream.store.name, st: ss.upstream.store, up: ss.upstream, txStatus: rs.txState}
-	home.start(rs.maxBody, io.MultiReader(bytesReader(h.upIn), ss.upstream.reader))
+	home.start(rs.maxBody, io.MultiReader(bytes.NewReader(h.upIn), ss.upstream.reader))
 	rs.home = home
 	rs.stores[storeIndexOf(home.name)] = home
 	if p, err := decodeParse(ss.unnamedParse); err == nil && len(ss.unnamedParse) > 0 {
@@ -258,14 +259,14 @@ func (ss *session) serveRouted(h *handoff) {
 	// The relay noted the Parse messages it read, but those it hands over
 	// unsent never reached the store: the routed engine runs them itself.
 	forEachMsg(h.clientIn, func(typ byte, body []byte) {
-		if typ == 'P' {
+		if typ == pgwire.ClientParse {
 			if p, err := decodeParse(body); err == nil {
 				delete(rs.stmts, p.name)
 				delete(home.parsed, p.name)
 			}
 		}
 	})
-	rs.startClientReader(io.MultiReader(bytesReader(h.clientIn), idleReader{ss}))
+	rs.startClientReader(io.MultiReader(bytes.NewReader(h.clientIn), idleReader{ss}))
 	s.metrics.Relayed(ss.ctx, "routed")
 	if len(h.clientOut) > 0 {
 		_, _ = rs.cout.Write(h.clientOut)
@@ -287,45 +288,25 @@ func forEachMsg(b []byte, fn func(typ byte, body []byte)) {
 	}
 }
 
-type byteSliceReader struct{ b []byte }
-
-func (r *byteSliceReader) Read(p []byte) (int, error) {
-	if len(r.b) == 0 {
-		return 0, io.EOF
-	}
-	n := copy(p, r.b)
-	r.b = r.b[n:]
-	return n, nil
-}
-
-func bytesReader(b []byte) io.Reader { return &byteSliceReader{b: b} }
-
 func (rs *routedSession) startClientReader(r io.Reader) {
 	rs.clientIn = make(chan []clientMsg, 16)
 	rs.clientQuit = make(chan struct{})
 	rs.clientDone = make(chan struct{})
 	br := bufio.NewReaderSize(r, 32<<10)
-	go func() {
-		defer close(rs.clientDone)
+	first := func() (byte, []byte, error) {
 		for {
 			typ, body, err := rs.readClientMsg(br)
 			if err != nil && errors.Is(err, os.ErrDeadlineExceeded) && !rs.ss.atSafePoint() {
 				continue // the idle timeout does not apply inside a request or transaction
 			}
-			batch := []clientMsg{{typ: typ, body: body, err: err}}
-			for err == nil && wholeBuffered(br) {
-				typ, body, err = pgwire.ReadMessage(br, rs.maxBody)
-				batch = append(batch, clientMsg{typ: typ, body: body, err: err})
-			}
-			select {
-			case rs.clientIn <- batch:
-			case <-rs.clientQuit:
-				return
-			}
-			if err != nil {
-				return
-			}
+			return typ, body, err
 		}
+	}
+	go func() {
+		defer close(rs.clientDone)
+		pgwire.ReadBatches(br, rs.maxBody, first,
+			func(typ byte, body []byte, err error) clientMsg { return clientMsg{typ: typ, body: body, err: err} },
+			rs.clientIn, rs.clientQuit)
 	}()
 }
 
@@ -351,7 +332,7 @@ func (rs *routedSession) run() error {
 		if err := rs.cout.Flush(); err != nil {
 			return errClientGone
 		}
-		if rs.txState == 'I' && rs.srv.stopping.Load() {
+		if rs.txState == pgwire.TxIdle && rs.srv.stopping.Load() {
 			return errShutdown
 		}
 		for len(rs.home.queue) > 0 && rs.home.up != nil {
@@ -384,7 +365,7 @@ func (rs *routedSession) run() error {
 		if m.err != nil {
 			return rs.clientErr(m.err)
 		}
-		if m.typ == 'X' {
+		if m.typ == pgwire.ClientTerminate {
 			ss.terminated.Store(true)
 			return nil
 		}
@@ -428,8 +409,8 @@ func (rs *routedSession) forwardAsync(u *rstore, bm backendMsg) error {
 		}
 		return nil
 	}
-	if bm.typ == 'E' {
-		rs.toClient('E', bm.body)
+	if bm.typ == pgwire.ServerErrorResponse {
+		rs.toClient(pgwire.ServerErrorResponse, bm.body)
 		_ = rs.cout.Flush()
 		return errUpstreamLost
 	}
@@ -447,7 +428,7 @@ func (rs *routedSession) flushIfIdle() error {
 // toClient queues one message for the client (or for the hold buffer while
 // a shifted read may still be retried on the primary).
 func (rs *routedSession) toClient(typ byte, body []byte) {
-	if (typ == 'T' || typ == 't') && rs.from != rs.home {
+	if (typ == pgwire.ServerRowDescription || typ == pgwire.ServerParameterDescription) && rs.from != rs.home {
 		body = rs.homeOIDs(rs.from, typ, body)
 	}
 	if rs.capture != nil {
@@ -532,7 +513,7 @@ func (rs *routedSession) beginUnit(pureRead bool) error {
 	if err := rs.checkSelfFence(pureRead); err != nil {
 		return err
 	}
-	if rs.txState != 'I' || rs.extOpen {
+	if rs.txState != pgwire.TxIdle || rs.extOpen {
 		return nil
 	}
 	if err := rs.waitFence(pureRead); err != nil {
@@ -560,7 +541,7 @@ func (rs *routedSession) endUnit(status byte) {
 		ss.inRequest = true
 		ss.mu.Unlock()
 		rs.setWriter(true)
-	case status == 'I':
+	case status == pgwire.TxIdle:
 		rs.setWriter(false)
 		rs.tx = mirrorTx{}
 	default:

@@ -76,21 +76,21 @@ func (rs *routedSession) refuseCommit(prim *rstore, cause error) error {
 		WithHint("The control database is unreachable; retry once it is back.")
 	e.Severity = "ERROR"
 	rs.toClientRaw(mustAppend(e.Response()))
-	rs.toClient('Z', []byte{'I'})
-	rs.endUnit('I')
+	rs.toClient(pgwire.ServerReadyForQuery, []byte{pgwire.TxIdle})
+	rs.endUnit(pgwire.TxIdle)
 	return nil
 }
 
 // finishWrapped ends an autocommit write the proxy wrapped in its own
 // transaction: mirror, then commit the primary, then the secondary.
 func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
-	if res.status != 'T' {
+	if res.status != pgwire.TxInBlock {
 		if _, err := rs.internalQuery(prim, "ROLLBACK", time.Time{}); err != nil {
 			return rs.storeLost(prim, err)
 		}
 		rs.secFinish(false)
-		rs.toClient('Z', []byte{'I'})
-		rs.endUnit('I')
+		rs.toClient(pgwire.ServerReadyForQuery, []byte{pgwire.TxIdle})
+		rs.endUnit(pgwire.TxIdle)
 		return nil
 	}
 	rs.follow(res, true, true)
@@ -120,16 +120,16 @@ func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
 		rs.secFinish(false)
 		e := &pgwire.Error{Severity: "ERROR", Code: se.code, Message: se.message}
 		rs.toClientRaw(mustAppend(e.Response()))
-		rs.toClient('Z', []byte{'I'})
-		rs.endUnit('I')
+		rs.toClient(pgwire.ServerReadyForQuery, []byte{pgwire.TxIdle})
+		rs.endUnit(pgwire.TxIdle)
 		return nil
 	}
 	rs.secFinish(true)
 	if rs.doomed != nil {
 		return rs.doomed
 	}
-	rs.toClient('Z', []byte{'I'})
-	rs.endUnit('I')
+	rs.toClient(pgwire.ServerReadyForQuery, []byte{pgwire.TxIdle})
+	rs.endUnit(pgwire.TxIdle)
 	return nil
 }
 
@@ -458,11 +458,11 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 		mode = metrics.ModeRowImage
 	}
 	rs.must = nil
-	entries, plan, perr := rs.planWrite(ev)
+	entries, apply, perr := rs.writeApplier(ev)
 	if errors.Is(perr, errOutOfScope) {
 		return // tables outside tables.include/exclude are passed through untouched
 	}
-	// Drift the write causes whatever the mirror does (planWrite and the
+	// Drift the write causes whatever the mirror does (writeApplier and the
 	// applier add to it): with the transaction's, or at once when the
 	// primary has committed already.
 	defer func() {
@@ -519,7 +519,7 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 		if perr != nil {
 			return perr
 		}
-		if err := plan(sec); err != nil {
+		if err := apply(sec); err != nil {
 			rs.secFailed(sec, err)
 			return err
 		}
@@ -529,12 +529,19 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 		rs.srv.metrics.R().Mirrored(ctx, mode, metrics.MirrorApplied, time.Since(start))
 		return
 	}
+	rs.mirrorFailed(ev, entries, err, mode, inTx)
+}
+
+// mirrorFailed handles a write the secondary did not apply: in a
+// transaction, the transaction is broken (its drift is recorded before the
+// commit); otherwise the write's keys are recorded as drift now.
+func (rs *routedSession) mirrorFailed(ev *event, entries []table.DriftEntry, err error, mode string, inTx bool) {
 	result := metrics.MirrorFailed
 	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
 		result = metrics.MirrorSkipped
 		err = errBreakerOpen
 	}
-	rs.srv.metrics.R().Mirrored(ctx, mode, result, 0)
+	rs.srv.metrics.R().Mirrored(rs.ss.ctx, mode, result, 0)
 	if inTx {
 		if rs.tx.broken == nil {
 			rs.tx.broken = err

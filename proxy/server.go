@@ -23,6 +23,7 @@ import (
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/pgwire"
+	"github.com/tandemdb/tandem/internal/shadowpool"
 	"github.com/tandemdb/tandem/internal/table"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -104,8 +105,10 @@ type Server struct {
 	held         heldDrift // drift not yet recorded though its write committed (held.go)
 	classifier   *classify.Classifier
 	mappings     atomic.Pointer[table.Mappings]
-	shadow       *shadower    // nil without a new store
-	tracer       trace.Tracer // nil: no spans (trace.go)
+	shadow       *shadowpool.Pool // nil without a new store
+	// recordMismatch stores a confirmed shadow mismatch (Options.RecordMismatch).
+	recordMismatch func(ctx context.Context, r mismatch.Record) error
+	tracer         trace.Tracer // nil: no spans (trace.go)
 }
 
 type cancelKey struct {
@@ -156,7 +159,8 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 	}
 	s.baseCtx, s.stopCtx = context.WithCancel(context.Background())
 	if s.new != nil {
-		s.shadow = newShadower(s, opts.RecordMismatch)
+		s.recordMismatch = opts.RecordMismatch
+		s.shadow = s.newShadowPool()
 	}
 	return s, nil
 }
@@ -206,7 +210,7 @@ func (s *Server) Reload(next *config.Config) error {
 	}
 	s.conf.Store(next)
 	if s.shadow != nil {
-		s.shadow.set.Store(shadowSettingsOf(next))
+		s.shadow.SetSettings(shadowSettingsOf(next))
 	}
 	return nil
 }
@@ -341,7 +345,7 @@ func (s *Server) release() {
 	s.stopHeld()
 	s.closeCatalogs()
 	if s.shadow != nil {
-		s.shadow.stop()
+		s.shadow.Stop()
 	}
 }
 
@@ -437,6 +441,6 @@ func (s *Server) Ping(ctx context.Context, name string) error {
 	if err != nil {
 		return fmt.Errorf("%s store: %w", name, err)
 	}
-	_, _ = up.conn.Write([]byte{'X', 0, 0, 0, 4})
+	_, _ = up.conn.Write([]byte{pgwire.ClientTerminate, 0, 0, 0, 4})
 	return up.conn.Close()
 }

@@ -43,7 +43,7 @@ var (
 // ReadyForQuery (transaction state, safe points and latency).
 var serverWhole = func() *[256]bool {
 	var w [256]bool
-	w['C'], w['E'], w['Z'] = true, true, true
+	w[pgwire.ServerCommandComplete], w[pgwire.ServerErrorResponse], w[pgwire.ServerReadyForQuery] = true, true, true
 	return &w
 }()
 
@@ -52,7 +52,7 @@ var serverWhole = func() *[256]bool {
 // prepared statements.
 var clientWhole = func() *[256]bool {
 	var w [256]bool
-	w['P'], w['C'] = true, true
+	w[pgwire.ClientParse], w[pgwire.ClientClose] = true, true
 	return &w
 }()
 
@@ -100,7 +100,7 @@ type session struct {
 
 // handle serves one client connection from startup to close. It closes conn.
 func (s *Server) handle(conn net.Conn) {
-	ss := &session{srv: s, ctx: s.baseCtx, client: conn, killCh: make(chan struct{}), log: s.log, txStatus: 'I'}
+	ss := &session{srv: s, ctx: s.baseCtx, client: conn, killCh: make(chan struct{}), log: s.log, txStatus: pgwire.TxIdle}
 	defer func() {
 		conn.Close()
 		if s.knobs.AfterSessionEnd != nil {
@@ -296,7 +296,7 @@ func (ss *session) authenticateSCRAM(users *Userlist) (pgproto3.BackendMessage, 
 		return nil, authReadErr(err)
 	}
 	var first pgproto3.SASLInitialResponse
-	if typ != 'p' || first.Decode(body) != nil {
+	if typ != pgwire.ClientPassword || first.Decode(body) != nil {
 		return nil, pgwire.Fatal(pgwire.CodeProtocolViolation, "expected SASL response, got message type %q", typ)
 	}
 	if first.AuthMechanism != "SCRAM-SHA-256" {
@@ -314,7 +314,7 @@ func (ss *session) authenticateSCRAM(users *Userlist) (pgproto3.BackendMessage, 
 		return nil, authReadErr(err)
 	}
 	var final pgproto3.SASLResponse
-	if typ != 'p' || final.Decode(body) != nil {
+	if typ != pgwire.ClientPassword || final.Decode(body) != nil {
 		return nil, pgwire.Fatal(pgwire.CodeProtocolViolation, "expected SASL response, got message type %q", typ)
 	}
 	out, err = conv.Step(string(final.Data))
@@ -397,7 +397,7 @@ func (ss *session) kill(err error) {
 // idleLocked reports whether the session is at a safe point: no request in
 // flight and no open transaction. ss.mu must be held.
 func (ss *session) idleLocked() bool {
-	return ss.outstanding == 0 && !ss.inRequest && ss.txStatus == 'I'
+	return ss.outstanding == 0 && !ss.inRequest && ss.txStatus == pgwire.TxIdle
 }
 
 // drainIfIdle ends the session now if it is at a safe point; otherwise the
@@ -476,7 +476,7 @@ func (ss *session) relay() *handoff {
 // clientQuiet says no client bytes are in flight to the store.
 func (ss *session) sayGoodbye(reason error, clientQuiet bool) {
 	if reason == errShutdown || reason == errIdleTimeout || (reason == errClientGone && clientQuiet) {
-		_, _ = ss.upstream.conn.Write([]byte{'X', 0, 0, 0, 4})
+		_, _ = ss.upstream.conn.Write([]byte{pgwire.ClientTerminate, 0, 0, 0, 4})
 	}
 }
 
@@ -560,11 +560,11 @@ type toStore struct {
 
 func (d *toStore) visit(typ byte, _ int, body []byte, whole bool) error {
 	switch typ {
-	case 'Q', 'S', 'F': // each is answered by one ReadyForQuery
+	case pgwire.ClientQuery, pgwire.ClientSync, pgwire.ClientFunctionCall: // each is answered by one ReadyForQuery
 		d.syncs++
-	case 'P', 'C':
+	case pgwire.ClientParse, pgwire.ClientClose:
 		d.ss.notePrepared(typ, body, whole)
-	case 'X':
+	case pgwire.ClientTerminate:
 		d.terminated = true
 		d.ss.terminated.Store(true)
 		return errClientDone
@@ -627,11 +627,11 @@ func (d *toClient) visit(typ byte, _ int, body []byte, whole bool) error {
 	}
 	m, store := d.ss.srv.metrics, d.ss.upstream.store.name
 	switch typ {
-	case 'C':
+	case pgwire.ServerCommandComplete:
 		m.Statement(store, metrics.CommandVerb(body), 1)
-	case 'E':
+	case pgwire.ServerErrorResponse:
 		m.Error(d.ss.ctx, store, errorCode(body), metrics.OriginStore)
-	case 'Z':
+	case pgwire.ServerReadyForQuery:
 		if len(body) == 1 {
 			d.zs++
 			d.status = body[0]
@@ -661,7 +661,7 @@ func (d *toClient) readErr(err error) error {
 	if errors.Is(err, pgwire.ErrProtocol) {
 		return pgwire.Fatal(pgwire.CodeProtocolViolation, "invalid message from the %s store", d.ss.upstream.store.name).WithCause(err)
 	}
-	if d.last == 'E' {
+	if d.last == pgwire.ServerErrorResponse {
 		return nil // the store said why it closed (e.g. FATAL 57P01); nothing to add
 	}
 	return errUpstreamLost
@@ -701,7 +701,7 @@ func (ss *session) beginRequest(syncs int) bool {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if ss.outstanding == 0 && !ss.inRequest {
-		if ss.txStatus == 'I' && ss.srv.stopping.Load() {
+		if ss.txStatus == pgwire.TxIdle && ss.srv.stopping.Load() {
 			return false
 		}
 		ss.inRequest = true
@@ -757,21 +757,11 @@ func (ss *session) upstreamToClient(fr *pgwire.Framer) error {
 	}
 }
 
-// errorCode returns the SQLSTATE field of an ErrorResponse body.
+// errorCode returns the SQLSTATE of an ErrorResponse body, XX000 when it
+// has none.
 func errorCode(body []byte) string {
-	for len(body) > 1 {
-		f := body[0]
-		end := 1
-		for end < len(body) && body[end] != 0 {
-			end++
-		}
-		if f == 'C' {
-			return string(body[1:end])
-		}
-		if end >= len(body) {
-			break
-		}
-		body = body[end+1:]
+	if code, _ := pgwire.ErrorFields(body); code != "" {
+		return code
 	}
 	return "XX000"
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/shadow"
+	"github.com/tandemdb/tandem/internal/shadowpool"
 	"github.com/tandemdb/tandem/internal/table"
 )
 
@@ -34,7 +35,7 @@ func newShadowEnv(t *testing.T, setup string, mutate ...func(*config.Config)) *s
 	}}, mutate...)
 	se := &shadowEnv{pairEnv: newPairEnv(t, setup, muts...)}
 	// Set before any read is sampled: the queue orders it before the workers' reads.
-	se.proxy.srv.shadow.record = func(_ context.Context, r mismatch.Record) error {
+	se.proxy.srv.recordMismatch = func(_ context.Context, r mismatch.Record) error {
 		se.mu.Lock()
 		defer se.mu.Unlock()
 		se.records = append(se.records, r)
@@ -252,7 +253,7 @@ func TestShadowSkipsAndDrops(t *testing.T) {
 	// samples are dropped: the client never waits for the shadow.
 	held, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
-	se.proxy.srv.shadow.srv.knobs.BeforeShadow = func() {
+	se.proxy.srv.knobs.BeforeShadow = func() {
 		once.Do(func() { close(held); <-release })
 	}
 	start := time.Now()
@@ -407,7 +408,7 @@ func TestShadowFieldsFromRowDescription(t *testing.T) {
 	if len(fs) != 1 || fs[0].OID != 20 || fs[0].Format != 1 || fs[0].Name != "id" {
 		t.Fatalf("%+v", fs)
 	}
-	if got := skipReason("volatile function random()"); got != "volatile_function" {
+	if got := shadowpool.SkipReason("volatile function random()"); got != "volatile_function" {
 		t.Fatalf("skipReason: %q", got)
 	}
 }

@@ -162,7 +162,7 @@ func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user
 			return nil, err
 		}
 		switch typ {
-		case 'R':
+		case pgwire.ServerAuthentication:
 			if len(body) < 4 {
 				return nil, errors.New("malformed authentication request from the store")
 			}
@@ -180,25 +180,25 @@ func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user
 					return nil, err
 				}
 			}
-		case 'S':
+		case pgwire.ServerParameterStatus:
 			var ps pgproto3.ParameterStatus
 			if err := ps.Decode(body); err != nil {
 				return nil, err
 			}
 			up.params = append(up.params, paramStatus{ps.Name, ps.Value})
-		case 'K':
+		case pgwire.ServerBackendKeyData:
 			var k pgproto3.BackendKeyData
 			if err := k.Decode(body); err != nil {
 				return nil, err
 			}
 			up.pid, up.secret = k.ProcessID, k.SecretKey
-		case 'E':
+		case pgwire.ServerErrorResponse:
 			er := &pgproto3.ErrorResponse{}
 			if err := er.Decode(body); err != nil {
 				return nil, err
 			}
 			return nil, &rejectedError{resp: er}
-		case 'Z':
+		case pgwire.ServerReadyForQuery:
 			if len(body) != 1 {
 				return nil, errors.New("malformed ReadyForQuery from the store")
 			}
@@ -211,7 +211,7 @@ func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user
 			}
 			ok = true
 			return up, nil
-		case 'N', 'v': // notices and NegotiateProtocolVersion during startup: nothing to do
+		case pgwire.ServerNoticeResponse, pgwire.ServerNegotiateProtocol: // notices and NegotiateProtocolVersion during startup: nothing to do
 		default:
 			return nil, fmt.Errorf("unexpected message %q from the store during startup", typ)
 		}
@@ -279,13 +279,13 @@ func (st *store) probeOne(ctx context.Context, tg *pgconn.FallbackConfig, params
 		return AuthProbe{}, err
 	}
 	switch {
-	case typ == 'E':
+	case typ == pgwire.ServerErrorResponse:
 		er := &pgproto3.ErrorResponse{}
 		if err := er.Decode(body); err != nil {
 			return AuthProbe{}, err
 		}
 		return AuthProbe{}, &rejectedError{resp: er}
-	case typ != 'R' || len(body) < 4:
+	case typ != pgwire.ServerAuthentication || len(body) < 4:
 		return AuthProbe{}, fmt.Errorf("unexpected message %q from the store during startup", typ)
 	}
 	kind := binary.BigEndian.Uint32(body)

@@ -61,38 +61,10 @@ func (u *rstore) start(maxBody int, first io.Reader) {
 	r := bufio.NewReaderSize(first, 32<<10)
 	go func() {
 		defer close(u.done)
-		for {
-			// Hand over every message that one read brought in, at once:
-			// one wake-up of the session per read, not per message.
-			typ, body, err := pgwire.ReadMessage(r, maxBody)
-			batch := []backendMsg{{typ: typ, body: body, err: err}}
-			for err == nil && wholeBuffered(r) {
-				typ, body, err = pgwire.ReadMessage(r, maxBody)
-				batch = append(batch, backendMsg{typ: typ, body: body, err: err})
-			}
-			select {
-			case u.in <- batch:
-			case <-u.quit:
-				return
-			}
-			if err != nil {
-				return
-			}
-		}
+		pgwire.ReadBatches(r, maxBody, func() (byte, []byte, error) { return pgwire.ReadMessage(r, maxBody) },
+			func(typ byte, body []byte, err error) backendMsg { return backendMsg{typ: typ, body: body, err: err} },
+			u.in, u.quit)
 	}()
-}
-
-// wholeBuffered reports whether r holds a whole message already.
-func wholeBuffered(r *bufio.Reader) bool {
-	if r.Buffered() < 5 {
-		return false
-	}
-	h, err := r.Peek(5)
-	if err != nil {
-		return false
-	}
-	n := int(int32(uint32(h[1])<<24 | uint32(h[2])<<16 | uint32(h[3])<<8 | uint32(h[4])))
-	return n >= 4 && r.Buffered() >= 1+n
 }
 
 // queueQuery queues a simple Query. PostgreSQL destroys the unnamed
@@ -111,7 +83,7 @@ func (u *rstore) stop(goodbye bool) {
 	}
 	if goodbye && u.dead == nil {
 		_ = u.up.conn.SetWriteDeadline(time.Now().Add(time.Second))
-		_, _ = u.up.conn.Write([]byte{'X', 0, 0, 0, 4})
+		_, _ = u.up.conn.Write([]byte{pgwire.ClientTerminate, 0, 0, 0, 4})
 	}
 	u.up.conn.Close()
 	close(u.quit)
@@ -160,7 +132,7 @@ func (rs *routedSession) store(name route.Store) (*rstore, error) {
 // syncSettings copies the home session's SET values to u.
 func (rs *routedSession) syncSettings(u *rstore) error {
 	src := rs.home
-	if src == u || src.up == nil || src.dead != nil || rs.txState == 'E' {
+	if src == u || src.up == nil || src.dead != nil || rs.txState == pgwire.TxFailed {
 		return nil
 	}
 	if rs.extOpen && src.name == string(rs.state.Primary) {
@@ -172,7 +144,7 @@ func (rs *routedSession) syncSettings(u *rstore) error {
 	// The home store may be inside the client's (or the proxy's own)
 	// transaction: a failure of this read there (a cancel meant for the
 	// client's statement, a statement_timeout) must not abort it.
-	guarded := src.txStatus == 'T'
+	guarded := src.txStatus == pgwire.TxInBlock
 	if guarded {
 		if _, err := rs.internalQuery(src, "SAVEPOINT tandem_settings", time.Time{}); err != nil {
 			return err
@@ -195,7 +167,7 @@ func (rs *routedSession) syncSettings(u *rstore) error {
 		return nil
 	}
 	for _, kv := range sets {
-		u.queueQuery(fmt.Sprintf("SELECT pg_catalog.set_config(%s, %s, false)", quoteLiteral(kv[0]), quoteLiteral(kv[1])))
+		u.queueQuery(fmt.Sprintf("SELECT pg_catalog.set_config(%s, %s, false)", pgwire.QuoteLiteral(kv[0]), pgwire.QuoteLiteral(kv[1])))
 	}
 	if err := rs.send(u, time.Time{}); err != nil {
 		return err
@@ -227,17 +199,6 @@ func (rs *routedSession) sessionSETs(src *rstore) ([][2]string, error) {
 		}
 	}
 	return out, nil
-}
-
-// quoteLiteral quotes s as an SQL literal that means s whatever
-// standard_conforming_strings is, as PostgreSQL's quote_literal does: a
-// value with a backslash becomes an E'...' string with it doubled.
-func quoteLiteral(s string) string {
-	q := strings.ReplaceAll(s, "'", "''")
-	if strings.Contains(s, `\`) {
-		return "E'" + strings.ReplaceAll(q, `\`, `\\`) + "'"
-	}
-	return "'" + q + "'"
 }
 
 // send writes u's queued output.
@@ -300,7 +261,7 @@ func (rs *routedSession) recv(u *rstore, deadline time.Time) (backendMsg, error)
 
 // note keeps the store's transaction status from its ReadyForQuery.
 func (u *rstore) note(m backendMsg) {
-	if m.typ == 'Z' && len(m.body) == 1 {
+	if m.typ == pgwire.ServerReadyForQuery && len(m.body) == 1 {
 		u.txStatus = m.body[0]
 		u.skipping = false
 	}
@@ -345,7 +306,7 @@ func (rs *routedSession) drainOne(u *rstore, deadline time.Time) ([][]*string, e
 			return nil, err
 		}
 		switch m.typ {
-		case 'D':
+		case pgwire.ServerDataRow:
 			cols, err = splitDataRow(m.body, cols)
 			if err != nil {
 				return nil, err
@@ -358,20 +319,20 @@ func (rs *routedSession) drainOne(u *rstore, deadline time.Time) ([][]*string, e
 				}
 			}
 			rows = append(rows, row)
-		case 'E':
+		case pgwire.ServerErrorResponse:
 			if firstErr == nil {
-				code, msg := errorFields(m.body)
+				code, msg := pgwire.ErrorFields(m.body)
 				firstErr = &storeError{store: u.name, code: code, message: msg}
 			}
-		case 'A', 'S':
+		case pgwire.ServerNotification, pgwire.ServerParameterStatus:
 			// A notification or parameter change caused by the proxy's own
 			// COMMIT or SET on the store serving the client is the client's.
 			if u.name == string(rs.state.Primary) {
 				rs.toClient(m.typ, m.body)
 			}
-		case 'C':
+		case pgwire.ServerCommandComplete:
 			u.lastTag = tagString(m.body)
-		case 'Z':
+		case pgwire.ServerReadyForQuery:
 			return rows, firstErr
 		}
 	}
@@ -404,7 +365,7 @@ func (rs *routedSession) replay(sql string) {
 		if u == nil || u == prim || u.up == nil || u.dead != nil {
 			continue
 		}
-		if rs.txState != 'I' && !rs.tx.open {
+		if rs.txState != pgwire.TxIdle && !rs.tx.open {
 			continue // it gets the setting when its transaction opens... or at the next sync
 		}
 		if _, err := rs.internalQuery(u, sql, rs.budget()); err != nil {

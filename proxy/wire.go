@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+
+	"github.com/tandemdb/tandem/internal/pgwire"
 )
 
 // Raw protocol message helpers for the routed engine: it decodes only the
@@ -114,7 +116,7 @@ func encodeParse(dst []byte, name, sql string, oids []uint32) []byte {
 	for _, o := range oids {
 		b = putInt32(b, int32(o))
 	}
-	return appendMsg(dst, 'P', b)
+	return appendMsg(dst, pgwire.ClientParse, b)
 }
 
 // bindMsg is a decoded Bind.
@@ -170,25 +172,27 @@ func encodeBind(dst []byte, m bindMsg) []byte {
 	for _, f := range m.resultFormats {
 		b = putInt16(b, f)
 	}
-	return appendMsg(dst, 'B', b)
+	return appendMsg(dst, pgwire.ClientBind, b)
 }
 
 func encodeDescribe(dst []byte, kind byte, name string) []byte {
-	return appendMsg(dst, 'D', putCString([]byte{kind}, name))
+	return appendMsg(dst, pgwire.ClientDescribe, putCString([]byte{kind}, name))
 }
 
 func encodeClose(dst []byte, kind byte, name string) []byte {
-	return appendMsg(dst, 'C', putCString([]byte{kind}, name))
+	return appendMsg(dst, pgwire.ClientClose, putCString([]byte{kind}, name))
 }
 
 func encodeExecute(dst []byte, portal string, maxRows int32) []byte {
-	return appendMsg(dst, 'E', putInt32(putCString(nil, portal), maxRows))
+	return appendMsg(dst, pgwire.ClientExecute, putInt32(putCString(nil, portal), maxRows))
 }
 
-func encodeQuery(dst []byte, sql string) []byte { return appendMsg(dst, 'Q', putCString(nil, sql)) }
+func encodeQuery(dst []byte, sql string) []byte {
+	return appendMsg(dst, pgwire.ClientQuery, putCString(nil, sql))
+}
 
-var syncMsg = []byte{'S', 0, 0, 0, 4}
-var flushMsg = []byte{'H', 0, 0, 0, 4}
+var syncMsg = []byte{pgwire.ClientSync, 0, 0, 0, 4}
+var flushMsg = []byte{pgwire.ClientFlush, 0, 0, 0, 4}
 
 // field is one RowDescription field, kept raw for re-encoding.
 type field struct {
@@ -231,7 +235,7 @@ func encodeRowDescription(dst []byte, fs []field) []byte {
 	for _, f := range fs {
 		b = append(b, f.raw...)
 	}
-	return appendMsg(dst, 'T', b)
+	return appendMsg(dst, pgwire.ServerRowDescription, b)
 }
 
 // splitDataRow returns the columns of a DataRow body (nil = NULL).
@@ -262,7 +266,7 @@ func encodeDataRow(dst []byte, cols [][]byte) []byte {
 	for _, c := range cols {
 		size += 4 + len(c)
 	}
-	dst = append(dst, 'D', 0, 0, 0, 0)
+	dst = append(dst, pgwire.ServerDataRow, 0, 0, 0, 0)
 	binary.BigEndian.PutUint32(dst[len(dst)-4:], uint32(size+4))
 	dst = putInt16(dst, len(cols))
 	for _, c := range cols {
@@ -289,24 +293,4 @@ func decodeParameterDescription(body []byte) []uint32 {
 		return nil
 	}
 	return oids
-}
-
-// errorFields returns an ErrorResponse's SQLSTATE and message.
-func errorFields(body []byte) (code, message string) {
-	for len(body) > 1 {
-		f := body[0]
-		end := bytes.IndexByte(body[1:], 0)
-		if end < 0 {
-			break
-		}
-		v := string(body[1 : 1+end])
-		switch f {
-		case 'C':
-			code = v
-		case 'M':
-			message = v
-		}
-		body = body[end+2:]
-	}
-	return code, message
 }

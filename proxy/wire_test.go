@@ -7,6 +7,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/tandemdb/tandem/internal/pgwire"
 )
 
 // The routed engine decodes Parse, Bind, RowDescription and DataRow bodies
@@ -82,7 +83,7 @@ func TestWireRoundTrips(t *testing.T) {
 	if re := encodeDataRow(nil, cols)[5:]; !bytes.Equal(re, body) {
 		t.Fatal("DataRow does not round-trip")
 	}
-	code, msg := errorFields(encodeBackend(t, &pgproto3.ErrorResponse{Severity: "ERROR", Code: "23505", Message: "dup"}))
+	code, msg := pgwire.ErrorFields(encodeBackend(t, &pgproto3.ErrorResponse{Severity: "ERROR", Code: "23505", Message: "dup"}))
 	if code != "23505" || msg != "dup" {
 		t.Fatalf("errorFields: %q %q", code, msg)
 	}
@@ -144,7 +145,7 @@ func FuzzWireDecoders(f *testing.F) {
 				t.Fatalf("DataRow re-encodes differently")
 			}
 		}
-		errorFields(b)
+		pgwire.ErrorFields(b)
 	})
 }
 
@@ -166,9 +167,9 @@ func TestQuoteLiteral(t *testing.T) {
 		for _, v := range values {
 			// The simple protocol, as the replay runs it (pgconn does not
 			// refuse standard_conforming_strings=off as pgx does).
-			got := queryOne(t, conn.PgConn(), "SELECT "+quoteLiteral(v))
+			got := queryOne(t, conn.PgConn(), "SELECT "+pgwire.QuoteLiteral(v))
 			if got != v {
-				t.Errorf("standard_conforming_strings=%s: %q quoted as %s reads back as %q", scs, v, quoteLiteral(v), got)
+				t.Errorf("standard_conforming_strings=%s: %q quoted as %s reads back as %q", scs, v, pgwire.QuoteLiteral(v), got)
 			}
 		}
 	}

@@ -68,6 +68,7 @@ func TestImportArrows(t *testing.T) {
 		{module + "/compare", module + "/proxy", "jobs talk to stores, not through the proxy package"},
 		{module + "/internal", module + "/proxy", "internal packages are shared leaves"},
 		{module + "/internal", module + "/cmd", "internal packages are shared leaves"},
+		{module + "/internal/shadow", module + "/internal/shadowpool", "the comparison stays pure: the shadow pool uses it, never the reverse"},
 	}
 	for _, p := range listPackages(t) {
 		for _, r := range rules {

@@ -10,7 +10,6 @@ package classify
 
 import (
 	"strings"
-	"sync"
 
 	pg_query "github.com/pganalyze/pg_query_go/v6"
 )
@@ -58,10 +57,7 @@ type Classifier struct {
 	safe  map[string]bool
 	limit int
 
-	mu       sync.RWMutex
-	cur, old map[string]*Result
-
-	plans  textCache[*TextPlan]  // Plan's cache, same discipline as cur/old
+	plans  textCache[*TextPlan]  // Plan's cache: two generations, bounded
 	shapes textCache[*shapePlan] // plans by shape (constants elided), to plan new texts of a known shape
 }
 
@@ -69,7 +65,7 @@ type Classifier struct {
 // extraSafe adds functions (lower-case, optionally schema-qualified) to the
 // built-in safe list, for an application's own side-effect-free functions.
 func New(limit int, extraSafe ...string) *Classifier {
-	c := &Classifier{safe: map[string]bool{}, limit: max(limit, 16), cur: map[string]*Result{}}
+	c := &Classifier{safe: map[string]bool{}, limit: max(limit, 16)}
 	for _, f := range strings.Fields(safeFunctions) {
 		c.safe[f] = true
 	}
@@ -79,38 +75,8 @@ func New(limit int, extraSafe ...string) *Classifier {
 	return c
 }
 
-// Classify returns the classification of sql, from the cache when it has
-// been seen.
-func (c *Classifier) Classify(sql string) *Result {
-	c.mu.RLock()
-	r, ok := c.cur[sql]
-	if !ok {
-		r, ok = c.old[sql]
-	}
-	c.mu.RUnlock()
-	if !ok {
-		r = c.classify(sql)
-	}
-	c.mu.Lock()
-	// Two generations: when the current one is full it becomes the old one,
-	// so recently used texts survive and memory stays bounded.
-	if _, inCur := c.cur[sql]; !inCur {
-		if len(c.cur) >= c.limit/2 {
-			c.old, c.cur = c.cur, make(map[string]*Result, c.limit/2)
-		}
-		c.cur[sql] = r
-	}
-	c.mu.Unlock()
-	return r
-}
-
-// Len reports how many texts are cached.
-func (c *Classifier) Len() int {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return len(c.cur) + len(c.old)
-}
-
+// classify is the classification of one statement's text (Plan runs it on
+// each statement of a text; Plan's cache holds the results).
 func (c *Classifier) classify(sql string) *Result {
 	// pg_query's C parser can crash the process on pathologically nested
 	// input: refuse it before parsing, as Plan does.

@@ -78,7 +78,7 @@ func TestClassify(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.sql, func(t *testing.T) {
-			r := c.Classify(tc.sql)
+			r := c.classify(tc.sql)
 			if r.Kind != tc.kind {
 				t.Fatalf("kind = %s, want %s (err %v, unsafe %v, writes %v)", r.Kind, tc.kind, r.Err, r.Unsafe, r.WriteTables)
 			}
@@ -101,14 +101,17 @@ func TestClassify(t *testing.T) {
 // TestCache: results are cached by text, shared, and bounded.
 func TestCache(t *testing.T) {
 	c := New(100)
-	a := c.Classify("SELECT 1")
-	if b := c.Classify("SELECT 1"); a != b {
+	a := c.Plan("SELECT 1")
+	if b := c.Plan("SELECT 1"); a != b {
 		t.Fatal("the second lookup did not come from the cache")
 	}
 	for i := range 1000 {
-		c.Classify(fmt.Sprintf("SELECT %d", i))
+		c.Plan(fmt.Sprintf("SELECT %d", i))
 	}
-	if n := c.Len(); n > 100 {
+	c.plans.mu.RLock()
+	n := len(c.plans.cur) + len(c.plans.old)
+	c.plans.mu.RUnlock()
+	if n > 100 {
 		t.Fatalf("cache holds %d texts, limit 100", n)
 	}
 	// Concurrent use is safe (run with -race).
@@ -116,8 +119,8 @@ func TestCache(t *testing.T) {
 	for w := range 8 {
 		wg.Go(func() {
 			for i := range 200 {
-				if r := c.Classify(fmt.Sprintf("UPDATE t SET a = %d WHERE id = %d", i, w)); r.Kind != Write {
-					t.Errorf("kind %s", r.Kind)
+				if r := c.Plan(fmt.Sprintf("UPDATE t SET a = %d WHERE id = %d", i, w)); r.Err != nil || len(r.Stmts) != 1 || r.Stmts[0].Kind != Write {
+					t.Errorf("plan %+v", r)
 				}
 			}
 		})
@@ -127,9 +130,9 @@ func TestCache(t *testing.T) {
 
 func BenchmarkClassifyCached(b *testing.B) {
 	c := New(1000)
-	c.Classify("SELECT * FROM users WHERE id = $1")
+	c.Plan("SELECT * FROM users WHERE id = $1")
 	for b.Loop() {
-		c.Classify("SELECT * FROM users WHERE id = $1")
+		c.Plan("SELECT * FROM users WHERE id = $1")
 	}
 }
 
@@ -138,6 +141,6 @@ func BenchmarkClassifyUncached(b *testing.B) {
 	i := 0
 	for b.Loop() {
 		i++
-		c.Classify(fmt.Sprintf("SELECT * FROM users WHERE id = %d", i))
+		c.Plan(fmt.Sprintf("SELECT * FROM users WHERE id = %d", i))
 	}
 }

@@ -627,11 +627,11 @@ func BenchmarkPlanUncached(b *testing.B) {
 }
 
 // TestClassifyTooDeep: hostile nesting that would crash pg_query's parser is
-// refused by Classify too, not only by Plan.
+// refused by the per-statement classification too, not only by Plan.
 func TestClassifyTooDeep(t *testing.T) {
 	c := New(16)
 	sql := "SELECT " + strings.Repeat("1+", 30000) + "1"
-	if r := c.Classify(sql); r.Kind != Unknown || !errors.Is(r.Err, errTooDeep) {
-		t.Fatalf("Classify of a 30000-deep expression: kind %v, err %v", r.Kind, r.Err)
+	if r := c.classify(sql); r.Kind != Unknown || !errors.Is(r.Err, errTooDeep) {
+		t.Fatalf("classify of a 30000-deep expression: kind %v, err %v", r.Kind, r.Err)
 	}
 }

@@ -5,6 +5,7 @@
 package pgwire
 
 import (
+	"bytes"
 	"fmt"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -91,4 +92,25 @@ func AppendMessages(dst []byte, msgs ...pgproto3.BackendMessage) ([]byte, error)
 		}
 	}
 	return dst, nil
+}
+
+// ErrorFields returns the SQLSTATE (field C) and the message (field M) of
+// an ErrorResponse or NoticeResponse body; a field that is missing is "".
+func ErrorFields(body []byte) (code, message string) {
+	for len(body) > 1 {
+		f := body[0]
+		end := bytes.IndexByte(body[1:], 0)
+		if end < 0 {
+			break
+		}
+		v := string(body[1 : 1+end])
+		switch f {
+		case 'C':
+			code = v
+		case 'M':
+			message = v
+		}
+		body = body[end+2:]
+	}
+	return code, message
 }
