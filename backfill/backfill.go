@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"log/slog"
 	"math"
 	"os"
@@ -133,10 +134,10 @@ type TableProgress struct {
 
 // Throttle is the throttle's state.
 type Throttle struct {
-	Rate    float64       `json:"rate"` // rows per second; 0 = unlimited
-	Paused  bool          `json:"paused"`
-	Guarded bool          `json:"guarded"` // the latency guard holds the copy
-	Probe   time.Duration `json:"probe_latency"`
+	Rate    float64          `json:"rate"` // rows per second; 0 = unlimited
+	Paused  bool             `json:"paused"`
+	Guarded bool             `json:"guarded"`       // the latency guard holds the copy
+	Probe   jsonout.Duration `json:"probe_latency"` // the last latency-guard probe, as text ("3ms")
 }
 
 // Engine runs one backfill. Its methods are safe for concurrent use; Run
@@ -229,7 +230,7 @@ func (e *Engine) set(f func()) {
 func (e *Engine) Throttle() Throttle {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	t := Throttle{Paused: e.paused, Guarded: e.guarded, Probe: e.probe}
+	t := Throttle{Paused: e.paused, Guarded: e.guarded, Probe: jsonout.Duration(e.probe)}
 	if l := e.limiter.Limit(); l != rate.Inf {
 		t.Rate = float64(l)
 	}

@@ -346,15 +346,24 @@ func (e *Engine) single(ctx context.Context, control, primary, secondary *pgx.Co
 // failed and whether a later unit copied it.
 type Failure struct {
 	Table    table.Name `json:"table"`
-	Lo, Hi   []string
-	Error    string    `json:"error"`
-	Attempts int       `json:"attempts"`
-	Last     time.Time `json:"last"`
-	Fixed    bool      `json:"fixed"` // a later unit with the same range succeeded
+	Lo       []string   `json:"lo"` // the unit's key range, as text
+	Hi       []string   `json:"hi"`
+	Error    string     `json:"error"`
+	Attempts int        `json:"attempts"`
+	Last     time.Time  `json:"last"`
+	Fixed    bool       `json:"fixed"` // a later unit with the same range succeeded
 }
 
 // Report summarises the failures in the migration log, newest first.
+// Before the first backfill there is no log, and so no failure.
 func Report(ctx context.Context, control *pgx.Conn) ([]Failure, error) {
+	var exists bool
+	if err := control.QueryRow(ctx, `SELECT to_regclass('tandem.migration_log') IS NOT NULL`).Scan(&exists); err != nil {
+		return nil, err
+	}
+	if !exists {
+		return []Failure{}, nil
+	}
 	rows, err := control.Query(ctx, `SELECT f.schema_name, f.table_name, f.lo, f.hi, f.error, f.n, f.last,
 			EXISTS (SELECT 1 FROM tandem.migration_log d WHERE d.status = 'done' AND d.schema_name = f.schema_name AND d.table_name = f.table_name
 				AND d.lo IS NOT DISTINCT FROM f.lo AND d.hi IS NOT DISTINCT FROM f.hi AND d.logged_at > f.last)

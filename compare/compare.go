@@ -18,6 +18,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"golang.org/x/sync/errgroup"
 	"log/slog"
 	"math/big"
@@ -171,9 +172,9 @@ type TableSummary struct {
 	RunID     int64        `json:"run_id,omitempty"`
 	Resumed   bool         `json:"resumed,omitempty"` // the run continued from a checkpoint
 	// WholeTable: the whole table hashed equal on both stores in one pass.
-	WholeTable bool          `json:"whole_table,omitempty"`
-	Duration   time.Duration `json:"duration_ns"`       // this session's
-	Skipped    string        `json:"skipped,omitempty"` // why the table was not verified
+	WholeTable bool             `json:"whole_table,omitempty"`
+	Duration   jsonout.Duration `json:"duration"`          // this session's, as text ("1.5s")
+	Skipped    string           `json:"skipped,omitempty"` // why the table was not verified
 }
 
 // Differences returns the number of confirmed differences (Counts summed).
@@ -564,7 +565,7 @@ func Table(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts Optio
 	defer closePairs()
 	v.pairs = pairs
 	err = v.verify(ctx, lo)
-	sum.Duration = time.Since(start)
+	sum.Duration = jsonout.Duration(time.Since(start))
 	if v.run != nil {
 		if ferr := v.run.finish(ctx, &sum, err); ferr != nil {
 			err = errors.Join(err, ferr)

@@ -313,7 +313,9 @@ func (rs *routedSession) serve(un *unit) error {
 			return err
 		}
 	}
+	endPrimary := rs.traceStep(spanPrimary, st.Primary)
 	res, err := rs.runUnit(prim, un, wrap, mirror)
+	endPrimary(err)
 	if err != nil {
 		if mirror && !wrap && (un.commits || rs.extOpen && un.end != pgwire.ClientFlush) {
 			rs.commitUnknown(err)

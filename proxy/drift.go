@@ -24,6 +24,7 @@ func (rs *routedSession) recordDrift(entries []table.DriftEntry) error {
 			entries[i].Stale = string(rs.state.Secondary()) // the store that missed the write
 		}
 	}
+	defer rs.traceStep(spanLedger, "")(nil)
 	rec := rs.srv.recordDrift
 	if rec == nil {
 		return errors.New("no drift ledger is configured")

@@ -108,6 +108,7 @@ func (rs *routedSession) waitFence(pureRead bool) error {
 				bound += cfg.Routing.FeedWait.Duration()
 			}
 			if timer == nil {
+				defer rs.traceStep(spanFenceWait, "")(nil)
 				rs.srv.metrics.R().FenceWait(rs.ss.ctx)
 				timer = time.NewTimer(bound)
 				defer timer.Stop()

@@ -65,6 +65,13 @@ func newPairEnv(t testing.TB, setup string, mutate ...func(*config.Config)) *pai
 // newPairEnvOn is newPairEnv with a given new store.
 func newPairEnvOn(t testing.TB, nc *pgtest.Cluster, setup string, mutate ...func(*config.Config)) *pairEnv {
 	t.Helper()
+	return newPairEnvWith(t, nc, Options{}, setup, mutate...)
+}
+
+// newPairEnvWith is newPairEnvOn with proxy options (RecordDrift is the
+// control schema's ledger).
+func newPairEnvWith(t testing.TB, nc *pgtest.Cluster, opts Options, setup string, mutate ...func(*config.Config)) *pairEnv {
+	t.Helper()
 	ctx := context.Background()
 	e := &pairEnv{t: t, old: shared, new: nc, db: newDB(t)}
 	if err := e.new.CreateDatabase(ctx, e.db); err != nil {
@@ -94,9 +101,10 @@ func newPairEnvOn(t testing.TB, nc *pgtest.Cluster, setup string, mutate ...func
 	}
 	t.Cleanup(e.control.Close)
 	muts := append([]func(*config.Config){func(c *config.Config) { c.New.DSN = e.new.DSN(e.db) }}, mutate...)
-	e.proxy = startProxyWith(t, e.old, e.db, Options{RecordDrift: func(ctx context.Context, entries []table.DriftEntry) error {
+	opts.RecordDrift = func(ctx context.Context, entries []table.DriftEntry) error {
 		return table.RecordDrift(ctx, e.control, entries)
-	}}, muts...)
+	}
+	e.proxy = startProxyWith(t, e.old, e.db, opts, muts...)
 	return e
 }
 

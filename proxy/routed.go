@@ -204,6 +204,8 @@ type routedSession struct {
 	from     *rstore
 	gucDirty bool
 	gucs     [][2]string
+
+	trace unitTrace // the current unit's span, when tracing (trace.go)
 }
 
 // replyState says where the client's output goes while a unit runs.
@@ -371,7 +373,9 @@ func (rs *routedSession) run() error {
 		if err != nil {
 			return err
 		}
+		endTrace := rs.traceUnit(u)
 		err = rs.serve(u)
+		endTrace(err)
 		rs.release(u)
 		if err != nil {
 			return err

@@ -384,10 +384,12 @@ func (rs *routedSession) secFinish(commit bool) {
 			k()
 		}
 	}
+	endCommit := rs.traceStep(spanSecondaryCommit, rs.state.Secondary())
 	_, err := rs.brk(func() error {
 		_, err := rs.internalQuery(sec, sql, rs.budget())
 		return err
 	})
+	endCommit(err)
 	if err != nil {
 		rs.tx.broken = err
 		rs.secFailed(sec, err)
@@ -449,6 +451,7 @@ func (rs *routedSession) secBegin(sec *rstore) error {
 
 // mirrorWrite applies one write to the secondary, or records it as drift.
 func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
+	defer rs.traceStep(spanSecondary, rs.state.Secondary())(nil)
 	ctx := rs.ss.ctx
 	mode := metrics.ModeStatement
 	if ev.image != nil {

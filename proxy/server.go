@@ -25,6 +25,7 @@ import (
 	"github.com/tandemdb/tandem/internal/pgwire"
 	"github.com/tandemdb/tandem/internal/shadowpool"
 	"github.com/tandemdb/tandem/internal/table"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
@@ -45,6 +46,9 @@ type Options struct {
 	// RecordMismatch stores a confirmed shadow-read mismatch in the control
 	// schema. Nil: mismatches are only logged and counted.
 	RecordMismatch func(ctx context.Context, r mismatch.Record) error
+	// Tracer records a span per client unit of a routed session (trace.go);
+	// nil records none, at the cost of a nil check per step.
+	Tracer trace.Tracer
 }
 
 // TestingKnobs are injection points for tests; the zero value is production
@@ -104,6 +108,7 @@ type Server struct {
 	shadow       *shadowpool.Pool // nil without a new store
 	// recordMismatch stores a confirmed shadow mismatch (Options.RecordMismatch).
 	recordMismatch func(ctx context.Context, r mismatch.Record) error
+	tracer         trace.Tracer // nil: no spans (trace.go)
 }
 
 type cancelKey struct {
@@ -147,6 +152,7 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 	s.routing.init()
 	s.breaker = newBreaker(s)
 	s.recordDrift = opts.RecordDrift
+	s.tracer = opts.Tracer
 	s.classifier = opts.Classifier
 	if s.classifier == nil {
 		s.classifier = classify.New(10000)

@@ -16,6 +16,7 @@ import (
 	"github.com/tandemdb/tandem/backfill"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"github.com/vbauerster/mpb/v8"
@@ -80,6 +81,7 @@ func newBackfillCmd() *cobra.Command {
 	report := fs.Bool("report", false, "summarise the failures in the migration log and exit")
 	path := fs.String("path", "auto", "how chunks are copied: snapshot (COPY from one exported snapshot of old, then the keys changed since reconciled under lock), locked (the locked-copy unit), or auto (snapshot where old has wal_level=logical and the slot can be made; the choice and its reason are printed)")
 	rangeRows := fs.Int("range-rows", 50000, "rows per claimed chunk (the snapshot path copies a chunk in one COPY)")
+	asJSON := fs.Bool("json", false, "print the summary (with --report, the failures) as one JSON document; progress goes to stderr")
 	settle := fs.Duration("settle-timeout", 5*time.Minute, "wait at most this long for the proxy replicas to acknowledge mirror=on and older transactions on old to end")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		cfg, err := flags.Load(os.LookupEnv)
@@ -100,7 +102,7 @@ func newBackfillCmd() *cobra.Command {
 			return err
 		}
 		if *report {
-			return printBackfillReport(ctx, ccfg, out)
+			return printBackfillReport(ctx, ccfg, out, *asJSON)
 		}
 		oldCfg, err := control.StoreConnConfig(cfg, route.Old)
 		if err != nil {
@@ -140,14 +142,25 @@ func newBackfillCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		sum, err := runWithProgress(ctx, eng, out, isTerminal(out))
+		progress := out
+		if *asJSON {
+			progress = cmd.ErrOrStderr()
+		}
+		sum, err := runWithProgress(ctx, eng, progress, isTerminal(progress))
 		if err != nil {
 			return err
 		}
-		if p, why := eng.Path(); p != "" {
+		if p, why := eng.Path(); p != "" && !*asJSON {
 			fmt.Fprintf(out, "path: %s (%s)\n", p, why)
 		}
-		printSummary(out, sum, *dryRun)
+		if *asJSON {
+			p, why := eng.Path()
+			if err := jsonout.Write(out, backfillSummary{Tables: sum.Tables, Duration: jsonout.Duration(sum.Duration), Failed: sum.Failed, DryRun: *dryRun, Path: string(p), PathReason: why}); err != nil {
+				return err
+			}
+		} else {
+			printSummary(out, sum, *dryRun)
+		}
 		if sum.Failed {
 			return exitCode(2)
 		}
@@ -260,6 +273,24 @@ func runWithProgress(ctx context.Context, eng *backfill.Engine, out io.Writer, t
 	}
 }
 
+// backfillSummary is what tandem backfill --json prints.
+type backfillSummary struct {
+	Tables   []backfill.TableProgress `json:"tables"`
+	Duration jsonout.Duration         `json:"duration"`
+	Failed   bool                     `json:"failed"` // some rows failed: see tandem backfill --report
+	DryRun   bool                     `json:"dry_run"`
+	// Path is the copy path taken (snapshot or locked) and PathReason why;
+	// empty for a dry run.
+	Path       string `json:"path"`
+	PathReason string `json:"path_reason"`
+}
+
+// backfillReport is what tandem backfill --report --json prints.
+type backfillReport struct {
+	Failures []backfill.Failure `json:"failures"` // newest first
+	Failing  int                `json:"failing"`  // not fixed by a later unit
+}
+
 func printSummary(out io.Writer, s backfill.Summary, dry bool) {
 	for _, t := range s.Tables {
 		switch {
@@ -279,7 +310,7 @@ func printSummary(out io.Writer, s backfill.Summary, dry bool) {
 	}
 }
 
-func printBackfillReport(ctx context.Context, ccfg *pgx.ConnConfig, out io.Writer) error {
+func printBackfillReport(ctx context.Context, ccfg *pgx.ConnConfig, out io.Writer, asJSON bool) error {
 	c, err := pgx.ConnectConfig(ctx, ccfg.Copy())
 	if err != nil {
 		return fmt.Errorf("connecting to the control database: %w", err)
@@ -291,11 +322,23 @@ func printBackfillReport(ctx context.Context, ccfg *pgx.ConnConfig, out io.Write
 	}
 	open := 0
 	for _, f := range fs {
+		if !f.Fixed {
+			open++
+		}
+	}
+	if asJSON {
+		if err := jsonout.Write(out, backfillReport{Failures: fs, Failing: open}); err != nil {
+			return err
+		}
+		if open > 0 {
+			return exitCode(2)
+		}
+		return nil
+	}
+	for _, f := range fs {
 		state := "FAILING"
 		if f.Fixed {
 			state = "fixed"
-		} else {
-			open++
 		}
 		fmt.Fprintf(out, "%-8s %s key %s..%s: %d attempts, last %s: %s\n", state, f.Table, strings.Join(f.Lo, ","), strings.Join(f.Hi, ","),
 			f.Attempts, f.Last.Format(time.RFC3339), f.Error)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +14,7 @@ import (
 	"github.com/tandemdb/tandem/compare"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"github.com/vbauerster/mpb/v8"
@@ -22,8 +22,8 @@ import (
 )
 
 const compareLong = `Verify that every row of the new store is what the table mapping makes of the
-old store's row (playbook step 3, after the backfill, and again just before
-the write flip), and optionally repair what differs.
+old store's row (playbook step 2, after the backfill, and again in step 4 just
+before the write flip), and optionally repair what differs.
 
 Rows are hashed on each store, server-side, with the mapping's hash
 expressions (renames, computed columns and dropped columns applied), so only
@@ -265,9 +265,7 @@ func compareWithProgress(ctx context.Context, old, nw *pgx.Conn, maps []*table.M
 
 func printCompare(out io.Writer, sums []compare.TableSummary, asJSON bool) error {
 	if asJSON {
-		enc := json.NewEncoder(out)
-		enc.SetIndent("", "  ")
-		return enc.Encode(struct {
+		return jsonout.Write(out, struct {
 			Tables []compare.TableSummary `json:"tables"`
 		}{sums})
 	}
@@ -286,7 +284,7 @@ func printCompare(out io.Writer, sums []compare.TableSummary, asJSON bool) error
 			resumed = ", resumed"
 		}
 		fmt.Fprintf(out, "%s -> %s: %d rows, %d ranges, %d drift keys, %s, %d transient, %v (run %d%s)\n", s.Table, s.NewTable, s.Rows, s.Ranges,
-			s.DriftKeys, state, s.Transient, s.Duration.Round(time.Millisecond), s.RunID, resumed)
+			s.DriftKeys, state, s.Transient, s.Duration.D().Round(time.Millisecond), s.RunID, resumed)
 		for _, d := range s.Diffs {
 			fmt.Fprintf(out, "  %-12s key %s\n", d.Kind, strings.Join(d.Key, ","))
 		}

@@ -75,7 +75,7 @@ func demoVerify(ctx context.Context, n *narrator, rp *runningProxy, oldDB, newDB
 			how = "one whole-table pass"
 		}
 		n.say("verify %s -> %s: %d rows hashed on both stores in %s, %s, %d transient, %v",
-			s.Table, s.NewTable, s.Rows, how, state, s.Transient, s.Duration.Round(time.Millisecond))
+			s.Table, s.NewTable, s.Rows, how, state, s.Transient, s.Duration.D().Round(time.Millisecond))
 		if !s.Clean() {
 			return fmt.Errorf("verify of %s is not clean: %d differences", s.Table, s.Differences())
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/internal/config"
+	"github.com/tandemdb/tandem/internal/jsonout"
 )
 
 // apiClient calls a running proxy's admin API the way every CLI command
@@ -83,9 +85,18 @@ func (c *apiClient) do(ctx context.Context, method, path, body string) (int, []b
 	return resp.StatusCode, b, err
 }
 
+// healthResult is what tandem health --json prints.
+type healthResult struct {
+	URL     string `json:"url"`
+	Healthy bool   `json:"healthy"`
+	Status  int    `json:"status"` // the HTTP status
+	Body    any    `json:"body"`
+}
+
 func newHealthCmd() *cobra.Command {
 	var ready bool
 	var timeout time.Duration
+	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "health",
 		Short: "Ask a running proxy's admin API whether it is up (for container health checks)",
@@ -100,6 +111,7 @@ token) and needs no curl in the image. Exit status 0 means healthy (ready),
 	}
 	cmd.Flags().BoolVar(&ready, "ready", false, "check readiness (/readyz: the stores are reachable) instead of liveness (/healthz)")
 	cmd.Flags().DurationVar(&timeout, "timeout", 5*time.Second, "give up after this long")
+	cmd.Flags().BoolVar(&asJSON, "json", false, `print {"url", "healthy", "status", "body"} (body: /readyz's checks as JSON, else the text)`)
 	flags := config.NewFlags(cmd.Flags())
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		cfg, err := flags.Load(os.LookupEnv)
@@ -121,6 +133,19 @@ token) and needs no curl in the image. Exit status 0 means healthy (ready),
 				return fmt.Errorf("%s%s: no answer within %s", c.base, path, timeout)
 			}
 			return fmt.Errorf("%s%s: %w", c.base, path, err)
+		}
+		if asJSON {
+			h := healthResult{URL: c.base + path, Healthy: code == http.StatusOK, Status: code, Body: strings.TrimSpace(string(body))}
+			if json.Valid(body) {
+				h.Body = json.RawMessage(body)
+			}
+			if err := jsonout.Write(cmd.OutOrStdout(), h); err != nil {
+				return err
+			}
+			if !h.Healthy {
+				return exitCode(1)
+			}
+			return nil
 		}
 		if code != http.StatusOK {
 			fmt.Fprintf(cmd.ErrOrStderr(), "%s%s: %d %s\n", c.base, path, code, strings.TrimSpace(string(body)))

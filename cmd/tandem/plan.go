@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"github.com/tandemdb/tandem/internal/plan"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -100,11 +101,7 @@ func newPlanCmd() *cobra.Command {
 		}
 		out := cmd.OutOrStdout()
 		if *asJSON {
-			b, err := rep.JSON()
-			if err != nil {
-				return err
-			}
-			if _, err := fmt.Fprintf(out, "%s\n", b); err != nil {
+			if err := jsonout.Write(out, rep); err != nil {
 				return err
 			}
 		} else if err := rep.WriteText(out); err != nil {

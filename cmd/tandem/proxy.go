@@ -20,6 +20,7 @@ import (
 	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/metrics"
 	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/tracing"
 	"github.com/tandemdb/tandem/internal/version"
 	"github.com/tandemdb/tandem/proxy"
 	"golang.org/x/sync/errgroup"
@@ -123,12 +124,17 @@ type runningProxy struct {
 	srv      *proxy.Server
 	admin    *admin.Server
 	prom     *metrics.Prometheus
+	tracing  *tracing.Provider // nil: tracing is off
 	listener net.Listener
 	g        *errgroup.Group
 	control  *control.Plane // nil without a new store
 	// adminToken is the admin API's token ("" = none), for in-process
 	// callers such as the demo.
 	adminToken string
+	// history samples /metrics for the status page's charts until
+	// stopHistory; historyDone is closed when it has.
+	stopHistory context.CancelFunc
+	historyDone chan struct{}
 }
 
 // startProxy binds both addresses and starts serving. Addresses with port 0
@@ -153,7 +159,18 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	opts := proxy.Options{Logger: log, Metrics: pm}
+	tp, err := tracing.New(tracing.Options{Endpoint: cfg.Tracing.Endpoint, SampleRatio: cfg.Tracing.SampleRatio, Insecure: cfg.Tracing.Insecure,
+		Headers: tracing.ParseHeaders(cfg.Tracing.Headers), Version: bi.Version, Replica: control.ReplicaID(cfg)})
+	if err != nil {
+		return nil, err
+	}
+	started := false
+	defer func() {
+		if !started {
+			_ = tp.Shutdown(context.Background()) // a start that failed leaves no exporter running
+		}
+	}()
+	opts := proxy.Options{Logger: log, Metrics: pm, Tracer: tp.Tracer()}
 	// With a new store, the proxy follows the routing state in the control
 	// schema; without one it stays in passthrough and needs no control database.
 	var cp *control.Plane
@@ -209,8 +226,9 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if rt != nil {
 		status = func(ctx context.Context) (any, error) { return collectStatus(ctx, cfg, rt) }
 	}
+	hist := &admin.History{Read: prom.Sums}
 	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: bf, Mismatches: mm,
-		Writers: srv.WriterSessions, Security: sec, Pprof: cfg.AdminAPI.Pprof, Status: status}), log, sopts)
+		Writers: srv.WriterSessions, Security: sec, Pprof: cfg.AdminAPI.Pprof, Status: status, History: hist}), log, sopts)
 	if err != nil {
 		if cp != nil {
 			cp.Stop()
@@ -225,8 +243,14 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 		}
 		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
-	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp, adminToken: sec.Token}
+	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp, adminToken: sec.Token, tracing: tp}
 	rp.live.Store(cfg)
+	hctx, stopHistory := context.WithCancel(context.Background())
+	rp.stopHistory, rp.historyDone = stopHistory, make(chan struct{})
+	go func() {
+		defer close(rp.historyDone)
+		hist.Run(hctx)
+	}()
 	if cp != nil {
 		cp.Start(srv, pm, bm, fm)
 	}
@@ -239,7 +263,8 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	})
 	log.Info("tandem proxy started", "listen", ln.Addr().String(), "admin", adm.Addr(),
 		"old", config.RedactDSN(cfg.Old.DSN), "auth", cfg.Auth.Method, "tls", cfg.TLS.Cert != "",
-		"admin_token", cfg.AdminAPI.TokenFile != "", "admin_tls", cfg.AdminAPI.TLSCert != "")
+		"admin_token", cfg.AdminAPI.TokenFile != "", "admin_tls", cfg.AdminAPI.TLSCert != "", "tracing", cfg.Tracing.Endpoint != "")
+	started = true
 	return rp, nil
 }
 
@@ -327,7 +352,9 @@ func (rp *runningProxy) stop() error {
 	if rp.control != nil {
 		rp.control.Stop() // after the sessions: they record drift through its pool
 	}
-	err = errors.Join(err, rp.prom.Shutdown(ctx))
+	rp.stopHistory()
+	<-rp.historyDone
+	err = errors.Join(err, rp.prom.Shutdown(ctx), rp.tracing.Shutdown(ctx))
 	rp.log.Info("tandem proxy stopped")
 	return err
 }

@@ -2,7 +2,7 @@ package main
 
 import (
 	"context"
-	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -16,6 +16,7 @@ import (
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/controlschema"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"github.com/tandemdb/tandem/internal/route"
 )
 
@@ -56,21 +57,26 @@ else the fence is released, nothing changes, and the error names the change
 feed (--force goes on without it, on the record). The same operations are
 served by the admin API (/api/v1/state, /api/v1/route, /api/v1/rollback).`
 
-const routeExamples = `  # The playbook, step by step:
-  # 1. passthrough (the initial state)
+// routeExamples walks the README's playbook; TestPlaybookStepsAgree keeps
+// the step names and numbers the same as the README's table.
+const routeExamples = `  # The playbook, step by step (tandem status shows where you are):
+  # 1. assess, then passthrough: swap the connection string
+  tandem plan -c tandem.yaml
   tandem route show -c tandem.yaml
-  # 2. dual-write: mirror writes to new, then backfill and compare
+  # 2. dual-write, backfill, verify
   tandem route set -c tandem.yaml --mirror on --reason "start dual-write"
-  # 3. shadow reads, then read shift
+  tandem backfill -c tandem.yaml
+  tandem compare -c tandem.yaml
+  # 3. shadow reads, read shift
   tandem route set -c tandem.yaml --shadow 10
   tandem route set -c tandem.yaml --reads 10
   tandem route set -c tandem.yaml --reads 100
   # 4. write flip (fenced; old still receives every write), after a fresh verify
   tandem compare -c tandem.yaml
-  tandem route set -c tandem.yaml --primary new --reason "cutover"
-  # 5. finish: old can be retired
-  tandem route set -c tandem.yaml --mirror off --shadow 0
-  # Roll back from any step before the finish: primary=old, reads=0
+  tandem route set -c tandem.yaml --primary new --reads 100 --reason "cutover"
+  # 5. finish: mirror off, shadow 0, the change feed's slots dropped; old can be retired
+  tandem complete -c tandem.yaml
+  # Roll back from any step: primary=old, reads=0
   tandem rollback -c tandem.yaml --reason "p99 regression"`
 
 func newRouteCmd() *cobra.Command {
@@ -136,9 +142,7 @@ API's GET /api/v1/state.`,
 		}
 		out := cmd.OutOrStdout()
 		if *asJSON {
-			enc := json.NewEncoder(out)
-			enc.SetIndent("", "  ")
-			return enc.Encode(st)
+			return jsonout.Write(out, st)
 		}
 		printStatus(out, st, rt.Options.Live)
 		return nil
@@ -323,9 +327,10 @@ replicas acknowledged the new version.
 	primary := fs.String("primary", "", "the store of record: old or new (changing it is a write flip)")
 	mirror := fs.String("mirror", "", "apply writes to the other store as well: on or off")
 	reads := fs.Int("reads", 0, "percent of eligible reads served by the new store, 0..100")
-	shadow := fs.Int("shadow", 0, "percent of reads also run on the other store and compared, 0..100 (stored and followed; the comparison itself comes with tandem compare)")
+	shadow := fs.Int("shadow", 0, "percent of eligible reads also run on the other store and compared off the client's path, 0..100 (playbook step 3; outcomes in GET /api/v1/mismatches and tandem status)")
 	force := fs.Bool("force", false, "override failing cutover gates (open or stuck drift, open breaker, lagging replica, change feed down or behind) and a change feed that does not catch up within routing.feed_wait; recorded in the history")
 	reason := fs.String("reason", "", "why, for the history")
+	asJSON := fs.Bool("json", false, "print the result as JSON (as POST /api/v1/route answers); a refusal is {\"error\": reason} with exit status 1")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		var req control.RouteRequest
 		if fs.Changed("primary") {
@@ -360,7 +365,7 @@ replicas acknowledged the new version.
 			return err
 		}
 		res, err := rt.Route(cmd.Context(), operator(), req)
-		return printResult(cmd.OutOrStdout(), cmd.ErrOrStderr(), res, err)
+		return printResult(cmd.OutOrStdout(), cmd.ErrOrStderr(), res, err, *asJSON)
 	}
 	return cmd
 }
@@ -384,6 +389,7 @@ then rolls back without it, and the output says so. The same as
 	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	force := cmd.Flags().Bool("force", false, "override the built-in gates (open breaker, lagging replica) and a change feed that does not catch up within routing.feed_wait; recorded in the history")
 	reason := cmd.Flags().String("reason", "", "why, for the history")
+	asJSON := cmd.Flags().Bool("json", false, "print the result as JSON (as POST /api/v1/rollback answers); a refusal is {\"error\": reason} with exit status 1")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		rt, err := routing(flags, cmd.ErrOrStderr())
 		if err != nil {
@@ -393,20 +399,35 @@ then rolls back without it, and the output says so. The same as
 			return err
 		}
 		res, err := rt.Rollback(cmd.Context(), operator(), *reason, *force)
-		return printResult(cmd.OutOrStdout(), cmd.ErrOrStderr(), res, err)
+		return printResult(cmd.OutOrStdout(), cmd.ErrOrStderr(), res, err, *asJSON)
 	}
 	return cmd
 }
 
 // printResult prints what a change did to out. A refusal is printed to
-// errOut with its reason and exits with status 1; other errors are returned.
-func printResult(out, errOut io.Writer, res control.Result, err error) error {
+// errOut with its reason and exits with status 1 (with asJSON, to out as
+// {"error": reason}, as the admin API's 409); other errors are returned.
+func printResult(out, errOut io.Writer, res control.Result, err error, asJSON bool) error {
 	if err != nil {
 		if route.IsIllegal(err) {
-			fmt.Fprintln(errOut, "tandem:", err)
+			if asJSON {
+				var ie *route.IllegalError
+				reason := err.Error()
+				if errors.As(err, &ie) {
+					reason = ie.Reason
+				}
+				if werr := jsonout.Write(out, refusal{Error: reason, Refused: true}); werr != nil {
+					return werr
+				}
+			} else {
+				fmt.Fprintln(errOut, "tandem:", err)
+			}
 			return exitCode(1)
 		}
 		return fmt.Errorf("routing change failed: %w", err)
+	}
+	if asJSON {
+		return jsonout.Write(out, res)
 	}
 	st, rep := res.State, res.Report
 	if rep.ToVersion == rep.FromVersion {
@@ -439,6 +460,19 @@ func printResult(out, errOut io.Writer, res control.Result, err error) error {
 		fmt.Fprintf(out, "NOT acknowledged in time by: %s (they apply it when they next reach the control database)\n", strings.Join(rep.NotAcked, ", "))
 	}
 	return nil
+}
+
+// refusal is what route set, rollback and complete print with --json when
+// the change is refused: the same body as the admin API's 409.
+type refusal struct {
+	Error   string `json:"error"`
+	Refused bool   `json:"refused"`
+}
+
+// pruned is what route prune --json prints.
+type pruned struct {
+	Pruned    []string         `json:"pruned"` // replica ids removed
+	OlderThan jsonout.Duration `json:"older_than"`
 }
 
 func orDash(s string) string {
@@ -488,7 +522,7 @@ again with its next heartbeat.`,
 		}
 		out := cmd.OutOrStdout()
 		if *asJSON {
-			return json.NewEncoder(out).Encode(map[string][]string{"pruned": ids})
+			return jsonout.Write(out, pruned{Pruned: ids, OlderThan: jsonout.Duration(*older)})
 		}
 		if len(ids) == 0 {
 			fmt.Fprintf(out, "no replica was silent for longer than %s\n", *older)

@@ -261,7 +261,7 @@ func TestRouteHelp(t *testing.T) {
 		if args[1] != "--help" || args[0] == "rollback" {
 			continue
 		}
-		for _, want := range []string{"--mirror on", "--reads 10", "--primary new", "--mirror off --shadow 0", "tandem rollback"} {
+		for _, want := range []string{"--mirror on", "--reads 10", "--primary new", "tandem complete", "tandem rollback"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("%v lacks the example %q", args, want)
 			}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -20,6 +19,7 @@ import (
 	"github.com/tandemdb/tandem/compare"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"github.com/tandemdb/tandem/internal/mismatch"
 	"github.com/tandemdb/tandem/internal/route"
 )
@@ -134,9 +134,7 @@ interrupted.`,
 				fmt.Fprint(out, "\033[H\033[2J")
 			}
 			if *asJSON {
-				enc := json.NewEncoder(out)
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(st); err != nil {
+				if err := jsonout.Write(out, st); err != nil {
 					return err
 				}
 			} else {

@@ -1,10 +1,10 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 
 	"github.com/spf13/cobra"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"github.com/tandemdb/tandem/internal/version"
 )
 
@@ -21,9 +21,7 @@ Go version. The same labels are on the tandem_build_info metric.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			in := version.Get(release)
 			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(in)
+				return jsonout.Write(cmd.OutOrStdout(), in)
 			}
 			commit := in.Short()
 			if in.Modified {

@@ -10,7 +10,6 @@ package admin
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -21,6 +20,7 @@ import (
 	"time"
 
 	"github.com/tandemdb/tandem/internal/control"
+	"github.com/tandemdb/tandem/internal/jsonout"
 )
 
 // Check is one readiness probe.
@@ -49,6 +49,10 @@ type Options struct {
 	// Status serves /api/v1/status: the whole migration, as `tandem
 	// status --json`; nil answers 404. The status page at / reads it.
 	Status func(ctx context.Context) (any, error)
+	// History serves /api/v1/history: this process's recent samples of
+	// drift, mirror latency, shadow outcomes and feed lag, which the
+	// status page charts; nil answers 404.
+	History *History
 	// Security is the token and Host checks every request goes through.
 	Security Security
 	// Pprof serves /debug/pprof/ (behind the token); /debug/pprof/cmdline,
@@ -64,6 +68,7 @@ type Options struct {
 //	GET /metrics  Prometheus text format
 //	/debug/pprof/ Go profiles, only with Pprof (never /debug/pprof/cmdline)
 //	GET  /api/v1/status    the whole migration: routing, backfill, verify, shadow, gates (tandem status --json)
+//	GET  /api/v1/history   this process's samples for the page's charts over the last hour (HistoryDoc)
 //	GET  /api/v1/state     routing state, replicas, history tail, open drift (Status)
 //	POST /api/v1/route     a RouteRequest: 200 with a Result; 400 malformed; 409 refused
 //	                       (illegal transition, cutover gate, concurrent change); 503 fence not drained
@@ -91,7 +96,7 @@ func NewHandler(opts Options) http.Handler {
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(status)
-		_ = json.NewEncoder(w).Encode(map[string]any{"ready": ok, "checks": results})
+		_ = jsonout.Write(w, map[string]any{"ready": ok, "checks": results})
 	})
 	if opts.Metrics != nil {
 		mux.Handle("GET /metrics", opts.Metrics)
@@ -103,6 +108,7 @@ func NewHandler(opts Options) http.Handler {
 	api := http.NewServeMux()
 	routingHandlers(api, opts.Routing)
 	statusHandler(api, opts.Status)
+	historyHandler(api, opts.History)
 	backfillHandlers(api, opts.Backfill)
 	mismatchHandlers(api, opts.Mismatches)
 	sem := make(chan struct{}, apiConcurrency)
@@ -122,7 +128,7 @@ func NewHandler(opts Options) http.Handler {
 				sessions = []string{}
 			}
 			w.Header().Set("Content-Type", "application/json")
-			_ = json.NewEncoder(w).Encode(map[string]any{"writers": len(sessions), "sessions": sessions})
+			_ = jsonout.Write(w, map[string]any{"writers": len(sessions), "sessions": sessions})
 		})
 	}
 	if opts.Pprof {

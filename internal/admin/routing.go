@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tandemdb/tandem/internal/control"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"github.com/tandemdb/tandem/internal/route"
 )
 
@@ -136,7 +137,5 @@ func writeError(w http.ResponseWriter, err error) {
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(v)
+	_ = jsonout.Write(w, v)
 }

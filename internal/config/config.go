@@ -45,6 +45,7 @@ type Config struct {
 	Shadow   Shadow   `yaml:"shadow"`  // how shadow reads run and are compared
 	Gates    Gates    `yaml:"gates"`   // the write-flip gates built on verify and shadow reads
 	Feed     Feed     `yaml:"feed"`    // the change feed: the primary's WAL checked against the secondary (design section 10)
+	Tracing  Tracing  `yaml:"tracing"` // OpenTelemetry spans of client units, exported over OTLP/HTTP; off by default
 	Log      Log      `yaml:"log"`     // log output
 	Tables   Tables   `yaml:"tables"`  // the migration's scope and table mappings (YAML only)
 
@@ -213,6 +214,26 @@ type Feed struct {
 	WALMax  ByteSize `yaml:"wal_max"`  // retained WAL past which the slot is dropped and every table recorded as drift; default 8GiB
 }
 
+// Tracing configures the proxy's OpenTelemetry spans: one per client unit,
+// with children for the primary, the secondary, the drift ledger and a
+// write-fence wait, exported over OTLP/HTTP. It is off while Endpoint is
+// empty, and changes only with a restart.
+type Tracing struct {
+	// Endpoint is the OTLP/HTTP collector: a URL ("https://otel:4318", the
+	// path /v1/traces is added when it has none) or host:port. Empty = off.
+	Endpoint string `yaml:"endpoint"`
+	// SampleRatio is the share of units traced that carry no sampled
+	// traceparent (0..1); a unit whose sqlcommenter traceparent is sampled
+	// is always traced, one whose traceparent is not sampled never is.
+	// Default 0.1.
+	SampleRatio float64 `yaml:"sample_ratio"`
+	Insecure    bool    `yaml:"insecure"` // plain HTTP to a host:port Endpoint (a URL says so by its scheme)
+	// Headers are sent with every export, comma-separated key=value pairs
+	// as OTEL_EXPORTER_OTLP_HEADERS takes them ("authorization=Bearer x").
+	// They may be secret: they are never logged.
+	Headers string `yaml:"headers"`
+}
+
 // Gates configures the write-flip gates that need evidence from compare
 // and from shadow reads (the backfill, drift, mapping and breaker gates
 // need no settings).
@@ -300,7 +321,8 @@ func Default() Config {
 			FeedMaxLag:      Duration(30e9),
 			FeedMaxLagBytes: 64 * MiB,
 		},
-		Log: Log{Format: LogText, Level: LogInfo},
+		Log:     Log{Format: LogText, Level: LogInfo},
+		Tracing: Tracing{SampleRatio: 0.1},
 	}
 }
 
@@ -528,6 +550,18 @@ func options() []option {
 		{path: "feed.wal_max", flag: "feed-wal-max",
 			usage: "WAL retained by the change feed's slot past which the slot is dropped and every table in scope recorded as drift, rather than fill the primary's disk, e.g. 8GiB (must be >= feed.wal_warn)",
 			field: func(c *Config) any { return &c.Feed.WALMax }},
+		{path: "tracing.endpoint", flag: "tracing-endpoint",
+			usage: "OTLP/HTTP collector to export spans to (a URL, or host:port); empty = no tracing. A span per client unit, with children for the primary, the secondary, the drift ledger and a write-fence wait; a sqlcommenter traceparent joins the application's trace",
+			field: func(c *Config) any { return &c.Tracing.Endpoint }},
+		{path: "tracing.sample_ratio", flag: "tracing-sample-ratio",
+			usage: "share of client units traced (0..1) when the statement carries no traceparent; a traceparent's sampled flag decides for the units that carry one",
+			field: func(c *Config) any { return &c.Tracing.SampleRatio }},
+		{path: "tracing.insecure", flag: "tracing-insecure",
+			usage: "export over plain HTTP to a host:port tracing.endpoint",
+			field: func(c *Config) any { return &c.Tracing.Insecure }},
+		{path: "tracing.headers", flag: "tracing-headers",
+			usage: `headers sent with every export, "key=value,key2=value2" (may be secret: never logged)`,
+			field: func(c *Config) any { return &c.Tracing.Headers }},
 		{path: "log.format", flag: "log-format",
 			usage: `log output format: "text" or "json"`,
 			field: func(c *Config) any { return &c.Log.Format }},

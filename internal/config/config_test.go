@@ -112,8 +112,9 @@ func TestDefault(t *testing.T) {
 		Shadow: Shadow{Queue: 1000, Workers: 4, MaxResultBytes: MiB, Timeout: Duration(5 * time.Second), FloatTolerance: 1e-9},
 		Gates: Gates{VerifyMaxAge: Duration(24 * time.Hour), ShadowWindow: Duration(15 * time.Minute),
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
-		Feed: Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
-		Log:  Log{Format: "text", Level: "info"},
+		Feed:    Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
+		Log:     Log{Format: "text", Level: "info"},
+		Tracing: Tracing{SampleRatio: 0.1},
 	}
 	if !reflect.DeepEqual(d, want) {
 		t.Errorf("Default() = %+v, want %+v", d, want)
@@ -330,8 +331,9 @@ func TestLoadGoodFile(t *testing.T) {
 			Settle: Duration(time.Second), FloatTolerance: 1e-6, AA: true, RecordValues: true},
 		Gates: Gates{VerifyMaxAge: Duration(6 * time.Hour), ShadowWindow: Duration(30 * time.Minute), ShadowMaxMismatchRate: 0.001,
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
-		Feed: Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
-		Log:  Log{Format: "json", Level: "debug"},
+		Feed:    Feed{WALWarn: 1 * GiB, WALMax: 8 * GiB},
+		Log:     Log{Format: "json", Level: "debug"},
+		Tracing: Tracing{SampleRatio: 0.1},
 		Tables: Tables{
 			Include: []string{"public.*", `"Sales".*`},
 			Exclude: []string{"public.tmp_*"},
@@ -393,7 +395,7 @@ func TestLoadFileErrors(t *testing.T) {
 		{"unknown top-level key", "listn: x\n",
 			[]string{`t.yaml:1:1: unknown field "listn" (did you mean "listen"?)`}},
 		{"unknown section", "metrics:\n  port: 1\n",
-			[]string{`t.yaml:1:1: unknown field "metrics" (valid: listen, admin, admin_api, old, new, auth, tls, limits, relay, control, routing, shadow, gates, feed, log, tables)`}},
+			[]string{`t.yaml:1:1: unknown field "metrics" (valid: listen, admin, admin_api, old, new, auth, tls, limits, relay, control, routing, shadow, gates, feed, tracing, log, tables)`}},
 		{"wrong type int", "limits:\n  max_client_sessions: lots\n",
 			[]string{`t.yaml:2:3: limits.max_client_sessions: must be a whole number, not "lots"`}},
 		{"wrong type bool", "tls:\n  require: maybe\n",
@@ -579,8 +581,9 @@ func TestEnv(t *testing.T) {
 			Settle: Duration(250 * time.Millisecond), FloatTolerance: 0.5e-6, AA: true, RecordValues: true},
 		Gates: Gates{VerifyMaxAge: Duration(2 * time.Hour), ShadowWindow: Duration(5 * time.Minute), ShadowMaxMismatchRate: 0.01,
 			FeedMaxLag: Duration(30 * time.Second), FeedMaxLagBytes: 64 * MiB},
-		Feed: Feed{Enabled: true, WALWarn: 2 * MiB, WALMax: 3 * GiB},
-		Log:  Log{Format: "json", Level: "debug"},
+		Feed:    Feed{Enabled: true, WALWarn: 2 * MiB, WALMax: 3 * GiB},
+		Log:     Log{Format: "json", Level: "debug"},
+		Tracing: Tracing{SampleRatio: 0.1},
 	}
 	cfg.src = nil
 	if !reflect.DeepEqual(*cfg, want) {

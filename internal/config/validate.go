@@ -187,6 +187,17 @@ func (c *Config) problems() Problems {
 	if c.Shadow.Workers < 1 {
 		v.add("shadow.workers", fmt.Sprintf("must be at least 1, not %d", c.Shadow.Workers))
 	}
+	if r := c.Tracing.SampleRatio; r < 0 || r > 1 {
+		v.add("tracing.sample_ratio", fmt.Sprintf("must be between 0 and 1, not %v", r))
+	}
+	if c.Tracing.Headers != "" {
+		for kv := range strings.SplitSeq(c.Tracing.Headers, ",") {
+			if k, _, ok := strings.Cut(kv, "="); !ok || strings.TrimSpace(k) == "" {
+				v.add("tracing.headers", "want key=value pairs separated by commas")
+				break
+			}
+		}
+	}
 	if c.Feed.WALWarn < 1 {
 		v.add("feed.wal_warn", "must be at least 1 byte")
 	}

@@ -35,9 +35,9 @@ func connect(t *testing.T, dsn string) *pgx.Conn {
 	return c
 }
 
-// controlTables are the tables every release since the routing state has
-// made in the control schema, with the version table.
-var controlTables = []string{"backfill_chunks", "backfill_control", "backfill_tables", "drift", "feed", "migration_log", "mismatches",
+// controlTables are the tables the control schema holds at the latest
+// migration, with the version table.
+var controlTables = []string{"backfill_chunks", "backfill_control", "backfill_slots", "backfill_tables", "drift", "feed", "migration_log", "mismatches",
 	"replicas", "schema_version", "shadow_stats", "state", "state_history", "verify_runs"}
 
 // layout is the control schema's columns and constraints, to compare two

@@ -330,6 +330,7 @@ func CommandVerb(tag []byte) string {
 type Prometheus struct {
 	Provider *sdkmetric.MeterProvider
 	Handler  http.Handler
+	gatherer prometheus.Gatherer
 }
 
 // PromOption configures NewPrometheus.
@@ -364,8 +365,9 @@ func WithBuildInfo(b BuildInfo) PromOption {
 }
 
 // NewPrometheus builds a meter provider exporting to a private Prometheus
-// registry (never the default global one). Exemplars are off: the proxy
-// records no spans, and sampling them costs time on every measurement.
+// registry (never the default global one). Exemplars are off: most
+// measurements have no span (tracing is off by default, and sampled when
+// on), and sampling them costs time on every measurement.
 func NewPrometheus(opts ...PromOption) (*Prometheus, error) {
 	var cfg promConfig
 	for _, o := range opts {
@@ -403,6 +405,7 @@ func NewPrometheus(opts ...PromOption) (*Prometheus, error) {
 	return &Prometheus{
 		Provider: mp,
 		Handler:  promhttp.HandlerFor(reg, promhttp.HandlerOpts{}),
+		gatherer: reg,
 	}, nil
 }
 

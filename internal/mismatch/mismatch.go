@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"slices"
 	"time"
 
@@ -148,7 +149,7 @@ type FingerprintRate struct {
 // Rate is the shadow-read outcome over a window, in total and per
 // fingerprint (those with mismatches first, then by compared reads).
 type Rate struct {
-	Window       time.Duration     `json:"window_ns"`
+	Window       jsonout.Duration  `json:"window"` // as text ("15m0s")
 	Total        Counts            `json:"total"`
 	Fingerprints []FingerprintRate `json:"fingerprints"`
 }
@@ -165,7 +166,7 @@ func (c Counts) MismatchRate() float64 {
 // WindowRate sums every replica's counters over the last window. Missing
 // tables (no proxy has shadowed yet) read as no data.
 func WindowRate(ctx context.Context, q Querier, window time.Duration) (Rate, error) {
-	r := Rate{Window: window}
+	r := Rate{Window: jsonout.Duration(window)}
 	var exists bool
 	if err := q.QueryRow(ctx, "SELECT to_regclass('tandem.shadow_stats') IS NOT NULL AND to_regclass('tandem.mismatches') IS NOT NULL").Scan(&exists); err != nil {
 		return r, fmt.Errorf("reading shadow stats: %w", err)

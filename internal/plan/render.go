@@ -173,7 +173,7 @@ func (s *Sample) estimate() string {
 	case s.Error != "":
 		return "sample failed"
 	}
-	return roundDuration(s.Estimate)
+	return roundDuration(s.Estimate.D())
 }
 
 // roundDuration keeps two or three significant figures.

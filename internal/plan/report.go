@@ -12,7 +12,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"time"
+
+	"github.com/tandemdb/tandem/internal/jsonout"
 )
 
 // Verdict is how ready something is for the migration.
@@ -154,13 +155,13 @@ type Difference struct {
 
 // Sample is the measured sample copy of a table.
 type Sample struct {
-	Rows     int64         `json:"rows"`
-	Duration time.Duration `json:"duration_ns"`
+	Rows     int64            `json:"rows"`
+	Duration jsonout.Duration `json:"duration"` // as text ("1.5s")
 	// Estimate is the extrapolated backfill time of the whole table at
 	// the sampled rate. COPY is the backfill's fast path; the locked
 	// upsert and throttling make a real backfill slower.
-	Estimate time.Duration `json:"estimate_ns"`
-	Error    string        `json:"error,omitempty"`
+	Estimate jsonout.Duration `json:"estimate"`
+	Error    string           `json:"error,omitempty"`
 }
 
 // Sequence is one sequence to sync at the write flip.
@@ -230,7 +231,7 @@ func (r *Report) JSON() ([]byte, error) {
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
 	enc.SetIndent("", "  ")
-	if err := enc.Encode(r); err != nil {
+	if err := enc.Encode(jsonout.Normalize(r)); err != nil {
 		return nil, err
 	}
 	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"flag"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"os"
 	"path/filepath"
 	"strings"
@@ -121,12 +122,12 @@ func goldenReport() *Report {
 	id := col("id", "integer")
 	ready := assessTable(rel("public", "users", []string{"id"}, id, col("email", "character varying(50)")),
 		rel("public", "users", []string{"id"}, id, col("email", "text")), Mapping{New: table.Name{Schema: "public", Table: "users"}}, nil)
-	ready.Sample = &Sample{Rows: 1000, Duration: 12 * time.Millisecond, Estimate: 12 * time.Millisecond}
+	ready.Sample = &Sample{Rows: 1000, Duration: jsonout.Duration(12 * time.Millisecond), Estimate: jsonout.Duration(12 * time.Millisecond)}
 	ready.RowsExact = true
 	missing := assessTable(rel("public", "gone", []string{"id"}, id), nil, Mapping{New: table.Name{Schema: "public", Table: "gone"}}, nil)
 	nokey := assessTable(rel("public", "log", nil, col("line", "text")), rel("public", "log", nil, col("line", "text")), Mapping{New: table.Name{Schema: "public", Table: "log"}}, nil)
 	nokey.Rows, nokey.Bytes, nokey.Size = 2500000, 1<<30, prettyBytes(1<<30)
-	nokey.Sample = &Sample{Rows: 1000, Duration: 20 * time.Millisecond, Estimate: 50 * time.Second}
+	nokey.Sample = &Sample{Rows: 1000, Duration: jsonout.Duration(20 * time.Millisecond), Estimate: jsonout.Duration(50 * time.Second)}
 	r.Tables = []Table{ready, missing, nokey}
 	r.finish()
 	return r

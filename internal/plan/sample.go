@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/tandemdb/tandem/internal/jsonout"
 	"strings"
 	"time"
 
@@ -73,9 +74,9 @@ func sampleCopy(ctx context.Context, oldConn, newConn *pgx.Conn, old, new *relat
 		s.Error = err.Error()
 		return s, nil
 	}
-	s.Duration = readTime + writeTime
+	s.Duration = jsonout.Duration(readTime + writeTime)
 	if s.Rows > 0 {
-		s.Estimate = time.Duration(float64(s.Duration) * float64(max(rows, s.Rows)) / float64(s.Rows))
+		s.Estimate = jsonout.Duration(float64(s.Duration) * float64(max(rows, s.Rows)) / float64(s.Rows))
 	}
 	return s, nil
 }

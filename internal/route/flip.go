@@ -86,6 +86,7 @@ type Report struct {
 	// Fence is how long the write fence was held, for a flip; FenceMS is the same in milliseconds.
 	Fence      time.Duration `json:"-"`
 	FenceMS    float64       `json:"fence_ms,omitempty"`
+	FenceHeld  string        `json:"fence,omitempty"` // Fence as text ("1.2ms")
 	FenceToken int64         `json:"fence_token,omitempty"`
 	Drained    []string      `json:"drained,omitempty"`   // live replicas that drained the fence
 	Acked      []string      `json:"acked"`               // live replicas that acknowledged ToVersion
@@ -251,6 +252,7 @@ func (o Options) flip(ctx context.Context, conn *pgx.Conn, cur State, ch Change,
 		err := releaseFence(ctx, conn, token)
 		rep.Fence = time.Since(start)
 		rep.FenceMS = float64(rep.Fence.Microseconds()) / 1000
+		rep.FenceHeld = rep.Fence.Round(time.Microsecond).String()
 		if err != nil {
 			return fmt.Errorf("releasing write fence %d (it expires by itself at %s): %w", token, expires.Format(time.RFC3339), err)
 		}
