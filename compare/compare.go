@@ -116,6 +116,9 @@ type TestingKnobs struct {
 	// TextHash hashes rows as md5 of their text even where both stores
 	// could hash records, to test that path.
 	TextHash bool
+	// BeforeConfirm is called with the differences a pass found, before
+	// their race-free re-check.
+	BeforeConfirm func(found []Difference)
 }
 
 // Progress is a table's verify so far.
@@ -993,6 +996,9 @@ func diff(om, nm map[string]string, okeys, nkeys [][]string) []Difference {
 // SHARE and the secondary re-read until it agrees or Settle has passed.
 func (v *verifier) confirm(ctx context.Context, found []Difference) ([]Difference, error) {
 	const per = 1000
+	if v.opts.Knobs != nil && v.opts.Knobs.BeforeConfirm != nil {
+		v.opts.Knobs.BeforeConfirm(found)
+	}
 	var out []Difference
 	for start := 0; start < len(found); start += per {
 		part := found[start:min(start+per, len(found))]

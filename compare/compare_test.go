@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -252,15 +253,24 @@ func testInFlight(t *testing.T, primaryNew bool) {
 			t.Fatal(err)
 		}
 		p.exec(primary, fmt.Sprintf("INSERT INTO items VALUES (%d, 'late')", id))
+		// The mirror commits while the verify re-checks the difference it
+		// saw (within Settle), not at a time a loaded machine may not meet.
+		seen := make(chan struct{})
+		var once sync.Once
+		knobs := &TestingKnobs{BeforeConfirm: func([]Difference) { once.Do(func() { close(seen) }) }}
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			time.Sleep(300 * time.Millisecond)
+			select {
+			case <-seen:
+			case <-time.After(30 * time.Second):
+			}
+			time.Sleep(100 * time.Millisecond)
 			if commit {
 				_ = tx.Commit(context.Background())
 			}
 		}()
-		s, err := Table(ctx, p.old, p.new, m, Options{Settle: time.Second, RangesOnly: true, PrimaryNew: primaryNew})
+		s, err := Table(ctx, p.old, p.new, m, Options{Settle: 2 * time.Second, RangesOnly: true, PrimaryNew: primaryNew, Knobs: knobs})
 		<-done
 		if !commit {
 			_ = tx.Rollback(context.Background())

@@ -27,6 +27,18 @@ var (
 
 // tandemBinary builds the tandem binary once per test process (without
 // -race: it is the binary an operator runs) and returns its path.
+// binaryDir holds the binary tandemBinary built; TestMain removes it.
+var binaryDir string
+
+// TestMain removes the built binary (about 40 MB) when the tests end.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binaryDir != "" {
+		_ = os.RemoveAll(binaryDir)
+	}
+	os.Exit(code)
+}
+
 func tandemBinary(t *testing.T) string {
 	t.Helper()
 	binaryOnce.Do(func() {
@@ -35,6 +47,7 @@ func tandemBinary(t *testing.T) string {
 			binaryErr = err
 			return
 		}
+		binaryDir = dir
 		binaryPath = filepath.Join(dir, "tandem")
 		cmd := exec.Command("go", "build", "-o", binaryPath, ".")
 		if out, err := cmd.CombinedOutput(); err != nil {
