@@ -123,16 +123,7 @@ func (w *walker) unknownField(key, prefix string) string {
 	if prefix != "" {
 		msg += " in " + prefix
 	}
-	best, bestDist := "", len(key)/3+2
-	for _, v := range valid {
-		if d := levenshtein.ComputeDistance(strings.ToLower(key), v); d < bestDist {
-			best, bestDist = v, d
-		}
-	}
-	if best != "" {
-		return msg + fmt.Sprintf(" (did you mean %q?)", best)
-	}
-	return msg + " (valid: " + strings.Join(valid, ", ") + ")"
+	return withSuggestion(msg, key, valid)
 }
 
 // leaf decodes the value v of key k into the option o, recording where it came from.
@@ -188,4 +179,19 @@ func nodeKind(n *yaml.Node) string {
 	default:
 		return "a single value"
 	}
+}
+
+// withSuggestion completes the message msg about the unknown key: the nearest
+// valid key as a suggestion, or, when none is near, the list of the valid ones.
+func withSuggestion(msg, key string, valid []string) string {
+	best, bestDist := "", len(key)/3+2
+	for _, v := range valid {
+		if d := levenshtein.ComputeDistance(strings.ToLower(key), v); d < bestDist {
+			best, bestDist = v, d
+		}
+	}
+	if best != "" {
+		return msg + fmt.Sprintf(" (did you mean %q?)", best)
+	}
+	return msg + " (valid: " + strings.Join(valid, ", ") + ")"
 }
