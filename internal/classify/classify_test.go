@@ -98,11 +98,14 @@ func TestClassify(t *testing.T) {
 	}
 }
 
-// TestCache: results are cached by text, shared, and bounded.
-func TestCache(t *testing.T) {
+// cachedAndBounded checks a classifier's cache of 100 texts: a second
+// lookup of text returns the first one's plan, and 1000 more texts leave
+// at most 100 cached. It returns the classifier.
+func cachedAndBounded(t *testing.T, text string) *Classifier {
+	t.Helper()
 	c := New(100)
-	a := c.Plan("SELECT 1")
-	if b := c.Plan("SELECT 1"); a != b {
+	a := c.Plan(text)
+	if b := c.Plan(text); a != b {
 		t.Fatal("the second lookup did not come from the cache")
 	}
 	for i := range 1000 {
@@ -114,6 +117,12 @@ func TestCache(t *testing.T) {
 	if n > 100 {
 		t.Fatalf("cache holds %d texts, limit 100", n)
 	}
+	return c
+}
+
+// TestCache: results are cached by text, shared, and bounded.
+func TestCache(t *testing.T) {
+	c := cachedAndBounded(t, "SELECT 1")
 	// Concurrent use is safe (run with -race).
 	var wg sync.WaitGroup
 	for w := range 8 {
