@@ -629,17 +629,27 @@ func waitReplicas(ctx context.Context, conn *pgx.Conn, live, timeout time.Durati
 		if len(pending) == 0 || !time.Now().Before(deadline) {
 			return ok, pending, nil
 		}
-		next := time.Now().Add(200 * time.Millisecond)
-		if deadline.Before(next) {
-			next = deadline
-		}
-		wctx, cancel := context.WithDeadline(ctx, next)
-		_, err = conn.WaitForNotification(wctx)
-		cancel()
-		if err != nil && (ctx.Err() != nil || wctx.Err() == nil) {
+		if err := awaitNotification(ctx, conn, deadline); err != nil {
 			return ok, pending, err
 		}
 	}
+}
+
+// awaitNotification waits for the next notification on conn (the caller
+// LISTENs), for at most 200ms and not past deadline, so that the caller
+// re-reads at least that often. The wait's own timeout is not an error.
+func awaitNotification(ctx context.Context, conn *pgx.Conn, deadline time.Time) error {
+	next := time.Now().Add(200 * time.Millisecond)
+	if deadline.Before(next) {
+		next = deadline
+	}
+	wctx, cancel := context.WithDeadline(ctx, next)
+	_, err := conn.WaitForNotification(wctx)
+	cancel()
+	if err != nil && (ctx.Err() != nil || wctx.Err() == nil) {
+		return err
+	}
+	return nil
 }
 
 func ids(rs []Replica) []string {
