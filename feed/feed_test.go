@@ -40,15 +40,7 @@ type env struct {
 
 func newEnv(t *testing.T, schema string) *env {
 	t.Helper()
-	e := &env{t: t, db: harness.DBName(t)}
-	for _, c := range []*pgtest.Cluster{oldStore, newStore} {
-		if err := c.CreateDatabase(t.Context(), e.db); err != nil {
-			t.Fatal(err)
-		}
-		if err := c.Exec(t.Context(), e.db, schema); err != nil {
-			t.Fatal(err)
-		}
-	}
+	e := &env{t: t, db: harness.NewDBs(t, schema, oldStore, newStore)}
 	e.old, e.new = e.connect(oldStore), e.connect(newStore)
 	if err := route.EnsureSchema(t.Context(), e.old); err != nil {
 		t.Fatal(err)
@@ -78,12 +70,7 @@ func newEnv(t *testing.T, schema string) *env {
 
 func (e *env) connect(c *pgtest.Cluster) *pgx.Conn {
 	e.t.Helper()
-	conn, err := pgx.Connect(context.Background(), c.DSN(e.db))
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	e.t.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
+	return harness.Connect(e.t, c, e.db)
 }
 
 func (e *env) exec(conn *pgx.Conn, sql string, args ...any) {

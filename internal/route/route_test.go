@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 )
 
 func TestCheck(t *testing.T) {
@@ -79,12 +80,7 @@ func TestCheckTransition(t *testing.T) {
 
 func connect(t *testing.T, c *pgtest.Cluster) *pgx.Conn {
 	t.Helper()
-	conn, err := pgx.Connect(context.Background(), c.DSN("postgres"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
+	return harness.Connect(t, c, "postgres")
 }
 
 // TestControlSchema applies changes against a real store: versions advance

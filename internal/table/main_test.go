@@ -38,23 +38,12 @@ type stores struct {
 // newStores creates a fresh database with the same name on both clusters.
 func newStores(t *testing.T) *stores {
 	t.Helper()
-	name := harness.DBName(t)
-	for _, c := range []*pgtest.Cluster{oldStore, newStore} {
-		if err := c.CreateDatabase(t.Context(), name); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return &stores{t: t, db: name}
+	return &stores{t: t, db: harness.NewDBs(t, "", oldStore, newStore)}
 }
 
 func (s *stores) connect(c *pgtest.Cluster) *pgx.Conn {
 	s.t.Helper()
-	conn, err := pgx.Connect(context.Background(), c.DSN(s.db))
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	s.t.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
+	return harness.Connect(s.t, c, s.db)
 }
 
 func (s *stores) primary() *pgx.Conn   { return s.connect(oldStore) }

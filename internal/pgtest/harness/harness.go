@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"go.uber.org/goleak"
 )
@@ -112,4 +113,35 @@ func NewDB(t testing.TB, c *pgtest.Cluster) string {
 		t.Fatal(err)
 	}
 	return name
+}
+
+// NewDBs creates a database of its own for t (named by DBName) with the
+// same name on each of clusters, runs schema in each (unless it is ""),
+// and returns its name.
+func NewDBs(t testing.TB, schema string, clusters ...*pgtest.Cluster) string {
+	t.Helper()
+	name := DBName(t)
+	for _, c := range clusters {
+		if err := c.CreateDatabase(t.Context(), name); err != nil {
+			t.Fatal(err)
+		}
+		if schema == "" {
+			continue
+		}
+		if err := c.Exec(t.Context(), name, schema); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return name
+}
+
+// Connect opens a connection to the database db on c, closed when t ends.
+func Connect(t testing.TB, c *pgtest.Cluster, db string) *pgx.Conn {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), c.DSN(db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
 }
