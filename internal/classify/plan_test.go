@@ -596,21 +596,10 @@ func FuzzPlan(f *testing.F) {
 	})
 }
 
-func BenchmarkPlanCached(b *testing.B) {
-	c := New(1000)
-	c.Plan("UPDATE users SET name = $1 WHERE id = $2")
-	for b.Loop() {
-		c.Plan("UPDATE users SET name = $1 WHERE id = $2")
-	}
-}
+func BenchmarkPlanCached(b *testing.B) { benchCached(b, "UPDATE users SET name = $1 WHERE id = $2") }
 
 func BenchmarkPlanUncached(b *testing.B) {
-	c := New(16)
-	i := 0
-	for b.Loop() {
-		i++
-		c.Plan(fmt.Sprintf("UPDATE users SET name = $1 WHERE id = %d", i))
-	}
+	benchUncached(b, "UPDATE users SET name = $1 WHERE id = %d")
 }
 
 // TestClassifyTooDeep: hostile nesting that would crash pg_query's parser is
