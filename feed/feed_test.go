@@ -109,22 +109,6 @@ func (e *env) start(opts Options) (stop func()) {
 	return stop
 }
 
-// succeedsSoon retries f until it returns nil, failing after d.
-func succeedsSoon(t *testing.T, d time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %s: %v", d, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // waitChecked waits until the feed has checked everything committed on
 // old so far (tandem.feed.checked_lsn passes the current WAL position).
 func (e *env) waitChecked() { e.t.Helper(); e.waitCheckedOn(route.Old) }
@@ -141,7 +125,7 @@ func (e *env) waitCheckedOn(store route.Store) {
 	if err := conn.QueryRow(context.Background(), "SELECT pg_current_wal_insert_lsn()::text").Scan(&target); err != nil {
 		e.t.Fatal(err)
 	}
-	succeedsSoon(e.t, 60*time.Second, func() error {
+	harness.SucceedsSoon(e.t, 60*time.Second, func() error {
 		var ok *bool
 		if err := e.old.QueryRow(context.Background(), "SELECT checked_lsn >= $1::pg_lsn FROM tandem.feed WHERE store = $2", target, string(store)).Scan(&ok); err != nil {
 			return err
@@ -184,7 +168,7 @@ func (e *env) drift() []string {
 // waitDrift waits until the feed has recorded (at least) want.
 func (e *env) waitDrift(want ...string) {
 	e.t.Helper()
-	succeedsSoon(e.t, 60*time.Second, func() error {
+	harness.SucceedsSoon(e.t, 60*time.Second, func() error {
 		got := e.drift()
 		for _, w := range want {
 			if !slices.Contains(got, w) {
@@ -370,7 +354,7 @@ func TestTakeOverAfterCrash(t *testing.T) {
 		e.exec(e.old, "INSERT INTO items VALUES ($1, 'direct', 0)", 2000+i)
 	}
 	<-crashed
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		if err := e.old.QueryRow(t.Context(), "SELECT holder FROM tandem.feed WHERE store = 'old'").Scan(&holder); err != nil {
 			return err
 		}
@@ -430,7 +414,7 @@ func testRetention(t *testing.T, secondaryDown bool) {
 	opts.WALWarn, opts.WALMax = walMax/2, walMax
 	e.start(opts)
 	e.waitDrift("items *", "other *")
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		var lastErr *string
 		if err := e.old.QueryRow(t.Context(), "SELECT last_error FROM tandem.feed WHERE store = 'old'").Scan(&lastErr); err != nil {
 			return err
@@ -472,7 +456,7 @@ func TestFollowsThePrimary(t *testing.T) {
 		t.Fatal("a write on the former primary after the flip was recorded as stale on the new primary")
 	}
 	e.exec(e.old, "UPDATE items SET n = 3 WHERE id = 3") // writes to the secondary are not the feed's to see: undo it
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		var n int
 		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", SlotName(route.Old)).Scan(&n); err != nil {
 			return err
@@ -483,7 +467,7 @@ func TestFollowsThePrimary(t *testing.T) {
 		return nil
 	})
 	e.exec(e.new, "UPDATE items SET n = 0 WHERE id = 2") // after the flip, on new only
-	succeedsSoon(t, 60*time.Second, func() error {
+	harness.SucceedsSoon(t, 60*time.Second, func() error {
 		var n int
 		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM tandem.drift WHERE reason = $1 AND stale = 'old' AND key = '{2}' AND table_name = 'items'", Reason).Scan(&n); err != nil {
 			return err
@@ -566,14 +550,14 @@ func TestMirrorOffDropsTheSlot(t *testing.T) {
 		t.Fatal("no slot while the feed runs")
 	}
 	e.exec(e.old, "UPDATE tandem.state SET mirror = false, version = version + 1")
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		if slots() != 0 {
 			return errors.New("the slot is still there with mirroring off")
 		}
 		return nil
 	})
 	e.exec(e.old, "UPDATE tandem.state SET mirror = true, version = version + 1")
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		if slots() != 1 {
 			return errors.New("no slot after mirroring turned on again")
 		}
@@ -596,7 +580,7 @@ func TestTableJoinsScope(t *testing.T) {
 	for _, c := range []*pgx.Conn{e.old, e.new} {
 		e.exec(c, "CREATE TABLE later (id int PRIMARY KEY, v text); INSERT INTO later VALUES (1, 'both')")
 	}
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		var n int
 		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1 AND tablename = 'later'", Publication).Scan(&n); err != nil {
 			return err

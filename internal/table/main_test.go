@@ -98,29 +98,11 @@ func sameTable(t *testing.T, primary, secondary Querier, n Name, orderBy string)
 	return np
 }
 
-// succeedsSoon retries f until it returns nil, failing the test after 10s.
-func succeedsSoon(t *testing.T, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within 10s: %v", err)
-		}
-		<-tick.C
-	}
-}
-
 // waitBlocked waits until the backend with pid waits for a lock that the
 // backend blocker holds.
 func waitBlocked(t *testing.T, q Querier, pid, blocker uint32) {
 	t.Helper()
-	succeedsSoon(t, func() error {
+	harness.SucceedsSoon(t, 10*time.Second, func() error {
 		var blocked bool
 		if err := q.QueryRow(context.Background(), "SELECT $2::int = ANY(pg_blocking_pids($1))", int(pid), int(blocker)).Scan(&blocked); err != nil {
 			return err
