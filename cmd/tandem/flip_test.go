@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
@@ -224,22 +223,8 @@ func TestFlipUnderLoad(t *testing.T) {
 			INSERT INTO counters (id) SELECT generate_series(1, %d);`, counters))
 	}
 	replicas := []string{"flip-a", "flip-b"}
-	var proxies []*runningProxy
-	var file string
-	for _, id := range replicas {
-		f, cfg := pairConfig(t, oldC, newC, id)
-		file = f
-		rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer func() {
-			if err := rp.stop(); err != nil {
-				t.Error(err)
-			}
-		}()
-		proxies = append(proxies, rp)
-	}
+	file, proxies, stopAll := startReplicas(t, oldC, newC, replicas...)
+	defer stopAll()
 	a, b := newAdminClient(t, proxies[0]), newAdminClient(t, proxies[1])
 	// Both replicas must be live before mirroring is turned on, or a
 	// change would not wait for the one not yet heard from.
@@ -388,15 +373,8 @@ func TestRepairerBothDirections(t *testing.T) {
 	mustExec(t, oldC, "UPDATE t SET v = 'good' WHERE id = 2")                             // new missed it
 	mustExec(t, newC, "UPDATE t SET v = 'good' WHERE id = 1; DELETE FROM t WHERE id = 3") // old missed these
 	_, cfg := pairConfig(t, oldC, newC, "repairer")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	api := newAdminClient(t, rp)
 	api.waitLive(1)
 	api.change("/api/v1/route", `{"mirror": true}`, "repairer")
@@ -443,15 +421,8 @@ func TestDriftAfterFlipRepairedTowardsOld(t *testing.T) {
 	}
 	mustExec(t, oldC, "ALTER TABLE t ADD CONSTRAINT no_bad CHECK (v <> 'bad')") // old refuses the mirrored row
 	file, cfg := pairConfig(t, oldC, newC, "direction")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	api := newAdminClient(t, rp)
 	api.waitLive(1)
 	api.change("/api/v1/route", `{"mirror": true}`, "direction")
