@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -15,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"go.uber.org/goleak"
@@ -36,19 +36,7 @@ func newAdminClient(t *testing.T, rp *runningProxy) *adminClient {
 // status and the raw reply.
 func (a *adminClient) call(method, path, body string, v any) (int, string) {
 	a.t.Helper()
-	req, err := http.NewRequest(method, "http://"+a.addr+path, strings.NewReader(body))
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	if method != http.MethodGet {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := a.http.Do(req)
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
+	resp, b := harness.Request(a.t, a.http, method, "http://"+a.addr+path, body)
 	if v != nil && resp.StatusCode == http.StatusOK {
 		if err := json.Unmarshal(b, v); err != nil {
 			a.t.Fatalf("%s %s: %v\n%s", method, path, err, b)
