@@ -18,6 +18,7 @@ import (
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"go.uber.org/goleak"
@@ -353,14 +354,7 @@ func TestRoutingAdminAPI(t *testing.T) {
 	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
 	call := func(method, path, body string, v any) int {
 		t.Helper()
-		req, _ := http.NewRequest(method, "http://"+rp.AdminAddr()+path, strings.NewReader(body))
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := client.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
+		resp, b := harness.Request(t, client, method, "http://"+rp.AdminAddr()+path, body)
 		if v != nil {
 			if err := json.Unmarshal(b, v); err != nil {
 				t.Fatalf("%s %s: %v\n%s", method, path, err, b)
