@@ -645,8 +645,11 @@ func awaitNotification(ctx context.Context, conn *pgx.Conn, deadline time.Time) 
 	}
 	wctx, cancel := context.WithDeadline(ctx, next)
 	_, err := conn.WaitForNotification(wctx)
+	// Read before cancel, after which wctx.Err is always set: the wait
+	// ran out on its own deadline, the caller's context still live.
+	timedOut := wctx.Err() != nil && ctx.Err() == nil
 	cancel()
-	if err != nil && (ctx.Err() != nil || wctx.Err() == nil) {
+	if err != nil && !timedOut {
 		return err
 	}
 	return nil
