@@ -33,25 +33,17 @@ type pair struct {
 
 func newPair(t *testing.T, oldSchema, newSchema string) *pair {
 	t.Helper()
-	name := harness.DBName(t)
+	name := harness.NewDBs(t, "", oldStore, newStore)
 	p := &pair{t: t, db: name}
 	for _, c := range []struct {
 		cl     *pgtest.Cluster
 		schema string
 		conn   **pgx.Conn
 	}{{oldStore, oldSchema, &p.old}, {newStore, newSchema, &p.new}} {
-		if err := c.cl.CreateDatabase(t.Context(), name); err != nil {
-			t.Fatal(err)
-		}
 		if err := c.cl.Exec(t.Context(), name, c.schema); err != nil {
 			t.Fatal(err)
 		}
-		conn, err := pgx.Connect(context.Background(), c.cl.DSN(name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close(context.Background()) })
-		*c.conn = conn
+		*c.conn = harness.Connect(t, c.cl, name)
 	}
 	return p
 }

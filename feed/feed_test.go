@@ -40,15 +40,7 @@ type env struct {
 
 func newEnv(t *testing.T, schema string) *env {
 	t.Helper()
-	e := &env{t: t, db: harness.DBName(t)}
-	for _, c := range []*pgtest.Cluster{oldStore, newStore} {
-		if err := c.CreateDatabase(t.Context(), e.db); err != nil {
-			t.Fatal(err)
-		}
-		if err := c.Exec(t.Context(), e.db, schema); err != nil {
-			t.Fatal(err)
-		}
-	}
+	e := &env{t: t, db: harness.NewDBs(t, schema, oldStore, newStore)}
 	e.old, e.new = e.connect(oldStore), e.connect(newStore)
 	if err := route.EnsureSchema(t.Context(), e.old); err != nil {
 		t.Fatal(err)
@@ -78,12 +70,7 @@ func newEnv(t *testing.T, schema string) *env {
 
 func (e *env) connect(c *pgtest.Cluster) *pgx.Conn {
 	e.t.Helper()
-	conn, err := pgx.Connect(context.Background(), c.DSN(e.db))
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	e.t.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
+	return harness.Connect(e.t, c, e.db)
 }
 
 func (e *env) exec(conn *pgx.Conn, sql string, args ...any) {
@@ -122,22 +109,6 @@ func (e *env) start(opts Options) (stop func()) {
 	return stop
 }
 
-// succeedsSoon retries f until it returns nil, failing after d.
-func succeedsSoon(t *testing.T, d time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %s: %v", d, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // waitChecked waits until the feed has checked everything committed on
 // old so far (tandem.feed.checked_lsn passes the current WAL position).
 func (e *env) waitChecked() { e.t.Helper(); e.waitCheckedOn(route.Old) }
@@ -154,7 +125,7 @@ func (e *env) waitCheckedOn(store route.Store) {
 	if err := conn.QueryRow(context.Background(), "SELECT pg_current_wal_insert_lsn()::text").Scan(&target); err != nil {
 		e.t.Fatal(err)
 	}
-	succeedsSoon(e.t, 60*time.Second, func() error {
+	harness.SucceedsSoon(e.t, 60*time.Second, func() error {
 		var ok *bool
 		if err := e.old.QueryRow(context.Background(), "SELECT checked_lsn >= $1::pg_lsn FROM tandem.feed WHERE store = $2", target, string(store)).Scan(&ok); err != nil {
 			return err
@@ -197,7 +168,7 @@ func (e *env) drift() []string {
 // waitDrift waits until the feed has recorded (at least) want.
 func (e *env) waitDrift(want ...string) {
 	e.t.Helper()
-	succeedsSoon(e.t, 60*time.Second, func() error {
+	harness.SucceedsSoon(e.t, 60*time.Second, func() error {
 		got := e.drift()
 		for _, w := range want {
 			if !slices.Contains(got, w) {
@@ -383,7 +354,7 @@ func TestTakeOverAfterCrash(t *testing.T) {
 		e.exec(e.old, "INSERT INTO items VALUES ($1, 'direct', 0)", 2000+i)
 	}
 	<-crashed
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		if err := e.old.QueryRow(t.Context(), "SELECT holder FROM tandem.feed WHERE store = 'old'").Scan(&holder); err != nil {
 			return err
 		}
@@ -443,7 +414,7 @@ func testRetention(t *testing.T, secondaryDown bool) {
 	opts.WALWarn, opts.WALMax = walMax/2, walMax
 	e.start(opts)
 	e.waitDrift("items *", "other *")
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		var lastErr *string
 		if err := e.old.QueryRow(t.Context(), "SELECT last_error FROM tandem.feed WHERE store = 'old'").Scan(&lastErr); err != nil {
 			return err
@@ -485,7 +456,7 @@ func TestFollowsThePrimary(t *testing.T) {
 		t.Fatal("a write on the former primary after the flip was recorded as stale on the new primary")
 	}
 	e.exec(e.old, "UPDATE items SET n = 3 WHERE id = 3") // writes to the secondary are not the feed's to see: undo it
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		var n int
 		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", SlotName(route.Old)).Scan(&n); err != nil {
 			return err
@@ -496,7 +467,7 @@ func TestFollowsThePrimary(t *testing.T) {
 		return nil
 	})
 	e.exec(e.new, "UPDATE items SET n = 0 WHERE id = 2") // after the flip, on new only
-	succeedsSoon(t, 60*time.Second, func() error {
+	harness.SucceedsSoon(t, 60*time.Second, func() error {
 		var n int
 		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM tandem.drift WHERE reason = $1 AND stale = 'old' AND key = '{2}' AND table_name = 'items'", Reason).Scan(&n); err != nil {
 			return err
@@ -579,14 +550,14 @@ func TestMirrorOffDropsTheSlot(t *testing.T) {
 		t.Fatal("no slot while the feed runs")
 	}
 	e.exec(e.old, "UPDATE tandem.state SET mirror = false, version = version + 1")
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		if slots() != 0 {
 			return errors.New("the slot is still there with mirroring off")
 		}
 		return nil
 	})
 	e.exec(e.old, "UPDATE tandem.state SET mirror = true, version = version + 1")
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		if slots() != 1 {
 			return errors.New("no slot after mirroring turned on again")
 		}
@@ -609,7 +580,7 @@ func TestTableJoinsScope(t *testing.T) {
 	for _, c := range []*pgx.Conn{e.old, e.new} {
 		e.exec(c, "CREATE TABLE later (id int PRIMARY KEY, v text); INSERT INTO later VALUES (1, 'both')")
 	}
-	succeedsSoon(t, 30*time.Second, func() error {
+	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		var n int
 		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1 AND tablename = 'later'", Publication).Scan(&n); err != nil {
 			return err

@@ -107,99 +107,123 @@ func newCompareCmd() *cobra.Command {
 	}
 	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	fs := cmd.Flags()
-	tables := fs.StringSlice("table", nil, "old table to verify (schema.table or table in public); repeatable; default every table in scope")
-	repair := fs.Bool("repair", false, "copy each confirmed difference from old to new with the locked-copy unit")
-	asJSON := fs.Bool("json", false, "print the summaries as JSON")
-	batch := fs.Int("batch", 10000, "old rows per hashed key range")
-	rangesOnly := fs.Bool("ranges-only", false, "skip the first pass that hashes each whole table in one query per store (it verifies a quiet table fastest; under heavy writes it rarely agrees and costs a scan)")
-	workers := fs.Int("workers", 2, "key ranges hashed at once, each on both stores on a connection pair of its own")
-	leaf := fs.Int("leaf", 1024, "bisect a differing range until it holds at most this many rows, then diff its rows")
-	rateFlag := fs.Float64("rate", 0, "at most this many rows per second hashed, across every table (0 = unlimited)")
-	resume := fs.Bool("since-checkpoint", false, "continue each table's latest unfinished run from its checkpoint instead of starting again")
+	f := &compareFlags{}
+	f.tables = fs.StringSlice("table", nil, "old table to verify (schema.table or table in public); repeatable; default every table in scope")
+	f.repair = fs.Bool("repair", false, "copy each confirmed difference from old to new with the locked-copy unit")
+	f.asJSON = fs.Bool("json", false, "print the summaries as JSON")
+	f.batch = fs.Int("batch", 10000, "old rows per hashed key range")
+	f.rangesOnly = fs.Bool("ranges-only", false, "skip the first pass that hashes each whole table in one query per store (it verifies a quiet table fastest; under heavy writes it rarely agrees and costs a scan)")
+	f.workers = fs.Int("workers", 2, "key ranges hashed at once, each on both stores on a connection pair of its own")
+	f.leaf = fs.Int("leaf", 1024, "bisect a differing range until it holds at most this many rows, then diff its rows")
+	f.rate = fs.Float64("rate", 0, "at most this many rows per second hashed, across every table (0 = unlimited)")
+	f.resume = fs.Bool("since-checkpoint", false, "continue each table's latest unfinished run from its checkpoint instead of starting again")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		cfg, err := flags.Load(os.LookupEnv)
 		if err != nil {
 			return err
 		}
-		ctx := cmd.Context()
-		out := cmd.OutOrStdout()
-		oldCfg, err := control.StoreConnConfig(cfg, route.Old)
-		if err != nil {
-			return err
-		}
-		newCfg, err := control.StoreConnConfig(cfg, route.New)
-		if err != nil {
-			return err
-		}
-		ccfg, err := control.ControlConnConfig(cfg)
-		if err != nil {
-			return err
-		}
-		ms, err := loadBackfillMappings(ctx, cfg, oldCfg, newCfg)
-		if err != nil {
-			return err
-		}
-		var maps []*table.Mapping
-		if len(*tables) == 0 {
-			maps = ms.All()
-		}
-		for _, t := range *tables {
-			m := ms.ForOld(parseTable(t))
-			if m == nil {
-				return fmt.Errorf("--table %s: not in the migration's scope, or its mapping has a problem (see tandem plan)", t)
-			}
-			maps = append(maps, m)
-		}
-		old, err := pgx.ConnectConfig(ctx, oldCfg.Copy())
-		if err != nil {
-			return fmt.Errorf("connecting to the old store %s: %w", config.RedactDSN(oldCfg.ConnString()), err)
-		}
-		defer old.Close(ctx)
-		nw, err := pgx.ConnectConfig(ctx, newCfg.Copy())
-		if err != nil {
-			return fmt.Errorf("connecting to the new store %s: %w", config.RedactDSN(newCfg.ConnString()), err)
-		}
-		defer nw.Close(ctx)
-		if *workers < 1 {
-			return fmt.Errorf("--workers must be at least 1, not %d", *workers)
-		}
-		opts := compare.Options{Settle: 2 * cfg.Routing.MirrorBudget.Duration(), Batch: *batch, Workers: *workers, RangesOnly: *rangesOnly, Leaf: *leaf, Repair: *repair, Rate: *rateFlag, Control: ccfg, Resume: *resume,
-			Logger: newLogger(cfg.Log, cmd.ErrOrStderr())}
-		if *rateFlag > 0 {
-			opts.Limiter = compare.NewLimiter(*rateFlag, *batch)
-		}
-		// The re-check holds the store of record's table: after a write
-		// flip that is new.
-		if ctl, err := pgx.ConnectConfig(ctx, ccfg.Copy()); err == nil {
-			if st, err := route.Load(ctx, ctl); err == nil {
-				opts.PrimaryNew = st.Primary == route.New
-			}
-			ctl.Close(ctx)
-		}
-		// With --json, stdout carries only the JSON; the progress goes to stderr.
-		progressOut := out
-		if *asJSON {
-			progressOut = cmd.ErrOrStderr()
-		}
-		sums, runErr := compareWithProgress(ctx, old, nw, maps, opts, progressOut, isTerminal(progressOut))
-		clean := runErr == nil
-		for _, s := range sums {
-			if s.Skipped == "" && !s.Clean() {
-				clean = false
-			}
-		}
-		if err := printCompare(out, sums, *asJSON); err != nil {
-			return err
-		}
-		if runErr != nil {
-			return runErr
-		}
-		if !clean {
-			return exitCode(1)
-		}
-		return nil
+		return f.run(cmd, cfg)
 	}
 	return cmd
+}
+
+// compareFlags are tandem compare's own flags.
+type compareFlags struct {
+	tables                             *[]string
+	repair, asJSON, rangesOnly, resume *bool
+	batch, workers, leaf               *int
+	rate                               *float64
+}
+
+// run verifies the tables and prints the summaries; a difference left is
+// exit status 1.
+func (f *compareFlags) run(cmd *cobra.Command, cfg *config.Config) error {
+	ctx := cmd.Context()
+	out := cmd.OutOrStdout()
+	oldCfg, err := control.StoreConnConfig(cfg, route.Old)
+	if err != nil {
+		return err
+	}
+	newCfg, err := control.StoreConnConfig(cfg, route.New)
+	if err != nil {
+		return err
+	}
+	ccfg, err := control.ControlConnConfig(cfg)
+	if err != nil {
+		return err
+	}
+	ms, err := loadBackfillMappings(ctx, cfg, oldCfg, newCfg)
+	if err != nil {
+		return err
+	}
+	maps, err := f.mappings(ms)
+	if err != nil {
+		return err
+	}
+	old, err := pgx.ConnectConfig(ctx, oldCfg.Copy())
+	if err != nil {
+		return fmt.Errorf("connecting to the old store %s: %w", config.RedactDSN(oldCfg.ConnString()), err)
+	}
+	defer old.Close(ctx)
+	nw, err := pgx.ConnectConfig(ctx, newCfg.Copy())
+	if err != nil {
+		return fmt.Errorf("connecting to the new store %s: %w", config.RedactDSN(newCfg.ConnString()), err)
+	}
+	defer nw.Close(ctx)
+	if *f.workers < 1 {
+		return fmt.Errorf("--workers must be at least 1, not %d", *f.workers)
+	}
+	opts := compare.Options{Settle: 2 * cfg.Routing.MirrorBudget.Duration(), Batch: *f.batch, Workers: *f.workers, RangesOnly: *f.rangesOnly, Leaf: *f.leaf, Repair: *f.repair, Rate: *f.rate, Control: ccfg, Resume: *f.resume,
+		Logger: newLogger(cfg.Log, cmd.ErrOrStderr())}
+	if *f.rate > 0 {
+		opts.Limiter = compare.NewLimiter(*f.rate, *f.batch)
+	}
+	// The re-check holds the store of record's table: after a write
+	// flip that is new.
+	if ctl, err := pgx.ConnectConfig(ctx, ccfg.Copy()); err == nil {
+		if st, err := route.Load(ctx, ctl); err == nil {
+			opts.PrimaryNew = st.Primary == route.New
+		}
+		ctl.Close(ctx)
+	}
+	// With --json, stdout carries only the JSON; the progress goes to stderr.
+	progressOut := out
+	if *f.asJSON {
+		progressOut = cmd.ErrOrStderr()
+	}
+	sums, runErr := compareWithProgress(ctx, old, nw, maps, opts, progressOut, isTerminal(progressOut))
+	clean := runErr == nil
+	for _, s := range sums {
+		if s.Skipped == "" && !s.Clean() {
+			clean = false
+		}
+	}
+	if err := printCompare(out, sums, *f.asJSON); err != nil {
+		return err
+	}
+	if runErr != nil {
+		return runErr
+	}
+	if !clean {
+		return exitCode(1)
+	}
+	return nil
+}
+
+// mappings are the tables to verify: --table's, or every table in scope.
+func (f *compareFlags) mappings(ms *table.Mappings) ([]*table.Mapping, error) {
+	var maps []*table.Mapping
+	if len(*f.tables) == 0 {
+		maps = ms.All()
+	}
+	for _, t := range *f.tables {
+		m := ms.ForOld(parseTable(t))
+		if m == nil {
+			return nil, fmt.Errorf("--table %s: not in the migration's scope, or its mapping has a problem (see tandem plan)", t)
+		}
+		maps = append(maps, m)
+	}
+	return maps, nil
 }
 
 // compareWithProgress verifies the tables one after the other and shows

@@ -1,12 +1,10 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -16,7 +14,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/compare"
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/table"
 	"golang.org/x/time/rate"
@@ -24,14 +21,8 @@ import (
 
 func runCompareCmd(t *testing.T, args ...string) (string, error) {
 	t.Helper()
-	cmd := newCompareCmd()
-	var out, errOut bytes.Buffer
-	cmd.SetOut(&out)
-	cmd.SetErr(&errOut)
-	cmd.SetArgs(args)
-	cmd.SilenceUsage, cmd.SilenceErrors = true, true
-	err := cmd.ExecuteContext(t.Context())
-	return out.String(), err
+	out, _, err := execCommand(t, newCompareCmd(), args...)
+	return out, err
 }
 
 // TestCompareCLI plants differences on new, checks that compare reports
@@ -149,22 +140,9 @@ func TestComparePlantedUnderLiveWrites(t *testing.T) {
 	}
 	file, _ := pairConfig(t, oldC, newC, "compare-proxy")
 	appendFile(t, file, "tables:\n  map:\n    public.users:\n      to: public.accounts\n")
-	cfg, err := config.Load(file, nil)
-	if err == nil {
-		err = cfg.Validate()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	cfg := loadConfig(t, file)
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("mirror on: %v\n%s%s", err, out, errOut)
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -14,7 +13,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
 )
 
@@ -174,15 +172,8 @@ func TestCompletenessUnderChaos(t *testing.T) {
 	mustExec(t, oldC, completenessSchema)
 	mustExec(t, newC, completenessSchema)
 	file, cfg := pairConfig(t, oldC, newC, "chaos-proxy", repairEvery(100*time.Millisecond), feedOn)
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("mirror on: %v\n%s%s", err, out, errOut)
 	}
@@ -249,15 +240,8 @@ func TestFlipWithDirectWritesMissesNothing(t *testing.T) {
 	// machine running -race does not exceed (the default 5s it did, once,
 	// with the feed 86 kB of WAL short).
 	file, cfg := pairConfig(t, oldC, newC, "flip-feed-proxy", repairEvery(time.Hour), feedOn, feedWait(30*time.Second))
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("mirror on: %v\n%s%s", err, out, errOut)
 	}

@@ -220,15 +220,8 @@ func TestDeployMetricsExist(t *testing.T) {
 	mustExec(t, oldC, "CREATE TABLE items (id serial PRIMARY KEY, v int)")
 	mustExec(t, newC, "CREATE TABLE items (id serial PRIMARY KEY, v int CHECK (v < 1000))")
 	mustExec(t, oldC, "INSERT INTO items (v) SELECT g FROM generate_series(1, 50) g")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	routeSet := func(args ...string) {
 		t.Helper()
 		if out, errOut, err := cli(append([]string{"route", "set", "-c", file}, args...)...); err != nil {

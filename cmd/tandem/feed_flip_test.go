@@ -4,13 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
@@ -111,15 +109,8 @@ func TestFeedGateAndFlip(t *testing.T) {
 	file := editConfig(t, base, "feed", feedWait(2*time.Second), feedOn)
 	strict := editConfig(t, base, "strict", feedWait(2*time.Second), feedOn, withGates("  feed_max_lag_bytes: 1\n"))
 	holdFeedElection(t, oldC) // the test plays the feed
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("dual-write: %v\n%s%s", err, out, errOut)
 	}
@@ -256,23 +247,10 @@ func TestFeedWaitHoldsWrites(t *testing.T) {
 	file := editConfig(t, base, "held", func(yaml string) string {
 		return strings.Replace(yaml, "  fence_timeout: 2s\n", "  fence_timeout: 1s\n  feed_wait: 8s\n", 1)
 	}, feedOn)
-	cfg, err := config.Load(file, nil)
-	if err == nil {
-		err = cfg.Validate()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := loadConfig(t, file)
 	holdFeedElection(t, oldC) // the test plays the feed
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("dual-write: %v\n%s%s", err, out, errOut)
 	}

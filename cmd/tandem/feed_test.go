@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"strings"
@@ -12,8 +11,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 )
 
 // TestFeedCatchesWhatTheProxyCannotSee is issue 11's trigger side-write,
@@ -40,15 +39,8 @@ CREATE TRIGGER items_audit AFTER UPDATE ON items FOR EACH ROW EXECUTE FUNCTION a
 CREATE FUNCTION bump(k int) RETURNS void LANGUAGE sql AS $$ UPDATE items SET n = n + 1 WHERE id = k $$;`
 	mustExec(t, oldC, schema)
 	mustExec(t, newC, schema)
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("dual-write: %v\n%s%s", err, out, errOut)
 	}
@@ -66,20 +58,7 @@ CREATE FUNCTION bump(k int) RETURNS void LANGUAGE sql AS $$ UPDATE items SET n =
 	// The feed is reading once it has checked everything committed so far.
 	waitChecked := func() {
 		t.Helper()
-		var target string
-		if err := ctl.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&target); err != nil {
-			t.Fatal(err)
-		}
-		waitUntil(t, 60*time.Second, func() error {
-			var ok *bool
-			if err := ctl.QueryRow(ctx, "SELECT checked_lsn >= $1::pg_lsn FROM tandem.feed WHERE store = 'old' AND holder = 'feed-proxy'", target).Scan(&ok); err != nil {
-				return err
-			}
-			if ok == nil || !*ok {
-				return fmt.Errorf("checked_lsn has not passed %s", target)
-			}
-			return nil
-		})
+		waitFeedChecked(t, ctl, "feed-proxy", nil)
 	}
 	waitChecked()
 
@@ -118,7 +97,7 @@ CREATE FUNCTION bump(k int) RETURNS void LANGUAGE sql AS $$ UPDATE items SET n =
 		return h
 	}
 	// The proxy's repairer closes the entries.
-	waitUntil(t, 60*time.Second, func() error {
+	harness.SucceedsSoon(t, 60*time.Second, func() error {
 		for _, tbl := range []string{"items", "audit"} {
 			if o, n := hash(ctl, tbl), hash(newConn, tbl); o != n {
 				return fmt.Errorf("%s differs: old %s, new %s", tbl, o, n)
@@ -135,20 +114,29 @@ CREATE FUNCTION bump(k int) RETURNS void LANGUAGE sql AS $$ UPDATE items SET n =
 	})
 }
 
-// waitUntil retries f until it returns nil, failing the test after d.
-func waitUntil(t *testing.T, d time.Duration, f func() error) {
+// waitFeedChecked waits up to 60s until the feed run by the replica holder
+// has checked old's WAL up to its current insert position (ctl is old's
+// control database). note, when set, adds to a failure to read the row.
+func waitFeedChecked(t *testing.T, ctl *pgx.Conn, holder string, note func() string) {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within %s: %v", d, err)
-		}
-		time.Sleep(20 * time.Millisecond)
+	ctx := context.Background()
+	var target string
+	if err := ctl.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&target); err != nil {
+		t.Fatal(err)
 	}
+	harness.SucceedsSoon(t, 60*time.Second, func() error {
+		var ok *bool
+		if err := ctl.QueryRow(ctx, "SELECT checked_lsn >= $1::pg_lsn FROM tandem.feed WHERE store = 'old' AND holder = $2", target, holder).Scan(&ok); err != nil {
+			if note != nil {
+				return fmt.Errorf("%s: %w (%s)", holder, err, note())
+			}
+			return err
+		}
+		if ok == nil || !*ok {
+			return fmt.Errorf("%s has not checked up to %s", holder, target)
+		}
+		return nil
+	})
 }
 
 // TestFeedProxyChild is not a test: TestFeedReplicaKilled runs the test
@@ -201,31 +189,11 @@ func TestFeedReplicaKilled(t *testing.T) {
 	defer ctl.Close(ctx)
 	checkedBy := func(holder string) {
 		t.Helper()
-		var target string
-		if err := ctl.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&target); err != nil {
-			t.Fatal(err)
-		}
-		waitUntil(t, 60*time.Second, func() error {
-			var ok *bool
-			if err := ctl.QueryRow(ctx, "SELECT checked_lsn >= $1::pg_lsn FROM tandem.feed WHERE store = 'old' AND holder = $2", target, holder).Scan(&ok); err != nil {
-				return fmt.Errorf("%s: %w (child output: %s)", holder, err, out.String())
-			}
-			if ok == nil || !*ok {
-				return fmt.Errorf("%s has not checked up to %s", holder, target)
-			}
-			return nil
-		})
+		waitFeedChecked(t, ctl, holder, func() string { return "child output: " + out.String() })
 	}
 	checkedBy("feed-a")
-	rp, err := startProxy(cfgB, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfgB)
+	defer stopProxy(t, rp)
 	const rows = 300
 	for i := range rows {
 		if i == rows/3 {
@@ -255,7 +223,7 @@ func TestFeedReplicaKilled(t *testing.T) {
 		t.Fatalf("%d of %d rows written directly on old were never recorded by the feed: %v", len(missing), rows, missing)
 	}
 	ho, no := storeHash(t, oldC, "items", "id")
-	waitUntil(t, 60*time.Second, func() error {
+	harness.SucceedsSoon(t, 60*time.Second, func() error {
 		if hn, nn := storeHash(t, newC, "items", "id"); hn != ho || nn != no {
 			return fmt.Errorf("new has %d rows, old %d", nn, no)
 		}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"os"
 	"slices"
@@ -16,7 +15,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
@@ -280,22 +278,8 @@ func TestFenceFlipsUnderRandomWriters(t *testing.T) {
 			CREATE TABLE uniq (k int PRIMARY KEY); INSERT INTO uniq VALUES (1);`, fenceCounters))
 	}
 	replicas := []string{"fence-a", "fence-b"}
-	var proxies []*runningProxy
-	var file string
-	for _, id := range replicas {
-		f, cfg := pairConfig(t, oldC, newC, id)
-		file = f
-		rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer func() {
-			if err := rp.stop(); err != nil {
-				t.Error(err)
-			}
-		}()
-		proxies = append(proxies, rp)
-	}
+	file, proxies, stopAll := startReplicas(t, oldC, newC, replicas...)
+	defer stopAll()
 	a, b := newAdminClient(t, proxies[0]), newAdminClient(t, proxies[1])
 	a.waitLive(len(replicas))
 	a.change("/api/v1/route", `{"mirror": true, "reason": "dual-write"}`, replicas...)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"slices"
 	"strings"
@@ -13,9 +12,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"go.uber.org/goleak"
@@ -37,19 +36,7 @@ func newAdminClient(t *testing.T, rp *runningProxy) *adminClient {
 // status and the raw reply.
 func (a *adminClient) call(method, path, body string, v any) (int, string) {
 	a.t.Helper()
-	req, err := http.NewRequest(method, "http://"+a.addr+path, strings.NewReader(body))
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	if method != http.MethodGet {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := a.http.Do(req)
-	if err != nil {
-		a.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
+	resp, b := harness.Request(a.t, a.http, method, "http://"+a.addr+path, body)
 	if v != nil && resp.StatusCode == http.StatusOK {
 		if err := json.Unmarshal(b, v); err != nil {
 			a.t.Fatalf("%s %s: %v\n%s", method, path, err, b)
@@ -224,22 +211,8 @@ func TestFlipUnderLoad(t *testing.T) {
 			INSERT INTO counters (id) SELECT generate_series(1, %d);`, counters))
 	}
 	replicas := []string{"flip-a", "flip-b"}
-	var proxies []*runningProxy
-	var file string
-	for _, id := range replicas {
-		f, cfg := pairConfig(t, oldC, newC, id)
-		file = f
-		rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer func() {
-			if err := rp.stop(); err != nil {
-				t.Error(err)
-			}
-		}()
-		proxies = append(proxies, rp)
-	}
+	file, proxies, stopAll := startReplicas(t, oldC, newC, replicas...)
+	defer stopAll()
 	a, b := newAdminClient(t, proxies[0]), newAdminClient(t, proxies[1])
 	// Both replicas must be live before mirroring is turned on, or a
 	// change would not wait for the one not yet heard from.
@@ -388,15 +361,8 @@ func TestRepairerBothDirections(t *testing.T) {
 	mustExec(t, oldC, "UPDATE t SET v = 'good' WHERE id = 2")                             // new missed it
 	mustExec(t, newC, "UPDATE t SET v = 'good' WHERE id = 1; DELETE FROM t WHERE id = 3") // old missed these
 	_, cfg := pairConfig(t, oldC, newC, "repairer")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	api := newAdminClient(t, rp)
 	api.waitLive(1)
 	api.change("/api/v1/route", `{"mirror": true}`, "repairer")
@@ -443,15 +409,8 @@ func TestDriftAfterFlipRepairedTowardsOld(t *testing.T) {
 	}
 	mustExec(t, oldC, "ALTER TABLE t ADD CONSTRAINT no_bad CHECK (v <> 'bad')") // old refuses the mirrored row
 	file, cfg := pairConfig(t, oldC, newC, "direction")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	api := newAdminClient(t, rp)
 	api.waitLive(1)
 	api.change("/api/v1/route", `{"mirror": true}`, "direction")

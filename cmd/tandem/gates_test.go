@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"strings"
@@ -13,7 +12,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/admin"
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
@@ -49,15 +47,8 @@ func TestVerifyGate(t *testing.T) {
 	mustExec(t, oldC, schema+"INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 500) g")
 	mustExec(t, newC, schema)
 	file, cfg := pairConfig(t, oldC, newC, "verify-gate")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("dual-write: %v\n%s%s", err, out, errOut)
 	}
@@ -106,15 +97,8 @@ func TestShadowGateAndAPI(t *testing.T) {
 	mustExec(t, oldC, schema+"INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 200) g")
 	mustExec(t, newC, schema)
 	file, cfg := pairConfig(t, oldC, newC, "shadow-gate")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	api := newAdminClient(t, rp)
 	api.waitLive(1)
 	var rep admin.MismatchReport

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,7 +14,6 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
 )
 
@@ -144,15 +142,8 @@ func TestJSONOutputs(t *testing.T) {
 		mustExec(t, c, "CREATE TABLE orders (id serial PRIMARY KEY, note text)")
 	}
 	mustExec(t, oldC, "INSERT INTO orders (note) SELECT 'x' FROM generate_series(1, 200)")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	adminEnv := []string{"TANDEM_ADMIN=" + rp.AdminAddr()}
 	run := func(wantStatus int, fields []string, args ...string) map[string]any {
 		t.Helper()

@@ -81,15 +81,8 @@ func TestAdminAndMetrics(t *testing.T) {
 	cfg.Old.DSN = c.DSN("postgres")
 	cfg.New.DSN = "postgres://postgres@127.0.0.1:1/postgres?sslmode=disable" // nothing listens there
 	cfg.Limits.DrainTimeout = config.Duration(2 * time.Second)
-	rp, err := startProxy(&cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, &cfg)
+	defer stopProxy(t, rp)
 	get := func(path string) (int, string) {
 		resp, err := http.Get("http://" + rp.AdminAddr() + path)
 		if err != nil {

@@ -1,12 +1,10 @@
 package main
 
 import (
-	"io"
 	"os"
 	"strings"
 	"testing"
 
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
 )
 
@@ -26,22 +24,9 @@ func TestMappingBlocksFlip(t *testing.T) {
         full_name: "first_name || ' ' || last_name"
 `
 	appendFile(t, file, mapping)
-	cfg, err := config.Load(file, nil)
-	if err == nil {
-		err = cfg.Validate()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	cfg := loadConfig(t, file)
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on", "--reads", "100"); err != nil {
 		t.Fatalf("dual-write: %v\n%s%s", err, out, errOut)
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/url"
 	"strings"
 	"sync"
@@ -35,7 +34,6 @@ func TestPartitionSelfFence(t *testing.T) {
 	for _, c := range []*pgtest.Cluster{oldC, newC} {
 		mustExec(t, c, `CREATE TABLE items (id int PRIMARY KEY, via text NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())`)
 	}
-	quiet := newLogger(config.Log{Format: "text", Level: "error"}, io.Discard)
 	_, cfgA := pairConfig(t, oldC, newC, "part-a")
 	_, cfgB := pairConfig(t, oldC, newC, "part-b")
 	toxi := toxiproxy.NewProxy(toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), quietToxiLogger(toxiproxy.NewServer)),
@@ -59,15 +57,8 @@ func TestPartitionSelfFence(t *testing.T) {
 	}
 	var proxies []*runningProxy
 	for _, cfg := range []*config.Config{cfgA, cfgB} {
-		rp, err := startProxy(cfg, quiet)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer func() {
-			if err := rp.stop(); err != nil {
-				t.Error(err)
-			}
-		}()
+		rp := startQuietProxy(t, cfg)
+		defer stopProxy(t, rp)
 		proxies = append(proxies, rp)
 	}
 	a := newAdminClient(t, proxies[0])

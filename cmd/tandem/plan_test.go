@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -19,21 +18,15 @@ import (
 // main would map it) and its standard output.
 func runPlanCmd(t *testing.T, args ...string) (int, string) {
 	t.Helper()
-	cmd := newPlanCmd()
-	var out, errOut bytes.Buffer
-	cmd.SetOut(&out)
-	cmd.SetErr(&errOut)
-	cmd.SetArgs(args)
-	cmd.SilenceUsage, cmd.SilenceErrors = true, true
-	err := cmd.ExecuteContext(t.Context())
+	out, errOut, err := execCommand(t, newPlanCmd(), args...)
 	var ec exitCode
 	switch {
 	case err == nil:
-		return 0, out.String()
+		return 0, out
 	case errors.As(err, &ec):
-		return int(ec), out.String()
+		return int(ec), out
 	}
-	t.Fatalf("tandem plan %v: %v\n%s", args, err, errOut.String())
+	t.Fatalf("tandem plan %v: %v\n%s", args, err, errOut)
 	return 0, ""
 }
 

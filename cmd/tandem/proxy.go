@@ -141,6 +141,90 @@ type runningProxy struct {
 // get a free port; Addr and AdminAddr report the bound ones.
 func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	bi := version.Get(release)
+	in, err := newInstruments(cfg, bi)
+	if err != nil {
+		return nil, err
+	}
+	tp, err := tracing.New(tracing.Options{Endpoint: cfg.Tracing.Endpoint, SampleRatio: cfg.Tracing.SampleRatio, Insecure: cfg.Tracing.Insecure,
+		Headers: tracing.ParseHeaders(cfg.Tracing.Headers), Version: bi.Version, Replica: control.ReplicaID(cfg)})
+	if err != nil {
+		return nil, err
+	}
+	started := false
+	defer func() {
+		if !started {
+			_ = tp.Shutdown(context.Background()) // a start that failed leaves no exporter running
+		}
+	}()
+	opts := proxy.Options{Logger: log, Metrics: in.proxy, Tracer: tp.Tracer()}
+	cw, err := openControl(cfg, log, in.proxy, &opts)
+	if err != nil {
+		return nil, err
+	}
+	cp := cw.plane
+	srv, err := proxy.New(cfg, opts)
+	if err != nil {
+		if cp != nil {
+			cp.Stop()
+		}
+		return nil, err
+	}
+	if cp != nil {
+		cp.RefreshMappings(context.Background(), srv)
+		st, readAt := cp.Initial()
+		srv.ApplyState(st) // before the first client: never serve on a routing state older than the stored one
+		srv.HeardState(readAt)
+	}
+	adm, hist, token, err := listenAdmin(cfg, log, in.prom, srv, cw)
+	if err != nil {
+		if cp != nil {
+			cp.Stop()
+		}
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		_ = adm.Shutdown(context.Background())
+		if cp != nil {
+			cp.Stop()
+		}
+		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: in.prom, listener: ln, g: &errgroup.Group{}, control: cp, adminToken: token, tracing: tp}
+	rp.live.Store(cfg)
+	hctx, stopHistory := context.WithCancel(context.Background())
+	rp.stopHistory, rp.historyDone = stopHistory, make(chan struct{})
+	go func() {
+		defer close(rp.historyDone)
+		hist.Run(hctx)
+	}()
+	if cp != nil {
+		cp.Start(srv, in.proxy, in.backfill, in.feed)
+	}
+	rp.g.Go(adm.Serve)
+	rp.g.Go(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, proxy.ErrServerClosed) {
+			return err
+		}
+		return nil
+	})
+	log.Info("tandem proxy started", "listen", ln.Addr().String(), "admin", adm.Addr(),
+		"old", config.RedactDSN(cfg.Old.DSN), "auth", cfg.Auth.Method, "tls", cfg.TLS.Cert != "",
+		"admin_token", cfg.AdminAPI.TokenFile != "", "admin_tls", cfg.AdminAPI.TLSCert != "", "tracing", cfg.Tracing.Endpoint != "")
+	started = true
+	return rp, nil
+}
+
+// instruments are the proxy process's metrics: the Prometheus exporter and
+// the instruments of the proxy, the backfill and the change feed.
+type instruments struct {
+	prom     *metrics.Prometheus
+	proxy    *metrics.Proxy
+	backfill *metrics.Backfill
+	feed     *metrics.Feed
+}
+
+func newInstruments(cfg *config.Config, bi version.Info) (*instruments, error) {
 	prom, err := metrics.NewPrometheus(
 		metrics.WithService(bi.Version, control.ReplicaID(cfg)),
 		metrics.WithBuildInfo(metrics.BuildInfo{Version: bi.Version, Commit: bi.Commit, GoVersion: bi.GoVersion}))
@@ -159,27 +243,31 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	tp, err := tracing.New(tracing.Options{Endpoint: cfg.Tracing.Endpoint, SampleRatio: cfg.Tracing.SampleRatio, Insecure: cfg.Tracing.Insecure,
-		Headers: tracing.ParseHeaders(cfg.Tracing.Headers), Version: bi.Version, Replica: control.ReplicaID(cfg)})
-	if err != nil {
-		return nil, err
-	}
-	started := false
-	defer func() {
-		if !started {
-			_ = tp.Shutdown(context.Background()) // a start that failed leaves no exporter running
-		}
-	}()
-	opts := proxy.Options{Logger: log, Metrics: pm, Tracer: tp.Tracer()}
+	return &instruments{prom: prom, proxy: pm, backfill: bm, feed: fm}, nil
+}
+
+// controlWiring is the control plane of a proxy with a new store, and what
+// the admin API serves over it; all nil without a new store.
+type controlWiring struct {
+	plane      *control.Plane
+	routing    *control.Routing
+	backfill   *control.Backfill
+	mismatches *admin.Mismatches
+}
+
+// openControl opens the control plane and the routing facade, and points
+// opts' drift and mismatch recording at the plane.
+func openControl(cfg *config.Config, log *slog.Logger, pm *metrics.Proxy, opts *proxy.Options) (controlWiring, error) {
 	// With a new store, the proxy follows the routing state in the control
 	// schema; without one it stays in passthrough and needs no control database.
 	var cp *control.Plane
 	var rt *control.Routing
 	var bf *control.Backfill
 	var mm *admin.Mismatches
+	var err error
 	if cfg.New.DSN != "" {
 		if cp, err = control.Open(cfg, log); err != nil {
-			return nil, err
+			return controlWiring{}, err
 		}
 		opts.RecordDrift = cp.RecordDrift
 		opts.RecordMismatch = cp.RecordMismatch
@@ -190,24 +278,19 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 		})
 		if err != nil {
 			cp.Stop()
-			return nil, err
+			return controlWiring{}, err
 		}
 		bf = &control.Backfill{Connect: rt.Connect}
 		mm = &admin.Mismatches{Connect: rt.Connect, Window: cfg.Gates.ShadowWindow.Duration()}
 	}
-	srv, err := proxy.New(cfg, opts)
-	if err != nil {
-		if cp != nil {
-			cp.Stop()
-		}
-		return nil, err
-	}
-	if cp != nil {
-		cp.RefreshMappings(context.Background(), srv)
-		st, readAt := cp.Initial()
-		srv.ApplyState(st) // before the first client: never serve on a routing state older than the stored one
-		srv.HeardState(readAt)
-	}
+	return controlWiring{plane: cp, routing: rt, backfill: bf, mismatches: mm}, nil
+}
+
+// listenAdmin binds the admin server (not serving yet) with its health
+// checks, security, status and the status page's history; token is the
+// admin API's token.
+func listenAdmin(cfg *config.Config, log *slog.Logger, prom *metrics.Prometheus, srv *proxy.Server, cw controlWiring) (adm *admin.Server, hist *admin.History, token string, err error) {
+	rt := cw.routing
 	ping := func(name string) admin.Check {
 		return admin.Check{Name: name, Run: func(ctx context.Context) error { return srv.Ping(ctx, name) }}
 	}
@@ -217,55 +300,19 @@ func startProxy(cfg *config.Config, log *slog.Logger) (*runningProxy, error) {
 	}
 	sec, sopts, err := adminSecurity(cfg)
 	if err != nil {
-		if cp != nil {
-			cp.Stop()
-		}
-		return nil, err
+		return nil, nil, "", err
 	}
 	var status func(ctx context.Context) (any, error)
 	if rt != nil {
 		status = func(ctx context.Context) (any, error) { return collectStatus(ctx, cfg, rt) }
 	}
-	hist := &admin.History{Read: prom.Sums}
-	adm, err := admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: bf, Mismatches: mm,
+	hist = &admin.History{Read: prom.Sums}
+	adm, err = admin.Listen(cfg.Admin, admin.NewHandler(admin.Options{Metrics: prom.Handler, Checks: checks, Logger: log, Routing: rt, Backfill: cw.backfill, Mismatches: cw.mismatches,
 		Writers: srv.WriterSessions, Security: sec, Pprof: cfg.AdminAPI.Pprof, Status: status, History: hist}), log, sopts)
 	if err != nil {
-		if cp != nil {
-			cp.Stop()
-		}
-		return nil, err
+		return nil, nil, "", err
 	}
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		_ = adm.Shutdown(context.Background())
-		if cp != nil {
-			cp.Stop()
-		}
-		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
-	}
-	rp := &runningProxy{cfg: cfg, log: log, srv: srv, admin: adm, prom: prom, listener: ln, g: &errgroup.Group{}, control: cp, adminToken: sec.Token, tracing: tp}
-	rp.live.Store(cfg)
-	hctx, stopHistory := context.WithCancel(context.Background())
-	rp.stopHistory, rp.historyDone = stopHistory, make(chan struct{})
-	go func() {
-		defer close(rp.historyDone)
-		hist.Run(hctx)
-	}()
-	if cp != nil {
-		cp.Start(srv, pm, bm, fm)
-	}
-	rp.g.Go(adm.Serve)
-	rp.g.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, proxy.ErrServerClosed) {
-			return err
-		}
-		return nil
-	})
-	log.Info("tandem proxy started", "listen", ln.Addr().String(), "admin", adm.Addr(),
-		"old", config.RedactDSN(cfg.Old.DSN), "auth", cfg.Auth.Method, "tls", cfg.TLS.Cert != "",
-		"admin_token", cfg.AdminAPI.TokenFile != "", "admin_tls", cfg.AdminAPI.TLSCert != "", "tracing", cfg.Tracing.Endpoint != "")
-	started = true
-	return rp, nil
+	return adm, hist, sec.Token, nil
 }
 
 // reload puts next's reloadable settings in force (config.Reloadable: the

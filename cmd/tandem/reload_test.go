@@ -61,6 +61,43 @@ func (l *childLog) read(r io.Reader) {
 	}
 }
 
+// loggedProc is a process a test started (startLogged), its stderr read into log.
+type loggedProc struct {
+	cmd    *exec.Cmd
+	log    *childLog
+	exited chan error // receives cmd.Wait's result once the process ended and its stderr is read
+}
+
+// startLogged starts cmd with its stderr read into a childLog; the test
+// defers stop.
+func startLogged(t *testing.T, cmd *exec.Cmd) *loggedProc {
+	t.Helper()
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := &loggedProc{cmd: cmd, log: &childLog{more: make(chan struct{})}, exited: make(chan error, 1)}
+	readDone := make(chan struct{})
+	go func() { c.log.read(stderr); close(readDone) }()
+	go func() { <-readDone; c.exited <- cmd.Wait() }()
+	return c
+}
+
+// stop ends the child with SIGTERM, killing it if it has not ended within
+// 30s.
+func (c *loggedProc) stop() {
+	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-c.exited:
+	case <-time.After(30 * time.Second):
+		_ = c.cmd.Process.Kill()
+		<-c.exited
+	}
+}
+
 // wait returns the first line from index from on that matches re.
 func (l *childLog) wait(t *testing.T, from int, re *regexp.Regexp) (string, int) {
 	t.Helper()
@@ -109,28 +146,10 @@ func TestReloadOnSIGHUP(t *testing.T) {
 
 	cmd := exec.Command(os.Args[0], "-test.run=^TestProxyChild$")
 	cmd.Env = append(os.Environ(), "TANDEM_PROXY_CHILD="+strings.Join([]string{"proxy", "-c", file}, "\x1f"))
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	log := &childLog{more: make(chan struct{})}
-	readDone := make(chan struct{})
-	go func() { log.read(stderr); close(readDone) }()
-	exited := make(chan error, 1)
-	defer func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(30 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-	}()
+	proc := startLogged(t, cmd)
+	defer proc.stop()
+	log := proc.log
 	started, next := log.wait(t, 0, regexp.MustCompile(`tandem proxy started`))
-	go func() { <-readDone; exited <- cmd.Wait() }()
 	addr := regexp.MustCompile(`listen=(\S+)`).FindStringSubmatch(started)[1]
 
 	ctx := context.Background()
@@ -188,7 +207,7 @@ func TestReloadOnSIGHUP(t *testing.T) {
 		t.Errorf("the open session after a rejected reload: %v", err)
 	}
 	select {
-	case err := <-exited:
+	case err := <-proc.exited:
 		t.Fatalf("the proxy exited: %v", err)
 	default:
 	}

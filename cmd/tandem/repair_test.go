@@ -40,13 +40,7 @@ func TestRepairerIsolatesFailures(t *testing.T) {
 	if err := os.WriteFile(file, raw, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg, err := config.Load(file, nil)
-	if err == nil {
-		err = cfg.Validate()
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := loadConfig(t, file)
 	tables := []string{"t1", "t2", "t3", "t4", "t5"}
 	mustExec(t, oldC, "CREATE TABLE strict (id int PRIMARY KEY, v text); INSERT INTO strict VALUES (1, 'bad')")
 	mustExec(t, newC, "CREATE TABLE strict (id int PRIMARY KEY, v text CONSTRAINT not_bad CHECK (v <> 'bad'))")
@@ -55,15 +49,8 @@ func TestRepairerIsolatesFailures(t *testing.T) {
 			mustExec(t, c, fmt.Sprintf("CREATE TABLE %s (id int PRIMARY KEY, v text); INSERT INTO %[1]s SELECT i, 'v' || i FROM generate_series(1, 10) i", tb))
 		}
 	}
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("dual-write: %v\n%s%s", err, out, errOut)
 	}

@@ -14,9 +14,11 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/spf13/cobra"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"go.uber.org/goleak"
@@ -31,6 +33,64 @@ func cli(args ...string) (string, string, error) {
 	root.SetArgs(args)
 	err := root.ExecuteContext(context.Background())
 	return out.String(), errOut.String(), err
+}
+
+// startReplicas starts a quiet proxy (startQuietProxy) per replica id in
+// front of oldC and newC and returns the last one's config file and the
+// proxies; the test defers stop, which stops them in reverse order.
+func startReplicas(t *testing.T, oldC, newC *pgtest.Cluster, ids ...string) (file string, proxies []*runningProxy, stop func()) {
+	t.Helper()
+	stop = func() {
+		for i := len(proxies) - 1; i >= 0; i-- {
+			stopProxy(t, proxies[i])
+		}
+	}
+	started := false
+	defer func() {
+		if !started {
+			stop() // a start that failed stops the ones before it
+		}
+	}()
+	for _, id := range ids {
+		f, cfg := pairConfig(t, oldC, newC, id)
+		file = f
+		proxies = append(proxies, startQuietProxy(t, cfg))
+	}
+	started = true
+	return file, proxies, stop
+}
+
+// execCommand runs one subcommand (newCompareCmd(), newPlanCmd(), ...) with
+// args, silent about usage and errors, and returns its stdout, stderr and
+// error.
+func execCommand(t *testing.T, cmd *cobra.Command, args ...string) (string, string, error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetErr(&errOut)
+	cmd.SetArgs(args)
+	cmd.SilenceUsage, cmd.SilenceErrors = true, true
+	err := cmd.ExecuteContext(t.Context())
+	return out.String(), errOut.String(), err
+}
+
+// startQuietProxy starts a tandem proxy in the test's process with cfg,
+// logging only errors, to nowhere; the test stops it (stopProxy).
+func startQuietProxy(t *testing.T, cfg *config.Config) *runningProxy {
+	t.Helper()
+	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rp
+}
+
+// stopProxy stops rp, failing the test (not at once) if it does not stop
+// cleanly; tests defer it.
+func stopProxy(t *testing.T, rp *runningProxy) {
+	if err := rp.stop(); err != nil {
+		t.Error(err)
+	}
 }
 
 // pairConfig writes a config file for a proxy in front of old and new,
@@ -62,6 +122,13 @@ log:
 	if err := os.WriteFile(file, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	cfg := loadConfig(t, file)
+	return file, cfg
+}
+
+// loadConfig loads the config file (no environment) and validates it.
+func loadConfig(t *testing.T, file string) *config.Config {
+	t.Helper()
 	cfg, err := config.Load(file, nil)
 	if err == nil {
 		err = cfg.Validate()
@@ -69,7 +136,7 @@ log:
 	if err != nil {
 		t.Fatal(err)
 	}
-	return file, cfg
+	return cfg
 }
 
 // configEdit changes a test config's YAML before it is written.
@@ -164,15 +231,8 @@ func TestRouteCLI(t *testing.T) {
 		t.Fatalf("set without settings: %v", err)
 	}
 
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	out, _, err = cli("route", "set", "-c", file, "--mirror", "on", "--reason", "start dual-write")
 	if err != nil || !strings.Contains(out, "routing version 2 (was 1): primary=old mirror=on reads=0% shadow=0%") ||
 		!strings.Contains(out, "acknowledged by: cli-proxy") {
@@ -294,14 +354,7 @@ func TestRoutingAdminAPI(t *testing.T) {
 	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
 	call := func(method, path, body string, v any) int {
 		t.Helper()
-		req, _ := http.NewRequest(method, "http://"+rp.AdminAddr()+path, strings.NewReader(body))
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := client.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
+		resp, b := harness.Request(t, client, method, "http://"+rp.AdminAddr()+path, body)
 		if v != nil {
 			if err := json.Unmarshal(b, v); err != nil {
 				t.Fatalf("%s %s: %v\n%s", method, path, err, b)

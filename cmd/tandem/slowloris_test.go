@@ -29,15 +29,8 @@ func TestSlowloris(t *testing.T) {
 	cfg.Limits.ConnectTimeout = config.Duration(3 * time.Second)
 	cfg.Limits.DrainTimeout = config.Duration(time.Second)
 	cfg.AdminAPI.MaxConnections = 16
-	rp, err := startProxy(&cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, &cfg)
+	defer stopProxy(t, rp)
 	var closed atomic.Int64
 	half := func(addr string, partial []byte, n int) {
 		for range n {

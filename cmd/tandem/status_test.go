@@ -2,11 +2,9 @@ package main
 
 import (
 	"encoding/json"
-	"io"
 	"strings"
 	"testing"
 
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
 )
 
@@ -47,15 +45,8 @@ func TestStatus(t *testing.T) {
 		mustExec(t, c, "CREATE TABLE orders (id serial PRIMARY KEY, note text)")
 	}
 	mustExec(t, oldC, "INSERT INTO orders (note) SELECT 'x' FROM generate_series(1, 300)")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("mirror on: %v\n%s%s", err, out, errOut)
 	}
@@ -130,15 +121,8 @@ func TestStatus(t *testing.T) {
 func TestRoutePrune(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	file, cfg := pairConfig(t, oldC, newC, "prune-proxy")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	mustExec(t, oldC, `INSERT INTO tandem.replicas (replica_id, acked_version, heartbeat_at) VALUES
 		('gone-a', 1, now() - interval '2 hours'), ('gone-b', 1, now() - interval '3 days'), ('recent', 1, now() - interval '10 minutes')`)
 	out, _, err := cli("route", "prune", "-c", file)
@@ -171,15 +155,8 @@ func TestComplete(t *testing.T) {
 	for _, c := range []*pgtest.Cluster{oldC, newC} {
 		mustExec(t, c, "CREATE TABLE orders (id serial PRIMARY KEY, note text)")
 	}
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on", "--shadow", "10"); err != nil {
 		t.Fatalf("mirror on: %v\n%s%s", err, out, errOut)
 	}

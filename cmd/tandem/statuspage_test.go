@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +13,6 @@ import (
 	"github.com/chromedp/cdproto/page"
 	"github.com/chromedp/chromedp"
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
 )
@@ -49,15 +47,8 @@ func TestStatusPageInBrowser(t *testing.T) {
 		mustExec(t, c, "CREATE TABLE orders (id serial PRIMARY KEY, note text)")
 	}
 	mustExec(t, oldC, "INSERT INTO orders (note) SELECT 'x' FROM generate_series(1, 100)")
-	rp, err := startProxy(cfg, newLogger(config.Log{Format: "text", Level: "error"}, io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := rp.stop(); err != nil {
-			t.Error(err)
-		}
-	}()
+	rp := startQuietProxy(t, cfg)
+	defer stopProxy(t, rp)
 	if out, errOut, err := cli("route", "set", "-c", file, "--mirror", "on"); err != nil {
 		t.Fatalf("mirror on: %v\n%s%s", err, out, errOut)
 	}

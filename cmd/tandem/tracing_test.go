@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"regexp"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -115,27 +114,9 @@ func TestTracingExportsOverOTLP(t *testing.T) {
 	}
 	cmd := exec.Command(bin, "proxy", "-c", file)
 	cmd.Env = append(os.Environ(), "TANDEM_LOG_LEVEL=info", "TANDEM_TRACING_ENDPOINT="+collector.URL, "TANDEM_TRACING_SAMPLE_RATIO=1")
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	log := &childLog{more: make(chan struct{})}
-	readDone := make(chan struct{})
-	go func() { log.read(stderr); close(readDone) }()
-	exited := make(chan error, 1)
-	go func() { <-readDone; exited <- cmd.Wait() }()
-	defer func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(30 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-	}()
+	proc := startLogged(t, cmd)
+	defer proc.stop()
+	log := proc.log
 	started, _ := log.wait(t, 0, regexp.MustCompile(`tandem proxy started`))
 	if !regexp.MustCompile(`tracing=true`).MatchString(started) {
 		t.Fatalf("the proxy does not say it traces: %s", started)

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -14,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"go.uber.org/goleak"
@@ -28,19 +28,7 @@ type apiClient struct {
 
 func (c apiClient) do(method, path, body string) (int, string) {
 	c.t.Helper()
-	req, err := http.NewRequest(method, c.base+path, strings.NewReader(body))
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	if method != http.MethodGet {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
+	resp, b := harness.Request(c.t, http.DefaultClient, method, c.base+path, body)
 	if ct := resp.Header.Get("Content-Type"); ct != "application/json" && resp.StatusCode != http.StatusMethodNotAllowed {
 		c.t.Errorf("%s %s: Content-Type %q", method, path, ct)
 	}

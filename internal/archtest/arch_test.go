@@ -71,6 +71,7 @@ func TestImportArrows(t *testing.T) {
 		{module + "/internal", module + "/cmd", "internal packages are shared leaves"},
 		{module + "/internal/shadow", module + "/internal/shadowpool", "the comparison stays pure: the shadow pool uses it, never the reverse"},
 		{module + "/internal/control", module + "/proxy", "the control plane drives the proxy through control.Server, never imports it"},
+		{module, module + "/internal/pgtest/harness", "the test harness is for tests only (it imports testing and goleak): no package's non-test code uses it"},
 	}
 	for _, p := range listPackages(t) {
 		for _, r := range rules {

@@ -95,6 +95,21 @@ func (c *Classifier) classify(sql string) *Result {
 		r.Kind = Session // an empty query or only comments
 		return r
 	}
+	c.addSummary(r, sum)
+	kind, first := Kind(0), true
+	for _, st := range sum.StatementTypes {
+		k := c.statementKind(st, sql, r)
+		if first || rank[k] > rank[kind] {
+			kind, first = k, false
+		}
+	}
+	r.Kind = kind
+	return r
+}
+
+// addSummary adds to r the tables sum names (those written to in
+// WriteTables) and the functions it calls that are not safe.
+func (c *Classifier) addSummary(r *Result, sum *pg_query.SummaryResult) {
 	for _, t := range sum.Tables {
 		r.Tables = append(r.Tables, t.Name)
 		if t.Context == pg_query.SummaryResult_DML {
@@ -106,15 +121,6 @@ func (c *Classifier) classify(sql string) *Result {
 			r.Unsafe = append(r.Unsafe, f.Name)
 		}
 	}
-	kind, first := Kind(0), true
-	for _, st := range sum.StatementTypes {
-		k := c.statementKind(st, sql, r)
-		if first || rank[k] > rank[kind] {
-			kind, first = k, false
-		}
-	}
-	r.Kind = kind
-	return r
 }
 
 // isSafe: a function is safe when its qualified name is on the list, or

@@ -98,11 +98,14 @@ func TestClassify(t *testing.T) {
 	}
 }
 
-// TestCache: results are cached by text, shared, and bounded.
-func TestCache(t *testing.T) {
+// cachedAndBounded checks a classifier's cache of 100 texts: a second
+// lookup of text returns the first one's plan, and 1000 more texts leave
+// at most 100 cached. It returns the classifier.
+func cachedAndBounded(t *testing.T, text string) *Classifier {
+	t.Helper()
 	c := New(100)
-	a := c.Plan("SELECT 1")
-	if b := c.Plan("SELECT 1"); a != b {
+	a := c.Plan(text)
+	if b := c.Plan(text); a != b {
 		t.Fatal("the second lookup did not come from the cache")
 	}
 	for i := range 1000 {
@@ -114,6 +117,12 @@ func TestCache(t *testing.T) {
 	if n > 100 {
 		t.Fatalf("cache holds %d texts, limit 100", n)
 	}
+	return c
+}
+
+// TestCache: results are cached by text, shared, and bounded.
+func TestCache(t *testing.T) {
+	c := cachedAndBounded(t, "SELECT 1")
 	// Concurrent use is safe (run with -race).
 	var wg sync.WaitGroup
 	for w := range 8 {
@@ -128,19 +137,28 @@ func TestCache(t *testing.T) {
 	wg.Wait()
 }
 
-func BenchmarkClassifyCached(b *testing.B) {
+func BenchmarkClassifyCached(b *testing.B) { benchCached(b, "SELECT * FROM users WHERE id = $1") }
+
+func BenchmarkClassifyUncached(b *testing.B) {
+	benchUncached(b, "SELECT * FROM users WHERE id = %d")
+}
+
+// benchCached measures Plan of the one text sql, cached.
+func benchCached(b *testing.B, sql string) {
 	c := New(1000)
-	c.Plan("SELECT * FROM users WHERE id = $1")
+	c.Plan(sql)
 	for b.Loop() {
-		c.Plan("SELECT * FROM users WHERE id = $1")
+		c.Plan(sql)
 	}
 }
 
-func BenchmarkClassifyUncached(b *testing.B) {
+// benchUncached measures Plan of texts never seen before: format with a
+// new number each time, through a cache of 16.
+func benchUncached(b *testing.B, format string) {
 	c := New(16)
 	i := 0
 	for b.Loop() {
 		i++
-		c.Plan(fmt.Sprintf("SELECT * FROM users WHERE id = %d", i))
+		c.Plan(fmt.Sprintf(format, i))
 	}
 }

@@ -346,17 +346,7 @@ func (c *Classifier) summarizeDML(text string) *Result {
 		return &Result{Kind: Unknown, Err: err}
 	}
 	r := &Result{Kind: Write, Statements: len(sum.StatementTypes)}
-	for _, t := range sum.Tables {
-		r.Tables = append(r.Tables, t.Name)
-		if t.Context == pg_query.SummaryResult_DML {
-			r.WriteTables = append(r.WriteTables, t.Name)
-		}
-	}
-	for _, f := range sum.Functions {
-		if !c.isSafe(f) {
-			r.Unsafe = append(r.Unsafe, f.Name)
-		}
-	}
+	c.addSummary(r, sum)
 	return r
 }
 

@@ -522,20 +522,7 @@ func TestPlanDepth(t *testing.T) {
 // TestPlanCache: plans are cached by text, shared, bounded and safe for
 // concurrent use (run with -race).
 func TestPlanCache(t *testing.T) {
-	c := New(100)
-	a := c.Plan("INSERT INTO t VALUES (1)")
-	if b := c.Plan("INSERT INTO t VALUES (1)"); a != b {
-		t.Fatal("the second lookup did not come from the cache")
-	}
-	for i := range 1000 {
-		c.Plan(fmt.Sprintf("SELECT %d", i))
-	}
-	c.plans.mu.RLock()
-	n := len(c.plans.cur) + len(c.plans.old)
-	c.plans.mu.RUnlock()
-	if n > 100 {
-		t.Fatalf("plan cache holds %d texts, limit 100", n)
-	}
+	c := cachedAndBounded(t, "INSERT INTO t VALUES (1)")
 	// Concurrent callers agree on one plan per text while it stays cached.
 	c = New(1000)
 	var wg sync.WaitGroup
@@ -609,21 +596,10 @@ func FuzzPlan(f *testing.F) {
 	})
 }
 
-func BenchmarkPlanCached(b *testing.B) {
-	c := New(1000)
-	c.Plan("UPDATE users SET name = $1 WHERE id = $2")
-	for b.Loop() {
-		c.Plan("UPDATE users SET name = $1 WHERE id = $2")
-	}
-}
+func BenchmarkPlanCached(b *testing.B) { benchCached(b, "UPDATE users SET name = $1 WHERE id = $2") }
 
 func BenchmarkPlanUncached(b *testing.B) {
-	c := New(16)
-	i := 0
-	for b.Loop() {
-		i++
-		c.Plan(fmt.Sprintf("UPDATE users SET name = $1 WHERE id = %d", i))
-	}
+	benchUncached(b, "UPDATE users SET name = $1 WHERE id = %d")
 }
 
 // TestClassifyTooDeep: hostile nesting that would crash pg_query's parser is

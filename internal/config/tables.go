@@ -6,7 +6,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/agnivade/levenshtein"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -263,16 +262,7 @@ func (w *walker) mapping(k, v *yaml.Node, field string, valid []string, each fun
 // unknownKey describes an unknown key in the section at field, suggesting the nearest valid one.
 func unknownKey(key, field string, valid []string) string {
 	msg := fmt.Sprintf("unknown field %q in %s", key, field)
-	best, bestDist := "", len(key)/3+2
-	for _, v := range valid {
-		if d := levenshtein.ComputeDistance(strings.ToLower(key), v); d < bestDist {
-			best, bestDist = v, d
-		}
-	}
-	if best != "" {
-		return msg + fmt.Sprintf(" (did you mean %q?)", best)
-	}
-	return msg + " (valid: " + strings.Join(valid, ", ") + ")"
+	return withSuggestion(msg, key, valid)
 }
 
 // str decodes a single string value; null is "".

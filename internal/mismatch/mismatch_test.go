@@ -1,24 +1,18 @@
 package mismatch
 
 import (
-	"context"
 	"encoding/json"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 )
 
 func connect(t *testing.T) *pgx.Conn {
 	t.Helper()
-	c := pgtest.New(t)
-	conn, err := pgx.Connect(t.Context(), c.DSN("postgres"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
+	return harness.Connect(t, pgtest.New(t), "postgres")
 }
 
 // Before any proxy created the tables, readers see no data, not an error;

@@ -67,6 +67,56 @@ type Options struct {
 // could not be read; everything the plan finds is in the report.
 func Run(ctx context.Context, o Options) (*Report, error) {
 	r := &Report{Sequences: []Sequence{}, Triggers: []Trigger{}, ForeignKeys: []ForeignKey{}, Extensions: []Extension{}, Findings: []Reason{}}
+	rd, err := r.read(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+
+	inScope := o.InScope
+	if inScope == nil {
+		inScope = func(table.Name) bool { return true }
+	}
+	mapOf := o.Map
+	if mapOf == nil {
+		mapOf = func(n table.Name) Mapping { return Mapping{New: n} }
+	}
+	scoped := map[string]bool{}
+	for _, n := range rd.oldCat.order {
+		if inScope(n) {
+			scoped[n.String()] = true
+		}
+	}
+	missingExt := r.scopeCatalog(rd, scoped)
+
+	for _, n := range rd.oldCat.order {
+		if !scoped[n.String()] {
+			continue
+		}
+		t, err := r.assessScoped(ctx, o, rd, n, mapOf(n), missingExt)
+		if err != nil {
+			return nil, err
+		}
+		r.Tables = append(r.Tables, t)
+	}
+
+	r.assessExtensions()
+	r.assessSequences(rd, scoped, inScope)
+	r.finish()
+	return r, nil
+}
+
+// reading is what Run reads from the stores' catalogs.
+type reading struct {
+	oldCat, newCat *catalog
+	oldIDs, newIDs map[table.Name]identity
+	triggers       []Trigger
+	fks            []ForeignKey
+	feedVerdict    Verdict // of a missing change feed prerequisite: Blocked with o.Feed
+}
+
+// read reads both catalogs, assesses the stores, and reads the tables'
+// replica identities and old's triggers and foreign keys.
+func (r *Report) read(ctx context.Context, o Options) (*reading, error) {
 	oldCat, err := readCatalog(ctx, o.Old)
 	if err != nil {
 		return nil, fmt.Errorf("old store: %w", err)
@@ -98,27 +148,19 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if err != nil {
 		return nil, fmt.Errorf("old store: %w", err)
 	}
+	return &reading{oldCat: oldCat, newCat: newCat, oldIDs: oldIDs, newIDs: newIDs, triggers: triggers, fks: fks, feedVerdict: feedVerdict}, nil
+}
 
-	inScope := o.InScope
-	if inScope == nil {
-		inScope = func(table.Name) bool { return true }
-	}
-	mapOf := o.Map
-	if mapOf == nil {
-		mapOf = func(n table.Name) Mapping { return Mapping{New: n} }
-	}
-	scoped := map[string]bool{}
-	for _, n := range oldCat.order {
-		if inScope(n) {
-			scoped[n.String()] = true
-		}
-	}
-	for _, tr := range triggers {
+// scopeCatalog keeps the triggers and foreign keys of the tables in scope
+// and lists old's extensions; missingExt are those missing on new, by name.
+func (r *Report) scopeCatalog(rd *reading, scoped map[string]bool) (missingExt map[string]*Extension) {
+	oldCat, newCat := rd.oldCat, rd.newCat
+	for _, tr := range rd.triggers {
 		if scoped[tr.Table] {
 			r.Triggers = append(r.Triggers, tr)
 		}
 	}
-	for _, fk := range fks {
+	for _, fk := range rd.fks {
 		if scoped[fk.Table] || scoped[fk.References] {
 			r.ForeignKeys = append(r.ForeignKeys, fk)
 		}
@@ -127,68 +169,79 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		_, on := newCat.extensions[name]
 		r.Extensions = append(r.Extensions, Extension{Name: name, Version: oldCat.extensions[name], OnNew: on})
 	}
-	missingExt := map[string]*Extension{}
+	missingExt = map[string]*Extension{}
 	for i := range r.Extensions {
 		if !r.Extensions[i].OnNew {
 			missingExt[r.Extensions[i].Name] = &r.Extensions[i]
 		}
 	}
+	return missingExt
+}
 
-	for _, n := range oldCat.order {
-		if !scoped[n.String()] {
-			continue
-		}
-		m := mapOf(n)
-		if m.New == (table.Name{}) {
-			m.New = n
-		}
-		t := assessTable(oldCat.tables[n], newCat.tables[m.New], m, missingExt)
-		oid, ook := oldIDs[n]
-		nid, nok := newIDs[m.New]
-		if ook {
-			t.ReplicaIdentity = oid.String()
-		}
-		if nok {
-			t.NewReplicaIdentity = nid.String()
-		}
-		assessFeedTable(&t, "old", r.Stores[0].User, n, oid, ook, feedVerdict)
-		assessFeedTable(&t, "new", r.Stores[1].User, m.New, nid, nok, feedVerdict)
-		for _, p := range o.Problems[n] {
-			t.reason(p.Verdict, "%s", p.Text)
-		}
-		for _, tr := range r.Triggers {
-			if tr.Table == t.Name && tr.Enabled {
-				t.reason(Attention, "trigger %s runs on old: row images carry what it does to this table's rows, not the writes it makes to other tables (those tables rely on verify and repair)", tr.Name)
-			}
-		}
-		for _, fk := range r.ForeignKeys {
-			if fk.Table == t.Name {
-				t.reason(Attention, "foreign key %s to %s (ON DELETE %s, ON UPDATE %s) writes this table when %s changes: those cascaded writes are not in the parent's row images (verify and repair catch them)",
-					fk.Name, fk.References, fk.OnDelete, fk.OnUpdate, fk.References)
-			}
-		}
-		if err := countRows(ctx, o, oldCat.tables[n], &t); err != nil {
-			return nil, err
-		}
-		if o.SampleRows > 0 && t.Verdict < Blocked {
-			s, err := sampleCopy(ctx, o.Old, o.New, oldCat.tables[n], newCat.tables[m.New], m, o.SampleRows, t.Rows)
-			if err != nil {
-				return nil, err
-			}
-			t.Sample = s
-			if s.Error != "" {
-				t.reason(Attention, "the sample copy failed on new: %s", s.Error)
-			}
-		}
-		r.Tables = append(r.Tables, t)
+// assessScoped assesses the table n in scope, mapped by m: assessTable, then
+// its replica identities and the change feed, the reasons found elsewhere,
+// its triggers and foreign keys, its row count and the sample copy.
+func (r *Report) assessScoped(ctx context.Context, o Options, rd *reading, n table.Name, m Mapping, missingExt map[string]*Extension) (Table, error) {
+	oldCat, newCat := rd.oldCat, rd.newCat
+	if m.New == (table.Name{}) {
+		m.New = n
 	}
+	t := assessTable(oldCat.tables[n], newCat.tables[m.New], m, missingExt)
+	oid, ook := rd.oldIDs[n]
+	nid, nok := rd.newIDs[m.New]
+	if ook {
+		t.ReplicaIdentity = oid.String()
+	}
+	if nok {
+		t.NewReplicaIdentity = nid.String()
+	}
+	assessFeedTable(&t, "old", r.Stores[0].User, n, oid, ook, rd.feedVerdict)
+	assessFeedTable(&t, "new", r.Stores[1].User, m.New, nid, nok, rd.feedVerdict)
+	for _, p := range o.Problems[n] {
+		t.reason(p.Verdict, "%s", p.Text)
+	}
+	for _, tr := range r.Triggers {
+		if tr.Table == t.Name && tr.Enabled {
+			t.reason(Attention, "trigger %s runs on old: row images carry what it does to this table's rows, not the writes it makes to other tables (those tables rely on verify and repair)", tr.Name)
+		}
+	}
+	for _, fk := range r.ForeignKeys {
+		if fk.Table == t.Name {
+			t.reason(Attention, "foreign key %s to %s (ON DELETE %s, ON UPDATE %s) writes this table when %s changes: those cascaded writes are not in the parent's row images (verify and repair catch them)",
+				fk.Name, fk.References, fk.OnDelete, fk.OnUpdate, fk.References)
+		}
+	}
+	if err := countRows(ctx, o, oldCat.tables[n], &t); err != nil {
+		return Table{}, err
+	}
+	if o.SampleRows > 0 && t.Verdict < Blocked {
+		s, err := sampleCopy(ctx, o.Old, o.New, oldCat.tables[n], newCat.tables[m.New], m, o.SampleRows, t.Rows)
+		if err != nil {
+			return Table{}, err
+		}
+		t.Sample = s
+		if s.Error != "" {
+			t.reason(Attention, "the sample copy failed on new: %s", s.Error)
+		}
+	}
+	return t, nil
+}
 
+// assessExtensions finds the extensions missing on new that no column in
+// scope uses (those that one uses are in its table's differences).
+func (r *Report) assessExtensions() {
 	for _, e := range r.Extensions {
 		if !e.OnNew && len(e.UsedBy) == 0 && e.Name != "plpgsql" {
 			r.Findings = append(r.Findings, Reason{Verdict: Attention, Text: fmt.Sprintf(
 				"extension %s %s is installed on old but not on new: no column in scope uses its types, but functions, operators and defaults from it will be missing", e.Name, e.Version)})
 		}
 	}
+}
+
+// assessSequences lists old's sequences in scope (owned by a table in
+// scope, or in a schema in scope) with their values on both stores.
+func (r *Report) assessSequences(rd *reading, scoped map[string]bool, inScope func(table.Name) bool) {
+	oldCat, newCat := rd.oldCat, rd.newCat
 	for _, name := range sortedKeys(oldCat.sequences) {
 		s := oldCat.sequences[name]
 		owner := s.ownedBy
@@ -206,8 +259,6 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 				"sequence %s exists on old but not on new: the write flip cannot sync it", name)})
 		}
 	}
-	r.finish()
-	return r, nil
 }
 
 // assessStores checks each store's settings and Tandem's privileges.
@@ -303,6 +354,26 @@ func assessTable(old, new *relation, m Mapping, missingExt map[string]*Extension
 	if m.Declared {
 		t.Mapping = "declared"
 	}
+	t.assessOld(old, missingExt)
+	if new == nil {
+		t.NewKey = []string{}
+		t.diff(Difference{Kind: MissingTable, Verdict: Blocked, Note: fmt.Sprintf("table %s is missing on new", t.NewName)})
+		return t
+	}
+	t.NewKey = nonNil(new.key)
+	if !new.sel || !new.ins || !new.upd || !new.del {
+		t.reason(Blocked, "missing privileges on new %s: the mirror and the backfill need SELECT, INSERT, UPDATE and DELETE", t.NewName)
+	}
+
+	filled := t.assessColumns(old, new, m, missingExt)
+	t.assessNewColumns(new, m, filled)
+	t.assessKey(old, new, m)
+	return t
+}
+
+// assessOld checks the privileges and the key of the old table, and notes
+// the columns whose type comes from an extension missing on new.
+func (t *Table) assessOld(old *relation, missingExt map[string]*Extension) {
 	if !old.sel {
 		t.reason(Blocked, "no SELECT privilege on old: the backfill and verify cannot read it")
 	}
@@ -324,17 +395,12 @@ func assessTable(old, new *relation, m Mapping, missingExt map[string]*Extension
 			e.UsedBy = append(e.UsedBy, t.Name+"."+c.name)
 		}
 	}
-	if new == nil {
-		t.NewKey = []string{}
-		t.diff(Difference{Kind: MissingTable, Verdict: Blocked, Note: fmt.Sprintf("table %s is missing on new", t.NewName)})
-		return t
-	}
-	t.NewKey = nonNil(new.key)
-	if !new.sel || !new.ins || !new.upd || !new.del {
-		t.reason(Blocked, "missing privileges on new %s: the mirror and the backfill need SELECT, INSERT, UPDATE and DELETE", t.NewName)
-	}
+}
 
-	filled := map[string]bool{}
+// assessColumns compares each old column the mapping keeps with its column
+// on new; filled are the new columns that old's fill.
+func (t *Table) assessColumns(old, new *relation, m Mapping, missingExt map[string]*Extension) (filled map[string]bool) {
+	filled = map[string]bool{}
 	for _, c := range old.cols {
 		if c.generated {
 			continue
@@ -372,6 +438,12 @@ func assessTable(old, new *relation, m Mapping, missingExt map[string]*Extension
 			t.diff(Difference{Kind: TypeChange, Column: c.name, Old: c.typ, New: target.typ, Change: change, Verdict: change.Verdict(), Note: note})
 		}
 	}
+	return filled
+}
+
+// assessNewColumns checks the columns only new has (old fills none of them)
+// and the columns the mapping computes.
+func (t *Table) assessNewColumns(new *relation, m Mapping, filled map[string]bool) {
 	for _, nc := range new.cols {
 		if filled[nc.name] {
 			continue
@@ -393,7 +465,10 @@ func assessTable(old, new *relation, m Mapping, missingExt map[string]*Extension
 			t.reason(Blocked, "the mapping computes column %s, which does not exist on new", nc)
 		}
 	}
+}
 
+// assessKey compares old's primary key, mapped, with new's.
+func (t *Table) assessKey(old, new *relation, m Mapping) {
 	mappedKey := make([]string, 0, len(old.key))
 	for _, k := range old.key {
 		nk, _ := m.newColumn(k)
@@ -410,7 +485,6 @@ func assessTable(old, new *relation, m Mapping, missingExt map[string]*Extension
 		t.diff(Difference{Kind: KeyChange, New: strings.Join(new.key, ", "), Verdict: Attention,
 			Note: "only new has a primary key: statement-mirrored writes must keep it unique"})
 	}
-	return t
 }
 
 func (r *relation) hasKey() bool { return len(r.key) > 0 }

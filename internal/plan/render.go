@@ -13,10 +13,30 @@ import (
 // WriteText writes the report for people: one table per section, then the
 // verdicts with their reasons, worst first.
 func (r *Report) WriteText(w io.Writer) error {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	p := func(format string, args ...any) { fmt.Fprintf(tw, format, args...) }
-	section := func(title string) { tw.Flush(); p("\n%s\n", title) }
+	out := textReport{tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)}
+	r.writeStores(out)
+	r.writeFeed(out)
+	r.writeTables(out)
+	r.writeDifferences(out)
+	r.writeSequences(out)
+	r.writeOldWrites(out)
+	r.writeExtensions(out)
+	r.writeVerdicts(out)
+	return out.tw.Flush()
+}
 
+// textReport is the text report being written: its tables are aligned by
+// tw, one section after the other.
+type textReport struct{ tw *tabwriter.Writer }
+
+func (t textReport) p(format string, args ...any) { fmt.Fprintf(t.tw, format, args...) }
+
+// section ends the table before and starts one under title.
+func (t textReport) section(title string) { t.tw.Flush(); t.p("\n%s\n", title) }
+
+// writeStores is the STORES table.
+func (r *Report) writeStores(out textReport) {
+	p := out.p
 	p("STORES\n")
 	p("STORE\tVERSION\tUSER\tWAL_LEVEL\tMAX_PREPARED_XACTS\tREPLICA MODE\tCONTROL SCHEMA\tVERDICT\n")
 	for _, s := range r.Stores {
@@ -27,7 +47,12 @@ func (r *Report) WriteText(w io.Writer) error {
 		p("%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", s.Name, s.Version, s.User, s.WALLevel, s.MaxPreparedTransactions,
 			yesNo(s.ReplicationRole), control, s.Verdict)
 	}
+}
 
+// writeFeed is the change feed's prerequisites per store, when the report
+// has them.
+func (r *Report) writeFeed(out textReport) {
+	p, section := out.p, out.section
 	if r.Stores != nil && slices.ContainsFunc(r.Stores, func(s Store) bool { return s.Feed != nil }) {
 		section("CHANGE FEED PREREQUISITES (either store can be the primary whose WAL the feed reads)")
 		p("STORE\tWAL_LEVEL\tFREE SLOTS\tFREE WAL SENDERS\tREPLICATION\tPUBLICATION\n")
@@ -54,7 +79,11 @@ func (r *Report) WriteText(w io.Writer) error {
 			p("%s\t%s\t%s\t%d\t%s\t%s\n", s.Name, f.WALLevel, slots, f.MaxWALSenders-f.UsedWALSenders, repl, pub)
 		}
 	}
+}
 
+// writeTables is the TABLES table.
+func (r *Report) writeTables(out textReport) {
+	p, section := out.p, out.section
 	section("TABLES")
 	if len(r.Tables) == 0 {
 		p("(no table in scope)\n")
@@ -69,7 +98,12 @@ func (r *Report) WriteText(w io.Writer) error {
 				orDash(strings.Join(t.Key, ", ")), t.Sample.estimate(), t.Verdict)
 		}
 	}
+}
 
+// writeDifferences lists the schema differences the mapping does not
+// explain, if any.
+func (r *Report) writeDifferences(out textReport) {
+	p, section := out.p, out.section
 	var diffs int
 	for _, t := range r.Tables {
 		diffs += len(t.Differences)
@@ -87,7 +121,11 @@ func (r *Report) WriteText(w io.Writer) error {
 			}
 		}
 	}
+}
 
+// writeSequences is the SEQUENCES table.
+func (r *Report) writeSequences(out textReport) {
+	p, section := out.p, out.section
 	section("SEQUENCES (synced to new at the write flip)")
 	if len(r.Sequences) == 0 {
 		p("(none)\n")
@@ -101,7 +139,12 @@ func (r *Report) WriteText(w io.Writer) error {
 			p("%s\t%s\t%s\t%s\n", s.Name, orDash(s.OwnedBy), seqValue(s.Old), nv)
 		}
 	}
+}
 
+// writeOldWrites lists the triggers and the foreign keys on old that
+// write, if any: writes the row images do not capture.
+func (r *Report) writeOldWrites(out textReport) {
+	p, section := out.p, out.section
 	if len(r.Triggers) > 0 {
 		section("TRIGGERS ON OLD (row images do not capture writes a trigger makes to other tables)")
 		p("TABLE\tTRIGGER\tENABLED\tDEFINITION\n")
@@ -116,6 +159,11 @@ func (r *Report) WriteText(w io.Writer) error {
 			p("%s\t%s\t%s\t%s\t%s\n", fk.Table, fk.References, fk.Name, fk.OnDelete, fk.OnUpdate)
 		}
 	}
+}
+
+// writeExtensions lists the extensions on old missing on new, if any.
+func (r *Report) writeExtensions(out textReport) {
+	p, section := out.p, out.section
 	var missing []Extension
 	for _, e := range r.Extensions {
 		if !e.OnNew {
@@ -129,7 +177,12 @@ func (r *Report) WriteText(w io.Writer) error {
 			p("%s\t%s\t%s\n", e.Name, e.Version, orDash(strings.Join(e.UsedBy, ", ")))
 		}
 	}
+}
 
+// writeVerdicts is the VERDICTS: each reason, worst first, then the
+// overall verdict and the tables' counts.
+func (r *Report) writeVerdicts(out textReport) {
+	p, section := out.p, out.section
 	section("VERDICTS")
 	var counts [3]int
 	for _, v := range []Verdict{Blocked, Attention} {
@@ -159,10 +212,9 @@ func (r *Report) WriteText(w io.Writer) error {
 	for _, t := range r.Tables {
 		counts[t.Verdict]++
 	}
-	tw.Flush()
-	fmt.Fprintf(tw, "\nverdict: %s (exit status %d): %d table(s) blocked, %d need attention, %d ready\n",
+	out.tw.Flush()
+	fmt.Fprintf(out.tw, "\nverdict: %s (exit status %d): %d table(s) blocked, %d need attention, %d ready\n",
 		r.Verdict, int(r.Verdict), counts[Blocked], counts[Attention], counts[Ready])
-	return tw.Flush()
 }
 
 // estimate is the BACKFILL column: the extrapolated time, or why there is none.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 )
 
 // fakeFeed plays the change feed's part of the contract on tandem.feed: it
@@ -103,13 +104,9 @@ func feedPrepare(t *testing.T, c *pgtest.Cluster, fenceAtPrepare *atomic.Int64, 
 // tandem.feed says every change up to it is checked (a position one byte
 // short is not enough); it completes right after.
 func TestFlipWaitsForFeed(t *testing.T) {
-	c := pgtest.New(t)
+	c, conn := newControlStore(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	conn := connect(t, c)
-	if err := EnsureSchema(ctx, conn); err != nil {
-		t.Fatal(err)
-	}
 	runReplica(t, ctx, c, "replica-a")
 	waitAck(t, conn, "replica-a", 1)
 	if _, _, err := Set(ctx, conn, Change{Next: Settings{Primary: Old, Mirror: true}, By: "test"}, Options{Live: time.Second}); err != nil {
@@ -187,13 +184,9 @@ func TestFlipWaitsForFeed(t *testing.T) {
 // goes on and the report and the history say so. Open drift stale on the
 // store becoming primary after the wait refuses the flip as well.
 func TestFlipFeedNeverCatchesUp(t *testing.T) {
-	c := pgtest.New(t)
+	c, conn := newControlStore(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	conn := connect(t, c)
-	if err := EnsureSchema(ctx, conn); err != nil {
-		t.Fatal(err)
-	}
 	a := runReplica(t, ctx, c, "replica-a")
 	waitAck(t, conn, "replica-a", 1)
 	if _, _, err := Set(ctx, conn, Change{Next: Settings{Primary: Old, Mirror: true}, By: "test"}, Options{Live: time.Second}); err != nil {
@@ -224,7 +217,7 @@ func TestFlipFeedNeverCatchesUp(t *testing.T) {
 		if st, err := Load(ctx, conn); err != nil || st.Version != version || st.Primary != primary || st.Fence != 0 {
 			t.Fatalf("after a refused flip: %+v %v, want version %d, primary %s, no fence", st, err, version, primary)
 		}
-		succeedsSoon(t, func() error {
+		harness.SucceedsSoon(t, 10*time.Second, func() error {
 			if l := a.last(); l.Fence != 0 || l.Version != version {
 				return errors.New("the replica did not see the fence released")
 			}

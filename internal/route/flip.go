@@ -190,175 +190,295 @@ func Set(ctx context.Context, conn *pgx.Conn, ch Change, opts Options) (State, R
 	return opts.flip(ctx, conn, cur, ch, rollback, &rep)
 }
 
-// flip runs steps 1 to 6 of a write flip.
+// flip runs steps 1 to 6 of a write flip (see Set and design section 8),
+// one flipRun method per step, in this order. Every failure after step 2
+// releases the fence on its way out (flipRun.fail).
 func (o Options) flip(ctx context.Context, conn *pgx.Conn, cur State, ch Change, rollback bool, rep *Report) (State, Report, error) {
 	rep.Flip = true
+	f := &flipRun{o: o, conn: conn, cur: cur, ch: ch, rollback: rollback, rep: rep}
 	// 1. Gates.
-	refusals, err := o.gates(ctx, conn, cur, ch.Next, rollback)
+	if err := f.checkGates(ctx); err != nil {
+		return cur, *rep, err
+	}
+
+	// Before the fence: get ready to sync the sequences (step 4) and, with
+	// the feed, make its publication and slot on the store becoming
+	// primary (step 3b), so the fence covers neither.
+	doneSequences, err := f.prepareSequences(ctx)
 	if err != nil {
 		return cur, *rep, err
 	}
-	if len(refusals) > 0 {
-		if !ch.Force {
-			return cur, *rep, &IllegalError{Gate: true, Reason: strings.Join(refusals, "; ") + " (--force overrides)"}
-		}
-		rep.Forced = refusals
-		ch.Reason = strings.TrimSpace(ch.Reason + " [forced past: " + strings.Join(refusals, "; ") + "]")
+	defer doneSequences()
+	doneFeed, err := f.prepareFeed(ctx)
+	if err != nil {
+		return cur, *rep, err
 	}
-
-	var syncSequences func(context.Context) (SequenceSync, error)
-	if o.PrepareSequences != nil {
-		sync, done, err := o.PrepareSequences(ctx, ch.Next.Primary)
-		if err != nil {
-			return cur, *rep, fmt.Errorf("preparing to sync sequences to %s: %w; nothing changed", ch.Next.Primary, err)
-		}
-		defer done()
-		syncSequences = sync
-	}
-	var feedPosition func(context.Context) (string, error)
-	if o.Feed != nil {
-		if err := EnsureFeedSchema(ctx, conn); err != nil {
-			return cur, *rep, fmt.Errorf("creating tandem.feed: %w; nothing changed", err)
-		}
-		if o.Feed.Prepare == nil {
-			return cur, *rep, errors.New("the change feed is enabled but the flip cannot prepare it (no FeedWait.Prepare); nothing changed")
-		}
-		pos, done, err := o.Feed.Prepare(ctx, cur.Primary, ch.Next.Primary)
-		if err != nil {
-			return cur, *rep, fmt.Errorf("preparing the change feed's publication and slot on the %s store: %w; nothing changed", ch.Next.Primary, err)
-		}
-		defer done()
-		feedPosition = pos
-	}
-	// forced records a failure Force goes past, in the report and the history.
-	forced := func(msg string) {
-		rep.Forced = append(rep.Forced, msg)
-		ch.Reason = strings.TrimSpace(ch.Reason + " [forced past: " + msg + "]")
-	}
+	defer doneFeed()
 
 	// 2. Raise the fence.
-	start := time.Now()
-	token, expires, err := raiseFence(ctx, conn, cur.Version, o.FenceLease)
-	if err != nil {
+	if err := f.raise(ctx); err != nil {
 		return cur, *rep, err
 	}
-	rep.FenceToken = token
-	released := false
-	release := func() error {
-		if released {
-			return nil
-		}
-		released = true
-		err := releaseFence(ctx, conn, token)
-		rep.Fence = time.Since(start)
-		rep.FenceMS = float64(rep.Fence.Microseconds()) / 1000
-		rep.FenceHeld = rep.Fence.Round(time.Microsecond).String()
-		if err != nil {
-			return fmt.Errorf("releasing write fence %d (it expires by itself at %s): %w", token, expires.Format(time.RFC3339), err)
-		}
-		return nil
-	}
-	fail := func(err error) (State, Report, error) {
-		return cur, *rep, errors.Join(err, release())
-	}
-	defer func() { _ = release() }() // a panic in a callback
+	defer func() { _ = f.release(ctx) }() // a panic in a callback
 
 	// 3. Wait for every live replica to drain.
-	ok, pending, err := waitReplicas(ctx, conn, o.Live, o.FenceTimeout, func(r Replica) bool { return r.FenceAcked == token })
-	rep.Drained = ids(ok)
-	if err != nil {
-		return fail(fmt.Errorf("waiting for the write fence to drain: %w", err))
-	}
-	if len(pending) > 0 {
-		// Some may be cut off, not slow: wait for their self-fence (selffence.go).
-		silent, still, err := o.waitSilent(ctx, conn, pending, token, expires.Add(-5*time.Second))
-		if err != nil {
-			return fail(fmt.Errorf("waiting for silent replicas to fence themselves: %w", err))
-		}
-		if len(still) > 0 {
-			return fail(&FenceError{Timeout: o.FenceTimeout, Pending: still})
-		}
-		rep.SelfFenced = ids(silent)
+	if err := f.drain(ctx); err != nil {
+		return f.fail(ctx, err)
 	}
 
 	// 3b. Writes are fenced and drained: wait until the change feed has
 	// checked everything the current primary committed before the fence.
-	if feedPosition != nil {
-		fctx, cancel := context.WithDeadline(ctx, expires.Add(-2*time.Second))
-		frep, why, err := o.feedWait(fctx, conn, cur.Primary, feedPosition)
-		cancel()
-		rep.Feed = &frep
-		if err != nil {
-			return fail(err)
-		}
-		if why != "" {
-			if !ch.Force {
-				return fail(&FeedError{Report: frep, Timeout: o.Feed.Timeout, Rollback: rollback, Why: why})
-			}
-			rep.Feed.Forced = true
-			forced(why)
-			o.Logger.Warn("write flip forced past the change feed", "reason", why)
-		}
+	if err := f.waitFeed(ctx); err != nil {
+		return f.fail(ctx, err)
 	}
 
 	// 4. Make the store becoming primary ready: the caller's sync repairs
 	// what it missed and brings its sequences up. A failure is a gate:
 	// --force goes past it (and the history says so).
-	if syncSequences != nil {
-		sctx, cancel := context.WithDeadline(ctx, expires.Add(-2*time.Second))
-		seq, err := syncSequences(sctx)
-		cancel()
-		if err != nil && !ch.Force {
-			return fail(&IllegalError{Gate: true, Reason: fmt.Sprintf("preparing the %s store to become primary failed: %v; nothing changed (--force overrides)", ch.Next.Primary, err)})
-		}
-		if err != nil {
-			forced(fmt.Sprintf("preparing the %s store: %v", ch.Next.Primary, err))
-			o.Logger.Warn("write flip forced past a failed preparation of the new primary", "error", err)
-		}
-		rep.Sequences = &seq
-		if len(seq.Missing) > 0 {
-			o.Logger.Warn("sequences missing on the new primary were not synced", "store", ch.Next.Primary, "sequences", seq.Missing)
-		}
+	if err := f.syncStore(ctx); err != nil {
+		return f.fail(ctx, err)
 	}
 
 	// 4b. With the feed: what it found the store becoming primary misses
 	// must have been repaired by step 4, since no repairer runs under the
 	// fence.
-	if rep.Feed != nil {
-		n, err := openDriftStaleOn(ctx, conn, ch.Next.Primary)
-		if err != nil {
-			return fail(fmt.Errorf("reading the drift ledger: %w", err))
-		}
-		rep.Feed.Drift = n
-		if n > 0 {
-			why := fmt.Sprintf("%d drift entries stale on the %s store are still open after the repair under the fence", n, ch.Next.Primary)
-			if !ch.Force {
-				return fail(&FeedError{Report: *rep.Feed, Timeout: o.Feed.Timeout, Rollback: rollback, Why: why})
-			}
-			rep.Feed.Forced = true
-			forced(why)
-			o.Logger.Warn("write flip forced past open drift after the change feed's wait", "entries", n, "stale", ch.Next.Primary)
-		}
+	if err := f.checkStaleDrift(ctx); err != nil {
+		return f.fail(ctx, err)
 	}
 
 	// 5. Bump the version and wait for the replicas to acknowledge it.
-	st, err := apply(ctx, conn, ch, guard{version: cur.Version, fence: token})
+	st, err := apply(ctx, conn, f.ch, guard{version: cur.Version, fence: f.token})
 	if err != nil {
-		return fail(err)
+		return f.fail(ctx, err)
 	}
 	rep.ToVersion = st.Version
 	waitErr := o.waitVersion(ctx, conn, st.Version, rep)
 
 	// 6. Release the fence.
-	if err := release(); err != nil {
+	return f.finish(ctx, st, waitErr)
+}
+
+// flipRun is one write flip in progress: what its steps share.
+type flipRun struct {
+	o        Options
+	conn     *pgx.Conn
+	cur      State
+	ch       Change // its Reason grows with what Force goes past
+	rollback bool
+	rep      *Report
+
+	syncSequences func(context.Context) (SequenceSync, error) // step 4, from Options.PrepareSequences
+	feedPosition  func(context.Context) (string, error)       // step 3b, from Options.Feed.Prepare
+
+	// The fence (step 2): when it was raised, its token, when its lease
+	// ends, and whether it has been released.
+	start    time.Time
+	token    int64
+	expires  time.Time
+	released bool
+}
+
+// checkGates is step 1: the gates' refusals refuse the flip, unless
+// Change.Force goes past them (recorded in the report and the history).
+func (f *flipRun) checkGates(ctx context.Context) error {
+	refusals, err := f.o.gates(ctx, f.conn, f.cur, f.ch.Next, f.rollback)
+	if err != nil {
+		return err
+	}
+	if len(refusals) > 0 {
+		if !f.ch.Force {
+			return &IllegalError{Gate: true, Reason: strings.Join(refusals, "; ") + " (--force overrides)"}
+		}
+		f.rep.Forced = refusals
+		f.ch.Reason = strings.TrimSpace(f.ch.Reason + " [forced past: " + strings.Join(refusals, "; ") + "]")
+	}
+	return nil
+}
+
+// prepareSequences gets ready for step 4 with Options.PrepareSequences;
+// done is to be called when the flip ends.
+func (f *flipRun) prepareSequences(ctx context.Context) (done func(), err error) {
+	if f.o.PrepareSequences == nil {
+		return func() {}, nil
+	}
+	sync, done, err := f.o.PrepareSequences(ctx, f.ch.Next.Primary)
+	if err != nil {
+		return nil, fmt.Errorf("preparing to sync sequences to %s: %w; nothing changed", f.ch.Next.Primary, err)
+	}
+	f.syncSequences = sync
+	return done, nil
+}
+
+// prepareFeed, with Options.Feed, creates tandem.feed and has the feed's
+// publication and slot made for step 3b; done is to be called when the
+// flip ends.
+func (f *flipRun) prepareFeed(ctx context.Context) (done func(), err error) {
+	if f.o.Feed == nil {
+		return func() {}, nil
+	}
+	if err := EnsureFeedSchema(ctx, f.conn); err != nil {
+		return nil, fmt.Errorf("creating tandem.feed: %w; nothing changed", err)
+	}
+	if f.o.Feed.Prepare == nil {
+		return nil, errors.New("the change feed is enabled but the flip cannot prepare it (no FeedWait.Prepare); nothing changed")
+	}
+	pos, done, err := f.o.Feed.Prepare(ctx, f.cur.Primary, f.ch.Next.Primary)
+	if err != nil {
+		return nil, fmt.Errorf("preparing the change feed's publication and slot on the %s store: %w; nothing changed", f.ch.Next.Primary, err)
+	}
+	f.feedPosition = pos
+	return done, nil
+}
+
+// forced records a failure Force goes past, in the report and the history.
+func (f *flipRun) forced(msg string) {
+	f.rep.Forced = append(f.rep.Forced, msg)
+	f.ch.Reason = strings.TrimSpace(f.ch.Reason + " [forced past: " + msg + "]")
+}
+
+// raise is step 2: it raises the write fence (and NOTIFYs).
+func (f *flipRun) raise(ctx context.Context) error {
+	f.start = time.Now()
+	token, expires, err := raiseFence(ctx, f.conn, f.cur.Version, f.o.FenceLease)
+	if err != nil {
+		return err
+	}
+	f.token, f.expires = token, expires
+	f.rep.FenceToken = token
+	return nil
+}
+
+// release releases the fence once, however often it is called, and
+// records how long it was held.
+func (f *flipRun) release(ctx context.Context) error {
+	if f.released {
+		return nil
+	}
+	f.released = true
+	err := releaseFence(ctx, f.conn, f.token)
+	f.rep.Fence = time.Since(f.start)
+	f.rep.FenceMS = float64(f.rep.Fence.Microseconds()) / 1000
+	f.rep.FenceHeld = f.rep.Fence.Round(time.Microsecond).String()
+	if err != nil {
+		return fmt.Errorf("releasing write fence %d (it expires by itself at %s): %w", f.token, f.expires.Format(time.RFC3339), err)
+	}
+	return nil
+}
+
+// fail ends a flip that failed with the fence up: the fence is released
+// and nothing changed.
+func (f *flipRun) fail(ctx context.Context, err error) (State, Report, error) {
+	return f.cur, *f.rep, errors.Join(err, f.release(ctx))
+}
+
+// drain is step 3: it waits for every live replica to drain the fence.
+func (f *flipRun) drain(ctx context.Context) error {
+	o, rep := f.o, f.rep
+	ok, pending, err := waitReplicas(ctx, f.conn, o.Live, o.FenceTimeout, func(r Replica) bool { return r.FenceAcked == f.token })
+	rep.Drained = ids(ok)
+	if err != nil {
+		return fmt.Errorf("waiting for the write fence to drain: %w", err)
+	}
+	if len(pending) > 0 {
+		// Some may be cut off, not slow: wait for their self-fence (selffence.go).
+		silent, still, err := o.waitSilent(ctx, f.conn, pending, f.token, f.expires.Add(-5*time.Second))
+		if err != nil {
+			return fmt.Errorf("waiting for silent replicas to fence themselves: %w", err)
+		}
+		if len(still) > 0 {
+			return &FenceError{Timeout: o.FenceTimeout, Pending: still}
+		}
+		rep.SelfFenced = ids(silent)
+	}
+	return nil
+}
+
+// waitFeed is step 3b, with the feed: it waits for the feed to have
+// checked the current primary's WAL up to its position under the fence.
+func (f *flipRun) waitFeed(ctx context.Context) error {
+	if f.feedPosition == nil {
+		return nil
+	}
+	o, rep := f.o, f.rep
+	fctx, cancel := context.WithDeadline(ctx, f.expires.Add(-2*time.Second))
+	frep, why, err := o.feedWait(fctx, f.conn, f.cur.Primary, f.feedPosition)
+	cancel()
+	rep.Feed = &frep
+	if err != nil {
+		return err
+	}
+	if why != "" {
+		if !f.ch.Force {
+			return &FeedError{Report: frep, Timeout: o.Feed.Timeout, Rollback: f.rollback, Why: why}
+		}
+		rep.Feed.Forced = true
+		f.forced(why)
+		o.Logger.Warn("write flip forced past the change feed", "reason", why)
+	}
+	return nil
+}
+
+// syncStore is step 4: the caller's sync (Options.PrepareSequences) makes
+// the store becoming primary ready.
+func (f *flipRun) syncStore(ctx context.Context) error {
+	if f.syncSequences == nil {
+		return nil
+	}
+	o, rep, to := f.o, f.rep, f.ch.Next.Primary
+	sctx, cancel := context.WithDeadline(ctx, f.expires.Add(-2*time.Second))
+	seq, err := f.syncSequences(sctx)
+	cancel()
+	if err != nil && !f.ch.Force {
+		return &IllegalError{Gate: true, Reason: fmt.Sprintf("preparing the %s store to become primary failed: %v; nothing changed (--force overrides)", to, err)}
+	}
+	if err != nil {
+		f.forced(fmt.Sprintf("preparing the %s store: %v", to, err))
+		o.Logger.Warn("write flip forced past a failed preparation of the new primary", "error", err)
+	}
+	rep.Sequences = &seq
+	if len(seq.Missing) > 0 {
+		o.Logger.Warn("sequences missing on the new primary were not synced", "store", to, "sequences", seq.Missing)
+	}
+	return nil
+}
+
+// checkStaleDrift is step 4b, with the feed: no drift stale on the store
+// becoming primary may be left open.
+func (f *flipRun) checkStaleDrift(ctx context.Context) error {
+	rep, to := f.rep, f.ch.Next.Primary
+	if rep.Feed == nil {
+		return nil
+	}
+	n, err := openDriftStaleOn(ctx, f.conn, to)
+	if err != nil {
+		return fmt.Errorf("reading the drift ledger: %w", err)
+	}
+	rep.Feed.Drift = n
+	if n > 0 {
+		why := fmt.Sprintf("%d drift entries stale on the %s store are still open after the repair under the fence", n, to)
+		if !f.ch.Force {
+			return &FeedError{Report: *rep.Feed, Timeout: f.o.Feed.Timeout, Rollback: f.rollback, Why: why}
+		}
+		rep.Feed.Forced = true
+		f.forced(why)
+		f.o.Logger.Warn("write flip forced past open drift after the change feed's wait", "entries", n, "stale", to)
+	}
+	return nil
+}
+
+// finish is step 6: it releases the fence and records how long it was
+// held in the history. waitErr is step 5's wait for acknowledgements.
+func (f *flipRun) finish(ctx context.Context, st State, waitErr error) (State, Report, error) {
+	rep := f.rep
+	if err := f.release(ctx); err != nil {
 		return st, *rep, errors.Join(waitErr, err)
 	}
 	st.Fence = 0
-	o.Logger.Info("write flip done", "from", cur.Settings.String(), "to", st.Settings.String(), "version", st.Version,
+	f.o.Logger.Info("write flip done", "from", f.cur.Settings.String(), "to", st.Settings.String(), "version", st.Version,
 		"fence", rep.Fence, "acked", rep.Acked, "not_acked", rep.NotAcked)
 	hctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
-	if _, err := conn.Exec(hctx, "UPDATE tandem.state_history SET fence_ms = $1 WHERE version = $2", rep.FenceMS, st.Version); err != nil {
+	if _, err := f.conn.Exec(hctx, "UPDATE tandem.state_history SET fence_ms = $1 WHERE version = $2", rep.FenceMS, st.Version); err != nil {
 		waitErr = errors.Join(waitErr, fmt.Errorf("recording the fence time in the history: %w", err))
 	}
 	return st, *rep, waitErr
@@ -509,17 +629,30 @@ func waitReplicas(ctx context.Context, conn *pgx.Conn, live, timeout time.Durati
 		if len(pending) == 0 || !time.Now().Before(deadline) {
 			return ok, pending, nil
 		}
-		next := time.Now().Add(200 * time.Millisecond)
-		if deadline.Before(next) {
-			next = deadline
-		}
-		wctx, cancel := context.WithDeadline(ctx, next)
-		_, err = conn.WaitForNotification(wctx)
-		cancel()
-		if err != nil && (ctx.Err() != nil || wctx.Err() == nil) {
+		if err := awaitNotification(ctx, conn, deadline); err != nil {
 			return ok, pending, err
 		}
 	}
+}
+
+// awaitNotification waits for the next notification on conn (the caller
+// LISTENs), for at most 200ms and not past deadline, so that the caller
+// re-reads at least that often. The wait's own timeout is not an error.
+func awaitNotification(ctx context.Context, conn *pgx.Conn, deadline time.Time) error {
+	next := time.Now().Add(200 * time.Millisecond)
+	if deadline.Before(next) {
+		next = deadline
+	}
+	wctx, cancel := context.WithDeadline(ctx, next)
+	_, err := conn.WaitForNotification(wctx)
+	// Read before cancel, after which wctx.Err is always set: the wait
+	// ran out on its own deadline, the caller's context still live.
+	timedOut := wctx.Err() != nil && ctx.Err() == nil
+	cancel()
+	if err != nil && !timedOut {
+		return err
+	}
+	return nil
 }
 
 func ids(rs []Replica) []string {

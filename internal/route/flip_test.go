@@ -12,23 +12,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 )
-
-// succeedsSoon retries f until it returns nil or 10s pass.
-func succeedsSoon(t *testing.T, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatal(err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
 
 // fakeReplica is a Follower with a fake proxy behind it: it records the
 // states applied and lets the test control Drain and the breaker.
@@ -101,13 +86,9 @@ func driftGate(calls *atomic.Int32) Gate {
 // the fence is raised, drained, and released around the version bump, and
 // a rollback skips the drift gate.
 func TestWriteFlip(t *testing.T) {
-	c := pgtest.New(t)
+	c, conn := newControlStore(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	conn := connect(t, c)
-	if err := EnsureSchema(ctx, conn); err != nil {
-		t.Fatal(err)
-	}
 	a, b := runReplica(t, ctx, c, "replica-a"), runReplica(t, ctx, c, "replica-b")
 	waitAck(t, conn, "replica-a", 1)
 	waitAck(t, conn, "replica-b", 1)
@@ -161,7 +142,7 @@ func TestWriteFlip(t *testing.T) {
 	a.breaker.Store("open")
 	breakerIs := func(state string) {
 		t.Helper()
-		succeedsSoon(t, func() error {
+		harness.SucceedsSoon(t, 10*time.Second, func() error {
 			reps, err := Replicas(ctx, conn, time.Second)
 			if err != nil || len(reps) != 2 || reps[0].Breaker != state {
 				return fmt.Errorf("breaker %s not reported: %+v %v", state, reps, err)
@@ -209,7 +190,7 @@ func TestWriteFlip(t *testing.T) {
 	// Each replica saw: the fence raised on version 2, drained it under the
 	// fence, then version 3 under the fence, then the fence released.
 	for _, r := range []*fakeReplica{a, b} {
-		succeedsSoon(t, func() error {
+		harness.SucceedsSoon(t, 10*time.Second, func() error {
 			if l := r.last(); l.Version != 3 || l.Fence != 0 {
 				return fmt.Errorf("%s last applied %+v", r.id, l)
 			}
@@ -253,7 +234,7 @@ func TestWriteFlip(t *testing.T) {
 	if strings.Join(rep.Drained, ",") != "replica-a" || rep.Fence <= 0 {
 		t.Fatalf("failed flip report: %+v", rep)
 	}
-	succeedsSoon(t, func() error { // both replicas saw the fence released
+	harness.SucceedsSoon(t, 10*time.Second, func() error { // both replicas saw the fence released
 		for _, r := range []*fakeReplica{a, b} {
 			if l := r.last(); l.Fence != 0 || l.Version != 3 {
 				return fmt.Errorf("%s last applied %+v", r.id, l)

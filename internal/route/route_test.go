@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 )
 
 func TestCheck(t *testing.T) {
@@ -77,14 +78,21 @@ func TestCheckTransition(t *testing.T) {
 	}
 }
 
-func connect(t *testing.T, c *pgtest.Cluster) *pgx.Conn {
+// newControlStore starts a cluster of the test's own with the control
+// schema, and returns it and a connection to it.
+func newControlStore(t *testing.T) (*pgtest.Cluster, *pgx.Conn) {
 	t.Helper()
-	conn, err := pgx.Connect(context.Background(), c.DSN("postgres"))
-	if err != nil {
+	c := pgtest.New(t)
+	conn := connect(t, c)
+	if err := EnsureSchema(t.Context(), conn); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
+	return c, conn
+}
+
+func connect(t *testing.T, c *pgtest.Cluster) *pgx.Conn {
+	t.Helper()
+	return harness.Connect(t, c, "postgres")
 }
 
 // TestControlSchema applies changes against a real store: versions advance
@@ -180,13 +188,9 @@ func TestControlSchema(t *testing.T) {
 // interval, falls back to polling when a change is made without NOTIFY, and
 // acknowledges each version it applied.
 func TestFollower(t *testing.T) {
-	c := pgtest.New(t)
+	c, conn := newControlStore(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	conn := connect(t, c)
-	if err := EnsureSchema(ctx, conn); err != nil {
-		t.Fatal(err)
-	}
 	seen := make(chan State, 10)
 	run := func(poll time.Duration, replica string) chan error {
 		f := &Follower{DSN: c.DSN("postgres"), Replica: replica, Poll: poll, Apply: func(s State) { seen <- s }}

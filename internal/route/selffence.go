@@ -54,14 +54,7 @@ func (o Options) waitSilent(ctx context.Context, conn *pgx.Conn, pending []Repli
 		if !waiting || !time.Now().Before(deadline) {
 			return silent, still, nil
 		}
-		next := time.Now().Add(200 * time.Millisecond)
-		if deadline.Before(next) {
-			next = deadline
-		}
-		wctx, cancel := context.WithDeadline(ctx, next)
-		_, err = conn.WaitForNotification(wctx)
-		cancel()
-		if err != nil && (ctx.Err() != nil || wctx.Err() == nil) {
+		if err := awaitNotification(ctx, conn, deadline); err != nil {
 			return silent, still, err
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 )
 
 func TestDriftLedger(t *testing.T) {
@@ -323,7 +324,7 @@ func TestRepairStoreDown(t *testing.T) {
 	if _, err := killer.Exec(ctx, "SELECT pg_terminate_backend($1)", int(secondary.PgConn().PID())); err != nil {
 		t.Fatal(err)
 	}
-	succeedsSoon(t, func() error {
+	harness.SucceedsSoon(t, 10*time.Second, func() error {
 		var alive bool
 		if err := killer.QueryRow(ctx, "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)", int(secondary.PgConn().PID())).Scan(&alive); err != nil || alive {
 			return fmt.Errorf("backend still alive (%v)", err)

@@ -38,23 +38,12 @@ type stores struct {
 // newStores creates a fresh database with the same name on both clusters.
 func newStores(t *testing.T) *stores {
 	t.Helper()
-	name := harness.DBName(t)
-	for _, c := range []*pgtest.Cluster{oldStore, newStore} {
-		if err := c.CreateDatabase(t.Context(), name); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return &stores{t: t, db: name}
+	return &stores{t: t, db: harness.NewDBs(t, "", oldStore, newStore)}
 }
 
 func (s *stores) connect(c *pgtest.Cluster) *pgx.Conn {
 	s.t.Helper()
-	conn, err := pgx.Connect(context.Background(), c.DSN(s.db))
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	s.t.Cleanup(func() { conn.Close(context.Background()) })
-	return conn
+	return harness.Connect(s.t, c, s.db)
 }
 
 func (s *stores) primary() *pgx.Conn   { return s.connect(oldStore) }
@@ -109,29 +98,11 @@ func sameTable(t *testing.T, primary, secondary Querier, n Name, orderBy string)
 	return np
 }
 
-// succeedsSoon retries f until it returns nil, failing the test after 10s.
-func succeedsSoon(t *testing.T, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("condition not met within 10s: %v", err)
-		}
-		<-tick.C
-	}
-}
-
 // waitBlocked waits until the backend with pid waits for a lock that the
 // backend blocker holds.
 func waitBlocked(t *testing.T, q Querier, pid, blocker uint32) {
 	t.Helper()
-	succeedsSoon(t, func() error {
+	harness.SucceedsSoon(t, 10*time.Second, func() error {
 		var blocked bool
 		if err := q.QueryRow(context.Background(), "SELECT $2::int = ANY(pg_blocking_pids($1))", int(pid), int(blocker)).Scan(&blocked); err != nil {
 			return err

@@ -79,22 +79,43 @@ func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
 	m := &Mapping{Old: old, New: new, decl: decl}
 	m.fwd = direction{from: old, to: new, exprRefs: map[string]bool{}}
 	m.rev = direction{from: new, to: old, exprRefs: map[string]bool{}}
-	fail := func(side, col, format string, args ...any) error {
-		return &MappingError{Table: old.Name, Side: side, Column: col, Msg: fmt.Sprintf(format, args...)}
-	}
-
-	// Every declared column exists on its side.
-	check := func(side string, meta *Meta, cols []string, what string) error {
-		for _, c := range cols {
-			if _, ok := meta.Column(c); !ok {
-				return fail(side, c, "%s names a column that %s does not have%s", what, meta.Name, suggest(c, meta))
-			}
-		}
-		return nil
-	}
 	renameTo := make(map[string]string, len(decl.Rename)) // new -> old
 	for o, n := range decl.Rename {
 		renameTo[n] = o
+	}
+	if err := m.checkDeclared(renameTo); err != nil {
+		return nil, err
+	}
+	if err := m.forward(renameTo); err != nil {
+		return nil, err
+	}
+	if err := m.reverse(); err != nil {
+		return nil, err
+	}
+	m.identity = decl.To == "" && len(decl.Rename) == 0 && len(decl.Drop) == 0 && len(decl.Compute) == 0 &&
+		len(decl.Reverse) == 0
+	return m, nil
+}
+
+// fail is a *MappingError about the mapping's old table.
+func (m *Mapping) fail(side, col, format string, args ...any) error {
+	return &MappingError{Table: m.Old.Name, Side: side, Column: col, Msg: fmt.Sprintf(format, args...)}
+}
+
+// dropped reports whether the declaration drops the old column c.
+func (m *Mapping) dropped(c string) bool { return slices.Contains(m.decl.Drop, c) }
+
+// checkDeclared checks that every column the declaration names exists on
+// its side; renameTo is the declaration's renames, new -> old.
+func (m *Mapping) checkDeclared(renameTo map[string]string) error {
+	decl, old, new := m.decl, m.Old, m.New
+	check := func(side string, meta *Meta, cols []string, what string) error {
+		for _, c := range cols {
+			if _, ok := meta.Column(c); !ok {
+				return m.fail(side, c, "%s names a column that %s does not have%s", what, meta.Name, suggest(c, meta))
+			}
+		}
+		return nil
 	}
 	for _, c := range []struct {
 		side string
@@ -109,26 +130,31 @@ func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
 		{"old", old, slices.Sorted(maps.Keys(decl.Reverse)), "reverse"},
 	} {
 		if err := check(c.side, c.meta, c.cols, c.what); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	dropped := func(c string) bool { return slices.Contains(decl.Drop, c) }
+	return nil
+}
 
+// forward builds the forward direction (old -> new); renameTo is the
+// declaration's renames, new -> old.
+func (m *Mapping) forward(renameTo map[string]string) error {
+	decl, old, new := m.decl, m.Old, m.New
 	// Forward: each new column from a computed expression, a renamed old
 	// column, or the old column of the same name.
 	consumed := map[string]bool{}
 	for j, c := range new.Columns {
 		if expr, ok := decl.Compute[c.Name]; ok {
 			if c.Generated {
-				return nil, fail("new", c.Name, "is a generated column and cannot be computed by the mapping")
+				return m.fail("new", c.Name, "is a generated column and cannot be computed by the mapping")
 			}
 			refs, err := exprColumns(expr)
 			if err != nil {
-				return nil, fail("new", c.Name, "compute: %v", err)
+				return m.fail("new", c.Name, "compute: %v", err)
 			}
 			for _, r := range refs {
 				if _, ok := old.Column(r); !ok {
-					return nil, fail("old", r, "is read by the expression computing %q but %s has no such column%s", c.Name, old.Name, suggest(r, old))
+					return m.fail("old", r, "is read by the expression computing %q but %s has no such column%s", c.Name, old.Name, suggest(r, old))
 				}
 				m.fwd.exprRefs[r] = true
 				consumed[r] = true
@@ -138,7 +164,7 @@ func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
 		}
 		src, ok := renameTo[c.Name]
 		if !ok {
-			if _, has := old.Column(c.Name); has && decl.Rename[c.Name] == "" && !dropped(c.Name) {
+			if _, has := old.Column(c.Name); has && decl.Rename[c.Name] == "" && !m.dropped(c.Name) {
 				src = c.Name
 			}
 		}
@@ -147,7 +173,7 @@ func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
 		}
 		if c.Generated {
 			if ok {
-				return nil, fail("new", c.Name, "is a generated column and cannot receive the renamed old column %q", src)
+				return m.fail("new", c.Name, "is a generated column and cannot receive the renamed old column %q", src)
 			}
 			consumed[src] = true // the new store computes it
 			continue
@@ -156,16 +182,22 @@ func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
 		consumed[src] = true
 	}
 	for _, c := range old.Columns {
-		if !c.Generated && !consumed[c.Name] && !dropped(c.Name) {
-			return nil, fail("old", c.Name, "has no place in %s: rename it, drop it, or compute a new column from it%s", new.Name, suggest(c.Name, new))
+		if !c.Generated && !consumed[c.Name] && !m.dropped(c.Name) {
+			return m.fail("old", c.Name, "has no place in %s: rename it, drop it, or compute a new column from it%s", new.Name, suggest(c.Name, new))
 		}
 	}
 	for _, k := range new.KeyNames() {
 		if m.fwd.target(k) == nil {
-			return nil, fail("new", k, "is in the primary key of %s but is not derived from %s: rename an old column to it or compute it", new.Name, old.Name)
+			return m.fail("new", k, "is in the primary key of %s but is not derived from %s: rename an old column to it or compute it", new.Name, old.Name)
 		}
 	}
+	return nil
+}
 
+// reverse builds the reverse direction (new -> old), listing the old
+// columns without a way back in reverseMissing.
+func (m *Mapping) reverse() error {
+	decl, old, new := m.decl, m.Old, m.New
 	// Reverse: each old column from a reverse expression, the new column it
 	// was renamed to, or the same-named new column it passes through to.
 	for i, c := range old.Columns {
@@ -175,11 +207,11 @@ func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
 		if expr, ok := decl.Reverse[c.Name]; ok {
 			refs, err := exprColumns(expr)
 			if err != nil {
-				return nil, fail("old", c.Name, "reverse: %v", err)
+				return m.fail("old", c.Name, "reverse: %v", err)
 			}
 			for _, r := range refs {
 				if _, ok := new.Column(r); !ok {
-					return nil, fail("new", r, "is read by the reverse expression of %q but %s has no such column%s", c.Name, new.Name, suggest(r, new))
+					return m.fail("new", r, "is read by the reverse expression of %q but %s has no such column%s", c.Name, new.Name, suggest(r, new))
 				}
 				m.rev.exprRefs[r] = true
 			}
@@ -190,13 +222,11 @@ func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
 			m.rev.targets = append(m.rev.targets, target{col: i, src: new.Columns[t.col].Name})
 			continue
 		}
-		if !dropped(c.Name) || slices.Contains(old.Key, i) {
+		if !m.dropped(c.Name) || slices.Contains(old.Key, i) {
 			m.reverseMissing = append(m.reverseMissing, c.Name)
 		}
 	}
-	m.identity = decl.To == "" && len(decl.Rename) == 0 && len(decl.Drop) == 0 && len(decl.Compute) == 0 &&
-		len(decl.Reverse) == 0
-	return m, nil
+	return nil
 }
 
 // suggest returns ` (did you mean "x"?)` naming the column of meta nearest

@@ -239,116 +239,170 @@ func (m *Mapping) check(ctx context.Context, old, new Querier) ([]Problem, error
 	add := func(side, col, msg string, flipOnly bool) {
 		probs = append(probs, Problem{Table: m.Old.Name, Side: side, Column: col, Message: msg, FlipOnly: flipOnly})
 	}
-	for _, dir := range []struct {
-		d        *direction
-		on       Querier
-		fromSide string
-		toSide   string
-		flipOnly bool
-	}{{&m.fwd, new, "old", "new", false}, {&m.rev, old, "new", "old", true}} {
-		d := dir.d
-		if len(d.targets) == 0 {
+	for _, dir := range []checkDir{{&m.fwd, new, "old", "new", false}, {&m.rev, old, "new", "old", true}} {
+		if len(dir.d.targets) == 0 {
 			continue
 		}
-		// The source row as typed NULLs: SELECT NULL::t1 AS "c1", ...
-		var cols, sel []string
-		for _, c := range d.from.Columns {
-			cols = append(cols, c.Name)
-		}
-		bad := map[string]bool{}
-		for _, c := range cols {
-			typ := d.srcType(c)
-			if msg, err := prepareCheck(ctx, dir.on, "SELECT NULL::"+typ); err != nil {
-				return nil, err
-			} else if msg != "" {
-				if d.exprRefs[c] || d.passFrom(c) != nil {
-					add(dir.fromSide, c, fmt.Sprintf("its type %s does not exist on the %s store: %s", typ, dir.toSide, msg), dir.flipOnly)
-				}
-				bad[c] = true
-			}
-		}
-		for _, c := range cols {
-			typ := d.srcType(c)
-			if bad[c] {
-				typ = "text"
-			}
-			sel = append(sel, "NULL::"+typ+" AS "+quoteIdent(c))
-		}
-		from := "(SELECT " + strings.Join(sel, ", ") + ") AS src"
-		// A pass-through column reads its text as the destination type, so
-		// the statement always compiles; check the types themselves: the
-		// source type must be assignable to the destination's (when the
-		// destination store knows the source type at all; when it does not,
-		// only the text form travels). A string source is not checked.
-		for _, t := range d.targets {
-			if t.src == "" {
-				continue
-			}
-			fc := d.from.Columns[must(d.from.Column(t.src))]
-			c := d.to.Columns[t.col]
-			if fc.Type == c.Type || slices.Contains([]string{"text", "character varying", "character", "name"}, fc.ParamType) {
-				continue // a string's text may be any type's input: checked row by row, by the server
-			}
-			if msg, err := prepareCheck(ctx, dir.on, "SELECT NULL::"+fc.Type); err != nil {
-				return nil, err
-			} else if msg != "" {
-				continue
-			}
-			sql := "INSERT INTO " + d.to.Name.Quoted() + " (" + quoteIdent(c.Name) + ")"
-			if c.Identity == 'a' {
-				sql += " OVERRIDING SYSTEM VALUE" // as the forward statement writes it
-			}
-			sql += " SELECT NULL::" + fc.Type
-			msg, err := prepareCheck(ctx, dir.on, sql)
-			if err != nil {
-				return nil, err
-			}
-			if msg != "" {
-				add(dir.toSide, c.Name, fmt.Sprintf("cannot take %s column %q (%s) as %s: %s", dir.fromSide, t.src, fc.Type, c.Type, msg), dir.flipOnly)
-			}
-		}
-		whole, err := d.upsert(from, cols, d.to.HasKey())
-		if err != nil {
-			add(dir.toSide, "", err.Error(), dir.flipOnly)
-			continue
-		}
-		msg, err := prepareCheck(ctx, dir.on, whole)
-		if err != nil {
+		if err := dir.check(ctx, add); err != nil {
 			return nil, err
-		}
-		if msg == "" {
-			continue
-		}
-		found := false
-		for _, t := range d.targets {
-			c := d.to.Columns[t.col]
-			one := &direction{from: d.from, to: d.to, targets: []target{t}, exprRefs: d.exprRefs}
-			sql, err := one.upsert(from, cols, false)
-			if err != nil {
-				continue
-			}
-			cmsg, err := prepareCheck(ctx, dir.on, sql)
-			if err != nil {
-				return nil, err
-			}
-			if cmsg == "" {
-				continue
-			}
-			found = true
-			if t.src != "" {
-				fc := d.from.Columns[must(d.from.Column(t.src))]
-				add(dir.toSide, c.Name, fmt.Sprintf("cannot take %s column %q (%s) as %s: %s", dir.fromSide, t.src, fc.Type, c.Type, cmsg), dir.flipOnly)
-			} else {
-				add(dir.toSide, c.Name, fmt.Sprintf("expression %q does not compile on the %s store: %s", t.expr, dir.toSide, cmsg), dir.flipOnly)
-			}
-		}
-		if !found {
-			add(dir.toSide, "", fmt.Sprintf("the %s statement does not compile on the %s store: %s", map[bool]string{false: "forward", true: "reverse"}[dir.flipOnly], dir.toSide, msg), dir.flipOnly)
 		}
 	}
 	if len(probs) > 0 {
 		return probs, nil
 	}
+	if err := m.checkHashes(ctx, old, new, add); err != nil {
+		return nil, err
+	}
+	return probs, nil
+}
+
+// addProblem records a problem check found: on side, about column col
+// ("" for the table), needed only after the write flip when flipOnly.
+type addProblem func(side, col, msg string, flipOnly bool)
+
+// checkDir is one direction of a mapping as check compiles it: d's
+// statements run on on, from the fromSide store's rows into the toSide
+// store's; flipOnly for the reverse, which only the write flip needs.
+type checkDir struct {
+	d        *direction
+	on       Querier
+	fromSide string
+	toSide   string
+	flipOnly bool
+}
+
+// check compiles one direction: the source row's types, the pass-through
+// columns' types, then the statement.
+func (dir checkDir) check(ctx context.Context, add addProblem) error {
+	from, cols, err := dir.sourceRow(ctx, add)
+	if err != nil {
+		return err
+	}
+	if err := dir.checkTypes(ctx, add); err != nil {
+		return err
+	}
+	return dir.checkStatement(ctx, from, cols, add)
+}
+
+// sourceRow is the source row as a subquery (from) over its columns
+// (cols); a column whose type the destination store lacks is text in it.
+func (dir checkDir) sourceRow(ctx context.Context, add addProblem) (from string, cols []string, err error) {
+	d := dir.d
+	// The source row as typed NULLs: SELECT NULL::t1 AS "c1", ...
+	var sel []string
+	for _, c := range d.from.Columns {
+		cols = append(cols, c.Name)
+	}
+	bad := map[string]bool{}
+	for _, c := range cols {
+		typ := d.srcType(c)
+		if msg, err := prepareCheck(ctx, dir.on, "SELECT NULL::"+typ); err != nil {
+			return "", nil, err
+		} else if msg != "" {
+			if d.exprRefs[c] || d.passFrom(c) != nil {
+				add(dir.fromSide, c, fmt.Sprintf("its type %s does not exist on the %s store: %s", typ, dir.toSide, msg), dir.flipOnly)
+			}
+			bad[c] = true
+		}
+	}
+	for _, c := range cols {
+		typ := d.srcType(c)
+		if bad[c] {
+			typ = "text"
+		}
+		sel = append(sel, "NULL::"+typ+" AS "+quoteIdent(c))
+	}
+	from = "(SELECT " + strings.Join(sel, ", ") + ") AS src"
+	return from, cols, nil
+}
+
+// checkTypes checks that each pass-through column's source type is
+// assignable to its destination column's type.
+func (dir checkDir) checkTypes(ctx context.Context, add addProblem) error {
+	d := dir.d
+	// A pass-through column reads its text as the destination type, so
+	// the statement always compiles; check the types themselves: the
+	// source type must be assignable to the destination's (when the
+	// destination store knows the source type at all; when it does not,
+	// only the text form travels). A string source is not checked.
+	for _, t := range d.targets {
+		if t.src == "" {
+			continue
+		}
+		fc := d.from.Columns[must(d.from.Column(t.src))]
+		c := d.to.Columns[t.col]
+		if fc.Type == c.Type || slices.Contains([]string{"text", "character varying", "character", "name"}, fc.ParamType) {
+			continue // a string's text may be any type's input: checked row by row, by the server
+		}
+		if msg, err := prepareCheck(ctx, dir.on, "SELECT NULL::"+fc.Type); err != nil {
+			return err
+		} else if msg != "" {
+			continue
+		}
+		sql := "INSERT INTO " + d.to.Name.Quoted() + " (" + quoteIdent(c.Name) + ")"
+		if c.Identity == 'a' {
+			sql += " OVERRIDING SYSTEM VALUE" // as the forward statement writes it
+		}
+		sql += " SELECT NULL::" + fc.Type
+		msg, err := prepareCheck(ctx, dir.on, sql)
+		if err != nil {
+			return err
+		}
+		if msg != "" {
+			add(dir.toSide, c.Name, fmt.Sprintf("cannot take %s column %q (%s) as %s: %s", dir.fromSide, t.src, fc.Type, c.Type, msg), dir.flipOnly)
+		}
+	}
+	return nil
+}
+
+// checkStatement compiles the direction's statement over the source row
+// from; when it does not compile, each column alone, to name the one at
+// fault.
+func (dir checkDir) checkStatement(ctx context.Context, from string, cols []string, add addProblem) error {
+	d := dir.d
+	whole, err := d.upsert(from, cols, d.to.HasKey())
+	if err != nil {
+		add(dir.toSide, "", err.Error(), dir.flipOnly)
+		return nil
+	}
+	msg, err := prepareCheck(ctx, dir.on, whole)
+	if err != nil {
+		return err
+	}
+	if msg == "" {
+		return nil
+	}
+	found := false
+	for _, t := range d.targets {
+		c := d.to.Columns[t.col]
+		one := &direction{from: d.from, to: d.to, targets: []target{t}, exprRefs: d.exprRefs}
+		sql, err := one.upsert(from, cols, false)
+		if err != nil {
+			continue
+		}
+		cmsg, err := prepareCheck(ctx, dir.on, sql)
+		if err != nil {
+			return err
+		}
+		if cmsg == "" {
+			continue
+		}
+		found = true
+		if t.src != "" {
+			fc := d.from.Columns[must(d.from.Column(t.src))]
+			add(dir.toSide, c.Name, fmt.Sprintf("cannot take %s column %q (%s) as %s: %s", dir.fromSide, t.src, fc.Type, c.Type, cmsg), dir.flipOnly)
+		} else {
+			add(dir.toSide, c.Name, fmt.Sprintf("expression %q does not compile on the %s store: %s", t.expr, dir.toSide, cmsg), dir.flipOnly)
+		}
+	}
+	if !found {
+		add(dir.toSide, "", fmt.Sprintf("the %s statement does not compile on the %s store: %s", map[bool]string{false: "forward", true: "reverse"}[dir.flipOnly], dir.toSide, msg), dir.flipOnly)
+	}
+	return nil
+}
+
+// checkHashes compiles the verify's hash on both stores.
+func (m *Mapping) checkHashes(ctx context.Context, old, new Querier, add addProblem) error {
 	for _, s := range []struct {
 		side string
 		on   Querier
@@ -356,17 +410,17 @@ func (m *Mapping) check(ctx context.Context, old, new Querier) ([]Problem, error
 	}{{"old", old, m.Old}, {"new", new, m.New}} {
 		h, err := m.HashSQL(s.side)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		msg, err := prepareCheck(ctx, s.on, "SELECT "+h+" FROM "+s.tbl.Name.Quoted()+" AS t")
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if msg != "" {
 			add(s.side, "", "the verify hash does not compile on the "+s.side+" store: "+msg, false)
 		}
 	}
-	return probs, nil
+	return nil
 }
 
 func must(i int, ok bool) int {

@@ -202,113 +202,38 @@ func storeError(err error, conns ...*pgx.Conn) bool {
 // settled so far, leaves the rest as they were, and returns the error
 // wrapped, never an *EntryFailures. So does a failure to update the ledger.
 func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts RepairOptions) (int, error) {
-	targetName, limit, targetIsPrimary := opts.Target, opts.Limit, opts.TargetIsPrimary
+	targetName, limit := opts.Target, opts.Limit
 	if err := checkStore("repairing drift: the target store", targetName); err != nil {
 		return 0, err
 	}
 	if limit < 1 {
 		return 0, fmt.Errorf("repairing drift: limit must be at least 1, got %d", limit)
 	}
-	backoff := opts.Backoff.orDefault()
+	pass := &repairPass{source: source, target: target, targetName: targetName, opts: opts,
+		backoff: opts.Backoff.orDefault(), failures: &EntryFailures{}}
 	tx, err := control.Begin(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("repairing drift: %w", err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after commit
+	pass.tx = tx
 
-	type group struct {
-		ids   []int64
-		keys  [][]string
-		whole bool
-	}
-	var order []Name
-	groups := map[Name]*group{}
-	rows, err := tx.Query(ctx, `SELECT id, schema_name, table_name, key FROM tandem.drift
-		WHERE repaired_at IS NULL AND stale = $2 AND ($3 OR next_attempt_at IS NULL OR next_attempt_at <= now())
-		ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED`, limit, targetName, opts.IgnoreBackoff)
+	order, groups, err := claimDrift(ctx, tx, opts)
 	if err != nil {
-		return 0, fmt.Errorf("claiming drift: %w", err)
+		return 0, err
 	}
-	for rows.Next() {
-		var id int64
-		var n Name
-		var key []string
-		if err := rows.Scan(&id, &n.Schema, &n.Table, &key); err != nil {
-			rows.Close()
-			return 0, fmt.Errorf("claiming drift: %w", err)
-		}
-		g := groups[n]
-		if g == nil {
-			g = &group{}
-			groups[n] = g
-			order = append(order, n)
-		}
-		g.ids = append(g.ids, id)
-		if key == nil {
-			g.whole = true
-		} else {
-			g.keys = append(g.keys, key)
-		}
-	}
-	if err := rows.Err(); err != nil {
-		return 0, fmt.Errorf("claiming drift: %w", err)
+	held, err := heldTables(ctx, source, target)
+	if err != nil {
+		return 0, err
 	}
 
-	// A prepared transaction (PREPARE TRANSACTION) on either store holds
-	// its rows until COMMIT or ROLLBACK PREPARED: repairing its table now
-	// would wait for its row locks, or settle its entries against rows it
-	// has not made visible yet, closing them before COMMIT PREPARED makes
-	// the write real on one store only. Its tables are left alone, their
-	// entries open, until it ends.
-	held := map[Name]bool{}
-	for _, c := range []*pgx.Conn{source, target} {
-		if err := preparedTables(ctx, c, held); err != nil {
-			return 0, fmt.Errorf("repairing drift: reading prepared transactions: %w", err)
-		}
-	}
-
-	repaired := 0
-	failures := &EntryFailures{}
 	var stopped error // a store error that ended the pass
-	settle := func(ids []int64, copyErr error) error {
-		switch {
-		case copyErr == nil:
-			repaired += len(ids)
-			_, err := tx.Exec(ctx, "UPDATE tandem.drift SET repaired_at = now() WHERE id = ANY($1)", ids)
-			return err
-		case storeError(copyErr, source, target):
-			return &storeFailure{copyErr}
-		}
-		failures.Entries += len(ids)
-		failures.Errs = append(failures.Errs, copyErr)
-		_, err := tx.Exec(ctx, `UPDATE tandem.drift SET attempts = attempts + 1, last_error = $2,
-			failing_since = coalesce(failing_since, now()),
-			next_attempt_at = now() + least($3::float8 * power(2, least(attempts + 1, 40)), $4::float8) * interval '1 microsecond'
-			WHERE id = ANY($1)`,
-			ids, copyErr.Error(), float64(backoff.Base.Microseconds()), float64(backoff.Max.Microseconds()))
-		return err
-	}
 	for _, n := range order {
 		g := groups[n]
 		if held[n] {
 			continue
 		}
-		p, err := repairCopier(ctx, source, target, n, targetName, opts.Mappings)
-		if p != nil {
-			p.lockTables = targetIsPrimary
-		}
-		switch {
-		case err != nil:
-			err = settle(g.ids, fmt.Errorf("repairing %s on %s: %w", n, targetName, err))
-		case g.whole:
-			_, err = p.copyAll(ctx, source, target, repairChunk)
-			if err != nil {
-				err = fmt.Errorf("repairing %s on %s: %w", n, targetName, err)
-			}
-			err = settle(g.ids, err)
-		default:
-			err = repairKeys(ctx, source, target, p, g.ids, g.keys, settle)
-		}
+		err := pass.repairTable(ctx, n, g)
 		var sf *storeFailure
 		if errors.As(err, &sf) {
 			stopped = sf.err
@@ -323,12 +248,138 @@ func RepairWith(ctx context.Context, control, source, target *pgx.Conn, opts Rep
 		return 0, fmt.Errorf("repairing drift: updating the ledger: %w", err)
 	}
 	if stopped != nil {
-		return repaired, fmt.Errorf("repairing drift on %s: %w", targetName, stopped)
+		return pass.repaired, fmt.Errorf("repairing drift on %s: %w", targetName, stopped)
 	}
-	if failures.Entries > 0 {
-		return repaired, failures
+	if pass.failures.Entries > 0 {
+		return pass.repaired, pass.failures
 	}
-	return repaired, nil
+	return pass.repaired, nil
+}
+
+// driftGroup is one table's claimed entries: their ids, their keys, and
+// whether one of them is the whole table (a nil key).
+type driftGroup struct {
+	ids   []int64
+	keys  [][]string
+	whole bool
+}
+
+// claimDrift claims, in tx, up to opts.Limit open entries stale on
+// opts.Target whose backoff has ended (all with opts.IgnoreBackoff), locked
+// and skipping those another pass holds, grouped by table in the order of
+// their first entry.
+func claimDrift(ctx context.Context, tx pgx.Tx, opts RepairOptions) (order []Name, groups map[Name]*driftGroup, err error) {
+	limit, targetName := opts.Limit, opts.Target
+	groups = map[Name]*driftGroup{}
+	rows, err := tx.Query(ctx, `SELECT id, schema_name, table_name, key FROM tandem.drift
+		WHERE repaired_at IS NULL AND stale = $2 AND ($3 OR next_attempt_at IS NULL OR next_attempt_at <= now())
+		ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED`, limit, targetName, opts.IgnoreBackoff)
+	if err != nil {
+		return nil, nil, fmt.Errorf("claiming drift: %w", err)
+	}
+	for rows.Next() {
+		var id int64
+		var n Name
+		var key []string
+		if err := rows.Scan(&id, &n.Schema, &n.Table, &key); err != nil {
+			rows.Close()
+			return nil, nil, fmt.Errorf("claiming drift: %w", err)
+		}
+		g := groups[n]
+		if g == nil {
+			g = &driftGroup{}
+			groups[n] = g
+			order = append(order, n)
+		}
+		g.ids = append(g.ids, id)
+		if key == nil {
+			g.whole = true
+		} else {
+			g.keys = append(g.keys, key)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("claiming drift: %w", err)
+	}
+	return order, groups, nil
+}
+
+// heldTables are the tables a prepared transaction holds on either store.
+//
+// A prepared transaction (PREPARE TRANSACTION) on either store holds
+// its rows until COMMIT or ROLLBACK PREPARED: repairing its table now
+// would wait for its row locks, or settle its entries against rows it
+// has not made visible yet, closing them before COMMIT PREPARED makes
+// the write real on one store only. Its tables are left alone, their
+// entries open, until it ends.
+func heldTables(ctx context.Context, source, target *pgx.Conn) (map[Name]bool, error) {
+	held := map[Name]bool{}
+	for _, c := range []*pgx.Conn{source, target} {
+		if err := preparedTables(ctx, c, held); err != nil {
+			return nil, fmt.Errorf("repairing drift: reading prepared transactions: %w", err)
+		}
+	}
+	return held, nil
+}
+
+// repairPass is one RepairWith call: the claimed entries are settled in
+// tx, and what it repaired and what failed is counted.
+type repairPass struct {
+	tx             pgx.Tx
+	source, target *pgx.Conn
+	targetName     string
+	opts           RepairOptions
+	backoff        Backoff
+
+	repaired int
+	failures *EntryFailures
+}
+
+// settle closes the entries ids when copyErr is nil, or records their
+// failure and backoff. A store error is returned as a *storeFailure (the
+// pass stops) and records nothing; any other error is the ledger's.
+func (r *repairPass) settle(ctx context.Context, ids []int64, copyErr error) error {
+	tx, backoff, failures := r.tx, r.backoff, r.failures
+	switch {
+	case copyErr == nil:
+		r.repaired += len(ids)
+		_, err := tx.Exec(ctx, "UPDATE tandem.drift SET repaired_at = now() WHERE id = ANY($1)", ids)
+		return err
+	case storeError(copyErr, r.source, r.target):
+		return &storeFailure{copyErr}
+	}
+	failures.Entries += len(ids)
+	failures.Errs = append(failures.Errs, copyErr)
+	_, err := tx.Exec(ctx, `UPDATE tandem.drift SET attempts = attempts + 1, last_error = $2,
+		failing_since = coalesce(failing_since, now()),
+		next_attempt_at = now() + least($3::float8 * power(2, least(attempts + 1, 40)), $4::float8) * interval '1 microsecond'
+		WHERE id = ANY($1)`,
+		ids, copyErr.Error(), float64(backoff.Base.Microseconds()), float64(backoff.Max.Microseconds()))
+	return err
+}
+
+// repairTable copies table n's claimed entries g (the whole table, or by
+// key) and settles them.
+func (r *repairPass) repairTable(ctx context.Context, n Name, g *driftGroup) error {
+	source, target, targetName := r.source, r.target, r.targetName
+	settle := func(ids []int64, copyErr error) error { return r.settle(ctx, ids, copyErr) }
+	p, err := repairCopier(ctx, source, target, n, targetName, r.opts.Mappings)
+	if p != nil {
+		p.lockTables = r.opts.TargetIsPrimary
+	}
+	switch {
+	case err != nil:
+		err = settle(g.ids, fmt.Errorf("repairing %s on %s: %w", n, targetName, err))
+	case g.whole:
+		_, err = p.copyAll(ctx, source, target, repairChunk)
+		if err != nil {
+			err = fmt.Errorf("repairing %s on %s: %w", n, targetName, err)
+		}
+		err = settle(g.ids, err)
+	default:
+		err = repairKeys(ctx, source, target, p, g.ids, g.keys, settle)
+	}
+	return err
 }
 
 // preparedTables adds to held the tables on which a prepared transaction

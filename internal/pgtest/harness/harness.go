@@ -10,11 +10,15 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"go.uber.org/goleak"
 )
@@ -112,4 +116,72 @@ func NewDB(t testing.TB, c *pgtest.Cluster) string {
 		t.Fatal(err)
 	}
 	return name
+}
+
+// NewDBs creates a database of its own for t (named by DBName) with the
+// same name on each of clusters, runs schema in each (unless it is ""),
+// and returns its name.
+func NewDBs(t testing.TB, schema string, clusters ...*pgtest.Cluster) string {
+	t.Helper()
+	name := DBName(t)
+	for _, c := range clusters {
+		if err := c.CreateDatabase(t.Context(), name); err != nil {
+			t.Fatal(err)
+		}
+		if schema == "" {
+			continue
+		}
+		if err := c.Exec(t.Context(), name, schema); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return name
+}
+
+// Connect opens a connection to the database db on c, closed when t ends.
+func Connect(t testing.TB, c *pgtest.Cluster, db string) *pgx.Conn {
+	t.Helper()
+	conn, err := pgx.Connect(context.Background(), c.DSN(db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
+}
+
+// SucceedsSoon retries f every 20ms until it returns nil, failing the test
+// with f's last error when d has passed.
+func SucceedsSoon(t testing.TB, d time.Duration, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("condition not met within %s: %v", d, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Request sends an HTTP request with body through client (JSON, unless it
+// is a GET) and returns the response, its body read and closed.
+func Request(t testing.TB, client *http.Client, method, url, body string) (*http.Response, []byte) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if method != http.MethodGet {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, b
 }
