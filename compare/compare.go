@@ -69,6 +69,11 @@ type Options struct {
 	// for tables under heavy writes, where that pass rarely agrees. A rate
 	// limit implies it.
 	RangesOnly bool
+	// FetchMax bounds the whole-table pass of stores that hash records
+	// (see verifier.bucketed): when the key buckets that differ hold more
+	// rows than this (default 500000), their rows are not fetched and the
+	// range walk finds what differs instead.
+	FetchMax int
 	// Workers is how many key ranges are hashed at once, each on both
 	// stores and on a connection pair of its own (default 2).
 	Workers int
@@ -140,6 +145,9 @@ func (o Options) withDefaults() Options {
 	if o.Leaf < 1 {
 		o.Leaf = 1024
 	}
+	if o.FetchMax < 1 {
+		o.FetchMax = 500000
+	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -172,9 +180,13 @@ type TableSummary struct {
 	RunID     int64        `json:"run_id,omitempty"`
 	Resumed   bool         `json:"resumed,omitempty"` // the run continued from a checkpoint
 	// WholeTable: the whole table hashed equal on both stores in one pass.
-	WholeTable bool             `json:"whole_table,omitempty"`
-	Duration   jsonout.Duration `json:"duration"`          // this session's, as text ("1.5s")
-	Skipped    string           `json:"skipped,omitempty"` // why the table was not verified
+	WholeTable bool `json:"whole_table,omitempty"`
+	// Buckets is the number of key buckets the whole-table pass hashed
+	// the table in, when it verified the table without a range walk
+	// (stores that hash records; see Options.FetchMax).
+	Buckets  int              `json:"buckets,omitempty"`
+	Duration jsonout.Duration `json:"duration"`          // this session's, as text ("1.5s")
+	Skipped  string           `json:"skipped,omitempty"` // why the table was not verified
 }
 
 // Differences returns the number of confirmed differences (Counts summed).
@@ -271,6 +283,14 @@ func Table(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts Optio
 	}
 	v := &verifier{m: m, old: old, new: new, o: newSide(m.Old.Name, oldKey, ho, record), n: newSide(m.New.Name, newKey, hn, record), opts: opts, sum: &sum,
 		seen: map[string]struct{}{}}
+	if record {
+		if v.o.seed, err = m.RecordHashSeedSQL("old"); err != nil {
+			return sum, err
+		}
+		if v.n.seed, err = m.RecordHashSeedSQL("new"); err != nil {
+			return sum, err
+		}
+	}
 	if opts.Progress != nil {
 		if v.total, err = estimate(ctx, old, m.Old.Name); err != nil {
 			return sum, err
@@ -303,12 +323,8 @@ func Table(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts Optio
 // estimate returns n's row estimate from pg_class, or its count when the
 // table was never analysed.
 func estimate(ctx context.Context, q table.Querier, n table.Name) (int64, error) {
-	var est float64
-	if err := q.QueryRow(ctx, "SELECT reltuples FROM pg_class WHERE oid = $1::regclass", n.Quoted()).Scan(&est); err != nil {
-		return 0, fmt.Errorf("estimating the rows of %s: %w", n, err)
-	}
-	if est >= 0 {
-		return int64(est), nil
+	if est, err := reltuples(ctx, q, n); err != nil || est >= 0 {
+		return est, err
 	}
 	var c int64
 	if err := q.QueryRow(ctx, "SELECT count(*) FROM "+n.Quoted()).Scan(&c); err != nil {
@@ -328,7 +344,11 @@ func (v *verifier) verify(ctx context.Context, lo []string) error {
 	v.progress()
 	// A rate limit asks for a gentle verify: no whole-table scans.
 	if lo == nil && !v.opts.RangesOnly && v.opts.Limiter == nil {
-		done, err := v.whole(ctx)
+		whole := v.whole
+		if v.o.seed != "" {
+			whole = v.bucketed
+		}
+		done, err := whole(ctx)
 		if err != nil || done {
 			return err
 		}

@@ -211,14 +211,18 @@ func TestVerifyThroughput(t *testing.T) {
 // uncommitted on the secondary (a mirror in flight) is not reported: the
 // re-check holds the primary's table and waits for the secondary's open
 // write to commit. A write that never lands is reported once Settle has
-// passed. Both directions: old primary, and new primary after a flip.
+// passed. Both directions: old primary, and new primary after a flip; and
+// both passes that find differences: the range walk and the whole-table
+// pass's key buckets.
 func TestInFlightWrite(t *testing.T) {
 	for _, primaryNew := range []bool{false, true} {
-		t.Run(fmt.Sprintf("primary_new=%v", primaryNew), func(t *testing.T) { testInFlight(t, primaryNew) })
+		for _, rangesOnly := range []bool{true, false} {
+			t.Run(fmt.Sprintf("primary_new=%v/ranges_only=%v", primaryNew, rangesOnly), func(t *testing.T) { testInFlight(t, primaryNew, rangesOnly) })
+		}
 	}
 }
 
-func testInFlight(t *testing.T, primaryNew bool) {
+func testInFlight(t *testing.T, primaryNew, rangesOnly bool) {
 	schema := `CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;`
 	p := newPair(t, schema, schema)
 	m := p.mapping(nil, "items")
@@ -262,7 +266,7 @@ func testInFlight(t *testing.T, primaryNew bool) {
 				_ = tx.Commit(context.Background())
 			}
 		}()
-		s, err := Table(ctx, p.old, p.new, m, Options{Settle: 2 * time.Second, RangesOnly: true, PrimaryNew: primaryNew, Knobs: knobs})
+		s, err := Table(ctx, p.old, p.new, m, Options{Settle: 2 * time.Second, RangesOnly: rangesOnly, PrimaryNew: primaryNew, Knobs: knobs})
 		<-done
 		if !commit {
 			_ = tx.Rollback(context.Background())
@@ -313,7 +317,9 @@ func TestSwappedValues(t *testing.T) {
 // and keys before the first and after the last, for an integer, a text
 // and a composite key, with both row hashes; and checks an empty and a
 // one-row table. Each run must report exactly the planted keys with their
-// kinds, whichever pass finds them.
+// kinds, whichever pass finds them: the whole-table pass's key buckets
+// (record hashes), the range walk after a whole-table pass that found too
+// many rows differing to fetch (FetchMax 1), and the walk alone.
 func TestEdgesAndKeyTypes(t *testing.T) {
 	for _, textHash := range []bool{false, true} {
 		t.Run(fmt.Sprintf("text_hash=%v", textHash), func(t *testing.T) { testEdges(t, &TestingKnobs{TextHash: textHash}) })
@@ -357,19 +363,42 @@ func testEdges(t *testing.T, knobs *TestingKnobs) {
 		"empty": {"MissingOnOld 1"},
 		"one":   {"ValueDiff 7"},
 	}
-	for _, ro := range []bool{false, true} {
+	for _, pass := range []struct {
+		name            string
+		rangesOnly      bool
+		fetchMax        int
+		bucketed, walks bool // the pass that must find them (record hashes)
+	}{
+		{name: "buckets", bucketed: true},
+		{name: "whole then walk", fetchMax: 1, walks: true},
+		{name: "ranges only", rangesOnly: true, walks: true},
+	} {
 		o := opts
-		o.RangesOnly = ro
+		o.RangesOnly, o.FetchMax = pass.rangesOnly, pass.fetchMax
 		for _, tb := range []string{"ik", "tk", "ck", "empty", "one"} {
 			s, err := Table(t.Context(), p.old, p.new, p.mapping(nil, tb), o)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if g := got(s); !slices.Equal(g, want[tb]) {
-				t.Errorf("%s (ranges only %v): differences = %q, want %q", tb, ro, g, want[tb])
+				t.Errorf("%s (%s): differences = %q, want %q", tb, pass.name, g, want[tb])
 			}
 			if s.Transient != 0 || s.Clean() {
-				t.Errorf("%s (ranges only %v): %+v", tb, ro, s)
+				t.Errorf("%s (%s): %+v", tb, pass.name, s)
+			}
+			if knobs.TextHash {
+				if s.Buckets != 0 {
+					t.Errorf("%s (%s): text hashes bucketed: %+v", tb, pass.name, s)
+				}
+				continue
+			}
+			if pass.bucketed && (s.Buckets == 0 || s.Ranges != 1) {
+				t.Errorf("%s (%s): not found by the key buckets: %+v", tb, pass.name, s)
+			}
+			// (A one-row difference fits FetchMax 1: the small tables may
+			// be found either way.)
+			if pass.walks && tb != "empty" && tb != "one" && (s.Buckets != 0 || s.Ranges < 10) {
+				t.Errorf("%s (%s): not found by the range walk: %+v", tb, pass.name, s)
 			}
 		}
 	}

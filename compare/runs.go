@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/tandemdb/tandem/internal/controlschema"
 	"github.com/tandemdb/tandem/internal/table"
 )
@@ -89,12 +90,8 @@ func startRun(ctx context.Context, cfg *pgx.ConnConfig, m *table.Mapping, resume
 	}
 	// A session lock, released when the connection closes, so two
 	// verifies of one table cannot share (and garble) its run.
-	var locked bool
-	if err := conn.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext($1))", "tandem.verify "+name.String()).Scan(&locked); err != nil {
-		return fail(fmt.Errorf("taking the verify lock: %w", err))
-	}
-	if !locked {
-		return fail(errors.New("another tandem compare is verifying this table"))
+	if err := verifyLock(ctx, conn, name); err != nil {
+		return fail(err)
 	}
 	var cp []string
 	if resume {
@@ -136,6 +133,34 @@ func startRun(ctx context.Context, cfg *pgx.ConnConfig, m *table.Mapping, resume
 
 // ensureSchema creates tandem.verify_runs and the migration log (the
 // control schema's migrations: controlschema.Apply).
+// verifyLock takes the session-level advisory lock of name's verify on
+// conn. It waits up to 2s: a verify that has just ended (or was
+// interrupted) releases the lock when its server session exits, a moment
+// after its connection closed; one still running holds it, and the verify
+// is refused.
+func verifyLock(ctx context.Context, conn *pgx.Conn, name table.Name) error {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("taking the verify lock: %w", err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // after Commit, a no-op
+	if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '2s'"); err != nil {
+		return fmt.Errorf("taking the verify lock: %w", err)
+	}
+	// A session-level lock taken in a transaction outlives its commit.
+	if _, err := tx.Exec(ctx, "SELECT pg_advisory_lock(hashtext($1))", "tandem.verify "+name.String()); err != nil {
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) && pe.Code == "55P03" {
+			return errors.New("another tandem compare is verifying this table")
+		}
+		return fmt.Errorf("taking the verify lock: %w", err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("taking the verify lock: %w", err)
+	}
+	return nil
+}
+
 func ensureSchema(ctx context.Context, conn *pgx.Conn) error {
 	if err := controlschema.Apply(ctx, conn); err != nil {
 		return fmt.Errorf("creating the verify tables in the control database: %w", err)

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/table"
 )
 
@@ -34,11 +36,13 @@ const itemsSchema = `CREATE TABLE items (id bigint PRIMARY KEY, name text, price
 // TestResume interrupts a verify after four ranges, checks the run is
 // recorded as interrupted at its checkpoint, resumes it and checks that
 // the resumed run walks only the ranges after the checkpoint and ends with
-// the totals of a fresh run.
+// the totals of a fresh run. The range walk is what resumes (the
+// whole-table pass is one query per store, begun again), so the test asks
+// for it.
 func TestResume(t *testing.T) {
 	p := newPair(t, itemsSchema, itemsSchema+`DELETE FROM items WHERE id = 100; UPDATE items SET name = 'x' WHERE id = 3000;`)
 	m := p.mapping(nil, "items")
-	opts := Options{Batch: 500, Leaf: 16, Control: p.control()}
+	opts := Options{Batch: 500, Leaf: 16, Control: p.control(), RangesOnly: true}
 	fresh, err := Table(t.Context(), p.old, p.new, m, opts)
 	if err != nil || fresh.Differences() != 2 || fresh.RunID == 0 {
 		t.Fatalf("fresh: %+v, %v", fresh, err)
@@ -92,6 +96,76 @@ func TestResume(t *testing.T) {
 	n, err := Table(t.Context(), p.old, p.new, m, o)
 	if err != nil || n.Resumed || n.RunID == r.RunID || n.Ranges != fresh.Ranges {
 		t.Fatalf("after done: %+v, %v", n, err)
+	}
+}
+
+// TestResumeBucketed interrupts a verify in the whole-table pass (as it
+// confirms what the key buckets found) and resumes it: the pass begins
+// again, finds the same differences, and the run ends done.
+func TestResumeBucketed(t *testing.T) {
+	p := newPair(t, itemsSchema, itemsSchema+`DELETE FROM items WHERE id = 100; UPDATE items SET name = 'x' WHERE id = 3000;`)
+	m := p.mapping(nil, "items")
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	opts := Options{Control: p.control(), Knobs: &TestingKnobs{BeforeConfirm: func([]Difference) { cancel() }}}
+	s, err := Table(ctx, p.old, p.new, m, opts)
+	if !errors.Is(err, context.Canceled) || s.Differences() != 0 {
+		t.Fatalf("interrupted: %+v, %v", s, err)
+	}
+	// The cancellation may have closed the pair's connections.
+	for _, c := range []struct {
+		cl   *pgtest.Cluster
+		conn **pgx.Conn
+	}{{oldStore, &p.old}, {newStore, &p.new}} {
+		conn, err := pgx.Connect(t.Context(), c.cl.DSN(p.db))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close(context.Background()) })
+		*c.conn = conn
+	}
+	var status string
+	p.scalar("SELECT status FROM tandem.verify_runs WHERE id = $1", &status, s.RunID)
+	if status != "interrupted" {
+		t.Fatalf("interrupted run: status %s", status)
+	}
+	opts.Resume, opts.Knobs = true, nil
+	r, err := Table(t.Context(), p.old, p.new, m, opts)
+	if err != nil || !r.Resumed || r.RunID != s.RunID || r.Buckets == 0 || r.Rows != 5000 {
+		t.Fatalf("resumed: %+v, %v", r, err)
+	}
+	if g := got(r); !slices.Equal(g, []string{"MissingOnNew 100", "ValueDiff 3000"}) {
+		t.Fatalf("resumed differences = %q", g)
+	}
+	p.scalar("SELECT status FROM tandem.verify_runs WHERE id = $1", &status, r.RunID)
+	if status != "done" {
+		t.Fatalf("resumed run: status %s", status)
+	}
+}
+
+// TestVerifyLock: a verify of a table whose run another session holds is
+// refused (after the lock's 2s wait), and goes ahead once that session
+// has let go.
+func TestVerifyLock(t *testing.T) {
+	p := newPair(t, itemsSchema, itemsSchema)
+	m := p.mapping(nil, "items")
+	holder, err := pgx.Connect(t.Context(), oldStore.DSN(p.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close(context.Background())
+	if _, err := holder.Exec(t.Context(), "SELECT pg_advisory_lock(hashtext('tandem.verify public.items'))"); err != nil {
+		t.Fatal(err)
+	}
+	opts := Options{Control: p.control()}
+	if _, err := Table(t.Context(), p.old, p.new, m, opts); err == nil || !strings.Contains(err.Error(), "another tandem compare is verifying this table") {
+		t.Fatalf("verify beside a running one: %v", err)
+	}
+	if _, err := holder.Exec(t.Context(), "SELECT pg_advisory_unlock(hashtext('tandem.verify public.items'))"); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := Table(t.Context(), p.old, p.new, m, opts); err != nil || !s.Clean() {
+		t.Fatalf("verify after the other let go: %+v, %v", s, err)
 	}
 }
 

@@ -23,6 +23,9 @@ type side struct {
 	rowHash, agg string
 	// record: the range hash is a sum of row hashes (see rangeHash.minus).
 	record bool
+	// seed is the record hash's key seed (a bigint from the key alone),
+	// which buckets rows in the whole-table pass; "" without record.
+	seed string
 }
 
 // newSide builds one store's SQL. With record (both stores on PostgreSQL

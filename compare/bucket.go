@@ -1,0 +1,171 @@
+package compare
+
+import (
+	"context"
+	"fmt"
+	"math/bits"
+	"strconv"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/table"
+	"golang.org/x/sync/errgroup"
+)
+
+// Bucket counts of the whole-table pass: about bucketRows rows per bucket,
+// a power of two between minBuckets and maxBuckets. Measured on one
+// PostgreSQL 15 backend over 2M rows of 8 columns (CPU time, no parallel
+// workers): the plain whole-table hash 530 ms, grouped into 1024 to 16384
+// buckets 690-750 ms, into 65536 buckets 1000 ms (the hash table outgrows
+// the caches); fetching the rows of 100 differing buckets of 4096, 160 ms.
+// A differing bucket costs its rows in the fetch (Options.FetchMax bounds
+// them), so a bigger table gets more buckets, up to maxBuckets.
+const (
+	bucketRows    = 1024
+	minBuckets    = 1 << 10
+	maxBuckets    = 1 << 14
+	bucketWorkMem = "64MB"
+)
+
+// bucketCount returns the number of key buckets for a table of about est
+// rows (est < 0: unknown).
+func bucketCount(est int64) int64 {
+	if est < 0 {
+		return 1 << 12
+	}
+	n := int64(1) << bits.Len64(uint64(est/bucketRows))
+	return min(max(n, minBuckets), maxBuckets)
+}
+
+// bucket is the SQL of a row's key bucket: the low bits of the row hash's
+// key seed (table.Mapping.RecordHashSeedSQL), computed from the key alone
+// and equal on both stores for one key, so a key's row falls in the same
+// bucket on each.
+func (s side) bucket(buckets int64) string {
+	return "((" + s.seed + ") & " + strconv.FormatInt(buckets-1, 10) + ")"
+}
+
+// hashBuckets hashes the whole table in one query, grouped by key bucket:
+// bucket -> row count and summed row hash (empty buckets are missing).
+func (s side) hashBuckets(ctx context.Context, c *pgx.Conn, buckets int64) (map[int64]rangeHash, error) {
+	tx, err := c.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // read-only
+	// One aggregate state per bucket: let the hash table hold them all
+	// rather than spill to disk.
+	if _, err := tx.Exec(ctx, "SET LOCAL work_mem = '"+bucketWorkMem+"'"); err != nil {
+		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+	}
+	// The row hash and the bucket are computed below an OFFSET 0, which
+	// keeps the planner from flattening the subquery: grouped directly, the
+	// planner cannot estimate the buckets, expects a group per row, and
+	// sorts every row's columns (to disk) for a GroupAggregate, 2x the
+	// cost; over the subquery it groups two bigints in a small hash table.
+	rows, err := tx.Query(ctx, "SELECT b, count(*), "+s.aggregate("h", "")+" FROM (SELECT "+s.bucket(buckets)+" AS b, "+s.rowHash+
+		" AS h FROM "+s.name.Quoted()+" t OFFSET 0) AS r GROUP BY 1")
+	if err != nil {
+		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+	}
+	defer rows.Close()
+	out := map[int64]rangeHash{}
+	for rows.Next() {
+		var b int64
+		var r rangeHash
+		if err := rows.Scan(&b, &r.n, &r.hash); err != nil {
+			return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+		}
+		out[b] = r
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
+	}
+	return out, tx.Commit(ctx)
+}
+
+// bucketRowHashes returns the key (joined) -> row hash of the rows in the
+// given buckets, and the keys in key order: one scan, hashing only those
+// rows.
+func (s side) bucketRowHashes(ctx context.Context, q table.Querier, buckets int64, in []int64) (map[string]string, [][]string, error) {
+	return s.collect(ctx, q, "SELECT "+s.keyText()+", "+s.hash+" FROM "+s.name.Quoted()+" t WHERE "+s.bucket(buckets)+
+		" IN (SELECT unnest($1::bigint[])) ORDER BY "+s.order, []any{in})
+}
+
+// bucketed is the whole-table pass where both stores hash records
+// (PostgreSQL 14 or later): each store hashes its whole table in one query,
+// both at once, grouped into key buckets. Every bucket equal: the table is
+// verified in that pass, at about the cost of one scan of each store.
+// Otherwise the rows of the differing buckets are fetched from both stores
+// in one query each (one more scan, hashing only those rows), diffed, and
+// the differences confirmed (and repaired) as the walk's are; the table is
+// then verified without a range walk, which is what makes a verify that
+// finds a few differences, or runs beside live writes, cost little more
+// than a clean one.
+//
+// It returns false, having found nothing, when the differing buckets hold
+// more than Options.FetchMax rows: the range walk then finds what differs,
+// range by range with checkpoints.
+func (v *verifier) bucketed(ctx context.Context) (bool, error) {
+	est, err := reltuples(ctx, v.old, v.m.Old.Name)
+	if err != nil {
+		return false, err
+	}
+	nb := bucketCount(est)
+	var ob, nbk map[int64]rangeHash
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() (err error) { ob, err = v.o.hashBuckets(gctx, v.old, nb); return })
+	g.Go(func() (err error) { nbk, err = v.n.hashBuckets(gctx, v.new, nb); return })
+	if err := g.Wait(); err != nil {
+		return false, err
+	}
+	var rows, fetch int64
+	var differ []int64
+	for b, o := range ob {
+		rows += o.n
+		if n := nbk[b]; n != o {
+			differ = append(differ, b)
+			fetch += max(o.n, n.n)
+		}
+	}
+	for b, n := range nbk {
+		if _, ok := ob[b]; !ok {
+			differ = append(differ, b)
+			fetch += n.n
+		}
+	}
+	if fetch > int64(v.opts.FetchMax) {
+		v.opts.Logger.Debug("too many rows differ for the bucketed pass; walking key ranges", "table", v.sum.Table,
+			"buckets", len(differ), "rows", fetch, "fetch_max", v.opts.FetchMax)
+		return false, nil
+	}
+	v.sum.Buckets = int(nb)
+	v.sum.Bisected += len(differ)
+	if len(differ) > 0 {
+		v.opts.Logger.Debug("key buckets differ", "table", v.sum.Table, "buckets", len(differ), "rows", fetch)
+		var om, nm map[string]string
+		var okeys, nkeys [][]string
+		g, gctx := errgroup.WithContext(ctx)
+		g.Go(func() (err error) { om, okeys, err = v.o.bucketRowHashes(gctx, v.old, nb, differ); return })
+		g.Go(func() (err error) { nm, nkeys, err = v.n.bucketRowHashes(gctx, v.new, nb, differ); return })
+		if err := g.Wait(); err != nil {
+			return false, err
+		}
+		v.found = append(v.found, diff(om, nm, okeys, nkeys)...)
+		if err := v.settle(ctx); err != nil {
+			return false, err
+		}
+	}
+	v.sum.Ranges, v.sum.Rows, v.sum.WholeTable = 1, rows, len(differ) == 0
+	v.progress()
+	return true, nil
+}
+
+// reltuples returns n's row estimate from pg_class, -1 when the table was
+// never analysed.
+func reltuples(ctx context.Context, q table.Querier, n table.Name) (int64, error) {
+	var est float64
+	if err := q.QueryRow(ctx, "SELECT reltuples FROM pg_class WHERE oid = $1::regclass", n.Quoted()).Scan(&est); err != nil {
+		return 0, fmt.Errorf("estimating the rows of %s: %w", n, err)
+	}
+	return int64(est), nil
+}
