@@ -8,7 +8,7 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"github.com/tandemdb/tandem/internal/table"
 )
 
@@ -113,17 +113,7 @@ func TestResumeBucketed(t *testing.T) {
 		t.Fatalf("interrupted: %+v, %v", s, err)
 	}
 	// The cancellation may have closed the pair's connections.
-	for _, c := range []struct {
-		cl   *pgtest.Cluster
-		conn **pgx.Conn
-	}{{oldStore, &p.old}, {newStore, &p.new}} {
-		conn, err := pgx.Connect(t.Context(), c.cl.DSN(p.db))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close(context.Background()) })
-		*c.conn = conn
-	}
+	p.old, p.new = harness.Connect(t, oldStore, p.db), harness.Connect(t, newStore, p.db)
 	var status string
 	p.scalar("SELECT status FROM tandem.verify_runs WHERE id = $1", &status, s.RunID)
 	if status != "interrupted" {
@@ -149,11 +139,7 @@ func TestResumeBucketed(t *testing.T) {
 func TestVerifyLock(t *testing.T) {
 	p := newPair(t, itemsSchema, itemsSchema)
 	m := p.mapping(nil, "items")
-	holder, err := pgx.Connect(t.Context(), oldStore.DSN(p.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer holder.Close(context.Background())
+	holder := harness.Connect(t, oldStore, p.db)
 	if _, err := holder.Exec(t.Context(), "SELECT pg_advisory_lock(hashtext('tandem.verify public.items'))"); err != nil {
 		t.Fatal(err)
 	}
