@@ -7,6 +7,9 @@
 #   (b) tandem compare (a clean verify: server-side range hashes)
 #   (c) bench/naivecompare: both tables streamed in key order over pgx, compared in Go
 #   (d) tandem compare again after planting 100 scattered differences on new (must report 100)
+#   (e) with those repaired, Tandem in dual-write in front of both stores and pgbench updating
+#       random rows through it (-R 500 tps): a full scan and tandem compare under those live
+#       writes (must report 0: every difference a write in flight)
 # With --baseline BIN, (b) and (d) are also timed with that Tandem binary (e.g. one built from
 # the commit before a change), alternating with the new one, so both are measured side by side.
 # Prints rows/s and the ratios compare/count(*) and compare/naive as markdown on stdout
@@ -20,14 +23,15 @@ export BENCH_DIR=${BENCH_DIR:-/tmp/tandem-bench}
 
 ROWS=${ROWS:-5000000}
 BATCH=10000
-OLD_PORT=45621
-NEW_PORT=45622
+OLD_PORT=${VF_OLD_PORT:-25621}
+NEW_PORT=${VF_NEW_PORT:-25622}
 OLD_CLUSTER=tandem-vf-old
 NEW_CLUSTER=tandem-vf-new
 DBNAME=vfbench
 TABLE=bench_rows
 BUILD=1
 KEEP=0
+LIVE=1
 TANDEM_BIN=${TANDEM_BIN:-$REPO/bin/tandem}
 BASE_BIN=
 NAIVE_BIN=${NAIVE_BIN:-$REPO/bin/naivecompare}
@@ -40,11 +44,12 @@ Usage: $PROG [options]
   --batch N      tandem compare --batch (default $BATCH)
   --no-build     do not run 'go build'; use \$TANDEM_BIN and \$NAIVE_BIN (default bin/)
   --keep         leave both clusters running on exit
-  --baseline BIN also time (b) and (d) with the Tandem binary BIN, alternating with the new one
+  --baseline BIN also time (b), (d) and (e) with the Tandem binary BIN, alternating with the new one
+  --no-live      skip (e), the verify under live writes through Tandem in dual-write
   -h, --help     this help
 
 Clusters '$OLD_CLUSTER' (:$OLD_PORT) and '$NEW_CLUSTER' (:$NEW_PORT) live under \$BENCH_DIR
-(default /tmp/tandem-bench). Environment: ROWS, BENCH_DIR, PG_BINDIR, TANDEM_BIN, NAIVE_BIN.
+(default /tmp/tandem-bench). Environment: ROWS, VF_OLD_PORT, VF_NEW_PORT, BENCH_DIR, PG_BINDIR, TANDEM_BIN, NAIVE_BIN.
 USAGE
 }
 
@@ -55,6 +60,7 @@ while [[ $# -gt 0 ]]; do
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
     --baseline) BASE_BIN=$2; shift 2 ;;
+    --no-live) LIVE=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "$PROG: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -68,6 +74,7 @@ BINDIR=${PG_BINDIR:-}
 if [[ -z "$BINDIR" ]] && command -v pg_config >/dev/null 2>&1; then BINDIR=$(pg_config --bindir 2>/dev/null || true); fi
 bin() { if [[ -n "$BINDIR" && -x "$BINDIR/$1" ]]; then echo "$BINDIR/$1"; else command -v "$1"; fi; }
 PSQL=$(bin psql) || die "psql not found"
+PGBENCH=$(bin pgbench) || die "pgbench not found"
 
 if [[ $BUILD -eq 1 ]]; then
   log "go build -o $TANDEM_BIN ./cmd/tandem; go build -o $NAIVE_BIN ./bench/naivecompare"
@@ -79,9 +86,14 @@ fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/tandem-vf.XXXXXX")
 CFG="$WORK/tandem.yaml"
+PROXY_PID=
+WRITER_PID=
 cleanup() {
   local rc=$?
   set +e
+  for pid in $WRITER_PID $PROXY_PID; do
+    kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  done
   if [[ $KEEP -eq 0 ]]; then
     "$HERE/pgcluster.sh" stop "$OLD_CLUSTER" >&2
     "$HERE/pgcluster.sh" stop "$NEW_CLUSTER" >&2
@@ -120,8 +132,8 @@ done
 wait
 BYTES=$(q "$OLD_PORT" -Atc "select pg_relation_size('$TABLE')")
 cat >"$CFG" <<YAML
-listen: 127.0.0.1:45623
-admin: 127.0.0.1:45624
+listen: 127.0.0.1:$((OLD_PORT + 2))
+admin: 127.0.0.1:$((OLD_PORT + 3))
 old:
   dsn: $(dsn "$OLD_PORT")
 new:
@@ -197,6 +209,38 @@ if [[ -n "$BASE_BIN" ]]; then
   t0=$(now); BIN=$BASE_BIN compare_run "$WORK/base-planted.json" 100; T_BPLANT2=$(since "$t0")
 fi
 
+if [[ $LIVE -eq 1 ]]; then
+  log "(e) repairing the planted differences"
+  "$TANDEM_BIN" compare -c "$CFG" --table "$TABLE" --repair --json >"$WORK/repair.json" 2>"$WORK/repair.err" \
+    || { tail -n 20 "$WORK/repair.err" >&2; die "tandem compare --repair failed"; }
+  log "(e) tandem proxy in dual-write on :$((OLD_PORT + 2)), pgbench updating random rows through it"
+  "$TANDEM_BIN" proxy -c "$CFG" >"$WORK/proxy.log" 2>&1 &
+  PROXY_PID=$!
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$PROXY_PID" 2>/dev/null || { tail -n 20 "$WORK/proxy.log" >&2; die "tandem proxy exited"; }
+    "$PSQL" -X -w -h 127.0.0.1 -p $((OLD_PORT + 2)) -U postgres -d "$DBNAME" -Atc 'select 1' >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  "$TANDEM_BIN" route set -c "$CFG" --mirror on --reason "verify.sh: live writes" >&2
+  printf '\\set id random(1, %d)\nUPDATE %s SET qty = qty + 1, updated_at = now() WHERE id = :id;\n' "$ROWS" "$TABLE" >"$WORK/update.sql"
+  "$PGBENCH" -n -h 127.0.0.1 -p $((OLD_PORT + 2)) -U postgres -c 4 -j 2 -R 500 -T 3600 -f "$WORK/update.sql" "$DBNAME" \
+    >"$WORK/pgbench.log" 2>&1 &
+  WRITER_PID=$!
+  sleep 3
+  kill -0 "$WRITER_PID" 2>/dev/null || { tail -n 20 "$WORK/pgbench.log" >&2; die "pgbench exited"; }
+  t0=$(now); fullscan "$OLD_PORT" & p1=$!; fullscan "$NEW_PORT" & p2=$!; wait "$p1"; wait "$p2"; T_LSCAN=$(since "$t0")
+  t0=$(now); compare_run "$WORK/live.json" 0; T_LIVE=$(since "$t0")
+  if [[ -n "$BASE_BIN" ]]; then
+    t0=$(now); BIN=$BASE_BIN compare_run "$WORK/base-live.json" 0; T_BLIVE=$(since "$t0")
+    t0=$(now); compare_run "$WORK/live2.json" 0; T_LIVE2=$(since "$t0")
+    t0=$(now); BIN=$BASE_BIN compare_run "$WORK/base-live2.json" 0; T_BLIVE2=$(since "$t0")
+  fi
+  t0=$(now); fullscan "$OLD_PORT" & p1=$!; fullscan "$NEW_PORT" & p2=$!; wait "$p1"; wait "$p2"; T_LSCAN2=$(since "$t0")
+  kill -TERM "$WRITER_PID" 2>/dev/null; wait "$WRITER_PID" 2>/dev/null || true; WRITER_PID=
+  kill -TERM "$PROXY_PID" 2>/dev/null; wait "$PROXY_PID" 2>/dev/null || true; PROXY_PID=
+  TRANSIENT=$(grep -o '"transient": *[0-9]*' "$WORK/live.json" | grep -o '[0-9]*$' | head -1)
+fi
+
 R_SCAN=$(rate "$T_SCAN"); R_CMPR=$(rate "$T_CMPR"); R_COUNT=$(rate "$T_COUNT"); R_COUNTC=$(rate "$T_COUNTC"); R_CMP=$(rate "$T_CMP"); R_NAIVE=$(rate "$T_NAIVE"); R_PLANT=$(rate "$T_PLANT")
 cat <<REPORT
 ## Verify benchmark: $ROWS rows ($((BYTES / 1048576)) MB heap) in each of old :$OLD_PORT and new :$NEW_PORT
@@ -219,6 +263,15 @@ compare/full scan: $(ratio "$T_CMP" "$T_SCAN") the time; ranges-only/full scan: 
 compare/naive: $(ratio "$T_CMP" "$T_NAIVE") the time ($(ratio "$R_CMP" "$R_NAIVE") the rows/s)  
 planted/clean compare: $(ratio "$T_PLANT" "$T_CMP") the time
 REPORT
+if [[ $LIVE -eq 1 ]]; then
+  cat <<REPORT
+
+Under live writes (pgbench through Tandem in dual-write, 500 updates/s of random rows):
+full scan $(printf %.2f "$T_LSCAN") s before and $(printf %.2f "$T_LSCAN2") s after the compares;
+tandem compare $(printf %.2f "$T_LIVE") s (0 differences, ${TRANSIENT:-0} transient),
+$(ratio "$T_LIVE" "$T_LSCAN") the scan before, $(ratio "$T_LIVE" "$T_CMP") a quiet clean compare.
+REPORT
+fi
 if [[ -n "$BASE_BIN" ]]; then
   cat <<REPORT
 
@@ -230,6 +283,10 @@ if [[ -n "$BASE_BIN" ]]; then
 | clean, 2nd | $(printf %.2f "$T_BCMP2") | $(printf %.2f "$T_CMP2") | $(ratio "$T_CMP2" "$T_BCMP2") |
 | 100 planted, 1st | $(printf %.2f "$T_BPLANT") | $(printf %.2f "$T_PLANT") | $(ratio "$T_PLANT" "$T_BPLANT") |
 | 100 planted, 2nd | $(printf %.2f "$T_BPLANT2") | $(printf %.2f "$T_PLANT2") | $(ratio "$T_PLANT2" "$T_BPLANT2") |
+$(if [[ $LIVE -eq 1 ]]; then
+  echo "| live writes, 1st | $(printf %.2f "$T_BLIVE") | $(printf %.2f "$T_LIVE") | $(ratio "$T_LIVE" "$T_BLIVE") |"
+  echo "| live writes, 2nd | $(printf %.2f "$T_BLIVE2") | $(printf %.2f "$T_LIVE2") | $(ratio "$T_LIVE2" "$T_BLIVE2") |"
+fi)
 
 baseline: clean/full scan $(ratio "$T_BCMP" "$T_SCAN"), planted/clean $(ratio "$T_BPLANT" "$T_BCMP")  
 new: clean/full scan $(ratio "$T_CMP" "$T_SCAN"), planted/clean $(ratio "$T_PLANT" "$T_CMP")
