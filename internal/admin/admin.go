@@ -87,16 +87,19 @@ func NewHandler(opts Options) http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = w.Write([]byte("ok\n"))
 	})
-	probe := &readiness{checks: opts.Checks, timeout: opts.CheckTimeout, maxAge: time.Second}
+	// Probes at any rate open at most one connection per store a second.
+	probe := &coalesced[readiness]{maxAge: time.Second, fn: func(ctx context.Context) readiness {
+		return runChecks(ctx, opts.Checks, opts.CheckTimeout)
+	}}
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		results, ok := probe.get(r.Context())
+		res := probe.get(r.Context())
 		status := http.StatusOK
-		if !ok {
+		if !res.ok {
 			status = http.StatusServiceUnavailable
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(status)
-		_ = jsonout.Write(w, map[string]any{"ready": ok, "checks": results})
+		_ = jsonout.Write(w, map[string]any{"ready": res.ok, "checks": res.results})
 	})
 	if opts.Metrics != nil {
 		mux.Handle("GET /metrics", opts.Metrics)
@@ -107,7 +110,7 @@ func NewHandler(opts Options) http.Handler {
 	// the control database's max_connections.
 	api := http.NewServeMux()
 	routingHandlers(api, opts.Routing)
-	statusHandler(api, opts.Status)
+	status := statusHandler(api, opts.Status)
 	historyHandler(api, opts.History)
 	backfillHandlers(api, opts.Backfill)
 	mismatchHandlers(api, opts.Mismatches)
@@ -120,6 +123,9 @@ func NewHandler(opts Options) http.Handler {
 			return
 		}
 		api.ServeHTTP(w, r)
+		if r.Method != http.MethodGet && status != nil {
+			status.forget() // a routing change: the next status shows it
+		}
 	}))
 	if opts.Writers != nil {
 		api.HandleFunc("GET /api/v1/writers", func(w http.ResponseWriter, r *http.Request) {
@@ -144,17 +150,70 @@ func NewHandler(opts Options) http.Handler {
 // apiConcurrency is how many /api/v1 requests run at once; more wait.
 const apiConcurrency = 4
 
-// readiness runs the readiness checks for /readyz: one run at a time, its
-// result shared by the requests that wait for it and reused for maxAge, so
-// that probes at any rate open at most one connection per store per maxAge.
-type readiness struct {
-	checks  []Check
-	timeout time.Duration
+// coalesced runs fn at most once at a time, shares its result with the
+// requests that wait for it, and reuses it for maxAge: callers at any rate
+// cost at most one run per maxAge. fn gets a context of its own (not the
+// first caller's: the result serves the others too), bounded by timeout
+// when set.
+type coalesced[T any] struct {
+	fn      func(ctx context.Context) T
 	maxAge  time.Duration
+	timeout time.Duration
 
-	run     sync.Mutex // held while the checks run
-	mu      sync.Mutex
-	at      time.Time
+	run sync.Mutex // held while fn runs
+	mu  sync.Mutex
+	at  time.Time
+	v   T
+	gen uint64 // forget's count: a run that began before a forget keeps no result
+}
+
+// forget drops the result kept, and the one of a run under way, so the
+// next get runs fn again.
+func (c *coalesced[T]) forget() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.at, c.gen = time.Time{}, c.gen+1
+}
+
+func (c *coalesced[T]) cached() (T, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.at.IsZero() && time.Since(c.at) < c.maxAge {
+		return c.v, true
+	}
+	var zero T
+	return zero, false
+}
+
+func (c *coalesced[T]) get(ctx context.Context) T {
+	if v, hit := c.cached(); hit {
+		return v
+	}
+	c.run.Lock()
+	defer c.run.Unlock()
+	if v, hit := c.cached(); hit {
+		return v // another request ran it meanwhile
+	}
+	c.mu.Lock()
+	gen := c.gen
+	c.mu.Unlock()
+	fctx := context.WithoutCancel(ctx)
+	if c.timeout > 0 {
+		var cancel context.CancelFunc
+		fctx, cancel = context.WithTimeout(fctx, c.timeout)
+		defer cancel()
+	}
+	v := c.fn(fctx)
+	c.mu.Lock()
+	if c.gen == gen {
+		c.at, c.v = time.Now(), v
+	}
+	c.mu.Unlock()
+	return v
+}
+
+// readiness is one run of the readiness checks for /readyz.
+type readiness struct {
 	results []checkResult
 	ok      bool
 }
@@ -165,30 +224,13 @@ type checkResult struct {
 	Error string `json:"error,omitempty"`
 }
 
-func (p *readiness) cached() ([]checkResult, bool, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if !p.at.IsZero() && time.Since(p.at) < p.maxAge {
-		return p.results, p.ok, true
-	}
-	return nil, false, false
-}
-
-func (p *readiness) get(ctx context.Context) ([]checkResult, bool) {
-	if res, ok, hit := p.cached(); hit {
-		return res, ok
-	}
-	p.run.Lock()
-	defer p.run.Unlock()
-	if res, ok, hit := p.cached(); hit {
-		return res, ok // another request ran them meanwhile
-	}
-	results := make([]checkResult, len(p.checks))
+// runChecks runs every check at once, each bounded by timeout.
+func runChecks(ctx context.Context, checks []Check, timeout time.Duration) readiness {
+	results := make([]checkResult, len(checks))
 	var wg sync.WaitGroup
-	for i, c := range p.checks {
+	for i, c := range checks {
 		wg.Go(func() {
-			// Not the request's context: the result serves other requests too.
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
+			cctx, cancel := context.WithTimeout(ctx, timeout)
 			defer cancel()
 			results[i] = checkResult{Name: c.Name, OK: true}
 			if err := c.Run(cctx); err != nil {
@@ -201,10 +243,7 @@ func (p *readiness) get(ctx context.Context) ([]checkResult, bool) {
 	for _, r := range results {
 		ok = ok && r.OK
 	}
-	p.mu.Lock()
-	p.at, p.results, p.ok = time.Now(), results, ok
-	p.mu.Unlock()
-	return results, ok
+	return readiness{results: results, ok: ok}
 }
 
 // Server is the admin HTTP server.

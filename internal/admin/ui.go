@@ -4,6 +4,7 @@ import (
 	"context"
 	_ "embed"
 	"net/http"
+	"time"
 )
 
 // statusPage is the migration status page served at GET /: one HTML file,
@@ -27,17 +28,31 @@ func uiPage(mux *http.ServeMux) {
 }
 
 // statusHandler serves GET /api/v1/status (what `tandem status --json`
-// prints) when status is set.
-func statusHandler(mux *http.ServeMux, status func(ctx context.Context) (any, error)) {
+// prints) when status is set. Collecting it reads both stores (mappings,
+// the backfill and verify gates), so one collection serves every request
+// within a second: the status page of every open browser polls it. A
+// routing change through the API forgets it (see NewHandler).
+func statusHandler(mux *http.ServeMux, status func(ctx context.Context) (any, error)) *coalesced[statusResult] {
 	if status == nil {
-		return
+		return nil
 	}
+	shared := &coalesced[statusResult]{maxAge: time.Second, timeout: 30 * time.Second, fn: func(ctx context.Context) statusResult {
+		v, err := status(ctx)
+		return statusResult{v, err}
+	}}
 	mux.HandleFunc("GET /api/v1/status", func(w http.ResponseWriter, r *http.Request) {
-		st, err := status(r.Context())
-		if err != nil {
-			writeError(w, err)
+		res := shared.get(r.Context())
+		if res.err != nil {
+			writeError(w, res.err)
 			return
 		}
-		writeJSON(w, http.StatusOK, st)
+		writeJSON(w, http.StatusOK, res.v)
 	})
+	return shared
+}
+
+// statusResult is one collection of the migration status.
+type statusResult struct {
+	v   any
+	err error
 }
