@@ -8,7 +8,7 @@
 #   (c) bench/naivecompare: both tables streamed in key order over pgx, compared in Go
 #   (d) tandem compare again after planting 100 scattered differences on new (must report 100)
 #   (e) with those repaired, Tandem in dual-write in front of both stores and pgbench updating
-#       random rows through it (-R 500 tps): a full scan and tandem compare under those live
+#       random rows through it (-R $LIVE_RATE, default 500 tps): a full scan and tandem compare under those live
 #       writes (must report 0: every difference a write in flight)
 # With --baseline BIN, (b) and (d) are also timed with that Tandem binary (e.g. one built from
 # the commit before a change), alternating with the new one, so both are measured side by side.
@@ -22,6 +22,7 @@ REPO=$(cd "$HERE/.." && pwd)
 export BENCH_DIR=${BENCH_DIR:-/tmp/tandem-bench}
 
 ROWS=${ROWS:-5000000}
+LIVE_RATE=${LIVE_RATE:-500}
 BATCH=10000
 OLD_PORT=${VF_OLD_PORT:-25621}
 NEW_PORT=${VF_NEW_PORT:-25622}
@@ -49,7 +50,7 @@ Usage: $PROG [options]
   -h, --help     this help
 
 Clusters '$OLD_CLUSTER' (:$OLD_PORT) and '$NEW_CLUSTER' (:$NEW_PORT) live under \$BENCH_DIR
-(default /tmp/tandem-bench). Environment: ROWS, VF_OLD_PORT, VF_NEW_PORT, BENCH_DIR, PG_BINDIR, TANDEM_BIN, NAIVE_BIN.
+(default /tmp/tandem-bench). Environment: ROWS, LIVE_RATE, VF_OLD_PORT, VF_NEW_PORT, BENCH_DIR, PG_BINDIR, TANDEM_BIN, NAIVE_BIN.
 USAGE
 }
 
@@ -223,7 +224,7 @@ if [[ $LIVE -eq 1 ]]; then
   done
   "$TANDEM_BIN" route set -c "$CFG" --mirror on --reason "verify.sh: live writes" >&2
   printf '\\set id random(1, %d)\nUPDATE %s SET qty = qty + 1, updated_at = now() WHERE id = :id;\n' "$ROWS" "$TABLE" >"$WORK/update.sql"
-  "$PGBENCH" -n -h 127.0.0.1 -p $((OLD_PORT + 2)) -U postgres -c 4 -j 2 -R 500 -T 3600 -f "$WORK/update.sql" "$DBNAME" \
+  "$PGBENCH" -n -h 127.0.0.1 -p $((OLD_PORT + 2)) -U postgres -c 4 -j 2 -R "$LIVE_RATE" -T 3600 -f "$WORK/update.sql" "$DBNAME" \
     >"$WORK/pgbench.log" 2>&1 &
   WRITER_PID=$!
   sleep 3
@@ -266,7 +267,7 @@ REPORT
 if [[ $LIVE -eq 1 ]]; then
   cat <<REPORT
 
-Under live writes (pgbench through Tandem in dual-write, 500 updates/s of random rows):
+Under live writes (pgbench through Tandem in dual-write, $LIVE_RATE updates/s of random rows):
 full scan $(printf %.2f "$T_LSCAN") s before and $(printf %.2f "$T_LSCAN2") s after the compares;
 tandem compare $(printf %.2f "$T_LIVE") s (0 differences, ${TRANSIENT:-0} transient),
 $(ratio "$T_LIVE" "$T_LSCAN") the scan before, $(ratio "$T_LIVE" "$T_CMP") a quiet clean compare.

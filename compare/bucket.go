@@ -44,6 +44,24 @@ func (s side) bucket(buckets int64) string {
 	return "((" + s.seed + ") & " + strconv.FormatInt(buckets-1, 10) + ")"
 }
 
+// bucketSettings are hashBuckets' settings: the aggregate states of every
+// bucket fit in work_mem (no spill to disk), and no JIT (the query is one
+// scan; compiling it costs more than it saves).
+const bucketSettings = "SET LOCAL work_mem = '" + bucketWorkMem + "'; SET LOCAL jit = off"
+
+// bucketsSQL is hashBuckets' query, to run under bucketSettings. The row
+// hash and the bucket are computed below an OFFSET 0, which keeps the
+// planner from flattening the subquery: grouped directly, the planner
+// cannot estimate the buckets (no statistics on the bucket expression),
+// expects a group per row, and sorts every row's columns (to disk) for a
+// GroupAggregate or pre-sizes a hash table for millions of groups, twice
+// the CPU; over the subquery it groups two bigints in a small hash table.
+// The price: no parallel workers, which the plain whole-table hash gets.
+func (s side) bucketsSQL(buckets int64) string {
+	return "SELECT b, count(*), " + s.aggregate("h", "") + " FROM (SELECT " + s.bucket(buckets) + " AS b, " + s.rowHash +
+		" AS h FROM " + s.name.Quoted() + " t OFFSET 0) AS r GROUP BY 1"
+}
+
 // hashBuckets hashes the whole table in one query, grouped by key bucket:
 // bucket -> row count and summed row hash (empty buckets are missing).
 func (s side) hashBuckets(ctx context.Context, c *pgx.Conn, buckets int64) (map[int64]rangeHash, error) {
@@ -52,18 +70,10 @@ func (s side) hashBuckets(ctx context.Context, c *pgx.Conn, buckets int64) (map[
 		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
 	}
 	defer tx.Rollback(ctx) //nolint:errcheck // read-only
-	// One aggregate state per bucket: let the hash table hold them all
-	// rather than spill to disk.
-	if _, err := tx.Exec(ctx, "SET LOCAL work_mem = '"+bucketWorkMem+"'"); err != nil {
+	if _, err := tx.Exec(ctx, bucketSettings); err != nil {
 		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
 	}
-	// The row hash and the bucket are computed below an OFFSET 0, which
-	// keeps the planner from flattening the subquery: grouped directly, the
-	// planner cannot estimate the buckets, expects a group per row, and
-	// sorts every row's columns (to disk) for a GroupAggregate, 2x the
-	// cost; over the subquery it groups two bigints in a small hash table.
-	rows, err := tx.Query(ctx, "SELECT b, count(*), "+s.aggregate("h", "")+" FROM (SELECT "+s.bucket(buckets)+" AS b, "+s.rowHash+
-		" AS h FROM "+s.name.Quoted()+" t OFFSET 0) AS r GROUP BY 1")
+	rows, err := tx.Query(ctx, s.bucketsSQL(buckets))
 	if err != nil {
 		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
 	}
@@ -91,16 +101,16 @@ func (s side) bucketRowHashes(ctx context.Context, q table.Querier, buckets int6
 		" IN (SELECT unnest($1::bigint[])) ORDER BY "+s.order, []any{in})
 }
 
-// bucketed is the whole-table pass where both stores hash records
-// (PostgreSQL 14 or later): each store hashes its whole table in one query,
-// both at once, grouped into key buckets. Every bucket equal: the table is
-// verified in that pass, at about the cost of one scan of each store.
-// Otherwise the rows of the differing buckets are fetched from both stores
-// in one query each (one more scan, hashing only those rows), diffed, and
-// the differences confirmed (and repaired) as the walk's are; the table is
-// then verified without a range walk, which is what makes a verify that
-// finds a few differences, or runs beside live writes, cost little more
-// than a clean one.
+// bucketed finds what differs when the whole-table hashes disagree and
+// both stores hash records (PostgreSQL 14 or later): each store hashes its
+// whole table in one query, both at once, grouped into key buckets, and
+// the rows of the buckets that differ are fetched from both stores in one
+// query each (one more scan, hashing only those rows), diffed, and the
+// differences confirmed (and repaired) as the walk's are. The table is then
+// verified without a range walk, which is what makes a verify that finds a
+// few differences, or runs beside live writes (a write between the two
+// whole-table scans is enough to disagree), cost about two passes more
+// than a clean one rather than a walk of every range.
 //
 // It returns false, having found nothing, when the differing buckets hold
 // more than Options.FetchMax rows: the range walk then finds what differs,

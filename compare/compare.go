@@ -69,10 +69,11 @@ type Options struct {
 	// for tables under heavy writes, where that pass rarely agrees. A rate
 	// limit implies it.
 	RangesOnly bool
-	// FetchMax bounds the whole-table pass of stores that hash records
-	// (see verifier.bucketed): when the key buckets that differ hold more
-	// rows than this (default 500000), their rows are not fetched and the
-	// range walk finds what differs instead.
+	// FetchMax bounds the bucketed pass that follows a disagreeing
+	// whole-table pass on stores that hash records (verifier.bucketed):
+	// when the key buckets that differ hold more rows than this (default
+	// 500000), their rows are not fetched and the range walk finds what
+	// differs instead.
 	FetchMax int
 	// Workers is how many key ranges are hashed at once, each on both
 	// stores and on a connection pair of its own (default 2).
@@ -181,9 +182,9 @@ type TableSummary struct {
 	Resumed   bool         `json:"resumed,omitempty"` // the run continued from a checkpoint
 	// WholeTable: the whole table hashed equal on both stores in one pass.
 	WholeTable bool `json:"whole_table,omitempty"`
-	// Buckets is the number of key buckets the whole-table pass hashed
-	// the table in, when it verified the table without a range walk
-	// (stores that hash records; see Options.FetchMax).
+	// Buckets is the number of key buckets the table was hashed in after
+	// the whole-table pass disagreed, when that found the differences
+	// without a range walk (stores that hash records; Options.FetchMax).
 	Buckets  int              `json:"buckets,omitempty"`
 	Duration jsonout.Duration `json:"duration"`          // this session's, as text ("1.5s")
 	Skipped  string           `json:"skipped,omitempty"` // why the table was not verified
@@ -344,13 +345,16 @@ func (v *verifier) verify(ctx context.Context, lo []string) error {
 	v.progress()
 	// A rate limit asks for a gentle verify: no whole-table scans.
 	if lo == nil && !v.opts.RangesOnly && v.opts.Limiter == nil {
-		whole := v.whole
-		if v.o.seed != "" {
-			whole = v.bucketed
-		}
-		done, err := whole(ctx)
+		done, err := v.whole(ctx)
 		if err != nil || done {
 			return err
+		}
+		// Disagreed: with record hashes, find the differing rows in key
+		// buckets instead of walking key ranges, unless too many differ.
+		if v.o.seed != "" {
+			if done, err := v.bucketed(ctx); err != nil || done {
+				return err
+			}
 		}
 	}
 	return v.walk(ctx, lo)

@@ -212,8 +212,8 @@ func TestVerifyThroughput(t *testing.T) {
 // re-check holds the primary's table and waits for the secondary's open
 // write to commit. A write that never lands is reported once Settle has
 // passed. Both directions: old primary, and new primary after a flip; and
-// both passes that find differences: the range walk and the whole-table
-// pass's key buckets.
+// both passes that find differences: the range walk and the key buckets
+// hashed after a whole-table pass that disagreed.
 func TestInFlightWrite(t *testing.T) {
 	for _, primaryNew := range []bool{false, true} {
 		for _, rangesOnly := range []bool{true, false} {
@@ -317,9 +317,10 @@ func TestSwappedValues(t *testing.T) {
 // and keys before the first and after the last, for an integer, a text
 // and a composite key, with both row hashes; and checks an empty and a
 // one-row table. Each run must report exactly the planted keys with their
-// kinds, whichever pass finds them: the whole-table pass's key buckets
-// (record hashes), the range walk after a whole-table pass that found too
-// many rows differing to fetch (FetchMax 1), and the walk alone.
+// kinds, whichever pass finds them: the key buckets hashed after the
+// whole-table pass disagreed (record hashes), the range walk after buckets
+// that held too many differing rows to fetch (FetchMax 1), and the walk
+// alone.
 func TestEdgesAndKeyTypes(t *testing.T) {
 	for _, textHash := range []bool{false, true} {
 		t.Run(fmt.Sprintf("text_hash=%v", textHash), func(t *testing.T) { testEdges(t, &TestingKnobs{TextHash: textHash}) })
@@ -401,5 +402,47 @@ func testEdges(t *testing.T, knobs *TestingKnobs) {
 				t.Errorf("%s (%s): not found by the range walk: %+v", tb, pass.name, s)
 			}
 		}
+	}
+}
+
+// TestBucketPlan: the bucketed pass's GROUP BY is planned as a hash
+// aggregate, never as a sort of every row (grouped directly, the planner
+// expects a group per row; see bucketsSQL), and without JIT.
+func TestBucketPlan(t *testing.T) {
+	schema := `CREATE TABLE big (id bigint PRIMARY KEY, name text, n numeric, at timestamptz);
+		INSERT INTO big SELECT g, md5(g::text), g, '2024-01-01'::timestamptz + g * interval '1 second' FROM generate_series(1, 300000) g;
+		ANALYZE big;`
+	p := newPair(t, schema, schema)
+	m := p.mapping(nil, "big")
+	h, err := m.RecordHashSQL("old")
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, err := m.RecordHashSeedSQL("old")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newSide(m.Old.Name, []table.Column{m.Old.Columns[m.Old.Key[0]]}, h, true)
+	s.seed = seed
+	tx, err := p.old.Begin(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(t.Context()) //nolint:errcheck // read-only
+	// As on a server that sorts and compiles eagerly.
+	if _, err := tx.Exec(t.Context(), "SET LOCAL jit_above_cost = 0; SET LOCAL work_mem = '256MB'; "+bucketSettings); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := tx.Query(t.Context(), "EXPLAIN (VERBOSE) "+s.bucketsSQL(bucketCount(300000)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(lines, "\n")
+	if strings.Contains(got, "Sort") || !strings.Contains(got, "HashAggregate") || strings.Contains(got, "JIT") {
+		t.Fatalf("bucketed pass plan:\n%s", got)
 	}
 }

@@ -99,9 +99,9 @@ func TestResume(t *testing.T) {
 	}
 }
 
-// TestResumeBucketed interrupts a verify in the whole-table pass (as it
-// confirms what the key buckets found) and resumes it: the pass begins
-// again, finds the same differences, and the run ends done.
+// TestResumeBucketed interrupts a verify in its bucketed pass (as it
+// confirms what the key buckets found) and resumes it: the passes begin
+// again, find the same differences, and the run ends done.
 func TestResumeBucketed(t *testing.T) {
 	p := newPair(t, itemsSchema, itemsSchema+`DELETE FROM items WHERE id = 100; UPDATE items SET name = 'x' WHERE id = 3000;`)
 	m := p.mapping(nil, "items")

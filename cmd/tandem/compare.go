@@ -33,13 +33,14 @@ PostgreSQL 14 or later, else the md5 of the rows' text in key order.
 
 First each whole table is hashed in one query per store, both at once
 (PostgreSQL may scan it in parallel): a quiet table that agrees is verified
-in that pass. With PostgreSQL 14 or later on both sides that pass hashes the
-table in 1024 to 16384 key buckets (by the low bits of the row hash's key
-seed); the rows of the buckets that differ are then fetched from both
-stores in one more query each and diffed, so a table with a few differences,
-or under live writes, is verified in about two scans. When the differing
-buckets hold more than 500000 rows, and otherwise (with --ranges-only, or
---rate, or older servers), the old table is walked in key order, --batch rows per key range, --workers ranges at a time,
+in that pass. When it disagrees (a few differences, or a live write between
+the two scans) and both sides run PostgreSQL 14 or later, each table is
+hashed again in 1024 to 16384 key buckets (by the low bits of the row hash's
+key seed), one query per store, and the rows of the buckets that differ are
+fetched from both stores in one more query each and diffed: about two scans
+more, and no range walk. When the differing buckets hold more than 500000
+rows, and otherwise (with --ranges-only, or --rate, or older servers), the
+old table is walked in key order, --batch rows per key range, --workers ranges at a time,
 each hashed on both stores at once. A range whose hashes differ is bisected
 on its own connections, the window's at once, until it holds at most --leaf
 rows, whose keys and row hashes are then fetched from both stores and diffed;
