@@ -191,8 +191,33 @@ func (e *Engine) reconcileEnd(ctx context.Context, primary *pgx.Conn) (pglogrepl
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+	return flushedInsertLSN(ctx, primary)
+}
+
+// flushedInsertLSN returns the old store's WAL insert position, once the
+// WAL is flushed up to it. The insert position, not pg_current_wal_lsn
+// (the write position): a transaction that committed with
+// synchronous_commit = off may have its commit record after the write
+// position, and decoding up to that would leave it out. And flushed:
+// logical decoding reads only flushed WAL. The flush is the commit, under
+// synchronous_commit = on, of a transaction that wrote WAL after the
+// position read: a transactional logical message (a transaction that only
+// takes an xid writes no WAL before its commit record, and then commits
+// asynchronously whatever synchronous_commit says). pgoutput does not
+// send messages unless asked.
+func flushedInsertLSN(ctx context.Context, primary *pgx.Conn) (pglogrepl.LSN, error) {
 	var lsn string
-	if err := primary.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&lsn); err != nil {
+	err := pgx.BeginFunc(ctx, primary, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on"); err != nil {
+			return err
+		}
+		if err := tx.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&lsn); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "SELECT pg_logical_emit_message(true, 'tandem.backfill', 'reconcile end')")
+		return err
+	})
+	if err != nil {
 		return 0, fmt.Errorf("reading the old store's WAL position: %w", err)
 	}
 	return pglogrepl.ParseLSN(lsn)
