@@ -129,7 +129,15 @@ type TableProgress struct {
 	ChunksDone   int        `json:"chunks_done"`
 	ChunksFailed int        `json:"chunks_failed"`
 	FailedKeys   int        `json:"failed_keys"`
-	Skipped      string     `json:"skipped,omitempty"` // why the table is not copied (finished, no key, ...)
+	// The snapshot path's chunks by how they were loaded: StraightChunks
+	// with COPY straight into the table (its range was empty on new),
+	// StagedChunks through the staging table; StraightRaced of the staged
+	// ones had a mirrored write race into their range during the straight
+	// COPY, which failed rather than overwrite it.
+	StraightChunks int    `json:"chunks_straight"`
+	StagedChunks   int    `json:"chunks_staged"`
+	StraightRaced  int    `json:"chunks_straight_raced"`
+	Skipped        string `json:"skipped,omitempty"` // why the table is not copied (finished, no key, ...)
 }
 
 // Throttle is the throttle's state.

@@ -57,8 +57,11 @@ type snapshotHooks struct {
 	// beforeReconcile runs once every chunk is loaded, before the
 	// reconcile reads the slot.
 	beforeReconcile func(ctx context.Context)
-	skipReconcile   bool // leave the reconcile out: the hazard tests show what it repairs
-	overwrite       bool // load with DO UPDATE instead of DO NOTHING (table.SnapshotCopy.Overwrite)
+	// beforeStraight runs in a chunk's load, after its range was seen
+	// empty on new and before the straight COPY into the table.
+	beforeStraight func(ctx context.Context, t table.Name, lo, hi []string)
+	skipReconcile  bool // leave the reconcile out: the hazard tests show what it repairs
+	overwrite      bool // load with DO UPDATE instead of DO NOTHING (table.SnapshotCopy.Overwrite)
 }
 
 // snapshot is a running snapshot copy: the exported snapshot the workers
@@ -237,6 +240,9 @@ func (e *Engine) prepareSnapshot(ctx context.Context, control, primary, secondar
 			return refuse(fmt.Sprintf("%s cannot be loaded from a snapshot: %v", n, err))
 		}
 		l.Overwrite = o.hooks.overwrite
+		if err := l.CheckStraight(ctx, secondary); err != nil {
+			return err
+		}
 		loaders[n] = l
 	}
 	schemas, tnames := split(run)
@@ -389,12 +395,22 @@ func (e *Engine) importSnapshot(ctx context.Context, c *conns) error {
 	return nil
 }
 
+// How a chunk was loaded from the snapshot.
+type loadHow int
+
+const (
+	loadStaged   loadHow = iota // through the staging table, ON CONFLICT DO NOTHING
+	loadStraight                // COPY straight into the table: its range was empty on new
+)
+
 // runSnapshotChunk loads one claimed chunk from the snapshot, with its
-// checkpoint in the same new-store transaction, and marks it done. A load
-// that fails (a row new refuses, ...) is rolled back and the chunk is
+// checkpoint in the same new-store transaction, and marks it done. A
+// chunk whose range is empty on new is COPYed straight into the table; a
+// mirrored write that races in fails that COPY with a unique violation,
+// and the chunk is loaded again through the staging table. A load that
+// fails otherwise (a row new refuses, ...) is rolled back and the chunk is
 // copied under lock instead, where a bad row is isolated.
 func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, id string, ch *chunkRow) error {
-	ts := e.progress[ch.table]
 	log := e.o.Logger.With("table", ch.table.String(), "chunk", ch.chunk, "worker", id, "attempt", ch.attempt)
 	// A chunk is one unit: held before it is loaded (pause, latency
 	// guard), charged to the rate after.
@@ -402,22 +418,17 @@ func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, i
 		return err
 	}
 	start := time.Now()
-	var read int64
-	err := pgx.BeginFunc(ctx, c.secondary, func(stx pgx.Tx) error {
-		l := e.snap.loaders[ch.table]
-		if _, err := stx.Exec(ctx, `INSERT INTO tandem.backfill_recheck (schema_name, table_name, key) SELECT $1, $2, k FROM (`+
-			l.PresentKeysSQL(ch.lo, ch.hi)+`) AS x(k) ON CONFLICT DO NOTHING`, ch.table.Schema, ch.table.Table); err != nil {
-			return fmt.Errorf("keeping the keys new holds: %w", err)
-		}
-		var err error
-		if read, _, err = e.snap.loaders[ch.table].Range(ctx, c.snapTx, stx, ch.lo, ch.hi); err != nil {
-			return err
-		}
-		_, err = stx.Exec(ctx, `INSERT INTO tandem.backfill_checkpoints AS c (schema_name, table_name, chunk, cursor, rows) VALUES ($1, $2, $3, $4, $5)
-			ON CONFLICT (schema_name, table_name, chunk) DO UPDATE SET cursor = excluded.cursor, rows = excluded.rows, updated_at = now()`,
-			ch.table.Schema, ch.table.Table, ch.chunk, ch.hi, read)
-		return err
-	})
+	l := e.snap.loaders[ch.table]
+	read, how, err := e.loadSnapshotChunk(ctx, c, ch, l.Straight())
+	raced := false
+	if ctx.Err() == nil && table.IsUniqueViolation(err) && l.Straight() {
+		// A row that committed on new after the range was seen empty: the
+		// straight COPY failed rather than overwrite it. Staged, the load
+		// leaves it alone (and the reconcile re-checks its key).
+		log.Info("a row was written on new in the chunk's range during its straight COPY; loading the chunk through the staging table", "err", err)
+		raced = true
+		read, how, err = e.loadSnapshotChunk(ctx, c, ch, false)
+	}
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -435,8 +446,60 @@ func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, i
 		}
 		return e.runChunk(ctx, c, claim, id, ch)
 	}
+	return e.finishSnapshotChunk(ctx, c, claim, id, ch, read, time.Since(start), func(p *TableProgress) {
+		if how == loadStraight {
+			p.StraightChunks++
+		} else {
+			p.StagedChunks++
+		}
+		if raced {
+			p.StraightRaced++
+		}
+	})
+}
+
+// loadSnapshotChunk loads ch from the snapshot in one new-store
+// transaction: the keys new already holds in the chunk's range go to the
+// recheck set, the rows are loaded (straight, when allowed and the range
+// holds no key, else staged), and the chunk's checkpoint is written.
+func (e *Engine) loadSnapshotChunk(ctx context.Context, c *conns, ch *chunkRow, straight bool) (read int64, how loadHow, err error) {
+	l := e.snap.loaders[ch.table]
+	err = pgx.BeginFunc(ctx, c.secondary, func(stx pgx.Tx) error {
+		var present int64
+		if err := stx.QueryRow(ctx, `WITH k AS (`+l.PresentKeysSQL(ch.lo, ch.hi)+`),
+			kept AS (INSERT INTO tandem.backfill_recheck (schema_name, table_name, key) SELECT $1, $2, k.* FROM k ON CONFLICT DO NOTHING)
+			SELECT count(*) FROM k`, ch.table.Schema, ch.table.Table).Scan(&present); err != nil {
+			return fmt.Errorf("keeping the keys new holds: %w", err)
+		}
+		var err error
+		if straight && present == 0 {
+			how = loadStraight
+			if h := e.o.hooks.beforeStraight; h != nil {
+				h(ctx, ch.table, ch.lo, ch.hi)
+			}
+			read, err = l.RangeStraight(ctx, c.snapTx, stx, ch.lo, ch.hi)
+		} else {
+			how = loadStaged
+			read, _, err = l.Range(ctx, c.snapTx, stx, ch.lo, ch.hi)
+		}
+		if err != nil {
+			return err
+		}
+		_, err = stx.Exec(ctx, `INSERT INTO tandem.backfill_checkpoints AS c (schema_name, table_name, chunk, cursor, rows) VALUES ($1, $2, $3, $4, $5)
+			ON CONFLICT (schema_name, table_name, chunk) DO UPDATE SET cursor = excluded.cursor, rows = excluded.rows, updated_at = now()`,
+			ch.table.Schema, ch.table.Table, ch.chunk, ch.hi, read)
+		return err
+	})
+	return read, how, err
+}
+
+// finishSnapshotChunk logs a loaded chunk, marks it done in its claim
+// transaction and commits that, counts it (count runs under the engine's
+// lock) and charges its rows to the rate.
+func (e *Engine) finishSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, id string, ch *chunkRow, read int64, took time.Duration, count func(*TableProgress)) error {
+	ts := e.progress[ch.table]
 	ts.done.Add(read)
-	if err := writeLog(ctx, c.log, unitLog{table: ch.table, lo: ch.lo, hi: ch.hi, rows: int(read), duration: time.Since(start), attempt: ch.attempt, worker: id}); err != nil {
+	if err := writeLog(ctx, c.log, unitLog{table: ch.table, lo: ch.lo, hi: ch.hi, rows: int(read), duration: took, attempt: ch.attempt, worker: id}); err != nil {
 		return err
 	}
 	if _, err := claim.Exec(ctx, `UPDATE tandem.backfill_chunks SET status = 'done', last_error = NULL, failed_keys = '[]', rows = $4, updated_at = now(), next_attempt_at = NULL
@@ -448,6 +511,7 @@ func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, i
 	}
 	e.mu.Lock()
 	ts.p.ChunksDone++
+	count(&ts.p)
 	e.mu.Unlock()
 	return e.pace(ctx, int(read))
 }

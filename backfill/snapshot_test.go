@@ -2,8 +2,12 @@ package backfill
 
 import (
 	"context"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
+
+	"github.com/tandemdb/tandem/internal/table"
 )
 
 // snapshotRun runs a snapshot backfill of items (3000 rows) where change
@@ -11,6 +15,12 @@ import (
 // exported, before any chunk is loaded. skip leaves the reconcile out;
 // overwrite makes the load DO UPDATE.
 func snapshotRun(t *testing.T, change func(e *env), skip, overwrite bool) *env {
+	t.Helper()
+	e, _ := snapshotRunSummary(t, change, skip, overwrite)
+	return e
+}
+
+func snapshotRunSummary(t *testing.T, change func(e *env), skip, overwrite bool) (*env, Summary) {
 	t.Helper()
 	e := newEnv(t, itemsSchema, true)
 	e.exec(e.old, `INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 3000) g`)
@@ -33,7 +43,7 @@ func snapshotRun(t *testing.T, change func(e *env), skip, overwrite bool) *env {
 	if s.Failed {
 		t.Fatalf("summary %+v", s)
 	}
-	return e
+	return e, s
 }
 
 // TestBackfillSnapshotDeleted: a row deleted on old after the snapshot
@@ -47,8 +57,13 @@ func TestBackfillSnapshotDeleted(t *testing.T) {
 			e.exec(e.new, c) // the mirror: nothing to delete yet
 		}
 	}
-	e := snapshotRun(t, del, false, false)
+	e, s := snapshotRunSummary(t, del, false, false)
 	equalTables(t, e, "items")
+	// No chunk's range held a row on new (the mirrored deletes found
+	// nothing): every chunk was COPYed straight into the table.
+	if p := s.Tables[0]; p.StraightChunks != p.Chunks || p.StagedChunks != 0 || p.StraightRaced != 0 {
+		t.Fatalf("chunks %d: %d straight, %d staged, %d raced; want all straight", p.Chunks, p.StraightChunks, p.StagedChunks, p.StraightRaced)
+	}
 	if n := text(t, e.new, `SELECT count(*) FROM items WHERE id IN (10, 2500)`); n != "0" {
 		t.Fatalf("%s deleted rows resurrected on new", n)
 	}
@@ -94,5 +109,65 @@ func TestBackfillSnapshotNewerMirrored(t *testing.T) {
 	e := snapshotRun(t, newer, true, true)     // neither: the hazard
 	if got := text(t, e.new, `SELECT string_agg(name, ',' ORDER BY id) FROM items WHERE id IN (20, 1500)`); !strings.Contains(got, "n20") || !strings.Contains(got, "n1500") {
 		t.Fatalf("an overwriting load without reconcile kept %q: the test would not see the hazard", got)
+	}
+}
+
+// TestBackfillSnapshotStraightRace: a mirrored write lands on new in a
+// chunk's range after the load saw the range empty and before its straight
+// COPY into the table. The COPY fails on the key (it never overwrites),
+// the chunk is loaded through the staging table instead, the backfill
+// finishes, and the stores are equal. Without the reconcile the mirrored
+// row is still the mirror's, not the snapshot's: neither load replaced it.
+func TestBackfillSnapshotStraightRace(t *testing.T) {
+	for _, skip := range []bool{false, true} {
+		e := newEnv(t, itemsSchema, true)
+		e.exec(e.old, `INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 3000) g`)
+		o := e.options(nil, "items")
+		o.Path = PathSnapshot
+		o.hooks.skipReconcile = skip
+		var calls atomic.Int32
+		var raced int64
+		o.hooks.beforeStraight = func(_ context.Context, _ table.Name, lo, hi []string) {
+			if calls.Add(1) != 1 {
+				return
+			}
+			// The chunk's last key (or the one after its start, for the
+			// last chunk), updated on old after the snapshot and mirrored:
+			// on new it is an insert, committed, in the range just seen
+			// empty.
+			if hi != nil {
+				raced, _ = strconv.ParseInt(hi[0], 10, 64)
+			} else {
+				lo0, _ := strconv.ParseInt(lo[0], 10, 64)
+				raced = lo0 + 1
+			}
+			k := strconv.FormatInt(raced, 10)
+			e.exec(e.old, `UPDATE items SET name = 'raced', qty = -1 WHERE id = `+k)
+			e.exec(e.new, `INSERT INTO items VALUES (`+k+`, 'raced', -1) ON CONFLICT (id) DO UPDATE SET name = excluded.name, qty = excluded.qty`)
+		}
+		eng, err := New(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := eng.Run(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := s.Tables[0]
+		if s.Failed || p.ChunksDone != p.Chunks || p.Chunks < 2 {
+			t.Fatalf("summary %+v", s)
+		}
+		if p.StraightRaced != 1 || p.StagedChunks != 1 || p.StraightChunks != p.Chunks-1 {
+			t.Fatalf("chunks %d: %d straight, %d staged, %d raced; want one raced chunk staged, the others straight", p.Chunks, p.StraightChunks, p.StagedChunks, p.StraightRaced)
+		}
+		if got := text(t, e.new, `SELECT name || '/' || qty FROM items WHERE id = `+strconv.FormatInt(raced, 10)); got != "raced/-1" {
+			t.Fatalf("reconcile skipped %v: new holds %s for the raced key %d, want the mirrored raced/-1", skip, got, raced)
+		}
+		if n := text(t, e.new, `SELECT count(*) FROM items`); n != "3000" {
+			t.Fatalf("reconcile skipped %v: new holds %s rows, want 3000", skip, n)
+		}
+		if !skip {
+			equalTables(t, e, "items")
+		}
 	}
 }
