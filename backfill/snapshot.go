@@ -164,50 +164,10 @@ func dropSlot(ctx context.Context, primary *pgx.Conn, slot string) error {
 // reconciled: they are copied again under lock.
 func (e *Engine) prepareSnapshot(ctx context.Context, control, primary, secondary *pgx.Conn, run []table.Name) error {
 	o := &e.o
-	slot, err := slotName(ctx, primary)
-	if err != nil {
+	slot, owner, err := e.takeSlot(ctx, control, primary, secondary)
+	if err != nil || !owner {
 		return err
 	}
-	rec, err := readSlot(ctx, control, slot)
-	if err != nil {
-		return err
-	}
-	// The process that holds the lock owns the slot: it alone creates,
-	// reconciles and drops it. Another one copies under lock and leaves
-	// the slot's tables unfinished for the owner's reconcile.
-	var owner bool
-	if err := control.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext($1))", snapshotLock).Scan(&owner); err != nil {
-		return fmt.Errorf("taking the snapshot lock: %w", err)
-	}
-	if !owner {
-		e.slot, e.slotForeign = rec, true
-		if o.Path == PathSnapshot {
-			return errors.New("backfill: --path snapshot: another tandem backfill process runs a snapshot backfill now")
-		}
-		e.usePath(PathLocked, "another tandem backfill process runs a snapshot backfill now")
-		return nil
-	}
-	exists, err := slotExists(ctx, primary, slot)
-	if err != nil {
-		return err
-	}
-	switch {
-	case rec != nil && !exists:
-		if err := e.forgetLostSlot(ctx, control, secondary, rec); err != nil {
-			return err
-		}
-		reason := fmt.Sprintf("the slot %s of an earlier snapshot backfill is gone, so the chunks loaded from its snapshot cannot be reconciled: every unfinished chunk of %s is copied again under lock", slot, names(rec.tables))
-		if o.Path == PathSnapshot {
-			return errors.New("backfill: " + reason)
-		}
-		e.usePath(PathLocked, reason)
-		return nil
-	case rec == nil && exists: // created by a run that died before recording it: nothing was loaded from it
-		if err := dropSlot(ctx, primary, slot); err != nil {
-			return err
-		}
-	}
-	e.slot = rec
 	refuse := func(reason string) error {
 		if o.Path == PathSnapshot {
 			return errors.New("backfill: --path snapshot: " + reason)
@@ -219,31 +179,9 @@ func (e *Engine) prepareSnapshot(ctx context.Context, control, primary, secondar
 		e.usePath(PathLocked, "--path locked")
 		return nil
 	}
-	var wal string
-	if err := primary.QueryRow(ctx, "SHOW wal_level").Scan(&wal); err != nil {
-		return fmt.Errorf("reading the old store's wal_level: %w", err)
-	}
-	if wal != "logical" {
-		return refuse("the old store's wal_level is " + wal + ", not logical: no slot can give the snapshot's changes")
-	}
-	if rec != nil {
-		for _, n := range run {
-			if !slices.Contains(rec.tables, n) {
-				return refuse(fmt.Sprintf("the unfinished snapshot backfill of %s (slot %s) does not cover %s", names(rec.tables), slot, n))
-			}
-		}
-	}
-	loaders := map[table.Name]*table.SnapshotCopy{}
-	for _, n := range run {
-		l, err := table.NewSnapshotCopy(e.progress[n].m)
-		if err != nil {
-			return refuse(fmt.Sprintf("%s cannot be loaded from a snapshot: %v", n, err))
-		}
-		l.Overwrite = o.hooks.overwrite
-		if err := l.CheckStraight(ctx, secondary); err != nil {
-			return err
-		}
-		loaders[n] = l
+	loaders, reason, err := e.snapshotLoaders(ctx, primary, secondary, slot, run)
+	if err != nil || reason != "" {
+		return errors.Join(err, refuseIf(reason, refuse))
 	}
 	schemas, tnames := split(run)
 	var pending int
@@ -252,54 +190,158 @@ func (e *Engine) prepareSnapshot(ctx context.Context, control, primary, secondar
 		return fmt.Errorf("counting chunks: %w", err)
 	}
 	if pending == 0 {
-		if rec != nil {
+		if e.slot != nil {
 			e.usePath(PathSnapshot, "every chunk is loaded; the changes since the snapshot are reconciled")
 		}
 		return nil
 	}
-	if rec == nil {
-		if err := createPublication(ctx, primary, run); err != nil {
-			return refuse(err.Error())
+	reason, err = e.exportSnapshot(ctx, control, primary, slot, run, loaders)
+	if err != nil || reason != "" {
+		return errors.Join(err, refuseIf(reason, refuse))
+	}
+	if o.hooks.afterSnapshot != nil {
+		o.hooks.afterSnapshot(ctx)
+	}
+	return nil
+}
+
+func refuseIf(reason string, refuse func(string) error) error {
+	if reason == "" {
+		return nil
+	}
+	return refuse(reason)
+}
+
+// takeSlot reads the backfill's slot as recorded and on old, and takes the
+// snapshot lock: the process that holds it owns the slot (it alone creates,
+// reconciles and drops it). Another one copies under lock and leaves the
+// slot's tables unfinished for the owner's reconcile (owner false, the
+// path chosen). A recorded slot that is gone resets its chunks and makes
+// the path locked (owner false); a slot that was never recorded is
+// dropped. e.slot is the recorded slot, if any.
+func (e *Engine) takeSlot(ctx context.Context, control, primary, secondary *pgx.Conn) (slot string, owner bool, err error) {
+	o := &e.o
+	if slot, err = slotName(ctx, primary); err != nil {
+		return "", false, err
+	}
+	rec, err := readSlot(ctx, control, slot)
+	if err != nil {
+		return "", false, err
+	}
+	if err := control.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext($1))", snapshotLock).Scan(&owner); err != nil {
+		return "", false, fmt.Errorf("taking the snapshot lock: %w", err)
+	}
+	if !owner {
+		e.slot, e.slotForeign = rec, true
+		if o.Path == PathSnapshot {
+			return "", false, errors.New("backfill: --path snapshot: another tandem backfill process runs a snapshot backfill now")
+		}
+		e.usePath(PathLocked, "another tandem backfill process runs a snapshot backfill now")
+		return slot, false, nil
+	}
+	exists, err := slotExists(ctx, primary, slot)
+	if err != nil {
+		return "", false, err
+	}
+	switch {
+	case rec != nil && !exists:
+		if err := e.forgetLostSlot(ctx, control, secondary, rec); err != nil {
+			return "", false, err
+		}
+		reason := fmt.Sprintf("the slot %s of an earlier snapshot backfill is gone, so the chunks loaded from its snapshot cannot be reconciled: every unfinished chunk of %s is copied again under lock", slot, names(rec.tables))
+		if o.Path == PathSnapshot {
+			return "", false, errors.New("backfill: " + reason)
+		}
+		e.usePath(PathLocked, reason)
+		return slot, false, nil
+	case rec == nil && exists: // created by a run that died before recording it: nothing was loaded from it
+		if err := dropSlot(ctx, primary, slot); err != nil {
+			return "", false, err
 		}
 	}
-	repl, err := pgconn.ConnectConfig(ctx, replicationConfig(o.Primary))
+	e.slot = rec
+	return slot, true, nil
+}
+
+// snapshotLoaders checks that run can be copied from a snapshot (old's
+// wal_level; an unfinished snapshot backfill's slot covers every table)
+// and returns each table's loader. reason, when not empty, is why not.
+func (e *Engine) snapshotLoaders(ctx context.Context, primary, secondary *pgx.Conn, slot string, run []table.Name) (map[table.Name]*table.SnapshotCopy, string, error) {
+	var wal string
+	if err := primary.QueryRow(ctx, "SHOW wal_level").Scan(&wal); err != nil {
+		return nil, "", fmt.Errorf("reading the old store's wal_level: %w", err)
+	}
+	if wal != "logical" {
+		return nil, "the old store's wal_level is " + wal + ", not logical: no slot can give the snapshot's changes", nil
+	}
+	if rec := e.slot; rec != nil {
+		for _, n := range run {
+			if !slices.Contains(rec.tables, n) {
+				return nil, fmt.Sprintf("the unfinished snapshot backfill of %s (slot %s) does not cover %s", names(rec.tables), slot, n), nil
+			}
+		}
+	}
+	loaders := map[table.Name]*table.SnapshotCopy{}
+	for _, n := range run {
+		l, err := table.NewSnapshotCopy(e.progress[n].m)
+		if err != nil {
+			return nil, fmt.Sprintf("%s cannot be loaded from a snapshot: %v", n, err), nil
+		}
+		l.Overwrite = e.o.hooks.overwrite
+		if err := l.CheckStraight(ctx, secondary); err != nil {
+			return nil, "", err
+		}
+		loaders[n] = l
+	}
+	return loaders, "", nil
+}
+
+// exportSnapshot creates the publication (for a new slot), opens the
+// replication connection and exports the snapshot from the slot it
+// creates: the backfill's own slot, recorded in tandem.backfill_slots
+// before any chunk is loaded, or, when an earlier run's slot is recorded,
+// a temporary one (gone with the connection). reason, when not empty, is
+// why the snapshot path cannot be taken.
+func (e *Engine) exportSnapshot(ctx context.Context, control, primary *pgx.Conn, slot string, run []table.Name, loaders map[table.Name]*table.SnapshotCopy) (string, error) {
+	rec := e.slot
+	if rec == nil {
+		if err := createPublication(ctx, primary, run); err != nil {
+			return err.Error(), nil
+		}
+	}
+	repl, err := pgconn.ConnectConfig(ctx, replicationConfig(e.o.Primary))
 	if err != nil {
-		return refuse(fmt.Sprintf("no replication connection to the old store: %v", err))
+		return fmt.Sprintf("no replication connection to the old store: %v", err), nil
 	}
 	name, opts := slot, pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "EXPORT_SNAPSHOT"}
 	if rec != nil {
 		// The recorded slot keeps the changes since the first snapshot;
-		// this run's snapshot comes from a temporary slot, gone with the
-		// connection.
-		var pid uint32
-		name, opts.Temporary, pid = slot+"_t", true, repl.PID()
-		name = fmt.Sprintf("%s%d", name, pid)
+		// this run's snapshot comes from a temporary slot.
+		name, opts.Temporary = fmt.Sprintf("%s_t%d", slot, repl.PID()), true
 	}
 	res, err := pglogrepl.CreateReplicationSlot(ctx, repl, name, "pgoutput", opts)
 	if err != nil {
 		repl.Close(context.WithoutCancel(ctx))
-		return refuse(fmt.Sprintf("cannot create a logical replication slot on the old store: %v", err))
+		return fmt.Sprintf("cannot create a logical replication slot on the old store: %v", err), nil
 	}
 	if rec == nil {
 		lsn, err := pglogrepl.ParseLSN(res.ConsistentPoint)
 		if err != nil {
 			repl.Close(context.WithoutCancel(ctx))
-			return err
+			return "", err
 		}
+		schemas, tnames := split(run)
 		if _, err := control.Exec(ctx, `INSERT INTO tandem.backfill_slots (slot_name, consistent_lsn, schemas, tables) VALUES ($1, $2::pg_lsn, $3, $4)`,
 			slot, res.ConsistentPoint, schemas, tnames); err != nil {
 			repl.Close(context.WithoutCancel(ctx))
-			return fmt.Errorf("recording the backfill's slot: %w", err)
+			return "", fmt.Errorf("recording the backfill's slot: %w", err)
 		}
 		e.slot = &slotState{slot: slot, lsn: lsn, tables: run}
 	}
 	e.snap = &snapshot{name: res.SnapshotName, repl: repl, loaders: loaders}
 	e.usePath(PathSnapshot, fmt.Sprintf("snapshot %s of the old store at %s (slot %s): chunks copied with COPY, then the keys changed since reconciled under lock",
 		res.SnapshotName, e.slot.lsn, slot))
-	if o.hooks.afterSnapshot != nil {
-		o.hooks.afterSnapshot(ctx)
-	}
-	return nil
+	return "", nil
 }
 
 // forgetLostSlot makes every unfinished chunk of the lost slot's tables

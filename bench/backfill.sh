@@ -29,6 +29,7 @@ TABLE=bench_rows
 BUILD=1
 KEEP=0
 LOCKED=1
+INDEXES=0
 BASELINE=
 EXTRA=()
 TANDEM_BIN=${TANDEM_BIN:-$REPO/bin/tandem}
@@ -43,6 +44,7 @@ Usage: $PROG [options]
   --no-build     do not run 'go build'; use \$TANDEM_BIN (default bin/tandem)
   --baseline BIN also time BIN's 'backfill --path snapshot' (an older build) right after this one's
   --no-locked    skip (d), the locked path
+  --indexes N    give the table N (0-3) secondary indexes, on old and new (pg_dump builds them after its load)
   --backfill-arg A  pass A to this build's tandem backfill (repeatable; e.g. --defer-indexes)
   --keep         leave both clusters running on exit
   -h, --help     this help
@@ -61,6 +63,7 @@ while [[ $# -gt 0 ]]; do
     --keep) KEEP=1; shift ;;
     --baseline) BASELINE=$2; shift 2 ;;
     --no-locked) LOCKED=0; shift ;;
+    --indexes) INDEXES=$2; shift 2 ;;
     --backfill-arg) EXTRA+=("$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "$PROG: unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -107,15 +110,18 @@ for port in "$OLD_PORT" "$NEW_PORT"; do
 done
 
 DDL="create table $TABLE (id bigint primary key, a int, b smallint, c bigint, t1 text, t2 text, ts1 timestamptz, ts2 timestamptz)"
+IDX=("create index ${TABLE}_a on $TABLE (a)" "create index ${TABLE}_t1 on $TABLE (t1)" "create index ${TABLE}_ts1 on $TABLE (ts1)")
+IDX_ARGS=()
+for ((i = 0; i < INDEXES && i < 3; i++)); do IDX_ARGS+=(-c "${IDX[$i]}"); done
 log "loading $ROWS rows into old"
-q "$OLD_PORT" -c "$DDL" -c "insert into $TABLE select i, i % 100000, (i % 30000)::smallint, i * 7,
+q "$OLD_PORT" -c "$DDL" "${IDX_ARGS[@]}" -c "insert into $TABLE select i, i % 100000, (i % 30000)::smallint, i * 7,
     md5(i::text), substr(md5((i + 1)::text), 1, 20), now() - i * interval '1 s', now()
   from generate_series(1, $ROWS) i" -c "vacuum analyze $TABLE" >&2
 BYTES=$(q "$OLD_PORT" -Atc "select pg_relation_size('$TABLE')")
 
 fresh_new() { # $1: create the table (1) or leave it to pg_dump (0)
   q "$NEW_PORT" -c "drop table if exists $TABLE" >&2
-  [[ $1 -eq 1 ]] && q "$NEW_PORT" -c "$DDL" >&2
+  [[ $1 -eq 1 ]] && q "$NEW_PORT" -c "$DDL" "${IDX_ARGS[@]}" >&2
   q "$NEW_PORT" -c "checkpoint" >&2
   q "$OLD_PORT" -c "checkpoint" >&2
 }
@@ -185,13 +191,13 @@ LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 
 row() { printf '| %s | %.1f | %s |\n' "$1" "$2" "$(rate "$2")"; }
 ratio() { awk -v a="$(rate "$1")" -v b="$(rate "$2")" 'BEGIN { printf "%.2fx", a / b }'; }
-echo "## Backfill benchmark: $ROWS rows ($((BYTES / 1048576)) MB heap), old :$OLD_PORT -> new :$NEW_PORT, load average $LOAD"
+echo "## Backfill benchmark: $ROWS rows ($((BYTES / 1048576)) MB heap, $INDEXES secondary indexes), old :$OLD_PORT -> new :$NEW_PORT, load average $LOAD"
 echo
 echo "| method | seconds | rows/s |"
 echo "|---|---:|---:|"
 row "pg_dump -t $TABLE \\| psql" "$T_DUMP"
 row "COPY TO STDOUT \\| COPY FROM STDIN" "$T_COPY"
-row "tandem backfill --path snapshot (--workers $WORKERS ${EXTRA[*]})" "$T_SNAP"
+row "tandem backfill --path snapshot (--workers $WORKERS${EXTRA[*]:+ ${EXTRA[*]}})" "$T_SNAP"
 [[ -n "$T_BASE" ]] && row "baseline backfill --path snapshot (--workers $WORKERS)" "$T_BASE"
 [[ -n "$T_LOCK" ]] && row "tandem backfill --path locked (--workers $WORKERS --chunk $CHUNK)" "$T_LOCK"
 echo
