@@ -29,6 +29,7 @@ TABLE=bench_rows
 BUILD=1
 KEEP=0
 LOCKED=1
+BASE_FIRST=0
 INDEXES=0
 BASELINE=
 EXTRA=()
@@ -43,6 +44,7 @@ Usage: $PROG [options]
   --chunk N      tandem backfill --chunk (default $CHUNK; from 1000 rows a chunk takes the COPY fast path)
   --no-build     do not run 'go build'; use \$TANDEM_BIN (default bin/tandem)
   --baseline BIN also time BIN's 'backfill --path snapshot' (an older build) right after this one's
+  --baseline-first  run (e) before (c), to alternate the order between runs
   --no-locked    skip (d), the locked path
   --indexes N    give the table N (0-3) secondary indexes, on old and new (pg_dump builds them after its load)
   --backfill-arg A  pass A to this build's tandem backfill (repeatable; e.g. --defer-indexes)
@@ -63,6 +65,7 @@ while [[ $# -gt 0 ]]; do
     --keep) KEEP=1; shift ;;
     --baseline) BASELINE=$2; shift 2 ;;
     --no-locked) LOCKED=0; shift ;;
+    --baseline-first) BASE_FIRST=1; shift ;;
     --indexes) INDEXES=$2; shift 2 ;;
     --backfill-arg) EXTRA+=("$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -171,15 +174,17 @@ backfill() { # $1: --path, $2: binary (default TANDEM_BIN), then extra flags; se
   check "backfill --path $P"
 }
 
-log "(c) tandem backfill --path snapshot --workers $WORKERS ${EXTRA[*]}"
-backfill snapshot "$TANDEM_BIN" "${EXTRA[@]}"
-T_SNAP=$T_BF
 T_BASE=
-if [[ -n "$BASELINE" ]]; then
+baseline() {
   log "(e) baseline $BASELINE backfill --path snapshot --workers $WORKERS"
   backfill snapshot "$BASELINE"
   T_BASE=$T_BF
-fi
+}
+[[ -n "$BASELINE" && $BASE_FIRST -eq 1 ]] && baseline
+log "(c) tandem backfill --path snapshot --workers $WORKERS ${EXTRA[*]}"
+backfill snapshot "$TANDEM_BIN" "${EXTRA[@]}"
+T_SNAP=$T_BF
+[[ -n "$BASELINE" && $BASE_FIRST -eq 0 ]] && baseline
 T_LOCK=
 if [[ $LOCKED -eq 1 ]]; then
   log "(d) tandem backfill --path locked --workers $WORKERS --chunk $CHUNK"
