@@ -67,9 +67,10 @@ func DeferredIndexes(ctx context.Context, control Querier) ([]DeferredIndex, err
 }
 
 // deferIndexes drops the deferrable indexes of the new tables of ms
-// (deferrableSQL), each after its definition is committed to the control
-// schema, and drops again any whose definition an earlier run saved but
-// did not drop (it died in between). It returns how many it dropped.
+// (deferrableSQL), each after its definition, as it is now, is committed
+// to the control schema, and drops again any whose definition an earlier
+// run saved but did not drop (it died in between). It returns how many it
+// dropped.
 func (e *Engine) deferIndexes(ctx context.Context, control, secondary *pgx.Conn, ms []*table.Mapping) (int, error) {
 	var found []DeferredIndex
 	for _, m := range ms {
@@ -81,7 +82,8 @@ func (e *Engine) deferIndexes(ctx context.Context, control, secondary *pgx.Conn,
 	}
 	for _, d := range found {
 		if _, err := control.Exec(ctx, `INSERT INTO tandem.backfill_deferred_indexes (index_schema, index_name, schema_name, table_name, definition)
-			VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING`, d.Index.Schema, d.Index.Table, d.Table.Schema, d.Table.Table, d.Definition); err != nil {
+			VALUES ($1, $2, $3, $4, $5) ON CONFLICT (index_schema, index_name) DO UPDATE SET definition = excluded.definition, schema_name = excluded.schema_name,
+			table_name = excluded.table_name, saved_at = now()`, d.Index.Schema, d.Index.Table, d.Table.Schema, d.Table.Table, d.Definition); err != nil {
 			return 0, fmt.Errorf("saving the definition of %s: %w", d.Index, err)
 		}
 	}
@@ -92,6 +94,13 @@ func (e *Engine) deferIndexes(ctx context.Context, control, secondary *pgx.Conn,
 	dropped := 0
 	for _, d := range saved {
 		if !slicesContainsTable(ms, d.Table) {
+			continue
+		}
+		var exists bool
+		if err := secondary.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", d.Index.Quoted()).Scan(&exists); err != nil {
+			return dropped, fmt.Errorf("reading %s on the new store: %w", d, err)
+		}
+		if !exists { // dropped by an earlier run already
 			continue
 		}
 		if _, err := secondary.Exec(ctx, "DROP INDEX CONCURRENTLY IF EXISTS "+d.Index.Quoted()); err != nil {
