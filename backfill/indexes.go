@@ -2,6 +2,7 @@ package backfill
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -71,7 +72,12 @@ func DeferredIndexes(ctx context.Context, control Querier) ([]DeferredIndex, err
 // to the control schema, and drops again any whose definition an earlier
 // run saved but did not drop (it died in between). It returns how many it
 // dropped.
-func (e *Engine) deferIndexes(ctx context.Context, control, secondary *pgx.Conn, ms []*table.Mapping) (int, error) {
+func (e *Engine) deferIndexes(ctx context.Context, control, secondary *pgx.Conn, ms []*table.Mapping) (n int, err error) {
+	unlock, err := lockIndexes(ctx, control)
+	if err != nil {
+		return 0, err
+	}
+	defer func() { err = errors.Join(err, unlock()) }()
 	var found []DeferredIndex
 	for _, m := range ms {
 		ds, err := deferrable(ctx, secondary, m.New.Name)
@@ -110,6 +116,23 @@ func (e *Engine) deferIndexes(ctx context.Context, control, secondary *pgx.Conn,
 		e.o.Logger.Info("backfill: index dropped for the copy; rebuilt after it", "index", d.Index.String(), "table", d.Table.String())
 	}
 	return dropped, nil
+}
+
+// indexesLock serialises deferring and rebuilding indexes across
+// processes: a definition saved by one while another rebuilt the same
+// index and forgot its row could otherwise be dropped with no row left.
+const indexesLock = "tandem.backfill.indexes"
+
+// lockIndexes takes indexesLock on control (waiting for it) and returns
+// its release.
+func lockIndexes(ctx context.Context, control *pgx.Conn) (func() error, error) {
+	if _, err := control.Exec(ctx, "SELECT pg_advisory_lock(hashtext($1))", indexesLock); err != nil {
+		return nil, fmt.Errorf("taking the deferred indexes' lock: %w", err)
+	}
+	return func() error {
+		_, err := control.Exec(context.WithoutCancel(ctx), "SELECT pg_advisory_unlock(hashtext($1))", indexesLock)
+		return err
+	}, nil
 }
 
 func slicesContainsTable(ms []*table.Mapping, n table.Name) bool {
@@ -161,7 +184,12 @@ func deferrable(ctx context.Context, secondary *pgx.Conn, n table.Name) ([]Defer
 // already is only forgotten; one left INVALID by a build that was killed
 // is dropped and built again. A definition is deleted once its index is
 // valid. It returns how many it built.
-func (e *Engine) rebuildIndexes(ctx context.Context, control *pgx.Conn, keep func(table.Name) bool) (int, error) {
+func (e *Engine) rebuildIndexes(ctx context.Context, control *pgx.Conn, keep func(table.Name) bool) (n int, err error) {
+	unlock, err := lockIndexes(ctx, control)
+	if err != nil {
+		return 0, err
+	}
+	defer func() { err = errors.Join(err, unlock()) }()
 	saved, err := DeferredIndexes(ctx, control)
 	if err != nil {
 		return 0, err
