@@ -447,9 +447,10 @@ const (
 
 // runSnapshotChunk loads one claimed chunk from the snapshot, with its
 // checkpoint in the same new-store transaction, and marks it done. A
-// chunk whose range is empty on new is COPYed straight into the table; a
-// mirrored write that races in fails that COPY with a unique violation,
-// and the chunk is loaded again through the staging table. A load that
+// chunk is COPYed straight into the table, but for the few keys new holds
+// in its range already; a mirrored write of another key that races in
+// fails that COPY with a unique violation, and the chunk is loaded again
+// through the staging table. A load that
 // fails otherwise (a row new refuses, ...) is rolled back and the chunk is
 // copied under lock instead, where a bad row is isolated.
 func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, id string, ch *chunkRow) error {
@@ -461,9 +462,10 @@ func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, i
 	}
 	start := time.Now()
 	l := e.snap.loaders[ch.table]
-	read, how, err := e.loadSnapshotChunk(ctx, c, ch, l.Straight())
+	straight := l.Straight() && e.tryStraight(ch.table)
+	read, how, err := e.loadSnapshotChunk(ctx, c, ch, straight)
 	raced := false
-	if ctx.Err() == nil && table.IsUniqueViolation(err) && l.Straight() {
+	if ctx.Err() == nil && table.IsUniqueViolation(err) && straight {
 		// A row that committed on new after the range was seen empty: the
 		// straight COPY failed rather than overwrite it. Staged, the load
 		// leaves it alone (and the reconcile re-checks its key).
@@ -500,26 +502,44 @@ func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, i
 	})
 }
 
+// tryStraight reports whether the next chunk of t should try the straight
+// COPY: not once it has raced at least twice and more often than it
+// succeeded. Under writes dense enough for that, most straight COPYs would
+// be rolled back and loaded again staged, costing more than staging at once.
+func (e *Engine) tryStraight(t table.Name) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p := &e.progress[t].p
+	return p.StraightRaced < 2 || p.StraightRaced <= p.StraightChunks
+}
+
 // loadSnapshotChunk loads ch from the snapshot in one new-store
 // transaction: the keys new already holds in the chunk's range go to the
 // recheck set, the rows are loaded (straight, when allowed and the range
-// holds no key, else staged), and the chunk's checkpoint is written.
+// holds at most MaxExcept keys, which the COPY leaves out; else staged),
+// and the chunk's checkpoint is written.
 func (e *Engine) loadSnapshotChunk(ctx context.Context, c *conns, ch *chunkRow, straight bool) (read int64, how loadHow, err error) {
 	l := e.snap.loaders[ch.table]
 	err = pgx.BeginFunc(ctx, c.secondary, func(stx pgx.Tx) error {
-		var present int64
-		if err := stx.QueryRow(ctx, `WITH k AS (`+l.PresentKeysSQL(ch.lo, ch.hi)+`),
+		// The keys new holds in the range, all kept for the recheck; up
+		// to MaxExcept+1 of them read back, for the straight COPY to
+		// leave out.
+		rows, err := stx.Query(ctx, `WITH k AS (`+l.PresentKeysSQL(ch.lo, ch.hi)+`),
 			kept AS (INSERT INTO tandem.backfill_recheck (schema_name, table_name, key) SELECT $1, $2, k.* FROM k ON CONFLICT DO NOTHING)
-			SELECT count(*) FROM k`, ch.table.Schema, ch.table.Table).Scan(&present); err != nil {
+			SELECT k.* FROM k LIMIT $3`, ch.table.Schema, ch.table.Table, table.MaxExcept+1)
+		var present [][]string
+		if err == nil {
+			present, err = pgx.CollectRows(rows, pgx.RowTo[[]string])
+		}
+		if err != nil {
 			return fmt.Errorf("keeping the keys new holds: %w", err)
 		}
-		var err error
-		if straight && present == 0 {
+		if straight && len(present) <= table.MaxExcept {
 			how = loadStraight
 			if h := e.o.hooks.beforeStraight; h != nil {
 				h(ctx, ch.table, ch.lo, ch.hi)
 			}
-			read, err = l.RangeStraight(ctx, c.snapTx, stx, ch.lo, ch.hi)
+			read, err = l.RangeStraight(ctx, c.snapTx, stx, ch.lo, ch.hi, present)
 		} else {
 			how = loadStaged
 			read, _, err = l.Range(ctx, c.snapTx, stx, ch.lo, ch.hi)

@@ -82,8 +82,9 @@ func TestBackfillSnapshotDeleted(t *testing.T) {
 // TestBackfillSnapshotNewerMirrored: a row the mirror wrote on new after
 // the snapshot (an update, a re-insert, an insert of a key the snapshot
 // lacks) is never replaced by the snapshot's version. The load does not
-// overwrite it (DO NOTHING), and the reconcile copies every changed key
-// again under lock: each suffices. With a load that overwrites and no
+// overwrite it (a straight COPY leaves the keys new holds out), and the
+// reconcile copies every changed key again under lock: each suffices.
+// With a load that overwrites (staged, DO UPDATE) and no
 // reconcile, the newer rows are lost.
 func TestBackfillSnapshotNewerMirrored(t *testing.T) {
 	newer := func(e *env) {
@@ -103,10 +104,16 @@ func TestBackfillSnapshotNewerMirrored(t *testing.T) {
 			t.Fatalf("new has %s", got)
 		}
 	}
-	check(snapshotRun(t, newer, false, false)) // both layers
-	check(snapshotRun(t, newer, true, false))  // the DO NOTHING load alone
-	check(snapshotRun(t, newer, false, true))  // the reconcile alone
-	e := snapshotRun(t, newer, true, true)     // neither: the hazard
+	e0, s := snapshotRunSummary(t, newer, false, false) // both layers
+	check(e0)
+	// The chunks that held the mirrored rows were COPYed straight too,
+	// those rows left out of the COPY.
+	if p := s.Tables[0]; p.StraightChunks != p.Chunks {
+		t.Fatalf("chunks %d: %d straight, %d staged; want all straight", p.Chunks, p.StraightChunks, p.StagedChunks)
+	}
+	check(snapshotRun(t, newer, true, false)) // the load alone
+	check(snapshotRun(t, newer, false, true)) // the reconcile alone
+	e := snapshotRun(t, newer, true, true)    // neither: the hazard
 	if got := text(t, e.new, `SELECT string_agg(name, ',' ORDER BY id) FROM items WHERE id IN (20, 1500)`); !strings.Contains(got, "n20") || !strings.Contains(got, "n1500") {
 		t.Fatalf("an overwriting load without reconcile kept %q: the test would not see the hazard", got)
 	}
@@ -170,4 +177,32 @@ func TestBackfillSnapshotStraightRace(t *testing.T) {
 			equalTables(t, e, "items")
 		}
 	}
+}
+
+// TestBackfillSnapshotStraightGivesUp: when mirrored writes race into
+// every chunk's straight COPY, the backfill stops trying it after two races
+// (more than it succeeded) and loads the rest staged at once; it finishes
+// and the stores are equal.
+func TestBackfillSnapshotStraightGivesUp(t *testing.T) {
+	e := newEnv(t, itemsSchema, true)
+	e.exec(e.old, `INSERT INTO items SELECT g, 'n' || g, g FROM generate_series(1, 3000) g`)
+	o := e.options(nil, "items")
+	o.Path = PathSnapshot
+	o.Workers = 1 // one chunk at a time: the count of attempts is exact
+	o.hooks.beforeStraight = func(_ context.Context, _ table.Name, lo, _ []string) {
+		var k int64 = 1
+		if lo != nil {
+			k, _ = strconv.ParseInt(lo[0], 10, 64)
+			k++
+		}
+		ks := strconv.FormatInt(k, 10)
+		e.exec(e.old, `UPDATE items SET name = 'raced' WHERE id = `+ks)
+		e.exec(e.new, `INSERT INTO items SELECT id, name, qty FROM (VALUES (`+ks+`::bigint, 'raced', `+ks+`)) v(id, name, qty) ON CONFLICT (id) DO UPDATE SET name = excluded.name`)
+	}
+	s := mustRun(t, o)
+	p := s.Tables[0]
+	if p.Chunks < 4 || p.StraightRaced != 2 || p.StraightChunks != 0 || p.StagedChunks != p.Chunks || s.Failed {
+		t.Fatalf("chunks %d: %d straight, %d staged, %d raced; want 2 raced, then staged without trying", p.Chunks, p.StraightChunks, p.StagedChunks, p.StraightRaced)
+	}
+	equalTables(t, e, "items")
 }

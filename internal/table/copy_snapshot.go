@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -23,11 +24,11 @@ const firstNormalOID = 16384
 //     staging table on the new store and written with the mapping's own
 //     INSERT ... SELECT and ON CONFLICT (key) DO NOTHING;
 //   - straight (RangeStraight), when the mapping passes columns through
-//     unchanged (Straight) and the caller has seen the range empty on new:
-//     COPY into the new table itself. COPY never overwrites: a key the
-//     table holds by then (a mirrored write that raced in) fails it with a
-//     unique violation (IsUniqueViolation), and the caller rolls back and
-//     loads the range staged.
+//     unchanged (Straight): COPY into the new table itself, leaving out the
+//     few keys the caller has just seen new hold in the range. COPY never
+//     overwrites: another key the table holds by then (a mirrored write
+//     that raced in) fails it with a unique violation (IsUniqueViolation),
+//     and the caller rolls back and loads the range staged.
 //
 // A row already there was written by the mirror (or copied earlier);
 // whatever changed on old after the snapshot is reconciled afterwards with
@@ -133,8 +134,8 @@ func (s *SnapshotCopy) CheckStraight(ctx context.Context, q Querier) error {
 // table holds now after lo (nil: from the start) up to hi inclusive (nil:
 // to the end). A load does not overwrite them, so the caller keeps them to
 // check under lock: rows the mirror wrote, but also rows that were on new
-// before (stale, or absent on old). None: the range is empty on new, and
-// RangeStraight may load it.
+// before (stale, or absent on old). RangeStraight leaves them out of its
+// COPY.
 func (s *SnapshotCopy) PresentKeysSQL(lo, hi []string) string {
 	p := s.p
 	return "SELECT " + keyText("d", p.dstKey) + " FROM " + p.dst.Name.Quoted() + " d" + literalRange("d", p.dstKey, lo, false, hi)
@@ -176,12 +177,20 @@ func (s *SnapshotCopy) Range(ctx context.Context, src, dst pgx.Tx, lo, hi []stri
 	return read, ins.RowsAffected(), nil
 }
 
+// MaxExcept is the most keys new may already hold in a range for
+// RangeStraight to leave them out of its COPY; with more, the range is
+// loaded staged.
+const MaxExcept = 1000
+
 // RangeStraight is Range with COPY straight into the new table, for a
-// range the caller has seen empty on new in dst (PresentKeysSQL found no
-// key) and a mapping that allows it (Straight). It never overwrites: a row
-// with one of the keys that committed on new since fails it with a unique
-// violation (IsUniqueViolation), and dst must then be rolled back.
-func (s *SnapshotCopy) RangeStraight(ctx context.Context, src, dst pgx.Tx, lo, hi []string) (int64, error) {
+// mapping that allows it (Straight). except are the keys (as text, at most
+// MaxExcept) the caller has just seen the new table hold in the range
+// (PresentKeysSQL): their rows are left out of the COPY, so the rows new
+// has are left as they are, as the staged load's DO NOTHING leaves them.
+// It never overwrites: a row with any other key of the range that
+// committed on new since fails it with a unique violation
+// (IsUniqueViolation), and dst must then be rolled back.
+func (s *SnapshotCopy) RangeStraight(ctx context.Context, src, dst pgx.Tx, lo, hi []string, except [][]string) (int64, error) {
 	sc := s.straight
 	if sc == nil || s.Overwrite {
 		return 0, fmt.Errorf("copying %s: the mapping needs the staging table", s.p.src.Name)
@@ -190,10 +199,35 @@ func (s *SnapshotCopy) RangeStraight(ctx context.Context, src, dst pgx.Tx, lo, h
 	if err := copySetup(ctx, src, dst, sc.binary, "SET LOCAL session_replication_role = replica"); err != nil {
 		return 0, err
 	}
+	if len(except) > MaxExcept {
+		return 0, fmt.Errorf("copying %s: %d keys to leave out, more than %d", p.src.Name, len(except), MaxExcept)
+	}
+	where := literalRange("r", p.srcKey, lo, false, hi)
+	var left int64 // rows of the range on old left out: read, not copied
+	if len(except) > 0 {
+		tuples := make([]string, len(except))
+		for i, k := range except {
+			if len(k) != len(p.srcKey) {
+				return 0, fmt.Errorf("copying %s: a key to leave out has %d values, the key %d", p.src.Name, len(k), len(p.srcKey))
+			}
+			tuples[i] = literalTuple(k, p.srcKey)
+		}
+		in := keyTuple("r", p.srcKey) + " IN (" + strings.Join(tuples, ", ") + ")"
+		if where == "" {
+			where = " WHERE "
+		} else {
+			where += " AND "
+		}
+		if err := src.QueryRow(ctx, "SELECT count(*) FROM "+p.src.Name.Quoted()+" r"+where+in).Scan(&left); err != nil {
+			return 0, fmt.Errorf("reading the old store: %w", err)
+		}
+		where += "NOT " + in
+	}
 	out := "COPY (SELECT " + prefixedList("r", sc.src) + " FROM " + p.src.Name.Quoted() + " r" +
-		literalRange("r", p.srcKey, lo, false, hi) + ") TO STDOUT" + copyFormat(sc.binary)
+		where + ") TO STDOUT" + copyFormat(sc.binary)
 	in := "COPY " + p.dst.Name.Quoted() + " (" + identList(sc.dst) + ") FROM STDIN" + copyFormat(sc.binary)
-	return pipeCopy(ctx, src, dst, out, in, "writing the new store")
+	n, err := pipeCopy(ctx, src, dst, out, in, "writing the new store")
+	return n + left, err
 }
 
 func copyFormat(binary bool) string {
