@@ -80,6 +80,15 @@ type Options struct {
 	// PathLocked force one. A key or a range is always copied under lock.
 	Path Path
 
+	// DeferIndexes drops the new tables' deferrable indexes (see
+	// deferrableSQL: never a key, unique, exclusion, replica identity or
+	// constraint index) before the copy, their definitions saved first in
+	// tandem.backfill_deferred_indexes, and rebuilds them with CREATE INDEX
+	// CONCURRENTLY, up to Workers at once, once the tables are finished. A
+	// run without it rebuilds, before it copies, whatever a deferred run
+	// left dropped.
+	DeferIndexes bool
+
 	hooks snapshotHooks
 }
 
@@ -129,7 +138,15 @@ type TableProgress struct {
 	ChunksDone   int        `json:"chunks_done"`
 	ChunksFailed int        `json:"chunks_failed"`
 	FailedKeys   int        `json:"failed_keys"`
-	Skipped      string     `json:"skipped,omitempty"` // why the table is not copied (finished, no key, ...)
+	// The snapshot path's chunks by how they were loaded: StraightChunks
+	// with COPY straight into the table (its range was empty on new),
+	// StagedChunks through the staging table; StraightRaced of the staged
+	// ones had a mirrored write race into their range during the straight
+	// COPY, which failed rather than overwrite it.
+	StraightChunks int    `json:"chunks_straight"`
+	StagedChunks   int    `json:"chunks_staged"`
+	StraightRaced  int    `json:"chunks_straight_raced"`
+	Skipped        string `json:"skipped,omitempty"` // why the table is not copied (finished, no key, ...)
 }
 
 // Throttle is the throttle's state.
@@ -441,6 +458,24 @@ type Summary struct {
 	Tables   []TableProgress
 	Duration time.Duration
 	Failed   bool // some key or chunk failed: see the migration log (Report)
+	// IndexesDeferred is how many indexes of the new store this run
+	// dropped for the copy (DeferIndexes), IndexesRebuilt how many it built
+	// again (its own, or those an earlier run left).
+	IndexesDeferred int
+	IndexesRebuilt  int
+}
+
+// stores are Run's own connections.
+type stores struct {
+	control, primary, secondary *pgx.Conn
+}
+
+func (s *stores) close(ctx context.Context) {
+	for _, c := range []*pgx.Conn{s.control, s.primary, s.secondary} {
+		if c != nil {
+			c.Close(context.WithoutCancel(ctx))
+		}
+	}
 }
 
 // Run runs the backfill until every claimable chunk is done or has failed
@@ -450,41 +485,10 @@ type Summary struct {
 func (e *Engine) Run(ctx context.Context) (Summary, error) {
 	start := time.Now()
 	o := &e.o
-	control, err := pgx.ConnectConfig(ctx, o.Control.Copy())
+	st, err := e.open(ctx)
+	defer st.close(ctx)
 	if err != nil {
-		return Summary{}, fmt.Errorf("connecting to the control database: %w", err)
-	}
-	defer control.Close(context.WithoutCancel(ctx))
-	// Ordering rule: mirror must be on before the backfill reads its first
-	// chunk. It is checked here, before anything is planned or copied.
-	if err := CheckMirror(ctx, control); err != nil {
 		return Summary{}, err
-	}
-	secondary, err := pgx.ConnectConfig(ctx, o.Secondary.Copy())
-	if err != nil {
-		return Summary{}, fmt.Errorf("connecting to the new store: %w", err)
-	}
-	defer secondary.Close(context.WithoutCancel(ctx))
-	primary, err := pgx.ConnectConfig(ctx, o.Primary.Copy())
-	if err != nil {
-		return Summary{}, fmt.Errorf("connecting to the old store: %w", err)
-	}
-	defer primary.Close(context.WithoutCancel(ctx))
-	if !o.DryRun {
-		if err := WaitMirrorSettled(ctx, control, primary, o.Live, o.SettleTimeout, o.Logger); err != nil {
-			return Summary{}, err
-		}
-		if err := WaitFeedReading(ctx, control, primary, o.Feed, o.SettleTimeout, o.Logger); err != nil {
-			return Summary{}, err
-		}
-	}
-	if !o.DryRun {
-		if err := EnsureSchema(ctx, control, secondary); err != nil {
-			return Summary{}, err
-		}
-		if err := e.startControl(ctx, control); err != nil {
-			return Summary{}, err
-		}
 	}
 	tables, err := e.tables()
 	if err != nil {
@@ -492,13 +496,13 @@ func (e *Engine) Run(ctx context.Context) (Summary, error) {
 	}
 	if o.Key != nil || o.RangeLo != nil {
 		e.usePath(PathLocked, "a key or a range is copied under lock")
-		err := e.single(ctx, control, primary, secondary, tables[0])
+		err := e.single(ctx, st.control, st.primary, st.secondary, tables[0])
 		return Summary{Tables: e.Progress(), Duration: time.Since(start), Failed: err != nil}, err
 	}
 	for _, m := range tables {
 		// Progress reads what plan writes: planning holds the lock.
 		e.mu.Lock()
-		err := e.plan(ctx, control, primary, secondary, m)
+		err := e.plan(ctx, st.control, st.primary, st.secondary, m)
 		e.mu.Unlock()
 		if err != nil {
 			return Summary{}, err
@@ -507,35 +511,124 @@ func (e *Engine) Run(ctx context.Context) (Summary, error) {
 	if o.DryRun {
 		return Summary{Tables: e.Progress(), Duration: time.Since(start)}, nil
 	}
+	run := e.runnable()
+	var sum Summary
+	if err := e.prepareRun(ctx, st, run, &sum); err != nil {
+		return sum, err
+	}
+	defer e.closeSnapshot(ctx)
+	werr := e.copyRun(ctx, st, run)
+	if werr == nil {
+		werr = e.finish(ctx, st.control, run)
+	}
+	if werr == nil && o.DeferIndexes {
+		var n int
+		n, werr = e.rebuildIndexes(ctx, st.control, e.finishedFilter(ctx, st.control))
+		sum.IndexesRebuilt += n
+	}
+	sum.Tables, sum.Duration = e.Progress(), time.Since(start)
+	for _, t := range sum.Tables {
+		if t.ChunksFailed > 0 || t.FailedKeys > 0 {
+			sum.Failed = true
+		}
+	}
+	return sum, werr
+}
+
+// open connects Run's stores and checks what must hold before anything is
+// planned or copied: mirror on (the ordering rule: before the backfill
+// reads its first chunk), mirror=on settled and the feed reading; then it
+// creates the backfill's tables and applies the control row.
+func (e *Engine) open(ctx context.Context) (*stores, error) {
+	o := &e.o
+	st := &stores{}
+	var err error
+	if st.control, err = pgx.ConnectConfig(ctx, o.Control.Copy()); err != nil {
+		return st, fmt.Errorf("connecting to the control database: %w", err)
+	}
+	if err := CheckMirror(ctx, st.control); err != nil {
+		return st, err
+	}
+	if st.secondary, err = pgx.ConnectConfig(ctx, o.Secondary.Copy()); err != nil {
+		return st, fmt.Errorf("connecting to the new store: %w", err)
+	}
+	if st.primary, err = pgx.ConnectConfig(ctx, o.Primary.Copy()); err != nil {
+		return st, fmt.Errorf("connecting to the old store: %w", err)
+	}
+	if o.DryRun {
+		return st, nil
+	}
+	if err := WaitMirrorSettled(ctx, st.control, st.primary, o.Live, o.SettleTimeout, o.Logger); err != nil {
+		return st, err
+	}
+	if err := WaitFeedReading(ctx, st.control, st.primary, o.Feed, o.SettleTimeout, o.Logger); err != nil {
+		return st, err
+	}
+	if err := EnsureSchema(ctx, st.control, st.secondary); err != nil {
+		return st, err
+	}
+	return st, e.startControl(ctx, st.control)
+}
+
+// runnable returns the planned tables that are not skipped.
+func (e *Engine) runnable() []table.Name {
 	var run []table.Name
 	for _, n := range e.order {
 		if e.progress[n].p.Skipped == "" {
 			run = append(run, n)
 		}
 	}
-	// A new run retries the chunks a previous one gave up on.
-	schemas, names := split(run)
-	if _, err := control.Exec(ctx, `UPDATE tandem.backfill_chunks SET attempts = 0, next_attempt_at = NULL
-		WHERE status = 'failed' AND (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))`, schemas, names); err != nil {
-		return Summary{}, fmt.Errorf("resetting failed chunks: %w", err)
-	}
-	if err := e.prepareSnapshot(ctx, control, primary, secondary, run); err != nil {
-		return Summary{}, err
-	}
-	defer e.closeSnapshot(ctx)
+	return run
+}
 
-	g, gctx := errgroup.WithContext(ctx)
-	guardCtx, stopGuard := context.WithCancel(gctx)
-	defer stopGuard()
-	if o.LatencyBound > 0 {
-		go e.guard(guardCtx, primary)
+// prepareRun readies the copy of run: the chunks a previous run gave up on
+// are retried, the new store's indexes are deferred (DeferIndexes) or
+// those an earlier deferred run left dropped are rebuilt first (without
+// it), and the copy path is chosen (prepareSnapshot).
+func (e *Engine) prepareRun(ctx context.Context, st *stores, run []table.Name, sum *Summary) error {
+	schemas, names := split(run)
+	if _, err := st.control.Exec(ctx, `UPDATE tandem.backfill_chunks SET attempts = 0, next_attempt_at = NULL
+		WHERE status = 'failed' AND (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))`, schemas, names); err != nil {
+		return fmt.Errorf("resetting failed chunks: %w", err)
 	}
-	followed := make(chan struct{})
-	go func() {
-		defer close(followed)
-		e.followControl(guardCtx)
-	}()
-	defer func() { stopGuard(); <-followed }()
+	if e.o.DeferIndexes {
+		ms := make([]*table.Mapping, 0, len(run))
+		for _, n := range run {
+			ms = append(ms, e.progress[n].m)
+		}
+		n, err := e.deferIndexes(ctx, st.control, st.secondary, ms)
+		sum.IndexesDeferred += n
+		if err != nil {
+			return err
+		}
+	} else {
+		n, err := e.rebuildIndexes(ctx, st.control, nil)
+		sum.IndexesRebuilt += n
+		if err != nil {
+			return err
+		}
+	}
+	return e.prepareSnapshot(ctx, st.control, st.primary, st.secondary, run)
+}
+
+// copyRun runs the workers over run with the throttle (the latency guard,
+// on a connection of its own, and the live control row), then the
+// reconcile of the snapshot's slot when this process owns it.
+func (e *Engine) copyRun(ctx context.Context, st *stores, run []table.Name) error {
+	o := &e.o
+	g, gctx := errgroup.WithContext(ctx)
+	guardCtx, stopGuard := context.WithCancel(ctx)
+	var bg sync.WaitGroup
+	defer func() { stopGuard(); bg.Wait() }()
+	if o.LatencyBound > 0 {
+		probe, err := pgx.ConnectConfig(ctx, o.Primary.Copy())
+		if err != nil {
+			return fmt.Errorf("connecting to the old store: %w", err)
+		}
+		defer probe.Close(context.WithoutCancel(ctx))
+		bg.Go(func() { e.guard(guardCtx, probe) })
+	}
+	bg.Go(func() { e.followControl(guardCtx) })
 	for i := range o.Workers {
 		id := fmt.Sprintf("%s:%d", o.WorkerID, i)
 		g.Go(func() error { return e.worker(gctx, id, run) })
@@ -543,19 +636,33 @@ func (e *Engine) Run(ctx context.Context) (Summary, error) {
 	werr := g.Wait()
 	e.closeSnapshot(ctx)
 	if werr == nil && e.slot != nil && !e.slotForeign {
-		werr = e.reconcile(ctx, control, primary, secondary)
+		werr = e.reconcile(ctx, st.control, st.primary, st.secondary)
 	}
-	stopGuard()
-	if werr == nil {
-		werr = e.finish(ctx, control, run)
-	}
-	sum := Summary{Tables: e.Progress(), Duration: time.Since(start)}
-	for _, t := range sum.Tables {
-		if t.ChunksFailed > 0 || t.FailedKeys > 0 {
-			sum.Failed = true
+	return werr
+}
+
+// finishedFilter reports, per new table, whether its old table's backfill
+// has finished (false when that cannot be read).
+func (e *Engine) finishedFilter(ctx context.Context, control *pgx.Conn) func(table.Name) bool {
+	done := map[table.Name]bool{}
+	rows, err := control.Query(ctx, `SELECT schema_name, table_name FROM tandem.backfill_tables WHERE finished_at IS NOT NULL`)
+	if err == nil {
+		names, cerr := pgx.CollectRows(rows, func(r pgx.CollectableRow) (table.Name, error) {
+			var n table.Name
+			return n, r.Scan(&n.Schema, &n.Table)
+		})
+		for _, n := range names {
+			done[n] = true
 		}
+		err = cerr
 	}
-	return sum, werr
+	if err != nil {
+		e.o.Logger.Warn("backfill: reading the finished tables", "err", err)
+	}
+	return func(n table.Name) bool {
+		m := e.o.Mappings.ForNew(n)
+		return m != nil && done[m.Old.Name]
+	}
 }
 
 // tables returns the mappings to backfill, registering each in the progress.

@@ -60,93 +60,122 @@ func (e *Engine) reconcile(ctx context.Context, control, primary, secondary *pgx
 	if err := readRecheck(ctx, secondary, st.tables, ch); err != nil {
 		return err
 	}
-	id := o.WorkerID + ":reconcile"
-	failed, keys := 0, 0
+	r := reconciler{e: e, control: control, primary: primary, secondary: secondary, id: o.WorkerID + ":reconcile"}
 	for _, n := range st.tables {
-		c := ch[n]
-		if c == nil {
-			continue
-		}
-		m := o.Mappings.ForOld(n)
-		if m == nil {
-			return fmt.Errorf("reconciling %s: the table has no usable mapping now (see tandem mappings check); the slot %s stays", n, st.slot)
-		}
-		ts := e.progress[n]
-		keyFailed := func(ctx context.Context, key []string, err error) error {
-			failed++
-			if ts != nil {
-				e.mu.Lock()
-				ts.p.FailedKeys++
-				e.mu.Unlock()
-			}
-			o.Logger.Warn("reconcile: key failed", "table", n.String(), "key", key, "err", err)
-			return writeLog(ctx, control, unitLog{table: n, lo: key, loInclusive: true, hi: key, err: err, attempt: 1, worker: id})
-		}
-		if c.whole {
-			o.Logger.Info("reconcile: the whole table changed after the snapshot (a truncate, or keys the slot cannot show); copying it under lock", "table", n.String())
-			_, _, err := table.CopyRangeMapped(ctx, primary, secondary, m, true, table.RangeOptions{Chunk: o.Chunk,
-				Done: func(ctx context.Context, u table.UnitReport) error {
-					if err := writeLog(ctx, control, unitLog{table: n, lo: u.Lo, loInclusive: u.LoInclusive, hi: u.Hi, rows: u.Rows, duration: u.Duration, attempt: 1, worker: id}); err != nil {
-						return err
-					}
-					return e.pace(ctx, u.Rows)
-				},
-				KeyFailed: keyFailed,
-			})
-			if err != nil {
-				return fmt.Errorf("reconciling %s: %w", n, err)
-			}
-			continue
-		}
-		ks := make([][]string, 0, len(c.keys))
-		for _, k := range c.keys {
-			ks = append(ks, k)
-		}
-		slices.SortFunc(ks, func(a, b []string) int { return strings.Compare(strings.Join(a, "\x00"), strings.Join(b, "\x00")) })
-		keys += len(ks)
-		for batch := range slices.Chunk(ks, o.Chunk) {
-			t0 := time.Now()
-			r, err := table.CopyKeysMapped(ctx, primary, secondary, m, true, batch)
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if err != nil {
-				// Isolate the key that fails: one unit per key.
-				for _, k := range batch {
-					if _, kerr := table.CopyKeysMapped(ctx, primary, secondary, m, true, [][]string{k}); kerr != nil {
-						if ctx.Err() != nil {
-							return ctx.Err()
-						}
-						if lerr := keyFailed(ctx, k, kerr); lerr != nil {
-							return lerr
-						}
-					}
-				}
-				continue
-			}
-			if err := writeLog(ctx, control, unitLog{table: n, lo: batch[0], loInclusive: true, hi: batch[len(batch)-1], rows: r.Upserted + r.Deleted,
-				duration: time.Since(t0), attempt: 1, worker: id}); err != nil {
-				return err
-			}
-			if err := e.pace(ctx, len(batch)); err != nil {
+		if c := ch[n]; c != nil {
+			if err := r.table(ctx, n, c); err != nil {
 				return err
 			}
 		}
 	}
 	o.Logger.Info("reconciled the changes made on old since the snapshot", "slot", st.slot, "from", st.lsn.String(), "to", end.String(),
-		"keys", keys, "failed", failed, "duration", time.Since(start))
-	if failed > 0 {
+		"keys", r.keys, "failed", r.failed, "duration", time.Since(start))
+	if r.failed > 0 {
 		return nil // the slot stays: a rerun reconciles again
 	}
+	return e.forgetSlot(ctx, control, primary, secondary)
+}
+
+// reconciler copies one table's changed keys under lock, counting them and
+// the keys that fail.
+type reconciler struct {
+	e                           *Engine
+	control, primary, secondary *pgx.Conn
+	id                          string
+	keys, failed                int
+}
+
+// table reconciles the changes c of the old table n: the whole table under
+// lock when the slot could not name its keys, else its keys in batches of
+// Chunk, a batch that fails one key at a time.
+func (r *reconciler) table(ctx context.Context, n table.Name, c *changed) error {
+	o := &r.e.o
+	m := o.Mappings.ForOld(n)
+	if m == nil {
+		return fmt.Errorf("reconciling %s: the table has no usable mapping now (see tandem mappings check); the slot %s stays", n, r.e.slot.slot)
+	}
+	keyFailed := func(ctx context.Context, key []string, err error) error {
+		r.failed++
+		if ts := r.e.progress[n]; ts != nil {
+			r.e.mu.Lock()
+			ts.p.FailedKeys++
+			r.e.mu.Unlock()
+		}
+		o.Logger.Warn("reconcile: key failed", "table", n.String(), "key", key, "err", err)
+		return writeLog(ctx, r.control, unitLog{table: n, lo: key, loInclusive: true, hi: key, err: err, attempt: 1, worker: r.id})
+	}
+	if c.whole {
+		o.Logger.Info("reconcile: the whole table changed after the snapshot (a truncate, or keys the slot cannot show); copying it under lock", "table", n.String())
+		_, _, err := table.CopyRangeMapped(ctx, r.primary, r.secondary, m, true, table.RangeOptions{Chunk: o.Chunk,
+			Done: func(ctx context.Context, u table.UnitReport) error {
+				if err := writeLog(ctx, r.control, unitLog{table: n, lo: u.Lo, loInclusive: u.LoInclusive, hi: u.Hi, rows: u.Rows, duration: u.Duration, attempt: 1, worker: r.id}); err != nil {
+					return err
+				}
+				return r.e.pace(ctx, u.Rows)
+			},
+			KeyFailed: keyFailed,
+		})
+		if err != nil {
+			return fmt.Errorf("reconciling %s: %w", n, err)
+		}
+		return nil
+	}
+	ks := make([][]string, 0, len(c.keys))
+	for _, k := range c.keys {
+		ks = append(ks, k)
+	}
+	slices.SortFunc(ks, func(a, b []string) int { return strings.Compare(strings.Join(a, "\x00"), strings.Join(b, "\x00")) })
+	r.keys += len(ks)
+	for batch := range slices.Chunk(ks, o.Chunk) {
+		if err := r.batch(ctx, n, m, batch, keyFailed); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// batch copies one batch of keys of n under lock and logs it; when it
+// fails, each key is copied alone and the keys that still fail go to
+// keyFailed.
+func (r *reconciler) batch(ctx context.Context, n table.Name, m *table.Mapping, batch [][]string, keyFailed func(context.Context, []string, error) error) error {
+	t0 := time.Now()
+	res, err := table.CopyKeysMapped(ctx, r.primary, r.secondary, m, true, batch)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if err != nil {
+		for _, k := range batch {
+			if _, kerr := table.CopyKeysMapped(ctx, r.primary, r.secondary, m, true, [][]string{k}); kerr != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				if lerr := keyFailed(ctx, k, kerr); lerr != nil {
+					return lerr
+				}
+			}
+		}
+		return nil
+	}
+	if err := writeLog(ctx, r.control, unitLog{table: n, lo: batch[0], loInclusive: true, hi: batch[len(batch)-1], rows: res.Upserted + res.Deleted,
+		duration: time.Since(t0), attempt: 1, worker: r.id}); err != nil {
+		return err
+	}
+	return r.e.pace(ctx, len(batch))
+}
+
+// forgetSlot ends a reconciled snapshot backfill: the slot, the
+// publication, the recheck keys and the slot's row go.
+func (e *Engine) forgetSlot(ctx context.Context, control, primary, secondary *pgx.Conn) error {
+	st := e.slot
 	if err := dropSlot(ctx, primary, st.slot); err != nil {
 		return err
 	}
 	if _, err := primary.Exec(ctx, "DROP PUBLICATION IF EXISTS "+Publication); err != nil {
 		return fmt.Errorf("dropping the publication %s: %w", Publication, err)
 	}
-	schemas2, tnames2 := split(st.tables)
+	schemas, tnames := split(st.tables)
 	if _, err := secondary.Exec(ctx, `DELETE FROM tandem.backfill_recheck WHERE (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))`,
-		schemas2, tnames2); err != nil {
+		schemas, tnames); err != nil {
 		return fmt.Errorf("forgetting the keys to recheck: %w", err)
 	}
 	if _, err := control.Exec(ctx, `DELETE FROM tandem.backfill_slots WHERE slot_name = $1`, st.slot); err != nil {
@@ -191,8 +220,33 @@ func (e *Engine) reconcileEnd(ctx context.Context, primary *pgx.Conn) (pglogrepl
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+	return flushedInsertLSN(ctx, primary)
+}
+
+// flushedInsertLSN returns the old store's WAL insert position, once the
+// WAL is flushed up to it. The insert position, not pg_current_wal_lsn
+// (the write position): a transaction that committed with
+// synchronous_commit = off may have its commit record after the write
+// position, and decoding up to that would leave it out. And flushed:
+// logical decoding reads only flushed WAL. The flush is the commit, under
+// synchronous_commit = on, of a transaction that wrote WAL after the
+// position read: a transactional logical message (a transaction that only
+// takes an xid writes no WAL before its commit record, and then commits
+// asynchronously whatever synchronous_commit says). pgoutput does not
+// send messages unless asked.
+func flushedInsertLSN(ctx context.Context, primary *pgx.Conn) (pglogrepl.LSN, error) {
 	var lsn string
-	if err := primary.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&lsn); err != nil {
+	err := pgx.BeginFunc(ctx, primary, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on"); err != nil {
+			return err
+		}
+		if err := tx.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&lsn); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, "SELECT pg_logical_emit_message(true, 'tandem.backfill', 'reconcile end')")
+		return err
+	})
+	if err != nil {
 		return 0, fmt.Errorf("reading the old store's WAL position: %w", err)
 	}
 	return pglogrepl.ParseLSN(lsn)

@@ -57,8 +57,11 @@ type snapshotHooks struct {
 	// beforeReconcile runs once every chunk is loaded, before the
 	// reconcile reads the slot.
 	beforeReconcile func(ctx context.Context)
-	skipReconcile   bool // leave the reconcile out: the hazard tests show what it repairs
-	overwrite       bool // load with DO UPDATE instead of DO NOTHING (table.SnapshotCopy.Overwrite)
+	// beforeStraight runs in a chunk's load, after its range was seen
+	// empty on new and before the straight COPY into the table.
+	beforeStraight func(ctx context.Context, t table.Name, lo, hi []string)
+	skipReconcile  bool // leave the reconcile out: the hazard tests show what it repairs
+	overwrite      bool // load with DO UPDATE instead of DO NOTHING (table.SnapshotCopy.Overwrite)
 }
 
 // snapshot is a running snapshot copy: the exported snapshot the workers
@@ -161,50 +164,10 @@ func dropSlot(ctx context.Context, primary *pgx.Conn, slot string) error {
 // reconciled: they are copied again under lock.
 func (e *Engine) prepareSnapshot(ctx context.Context, control, primary, secondary *pgx.Conn, run []table.Name) error {
 	o := &e.o
-	slot, err := slotName(ctx, primary)
-	if err != nil {
+	slot, owner, err := e.takeSlot(ctx, control, primary, secondary)
+	if err != nil || !owner {
 		return err
 	}
-	rec, err := readSlot(ctx, control, slot)
-	if err != nil {
-		return err
-	}
-	// The process that holds the lock owns the slot: it alone creates,
-	// reconciles and drops it. Another one copies under lock and leaves
-	// the slot's tables unfinished for the owner's reconcile.
-	var owner bool
-	if err := control.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext($1))", snapshotLock).Scan(&owner); err != nil {
-		return fmt.Errorf("taking the snapshot lock: %w", err)
-	}
-	if !owner {
-		e.slot, e.slotForeign = rec, true
-		if o.Path == PathSnapshot {
-			return errors.New("backfill: --path snapshot: another tandem backfill process runs a snapshot backfill now")
-		}
-		e.usePath(PathLocked, "another tandem backfill process runs a snapshot backfill now")
-		return nil
-	}
-	exists, err := slotExists(ctx, primary, slot)
-	if err != nil {
-		return err
-	}
-	switch {
-	case rec != nil && !exists:
-		if err := e.forgetLostSlot(ctx, control, secondary, rec); err != nil {
-			return err
-		}
-		reason := fmt.Sprintf("the slot %s of an earlier snapshot backfill is gone, so the chunks loaded from its snapshot cannot be reconciled: every unfinished chunk of %s is copied again under lock", slot, names(rec.tables))
-		if o.Path == PathSnapshot {
-			return errors.New("backfill: " + reason)
-		}
-		e.usePath(PathLocked, reason)
-		return nil
-	case rec == nil && exists: // created by a run that died before recording it: nothing was loaded from it
-		if err := dropSlot(ctx, primary, slot); err != nil {
-			return err
-		}
-	}
-	e.slot = rec
 	refuse := func(reason string) error {
 		if o.Path == PathSnapshot {
 			return errors.New("backfill: --path snapshot: " + reason)
@@ -216,28 +179,9 @@ func (e *Engine) prepareSnapshot(ctx context.Context, control, primary, secondar
 		e.usePath(PathLocked, "--path locked")
 		return nil
 	}
-	var wal string
-	if err := primary.QueryRow(ctx, "SHOW wal_level").Scan(&wal); err != nil {
-		return fmt.Errorf("reading the old store's wal_level: %w", err)
-	}
-	if wal != "logical" {
-		return refuse("the old store's wal_level is " + wal + ", not logical: no slot can give the snapshot's changes")
-	}
-	if rec != nil {
-		for _, n := range run {
-			if !slices.Contains(rec.tables, n) {
-				return refuse(fmt.Sprintf("the unfinished snapshot backfill of %s (slot %s) does not cover %s", names(rec.tables), slot, n))
-			}
-		}
-	}
-	loaders := map[table.Name]*table.SnapshotCopy{}
-	for _, n := range run {
-		l, err := table.NewSnapshotCopy(e.progress[n].m)
-		if err != nil {
-			return refuse(fmt.Sprintf("%s cannot be loaded from a snapshot: %v", n, err))
-		}
-		l.Overwrite = o.hooks.overwrite
-		loaders[n] = l
+	loaders, reason, err := e.snapshotLoaders(ctx, primary, secondary, slot, run)
+	if err != nil || reason != "" {
+		return errors.Join(err, refuseIf(reason, refuse))
 	}
 	schemas, tnames := split(run)
 	var pending int
@@ -246,54 +190,158 @@ func (e *Engine) prepareSnapshot(ctx context.Context, control, primary, secondar
 		return fmt.Errorf("counting chunks: %w", err)
 	}
 	if pending == 0 {
-		if rec != nil {
+		if e.slot != nil {
 			e.usePath(PathSnapshot, "every chunk is loaded; the changes since the snapshot are reconciled")
 		}
 		return nil
 	}
-	if rec == nil {
-		if err := createPublication(ctx, primary, run); err != nil {
-			return refuse(err.Error())
+	reason, err = e.exportSnapshot(ctx, control, primary, slot, run, loaders)
+	if err != nil || reason != "" {
+		return errors.Join(err, refuseIf(reason, refuse))
+	}
+	if o.hooks.afterSnapshot != nil {
+		o.hooks.afterSnapshot(ctx)
+	}
+	return nil
+}
+
+func refuseIf(reason string, refuse func(string) error) error {
+	if reason == "" {
+		return nil
+	}
+	return refuse(reason)
+}
+
+// takeSlot reads the backfill's slot as recorded and on old, and takes the
+// snapshot lock: the process that holds it owns the slot (it alone creates,
+// reconciles and drops it). Another one copies under lock and leaves the
+// slot's tables unfinished for the owner's reconcile (owner false, the
+// path chosen). A recorded slot that is gone resets its chunks and makes
+// the path locked (owner false); a slot that was never recorded is
+// dropped. e.slot is the recorded slot, if any.
+func (e *Engine) takeSlot(ctx context.Context, control, primary, secondary *pgx.Conn) (slot string, owner bool, err error) {
+	o := &e.o
+	if slot, err = slotName(ctx, primary); err != nil {
+		return "", false, err
+	}
+	rec, err := readSlot(ctx, control, slot)
+	if err != nil {
+		return "", false, err
+	}
+	if err := control.QueryRow(ctx, "SELECT pg_try_advisory_lock(hashtext($1))", snapshotLock).Scan(&owner); err != nil {
+		return "", false, fmt.Errorf("taking the snapshot lock: %w", err)
+	}
+	if !owner {
+		e.slot, e.slotForeign = rec, true
+		if o.Path == PathSnapshot {
+			return "", false, errors.New("backfill: --path snapshot: another tandem backfill process runs a snapshot backfill now")
+		}
+		e.usePath(PathLocked, "another tandem backfill process runs a snapshot backfill now")
+		return slot, false, nil
+	}
+	exists, err := slotExists(ctx, primary, slot)
+	if err != nil {
+		return "", false, err
+	}
+	switch {
+	case rec != nil && !exists:
+		if err := e.forgetLostSlot(ctx, control, secondary, rec); err != nil {
+			return "", false, err
+		}
+		reason := fmt.Sprintf("the slot %s of an earlier snapshot backfill is gone, so the chunks loaded from its snapshot cannot be reconciled: every unfinished chunk of %s is copied again under lock", slot, names(rec.tables))
+		if o.Path == PathSnapshot {
+			return "", false, errors.New("backfill: " + reason)
+		}
+		e.usePath(PathLocked, reason)
+		return slot, false, nil
+	case rec == nil && exists: // created by a run that died before recording it: nothing was loaded from it
+		if err := dropSlot(ctx, primary, slot); err != nil {
+			return "", false, err
 		}
 	}
-	repl, err := pgconn.ConnectConfig(ctx, replicationConfig(o.Primary))
+	e.slot = rec
+	return slot, true, nil
+}
+
+// snapshotLoaders checks that run can be copied from a snapshot (old's
+// wal_level; an unfinished snapshot backfill's slot covers every table)
+// and returns each table's loader. reason, when not empty, is why not.
+func (e *Engine) snapshotLoaders(ctx context.Context, primary, secondary *pgx.Conn, slot string, run []table.Name) (map[table.Name]*table.SnapshotCopy, string, error) {
+	var wal string
+	if err := primary.QueryRow(ctx, "SHOW wal_level").Scan(&wal); err != nil {
+		return nil, "", fmt.Errorf("reading the old store's wal_level: %w", err)
+	}
+	if wal != "logical" {
+		return nil, "the old store's wal_level is " + wal + ", not logical: no slot can give the snapshot's changes", nil
+	}
+	if rec := e.slot; rec != nil {
+		for _, n := range run {
+			if !slices.Contains(rec.tables, n) {
+				return nil, fmt.Sprintf("the unfinished snapshot backfill of %s (slot %s) does not cover %s", names(rec.tables), slot, n), nil
+			}
+		}
+	}
+	loaders := map[table.Name]*table.SnapshotCopy{}
+	for _, n := range run {
+		l, err := table.NewSnapshotCopy(e.progress[n].m)
+		if err != nil {
+			return nil, fmt.Sprintf("%s cannot be loaded from a snapshot: %v", n, err), nil
+		}
+		l.Overwrite = e.o.hooks.overwrite
+		if err := l.CheckStraight(ctx, secondary); err != nil {
+			return nil, "", err
+		}
+		loaders[n] = l
+	}
+	return loaders, "", nil
+}
+
+// exportSnapshot creates the publication (for a new slot), opens the
+// replication connection and exports the snapshot from the slot it
+// creates: the backfill's own slot, recorded in tandem.backfill_slots
+// before any chunk is loaded, or, when an earlier run's slot is recorded,
+// a temporary one (gone with the connection). reason, when not empty, is
+// why the snapshot path cannot be taken.
+func (e *Engine) exportSnapshot(ctx context.Context, control, primary *pgx.Conn, slot string, run []table.Name, loaders map[table.Name]*table.SnapshotCopy) (string, error) {
+	rec := e.slot
+	if rec == nil {
+		if err := createPublication(ctx, primary, run); err != nil {
+			return err.Error(), nil
+		}
+	}
+	repl, err := pgconn.ConnectConfig(ctx, replicationConfig(e.o.Primary))
 	if err != nil {
-		return refuse(fmt.Sprintf("no replication connection to the old store: %v", err))
+		return fmt.Sprintf("no replication connection to the old store: %v", err), nil
 	}
 	name, opts := slot, pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "EXPORT_SNAPSHOT"}
 	if rec != nil {
 		// The recorded slot keeps the changes since the first snapshot;
-		// this run's snapshot comes from a temporary slot, gone with the
-		// connection.
-		var pid uint32
-		name, opts.Temporary, pid = slot+"_t", true, repl.PID()
-		name = fmt.Sprintf("%s%d", name, pid)
+		// this run's snapshot comes from a temporary slot.
+		name, opts.Temporary = fmt.Sprintf("%s_t%d", slot, repl.PID()), true
 	}
 	res, err := pglogrepl.CreateReplicationSlot(ctx, repl, name, "pgoutput", opts)
 	if err != nil {
 		repl.Close(context.WithoutCancel(ctx))
-		return refuse(fmt.Sprintf("cannot create a logical replication slot on the old store: %v", err))
+		return fmt.Sprintf("cannot create a logical replication slot on the old store: %v", err), nil
 	}
 	if rec == nil {
 		lsn, err := pglogrepl.ParseLSN(res.ConsistentPoint)
 		if err != nil {
 			repl.Close(context.WithoutCancel(ctx))
-			return err
+			return "", err
 		}
+		schemas, tnames := split(run)
 		if _, err := control.Exec(ctx, `INSERT INTO tandem.backfill_slots (slot_name, consistent_lsn, schemas, tables) VALUES ($1, $2::pg_lsn, $3, $4)`,
 			slot, res.ConsistentPoint, schemas, tnames); err != nil {
 			repl.Close(context.WithoutCancel(ctx))
-			return fmt.Errorf("recording the backfill's slot: %w", err)
+			return "", fmt.Errorf("recording the backfill's slot: %w", err)
 		}
 		e.slot = &slotState{slot: slot, lsn: lsn, tables: run}
 	}
 	e.snap = &snapshot{name: res.SnapshotName, repl: repl, loaders: loaders}
 	e.usePath(PathSnapshot, fmt.Sprintf("snapshot %s of the old store at %s (slot %s): chunks copied with COPY, then the keys changed since reconciled under lock",
 		res.SnapshotName, e.slot.lsn, slot))
-	if o.hooks.afterSnapshot != nil {
-		o.hooks.afterSnapshot(ctx)
-	}
-	return nil
+	return "", nil
 }
 
 // forgetLostSlot makes every unfinished chunk of the lost slot's tables
@@ -389,12 +437,23 @@ func (e *Engine) importSnapshot(ctx context.Context, c *conns) error {
 	return nil
 }
 
+// How a chunk was loaded from the snapshot.
+type loadHow int
+
+const (
+	loadStaged   loadHow = iota // through the staging table, ON CONFLICT DO NOTHING
+	loadStraight                // COPY straight into the table: its range was empty on new
+)
+
 // runSnapshotChunk loads one claimed chunk from the snapshot, with its
-// checkpoint in the same new-store transaction, and marks it done. A load
-// that fails (a row new refuses, ...) is rolled back and the chunk is
+// checkpoint in the same new-store transaction, and marks it done. A
+// chunk is COPYed straight into the table, but for the few keys new holds
+// in its range already; a mirrored write of another key that races in
+// fails that COPY with a unique violation, and the chunk is loaded again
+// through the staging table. A load that
+// fails otherwise (a row new refuses, ...) is rolled back and the chunk is
 // copied under lock instead, where a bad row is isolated.
 func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, id string, ch *chunkRow) error {
-	ts := e.progress[ch.table]
 	log := e.o.Logger.With("table", ch.table.String(), "chunk", ch.chunk, "worker", id, "attempt", ch.attempt)
 	// A chunk is one unit: held before it is loaded (pause, latency
 	// guard), charged to the rate after.
@@ -402,22 +461,18 @@ func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, i
 		return err
 	}
 	start := time.Now()
-	var read int64
-	err := pgx.BeginFunc(ctx, c.secondary, func(stx pgx.Tx) error {
-		l := e.snap.loaders[ch.table]
-		if _, err := stx.Exec(ctx, `INSERT INTO tandem.backfill_recheck (schema_name, table_name, key) SELECT $1, $2, k FROM (`+
-			l.PresentKeysSQL(ch.lo, ch.hi)+`) AS x(k) ON CONFLICT DO NOTHING`, ch.table.Schema, ch.table.Table); err != nil {
-			return fmt.Errorf("keeping the keys new holds: %w", err)
-		}
-		var err error
-		if read, _, err = e.snap.loaders[ch.table].Range(ctx, c.snapTx, stx, ch.lo, ch.hi); err != nil {
-			return err
-		}
-		_, err = stx.Exec(ctx, `INSERT INTO tandem.backfill_checkpoints AS c (schema_name, table_name, chunk, cursor, rows) VALUES ($1, $2, $3, $4, $5)
-			ON CONFLICT (schema_name, table_name, chunk) DO UPDATE SET cursor = excluded.cursor, rows = excluded.rows, updated_at = now()`,
-			ch.table.Schema, ch.table.Table, ch.chunk, ch.hi, read)
-		return err
-	})
+	l := e.snap.loaders[ch.table]
+	straight := l.Straight() && e.tryStraight(ch.table)
+	read, how, err := e.loadSnapshotChunk(ctx, c, ch, straight)
+	raced := false
+	if ctx.Err() == nil && table.IsUniqueViolation(err) && straight {
+		// A row that committed on new after the range was seen empty: the
+		// straight COPY failed rather than overwrite it. Staged, the load
+		// leaves it alone (and the reconcile re-checks its key).
+		log.Info("a row was written on new in the chunk's range during its straight COPY; loading the chunk through the staging table", "err", err)
+		raced = true
+		read, how, err = e.loadSnapshotChunk(ctx, c, ch, false)
+	}
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -435,8 +490,78 @@ func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, i
 		}
 		return e.runChunk(ctx, c, claim, id, ch)
 	}
+	return e.finishSnapshotChunk(ctx, c, claim, id, ch, read, time.Since(start), func(p *TableProgress) {
+		if how == loadStraight {
+			p.StraightChunks++
+		} else {
+			p.StagedChunks++
+		}
+		if raced {
+			p.StraightRaced++
+		}
+	})
+}
+
+// tryStraight reports whether the next chunk of t should try the straight
+// COPY: not once it has raced at least twice and more often than it
+// succeeded. Under writes dense enough for that, most straight COPYs would
+// be rolled back and loaded again staged, costing more than staging at once.
+func (e *Engine) tryStraight(t table.Name) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	p := &e.progress[t].p
+	return p.StraightRaced < 2 || p.StraightRaced <= p.StraightChunks
+}
+
+// loadSnapshotChunk loads ch from the snapshot in one new-store
+// transaction: the keys new already holds in the chunk's range go to the
+// recheck set, the rows are loaded (straight, when allowed and the range
+// holds at most MaxExcept keys, which the COPY leaves out; else staged),
+// and the chunk's checkpoint is written.
+func (e *Engine) loadSnapshotChunk(ctx context.Context, c *conns, ch *chunkRow, straight bool) (read int64, how loadHow, err error) {
+	l := e.snap.loaders[ch.table]
+	err = pgx.BeginFunc(ctx, c.secondary, func(stx pgx.Tx) error {
+		// The keys new holds in the range, all kept for the recheck; up
+		// to MaxExcept+1 of them read back, for the straight COPY to
+		// leave out.
+		rows, err := stx.Query(ctx, `WITH k AS (`+l.PresentKeysSQL(ch.lo, ch.hi)+`),
+			kept AS (INSERT INTO tandem.backfill_recheck (schema_name, table_name, key) SELECT $1, $2, k.* FROM k ON CONFLICT DO NOTHING)
+			SELECT k.* FROM k LIMIT $3`, ch.table.Schema, ch.table.Table, table.MaxExcept+1)
+		var present [][]string
+		if err == nil {
+			present, err = pgx.CollectRows(rows, pgx.RowTo[[]string])
+		}
+		if err != nil {
+			return fmt.Errorf("keeping the keys new holds: %w", err)
+		}
+		if straight && len(present) <= table.MaxExcept {
+			how = loadStraight
+			if h := e.o.hooks.beforeStraight; h != nil {
+				h(ctx, ch.table, ch.lo, ch.hi)
+			}
+			read, err = l.RangeStraight(ctx, c.snapTx, stx, ch.lo, ch.hi, present)
+		} else {
+			how = loadStaged
+			read, _, err = l.Range(ctx, c.snapTx, stx, ch.lo, ch.hi)
+		}
+		if err != nil {
+			return err
+		}
+		_, err = stx.Exec(ctx, `INSERT INTO tandem.backfill_checkpoints AS c (schema_name, table_name, chunk, cursor, rows) VALUES ($1, $2, $3, $4, $5)
+			ON CONFLICT (schema_name, table_name, chunk) DO UPDATE SET cursor = excluded.cursor, rows = excluded.rows, updated_at = now()`,
+			ch.table.Schema, ch.table.Table, ch.chunk, ch.hi, read)
+		return err
+	})
+	return read, how, err
+}
+
+// finishSnapshotChunk logs a loaded chunk, marks it done in its claim
+// transaction and commits that, counts it (count runs under the engine's
+// lock) and charges its rows to the rate.
+func (e *Engine) finishSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, id string, ch *chunkRow, read int64, took time.Duration, count func(*TableProgress)) error {
+	ts := e.progress[ch.table]
 	ts.done.Add(read)
-	if err := writeLog(ctx, c.log, unitLog{table: ch.table, lo: ch.lo, hi: ch.hi, rows: int(read), duration: time.Since(start), attempt: ch.attempt, worker: id}); err != nil {
+	if err := writeLog(ctx, c.log, unitLog{table: ch.table, lo: ch.lo, hi: ch.hi, rows: int(read), duration: took, attempt: ch.attempt, worker: id}); err != nil {
 		return err
 	}
 	if _, err := claim.Exec(ctx, `UPDATE tandem.backfill_chunks SET status = 'done', last_error = NULL, failed_keys = '[]', rows = $4, updated_at = now(), next_attempt_at = NULL
@@ -448,6 +573,7 @@ func (e *Engine) runSnapshotChunk(ctx context.Context, c *conns, claim pgx.Tx, i
 	}
 	e.mu.Lock()
 	ts.p.ChunksDone++
+	count(&ts.p)
 	e.mu.Unlock()
 	return e.pace(ctx, int(read))
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -167,98 +168,147 @@ func writeLog(ctx context.Context, conn *pgx.Conn, l unitLog) error {
 // logged and kept in failed_keys; the chunk is then failed, and claimed
 // again after a backoff (its failed keys first).
 func (e *Engine) runChunk(ctx context.Context, c *conns, claim pgx.Tx, id string, ch *chunkRow) error {
-	ts := e.progress[ch.table]
-	m := ts.m
-	log := e.o.Logger.With("table", ch.table.String(), "chunk", ch.chunk, "worker", id, "attempt", ch.attempt)
-	var cursor []string
-	found := true
-	var rows int64
-	err := c.secondary.QueryRow(ctx, `SELECT cursor, rows FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2 AND chunk = $3`,
-		ch.table.Schema, ch.table.Table, ch.chunk).Scan(&cursor, &rows)
-	if errors.Is(err, pgx.ErrNoRows) {
-		found, err = false, nil
-	}
+	r := &chunkRun{e: e, c: c, id: id, ch: ch, ts: e.progress[ch.table],
+		log: e.o.Logger.With("table", ch.table.String(), "chunk", ch.chunk, "worker", id, "attempt", ch.attempt)}
+	cursor, found, err := r.checkpoint(ctx)
 	if err != nil {
-		return fmt.Errorf("reading the checkpoint of %s chunk %d: %w", ch.table, ch.chunk, err)
-	}
-	lo := ch.lo
-	if found && cursor != nil {
-		lo = cursor
-	}
-	var failed [][]string
-	var lastErr error
-	keyFailed := func(ctx context.Context, key []string, err error) error {
-		log.Warn("backfill key failed", "key", key, "err", err)
-		failed = append(failed, key)
-		lastErr = fmt.Errorf("key %q: %w", key, err)
-		return writeLog(ctx, c.log, unitLog{table: ch.table, lo: key, loInclusive: true, hi: key, err: err, attempt: ch.attempt, worker: id})
+		return err
 	}
 	// Keys that failed before go first, one unit each.
+	if err := r.failedKeys(ctx); err != nil {
+		return err
+	}
+	// A chunk whose checkpoint reached its end is copied already.
+	if !(found && ch.hi != nil && keysEqual(cursor, ch.hi)) {
+		lo := ch.lo
+		if found && cursor != nil {
+			lo = cursor
+		}
+		if err := r.copyRange(ctx, lo); err != nil {
+			return err
+		}
+	}
+	return r.record(ctx, claim)
+}
+
+// chunkRun is one chunk copied under lock: what failed so far.
+type chunkRun struct {
+	e       *Engine
+	c       *conns
+	id      string
+	ch      *chunkRow
+	ts      *tableState
+	log     *slog.Logger
+	failed  [][]string
+	lastErr error
+}
+
+// checkpoint reads the chunk's checkpoint on new: its cursor, and whether
+// there is one.
+func (r *chunkRun) checkpoint(ctx context.Context) ([]string, bool, error) {
+	ch := r.ch
+	var cursor []string
+	var rows int64
+	err := r.c.secondary.QueryRow(ctx, `SELECT cursor, rows FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2 AND chunk = $3`,
+		ch.table.Schema, ch.table.Table, ch.chunk).Scan(&cursor, &rows)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("reading the checkpoint of %s chunk %d: %w", ch.table, ch.chunk, err)
+	}
+	return cursor, true, nil
+}
+
+// keyFailed logs a key that failed and keeps it for failed_keys.
+func (r *chunkRun) keyFailed(ctx context.Context, key []string, err error) error {
+	r.log.Warn("backfill key failed", "key", key, "err", err)
+	r.failed = append(r.failed, key)
+	r.lastErr = fmt.Errorf("key %q: %w", key, err)
+	return writeLog(ctx, r.c.log, unitLog{table: r.ch.table, lo: key, loInclusive: true, hi: key, err: err, attempt: r.ch.attempt, worker: r.id})
+}
+
+// failedKeys copies the keys that failed in an earlier claim, one unit each.
+func (r *chunkRun) failedKeys(ctx context.Context) error {
+	ch := r.ch
 	for _, k := range ch.failedKeys {
 		start := time.Now()
-		r, err := table.CopyKeysMapped(ctx, c.primary, c.secondary, m, true, [][]string{k})
+		res, err := table.CopyKeysMapped(ctx, r.c.primary, r.c.secondary, r.ts.m, true, [][]string{k})
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		if err != nil {
-			if kerr := keyFailed(ctx, k, err); kerr != nil {
+			if kerr := r.keyFailed(ctx, k, err); kerr != nil {
 				return kerr
 			}
 			continue
 		}
-		ts.done.Add(int64(r.Upserted))
-		if err := writeLog(ctx, c.log, unitLog{table: ch.table, lo: k, loInclusive: true, hi: k, rows: r.Upserted, duration: time.Since(start), attempt: ch.attempt, worker: id}); err != nil {
+		r.ts.done.Add(int64(res.Upserted))
+		if err := writeLog(ctx, r.c.log, unitLog{table: ch.table, lo: k, loInclusive: true, hi: k, rows: res.Upserted, duration: time.Since(start), attempt: ch.attempt, worker: r.id}); err != nil {
 			return err
 		}
 	}
-	// A chunk whose checkpoint reached its end is copied already.
-	if !(found && ch.hi != nil && keysEqual(cursor, ch.hi)) {
-		_, _, err = table.CopyRangeMapped(ctx, c.primary, c.secondary, m, true, table.RangeOptions{
-			Lo: lo, Hi: ch.hi, Chunk: e.o.Chunk,
-			Checkpoint: func(ctx context.Context, tx pgx.Tx, cur []string, n int) error {
-				_, err := tx.Exec(ctx, `INSERT INTO tandem.backfill_checkpoints AS c (schema_name, table_name, chunk, cursor, rows) VALUES ($1, $2, $3, $4, $5)
-					ON CONFLICT (schema_name, table_name, chunk) DO UPDATE SET cursor = excluded.cursor, rows = c.rows + excluded.rows, updated_at = now()`,
-					ch.table.Schema, ch.table.Table, ch.chunk, cur, n)
+	return nil
+}
+
+// copyRange copies the chunk from lo to its end with the locked-copy unit,
+// each unit's checkpoint in its new-store transaction. A failure that is
+// not a row's (a lost connection, ...) is logged and fails the chunk, for
+// a later claim to retry; the worker's connections are renewed.
+func (r *chunkRun) copyRange(ctx context.Context, lo []string) error {
+	ch, e := r.ch, r.e
+	_, _, err := table.CopyRangeMapped(ctx, r.c.primary, r.c.secondary, r.ts.m, true, table.RangeOptions{
+		Lo: lo, Hi: ch.hi, Chunk: e.o.Chunk,
+		Checkpoint: func(ctx context.Context, tx pgx.Tx, cur []string, n int) error {
+			_, err := tx.Exec(ctx, `INSERT INTO tandem.backfill_checkpoints AS c (schema_name, table_name, chunk, cursor, rows) VALUES ($1, $2, $3, $4, $5)
+				ON CONFLICT (schema_name, table_name, chunk) DO UPDATE SET cursor = excluded.cursor, rows = c.rows + excluded.rows, updated_at = now()`,
+				ch.table.Schema, ch.table.Table, ch.chunk, cur, n)
+			return err
+		},
+		Done: func(ctx context.Context, u table.UnitReport) error {
+			r.ts.done.Add(int64(u.Rows))
+			if err := writeLog(ctx, r.c.log, unitLog{table: ch.table, lo: u.Lo, loInclusive: u.LoInclusive, hi: u.Hi, rows: u.Rows,
+				duration: u.Duration, attempt: ch.attempt, worker: r.id}); err != nil {
 				return err
-			},
-			Done: func(ctx context.Context, u table.UnitReport) error {
-				ts.done.Add(int64(u.Rows))
-				if err := writeLog(ctx, c.log, unitLog{table: ch.table, lo: u.Lo, loInclusive: u.LoInclusive, hi: u.Hi, rows: u.Rows,
-					duration: u.Duration, attempt: ch.attempt, worker: id}); err != nil {
-					return err
-				}
-				return e.pace(ctx, u.Rows)
-			},
-			KeyFailed: keyFailed,
-		})
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
 			}
-			// Not a row's failure (a lost connection, ...): log it, fail the
-			// chunk and let a later claim retry it.
-			log.Warn("backfill chunk failed", "err", err)
-			lastErr = err
-			if lerr := writeLog(ctx, c.log, unitLog{table: ch.table, lo: lo, hi: ch.hi, err: err, attempt: ch.attempt, worker: id}); lerr != nil {
-				return errors.Join(err, lerr)
-			}
-			if c.primary.IsClosed() || c.secondary.IsClosed() {
-				if e2 := e.reconnect(ctx, c); e2 != nil {
-					return errors.Join(err, e2)
-				}
-			}
+			return e.pace(ctx, u.Rows)
+		},
+		KeyFailed: r.keyFailed,
+	})
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	r.log.Warn("backfill chunk failed", "err", err)
+	r.lastErr = err
+	if lerr := writeLog(ctx, r.c.log, unitLog{table: ch.table, lo: lo, hi: ch.hi, err: err, attempt: ch.attempt, worker: r.id}); lerr != nil {
+		return errors.Join(err, lerr)
+	}
+	if r.c.primary.IsClosed() || r.c.secondary.IsClosed() {
+		if e2 := e.reconnect(ctx, r.c); e2 != nil {
+			return errors.Join(err, e2)
 		}
 	}
+	return nil
+}
+
+// record writes the chunk's outcome (done or failed, rows from the
+// checkpoints, failed keys, the backoff) in the claim transaction, commits
+// it and counts it.
+func (r *chunkRun) record(ctx context.Context, claim pgx.Tx) error {
+	ch, e := r.ch, r.e
 	var total int64
-	if err := c.secondary.QueryRow(ctx, `SELECT coalesce(sum(rows), 0) FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2 AND chunk = $3`,
+	if err := r.c.secondary.QueryRow(ctx, `SELECT coalesce(sum(rows), 0) FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2 AND chunk = $3`,
 		ch.table.Schema, ch.table.Table, ch.chunk).Scan(&total); err != nil {
 		return fmt.Errorf("reading the checkpoint of %s chunk %d: %w", ch.table, ch.chunk, err)
 	}
-	fk, _ := json.Marshal(failed)
+	fk, _ := json.Marshal(r.failed)
 	status, errText := "done", (*string)(nil)
-	if lastErr != nil {
+	if r.lastErr != nil {
 		status = "failed"
-		s := lastErr.Error()
+		s := r.lastErr.Error()
 		errText = &s
 	}
 	backoff := e.o.Backoff * time.Duration(1<<min(ch.attempt-1, 10))
@@ -273,10 +323,10 @@ func (e *Engine) runChunk(ctx context.Context, c *conns, claim pgx.Tx, id string
 	}
 	e.mu.Lock()
 	if status == "done" {
-		ts.p.ChunksDone++
+		r.ts.p.ChunksDone++
 	} else if ch.attempt >= e.o.MaxAttempts {
-		ts.p.ChunksFailed++
-		ts.p.FailedKeys += len(failed)
+		r.ts.p.ChunksFailed++
+		r.ts.p.FailedKeys += len(r.failed)
 	}
 	e.mu.Unlock()
 	return nil

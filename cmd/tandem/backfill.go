@@ -80,6 +80,7 @@ func newBackfillCmd() *cobra.Command {
 	restart := fs.Bool("restart", false, "forget the tables' checkpoints and copy them again from the start")
 	report := fs.Bool("report", false, "summarise the failures in the migration log and exit")
 	path := fs.String("path", "auto", "how chunks are copied: snapshot (COPY from one exported snapshot of old, then the keys changed since reconciled under lock), locked (the locked-copy unit), or auto (snapshot where old has wal_level=logical and the slot can be made; the choice and its reason are printed)")
+	deferIdx := fs.Bool("defer-indexes", false, "drop the new tables' non-key indexes (never a primary key, unique, exclusion, replica identity or constraint index) before the copy, their definitions saved in the control schema, and rebuild them with CREATE INDEX CONCURRENTLY (up to --workers at once) once the tables are finished; a crashed run's indexes are rebuilt by the next run")
 	rangeRows := fs.Int("range-rows", 50000, "rows per claimed chunk (the snapshot path copies a chunk in one COPY)")
 	asJSON := fs.Bool("json", false, "print the summary (with --report, the failures) as one JSON document; progress goes to stderr")
 	settle := fs.Duration("settle-timeout", 5*time.Minute, "wait at most this long for the proxy replicas to acknowledge mirror=on and older transactions on old to end")
@@ -112,7 +113,7 @@ func newBackfillCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		opts := backfill.Options{Control: ccfg, Primary: oldCfg, Secondary: newCfg, Workers: *workers, Rate: *rate, Chunk: *chunk, RangeRows: *rangeRows, Path: bpath,
+		opts := backfill.Options{Control: ccfg, Primary: oldCfg, Secondary: newCfg, Workers: *workers, Rate: *rate, Chunk: *chunk, RangeRows: *rangeRows, Path: bpath, DeferIndexes: *deferIdx,
 			Restart: *restart, DryRun: *dryRun, LatencyBound: *latency, Logger: newLogger(cfg.Log, cmd.ErrOrStderr()),
 			Live: 3 * cfg.Routing.Poll.Duration(), SettleTimeout: *settle, Feed: cfg.Feed.Enabled}
 		for _, t := range *tables {
@@ -155,7 +156,8 @@ func newBackfillCmd() *cobra.Command {
 		}
 		if *asJSON {
 			p, why := eng.Path()
-			if err := jsonout.Write(out, backfillSummary{Tables: sum.Tables, Duration: jsonout.Duration(sum.Duration), Failed: sum.Failed, DryRun: *dryRun, Path: string(p), PathReason: why}); err != nil {
+			if err := jsonout.Write(out, backfillSummary{Tables: sum.Tables, Duration: jsonout.Duration(sum.Duration), Failed: sum.Failed, DryRun: *dryRun, Path: string(p), PathReason: why,
+				IndexesDeferred: sum.IndexesDeferred, IndexesRebuilt: sum.IndexesRebuilt}); err != nil {
 				return err
 			}
 		} else {
@@ -283,6 +285,10 @@ type backfillSummary struct {
 	// empty for a dry run.
 	Path       string `json:"path"`
 	PathReason string `json:"path_reason"`
+	// IndexesDeferred and IndexesRebuilt count the new store's indexes
+	// dropped for the copy (--defer-indexes) and built again.
+	IndexesDeferred int `json:"indexes_deferred"`
+	IndexesRebuilt  int `json:"indexes_rebuilt"`
 }
 
 // backfillReport is what tandem backfill --report --json prints.
@@ -301,6 +307,9 @@ func printSummary(out io.Writer, s backfill.Summary, dry bool) {
 		default:
 			fmt.Fprintf(out, "%s: %d rows, %d/%d chunks done, %d failed chunks, %d failed keys\n", t.Table, t.Done, t.ChunksDone, t.Chunks, t.ChunksFailed, t.FailedKeys)
 		}
+	}
+	if s.IndexesDeferred > 0 || s.IndexesRebuilt > 0 {
+		fmt.Fprintf(out, "indexes on new: %d dropped for the copy, %d rebuilt\n", s.IndexesDeferred, s.IndexesRebuilt)
 	}
 	if !dry {
 		fmt.Fprintf(out, "took %v\n", s.Duration.Round(time.Millisecond))

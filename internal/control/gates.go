@@ -87,7 +87,9 @@ func mappingGate(cfg *config.Config) route.Gate {
 // backfillGate refuses a write flip to new while a table in scope (one the
 // backfill copies: a usable mapping and a key) has not finished its
 // backfill: rows that existed before mirroring started would be missing on
-// the new store of record. Rollbacks skip it (route.Set skips the gates);
+// the new store of record; and while an index that tandem backfill
+// --defer-indexes dropped on new is not rebuilt (its definition is still
+// saved), naming each. Rollbacks skip it (route.Set skips the gates);
 // --force overrides it and the history records that.
 func backfillGate(cfg *config.Config) route.Gate {
 	return func(ctx context.Context, control *pgx.Conn, cur, next route.Settings) error {
@@ -113,17 +115,33 @@ func backfillGate(cfg *config.Config) route.Gate {
 		if err != nil {
 			return refuse("the backfill could not be checked: " + err.Error())
 		}
-		if len(left) == 0 {
+		deferred, err := backfill.DeferredIndexes(ctx, control)
+		if err != nil {
+			return refuse("the backfill could not be checked: " + err.Error())
+		}
+		if len(left) == 0 && len(deferred) == 0 {
 			return nil
 		}
-		var rows int64
-		names := make([]string, 0, len(left))
-		for _, u := range left {
-			names = append(names, u.String())
-			rows += u.RowsLeft
+		var reasons []string
+		if len(left) > 0 {
+			var rows int64
+			names := make([]string, 0, len(left))
+			for _, u := range left {
+				names = append(names, u.String())
+				rows += u.RowsLeft
+			}
+			reasons = append(reasons, fmt.Sprintf("the backfill has not finished on %d table(s) in scope, ~%d rows left: %s; run tandem backfill (GET /api/v1/backfill shows its progress)",
+				len(left), rows, strings.Join(names, ", ")))
 		}
-		return refuse(fmt.Sprintf("the backfill has not finished on %d table(s) in scope, ~%d rows left: %s; run tandem backfill (GET /api/v1/backfill shows its progress)",
-			len(left), rows, strings.Join(names, ", ")))
+		if len(deferred) > 0 {
+			names := make([]string, 0, len(deferred))
+			for _, d := range deferred {
+				names = append(names, d.String())
+			}
+			reasons = append(reasons, fmt.Sprintf("%d index(es) of the new store dropped by tandem backfill --defer-indexes are not rebuilt yet: %s; run tandem backfill again to rebuild them",
+				len(deferred), strings.Join(names, ", ")))
+		}
+		return refuse(strings.Join(reasons, "; "))
 	}
 }
 

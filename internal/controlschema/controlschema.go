@@ -36,11 +36,15 @@ var v1 string
 //go:embed 0002_backfill_slots.sql
 var v2 string
 
+//go:embed 0003_backfill_deferred_indexes.sql
+var v3 string
+
 // Migrations are every step, in order. Append; never edit an entry that
 // has shipped (a schema that applied it will not run it again).
 var Migrations = []Migration{
 	{1, "the control schema as created before it was versioned", v1},
 	{2, "the snapshot backfill's slot", v2},
+	{3, "the backfill's deferred indexes", v3},
 }
 
 // Latest is the version of the control schema this binary knows.

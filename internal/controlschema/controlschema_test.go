@@ -37,7 +37,7 @@ func connect(t *testing.T, dsn string) *pgx.Conn {
 
 // controlTables are the tables the control schema holds at the latest
 // migration, with the version table.
-var controlTables = []string{"backfill_chunks", "backfill_control", "backfill_slots", "backfill_tables", "drift", "feed", "migration_log", "mismatches",
+var controlTables = []string{"backfill_chunks", "backfill_control", "backfill_deferred_indexes", "backfill_slots", "backfill_tables", "drift", "feed", "migration_log", "mismatches",
 	"replicas", "schema_version", "shadow_stats", "state", "state_history", "verify_runs"}
 
 // layout is the control schema's columns and constraints, to compare two

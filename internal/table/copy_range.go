@@ -92,76 +92,19 @@ func CopyRangeMapped(ctx context.Context, primary, secondary *pgx.Conn, m *Mappi
 // the previous chunk, as text; each chunk starts strictly after it.
 func (p *copier) copyRange(ctx context.Context, primary, secondary *pgx.Conn, opts RangeOptions) (CopyResult, []string, error) {
 	var res CopyResult
-	chunk := opts.Chunk
-	fast := chunk >= fastRows(opts.FastRows)
+	fast := opts.Chunk >= fastRows(opts.FastRows)
 	cursor, incl := opts.Lo, opts.LoInclusive
 	var committed []string
 	for {
-		var last []string
-		final := false
-		var unitRows int
+		var out rangeUnitOut
 		start := time.Now()
 		r, err := p.runCopyUnit(ctx, primary, secondary, func(u *copyUnit) error {
-			var rows rowSet
 			var err error
-			if fast {
-				// One locked-copy unit either way: the fast path locks and
-				// writes the same rows, by COPY instead of as JSON.
-				rows, err = u.lockChunkCopy(ctx, cursor, incl, opts.Hi, chunk)
-			} else if rows, err = u.lockChunk(ctx, cursor, incl, opts.Hi, chunk); err == nil {
-				err = u.write(ctx, rows)
-			}
-			if err != nil {
-				return err
-			}
-			unitRows = len(rows.keys)
-			// The range this chunk covers on the secondary: after the
-			// cursor, up to the chunk's last key, or to the range's end
-			// after the last chunk.
-			hi := opts.Hi
-			if len(rows.keys) < chunk {
-				final = true
-			} else {
-				hi = rows.keys[len(rows.keys)-1]
-			}
-			if n := len(rows.keys); n > 0 {
-				last = rows.keys[n-1]
-			}
-			// Rows in that range that the chunk does not have: look them up
-			// on the primary under lock (the secondary may order keys
-			// differently, or a row may have been inserted since) and copy
-			// or delete them, a page at a time.
-			lo, loIncl := cursor, incl
-			for {
-				extra, err := u.candidates(ctx, lo, loIncl, hi, rows.keys, chunk)
-				if err != nil {
-					return err
-				}
-				if len(extra) > 0 {
-					if err := u.copyKeys(ctx, extra, true); err != nil {
-						return err
-					}
-					lo, loIncl = extra[len(extra)-1], false
-				}
-				if len(extra) < chunk {
-					break
-				}
-			}
-			if opts.Checkpoint != nil {
-				cp := last
-				if final && opts.Hi != nil {
-					cp = opts.Hi
-				}
-				if cp == nil {
-					cp = cursor
-				}
-				if err := opts.Checkpoint(ctx, u.stx, cp, unitRows); err != nil {
-					return fmt.Errorf("writing the checkpoint: %w", err)
-				}
-			}
-			return nil
+			out, err = u.rangeUnit(ctx, opts, cursor, incl, fast)
+			return err
 		})
 		res.add(r)
+		last, final := out.last, out.final
 		if err != nil {
 			if opts.KeyFailed == nil || ctx.Err() != nil || primary.IsClosed() || secondary.IsClosed() {
 				return res, committed, err
@@ -180,7 +123,7 @@ func (p *copier) copyRange(ctx context.Context, primary, secondary *pgx.Conn, op
 			last, final = end, false
 		} else if opts.Done != nil {
 			if derr := opts.Done(ctx, UnitReport{Lo: cursor, LoInclusive: incl, Hi: unitHi(last, final, opts.Hi),
-				Rows: unitRows, Deleted: r.Deleted, Duration: time.Since(start)}); derr != nil {
+				Rows: out.rows, Deleted: r.Deleted, Duration: time.Since(start)}); derr != nil {
 				return res, last, derr
 			}
 		}
@@ -200,6 +143,80 @@ func (p *copier) copyRange(ctx context.Context, primary, secondary *pgx.Conn, op
 			return res, committed, nil
 		}
 	}
+}
+
+// rangeUnitOut is what one unit of copyRange covered: its last key, whether
+// it reached the range's end, and the rows it read.
+type rangeUnitOut struct {
+	last  []string
+	final bool
+	rows  int
+}
+
+// rangeUnit is the body of one locked-copy unit of copyRange, after cursor
+// (at it when incl): lock and write the next chunk (by COPY when fast),
+// copy or delete the keys of the chunk's range the secondary has and the
+// chunk does not, and write the checkpoint.
+func (u *copyUnit) rangeUnit(ctx context.Context, opts RangeOptions, cursor []string, incl, fast bool) (rangeUnitOut, error) {
+	chunk := opts.Chunk
+	var out rangeUnitOut
+	var rows rowSet
+	var err error
+	if fast {
+		// One locked-copy unit either way: the fast path locks and
+		// writes the same rows, by COPY instead of as JSON.
+		rows, err = u.lockChunkCopy(ctx, cursor, incl, opts.Hi, chunk)
+	} else if rows, err = u.lockChunk(ctx, cursor, incl, opts.Hi, chunk); err == nil {
+		err = u.write(ctx, rows)
+	}
+	if err != nil {
+		return out, err
+	}
+	out.rows = len(rows.keys)
+	// The range this chunk covers on the secondary: after the cursor, up
+	// to the chunk's last key, or to the range's end after the last chunk.
+	hi := opts.Hi
+	if len(rows.keys) < chunk {
+		out.final = true
+	} else {
+		hi = rows.keys[len(rows.keys)-1]
+	}
+	if n := len(rows.keys); n > 0 {
+		out.last = rows.keys[n-1]
+	}
+	// Rows in that range that the chunk does not have: look them up on
+	// the primary under lock (the secondary may order keys differently, or
+	// a row may have been inserted since) and copy or delete them, a page
+	// at a time.
+	lo, loIncl := cursor, incl
+	for {
+		extra, err := u.candidates(ctx, lo, loIncl, hi, rows.keys, chunk)
+		if err != nil {
+			return out, err
+		}
+		if len(extra) > 0 {
+			if err := u.copyKeys(ctx, extra, true); err != nil {
+				return out, err
+			}
+			lo, loIncl = extra[len(extra)-1], false
+		}
+		if len(extra) < chunk {
+			break
+		}
+	}
+	if opts.Checkpoint != nil {
+		cp := out.last
+		if out.final && opts.Hi != nil {
+			cp = opts.Hi
+		}
+		if cp == nil {
+			cp = cursor
+		}
+		if err := opts.Checkpoint(ctx, u.stx, cp, out.rows); err != nil {
+			return out, fmt.Errorf("writing the checkpoint: %w", err)
+		}
+	}
+	return out, nil
 }
 
 func unitHi(last []string, final bool, hi []string) []string {

@@ -2,10 +2,13 @@ package table
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // firstNormalOID is FirstNormalObjectId: types below it are built in and
@@ -14,12 +17,22 @@ const firstNormalOID = 16384
 
 // SnapshotCopy loads key ranges of a mapping's old table, read in a
 // transaction that holds an exported snapshot of the old store, into its
-// new table without ever overwriting a row the new table already has: the
-// rows are streamed with COPY into a temporary staging table on the new
-// store and written with the mapping's own INSERT ... SELECT and ON
-// CONFLICT (key) DO NOTHING. A row already there was written by the mirror
-// (or copied earlier); whatever changed on old after the snapshot is
-// reconciled afterwards with the locked-copy unit (CopyKeysMapped).
+// new table without ever overwriting a row the new table already has. Two
+// ways:
+//
+//   - staged (Range): the rows are streamed with COPY into a temporary
+//     staging table on the new store and written with the mapping's own
+//     INSERT ... SELECT and ON CONFLICT (key) DO NOTHING;
+//   - straight (RangeStraight), when the mapping passes columns through
+//     unchanged (Straight): COPY into the new table itself, leaving out the
+//     few keys the caller has just seen new hold in the range. COPY never
+//     overwrites: another key the table holds by then (a mirrored write
+//     that raced in) fails it with a unique violation (IsUniqueViolation),
+//     and the caller rolls back and loads the range staged.
+//
+// A row already there was written by the mirror (or copied earlier);
+// whatever changed on old after the snapshot is reconciled afterwards with
+// the locked-copy unit (CopyKeysMapped).
 type SnapshotCopy struct {
 	p      *copier
 	insert string
@@ -30,6 +43,15 @@ type SnapshotCopy struct {
 	// Overwrite makes the load DO UPDATE instead of DO NOTHING. It exists
 	// for the tests that show what the reconcile repairs; never set it.
 	Overwrite bool
+
+	straight *straightCopy // nil: the mapping needs the staging table
+}
+
+// straightCopy is a COPY of the old table's pass-through columns straight
+// into the new table's columns they become.
+type straightCopy struct {
+	src, dst []string // column names, pairwise
+	binary   bool     // every pair has the same built-in type on both sides
 }
 
 // NewSnapshotCopy returns the loader of m's rows, old -> new. m's old
@@ -55,43 +77,186 @@ func NewSnapshotCopy(m *Mapping) (*SnapshotCopy, error) {
 			s.Binary = false
 		}
 	}
+	s.straight = newStraightCopy(d, p.cols)
 	return s, nil
+}
+
+// newStraightCopy returns the straight COPY of the columns cols of d.from,
+// or nil when the mapping does more than pass columns through (a computed
+// column: its expression must be evaluated by the INSERT) or passes none.
+func newStraightCopy(d *direction, cols []string) *straightCopy {
+	if len(d.exprRefs) > 0 {
+		return nil
+	}
+	sc := &straightCopy{binary: true}
+	for _, c := range cols {
+		t := d.passFrom(c)
+		if t == nil || t.expr != "" {
+			return nil
+		}
+		i, _ := d.from.Column(c)
+		from, to := d.from.Columns[i], d.to.Columns[t.col]
+		sc.src = append(sc.src, c)
+		sc.dst = append(sc.dst, to.Name)
+		if from.TypeOID == 0 || from.TypeOID >= firstNormalOID || from.TypeOID != to.TypeOID || from.Type != to.Type {
+			sc.binary = false
+		}
+	}
+	if len(sc.src) == 0 {
+		return nil
+	}
+	return sc
+}
+
+// Straight reports whether the mapping allows RangeStraight: every column
+// copied passes through to a column of the new table, none is computed.
+func (s *SnapshotCopy) Straight() bool { return s.straight != nil && !s.Overwrite }
+
+// CheckStraight turns the straight COPY off when the new table is not a
+// plain or partitioned table, or has rules: COPY FROM applies no rule
+// where the staged INSERT would.
+func (s *SnapshotCopy) CheckStraight(ctx context.Context, q Querier) error {
+	if s.straight == nil {
+		return nil
+	}
+	var kind string
+	var rules bool
+	if err := q.QueryRow(ctx, "SELECT relkind::text, relhasrules FROM pg_class WHERE oid = $1::regclass", s.p.dst.Name.Quoted()).Scan(&kind, &rules); err != nil {
+		return fmt.Errorf("reading %s on the new store: %w", s.p.dst.Name, err)
+	}
+	if (kind != "r" && kind != "p") || rules {
+		s.straight = nil
+	}
+	return nil
 }
 
 // PresentKeysSQL returns the query of the keys (as text arrays) the new
 // table holds now after lo (nil: from the start) up to hi inclusive (nil:
 // to the end). A load does not overwrite them, so the caller keeps them to
 // check under lock: rows the mirror wrote, but also rows that were on new
-// before (stale, or absent on old).
+// before (stale, or absent on old). RangeStraight leaves them out of its
+// COPY.
 func (s *SnapshotCopy) PresentKeysSQL(lo, hi []string) string {
 	p := s.p
 	return "SELECT " + keyText("d", p.dstKey) + " FROM " + p.dst.Name.Quoted() + " d" + literalRange("d", p.dstKey, lo, false, hi)
 }
 
+// IsUniqueViolation reports whether err is a unique violation (23505):
+// what RangeStraight fails with when the new table holds one of the keys.
+func IsUniqueViolation(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "23505"
+}
+
 // Range reads the old table's rows with keys after lo (nil: from the
 // start) up to hi inclusive (nil: to the end) in src, the snapshot's
 // transaction on the old store, and loads them in dst, a transaction on
-// the new store that the caller commits. It returns the rows read and the
-// rows inserted (the others were on new already).
+// the new store that the caller commits, through the staging table. It
+// returns the rows read and the rows inserted (the others were on new
+// already).
 func (s *SnapshotCopy) Range(ctx context.Context, src, dst pgx.Tx, lo, hi []string) (read, inserted int64, err error) {
 	p := s.p
-	format := ""
-	if s.Binary {
-		format = " (FORMAT binary)"
-	} else if _, err := src.Exec(ctx, copySettings); err != nil {
-		return 0, 0, fmt.Errorf("reading the old store: %w", err)
-	}
 	setup := "SET LOCAL session_replication_role = replica; " + p.stage.create
-	if !s.Binary {
+	if err := copySetup(ctx, src, dst, s.Binary, setup); err != nil {
+		return 0, 0, err
+	}
+	out := "COPY (SELECT " + prefixedList("r", p.cols) + " FROM " + p.src.Name.Quoted() + " r" +
+		literalRange("r", p.srcKey, lo, false, hi) + ") TO STDOUT" + copyFormat(s.Binary)
+	in := "COPY " + p.stage.name + " (" + identList(p.cols) + ") FROM STDIN" + copyFormat(s.Binary)
+	if read, err = pipeCopy(ctx, src, dst, out, in, "staging on the new store"); err != nil {
+		return 0, 0, err
+	}
+	write := s.insert
+	if s.Overwrite {
+		write = p.stage.upsert
+	}
+	ins, err := dst.Exec(ctx, write)
+	if err != nil {
+		return 0, 0, fmt.Errorf("writing the new store: %w", err)
+	}
+	return read, ins.RowsAffected(), nil
+}
+
+// MaxExcept is the most keys new may already hold in a range for
+// RangeStraight to leave them out of its COPY; with more, the range is
+// loaded staged.
+const MaxExcept = 1000
+
+// RangeStraight is Range with COPY straight into the new table, for a
+// mapping that allows it (Straight). except are the keys (as text, at most
+// MaxExcept) the caller has just seen the new table hold in the range
+// (PresentKeysSQL): their rows are left out of the COPY, so the rows new
+// has are left as they are, as the staged load's DO NOTHING leaves them.
+// It never overwrites: a row with any other key of the range that
+// committed on new since fails it with a unique violation
+// (IsUniqueViolation), and dst must then be rolled back.
+func (s *SnapshotCopy) RangeStraight(ctx context.Context, src, dst pgx.Tx, lo, hi []string, except [][]string) (int64, error) {
+	sc := s.straight
+	if sc == nil || s.Overwrite {
+		return 0, fmt.Errorf("copying %s: the mapping needs the staging table", s.p.src.Name)
+	}
+	p := s.p
+	if err := copySetup(ctx, src, dst, sc.binary, "SET LOCAL session_replication_role = replica"); err != nil {
+		return 0, err
+	}
+	if len(except) > MaxExcept {
+		return 0, fmt.Errorf("copying %s: %d keys to leave out, more than %d", p.src.Name, len(except), MaxExcept)
+	}
+	where := literalRange("r", p.srcKey, lo, false, hi)
+	var left int64 // rows of the range on old left out: read, not copied
+	if len(except) > 0 {
+		tuples := make([]string, len(except))
+		for i, k := range except {
+			if len(k) != len(p.srcKey) {
+				return 0, fmt.Errorf("copying %s: a key to leave out has %d values, the key %d", p.src.Name, len(k), len(p.srcKey))
+			}
+			tuples[i] = literalTuple(k, p.srcKey)
+		}
+		in := keyTuple("r", p.srcKey) + " IN (" + strings.Join(tuples, ", ") + ")"
+		if where == "" {
+			where = " WHERE "
+		} else {
+			where += " AND "
+		}
+		if err := src.QueryRow(ctx, "SELECT count(*) FROM "+p.src.Name.Quoted()+" r"+where+in).Scan(&left); err != nil {
+			return 0, fmt.Errorf("reading the old store: %w", err)
+		}
+		where += "NOT " + in
+	}
+	out := "COPY (SELECT " + prefixedList("r", sc.src) + " FROM " + p.src.Name.Quoted() + " r" +
+		where + ") TO STDOUT" + copyFormat(sc.binary)
+	in := "COPY " + p.dst.Name.Quoted() + " (" + identList(sc.dst) + ") FROM STDIN" + copyFormat(sc.binary)
+	n, err := pipeCopy(ctx, src, dst, out, in, "writing the new store")
+	return n + left, err
+}
+
+func copyFormat(binary bool) string {
+	if binary {
+		return " (FORMAT binary)"
+	}
+	return ""
+}
+
+// copySetup runs setup in dst, and in text format the settings that make
+// a value's text the same on both sides.
+func copySetup(ctx context.Context, src, dst pgx.Tx, binary bool, setup string) error {
+	if !binary {
+		if _, err := src.Exec(ctx, copySettings); err != nil {
+			return fmt.Errorf("reading the old store: %w", err)
+		}
 		setup = copySettings + "; " + setup
 	}
 	if _, err := dst.Exec(ctx, setup); err != nil {
-		return 0, 0, fmt.Errorf("staging on the new store: %w", err)
+		return fmt.Errorf("preparing the new store: %w", err)
 	}
-	out := "COPY (SELECT " + prefixedList("r", p.cols) + " FROM " + p.src.Name.Quoted() + " r" +
-		literalRange("r", p.srcKey, lo, false, hi) + ") TO STDOUT" + format
-	in := "COPY " + p.stage.name + " (" + identList(p.cols) + ") FROM STDIN" + format
+	return nil
+}
 
+// pipeCopy streams COPY out on src into COPY in on dst through a pipe and
+// returns the rows written; what names dst's side in its error. When dst
+// fails, the rest of src's COPY is read and discarded, so src's
+// transaction stays usable.
+func pipeCopy(ctx context.Context, src, dst pgx.Tx, out, in, what string) (int64, error) {
 	pr, pw := io.Pipe()
 	readErr := make(chan error, 1)
 	go func() {
@@ -104,18 +269,10 @@ func (s *SnapshotCopy) Range(ctx context.Context, src, dst pgx.Tx, lo, hi []stri
 		_, _ = io.Copy(io.Discard, pr)
 	}
 	if rerr := <-readErr; rerr != nil {
-		return 0, 0, fmt.Errorf("reading the old store: %w", rerr)
+		return 0, fmt.Errorf("reading the old store: %w", rerr)
 	}
 	if werr != nil {
-		return 0, 0, fmt.Errorf("staging on the new store: %w", werr)
+		return 0, fmt.Errorf("%s: %w", what, werr)
 	}
-	write := s.insert
-	if s.Overwrite {
-		write = p.stage.upsert
-	}
-	ins, err := dst.Exec(ctx, write)
-	if err != nil {
-		return 0, 0, fmt.Errorf("writing the new store: %w", err)
-	}
-	return tag.RowsAffected(), ins.RowsAffected(), nil
+	return tag.RowsAffected(), nil
 }
