@@ -86,6 +86,7 @@ func newPlanCmd() *cobra.Command {
 	}
 	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	asJSON := cmd.Flags().Bool("json", false, "print the report as JSON")
+	audit := cmd.Flags().Bool("audit", false, "also scan every table in scope on old for the rows new's schema will reject (length, NULL, foreign key orphan, unique duplicate, CHECK, type cast): a full read of each table on old, plus one GROUP BY per unique key old does not enforce; off by default")
 	sampleRows := cmd.Flags().Int("sample-rows", 1000, "rows per table in the measured sample copy that the backfill estimate extrapolates from; 0 skips it")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		if *sampleRows < 0 {
@@ -95,7 +96,7 @@ func newPlanCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		rep, err := runPlan(cmd.Context(), cfg, *sampleRows)
+		rep, err := runPlan(cmd.Context(), cfg, *sampleRows, *audit)
 		if err != nil {
 			return err
 		}
@@ -117,12 +118,12 @@ func newPlanCmd() *cobra.Command {
 
 // runPlan connects to the stores (and a separate control database) and
 // runs the assessment with the config's scope and mapping.
-func runPlan(ctx context.Context, cfg *config.Config, sampleRows int) (*plan.Report, error) {
+func runPlan(ctx context.Context, cfg *config.Config, sampleRows int, audit bool) (*plan.Report, error) {
 	mapping, err := planMapping(cfg.Tables)
 	if err != nil {
 		return nil, err
 	}
-	opts := plan.Options{SampleRows: sampleRows, Map: mapping, Feed: cfg.Feed.Enabled}
+	opts := plan.Options{SampleRows: sampleRows, Map: mapping, Feed: cfg.Feed.Enabled, Audit: audit}
 	var conns []*pgx.Conn
 	defer func() {
 		for _, c := range conns {

@@ -438,3 +438,131 @@ func TestPlanSecurity(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestPlanAudit plants exactly one row of each reason new's schema rejects
+// (length, NULL, foreign key orphan, unique duplicate, CHECK, type cast)
+// among 3000 good rows of a table that maps to new through a rename of the
+// table and of a column, a dropped column and a computed column (the CHECK
+// is on the computed column, the foreign key on the renamed one, its parent
+// a renamed table). tandem plan --audit reports exactly those rows, with
+// their keys and fixes, and exits 2; once the rows are fixed on old as the
+// fixes say, the audit reports nothing and the exit status is the plan's
+// without --audit.
+func TestPlanAudit(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	mustExec(t, old, `
+		CREATE TABLE customers (id int PRIMARY KEY, name text);
+		INSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 100) g;
+		CREATE TABLE orders (id bigint PRIMARY KEY, cust int, code varchar(40), note text, qty text, ref text,
+			price numeric, amount int, legacy bool);
+		INSERT INTO orders SELECT g, 1 + g % 100, 'c' || g % 1000, 'n', g::text, 'r' || g, 1.50, 2, true
+			FROM generate_series(1, 3000) g;
+		UPDATE orders SET code = 'ABCDEFGHIJKLMNOP' WHERE id = 101;
+		UPDATE orders SET note = NULL WHERE id = 202;
+		UPDATE orders SET cust = 9999 WHERE id = 303;
+		UPDATE orders SET ref = 'dup' WHERE id IN (404, 405);
+		UPDATE orders SET price = -1 WHERE id = 505;
+		UPDATE orders SET qty = '12a' WHERE id = 606;
+		ANALYZE;`)
+	mustExec(t, new, `
+		CREATE TABLE clients (id int PRIMARY KEY, name text);
+		CREATE TABLE purchases (id bigint PRIMARY KEY, customer_id int REFERENCES clients (id), code varchar(10),
+			note text NOT NULL, qty integer, ref text UNIQUE, total numeric(12,2) CHECK (total >= 0), amount int);`)
+	cfgPath := filepath.Join(t.TempDir(), "tandem.yaml")
+	if err := os.WriteFile(cfgPath, []byte(`old:
+  dsn: `+old.DSN("")+`
+new:
+  dsn: `+new.DSN("")+`
+tables:
+  map:
+    customers:
+      to: clients
+    orders:
+      to: purchases
+      rename: {cust: customer_id}
+      drop: [legacy]
+      compute: {total: "price * amount"}
+      reverse: {price: "total / nullif(amount, 0)"}
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	audit := func() (int, plan.Table, plan.Table) {
+		t.Helper()
+		code, out := runPlanCmd(t, "-c", cfgPath, "--json", "--sample-rows", "0", "--audit")
+		var rep plan.Report
+		if err := json.Unmarshal([]byte(out), &rep); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		var orders, customers plan.Table
+		for _, tb := range rep.Tables {
+			switch tb.Name {
+			case "public.orders":
+				orders = tb
+			case "public.customers":
+				customers = tb
+			}
+		}
+		if orders.Audit == nil || customers.Audit == nil {
+			t.Fatalf("no audit in the report:\n%s", out)
+		}
+		return code, orders, customers
+	}
+
+	code, orders, customers := audit()
+	if code != 2 {
+		t.Errorf("exit status %d, want 2", code)
+	}
+	if a := customers.Audit; a.Rows != 100 || len(a.Rejects) != 0 || len(a.Unchecked) != 0 {
+		t.Errorf("public.customers audit: %+v", a)
+	}
+	a := orders.Audit
+	if a.Rows != 3000 || len(a.Unchecked) != 0 {
+		t.Errorf("public.orders audit: %d rows scanned, unchecked %q", a.Rows, a.Unchecked)
+	}
+	want := []plan.Reject{
+		{Reason: plan.RejectCheck, Constraint: "purchases_total_check", Rows: 1, Keys: []string{"505"}, Fix: "satisfy CHECK ((total >= (0)::numeric))"},
+		{Reason: plan.RejectOrphan, Column: "customer_id", Constraint: "purchases_customer_id_fkey", Rows: 1, Keys: []string{"303"},
+			Fix: `DELETE FROM "public"."orders" WHERE "id" IN ('303')), or add their parents to public.customers`},
+		{Reason: plan.RejectLength, Column: "code", Rows: 1, Keys: []string{"101"}, Fix: "widen new's column code to varchar(16)"},
+		{Reason: plan.RejectNull, Column: "note", Rows: 1, Keys: []string{"202"}, Fix: `UPDATE "public"."orders" SET "note" = ... WHERE "id" IN ('202')`},
+		{Reason: plan.RejectCast, Column: "qty", Rows: 1, Keys: []string{"606"}, Fix: `UPDATE "public"."orders" SET "qty" = ... WHERE "id" IN ('606')`},
+		{Reason: plan.RejectDuplicate, Column: "ref", Constraint: "purchases_ref_key", Rows: 1, Keys: []string{"dup"}, Fix: "drop or clean the duplicates on old: values dup of (ref)"},
+	}
+	if len(a.Rejects) != len(want) {
+		t.Fatalf("public.orders rejects: got %d, want %d: %+v", len(a.Rejects), len(want), a.Rejects)
+	}
+	for i, w := range want {
+		g := a.Rejects[i]
+		if g.Reason != w.Reason || g.Column != w.Column || g.Constraint != w.Constraint || g.Rows != w.Rows ||
+			strings.Join(g.Keys, ",") != strings.Join(w.Keys, ",") || !strings.Contains(g.Fix, w.Fix) {
+			t.Errorf("reject %d: got %+v, want %+v", i, g, w)
+		}
+	}
+	if orders.Verdict != plan.Blocked {
+		t.Errorf("public.orders verdict %s, want blocked", orders.Verdict)
+	}
+
+	// The text report has the section and the same fixes.
+	code, text := runPlanCmd(t, "-c", cfgPath, "--sample-rows", "0", "--audit")
+	for _, w := range []string{"DATA AUDIT", "widen new's column code to varchar(16)", "type_cast", "unique_duplicate", "fk_orphan",
+		"blocked    public.orders", "verdict: blocked (exit status 2)"} {
+		if code != 2 || !strings.Contains(text, w) {
+			t.Errorf("text: exit status %d, want 2 and %q:\n%s", code, w, text)
+		}
+	}
+
+	// Fixed on old as the fixes say: nothing to reject, and the exit status
+	// is the plan's own (the narrowed types need attention).
+	mustExec(t, old, `
+		UPDATE orders SET code = 'short' WHERE id = 101;
+		UPDATE orders SET note = 'n' WHERE id = 202;
+		DELETE FROM orders WHERE id IN ('303');
+		UPDATE orders SET ref = 'r405' WHERE id = 405;
+		UPDATE orders SET price = 1 WHERE id = 505;
+		UPDATE orders SET qty = '12' WHERE id = 606;`)
+	code, orders, _ = audit()
+	plain, _ := runPlanCmd(t, "-c", cfgPath, "--sample-rows", "0")
+	if a := orders.Audit; code != plain || code != 1 || a.Rows != 2999 || len(a.Rejects) != 0 || len(a.Unchecked) != 0 {
+		t.Errorf("after the fixes: exit status %d (without --audit %d), audit %+v", code, plain, a)
+	}
+}
