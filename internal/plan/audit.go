@@ -93,33 +93,98 @@ func (s *auditSide) col(name string) *auditCol {
 	return nil
 }
 
-// raw is the FROM item with the old key (tandem_k) and each column's value
-// (tandem_vN) and typed value (new's name).
-func (s *auditSide) from() string {
-	key := "tandem_o.ctid::text"
-	switch len(s.old.key) {
-	case 0:
-	case 1:
-		key = "tandem_o." + quoteIdent(s.old.key[0]) + "::text"
-	default:
+// from is the FROM item of the table's rows as new's columns: the old key
+// (tandem_k), each column's value as new receives it (tandem_vN), whether
+// its type cast or its length rejects it (tandem_cN, tandem_lN, computed
+// once per row: OFFSET 0 keeps the planner from inlining them into every
+// use), and its value typed as new's column, under new's name.
+func (s *auditSide) from() string { return s.fromCols(nil) }
+
+// fromCols is from with only the columns named in only (all when nil):
+// a unique key's GROUP BY and a foreign key's parent read just theirs.
+func (s *auditSide) fromCols(only []string) string {
+	key := "tandem_o.ctid AS tandem_k"
+	if len(s.old.key) > 0 {
 		ks := make([]string, len(s.old.key))
 		for i, k := range s.old.key {
-			ks[i] = "tandem_o." + quoteIdent(k)
+			ks[i] = fmt.Sprintf("tandem_o.%s AS tandem_k%d", quoteIdent(k), i)
 		}
-		key = "ROW(" + strings.Join(ks, ", ") + ")::text"
+		key = strings.Join(ks, ", ")
 	}
-	raw := []string{key + " AS tandem_k"}
-	typed := []string{"r.tandem_k"}
+	var values, raw []string
+	use := func(c *auditCol) bool { return only == nil || slices.Contains(only, c.name) }
 	for i, c := range s.cols {
-		v := fmt.Sprintf("tandem_v%d", i)
-		raw = append(raw, c.value+" AS "+v)
-		typed = append(typed, "r."+v)
-		if c.typed != "" {
-			typed = append(typed, strings.ReplaceAll(c.typed, "$v", "r."+v)+" AS "+quoteIdent(c.name))
+		if use(c) {
+			values = append(values, fmt.Sprintf("%s AS tandem_v%d", c.value, i))
 		}
 	}
-	return fmt.Sprintf("(SELECT %s FROM (SELECT %s FROM %s AS tandem_o) AS r)",
-		strings.Join(typed, ", "), strings.Join(raw, ", "), s.old.name.Quoted())
+	keys := s.keyCols()
+	typed := prefixed("r.", keys)
+	for i, c := range s.cols {
+		if !use(c) {
+			continue
+		}
+		v := fmt.Sprintf("tandem_v%d", i)
+		raw = append(raw, "v."+v)
+		typed = append(typed, "r."+v)
+		var bad []string
+		for _, p := range []struct{ name, sql string }{{"c", c.cast}, {"l", c.length}} {
+			if p.sql != "" {
+				col := fmt.Sprintf("tandem_%s%d", p.name, i)
+				raw = append(raw, fmt.Sprintf("coalesce(%s, false) AS %s", strings.ReplaceAll(p.sql, "$v", "v."+v), col))
+				typed = append(typed, "r."+col)
+				bad = append(bad, "r."+col)
+			}
+		}
+		switch {
+		case c.typed == "":
+		case len(bad) == 0:
+			typed = append(typed, strings.ReplaceAll(c.typed, "$v", "r."+v)+" AS "+quoteIdent(c.name))
+		default:
+			typed = append(typed, fmt.Sprintf("CASE WHEN NOT (%s) THEN %s END AS %s", strings.Join(bad, " OR "),
+				strings.ReplaceAll(c.typed, "$v", "r."+v), quoteIdent(c.name)))
+		}
+	}
+	return fmt.Sprintf("(SELECT %s FROM (SELECT %s FROM (SELECT %s%s FROM %s AS tandem_o) AS v OFFSET 0) AS r)",
+		strings.Join(typed, ", "), strings.Join(append(prefixed("v.", keys), raw...), ", "),
+		key, prefixComma(values), s.old.name.Quoted())
+}
+
+// keyCols are the names of the old key's columns in from: tandem_k0, ...,
+// or tandem_k (the ctid) when old has no key.
+func (s *auditSide) keyCols() []string {
+	if len(s.old.key) == 0 {
+		return []string{"tandem_k"}
+	}
+	out := make([]string, len(s.old.key))
+	for i := range out {
+		out[i] = fmt.Sprintf("tandem_k%d", i)
+	}
+	return out
+}
+
+// keyText is the old key as text over the FROM item alias.
+func (s *auditSide) keyText(alias string) string {
+	ks := prefixed(alias+".", s.keyCols())
+	if len(ks) == 1 {
+		return ks[0] + "::text"
+	}
+	return "ROW(" + strings.Join(ks, ", ") + ")::text"
+}
+
+func prefixed(prefix string, names []string) []string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = prefix + n
+	}
+	return out
+}
+
+func prefixComma(list []string) string {
+	if len(list) == 0 {
+		return ""
+	}
+	return ", " + strings.Join(list, ", ")
 }
 
 // v returns column c's raw value in the FROM item aliased alias.
@@ -240,7 +305,7 @@ func (c *auditCol) fits(pg16 bool) {
 		return
 	}
 	if ch, _ := ClassifyType(c.srcType, c.newType); ch == Widening {
-		c.typed = "$v::" + c.newType
+		c.typed = "($v)::" + c.newType
 		return
 	}
 	s, d := parseType(c.srcType), parseType(c.newType)
@@ -251,7 +316,8 @@ func (c *auditCol) fits(pg16 bool) {
 	case d.dims > 0:
 	case stringType[d.base] && d.base != "name" && stringLimit(d) >= 0:
 		n := stringLimit(d)
-		c.length = fmt.Sprintf("char_length(rtrim(%s, ' ')) > %d", text, n)
+		// octet_length is at least char_length, and needs no counting.
+		c.length = fmt.Sprintf("CASE WHEN octet_length(%s) <= %d THEN false ELSE char_length(rtrim(%s, ' ')) > %d END", text, n, text, n)
 		c.need = fmt.Sprintf("char_length(rtrim(%s, ' '))", text)
 	case d.base == "numeric" && len(d.mods) > 0:
 		num := ""
@@ -263,7 +329,11 @@ func (c *auditCol) fits(pg16 bool) {
 		}
 		if num != "" {
 			p, sc := d.mod(0), scale(d)
-			c.length = fmt.Sprintf("%s <> 'NaN'::numeric AND abs(round(%s, %d)) >= 1e%d", num, num, sc, p-sc)
+			// abs(round(x, sc)) >= 1e(p-sc), without rounding every value:
+			// x rounds to the limit from limit - 5e-(sc+1) on. NaN fits
+			// and sorts above every number.
+			bound := fmt.Sprintf("(1e%d - 5e%d)", p-sc, -(sc + 1))
+			c.length = fmt.Sprintf("(%s >= %s OR %s <= -%s) AND %s <> 'NaN'::numeric", num, bound, num, bound, num)
 			c.need = fmt.Sprintf("abs(round(%s, %d))", num, sc)
 		} else {
 			c.unchecked = fmt.Sprintf("%s values into %s: the digits are not checked", c.srcType, c.newType)
@@ -284,8 +354,11 @@ func (c *auditCol) fits(pg16 bool) {
 		case pg16:
 			c.cast = fmt.Sprintf("NOT pg_input_is_valid(%s, %s)", text, quoteLiteral(d.base))
 		default:
-			c.cast = fmt.Sprintf("NOT coalesce(CASE WHEN %s ~ %s THEN (%s)::numeric BETWEEN %s AND %s END, false)",
-				text, quoteLiteral(intSyntax), text, r[0], r[1])
+			// Fast path: a plain run of fewer digits than the type's
+			// widest value always fits, without parsing a numeric.
+			c.cast = fmt.Sprintf("CASE WHEN %s ~ '^[0-9]{1,%d}$' THEN false "+
+				"ELSE NOT coalesce(CASE WHEN %s ~ %s THEN (%s)::numeric BETWEEN %s AND %s END, false) END",
+				text, intDigits[d.base]-1, text, quoteLiteral(intSyntax), text, r[0], r[1])
 		}
 	case s.dims == 0 && d.dims == 0 && d.base == "numeric":
 		switch {
@@ -321,22 +394,11 @@ func (c *auditCol) fits(pg16 bool) {
 			return
 		}
 	}
-	var bad []string
-	for _, p := range []string{c.cast, c.length} {
-		if p != "" {
-			bad = append(bad, "coalesce("+p+", false)")
-		}
-	}
-	if len(bad) == 0 {
-		c.typed = "$v::" + c.newType
-	} else {
-		c.typed = fmt.Sprintf("CASE WHEN NOT (%s) THEN $v::%s END", strings.Join(bad, " OR "), c.newType)
-	}
 	if c.computed {
 		// An assignment: the value keeps its type and new assigns it.
-		c.typed = strings.Replace(c.typed, "$v::", "($v)::", 1)
+		c.typed = "($v)::" + c.newType
 	} else {
-		c.typed = strings.Replace(c.typed, "$v::", "($v)::text::", 1)
+		c.typed = "($v)::text::" + c.newType
 	}
 }
 
@@ -458,6 +520,11 @@ func auditTable(ctx context.Context, in auditInput) (*Audit, error) {
 	if err != nil {
 		return nil, fmt.Errorf("old store: %w", err)
 	}
+	restore, err := raiseWorkMem(ctx, in.old)
+	if err != nil {
+		return nil, err
+	}
+	defer restore()
 	checks := s.columnChecks()
 	checks = append(checks, s.constraintChecks(newCons.checks, a)...)
 	fks, err := s.foreignKeyChecks(newCons.fks, in.parents, a)
@@ -478,6 +545,29 @@ func auditTable(ctx context.Context, in auditInput) (*Audit, error) {
 	})
 	a.Duration = jsonout.Duration(time.Since(began))
 	return a, nil
+}
+
+// auditWorkMem is the work_mem the audit's queries run with on old, so
+// that a unique key's GROUP BY over a large table hashes in memory instead
+// of spilling to disk in batches (at PostgreSQL's default 4MB, 1M text keys
+// spill 17 batches and take several times as long).
+const auditWorkMem = "64MB"
+
+// raiseWorkMem sets work_mem for the session to auditWorkMem when it is
+// lower, and returns what puts it back.
+func raiseWorkMem(ctx context.Context, conn *pgx.Conn) (func(), error) {
+	var was string
+	var lower bool
+	if err := conn.QueryRow(ctx, "SELECT current_setting('work_mem'), pg_size_bytes(current_setting('work_mem')) < pg_size_bytes($1)", auditWorkMem).Scan(&was, &lower); err != nil {
+		return nil, fmt.Errorf("old store: %w", err)
+	}
+	if !lower {
+		return func() {}, nil
+	}
+	if _, err := conn.Exec(ctx, "SELECT set_config('work_mem', $1, false)", auditWorkMem); err != nil {
+		return nil, fmt.Errorf("old store: %w", err)
+	}
+	return func() { _, _ = conn.Exec(context.WithoutCancel(ctx), "SELECT set_config('work_mem', $1, false)", was) }, nil
 }
 
 // oldWhere names the old rows with keys, for a fix: a WHERE condition on
@@ -513,13 +603,13 @@ func (s *auditSide) columnChecks() []scanCheck {
 				}})
 		}
 		if c.length != "" {
-			out = append(out, scanCheck{rej: Reject{Reason: RejectLength, Column: c.name}, pred: strings.ReplaceAll(c.length, "$v", v),
+			out = append(out, scanCheck{rej: Reject{Reason: RejectLength, Column: c.name}, pred: fmt.Sprintf("m.tandem_l%d", slices.Index(s.cols, c)),
 				need: strings.ReplaceAll(c.need, "$v", v), fix: func(need string, _ []string) string {
 					return fmt.Sprintf("%s, or shorten those values (%s) on old", widen(c.name, c.newType, need), origin)
 				}})
 		}
 		if c.cast != "" {
-			out = append(out, scanCheck{rej: Reject{Reason: RejectCast, Column: c.name}, pred: strings.ReplaceAll(c.cast, "$v", v),
+			out = append(out, scanCheck{rej: Reject{Reason: RejectCast, Column: c.name}, pred: fmt.Sprintf("m.tandem_c%d", slices.Index(s.cols, c)),
 				fix: func(_ string, keys []string) string {
 					d := parseType(c.newType)
 					if intBytes[d.base] > 0 && intBytes[d.base] < 8 && intBytes[parseType(c.srcType).base] > intBytes[d.base] {
@@ -641,7 +731,7 @@ fks:
 			childNotNull = append(childNotNull, "m."+quoteIdent(c)+" IS NOT NULL")
 		}
 		join := fmt.Sprintf(" LEFT JOIN (SELECT DISTINCT %s FROM %s AS p WHERE %s) AS %s ON %s",
-			strings.Join(sel, ", "), p.from(), strings.Join(notNull, " AND "), alias, strings.Join(on, " AND "))
+			strings.Join(sel, ", "), p.fromCols(fk.refs), strings.Join(notNull, " AND "), alias, strings.Join(on, " AND "))
 		pred := fmt.Sprintf("%s AND %s.tandem_p0 IS NULL", strings.Join(childNotNull, " AND "), alias)
 		if fk.matchFull && len(fk.cols) > 1 {
 			pred = fmt.Sprintf("(%s) OR num_nulls(%s) BETWEEN 1 AND %d", pred, "m."+strings.Join(quoteAll(fk.cols), ", m."), len(fk.cols)-1)
@@ -670,20 +760,25 @@ func quoteAll(names []string) []string {
 	return out
 }
 
-// scanSQL is the table's one scan for checks.
+// scanSQL is the table's one scan for checks: each predicate is computed
+// once per row (OFFSET 0 again), then counted and its first keys kept.
 func (s *auditSide) scanSQL(checks []scanCheck) string {
 	sel := []string{"count(*)"}
+	inner := prefixed("m.", s.keyCols())
 	var joins strings.Builder
-	for _, c := range checks {
+	for i, c := range checks {
+		inner = append(inner, fmt.Sprintf("coalesce(%s, false) AS tandem_b%d", c.pred, i))
 		need := "NULL::text"
 		if c.need != "" {
-			need = fmt.Sprintf("(max(%s) FILTER (WHERE %s))::text", c.need, c.pred)
+			inner = append(inner, fmt.Sprintf("CASE WHEN coalesce(%s, false) THEN %s END AS tandem_n%d", c.pred, c.need, i))
+			need = fmt.Sprintf("max(x.tandem_n%d)::text", i)
 		}
-		sel = append(sel, fmt.Sprintf("count(*) FILTER (WHERE %s)", c.pred),
-			fmt.Sprintf("coalesce((array_agg(m.tandem_k) FILTER (WHERE %s))[1:%d], '{}')", c.pred, auditExamples), need)
+		sel = append(sel, fmt.Sprintf("count(*) FILTER (WHERE x.tandem_b%d)", i),
+			fmt.Sprintf("coalesce((array_agg(%s) FILTER (WHERE x.tandem_b%d))[1:%d], '{}')", s.keyText("x"), i, auditExamples), need)
 		joins.WriteString(c.join)
 	}
-	return "SELECT " + strings.Join(sel, ", ") + " FROM " + s.from() + " AS m" + joins.String()
+	return fmt.Sprintf("SELECT %s FROM (SELECT %s FROM %s AS m%s OFFSET 0) AS x",
+		strings.Join(sel, ", "), strings.Join(inner, ", "), s.from(), joins.String())
 }
 
 // scan runs the table's one scan. A check that old cannot plan (a CHECK
@@ -774,7 +869,7 @@ func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, u uniqueIdx, old
 	}
 	q := fmt.Sprintf(`SELECT coalesce(sum(n - 1), 0)::int8, coalesce((array_agg(v ORDER BY v))[1:%d], '{}') FROM (
 		SELECT %s AS v, count(*) AS n FROM %s AS m%s GROUP BY %s HAVING count(*) > 1) AS d`,
-		auditExamples, v, s.from(), where, strings.Join(cols, ", "))
+		auditExamples, v, s.fromCols(u.cols), where, strings.Join(cols, ", "))
 	var n int64
 	var vals []string
 	if err := conn.QueryRow(ctx, q).Scan(&n, &vals); err != nil {
