@@ -232,7 +232,7 @@ func TestPlanClean(t *testing.T) {
 
 // TestPlanMapping: a declared mapping explains renames, dropped and
 // computed columns and a new table name, and the sample copy goes through
-// it.
+// it; the data audit of the clean table reports nothing and exits 0.
 func TestPlanMapping(t *testing.T) {
 	old, new := pgtest.NewPair(t)
 	mustExec(t, old, `CREATE TABLE users (id int PRIMARY KEY, first_name text, last_name text, email varchar(50), legacy_flag bool);
@@ -266,6 +266,17 @@ tables:
 	if tb.NewName != "public.accounts" || tb.Mapping != "declared" || tb.Verdict != plan.Ready || tb.Sample == nil ||
 		tb.Sample.Rows != 50 || tb.Sample.Error != "" || len(tb.Differences) != 2 {
 		t.Errorf("users: %s", out)
+	}
+
+	// The data audit of the clean, mapped table finds nothing and the exit
+	// status stays 0.
+	code, out = runPlanCmd(t, "-c", cfgPath, "--json", "--audit")
+	rep = plan.Report{}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if a := rep.Tables[0].Audit; code != 0 || a == nil || a.Rows != 50 || len(a.Rejects) != 0 || len(a.Unchecked) != 0 {
+		t.Errorf("--audit: exit %d:\n%s", code, out)
 	}
 }
 
