@@ -456,9 +456,10 @@ func itoa(n int) string { return strconv.Itoa(n) }
 // table and of a column, a dropped column and a computed column (the CHECK
 // is on the computed column, the foreign key on the renamed one, its parent
 // a renamed table). tandem plan --audit reports exactly those rows, with
-// their keys and fixes, and exits 2; once the rows are fixed on old as the
-// fixes say, the audit reports nothing and the exit status is the plan's
-// without --audit.
+// their keys and fixes, and exits 2; a composite key's examples are rows,
+// a keyless table's ctids. Once the rows are fixed on old as the fixes
+// say, the audit reports nothing and the exit status is the plan's without
+// --audit.
 func TestPlanAudit(t *testing.T) {
 	old, new := pgtest.NewPair(t)
 	mustExec(t, old, `
@@ -474,11 +475,17 @@ func TestPlanAudit(t *testing.T) {
 		UPDATE orders SET ref = 'dup' WHERE id IN (404, 405);
 		UPDATE orders SET price = -1 WHERE id = 505;
 		UPDATE orders SET qty = '12a' WHERE id = 606;
+		CREATE TABLE lines (order_id int, pos int, sku text, PRIMARY KEY (order_id, pos));
+		INSERT INTO lines VALUES (1, 1, 'a'), (1, 2, NULL), (2, 1, 'b');
+		CREATE TABLE log (line text);
+		INSERT INTO log VALUES ('a'), (NULL);
 		ANALYZE;`)
 	mustExec(t, new, `
 		CREATE TABLE clients (id int PRIMARY KEY, name text);
 		CREATE TABLE purchases (id bigint PRIMARY KEY, customer_id int REFERENCES clients (id), code varchar(10),
-			note text NOT NULL, qty integer, ref text UNIQUE, total numeric(12,2) CHECK (total >= 0), amount int);`)
+			note text NOT NULL, qty integer, ref text UNIQUE, total numeric(12,2) CHECK (total >= 0), amount int);
+		CREATE TABLE lines (order_id int, pos int, sku text NOT NULL, PRIMARY KEY (order_id, pos));
+		CREATE TABLE log (line text NOT NULL);`)
 	cfgPath := filepath.Join(t.TempDir(), "tandem.yaml")
 	if err := os.WriteFile(cfgPath, []byte(`old:
   dsn: `+old.DSN("")+`
@@ -497,6 +504,7 @@ tables:
 `), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	var lines, logT plan.Table
 	audit := func() (int, plan.Table, plan.Table) {
 		t.Helper()
 		code, out := runPlanCmd(t, "-c", cfgPath, "--json", "--sample-rows", "0", "--audit")
@@ -511,6 +519,10 @@ tables:
 				orders = tb
 			case "public.customers":
 				customers = tb
+			case "public.lines":
+				lines = tb
+			case "public.log":
+				logT = tb
 			}
 		}
 		if orders.Audit == nil || customers.Audit == nil {
@@ -552,6 +564,15 @@ tables:
 	if orders.Verdict != plan.Blocked {
 		t.Errorf("public.orders verdict %s, want blocked", orders.Verdict)
 	}
+	// Example keys of a composite key are rows; without a key, ctids.
+	for _, c := range []struct {
+		tb   plan.Table
+		keys string
+	}{{lines, "(1,2)"}, {logT, "(0,2)"}} {
+		if a := c.tb.Audit; a == nil || len(a.Rejects) != 1 || a.Rejects[0].Reason != plan.RejectNull || strings.Join(a.Rejects[0].Keys, ";") != c.keys {
+			t.Errorf("%s: audit %+v, want one null reject with keys %s", c.tb.Name, a, c.keys)
+		}
+	}
 
 	// The text report has the section and the same fixes.
 	code, text := runPlanCmd(t, "-c", cfgPath, "--sample-rows", "0", "--audit")
@@ -570,10 +591,17 @@ tables:
 		DELETE FROM orders WHERE id IN ('303');
 		UPDATE orders SET ref = 'r405' WHERE id = 405;
 		UPDATE orders SET price = 1 WHERE id = 505;
-		UPDATE orders SET qty = '12' WHERE id = 606;`)
+		UPDATE orders SET qty = '12' WHERE id = 606;
+		UPDATE lines SET sku = 'c' WHERE (order_id, pos) = (1, 2);
+		DELETE FROM log WHERE line IS NULL;`)
 	code, orders, _ = audit()
 	plain, _ := runPlanCmd(t, "-c", cfgPath, "--sample-rows", "0")
 	if a := orders.Audit; code != plain || code != 1 || a.Rows != 2999 || len(a.Rejects) != 0 || len(a.Unchecked) != 0 {
 		t.Errorf("after the fixes: exit status %d (without --audit %d), audit %+v", code, plain, a)
+	}
+	for _, tb := range []plan.Table{lines, logT} {
+		if len(tb.Audit.Rejects) != 0 {
+			t.Errorf("after the fixes: %s: %+v", tb.Name, tb.Audit.Rejects)
+		}
 	}
 }
