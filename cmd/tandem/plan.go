@@ -52,6 +52,24 @@ Sections of the report:
                narrowing such as bigint -> integer or a changed meaning such as
                timestamp -> timestamptz needs attention; a type that cannot take
                the old values, such as uuid -> integer, blocks), a key change.
+  DATA AUDIT   with --audit only (off by default: it reads every table in scope on
+               old in full): per table, the rows new's schema will reject, computed on
+               old without copying, through the mapping (renamed columns under their
+               new names, computed columns evaluated, values typed as on new), by
+               reason: length (too long for varchar(n)/char(n), too many digits for
+               numeric(p,s)), null (NULL into NOT NULL), fk_orphan (no parent for a
+               foreign key new declares, its parent mapped from old too),
+               unique_duplicate (a unique key new declares and old does not enforce),
+               check (a CHECK new declares, evaluated over old's rows), type_cast
+               (text '12a' into integer, a bigint out of integer's range). Each
+               reject blocks, with up to 5 example keys and the fix (the width to
+               widen to, the UPDATE or DELETE, the duplicated values). What it cannot
+               check (on PostgreSQL 15: casts into dates, json, arrays, enums, floats,
+               ... from another type) is listed and needs attention.
+               Cost: one scan per table for every per-row reason (foreign keys by a
+               hash join with the parent's keys), plus one GROUP BY per unique key
+               old does not enforce; work_mem is raised to 64MB for the audit's
+               session. See docs/benchmarks.md for its time against a count(*).
   SEQUENCES    sequences synced to new at the write flip, with their values.
   TRIGGERS ON OLD  row images carry what a trigger did to the row written, not
                the writes it makes to other tables: those tables rely on verify
@@ -73,6 +91,8 @@ const planExamples = `  # Assess, as text
   tandem plan -c tandem.yaml
   # For a script: JSON on stdout, the verdict in the exit status
   tandem plan -c tandem.yaml --json > plan.json; echo "exit $?"
+  # Before the backfill: which old rows will new reject, and why (scans old)
+  tandem plan -c tandem.yaml --audit
   # Without a config file, with a bigger sample
   tandem plan --old postgres://app@old-db/shop --new postgres://app@new-db/shop --sample-rows 10000`
 
@@ -86,6 +106,7 @@ func newPlanCmd() *cobra.Command {
 	}
 	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	asJSON := cmd.Flags().Bool("json", false, "print the report as JSON")
+	audit := cmd.Flags().Bool("audit", false, "also scan every table in scope on old for the rows new's schema will reject (length, NULL, foreign key orphan, unique duplicate, CHECK, type cast): a full read of each table on old, plus one GROUP BY per unique key old does not enforce; off by default")
 	sampleRows := cmd.Flags().Int("sample-rows", 1000, "rows per table in the measured sample copy that the backfill estimate extrapolates from; 0 skips it")
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		if *sampleRows < 0 {
@@ -95,7 +116,7 @@ func newPlanCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		rep, err := runPlan(cmd.Context(), cfg, *sampleRows)
+		rep, err := runPlan(cmd.Context(), cfg, *sampleRows, *audit)
 		if err != nil {
 			return err
 		}
@@ -117,12 +138,12 @@ func newPlanCmd() *cobra.Command {
 
 // runPlan connects to the stores (and a separate control database) and
 // runs the assessment with the config's scope and mapping.
-func runPlan(ctx context.Context, cfg *config.Config, sampleRows int) (*plan.Report, error) {
+func runPlan(ctx context.Context, cfg *config.Config, sampleRows int, audit bool) (*plan.Report, error) {
 	mapping, err := planMapping(cfg.Tables)
 	if err != nil {
 		return nil, err
 	}
-	opts := plan.Options{SampleRows: sampleRows, Map: mapping, Feed: cfg.Feed.Enabled}
+	opts := plan.Options{SampleRows: sampleRows, Map: mapping, Feed: cfg.Feed.Enabled, Audit: audit}
 	var conns []*pgx.Conn
 	defer func() {
 		for _, c := range conns {

@@ -232,7 +232,7 @@ func TestPlanClean(t *testing.T) {
 
 // TestPlanMapping: a declared mapping explains renames, dropped and
 // computed columns and a new table name, and the sample copy goes through
-// it.
+// it; the data audit of the clean table reports nothing and exits 0.
 func TestPlanMapping(t *testing.T) {
 	old, new := pgtest.NewPair(t)
 	mustExec(t, old, `CREATE TABLE users (id int PRIMARY KEY, first_name text, last_name text, email varchar(50), legacy_flag bool);
@@ -266,6 +266,17 @@ tables:
 	if tb.NewName != "public.accounts" || tb.Mapping != "declared" || tb.Verdict != plan.Ready || tb.Sample == nil ||
 		tb.Sample.Rows != 50 || tb.Sample.Error != "" || len(tb.Differences) != 2 {
 		t.Errorf("users: %s", out)
+	}
+
+	// The data audit of the clean, mapped table finds nothing and the exit
+	// status stays 0.
+	code, out = runPlanCmd(t, "-c", cfgPath, "--json", "--audit")
+	rep = plan.Report{}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	if a := rep.Tables[0].Audit; code != 0 || a == nil || a.Rows != 50 || len(a.Rejects) != 0 || len(a.Unchecked) != 0 {
+		t.Errorf("--audit: exit %d:\n%s", code, out)
 	}
 }
 
@@ -438,3 +449,159 @@ func TestPlanSecurity(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestPlanAudit plants exactly one row of each reason new's schema rejects
+// (length, NULL, foreign key orphan, unique duplicate, CHECK, type cast)
+// among 3000 good rows of a table that maps to new through a rename of the
+// table and of a column, a dropped column and a computed column (the CHECK
+// is on the computed column, the foreign key on the renamed one, its parent
+// a renamed table). tandem plan --audit reports exactly those rows, with
+// their keys and fixes, and exits 2; a composite key's examples are rows,
+// a keyless table's ctids. Once the rows are fixed on old as the fixes
+// say, the audit reports nothing and the exit status is the plan's without
+// --audit.
+func TestPlanAudit(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	mustExec(t, old, `
+		CREATE TABLE customers (id int PRIMARY KEY, name text);
+		INSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 100) g;
+		CREATE TABLE orders (id bigint PRIMARY KEY, cust int, code varchar(40), note text, qty text, ref text,
+			price numeric, amount int, legacy bool);
+		INSERT INTO orders SELECT g, 1 + g % 100, 'c' || g % 1000, 'n', g::text, 'r' || g, 1.50, 2, true
+			FROM generate_series(1, 3000) g;
+		UPDATE orders SET code = 'ABCDEFGHIJKLMNOP' WHERE id = 101;
+		UPDATE orders SET note = NULL WHERE id = 202;
+		UPDATE orders SET cust = 9999 WHERE id = 303;
+		UPDATE orders SET ref = 'dup' WHERE id IN (404, 405);
+		UPDATE orders SET price = -1 WHERE id = 505;
+		UPDATE orders SET qty = '12a' WHERE id = 606;
+		CREATE TABLE lines (order_id int, pos int, sku text, PRIMARY KEY (order_id, pos));
+		INSERT INTO lines VALUES (1, 1, 'a'), (1, 2, NULL), (2, 1, 'b');
+		CREATE TABLE log (line text);
+		INSERT INTO log VALUES ('a'), (NULL);
+		ANALYZE;`)
+	mustExec(t, new, `
+		CREATE TABLE clients (id int PRIMARY KEY, name text);
+		CREATE TABLE purchases (id bigint PRIMARY KEY, customer_id int REFERENCES clients (id), code varchar(10),
+			note text NOT NULL, qty integer, ref text UNIQUE, total numeric(12,2) CHECK (total >= 0), amount int);
+		CREATE TABLE lines (order_id int, pos int, sku text NOT NULL, PRIMARY KEY (order_id, pos));
+		CREATE TABLE log (line text NOT NULL);`)
+	cfgPath := filepath.Join(t.TempDir(), "tandem.yaml")
+	if err := os.WriteFile(cfgPath, []byte(`old:
+  dsn: `+old.DSN("")+`
+new:
+  dsn: `+new.DSN("")+`
+tables:
+  map:
+    customers:
+      to: clients
+    orders:
+      to: purchases
+      rename: {cust: customer_id}
+      drop: [legacy]
+      compute: {total: "price * amount"}
+      reverse: {price: "total / nullif(amount, 0)"}
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var lines, logT plan.Table
+	audit := func() (int, plan.Table, plan.Table) {
+		t.Helper()
+		code, out := runPlanCmd(t, "-c", cfgPath, "--json", "--sample-rows", "0", "--audit")
+		var rep plan.Report
+		if err := json.Unmarshal([]byte(out), &rep); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		var orders, customers plan.Table
+		for _, tb := range rep.Tables {
+			switch tb.Name {
+			case "public.orders":
+				orders = tb
+			case "public.customers":
+				customers = tb
+			case "public.lines":
+				lines = tb
+			case "public.log":
+				logT = tb
+			}
+		}
+		if orders.Audit == nil || customers.Audit == nil {
+			t.Fatalf("no audit in the report:\n%s", out)
+		}
+		return code, orders, customers
+	}
+
+	code, orders, customers := audit()
+	if code != 2 {
+		t.Errorf("exit status %d, want 2", code)
+	}
+	if a := customers.Audit; a.Rows != 100 || len(a.Rejects) != 0 || len(a.Unchecked) != 0 {
+		t.Errorf("public.customers audit: %+v", a)
+	}
+	a := orders.Audit
+	if a.Rows != 3000 || len(a.Unchecked) != 0 {
+		t.Errorf("public.orders audit: %d rows scanned, unchecked %q", a.Rows, a.Unchecked)
+	}
+	want := []plan.Reject{
+		{Reason: plan.RejectCheck, Constraint: "purchases_total_check", Rows: 1, Keys: []string{"505"}, Fix: "satisfy CHECK ((total >= (0)::numeric))"},
+		{Reason: plan.RejectOrphan, Column: "customer_id", Constraint: "purchases_customer_id_fkey", Rows: 1, Keys: []string{"303"},
+			Fix: `DELETE FROM "public"."orders" WHERE "id" IN ('303')), or add their parents to public.customers`},
+		{Reason: plan.RejectLength, Column: "code", Rows: 1, Keys: []string{"101"}, Fix: "widen new's column code to varchar(16)"},
+		{Reason: plan.RejectNull, Column: "note", Rows: 1, Keys: []string{"202"}, Fix: `UPDATE "public"."orders" SET "note" = ... WHERE "id" IN ('202')`},
+		{Reason: plan.RejectCast, Column: "qty", Rows: 1, Keys: []string{"606"}, Fix: `UPDATE "public"."orders" SET "qty" = ... WHERE "id" IN ('606')`},
+		{Reason: plan.RejectDuplicate, Column: "ref", Constraint: "purchases_ref_key", Rows: 1, Keys: []string{"dup"}, Fix: "drop or clean the duplicates on old: values dup of (ref)"},
+	}
+	if len(a.Rejects) != len(want) {
+		t.Fatalf("public.orders rejects: got %d, want %d: %+v", len(a.Rejects), len(want), a.Rejects)
+	}
+	for i, w := range want {
+		g := a.Rejects[i]
+		if g.Reason != w.Reason || g.Column != w.Column || g.Constraint != w.Constraint || g.Rows != w.Rows ||
+			strings.Join(g.Keys, ",") != strings.Join(w.Keys, ",") || !strings.Contains(g.Fix, w.Fix) {
+			t.Errorf("reject %d: got %+v, want %+v", i, g, w)
+		}
+	}
+	if orders.Verdict != plan.Blocked {
+		t.Errorf("public.orders verdict %s, want blocked", orders.Verdict)
+	}
+	// Example keys of a composite key are rows; without a key, ctids.
+	for _, c := range []struct {
+		tb   plan.Table
+		keys string
+	}{{lines, "(1,2)"}, {logT, "(0,2)"}} {
+		if a := c.tb.Audit; a == nil || len(a.Rejects) != 1 || a.Rejects[0].Reason != plan.RejectNull || strings.Join(a.Rejects[0].Keys, ";") != c.keys {
+			t.Errorf("%s: audit %+v, want one null reject with keys %s", c.tb.Name, a, c.keys)
+		}
+	}
+
+	// The text report has the section and the same fixes.
+	code, text := runPlanCmd(t, "-c", cfgPath, "--sample-rows", "0", "--audit")
+	for _, w := range []string{"DATA AUDIT", "widen new's column code to varchar(16)", "type_cast", "unique_duplicate", "fk_orphan",
+		"blocked    public.orders", "verdict: blocked (exit status 2)"} {
+		if code != 2 || !strings.Contains(text, w) {
+			t.Errorf("text: exit status %d, want 2 and %q:\n%s", code, w, text)
+		}
+	}
+
+	// Fixed on old as the fixes say: nothing to reject, and the exit status
+	// is the plan's own (the narrowed types need attention).
+	mustExec(t, old, `
+		UPDATE orders SET code = 'short' WHERE id = 101;
+		UPDATE orders SET note = 'n' WHERE id = 202;
+		DELETE FROM orders WHERE id IN ('303');
+		UPDATE orders SET ref = 'r405' WHERE id = 405;
+		UPDATE orders SET price = 1 WHERE id = 505;
+		UPDATE orders SET qty = '12' WHERE id = 606;
+		UPDATE lines SET sku = 'c' WHERE (order_id, pos) = (1, 2);
+		DELETE FROM log WHERE line IS NULL;`)
+	code, orders, _ = audit()
+	plain, _ := runPlanCmd(t, "-c", cfgPath, "--sample-rows", "0")
+	if a := orders.Audit; code != plain || code != 1 || a.Rows != 2999 || len(a.Rejects) != 0 || len(a.Unchecked) != 0 {
+		t.Errorf("after the fixes: exit status %d (without --audit %d), audit %+v", code, plain, a)
+	}
+	for _, tb := range []plan.Table{lines, logT} {
+		if len(tb.Audit.Rejects) != 0 {
+			t.Errorf("after the fixes: %s: %+v", tb.Name, tb.Audit.Rejects)
+		}
+	}
+}

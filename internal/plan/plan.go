@@ -61,6 +61,9 @@ type Options struct {
 	// StoreReasons are reasons found elsewhere about a store (how it asks
 	// the proxy to authenticate), by store name ("old", "new").
 	StoreReasons map[string][]Reason
+	// Audit runs the data audit (tandem plan --audit): it scans every
+	// table in scope on old for the rows new's schema will reject.
+	Audit bool
 }
 
 // Run assesses the migration from o.Old to o.New. An error means a store
@@ -97,6 +100,11 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			return nil, err
 		}
 		r.Tables = append(r.Tables, t)
+	}
+	if o.Audit {
+		if err := r.audit(ctx, o, rd, scoped, mapOf); err != nil {
+			return nil, err
+		}
 	}
 
 	r.assessExtensions()

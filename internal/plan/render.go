@@ -18,6 +18,7 @@ func (r *Report) WriteText(w io.Writer) error {
 	r.writeFeed(out)
 	r.writeTables(out)
 	r.writeDifferences(out)
+	r.writeAudit(out)
 	r.writeSequences(out)
 	r.writeOldWrites(out)
 	r.writeExtensions(out)
@@ -119,6 +120,30 @@ func (r *Report) writeDifferences(out textReport) {
 				}
 				p("%s\t%s\t%s\t%s\t%s\t%s\t%s\n", t.Name, orDash(d.Column), kind, orDash(d.Old), orDash(d.New), d.Verdict, d.Note)
 			}
+		}
+	}
+}
+
+// writeAudit lists what the data audit found, when it ran: per table the
+// rows scanned, then one line per reject with its examples and fix.
+func (r *Report) writeAudit(out textReport) {
+	p, section := out.p, out.section
+	if !slices.ContainsFunc(r.Tables, func(t Table) bool { return t.Audit != nil }) {
+		return
+	}
+	section("DATA AUDIT (old rows that new's schema will reject; computed on old through the mapping)")
+	p("TABLE\tSCANNED\tREASON\tCOLUMN\tCONSTRAINT\tROWS\tEXAMPLES\tFIX\n")
+	for _, t := range r.Tables {
+		a := t.Audit
+		if a == nil {
+			continue
+		}
+		if len(a.Rejects) == 0 {
+			p("%s\t%d\t(none)\t-\t-\t0\t-\t-\n", t.Name, a.Rows)
+		}
+		for _, rj := range a.Rejects {
+			p("%s\t%d\t%s\t%s\t%s\t%d\t%s\t%s\n", t.Name, a.Rows, rj.Reason, orDash(rj.Column), orDash(rj.Constraint), rj.Rows,
+				orDash(strings.Join(rj.Keys, "; ")), rj.Fix)
 		}
 	}
 }

@@ -128,8 +128,11 @@ type Table struct {
 	NewReplicaIdentity string       `json:"new_replica_identity,omitempty"`
 	Differences        []Difference `json:"differences"`
 	Sample             *Sample      `json:"sample,omitempty"`
-	Verdict            Verdict      `json:"verdict"`
-	Reasons            []Reason     `json:"reasons"`
+	// Audit is the data audit (--audit): nil without it, or when the table
+	// cannot be audited (it is missing on new, or old cannot be read).
+	Audit   *Audit   `json:"audit,omitempty"`
+	Verdict Verdict  `json:"verdict"`
+	Reasons []Reason `json:"reasons"`
 }
 
 // Difference kinds.

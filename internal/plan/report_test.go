@@ -128,6 +128,12 @@ func goldenReport() *Report {
 	nokey := assessTable(rel("public", "log", nil, col("line", "text")), rel("public", "log", nil, col("line", "text")), Mapping{New: table.Name{Schema: "public", Table: "log"}}, nil)
 	nokey.Rows, nokey.Bytes, nokey.Size = 2500000, 1<<30, prettyBytes(1<<30)
 	nokey.Sample = &Sample{Rows: 1000, Duration: jsonout.Duration(20 * time.Millisecond), Estimate: jsonout.Duration(50 * time.Second)}
+	ready.Audit = &Audit{Rows: 1000, Duration: jsonout.Duration(30 * time.Millisecond), Rejects: []Reject{}, Unchecked: []string{}}
+	nokey.Audit = &Audit{Rows: 2500000, Duration: jsonout.Duration(4 * time.Second), Unchecked: []string{},
+		Rejects: []Reject{{Reason: RejectLength, Column: "line", Rows: 2, Keys: []string{"(0,1)", "(0,7)"}, Fix: "widen new's column line to varchar(90)"}}}
+	for _, rj := range nokey.Audit.Rejects {
+		nokey.reason(Blocked, "audit: %s", rj.describe())
+	}
 	r.Tables = []Table{ready, missing, nokey}
 	r.finish()
 	return r
@@ -167,7 +173,9 @@ func TestJSONRoundTrip(t *testing.T) {
 	if err := json.Unmarshal(b, &back); err != nil {
 		t.Fatal(err)
 	}
-	if back.Verdict != Blocked || len(back.Tables) != 3 || back.Tables[1].Verdict != Blocked || back.Tables[2].Verdict != Attention {
+	if back.Verdict != Blocked || len(back.Tables) != 3 || back.Tables[1].Verdict != Blocked || back.Tables[2].Verdict != Blocked ||
+		back.Tables[1].Audit != nil || back.Tables[2].Audit == nil || back.Tables[2].Audit.Rejects[0].Reason != RejectLength ||
+		!strings.Contains(string(b), `"rejects": []`) || !strings.Contains(string(b), `"unchecked": []`) {
 		t.Fatalf("round trip lost verdicts: %s", b)
 	}
 	if !strings.Contains(string(b), `"verdict": "blocked"`) {

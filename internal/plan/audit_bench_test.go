@@ -1,0 +1,129 @@
+package plan
+
+import (
+	"context"
+	"io"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
+	"github.com/tandemdb/tandem/internal/table"
+)
+
+// BenchmarkAudit measures the data audit of a 1M-row table against one
+// scan of it (SELECT count(*)), in alternating rounds, and reports the
+// medians and their ratio (docs/benchmarks.md). The table is TestPlanAudit's
+// (cmd/tandem) at 1M rows: mapped with a rename, a dropped and a computed
+// column, one planted row of each reason, which the audit must find:
+//
+//	go test -run '^$' -bench Audit -benchtime 1x ./internal/plan
+func BenchmarkAudit(b *testing.B) {
+	old, new := pgtest.NewPair(b)
+	ctx := context.Background()
+	for _, step := range []struct {
+		c   *pgtest.Cluster
+		sql string
+	}{
+		{old, `CREATE TABLE customers (id int PRIMARY KEY, name text);
+			INSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 1000) g;
+			CREATE TABLE orders (id bigint PRIMARY KEY, cust int, code varchar(40), note text, qty text, ref text,
+				price numeric, amount int, legacy bool);
+			INSERT INTO orders SELECT g, 1 + g % 1000, 'c' || g % 1000, 'n', g::text, 'r' || g, 1.50, 2, true
+				FROM generate_series(1, 1000000) g;
+			UPDATE orders SET code = 'ABCDEFGHIJKLMNOP' WHERE id = 101;
+			UPDATE orders SET note = NULL WHERE id = 202;
+			UPDATE orders SET cust = 9999 WHERE id = 303;
+			UPDATE orders SET ref = 'dup' WHERE id IN (404, 405);
+			UPDATE orders SET price = -1 WHERE id = 505;
+			UPDATE orders SET qty = '12a' WHERE id = 606;
+`},
+		{old, `VACUUM ANALYZE`},
+		{new, `CREATE TABLE clients (id int PRIMARY KEY, name text);
+			CREATE TABLE purchases (id bigint PRIMARY KEY, customer_id int REFERENCES clients (id), code varchar(10),
+				note text NOT NULL, qty integer, ref text UNIQUE, total numeric(12,2) CHECK (total >= 0), amount int);`},
+	} {
+		if err := step.c.Exec(ctx, "postgres", step.sql); err != nil {
+			b.Fatal(err)
+		}
+	}
+	oldConn, newConn := harness.Connect(b, old, "postgres"), harness.Connect(b, new, "postgres")
+	orders := table.Name{Schema: "public", Table: "orders"}
+	opts := Options{Old: oldConn, New: newConn, Audit: true, Map: func(n table.Name) Mapping {
+		switch n.Table {
+		case "customers":
+			return Mapping{New: table.Name{Schema: "public", Table: "clients"}, Declared: true}
+		case "orders":
+			return Mapping{New: table.Name{Schema: "public", Table: "purchases"}, Declared: true,
+				Renames: map[string]string{"cust": "customer_id"}, Dropped: []string{"legacy"},
+				Computed: map[string]string{"total": "price * amount"}, Consumed: map[string]bool{"price": true, "amount": true}}
+		}
+		return Mapping{New: n}
+	}}
+	const rounds = 7
+	var audits, scans, serial, copies []time.Duration
+	count := func() time.Duration {
+		began := time.Now()
+		var n int64
+		if err := oldConn.QueryRow(ctx, "SELECT count(*) FROM "+orders.Quoted()).Scan(&n); err != nil || n != 1000000 {
+			b.Fatal(n, err)
+		}
+		return time.Since(began)
+	}
+	b.ResetTimer()
+	for range b.N {
+		for range rounds {
+			// count(*) as PostgreSQL plans it (parallel), then serial.
+			scans = append(scans, count())
+			if _, err := oldConn.Exec(ctx, "SET max_parallel_workers_per_gather = 0"); err != nil {
+				b.Fatal(err)
+			}
+			serial = append(serial, count())
+			if _, err := oldConn.Exec(ctx, "RESET max_parallel_workers_per_gather"); err != nil {
+				b.Fatal(err)
+			}
+			// A scan that reads every value: the table's text, as the
+			// backfill's COPY reads it.
+			began := time.Now()
+			if _, err := oldConn.PgConn().CopyTo(ctx, io.Discard, "COPY "+orders.Quoted()+" TO STDOUT"); err != nil {
+				b.Fatal(err)
+			}
+			copies = append(copies, time.Since(began))
+
+			rep, err := Run(ctx, opts)
+			if err != nil {
+				b.Fatal(err)
+			}
+			i := slices.IndexFunc(rep.Tables, func(t Table) bool { return t.Name == "public.orders" })
+			a := rep.Tables[i].Audit
+			var got []string
+			for _, r := range a.Rejects {
+				got = append(got, r.Reason+":"+strings.Join(r.Keys, ","))
+			}
+			if want := "check:505 fk_orphan:303 length:101 null:202 type_cast:606 unique_duplicate:dup"; strings.Join(got, " ") != want || a.Rows != 1000000 {
+				b.Fatalf("audit found %q in %d rows, want %q", got, a.Rows, want)
+			}
+			audits = append(audits, a.Duration.D())
+		}
+	}
+	b.StopTimer()
+	audit, scan, one, cp := median(audits), median(scans), median(serial), median(copies)
+	b.ReportMetric(float64(audit.Milliseconds()), "audit-ms")
+	b.ReportMetric(float64(scan.Milliseconds()), "scan-ms")
+	b.ReportMetric(float64(one.Milliseconds()), "serial-scan-ms")
+	b.ReportMetric(float64(audit)/float64(scan), "audit/scan")
+	b.ReportMetric(float64(audit)/float64(one), "audit/serial-scan")
+	b.ReportMetric(float64(cp.Milliseconds()), "copy-ms")
+	b.ReportMetric(float64(audit)/float64(cp), "audit/copy")
+	b.Logf("medians of %d alternating rounds: audit %v, count(*) %v, count(*) without parallel workers %v, COPY out %v\naudits %v\nscans %v\nserial scans %v\ncopies %v",
+		len(audits), audit, scan, one, cp, audits, scans, serial, copies)
+}
+
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[len(s)/2]
+}

@@ -1,0 +1,96 @@
+package plan
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
+)
+
+// TestAuditCastRules checks that the audit's PostgreSQL 15 checks (a value
+// too long, a value that cannot be cast) say exactly what the store does:
+// for each value and type, the audit's predicate against the outcome of
+// writing the value as the mirror and the backfill do (its text read as
+// the type without modifier, then assigned to a column of the type; a
+// computed value assigned as it is), caught in a PL/pgSQL block on a
+// throwaway cluster.
+func TestAuditCastRules(t *testing.T) {
+	c := pgtest.New(t)
+	conn := harness.Connect(t, c, "postgres")
+	ctx := t.Context()
+	if _, err := conn.Exec(ctx, `CREATE FUNCTION accepts(v text, src text, typ text, base text, computed bool) RETURNS bool LANGUAGE plpgsql AS $$
+		BEGIN
+			EXECUTE format('CREATE TEMP TABLE IF NOT EXISTS probe_%s (x %s)', md5(typ), typ);
+			IF computed THEN
+				EXECUTE format('INSERT INTO probe_%s SELECT (%L::%s)', md5(typ), v, src);
+			ELSE
+				EXECUTE format('INSERT INTO probe_%s SELECT (%L::%s)', md5(typ), v, base);
+			END IF;
+			RETURN true;
+		EXCEPTION WHEN OTHERS THEN
+			RETURN false;
+		END $$`); err != nil {
+		t.Fatal(err)
+	}
+	texts := []string{"0", "12", "-5", " 7 ", "+3", "12a", "", " ", "1.5", "2.00", "1e3", "99999", "32767", "32768", "-32768", "-32769",
+		"2147483647", "2147483648", "-2147483649", "9223372036854775807", "9223372036854775808", "00000000000000000000012",
+		"abc", "t", "TRUE", "yes", "ye", "of", "o", "on", "off", "offf", "n", "no", "f", "fals", "1", "0x1F", "1_000", "١",
+		"NaN", "nan", "Infinity", "-inf", "inf", "+NaN", "+Infinity", ".5", "5.", ".", "123.456", "999.994", "999.995", "-999.995", "1e2", "1e-2", "5e",
+		"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "{a0eebc999c0b4ef8bb6d6bb9bd380a11}", "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+		"a0eebc99-9c0b4ef8-bb6d-6bb9bd380a1", "a0eebc999c0b4ef8bb6d6bb9bd380a11", "{a0eebc999c0b4ef8bb6d6bb9bd380a11", " a0eebc999c0b4ef8bb6d6bb9bd380a11",
+		"ab ", "abcd", "ab  ", "abc    ", "é€ab", "é€abc", " 1 2"}
+	numbers := []string{"0", "2.5", "-2.5", "2147483647.4", "2147483647.5", "-2147483648.5", "NaN", "999.994", "999.995", "-999.995", "1e30"}
+	for _, tc := range []struct {
+		src      string
+		computed bool
+		values   []string
+		types    []string
+	}{
+		{"text", false, texts, []string{"smallint", "integer", "bigint", "numeric", "numeric(5,2)", "numeric(3,-1)", "boolean", "uuid", "character varying(3)", "character(3)"}},
+		{"numeric", false, numbers, []string{"integer", "smallint", "numeric(5,2)", "character varying(3)"}},
+		{"numeric", true, numbers, []string{"integer", "smallint", "numeric(5,2)", "character varying(3)"}},
+		{"double precision", true, numbers, []string{"integer", "numeric(5,2)"}},
+		{"bigint", false, []string{"0", "2147483647", "2147483648", "-2147483649", "32768"}, []string{"integer", "smallint", "numeric(5,2)"}},
+	} {
+		for _, typ := range tc.types {
+			col := &auditCol{name: "x", newType: typ, srcType: tc.src, computed: tc.computed}
+			col.fits(false)
+			if col.unchecked != "" {
+				t.Errorf("%s -> %s: unchecked: %s", tc.src, typ, col.unchecked)
+				continue
+			}
+			var preds []string
+			for _, p := range []string{col.cast, col.length} {
+				if p != "" {
+					preds = append(preds, "coalesce("+strings.ReplaceAll(p, "$v", "($1::text::"+tc.src+")")+", false)")
+				}
+			}
+			if len(preds) == 0 {
+				t.Errorf("%s -> %s: no check", tc.src, typ)
+				continue
+			}
+			// ParamType: the type without its modifier, as format_type
+			// (oid, NULL) names it.
+			base := typ
+			switch b := parseType(typ).base; b {
+			case "character varying", "numeric":
+				base = b
+			case "character":
+				base = "bpchar"
+			}
+			for _, v := range tc.values {
+				var rejected, accepted bool
+				if err := conn.QueryRow(ctx, "SELECT "+strings.Join(preds, " OR ")+", accepts($1, $2, $3, $4, $5)", v, tc.src, typ, base, tc.computed).Scan(&rejected, &accepted); err != nil {
+					if tc.src != "text" {
+						continue // not a value of the source type
+					}
+					t.Fatalf("%s -> %s %q: %v", tc.src, typ, v, err)
+				}
+				if rejected == accepted {
+					t.Errorf("%s -> %s (computed %v) %q: the audit says rejected=%v, the store accepted=%v", tc.src, typ, tc.computed, v, rejected, accepted)
+				}
+			}
+		}
+	}
+}
