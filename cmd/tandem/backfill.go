@@ -69,106 +69,135 @@ func newBackfillCmd() *cobra.Command {
 	}
 	flags := config.NewFlags(cmd.Flags()).Show(config.ToolSettings...)
 	fs := cmd.Flags()
-	tables := fs.StringSlice("table", nil, "old table to backfill (schema.table or table in public); repeatable; default every table in scope")
-	key := fs.String("key", "", "copy only the row with this key (values comma-separated in key order); needs one --table")
-	rng := fs.String("range", "", "copy only the keys LO:HI, both inclusive; needs one --table")
-	workers := fs.Int("workers", 4, "workers in this process")
-	rate := fs.Float64("rate", 0, "at most this many rows per second (0 = unlimited)")
-	chunk := fs.Int("chunk", 1000, "rows per locked-copy unit")
-	latency := fs.Duration("max-latency", 0, "pause while a SELECT 1 on old takes longer than this (0 = no latency guard)")
-	dryRun := fs.Bool("dry-run", false, "plan and print what would be copied, write nothing")
-	restart := fs.Bool("restart", false, "forget the tables' checkpoints and copy them again from the start")
-	report := fs.Bool("report", false, "summarise the failures in the migration log and exit")
-	path := fs.String("path", "auto", "how chunks are copied: snapshot (COPY from one exported snapshot of old, then the keys changed since reconciled under lock), locked (the locked-copy unit), or auto (snapshot where old has wal_level=logical and the slot can be made; the choice and its reason are printed)")
-	deferIdx := fs.Bool("defer-indexes", false, "drop the new tables' non-key indexes (never a primary key, unique, exclusion, replica identity or constraint index) before the copy, their definitions saved in the control schema, and rebuild them with CREATE INDEX CONCURRENTLY (up to --workers at once) once the tables are finished; a crashed run's indexes are rebuilt by the next run")
-	rangeRows := fs.Int("range-rows", 50000, "rows per claimed chunk (the snapshot path copies a chunk in one COPY)")
-	asJSON := fs.Bool("json", false, "print the summary (with --report, the failures) as one JSON document; progress goes to stderr")
-	settle := fs.Duration("settle-timeout", 5*time.Minute, "wait at most this long for the proxy replicas to acknowledge mirror=on and older transactions on old to end")
+	f := &backfillFlags{
+		tables:    fs.StringSlice("table", nil, "old table to backfill (schema.table or table in public); repeatable; default every table in scope"),
+		key:       fs.String("key", "", "copy only the row with this key (values comma-separated in key order); needs one --table"),
+		rng:       fs.String("range", "", "copy only the keys LO:HI, both inclusive; needs one --table"),
+		workers:   fs.Int("workers", 4, "workers in this process"),
+		rate:      fs.Float64("rate", 0, "at most this many rows per second (0 = unlimited)"),
+		chunk:     fs.Int("chunk", 1000, "rows per locked-copy unit"),
+		latency:   fs.Duration("max-latency", 0, "pause while a SELECT 1 on old takes longer than this (0 = no latency guard)"),
+		dryRun:    fs.Bool("dry-run", false, "plan and print what would be copied, write nothing"),
+		restart:   fs.Bool("restart", false, "forget the tables' checkpoints and copy them again from the start"),
+		report:    fs.Bool("report", false, "summarise the failures in the migration log and exit"),
+		path:      fs.String("path", "auto", "how chunks are copied: snapshot (COPY from one exported snapshot of old, then the keys changed since reconciled under lock), locked (the locked-copy unit), or auto (snapshot where old has wal_level=logical and the slot can be made; the choice and its reason are printed)"),
+		deferIdx:  fs.Bool("defer-indexes", false, "drop the new tables' non-key indexes (never a primary key, unique, exclusion, replica identity or constraint index) before the copy, their definitions saved in the control schema, and rebuild them with CREATE INDEX CONCURRENTLY (up to --workers at once) once the tables are finished; a crashed run's indexes are rebuilt by the next run"),
+		rangeRows: fs.Int("range-rows", 50000, "rows per claimed chunk (the snapshot path copies a chunk in one COPY)"),
+		asJSON:    fs.Bool("json", false, "print the summary (with --report, the failures) as one JSON document; progress goes to stderr"),
+		settle:    fs.Duration("settle-timeout", 5*time.Minute, "wait at most this long for the proxy replicas to acknowledge mirror=on and older transactions on old to end"),
+	}
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		cfg, err := flags.Load(os.LookupEnv)
 		if err != nil {
 			return err
 		}
-		if *key != "" && *rng != "" {
-			return errors.New("--key and --range exclude each other")
-		}
-		bpath, err := backfill.ParsePath(*path)
-		if err != nil {
-			return fmt.Errorf("--path: %w", err)
-		}
-		ctx := cmd.Context()
-		out := cmd.OutOrStdout()
-		ccfg, err := control.ControlConnConfig(cfg)
-		if err != nil {
-			return err
-		}
-		if *report {
-			return printBackfillReport(ctx, ccfg, out, *asJSON)
-		}
-		oldCfg, err := control.StoreConnConfig(cfg, route.Old)
-		if err != nil {
-			return err
-		}
-		newCfg, err := control.StoreConnConfig(cfg, route.New)
-		if err != nil {
-			return err
-		}
-		opts := backfill.Options{Control: ccfg, Primary: oldCfg, Secondary: newCfg, Workers: *workers, Rate: *rate, Chunk: *chunk, RangeRows: *rangeRows, Path: bpath, DeferIndexes: *deferIdx,
-			Restart: *restart, DryRun: *dryRun, LatencyBound: *latency, Logger: newLogger(cfg.Log, cmd.ErrOrStderr()),
-			Live: 3 * cfg.Routing.Poll.Duration(), SettleTimeout: *settle, Feed: cfg.Feed.Enabled}
-		for _, t := range *tables {
-			opts.Tables = append(opts.Tables, parseTable(t))
-		}
-		if *key != "" {
-			if opts.Key, err = parseKey(*key); err != nil {
-				return fmt.Errorf("--key: %w", err)
-			}
-		}
-		if *rng != "" {
-			lo, hi, ok := strings.Cut(*rng, ":")
-			if !ok || strings.Contains(hi, ":") {
-				return fmt.Errorf("--range %q: want LO:HI with one colon", *rng)
-			}
-			if opts.RangeLo, err = parseKey(lo); err != nil {
-				return fmt.Errorf("--range: %w", err)
-			}
-			if opts.RangeHi, err = parseKey(hi); err != nil {
-				return fmt.Errorf("--range: %w", err)
-			}
-		}
-		if opts.Mappings, err = loadBackfillMappings(ctx, cfg, oldCfg, newCfg); err != nil {
-			return err
-		}
-		eng, err := backfill.New(opts)
-		if err != nil {
-			return err
-		}
-		progress := out
-		if *asJSON {
-			progress = cmd.ErrOrStderr()
-		}
-		sum, err := runWithProgress(ctx, eng, progress, isTerminal(progress))
-		if err != nil {
-			return err
-		}
-		if p, why := eng.Path(); p != "" && !*asJSON {
-			fmt.Fprintf(out, "path: %s (%s)\n", p, why)
-		}
-		if *asJSON {
-			p, why := eng.Path()
-			if err := jsonout.Write(out, backfillSummary{Tables: sum.Tables, Duration: jsonout.Duration(sum.Duration), Failed: sum.Failed, DryRun: *dryRun, Path: string(p), PathReason: why,
-				IndexesDeferred: sum.IndexesDeferred, IndexesRebuilt: sum.IndexesRebuilt}); err != nil {
-				return err
-			}
-		} else {
-			printSummary(out, sum, *dryRun)
-		}
-		if sum.Failed {
-			return exitCode(2)
-		}
-		return nil
+		return f.run(cmd, cfg)
 	}
 	return cmd
+}
+
+// backfillFlags are tandem backfill's own flags.
+type backfillFlags struct {
+	tables                    *[]string
+	key, rng, path            *string
+	workers, chunk, rangeRows *int
+	rate                      *float64
+	latency, settle           *time.Duration
+	dryRun, restart, report   *bool
+	deferIdx, asJSON          *bool
+}
+
+// run copies the tables (or prints the failure report) and the summary;
+// rows that failed are exit status 2.
+func (f *backfillFlags) run(cmd *cobra.Command, cfg *config.Config) error {
+	if *f.key != "" && *f.rng != "" {
+		return errors.New("--key and --range exclude each other")
+	}
+	bpath, err := backfill.ParsePath(*f.path)
+	if err != nil {
+		return fmt.Errorf("--path: %w", err)
+	}
+	ctx := cmd.Context()
+	out := cmd.OutOrStdout()
+	ccfg, err := control.ControlConnConfig(cfg)
+	if err != nil {
+		return err
+	}
+	if *f.report {
+		return printBackfillReport(ctx, ccfg, out, *f.asJSON)
+	}
+	opts, err := f.options(ctx, cmd, cfg, ccfg, bpath)
+	if err != nil {
+		return err
+	}
+	eng, err := backfill.New(opts)
+	if err != nil {
+		return err
+	}
+	progress := out
+	if *f.asJSON {
+		progress = cmd.ErrOrStderr()
+	}
+	sum, err := runWithProgress(ctx, eng, progress, isTerminal(progress))
+	if err != nil {
+		return err
+	}
+	if p, why := eng.Path(); p != "" && !*f.asJSON {
+		fmt.Fprintf(out, "path: %s (%s)\n", p, why)
+	}
+	if *f.asJSON {
+		p, why := eng.Path()
+		if err := jsonout.Write(out, backfillSummary{Tables: sum.Tables, Duration: jsonout.Duration(sum.Duration), Failed: sum.Failed, DryRun: *f.dryRun, Path: string(p), PathReason: why,
+			IndexesDeferred: sum.IndexesDeferred, IndexesRebuilt: sum.IndexesRebuilt}); err != nil {
+			return err
+		}
+	} else {
+		printSummary(out, sum, *f.dryRun)
+	}
+	if sum.Failed {
+		return exitCode(2)
+	}
+	return nil
+}
+
+// options builds the engine's options from the flags, the stores' and the
+// control database's connection configs and the mappings.
+func (f *backfillFlags) options(ctx context.Context, cmd *cobra.Command, cfg *config.Config, ccfg *pgx.ConnConfig, bpath backfill.Path) (backfill.Options, error) {
+	oldCfg, err := control.StoreConnConfig(cfg, route.Old)
+	if err != nil {
+		return backfill.Options{}, err
+	}
+	newCfg, err := control.StoreConnConfig(cfg, route.New)
+	if err != nil {
+		return backfill.Options{}, err
+	}
+	opts := backfill.Options{Control: ccfg, Primary: oldCfg, Secondary: newCfg, Workers: *f.workers, Rate: *f.rate, Chunk: *f.chunk, RangeRows: *f.rangeRows, Path: bpath, DeferIndexes: *f.deferIdx,
+		Restart: *f.restart, DryRun: *f.dryRun, LatencyBound: *f.latency, Logger: newLogger(cfg.Log, cmd.ErrOrStderr()),
+		Live: 3 * cfg.Routing.Poll.Duration(), SettleTimeout: *f.settle, Feed: cfg.Feed.Enabled}
+	for _, t := range *f.tables {
+		opts.Tables = append(opts.Tables, parseTable(t))
+	}
+	if *f.key != "" {
+		if opts.Key, err = parseKey(*f.key); err != nil {
+			return opts, fmt.Errorf("--key: %w", err)
+		}
+	}
+	if *f.rng != "" {
+		lo, hi, ok := strings.Cut(*f.rng, ":")
+		if !ok || strings.Contains(hi, ":") {
+			return opts, fmt.Errorf("--range %q: want LO:HI with one colon", *f.rng)
+		}
+		if opts.RangeLo, err = parseKey(lo); err != nil {
+			return opts, fmt.Errorf("--range: %w", err)
+		}
+		if opts.RangeHi, err = parseKey(hi); err != nil {
+			return opts, fmt.Errorf("--range: %w", err)
+		}
+	}
+	if opts.Mappings, err = loadBackfillMappings(ctx, cfg, oldCfg, newCfg); err != nil {
+		return opts, err
+	}
+	return opts, nil
 }
 
 func parseTable(s string) table.Name {
