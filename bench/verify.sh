@@ -239,7 +239,10 @@ if [[ $LIVE -eq 1 ]]; then
   t0=$(now); fullscan "$OLD_PORT" & p1=$!; fullscan "$NEW_PORT" & p2=$!; wait "$p1"; wait "$p2"; T_LSCAN2=$(since "$t0")
   kill -TERM "$WRITER_PID" 2>/dev/null; wait "$WRITER_PID" 2>/dev/null || true; WRITER_PID=
   kill -TERM "$PROXY_PID" 2>/dev/null; wait "$PROXY_PID" 2>/dev/null || true; PROXY_PID=
-  TRANSIENT=$(grep -o '"transient": *[0-9]*' "$WORK/live.json" | grep -o '[0-9]*$' | head -1)
+  field() { grep -o "\"$1\": *[0-9]*" "$2" | grep -o '[0-9]*$' | head -1; }
+  TRANSIENT=$(field transient "$WORK/live.json")
+  LIVE_HOW="ranges $(field ranges "$WORK/live.json"), buckets $(field buckets "$WORK/live.json"), differing $(field bisected "$WORK/live.json")"
+  [[ -z "$BASE_BIN" ]] || LIVE_HOW="$LIVE_HOW; the baseline: ranges $(field ranges "$WORK/base-live.json"), differing $(field bisected "$WORK/base-live.json")"
 fi
 
 R_SCAN=$(rate "$T_SCAN"); R_CMPR=$(rate "$T_CMPR"); R_COUNT=$(rate "$T_COUNT"); R_COUNTC=$(rate "$T_COUNTC"); R_CMP=$(rate "$T_CMP"); R_NAIVE=$(rate "$T_NAIVE"); R_PLANT=$(rate "$T_PLANT")
@@ -269,7 +272,7 @@ if [[ $LIVE -eq 1 ]]; then
 
 Under live writes (pgbench through Tandem in dual-write, $LIVE_RATE updates/s of random rows):
 full scan $(printf %.2f "$T_LSCAN") s before and $(printf %.2f "$T_LSCAN2") s after the compares;
-tandem compare $(printf %.2f "$T_LIVE") s (0 differences, ${TRANSIENT:-0} transient),
+tandem compare $(printf %.2f "$T_LIVE") s (0 differences, ${TRANSIENT:-0} transient; $LIVE_HOW),
 $(ratio "$T_LIVE" "$T_LSCAN") the scan before, $(ratio "$T_LIVE" "$T_CMP") a quiet clean compare.
 REPORT
 fi
