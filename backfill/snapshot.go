@@ -309,7 +309,7 @@ func (e *Engine) exportSnapshot(ctx context.Context, control, primary *pgx.Conn,
 			return err.Error(), nil
 		}
 	}
-	repl, err := pgconn.ConnectConfig(ctx, replicationConfig(e.o.Primary))
+	repl, err := pgconn.ConnectConfig(ctx, table.ReplicationConfig(e.o.Primary))
 	if err != nil {
 		return fmt.Sprintf("no replication connection to the old store: %v", err), nil
 	}
@@ -398,16 +398,6 @@ func createPublication(ctx context.Context, primary *pgx.Conn, tables []table.Na
 		return fmt.Errorf("cannot create the publication %s on the old store: %w", Publication, err)
 	}
 	return nil
-}
-
-// replicationConfig is cc for a logical replication connection.
-func replicationConfig(cc *pgx.ConnConfig) *pgconn.Config {
-	pc := cc.Config.Copy()
-	if pc.RuntimeParams == nil {
-		pc.RuntimeParams = map[string]string{}
-	}
-	pc.RuntimeParams["replication"] = "database"
-	return pc
 }
 
 // closeSnapshot ends the export: the replication connection closes (a

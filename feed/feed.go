@@ -24,7 +24,6 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/metrics"
@@ -332,16 +331,6 @@ func waitCtx(ctx context.Context, d time.Duration) error {
 	case <-t.C:
 		return nil
 	}
-}
-
-// replicationConfig is cc for a logical replication connection.
-func replicationConfig(cc *pgx.ConnConfig) *pgconn.Config {
-	pc := cc.Config.Copy()
-	if pc.RuntimeParams == nil {
-		pc.RuntimeParams = map[string]string{}
-	}
-	pc.RuntimeParams["replication"] = "database"
-	return pc
 }
 
 // isCopyData reports whether msg is replication data, and returns it.

@@ -133,7 +133,7 @@ func (r *Runner) open(ctx context.Context, control *pgx.Conn, primary route.Stor
 	if err := heartbeat(ctx, control, primary, r.opts.Replica, s.checked); err != nil {
 		return nil, err
 	}
-	if s.repl, err = pgconn.ConnectConfig(ctx, replicationConfig(s.cc())); err != nil {
+	if s.repl, err = pgconn.ConnectConfig(ctx, table.ReplicationConfig(s.cc())); err != nil {
 		return nil, fmt.Errorf("opening a replication connection to the %s store: %w", primary, err)
 	}
 	err = pglogrepl.StartReplication(ctx, s.repl, s.slot, 0, pglogrepl.StartReplicationOptions{

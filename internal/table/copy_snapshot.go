@@ -276,3 +276,15 @@ func pipeCopy(ctx context.Context, src, dst pgx.Tx, out, in, what string) (int64
 	}
 	return tag.RowsAffected(), nil
 }
+
+// ReplicationConfig is cc for a logical replication connection
+// (replication=database): the backfill's exported snapshot and slot, and
+// the change feed's stream.
+func ReplicationConfig(cc *pgx.ConnConfig) *pgconn.Config {
+	pc := cc.Config.Copy()
+	if pc.RuntimeParams == nil {
+		pc.RuntimeParams = map[string]string{}
+	}
+	pc.RuntimeParams["replication"] = "database"
+	return pc
+}
