@@ -36,11 +36,9 @@ type mirrorTx struct {
 	ahead []aheadWrite
 }
 
-// aheadWrite is one mirrored write sent ahead: its metrics mode and when
-// it was queued.
+// aheadWrite is one mirrored write sent ahead, by its metrics mode.
 type aheadWrite struct {
-	mode  string
-	start time.Time
+	mode string
 }
 
 var (
@@ -452,7 +450,7 @@ func (rs *routedSession) secSettle() {
 		return
 	}
 	rs.tx.ahead = nil
-	ctx := rs.ss.ctx
+	ctx, start := rs.ss.ctx, time.Now()
 	sec := rs.stores[storeIndexOf(string(rs.state.Secondary()))]
 	end := rs.traceStep(spanSecondary, rs.state.Secondary())
 	var err error
@@ -471,8 +469,11 @@ func (rs *routedSession) secSettle() {
 	}
 	end(err)
 	if err == nil {
+		// The latency is the secondary's: the batch's round trip, not the
+		// time the write waited for the client's next statements.
+		d := time.Since(start)
 		for _, w := range ahead {
-			rs.srv.metrics.R().Mirrored(ctx, w.mode, metrics.MirrorApplied, time.Since(w.start))
+			rs.srv.metrics.R().Mirrored(ctx, w.mode, metrics.MirrorApplied, d)
 		}
 		return
 	}
@@ -628,7 +629,7 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 	wentAhead := rs.wentAhead
 	rs.sendAhead, rs.wentAhead = false, false
 	if err == nil && wentAhead {
-		rs.tx.ahead = append(rs.tx.ahead, aheadWrite{mode: mode, start: start})
+		rs.tx.ahead = append(rs.tx.ahead, aheadWrite{mode: mode})
 		return
 	}
 	if err == nil {
