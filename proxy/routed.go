@@ -548,6 +548,9 @@ func (rs *routedSession) endUnit(status byte) {
 		rs.setWriter(true)
 	case status == pgwire.TxIdle:
 		rs.setWriter(false)
+		if len(rs.tx.ahead) > 0 {
+			rs.aheadLeft()
+		}
 		rs.tx = mirrorTx{}
 	default:
 		rs.setWriter(true)

@@ -434,6 +434,21 @@ func (rs *routedSession) brkAhead(op func() error) (struct{}, error) {
 	return struct{}{}, nil
 }
 
+// aheadLeft handles writes sent ahead that are still queued when the
+// client's transaction has ended without the secondary following its end,
+// which no path should do: they must never go out with a later
+// transaction, so the secondary's transaction is rolled back and the
+// transaction's keys go to the ledger.
+func (rs *routedSession) aheadLeft() {
+	rs.ss.log.Error("mirrored writes sent ahead were left when the transaction ended; recording its keys as drift", "writes", len(rs.tx.ahead))
+	drift := append(slices.Clone(rs.tx.drift), rs.tx.must...)
+	rs.tx.broken = errUnordered
+	rs.secFinish(false)
+	if len(drift) > 0 {
+		rs.recordAcked(drift, "writes sent ahead that the secondary did not follow")
+	}
+}
+
 // secSettle sends the writes queued ahead on the secondary (mirrorWrite)
 // and reads their replies, within the mirror budget and through the
 // breaker. It runs before anything else the secondary does and, at the
