@@ -68,6 +68,10 @@ func (rs *routedSession) writeApplier(ev *event) ([]table.DriftEntry, func(*rsto
 		}
 		rs.srv.metrics.R().Fallback(ctx, "no_key")
 		entries := []table.DriftEntry{{Table: pm.Name, Reason: "no primary key"}}
+		// A plain INSERT, UPDATE or DELETE of one table (it was rewritten
+		// for a row image): the secondary's reply to its text is only its
+		// outcome, so it can be sent ahead (mirrorWrite).
+		rs.plainApply = true
 		return entries, rs.statementApplier(ev), nil
 	}
 	reason := "not_rewritable"
@@ -138,23 +142,37 @@ func writtenName(t string) table.Name {
 }
 
 // statementApplier mirrors a write by running its text (with its
-// parameters) on the secondary.
+// parameters) on the secondary; with rs.sendAhead it is only queued, for
+// secSettle to send (see execQueued).
 func (rs *routedSession) statementApplier(ev *event) func(*rstore) error {
 	return func(sec *rstore) error {
 		if ev.sql == "" {
 			return errors.New("the statement's text is unknown to the proxy")
 		}
+		ahead := rs.sendAhead && rs.tx.open
 		deadline := rs.budget()
 		if ev.bind == nil {
+			if ahead && !sec.skipping {
+				sec.queueQuery(ev.sql)
+				sec.queued++
+				rs.wentAhead = true
+				return nil
+			}
 			_, err := rs.internalQuery(sec, ev.sql, deadline)
 			return err
 		}
 		b := *ev.bind
 		b.portal, b.stmt, b.resultFormats = "", "", nil
 		sec.out = encodeParse(sec.out, "", ev.sql, rs.storeOIDs(sec, rs.stmtOIDs(ev)))
+		delete(sec.parsed, "") // the client's unnamed statement is not there any more
 		sec.out = encodeBind(sec.out, b)
 		sec.out = encodeExecute(sec.out, "", 0)
 		sec.out = append(sec.out, syncMsg...)
+		if ahead {
+			sec.queued++
+			rs.wentAhead = true
+			return nil
+		}
 		if err := rs.send(sec, deadline); err != nil {
 			return err
 		}
@@ -318,6 +336,9 @@ func (rs *routedSession) imageApplier(ev *event, pm *table.Meta, sstore *store, 
 			func(n int) (string, error) { return table.DeleteSQL(sm, n) }, keyPos)
 		return err
 	}
+	// Only upserts and deletes by key, which return nothing the proxy
+	// reads: the write can be sent ahead (mirrorWrite).
+	rs.plainApply = !actions && len(updActs) == 0
 	return entries, apply, nil
 }
 
@@ -394,6 +415,7 @@ func (rs *routedSession) mappedApplier(ev *event, pm *table.Meta, m *table.Mappi
 			func(n int) (string, error) { return upsert(names, n) }, nil,
 			func(n int) (string, error) { return remove(names, n) }, nil)
 	}
+	rs.plainApply = true // upserts and deletes through the mapping only
 	return entries, apply, nil
 }
 

@@ -349,6 +349,12 @@ func (rs *routedSession) serve(un *unit) error {
 // that an acknowledged commit always has its drift. stop: the unit is not
 // to run (err says how the client is answered).
 func (rs *routedSession) beforeCommit(prim *rstore, un *unit) (stop bool, _ error) {
+	if len(rs.tx.ahead) > 0 && (un.commits || rs.extOpen && un.end != pgwire.ClientFlush || !wrappable(un.kinds)) {
+		// The unit may end the transaction on the primary (or is one the
+		// secondary follows at once): the writes sent ahead are applied
+		// there first, while the primary still holds their row locks.
+		rs.secSettle()
+	}
 	if rs.tx.pending() && un.commits {
 		if err := rs.recordPending(); err != nil {
 			return true, rs.refuseCommit(prim, err)

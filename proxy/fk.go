@@ -457,12 +457,7 @@ func (rs *routedSession) execQueuedRows(sec *rstore) ([][]*string, error) {
 	if err := rs.send(sec, deadline); err != nil {
 		return nil, err
 	}
-	rows, err := rs.drainInternal(sec, deadline)
-	if err != nil && sec.preparing {
-		clear(sec.prepared)
-	}
-	sec.preparing = false
-	return rows, err
+	return rs.drainInternal(sec, deadline)
 }
 
 // deleteDrift returns whole-table entries for every table the ON DELETE

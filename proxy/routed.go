@@ -187,6 +187,11 @@ type routedSession struct {
 	// must collects the drift the write being mirrored causes whatever the
 	// mirror does (see mirrorTx.must).
 	must []table.DriftEntry
+	// plainApply: the applier writeApplier just built only queues upserts
+	// and deletes (no foreign-key actions, whose replies it reads), so the
+	// write may be sent ahead; sendAhead asks execQueued to keep the batch
+	// queued for secSettle, and wentAhead says it did (secondary.go).
+	plainApply, sendAhead, wentAhead bool
 	// doomed, once set, ends the session instead of the next ReadyForQuery:
 	// the primary committed, and drift that may be real could not be
 	// recorded (see recordAcked).
@@ -543,6 +548,9 @@ func (rs *routedSession) endUnit(status byte) {
 		rs.setWriter(true)
 	case status == pgwire.TxIdle:
 		rs.setWriter(false)
+		if len(rs.tx.ahead) > 0 {
+			rs.aheadLeft()
+		}
 		rs.tx = mirrorTx{}
 	default:
 		rs.setWriter(true)

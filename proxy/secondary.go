@@ -30,6 +30,15 @@ type mirrorTx struct {
 	// acknowledged.
 	must       []table.DriftEntry
 	savepoints []string // the client's savepoints, in order
+	// ahead are the mirrored writes queued on the secondary whose replies
+	// are still to be read (design section 3: collected by secSettle
+	// before the primary's COMMIT is sent).
+	ahead []aheadWrite
+}
+
+// aheadWrite is one mirrored write sent ahead, by its metrics mode.
+type aheadWrite struct {
+	mode string
 }
 
 var (
@@ -94,6 +103,7 @@ func (rs *routedSession) finishWrapped(prim *rstore, res *unitResult) error {
 		return nil
 	}
 	rs.follow(res, true, true)
+	rs.secSettle()
 	if rs.tx.pending() {
 		if err := rs.recordPending(); err != nil {
 			return rs.refuseCommit(prim, err)
@@ -268,6 +278,7 @@ func (rs *routedSession) usesTemp(tables []string) bool {
 
 // followTx makes the secondary's transaction follow the client's.
 func (rs *routedSession) followTx(ev *event) {
+	rs.secSettle() // the writes sent ahead before the transaction statement
 	st := ev.stmt
 	switch st.Tx {
 	case classify.TxBegin:
@@ -313,6 +324,7 @@ func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`)
 // secExec runs a transaction-control statement on the secondary when its
 // transaction is open and healthy.
 func (rs *routedSession) secExec(sql string) {
+	rs.secSettle() // the writes sent ahead come first, and their outcome with them
 	if !rs.tx.open || rs.tx.broken != nil {
 		return
 	}
@@ -356,6 +368,7 @@ func (rs *routedSession) secFailed(sec *rstore, err error) {
 // primary's commit; a failed commit sends the transaction's keys to the
 // drift ledger.
 func (rs *routedSession) secFinish(commit bool) {
+	rs.secSettle() // normally done before the primary's commit; here when it committed first
 	tx := rs.tx
 	rs.tx = mirrorTx{}
 	if commit && tx.pending() {
@@ -403,6 +416,96 @@ func (rs *routedSession) secFinish(commit bool) {
 // brk runs op through the circuit breaker.
 func (rs *routedSession) brk(op func() error) (struct{}, error) {
 	return rs.srv.breaker.Execute(func() (struct{}, error) { return struct{}{}, op() })
+}
+
+// brkAhead runs op, which queues a write to send ahead, under the circuit
+// breaker: refused while it is open; op's failure (the secondary cannot be
+// reached, its BEGIN failed) counts against the secondary at once, its
+// success does not: secSettle, which sends the write and reads its reply,
+// counts the outcome.
+func (rs *routedSession) brkAhead(op func() error) (struct{}, error) {
+	if rs.srv.breaker.State() == gobreaker.StateOpen {
+		return struct{}{}, gobreaker.ErrOpenState
+	}
+	if err := op(); err != nil {
+		_, _ = rs.brk(func() error { return err })
+		return struct{}{}, err
+	}
+	return struct{}{}, nil
+}
+
+// aheadLeft handles writes sent ahead that are still queued when the
+// client's transaction has ended without the secondary following its end,
+// which no path should do: they must never go out with a later
+// transaction, so the secondary's transaction is rolled back and the
+// transaction's keys go to the ledger.
+func (rs *routedSession) aheadLeft() {
+	rs.ss.log.Error("mirrored writes sent ahead were left when the transaction ended; recording its keys as drift", "writes", len(rs.tx.ahead))
+	drift := append(slices.Clone(rs.tx.drift), rs.tx.must...)
+	rs.tx.broken = errUnordered
+	rs.secFinish(false)
+	if len(drift) > 0 {
+		rs.recordAcked(drift, "writes sent ahead that the secondary did not follow")
+	}
+}
+
+// secSettle sends the writes queued ahead on the secondary (mirrorWrite)
+// and reads their replies, within the mirror budget and through the
+// breaker. It runs before anything else the secondary does and, at the
+// latest, before the unit that commits the client's transaction reaches
+// the primary (beforeCommit): the secondary then holds every row lock the
+// transaction took on the primary before the primary releases them, so
+// writers of one row still reach the secondary in the primary's order. A
+// failure breaks the secondary's side of the transaction: its keys go to
+// the drift ledger before the commit is acknowledged, as for a write that
+// failed when it ran.
+func (rs *routedSession) secSettle() {
+	ahead := rs.tx.ahead
+	if len(ahead) == 0 {
+		return
+	}
+	rs.tx.ahead = nil
+	ctx, start := rs.ss.ctx, time.Now()
+	sec := rs.stores[storeIndexOf(string(rs.state.Secondary()))]
+	end := rs.traceStep(spanSecondary, rs.state.Secondary())
+	var err error
+	if sec == nil || sec.up == nil || !rs.tx.open {
+		err = errUpstreamLost
+	} else {
+		_, err = rs.brk(func() error {
+			deadline := rs.budget()
+			if err := rs.send(sec, deadline); err != nil {
+				return err
+			}
+			err := rs.drainAhead(sec, deadline)
+			sec.prepareDone(err)
+			return err
+		})
+	}
+	end(err)
+	if err == nil {
+		// The latency is the secondary's: the batch's round trip, not the
+		// time the write waited for the client's next statements.
+		d := time.Since(start)
+		for _, w := range ahead {
+			rs.srv.metrics.R().Mirrored(ctx, w.mode, metrics.MirrorApplied, d)
+		}
+		return
+	}
+	result := metrics.MirrorFailed
+	if errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
+		// Not sent: the replies are read (or the session closed) when the
+		// secondary's transaction ends.
+		result, err = metrics.MirrorSkipped, errBreakerOpen
+	} else if sec != nil && sec.up != nil {
+		rs.secFailed(sec, err)
+	}
+	if rs.tx.broken == nil {
+		rs.tx.broken = err
+	}
+	for _, w := range ahead {
+		rs.srv.metrics.R().Mirrored(ctx, w.mode, result, 0)
+	}
 }
 
 // secBegin opens the secondary's transaction for the client's, in replica
@@ -457,7 +560,7 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 	if ev.image != nil {
 		mode = metrics.ModeRowImage
 	}
-	rs.must = nil
+	rs.must, rs.plainApply = nil, false
 	entries, apply, perr := rs.writeApplier(ev)
 	if errors.Is(perr, errOutOfScope) {
 		return // tables outside tables.include/exclude are passed through untouched
@@ -497,6 +600,14 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 		rs.srv.metrics.R().Mirrored(ctx, mode, metrics.MirrorSkipped, 0)
 		return
 	}
+	// Inside the client's own transaction a plain row-image write is sent
+	// ahead: queued on the secondary, its reply read by secSettle before
+	// the primary's COMMIT (design section 3). Anything else runs now,
+	// after the writes sent ahead.
+	ahead := inTx && ordered && rs.txState == pgwire.TxInBlock && perr == nil && rs.plainApply
+	if !ahead {
+		rs.secSettle()
+	}
 	if inTx {
 		rs.tx.drift = append(rs.tx.drift, entries...)
 		if rs.tx.broken != nil {
@@ -505,7 +616,12 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 		}
 	}
 	start := time.Now()
-	_, err := rs.brk(func() error {
+	run := rs.brk
+	if ahead {
+		run = rs.brkAhead
+	}
+	rs.sendAhead, rs.wentAhead = ahead, false
+	_, err := run(func() error {
 		sec, err := rs.store(rs.state.Secondary())
 		if err != nil {
 			return err
@@ -525,6 +641,12 @@ func (rs *routedSession) mirrorWrite(ev *event, inTx, ordered bool) {
 		}
 		return nil
 	})
+	wentAhead := rs.wentAhead
+	rs.sendAhead, rs.wentAhead = false, false
+	if err == nil && wentAhead {
+		rs.tx.ahead = append(rs.tx.ahead, aheadWrite{mode: mode})
+		return
+	}
 	if err == nil {
 		rs.srv.metrics.R().Mirrored(ctx, mode, metrics.MirrorApplied, time.Since(start))
 		return
@@ -565,19 +687,23 @@ func (rs *routedSession) mirrorFailed(ev *event, entries []table.DriftEntry, err
 
 // execQueued sends what queueExec queued, with a Sync, and reads the
 // replies within the mirror budget.
+//
+// With rs.sendAhead (mirrorWrite: a plain row-image write inside the
+// client's transaction), nothing is sent or read yet: the batch stays queued
+// on sec and secSettle sends it and reads its replies, with the other writes
+// sent ahead, before the primary's COMMIT.
 func (rs *routedSession) execQueued(sec *rstore) error {
 	deadline := rs.budget()
 	sec.out = append(sec.out, syncMsg...)
+	if rs.sendAhead && rs.tx.open {
+		sec.queued++
+		rs.wentAhead = true
+		return nil
+	}
 	if err := rs.send(sec, deadline); err != nil {
 		return err
 	}
 	_, err := rs.drainInternal(sec, deadline)
-	if err != nil && sec.preparing {
-		// A Parse of this batch may have failed: forget what was
-		// prepared here; new names are used from now on.
-		clear(sec.prepared)
-	}
-	sec.preparing = false
 	return err
 }
 

@@ -277,23 +277,51 @@ func (e *storeError) Error() string {
 }
 
 // drainInternal reads one internal request's replies up to ReadyForQuery,
-// returning its rows (text) and its first error.
+// returning its rows (text) and its first error. Replies to requests sent
+// ahead without waiting (a pipelined BEGIN, mirrored writes sent ahead)
+// come first: an error there is this request's error too.
 func (rs *routedSession) drainInternal(u *rstore, deadline time.Time) ([][]*string, error) {
-	for u.queued > 0 {
-		// Replies to requests sent ahead without waiting (a pipelined
-		// BEGIN): an error there is this request's error too.
-		u.queued--
+	err := rs.drainAhead(u, deadline)
+	if err != nil && u.dead != nil {
+		return nil, err
+	}
+	rows, cerr := rs.drainOne(u, deadline)
+	if err != nil {
+		rows = nil
+	} else {
+		err = cerr
+	}
+	u.prepareDone(err)
+	return rows, err
+}
+
+// drainAhead reads the replies of every request sent ahead on u (u.queued),
+// returning the first error among them; it stops early, with the
+// connection's error, only when the connection is lost.
+func (rs *routedSession) drainAhead(u *rstore, deadline time.Time) error {
+	var first error
+	for ; u.queued > 0; u.queued-- {
 		if _, err := rs.drainOne(u, deadline); err != nil {
-			for ; u.queued > 0; u.queued-- {
-				if _, e := rs.drainOne(u, deadline); e != nil && u.dead != nil {
-					return nil, e
-				}
+			if u.dead != nil {
+				u.queued = 0
+				return err // the connection's error: the session is gone
 			}
-			_, _ = rs.drainOne(u, deadline)
-			return nil, err
+			if first == nil {
+				first = err
+			}
 		}
 	}
-	return rs.drainOne(u, deadline)
+	return first
+}
+
+// prepareDone ends a drain that may have covered the mirror's Parses
+// (queueExec): after an error one of them may have failed, so what was
+// prepared here is forgotten and new names are used from now on.
+func (u *rstore) prepareDone(err error) {
+	if err != nil && u.preparing {
+		clear(u.prepared)
+	}
+	u.preparing = false
 }
 
 func (rs *routedSession) drainOne(u *rstore, deadline time.Time) ([][]*string, error) {
@@ -368,6 +396,7 @@ func (rs *routedSession) replay(sql string) {
 		if rs.txState != pgwire.TxIdle && !rs.tx.open {
 			continue // it gets the setting when its transaction opens... or at the next sync
 		}
+		rs.secSettle() // after the writes sent ahead, as the client ran them
 		if _, err := rs.internalQuery(u, sql, rs.budget()); err != nil {
 			rs.ss.log.Info("could not replay a session statement on the second store", "store", u.name, "error", err)
 			if rs.tx.open {
