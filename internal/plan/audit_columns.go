@@ -239,7 +239,9 @@ const (
 // fits sets c's cast, length, need and typed SQL ($v stands for the raw
 // value). A pass-through column travels as text and new's input function
 // reads it (row images, the backfill and repair send text); a computed
-// column's value is assigned to new's column (an assignment cast).
+// column's value is assigned to new's column (an assignment cast). It is
+// one switch over the type families the check knows, kept whole so that
+// each family's rule reads beside the others.
 func (c *auditCol) fits(pg16 bool) {
 	c.typed = "$v"
 	if c.srcType == c.newType {
