@@ -288,28 +288,43 @@ func quoteAll(names []string) []string {
 }
 
 // scanSQL is the table's one scan for checks: each predicate is computed
-// once per row (OFFSET 0 again), then counted and its first keys kept.
+// once per row (rowsSQL), then counted; examplesSQL reads the first keys
+// of each check that found rows.
 func (s *auditSide) scanSQL(checks []scanCheck) string {
 	sel := []string{"count(*)"}
+	for i, c := range checks {
+		need := "NULL::text"
+		if c.need != "" {
+			need = fmt.Sprintf("max(x.tandem_n%d)::text", i)
+		}
+		sel = append(sel, fmt.Sprintf("count(*) FILTER (WHERE x.tandem_b%d)", i), need)
+	}
+	return fmt.Sprintf("SELECT %s FROM %s AS x", strings.Join(sel, ", "), s.rowsSQL(checks))
+}
+
+// rowsSQL is the subquery of old's rows with each check's outcome
+// (tandem_bN) and, for a check that names one, the value its fix needs
+// (tandem_nN). OFFSET 0 keeps each predicate computed once per row.
+func (s *auditSide) rowsSQL(checks []scanCheck) string {
 	inner := prefixed("m.", s.keyCols())
 	var joins strings.Builder
 	for i, c := range checks {
 		inner = append(inner, fmt.Sprintf("coalesce(%s, false) AS tandem_b%d", c.pred, i))
-		need := "NULL::text"
 		if c.need != "" {
 			inner = append(inner, fmt.Sprintf("CASE WHEN coalesce(%s, false) THEN %s END AS tandem_n%d", c.pred, c.need, i))
-			need = fmt.Sprintf("max(x.tandem_n%d)::text", i)
 		}
-		sel = append(sel, fmt.Sprintf("count(*) FILTER (WHERE x.tandem_b%d)", i),
-			fmt.Sprintf("coalesce((array_agg(%s) FILTER (WHERE x.tandem_b%d))[1:%d], '{}')", s.keyText("x"), i, auditExamples), need)
 		joins.WriteString(c.join)
 	}
-	return fmt.Sprintf("SELECT %s FROM (SELECT %s FROM %s AS m%s OFFSET 0) AS x",
-		strings.Join(sel, ", "), strings.Join(inner, ", "), s.from(), joins.String())
+	return fmt.Sprintf("(SELECT %s FROM %s AS m%s OFFSET 0)", strings.Join(inner, ", "), s.from(), joins.String())
 }
 
-// scan runs the table's one scan. A check that old cannot plan (a CHECK
-// calling a function old lacks) is left out and listed as unchecked.
+// examplesSQL reads up to auditExamples keys of rows that fail c. It
+// stops at the last one it needs, where an aggregate of every failing
+// key (sliced to a few) would hold them all in the old store's memory.
+func (s *auditSide) examplesSQL(c scanCheck) string {
+	return fmt.Sprintf("SELECT %s FROM %s AS x WHERE x.tandem_b0 LIMIT %d", s.keyText("x"), s.rowsSQL([]scanCheck{c}), auditExamples)
+}
+
 func (s *auditSide) scan(ctx context.Context, conn *pgx.Conn, checks []scanCheck, a *Audit) error {
 	if _, err := conn.Exec(ctx, "EXPLAIN "+s.scanSQL(checks)); err != nil {
 		var kept []scanCheck
@@ -325,10 +340,9 @@ func (s *auditSide) scan(ctx context.Context, conn *pgx.Conn, checks []scanCheck
 	}
 	dest := []any{&a.Rows}
 	counts := make([]int64, len(checks))
-	keys := make([][]string, len(checks))
 	needs := make([]*string, len(checks))
 	for i := range checks {
-		dest = append(dest, &counts[i], &keys[i], &needs[i])
+		dest = append(dest, &counts[i], &needs[i])
 	}
 	if err := conn.QueryRow(ctx, s.scanSQL(checks)).Scan(dest...); err != nil {
 		if ctx.Err() != nil || conn.IsClosed() {
@@ -345,8 +359,16 @@ func (s *auditSide) scan(ctx context.Context, conn *pgx.Conn, checks []scanCheck
 		if needs[i] != nil {
 			need = *needs[i]
 		}
+		rows, err := conn.Query(ctx, s.examplesSQL(c))
+		if err != nil {
+			return fmt.Errorf("auditing %s on old: %w", s.old.name, err)
+		}
+		keys, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return fmt.Errorf("auditing %s on old: %w", s.old.name, err)
+		}
 		r := c.rej
-		r.Rows, r.Keys, r.Fix = counts[i], keys[i], c.fix(need, keys[i])
+		r.Rows, r.Keys, r.Fix = counts[i], keys, c.fix(need, keys)
 		a.Rejects = append(a.Rejects, r)
 	}
 	return nil
