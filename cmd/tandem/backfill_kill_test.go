@@ -58,17 +58,8 @@ func backfillKilled(t *testing.T, path string) {
 	}
 	run := func(killAfter time.Duration) (killed bool) {
 		t.Helper()
-		args := strings.Join([]string{"backfill", "-c", file, "--workers", "4", "--chunk", "500", "--rate", "20000",
-			"--path", path, "--range-rows", fmt.Sprint(unit)}, "\x1f")
-		cmd := exec.Command(os.Args[0], "-test.run=^TestBackfillChild$")
-		cmd.Env = append(os.Environ(), "TANDEM_BACKFILL_CHILD="+args)
-		var out strings.Builder
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
+		cmd, done, out := startBackfillChild(t, "backfill", "-c", file, "--workers", "4", "--chunk", "500", "--rate", "20000",
+			"--path", path, "--range-rows", fmt.Sprint(unit))
 		if killAfter > 0 {
 			select {
 			case err := <-done:
@@ -180,17 +171,7 @@ func TestBackfillDeferIndexesKilled(t *testing.T) {
 		t.Fatalf("mirror on: %v\n%s%s", err, out, errOut)
 	}
 	start := func(rate string) (*exec.Cmd, chan error, *strings.Builder) {
-		args := strings.Join([]string{"backfill", "-c", file, "--workers", "2", "--defer-indexes", "--path", "snapshot", "--range-rows", "1000", "--rate", rate}, "\x1f")
-		cmd := exec.Command(os.Args[0], "-test.run=^TestBackfillChild$")
-		cmd.Env = append(os.Environ(), "TANDEM_BACKFILL_CHILD="+args)
-		var out strings.Builder
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		return cmd, done, &out
+		return startBackfillChild(t, "backfill", "-c", file, "--workers", "2", "--defer-indexes", "--path", "snapshot", "--range-rows", "1000", "--rate", rate)
 	}
 	killWhen := func(what string, cond func() bool) {
 		t.Helper()
@@ -259,4 +240,21 @@ func TestBackfillDeferIndexesKilled(t *testing.T) {
 	if out, errOut, err := cli("route", "set", "-c", file, "--primary", "new", "--reads", "100", "--reason", "indexes back"); err != nil {
 		t.Fatalf("flip after the rerun: %v\n%s%s", err, out, errOut)
 	}
+}
+
+// startBackfillChild runs tandem with args in a child process of the test
+// binary (TestBackfillChild), so that it can be killed with -9; done gets
+// its exit, out its combined output.
+func startBackfillChild(t *testing.T, args ...string) (cmd *exec.Cmd, done chan error, out *strings.Builder) {
+	t.Helper()
+	cmd = exec.Command(os.Args[0], "-test.run=^TestBackfillChild$")
+	cmd.Env = append(os.Environ(), "TANDEM_BACKFILL_CHILD="+strings.Join(args, "\x1f"))
+	out = &strings.Builder{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done = make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	return cmd, done, out
 }
