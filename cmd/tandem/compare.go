@@ -118,7 +118,7 @@ func newCompareCmd() *cobra.Command {
 	f.repair = fs.Bool("repair", false, "copy each confirmed difference from old to new with the locked-copy unit")
 	f.asJSON = fs.Bool("json", false, "print the summaries as JSON")
 	f.batch = fs.Int("batch", 10000, "old rows per hashed key range")
-	f.rangesOnly = fs.Bool("ranges-only", false, "skip the first pass that hashes each whole table in one query per store (it verifies a quiet table fastest; under heavy writes it rarely agrees and costs a scan)")
+	f.rangesOnly = fs.Bool("ranges-only", false, "skip the whole-table passes (one hash per store, then key buckets when it disagrees) and walk key ranges at once, with a checkpoint after each")
 	f.workers = fs.Int("workers", 2, "key ranges hashed at once, each on both stores on a connection pair of its own")
 	f.leaf = fs.Int("leaf", 1024, "bisect a differing range until it holds at most this many rows, then diff its rows")
 	f.rate = fs.Float64("rate", 0, "at most this many rows per second hashed, across every table (0 = unlimited)")
