@@ -27,6 +27,35 @@ type sources struct {
 	origins map[string]origin
 }
 
+// originOf returns where the value at path came from; s may be nil.
+func (s *sources) originOf(path string) (origin, bool) {
+	if s == nil {
+		return origin{}, false
+	}
+	o, ok := s.origins[path]
+	return o, ok
+}
+
+// Position returns the file, line and column of the key that set the YAML path field (for example
+// "tables.map[orders].where"), or of its nearest enclosing key in the file; ok is false when neither came from the
+// file. It lets checks made outside this package (a mapping checked against the stores' catalogs) say where the
+// declaration at fault is.
+func (c *Config) Position(field string) (file string, line, column int, ok bool) {
+	if c == nil || c.src == nil {
+		return "", 0, 0, false
+	}
+	for at := field; ; {
+		if o, found := c.src.origins[at]; found && o.line > 0 {
+			return c.src.file, o.line, o.column, true
+		}
+		i := strings.LastIndexAny(at, ".[")
+		if i <= 0 {
+			return "", 0, 0, false
+		}
+		at = at[:i]
+	}
+}
+
 func (c *Config) setOrigin(path string, o origin) {
 	if c.src == nil {
 		c.src = &sources{}

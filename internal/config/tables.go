@@ -32,10 +32,18 @@ type TableMap struct {
 	Drop    []string          `yaml:"drop"`    // old columns that are not carried to the new table
 	Compute map[string]string `yaml:"compute"` // new column -> SQL expression over the old columns
 	Reverse map[string]string `yaml:"reverse"` // old column -> SQL expression over the new columns (new -> old mirroring after the write flip)
+	// Where is a row predicate, SQL over the old row's columns: only old rows for which it is true are carried to
+	// the new table (a horizontal split; empty = every row).
+	Where string `yaml:"where"`
+	// Discriminator gives new columns a constant value that marks this deployment's rows (new column -> value, in
+	// the column's text form, cast to its type): it is written on every row carried forward and is the new-side
+	// predicate of every path, so with several deployments consolidating into one new table (a tenant column in
+	// the key), each reads, compares, repairs and mirrors back only its own rows.
+	Discriminator map[string]string `yaml:"discriminator"`
 }
 
 // tableMapKeys are the keys of one entry under tables.map, in the order of TableMap.
-var tableMapKeys = []string{"to", "rename", "drop", "compute", "reverse"}
+var tableMapKeys = []string{"to", "rename", "drop", "compute", "reverse", "where", "discriminator"}
 
 // tablesKeys are the keys of the tables section, in the order of Tables.
 var tablesKeys = []string{"include", "exclude", "map"}
@@ -179,6 +187,10 @@ func (w *walker) tableMap(k, v *yaml.Node, field string) TableMap {
 			tm.Compute = w.stringMap(key, val, f)
 		case "reverse":
 			tm.Reverse = w.stringMap(key, val, f)
+		case "where":
+			tm.Where = w.str(key, val, f)
+		case "discriminator":
+			tm.Discriminator = w.stringMap(key, val, f)
 		}
 	})
 	return tm
@@ -418,6 +430,20 @@ func (v *validator) validateColumns(field string, tm TableMap) {
 			v.add(field+".reverse."+old, fmt.Sprintf("old column %q is renamed, which already mirrors it back from %q; remove its reverse expression", old, nw))
 		}
 		targets[nw] = old
+	}
+	if _, set := v.c.src.originOf(field + ".where"); set && strings.TrimSpace(tm.Where) == "" {
+		v.add(field+".where", "empty predicate: remove where, or give SQL over the old row (e.g. region = 'eu')")
+	}
+	for _, col := range sortedKeys(tm.Discriminator) {
+		f := field + ".discriminator." + col
+		switch {
+		case col == "":
+			v.add(f, "empty column name")
+		case tm.Compute[col] != "":
+			v.add(f, fmt.Sprintf("new column %q is both computed and a discriminator; a discriminator is a constant: remove one", col))
+		case targets[col] != "":
+			v.add(f, fmt.Sprintf("new column %q is both renamed to (from %q) and a discriminator: remove one", col, targets[col]))
+		}
 	}
 	for _, m := range []struct {
 		name  string

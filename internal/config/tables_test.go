@@ -60,7 +60,13 @@ func TestLoadTablesErrors(t *testing.T) {
 		{"typo in the section", "tables:\n  inclde: [x]\n",
 			[]string{`t.yaml:2:3: unknown field "inclde" in tables (did you mean "include"?)`}},
 		{"unknown key lists the valid ones", "tables:\n  map:\n    users:\n      columns: {}\n",
-			[]string{`t.yaml:4:7: unknown field "columns" in tables.map[users] (valid: to, rename, drop, compute, reverse)`}},
+			[]string{`t.yaml:4:7: unknown field "columns" in tables.map[users] (valid: to, rename, drop, compute, reverse, where, discriminator)`}},
+		{"discriminator is a list", "tables:\n  map:\n    orders:\n      discriminator: [tenant, shop]\n",
+			[]string{`t.yaml:4:7: tables.map[orders].discriminator: must be a mapping (key: value), not a list`}},
+		{"discriminator value is a mapping", "tables:\n  map:\n    orders:\n      discriminator:\n        tenant: {shop: 1}\n",
+			[]string{`t.yaml:5:9: tables.map[orders].discriminator.tenant: must be a single value, not a mapping`}},
+		{"where is a list", "tables:\n  map:\n    orders:\n      where: [a, b]\n",
+			[]string{`t.yaml:4:7: tables.map[orders].where: must be a single value, not a list`}},
 		{"section is a list", "tables: [users]\n",
 			[]string{`t.yaml:1:1: tables: must be a mapping (key: value), not a list`}},
 		{"include is a string", "tables:\n  include: public.*\n",
@@ -156,5 +162,50 @@ tables:
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("got\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
+	}
+}
+
+// TestCheckTableFilters: the static checks of where and discriminator,
+// each reported at its key, and Position finding a declaration's key for
+// the checks made against the stores.
+func TestCheckTableFilters(t *testing.T) {
+	dir := t.TempDir()
+	file := writeFile(t, dir, "tandem.yaml", `old:
+  dsn: "postgres://app@localhost/app?sslmode=disable"
+tables:
+  map:
+    orders:
+      where: ""
+      discriminator: {tenant: shop, region: eu, "": x}
+      compute: {region: "'eu'"}
+    invoices:
+      rename: {tenant_name: tenant}
+      discriminator:
+        tenant: billing
+`)
+	got := problemStrings(Check(file, nil))
+	want := []string{
+		file + `:6:7: tables.map[orders].where: empty predicate: remove where, or give SQL over the old row (e.g. region = 'eu')`,
+		file + `:7:37: tables.map[orders].discriminator.region: new column "region" is both computed and a discriminator; a discriminator is a constant: remove one`,
+		file + `:7:49: tables.map[orders].discriminator.: empty column name`,
+		file + `:12:9: tables.map[invoices].discriminator.tenant: new column "tenant" is both renamed to (from "tenant_name") and a discriminator: remove one`,
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
+	}
+	cfg, _, _ := load(file, nil)
+	for field, want := range map[string][2]int{
+		"tables.map[orders].where":                {6, 7},
+		"tables.map[orders].discriminator.tenant": {7, 23},
+		"tables.map[invoices].discriminator.nope": {11, 7},
+		"tables.map[invoices].where":              {9, 5},
+	} {
+		f, line, col, ok := cfg.Position(field)
+		if !ok || f != file || line != want[0] || col != want[1] {
+			t.Errorf("Position(%s) = %s:%d:%d %v, want %d:%d", field, f, line, col, ok, want[0], want[1])
+		}
+	}
+	if _, _, _, ok := cfg.Position("limits.nothing"); ok {
+		t.Error("Position of a field not in the file: ok")
 	}
 }

@@ -139,6 +139,20 @@ type copier struct {
 	// key only).
 	stage stage
 
+	// srcWhere and dstWhere are the mapping's predicates over a row of
+	// src and of dst (unqualified column names; "" for every row): the
+	// where predicate on the old table, the discriminator's on the new
+	// one. Every read of either table sees only the rows they pass, and
+	// every delete on dst is restricted to them, so a copy never reads,
+	// deletes or overwrites rows of another deployment or outside the
+	// predicate.
+	srcWhere, dstWhere string
+	// keyIn turns a key of src as the drift ledger holds it (src's whole
+	// key, discriminator columns included) into the key the copier names
+	// rows by; ok is false for a key of another deployment's row, which
+	// is not this copy's to make. nil: keys are taken as they are.
+	keyIn func(key []string) (k []string, ok bool)
+
 	knobs testingKnobs
 }
 
@@ -237,6 +251,14 @@ func newMappedCopier(m *Mapping, forward bool) (*copier, error) {
 		}
 	}
 	p := &copier{src: d.from, dst: d.to}
+	if forward {
+		p.srcWhere, p.dstWhere = m.where, m.NewWhere()
+	} else {
+		p.srcWhere, p.dstWhere = m.NewWhere(), m.where
+		if len(m.disc) > 0 {
+			p.keyIn = m.ownKey
+		}
+	}
 	var defs []string
 	for _, c := range d.from.Columns {
 		if d.exprRefs[c.Name] || d.passFrom(c.Name) != nil {
@@ -272,6 +294,30 @@ func newMappedCopier(m *Mapping, forward bool) (*copier, error) {
 		}
 	}
 	return p, nil
+}
+
+// srcFrom is the FROM item of src's rows: the table, or the rows of it
+// srcWhere passes. Unqualified names in srcWhere resolve to the table's
+// columns inside the subquery; FOR SHARE OF the subquery's alias locks the
+// table's rows.
+func (p *copier) srcFrom() string { return filteredFrom(p.src, p.srcWhere) }
+
+// dstFrom is srcFrom for dst's rows (reads only: a DELETE adds dstAnd).
+func (p *copier) dstFrom() string { return filteredFrom(p.dst, p.dstWhere) }
+
+// dstAnd is " AND (dstWhere)", or "" when every row of dst is the copy's.
+func (p *copier) dstAnd() string {
+	if p.dstWhere == "" {
+		return ""
+	}
+	return " AND (" + p.dstWhere + ")"
+}
+
+func filteredFrom(m *Meta, where string) string {
+	if where == "" {
+		return m.Name.Quoted()
+	}
+	return "(SELECT * FROM " + m.Name.Quoted() + " WHERE " + where + ")"
 }
 
 // prefixedList returns alias."c1", alias."c2", ...
@@ -463,7 +509,7 @@ func (u *copyUnit) copyKeys(ctx context.Context, keys [][]string, deleteAbsent b
 // order (the order writers are likeliest to lock in).
 func (u *copyUnit) lockKeys(ctx context.Context, keys [][]string) (rowSet, error) {
 	src := u.p.srcKey
-	sql := "SELECT row_to_json(r.*)::text, " + keyText("r", src) + " FROM " + u.p.src.Name.Quoted() + " r WHERE " +
+	sql := "SELECT row_to_json(r.*)::text, " + keyText("r", src) + " FROM " + u.p.srcFrom() + " r WHERE " +
 		keyTuple("r", src) + " IN (" + keySet("x", 1, src) + ") ORDER BY " + keyList("r", src) + " FOR SHARE OF r"
 	return readRows(ctx, u.ptx, sql, columnsOf(keys, len(src))...)
 }
@@ -473,7 +519,7 @@ func (u *copyUnit) lockKeys(ctx context.Context, keys [][]string) (rowSet, error
 // the primary FOR SHARE, in key order.
 func (u *copyUnit) lockChunk(ctx context.Context, after []string, incl bool, hi []string, limit int) (rowSet, error) {
 	src := u.p.srcKey
-	sql := "SELECT row_to_json(r.*)::text, " + keyText("r", src) + " FROM " + u.p.src.Name.Quoted() + " r"
+	sql := "SELECT row_to_json(r.*)::text, " + keyText("r", src) + " FROM " + u.p.srcFrom() + " r"
 	where, args := rangeCond("r", src, after, incl, hi, nil)
 	sql += where + " ORDER BY " + keyList("r", src) + " LIMIT " + strconv.Itoa(limit) + " FOR SHARE OF r"
 	return readRows(ctx, u.ptx, sql, args...)
@@ -547,7 +593,7 @@ func (u *copyUnit) deleteAbsent(ctx context.Context, keys, found [][]string) err
 	dst := u.p.dstKey
 	w := len(dst)
 	sql := "DELETE FROM " + u.p.dst.Name.Quoted() + " d WHERE " + keyTuple("d", dst) + " IN (" + keySet("x", 1, dst) + ") AND " +
-		notIn("d", 1+w, dst) + " RETURNING " + keyText("d", dst)
+		notIn("d", 1+w, dst) + u.p.dstAnd() + " RETURNING " + keyText("d", dst)
 	args := append(columnsOf(keys, w), columnsOf(found, w)...)
 	rows, err := u.stx.Query(ctx, sql, args...)
 	if err != nil {
@@ -569,7 +615,7 @@ func (u *copyUnit) candidates(ctx context.Context, lo []string, incl bool, hi []
 	dst := u.p.dstKey
 	w := len(dst)
 	args := columnsOf(exclude, w)
-	sql := "SELECT " + keyText("d", dst) + " FROM " + u.p.dst.Name.Quoted() + " d WHERE " + notIn("d", 1, dst)
+	sql := "SELECT " + keyText("d", dst) + " FROM " + u.p.dstFrom() + " d WHERE " + notIn("d", 1, dst)
 	where, args := rangeCond("d", dst, lo, incl, hi, args)
 	if where != "" {
 		sql += " AND " + strings.TrimPrefix(where, " WHERE ")
@@ -590,6 +636,15 @@ func (p *copier) copyKeys(ctx context.Context, primary, secondary *pgx.Conn, key
 	var res CopyResult
 	if !p.src.HasKey() {
 		return res, fmt.Errorf("copying %s by key: %w", p.src.Name, ErrNoKey)
+	}
+	if p.keyIn != nil {
+		own := make([][]string, 0, len(keys))
+		for _, k := range keys {
+			if k, ok := p.keyIn(k); ok {
+				own = append(own, k)
+			}
+		}
+		keys = own
 	}
 	for i, k := range keys {
 		if len(k) != len(p.srcKey) {
@@ -624,12 +679,12 @@ func (p *copier) copyWhole(ctx context.Context, primary, secondary *pgx.Conn, ba
 		if _, err := u.ptx.Exec(ctx, "LOCK TABLE "+p.src.Name.Quoted()+" IN SHARE MODE"); err != nil {
 			return fmt.Errorf("locking the primary: %w", err)
 		}
-		tag, err := u.stx.Exec(ctx, "DELETE FROM "+p.dst.Name.Quoted())
+		tag, err := u.stx.Exec(ctx, "DELETE FROM "+p.dst.Name.Quoted()+strings.Replace(p.dstAnd(), " AND ", " WHERE ", 1))
 		if err != nil {
 			return fmt.Errorf("emptying the secondary: %w", err)
 		}
 		u.res.Deleted = int(tag.RowsAffected())
-		rows, err := u.ptx.Query(ctx, "SELECT row_to_json(r.*)::text FROM "+p.src.Name.Quoted()+" r")
+		rows, err := u.ptx.Query(ctx, "SELECT row_to_json(r.*)::text FROM "+p.srcFrom()+" r")
 		if err != nil {
 			return fmt.Errorf("reading the primary: %w", err)
 		}

@@ -87,7 +87,7 @@ func (u *copyUnit) lockChunkCopy(ctx context.Context, after []string, incl bool,
 		return rowSet{}, fmt.Errorf("staging on the secondary: %w", err)
 	}
 	src := p.srcKey
-	out := "COPY (SELECT " + keyText("r", src) + ", " + prefixedList("r", p.cols) + " FROM " + p.src.Name.Quoted() + " r" +
+	out := "COPY (SELECT " + keyText("r", src) + ", " + prefixedList("r", p.cols) + " FROM " + p.srcFrom() + " r" +
 		literalRange("r", src, after, incl, hi) + " ORDER BY " + keyList("r", src) + " LIMIT " + strconv.Itoa(limit) +
 		" FOR SHARE OF r) TO STDOUT"
 	in := "COPY " + p.stage.name + " (" + quoteIdent(stageKey) + ", " + identList(p.cols) + ") FROM STDIN"

@@ -236,7 +236,7 @@ func (p *copier) isolate(ctx context.Context, primary, secondary *pgx.Conn, opts
 	var res CopyResult
 	src := p.srcKey
 	where, args := rangeCond("r", src, cursor, incl, opts.Hi, nil)
-	keys, err := collectKeys(ctx, primary, "SELECT "+keyText("r", src)+" FROM "+p.src.Name.Quoted()+" r"+where+
+	keys, err := collectKeys(ctx, primary, "SELECT "+keyText("r", src)+" FROM "+p.srcFrom()+" r"+where+
 		" ORDER BY "+keyList("r", src)+" LIMIT "+strconv.Itoa(opts.Chunk), args)
 	if err != nil {
 		return nil, res, err
@@ -251,7 +251,7 @@ func (p *copier) isolate(ctx context.Context, primary, secondary *pgx.Conn, opts
 		end = opts.Hi
 	}
 	where, args = rangeCond("d", p.dstKey, cursor, incl, end, nil)
-	extra, err := collectKeys(ctx, secondary, "SELECT "+keyText("d", p.dstKey)+" FROM "+p.dst.Name.Quoted()+" d"+where+
+	extra, err := collectKeys(ctx, secondary, "SELECT "+keyText("d", p.dstKey)+" FROM "+p.dstFrom()+" d"+where+
 		" ORDER BY "+keyList("d", p.dstKey)+" LIMIT "+strconv.Itoa(opts.Chunk), args)
 	if err != nil {
 		return nil, res, err

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -85,8 +86,8 @@ func NewSnapshotCopy(m *Mapping) (*SnapshotCopy, error) {
 // or nil when the mapping does more than pass columns through (a computed
 // column: its expression must be evaluated by the INSERT) or passes none.
 func newStraightCopy(d *direction, cols []string) *straightCopy {
-	if len(d.exprRefs) > 0 {
-		return nil
+	if len(d.exprRefs) > 0 || d.filter != "" || slices.ContainsFunc(d.targets, func(t target) bool { return t.expr != "" }) {
+		return nil // an expression (a constant too: a discriminator) or a predicate to evaluate
 	}
 	sc := &straightCopy{binary: true}
 	for _, c := range cols {
@@ -138,7 +139,7 @@ func (s *SnapshotCopy) CheckStraight(ctx context.Context, q Querier) error {
 // COPY.
 func (s *SnapshotCopy) PresentKeysSQL(lo, hi []string) string {
 	p := s.p
-	return "SELECT " + keyText("d", p.dstKey) + " FROM " + p.dst.Name.Quoted() + " d" + literalRange("d", p.dstKey, lo, false, hi)
+	return "SELECT " + keyText("d", p.dstKey) + " FROM " + p.dstFrom() + " d" + literalRange("d", p.dstKey, lo, false, hi)
 }
 
 // IsUniqueViolation reports whether err is a unique violation (23505):
@@ -160,7 +161,7 @@ func (s *SnapshotCopy) Range(ctx context.Context, src, dst pgx.Tx, lo, hi []stri
 	if err := copySetup(ctx, src, dst, s.Binary, setup); err != nil {
 		return 0, 0, err
 	}
-	out := "COPY (SELECT " + prefixedList("r", p.cols) + " FROM " + p.src.Name.Quoted() + " r" +
+	out := "COPY (SELECT " + prefixedList("r", p.cols) + " FROM " + p.srcFrom() + " r" +
 		literalRange("r", p.srcKey, lo, false, hi) + ") TO STDOUT" + copyFormat(s.Binary)
 	in := "COPY " + p.stage.name + " (" + identList(p.cols) + ") FROM STDIN" + copyFormat(s.Binary)
 	if read, err = pipeCopy(ctx, src, dst, out, in, "staging on the new store"); err != nil {
@@ -218,12 +219,12 @@ func (s *SnapshotCopy) RangeStraight(ctx context.Context, src, dst pgx.Tx, lo, h
 		} else {
 			where += " AND "
 		}
-		if err := src.QueryRow(ctx, "SELECT count(*) FROM "+p.src.Name.Quoted()+" r"+where+in).Scan(&left); err != nil {
+		if err := src.QueryRow(ctx, "SELECT count(*) FROM "+p.srcFrom()+" r"+where+in).Scan(&left); err != nil {
 			return 0, fmt.Errorf("reading the old store: %w", err)
 		}
 		where += "NOT " + in
 	}
-	out := "COPY (SELECT " + prefixedList("r", sc.src) + " FROM " + p.src.Name.Quoted() + " r" +
+	out := "COPY (SELECT " + prefixedList("r", sc.src) + " FROM " + p.srcFrom() + " r" +
 		where + ") TO STDOUT" + copyFormat(sc.binary)
 	in := "COPY " + p.dst.Name.Quoted() + " (" + identList(sc.dst) + ") FROM STDIN" + copyFormat(sc.binary)
 	n, err := pipeCopy(ctx, src, dst, out, in, "writing the new store")

@@ -29,6 +29,18 @@ type Mapping struct {
 	rev direction // new -> old
 
 	reverseMissing []string
+
+	// where is the declaration's row predicate over the old row ("" for
+	// every row); disc the discriminator, in new's column order.
+	where string
+	disc  []discColumn
+}
+
+// discColumn is one discriminator column of the new table and its value as
+// text.
+type discColumn struct {
+	col   int
+	value string
 }
 
 // direction is how rows of one side (from) become rows of the other (to).
@@ -38,6 +50,19 @@ type direction struct {
 	// exprRefs are the columns of from that some expression reads: they
 	// keep from's own type in the generated SQL.
 	exprRefs map[string]bool
+	// filter is the predicate over the source row (unqualified column
+	// names) that a row must satisfy to be carried: the declaration's where
+	// forward, its discriminator in reverse; "" carries every row.
+	// filterRefs are the columns it reads. filterDeletes applies it to
+	// deletes by key too (the reverse: a key of another deployment's row
+	// on new names a row of this one on old).
+	filter        string
+	filterRefs    []string
+	filterDeletes bool
+	// fixed are the columns of the new table (to forward, from in
+	// reverse) the discriminator sets: a constant per deployment, so not
+	// part of the key that names a row on both sides (keyPairs).
+	fixedTo, fixedFrom map[int]bool
 }
 
 // target is how one column of the destination is derived.
@@ -54,7 +79,11 @@ type MappingError struct {
 	Table  Name   // the old table
 	Side   string // "old", "new" or "" when about the whole mapping
 	Column string // "" when about the table
-	Msg    string
+	// Field is the declaration's key the problem is about, relative to the
+	// table's entry in tables.map ("where", "discriminator.tenant"), or ""
+	// when it is not one of those.
+	Field string
+	Msg   string
 }
 
 func (e *MappingError) Error() string {
@@ -86,15 +115,85 @@ func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
 	if err := m.checkDeclared(renameTo); err != nil {
 		return nil, err
 	}
+	if err := m.discriminator(); err != nil {
+		return nil, err
+	}
 	if err := m.forward(renameTo); err != nil {
+		return nil, err
+	}
+	if err := m.predicate(); err != nil {
 		return nil, err
 	}
 	if err := m.reverse(); err != nil {
 		return nil, err
 	}
 	m.identity = decl.To == "" && len(decl.Rename) == 0 && len(decl.Drop) == 0 && len(decl.Compute) == 0 &&
-		len(decl.Reverse) == 0
+		len(decl.Reverse) == 0 && decl.Where == "" && len(decl.Discriminator) == 0
 	return m, nil
+}
+
+// discriminator checks the declaration's discriminator columns against new
+// and records them: each must be a plain column of new and, when new has a
+// primary key, part of it (two deployments' rows with one old key must not
+// be one row on new).
+func (m *Mapping) discriminator() error {
+	m.fwd.fixedTo, m.rev.fixedFrom = map[int]bool{}, map[int]bool{}
+	for _, name := range slices.Sorted(maps.Keys(m.decl.Discriminator)) {
+		j := must(m.New.Column(name))
+		c := m.New.Columns[j]
+		field := "discriminator." + name
+		switch {
+		case c.Generated:
+			return &MappingError{Table: m.Old.Name, Side: "new", Column: name, Field: field, Msg: "is a generated column and cannot be a discriminator"}
+		case m.New.HasKey() && !slices.Contains(m.New.Key, j):
+			return &MappingError{Table: m.Old.Name, Side: "new", Column: name, Field: field, Msg: fmt.Sprintf(
+				"is a discriminator but not in the primary key of %s (%s): rows of two deployments with one old key would be one row; add it to the key",
+				m.New.Name, strings.Join(m.New.KeyNames(), ", "))}
+		}
+		m.disc = append(m.disc, discColumn{col: j, value: m.decl.Discriminator[name]})
+		m.fwd.fixedTo[j], m.rev.fixedFrom[j] = true, true
+	}
+	slices.SortFunc(m.disc, func(a, b discColumn) int { return a.col - b.col })
+	var conds []string
+	for _, d := range m.disc {
+		c := m.New.Columns[d.col]
+		conds = append(conds, quoteIdent(c.Name)+" = "+m.discValue(d))
+		m.rev.filterRefs = append(m.rev.filterRefs, c.Name)
+		m.rev.exprRefs[c.Name] = true
+	}
+	m.rev.filter = strings.Join(conds, " AND ")
+	m.rev.filterDeletes = true
+	return nil
+}
+
+// discValue is the SQL of a discriminator column's value: the text cast to
+// the column's type.
+func (m *Mapping) discValue(d discColumn) string {
+	return quoteLiteral(d.value) + "::" + m.New.Columns[d.col].Type
+}
+
+// predicate checks the declaration's row predicate and makes it the
+// forward filter: it must be one expression over old columns.
+func (m *Mapping) predicate() error {
+	w := strings.TrimSpace(m.decl.Where)
+	if w == "" {
+		return nil
+	}
+	refs, err := exprColumns(w)
+	if err != nil {
+		return &MappingError{Table: m.Old.Name, Field: "where", Msg: "where: " + err.Error()}
+	}
+	for _, r := range refs {
+		if _, ok := m.Old.Column(r); !ok {
+			return &MappingError{Table: m.Old.Name, Side: "old", Column: r, Field: "where",
+				Msg: fmt.Sprintf("is read by the where predicate but %s has no such column%s", m.Old.Name, suggest(r, m.Old))}
+		}
+		m.fwd.exprRefs[r] = true
+	}
+	m.where = w
+	m.fwd.filter = "(" + w + ")"
+	m.fwd.filterRefs = refs
+	return nil
 }
 
 // fail is a *MappingError about the mapping's old table.
@@ -128,6 +227,7 @@ func (m *Mapping) checkDeclared(renameTo map[string]string) error {
 		{"old", old, decl.Drop, "drop"},
 		{"new", new, slices.Sorted(maps.Keys(decl.Compute)), "compute"},
 		{"old", old, slices.Sorted(maps.Keys(decl.Reverse)), "reverse"},
+		{"new", new, slices.Sorted(maps.Keys(decl.Discriminator)), "discriminator"},
 	} {
 		if err := check(c.side, c.meta, c.cols, c.what); err != nil {
 			return err
@@ -144,6 +244,16 @@ func (m *Mapping) forward(renameTo map[string]string) error {
 	// column, or the old column of the same name.
 	consumed := map[string]bool{}
 	for j, c := range new.Columns {
+		if m.fwd.fixedTo[j] {
+			// A discriminator: the same constant on every row this
+			// deployment carries.
+			for _, d := range m.disc {
+				if d.col == j {
+					m.fwd.targets = append(m.fwd.targets, target{col: j, expr: m.discValue(d)})
+				}
+			}
+			continue
+		}
 		if expr, ok := decl.Compute[c.Name]; ok {
 			if c.Generated {
 				return m.fail("new", c.Name, "is a generated column and cannot be computed by the mapping")
@@ -406,6 +516,12 @@ func (d *direction) upsert(from string, cols []string, conflict bool) (string, e
 		b.WriteString(" OVERRIDING SYSTEM VALUE")
 	}
 	b.WriteString(" SELECT " + strings.Join(values, ", ") + " FROM " + from)
+	if d.filter != "" {
+		if miss := d.missingFilterRef(cols); miss != "" {
+			return "", fmt.Errorf("writing %s: the rows lack %q of %s, which says which rows are carried: %w", d.to.Name, miss, d.from.Name, errNotDerivable)
+		}
+		b.WriteString(" WHERE " + d.filter)
+	}
 	if conflict {
 		b.WriteString(onConflict(d.to, idx))
 	}
@@ -437,11 +553,33 @@ func (d *direction) delete(from string, cols []string) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	where := ""
+	if d.filterDeletes && d.filter != "" {
+		if miss := d.missingFilterRef(cols); miss != "" {
+			return "", fmt.Errorf("deleting from %s: the rows lack %q of %s, which says which rows are carried: %w", d.to.Name, miss, d.from.Name, errNotDerivable)
+		}
+		where = " WHERE " + d.filter
+	}
+	return d.deleteWhere(from, keys, where), nil
+}
+
+// deleteWhere returns DELETE FROM to WHERE (key) IN (SELECT keys FROM from where).
+func (d *direction) deleteWhere(from string, keys []string, where string) string {
 	lhs := quoteIdent(d.to.Columns[d.to.Key[0]].Name)
 	if len(keys) > 1 {
 		lhs = "(" + identList(d.to.KeyNames()) + ")"
 	}
-	return "DELETE FROM " + d.to.Name.Quoted() + " WHERE " + lhs + " IN (SELECT " + strings.Join(keys, ", ") + " FROM " + from + ")", nil
+	return "DELETE FROM " + d.to.Name.Quoted() + " WHERE " + lhs + " IN (SELECT " + strings.Join(keys, ", ") + " FROM " + from + where + ")"
+}
+
+// missingFilterRef returns a column the filter reads that cols lacks, or "".
+func (d *direction) missingFilterRef(cols []string) string {
+	for _, r := range d.filterRefs {
+		if !slices.Contains(cols, r) {
+			return r
+		}
+	}
+	return ""
 }
 
 // ForwardUpsertSQL returns the statement that applies rows row images of
@@ -483,6 +621,85 @@ func (m *Mapping) ForwardDeleteSQL(oldCols []string, rows int) (string, error) {
 		return "", fmt.Errorf("mapping %s: %w", m.Old.Name, err)
 	}
 	return m.fwd.delete(from, oldCols)
+}
+
+// ForwardDeleteUnmatchedSQL returns, for a mapping with a where predicate,
+// the statement that deletes on the new table the rows whose old images do
+// not satisfy it (an UPDATE that moved a row out of the predicate):
+//
+//	DELETE FROM new WHERE (k1, ...) IN (SELECT <key exprs> FROM (VALUES ...) AS src(...) WHERE NOT coalesce((where), false))
+//
+// It returns "" when the mapping has no predicate. The images must carry
+// the columns the predicate reads.
+func (m *Mapping) ForwardDeleteUnmatchedSQL(oldCols []string, rows int) (string, error) {
+	if m.fwd.filter == "" {
+		return "", nil
+	}
+	from, err := m.fwd.source(oldCols, rows)
+	if err != nil {
+		return "", fmt.Errorf("mapping %s: %w", m.Old.Name, err)
+	}
+	if miss := m.fwd.missingFilterRef(oldCols); miss != "" {
+		return "", fmt.Errorf("mapping %s: the rows lack %q, which the where predicate reads: %w", m.Old.Name, miss, errNotDerivable)
+	}
+	keys, err := m.fwd.keyValues(oldCols)
+	if err != nil {
+		return "", err
+	}
+	return m.fwd.deleteWhere(from, keys, " WHERE NOT coalesce("+m.fwd.filter+", false)"), nil
+}
+
+// Where returns the declaration's row predicate over the old row, with
+// unqualified column names ("" when every old row is carried): put it in
+// the WHERE of a query over the old table alone.
+func (m *Mapping) Where() string { return m.where }
+
+// NewWhere returns the predicate over the new row that the discriminator
+// implies ("tenant" = 'shop'::text AND ...), with unqualified column names,
+// or "" without a discriminator: the rows of the new table that belong to
+// this mapping.
+func (m *Mapping) NewWhere() string { return m.rev.filter }
+
+// Filtered reports whether the mapping carries only some rows of one side
+// or the other: a where predicate or a discriminator.
+func (m *Mapping) Filtered() bool { return m.where != "" || len(m.disc) > 0 }
+
+// OwnsNewRow reports whether a row of the new table, given as its columns'
+// text (names, values; nil is NULL), carries this mapping's discriminator
+// values; true without a discriminator. A row image lacking a
+// discriminator column is not owned.
+func (m *Mapping) OwnsNewRow(names []string, values [][]byte) bool {
+	for _, d := range m.disc {
+		i := slices.Index(names, m.New.Columns[d.col].Name)
+		if i < 0 || values[i] == nil || string(values[i]) != d.value {
+			return false
+		}
+	}
+	return true
+}
+
+// ownKey turns a key of the new table (its whole primary key as text, in
+// key order, as the drift ledger holds it) into the key without the
+// discriminator columns, which names the row on both sides; ok is false
+// when the key's discriminator values are not this mapping's (another
+// deployment's row) or it has the wrong width.
+func (m *Mapping) ownKey(key []string) ([]string, bool) {
+	if len(key) != len(m.New.Key) {
+		return key, true // already without them, or of a wrong width the copy refuses
+	}
+	var out []string
+	for i, k := range m.New.Key {
+		if !m.rev.fixedFrom[k] {
+			out = append(out, key[i])
+			continue
+		}
+		for _, d := range m.disc {
+			if d.col == k && d.value != key[i] {
+				return nil, false
+			}
+		}
+	}
+	return out, true
 }
 
 // ReverseUpsertSQL is ForwardUpsertSQL from new to old: newCols are new
@@ -635,13 +852,19 @@ func (m *Mapping) KeyPreserving() ([]Column, bool) {
 // keyPairs returns from's key columns in key order and, for each, the key
 // column of to it passes to (by rename or same name); ok is false unless
 // from's key becomes to's whole key that way.
+//
+// Discriminator columns of the new table's key are left out on both sides:
+// they are one constant for every row of the mapping, so the rest of the
+// key names the row (with the discriminator's predicate on new).
 func (d *direction) keyPairs() (from, to []Column, ok bool) {
-	if !d.from.HasKey() || len(d.from.Key) != len(d.to.Key) {
+	fromKey := slices.DeleteFunc(slices.Clone(d.from.Key), func(k int) bool { return d.fixedFrom[k] })
+	toKey := slices.DeleteFunc(slices.Clone(d.to.Key), func(k int) bool { return d.fixedTo[k] })
+	if !d.from.HasKey() || len(fromKey) != len(toKey) || len(fromKey) == 0 {
 		return nil, nil, false
 	}
-	for _, k := range d.from.Key {
+	for _, k := range fromKey {
 		t := d.passFrom(d.from.Columns[k].Name)
-		if t == nil || !slices.Contains(d.to.Key, t.col) {
+		if t == nil || !slices.Contains(toKey, t.col) {
 			return nil, nil, false
 		}
 		from = append(from, d.from.Columns[k])

@@ -24,7 +24,11 @@ type Problem struct {
 	// that cannot be mirrored back from new to old); the mapping still
 	// serves old -> new. Otherwise the table has no usable mapping.
 	FlipOnly bool
-	Message  string
+	// Field is the key of the table's declaration the problem is about,
+	// relative to its entry in tables.map ("where", "discriminator.tenant"),
+	// or "" (config.Config.Position finds it in the file).
+	Field   string
+	Message string
 }
 
 func (p Problem) String() string {
@@ -206,7 +210,7 @@ func loadMapping(ctx context.Context, old, new Querier, n Name, decl config.Tabl
 	m, err := NewMapping(decl, om, nm)
 	var me *MappingError
 	if errors.As(err, &me) {
-		return nil, []Problem{{Table: n, Side: me.Side, Column: me.Column, Message: me.Msg}}, nil
+		return nil, []Problem{{Table: n, Side: me.Side, Column: me.Column, Field: me.Field, Message: me.Msg}}, nil
 	} else if err != nil {
 		return nil, nil, err
 	}
@@ -214,9 +218,16 @@ func loadMapping(ctx context.Context, old, new Querier, n Name, decl config.Tabl
 	if om.HasKey() && !nm.HasKey() {
 		probs = append(probs, Problem{Table: n, Side: "new", Message: fmt.Sprintf("%s has no primary key, so row images cannot be applied to it by key; add the key on the new store", nm.Name)})
 	}
-	ps, err := m.check(ctx, old, new)
+	// The predicate and the discriminator first: every statement of the
+	// mapping carries them, so one that fails would fail all the others.
+	ps, err := m.checkFilters(ctx, old, new)
 	if err != nil {
 		return nil, nil, err
+	}
+	if len(ps) == 0 {
+		if ps, err = m.check(ctx, old, new); err != nil {
+			return nil, nil, err
+		}
 	}
 	probs = append(probs, ps...)
 	for _, c := range m.reverseMissing {
@@ -399,6 +410,43 @@ func (dir checkDir) checkStatement(ctx context.Context, from string, cols []stri
 		add(dir.toSide, "", fmt.Sprintf("the %s statement does not compile on the %s store: %s", map[bool]string{false: "forward", true: "reverse"}[dir.flipOnly], dir.toSide, msg), dir.flipOnly)
 	}
 	return nil
+}
+
+// checkFilters checks the row predicate and the discriminator on the
+// servers: the predicate must compile over the old row as a boolean
+// (PREPARE of a query of the old table with it), and each discriminator
+// value must be a value of its column's type written as the new store
+// prints it (the proxy compares the text of row images with it).
+func (m *Mapping) checkFilters(ctx context.Context, old, new Querier) ([]Problem, error) {
+	var probs []Problem
+	if m.where != "" {
+		msg, err := prepareCheck(ctx, old, "SELECT 1 FROM "+m.Old.Name.Quoted()+" WHERE "+m.fwd.filter)
+		if err != nil {
+			return nil, err
+		}
+		if msg != "" {
+			probs = append(probs, Problem{Table: m.Old.Name, Side: "old", Field: "where",
+				Message: fmt.Sprintf("the where predicate %q does not compile over %s: %s", m.where, m.Old.Name, msg)})
+		}
+	}
+	for _, d := range m.disc {
+		c := m.New.Columns[d.col]
+		field := "discriminator." + c.Name
+		var text string
+		err := new.QueryRow(ctx, "SELECT ("+m.discValue(d)+")::text", pgx.QueryExecModeSimpleProtocol).Scan(&text)
+		var pe *pgconn.PgError
+		switch {
+		case errors.As(err, &pe):
+			probs = append(probs, Problem{Table: m.Old.Name, Side: "new", Column: c.Name, Field: field,
+				Message: fmt.Sprintf("discriminator value %q is not a valid %s: %s", d.value, c.Type, pe.Message)})
+		case err != nil:
+			return nil, fmt.Errorf("checking the discriminator of %s: %w", m.Old.Name, err)
+		case text != d.value:
+			probs = append(probs, Problem{Table: m.Old.Name, Side: "new", Column: c.Name, Field: field,
+				Message: fmt.Sprintf("discriminator value %q is printed by the new store as %q: write it that way", d.value, text)})
+		}
+	}
+	return probs, nil
 }
 
 // checkHashes compiles the verify's hash on both stores.
