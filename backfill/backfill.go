@@ -462,6 +462,27 @@ func (e *Engine) tables() ([]*table.Mapping, error) {
 	return ms, nil
 }
 
+// onNew is the name the old table n's progress is recorded under in the
+// tables the new store holds (tandem.backfill_checkpoints and
+// backfill_recheck): with a discriminator, the deployment's
+// (table.Mapping.CheckpointName), so two deployments consolidating tables
+// of one old name into one new store keep their checkpoints apart.
+func (e *Engine) onNew(n table.Name) table.Name {
+	if m := e.o.Mappings.ForOld(n); m != nil {
+		return m.CheckpointName()
+	}
+	return n
+}
+
+// onNewAll is onNew of each of ns.
+func (e *Engine) onNewAll(ns []table.Name) []table.Name {
+	out := make([]table.Name, len(ns))
+	for i, n := range ns {
+		out[i] = e.onNew(n)
+	}
+	return out
+}
+
 func split(ns []table.Name) (schemas, names []string) {
 	for _, n := range ns {
 		schemas = append(schemas, n.Schema)
@@ -495,7 +516,8 @@ func (e *Engine) plan(ctx context.Context, control, primary, secondary *pgx.Conn
 		return nil
 	}
 	if o.Restart {
-		if _, err := secondary.Exec(ctx, `DELETE FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2`, n.Schema, n.Table); err != nil {
+		ck := e.onNew(n)
+		if _, err := secondary.Exec(ctx, `DELETE FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2`, ck.Schema, ck.Table); err != nil {
 			return fmt.Errorf("restarting %s: %w", n, err)
 		}
 	}
@@ -584,8 +606,9 @@ func (e *Engine) loadDone(ctx context.Context, tx pgx.Tx, secondary *pgx.Conn, t
 	}
 	ts.p.ChunksFailed = 0 // retried by this run
 	var rows int64
+	ck := e.onNew(n)
 	if err := secondary.QueryRow(ctx, `SELECT coalesce(sum(rows), 0) FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2`,
-		n.Schema, n.Table).Scan(&rows); err != nil {
+		ck.Schema, ck.Table).Scan(&rows); err != nil {
 		return fmt.Errorf("resuming %s: %w", n, err)
 	}
 	ts.done.Store(rows)

@@ -57,7 +57,7 @@ func (e *Engine) reconcile(ctx context.Context, control, primary, secondary *pgx
 	if err != nil {
 		return err
 	}
-	if err := readRecheck(ctx, secondary, st.tables, ch); err != nil {
+	if err := readRecheck(ctx, secondary, st.tables, e.onNew, ch); err != nil {
 		return err
 	}
 	r := reconciler{e: e, control: control, primary: primary, secondary: secondary, id: o.WorkerID + ":reconcile"}
@@ -173,7 +173,7 @@ func (e *Engine) forgetSlot(ctx context.Context, control, primary, secondary *pg
 	if _, err := primary.Exec(ctx, "DROP PUBLICATION IF EXISTS "+Publication); err != nil {
 		return fmt.Errorf("dropping the publication %s: %w", Publication, err)
 	}
-	schemas, tnames := split(st.tables)
+	schemas, tnames := split(e.onNewAll(st.tables))
 	if _, err := secondary.Exec(ctx, `DELETE FROM tandem.backfill_recheck WHERE (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))`,
 		schemas, tnames); err != nil {
 		return fmt.Errorf("forgetting the keys to recheck: %w", err)
@@ -346,9 +346,15 @@ func readChanges(ctx context.Context, primary *pgx.Conn, st *slotState, end pglo
 }
 
 // readRecheck adds the keys the loads kept (tandem.backfill_recheck on
-// new) to ch.
-func readRecheck(ctx context.Context, secondary *pgx.Conn, tables []table.Name, ch map[table.Name]*changed) error {
-	schemas, tnames := split(tables)
+// new, under the names onNew gives the old tables) to ch.
+func readRecheck(ctx context.Context, secondary *pgx.Conn, tables []table.Name, onNew func(table.Name) table.Name, ch map[table.Name]*changed) error {
+	oldOf := make(map[table.Name]table.Name, len(tables))
+	recorded := make([]table.Name, len(tables))
+	for i, n := range tables {
+		recorded[i] = onNew(n)
+		oldOf[recorded[i]] = n
+	}
+	schemas, tnames := split(recorded)
 	rows, err := secondary.Query(ctx, `SELECT schema_name, table_name, key FROM tandem.backfill_recheck
 		WHERE (schema_name, table_name) IN (SELECT * FROM unnest($1::text[], $2::text[]))`, schemas, tnames)
 	if err != nil {
@@ -361,6 +367,7 @@ func readRecheck(ctx context.Context, secondary *pgx.Conn, tables []table.Name, 
 		if err := rows.Scan(&n.Schema, &n.Table, &k); err != nil {
 			return fmt.Errorf("reading the keys to recheck: %w", err)
 		}
+		n = oldOf[n]
 		c := ch[n]
 		if c == nil {
 			c = &changed{keys: map[string][]string{}}

@@ -367,7 +367,8 @@ func (e *Engine) forgetLostSlot(ctx context.Context, control, secondary *pgx.Con
 		return fmt.Errorf("resetting the chunks of a lost slot: %w", err)
 	}
 	for _, k := range reset {
-		if _, err := secondary.Exec(ctx, `DELETE FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2 AND chunk = $3`, k.s, k.t, k.c); err != nil {
+		ck := e.onNew(table.Name{Schema: k.s, Table: k.t})
+		if _, err := secondary.Exec(ctx, `DELETE FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2 AND chunk = $3`, ck.Schema, ck.Table, k.c); err != nil {
 			return fmt.Errorf("resetting the checkpoints of a lost slot: %w", err)
 		}
 	}
@@ -510,13 +511,14 @@ func (e *Engine) tryStraight(t table.Name) bool {
 // and the chunk's checkpoint is written.
 func (e *Engine) loadSnapshotChunk(ctx context.Context, c *conns, ch *chunkRow, straight bool) (read int64, how loadHow, err error) {
 	l := e.snap.loaders[ch.table]
+	ck := e.onNew(ch.table)
 	err = pgx.BeginFunc(ctx, c.secondary, func(stx pgx.Tx) error {
 		// The keys new holds in the range, all kept for the recheck; up
 		// to MaxExcept+1 of them read back, for the straight COPY to
 		// leave out.
 		rows, err := stx.Query(ctx, `WITH k AS (`+l.PresentKeysSQL(ch.lo, ch.hi)+`),
 			kept AS (INSERT INTO tandem.backfill_recheck (schema_name, table_name, key) SELECT $1, $2, k.* FROM k ON CONFLICT DO NOTHING)
-			SELECT k.* FROM k LIMIT $3`, ch.table.Schema, ch.table.Table, table.MaxExcept+1)
+			SELECT k.* FROM k LIMIT $3`, ck.Schema, ck.Table, table.MaxExcept+1)
 		var present [][]string
 		if err == nil {
 			present, err = pgx.CollectRows(rows, pgx.RowTo[[]string])
@@ -539,7 +541,7 @@ func (e *Engine) loadSnapshotChunk(ctx context.Context, c *conns, ch *chunkRow, 
 		}
 		_, err = stx.Exec(ctx, `INSERT INTO tandem.backfill_checkpoints AS c (schema_name, table_name, chunk, cursor, rows) VALUES ($1, $2, $3, $4, $5)
 			ON CONFLICT (schema_name, table_name, chunk) DO UPDATE SET cursor = excluded.cursor, rows = excluded.rows, updated_at = now()`,
-			ch.table.Schema, ch.table.Table, ch.chunk, ch.hi, read)
+			ck.Schema, ck.Table, ch.chunk, ch.hi, read)
 		return err
 	})
 	return read, how, err

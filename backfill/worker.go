@@ -209,8 +209,9 @@ func (r *chunkRun) checkpoint(ctx context.Context) ([]string, bool, error) {
 	ch := r.ch
 	var cursor []string
 	var rows int64
+	ck := r.e.onNew(ch.table)
 	err := r.c.secondary.QueryRow(ctx, `SELECT cursor, rows FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2 AND chunk = $3`,
-		ch.table.Schema, ch.table.Table, ch.chunk).Scan(&cursor, &rows)
+		ck.Schema, ck.Table, ch.chunk).Scan(&cursor, &rows)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, false, nil
 	}
@@ -257,12 +258,13 @@ func (r *chunkRun) failedKeys(ctx context.Context) error {
 // a later claim to retry; the worker's connections are renewed.
 func (r *chunkRun) copyRange(ctx context.Context, lo []string) error {
 	ch, e := r.ch, r.e
+	ck := e.onNew(ch.table)
 	_, _, err := table.CopyRangeMapped(ctx, r.c.primary, r.c.secondary, r.ts.m, true, table.RangeOptions{
 		Lo: lo, Hi: ch.hi, Chunk: e.o.Chunk,
 		Checkpoint: func(ctx context.Context, tx pgx.Tx, cur []string, n int) error {
 			_, err := tx.Exec(ctx, `INSERT INTO tandem.backfill_checkpoints AS c (schema_name, table_name, chunk, cursor, rows) VALUES ($1, $2, $3, $4, $5)
 				ON CONFLICT (schema_name, table_name, chunk) DO UPDATE SET cursor = excluded.cursor, rows = c.rows + excluded.rows, updated_at = now()`,
-				ch.table.Schema, ch.table.Table, ch.chunk, cur, n)
+				ck.Schema, ck.Table, ch.chunk, cur, n)
 			return err
 		},
 		Done: func(ctx context.Context, u table.UnitReport) error {
@@ -300,8 +302,9 @@ func (r *chunkRun) copyRange(ctx context.Context, lo []string) error {
 func (r *chunkRun) record(ctx context.Context, claim pgx.Tx) error {
 	ch, e := r.ch, r.e
 	var total int64
+	ck := e.onNew(ch.table)
 	if err := r.c.secondary.QueryRow(ctx, `SELECT coalesce(sum(rows), 0) FROM tandem.backfill_checkpoints WHERE schema_name = $1 AND table_name = $2 AND chunk = $3`,
-		ch.table.Schema, ch.table.Table, ch.chunk).Scan(&total); err != nil {
+		ck.Schema, ck.Table, ch.chunk).Scan(&total); err != nil {
 		return fmt.Errorf("reading the checkpoint of %s chunk %d: %w", ch.table, ch.chunk, err)
 	}
 	fk, _ := json.Marshal(r.failed)

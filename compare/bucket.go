@@ -59,7 +59,7 @@ const bucketSettings = "SET LOCAL work_mem = '" + bucketWorkMem + "'; SET LOCAL 
 // The price: no parallel workers, which the plain whole-table hash gets.
 func (s side) bucketsSQL(buckets int64) string {
 	return "SELECT b, count(*), " + s.aggregate("h", "") + " FROM (SELECT " + s.bucket(buckets) + " AS b, " + s.rowHash +
-		" AS h FROM " + s.name.Quoted() + " t OFFSET 0) AS r GROUP BY 1"
+		" AS h FROM " + s.from() + " t OFFSET 0) AS r GROUP BY 1"
 }
 
 // hashBuckets hashes the whole table in one query, grouped by key bucket:
@@ -97,7 +97,7 @@ func (s side) hashBuckets(ctx context.Context, c *pgx.Conn, buckets int64) (map[
 // given buckets, and the keys in key order: one scan, hashing only those
 // rows.
 func (s side) bucketRowHashes(ctx context.Context, q table.Querier, buckets int64, in []int64) (map[string]string, [][]string, error) {
-	return s.collect(ctx, q, "SELECT "+s.keyText()+", "+s.hash+" FROM "+s.name.Quoted()+" t WHERE "+s.bucket(buckets)+
+	return s.collect(ctx, q, "SELECT "+s.keyText()+", "+s.hash+" FROM "+s.from()+" t WHERE "+s.bucket(buckets)+
 		" IN (SELECT unnest($1::bigint[])) ORDER BY "+s.order, []any{in})
 }
 

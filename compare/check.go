@@ -61,7 +61,7 @@ func NewChecker(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts 
 		}
 	}
 	sum := &TableSummary{Table: m.Old.Name.String(), NewTable: m.New.Name.String(), Counts: map[Kind]int{}}
-	v := &verifier{m: m, old: old, new: new, o: newSide(m.Old.Name, oldKey, ho, record), n: newSide(m.New.Name, newKey, hn, record),
+	v := &verifier{m: m, old: old, new: new, o: newSide(m.Old.Name, oldKey, ho, record).filtered(m.Where()), n: newSide(m.New.Name, newKey, hn, record).filtered(m.NewWhere()),
 		opts: opts, sum: sum, seen: map[string]struct{}{}}
 	return &Checker{v: v, Grace: 50 * time.Millisecond}, nil
 }

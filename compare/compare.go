@@ -282,7 +282,7 @@ func Table(ctx context.Context, old, new *pgx.Conn, m *table.Mapping, opts Optio
 			return sum, fmt.Errorf("verifying %s: session settings: %w", m.Old.Name, err)
 		}
 	}
-	v := &verifier{m: m, old: old, new: new, o: newSide(m.Old.Name, oldKey, ho, record), n: newSide(m.New.Name, newKey, hn, record), opts: opts, sum: &sum,
+	v := &verifier{m: m, old: old, new: new, o: newSide(m.Old.Name, oldKey, ho, record).filtered(m.Where()), n: newSide(m.New.Name, newKey, hn, record).filtered(m.NewWhere()), opts: opts, sum: &sum,
 		seen: map[string]struct{}{}}
 	if record {
 		if v.o.seed, err = m.RecordHashSeedSQL("old"); err != nil {

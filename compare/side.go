@@ -26,6 +26,20 @@ type side struct {
 	// seed is the record hash's key seed (a bigint from the key alone),
 	// which buckets rows in the whole-table pass; "" without record.
 	seed string
+	// where restricts the side to the mapping's rows (the old table's
+	// where predicate, the new table's discriminator; unqualified column
+	// names), "" for the whole table: one deployment's verify never reads
+	// another's rows.
+	where string
+}
+
+// from is the FROM item of the side's rows: the table, or the rows of it
+// where passes, as a subquery (which the planner flattens).
+func (s side) from() string {
+	if s.where == "" {
+		return s.name.Quoted()
+	}
+	return "(SELECT * FROM " + s.name.Quoted() + " WHERE " + s.where + ")"
 }
 
 // newSide builds one store's SQL. With record (both stores on PostgreSQL
@@ -44,6 +58,12 @@ func newSide(name table.Name, key []table.Column, hash string, record bool) side
 	} else {
 		s.agg = "coalesce(md5(string_agg($, '' ORDER BY %s)), '')"
 	}
+	return s
+}
+
+// filtered returns s restricted to the rows where passes ("" for all).
+func (s side) filtered(where string) side {
+	s.where = where
 	return s
 }
 
@@ -127,7 +147,7 @@ func (r rangeHash) minus(part rangeHash) rangeHash {
 // hashRange hashes the rows after lo and at most hi.
 func (s side) hashRange(ctx context.Context, q table.Querier, lo, hi []string) (rangeHash, error) {
 	cond, args := s.cond(lo, hi)
-	sql := "SELECT count(*), " + s.aggregate(s.rowHash, s.order) + " FROM " + s.name.Quoted() + " t WHERE " + cond
+	sql := "SELECT count(*), " + s.aggregate(s.rowHash, s.order) + " FROM " + s.from() + " t WHERE " + cond
 	var r rangeHash
 	if err := q.QueryRow(ctx, sql, args...).Scan(&r.n, &r.hash); err != nil {
 		return r, fmt.Errorf("hashing %s: %w", s.name, err)
@@ -140,7 +160,7 @@ func (s side) hashRange(ctx context.Context, q table.Querier, lo, hi []string) (
 // are left: the range then runs to the end of the table.
 func (s side) rangeEnd(ctx context.Context, q table.Querier, lo []string, limit int) ([]string, error) {
 	cond, args := s.cond(lo, nil)
-	sql := "SELECT " + s.keyText() + " FROM " + s.name.Quoted() + " t WHERE " + cond + " ORDER BY " + s.order +
+	sql := "SELECT " + s.keyText() + " FROM " + s.from() + " t WHERE " + cond + " ORDER BY " + s.order +
 		" OFFSET " + strconv.Itoa(limit-1) + " LIMIT 1"
 	var last []string
 	if err := q.QueryRow(ctx, sql, args...).Scan(&last); errors.Is(err, pgx.ErrNoRows) {
@@ -154,7 +174,7 @@ func (s side) rangeEnd(ctx context.Context, q table.Querier, lo []string, limit 
 // midKey returns the key of the n-th row (from 0) after lo and at most hi.
 func (s side) midKey(ctx context.Context, q table.Querier, lo, hi []string, n int64) ([]string, error) {
 	cond, args := s.cond(lo, hi)
-	sql := "SELECT " + s.keyText() + " FROM " + s.name.Quoted() + " t WHERE " + cond + " ORDER BY " + s.order +
+	sql := "SELECT " + s.keyText() + " FROM " + s.from() + " t WHERE " + cond + " ORDER BY " + s.order +
 		" OFFSET " + strconv.FormatInt(n, 10) + " LIMIT 1"
 	var k []string
 	if err := q.QueryRow(ctx, sql, args...).Scan(&k); err != nil {
@@ -169,7 +189,7 @@ func (s side) midKey(ctx context.Context, q table.Querier, lo, hi []string, n in
 func (s side) bounds(ctx context.Context, q table.Querier, lo, hi []string, every int) ([]string, error) {
 	cond, args := s.cond(lo, hi)
 	sql := "SELECT k FROM (SELECT t." + quoteIdent(s.key[0].Name) + "::text AS k, row_number() OVER (ORDER BY " + s.order + ") AS rn FROM " +
-		s.name.Quoted() + " t WHERE " + cond + ") AS r WHERE rn % " + strconv.Itoa(every) + " = 0 ORDER BY rn"
+		s.from() + " t WHERE " + cond + ") AS r WHERE rn % " + strconv.Itoa(every) + " = 0 ORDER BY rn"
 	rows, err := q.Query(ctx, sql, args...)
 	if err != nil {
 		return nil, fmt.Errorf("splitting a range of %s: %w", s.name, err)
@@ -193,7 +213,7 @@ func (s side) hashGroups(ctx context.Context, q table.Querier, lo, hi, ends []st
 	// width_bucket counts the ends at or below the key; an end itself
 	// belongs to the subrange it closes.
 	b := "width_bucket(" + k + ", " + arr + ") - (" + k + " = ANY(" + arr + "))::int"
-	sql := "SELECT " + b + ", count(*), " + s.aggregate(s.rowHash, s.order) + " FROM " + s.name.Quoted() + " t WHERE " + cond + " GROUP BY 1"
+	sql := "SELECT " + b + ", count(*), " + s.aggregate(s.rowHash, s.order) + " FROM " + s.from() + " t WHERE " + cond + " GROUP BY 1"
 	rows, err := q.Query(ctx, sql, args...)
 	if err != nil {
 		return nil, fmt.Errorf("hashing %s: %w", s.name, err)
@@ -218,7 +238,7 @@ func (s side) hashGroups(ctx context.Context, q table.Querier, lo, hi, ends []st
 // at most hi, and the keys in key order.
 func (s side) rowHashes(ctx context.Context, q table.Querier, lo, hi []string) (map[string]string, [][]string, error) {
 	cond, args := s.cond(lo, hi)
-	return s.collect(ctx, q, "SELECT "+s.keyText()+", "+s.hash+" FROM "+s.name.Quoted()+" t WHERE "+cond+" ORDER BY "+s.order, args)
+	return s.collect(ctx, q, "SELECT "+s.keyText()+", "+s.hash+" FROM "+s.from()+" t WHERE "+cond+" ORDER BY "+s.order, args)
 }
 
 // keysHashes returns the row hashes of the rows with these keys; lock adds
@@ -240,7 +260,7 @@ func (s side) keysHashes(ctx context.Context, q table.Querier, keys [][]string, 
 	for i := range params {
 		params[i] = "$" + strconv.Itoa(i+1) + "::text[]"
 	}
-	sql := "SELECT " + s.keyText() + ", " + s.hash + " FROM " + s.name.Quoted() + " t WHERE (" + s.order + ") IN (SELECT " +
+	sql := "SELECT " + s.keyText() + ", " + s.hash + " FROM " + s.from() + " t WHERE (" + s.order + ") IN (SELECT " +
 		strings.Join(casts, ", ") + " FROM unnest(" + strings.Join(params, ", ") + ") AS x(" + strings.Join(cols, ", ") + "))"
 	if lock {
 		sql += " FOR SHARE OF t"

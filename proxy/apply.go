@@ -403,20 +403,48 @@ func (rs *routedSession) mappedApplier(ev *event, pm *table.Meta, m *table.Mappi
 		}
 	}
 	upsert, remove := m.ForwardUpsertSQL, m.ForwardDeleteSQL
+	del := isDelete(ev)
+	rows := img.rows
 	if rs.state.Primary != route.Old {
 		upsert, remove = m.ReverseUpsertSQL, m.ReverseDeleteSQL
+		// After the flip only this deployment's rows of the new table
+		// (its discriminator's values) go back to its old store: a row of
+		// another deployment's is neither applied here nor drift (the
+		// statements below filter the same way; design section 6).
+		rows, entries = ownRows(m, names, img.rows, entries)
+	} else if !del && m.Where() != "" {
+		// Forward through a row predicate: an image that no longer
+		// satisfies it (an UPDATE moved the row out) is deleted on new; one
+		// that does is upserted (an UPDATE may have moved it in).
+		del, remove = true, m.ForwardDeleteUnmatchedSQL
 	}
-	del := isDelete(ev)
 	apply := func(sec *rstore) error {
-		if len(img.rows) == 0 {
+		if len(rows) == 0 {
 			return nil
 		}
-		return rs.applyRows(sec, img.rows, len(names), del,
+		return rs.applyRows(sec, rows, len(names), del,
 			func(n int) (string, error) { return upsert(names, n) }, nil,
 			func(n int) (string, error) { return remove(names, n) }, nil)
 	}
 	rs.plainApply = true // upserts and deletes through the mapping only
 	return entries, apply, nil
+}
+
+// ownRows keeps the row images of the new table (and their drift entries,
+// one per image, in the same order) that carry m's discriminator values.
+func ownRows(m *table.Mapping, names []string, rows [][][]byte, entries []table.DriftEntry) ([][][]byte, []table.DriftEntry) {
+	if !m.Filtered() {
+		return rows, entries
+	}
+	var keep [][][]byte
+	var keepEntries []table.DriftEntry
+	for i, r := range rows {
+		if m.OwnsNewRow(names, r) {
+			keep = append(keep, r)
+			keepEntries = append(keepEntries, entries[i])
+		}
+	}
+	return keep, keepEntries
 }
 
 // applyRows applies row images on sec, batch by batch: the upsert of each

@@ -111,3 +111,94 @@ func TestMirrorThroughMapping(t *testing.T) {
 		t.Fatalf("open drift: %d", d)
 	}
 }
+
+// TestMirrorThroughPredicate: old orders maps to new eu_orders through a
+// where predicate. Through the proxy, a row inserted outside it is not
+// carried, an UPDATE that moves a row into it inserts it on new, one that
+// moves it out deletes it there, and a DELETE of either kind leaves new
+// right. After the flip, writes to eu_orders reach old.
+func TestMirrorThroughPredicate(t *testing.T) {
+	e := newPairEnv(t, "")
+	ctx := context.Background()
+	if err := e.old.Exec(ctx, e.db, `CREATE TABLE orders (id int PRIMARY KEY, region text NOT NULL, total numeric)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.new.Exec(ctx, e.db, `CREATE TABLE eu_orders (id int PRIMARY KEY, region text NOT NULL, total numeric)`); err != nil {
+		t.Fatal(err)
+	}
+	oc, err := pgx.Connect(ctx, e.old.DSN(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer oc.Close(ctx)
+	nc, err := pgx.Connect(ctx, e.new.DSN(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close(ctx)
+	cfg := config.Tables{Map: map[string]config.TableMap{"orders": {To: "eu_orders", Where: "region = 'eu'"}}}
+	ms, probs, err := table.LoadMappings(ctx, cfg, oc, nc)
+	if err != nil || len(probs) > 0 {
+		t.Fatalf("LoadMappings: %v %v", probs, err)
+	}
+	e.proxy.srv.SetMappings(ms)
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+
+	c := e.client()
+	ids := func(q *pgx.Conn, sql string) string {
+		t.Helper()
+		var s string
+		if err := q.QueryRow(ctx, sql).Scan(&s); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+		return s
+	}
+	const oldEU = `SELECT coalesce(string_agg(id || ':' || total, ',' ORDER BY id), '') FROM orders WHERE region = 'eu'`
+	const newAll = `SELECT coalesce(string_agg(id || ':' || total, ',' ORDER BY id), '') FROM eu_orders`
+	for _, step := range []struct{ sql, want string }{
+		{`INSERT INTO orders VALUES (1, 'eu', 10), (2, 'us', 20), (3, 'eu', 30), (4, 'us', 40)`, "1:10,3:30"},
+		{`UPDATE orders SET region = 'eu', total = total + 1 WHERE id = 2`, "1:10,2:21,3:30"}, // in
+		{`UPDATE orders SET region = 'us' WHERE id IN (1, 3)`, "2:21"},                        // out
+		{`UPDATE orders SET total = total * 2`, "2:42"},                                       // both kinds at once
+		{"tx", "2:42,4:1"}, // in, then changed, in one transaction
+		{`DELETE FROM orders WHERE id IN (1, 4)`, "2:42"},
+		{`INSERT INTO orders VALUES (5, 'eu', 5) ON CONFLICT (id) DO UPDATE SET region = excluded.region`, "2:42,5:5"},
+		{`INSERT INTO orders VALUES (5, 'us', 5) ON CONFLICT (id) DO UPDATE SET region = excluded.region`, "2:42"},
+	} {
+		if step.sql == "tx" {
+			err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+				if _, err := tx.Exec(ctx, `UPDATE orders SET region = 'eu' WHERE id = 4`); err != nil {
+					return err
+				}
+				_, err := tx.Exec(ctx, `UPDATE orders SET total = 1 WHERE id = 4`)
+				return err
+			})
+		} else {
+			_, err = c.Exec(ctx, step.sql)
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", step.sql, err)
+		}
+		if got := ids(nc, newAll); got != step.want || got != ids(oc, oldEU) {
+			t.Fatalf("after %s: eu_orders on new = %q, want %q (old's eu rows: %q)", step.sql, got, step.want, ids(oc, oldEU))
+		}
+	}
+	if got := ids(oc, `SELECT string_agg(id::text, ',' ORDER BY id) FROM orders`); got != "2,3,5" {
+		t.Fatalf("old orders = %s", got)
+	}
+
+	// After the flip, writes to eu_orders go back to old, and old's rows
+	// outside the predicate stay.
+	e.set(route.Settings{Primary: route.New, Mirror: true, Reads: 100})
+	for _, sql := range []string{`INSERT INTO eu_orders VALUES (6, 'eu', 6)`, `UPDATE eu_orders SET total = 43 WHERE id = 2`} {
+		if _, err := c.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	if got := ids(oc, `SELECT string_agg(id || ':' || region || ':' || total, ',' ORDER BY id) FROM orders`); got != "2:eu:43,3:us:60,5:us:5,6:eu:6" {
+		t.Fatalf("old orders after the flip = %s", got)
+	}
+	if d := e.openDrift(); d != 0 {
+		t.Fatalf("open drift: %d", d)
+	}
+}

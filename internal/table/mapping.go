@@ -702,6 +702,24 @@ func (m *Mapping) ownKey(key []string) ([]string, bool) {
 	return out, true
 }
 
+// CheckpointName is the name the mapping's progress is recorded under in
+// the tables Tandem keeps on the new store (the backfill's checkpoints and
+// recheck keys): the old table's name, and with a discriminator its values
+// too (orders[tenant=shop]), so the deployments that consolidate tables of
+// one old name into one new store never share a checkpoint.
+func (m *Mapping) CheckpointName() Name {
+	n := m.Old.Name
+	if len(m.disc) == 0 {
+		return n
+	}
+	parts := make([]string, len(m.disc))
+	for i, d := range m.disc {
+		parts[i] = m.New.Columns[d.col].Name + "=" + d.value
+	}
+	n.Table += "[" + strings.Join(parts, ",") + "]"
+	return n
+}
+
 // ReverseUpsertSQL is ForwardUpsertSQL from new to old: newCols are new
 // column names, and old columns are derived through renames, same-named
 // columns and reverse expressions. Old columns in ReverseMissing are not

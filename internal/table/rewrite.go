@@ -66,6 +66,9 @@ func (ms *Mappings) RewriteRead(sql string) (rewritten string, ok bool, reason s
 		}
 		t.rv.Relname = n.Table
 	}
+	if err := restrictNew(root, r.tables); err != nil {
+		return "", false, err.Error()
+	}
 	out, err := pg_query.Deparse(tree)
 	if err != nil {
 		return "", false, "cannot deparse the rewritten query: " + err.Error()
@@ -152,6 +155,12 @@ func (r *rewriter) collect(msg protoreflect.Message) {
 			return
 		case m == nil:
 			r.fail("table %s is not in the migration's scope", n)
+			return
+		}
+		if m.Where() != "" {
+			// The new table holds only the rows of the predicate: a read of
+			// the old table would have rows the new one lacks.
+			r.fail("table %s maps only the rows of its where predicate to %s", n, m.New.Name)
 			return
 		}
 		t := tableRef{rv: x, m: m}
@@ -354,4 +363,40 @@ func sameStar(m *Mapping) bool {
 		}
 	}
 	return true
+}
+
+// restrictNew replaces, in the tree under root, each table of tables whose
+// mapping has a discriminator by the subquery of its rows on new:
+// `orders AS o` becomes `(SELECT * FROM orders WHERE tenant = 'shop') AS o`,
+// so a shadow read of one deployment's old table reads only its own rows of
+// the shared new one (design section 6).
+func restrictNew(root protoreflect.Message, tables []tableRef) error {
+	var err error
+	walkMessages(root, func(msg protoreflect.Message) {
+		n, ok := msg.Interface().(*pg_query.Node)
+		if !ok || err != nil {
+			return
+		}
+		rv := n.GetRangeVar()
+		if rv == nil {
+			return
+		}
+		i := slices.IndexFunc(tables, func(t tableRef) bool { return t.rv == rv })
+		if i < 0 || tables[i].m.NewWhere() == "" {
+			return
+		}
+		m := tables[i].m
+		alias := rv.Relname
+		if rv.Alias != nil {
+			alias = rv.Alias.Aliasname
+		}
+		var sub *pg_query.ParseResult
+		if sub, err = pg_query.Parse("SELECT * FROM (SELECT * FROM " + m.New.Name.Quoted() + " WHERE " + m.NewWhere() + ") AS " + quoteIdent(alias)); err != nil {
+			err = fmt.Errorf("cannot restrict %s to its discriminator: %w", m.New.Name, err)
+			return
+		}
+		from := sub.Stmts[0].GetStmt().GetSelectStmt().FromClause[0]
+		n.Node = from.Node
+	})
+	return err
 }

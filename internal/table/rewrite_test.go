@@ -170,3 +170,91 @@ func TestRewriteReadOnStores(t *testing.T) {
 		}
 	}
 }
+
+// TestRewriteReadFiltered: a read of a consolidated table is restricted to
+// the deployment's rows on new; one of a table mapped through a where
+// predicate is not shadowed.
+func TestRewriteReadFiltered(t *testing.T) {
+	orders := mustMapping(t, config.TableMap{Discriminator: map[string]string{"tenant": "shop"}},
+		meta("public", "orders", []int{0}, "id", "total"),
+		meta("public", "orders", []int{0, 1}, "tenant", "id", "total"))
+	eu := mustMapping(t, config.TableMap{To: "eu_orders", Where: "region = 'eu'"},
+		meta("public", "sales", []int{0}, "id", "region"),
+		meta("public", "eu_orders", []int{0}, "id", "region"))
+	ms := mappingsOf(t, orders, eu)
+	for _, c := range []struct{ sql, want, reason string }{
+		{`SELECT id, total FROM orders WHERE id = $1`,
+			`SELECT id, total FROM (SELECT * FROM public.orders WHERE tenant = 'shop'::text) orders WHERE id = $1`, ""},
+		{`SELECT o.total FROM orders o JOIN orders p ON p.id = o.id + 1 ORDER BY 1`,
+			`SELECT o.total FROM (SELECT * FROM public.orders WHERE tenant = 'shop'::text) o JOIN (SELECT * FROM public.orders WHERE tenant = 'shop'::text) p ON p.id = (o.id + 1) ORDER BY 1`, ""},
+		{`SELECT count(*) FROM sales`, "", "table public.sales maps only the rows of its where predicate to public.eu_orders"},
+	} {
+		got, ok, reason := ms.RewriteRead(c.sql)
+		if got != c.want || ok != (c.reason == "") || reason != c.reason {
+			t.Errorf("RewriteRead(%s)\n = %q, %v, %q\nwant %q, %q", c.sql, got, ok, reason, c.want, c.reason)
+		}
+	}
+}
+
+// TestFilteredSQL: the statements of a mapping with a discriminator and a
+// predicate carry them: forward upserts only matching rows and deletes the
+// others by key, the key names rows without the discriminator, and the
+// reverse applies only the deployment's rows.
+func TestFilteredSQL(t *testing.T) {
+	m := mustMapping(t, config.TableMap{Where: "total <> ''", Discriminator: map[string]string{"tenant": "shop"}},
+		meta("public", "orders", []int{0}, "id", "total"),
+		meta("public", "orders", []int{0, 1}, "tenant", "id", "total"))
+	for _, c := range []struct {
+		name string
+		fn   func([]string, int) (string, error)
+		cols []string
+		want string
+	}{
+		{"forward upsert", m.ForwardUpsertSQL, []string{"id", "total"},
+			`INSERT INTO "public"."orders" ("tenant","id","total") SELECT ('shop'::text), src."id", src."total" FROM (VALUES ($1::text,$2::text)) AS src("id","total") WHERE (total <> '') ON CONFLICT ("tenant","id") DO UPDATE SET "total" = EXCLUDED."total"`},
+		{"forward delete of rows moved out", m.ForwardDeleteUnmatchedSQL, []string{"id", "total"},
+			`DELETE FROM "public"."orders" WHERE ("tenant","id") IN (SELECT ('shop'::text)::text, src."id"::text FROM (VALUES ($1::text,$2::text)) AS src("id","total") WHERE NOT coalesce((total <> ''), false))`},
+		{"forward delete", m.ForwardDeleteSQL, []string{"id", "total"},
+			`DELETE FROM "public"."orders" WHERE ("tenant","id") IN (SELECT ('shop'::text)::text, src."id"::text FROM (VALUES ($1::text,$2::text)) AS src("id","total"))`},
+		{"reverse upsert", m.ReverseUpsertSQL, []string{"tenant", "id", "total"},
+			`INSERT INTO "public"."orders" ("id","total") SELECT src."id", src."total" FROM (VALUES ($1::text,$2::text,$3::text)) AS src("tenant","id","total") WHERE "tenant" = 'shop'::text ON CONFLICT ("id") DO UPDATE SET "total" = EXCLUDED."total"`},
+		{"reverse delete", m.ReverseDeleteSQL, []string{"tenant", "id"},
+			`DELETE FROM "public"."orders" WHERE "id" IN (SELECT src."id"::text FROM (VALUES ($1::text,$2::text)) AS src("tenant","id") WHERE "tenant" = 'shop'::text)`},
+	} {
+		got, err := c.fn(c.cols, 1)
+		if err != nil || got != c.want {
+			t.Errorf("%s:\n got %s (%v)\nwant %s", c.name, got, err, c.want)
+		}
+	}
+	if _, err := m.ForwardUpsertSQL([]string{"id"}, 1); err == nil {
+		t.Error("forward upsert of images without the predicate's column: no error")
+	}
+	if _, err := m.ReverseUpsertSQL([]string{"id", "total"}, 1); err == nil {
+		t.Error("reverse upsert of images without the discriminator: no error")
+	}
+	if cols, ok := m.KeyPreserving(); !ok || len(cols) != 1 || cols[0].Name != "id" {
+		t.Errorf("KeyPreserving = %v, %v", cols, ok)
+	}
+	for _, c := range []struct {
+		key  []string
+		want []string
+		ok   bool
+	}{{[]string{"shop", "7"}, []string{"7"}, true}, {[]string{"billing", "7"}, nil, false}, {[]string{"7"}, []string{"7"}, true}} {
+		if got, ok := m.ownKey(c.key); ok != c.ok || !slices.Equal(got, c.want) {
+			t.Errorf("ownKey(%v) = %v %v, want %v %v", c.key, got, ok, c.want, c.ok)
+		}
+	}
+	if !m.OwnsNewRow([]string{"tenant", "id"}, [][]byte{[]byte("shop"), []byte("1")}) ||
+		m.OwnsNewRow([]string{"tenant", "id"}, [][]byte{[]byte("billing"), []byte("1")}) ||
+		m.OwnsNewRow([]string{"id"}, [][]byte{[]byte("1")}) || m.OwnsNewRow([]string{"tenant"}, [][]byte{nil}) {
+		t.Error("OwnsNewRow")
+	}
+	if got := m.CheckpointName(); got != (Name{"public", "orders[tenant=shop]"}) {
+		t.Errorf("CheckpointName = %v", got)
+	}
+	if _, err := NewMapping(config.TableMap{Discriminator: map[string]string{"tenant": "shop"}},
+		meta("public", "orders", []int{0}, "id", "total"), meta("public", "orders", []int{1}, "tenant", "id", "total")); err == nil ||
+		!strings.Contains(err.Error(), "not in the primary key") {
+		t.Errorf("discriminator outside the key: %v", err)
+	}
+}
