@@ -27,6 +27,7 @@ type catalogs struct {
 
 // catalogFor returns the catalog of database on st.
 func (s *Server) catalogFor(ctx context.Context, st *store, database string) (*catalog, error) {
+	database = st.databaseFor(database)
 	s.cats.mu.Lock()
 	defer s.cats.mu.Unlock()
 	k := catalogKey{st.name, database}

@@ -202,3 +202,85 @@ func TestMirrorThroughPredicate(t *testing.T) {
 		t.Fatalf("open drift: %d", d)
 	}
 }
+
+// TestMirrorConsolidated: old orders maps to the new orders of tenant
+// 'shop' (a discriminator in the new key). Writes through the proxy reach
+// the shop's rows on new and never the billing rows with the same ids;
+// after the flip, writes to billing rows through this deployment do not
+// come back to the shop's old store.
+func TestMirrorConsolidated(t *testing.T) {
+	e := newPairEnv(t, "")
+	ctx := context.Background()
+	if err := e.old.Exec(ctx, e.db, `CREATE TABLE orders (id bigint PRIMARY KEY, total numeric(12,2), created_at timestamptz)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.new.Exec(ctx, e.db, `CREATE TABLE orders (tenant text, id bigint, total numeric(12,2), created_at timestamptz, PRIMARY KEY (tenant, id));
+		INSERT INTO orders VALUES ('billing', 1, 100, now()), ('billing', 2, 200, now())`); err != nil {
+		t.Fatal(err)
+	}
+	oc, err := pgx.Connect(ctx, e.old.DSN(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer oc.Close(ctx)
+	nc, err := pgx.Connect(ctx, e.new.DSN(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close(ctx)
+	cfg := config.Tables{Map: map[string]config.TableMap{"orders": {Discriminator: map[string]string{"tenant": "shop"}}}}
+	ms, probs, err := table.LoadMappings(ctx, cfg, oc, nc)
+	if err != nil || len(probs) > 0 {
+		t.Fatalf("LoadMappings: %v %v", probs, err)
+	}
+	e.proxy.srv.SetMappings(ms)
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	text := func(q *pgx.Conn, sql string) string {
+		t.Helper()
+		var s string
+		if err := q.QueryRow(ctx, sql).Scan(&s); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+		return s
+	}
+	const billing = `SELECT string_agg(id || ':' || total, ',' ORDER BY id) FROM orders WHERE tenant = 'billing'`
+	const shopNew = `SELECT coalesce(string_agg(id || ':' || total, ',' ORDER BY id), '') FROM orders WHERE tenant = 'shop'`
+	const shopOld = `SELECT coalesce(string_agg(id || ':' || total, ',' ORDER BY id), '') FROM orders`
+	c := e.client()
+	for _, sql := range []string{
+		`INSERT INTO orders VALUES (1, 1, now()), (2, 2, now()), (3, 3, now())`,
+		`UPDATE orders SET total = total + 10 WHERE id <= 2`,
+		`DELETE FROM orders WHERE id = 1`,
+	} {
+		if _, err := c.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+		if d := e.openDrift(); d != 0 {
+			t.Fatalf("after %s: open drift %d", sql, d)
+		}
+		if got, want := text(nc, shopNew), text(oc, shopOld); got != want {
+			t.Fatalf("after %s: shop on new %q, old %q", sql, got, want)
+		}
+	}
+	if got := text(nc, billing); got != "1:100.00,2:200.00" {
+		t.Fatalf("billing rows on new: %s", got)
+	}
+
+	e.set(route.Settings{Primary: route.New, Mirror: true, Reads: 100})
+	for _, sql := range []string{
+		`INSERT INTO orders VALUES ('shop', 4, 4, now()), ('billing', 4, 400, now())`,
+		`UPDATE orders SET total = 0 WHERE id = 2`, // both tenants' row 2
+		`DELETE FROM orders WHERE tenant = 'billing' AND id = 3`,
+		`DELETE FROM orders WHERE tenant = 'billing' AND id = 1`,
+	} {
+		if _, err := c.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	if got := text(oc, shopOld); got != "2:0.00,3:3.00,4:4.00" {
+		t.Fatalf("shop's old orders after the flip: %s", got)
+	}
+	if d := e.openDrift(); d != 0 {
+		t.Fatalf("open drift: %d", d)
+	}
+}

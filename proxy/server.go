@@ -140,6 +140,7 @@ func New(cfg *config.Config, opts Options) (*Server, error) {
 			return nil, err
 		}
 	}
+	pairStores(s.old, s.new)
 	s.conf.Store(cfg)
 	if err := s.loadSecrets(cfg); err != nil {
 		return nil, err

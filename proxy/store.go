@@ -34,6 +34,29 @@ type store struct {
 	// allowed is the store's require_auth set; nil = the default: SCRAM
 	// and no authentication always, MD5 and cleartext only over TLS.
 	allowed map[string]bool
+	// peerDB is the other store's DSN database, when it is not this
+	// store's: a session on that database opens this store's DSN database
+	// instead (databaseFor). Consolidation needs it: each service's
+	// database (shop, billing) moves into one new database.
+	peerDB string
+}
+
+// pairStores lets sessions on the DSN database of one store open the DSN
+// database of the other (see store.peerDB).
+func pairStores(old, new *store) {
+	if old == nil || new == nil || old.cfg.Database == new.cfg.Database {
+		return
+	}
+	old.peerDB, new.peerDB = new.cfg.Database, old.cfg.Database
+}
+
+// databaseFor is the database a session asking for database opens on st:
+// st's DSN database when database is the other store's, else database.
+func (st *store) databaseFor(database string) string {
+	if st.peerDB != "" && database == st.peerDB {
+		return st.cfg.Database
+	}
+	return database
 }
 
 func newStore(name string, sc config.Store, connectTimeout time.Duration) (*store, error) {
@@ -129,7 +152,7 @@ func (st *store) login(user, database string) (string, string, string) {
 	if database == "" {
 		database = st.cfg.Database
 	}
-	return user, database, password
+	return user, st.databaseFor(database), password
 }
 
 func (st *store) connectOne(ctx context.Context, tg *pgconn.FallbackConfig, user, password string, params map[string]string) (*upstream, error) {

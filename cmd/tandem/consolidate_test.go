@@ -1,0 +1,447 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/admin"
+	"github.com/tandemdb/tandem/internal/control"
+	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/table"
+	"go.uber.org/goleak"
+)
+
+// consolDeployment is one service of the consolidation example: its own
+// database on the old cluster (with its control schema), its Tandem
+// deployment in front of it and of the shared new database.
+type consolDeployment struct {
+	tenant string
+	file   string
+	rp     *runningProxy
+	api    *adminClient
+	oldDSN string
+	dsn    string // through the proxy
+}
+
+// consolConfig is the example's config file for tenant (deploy/examples/
+// consolidate/<tenant>.yaml) with this test's addresses and DSNs: the
+// example's own tables section, unchanged.
+func consolConfig(t *testing.T, tenant, oldDSN, newDSN string) string {
+	t.Helper()
+	example, err := os.ReadFile(filepath.Join("..", "..", "deploy", "examples", "consolidate", tenant+".yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := strings.Index(string(example), "\ntables:\n")
+	if i < 0 {
+		t.Fatalf("%s.yaml has no tables section", tenant)
+	}
+	yaml := fmt.Sprintf(`listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+old:
+  dsn: %q
+new:
+  dsn: %q
+limits:
+  drain_timeout: 2s
+routing:
+  replica_id: %s
+  poll: 200ms
+  fence_timeout: 2s
+  repair_interval: 100ms
+log:
+  level: error
+`, oldDSN, newDSN, tenant) + string(example[i+1:])
+	file := filepath.Join(t.TempDir(), tenant+".yaml")
+	if err := os.WriteFile(file, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return file
+}
+
+func exampleSQL(t *testing.T, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "examples", "consolidate", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// tenantText is an independent rendering of one tenant's orders: on its
+// old store all rows, on the new store the rows WHERE tenant = it, as
+// id|total|created_at in id order, hashed, and the count.
+func tenantText(t *testing.T, dsn, where string) (string, int) {
+	t.Helper()
+	ctx := context.Background()
+	c, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	var h string
+	var n int
+	if _, err := c.Exec(ctx, `SET TimeZone = 'UTC'`); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.QueryRow(ctx, `SELECT coalesce(md5(string_agg(id || '|' || coalesce(total::text, '-') || '|' || coalesce(created_at::text, '-'), ',' ORDER BY id)), ''), count(*) FROM orders `+where).Scan(&h, &n); err != nil {
+		t.Fatal(err)
+	}
+	return h, n
+}
+
+// consolLoad is random writes to orders through each deployment's proxy,
+// in the old schema (before a flip or after its rollback).
+type consolLoad struct {
+	base int64 // inserted ids start after base + 100000 per writer
+	mu   sync.Mutex
+	ok   int
+	errs []error
+	wg   sync.WaitGroup
+	stop chan struct{}
+}
+
+func (l *consolLoad) run(deps []*consolDeployment, writers int) {
+	l.stop = make(chan struct{})
+	ctx := context.Background()
+	for w := range writers {
+		d := deps[w%len(deps)]
+		l.wg.Go(func() {
+			fail := func(err error) {
+				l.mu.Lock()
+				l.errs = append(l.errs, fmt.Errorf("%s writer %d: %w", d.tenant, w, err))
+				l.mu.Unlock()
+			}
+			c, err := pgx.Connect(ctx, d.dsn)
+			if err != nil {
+				fail(err)
+				return
+			}
+			defer c.Close(ctx)
+			rnd := rand.New(rand.NewPCG(uint64(w), uint64(l.base)))
+			next := l.base + int64(100000+w*100000)
+			for i := 0; ; i++ {
+				select {
+				case <-l.stop:
+					return
+				default:
+				}
+				id := 1 + rnd.Int64N(3000)
+				var err error
+				switch op := rnd.IntN(10); {
+				case op < 3:
+					next++
+					_, err = c.Exec(ctx, `INSERT INTO orders VALUES ($1, $2, now())`, next, rnd.IntN(100000))
+				case op < 6:
+					_, err = c.Exec(ctx, `UPDATE orders SET total = total + 1 WHERE id = $1`, id)
+				case op < 7:
+					_, err = c.Exec(ctx, `DELETE FROM orders WHERE id = $1`, id)
+				default:
+					err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+						next++
+						if _, err := tx.Exec(ctx, `INSERT INTO orders VALUES ($1, 1, now())`, next); err != nil {
+							return err
+						}
+						if _, err := tx.Exec(ctx, `UPDATE orders SET total = total * 2 WHERE id IN ($1, $2)`, next, id); err != nil {
+							return err
+						}
+						_, err := tx.Exec(ctx, `INSERT INTO orders VALUES ($1, 3, now()) ON CONFLICT (id) DO UPDATE SET total = excluded.total`, id)
+						return err
+					})
+				}
+				if err != nil {
+					fail(fmt.Errorf("write %d: %w", i, err))
+					return
+				}
+				l.mu.Lock()
+				l.ok++
+				l.mu.Unlock()
+			}
+		})
+	}
+}
+
+func (l *consolLoad) done() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ok
+}
+
+func (l *consolLoad) finish(t *testing.T) {
+	close(l.stop)
+	l.wg.Wait()
+	for _, err := range l.errs {
+		t.Errorf("client error: %v", err)
+	}
+}
+
+// TestConsolidation is the consolidation example (deploy/examples/
+// consolidate) end to end: two service databases on the old cluster, each
+// with its own Tandem deployment, consolidate into one new database with a
+// tenant column in the key. 8 random writers (4 through each proxy) write
+// while both backfills run; then each tenant's verify is clean, and stays
+// clean (and touches nothing) when another tenant's rows on new are made
+// to differ; shadow reads through one proxy match; each deployment flips
+// and rolls back, with writes through it in the new schema after the flip
+// reaching only its own old store, even a write to another tenant's row;
+// and after every step each tenant's old orders equal the new orders WHERE
+// tenant = it.
+func TestConsolidation(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	ctx := context.Background()
+	if err := newC.CreateDatabase(ctx, "consolidated"); err != nil {
+		t.Fatal(err)
+	}
+	if err := newC.Exec(ctx, "consolidated", exampleSQL(t, "consolidated.sql")); err != nil {
+		t.Fatal(err)
+	}
+	newDSN := newC.DSN("consolidated")
+	var deps []*consolDeployment
+	defer func() {
+		for i := len(deps) - 1; i >= 0; i-- {
+			stopProxy(t, deps[i].rp)
+		}
+	}()
+	for i, tenant := range []string{"shop", "billing"} {
+		if err := oldC.CreateDatabase(ctx, tenant); err != nil {
+			t.Fatal(err)
+		}
+		// The same ids in both services, different values.
+		if err := oldC.Exec(ctx, tenant, exampleSQL(t, "service.sql")+fmt.Sprintf(
+			`; INSERT INTO orders SELECT g, g * %d + 0.25, '2024-01-01Z'::timestamptz + g * interval '1 minute' FROM generate_series(1, 3000) g`, i+2)); err != nil {
+			t.Fatal(err)
+		}
+		d := &consolDeployment{tenant: tenant, oldDSN: oldC.DSN(tenant)}
+		d.file = consolConfig(t, tenant, d.oldDSN, newDSN)
+		out, errOut, err := cli("config", "check", "-c", d.file)
+		if err != nil {
+			t.Fatalf("config check %s: %v\n%s%s", tenant, err, out, errOut)
+		}
+		d.rp = startQuietProxy(t, loadConfig(t, d.file))
+		deps = append(deps, d)
+		d.api = newAdminClient(t, d.rp)
+		d.dsn = fmt.Sprintf("postgres://postgres@%s/%s?sslmode=disable&application_name=consol-load", d.rp.Addr(), tenant)
+		d.api.waitLive(1)
+		d.api.change("/api/v1/route", `{"mirror": true, "reason": "dual-write"}`, tenant)
+	}
+	equal := func(when string) {
+		t.Helper()
+		for _, d := range deps {
+			ho, no := tenantText(t, d.oldDSN, "")
+			hn, nn := tenantText(t, newDSN, "WHERE tenant = '"+d.tenant+"'")
+			if ho != hn || no != nn {
+				t.Fatalf("%s: %s differs: old %d rows %s, new %d rows %s", when, d.tenant, no, ho, nn, hn)
+			}
+		}
+	}
+	noDrift := func() {
+		t.Helper()
+		for _, d := range deps {
+			ctl, err := pgx.Connect(ctx, d.oldDSN)
+			if err != nil {
+				t.Fatal(err)
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				n, err := table.OpenDriftTotal(ctx, ctl)
+				if err == nil && n == 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					var rows string
+					_ = ctl.QueryRow(ctx, `SELECT string_agg(format('%s %s %s %s: %s', table_name, key, stale, reason, last_error), E'\n') FROM tandem.drift WHERE repaired_at IS NULL`).Scan(&rows)
+					t.Fatalf("%s: open drift %d (%v):\n%s", d.tenant, n, err, rows)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			ctl.Close(ctx)
+		}
+	}
+
+	// Both backfills, at once, under 8 writers.
+	var load consolLoad
+	load.run(deps, 8)
+	waitFor(t, func() bool { return load.done() >= 200 })
+	var wg sync.WaitGroup
+	for i, d := range deps {
+		path := []string{"snapshot", "locked"}[i] // both copy paths, one per tenant
+		wg.Go(func() {
+			if out, errOut, err := cli("backfill", "-c", d.file, "--chunk", "500", "--path", path); err != nil {
+				t.Errorf("tandem backfill (%s): %v\n%s%s", d.tenant, err, out, errOut)
+			}
+		})
+	}
+	wg.Wait()
+	before := load.done()
+	waitFor(t, func() bool { return load.done() >= before+200 })
+	load.finish(t)
+	if t.Failed() {
+		t.FailNow()
+	}
+	t.Logf("%d writes acknowledged through the two proxies", load.done())
+	noDrift()
+	equal("after the backfills")
+	for _, d := range deps {
+		verifyAll(t, d.file)
+	}
+
+	// One tenant's verify reads only its own rows: make billing's rows on
+	// new differ (a changed value, a row old billing never had, a row
+	// missing) and the shop's verify, with --repair, stays clean and
+	// leaves them as they are.
+	var changed, missing int64 // two ids billing has (the writers deleted some)
+	nc, err := pgx.Connect(ctx, newDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.QueryRow(ctx, `SELECT min(id), max(id) FROM (SELECT id FROM orders WHERE tenant = 'billing' ORDER BY id LIMIT 2) x`).Scan(&changed, &missing); err != nil {
+		t.Fatal(err)
+	}
+	nc.Close(ctx)
+	plant := fmt.Sprintf(`UPDATE orders SET total = -1 WHERE tenant = 'billing' AND id = %d;
+		INSERT INTO orders VALUES ('billing', 999999, 9, now());
+		DELETE FROM orders WHERE tenant = 'billing' AND id = %d`, changed, missing)
+	bh, bn := tenantText(t, newDSN, "WHERE tenant = 'billing'")
+	if err := newC.Exec(ctx, "consolidated", plant); err != nil {
+		t.Fatal(err)
+	}
+	planted, _ := tenantText(t, newDSN, "WHERE tenant = 'billing'")
+	out, errOut, err := cli("compare", "-c", deps[0].file, "--repair")
+	if err != nil || !strings.Contains(out, "clean") {
+		t.Fatalf("shop's verify with billing's rows changed: %v\n%s%s", err, out, errOut)
+	}
+	if h, _ := tenantText(t, newDSN, "WHERE tenant = 'billing'"); h != planted {
+		t.Fatal("the shop's verify changed billing's rows")
+	}
+	// And billing's own verify finds exactly the three and repairs them.
+	out, errOut, err = cli("compare", "-c", deps[1].file, "--repair")
+	if err != nil || !strings.Contains(out, "3 differences (1 MissingOnNew, 1 MissingOnOld, 1 ValueDiff), 3 repaired") {
+		t.Fatalf("billing's verify: %v\n%s%s", err, out, errOut)
+	}
+	if h, n := tenantText(t, newDSN, "WHERE tenant = 'billing'"); h != bh || n != bn {
+		t.Fatalf("billing's rows after its repair: %d rows %s, want %d %s", n, h, bn, bh)
+	}
+	for _, d := range deps {
+		verifyAll(t, d.file) // the flip's gate wants a clean last run
+	}
+
+	// Shadow reads through the shop's proxy: rewritten to the new orders
+	// WHERE tenant = 'shop' (billing has the same ids, other totals).
+	shop := deps[0]
+	shop.api.change("/api/v1/route", `{"mirror": true, "shadow": 100}`, "shop")
+	app, err := pgx.Connect(ctx, shop.dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id := 1; id <= 20; id++ {
+		var n int
+		if err := app.QueryRow(ctx, "SELECT count(*) FROM orders WHERE id = $1 AND total IS NOT NULL", id).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	app.Close(ctx)
+	deadline := time.Now().Add(3 * control.ShadowFlush)
+	for {
+		var rep admin.MismatchReport
+		code, raw := shop.api.call("GET", "/api/v1/mismatches", "", &rep)
+		if code != http.StatusOK {
+			t.Fatalf("GET /api/v1/mismatches: %d %s", code, raw)
+		}
+		if rep.Rate.Total.Mismatched != 0 || len(rep.Groups) != 0 {
+			t.Fatalf("shadow mismatches: %s", raw)
+		}
+		if rep.Rate.Total.Compared() >= 20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("shadow reads not compared: %s", raw)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	shop.api.change("/api/v1/route", `{"mirror": true, "shadow": 0}`, "shop")
+
+	// Each deployment: flip, write in the new schema, rollback, write in
+	// the old one.
+	for i, d := range deps {
+		other := deps[1-i]
+		res := d.api.change("/api/v1/route", `{"primary": "new", "reads": 100, "reason": "cutover"}`, d.tenant)
+		if res.State.Primary != route.New {
+			t.Fatalf("%s flip: %+v", d.tenant, res)
+		}
+		otherOld, _ := tenantText(t, other.oldDSN, "")
+		c, err := pgx.Connect(ctx, d.dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var otherTotal string
+		if err := c.QueryRow(ctx, `SELECT total::text FROM orders WHERE tenant = $1 AND id = 7`, other.tenant).Scan(&otherTotal); err != nil {
+			t.Fatal(err)
+		}
+		for _, q := range []struct {
+			sql  string
+			args []any
+		}{
+			{`INSERT INTO orders VALUES ($1, 9000001, 1.5, now())`, []any{d.tenant}},
+			{`UPDATE orders SET total = 42 WHERE tenant = $1 AND id = 5`, []any{d.tenant}},
+			{`DELETE FROM orders WHERE tenant = $1 AND id = 6`, []any{d.tenant}},
+			// Another tenant's rows, written through this deployment (the
+			// new store allows it): id 7 exists in both old stores.
+			{`UPDATE orders SET total = 0 WHERE tenant = $1 AND id = 7`, []any{other.tenant}},
+			{`INSERT INTO orders VALUES ($1, 9000002, 2.5, now())`, []any{other.tenant}},
+			{`DELETE FROM orders WHERE tenant = $1 AND id = 8`, []any{other.tenant}},
+		} {
+			if _, err := c.Exec(ctx, q.sql, q.args...); err != nil {
+				t.Fatalf("%s after the flip: %s: %v", d.tenant, q.sql, err)
+			}
+		}
+		c.Close(ctx)
+		noDrift()
+		// This tenant's old store has its own writes and none of the
+		// other tenant's; the other tenant's old store is untouched.
+		ho, no := tenantText(t, d.oldDSN, "")
+		hn, nn := tenantText(t, newDSN, "WHERE tenant = '"+d.tenant+"'")
+		if ho != hn || no != nn {
+			t.Fatalf("%s after the flip: old %d rows %s, new %d rows %s", d.tenant, no, ho, nn, hn)
+		}
+		if h, _ := tenantText(t, other.oldDSN, ""); h != otherOld {
+			t.Fatalf("%s's writes after its flip reached %s's old store", d.tenant, other.tenant)
+		}
+		// Put the other tenant's rows on new back as its old store has
+		// them, as its own deployment would never have seen those writes.
+		if err := newC.Exec(ctx, "consolidated", fmt.Sprintf(`UPDATE orders SET total = %s WHERE tenant = '%s' AND id = 7;
+			DELETE FROM orders WHERE tenant = '%[2]s' AND id = 9000002`, otherTotal, other.tenant)); err != nil {
+			t.Fatal(err)
+		}
+		oc, err := pgx.Connect(ctx, other.oldDSN)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := oc.Exec(ctx, `DELETE FROM orders WHERE id = 8`); err != nil { // as deleted on new
+			t.Fatal(err)
+		}
+		oc.Close(ctx)
+		equal(d.tenant + " flipped")
+
+		res = d.api.change("/api/v1/rollback", `{"reason": "drill"}`, d.tenant)
+		if res.State.Primary != route.Old {
+			t.Fatalf("%s rollback: %+v", d.tenant, res)
+		}
+		after := consolLoad{base: int64(1+i) * 10000000}
+		after.run([]*consolDeployment{d}, 2)
+		waitFor(t, func() bool { return after.done() >= 100 })
+		after.finish(t)
+		noDrift()
+		equal(d.tenant + " rolled back")
+	}
+}
