@@ -113,14 +113,6 @@ func (s *session) relation(m *pglogrepl.RelationMessage) *relation {
 	}
 	rel := &relation{name: n, m: mp}
 	var names []string
-	if s.store == route.New && mp.NewWhere() != "" {
-		// The new store may be shared with other deployments (a
-		// consolidation): only the rows with this mapping's
-		// discriminator values are this feed's to check.
-		for _, c := range m.Columns {
-			rel.cols = append(rel.cols, c.Name)
-		}
-	}
 	if s.store == route.New {
 		cols, ok := mp.KeyPreserving()
 		if !ok {
@@ -158,9 +150,6 @@ func (s *session) addTuple(id uint32, t *pglogrepl.TupleData) {
 	if rel == nil || t == nil {
 		return
 	}
-	if rel.cols != nil && !rel.owns(t) {
-		return // another deployment's row of a shared new table
-	}
 	key := make([]string, len(rel.keyIdx))
 	for i, c := range rel.keyIdx {
 		if c >= len(t.Columns) || t.Columns[c].DataType != pglogrepl.TupleDataTypeText {
@@ -181,26 +170,4 @@ type relation struct {
 	name   table.Name // the primary's table
 	m      *table.Mapping
 	keyIdx []int // the key columns' positions in a tuple, in key order; nil when the key cannot be read
-	// cols are the relation's column names when its tuples must be
-	// checked for the mapping's discriminator (owns); nil otherwise.
-	cols []string
-}
-
-// owns reports whether tuple t carries the mapping's discriminator values.
-// A tuple whose discriminator columns are not sent as text (unchanged
-// TOAST) is kept: checking a row too many is harmless.
-func (rel *relation) owns(t *pglogrepl.TupleData) bool {
-	vals := make([][]byte, len(rel.cols))
-	for i, c := range t.Columns {
-		if i >= len(vals) {
-			break
-		}
-		switch c.DataType {
-		case pglogrepl.TupleDataTypeText:
-			vals[i] = c.Data
-		case pglogrepl.TupleDataTypeToast:
-			return true
-		}
-	}
-	return rel.m.OwnsNewRow(rel.cols, vals)
 }

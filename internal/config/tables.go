@@ -434,6 +434,13 @@ func (v *validator) validateColumns(field string, tm TableMap) {
 	if _, set := v.c.src.originOf(field + ".where"); set && strings.TrimSpace(tm.Where) == "" {
 		v.add(field+".where", "empty predicate: remove where, or give SQL over the old row (e.g. region = 'eu')")
 	}
+	if len(tm.Discriminator) > 0 && v.c.Feed.Enabled {
+		// The feed's slot (tandem_feed_new) and publication (tandem_feed)
+		// are named per store, not per deployment: the deployments sharing
+		// the new store would read and confirm one slot.
+		v.add(field+".discriminator", "the change feed (feed.enabled) does not yet keep apart deployments that share the new store: "+
+			"their slot and publication there would be one; turn feed.enabled off for a consolidation")
+	}
 	for _, col := range sortedKeys(tm.Discriminator) {
 		f := field + ".discriminator." + col
 		switch {

@@ -205,6 +205,18 @@ tables:
 			t.Errorf("Position(%s) = %s:%d:%d %v, want %d:%d", field, f, line, col, ok, want[0], want[1])
 		}
 	}
+	feedOn := writeFile(t, dir, "feed.yaml", `old:
+  dsn: "postgres://app@localhost/app?sslmode=disable"
+feed:
+  enabled: true
+tables:
+  map:
+    orders:
+      discriminator: {tenant: shop}
+`)
+	if got := problemStrings(Check(feedOn, nil)); len(got) != 1 || !strings.HasPrefix(got[0], feedOn+":8:7: tables.map[orders].discriminator: the change feed") {
+		t.Errorf("feed with a discriminator: %v", got)
+	}
 	if _, _, _, ok := cfg.Position("limits.nothing"); ok {
 		t.Error("Position of a field not in the file: ok")
 	}
