@@ -228,6 +228,9 @@ func TestConsolidation(t *testing.T) {
 		if err != nil {
 			t.Fatalf("config check %s: %v\n%s%s", tenant, err, out, errOut)
 		}
+		if out, errOut, err := cli("plan", "-c", d.file); err != nil {
+			t.Fatalf("plan %s: %v\n%s%s", tenant, err, out, errOut)
+		}
 		d.rp = startQuietProxy(t, loadConfig(t, d.file))
 		deps = append(deps, d)
 		d.api = newAdminClient(t, d.rp)
@@ -443,5 +446,41 @@ func TestConsolidation(t *testing.T) {
 		after.finish(t)
 		noDrift()
 		equal(d.tenant + " rolled back")
+	}
+}
+
+// TestPlanFilterPositions: `tandem plan` checks a where predicate and a
+// discriminator against the catalogs and reports a wrong one with its
+// file, line and column.
+func TestPlanFilterPositions(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	mustExec(t, oldC, exampleSQL(t, "service.sql")+"; CREATE TABLE items (id int PRIMARY KEY, region text)")
+	mustExec(t, newC, exampleSQL(t, "consolidated.sql")+"; CREATE TABLE items (id int PRIMARY KEY, region text)")
+	file, _ := pairConfig(t, oldC, newC, "plan-filters")
+	head, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := strings.Count(string(head), "\n") // the lines before tables:
+	appendFile(t, file, `tables:
+  map:
+    orders:
+      discriminator:
+        tenant: "shop"
+      where: "total > 'many'"
+    items:
+      where: "regoin = 'eu'"
+`)
+	out, errOut, err := cli("plan", "-c", file)
+	if ec, ok := err.(exitCode); !ok || ec != 2 {
+		t.Fatalf("plan: %v, want exit status 2\n%s%s", err, out, errOut)
+	}
+	for _, want := range []string{
+		fmt.Sprintf("%s:%d:7: ", file, base+6) + `tables.map[orders].where: public.orders (old): the where predicate "total > 'many'" does not compile over public.orders: invalid input syntax for type numeric: "many"`,
+		fmt.Sprintf("%s:%d:7: ", file, base+8) + `tables.map[items].where: public.items: old column "regoin": is read by the where predicate but public.items has no such column (did you mean "region"?)`,
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("plan output lacks\n  %s\n%s", want, out)
+		}
 	}
 }

@@ -192,7 +192,15 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int, audit bool
 		if p.FlipOnly {
 			v = plan.Attention
 		}
-		opts.Problems[p.Table] = append(opts.Problems[p.Table], plan.Reason{Verdict: v, Text: "mapping: " + p.String()})
+		text := "mapping: " + p.String()
+		if key := declaredKey(cfg.Tables, p.Table); key != "" && p.Field != "" {
+			// A check against the catalogs of one key of the declaration
+			// (where, discriminator): say where it is in the file.
+			if file, line, col, ok := cfg.Position("tables.map[" + key + "]." + p.Field); ok {
+				text = fmt.Sprintf("mapping: %s:%d:%d: tables.map[%s].%s: %s", file, line, col, key, p.Field, p.String())
+			}
+		}
+		opts.Problems[p.Table] = append(opts.Problems[p.Table], plan.Reason{Verdict: v, Text: text})
 	}
 	return plan.Run(ctx, opts)
 }
@@ -222,13 +230,17 @@ func upstreamAuthReasons(ctx context.Context, cfg *config.Config) map[string][]p
 
 // declaredAs reports whether tables.map declares the old table n under any
 // spelling of its name.
-func declaredAs(t config.Tables, n table.Name) bool {
+func declaredAs(t config.Tables, n table.Name) bool { return declaredKey(t, n) != "" }
+
+// declaredKey returns the key under which tables.map declares the old table
+// n, or "".
+func declaredKey(t config.Tables, n table.Name) string {
 	for key := range t.Map {
 		if s, tb, err := config.ParseTableName(key); err == nil && s == n.Schema && tb == n.Table {
-			return true
+			return key
 		}
 	}
-	return false
+	return ""
 }
 
 // planMapping turns tables.map into the plan's view of each table's mapping;
@@ -241,7 +253,8 @@ func planMapping(t config.Tables) (func(table.Name) plan.Mapping, error) {
 			return nil, fmt.Errorf("tables.map[%s]: %w", key, err)
 		}
 		old := table.Name{Schema: s, Table: n}
-		m := plan.Mapping{New: old, Declared: true, Renames: tm.Rename, Dropped: tm.Drop, Computed: tm.Compute, Consumed: map[string]bool{}}
+		m := plan.Mapping{New: old, Declared: true, Renames: tm.Rename, Dropped: tm.Drop, Computed: tm.Compute, Consumed: map[string]bool{},
+			Discriminator: tm.Discriminator}
 		for _, expr := range tm.Compute {
 			cols, err := table.ExprColumns(expr)
 			if err != nil {

@@ -154,6 +154,9 @@ func newAuditSide(ctx context.Context, conn *pgx.Conn, old, new *relation, m Map
 		if nc.generated {
 			continue
 		}
+		if _, disc := m.Discriminator[nc.name]; disc {
+			continue // one constant, checked against new's catalog by the mapping's load
+		}
 		c := &auditCol{name: nc.name, newType: nc.typ, notNull: nc.notNull}
 		if expr, ok := m.Computed[nc.name]; ok {
 			typ, err := exprType(ctx, conn, old, expr)

@@ -20,6 +20,10 @@ type Mapping struct {
 	Dropped  []string          // old columns with no new column
 	Computed map[string]string // new column -> SQL expression over old columns
 	Consumed map[string]bool   // old columns some computed expression reads
+	// Discriminator are new columns set to one constant per deployment
+	// (new column -> value); they are filled, and left out of the key
+	// comparison (the rest of new's key must be old's).
+	Discriminator map[string]string
 }
 
 // newColumn returns the new column that old column c becomes, and false when
@@ -459,6 +463,9 @@ func (t *Table) assessNewColumns(new *relation, m Mapping, filled map[string]boo
 		if _, computed := m.Computed[nc.name]; computed {
 			continue
 		}
+		if _, disc := m.Discriminator[nc.name]; disc {
+			continue
+		}
 		switch {
 		case nc.generated || nc.identity || nc.hasDefault || !nc.notNull:
 			t.diff(Difference{Kind: ExtraColumn, Column: nc.name, New: nc.typ, Verdict: Ready,
@@ -482,11 +489,12 @@ func (t *Table) assessKey(old, new *relation, m Mapping) {
 		nk, _ := m.newColumn(k)
 		mappedKey = append(mappedKey, nk)
 	}
+	newKey := slices.DeleteFunc(slices.Clone(new.key), func(k string) bool { _, disc := m.Discriminator[k]; return disc })
 	switch {
 	case old.hasKey() && !new.hasKey():
 		t.diff(Difference{Kind: KeyChange, Old: strings.Join(old.key, ", "), Verdict: Blocked,
 			Note: "no primary key on new: row images and the backfill apply rows by key"})
-	case old.hasKey() && !slices.Equal(mappedKey, new.key):
+	case old.hasKey() && !slices.Equal(mappedKey, newKey):
 		t.diff(Difference{Kind: KeyChange, Old: strings.Join(old.key, ", "), New: strings.Join(new.key, ", "), Verdict: Blocked,
 			Note: "the primary keys differ: rows are applied on new by the old key"})
 	case !old.hasKey() && new.hasKey():
