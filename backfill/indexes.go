@@ -80,6 +80,11 @@ func (e *Engine) deferIndexes(ctx context.Context, control, secondary *pgx.Conn,
 	defer func() { err = errors.Join(err, unlock()) }()
 	var found []DeferredIndex
 	for _, m := range ms {
+		if m.NewWhere() != "" {
+			// The new table is shared with other deployments (a
+			// discriminator): its indexes serve their writes and reads too.
+			continue
+		}
 		ds, err := deferrable(ctx, secondary, m.New.Name)
 		if err != nil {
 			return 0, err

@@ -88,6 +88,19 @@ func (rs *routedSession) writeApplier(ev *event) ([]table.DriftEntry, func(*rsto
 	// the primary's WAL). The feed checks what it did on the primary,
 	// key by key, and the repairer copies it (design section 10).
 	replay := reason == "ddl" || !rs.srv.config().Feed.Enabled
+	if shared := rs.sharedTables(ev); len(shared) > 0 {
+		// The statement names a table whose new side holds only some of
+		// its rows (a where predicate, or a discriminator: other
+		// deployments' rows share it). Its text, run there, would reach
+		// rows that are not this mapping's (a TRUNCATE would empty the
+		// other tenants'): it is not run; the tables are drift, which the
+		// repairer copies through the mapping, its rows only.
+		for _, n := range shared {
+			rs.must = append(rs.must, table.DriftEntry{Table: n, Reason: "statement not run on a table whose new side other rows share"})
+		}
+		rs.srv.metrics.R().Fallback(ctx, "filtered_mapping")
+		return nil, func(*rstore) error { return nil }, nil
+	}
 	if reason != "ddl" {
 		fp := ""
 		if ev.stmt != nil {
@@ -123,6 +136,27 @@ func (rs *routedSession) writeApplier(ev *event) ([]table.DriftEntry, func(*rsto
 		return entries, func(*rstore) error { return nil }, nil
 	}
 	return entries, rs.statementApplier(ev), nil
+}
+
+// sharedTables returns the primary's names of the tables ev's statement
+// names whose mapping is filtered (table.Mapping.Filtered).
+func (rs *routedSession) sharedTables(ev *event) []table.Name {
+	ms := rs.srv.mappings.Load()
+	if ms == nil || ev.stmt == nil {
+		return nil
+	}
+	var out []table.Name
+	for _, t := range ev.stmt.Tables {
+		n := writtenName(t)
+		m := ms.ForOld(n)
+		if rs.state.Primary != route.Old {
+			m = ms.ForNew(n)
+		}
+		if m != nil && m.Filtered() {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 // privateSchema reports whether schema holds session-private or internal

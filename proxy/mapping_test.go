@@ -283,4 +283,18 @@ func TestMirrorConsolidated(t *testing.T) {
 	if d := e.openDrift(); d != 0 {
 		t.Fatalf("open drift: %d", d)
 	}
+
+	// A statement mirrored as text would reach other tenants' rows: a
+	// TRUNCATE of the shop's orders is not run on the shared table, which
+	// becomes drift for the repairer (its rows only).
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	if _, err := c.Exec(ctx, `TRUNCATE orders`); err != nil {
+		t.Fatal(err)
+	}
+	if got := text(nc, billing); got != "2:0.00,4:400.00" {
+		t.Fatalf("billing rows on new after the shop's TRUNCATE: %s", got)
+	}
+	if d := e.openDrift(); d != 1 {
+		t.Fatalf("open drift after the TRUNCATE: %d, want the table", d)
+	}
 }
