@@ -823,6 +823,8 @@ func (m *Mapping) hashParts(side string, forHash bool) ([]string, error) {
 		case "old":
 			if t.src != "" {
 				v = "t." + quoteIdent(t.src)
+			} else if len(t.refs) == 0 {
+				v = "(" + t.expr + ")" // a constant (a discriminator): no row to evaluate it over
 			} else {
 				v = "(SELECT (" + t.expr + ") FROM (SELECT t.*) AS src)"
 			}
