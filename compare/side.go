@@ -124,6 +124,25 @@ func (r rangeHash) minus(part rangeHash) rangeHash {
 	return out
 }
 
+// plus returns the hash of r's rows and o's, disjoint sets of rows, when
+// range hashes are sums of row hashes (side.record).
+func (r rangeHash) plus(o rangeHash) rangeHash {
+	switch {
+	case o.n == 0:
+		return r
+	case r.n == 0:
+		return o
+	}
+	a, _ := new(big.Int).SetString(r.hash, 10)
+	b, _ := new(big.Int).SetString(o.hash, 10)
+	if a == nil || b == nil {
+		// Not a sum (cannot happen with record hashes): keep the
+		// difference visible rather than invent a total.
+		return rangeHash{n: r.n + o.n, hash: r.hash + "+" + o.hash}
+	}
+	return rangeHash{n: r.n + o.n, hash: a.Add(a, b).String()}
+}
+
 // hashRange hashes the rows after lo and at most hi.
 func (s side) hashRange(ctx context.Context, q table.Querier, lo, hi []string) (rangeHash, error) {
 	cond, args := s.cond(lo, hi)
