@@ -478,6 +478,20 @@ func TestPageRanges(t *testing.T) {
 	if len(ranges[0]) != 4 || len(ranges[1]) != 4 {
 		t.Fatalf("page ranges = %q: want 4 on each store", ranges)
 	}
+	// Rows moved from the first range to the end of the heap (new row
+	// versions) after the scan's snapshot, before its ranges are hashed:
+	// every range sees them where the snapshot had them, once.
+	writer := harness.Connect(t, oldStore, p.db)
+	moved := opts
+	moved.Knobs = &TestingKnobs{PageRanges: func(_, _ []string) {
+		if _, err := writer.Exec(t.Context(), "UPDATE pr SET n = n WHERE id <= 3000"); err != nil {
+			t.Error(err)
+		}
+	}}
+	s, err = Table(t.Context(), p.old, p.new, m, moved)
+	if err != nil || !s.Clean() || s.Rows != 20000 || !s.WholeTable || s.Transient != 0 {
+		t.Fatalf("rows moved during the scan: %+v, %v", s, err)
+	}
 	p.exec(p.new, `UPDATE pr SET v = 'x' WHERE id IN (10, 6000, 11000, 19990); DELETE FROM pr WHERE id = 15000`)
 	p.exec(p.old, `UPDATE pr SET v = 'y' WHERE id = 20000`)
 	s, err = Table(t.Context(), p.old, p.new, m, opts)
