@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/bits"
 	"strconv"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/table"
@@ -119,6 +120,22 @@ func (v *verifier) bucketed(ctx context.Context) (bool, error) {
 	for i, p := range v.pairs {
 		oldConns[i], newConns[i] = p.old, p.new
 	}
+	var extra []*pgx.Conn
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		defer cancel()
+		for _, c := range extra {
+			_ = c.Close(cctx)
+		}
+	}()
+	for _, cs := range []*[]*pgx.Conn{&oldConns, &newConns} {
+		more, err := scanConns(ctx, (*cs)[0], len(*cs))
+		extra = append(extra, more...)
+		if err != nil {
+			return false, err
+		}
+		*cs = append(*cs, more...)
+	}
 	var ob, nbk map[int64]rangeHash
 	var om, nm map[string]string
 	var okeys, nkeys [][]string
@@ -199,6 +216,31 @@ func (v *verifier) bucketed(ctx context.Context) (bool, error) {
 	v.sum.Ranges, v.sum.Rows, v.sum.WholeTable = 1, rows, len(differ) == 0
 	v.progress()
 	return true, nil
+}
+
+// scanConns opens the connections to first's store that the bucketed
+// pass needs beyond the have it has: it scans a store in as many page
+// ranges at once as PostgreSQL gives a plain scan of a big table
+// processes (its leader and max_parallel_workers_per_gather workers), so
+// that it is as parallel as the whole-table hash it replaces, and in at
+// least Options.Workers. The caller closes them.
+func scanConns(ctx context.Context, first *pgx.Conn, have int) ([]*pgx.Conn, error) {
+	var workers int
+	if err := first.QueryRow(ctx, "SELECT least(current_setting('max_parallel_workers_per_gather')::int, current_setting('max_parallel_workers')::int)").Scan(&workers); err != nil {
+		return nil, fmt.Errorf("reading max_parallel_workers_per_gather: %w", err)
+	}
+	var out []*pgx.Conn
+	for have+len(out) < 1+workers {
+		c, err := pgx.ConnectConfig(ctx, first.Config().Copy())
+		if err != nil {
+			return out, fmt.Errorf("connecting for the bucketed pass: %w", err)
+		}
+		out = append(out, c)
+		if _, err := c.Exec(ctx, SessionSQL); err != nil {
+			return out, fmt.Errorf("session settings: %w", err)
+		}
+	}
+	return out, nil
 }
 
 // reltuples returns n's row estimate from pg_class, -1 when the table was
