@@ -69,14 +69,14 @@ type Options struct {
 	// for tables under heavy writes, where that pass rarely agrees. A rate
 	// limit implies it.
 	RangesOnly bool
-	// FetchMax bounds the bucketed pass that follows a disagreeing
-	// whole-table pass on stores that hash records (verifier.bucketed):
-	// when the key buckets that differ hold more rows than this (default
+	// FetchMax bounds the bucketed pass, the first pass on stores that
+	// hash records (verifier.bucketed): when the key buckets that differ hold more rows than this (default
 	// 500000), their rows are not fetched and the range walk finds what
 	// differs instead.
 	FetchMax int
 	// Workers is how many key ranges are hashed at once, each on both
-	// stores and on a connection pair of its own (default 2).
+	// stores and on a connection pair of its own, and how many page ranges
+	// of each store the bucketed pass hashes at once (default 2).
 	Workers int
 	// Repair copies each confirmed difference from old to new with the
 	// locked-copy unit.
@@ -122,6 +122,9 @@ type TestingKnobs struct {
 	// BeforeConfirm is called with the differences a pass found, before
 	// their race-free re-check.
 	BeforeConfirm func(found []Difference)
+	// PageRanges is called with the page ranges (conditions on t.ctid)
+	// the bucketed pass scans on old and on new, one connection each.
+	PageRanges func(old, new []string)
 }
 
 // Progress is a table's verify so far.
@@ -182,9 +185,9 @@ type TableSummary struct {
 	Resumed   bool         `json:"resumed,omitempty"` // the run continued from a checkpoint
 	// WholeTable: the whole table hashed equal on both stores in one pass.
 	WholeTable bool `json:"whole_table,omitempty"`
-	// Buckets is the number of key buckets the table was hashed in after
-	// the whole-table pass disagreed, when that found the differences
-	// without a range walk (stores that hash records; Options.FetchMax).
+	// Buckets is the number of key buckets the table was hashed in, when
+	// that pass verified it without a range walk (stores that hash
+	// records; Options.FetchMax).
 	Buckets  int              `json:"buckets,omitempty"`
 	Duration jsonout.Duration `json:"duration"`          // this session's, as text ("1.5s")
 	Skipped  string           `json:"skipped,omitempty"` // why the table was not verified
@@ -345,16 +348,18 @@ func (v *verifier) verify(ctx context.Context, lo []string) error {
 	v.progress()
 	// A rate limit asks for a gentle verify: no whole-table scans.
 	if lo == nil && !v.opts.RangesOnly && v.opts.Limiter == nil {
-		done, err := v.whole(ctx)
+		// With record hashes, one bucketed pass verifies the table and
+		// finds the differing rows, unless too many differ; with text
+		// hashes, one whole-table pass, and the walk when it disagrees.
+		var done bool
+		var err error
+		if v.o.seed != "" {
+			done, err = v.bucketed(ctx)
+		} else {
+			done, err = v.whole(ctx)
+		}
 		if err != nil || done {
 			return err
-		}
-		// Disagreed: with record hashes, find the differing rows in key
-		// buckets instead of walking key ranges, unless too many differ.
-		if v.o.seed != "" {
-			if done, err := v.bucketed(ctx); err != nil || done {
-				return err
-			}
 		}
 	}
 	return v.walk(ctx, lo)

@@ -433,16 +433,73 @@ func TestBucketPlan(t *testing.T) {
 	if _, err := tx.Exec(t.Context(), "SET LOCAL jit_above_cost = 0; SET LOCAL work_mem = '256MB'; "+bucketSettings); err != nil {
 		t.Fatal(err)
 	}
-	rows, err := tx.Query(t.Context(), "EXPLAIN (VERBOSE) "+s.bucketsSQL(bucketCount(300000)))
+	// The whole table, and one page range of it (pageScan), which must be
+	// a TID range scan: a filter over a full scan would read every page on
+	// every connection.
+	for _, cond := range []string{"true", "t.ctid >= '(100,0)'::tid AND t.ctid < '(200,0)'::tid"} {
+		rows, err := tx.Query(t.Context(), "EXPLAIN (VERBOSE) "+s.bucketsSQL(bucketCount(300000), cond))
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := strings.Join(lines, "\n")
+		if strings.Contains(got, "Sort") || !strings.Contains(got, "HashAggregate") || strings.Contains(got, "JIT") {
+			t.Fatalf("bucketed pass plan (%s):\n%s", cond, got)
+		}
+		if cond != "true" && !strings.Contains(got, "Tid Range Scan") {
+			t.Fatalf("page range plan (%s):\n%s", cond, got)
+		}
+	}
+}
+
+// TestPageRanges: the bucketed pass hashes each store in page ranges on
+// several connections, in one snapshot per store, and adds their partial
+// sums per key bucket. A difference planted in each range (the table's
+// rows are laid out in key order, four ranges of a quarter each) is found,
+// so a range whose sums were dropped fails it; a clean table counts every
+// row once, so a range counted twice (or a row seen in two ranges, as a
+// scan outside one snapshot could, when an update moves it) fails it; and
+// rows moved to the end of old's heap by updates, a layout new does not
+// share, change nothing.
+func TestPageRanges(t *testing.T) {
+	schema := `CREATE TABLE pr (id bigint PRIMARY KEY, v text, n int) WITH (fillfactor = 100);
+		INSERT INTO pr SELECT g, md5(g::text), g FROM generate_series(1, 20000) g;`
+	p := newPair(t, schema+`UPDATE pr SET n = n WHERE id % 7 = 0;`, schema)
+	m := p.mapping(nil, "pr")
+	var ranges [2][]string
+	opts := Options{Workers: 4, Knobs: &TestingKnobs{PageRanges: func(o, n []string) { ranges = [2][]string{o, n} }}}
+	s, err := Table(t.Context(), p.old, p.new, m, opts)
+	if err != nil || !s.Clean() || s.Rows != 20000 || s.Buckets == 0 || !s.WholeTable {
+		t.Fatalf("identical tables: %+v, %v", s, err)
+	}
+	if len(ranges[0]) != 4 || len(ranges[1]) != 4 {
+		t.Fatalf("page ranges = %q: want 4 on each store", ranges)
+	}
+	// Rows moved from the first range to the end of the heap (new row
+	// versions) after the scan's snapshot, before its ranges are hashed:
+	// every range sees them where the snapshot had them, once.
+	writer := harness.Connect(t, oldStore, p.db)
+	moved := opts
+	moved.Knobs = &TestingKnobs{PageRanges: func(_, _ []string) {
+		if _, err := writer.Exec(t.Context(), "UPDATE pr SET n = n WHERE id <= 3000"); err != nil {
+			t.Error(err)
+		}
+	}}
+	s, err = Table(t.Context(), p.old, p.new, m, moved)
+	if err != nil || !s.Clean() || s.Rows != 20000 || !s.WholeTable || s.Transient != 0 {
+		t.Fatalf("rows moved during the scan: %+v, %v", s, err)
+	}
+	p.exec(p.new, `UPDATE pr SET v = 'x' WHERE id IN (10, 6000, 11000, 19990); DELETE FROM pr WHERE id = 15000`)
+	p.exec(p.old, `UPDATE pr SET v = 'y' WHERE id = 20000`)
+	s, err = Table(t.Context(), p.old, p.new, m, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := strings.Join(lines, "\n")
-	if strings.Contains(got, "Sort") || !strings.Contains(got, "HashAggregate") || strings.Contains(got, "JIT") {
-		t.Fatalf("bucketed pass plan:\n%s", got)
+	want := []string{"MissingOnNew 15000", "ValueDiff 10", "ValueDiff 11000", "ValueDiff 19990", "ValueDiff 20000", "ValueDiff 6000"}
+	if g := got(s); !slices.Equal(g, want) || s.Buckets == 0 || s.Rows != 20000 {
+		t.Fatalf("differences = %q, want %q (%+v)", g, want, s)
 	}
 }

@@ -42,6 +42,16 @@ func (s side) from() string {
 	return "(SELECT * FROM " + s.name.Quoted() + " WHERE " + s.where + ")"
 }
 
+// inPredicate is cond and, when the mapping has one, the side's row predicate:
+// for a page scan, whose cond names the table's own ctid, which the
+// subquery of from does not carry.
+func (s side) inPredicate(cond string) string {
+	if s.where == "" {
+		return cond
+	}
+	return "(" + cond + ") AND (" + s.where + ")"
+}
+
 // newSide builds one store's SQL. With record (both stores on PostgreSQL
 // 14 or later) the row hash is hash_record_extended's bigint and a range's
 // hash their sum, which needs no sort; otherwise the md5 of the row's text
@@ -142,6 +152,25 @@ func (r rangeHash) minus(part rangeHash) rangeHash {
 		out.hash = new(big.Int).Sub(sum(r.hash), sum(part.hash)).String()
 	}
 	return out
+}
+
+// plus returns the hash of r's rows and o's, disjoint sets of rows, when
+// range hashes are sums of row hashes (side.record).
+func (r rangeHash) plus(o rangeHash) rangeHash {
+	switch {
+	case o.n == 0:
+		return r
+	case r.n == 0:
+		return o
+	}
+	a, _ := new(big.Int).SetString(r.hash, 10)
+	b, _ := new(big.Int).SetString(o.hash, 10)
+	if a == nil || b == nil {
+		// Not a sum (cannot happen with record hashes): keep the
+		// difference visible rather than invent a total.
+		return rangeHash{n: r.n + o.n, hash: r.hash + "+" + o.hash}
+	}
+	return rangeHash{n: r.n + o.n, hash: a.Add(a, b).String()}
 }
 
 // hashRange hashes the rows after lo and at most hi.

@@ -31,15 +31,18 @@ a row count and a hash per range cross the network: hash_record_extended over
 the mapped values, seeded with the row's key and summed, when both stores run
 PostgreSQL 14 or later, else the md5 of the rows' text in key order.
 
-First each whole table is hashed in one query per store, both at once
-(PostgreSQL may scan it in parallel): a quiet table that agrees is verified
-in that pass. When it disagrees (a few differences, or a live write between
-the two scans) and both sides run PostgreSQL 14 or later, each table is
-hashed again in 1024 to 16384 key buckets (by the low bits of the row hash's
-key seed), one query per store, and the rows of the buckets that differ are
-fetched from both stores in one more query each and diffed: about two scans
-more, and no range walk. When the differing buckets hold more than 500000
-rows, and otherwise (with --ranges-only, or --rate, or older servers), the
+When both sides run PostgreSQL 14 or later, each table is first hashed in
+1024 to 16384 key buckets (by the low bits of the row hash's key seed), both
+stores at once, each store in --workers page ranges (TID range scans) on
+connections of their own, all in one exported snapshot per store; the
+ranges' sums are added per bucket. A quiet table that agrees is verified in
+that pass. When buckets differ (a few differences, or a live write between
+the two stores' scans), the rows of those buckets are fetched from both
+stores in one more query each, in the same snapshots, and diffed: about one
+scan more, and no range walk. On older servers each whole table is hashed in
+one query per store instead (PostgreSQL may scan it in parallel). When the
+differing buckets hold more than 500000 rows, or the whole-table hashes
+disagree on older servers, and with --ranges-only or --rate, the
 old table is walked in key order, --batch rows per key range, --workers ranges at a time,
 each hashed on both stores at once. A range whose hashes differ is bisected
 on its own connections, the window's at once, until it holds at most --leaf
@@ -118,8 +121,8 @@ func newCompareCmd() *cobra.Command {
 	f.repair = fs.Bool("repair", false, "copy each confirmed difference from old to new with the locked-copy unit")
 	f.asJSON = fs.Bool("json", false, "print the summaries as JSON")
 	f.batch = fs.Int("batch", 10000, "old rows per hashed key range")
-	f.rangesOnly = fs.Bool("ranges-only", false, "skip the whole-table passes (one hash per store, then key buckets when it disagrees) and walk key ranges at once, with a checkpoint after each")
-	f.workers = fs.Int("workers", 2, "key ranges hashed at once, each on both stores on a connection pair of its own")
+	f.rangesOnly = fs.Bool("ranges-only", false, "skip the whole-table pass (key buckets, or one hash per store on servers before PostgreSQL 14) and walk key ranges at once, with a checkpoint after each")
+	f.workers = fs.Int("workers", 2, "key ranges hashed at once, each on both stores on a connection pair of its own; also the page ranges per store of the bucketed pass")
 	f.leaf = fs.Int("leaf", 1024, "bisect a differing range until it holds at most this many rows, then diff its rows")
 	f.rate = fs.Float64("rate", 0, "at most this many rows per second hashed, across every table (0 = unlimited)")
 	f.resume = fs.Bool("since-checkpoint", false, "continue each table's latest unfinished run from its checkpoint instead of starting again")
