@@ -77,10 +77,10 @@ The full default matrix is 2 workloads x 3 protocols x 3 client counts x 3 targe
 
 Dual-write (bench/dualwrite.sh, after the matrix): tpcb-like, -M simple and extended, 8 clients,
 -T and -r as above, through one Tandem with both stores: passthrough (mirror off) vs dual-write
-(mirror on, a second throwaway cluster as the new store, pgbench's tables copied into it), with
-p50/p99 latency from pgbench --log; then --flips write flips and rollbacks during a dual-write
-pgbench, with the fence's p50/p99. 2 protocols x 2 modes x rounds runs + one flip run, plus ~10 s
-of setup.
+(mirror on, a second throwaway cluster as the new store, pgbench's tables copied into it), and
+the limit (the same pgbench directly on both stores at once), with p50/p99 latency from pgbench
+--log; then --flips write flips and rollbacks during a dual-write pgbench, with the fence's
+p50/p99. 2 protocols x 3 runs x rounds + one flip run, plus ~10 s of setup.
 
 Environment:
   BENCH_DIR      cluster/pgbouncer state (default /tmp/tandem-bench; kept between runs, so
@@ -176,9 +176,9 @@ nruns=$((${#WL_LIST[@]} * ${#PROTO_LIST[@]} * ${#CLIENT_LIST[@]} * ROUNDS * 3))
 [[ $DUAL -ne 2 ]] || nruns=0
 secs=$((nruns * (DURATION + 4)))
 if [[ $DUAL -ne 0 ]]; then
-  secs=$((secs + 4 * ROUNDS * (DURATION + 3) + (DURATION > 2 * FLIPS + 4 ? DURATION : 2 * FLIPS + 4) + 15))
+  secs=$((secs + 6 * ROUNDS * (DURATION + 3) + (DURATION > 2 * FLIPS + 4 ? DURATION : 2 * FLIPS + 4) + 15))
 fi
-log "$nruns pgbench runs of ${DURATION}s$([[ $DUAL -eq 0 ]] || echo " + dual-write ($((4 * ROUNDS + 1)) runs)"): expect ~$(((secs + 59) / 60)) min (+ setup); output in $OUTDIR"
+log "$nruns pgbench runs of ${DURATION}s$([[ $DUAL -eq 0 ]] || echo " + dual-write ($((6 * ROUNDS + 1)) runs)"): expect ~$(((secs + 59) / 60)) min (+ setup); output in $OUTDIR"
 
 # ---------------------------------------------------------------- build
 if [[ $BUILD -eq 1 ]]; then

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # dualwrite.sh - what dual-write costs: pgbench tpcb-like through one Tandem in passthrough
 # (mirror off) and with mirroring on to a second throwaway cluster (the new store), interleaved,
-# with p50/p99 latency from pgbench's per-transaction logs; then the write flip's fence, measured
+# with p50/p99 latency from pgbench's per-transaction logs, next to the limit (the same pgbench
+# run directly against old and against new at the same time, issue 15); optionally a baseline
+# Tandem build alternated with this one in the same rounds; then the write flip's fence, measured
 # by flipping to new and rolling back repeatedly while a dual-write pgbench runs.
 #
 # Called by bench/bench.sh after its passthrough matrix (or alone, with --dual-only there); can
@@ -26,6 +28,9 @@ NEW_CLUSTER=tandem-bench-new
 OUTDIR=
 KEEP=0
 TANDEM_BIN=${TANDEM_BIN:-$REPO/bin/tandem}
+BASE_BIN=
+LIMIT=1
+PPROF=
 
 usage() {
   cat <<EOF
@@ -37,8 +42,13 @@ started on a free port; pgbench's tables are copied into it from old (pg_dump | 
 run, so the two stores start identical. Tandem (\$TANDEM_BIN, already built) runs on free ports
 with both stores and the control schema on old (dropped and recreated on every run).
 
-Measured, per protocol, ROUNDS interleaved rounds of two runs (passthrough, dual-write; the order
-alternates): pgbench tpcb-like, CLIENTS clients, DURATION s, -n, --log. Before every run
+Measured, per protocol, ROUNDS interleaved rounds (the order alternates every round) of:
+passthrough and dual-write through Tandem, and the limit: the same pgbench run directly against
+old and against new at the same time (two pgbench processes, CLIENTS clients each; the limit is
+the lower of the two stores' TPS, since a dual-write transaction is done on both). With
+--baseline BIN, a second Tandem build runs passthrough and dual-write in the same rounds (the
+two builds are swapped on the same ports between runs; the order alternates). Every run:
+pgbench tpcb-like, CLIENTS clients, DURATION s, -n, --log. Before every run
 pgbench_branches/tellers are vacuumed and pgbench_history truncated on both stores, then both
 CHECKPOINT. Then one dual-write run of -M FLIP_PROTO, at least 2*FLIPS+4 s long, during which
 'tandem route set --primary new --reads 100' and 'tandem rollback' alternate FLIPS times each;
@@ -54,6 +64,11 @@ Options:
   -r ROUNDS    interleaved rounds per protocol           (default $ROUNDS)
   --flips N    write flips (and as many rollbacks)       (default $FLIPS; 0 = none)
   --flip-protocol P  protocol of the flip run            (default $FLIP_PROTO)
+  --baseline BIN     also measure Tandem build BIN, alternated with \$TANDEM_BIN in every round
+  --no-limit         skip the direct runs on both stores (the limit)
+  --pprof DIR        serve /debug/pprof/ and save, for every dual-write run of \$TANDEM_BIN, a CPU
+                     profile (DIR/cpu-PROTO-rN.pprof, the run's middle DURATION-2 s) and an
+                     allocation profile after it (DIR/allocs-PROTO-rN.pprof); needs curl
   -n NAME      new store's cluster name                  (default $NEW_CLUSTER)
   -o DIR       output directory (default bench/results/<timestamp>/)
   --keep       leave the new store's cluster running on exit
@@ -61,7 +76,8 @@ Options:
 
 Outputs in DIR: dualwrite.md (the report section), dualwrite.csv (one row per run),
 dualwrite-fences.csv (one row per flip or rollback), dualwrite-tandem.log, logs/dual-*.log.
-Environment: BENCH_DIR (default /tmp/tandem-bench), PG_BINDIR, TANDEM_BIN (default bin/tandem).
+Environment: BENCH_DIR (default /tmp/tandem-bench), PG_BINDIR, TANDEM_BIN (default bin/tandem),
+BENCH_PORT_MIN/BENCH_PORT_MAX (the range free ports are picked from, default 20000-32767).
 EOF
 }
 
@@ -79,6 +95,9 @@ while [[ $# -gt 0 ]]; do
     -r) need "$@"; ROUNDS=$2; shift 2 ;;
     --flips) need "$@"; FLIPS=$2; shift 2 ;;
     --flip-protocol) need "$@"; FLIP_PROTO=$2; shift 2 ;;
+    --baseline) need "$@"; BASE_BIN=$2; shift 2 ;;
+    --no-limit) LIMIT=0; shift ;;
+    --pprof) need "$@"; PPROF=$2; shift 2 ;;
     -n) need "$@"; NEW_CLUSTER=$2; shift 2 ;;
     -o) need "$@"; OUTDIR=$2; shift 2 ;;
     --keep) KEEP=1; shift ;;
@@ -93,6 +112,11 @@ done
 IFS=, read -r -a PROTO_LIST <<<"$PROTOCOLS"
 for m in "${PROTO_LIST[@]}" "$FLIP_PROTO"; do [[ "$m" =~ ^(simple|extended|prepared)$ ]] || die "bad protocol '$m'"; done
 [[ -x "$TANDEM_BIN" ]] || die "no Tandem binary at $TANDEM_BIN (go build -o bin/tandem ./cmd/tandem)"
+[[ -z "$BASE_BIN" || -x "$BASE_BIN" ]] || die "no baseline Tandem binary at $BASE_BIN"
+if [[ -n "$PPROF" ]]; then
+  command -v curl >/dev/null 2>&1 || die "--pprof needs curl"
+  mkdir -p "$PPROF"; PPROF=$(cd "$PPROF" && pwd)
+fi
 
 find_bindir() {
   if [[ -n "${PG_BINDIR:-}" ]]; then echo "$PG_BINDIR"; return; fi
@@ -132,14 +156,13 @@ TANDEM_PID=
 STARTED_NEW=0
 CFG="$OUTDIR/dualwrite-tandem.yaml"
 cleanup() {
-  local rc=$? i
+  local rc=$?
   set +e
   trap - INT TERM
-  if [[ -n "$TANDEM_PID" ]] && kill -0 "$TANDEM_PID" 2>/dev/null; then
-    kill -TERM "$TANDEM_PID" 2>/dev/null
-    for ((i = 0; i < 100; i++)); do kill -0 "$TANDEM_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$TANDEM_PID" 2>/dev/null && kill -KILL "$TANDEM_PID" 2>/dev/null
-    wait "$TANDEM_PID" 2>/dev/null
+  [[ -n "${LIMIT_PIDS:-}" ]] && kill -INT $LIMIT_PIDS 2>/dev/null
+  [[ -n "${PPROF_PID:-}" ]] && kill "$PPROF_PID" 2>/dev/null
+  if [[ -n "$TANDEM_PID" ]]; then
+    stop_tandem
     log "dual-write tandem stopped"
   fi
   if [[ $STARTED_NEW -eq 1 && $KEEP -eq 0 ]]; then "$HERE/pgcluster.sh" stop "$NEW_CLUSTER" >&2; fi
@@ -185,16 +208,40 @@ limits:
 log:
   level: warn
 EOF
-"$TANDEM_BIN" proxy -c "$CFG" >"$OUTDIR/dualwrite-tandem.log" 2>&1 &
-TANDEM_PID=$!
-ready=0
-for ((i = 0; i < 100; i++)); do
-  kill -0 "$TANDEM_PID" 2>/dev/null || { tail -n 20 "$OUTDIR/dualwrite-tandem.log" >&2; die "tandem exited at startup"; }
-  if "$PSQL" -X -w -h 127.0.0.1 -p "$T_PORT" -U postgres -d "$DBNAME" -Atc 'select 1' >/dev/null 2>&1; then ready=1; break; fi
-  sleep 0.1
-done
-[[ $ready -eq 1 ]] || { tail -n 20 "$OUTDIR/dualwrite-tandem.log" >&2; die "tandem not answering on 127.0.0.1:$T_PORT"; }
-log "dual-write tandem ready on 127.0.0.1:$T_PORT (pid $TANDEM_PID; old :$OLD_PORT, new :$NEW_PORT)"
+# start_tandem BIN: Tandem build BIN on the configured ports (TANDEM_PID, TANDEM_RUNNING)
+start_tandem() {
+  local bin=$1 i ready=0 extra=()
+  [[ -z "$PPROF" ]] || extra=(--admin-pprof)
+  "$bin" proxy -c "$CFG" "${extra[@]}" >>"$OUTDIR/dualwrite-tandem.log" 2>&1 &
+  TANDEM_PID=$!
+  TANDEM_RUNNING=$bin
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$TANDEM_PID" 2>/dev/null || { tail -n 20 "$OUTDIR/dualwrite-tandem.log" >&2; die "tandem exited at startup"; }
+    if "$PSQL" -X -w -h 127.0.0.1 -p "$T_PORT" -U postgres -d "$DBNAME" -Atc 'select 1' >/dev/null 2>&1; then ready=1; break; fi
+    sleep 0.1
+  done
+  [[ $ready -eq 1 ]] || { tail -n 20 "$OUTDIR/dualwrite-tandem.log" >&2; die "tandem not answering on 127.0.0.1:$T_PORT"; }
+  log "dual-write tandem ready on 127.0.0.1:$T_PORT ($bin, pid $TANDEM_PID; old :$OLD_PORT, new :$NEW_PORT)"
+}
+stop_tandem() {
+  local i
+  [[ -n "$TANDEM_PID" ]] || return 0
+  if kill -0 "$TANDEM_PID" 2>/dev/null; then
+    kill -TERM "$TANDEM_PID" 2>/dev/null
+    for ((i = 0; i < 100; i++)); do kill -0 "$TANDEM_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$TANDEM_PID" 2>/dev/null && kill -KILL "$TANDEM_PID" 2>/dev/null
+  fi
+  wait "$TANDEM_PID" 2>/dev/null
+  TANDEM_PID= TANDEM_RUNNING=
+}
+use_tandem() { # BIN: make BIN the running Tandem
+  [[ "$TANDEM_RUNNING" == "$1" ]] && return
+  stop_tandem
+  start_tandem "$1"
+}
+: >"$OUTDIR/dualwrite-tandem.log"
+TANDEM_RUNNING=
+start_tandem "$TANDEM_BIN"
 
 tandem_cli() { "$TANDEM_BIN" "$@" -c "$CFG"; }
 set_mirror() { # on|off
@@ -216,17 +263,10 @@ prepare() { # both stores as compare.sh leaves them before a run
 }
 
 CSV="$OUTDIR/dualwrite.csv"
-echo "protocol,mode,round,tps,lat_avg_ms,lat_p50_ms,lat_p99_ms,xacts,failed,tandem_cpu_s_per_10k_xacts,status" >"$CSV"
-# run_pgbench NAME PROTO SECONDS: one pgbench run through tandem; sets tps lat p50 p99 xacts failed cpu10k status
-run_pgbench() {
-  local name=$1 proto=$2 secs=$3 lf prefix rc=0 c0 c1 pct
-  lf="$OUTDIR/logs/dual-$name.log"
-  prefix="$OUTDIR/logs/txlog-$name"
-  rm -f "$prefix".*
-  c0=$(proc_ticks "$TANDEM_PID")
-  timeout -s INT $((secs + 60)) "$PGBENCH" -n -c "$CLIENTS" -j "$JOBS" -T "$secs" -M "$proto" \
-    --log --log-prefix="$prefix" -h 127.0.0.1 -p "$T_PORT" -U postgres "$DBNAME" >"$lf" 2>&1 || rc=$?
-  c1=$(proc_ticks "$TANDEM_PID")
+echo "protocol,build,mode,round,tps,lat_avg_ms,lat_p50_ms,lat_p99_ms,xacts,failed,tandem_cpu_s_per_10k_xacts,status,tps_old,tps_new" >"$CSV"
+# pgbench_results LOGFILE PREFIX RC: sets tps lat p50 p99 xacts failed status from one run's output
+pgbench_results() {
+  local lf=$1 prefix=$2 rc=$3 pct
   tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time).*/\1/p' "$lf" | tail -n1)
   lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' "$lf" | tail -n1)
   xacts=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$lf" | tail -n1)
@@ -234,28 +274,106 @@ run_pgbench() {
   pct=$(percentiles "$prefix")
   p50=${pct%,*} p99=${pct#*,}
   rm -f "$prefix".* # per-transaction logs are large; the percentiles are kept
+  status=ok
+  if [[ $rc -ne 0 || -z "$tps" ]] || grep -q 'aborted' "$lf"; then status=fail; fi
+}
+# run_pgbench NAME PROTO SECONDS [PPROF_TAG]: one pgbench run through tandem; sets tps lat p50 p99
+# xacts failed cpu10k status. With PPROF_TAG (and --pprof) a CPU profile of the run's middle and
+# an allocation profile after it are saved.
+run_pgbench() {
+  local name=$1 proto=$2 secs=$3 tag=${4:-} lf prefix rc=0 c0 c1 ps
+  lf="$OUTDIR/logs/dual-$name.log"
+  prefix="$OUTDIR/logs/txlog-$name"
+  rm -f "$prefix".*
+  PPROF_PID=
+  if [[ -n "$PPROF" && -n "$tag" && $secs -ge 3 ]]; then
+    ps=$((secs - 2))
+    (sleep 1; curl -sf -o "$PPROF/cpu-$tag.pprof" "http://127.0.0.1:$A_PORT/debug/pprof/profile?seconds=$ps") &
+    PPROF_PID=$!
+  fi
+  c0=$(proc_ticks "$TANDEM_PID")
+  timeout -s INT $((secs + 60)) "$PGBENCH" -n -c "$CLIENTS" -j "$JOBS" -T "$secs" -M "$proto" \
+    --log --log-prefix="$prefix" -h 127.0.0.1 -p "$T_PORT" -U postgres "$DBNAME" >"$lf" 2>&1 || rc=$?
+  c1=$(proc_ticks "$TANDEM_PID")
+  if [[ -n "$PPROF_PID" ]]; then
+    wait "$PPROF_PID" || log "warning: no CPU profile for $tag"
+    PPROF_PID=
+    curl -sf -o "$PPROF/allocs-$tag.pprof" "http://127.0.0.1:$A_PORT/debug/pprof/allocs" || log "warning: no allocation profile for $tag"
+  fi
+  pgbench_results "$lf" "$prefix" "$rc"
   cpu10k=
   if [[ "${xacts:-0}" -gt 0 ]]; then
     cpu10k=$(awk -v c=$((c1 - c0)) -v hz="$HZ" -v x="$xacts" 'BEGIN { printf "%.4f", c / hz * 10000 / x }')
   fi
-  status=ok
-  if [[ $rc -ne 0 || -z "$tps" ]] || grep -q 'aborted' "$lf"; then status=fail; fi
+}
+# run_limit NAME PROTO SECONDS: the same pgbench directly against old and against new at once;
+# sets tps (the lower store's), p50/p99 (the higher store's), tps_old, tps_new, status.
+LIMIT_PIDS=
+run_limit() {
+  local name=$1 proto=$2 secs=$3 p side rc st=ok
+  local -A pid=() t=() l=() p5=() p9=() x=() fl=()
+  for side in old new; do
+    if [[ $side == old ]]; then p=$OLD_PORT; else p=$NEW_PORT; fi
+    rm -f "$OUTDIR/logs/txlog-$name-$side".*
+    timeout -s INT $((secs + 60)) "$PGBENCH" -n -c "$CLIENTS" -j "$JOBS" -T "$secs" -M "$proto" \
+      --log --log-prefix="$OUTDIR/logs/txlog-$name-$side" -h 127.0.0.1 -p "$p" -U postgres "$DBNAME" \
+      >"$OUTDIR/logs/dual-$name-$side.log" 2>&1 &
+    pid[$side]=$!
+    LIMIT_PIDS+=" $!"
+  done
+  for side in old new; do
+    rc=0; wait "${pid[$side]}" || rc=$?
+    pgbench_results "$OUTDIR/logs/dual-$name-$side.log" "$OUTDIR/logs/txlog-$name-$side" "$rc"
+    t[$side]=$tps l[$side]=$lat p5[$side]=$p50 p9[$side]=$p99 x[$side]=$xacts fl[$side]=$failed
+    [[ $status == ok ]] || st=fail
+  done
+  LIMIT_PIDS=
+  tps_old=${t[old]} tps_new=${t[new]}
+  tps=$(awk -v a="${t[old]:-0}" -v b="${t[new]:-0}" 'BEGIN { print (a < b ? a : b) }')
+  lat=$(awk -v a="${l[old]:-0}" -v b="${l[new]:-0}" 'BEGIN { print (a > b ? a : b) }')
+  p50=$(awk -v a="${p5[old]:-0}" -v b="${p5[new]:-0}" 'BEGIN { print (a > b ? a : b) }')
+  p99=$(awk -v a="${p9[old]:-0}" -v b="${p9[new]:-0}" 'BEGIN { print (a > b ? a : b) }')
+  xacts=$(( ${x[old]:-0} + ${x[new]:-0} )) failed=$(( ${fl[old]:-0} + ${fl[new]:-0} ))
+  status=$st
 }
 
-# ---------------------------------------------------------------- passthrough vs dual-write
+# ---------------------------------------------------------------- passthrough vs dual-write vs the limit
+BUILDS=(this)
+[[ -z "$BASE_BIN" ]] || BUILDS+=(base)
+bin_of() { if [[ $1 == base ]]; then echo "$BASE_BIN"; else echo "$TANDEM_BIN"; fi; }
 for proto in "${PROTO_LIST[@]}"; do
   for ((r = 1; r <= ROUNDS; r++)); do
-    if ((r % 2 == 1)); then modes=(passthrough dual-write); else modes=(dual-write passthrough); fi
-    for mode in "${modes[@]}"; do
-      if [[ $mode == dual-write ]]; then set_mirror on; else set_mirror off; fi
+    # One round: every build's passthrough and dual-write runs, and the limit; the order of the
+    # builds, of the two modes, and the limit's place (first or last) alternate between rounds.
+    runs=()
+    if ((r % 2 == 1)); then modes=(passthrough dual-write); builds=("${BUILDS[@]}"); else
+      modes=(dual-write passthrough); builds=(); for ((k = ${#BUILDS[@]} - 1; k >= 0; k--)); do builds+=("${BUILDS[k]}"); done; fi
+    ((LIMIT == 0 || r % 2 == 0)) || runs+=(direct:limit)
+    for b in "${builds[@]}"; do for mode in "${modes[@]}"; do runs+=("$b:$mode"); done; done
+    ((LIMIT == 0 || r % 2 == 1)) || runs+=(direct:limit)
+    for run in "${runs[@]}"; do
+      b=${run%%:*} mode=${run#*:}
       prepare
-      run_pgbench "$proto-$mode-r$r" "$proto" "$DURATION"
-      echo "$proto,$mode,$r,${tps:-},${lat:-},$p50,$p99,${xacts:-},${failed:-},$cpu10k,$status" >>"$CSV"
-      log "tpcb $proto c=$CLIENTS $mode r$r: ${tps:-?} tps, avg ${lat:-?} ms, p50 ${p50:-?} ms, p99 ${p99:-?} ms$([[ -z "$cpu10k" ]] || echo ", tandem cpu ${cpu10k}s/10k tx") $([[ $status == ok ]] || echo FAIL)"
-      kill -0 "$TANDEM_PID" 2>/dev/null || die "tandem died (log: $OUTDIR/dualwrite-tandem.log)"
+      tps_old= tps_new=
+      if [[ $mode == limit ]]; then
+        run_limit "$proto-limit-r$r" "$proto" "$DURATION"
+        cpu10k=
+        log "tpcb $proto c=$CLIENTS limit r$r: old ${tps_old:-?} tps, new ${tps_new:-?} tps (both at once); p50 ${p50:-?} ms, p99 ${p99:-?} ms (the slower store) $([[ $status == ok ]] || echo FAIL)"
+      else
+        use_tandem "$(bin_of "$b")"
+        if [[ $mode == dual-write ]]; then set_mirror on; else set_mirror off; fi
+        tag=
+        [[ $b != this || $mode != dual-write ]] || tag="$proto-r$r"
+        sfx=; [[ $b == this ]] || sfx=-$b
+        run_pgbench "$proto-$mode-r$r$sfx" "$proto" "$DURATION" "$tag"
+        log "tpcb $proto c=$CLIENTS $b $mode r$r: ${tps:-?} tps, avg ${lat:-?} ms, p50 ${p50:-?} ms, p99 ${p99:-?} ms$([[ -z "$cpu10k" ]] || echo ", tandem cpu ${cpu10k}s/10k tx") $([[ $status == ok ]] || echo FAIL)"
+        kill -0 "$TANDEM_PID" 2>/dev/null || die "tandem died (log: $OUTDIR/dualwrite-tandem.log)"
+      fi
+      echo "$proto,$b,$mode,$r,${tps:-},${lat:-},$p50,$p99,${xacts:-},${failed:-},$cpu10k,$status,${tps_old:-},${tps_new:-}" >>"$CSV"
     done
   done
 done
+use_tandem "$TANDEM_BIN"
 
 # ---------------------------------------------------------------- write flip fence under load
 FENCES="$OUTDIR/dualwrite-fences.csv"
@@ -309,11 +427,14 @@ fi
   echo "### Dual-write: tpcb-like, $CLIENTS clients, ${DURATION}s runs, $ROUNDS round(s), scale $SCALE"
   echo ""
   echo "Tandem passthrough (mirror off) against Tandem mirroring every write to a second cluster"
-  echo "(mirror on; row images upserted in lockstep, same machine). Medians over the rounds; p50/p99"
-  echo "from pgbench --log (per-transaction latency); CPU = Tandem's utime+stime per 10k transactions."
+  echo "(mirror on; row images upserted in lockstep, same machine), and the limit: the same pgbench"
+  echo "run directly against old and against new at the same time (limit TPS = the lower store's;"
+  echo "its p50/p99 = the slower store's). Medians over the rounds; p50/p99 from pgbench --log"
+  echo "(per-transaction latency); CPU = Tandem's utime+stime per 10k transactions; **CPU dual ÷ pass**"
+  echo "is the median over the rounds of the two runs' ratio. Build \`this\` = $TANDEM_BIN$([[ -z "$BASE_BIN" ]] || echo ", \`base\` = $BASE_BIN")."
   echo ""
-  echo "| protocol | passthrough TPS | dual-write TPS | **dual / passthrough** | p50 ms pass / dual | p99 ms pass / dual | **p99 added ms** | Tandem CPU s/10k tx pass / dual | failed runs |"
-  echo "|---|---:|---:|---:|---|---|---:|---|---:|"
+  echo "| protocol | build | passthrough TPS | dual-write TPS | limit TPS (old / new) | **dual / limit** | dual / passthrough | p50 ms pass / dual / limit | p99 ms pass / dual / limit | **p99 added ms** (vs pass / vs limit) | Tandem CPU s/10k tx pass / dual | **CPU dual ÷ pass** | failed runs |"
+  echo "|---|---|---:|---:|---|---:|---:|---|---|---|---|---:|---:|"
   awk -F, '
   function median(arr, n,    i, j, tmp, a) {
     for (i = 1; i <= n; i++) a[i] = arr[i]
@@ -324,23 +445,36 @@ fi
   }
   function med(col, key,    n, x, v) { n = cnt[key]; for (x = 1; x <= n; x++) v[x] = val[key, x, col]; return median(v, n) }
   function f(x, p) { return (x == "") ? "-" : sprintf("%." p "f", x) }
+  function sub2(a, b) { return (a != "" && b != "") ? sprintf("%+.2f", a - b) : "-" }
   NR == 1 { next }
   {
     if (!($1 in seen)) { seen[$1] = 1; order[++np] = $1 }
-    key = $1 SUBSEP $2
-    if ($11 != "ok") { fails[$1]++; next }
+    if ($2 != "direct" && !(($1, $2) in bseen)) { bseen[$1, $2] = 1; border[$1, ++nb[$1]] = $2 }
+    key = $1 SUBSEP $2 SUBSEP $3
+    if ($12 != "ok") { fails[$1, $2]++; next }
     n = ++cnt[key]
-    for (c = 4; c <= 10; c++) val[key, n, c] = $c
+    for (c = 5; c <= 14; c++) val[key, n, c] = $c
+    if ($3 == "passthrough") cpa[$1, $2, $4] = $11
+    if ($3 == "dual-write") cdu[$1, $2, $4] = $11
   }
   END {
     for (i = 1; i <= np; i++) {
-      p = order[i]; a = p SUBSEP "passthrough"; b = p SUBSEP "dual-write"
-      tp = med(4, a); td = med(4, b); p50a = med(6, a); p50b = med(6, b); p99a = med(7, a); p99b = med(7, b)
-      ca = med(10, a); cb = med(10, b)
-      ratio = (tp != "" && td != "" && tp > 0) ? sprintf("%.2f", td / tp) : "-"
-      added = (p99a != "" && p99b != "") ? sprintf("%+.2f", p99b - p99a) : "-"
-      printf "| %s | %s | %s | **%s** | %s / %s | %s / %s | **%s** | %s / %s | %d |\n", p, f(tp, 0), f(td, 0), ratio,
-        f(p50a, 2), f(p50b, 2), f(p99a, 2), f(p99b, 2), added, f(ca, 3), f(cb, 3), fails[p] + 0
+      p = order[i]; l = p SUBSEP "direct" SUBSEP "limit"
+      tl = med(5, l); p50l = med(7, l); p99l = med(8, l); to = med(13, l); tn = med(14, l)
+      for (j = 1; j <= nb[p]; j++) {
+        bld = border[p, j]; a = p SUBSEP bld SUBSEP "passthrough"; b = p SUBSEP bld SUBSEP "dual-write"
+        tp = med(5, a); td = med(5, b); p50a = med(7, a); p50b = med(7, b); p99a = med(8, a); p99b = med(8, b)
+        ca = med(11, a); cb = med(11, b)
+        nr = 0; delete rr
+        for (k in cdu) { split(k, kk, SUBSEP); if (kk[1] == p && kk[2] == bld && ((p, bld, kk[3]) in cpa) && cpa[p, bld, kk[3]] > 0 && cdu[k] != "") rr[++nr] = cdu[k] / cpa[p, bld, kk[3]] }
+        cr = median(rr, nr)
+        rl = (tl != "" && td != "" && tl > 0) ? sprintf("%.2f", td / tl) : "-"
+        rp = (tp != "" && td != "" && tp > 0) ? sprintf("%.2f", td / tp) : "-"
+        printf "| %s | %s | %s | %s | %s (%s / %s) | **%s** | %s | %s / %s / %s | %s / %s / %s | **%s** / %s | %s / %s | **%s** | %d |\n", p, bld,
+          f(tp, 0), f(td, 0), f(tl, 0), f(to, 0), f(tn, 0), rl, rp,
+          f(p50a, 2), f(p50b, 2), f(p50l, 2), f(p99a, 2), f(p99b, 2), f(p99l, 2), sub2(p99b, p99a), sub2(p99b, p99l),
+          f(ca, 3), f(cb, 3), f(cr, 2), fails[p, bld] + fails[p, "direct"]
+      }
     }
   }' "$CSV"
   if [[ $FLIPS -gt 0 ]]; then

@@ -1,12 +1,13 @@
 # lib.sh - helpers shared by the benchmark scripts (sourced; callers define die).
 
-# free_port: a free port on 127.0.0.1, random in 20000-32767 (below the kernel's ephemeral
-# range), nothing listening there, and not in $TAKEN (" p1 p2 "), to which it is added.
+# free_port: a free port on 127.0.0.1, random in BENCH_PORT_MIN-BENCH_PORT_MAX (default
+# 20000-32767, below the kernel's ephemeral range; narrow it where several people share a
+# machine), nothing listening there, and not in $TAKEN (" p1 p2 "), to which it is added.
 TAKEN=${TAKEN:-" "}
 free_port() {
-  local p i
+  local p i lo=${BENCH_PORT_MIN:-20000} hi=${BENCH_PORT_MAX:-32767}
   for ((i = 0; i < 200; i++)); do
-    p=$((20000 + RANDOM % 12768))
+    p=$((lo + RANDOM % (hi - lo + 1)))
     [[ "$TAKEN" != *" $p "* ]] || continue
     if ! (: </dev/tcp/127.0.0.1/$p) 2>/dev/null; then TAKEN+="$p "; echo "$p"; return; fi
   done

@@ -69,9 +69,26 @@ func (rs *routedSession) collect(m clientMsg) (*unit, error) {
 	return u, nil
 }
 
+// spareUnitMsgs bounds the messages a unit kept for reuse may hold room
+// for, so that one huge batch does not pin its arrays for the session.
+const spareUnitMsgs = 64
+
+// newUnit returns an empty unit that m starts: the session's spare one
+// (what release gave back) when it has one, so that a unit's arrays are
+// not allocated again for every request (issue 15).
+func (rs *routedSession) newUnit(m clientMsg) *unit {
+	u := rs.spare
+	rs.spare = nil
+	if u == nil {
+		return &unit{msgs: []clientMsg{m}}
+	}
+	*u = unit{msgs: append(u.msgs[:0], m), dec: u.dec[:0], kinds: u.kinds[:0], tables: u.tables[:0]}
+	return u
+}
+
 // gather reads the rest of the request that m starts.
 func (rs *routedSession) gather(m clientMsg) (_ *unit, err error) {
-	u := &unit{msgs: []clientMsg{m}}
+	u := rs.newUnit(m)
 	defer func() {
 		if err != nil {
 			rs.release(u)
@@ -118,7 +135,7 @@ func (rs *routedSession) gather(m clientMsg) (_ *unit, err error) {
 // kinds, the tables, whether it is a pure read, whether it commits, and a
 // write to the control schema.
 func (rs *routedSession) analyze(u *unit) {
-	u.dec = make([]decoded, len(u.msgs))
+	u.dec = slices.Grow(u.dec[:0], len(u.msgs))[:len(u.msgs)]
 	u.pureRead = true
 	note := func(si *stmtInfo) {
 		if si == nil || si.plan == nil || si.plan.Err != nil {

@@ -73,8 +73,19 @@ func (rs *routedSession) holdMsg(u *unit, m clientMsg) error {
 
 // release gives back what u held; u must not be used after.
 func (rs *routedSession) release(u *unit) {
-	if u != nil && u.held > 0 {
+	if u == nil {
+		return
+	}
+	if u.held > 0 {
 		rs.srv.buffered.Add(-u.held)
 		u.held = 0
+	}
+	// Kept for the next unit (newUnit), emptied so that it holds on to no
+	// message, statement or plan of this one.
+	if cap(u.msgs) <= spareUnitMsgs && cap(u.dec) <= spareUnitMsgs {
+		clear(u.msgs[:cap(u.msgs)])
+		clear(u.dec[:cap(u.dec)])
+		clear(u.tables[:cap(u.tables)])
+		rs.spare = u
 	}
 }

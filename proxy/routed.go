@@ -182,6 +182,7 @@ type routedSession struct {
 
 	stmts   map[string]*stmtInfo
 	portals map[string]*portalInfo
+	spare   *unit // a released unit, reused by the next (newUnit)
 
 	tx mirrorTx // the secondary's side of the current transaction
 	// must collects the drift the write being mirrored causes whatever the

@@ -59,6 +59,7 @@ type Classifier struct {
 
 	plans  textCache[*TextPlan]  // Plan's cache: two generations, bounded
 	shapes textCache[*shapePlan] // plans by shape (constants elided), to plan new texts of a known shape
+	quick  textCache[*quickPlan] // shape plans by quick key, to plan texts of a known shape without scanning them (quick.go)
 }
 
 // New returns a classifier that caches about limit texts (minimum 16).

@@ -185,6 +185,15 @@ func (c *Classifier) plan(sql string) *TextPlan {
 		tp.Err = errNUL
 		return tp
 	}
+	qkey, lits, quick := quickShape(sql)
+	if quick {
+		if qp, current, ok := c.quick.get(qkey); ok {
+			if !current {
+				c.quick.put(qkey, qp, c.limit) // promote from the old generation
+			}
+			return qp.instantiate(sql, lits)
+		}
+	}
 	var toks []*pg_query.ScanToken
 	if sc, err := pg_query.Scan(sql); err == nil {
 		toks = sc.Tokens
@@ -197,13 +206,23 @@ func (c *Classifier) plan(sql string) *TextPlan {
 	if utf8.ValidString(sql) { // the parser refuses invalid UTF-8; a shape must not hide that
 		key = shapeKey(sql, toks)
 	}
+	// bindQuick lets later texts of sql's quick key skip the scan.
+	bindQuick := func(sp *shapePlan) {
+		if quick {
+			if qp := newQuickPlan(sp, sql, toks, lits); qp != nil {
+				c.quick.put(qkey, qp, c.limit)
+			}
+		}
+	}
 	if key != "" {
 		if sp, _, ok := c.shapes.get(key); ok {
+			bindQuick(sp)
 			return sp.instantiate(sql, toks)
 		}
 		defer func() {
 			if sp := newShapePlan(tp, toks); sp != nil {
 				c.shapes.put(key, sp, c.limit)
+				bindQuick(sp)
 			}
 		}()
 	}

@@ -90,12 +90,18 @@ func newShapePlan(tp *TextPlan, toks []*pg_query.ScanToken) *shapePlan {
 
 // instantiate returns the plan of sql, a text of sp's shape with tokens toks.
 func (sp *shapePlan) instantiate(sql string, toks []*pg_query.ScanToken) *TextPlan {
+	return sp.build(sql, func(i int) (int, int) { return int(toks[sp.first[i]].Start), int(toks[sp.last[i]].End) })
+}
+
+// build returns the plan of sql, a text of sp's shape whose statement i
+// spans bounds(i).
+func (sp *shapePlan) build(sql string, bounds func(i int) (int, int)) *TextPlan {
 	tp := &TextPlan{SQL: sql, Stmts: make([]StmtPlan, len(sp.tp.Stmts))}
 	var out strings.Builder
 	last, spliced := 0, false
 	for i, orig := range sp.tp.Stmts {
 		st := orig
-		start, end := int(toks[sp.first[i]].Start), int(toks[sp.last[i]].End)
+		start, end := bounds(i)
 		st.Start, st.End, st.SQL = start, end, sql[start:end]
 		if orig.Image != nil {
 			img := *orig.Image

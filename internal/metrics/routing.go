@@ -2,6 +2,7 @@ package metrics
 
 import (
 	"context"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -56,6 +57,17 @@ type Routing struct {
 	driftOpen   atomic.Int64
 	driftOpenOK atomic.Bool
 	driftStuck  atomic.Int64 // -1 unknown
+	// mirrorOpts holds Mirrored's attribute options by mode and result,
+	// built once: a new attribute set per mirrored write cost about 2.5%
+	// of the proxy's CPU in dual-write (issue 15).
+	mirrorOpts sync.Map // mirrorKey -> *mirrorOpt
+}
+
+type mirrorKey struct{ mode, result string }
+
+type mirrorOpt struct {
+	add    []metric.AddOption
+	record []metric.RecordOption
 }
 
 func newRouting(meter metric.Meter) (*Routing, error) {
@@ -147,9 +159,18 @@ func (r *Routing) Mirrored(ctx context.Context, mode, result string, d time.Dura
 	if r == nil {
 		return
 	}
-	r.mirrored.Add(ctx, 1, metric.WithAttributes(KeyMode.String(mode), KeyResult.String(result)))
+	k := mirrorKey{mode, result}
+	v, ok := r.mirrorOpts.Load(k)
+	if !ok {
+		v, _ = r.mirrorOpts.LoadOrStore(k, &mirrorOpt{
+			add:    []metric.AddOption{metric.WithAttributeSet(attribute.NewSet(KeyMode.String(mode), KeyResult.String(result)))},
+			record: []metric.RecordOption{metric.WithAttributeSet(attribute.NewSet(KeyMode.String(mode)))},
+		})
+	}
+	o := v.(*mirrorOpt)
+	r.mirrored.Add(ctx, 1, o.add...)
 	if result == MirrorApplied {
-		r.mirrorDur.Record(ctx, d.Seconds(), metric.WithAttributes(KeyMode.String(mode)))
+		r.mirrorDur.Record(ctx, d.Seconds(), o.record...)
 	}
 }
 

@@ -48,6 +48,11 @@ func TestReadBatches(t *testing.T) {
 		len(got[1]) != 1 || got[1][0].typ != ServerReadyForQuery || !errors.Is(got[2][0].err, io.EOF) {
 		t.Fatalf("batches %+v", got)
 	}
+	for i, b := range got {
+		if cap(b) != len(b) {
+			t.Fatalf("batch %d: capacity %d for %d messages (one allocation per batch)", i, cap(b), len(b))
+		}
+	}
 }
 
 func TestErrorFields(t *testing.T) {
