@@ -6,7 +6,10 @@
 // its Unix socket in its own directory. The data directory lives in a
 // temporary directory owned by the Cluster and removed by Destroy. Clusters
 // are tuned for speed, not durability (fsync=off and friends): committed data
-// survives Kill and Restart, but not an operating-system crash.
+// survives Stop and Restart, but not an operating-system crash, and Kill
+// (kill -9) loses the last commits unless the cluster runs with
+// synchronous_commit=on (Options.Settings), which a test that kills a store
+// and counts its rows needs.
 //
 // Starting a cluster is fast because the result of initdb is kept in a
 // per-version, per-user template directory that all processes on the machine
