@@ -165,20 +165,7 @@ func TestHoleKeyChange(t *testing.T) {
 			},
 		},
 	}}
-	oc, err := pgx.Connect(ctx, e.old.DSN(e.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer oc.Close(ctx)
-	nc, err := pgx.Connect(ctx, e.new.DSN(e.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close(ctx)
-	ms, probs, err := table.LoadMappings(ctx, cfg, oc, nc)
-	if err != nil || len(probs) > 0 {
-		t.Fatalf("LoadMappings: %v %v", probs, err)
-	}
+	ms, oc, nc := e.loadMappings(t, cfg)
 	e.proxy.srv.SetMappings(ms)
 	e.set(route.Settings{Primary: route.Old, Mirror: true})
 	c := e.client()

@@ -7,7 +7,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/config"
 	"github.com/tandemdb/tandem/internal/route"
-	"github.com/tandemdb/tandem/internal/table"
 )
 
 // TestMirrorThroughMapping: old users(id, first_name, last_name, email
@@ -35,20 +34,7 @@ func TestMirrorThroughMapping(t *testing.T) {
 			},
 		},
 	}}
-	oc, err := pgx.Connect(ctx, e.old.DSN(e.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer oc.Close(ctx)
-	nc, err := pgx.Connect(ctx, e.new.DSN(e.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close(ctx)
-	ms, probs, err := table.LoadMappings(ctx, cfg, oc, nc)
-	if err != nil || len(probs) > 0 {
-		t.Fatalf("LoadMappings: %v %v", probs, err)
-	}
+	ms, oc, nc := e.loadMappings(t, cfg)
 	e.proxy.srv.SetMappings(ms)
 	e.set(route.Settings{Primary: route.Old, Mirror: true})
 
@@ -126,21 +112,8 @@ func TestMirrorThroughPredicate(t *testing.T) {
 	if err := e.new.Exec(ctx, e.db, `CREATE TABLE eu_orders (id int PRIMARY KEY, region text NOT NULL, total numeric)`); err != nil {
 		t.Fatal(err)
 	}
-	oc, err := pgx.Connect(ctx, e.old.DSN(e.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer oc.Close(ctx)
-	nc, err := pgx.Connect(ctx, e.new.DSN(e.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close(ctx)
 	cfg := config.Tables{Map: map[string]config.TableMap{"orders": {To: "eu_orders", Where: "region = 'eu'"}}}
-	ms, probs, err := table.LoadMappings(ctx, cfg, oc, nc)
-	if err != nil || len(probs) > 0 {
-		t.Fatalf("LoadMappings: %v %v", probs, err)
-	}
+	ms, oc, nc := e.loadMappings(t, cfg)
 	e.proxy.srv.SetMappings(ms)
 	e.set(route.Settings{Primary: route.Old, Mirror: true})
 
@@ -165,6 +138,7 @@ func TestMirrorThroughPredicate(t *testing.T) {
 		{`INSERT INTO orders VALUES (5, 'eu', 5) ON CONFLICT (id) DO UPDATE SET region = excluded.region`, "2:42,5:5"},
 		{`INSERT INTO orders VALUES (5, 'us', 5) ON CONFLICT (id) DO UPDATE SET region = excluded.region`, "2:42"},
 	} {
+		var err error
 		if step.sql == "tx" {
 			err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
 				if _, err := tx.Exec(ctx, `UPDATE orders SET region = 'eu' WHERE id = 4`); err != nil {
@@ -218,21 +192,8 @@ func TestMirrorConsolidated(t *testing.T) {
 		INSERT INTO orders VALUES ('billing', 1, 100, now()), ('billing', 2, 200, now())`); err != nil {
 		t.Fatal(err)
 	}
-	oc, err := pgx.Connect(ctx, e.old.DSN(e.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer oc.Close(ctx)
-	nc, err := pgx.Connect(ctx, e.new.DSN(e.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close(ctx)
 	cfg := config.Tables{Map: map[string]config.TableMap{"orders": {Discriminator: map[string]string{"tenant": "shop"}}}}
-	ms, probs, err := table.LoadMappings(ctx, cfg, oc, nc)
-	if err != nil || len(probs) > 0 {
-		t.Fatalf("LoadMappings: %v %v", probs, err)
-	}
+	ms, oc, nc := e.loadMappings(t, cfg)
 	e.proxy.srv.SetMappings(ms)
 	e.set(route.Settings{Primary: route.Old, Mirror: true})
 	text := func(q *pgx.Conn, sql string) string {

@@ -55,6 +55,30 @@ type pairEnv struct {
 	control  *pgxpool.Pool
 }
 
+// loadMappings loads cfg's mappings over connections to both stores'
+// databases, failing the test on any problem; the connections, returned
+// for the test's own queries, close with it.
+func (e *pairEnv) loadMappings(t testing.TB, cfg config.Tables) (ms *table.Mappings, oc, nc *pgx.Conn) {
+	t.Helper()
+	ctx := context.Background()
+	for _, c := range []struct {
+		conn **pgx.Conn
+		dsn  string
+	}{{&oc, e.old.DSN(e.db)}, {&nc, e.new.DSN(e.db)}} {
+		conn, err := pgx.Connect(ctx, c.dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close(context.Background()) })
+		*c.conn = conn
+	}
+	ms, probs, err := table.LoadMappings(ctx, cfg, oc, nc)
+	if err != nil || len(probs) > 0 {
+		t.Fatalf("LoadMappings: %v %v", probs, err)
+	}
+	return ms, oc, nc
+}
+
 // newPairEnv creates the databases, runs setup on both stores, and starts
 // a proxy whose drift ledger is the control schema on old.
 func newPairEnv(t testing.TB, setup string, mutate ...func(*config.Config)) *pairEnv {

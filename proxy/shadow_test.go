@@ -17,7 +17,6 @@ import (
 	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/shadow"
 	"github.com/tandemdb/tandem/internal/shadowpool"
-	"github.com/tandemdb/tandem/internal/table"
 )
 
 // shadowEnv is a pairEnv whose shadow workers report to the test.
@@ -428,24 +427,11 @@ func TestShadowThroughMapping(t *testing.T) {
 		INSERT INTO accounts SELECT g, 'u' || g || '@x', 'F' || g || ' L' || g FROM generate_series(1, 30) g;`); err != nil {
 		t.Fatal(err)
 	}
-	oc, err := pgx.Connect(ctx, se.old.DSN(se.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer oc.Close(ctx)
-	nc, err := pgx.Connect(ctx, se.new.DSN(se.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close(ctx)
-	ms, probs, err := table.LoadMappings(ctx, config.Tables{Map: map[string]config.TableMap{"public.users": {
+	ms, _, _ := se.loadMappings(t, config.Tables{Map: map[string]config.TableMap{"public.users": {
 		To: "public.accounts", Rename: map[string]string{"mail": "email"},
 		Compute: map[string]string{"full_name": "first_name || ' ' || last_name"},
 		Reverse: map[string]string{"first_name": "split_part(full_name, ' ', 1)", "last_name": "split_part(full_name, ' ', 2)"},
-	}}}, oc, nc)
-	if err != nil || len(probs) > 0 {
-		t.Fatalf("LoadMappings: %v %v", probs, err)
-	}
+	}}})
 	se.proxy.srv.SetMappings(ms)
 	se.set(route.Settings{Primary: route.Old, Mirror: true, Shadow: 100})
 	c := se.client()

@@ -46,22 +46,7 @@ func consolConfig(t *testing.T, tenant, oldDSN, newDSN string) string {
 	if i < 0 {
 		t.Fatalf("%s.yaml has no tables section", tenant)
 	}
-	yaml := fmt.Sprintf(`listen: 127.0.0.1:0
-admin: 127.0.0.1:0
-old:
-  dsn: %q
-new:
-  dsn: %q
-limits:
-  drain_timeout: 2s
-routing:
-  replica_id: %s
-  poll: 200ms
-  fence_timeout: 2s
-  repair_interval: 100ms
-log:
-  level: error
-`, oldDSN, newDSN, tenant) + string(example[i+1:])
+	yaml := pairYAML(oldDSN, newDSN, tenant) + string(example[i+1:])
 	file := filepath.Join(t.TempDir(), tenant+".yaml")
 	if err := os.WriteFile(file, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)

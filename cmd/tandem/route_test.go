@@ -100,7 +100,21 @@ func stopProxy(t *testing.T, rp *runningProxy) {
 func pairConfig(t *testing.T, oldC, newC *pgtest.Cluster, replica string, edits ...configEdit) (string, *config.Config) {
 	t.Helper()
 	file := filepath.Join(t.TempDir(), "tandem.yaml")
-	yaml := fmt.Sprintf(`listen: 127.0.0.1:0
+	yaml := pairYAML(oldC.DSN("postgres"), newC.DSN("postgres"), replica)
+	for _, e := range edits {
+		yaml = e(yaml)
+	}
+	if err := os.WriteFile(file, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := loadConfig(t, file)
+	return file, cfg
+}
+
+// pairYAML is the config of every cmd/tandem test's proxy: both stores,
+// ports of the kernel's choosing, short timeouts and quiet logs.
+func pairYAML(oldDSN, newDSN, replica string) string {
+	return fmt.Sprintf(`listen: 127.0.0.1:0
 admin: 127.0.0.1:0
 old:
   dsn: %q
@@ -115,15 +129,7 @@ routing:
   repair_interval: 100ms
 log:
   level: error
-`, oldC.DSN("postgres"), newC.DSN("postgres"), replica)
-	for _, e := range edits {
-		yaml = e(yaml)
-	}
-	if err := os.WriteFile(file, []byte(yaml), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cfg := loadConfig(t, file)
-	return file, cfg
+`, oldDSN, newDSN, replica)
 }
 
 // loadConfig loads the config file (no environment) and validates it.
