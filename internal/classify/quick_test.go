@@ -99,7 +99,9 @@ func TestQuickShapeRandom(t *testing.T) {
 		func() string {
 			return fmt.Sprintf("INSERT INTO h (a, note) VALUES (%d, '%s'); UPDATE h SET note = '%s' WHERE a = %d", r.IntN(99), str(), str(), r.IntN(1e6))
 		},
-		func() string { return fmt.Sprintf("DELETE FROM t WHERE k IN (%d, %d) AND s = '%s'", r.IntN(10), r.IntN(1e8), str()) },
+		func() string {
+			return fmt.Sprintf("DELETE FROM t WHERE k IN (%d, %d) AND s = '%s'", r.IntN(10), r.IntN(1e8), str())
+		},
 	}
 	shared := New(1024)
 	quickHits := 0
