@@ -333,7 +333,8 @@ func rowDiffs(t *testing.T, oldC, newC *pgtest.Cluster) string {
 	var b strings.Builder
 	for _, tbl := range completenessTables {
 		o, n := read(oldC, tbl), read(newC, tbl)
-		keys := maps.Clone(o)
+		keys := map[string]string{}
+		maps.Copy(keys, o)
 		maps.Copy(keys, n)
 		shown := 0
 		for _, k := range slices.Sorted(maps.Keys(keys)) {
