@@ -40,10 +40,16 @@ type TableMap struct {
 	// predicate of every path, so with several deployments consolidating into one new table (a tenant column in
 	// the key), each reads, compares, repairs and mirrors back only its own rows.
 	Discriminator map[string]string `yaml:"discriminator"`
+	// Split makes the old table several new tables that share its key (a vertical split): each part is a
+	// mapping of its own (to, rename, drop, compute, reverse, where) from the old table to one new table, and
+	// every part carries the whole old key. The first part is the owner: its new table holds every old row, so a
+	// row exists on new when it exists there; the others are dependents. An entry with split declares nothing
+	// else itself.
+	Split []TableMap `yaml:"split"`
 }
 
 // tableMapKeys are the keys of one entry under tables.map, in the order of TableMap.
-var tableMapKeys = []string{"to", "rename", "drop", "compute", "reverse", "where", "discriminator"}
+var tableMapKeys = []string{"to", "rename", "drop", "compute", "reverse", "where", "discriminator", "split"}
 
 // tablesKeys are the keys of the tables section, in the order of Tables.
 var tablesKeys = []string{"include", "exclude", "map"}
@@ -191,9 +197,31 @@ func (w *walker) tableMap(k, v *yaml.Node, field string) TableMap {
 			tm.Where = w.str(key, val, f)
 		case "discriminator":
 			tm.Discriminator = w.stringMap(key, val, f)
+		case "split":
+			tm.Split = w.splitParts(key, val, f)
 		}
 	})
 	return tm
+}
+
+// splitParts decodes the parts of a split: a list of mappings, each an entry of its own at field[i].
+func (w *walker) splitParts(k, v *yaml.Node, field string) []TableMap {
+	v = resolveAlias(v)
+	if v.ShortTag() == "!!null" {
+		return nil
+	}
+	if v.Kind != yaml.SequenceNode {
+		w.problem(k, field, "must be a list of parts (each with to, rename, drop, compute, reverse, where), not "+nodeKind(v))
+		return nil
+	}
+	w.cfg.setOrigin(field, origin{line: k.Line, column: k.Column})
+	out := make([]TableMap, 0, len(v.Content))
+	for i, item := range v.Content {
+		// The item is its own key node: problems with the part as a whole
+		// point at its dash.
+		out = append(out, w.tableMap(item, item, fmt.Sprintf("%s[%d]", field, i)))
+	}
+	return out
 }
 
 // mapping checks that v (the value of key k, at the YAML path field) is a mapping whose keys are all in valid (any
@@ -383,20 +411,78 @@ func (v *validator) validateTables(t Tables) {
 			continue
 		}
 		olds[[2]string{s, n}] = key
-		to := [2]string{s, n}
-		if tm.To != "" {
-			ts, tn, err := ParseTableName(tm.To)
-			if err != nil {
-				v.add(field+".to", "bad table name: "+err.Error())
-			}
-			to = [2]string{ts, tn}
+		if len(tm.Split) > 0 || v.set(field+".split") {
+			v.validateSplit(field, key, [2]string{s, n}, tm, news)
+			continue
 		}
-		if other, dup := news[to]; dup {
-			v.add(field+".to", fmt.Sprintf("%s.%s is already the new table of %q: one new table per old table", to[0], to[1], other))
-		}
-		news[to] = key
+		v.validateTarget(field, key, [2]string{s, n}, tm, news)
 		v.validateColumns(field, tm)
 	}
+}
+
+// validateTarget checks the new table of the entry (or split part) at field of the old table key: a name, and
+// one no other entry or part writes (several old tables into one new table, a merge, is not supported; a
+// consolidation writes one new table from several deployments, each with a tables.map of its own).
+func (v *validator) validateTarget(field, key string, old [2]string, tm TableMap, news map[[2]string]string) {
+	to := old
+	if tm.To != "" {
+		ts, tn, err := ParseTableName(tm.To)
+		if err != nil {
+			v.add(field+".to", "bad table name: "+err.Error())
+			return
+		}
+		to = [2]string{ts, tn}
+	}
+	if other, dup := news[to]; dup {
+		if other == key {
+			v.add(field+".to", fmt.Sprintf("%s.%s is already the new table of another part of this split: each part writes a new table of its own", to[0], to[1]))
+		} else {
+			v.add(field+".to", fmt.Sprintf("%s.%s is already the new table of %q: one new table per old table (merging several old tables into one new table is not supported)", to[0], to[1], other))
+		}
+	}
+	news[to] = key
+}
+
+// validateSplit checks the split declared at field (the old table key): two parts or more, nothing declared
+// beside them, each part an ordinary mapping to a new table of its own, the owner (the first part) unfiltered.
+func (v *validator) validateSplit(field, key string, old [2]string, tm TableMap, news map[[2]string]string) {
+	for _, k := range []struct {
+		name string
+		set  bool
+	}{{"to", tm.To != ""}, {"rename", len(tm.Rename) > 0}, {"drop", len(tm.Drop) > 0}, {"compute", len(tm.Compute) > 0},
+		{"reverse", len(tm.Reverse) > 0}, {"where", v.set(field + ".where")}, {"discriminator", len(tm.Discriminator) > 0}} {
+		if k.set {
+			v.add(field+"."+k.name, k.name+" beside split: declare it in the part it belongs to")
+		}
+	}
+	if len(tm.Split) < 2 {
+		v.add(field+".split", fmt.Sprintf("a split needs two parts or more, not %d: one new table is an ordinary mapping (to, rename, ...)", len(tm.Split)))
+	}
+	if v.c.Feed.Enabled {
+		// The feed checks a change against one row of the other store
+		// through one mapping; a split old row is several.
+		v.add(field+".split", "the change feed (feed.enabled) does not yet check a split table's changes: turn feed.enabled off for a split")
+	}
+	for i, p := range tm.Split {
+		f := fmt.Sprintf("%s.split[%d]", field, i)
+		switch {
+		case len(p.Split) > 0 || v.set(f+".split"):
+			v.add(f+".split", "a part cannot be split again: list every new table in one split")
+		case len(p.Discriminator) > 0:
+			v.add(f+".discriminator", "a split part cannot carry a discriminator (a split into new tables others share is not supported)")
+			continue
+		case i == 0 && v.set(f+".where"):
+			v.add(f+".where", "the first part is the owner, whose new table holds every row of the old table: put the where on a later part")
+		}
+		v.validateTarget(f, key, old, p, news)
+		v.validateColumns(f, p)
+	}
+}
+
+// set reports whether field is set in the file.
+func (v *validator) set(field string) bool {
+	_, ok := v.c.src.originOf(field)
+	return ok
 }
 
 // validateColumns checks one table's column declarations for empty names and conflicting fates.

@@ -60,7 +60,7 @@ func TestLoadTablesErrors(t *testing.T) {
 		{"typo in the section", "tables:\n  inclde: [x]\n",
 			[]string{`t.yaml:2:3: unknown field "inclde" in tables (did you mean "include"?)`}},
 		{"unknown key lists the valid ones", "tables:\n  map:\n    users:\n      columns: {}\n",
-			[]string{`t.yaml:4:7: unknown field "columns" in tables.map[users] (valid: to, rename, drop, compute, reverse, where, discriminator)`}},
+			[]string{`t.yaml:4:7: unknown field "columns" in tables.map[users] (valid: to, rename, drop, compute, reverse, where, discriminator, split)`}},
 		{"discriminator is a list", "tables:\n  map:\n    orders:\n      discriminator: [tenant, shop]\n",
 			[]string{`t.yaml:4:7: tables.map[orders].discriminator: must be a mapping (key: value), not a list`}},
 		{"discriminator value is a mapping", "tables:\n  map:\n    orders:\n      discriminator:\n        tenant: {shop: 1}\n",
@@ -157,7 +157,7 @@ tables:
 		file + `:11:17: tables.map[users].compute.full_name: empty expression`,
 		file + `:12:17: tables.map[users].reverse.mail: old column "mail" is renamed, which already mirrors it back from "email"; remove its reverse expression`,
 		file + `:13:5: tables.map[public.users]: names the same table as "users"`,
-		file + `:14:14: tables.map[orders].to: public.accounts is already the new table of "users": one new table per old table`,
+		file + `:14:14: tables.map[orders].to: public.accounts is already the new table of "users": one new table per old table (merging several old tables into one new table is not supported)`,
 		file + `:15:5: tables.map[a.b.c]: bad table name: "a.b.c" has more than two parts; write schema.table`,
 	}
 	if !reflect.DeepEqual(got, want) {
@@ -219,5 +219,68 @@ tables:
 	}
 	if _, _, _, ok := cfg.Position("limits.nothing"); ok {
 		t.Error("Position of a field not in the file: ok")
+	}
+}
+
+// TestCheckSplit: the static checks of a split, each at its key: parts
+// beside declarations, too few parts, two parts (or a part and another
+// entry) writing one new table, a filtered owner, a nested split, and the
+// change feed.
+func TestCheckSplit(t *testing.T) {
+	dir := t.TempDir()
+	file := writeFile(t, dir, "tandem.yaml", `old:
+  dsn: "postgres://app@localhost/app?sslmode=disable"
+feed:
+  enabled: true
+tables:
+  map:
+    users:
+      to: people
+      split:
+        - to: accounts
+          where: "name IS NOT NULL"
+        - to: profiles
+          rename: {id: user_id}
+        - to: accounts
+    orders:
+      split:
+        - to: orders_head
+    items:
+      to: profiles
+    notes:
+      split:
+        - to: notes_a
+        - to: notes_b
+          split: [{to: x}]
+        - to: notes_c
+          discriminator: {tenant: a}
+`)
+	got := problemStrings(Check(file, nil))
+	want := []string{
+		file + `:8:7: tables.map[users].to: to beside split: declare it in the part it belongs to`,
+		file + `:9:7: tables.map[users].split: the change feed (feed.enabled) does not yet check a split table's changes: turn feed.enabled off for a split`,
+		file + `:11:11: tables.map[users].split[0].where: the first part is the owner, whose new table holds every row of the old table: put the where on a later part`,
+		file + `:14:11: tables.map[users].split[2].to: public.accounts is already the new table of another part of this split: each part writes a new table of its own`,
+		file + `:16:7: tables.map[orders].split: a split needs two parts or more, not 1: one new table is an ordinary mapping (to, rename, ...)`,
+		file + `:16:7: tables.map[orders].split: the change feed (feed.enabled) does not yet check a split table's changes: turn feed.enabled off for a split`,
+		file + `:19:7: tables.map[items].to: public.profiles is already the new table of "users": one new table per old table (merging several old tables into one new table is not supported)`,
+		file + `:21:7: tables.map[notes].split: the change feed (feed.enabled) does not yet check a split table's changes: turn feed.enabled off for a split`,
+		file + `:24:11: tables.map[notes].split[1].split: a part cannot be split again: list every new table in one split`,
+		file + `:26:11: tables.map[notes].split[2].discriminator: a split part cannot carry a discriminator (a split into new tables others share is not supported)`,
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
+	}
+	cfg, _, _ := load(file, nil)
+	for field, want := range map[string][2]int{
+		"tables.map[users].split[1].rename.id": {13, 20},
+		"tables.map[users].split[1].to":        {12, 11},
+		"tables.map[users].split[1]":           {12, 11},
+		"tables.map[users].split[1].drop":      {12, 11},
+	} {
+		f, line, col, ok := cfg.Position(field)
+		if !ok || f != file || line != want[0] || col != want[1] {
+			t.Errorf("Position(%s) = %s:%d:%d %v, want %d:%d", field, f, line, col, ok, want[0], want[1])
+		}
 	}
 }
