@@ -439,7 +439,12 @@ func (e *Engine) finishedFilter(ctx context.Context, control *pgx.Conn) func(tab
 func (e *Engine) tables() ([]*table.Mapping, error) {
 	var ms []*table.Mapping
 	if len(e.o.Tables) == 0 {
-		ms = e.o.Mappings.All()
+		// One unit per old table: a split's owner copies every part.
+		for _, m := range e.o.Mappings.All() {
+			if m.Owner() {
+				ms = append(ms, m)
+			}
+		}
 	} else {
 		for _, n := range e.o.Tables {
 			if !e.o.Mappings.InScope(n) {

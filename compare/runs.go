@@ -74,7 +74,7 @@ type run struct {
 // resume, continues the table's latest unfinished one: it then loads the
 // run's counts into sum and returns its checkpoint.
 func startRun(ctx context.Context, cfg *pgx.ConnConfig, m *table.Mapping, resume bool, sum *TableSummary) (*run, []string, error) {
-	name := m.Old.Name
+	name := m.UnitName() // a split's dependent parts verify under names of their own
 	conn, err := pgx.ConnectConfig(ctx, cfg.Copy())
 	if err != nil {
 		return nil, nil, fmt.Errorf("verifying %s: connecting to the control database: %w", name, err)

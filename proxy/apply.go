@@ -95,8 +95,10 @@ func (rs *routedSession) writeApplier(ev *event) ([]table.DriftEntry, func(*rsto
 		// rows that are not this mapping's (a TRUNCATE would empty the
 		// other tenants'): it is not run; the tables are drift, which the
 		// repairer copies through the mapping, its rows only.
+		// A split table too: its text names one table where the other
+		// store has several (or one of several).
 		for _, n := range shared {
-			rs.must = append(rs.must, table.DriftEntry{Table: n, Reason: "statement not run on a table whose new side other rows share"})
+			rs.must = append(rs.must, table.DriftEntry{Table: n.name, Reason: n.reason})
 		}
 		rs.srv.metrics.R().Fallback(ctx, "filtered_mapping")
 		return nil, func(*rstore) error { return nil }, nil
@@ -138,22 +140,34 @@ func (rs *routedSession) writeApplier(ev *event) ([]table.DriftEntry, func(*rsto
 	return entries, rs.statementApplier(ev), nil
 }
 
+// sharedTable is a table whose statement text is not run on the secondary,
+// and why.
+type sharedTable struct {
+	name   table.Name
+	reason string
+}
+
 // sharedTables returns the primary's names of the tables ev's statement
-// names whose mapping is filtered (table.Mapping.Filtered).
-func (rs *routedSession) sharedTables(ev *event) []table.Name {
+// names whose mapping is filtered (table.Mapping.Filtered) or a split's
+// part, each with the reason its text is not run on the secondary.
+func (rs *routedSession) sharedTables(ev *event) []sharedTable {
 	ms := rs.srv.mappings.Load()
 	if ms == nil || ev.stmt == nil {
 		return nil
 	}
-	var out []table.Name
+	var out []sharedTable
 	for _, t := range ev.stmt.Tables {
 		n := writtenName(t)
 		m := ms.ForOld(n)
 		if rs.state.Primary != route.Old {
 			m = ms.ForNew(n)
 		}
-		if m != nil && m.Filtered() {
-			out = append(out, n)
+		switch {
+		case m == nil:
+		case m.Filtered():
+			out = append(out, sharedTable{n, "statement not run on a table whose new side other rows share"})
+		case m.Split():
+			out = append(out, sharedTable{n, "statement not run on a table split into several new tables"})
 		}
 	}
 	return out
@@ -436,32 +450,115 @@ func (rs *routedSession) mappedApplier(ev *event, pm *table.Meta, m *table.Mappi
 			rs.must = append(rs.must, e)
 		}
 	}
-	upsert, remove := m.ForwardUpsertSQL, m.ForwardDeleteSQL
 	del := isDelete(ev)
-	rows := img.rows
-	if rs.state.Primary != route.Old {
-		upsert, remove = m.ReverseUpsertSQL, m.ReverseDeleteSQL
+	var steps []mappedStep
+	switch {
+	case rs.state.Primary == route.Old:
+		// Forward, through every part of a split (one part otherwise).
+		for _, p := range m.Parts() {
+			st := mappedStep{upsert: p.ForwardUpsertSQL, remove: p.ForwardDeleteSQL, del: del, rows: img.rows}
+			if !del && p.Where() != "" {
+				// Forward through a row predicate: an image that no longer
+				// satisfies it (an UPDATE moved the row out) is deleted on
+				// new; one that does is upserted (an UPDATE may have moved
+				// it in).
+				st.del, st.remove = true, p.ForwardDeleteUnmatchedSQL
+			}
+			steps = append(steps, st)
+		}
+	case m.Owner():
 		// After the flip only this deployment's rows of the new table
 		// (its discriminator's values) go back to its old store: a row of
 		// another deployment's is neither applied here nor drift (the
-		// statements below filter the same way; design section 6).
+		// statements below filter the same way; design section 6). A
+		// split's owner upserts its columns of the old row, or deletes it.
+		var rows [][][]byte
 		rows, entries = ownRows(m, names, img.rows, entries)
-	} else if !del && m.Where() != "" {
-		// Forward through a row predicate: an image that no longer
-		// satisfies it (an UPDATE moved the row out) is deleted on new; one
-		// that does is upserted (an UPDATE may have moved it in).
-		del, remove = true, m.ForwardDeleteUnmatchedSQL
+		steps = append(steps, mappedStep{upsert: m.ReverseUpsertSQL, remove: m.ReverseDeleteSQL, del: del, rows: rows})
+	default:
+		// A dependent part of a split after the flip: its columns of the
+		// old row, which the owner holds.
+		return entries, rs.dependentApplier(pm, m, names, img.rows, del), nil
 	}
 	apply := func(sec *rstore) error {
-		if len(rows) == 0 {
-			return nil
+		for _, st := range steps {
+			if len(st.rows) == 0 {
+				continue
+			}
+			if err := rs.queueRows(sec, st.rows, len(names), st.del,
+				func(n int) (string, error) { return st.upsert(names, n) }, nil,
+				func(n int) (string, error) { return st.remove(names, n) }, nil); err != nil {
+				return err
+			}
 		}
-		return rs.applyRows(sec, rows, len(names), del,
-			func(n int) (string, error) { return upsert(names, n) }, nil,
-			func(n int) (string, error) { return remove(names, n) }, nil)
+		return rs.execQueued(sec)
 	}
 	rs.plainApply = true // upserts and deletes through the mapping only
 	return entries, apply, nil
+}
+
+// mappedStep is one mapping's statements for a write's row images.
+type mappedStep struct {
+	upsert, remove func(cols []string, rows int) (string, error)
+	del            bool
+	rows           [][][]byte
+}
+
+// dependentApplier applies row images of a dependent part's new table to
+// old after the flip (see table.NewSplit): an update of the part's columns
+// of the old rows by key, or for a DELETE their reset to the defaults. An
+// image whose key has no old row (the owner part's row is not there: the
+// application wrote this part first) is drift for the part's new table,
+// which the repairer copies once the owner's row is on old.
+func (rs *routedSession) dependentApplier(pm *table.Meta, m *table.Mapping, names []string, rows [][][]byte, del bool) func(*rstore) error {
+	return func(sec *rstore) error {
+		if len(rows) == 0 {
+			return nil
+		}
+		if del {
+			err := batches(rows, len(names), func(rows [][][]byte) error {
+				sql, err := m.ReverseClearSQL(names, len(rows))
+				if err != nil {
+					return err
+				}
+				rs.queueExec(sec, sql, rowParams(rows, nil))
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+			return rs.execQueued(sec)
+		}
+		err := batches(rows, len(names), func(rows [][][]byte) error {
+			sql, err := m.ReverseUpdateSQL(names, len(rows))
+			if err != nil {
+				return err
+			}
+			rs.queueExec(sec, sql, rowParams(rows, nil))
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		missing, err := rs.execQueuedRows(sec)
+		if err != nil {
+			return err
+		}
+		for _, r := range missing {
+			if len(r) != len(m.Old.Key) {
+				return fmt.Errorf("updating %s from %s: a reply of %d columns for a key of %d", m.Old.Name, pm.Name, len(r), len(m.Old.Key))
+			}
+			key := make([]string, len(r))
+			for i, v := range r {
+				if v == nil {
+					return fmt.Errorf("updating %s from %s: a NULL key in the reply", m.Old.Name, pm.Name)
+				}
+				key[i] = *v
+			}
+			rs.must = append(rs.must, table.DriftEntry{Table: pm.Name, Key: key, Reason: "no old row for a dependent part of a split (its owner's row is not there yet)"})
+		}
+		return nil
+	}
 }
 
 // ownRows keeps the row images of the new table (and their drift entries,
@@ -486,7 +583,16 @@ func ownRows(m *table.Mapping, names []string, rows [][][]byte, entries []table.
 // for a DELETE, the delete by key (removePos); then runs what it queued.
 func (rs *routedSession) applyRows(sec *rstore, rows [][][]byte, width int, del bool,
 	upsert func(n int) (string, error), upsertPos []int, remove func(n int) (string, error), removePos []int) error {
-	err := batches(rows, width, func(rows [][][]byte) error {
+	if err := rs.queueRows(sec, rows, width, del, upsert, upsertPos, remove, removePos); err != nil {
+		return err
+	}
+	return rs.execQueued(sec)
+}
+
+// queueRows queues what applyRows runs.
+func (rs *routedSession) queueRows(sec *rstore, rows [][][]byte, width int, del bool,
+	upsert func(n int) (string, error), upsertPos []int, remove func(n int) (string, error), removePos []int) error {
+	return batches(rows, width, func(rows [][][]byte) error {
 		sql, err := upsert(len(rows))
 		if err != nil {
 			return err
@@ -501,8 +607,4 @@ func (rs *routedSession) applyRows(sec *rstore, rows [][][]byte, width int, del 
 		rs.queueExec(sec, sql, rowParams(rows, removePos))
 		return nil
 	})
-	if err != nil {
-		return err
-	}
-	return rs.execQueued(sec)
 }

@@ -197,8 +197,8 @@ func collectStatus(ctx context.Context, cfg *config.Config, rt *control.Routing)
 			if !ms.InScope(n) || !m.Old.HasKey() {
 				continue
 			}
-			v := verifyResult{Table: n.String()}
-			if r, ok := runs[n]; ok {
+			v := verifyResult{Table: m.UnitName().String()}
+			if r, ok := runs[m.UnitName()]; ok {
 				fin := r.Finished
 				v.Verified, v.LastRun, v.Clean, v.Differences, v.Repaired = true, &fin, r.Clean, r.Diffs, r.Repaired
 				v.Age = st.GeneratedAt.Sub(fin).Round(time.Second).String()

@@ -63,7 +63,7 @@ func FeedTables(ms *table.Mappings, store route.Store) []table.Name {
 		}
 		if store == route.New {
 			out = append(out, m.New.Name)
-		} else {
+		} else if m.Owner() { // a split's parts share the old table
 			out = append(out, m.Old.Name)
 		}
 	}

@@ -191,14 +191,15 @@ func verifyGate(cfg *config.Config) route.Gate {
 			if !ms.InScope(n) || !m.Old.HasKey() {
 				continue
 			}
-			r, ok := runs[n]
+			u := m.UnitName() // a split's parts each have their verify
+			r, ok := runs[u]
 			switch {
 			case !ok:
-				never = append(never, n.String())
+				never = append(never, u.String())
 			case !r.Clean:
-				dirty = append(dirty, fmt.Sprintf("%s (%d differences, %d repaired)", n, r.Diffs, r.Repaired))
+				dirty = append(dirty, fmt.Sprintf("%s (%d differences, %d repaired)", u, r.Diffs, r.Repaired))
 			case now.Sub(r.Finished) > maxAge:
-				stale = append(stale, fmt.Sprintf("%s (verified %s ago)", n, now.Sub(r.Finished).Round(time.Minute)))
+				stale = append(stale, fmt.Sprintf("%s (verified %s ago)", u, now.Sub(r.Finished).Round(time.Minute)))
 			}
 		}
 		var parts []string

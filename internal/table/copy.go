@@ -153,8 +153,32 @@ type copier struct {
 	// is not this copy's to make. nil: keys are taken as they are.
 	keyIn func(key []string) (k []string, ok bool)
 
+	// deps are, for the owner of a split copied forward, the copiers of
+	// the dependent parts: the same old rows, read and locked once, are
+	// written to every part's new table in the unit's one secondary
+	// transaction, and keys absent on old are deleted from each.
+	deps []*copier
+	// unmatched is, for a dependent part with a where copied forward,
+	// the statement (json array $1 of old rows) that deletes the part's
+	// rows of the old rows its predicate no longer passes.
+	unmatched string
+	// update is set for a dependent part of a split copied in reverse:
+	// upsert is then an UPDATE of the part's columns of old rows by key
+	// that returns the keys it found no old row for (an error: the
+	// owner's row is not there yet), and a key absent on new clears the
+	// part's columns (clear, keys $1 and found $2 as deleteAbsent gives
+	// them) instead of deleting the old row.
+	update bool
+	clear  string
+	// noFast keeps the copy off the COPY path (a split's composite and
+	// reverse dependent copies write otherwise than the staged upsert).
+	noFast bool
+
 	knobs testingKnobs
 }
+
+// parts returns p and its dependent parts' copiers.
+func (p *copier) parts() []*copier { return append([]*copier{p}, p.deps...) }
 
 // testingKnobs are injection points for tests.
 type testingKnobs struct {
@@ -242,6 +266,24 @@ func newCopier(src, dst *Meta) (*copier, error) {
 // mapping's own INSERT ... SELECT, so a copied row is transformed exactly
 // as a mirrored one.
 func newMappedCopier(m *Mapping, forward bool) (*copier, error) {
+	p, err := newPartCopier(m, forward)
+	if err != nil || !forward || !m.Split() || !m.Owner() {
+		return p, err
+	}
+	// The owner of a split, forward: every part in one unit.
+	p.noFast = true
+	for _, dm := range m.Parts()[1:] {
+		dp, err := newPartCopier(dm, true)
+		if err != nil {
+			return nil, err
+		}
+		p.deps = append(p.deps, dp)
+	}
+	return p, nil
+}
+
+// newPartCopier is newMappedCopier of m alone (one part of a split).
+func newPartCopier(m *Mapping, forward bool) (*copier, error) {
 	d := &m.fwd
 	if !forward {
 		d = &m.rev
@@ -279,6 +321,28 @@ func newMappedCopier(m *Mapping, forward bool) (*copier, error) {
 		if p.srcKey, p.dstKey, ok = d.keyPairs(); !ok {
 			return nil, fmt.Errorf("copying %s to %s: primary keys differ: %s (%s) does not become %s (%s) column for column, so a key cannot name the same row on both",
 				d.from.Name, d.to.Name, d.from.Name, strings.Join(d.from.KeyNames(), ", "), d.to.Name, strings.Join(d.to.KeyNames(), ", "))
+		}
+		if forward && m.Split() && m.where != "" {
+			keys, err := d.keyValues(p.cols)
+			if err != nil {
+				return nil, fmt.Errorf("copying %s to %s: %w", d.from.Name, d.to.Name, err)
+			}
+			p.unmatched = d.deleteWhere(from, keys, " WHERE NOT coalesce("+d.filter+", false)")
+		}
+		if !forward && !m.Owner() {
+			// A dependent part back to old: its columns of the old row.
+			p.update, p.noFast = true, true
+			if p.upsert, err = d.reverseUpdate(from, p.cols); err != nil {
+				return nil, fmt.Errorf("copying %s to %s: %w", d.from.Name, d.to.Name, err)
+			}
+			var sets []string
+			for _, c := range d.clearColumns() {
+				sets = append(sets, quoteIdent(c)+" = DEFAULT")
+			}
+			w := len(p.dstKey)
+			p.clear = "UPDATE " + d.to.Name.Quoted() + " d SET " + strings.Join(sets, ", ") + " WHERE " + keyTuple("d", p.dstKey) + " IN (" + keySet("x", 1, p.dstKey) + ") AND " +
+				notIn("d", 1+w, p.dstKey) + p.dstAnd() + " RETURNING " + keyText("d", p.dstKey)
+			return p, nil
 		}
 		if p.upsert, err = d.upsert(from, p.cols, true); err != nil {
 			return nil, fmt.Errorf("copying %s to %s: %w", d.from.Name, d.to.Name, err)
@@ -579,43 +643,80 @@ func (u *copyUnit) write(ctx context.Context, rows rowSet) error {
 	if len(rows.json) == 0 {
 		return nil
 	}
-	if _, err := u.stx.Exec(ctx, u.p.upsert, rows.jsonArray()); err != nil {
-		return fmt.Errorf("writing the secondary: %w", err)
+	arr := rows.jsonArray()
+	if u.p.update {
+		// A dependent part's columns onto old rows: each must be there.
+		rs, err := u.stx.Query(ctx, u.p.upsert, arr)
+		if err != nil {
+			return fmt.Errorf("writing the secondary: %w", err)
+		}
+		missing, err := pgx.CollectRows(rs, func(r pgx.CollectableRow) ([]any, error) { return r.Values() })
+		if err != nil {
+			return fmt.Errorf("writing the secondary: %w", err)
+		}
+		if len(missing) > 0 {
+			return fmt.Errorf("writing the secondary: %s has no row for key %v (of %d): the owner part of the split has not written it yet", u.p.dst.Name, missing[0], len(missing))
+		}
+		u.res.Upserted += len(rows.json)
+		return nil
+	}
+	for _, q := range u.p.parts() {
+		if _, err := u.stx.Exec(ctx, q.upsert, arr); err != nil {
+			return fmt.Errorf("writing the secondary: %w", err)
+		}
+		if q.unmatched != "" {
+			// The old rows of the chunk the part's where no longer passes.
+			tag, err := u.stx.Exec(ctx, q.unmatched, arr)
+			if err != nil {
+				return fmt.Errorf("writing the secondary: %w", err)
+			}
+			u.res.Deleted += int(tag.RowsAffected())
+		}
 	}
 	u.res.Upserted += len(rows.json)
 	return nil
+}
+
+// collectKeysTx runs sql in tx and returns its rows, each a key as text.
+func collectKeysTx(ctx context.Context, tx pgx.Tx, sql string, args ...any) ([][]string, error) {
+	rows, err := tx.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[[]string])
 }
 
 // deleteAbsent deletes on the secondary the rows with keys among keys but
 // not among found (the keys the primary has), and remembers the keys it
 // deleted for the re-read.
 func (u *copyUnit) deleteAbsent(ctx context.Context, keys, found [][]string) error {
-	dst := u.p.dstKey
-	w := len(dst)
-	sql := "DELETE FROM " + u.p.dst.Name.Quoted() + " d WHERE " + keyTuple("d", dst) + " IN (" + keySet("x", 1, dst) + ") AND " +
-		notIn("d", 1+w, dst) + u.p.dstAnd() + " RETURNING " + keyText("d", dst)
-	args := append(columnsOf(keys, w), columnsOf(found, w)...)
-	rows, err := u.stx.Query(ctx, sql, args...)
-	if err != nil {
-		return fmt.Errorf("deleting on the secondary: %w", err)
+	for _, q := range u.p.parts() {
+		dst := q.dstKey
+		w := len(dst)
+		sql := q.clear // a dependent part back to old: clear its columns
+		if sql == "" {
+			sql = "DELETE FROM " + q.dst.Name.Quoted() + " d WHERE " + keyTuple("d", dst) + " IN (" + keySet("x", 1, dst) + ") AND " +
+				notIn("d", 1+w, dst) + q.dstAnd() + " RETURNING " + keyText("d", dst)
+		}
+		args := append(columnsOf(keys, w), columnsOf(found, w)...)
+		deleted, err := collectKeysTx(ctx, u.stx, sql, args...)
+		if err != nil {
+			return fmt.Errorf("deleting on the secondary: %w", err)
+		}
+		u.res.Deleted += len(deleted)
+		u.deleted = append(u.deleted, deleted...)
 	}
-	deleted, err := pgx.CollectRows(rows, pgx.RowTo[[]string])
-	if err != nil {
-		return fmt.Errorf("deleting on the secondary: %w", err)
-	}
-	u.res.Deleted += len(deleted)
-	u.deleted = append(u.deleted, deleted...)
 	return nil
 }
 
 // candidates returns up to limit keys on the secondary, in key order, that
 // are after lo (at or after it when incl; nil: from the start), at most hi
 // (nil: no end) and not among exclude.
-func (u *copyUnit) candidates(ctx context.Context, lo []string, incl bool, hi []string, exclude [][]string, limit int) ([][]string, error) {
-	dst := u.p.dstKey
+func (u *copyUnit) candidates(ctx context.Context, q *copier, lo []string, incl bool, hi []string, exclude [][]string, limit int) ([][]string, error) {
+	dst := q.dstKey
 	w := len(dst)
 	args := columnsOf(exclude, w)
-	sql := "SELECT " + keyText("d", dst) + " FROM " + u.p.dstFrom() + " d WHERE " + notIn("d", 1, dst)
+	sql := "SELECT " + keyText("d", dst) + " FROM " + q.dstFrom() + " d WHERE " + notIn("d", 1, dst)
 	where, args := rangeCond("d", dst, lo, incl, hi, args)
 	if where != "" {
 		sql += " AND " + strings.TrimPrefix(where, " WHERE ")

@@ -92,7 +92,7 @@ func CopyRangeMapped(ctx context.Context, primary, secondary *pgx.Conn, m *Mappi
 // the previous chunk, as text; each chunk starts strictly after it.
 func (p *copier) copyRange(ctx context.Context, primary, secondary *pgx.Conn, opts RangeOptions) (CopyResult, []string, error) {
 	var res CopyResult
-	fast := opts.Chunk >= fastRows(opts.FastRows)
+	fast := opts.Chunk >= fastRows(opts.FastRows) && !p.noFast
 	cursor, incl := opts.Lo, opts.LoInclusive
 	var committed []string
 	for {
@@ -188,20 +188,23 @@ func (u *copyUnit) rangeUnit(ctx context.Context, opts RangeOptions, cursor []st
 	// the primary under lock (the secondary may order keys differently, or
 	// a row may have been inserted since) and copy or delete them, a page
 	// at a time.
-	lo, loIncl := cursor, incl
-	for {
-		extra, err := u.candidates(ctx, lo, loIncl, hi, rows.keys, chunk)
-		if err != nil {
-			return out, err
-		}
-		if len(extra) > 0 {
-			if err := u.copyKeys(ctx, extra, true); err != nil {
+	// A split's owner looks in every part's new table.
+	for _, q := range u.p.parts() {
+		lo, loIncl := cursor, incl
+		for {
+			extra, err := u.candidates(ctx, q, lo, loIncl, hi, rows.keys, chunk)
+			if err != nil {
 				return out, err
 			}
-			lo, loIncl = extra[len(extra)-1], false
-		}
-		if len(extra) < chunk {
-			break
+			if len(extra) > 0 {
+				if err := u.copyKeys(ctx, extra, true); err != nil {
+					return out, err
+				}
+				lo, loIncl = extra[len(extra)-1], false
+			}
+			if len(extra) < chunk {
+				break
+			}
 		}
 	}
 	if opts.Checkpoint != nil {

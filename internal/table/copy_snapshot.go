@@ -58,6 +58,12 @@ type straightCopy struct {
 // NewSnapshotCopy returns the loader of m's rows, old -> new. m's old
 // table needs a key that the mapping carries column for column.
 func NewSnapshotCopy(m *Mapping) (*SnapshotCopy, error) {
+	if m.Split() {
+		// The snapshot loader stages one new table's rows; a split writes
+		// several. Its backfill takes the locked path, which copies every
+		// part in one unit.
+		return nil, fmt.Errorf("%s is split into %d new tables, which the snapshot loader does not write: it is copied by the locked path", m.Old.Name, len(m.Parts()))
+	}
 	p, err := newMappedCopier(m, true)
 	if err != nil {
 		return nil, err

@@ -34,6 +34,14 @@ type Mapping struct {
 	// every row); disc the discriminator, in new's column order.
 	where string
 	disc  []discColumn
+
+	// split is the vertical split the mapping is a part of (nil when the
+	// old table maps to one new table), part its index there (0: the
+	// owner).
+	split *splitInfo
+	part  int
+	// carried are the old columns the forward direction reads.
+	carried map[string]bool
 }
 
 // discColumn is one discriminator column of the new table and its value as
@@ -105,7 +113,16 @@ func (e *MappingError) Error() string {
 // expression) is not an error: it is listed by ReverseMissing and blocks
 // only the write flip. Errors are *MappingError values.
 func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
+	return newMapping(decl, old, new, false)
+}
+
+// newMapping is NewMapping; a part of a split (part) need not place every
+// old column (NewSplit checks that over all the parts).
+func newMapping(decl config.TableMap, old, new *Meta, part bool) (*Mapping, error) {
 	m := &Mapping{Old: old, New: new, decl: decl}
+	if part {
+		m.split = &splitInfo{} // NewSplit fills it in
+	}
 	m.fwd = direction{from: old, to: new, exprRefs: map[string]bool{}}
 	m.rev = direction{from: new, to: old, exprRefs: map[string]bool{}}
 	renameTo := make(map[string]string, len(decl.Rename)) // new -> old
@@ -127,7 +144,7 @@ func NewMapping(decl config.TableMap, old, new *Meta) (*Mapping, error) {
 	if err := m.reverse(); err != nil {
 		return nil, err
 	}
-	m.identity = decl.To == "" && len(decl.Rename) == 0 && len(decl.Drop) == 0 && len(decl.Compute) == 0 &&
+	m.identity = !part && decl.To == "" && len(decl.Rename) == 0 && len(decl.Drop) == 0 && len(decl.Compute) == 0 &&
 		len(decl.Reverse) == 0 && decl.Where == "" && len(decl.Discriminator) == 0
 	return m, nil
 }
@@ -291,7 +308,11 @@ func (m *Mapping) forward(renameTo map[string]string) error {
 		m.fwd.targets = append(m.fwd.targets, target{col: j, src: src})
 		consumed[src] = true
 	}
+	m.carried = consumed
 	for _, c := range old.Columns {
+		if m.split != nil {
+			break // a part carries some columns: NewSplit checks that every one is carried by some part
+		}
 		if !c.Generated && !consumed[c.Name] && !m.dropped(c.Name) {
 			return m.fail("old", c.Name, "has no place in %s: rename it, drop it, or compute a new column from it%s", new.Name, suggest(c.Name, new))
 		}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path"
 	"slices"
+	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -82,18 +83,36 @@ func (ms *Mappings) InScope(n Name) bool {
 
 // ForOld returns the mapping of the old table n: nil when n is out of scope,
 // unknown, or its mapping has problems (see the Problems of LoadMappings).
+// For a split table it is the owner part: a forward locked copy through it
+// copies every part (CopyKeysMapped); PartsOf gives each part.
 func (ms *Mappings) ForOld(n Name) *Mapping { return ms.byOld[n] }
+
+// PartsOf returns the mappings of the old table n: its split's parts,
+// owner first, or its one mapping; nil as ForOld.
+func (ms *Mappings) PartsOf(n Name) []*Mapping {
+	if m := ms.byOld[n]; m != nil {
+		return m.Parts()
+	}
+	return nil
+}
 
 // ForNew returns the mapping whose new table is n, or nil.
 func (ms *Mappings) ForNew(n Name) *Mapping { return ms.byNew[n] }
 
-// All returns the usable mappings, ordered by old name.
+// All returns the usable mappings, one per new table, ordered by old name
+// (a split's parts in their order, owner first). A caller that needs one
+// per old table takes the Owner ones.
 func (ms *Mappings) All() []*Mapping {
 	out := make([]*Mapping, 0, len(ms.byOld))
 	for _, m := range ms.byOld {
-		out = append(out, m)
+		out = append(out, m.Parts()...)
 	}
-	slices.SortFunc(out, func(a, b *Mapping) int { return strings.Compare(a.Old.Name.String(), b.Old.Name.String()) })
+	slices.SortFunc(out, func(a, b *Mapping) int {
+		if c := strings.Compare(a.Old.Name.String(), b.Old.Name.String()); c != 0 {
+			return c
+		}
+		return a.part - b.part
+	})
 	return out
 }
 
@@ -166,7 +185,13 @@ func LoadMappings(ctx context.Context, cfg config.Tables, old, new Querier) (*Ma
 			continue
 		}
 		ms.inScope[n] = true
-		m, ps, err := loadMapping(ctx, old, new, n, decls[n])
+		var m *Mapping
+		var ps []Problem
+		if len(decls[n].Split) > 0 {
+			m, ps, err = loadSplit(ctx, old, new, n, decls[n])
+		} else {
+			m, ps, err = loadMapping(ctx, old, new, n, decls[n])
+		}
 		if err != nil {
 			return nil, nil, err
 		}
@@ -174,12 +199,24 @@ func LoadMappings(ctx context.Context, cfg config.Tables, old, new Querier) (*Ma
 		if m == nil {
 			continue
 		}
-		if other := ms.byNew[m.New.Name]; other != nil {
-			probs = append(probs, Problem{Table: n, Side: "new", Message: fmt.Sprintf("maps to %s, which %s maps to as well: one new table per old table", m.New.Name, other.Old.Name)})
+		taken := false
+		for i, p := range m.Parts() {
+			if other := ms.byNew[p.New.Name]; other != nil {
+				pr := Problem{Table: n, Side: "new", Message: fmt.Sprintf("maps to %s, which %s maps to as well: one new table per old table (merging several old tables into one new table is not supported)", p.New.Name, other.Old.Name)}
+				if p.Split() {
+					pr.Field = "split[" + strconv.Itoa(i) + "].to"
+				}
+				probs = append(probs, pr)
+				taken = true
+			}
+		}
+		if taken {
 			continue
 		}
 		ms.byOld[n] = m
-		ms.byNew[m.New.Name] = m
+		for _, p := range m.Parts() {
+			ms.byNew[p.New.Name] = p
+		}
 	}
 	slices.SortStableFunc(probs, func(a, b Problem) int { return strings.Compare(a.Table.String(), b.Table.String()) })
 	return ms, probs, nil
@@ -240,6 +277,83 @@ func loadMapping(ctx context.Context, old, new Querier, n Name, decl config.Tabl
 		}
 	}
 	return m, probs, nil
+}
+
+// loadSplit builds and checks the parts of the split of the old table n,
+// each as loadMapping checks a mapping. It returns the owner part, or nil
+// when the problems make the split unusable (one part unusable makes it
+// all unusable: a write of the old table is a write of every part).
+func loadSplit(ctx context.Context, old, new Querier, n Name, decl config.TableMap) (*Mapping, []Problem, error) {
+	om, err := LoadByName(ctx, old, n)
+	if err != nil {
+		return nil, nil, fmt.Errorf("on the old store: %w", err)
+	}
+	var news []*Meta
+	var probs []Problem
+	for i, pd := range decl.Split {
+		field := "split[" + strconv.Itoa(i) + "]"
+		to := n
+		if pd.To != "" {
+			sch, tab, err := config.ParseTableName(pd.To)
+			if err != nil {
+				probs = append(probs, Problem{Table: n, Side: "new", Field: field + ".to", Message: "tables.map: split: to: " + err.Error()})
+				continue
+			}
+			to = Name{sch, tab}
+		}
+		nm, err := LoadByName(ctx, new, to)
+		var nf *NotFoundError
+		if errors.As(err, &nf) {
+			probs = append(probs, Problem{Table: n, Side: "new", Field: field + ".to", Message: fmt.Sprintf("the new store has no table %s (part %d of the split)", to, i)})
+			continue
+		} else if err != nil {
+			return nil, nil, fmt.Errorf("on the new store: %w", err)
+		}
+		if !nm.HasKey() {
+			probs = append(probs, Problem{Table: n, Side: "new", Field: field + ".to", Message: fmt.Sprintf("%s has no primary key: every part of a split needs the old key as its primary key", nm.Name)})
+			continue
+		}
+		news = append(news, nm)
+	}
+	if len(probs) > 0 {
+		return nil, probs, nil
+	}
+	if !om.HasKey() {
+		return nil, []Problem{{Table: n, Side: "old", Field: "split", Message: "has no primary key: a split's parts share the old row by its key"}}, nil
+	}
+	parts, err := NewSplit(decl, om, news)
+	var me *MappingError
+	if errors.As(err, &me) {
+		return nil, []Problem{{Table: n, Side: me.Side, Column: me.Column, Field: me.Field, Message: me.Msg}}, nil
+	} else if err != nil {
+		return nil, nil, err
+	}
+	for i, m := range parts {
+		field := "split[" + strconv.Itoa(i) + "]"
+		ps, err := m.checkFilters(ctx, old, new)
+		if err != nil {
+			return nil, nil, err
+		}
+		if len(ps) == 0 {
+			if ps, err = m.check(ctx, old, new); err != nil {
+				return nil, nil, err
+			}
+		}
+		for _, p := range ps {
+			p.Field = joinField(field, p.Field)
+			probs = append(probs, p)
+		}
+	}
+	for _, c := range parts[0].reverseMissing {
+		probs = append(probs, Problem{Table: n, Side: "old", Column: c, FlipOnly: true, Field: "split",
+			Message: "no part of the split gives it back from a new row (no rename, no same-named column, no reverse expression in any part): declare a reverse expression for it in a part, or the write flip stays blocked"})
+	}
+	for _, p := range probs {
+		if !p.FlipOnly {
+			return nil, probs, nil
+		}
+	}
+	return parts[0], probs, nil
 }
 
 // check runs the server-side checks of the mapping: forward on new, reverse

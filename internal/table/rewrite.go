@@ -344,6 +344,16 @@ func (m *Mapping) newColumn(col string) (string, string) {
 	if slices.Contains(m.decl.Drop, col) {
 		return "", fmt.Sprintf("touches dropped column %s", col)
 	}
+	if m.Split() {
+		// A read of a split table is rewritten to its owner part, which
+		// holds every row; another part's columns are in another table.
+		for _, p := range m.Parts() {
+			if p.carried[col] {
+				return "", fmt.Sprintf("touches column %s, which the split of %s puts in %s: a read of a split table is shadowed only when it reads its owner part's (%s) columns",
+					col, m.Old.Name, p.New.Name, m.New.Name)
+			}
+		}
+	}
 	return "", fmt.Sprintf("touches column %s, which %s does not have", col, m.New.Name)
 }
 
