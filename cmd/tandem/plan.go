@@ -182,6 +182,7 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int, audit bool
 		return nil, fmt.Errorf("loading the table mappings: %w", err)
 	}
 	opts.InScope = ms.InScope
+	opts.Map = splitPlanMapping(ms, mapping)
 	opts.StoreReasons = upstreamAuthReasons(ctx, cfg)
 	opts.Problems = map[table.Name][]plan.Reason{}
 	for _, p := range probs {
@@ -241,6 +242,34 @@ func declaredKey(t config.Tables, n table.Name) string {
 		}
 	}
 	return ""
+}
+
+// splitPlanMapping is mapping with a split table seen as its owner part:
+// the plan compares one old table with one new table, so it compares the
+// old table with the owner's, the columns other parts carry taken as not
+// the owner's (each part is checked against both catalogs by LoadMappings,
+// whose problems the plan reports).
+func splitPlanMapping(ms *table.Mappings, mapping func(table.Name) plan.Mapping) func(table.Name) plan.Mapping {
+	return func(n table.Name) plan.Mapping {
+		pm := mapping(n)
+		m := ms.ForOld(n)
+		if m == nil || !m.Split() {
+			return pm
+		}
+		d := m.Decl()
+		pm.New, pm.Renames, pm.Computed, pm.Dropped = m.New.Name, d.Rename, d.Compute, nil
+		pm.Consumed = map[string]bool{}
+		for _, c := range m.Old.Columns {
+			if !m.Carries(c.Name) {
+				pm.Dropped = append(pm.Dropped, c.Name)
+			} else if _, renamed := d.Rename[c.Name]; !renamed {
+				if _, same := m.New.Column(c.Name); !same {
+					pm.Consumed[c.Name] = true // read by a computed column
+				}
+			}
+		}
+		return pm
+	}
 }
 
 // planMapping turns tables.map into the plan's view of each table's mapping;

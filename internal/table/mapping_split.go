@@ -124,6 +124,10 @@ func joinField(prefix, field string) string {
 	return prefix + "." + field
 }
 
+// Carries reports whether the old column c goes to m's new table (passed
+// through, renamed, or read by a computed column).
+func (m *Mapping) Carries(c string) bool { return m.carried[c] }
+
 // Split reports whether the mapping is a part of a vertical split.
 func (m *Mapping) Split() bool { return m.split != nil }
 

@@ -1,0 +1,370 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/admin"
+	"github.com/tandemdb/tandem/internal/control"
+	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/route"
+	"github.com/tandemdb/tandem/internal/table"
+	"go.uber.org/goleak"
+)
+
+func splitExample(t *testing.T, name string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "examples", "split", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// splitTexts renders, independently of the mapping, the old users as each
+// part holds them and the two new tables, hashed, with their counts.
+const (
+	splitOldAccounts = `SELECT coalesce(md5(string_agg(id || '|' || name || '|' || coalesce(email, '-'), ',' ORDER BY id)), ''), count(*) FROM users`
+	splitNewAccounts = `SELECT coalesce(md5(string_agg(id || '|' || name || '|' || coalesce(email, '-'), ',' ORDER BY id)), ''), count(*) FROM accounts`
+	splitOldProfiles = `SELECT coalesce(md5(string_agg(id || '|' || coalesce(bio, '-') || '|' || coalesce(encode(avatar, 'hex'), '-'), ',' ORDER BY id)), ''), count(*) FROM users WHERE bio IS NOT NULL OR avatar IS NOT NULL`
+	splitNewProfiles = `SELECT coalesce(md5(string_agg(user_id || '|' || coalesce(bio, '-') || '|' || coalesce(encode(avatar, 'hex'), '-'), ',' ORDER BY user_id)), ''), count(*) FROM profiles`
+)
+
+func splitText(t *testing.T, dsn, sql string) string {
+	t.Helper()
+	ctx := context.Background()
+	c, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	var h string
+	var n int
+	if err := c.QueryRow(ctx, sql).Scan(&h, &n); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("%d rows %s", n, h)
+}
+
+// splitLoad is random writes to users through the proxy, in the old
+// schema: new users with and without a profile, renames, a bio set or
+// cleared (a row moving in and out of profiles' where), deletes, and
+// transactions of several.
+type splitLoad struct {
+	base int64
+	mu   sync.Mutex
+	ok   int
+	errs []error
+	wg   sync.WaitGroup
+	stop chan struct{}
+}
+
+func (l *splitLoad) run(dsn string, writers int) {
+	l.stop = make(chan struct{})
+	ctx := context.Background()
+	for w := range writers {
+		l.wg.Go(func() {
+			fail := func(err error) {
+				l.mu.Lock()
+				l.errs = append(l.errs, fmt.Errorf("writer %d: %w", w, err))
+				l.mu.Unlock()
+			}
+			c, err := pgx.Connect(ctx, dsn)
+			if err != nil {
+				fail(err)
+				return
+			}
+			defer c.Close(ctx)
+			rnd := rand.New(rand.NewPCG(uint64(w), uint64(l.base)))
+			next := l.base + int64(100000+w*100000)
+			for i := 0; ; i++ {
+				select {
+				case <-l.stop:
+					return
+				default:
+				}
+				id := 1 + rnd.Int64N(3000)
+				var err error
+				switch op := rnd.IntN(12); {
+				case op < 2:
+					next++
+					_, err = c.Exec(ctx, `INSERT INTO users VALUES ($1::bigint, 'new ' || $1::bigint, NULL, CASE WHEN $2::boolean THEN 'bio ' || $1::bigint END, NULL)`, next, rnd.IntN(2) == 0)
+				case op < 4:
+					_, err = c.Exec(ctx, `UPDATE users SET name = name || '+', email = coalesce(email, 'e@x') WHERE id = $1`, id)
+				case op < 6:
+					_, err = c.Exec(ctx, `UPDATE users SET bio = CASE WHEN bio IS NULL THEN 'set ' || id END WHERE id = $1`, id)
+				case op < 7:
+					_, err = c.Exec(ctx, `UPDATE users SET avatar = CASE WHEN avatar IS NULL THEN '\x0102'::bytea END, bio = NULL WHERE id = $1`, id)
+				case op < 8:
+					_, err = c.Exec(ctx, `DELETE FROM users WHERE id = $1`, id)
+				default:
+					err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+						next++
+						if _, err := tx.Exec(ctx, `INSERT INTO users VALUES ($1, 'tx', NULL, 'tx bio', NULL)`, next); err != nil {
+							return err
+						}
+						if _, err := tx.Exec(ctx, `UPDATE users SET bio = bio || '!', name = name || '!' WHERE id IN ($1, $2)`, next, id); err != nil {
+							return err
+						}
+						_, err := tx.Exec(ctx, `INSERT INTO users VALUES ($1, 'upserted', NULL, NULL, NULL) ON CONFLICT (id) DO UPDATE SET bio = NULL, avatar = NULL`, id)
+						return err
+					})
+				}
+				if err != nil {
+					fail(fmt.Errorf("write %d: %w", i, err))
+					return
+				}
+				l.mu.Lock()
+				l.ok++
+				l.mu.Unlock()
+			}
+		})
+	}
+}
+
+func (l *splitLoad) done() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.errs) > 0 {
+		return int(^uint(0) >> 1) // a writer failed: finish reports it
+	}
+	return l.ok
+}
+
+func (l *splitLoad) finish(t *testing.T) {
+	close(l.stop)
+	l.wg.Wait()
+	for _, err := range l.errs {
+		t.Errorf("client error: %v", err)
+	}
+}
+
+// TestSplit is the split example (deploy/examples/split) end to end: 8
+// random writers through the proxy while the backfill runs; then the
+// verify of each part is clean; shadow reads of the owner's columns match
+// and those of a dependent's are skipped; after the flip, writes to one
+// new table at a time are composed back on old (a profile written before
+// its account is drift until the account comes, then repaired); after the
+// rollback, writes in the old schema again; and after every step the old
+// users, seen through each part, equal accounts and profiles.
+func TestSplit(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	ctx := context.Background()
+	mustExec(t, oldC, splitExample(t, "old.sql")+`; INSERT INTO users SELECT g, 'user ' || g, CASE WHEN g % 2 = 0 THEN g || '@example.com' END,
+		CASE WHEN g % 3 = 0 THEN 'bio ' || g END, CASE WHEN g % 7 = 0 THEN decode(lpad(to_hex(g), 8, '0'), 'hex') END FROM generate_series(1, 3000) g`)
+	mustExec(t, newC, splitExample(t, "new.sql"))
+	example := splitExample(t, "split-users.yaml")
+	i := strings.Index(example, "\ntables:\n")
+	if i < 0 {
+		t.Fatal("split-users.yaml has no tables section")
+	}
+	oldDSN, newDSN := oldC.DSN("postgres"), newC.DSN("postgres")
+	file := filepath.Join(t.TempDir(), "split.yaml")
+	if err := os.WriteFile(file, []byte(pairYAML(oldDSN, newDSN, "split-1")+example[i+1:]), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, errOut, err := cli("config", "check", "-c", file); err != nil {
+		t.Fatalf("config check: %v\n%s%s", err, out, errOut)
+	}
+	if out, errOut, err := cli("plan", "-c", file); err != nil {
+		t.Fatalf("plan: %v\n%s%s", err, out, errOut)
+	}
+	rp := startQuietProxy(t, loadConfig(t, file))
+	defer stopProxy(t, rp)
+	api := newAdminClient(t, rp)
+	dsn := fmt.Sprintf("postgres://postgres@%s/postgres?sslmode=disable&application_name=split-load", rp.Addr())
+	api.waitLive(1)
+	api.change("/api/v1/route", `{"mirror": true, "reason": "dual-write"}`, "split-1")
+
+	equal := func(when string) {
+		t.Helper()
+		if o, n := splitText(t, oldDSN, splitOldAccounts), splitText(t, newDSN, splitNewAccounts); o != n {
+			t.Fatalf("%s: accounts differ: old %s, new %s", when, o, n)
+		}
+		if o, n := splitText(t, oldDSN, splitOldProfiles), splitText(t, newDSN, splitNewProfiles); o != n {
+			t.Fatalf("%s: profiles differ: old %s, new %s", when, o, n)
+		}
+	}
+	noDrift := func() {
+		t.Helper()
+		ctl, err := pgx.Connect(ctx, oldDSN)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ctl.Close(ctx)
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			n, err := table.OpenDriftTotal(ctx, ctl)
+			if err == nil && n == 0 {
+				return
+			}
+			if time.Now().After(deadline) {
+				var rows string
+				_ = ctl.QueryRow(ctx, `SELECT string_agg(format('%s %s %s %s: %s', table_name, key, stale, reason, last_error), E'\n') FROM tandem.drift WHERE repaired_at IS NULL`).Scan(&rows)
+				t.Fatalf("open drift %d (%v):\n%s", n, err, rows)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+
+	// The backfill under 8 writers.
+	var load splitLoad
+	load.run(dsn, 8)
+	waitFor(t, func() bool { return load.done() >= 200 })
+	if out, errOut, err := cli("backfill", "-c", file, "--chunk", "500", "--path", "locked"); err != nil {
+		t.Fatalf("tandem backfill: %v\n%s%s", err, out, errOut)
+	}
+	before := load.done()
+	waitFor(t, func() bool { return load.done() >= before+200 })
+	load.finish(t)
+	if t.Failed() {
+		t.FailNow()
+	}
+	t.Logf("%d writes acknowledged through the proxy", load.done())
+	noDrift()
+	equal("after the backfill")
+	out, errOut, err := cli("compare", "-c", file)
+	if err != nil || strings.Count(out, "clean") < 2 {
+		t.Fatalf("verify after the backfill: %v\n%s%s", err, out, errOut)
+	}
+	if !strings.Contains(out, "accounts") || !strings.Contains(out, "profiles") {
+		t.Fatalf("verify does not name both parts:\n%s", out)
+	}
+	t.Logf("verify:\n%s", out)
+
+	// Shadow reads: the owner's columns are read from accounts and match;
+	// a read of a profile's column cannot be one new table's: skipped.
+	api.change("/api/v1/route", `{"mirror": true, "shadow": 100}`, "split-1")
+	app, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id := 1; id <= 20; id++ {
+		var s string
+		if err := app.QueryRow(ctx, "SELECT coalesce(max(name), '') || coalesce(max(email), '') FROM users WHERE id = $1", id).Scan(&s); err != nil {
+			t.Fatal(err)
+		}
+		if err := app.QueryRow(ctx, "SELECT coalesce(max(bio), '') FROM users WHERE id = $1", id).Scan(&s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	app.Close(ctx)
+	deadline := time.Now().Add(3 * control.ShadowFlush)
+	for {
+		var rep admin.MismatchReport
+		code, raw := api.call("GET", "/api/v1/mismatches", "", &rep)
+		if code != http.StatusOK {
+			t.Fatalf("GET /api/v1/mismatches: %d %s", code, raw)
+		}
+		if rep.Rate.Total.Mismatched != 0 || len(rep.Groups) != 0 {
+			t.Fatalf("shadow mismatches: %s", raw)
+		}
+		if rep.Rate.Total.Compared() >= 20 && rep.Rate.Total.Skipped >= 20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("shadow reads not compared and skipped: %s", raw)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	api.change("/api/v1/route", `{"mirror": true, "shadow": 0}`, "split-1")
+	verifyAll(t, file) // the flip's gate wants a clean last run of each part
+
+	// The flip; then writes in the new schema, to one new table at a time.
+	res := api.change("/api/v1/route", `{"primary": "new", "reads": 100, "reason": "cutover"}`, "split-1")
+	if res.State.Primary != route.New {
+		t.Fatalf("flip: %+v", res)
+	}
+	equal("flipped")
+	c, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var withProfile, withoutProfile, other int64
+	if err := c.QueryRow(ctx, `SELECT (SELECT min(user_id) FROM profiles WHERE bio IS NOT NULL),
+		(SELECT min(id) FROM accounts a WHERE NOT EXISTS (SELECT FROM profiles WHERE user_id = a.id)),
+		(SELECT max(user_id) FROM profiles)`).Scan(&withProfile, &withoutProfile, &other); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []struct {
+		sql  string
+		args []any
+	}{
+		{`UPDATE profiles SET bio = 'rewritten' WHERE user_id = $1`, []any{withProfile}},
+		{`INSERT INTO accounts VALUES (9000001, 'only an account', 'a@new')`, nil},
+		{`UPDATE accounts SET email = 'changed@new' WHERE id = $1`, []any{withProfile}},
+		{`INSERT INTO profiles VALUES ($1, 'a first profile', NULL)`, []any{withoutProfile}},
+		{`DELETE FROM accounts WHERE id = (SELECT min(id) FROM accounts a WHERE id > $1 AND NOT EXISTS (SELECT FROM profiles WHERE user_id = a.id))`, []any{withoutProfile}},
+		{`DELETE FROM profiles WHERE user_id = $1`, []any{other}},
+		// A profile before its account: drift until the account comes.
+		{`INSERT INTO profiles VALUES (9000002, 'early', '\xff')`, nil},
+	} {
+		if _, err := c.Exec(ctx, q.sql, q.args...); err != nil {
+			t.Fatalf("after the flip: %s: %v", q.sql, err)
+		}
+	}
+	ctl, err := pgx.Connect(ctx, oldDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reason string
+	if err := ctl.QueryRow(ctx, `SELECT reason FROM tandem.drift WHERE table_name = 'profiles' AND key = ARRAY['9000002'] ORDER BY id DESC LIMIT 1`).Scan(&reason); err != nil {
+		t.Fatalf("no drift entry for the profile written before its account: %v", err)
+	}
+	if !strings.Contains(reason, "owner") {
+		t.Errorf("drift reason %q", reason)
+	}
+	ctl.Close(ctx)
+	if _, err := c.Exec(ctx, `INSERT INTO accounts VALUES (9000002, 'late account', NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	c.Close(ctx)
+	noDrift()
+	equal("after writes to the new tables")
+	var composed string
+	if err := pgx.BeginFunc(ctx, mustConnect(t, oldDSN), func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, `SELECT string_agg(id || '|' || name || '|' || coalesce(email, '-') || '|' || coalesce(bio, '-') || '|' || coalesce(encode(avatar, 'hex'), '-'), ',' ORDER BY id)
+			FROM users WHERE id IN (9000001, 9000002)`).Scan(&composed)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if composed != "9000001|only an account|a@new|-|-,9000002|late account|-|early|ff" {
+		t.Fatalf("old rows composed from the new tables: %s", composed)
+	}
+
+	// The rollback; writes in the old schema again.
+	res = api.change("/api/v1/rollback", `{"reason": "drill"}`, "split-1")
+	if res.State.Primary != route.Old {
+		t.Fatalf("rollback: %+v", res)
+	}
+	after := splitLoad{base: 10000000}
+	after.run(dsn, 2)
+	waitFor(t, func() bool { return after.done() >= 100 })
+	after.finish(t)
+	noDrift()
+	equal("rolled back")
+	out, errOut, err = cli("compare", "-c", file)
+	if err != nil || strings.Count(out, "clean") < 2 {
+		t.Fatalf("verify after the rollback: %v\n%s%s", err, out, errOut)
+	}
+}
+
+func mustConnect(t *testing.T, dsn string) *pgx.Conn {
+	t.Helper()
+	c, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	return c
+}

@@ -1,0 +1,11 @@
+-- The new store: users split into accounts and profiles, sharing the key.
+CREATE TABLE accounts (
+    id    bigint PRIMARY KEY,
+    name  text NOT NULL,
+    email text
+);
+CREATE TABLE profiles (
+    user_id bigint PRIMARY KEY,
+    bio     text,
+    avatar  bytea
+);

@@ -1,0 +1,8 @@
+-- The old store: one users table.
+CREATE TABLE users (
+    id     bigint PRIMARY KEY,
+    name   text NOT NULL,
+    email  text,
+    bio    text,
+    avatar bytea
+);
