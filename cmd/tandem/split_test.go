@@ -368,3 +368,49 @@ func mustConnect(t *testing.T, dsn string) *pgx.Conn {
 	t.Cleanup(func() { c.Close(context.Background()) })
 	return c
 }
+
+// TestPlanSplitPositions: `tandem plan` checks each part of a split
+// against the catalogs and reports a wrong one with its file, line and
+// column; `tandem config check` reports the static mistakes the same way.
+func TestPlanSplitPositions(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	mustExec(t, oldC, splitExample(t, "old.sql"))
+	mustExec(t, newC, splitExample(t, "new.sql"))
+	file, _ := pairConfig(t, oldC, newC, "plan-split")
+	head, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := strings.Count(string(head), "\n") // the lines before tables:
+	appendFile(t, file, `tables:
+  map:
+    users:
+      split:
+        - to: accounts
+        - to: profiles
+          rename: {id: userid}
+`)
+	out, errOut, err := cli("plan", "-c", file)
+	if ec, ok := err.(exitCode); !ok || ec != 2 {
+		t.Fatalf("plan: %v, want exit status 2\n%s%s", err, out, errOut)
+	}
+	want := fmt.Sprintf("%s:%d:11: ", file, base+6) + `tables.map[users].split[1]: public.users: new column "userid": rename names a column that public.profiles does not have (did you mean "user_id"?)`
+	if !strings.Contains(out, want) {
+		t.Errorf("plan output lacks\n  %s\n%s", want, out)
+	}
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	if err := os.WriteFile(bad, []byte(string(head)+`tables:
+  map:
+    users:
+      split:
+        - to: accounts
+        - to: accounts
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, err = cli("config", "check", "-c", bad)
+	want = fmt.Sprintf("%s:%d:11: ", bad, base+6) + "tables.map[users].split[1].to: public.accounts is already the new table of another part of this split"
+	if ec, ok := err.(exitCode); !ok || ec != 1 || !strings.Contains(out, want) {
+		t.Fatalf("config check: %v, want\n  %s\n%s%s", err, want, out, errOut)
+	}
+}
