@@ -165,6 +165,9 @@ func TestSplitCopy(t *testing.T) {
 	s.new(splitNew + `; INSERT INTO accounts VALUES (1000, 'stale', NULL); INSERT INTO profiles VALUES (1000, 'stale', NULL), (1, 'not any more', NULL)`)
 	old, nw := s.primary(), s.secondary()
 	owner := splitMappings(t, old, nw, splitDecl()).ForOld(Name{"public", "users"})
+	if _, err := NewSnapshotCopy(owner); err == nil || !strings.Contains(err.Error(), "locked path") {
+		t.Errorf("NewSnapshotCopy of a split: %v, want a refusal naming the locked path", err)
+	}
 	check := func(when string) {
 		t.Helper()
 		if got, want := queryText(t, nw, newAccounts), queryText(t, old, oldAccounts); got != want {
