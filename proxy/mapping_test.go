@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -257,5 +258,110 @@ func TestMirrorConsolidated(t *testing.T) {
 	}
 	if d := e.openDrift(); d != 1 {
 		t.Fatalf("open drift after the TRUNCATE: %d, want the table", d)
+	}
+}
+
+// TestMirrorSplit: old users is split into accounts (the owner) and
+// profiles (a dependent with a where). Forward, each write reaches both
+// parts in its transaction (a row moving out of the where loses its
+// profile). After the flip, a write to accounts upserts only its columns
+// on old, a write to profiles updates its columns, a DELETE on profiles
+// resets them, one on accounts deletes the old row, and a profile whose
+// old row is not there is drift by key, not an error and not lost; a
+// TRUNCATE of a split table is drift, not run.
+func TestMirrorSplit(t *testing.T) {
+	e := newPairEnv(t, "")
+	ctx := context.Background()
+	if err := e.old.Exec(ctx, e.db, `CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text, bio text, avatar bytea)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.new.Exec(ctx, e.db, `CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL, email text);
+		CREATE TABLE profiles (user_id bigint PRIMARY KEY, bio text, avatar bytea)`); err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.Tables{Map: map[string]config.TableMap{"users": {Split: []config.TableMap{
+		{To: "accounts"},
+		{To: "profiles", Rename: map[string]string{"id": "user_id"}, Where: "bio IS NOT NULL OR avatar IS NOT NULL"},
+	}}}}
+	ms, oc, nc := e.loadMappings(t, cfg)
+	e.proxy.srv.SetMappings(ms)
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	c := e.client()
+	text := func(q *pgx.Conn, sql string) string {
+		t.Helper()
+		var s string
+		if err := q.QueryRow(ctx, sql).Scan(&s); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+		return s
+	}
+	const (
+		oldRows  = `SELECT coalesce(string_agg(id || ':' || name || ':' || coalesce(bio, '-'), ',' ORDER BY id), '') FROM users`
+		accounts = `SELECT coalesce(string_agg(id || ':' || name, ',' ORDER BY id), '') FROM accounts`
+		profiles = `SELECT coalesce(string_agg(user_id || ':' || coalesce(bio, '-'), ',' ORDER BY user_id), '') FROM profiles`
+	)
+	for _, step := range []struct{ sql, accounts, profiles string }{
+		{`INSERT INTO users VALUES (1, 'a', NULL, 'bio a', NULL), (2, 'b', NULL, NULL, NULL), (3, 'c', NULL, NULL, '\x03')`, "1:a,2:b,3:c", "1:bio a,3:-"},
+		{`UPDATE users SET bio = 'bio b', name = 'B' WHERE id = 2`, "1:a,2:B,3:c", "1:bio a,2:bio b,3:-"}, // into profiles
+		{`UPDATE users SET bio = NULL WHERE id = 1`, "1:a,2:B,3:c", "2:bio b,3:-"},                        // out of it
+		{`DELETE FROM users WHERE id = 3`, "1:a,2:B", "2:bio b"},
+	} {
+		if _, err := c.Exec(ctx, step.sql); err != nil {
+			t.Fatalf("%s: %v", step.sql, err)
+		}
+		if got, got2 := text(nc, accounts), text(nc, profiles); got != step.accounts || got2 != step.profiles {
+			t.Fatalf("after %s: accounts %q profiles %q, want %q and %q", step.sql, got, got2, step.accounts, step.profiles)
+		}
+	}
+	if _, err := c.Exec(ctx, `TRUNCATE users`); err != nil {
+		t.Fatal(err)
+	}
+	if got := text(nc, accounts); got != "1:a,2:B" {
+		t.Fatalf("a TRUNCATE of a split table was run on new: accounts %q", got)
+	}
+	if got := text(oc, `SELECT string_agg(DISTINCT reason, ';') FROM tandem.drift WHERE table_name = 'users' AND repaired_at IS NULL`); !strings.Contains(got, "split") {
+		t.Fatalf("drift for the TRUNCATE: %q", got)
+	}
+	if _, err := e.control.Exec(ctx, `UPDATE tandem.drift SET repaired_at = now() WHERE repaired_at IS NULL`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := oc.Exec(ctx, `INSERT INTO users VALUES (1, 'a', NULL, NULL, NULL), (2, 'B', NULL, 'bio b', NULL)`); err != nil {
+		t.Fatal(err)
+	}
+
+	e.set(route.Settings{Primary: route.New, Mirror: true, Reads: 100})
+	for _, sql := range []string{
+		`INSERT INTO accounts VALUES (4, 'd', 'd@x')`,
+		`UPDATE accounts SET name = 'A' WHERE id = 1`,
+		`INSERT INTO profiles VALUES (4, 'bio d', NULL)`,
+		`UPDATE profiles SET bio = 'bio B' WHERE user_id = 2`,
+		`INSERT INTO profiles VALUES (1, 'bio A', NULL) ON CONFLICT (user_id) DO UPDATE SET bio = excluded.bio`,
+		`DELETE FROM profiles WHERE user_id = 2`,
+	} {
+		if _, err := c.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	if got := text(oc, oldRows); got != "1:A:bio A,2:B:-,4:d:bio d" {
+		t.Fatalf("old after writes to one new table at a time = %s", got)
+	}
+	if d := e.openDrift(); d != 0 {
+		t.Fatalf("open drift: %d", d)
+	}
+	// A profile before its account: drift for profiles by key.
+	if _, err := c.Exec(ctx, `INSERT INTO profiles VALUES (9, 'early', NULL)`); err != nil {
+		t.Fatalf("a profile without its old row failed the client: %v", err)
+	}
+	if got := text(oc, `SELECT count(*)::text FROM users WHERE id = 9`); got != "0" {
+		t.Fatalf("old row 9 = %s", got)
+	}
+	if got := text(oc, `SELECT string_agg(table_name || ' ' || array_to_string(key, ','), ';') FROM tandem.drift WHERE repaired_at IS NULL`); got != "profiles 9" {
+		t.Fatalf("drift = %q, want profiles 9", got)
+	}
+	if _, err := c.Exec(ctx, `DELETE FROM accounts WHERE id = 4`); err != nil {
+		t.Fatal(err)
+	}
+	if got := text(oc, `SELECT string_agg(id::text, ',' ORDER BY id) FROM users`); got != "1,2" {
+		t.Fatalf("old after the owner's delete = %s", got)
 	}
 }

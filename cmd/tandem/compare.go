@@ -226,11 +226,11 @@ func (f *compareFlags) mappings(ms *table.Mappings) ([]*table.Mapping, error) {
 		maps = ms.All()
 	}
 	for _, t := range *f.tables {
-		m := ms.ForOld(parseTable(t))
-		if m == nil {
+		parts := ms.PartsOf(parseTable(t)) // a split table: each part's verify
+		if parts == nil {
 			return nil, fmt.Errorf("--table %s: not in the migration's scope, or its mapping has a problem (see tandem plan)", t)
 		}
-		maps = append(maps, m)
+		maps = append(maps, parts...)
 	}
 	return maps, nil
 }

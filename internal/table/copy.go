@@ -527,8 +527,10 @@ func (p *copier) openCopyUnit(ctx context.Context, primary, secondary *pgx.Conn,
 		return u, fmt.Errorf("copying %s: secondary: %w", p.src.Name, err)
 	}
 	if p.lockTables {
-		if _, err := u.stx.Exec(ctx, "LOCK TABLE "+p.dst.Name.Quoted()+" IN SHARE ROW EXCLUSIVE MODE"); err != nil {
-			return u, fmt.Errorf("copying %s: locking the secondary: %w", p.src.Name, err)
+		for _, q := range p.parts() { // a split's owner writes every part's table
+			if _, err := u.stx.Exec(ctx, "LOCK TABLE "+q.dst.Name.Quoted()+" IN SHARE ROW EXCLUSIVE MODE"); err != nil {
+				return u, fmt.Errorf("copying %s: locking the secondary: %w", p.src.Name, err)
+			}
 		}
 		if _, err := u.ptx.Exec(ctx, "LOCK TABLE "+p.src.Name.Quoted()+" IN SHARE MODE"); err != nil {
 			return u, fmt.Errorf("copying %s: locking the primary: %w", p.src.Name, err)
