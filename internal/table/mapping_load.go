@@ -339,6 +339,13 @@ func loadSplit(ctx context.Context, old, new Querier, n Name, decl config.TableM
 				return nil, nil, err
 			}
 		}
+		if len(ps) == 0 && !m.Owner() {
+			// A dependent's way back is an UPDATE, not the upsert check
+			// compiled: compile it too.
+			if ps, err = m.checkReverseUpdate(ctx, old); err != nil {
+				return nil, nil, err
+			}
+		}
 		for _, p := range ps {
 			p.Field = joinField(field, p.Field)
 			probs = append(probs, p)
@@ -354,6 +361,34 @@ func loadSplit(ctx context.Context, old, new Querier, n Name, decl config.TableM
 		}
 	}
 	return parts[0], probs, nil
+}
+
+// checkReverseUpdate compiles a dependent part's reverse UPDATE (the
+// mirror's and the repair's after the flip) on old, over a typed row of
+// its new table.
+func (m *Mapping) checkReverseUpdate(ctx context.Context, old Querier) ([]Problem, error) {
+	var probs []Problem
+	add := func(side, col, msg string, flipOnly bool) {
+		probs = append(probs, Problem{Table: m.Old.Name, Side: side, Column: col, Message: msg, FlipOnly: flipOnly})
+	}
+	dir := checkDir{d: &m.rev, on: old, fromSide: "new", toSide: "old", flipOnly: true}
+	from, cols, err := dir.sourceRow(ctx, add)
+	if err != nil || len(probs) > 0 {
+		return probs, err
+	}
+	sql, err := m.rev.reverseUpdate(from, cols)
+	if err != nil {
+		add("old", "", err.Error(), true)
+		return probs, nil
+	}
+	msg, err := prepareCheck(ctx, old, sql)
+	if err != nil {
+		return nil, err
+	}
+	if msg != "" {
+		add("old", "", "the reverse update of this part does not compile on the old store: "+msg, true)
+	}
+	return probs, nil
 }
 
 // check runs the server-side checks of the mapping: forward on new, reverse
