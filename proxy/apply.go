@@ -511,26 +511,19 @@ type mappedStep struct {
 // application wrote this part first) is drift for the part's new table,
 // which the repairer copies once the owner's row is on old.
 func (rs *routedSession) dependentApplier(pm *table.Meta, m *table.Mapping, names []string, rows [][][]byte, del bool) func(*rstore) error {
+	stmt, reason := m.ReverseUpdateSQL, "no old row for a dependent part of a split (its owner's row is not there yet)"
+	if del {
+		// Cleared, not deleted; a key without an old row may be one whose
+		// insert has not committed on old yet: drift, which the repairer
+		// clears once it has.
+		stmt, reason = m.ReverseClearSQL, "no old row to clear for a dependent part of a split (its owner's row is not there, or not yet)"
+	}
 	return func(sec *rstore) error {
 		if len(rows) == 0 {
 			return nil
 		}
-		if del {
-			err := batches(rows, len(names), func(rows [][][]byte) error {
-				sql, err := m.ReverseClearSQL(names, len(rows))
-				if err != nil {
-					return err
-				}
-				rs.queueExec(sec, sql, rowParams(rows, nil))
-				return nil
-			})
-			if err != nil {
-				return err
-			}
-			return rs.execQueued(sec)
-		}
 		err := batches(rows, len(names), func(rows [][][]byte) error {
-			sql, err := m.ReverseUpdateSQL(names, len(rows))
+			sql, err := stmt(names, len(rows))
 			if err != nil {
 				return err
 			}
@@ -555,7 +548,7 @@ func (rs *routedSession) dependentApplier(pm *table.Meta, m *table.Mapping, name
 				}
 				key[i] = *v
 			}
-			rs.must = append(rs.must, table.DriftEntry{Table: pm.Name, Key: key, Reason: "no old row for a dependent part of a split (its owner's row is not there yet)"})
+			rs.must = append(rs.must, table.DriftEntry{Table: pm.Name, Key: key, Reason: reason})
 		}
 		return nil
 	}

@@ -176,14 +176,7 @@ func (m *Mapping) UnitName() Name {
 //	     u AS (UPDATE old AS d SET "c" = v.c0, ... FROM v WHERE (d.key) = (v.k0, ...) RETURNING d.key)
 //	SELECT v.k0::text, ... FROM v WHERE NOT EXISTS (SELECT FROM u WHERE (u.key) = (v.k0, ...))
 func (d *direction) reverseUpdate(from string, cols []string) (string, error) {
-	keys, err := d.keyValues(cols)
-	if err != nil {
-		return "", err
-	}
 	var sel, sets []string
-	for i, k := range keys {
-		sel = append(sel, k+" AS "+quoteIdent("k"+strconv.Itoa(i)))
-	}
 	for _, t := range d.targets {
 		c := d.to.Columns[t.col]
 		if slices.Contains(d.to.Key, t.col) || c.Identity == 'a' || !t.available(cols) {
@@ -195,6 +188,40 @@ func (d *direction) reverseUpdate(from string, cols []string) (string, error) {
 	}
 	if len(sets) == 0 {
 		return "", fmt.Errorf("writing %s: no column of it but the key can be derived from the columns given", d.to.Name)
+	}
+	return d.keyedUpdate(from, cols, sel, sets)
+}
+
+// reverseClear is reverseUpdate for the old rows of a dependent part's
+// deleted rows: it sets the part's columns (every column it gives back
+// but the key) to their defaults (NULL without one), and returns the keys
+// it found no old row for, as reverseUpdate does. An old row being
+// inserted by a transaction not yet committed there is not seen by an
+// UPDATE (an upsert would wait for it, but an insert of a dependent's
+// columns alone fails the owner's NOT NULL columns): such a key is drift
+// for the caller, not a clear that never happened.
+func (d *direction) reverseClear(from string, cols []string) (string, error) {
+	var sets []string
+	for _, c := range d.clearColumns() {
+		sets = append(sets, quoteIdent(c)+" = DEFAULT")
+	}
+	if len(sets) == 0 {
+		return "", fmt.Errorf("clearing %s: the part gives back no column but the key", d.to.Name)
+	}
+	return d.keyedUpdate(from, cols, nil, sets)
+}
+
+// keyedUpdate is the statement of reverseUpdate and reverseClear: v holds
+// the rows' old keys (k0, ...) and the values sel, and sets are the
+// UPDATE's assignments over v.
+func (d *direction) keyedUpdate(from string, cols, sel, sets []string) (string, error) {
+	keys, err := d.keyValues(cols)
+	if err != nil {
+		return "", err
+	}
+	var ks []string
+	for i, k := range keys {
+		ks = append(ks, k+" AS "+quoteIdent("k"+strconv.Itoa(i)))
 	}
 	where := ""
 	if d.filter != "" {
@@ -210,7 +237,7 @@ func (d *direction) reverseUpdate(from string, cols []string) (string, error) {
 		vk = append(vk, a)
 		kt = append(kt, a+"::text")
 	}
-	return "WITH v AS (SELECT " + strings.Join(sel, ", ") + " FROM " + from + where + "), " +
+	return "WITH v AS (SELECT " + strings.Join(append(ks, sel...), ", ") + " FROM " + from + where + "), " +
 		"u AS (UPDATE " + d.to.Name.Quoted() + " AS d SET " + strings.Join(sets, ", ") + " FROM v WHERE (" + prefixedList("d", keyNames) + ") = (" +
 		strings.Join(vk, ", ") + ") RETURNING " + prefixedList("d", keyNames) + ") " +
 		"SELECT " + strings.Join(kt, ", ") + " FROM v WHERE NOT EXISTS (SELECT FROM u WHERE (" + prefixedList("u", keyNames) + ") = (" +
@@ -229,26 +256,6 @@ func (d *direction) clearColumns() []string {
 		}
 	}
 	return out
-}
-
-// reverseClear returns, for a dependent part, the statement that sets the
-// part's columns of the old rows whose keys rows from (aliased src,
-// carrying the new columns cols) give to their defaults (NULL without
-// one): the old row of a deleted dependent row.
-func (d *direction) reverseClear(from string, cols []string) (string, error) {
-	keys, err := d.keyValues(cols)
-	if err != nil {
-		return "", err
-	}
-	var sets []string
-	for _, c := range d.clearColumns() {
-		sets = append(sets, quoteIdent(c)+" = DEFAULT")
-	}
-	if len(sets) == 0 {
-		return "", fmt.Errorf("clearing %s: the part gives back no column but the key", d.to.Name)
-	}
-	lhs := "(" + identList(d.to.KeyNames()) + ")"
-	return "UPDATE " + d.to.Name.Quoted() + " SET " + strings.Join(sets, ", ") + " WHERE " + lhs + " IN (SELECT " + strings.Join(keys, ", ") + " FROM " + from + ")", nil
 }
 
 // ReverseUpdateSQL is the reverse write of a dependent part of a split
@@ -270,7 +277,8 @@ func (m *Mapping) ReverseUpdateSQL(newCols []string, rows int) (string, error) {
 
 // ReverseClearSQL is the reverse delete of a dependent part of a split:
 // it sets the part's columns of the old rows of the images' keys to their
-// defaults (the old row stays: the owner holds its existence).
+// defaults (the old row stays: the owner holds its existence), and
+// returns, as ReverseUpdateSQL does, the keys it found no old row for.
 func (m *Mapping) ReverseClearSQL(newCols []string, rows int) (string, error) {
 	if m.Owner() {
 		return "", fmt.Errorf("mapping %s: ReverseClearSQL is for a dependent part of a split; %s is the owner", m.Old.Name, m.New.Name)

@@ -288,11 +288,17 @@ func TestSplitReverseSQL(t *testing.T) {
 	if got := queryText(t, old, `SELECT name || '|' || email || '|' || bio FROM users WHERE id = 1`); got != "a|a@x|new bio" {
 		t.Fatalf("updated row = %s", got)
 	}
-	if sql, err = dep.ReverseClearSQL([]string{"user_id"}, 1); err != nil {
+	if sql, err = dep.ReverseClearSQL([]string{"user_id"}, 2); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := old.Exec(ctx, sql, "2"); err != nil {
+	if rows, err = old.Query(ctx, sql, "2", "8"); err != nil {
 		t.Fatal(err)
+	}
+	if missing, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+		t.Fatal(err)
+	}
+	if len(missing) != 1 || missing[0] != "8" {
+		t.Fatalf("keys without an old row to clear = %q, want [8]", missing)
 	}
 	if got := queryText(t, old, `SELECT name || '|' || email || '|' || coalesce(bio, '-') || '|' || coalesce(encode(avatar, 'hex'), '-') FROM users WHERE id = 2`); got != "b|b@x|-|-" {
 		t.Fatalf("cleared row = %s", got)
