@@ -217,6 +217,11 @@ func TestSplit(t *testing.T) {
 		}
 	}
 
+	// The snapshot path does not take a split, and says so.
+	if out, errOut, err := cli("backfill", "-c", file, "--path", "snapshot"); err == nil || !strings.Contains(err.Error()+out+errOut, "split into 2 new tables") {
+		t.Fatalf("backfill --path snapshot of a split: %v, want a refusal naming the split\n%s%s", err, out, errOut)
+	}
+
 	// The backfill under 8 writers.
 	var load splitLoad
 	load.run(dsn, 8)
