@@ -143,7 +143,7 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int, audit bool
 	if err != nil {
 		return nil, err
 	}
-	opts := plan.Options{SampleRows: sampleRows, Map: mapping, Feed: cfg.Feed.Enabled, Audit: audit}
+	opts := plan.Options{SampleRows: sampleRows, Map: mapping, Feed: cfg.Feed.Enabled, FeedName: cfg.Feed.Name, Audit: audit}
 	var conns []*pgx.Conn
 	defer func() {
 		for _, c := range conns {
