@@ -31,54 +31,26 @@ func TestConsolidationFeed(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	ctx := context.Background()
-	if err := newC.CreateDatabase(ctx, "consolidated"); err != nil {
-		t.Fatal(err)
-	}
-	if err := newC.Exec(ctx, "consolidated", exampleSQL(t, "consolidated.sql")); err != nil {
-		t.Fatal(err)
-	}
-	newDSN := newC.DSN("consolidated")
-	var deps []*consolDeployment
-	defer func() {
-		for i := len(deps) - 1; i >= 0; i-- {
-			stopProxy(t, deps[i].rp)
-		}
-	}()
-	for i, tenant := range []string{"shop", "billing"} {
-		if err := oldC.CreateDatabase(ctx, tenant); err != nil {
-			t.Fatal(err)
-		}
-		if err := oldC.Exec(ctx, tenant, exampleSQL(t, "service.sql")+fmt.Sprintf(
-			`; INSERT INTO orders SELECT g, g * %d + 0.25, '2024-01-01Z'::timestamptz + g * interval '1 minute' FROM generate_series(1, 300) g`, i+2)); err != nil {
-			t.Fatal(err)
-		}
-		d := &consolDeployment{tenant: tenant, oldDSN: oldC.DSN(tenant)}
-		d.file = consolConfig(t, tenant, d.oldDSN, newDSN)
+	cons := startConsolidation(t, oldC, newC, 300, func(d *consolDeployment) {
 		// Without a name of its own, the feed is refused with a
 		// consolidation's discriminator.
 		yaml, err := os.ReadFile(d.file)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(d.file, []byte(strings.Replace(string(yaml), "\ntables:\n", "\nfeed:\n  enabled: true\ntables:\n", 1)), 0o600); err != nil {
-			t.Fatal(err)
+		feed := func(section string) {
+			if err := os.WriteFile(d.file, []byte(strings.Replace(string(yaml), "\ntables:\n", "\nfeed:\n  enabled: true\n"+section+"tables:\n", 1)), 0o600); err != nil {
+				t.Fatal(err)
+			}
 		}
+		feed("")
 		if out, errOut, err := cli("config", "check", "-c", d.file); err == nil || !strings.Contains(out+errOut, "set feed.name") {
 			t.Fatalf("config check of a consolidation's feed without feed.name: %v\n%s%s", err, out, errOut)
 		}
-		if err := os.WriteFile(d.file, []byte(strings.Replace(string(yaml), "\ntables:\n", "\nfeed:\n  enabled: true\n  name: "+tenant+"\ntables:\n", 1)), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if out, errOut, err := cli("config", "check", "-c", d.file); err != nil {
-			t.Fatalf("config check %s: %v\n%s%s", tenant, err, out, errOut)
-		}
-		d.rp = startQuietProxy(t, loadConfig(t, d.file))
-		deps = append(deps, d)
-		d.api = newAdminClient(t, d.rp)
-		d.dsn = fmt.Sprintf("postgres://postgres@%s/%s?sslmode=disable&application_name=consol-feed", d.rp.Addr(), tenant)
-		d.api.waitLive(1)
-		d.api.change("/api/v1/route", `{"mirror": true, "reason": "dual-write"}`, tenant)
-	}
+		feed("  name: " + d.tenant + "\n")
+	})
+	defer cons.stop(t)
+	newDSN, deps := cons.newDSN, cons.deps
 	slots := func(c *pgtest.Cluster) []string {
 		t.Helper()
 		conn, err := pgx.Connect(ctx, c.DSN("postgres"))
