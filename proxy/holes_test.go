@@ -147,7 +147,11 @@ func TestHoleCascade(t *testing.T) {
 // TestHoleKeyChange: an UPDATE that changes a key leaves new with the new
 // keys only, directly and through a table mapping: the ledger.
 func TestHoleKeyChange(t *testing.T) {
-	e := newPairEnv(t, `CREATE TABLE k (id int PRIMARY KEY, v text)`)
+	// m has a unique column besides its key: on new, the mirrored upsert of
+	// a changed key meets the row under the old key still holding the
+	// email, and so does the whole-table repair unless it removes the rows
+	// old has lost first.
+	e := newPairEnv(t, `CREATE TABLE k (id int PRIMARY KEY, v text); CREATE TABLE m (id int PRIMARY KEY, email text NOT NULL UNIQUE)`)
 	ctx := context.Background()
 	if err := e.old.Exec(ctx, e.db, `CREATE TABLE users (id int PRIMARY KEY, first_name text, last_name text)`); err != nil {
 		t.Fatal(err)
@@ -170,14 +174,15 @@ func TestHoleKeyChange(t *testing.T) {
 	e.set(route.Settings{Primary: route.Old, Mirror: true})
 	c := e.client()
 	e.exec(c, `INSERT INTO k SELECT g, 'v' || g FROM generate_series(1, 5) g`,
-		`INSERT INTO users VALUES (1, 'Ada', 'Lovelace'), (2, 'Alan', 'Turing')`)
+		`INSERT INTO users VALUES (1, 'Ada', 'Lovelace'), (2, 'Alan', 'Turing')`,
+		`INSERT INTO m SELECT g, 'e' || g FROM generate_series(1, 5) g`)
 	if d := e.openEntries(); len(d) > 0 {
 		t.Fatalf("inserts recorded drift: %v", d)
 	}
-	e.exec(c, `UPDATE k SET id = id + 100`, `UPDATE users SET id = id + 100 WHERE id = 1`)
+	e.exec(c, `UPDATE k SET id = id + 100`, `UPDATE users SET id = id + 100 WHERE id = 1`, `UPDATE m SET id = id + 100 WHERE id > 2`)
 	e.exec(c, `BEGIN`, `UPDATE k SET id = id + 100 WHERE id = 101`, `COMMIT`)
 	d := e.openEntries()
-	for _, tbl := range []string{"k", "users"} {
+	for _, tbl := range []string{"k", "users", "m"} {
 		if !strings.Contains(strings.Join(d, "\n"), tbl+" (whole table) key columns updated") {
 			t.Fatalf("want a whole-table entry for %s, open entries: %v", tbl, d)
 		}
@@ -198,6 +203,7 @@ func TestHoleKeyChange(t *testing.T) {
 		}
 	}
 	e.assertEqual("k", "id")
+	e.assertEqual("m", "id")
 	var ids string
 	if err := nc.QueryRow(ctx, `SELECT string_agg(id::text || ':' || full_name, ',' ORDER BY id) FROM accounts`).Scan(&ids); err != nil || ids != "2:Alan Turing,101:Ada Lovelace" {
 		t.Fatalf("accounts on new: %q %v", ids, err)
