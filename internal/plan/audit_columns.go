@@ -42,23 +42,25 @@ func (s *auditSide) col(name string) *auditCol {
 	return nil
 }
 
-// from is the FROM item of the table's rows as new's columns: the old key
-// (tandem_k), each column's value as new receives it (tandem_vN), whether
-// its type cast or its length rejects it (tandem_cN, tandem_lN, computed
-// once per row: OFFSET 0 keeps the planner from inlining them into every
-// use), and its value typed as new's column, under new's name.
+// from is the FROM item of the table's rows as new's columns: the row's
+// ctid (tandem_t), the old key (tandem_k), each column's value as new
+// receives it (tandem_vN), whether its type cast or its length rejects it
+// (tandem_cN, tandem_lN), and its value typed as new's column, under new's
+// name. It is plain nested subqueries, which the planner flattens into
+// the query that reads them: a condition on tandem_t reaches the table's
+// scan (a TID range scan), and the scan can run with parallel workers.
 func (s *auditSide) from() string { return s.fromCols(nil) }
 
 // fromCols is from with only the columns named in only (all when nil):
 // a unique key's GROUP BY and a foreign key's parent read just theirs.
 func (s *auditSide) fromCols(only []string) string {
-	key := "tandem_o.ctid AS tandem_k"
+	key := "tandem_o.ctid AS tandem_t, tandem_o.ctid AS tandem_k"
 	if len(s.old.key) > 0 {
 		ks := make([]string, len(s.old.key))
 		for i, k := range s.old.key {
 			ks[i] = fmt.Sprintf("tandem_o.%s AS tandem_k%d", quoteIdent(k), i)
 		}
-		key = strings.Join(ks, ", ")
+		key = "tandem_o.ctid AS tandem_t, " + strings.Join(ks, ", ")
 	}
 	var values, raw []string
 	use := func(c *auditCol) bool { return only == nil || slices.Contains(only, c.name) }
@@ -67,7 +69,7 @@ func (s *auditSide) fromCols(only []string) string {
 			values = append(values, fmt.Sprintf("%s AS tandem_v%d", c.value, i))
 		}
 	}
-	keys := s.keyCols()
+	keys := append([]string{"tandem_t"}, s.keyCols()...)
 	typed := prefixed("r.", keys)
 	for i, c := range s.cols {
 		if !use(c) {
@@ -94,7 +96,7 @@ func (s *auditSide) fromCols(only []string) string {
 				strings.ReplaceAll(c.typed, "$v", "r."+v), quoteIdent(c.name)))
 		}
 	}
-	return fmt.Sprintf("(SELECT %s FROM (SELECT %s FROM (SELECT %s%s FROM %s AS tandem_o) AS v OFFSET 0) AS r)",
+	return fmt.Sprintf("(SELECT %s FROM (SELECT %s FROM (SELECT %s%s FROM %s AS tandem_o) AS v) AS r)",
 		strings.Join(typed, ", "), strings.Join(append(prefixed("v.", keys), raw...), ", "),
 		key, prefixComma(values), s.old.name.Quoted())
 }

@@ -1,11 +1,13 @@
 package plan
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/pgtest/harness"
+	"github.com/tandemdb/tandem/internal/table"
 )
 
 // TestAuditCastRules checks that the audit's PostgreSQL 15 checks (a value
@@ -92,5 +94,45 @@ func TestAuditCastRules(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestAuditExamples checks the counts and the example keys when a check
+// fails more rows than it lists, beside a check that fails other rows: each
+// reject counts all of its rows and lists the first auditExamples of them
+// in the table's order, only rows that fail it, including a row that an
+// UPDATE moved to the table's end.
+func TestAuditExamples(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	ctx := t.Context()
+	if err := old.Exec(ctx, "postgres", `CREATE TABLE t (id int PRIMARY KEY, v text, w text);
+		INSERT INTO t SELECT g, 'v', 'w' FROM generate_series(1, 5000) g;
+		UPDATE t SET v = NULL WHERE id % 400 = 7;
+		UPDATE t SET w = 'long' WHERE id IN (3, 4100);
+		UPDATE t SET v = NULL WHERE id = 2;
+		ANALYZE t;`); err != nil {
+		t.Fatal(err)
+	}
+	if err := new.Exec(ctx, "postgres", `CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL, w varchar(3))`); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Run(ctx, Options{Old: harness.Connect(t, old, "postgres"), New: harness.Connect(t, new, "postgres"), Audit: true,
+		Map: func(n table.Name) Mapping { return Mapping{New: n} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Tables) != 1 || rep.Tables[0].Audit == nil {
+		t.Fatalf("tables %+v", rep.Tables)
+	}
+	a := rep.Tables[0].Audit
+	var got []string
+	for _, r := range a.Rejects {
+		got = append(got, fmt.Sprintf("%s %s %d [%s]", r.Reason, r.Column, r.Rows, strings.Join(r.Keys, " ")))
+	}
+	// The UPDATEs moved the ids 7 mod 400, then 3 and 4100, then 2 after
+	// the rest, in the order they ran.
+	want := []string{"length w 2 [3 4100]", "null v 14 [7 407 807 1207 1607]"}
+	if a.Rows != 5000 || strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Errorf("audit of %d rows: %q, want %q", a.Rows, got, want)
 	}
 }
