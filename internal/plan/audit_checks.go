@@ -391,13 +391,21 @@ func (s *auditSide) scan(ctx context.Context, conn *pgx.Conn, checks []scanCheck
 	return nil
 }
 
-// unique checks one of new's unique indexes, unless old enforces it: old
-// has a unique index on a subset of the same columns, passed through with
-// the same types.
-func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, u uniqueIdx, oldUniques []uniqueIdx, a *Audit) error {
+// uniqueCheck is the query for one of new's unique indexes that old does
+// not enforce.
+type uniqueCheck struct {
+	idx uniqueIdx
+	sql string
+}
+
+// uniqueCheck builds the query for one of new's unique indexes, unless
+// old enforces it (old has a unique index on a subset of the same columns,
+// passed through with the same types) or it cannot be audited (noted in
+// a): then ok is false.
+func (s *auditSide) uniqueCheck(u uniqueIdx, oldUniques []uniqueIdx, a *Audit) (uc uniqueCheck, ok bool) {
 	if u.partial || u.exprs {
 		a.Unchecked = append(a.Unchecked, fmt.Sprintf("unique index %s is partial or on expressions: duplicates not audited", u.name))
-		return nil
+		return uc, false
 	}
 	var from []string
 	same := true
@@ -405,7 +413,7 @@ func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, u uniqueIdx, old
 		c := s.col(name)
 		if c == nil || c.typed == "" {
 			a.Unchecked = append(a.Unchecked, fmt.Sprintf("unique index %s: column %s is not filled from old or its values are not typed: duplicates not audited", u.name, name))
-			return nil
+			return uc, false
 		}
 		if c.computed || c.srcType != c.newType {
 			same = false
@@ -415,7 +423,7 @@ func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, u uniqueIdx, old
 	if same {
 		for _, o := range oldUniques {
 			if !o.partial && !o.exprs && !o.invalid && (o.nullsNotDistinct || !u.nullsNotDistinct) && subset(o.cols, from) {
-				return nil // old enforces it
+				return uc, false // old enforces it
 			}
 		}
 	}
@@ -436,9 +444,16 @@ func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, u uniqueIdx, old
 	q := fmt.Sprintf(`SELECT coalesce(sum(n - 1), 0)::int8, coalesce((array_agg(v ORDER BY v))[1:%d], '{}') FROM (
 		SELECT %s AS v, count(*) AS n FROM %s AS m%s GROUP BY %s HAVING count(*) > 1) AS d`,
 		auditExamples, v, s.fromCols(u.cols), where, strings.Join(cols, ", "))
+	return uniqueCheck{idx: u, sql: q}, true
+}
+
+// unique runs the query of a unique index on conn, and adds its reject
+// (or why it could not run) to a.
+func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, uc uniqueCheck, a *Audit) error {
+	u := uc.idx
 	var n int64
 	var vals []string
-	if err := conn.QueryRow(ctx, q).Scan(&n, &vals); err != nil {
+	if err := conn.QueryRow(ctx, uc.sql).Scan(&n, &vals); err != nil {
 		if ctx.Err() != nil || conn.IsClosed() {
 			return fmt.Errorf("auditing %s on old: %w", s.old.name, err)
 		}
