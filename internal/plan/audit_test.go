@@ -101,7 +101,7 @@ func TestAuditCastRules(t *testing.T) {
 // fails more rows than it lists, beside a check that fails other rows: each
 // reject counts all of its rows and lists the first auditExamples of them
 // in the table's order, only rows that fail it, including a row that an
-// UPDATE moved to the table's end.
+// UPDATE moved to the table's end; an empty table has nothing to reject.
 func TestAuditExamples(t *testing.T) {
 	old, new := pgtest.NewPair(t)
 	ctx := t.Context()
@@ -110,10 +110,12 @@ func TestAuditExamples(t *testing.T) {
 		UPDATE t SET v = NULL WHERE id % 400 = 7;
 		UPDATE t SET w = 'long' WHERE id IN (3, 4100);
 		UPDATE t SET v = NULL WHERE id = 2;
+		CREATE TABLE empty (id int PRIMARY KEY, v text);
 		ANALYZE t;`); err != nil {
 		t.Fatal(err)
 	}
-	if err := new.Exec(ctx, "postgres", `CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL, w varchar(3))`); err != nil {
+	if err := new.Exec(ctx, "postgres", `CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL, w varchar(3));
+		CREATE TABLE empty (id int PRIMARY KEY, v text NOT NULL UNIQUE)`); err != nil {
 		t.Fatal(err)
 	}
 	rep, err := Run(ctx, Options{Old: harness.Connect(t, old, "postgres"), New: harness.Connect(t, new, "postgres"), Audit: true,
@@ -121,10 +123,13 @@ func TestAuditExamples(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.Tables) != 1 || rep.Tables[0].Audit == nil {
+	if len(rep.Tables) != 2 || rep.Tables[0].Audit == nil || rep.Tables[1].Audit == nil || rep.Tables[1].Name != "public.t" {
 		t.Fatalf("tables %+v", rep.Tables)
 	}
-	a := rep.Tables[0].Audit
+	if e := rep.Tables[0].Audit; e.Rows != 0 || len(e.Rejects) != 0 || len(e.Unchecked) != 0 {
+		t.Errorf("audit of the empty table: %+v", e)
+	}
+	a := rep.Tables[1].Audit
 	var got []string
 	for _, r := range a.Rejects {
 		got = append(got, fmt.Sprintf("%s %s %d [%s]", r.Reason, r.Column, r.Rows, strings.Join(r.Keys, " ")))
