@@ -19,8 +19,9 @@ import (
 // is SQL run on the old store over old's rows as the mapping turns them into
 // new's columns (renamed, computed). One scan of the table computes every
 // per-row reason (length, NULL, type cast, CHECK, and the foreign key
-// orphans through a hash join with the parent's keys); a unique key that
-// old does not enforce takes one GROUP BY more.
+// orphans through a hash join with the parent's keys), with parallel
+// workers where PostgreSQL plans them; a unique key that old does not
+// enforce takes one GROUP BY more, on a second connection beside the scan.
 
 // Audit reasons.
 const (
