@@ -254,7 +254,7 @@ func planMapping(t config.Tables) (func(table.Name) plan.Mapping, error) {
 		}
 		old := table.Name{Schema: s, Table: n}
 		m := plan.Mapping{New: old, Declared: true, Renames: tm.Rename, Dropped: tm.Drop, Computed: tm.Compute, Consumed: map[string]bool{},
-			Discriminator: tm.Discriminator}
+			Discriminator: tm.Discriminator, Where: tm.Where}
 		for _, expr := range tm.Compute {
 			cols, err := table.ExprColumns(expr)
 			if err != nil {

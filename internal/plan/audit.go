@@ -39,7 +39,7 @@ const auditExamples = 5
 // Audit is the data audit of one table: what new's schema will reject of
 // old's rows.
 type Audit struct {
-	Rows     int64            `json:"rows"`     // rows scanned on old
+	Rows     int64            `json:"rows"`     // rows scanned on old: those the mapping carries (its where)
 	Duration jsonout.Duration `json:"duration"` // the audit's queries, all together
 	// Rejects are the reasons with at least one row, in a stable order
 	// (by reason, then column or constraint); empty when the table is clean.

@@ -96,9 +96,13 @@ func (s *auditSide) fromCols(only []string) string {
 				strings.ReplaceAll(c.typed, "$v", "r."+v), quoteIdent(c.name)))
 		}
 	}
-	return fmt.Sprintf("(SELECT %s FROM (SELECT %s FROM (SELECT %s%s FROM %s AS tandem_o) AS v) AS r)",
+	where := ""
+	if s.m.Where != "" { // only the rows the mapping carries: the others never reach new
+		where = " WHERE (" + s.m.Where + ")"
+	}
+	return fmt.Sprintf("(SELECT %s FROM (SELECT %s FROM (SELECT %s%s FROM %s AS tandem_o%s) AS v) AS r)",
 		strings.Join(typed, ", "), strings.Join(append(prefixed("v.", keys), raw...), ", "),
-		key, prefixComma(values), s.old.name.Quoted())
+		key, prefixComma(values), s.old.name.Quoted(), where)
 }
 
 // keyCols are the names of the old key's columns in from: tandem_k0, ...,

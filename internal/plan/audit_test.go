@@ -2,6 +2,7 @@ package plan
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 
@@ -174,5 +175,55 @@ func TestAuditComputedFunctions(t *testing.T) {
 			a.Rejects[0].Reason != RejectCheck || a.Rejects[0].Rows != 3 || strings.Join(a.Rejects[0].Keys, " ") != "10 20 4000" {
 			t.Errorf("%s: audit %+v", expr, a)
 		}
+	}
+}
+
+// TestAuditWhere: a mapping with a where predicate carries only some old
+// rows to new, and the audit counts rejects among those alone: the rows
+// outside it (here the other region's) never reach new, whatever they
+// hold, for the row checks, the unique key and the foreign key alike.
+func TestAuditWhere(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	ctx := t.Context()
+	if err := old.Exec(ctx, "postgres", `CREATE TABLE p (id int PRIMARY KEY);
+		INSERT INTO p SELECT g FROM generate_series(1, 10) g;
+		CREATE TABLE t (id int PRIMARY KEY, region text, v text, code text, p int);
+		INSERT INTO t SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, 'v', 'c' || g, 1 FROM generate_series(1, 100) g;
+		-- outside the predicate (us): a NULL, a duplicate code and an orphan, none of which new sees
+		UPDATE t SET v = NULL WHERE id = 1;
+		UPDATE t SET code = 'c2' WHERE id = 3;
+		UPDATE t SET p = 99 WHERE id = 5;
+		-- inside it (eu): one of each
+		UPDATE t SET v = NULL WHERE id = 10;
+		UPDATE t SET code = 'c20' WHERE id = 12;
+		UPDATE t SET p = 98 WHERE id = 14;`); err != nil {
+		t.Fatal(err)
+	}
+	if err := new.Exec(ctx, "postgres", `CREATE TABLE p (id int PRIMARY KEY);
+		CREATE TABLE t (id int PRIMARY KEY, region text, v text NOT NULL, code text UNIQUE, p int REFERENCES p)`); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Run(ctx, Options{Old: harness.Connect(t, old, "postgres"), New: harness.Connect(t, new, "postgres"), Audit: true,
+		Map: func(n table.Name) Mapping {
+			if n.Table == "t" {
+				return Mapping{New: n, Declared: true, Where: "region = 'eu'"}
+			}
+			return Mapping{New: n}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := slices.IndexFunc(rep.Tables, func(t Table) bool { return t.Name == "public.t" })
+	if i < 0 || rep.Tables[i].Audit == nil {
+		t.Fatalf("tables %+v", rep.Tables)
+	}
+	a := rep.Tables[i].Audit
+	var got []string
+	for _, r := range a.Rejects {
+		got = append(got, fmt.Sprintf("%s %d [%s]", r.Reason, r.Rows, strings.Join(r.Keys, " ")))
+	}
+	want := []string{"fk_orphan 1 [14]", "null 1 [10]", "unique_duplicate 1 [c20]"}
+	if a.Rows != 50 || strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Errorf("audit of %d rows: %q, want 50 rows and %q", a.Rows, got, want)
 	}
 }

@@ -24,6 +24,9 @@ type Mapping struct {
 	// (new column -> value); they are filled, and left out of the key
 	// comparison (the rest of new's key must be old's).
 	Discriminator map[string]string
+	// Where is the mapping's row predicate over the old row ("" = every
+	// row): the audit reads only the rows it carries.
+	Where string
 }
 
 // newColumn returns the new column that old column c becomes, and false when
