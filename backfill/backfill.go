@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/tandemdb/tandem/internal/route"
 	"github.com/tandemdb/tandem/internal/table"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/time/rate"
@@ -71,6 +72,9 @@ type Options struct {
 	// existed would otherwise be seen by neither (a trigger's side-write,
 	// a write that bypasses the proxy).
 	Feed bool
+	// FeedNames are the feed's slot names (feed.name), whose slot on the
+	// primary the first chunk waits for.
+	FeedNames route.FeedNames
 
 	// Path chooses how chunks are copied: PathAuto (the default) takes
 	// the snapshot path where the old store allows it, PathSnapshot and
@@ -331,7 +335,7 @@ func (e *Engine) open(ctx context.Context) (*stores, error) {
 	if err := WaitMirrorSettled(ctx, st.control, st.primary, o.Live, o.SettleTimeout, o.Logger); err != nil {
 		return st, err
 	}
-	if err := WaitFeedReading(ctx, st.control, st.primary, o.Feed, o.SettleTimeout, o.Logger); err != nil {
+	if err := WaitFeedReading(ctx, st.control, st.primary, o.Feed, o.FeedNames, o.SettleTimeout, o.Logger); err != nil {
 		return st, err
 	}
 	if err := EnsureSchema(ctx, st.control, st.secondary); err != nil {

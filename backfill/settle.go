@@ -123,7 +123,7 @@ func WaitMirrorSettled(ctx context.Context, control, primary *pgx.Conn, live, ti
 // alive there. Every write committed from then on is checked by the feed;
 // what committed before is in the rows the backfill copies. A no-op when
 // feed is false.
-func WaitFeedReading(ctx context.Context, control, primary *pgx.Conn, feed bool, timeout time.Duration, log *slog.Logger) error {
+func WaitFeedReading(ctx context.Context, control, primary *pgx.Conn, feed bool, names route.FeedNames, timeout time.Duration, log *slog.Logger) error {
 	if !feed {
 		return nil
 	}
@@ -137,7 +137,7 @@ func WaitFeedReading(ctx context.Context, control, primary *pgx.Conn, feed bool,
 	if err := route.EnsureFeedSchema(ctx, control); err != nil {
 		return err
 	}
-	slot := route.FeedSlot(st.Primary)
+	slot := names.Slot(st.Primary)
 	deadline := time.Now().Add(timeout)
 	logged := false
 	for {

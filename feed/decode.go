@@ -113,6 +113,13 @@ func (s *session) relation(m *pglogrepl.RelationMessage) *relation {
 	}
 	rel := &relation{name: n, m: mp}
 	var names []string
+	if s.store == route.New && mp.Filtered() {
+		// A new table other deployments share: only the rows with this
+		// deployment's discriminator values are its to check.
+		for _, c := range m.Columns {
+			rel.cols = append(rel.cols, c.Name)
+		}
+	}
 	if s.store == route.New {
 		cols, ok := mp.KeyPreserving()
 		if !ok {
@@ -150,6 +157,9 @@ func (s *session) addTuple(id uint32, t *pglogrepl.TupleData) {
 	if rel == nil || t == nil {
 		return
 	}
+	if rel.cols != nil && !rel.owns(t) {
+		return // another deployment's row
+	}
 	key := make([]string, len(rel.keyIdx))
 	for i, c := range rel.keyIdx {
 		if c >= len(t.Columns) || t.Columns[c].DataType != pglogrepl.TupleDataTypeText {
@@ -170,4 +180,22 @@ type relation struct {
 	name   table.Name // the primary's table
 	m      *table.Mapping
 	keyIdx []int // the key columns' positions in a tuple, in key order; nil when the key cannot be read
+	// cols are the tuple's column names when the table is a new table
+	// shared with other deployments (a discriminator), nil otherwise.
+	cols []string
+}
+
+// owns reports whether tuple t of rel carries this deployment's
+// discriminator values (table.Mapping.OwnsNewRow). A column sent without
+// its value (an unchanged TOASTed one, or a non-key column of a delete's
+// old key) counts as NULL, which no discriminator is: the discriminator
+// columns are in the new key, so a tuple always carries them.
+func (rel *relation) owns(t *pglogrepl.TupleData) bool {
+	values := make([][]byte, len(rel.cols))
+	for i, c := range t.Columns {
+		if i < len(values) && c.DataType == pglogrepl.TupleDataTypeText {
+			values[i] = c.Data
+		}
+	}
+	return rel.m.OwnsNewRow(rel.cols, values)
 }

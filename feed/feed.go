@@ -45,6 +45,8 @@ type Options struct {
 	Old, New *pgx.ConnConfig // the stores, as a user that may replicate on the primary
 	Tables   config.Tables   // the tables in scope and their mappings
 	Replica  string          // this replica's id, written to tandem.feed.holder
+	// Names are the publication's and the slots' names (feed.name).
+	Names route.FeedNames
 
 	// WALWarn and WALMax are the slot's retained WAL (bytes) past which
 	// the feed warns, and past which it drops the slot and records
@@ -225,7 +227,7 @@ func (r *Runner) lead(ctx context.Context, control *pgx.Conn) error {
 				}
 				prev, idle = "", true
 			}
-			if err := heartbeat(ctx, control, st.Primary, r.opts.Replica, 0); err != nil {
+			if err := heartbeat(ctx, control, st.Primary, r.opts.Names.Slot(st.Primary), r.opts.Replica, 0); err != nil {
 				return err
 			}
 			if err := waitCtx(ctx, r.opts.Retry); err != nil {
@@ -302,13 +304,13 @@ func (r *Runner) retire(ctx context.Context, control *pgx.Conn, store route.Stor
 		return fmt.Errorf("connecting to the %s store to drop its slot: %w", store, err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	if err := DropSlot(ctx, conn, SlotName(store)); err != nil {
+	if err := DropSlot(ctx, conn, r.opts.Names.Slot(store)); err != nil {
 		return err
 	}
 	if _, err := control.Exec(ctx, "UPDATE tandem.feed SET holder = NULL, last_error = NULL WHERE store = $1", string(store)); err != nil {
 		return fmt.Errorf("updating tandem.feed: %w", err)
 	}
-	r.log.Info("dropped the change feed's slot: its store is not the primary, or mirroring is off", "store", store, "slot", SlotName(store))
+	r.log.Info("dropped the change feed's slot: its store is not the primary, or mirroring is off", "store", store, "slot", r.opts.Names.Slot(store))
 	return nil
 }
 

@@ -58,7 +58,7 @@ func newEnv(t *testing.T, schema string) *env {
 				continue
 			}
 			for _, s := range []route.Store{route.Old, route.New} {
-				if err := DropSlot(context.Background(), c, SlotName(s)); err != nil {
+				if err := DropSlot(context.Background(), c, route.FeedNames{}.Slot(s)); err != nil {
 					t.Errorf("dropping the slot: %v", err)
 				}
 			}
@@ -388,17 +388,17 @@ func TestRetentionHardLimit(t *testing.T) {
 func testRetention(t *testing.T, secondaryDown bool) {
 	e := newEnv(t, itemsSchema+`CREATE TABLE other (id int PRIMARY KEY); INSERT INTO other VALUES (1);`)
 	// As a feed that ran before left them: the publication, and the slot.
-	if err := EnsurePublication(t.Context(), e.old, []table.Name{{Schema: "public", Table: "items"}, {Schema: "public", Table: "other"}}); err != nil {
+	if err := EnsurePublication(t.Context(), e.old, route.FeedNames{}.Publication(), []table.Name{{Schema: "public", Table: "items"}, {Schema: "public", Table: "other"}}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := EnsureSlot(t.Context(), e.old, SlotName(route.Old)); err != nil {
+	if _, err := EnsureSlot(t.Context(), e.old, route.FeedNames{}.Slot(route.Old)); err != nil {
 		t.Fatal(err)
 	}
 	// A write the slot holds, then more than WALMax of WAL.
 	e.exec(e.old, "UPDATE items SET n = 0 WHERE id = 1")
 	e.exec(e.old, "CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 40000) g")
 	var retained int64
-	if err := e.old.QueryRow(t.Context(), "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1", SlotName(route.Old)).Scan(&retained); err != nil {
+	if err := e.old.QueryRow(t.Context(), "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1", route.FeedNames{}.Slot(route.Old)).Scan(&retained); err != nil {
 		t.Fatal(err)
 	}
 	const walMax = 4 << 20
@@ -458,7 +458,7 @@ func TestFollowsThePrimary(t *testing.T) {
 	e.exec(e.old, "UPDATE items SET n = 3 WHERE id = 3") // writes to the secondary are not the feed's to see: undo it
 	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		var n int
-		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", SlotName(route.Old)).Scan(&n); err != nil {
+		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", route.FeedNames{}.Slot(route.Old)).Scan(&n); err != nil {
 			return err
 		}
 		if n != 0 {
@@ -541,7 +541,7 @@ func TestMirrorOffDropsTheSlot(t *testing.T) {
 	e.waitChecked()
 	slots := func() int {
 		var n int
-		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", SlotName(route.Old)).Scan(&n); err != nil {
+		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", route.FeedNames{}.Slot(route.Old)).Scan(&n); err != nil {
 			t.Fatal(err)
 		}
 		return n
@@ -582,7 +582,7 @@ func TestTableJoinsScope(t *testing.T) {
 	}
 	harness.SucceedsSoon(t, 30*time.Second, func() error {
 		var n int
-		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1 AND tablename = 'later'", Publication).Scan(&n); err != nil {
+		if err := e.old.QueryRow(t.Context(), "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1 AND tablename = 'later'", route.FeedNames{}.Publication()).Scan(&n); err != nil {
 			return err
 		}
 		if n != 1 {

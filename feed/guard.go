@@ -47,7 +47,7 @@ func (s *session) guard(ctx context.Context) error {
 		if _, err := EnsureSlot(ctx, s.prim, s.slot); err != nil {
 			return err
 		}
-		scope, err := publishedTables(ctx, s.prim)
+		scope, err := publishedTables(ctx, s.prim, o.Names.Publication())
 		if err != nil {
 			return err
 		}
@@ -59,7 +59,7 @@ func (s *session) guard(ctx context.Context) error {
 		if err := table.RecordDrift(ctx, s.control, entries); err != nil {
 			return err
 		}
-		if err := heartbeat(ctx, s.control, s.store, o.Replica, 0); err != nil {
+		if err := heartbeat(ctx, s.control, s.store, s.slot, o.Replica, 0); err != nil {
 			return err
 		}
 		_, _ = s.control.Exec(ctx, "UPDATE tandem.feed SET last_error = $2 WHERE store = $1", string(s.store),
@@ -80,17 +80,17 @@ func (s *session) guard(ctx context.Context) error {
 // publishedTables are the tables of the feed's publication on the store
 // conn reaches: the tables in scope, by the primary's names, known without
 // the secondary or the mappings.
-func publishedTables(ctx context.Context, conn *pgx.Conn) ([]table.Name, error) {
-	rows, err := conn.Query(ctx, "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2", Publication)
+func publishedTables(ctx context.Context, conn *pgx.Conn, pub string) ([]table.Name, error) {
+	rows, err := conn.Query(ctx, "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2", pub)
 	if err != nil {
-		return nil, fmt.Errorf("reading the publication %s: %w", Publication, err)
+		return nil, fmt.Errorf("reading the publication %s: %w", pub, err)
 	}
 	defer rows.Close()
 	var out []table.Name
 	for rows.Next() {
 		var n table.Name
 		if err := rows.Scan(&n.Schema, &n.Table); err != nil {
-			return nil, fmt.Errorf("reading the publication %s: %w", Publication, err)
+			return nil, fmt.Errorf("reading the publication %s: %w", pub, err)
 		}
 		out = append(out, n)
 	}

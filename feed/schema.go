@@ -12,74 +12,67 @@ import (
 	"github.com/tandemdb/tandem/internal/table"
 )
 
-// Publication is the name of the publication the feed reads on each store.
-const Publication = route.FeedPublication
-
-// SlotName is the logical replication slot the feed reads on store s:
-// tandem_feed_old or tandem_feed_new.
-func SlotName(s route.Store) string { return route.FeedSlot(s) }
-
 // EnsureSchema creates tandem.feed (and the control schema) when missing:
 // one definition, internal/route's, which the write flip waits on.
 func EnsureSchema(ctx context.Context, conn *pgx.Conn) error {
 	return route.EnsureFeedSchema(ctx, conn)
 }
 
-// EnsurePublication creates the publication over tables on the store conn
-// reaches, or adds the tables it lacks. It is idempotent. Changes to a
+// EnsurePublication creates the publication pub (route.FeedNames) over
+// tables on the store conn reaches, or adds the tables it lacks. It is idempotent. Changes to a
 // partition are published as changes to the partitioned table named in
 // scope (publish_via_partition_root).
-func EnsurePublication(ctx context.Context, conn *pgx.Conn, tables []table.Name) error {
+func EnsurePublication(ctx context.Context, conn *pgx.Conn, pub string, tables []table.Name) error {
 	if len(tables) == 0 {
 		return errors.New("the change feed has no table in scope to publish")
 	}
 	var exists bool
-	if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", Publication).Scan(&exists); err != nil {
-		return fmt.Errorf("reading the publication %s: %w", Publication, err)
+	if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", pub).Scan(&exists); err != nil {
+		return fmt.Errorf("reading the publication %s: %w", pub, err)
 	}
 	if !exists {
 		list := make([]string, len(tables))
 		for i, n := range tables {
 			list[i] = n.Quoted()
 		}
-		_, err := conn.Exec(ctx, "CREATE PUBLICATION "+Publication+" FOR TABLE "+strings.Join(list, ", ")+" WITH (publish_via_partition_root = true)")
+		_, err := conn.Exec(ctx, "CREATE PUBLICATION "+pub+" FOR TABLE "+strings.Join(list, ", ")+" WITH (publish_via_partition_root = true)")
 		var pe *pgconn.PgError
 		if errors.As(err, &pe) && pe.Code == "42710" { // created meanwhile by another runner
 			err = nil
 		}
 		if err != nil {
-			return fmt.Errorf("creating the publication %s: %w", Publication, err)
+			return fmt.Errorf("creating the publication %s: %w", pub, err)
 		}
 		return nil
 	}
-	rows, err := conn.Query(ctx, "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1", Publication)
+	rows, err := conn.Query(ctx, "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1", pub)
 	if err != nil {
-		return fmt.Errorf("reading the publication %s: %w", Publication, err)
+		return fmt.Errorf("reading the publication %s: %w", pub, err)
 	}
 	have := map[table.Name]bool{}
 	for rows.Next() {
 		var n table.Name
 		if err := rows.Scan(&n.Schema, &n.Table); err != nil {
 			rows.Close()
-			return fmt.Errorf("reading the publication %s: %w", Publication, err)
+			return fmt.Errorf("reading the publication %s: %w", pub, err)
 		}
 		have[n] = true
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
-		return fmt.Errorf("reading the publication %s: %w", Publication, err)
+		return fmt.Errorf("reading the publication %s: %w", pub, err)
 	}
 	for _, n := range tables {
 		if have[n] {
 			continue
 		}
-		_, err := conn.Exec(ctx, "ALTER PUBLICATION "+Publication+" ADD TABLE "+n.Quoted())
+		_, err := conn.Exec(ctx, "ALTER PUBLICATION "+pub+" ADD TABLE "+n.Quoted())
 		var pe *pgconn.PgError
 		if errors.As(err, &pe) && pe.Code == "42710" { // added meanwhile
 			err = nil
 		}
 		if err != nil {
-			return fmt.Errorf("adding %s to the publication %s: %w", n, Publication, err)
+			return fmt.Errorf("adding %s to the publication %s: %w", n, pub, err)
 		}
 	}
 	return nil

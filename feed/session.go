@@ -72,7 +72,7 @@ type session struct {
 // publication and the slot when missing) and registers this replica in
 // tandem.feed.
 func (r *Runner) open(ctx context.Context, control *pgx.Conn, primary route.Store) (_ *session, err error) {
-	s := &session{r: r, control: control, store: primary, primaryNow: primary, secondary: route.New, slot: SlotName(primary),
+	s := &session{r: r, control: control, store: primary, primaryNow: primary, secondary: route.New, slot: r.opts.Names.Slot(primary),
 		rels: map[uint32]*relation{}, checkers: map[table.Name]*compare.Checker{}}
 	if primary == route.New {
 		s.secondary = route.Old
@@ -115,7 +115,7 @@ func (r *Runner) open(ctx context.Context, control *pgx.Conn, primary route.Stor
 		r.log.Warn("tables without a replica identity are not published, and the change feed does not check them (add a primary key, or ALTER TABLE ... REPLICA IDENTITY)",
 			"tables", len(without), "first", without[0].String())
 	}
-	if err := EnsurePublication(ctx, s.prim, scope); err != nil {
+	if err := EnsurePublication(ctx, s.prim, r.opts.Names.Publication(), scope); err != nil {
 		return nil, err
 	}
 	if _, err := EnsureSlot(ctx, s.prim, s.slot); err != nil {
@@ -130,7 +130,7 @@ func (r *Runner) open(ctx context.Context, control *pgx.Conn, primary route.Stor
 			return nil, err
 		}
 	}
-	if err := heartbeat(ctx, control, primary, r.opts.Replica, s.checked); err != nil {
+	if err := heartbeat(ctx, control, primary, s.slot, r.opts.Replica, s.checked); err != nil {
 		return nil, err
 	}
 	if s.repl, err = pgconn.ConnectConfig(ctx, table.ReplicationConfig(s.cc())); err != nil {
@@ -138,7 +138,7 @@ func (r *Runner) open(ctx context.Context, control *pgx.Conn, primary route.Stor
 	}
 	err = pglogrepl.StartReplication(ctx, s.repl, s.slot, 0, pglogrepl.StartReplicationOptions{
 		Mode:       pglogrepl.LogicalReplication,
-		PluginArgs: []string{"proto_version '1'", "publication_names '" + Publication + "'"},
+		PluginArgs: []string{"proto_version '1'", "publication_names '" + r.opts.Names.Publication() + "'"},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("starting replication from the slot %s on the %s store: %w", s.slot, primary, err)
@@ -286,7 +286,7 @@ func (s *session) status(ctx context.Context) error {
 
 // heartbeat writes tandem.feed: alive, and checked up to s.checked.
 func (s *session) heartbeat(ctx context.Context) error {
-	if err := heartbeat(ctx, s.control, s.store, s.r.opts.Replica, s.checked); err != nil {
+	if err := heartbeat(ctx, s.control, s.store, s.slot, s.r.opts.Replica, s.checked); err != nil {
 		return err
 	}
 	s.beat = time.Now()
@@ -353,7 +353,7 @@ func (s *session) rescope(ctx context.Context) error {
 
 // heartbeat registers holder as running the feed on store, alive now, and
 // advances checked_lsn to checked (never back) when it is set.
-func heartbeat(ctx context.Context, control *pgx.Conn, store route.Store, holder string, checked pglogrepl.LSN) error {
+func heartbeat(ctx context.Context, control *pgx.Conn, store route.Store, slot, holder string, checked pglogrepl.LSN) error {
 	var lsn *string
 	if checked != 0 {
 		v := checked.String()
@@ -363,7 +363,7 @@ func heartbeat(ctx context.Context, control *pgx.Conn, store route.Store, holder
 		VALUES ($1, $2, $3, $4::pg_lsn, CASE WHEN $4::pg_lsn IS NULL THEN NULL ELSE now() END, now())
 		ON CONFLICT (store) DO UPDATE SET slot_name = EXCLUDED.slot_name, holder = EXCLUDED.holder, heartbeat_at = now(),
 			checked_lsn = GREATEST(f.checked_lsn, EXCLUDED.checked_lsn),
-			checked_at = COALESCE(EXCLUDED.checked_at, f.checked_at)`, string(store), SlotName(store), holder, lsn)
+			checked_at = COALESCE(EXCLUDED.checked_at, f.checked_at)`, string(store), slot, holder, lsn)
 	if err != nil {
 		return fmt.Errorf("the change feed's heartbeat: %w", err)
 	}

@@ -334,8 +334,11 @@ func (rs *routedSession) serve(un *unit) error {
 	res, err := rs.runUnit(prim, un, wrap, mirror)
 	endPrimary(err)
 	if err != nil {
-		if mirror && !wrap && (un.commits || rs.extOpen && un.end != pgwire.ClientFlush) {
+		switch {
+		case mirror && !wrap && (un.commits || rs.extOpen && un.end != pgwire.ClientFlush):
 			rs.commitUnknown(err)
+		case mirror && !wrap && writes && startTx == pgwire.TxIdle && un.end != pgwire.ClientFlush:
+			rs.autocommitUnknown(un, err)
 		}
 		return rs.storeLost(prim, err)
 	}

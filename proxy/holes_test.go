@@ -147,7 +147,11 @@ func TestHoleCascade(t *testing.T) {
 // TestHoleKeyChange: an UPDATE that changes a key leaves new with the new
 // keys only, directly and through a table mapping: the ledger.
 func TestHoleKeyChange(t *testing.T) {
-	e := newPairEnv(t, `CREATE TABLE k (id int PRIMARY KEY, v text)`)
+	// m has a unique column besides its key: on new, the mirrored upsert of
+	// a changed key meets the row under the old key still holding the
+	// email, and so does the whole-table repair unless it removes the rows
+	// old has lost first.
+	e := newPairEnv(t, `CREATE TABLE k (id int PRIMARY KEY, v text); CREATE TABLE m (id int PRIMARY KEY, email text NOT NULL UNIQUE)`)
 	ctx := context.Background()
 	if err := e.old.Exec(ctx, e.db, `CREATE TABLE users (id int PRIMARY KEY, first_name text, last_name text)`); err != nil {
 		t.Fatal(err)
@@ -170,14 +174,15 @@ func TestHoleKeyChange(t *testing.T) {
 	e.set(route.Settings{Primary: route.Old, Mirror: true})
 	c := e.client()
 	e.exec(c, `INSERT INTO k SELECT g, 'v' || g FROM generate_series(1, 5) g`,
-		`INSERT INTO users VALUES (1, 'Ada', 'Lovelace'), (2, 'Alan', 'Turing')`)
+		`INSERT INTO users VALUES (1, 'Ada', 'Lovelace'), (2, 'Alan', 'Turing')`,
+		`INSERT INTO m SELECT g, 'e' || g FROM generate_series(1, 5) g`)
 	if d := e.openEntries(); len(d) > 0 {
 		t.Fatalf("inserts recorded drift: %v", d)
 	}
-	e.exec(c, `UPDATE k SET id = id + 100`, `UPDATE users SET id = id + 100 WHERE id = 1`)
+	e.exec(c, `UPDATE k SET id = id + 100`, `UPDATE users SET id = id + 100 WHERE id = 1`, `UPDATE m SET id = id + 100 WHERE id > 2`)
 	e.exec(c, `BEGIN`, `UPDATE k SET id = id + 100 WHERE id = 101`, `COMMIT`)
 	d := e.openEntries()
-	for _, tbl := range []string{"k", "users"} {
+	for _, tbl := range []string{"k", "users", "m"} {
 		if !strings.Contains(strings.Join(d, "\n"), tbl+" (whole table) key columns updated") {
 			t.Fatalf("want a whole-table entry for %s, open entries: %v", tbl, d)
 		}
@@ -198,6 +203,7 @@ func TestHoleKeyChange(t *testing.T) {
 		}
 	}
 	e.assertEqual("k", "id")
+	e.assertEqual("m", "id")
 	var ids string
 	if err := nc.QueryRow(ctx, `SELECT string_agg(id::text || ':' || full_name, ',' ORDER BY id) FROM accounts`).Scan(&ids); err != nil || ids != "2:Alan Turing,101:Ada Lovelace" {
 		t.Fatalf("accounts on new: %q %v", ids, err)
@@ -566,4 +572,54 @@ func TestHoleCommitReplyLost(t *testing.T) {
 		t.Fatalf("want one entry for key 2, got %v", d)
 	}
 	e.assertLedger("commit reply lost", "rl")
+}
+
+// TestHoleAutocommitDDLLost: a DDL outside a transaction block (the proxy
+// does not wrap it) reaches old, and old's reply never comes back. It may
+// have committed on old, and new never ran it: its table is recorded as
+// whole-table drift before the client hears of the lost connection, where
+// before nothing was recorded at all. (The repairer copies rows, not
+// schema: the entry stays open, and refuses a flip, until the DDL is run
+// on new by hand.)
+func TestHoleAutocommitDDLLost(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE ddl (id int PRIMARY KEY, v text)`)
+	ctx := context.Background()
+	tp := startToxiproxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(e.old.Port())))
+	p := startProxyWith(t, e.old, e.db, Options{
+		RecordDrift: func(ctx context.Context, entries []table.DriftEntry) error {
+			return table.RecordDrift(ctx, e.control, entries)
+		},
+	}, func(c *config.Config) {
+		c.Old.DSN = "postgres://postgres@" + tp.Listen + "/" + e.db + "?sslmode=disable"
+		c.New.DSN = e.new.DSN(e.db)
+	})
+	p.srv.ApplyState(route.State{Version: 2, Settings: route.Settings{Primary: route.Old, Mirror: true}})
+	c, err := pgx.Connect(ctx, p.dsn(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	e.exec(c, `INSERT INTO ddl VALUES (1, 'a')`, `ALTER TABLE ddl ADD COLUMN n int`)
+	if d := e.openEntries(); len(d) > 0 {
+		t.Fatalf("mirrored writes and DDL recorded drift: %v", d)
+	}
+	// The DDL still reaches old; its reply does not come back.
+	if _, err := tp.Toxics.AddToxicJson(strings.NewReader(`{"name": "cut", "type": "timeout", "stream": "downstream", "attributes": {"timeout": 200}}`)); err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.Exec(ctx, `ALTER TABLE ddl ADD COLUMN extra int DEFAULT 7`)
+	if sqlState(err) != "08006" {
+		t.Fatalf("want SQLSTATE 08006 when the primary's reply to a DDL is lost, got %v", err)
+	}
+	if err := tp.Toxics.RemoveToxic(ctx, "cut"); err != nil {
+		t.Fatal(err)
+	}
+	var onOld bool
+	if err := e.control.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_name = 'ddl' AND column_name = 'extra')`).Scan(&onOld); err != nil || !onOld {
+		t.Fatalf("the DDL did not commit on old (%v): the test proves nothing", err)
+	}
+	d := e.openEntries()
+	if len(d) != 1 || d[0] != "ddl (whole table) the primary's outcome of an autocommit statement is unknown" {
+		t.Fatalf("want one whole-table entry for ddl, got %v", d)
+	}
 }

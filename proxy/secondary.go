@@ -161,6 +161,34 @@ func (rs *routedSession) commitUnknown(cause error) {
 	rs.tx.drift, rs.tx.must = nil, nil
 }
 
+// autocommitUnknown records as whole-table drift the tables of a unit that
+// ran outside a transaction block (each statement commits on its own, a
+// DDL among them, so the proxy did not wrap it) when the primary's session
+// was lost before it answered: any of its statements may have committed
+// there, and the secondary, which follows only once the primary has
+// answered, ran none. Tables the unit only reads are recorded too (the
+// repairer finds them equal); a statement naming no table (CREATE
+// FUNCTION, DO) can only be logged.
+func (rs *routedSession) autocommitUnknown(un *unit, cause error) {
+	var entries []table.DriftEntry
+	seen := map[table.Name]bool{}
+	for _, t := range un.tables {
+		n := writtenName(t)
+		if seen[n] || rs.isTemp(t) {
+			continue
+		}
+		seen[n] = true
+		entries = append(entries, table.DriftEntry{Table: n, Reason: "the primary's outcome of an autocommit statement is unknown"})
+	}
+	if len(entries) == 0 {
+		rs.ss.log.Error("lost the primary while it ran a write outside a transaction that names no table; it may have committed there and not on the secondary: compare the stores (tandem plan, tandem compare)",
+			"error", cause)
+		return
+	}
+	rs.ss.log.Warn("lost the primary while it ran a write outside a transaction; recording its tables as drift", "tables", len(entries), "error", cause)
+	rs.recordAcked(entries, "an autocommit statement whose outcome is unknown")
+}
+
 // pending reports whether the transaction has drift to record before its
 // commit is acknowledged: the secondary missed part of it, or it did what
 // lockstep cannot follow.

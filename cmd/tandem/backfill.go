@@ -173,7 +173,7 @@ func (f *backfillFlags) options(ctx context.Context, cmd *cobra.Command, cfg *co
 	}
 	opts := backfill.Options{Control: ccfg, Primary: oldCfg, Secondary: newCfg, Workers: *f.workers, Rate: *f.rate, Chunk: *f.chunk, RangeRows: *f.rangeRows, Path: bpath, DeferIndexes: *f.deferIdx,
 		Restart: *f.restart, DryRun: *f.dryRun, LatencyBound: *f.latency, Logger: newLogger(cfg.Log, cmd.ErrOrStderr()),
-		Live: 3 * cfg.Routing.Poll.Duration(), SettleTimeout: *f.settle, Feed: cfg.Feed.Enabled}
+		Live: 3 * cfg.Routing.Poll.Duration(), SettleTimeout: *f.settle, Feed: cfg.Feed.Enabled, FeedNames: control.FeedNamesOf(cfg)}
 	for _, t := range *f.tables {
 		opts.Tables = append(opts.Tables, parseTable(t))
 	}

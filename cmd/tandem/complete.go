@@ -32,7 +32,8 @@ func newCompleteCmd() *cobra.Command {
 soaked: turn mirroring off, so old stops receiving writes and can be retired,
 set shadow reads to 0, and drop what Tandem created on the stores for the
 change feed: the logical slots tandem_feed_old and tandem_feed_new (a slot
-left behind holds WAL on its store for ever) and the publication tandem_feed.
+left behind holds WAL on its store for ever) and the publication tandem_feed
+(tandem_feed_<name>_old, _new and tandem_feed_<name> with feed.name set).
 The routing history, the drift ledger and the migration log stay in the
 control schema.
 
@@ -125,7 +126,8 @@ func dropFeed(ctx context.Context, cfg *config.Config, s route.Store) ([]string,
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	var dropped []string
-	for _, slot := range []string{route.FeedSlot(route.Old), route.FeedSlot(route.New)} {
+	names := control.FeedNamesOf(cfg)
+	for _, slot := range []string{names.Slot(route.Old), names.Slot(route.New)} {
 		deadline := time.Now().Add(5 * time.Second)
 		for {
 			var exists, active bool
@@ -157,14 +159,14 @@ func dropFeed(ctx context.Context, cfg *config.Config, s route.Store) ([]string,
 		}
 	}
 	var pub bool
-	if err := conn.QueryRow(cctx, "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", route.FeedPublication).Scan(&pub); err != nil {
+	if err := conn.QueryRow(cctx, "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", names.Publication()).Scan(&pub); err != nil {
 		return dropped, fmt.Errorf("reading the publications: %w", err)
 	}
 	if pub {
-		if _, err := conn.Exec(cctx, "DROP PUBLICATION IF EXISTS "+route.FeedPublication); err != nil {
-			return dropped, fmt.Errorf("dropping the publication %s: %w", route.FeedPublication, err)
+		if _, err := conn.Exec(cctx, "DROP PUBLICATION IF EXISTS "+names.Publication()); err != nil {
+			return dropped, fmt.Errorf("dropping the publication %s: %w", names.Publication(), err)
 		}
-		dropped = append(dropped, fmt.Sprintf("%s: publication %s", s, route.FeedPublication))
+		dropped = append(dropped, fmt.Sprintf("%s: publication %s", s, names.Publication()))
 	}
 	return dropped, nil
 }

@@ -181,48 +181,78 @@ func (l *consolLoad) finish(t *testing.T) {
 // reaching only its own old store, even a write to another tenant's row;
 // and after every step each tenant's old orders equal the new orders WHERE
 // tenant = it.
-func TestConsolidation(t *testing.T) {
-	oldC, newC := pgtest.NewPair(t)
-	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+// consolidation is the example's two deployments on a pair of clusters:
+// each service's database (shop, billing) with rows orders of its own on
+// oldC, the consolidated database on newC, and each
+// deployment's proxy started, in dual-write. edit, when set, may change a
+// deployment's config file first; config check and plan must then pass.
+// stop stops the proxies.
+type consolidation struct {
+	oldC, newC *pgtest.Cluster
+	newDSN     string
+	deps       []*consolDeployment
+}
+
+func startConsolidation(t *testing.T, oldC, newC *pgtest.Cluster, rows int, edit func(d *consolDeployment)) *consolidation {
+	t.Helper()
 	ctx := context.Background()
-	if err := newC.CreateDatabase(ctx, "consolidated"); err != nil {
+	c := &consolidation{oldC: oldC, newC: newC}
+	if err := c.newC.CreateDatabase(ctx, "consolidated"); err != nil {
 		t.Fatal(err)
 	}
-	if err := newC.Exec(ctx, "consolidated", exampleSQL(t, "consolidated.sql")); err != nil {
+	if err := c.newC.Exec(ctx, "consolidated", exampleSQL(t, "consolidated.sql")); err != nil {
 		t.Fatal(err)
 	}
-	newDSN := newC.DSN("consolidated")
-	var deps []*consolDeployment
-	defer func() {
-		for i := len(deps) - 1; i >= 0; i-- {
-			stopProxy(t, deps[i].rp)
-		}
-	}()
+	c.newDSN = c.newC.DSN("consolidated")
 	for i, tenant := range []string{"shop", "billing"} {
-		if err := oldC.CreateDatabase(ctx, tenant); err != nil {
+		if err := c.oldC.CreateDatabase(ctx, tenant); err != nil {
+			c.stop(t)
 			t.Fatal(err)
 		}
 		// The same ids in both services, different values.
-		if err := oldC.Exec(ctx, tenant, exampleSQL(t, "service.sql")+fmt.Sprintf(
-			`; INSERT INTO orders SELECT g, g * %d + 0.25, '2024-01-01Z'::timestamptz + g * interval '1 minute' FROM generate_series(1, 3000) g`, i+2)); err != nil {
+		if err := c.oldC.Exec(ctx, tenant, exampleSQL(t, "service.sql")+fmt.Sprintf(
+			`; INSERT INTO orders SELECT g, g * %d + 0.25, '2024-01-01Z'::timestamptz + g * interval '1 minute' FROM generate_series(1, %d) g`, i+2, rows)); err != nil {
+			c.stop(t)
 			t.Fatal(err)
 		}
-		d := &consolDeployment{tenant: tenant, oldDSN: oldC.DSN(tenant)}
-		d.file = consolConfig(t, tenant, d.oldDSN, newDSN)
-		out, errOut, err := cli("config", "check", "-c", d.file)
-		if err != nil {
-			t.Fatalf("config check %s: %v\n%s%s", tenant, err, out, errOut)
+		d := &consolDeployment{tenant: tenant, oldDSN: c.oldC.DSN(tenant)}
+		d.file = consolConfig(t, tenant, d.oldDSN, c.newDSN)
+		if edit != nil {
+			edit(d)
 		}
-		if out, errOut, err := cli("plan", "-c", d.file); err != nil {
-			t.Fatalf("plan %s: %v\n%s%s", tenant, err, out, errOut)
+		for _, cmd := range []string{"config", "plan"} {
+			args := []string{cmd, "-c", d.file}
+			if cmd == "config" {
+				args = []string{"config", "check", "-c", d.file}
+			}
+			if out, errOut, err := cli(args...); err != nil {
+				c.stop(t)
+				t.Fatalf("%s %s: %v\n%s%s", cmd, tenant, err, out, errOut)
+			}
 		}
 		d.rp = startQuietProxy(t, loadConfig(t, d.file))
-		deps = append(deps, d)
+		c.deps = append(c.deps, d)
 		d.api = newAdminClient(t, d.rp)
 		d.dsn = fmt.Sprintf("postgres://postgres@%s/%s?sslmode=disable&application_name=consol-load", d.rp.Addr(), tenant)
 		d.api.waitLive(1)
 		d.api.change("/api/v1/route", `{"mirror": true, "reason": "dual-write"}`, tenant)
 	}
+	return c
+}
+
+func (c *consolidation) stop(t *testing.T) {
+	for i := len(c.deps) - 1; i >= 0; i-- {
+		stopProxy(t, c.deps[i].rp)
+	}
+}
+
+func TestConsolidation(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
+	ctx := context.Background()
+	cons := startConsolidation(t, oldC, newC, 3000, nil)
+	defer cons.stop(t)
+	newDSN, deps := cons.newDSN, cons.deps
 	equal := func(when string) {
 		t.Helper()
 		for _, d := range deps {

@@ -61,7 +61,7 @@ func startTestFeed(t *testing.T, control *pgtest.Cluster, store route.Store, wal
 		}
 		_, _ = ctl.Exec(ctx, `INSERT INTO tandem.feed (store, slot_name, holder, checked_lsn, checked_at) VALUES ($1, $2, 'feed-test', $3, now())
 			ON CONFLICT (store) DO UPDATE SET holder = 'feed-test', checked_lsn = $3, checked_at = now(), heartbeat_at = now()`,
-			string(store), route.FeedSlot(store), lsn)
+			string(store), route.FeedNames{}.Slot(store), lsn)
 	}
 	tick()
 	go func() {
@@ -173,7 +173,7 @@ func TestFeedGateAndFlip(t *testing.T) {
 		t.Fatalf("publication tandem_feed on new: %v %v", tables, err)
 	}
 	// Idempotent: the same preparation again changes nothing.
-	if err := control.EnsureFeed(ctx, nc, route.New, control.FeedTables(rp.control.Mappings(), route.New)); err != nil {
+	if err := control.EnsureFeed(ctx, nc, route.FeedNames{}, route.New, control.FeedTables(rp.control.Mappings(), route.New)); err != nil {
 		t.Fatalf("ensureFeed again: %v", err)
 	}
 	out, _, err = cli("route", "show", "-c", file)
@@ -261,7 +261,7 @@ func TestFeedWaitHoldsWrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := control.EnsureFeed(bctx, oc, route.Old, control.FeedTables(rp.control.Mappings(), route.Old)); err != nil {
+	if err := control.EnsureFeed(bctx, oc, route.FeedNames{}, route.Old, control.FeedTables(rp.control.Mappings(), route.Old)); err != nil {
 		t.Fatal(err)
 	}
 	oc.Close(bctx)

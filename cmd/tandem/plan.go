@@ -143,7 +143,7 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int, audit bool
 	if err != nil {
 		return nil, err
 	}
-	opts := plan.Options{SampleRows: sampleRows, Map: mapping, Feed: cfg.Feed.Enabled, Audit: audit}
+	opts := plan.Options{SampleRows: sampleRows, Map: mapping, Feed: cfg.Feed.Enabled, FeedName: cfg.Feed.Name, Audit: audit}
 	var conns []*pgx.Conn
 	defer func() {
 		for _, c := range conns {
@@ -283,7 +283,7 @@ func planMapping(t config.Tables) (func(table.Name) plan.Mapping, error) {
 		}
 		old := table.Name{Schema: s, Table: n}
 		m := plan.Mapping{New: old, Declared: true, Renames: tm.Rename, Dropped: tm.Drop, Computed: tm.Compute, Consumed: map[string]bool{},
-			Discriminator: tm.Discriminator}
+			Discriminator: tm.Discriminator, Where: tm.Where}
 		for _, expr := range tm.Compute {
 			cols, err := table.ExprColumns(expr)
 			if err != nil {

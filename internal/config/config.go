@@ -193,7 +193,12 @@ type Feed struct {
 	// block on its prerequisites. Off by default: it needs wal_level=logical
 	// and a replication slot on the primary, and a slot retains WAL on the
 	// primary's disk until the feed has checked it.
-	Enabled bool     `yaml:"enabled"`
+	Enabled bool `yaml:"enabled"`
+	// Name names this deployment's publication and slots (tandem_feed_<name>,
+	// tandem_feed_<name>_<store>); empty = tandem_feed, tandem_feed_<store>.
+	// Deployments that share a store need names of their own: a
+	// consolidation's (a mapping with a discriminator) must set it.
+	Name    string   `yaml:"name"`
 	WALWarn ByteSize `yaml:"wal_warn"` // retained WAL past which the feed warns; default 1GiB
 	WALMax  ByteSize `yaml:"wal_max"`  // retained WAL past which the slot is dropped and every table recorded as drift; default 8GiB
 }

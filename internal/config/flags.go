@@ -77,7 +77,7 @@ func (f *Flags) Load(getenv func(string) (string, bool)) (*Config, error) {
 // control database, logging, and what the gates and the flip read.
 var ToolSettings = []string{"old.", "new.", "control.", "log.", "limits.connect_timeout",
 	"routing.fence_timeout", "routing.poll", "routing.feed_wait", "routing.sequence_margin", "routing.drift_stuck_attempts", "routing.mirror_budget",
-	"gates.", "feed.enabled"}
+	"gates.", "feed.enabled", "feed.name"}
 
 // Show keeps in the command's --help only the option flags whose setting
 // (yaml path) starts with one of prefixes, and -c/--config. The others stay

@@ -520,12 +520,12 @@ func (v *validator) validateColumns(field string, tm TableMap) {
 	if _, set := v.c.src.originOf(field + ".where"); set && strings.TrimSpace(tm.Where) == "" {
 		v.add(field+".where", "empty predicate: remove where, or give SQL over the old row (e.g. region = 'eu')")
 	}
-	if len(tm.Discriminator) > 0 && v.c.Feed.Enabled {
-		// The feed's slot (tandem_feed_new) and publication (tandem_feed)
-		// are named per store, not per deployment: the deployments sharing
-		// the new store would read and confirm one slot.
-		v.add(field+".discriminator", "the change feed (feed.enabled) does not yet keep apart deployments that share the new store: "+
-			"their slot and publication there would be one; turn feed.enabled off for a consolidation")
+	if len(tm.Discriminator) > 0 && v.c.Feed.Enabled && v.c.Feed.Name == "" {
+		// Unnamed, the feed's slot (tandem_feed_new) and publication
+		// (tandem_feed) would be one for every deployment sharing the new
+		// store: they would read and confirm one slot.
+		v.add(field+".discriminator", "with feed.enabled, a consolidation's deployments share the new store and need change feeds of their own: "+
+			"set feed.name to this deployment's name (e.g. feed.name: "+feedNameHint(tm.Discriminator)+")")
 	}
 	for _, col := range sortedKeys(tm.Discriminator) {
 		f := field + ".discriminator." + col
@@ -569,4 +569,24 @@ func sortedKeys(m map[string]string) []string {
 	}
 	slices.Sort(keys)
 	return keys
+}
+
+// feedNameHint suggests a feed.name from a discriminator's values: the
+// first value, folded to what feed.name allows.
+func feedNameHint(disc map[string]string) string {
+	for _, col := range sortedKeys(disc) {
+		var b strings.Builder
+		for _, r := range strings.ToLower(disc[col]) {
+			switch {
+			case 'a' <= r && r <= 'z', '0' <= r && r <= '9':
+				b.WriteRune(r)
+			case b.Len() > 0:
+				b.WriteByte('_')
+			}
+		}
+		if h := strings.Trim(b.String(), "_"); h != "" && len(h) <= 40 {
+			return h
+		}
+	}
+	return "shop"
 }

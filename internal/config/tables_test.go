@@ -214,8 +214,28 @@ tables:
     orders:
       discriminator: {tenant: shop}
 `)
-	if got := problemStrings(Check(feedOn, nil)); len(got) != 1 || !strings.HasPrefix(got[0], feedOn+":8:7: tables.map[orders].discriminator: the change feed") {
-		t.Errorf("feed with a discriminator: %v", got)
+	if got := problemStrings(Check(feedOn, nil)); len(got) != 1 || !strings.HasPrefix(got[0], feedOn+":8:7: tables.map[orders].discriminator: with feed.enabled") ||
+		!strings.Contains(got[0], "feed.name: shop") {
+		t.Errorf("feed with a discriminator and no feed.name: %v", got)
+	}
+	named := writeFile(t, dir, "named.yaml", `old:
+  dsn: "postgres://app@localhost/app?sslmode=disable"
+feed:
+  enabled: true
+  name: shop
+tables:
+  map:
+    orders:
+      discriminator: {tenant: shop}
+`)
+	if got := problemStrings(Check(named, nil)); len(got) != 0 {
+		t.Errorf("feed with a discriminator and feed.name: %v", got)
+	}
+	for _, name := range []string{"Shop", "shop-1", "a234567890123456789012345678901234567890x", "shop feed"} {
+		bad := writeFile(t, dir, "bad.yaml", "old:\n  dsn: \"postgres://app@localhost/app?sslmode=disable\"\nfeed:\n  name: \""+name+"\"\n")
+		if got := problemStrings(Check(bad, nil)); len(got) != 1 || !strings.Contains(got[0], "feed.name: ") {
+			t.Errorf("feed.name %q: %v", name, got)
+		}
 	}
 	if _, _, _, ok := cfg.Position("limits.nothing"); ok {
 		t.Error("Position of a field not in the file: ok")

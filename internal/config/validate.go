@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -202,6 +203,9 @@ func (c *Config) problems() Problems {
 				break
 			}
 		}
+	}
+	if n := c.Feed.Name; n != "" && !feedName.MatchString(n) {
+		v.add("feed.name", fmt.Sprintf("%q: want lower-case letters, digits and _, at most 40 (it goes into replication slot names), e.g. shop", n))
 	}
 	if c.Feed.WALWarn < 1 {
 		v.add("feed.wal_warn", "must be at least 1 byte")
@@ -445,3 +449,8 @@ func Check(path string, getenv func(string) (string, bool)) []Problem {
 	})
 	return probs
 }
+
+// feedName is what feed.name may be: it goes into the names of replication
+// slots (lower-case letters, digits and _, at most 63 bytes with
+// tandem_feed_ and _<store> around it).
+var feedName = regexp.MustCompile(`^[a-z0-9_]{1,40}$`)

@@ -44,7 +44,7 @@ type FeedStatus struct {
 
 // The flip's side of the change feed (design section 10): the feed itself
 // runs in the proxy; what is here only follows the contract's names (the
-// publication route.FeedPublication, the slots route.FeedSlot, the control
+// publication and slots route.FeedNames gives for feed.name, the control
 // table tandem.feed).
 
 // feedSlotTimeout bounds the creation of a logical slot: PostgreSQL waits
@@ -53,6 +53,10 @@ const feedSlotTimeout = 30 * time.Second
 
 // feedStatusTimeout bounds reading one store's side of the feed's status.
 const feedStatusTimeout = 3 * time.Second
+
+// FeedNamesOf are the feed's publication and slot names under cfg's
+// feed.name.
+func FeedNamesOf(cfg *config.Config) route.FeedNames { return route.FeedNames{Name: cfg.Feed.Name} }
 
 // FeedTables are the tables in scope under the names store gives them.
 func FeedTables(ms *table.Mappings, store route.Store) []table.Name {
@@ -77,19 +81,19 @@ func FeedTables(ms *table.Mappings, store route.Store) []table.Name {
 // the publication first: pgoutput cannot decode WAL written before its
 // publication existed. It is idempotent and safe against a concurrent
 // caller.
-func EnsureFeed(ctx context.Context, conn *pgx.Conn, store route.Store, tables []table.Name) error {
+func EnsureFeed(ctx context.Context, conn *pgx.Conn, names route.FeedNames, store route.Store, tables []table.Name) error {
 	ok, _, err := feed.Publishable(ctx, conn, tables) // tandem plan names the others
 	if err != nil {
 		return err
 	}
 	if len(ok) > 0 {
-		if err := feed.EnsurePublication(ctx, conn, ok); err != nil {
+		if err := feed.EnsurePublication(ctx, conn, names.Publication(), ok); err != nil {
 			return err
 		}
 	}
 	sctx, cancel := context.WithTimeout(ctx, feedSlotTimeout)
 	defer cancel()
-	_, err = feed.EnsureSlot(sctx, conn, feed.SlotName(store))
+	_, err = feed.EnsureSlot(sctx, conn, names.Slot(store))
 	return err
 }
 
@@ -135,7 +139,7 @@ func prepareFeed(ctx context.Context, cfg *config.Config, from, to route.Store) 
 		done()
 		return nil, nil, fmt.Errorf("loading the table mappings: %w", err)
 	}
-	if err := EnsureFeed(ctx, toConn, to, FeedTables(ms, to)); err != nil {
+	if err := EnsureFeed(ctx, toConn, FeedNamesOf(cfg), to, FeedTables(ms, to)); err != nil {
 		done()
 		return nil, nil, fmt.Errorf("on the %s store: %w", to, err)
 	}
@@ -177,7 +181,7 @@ func FeedState(ctx context.Context, cfg *config.Config, control *pgx.Conn, store
 	}
 	f := &Feed{Enabled: cfg.Feed.Enabled, Stores: []FeedStatus{}}
 	for _, s := range stores {
-		fs := FeedStatus{Store: string(s), Primary: st.Primary == s, Slot: route.FeedSlot(s)}
+		fs := FeedStatus{Store: string(s), Primary: st.Primary == s, Slot: FeedNamesOf(cfg).Slot(s)}
 		var holder, checked, lastErr *string
 		var age *time.Duration
 		err := control.QueryRow(ctx, `SELECT slot_name, holder, checked_lsn::text, checked_at, heartbeat_at, now() - heartbeat_at, last_error,
@@ -236,7 +240,7 @@ func storeFeedStatus(ctx context.Context, cfg *config.Config, s route.Store, fs 
 			pg_wal_lsn_diff(pg_current_wal_lsn(), $2::pg_lsn)::bigint,
 			(SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1),
 			(SELECT active FROM pg_replication_slots WHERE slot_name = $1)`,
-		route.FeedSlot(s), checked).Scan(&fs.CurrentLSN, &fs.LagBytes, &retained, &active)
+		FeedNamesOf(cfg).Slot(s), checked).Scan(&fs.CurrentLSN, &fs.LagBytes, &retained, &active)
 	if err != nil {
 		return fmt.Errorf("reading the %s store's WAL position and slot: %w", s, err)
 	}

@@ -428,7 +428,7 @@ func (cp *Plane) startFeed(ctx context.Context) error {
 		return err
 	}
 	r := feed.New(feed.Options{
-		Control: cp.cc, Old: oldCC, New: newCC, Tables: cp.cfg.Tables, Replica: cp.replica,
+		Control: cp.cc, Old: oldCC, New: newCC, Tables: cp.cfg.Tables, Replica: cp.replica, Names: FeedNamesOf(cp.cfg),
 		WALWarn: int64(cp.cfg.Feed.WALWarn), WALMax: int64(cp.cfg.Feed.WALMax),
 		// As tandem compare: a mirrored write reaches the secondary within
 		// the mirror budget; twice that before a difference is confirmed.

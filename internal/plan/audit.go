@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/jsonout"
 	"github.com/tandemdb/tandem/internal/table"
+	"golang.org/x/sync/errgroup"
 )
 
 // The data audit (tandem plan --audit, issue 17) counts, per table in
@@ -18,8 +19,9 @@ import (
 // is SQL run on the old store over old's rows as the mapping turns them into
 // new's columns (renamed, computed). One scan of the table computes every
 // per-row reason (length, NULL, type cast, CHECK, and the foreign key
-// orphans through a hash join with the parent's keys); a unique key that
-// old does not enforce takes one GROUP BY more.
+// orphans through a hash join with the parent's keys), with parallel
+// workers where PostgreSQL plans them; a unique key that old does not
+// enforce takes one GROUP BY more, on a second connection beside the scan.
 
 // Audit reasons.
 const (
@@ -37,7 +39,7 @@ const auditExamples = 5
 // Audit is the data audit of one table: what new's schema will reject of
 // old's rows.
 type Audit struct {
-	Rows     int64            `json:"rows"`     // rows scanned on old
+	Rows     int64            `json:"rows"`     // rows scanned on old: those the mapping carries (its where)
 	Duration jsonout.Duration `json:"duration"` // the audit's queries, all together
 	// Rejects are the reasons with at least one row, in a stable order
 	// (by reason, then column or constraint); empty when the table is clean.
@@ -96,14 +98,52 @@ func auditTable(ctx context.Context, in auditInput) (*Audit, error) {
 		return nil, err
 	}
 	checks = append(checks, fks...)
-	if err := s.scan(ctx, in.old, checks, a); err != nil {
-		return nil, err
-	}
+	var uniques []uniqueCheck
 	for _, u := range newCons.uniques {
-		if err := s.unique(ctx, in.old, u, oldCons.uniques, a); err != nil {
-			return nil, err
+		if uc, ok := s.uniqueCheck(u, oldCons.uniques, a); ok {
+			uniques = append(uniques, uc)
 		}
 	}
+	// The unique keys' GROUP BYs run on a second connection to old, beside
+	// the scan, when old accepts one; else after it, on the same.
+	var side *pgx.Conn
+	if len(uniques) > 0 {
+		if side, err = pgx.ConnectConfig(ctx, in.old.Config()); err == nil {
+			defer func() { _ = side.Close(context.WithoutCancel(ctx)) }()
+			if _, err = raiseWorkMem(ctx, side); err != nil {
+				return nil, err
+			}
+		} else {
+			side = nil
+		}
+	}
+	ua := &Audit{}
+	g, gctx := errgroup.WithContext(ctx)
+	runUniques := func(ctx context.Context, conn *pgx.Conn) error {
+		for _, uc := range uniques {
+			if err := s.unique(ctx, conn, uc, ua); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if side != nil {
+		g.Go(func() error { return runUniques(gctx, side) })
+	}
+	g.Go(func() error {
+		if err := s.scan(gctx, in.old, checks, a); err != nil {
+			return err
+		}
+		if side == nil {
+			return runUniques(gctx, in.old)
+		}
+		return nil
+	})
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	a.Rejects = append(a.Rejects, ua.Rejects...)
+	a.Unchecked = append(a.Unchecked, ua.Unchecked...)
 	slices.SortStableFunc(a.Rejects, func(x, y Reject) int {
 		return strings.Compare(x.Reason+"\x00"+x.Column+"\x00"+x.Constraint, y.Reason+"\x00"+y.Column+"\x00"+y.Constraint)
 	})

@@ -2,7 +2,12 @@ package plan
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -15,12 +20,21 @@ import (
 )
 
 // BenchmarkAudit measures the data audit of a 1M-row table against one
-// scan of it (SELECT count(*)), in alternating rounds, and reports the
-// medians and their ratio (docs/benchmarks.md). The table is TestPlanAudit's
-// (cmd/tandem) at 1M rows: mapped with a rename, a dropped and a computed
-// column, one planted row of each reason, which the audit must find:
+// scan of it, in alternating rounds, and reports the medians and their
+// ratios (docs/benchmarks.md). "One scan" is a read of every value, as the
+// backfill's COPY ... TO STDOUT of the table does it (audit/copy, the
+// issue's measure); SELECT count(*), as PostgreSQL plans it (parallel) and
+// without parallel workers, reads no values and is reported beside it. The
+// table is TestPlanAudit's (cmd/tandem) at 1M rows: mapped with a rename, a
+// dropped and a computed column, one planted row of each reason, which the
+// audit must find:
 //
 //	go test -run '^$' -bench Audit -benchtime 1x ./internal/plan
+//
+// With TANDEM_AUDIT_BASELINE naming a tandem binary of another build (the
+// one before a change), each round also runs its tandem plan --audit on the
+// same stores, which must find the same rejects, and reports its median
+// audit time (the report's duration) and the ratio to it.
 func BenchmarkAudit(b *testing.B) {
 	old, new := pgtest.NewPair(b)
 	ctx := context.Background()
@@ -63,8 +77,10 @@ func BenchmarkAudit(b *testing.B) {
 		}
 		return Mapping{New: n}
 	}}
+	const want = "check:505 fk_orphan:303 length:101 null:202 type_cast:606 unique_duplicate:dup"
+	baseline := baselineAudit(b, os.Getenv("TANDEM_AUDIT_BASELINE"), old, new, want)
 	const rounds = 7
-	var audits, scans, serial, copies []time.Duration
+	var audits, scans, serial, copies, baselines []time.Duration
 	count := func() time.Duration {
 		began := time.Now()
 		var n int64
@@ -103,10 +119,13 @@ func BenchmarkAudit(b *testing.B) {
 			for _, r := range a.Rejects {
 				got = append(got, r.Reason+":"+strings.Join(r.Keys, ","))
 			}
-			if want := "check:505 fk_orphan:303 length:101 null:202 type_cast:606 unique_duplicate:dup"; strings.Join(got, " ") != want || a.Rows != 1000000 {
+			if strings.Join(got, " ") != want || a.Rows != 1000000 {
 				b.Fatalf("audit found %q in %d rows, want %q", got, a.Rows, want)
 			}
 			audits = append(audits, a.Duration.D())
+			if baseline != nil {
+				baselines = append(baselines, baseline())
+			}
 		}
 	}
 	b.StopTimer()
@@ -118,8 +137,68 @@ func BenchmarkAudit(b *testing.B) {
 	b.ReportMetric(float64(audit)/float64(one), "audit/serial-scan")
 	b.ReportMetric(float64(cp.Milliseconds()), "copy-ms")
 	b.ReportMetric(float64(audit)/float64(cp), "audit/copy")
+	if len(baselines) > 0 {
+		base := median(baselines)
+		b.ReportMetric(float64(base.Milliseconds()), "baseline-audit-ms")
+		b.ReportMetric(float64(base)/float64(cp), "baseline/copy")
+		b.ReportMetric(float64(base)/float64(scan), "baseline/scan")
+		b.ReportMetric(float64(audit)/float64(base), "audit/baseline")
+		b.Logf("baseline %s: median audit %v\nbaseline audits %v", os.Getenv("TANDEM_AUDIT_BASELINE"), base, baselines)
+	}
 	b.Logf("medians of %d alternating rounds: audit %v, count(*) %v, count(*) without parallel workers %v, COPY out %v\naudits %v\nscans %v\nserial scans %v\ncopies %v",
 		len(audits), audit, scan, one, cp, audits, scans, serial, copies)
+}
+
+// baselineAudit returns what runs the data audit of bin (a tandem binary)
+// on the benchmark's stores, checks that it finds want in public.orders,
+// and returns the audit's duration as its report gives it; nil when bin is
+// "".
+func baselineAudit(b *testing.B, bin string, old, new *pgtest.Cluster, want string) func() time.Duration {
+	if bin == "" {
+		return nil
+	}
+	cfg := filepath.Join(b.TempDir(), "tandem.yaml")
+	if err := os.WriteFile(cfg, []byte(`old:
+  dsn: `+old.DSN("")+`
+new:
+  dsn: `+new.DSN("")+`
+tables:
+  map:
+    customers:
+      to: clients
+    orders:
+      to: purchases
+      rename: {cust: customer_id}
+      drop: [legacy]
+      compute: {total: "price * amount"}
+      reverse: {price: "total / nullif(amount, 0)"}
+`), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	return func() time.Duration {
+		out, err := exec.Command(bin, "plan", "-c", cfg, "--json", "--sample-rows", "0", "--audit").Output()
+		var ee *exec.ExitError
+		if err != nil && !errors.As(err, &ee) { // the plan's verdict is its exit status
+			b.Fatal(err)
+		}
+		var rep Report
+		if err := json.Unmarshal(out, &rep); err != nil {
+			b.Fatalf("%s: %v\n%s", bin, err, out)
+		}
+		i := slices.IndexFunc(rep.Tables, func(t Table) bool { return t.Name == "public.orders" })
+		if i < 0 || rep.Tables[i].Audit == nil {
+			b.Fatalf("%s: no audit of public.orders:\n%s", bin, out)
+		}
+		a := rep.Tables[i].Audit
+		var got []string
+		for _, r := range a.Rejects {
+			got = append(got, r.Reason+":"+strings.Join(r.Keys, ","))
+		}
+		if strings.Join(got, " ") != want || a.Rows != 1000000 {
+			b.Fatalf("%s: audit found %q in %d rows, want %q", bin, got, a.Rows, want)
+		}
+		return a.Duration.D()
+	}
 }
 
 func median(ds []time.Duration) time.Duration {

@@ -287,42 +287,56 @@ func quoteAll(names []string) []string {
 	return out
 }
 
-// scanSQL is the table's one scan for checks: each predicate is computed
-// once per row (rowsSQL), then counted; examplesSQL reads the first keys
-// of each check that found rows.
+// scanSQL is the table's one scan for checks, as one row: the rows, then
+// per check the rows that fail it, the largest value its fix needs, and
+// the ctids of the first and the last of those rows (where examplesSQL
+// starts and stops). The scan groups the rows by their outcomes (one
+// group per combination that occurs, the clean rows' first), so that each
+// predicate is a grouping expression, computed once per row, and the
+// aggregates' FILTERs reuse it; a grouped aggregate runs with parallel
+// workers and partial aggregation where the table is large enough.
 func (s *auditSide) scanSQL(checks []scanCheck) string {
-	sel := []string{"count(*)"}
+	inner := []string{"m.tandem_t"}
+	var group, groupSel, sel, anyFails []string
 	for i, c := range checks {
+		b := fmt.Sprintf("tandem_b%d", i)
+		inner = append(inner, fmt.Sprintf("coalesce(%s, false) AS %s", c.pred, b))
+		group, anyFails = append(group, "x."+b), append(anyFails, "x."+b)
+		groupSel = append(groupSel, "x."+b)
 		need := "NULL::text"
 		if c.need != "" {
-			need = fmt.Sprintf("max(x.tandem_n%d)::text", i)
+			inner = append(inner, fmt.Sprintf("%s AS tandem_n%d", c.need, i))
+			groupSel = append(groupSel, fmt.Sprintf("max(x.tandem_n%d) FILTER (WHERE x.%s) AS tandem_n%d", i, b, i))
+			need = fmt.Sprintf("(max(g.tandem_n%d) FILTER (WHERE g.%s))::text", i, b)
 		}
-		sel = append(sel, fmt.Sprintf("count(*) FILTER (WHERE x.tandem_b%d)", i), need)
+		sel = append(sel, fmt.Sprintf("coalesce(sum(g.tandem_rows) FILTER (WHERE g.%s), 0)::int8", b), need,
+			fmt.Sprintf("(min(g.tandem_first) FILTER (WHERE g.%s))::text", b), fmt.Sprintf("(max(g.tandem_last) FILTER (WHERE g.%s))::text", b))
 	}
-	return fmt.Sprintf("SELECT %s FROM %s AS x", strings.Join(sel, ", "), s.rowsSQL(checks))
-}
-
-// rowsSQL is the subquery of old's rows with each check's outcome
-// (tandem_bN) and, for a check that names one, the value its fix needs
-// (tandem_nN). OFFSET 0 keeps each predicate computed once per row.
-func (s *auditSide) rowsSQL(checks []scanCheck) string {
-	inner := prefixed("m.", s.keyCols())
+	fails := "false"
+	if len(anyFails) > 0 {
+		fails = strings.Join(anyFails, " OR ")
+	}
+	groupSel = append(groupSel, "count(*) AS tandem_rows",
+		fmt.Sprintf("min(x.tandem_t) FILTER (WHERE %s) AS tandem_first", fails), fmt.Sprintf("max(x.tandem_t) FILTER (WHERE %s) AS tandem_last", fails))
 	var joins strings.Builder
-	for i, c := range checks {
-		inner = append(inner, fmt.Sprintf("coalesce(%s, false) AS tandem_b%d", c.pred, i))
-		if c.need != "" {
-			inner = append(inner, fmt.Sprintf("CASE WHEN coalesce(%s, false) THEN %s END AS tandem_n%d", c.pred, c.need, i))
-		}
+	for _, c := range checks {
 		joins.WriteString(c.join)
 	}
-	return fmt.Sprintf("(SELECT %s FROM %s AS m%s OFFSET 0)", strings.Join(inner, ", "), s.from(), joins.String())
+	grouped := fmt.Sprintf("SELECT %s FROM (SELECT %s FROM %s AS m%s) AS x", strings.Join(groupSel, ", "), strings.Join(inner, ", "), s.from(), joins.String())
+	if len(group) > 0 {
+		grouped += " GROUP BY " + strings.Join(group, ", ")
+	}
+	return fmt.Sprintf("SELECT coalesce(sum(g.tandem_rows), 0)::int8%s FROM (%s) AS g", prefixComma(sel), grouped)
 }
 
-// examplesSQL reads up to auditExamples keys of rows that fail c. It
-// stops at the last one it needs, where an aggregate of every failing
-// key (sliced to a few) would hold them all in the old store's memory.
+// examplesSQL reads up to auditExamples keys of rows that fail c, between
+// the ctids $1 and $2 of the first and the last that the scan found: a TID
+// range scan that starts at the first and stops at the last it needs (the
+// rows may have moved since the scan: then it finds fewer).
 func (s *auditSide) examplesSQL(c scanCheck) string {
-	return fmt.Sprintf("SELECT %s FROM %s AS x WHERE x.tandem_b0 LIMIT %d", s.keyText("x"), s.rowsSQL([]scanCheck{c}), auditExamples)
+	return fmt.Sprintf("SELECT %s FROM (SELECT m.tandem_t, %s, coalesce(%s, false) AS tandem_b FROM %s AS m%s) AS x"+
+		" WHERE x.tandem_t >= $1::tid AND x.tandem_t <= $2::tid AND x.tandem_b LIMIT %d",
+		s.keyText("x"), strings.Join(prefixed("m.", s.keyCols()), ", "), c.pred, s.from(), c.join, auditExamples)
 }
 
 func (s *auditSide) scan(ctx context.Context, conn *pgx.Conn, checks []scanCheck, a *Audit) error {
@@ -341,8 +355,9 @@ func (s *auditSide) scan(ctx context.Context, conn *pgx.Conn, checks []scanCheck
 	dest := []any{&a.Rows}
 	counts := make([]int64, len(checks))
 	needs := make([]*string, len(checks))
+	first, last := make([]*string, len(checks)), make([]*string, len(checks))
 	for i := range checks {
-		dest = append(dest, &counts[i], &needs[i])
+		dest = append(dest, &counts[i], &needs[i], &first[i], &last[i])
 	}
 	if err := conn.QueryRow(ctx, s.scanSQL(checks)).Scan(dest...); err != nil {
 		if ctx.Err() != nil || conn.IsClosed() {
@@ -359,13 +374,15 @@ func (s *auditSide) scan(ctx context.Context, conn *pgx.Conn, checks []scanCheck
 		if needs[i] != nil {
 			need = *needs[i]
 		}
-		rows, err := conn.Query(ctx, s.examplesSQL(c))
-		if err != nil {
-			return fmt.Errorf("auditing %s on old: %w", s.old.name, err)
-		}
-		keys, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		if err != nil {
-			return fmt.Errorf("auditing %s on old: %w", s.old.name, err)
+		keys := []string{}
+		if first[i] != nil && last[i] != nil {
+			rows, err := conn.Query(ctx, s.examplesSQL(c), *first[i], *last[i])
+			if err != nil {
+				return fmt.Errorf("auditing %s on old: %w", s.old.name, err)
+			}
+			if keys, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+				return fmt.Errorf("auditing %s on old: %w", s.old.name, err)
+			}
 		}
 		r := c.rej
 		r.Rows, r.Keys, r.Fix = counts[i], keys, c.fix(need, keys)
@@ -374,13 +391,21 @@ func (s *auditSide) scan(ctx context.Context, conn *pgx.Conn, checks []scanCheck
 	return nil
 }
 
-// unique checks one of new's unique indexes, unless old enforces it: old
-// has a unique index on a subset of the same columns, passed through with
-// the same types.
-func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, u uniqueIdx, oldUniques []uniqueIdx, a *Audit) error {
+// uniqueCheck is the query for one of new's unique indexes that old does
+// not enforce.
+type uniqueCheck struct {
+	idx uniqueIdx
+	sql string
+}
+
+// uniqueCheck builds the query for one of new's unique indexes, unless
+// old enforces it (old has a unique index on a subset of the same columns,
+// passed through with the same types) or it cannot be audited (noted in
+// a): then ok is false.
+func (s *auditSide) uniqueCheck(u uniqueIdx, oldUniques []uniqueIdx, a *Audit) (uc uniqueCheck, ok bool) {
 	if u.partial || u.exprs {
 		a.Unchecked = append(a.Unchecked, fmt.Sprintf("unique index %s is partial or on expressions: duplicates not audited", u.name))
-		return nil
+		return uc, false
 	}
 	var from []string
 	same := true
@@ -388,7 +413,7 @@ func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, u uniqueIdx, old
 		c := s.col(name)
 		if c == nil || c.typed == "" {
 			a.Unchecked = append(a.Unchecked, fmt.Sprintf("unique index %s: column %s is not filled from old or its values are not typed: duplicates not audited", u.name, name))
-			return nil
+			return uc, false
 		}
 		if c.computed || c.srcType != c.newType {
 			same = false
@@ -398,7 +423,7 @@ func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, u uniqueIdx, old
 	if same {
 		for _, o := range oldUniques {
 			if !o.partial && !o.exprs && !o.invalid && (o.nullsNotDistinct || !u.nullsNotDistinct) && subset(o.cols, from) {
-				return nil // old enforces it
+				return uc, false // old enforces it
 			}
 		}
 	}
@@ -419,9 +444,16 @@ func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, u uniqueIdx, old
 	q := fmt.Sprintf(`SELECT coalesce(sum(n - 1), 0)::int8, coalesce((array_agg(v ORDER BY v))[1:%d], '{}') FROM (
 		SELECT %s AS v, count(*) AS n FROM %s AS m%s GROUP BY %s HAVING count(*) > 1) AS d`,
 		auditExamples, v, s.fromCols(u.cols), where, strings.Join(cols, ", "))
+	return uniqueCheck{idx: u, sql: q}, true
+}
+
+// unique runs the query of a unique index on conn, and adds its reject
+// (or why it could not run) to a.
+func (s *auditSide) unique(ctx context.Context, conn *pgx.Conn, uc uniqueCheck, a *Audit) error {
+	u := uc.idx
 	var n int64
 	var vals []string
-	if err := conn.QueryRow(ctx, q).Scan(&n, &vals); err != nil {
+	if err := conn.QueryRow(ctx, uc.sql).Scan(&n, &vals); err != nil {
 		if ctx.Err() != nil || conn.IsClosed() {
 			return fmt.Errorf("auditing %s on old: %w", s.old.name, err)
 		}

@@ -42,23 +42,25 @@ func (s *auditSide) col(name string) *auditCol {
 	return nil
 }
 
-// from is the FROM item of the table's rows as new's columns: the old key
-// (tandem_k), each column's value as new receives it (tandem_vN), whether
-// its type cast or its length rejects it (tandem_cN, tandem_lN, computed
-// once per row: OFFSET 0 keeps the planner from inlining them into every
-// use), and its value typed as new's column, under new's name.
+// from is the FROM item of the table's rows as new's columns: the row's
+// ctid (tandem_t), the old key (tandem_k), each column's value as new
+// receives it (tandem_vN), whether its type cast or its length rejects it
+// (tandem_cN, tandem_lN), and its value typed as new's column, under new's
+// name. It is plain nested subqueries, which the planner flattens into
+// the query that reads them: a condition on tandem_t reaches the table's
+// scan (a TID range scan), and the scan can run with parallel workers.
 func (s *auditSide) from() string { return s.fromCols(nil) }
 
 // fromCols is from with only the columns named in only (all when nil):
 // a unique key's GROUP BY and a foreign key's parent read just theirs.
 func (s *auditSide) fromCols(only []string) string {
-	key := "tandem_o.ctid AS tandem_k"
+	key := "tandem_o.ctid AS tandem_t, tandem_o.ctid AS tandem_k"
 	if len(s.old.key) > 0 {
 		ks := make([]string, len(s.old.key))
 		for i, k := range s.old.key {
 			ks[i] = fmt.Sprintf("tandem_o.%s AS tandem_k%d", quoteIdent(k), i)
 		}
-		key = strings.Join(ks, ", ")
+		key = "tandem_o.ctid AS tandem_t, " + strings.Join(ks, ", ")
 	}
 	var values, raw []string
 	use := func(c *auditCol) bool { return only == nil || slices.Contains(only, c.name) }
@@ -67,7 +69,7 @@ func (s *auditSide) fromCols(only []string) string {
 			values = append(values, fmt.Sprintf("%s AS tandem_v%d", c.value, i))
 		}
 	}
-	keys := s.keyCols()
+	keys := append([]string{"tandem_t"}, s.keyCols()...)
 	typed := prefixed("r.", keys)
 	for i, c := range s.cols {
 		if !use(c) {
@@ -94,9 +96,13 @@ func (s *auditSide) fromCols(only []string) string {
 				strings.ReplaceAll(c.typed, "$v", "r."+v), quoteIdent(c.name)))
 		}
 	}
-	return fmt.Sprintf("(SELECT %s FROM (SELECT %s FROM (SELECT %s%s FROM %s AS tandem_o) AS v OFFSET 0) AS r)",
+	where := ""
+	if s.m.Where != "" { // only the rows the mapping carries: the others never reach new
+		where = " WHERE (" + s.m.Where + ")"
+	}
+	return fmt.Sprintf("(SELECT %s FROM (SELECT %s FROM (SELECT %s%s FROM %s AS tandem_o%s) AS v) AS r)",
 		strings.Join(typed, ", "), strings.Join(append(prefixed("v.", keys), raw...), ", "),
-		key, prefixComma(values), s.old.name.Quoted())
+		key, prefixComma(values), s.old.name.Quoted(), where)
 }
 
 // keyCols are the names of the old key's columns in from: tandem_k0, ...,
@@ -271,15 +277,17 @@ func (c *auditCol) fits(pg16 bool) {
 		case numericSrc:
 			num = "($v)::numeric"
 		case s.dims == 0 && stringType[s.base]:
-			num = fmt.Sprintf("CASE WHEN %s ~* %s THEN (%s)::numeric END", text, quoteLiteral(numericSyntax), text)
+			num = fmt.Sprintf("CASE WHEN %s OR %s ~* %s THEN (%s)::numeric END", digitsOnly(text, 0), text, quoteLiteral(numericSyntax), text)
 		}
 		if num != "" {
 			p, sc := d.mod(0), scale(d)
 			// abs(round(x, sc)) >= 1e(p-sc), without rounding every value:
 			// x rounds to the limit from limit - 5e-(sc+1) on. NaN fits
-			// and sorts above every number.
+			// and sorts above every number. The value (a computed
+			// column's expression, inlined) is computed once for a value
+			// that fits.
 			bound := fmt.Sprintf("(1e%d - 5e%d)", p-sc, -(sc + 1))
-			c.length = fmt.Sprintf("(%s >= %s OR %s <= -%s) AND %s <> 'NaN'::numeric", num, bound, num, bound, num)
+			c.length = fmt.Sprintf("CASE WHEN abs(%s) < %s THEN false ELSE %s <> 'NaN'::numeric END", num, bound, num)
 			c.need = fmt.Sprintf("abs(round(%s, %d))", num, sc)
 		} else {
 			c.unchecked = fmt.Sprintf("%s values into %s: the digits are not checked", c.srcType, c.newType)
@@ -302,9 +310,9 @@ func (c *auditCol) fits(pg16 bool) {
 		default:
 			// Fast path: a plain run of fewer digits than the type's
 			// widest value always fits, without parsing a numeric.
-			c.cast = fmt.Sprintf("CASE WHEN %s ~ '^[0-9]{1,%d}$' THEN false "+
+			c.cast = fmt.Sprintf("CASE WHEN %s THEN false "+
 				"ELSE NOT coalesce(CASE WHEN %s ~ %s THEN (%s)::numeric BETWEEN %s AND %s END, false) END",
-				text, intDigits[d.base]-1, text, quoteLiteral(intSyntax), text, r[0], r[1])
+				digitsOnly(text, intDigits[d.base]-1), text, quoteLiteral(intSyntax), text, r[0], r[1])
 		}
 	case s.dims == 0 && d.dims == 0 && d.base == "numeric":
 		switch {
@@ -314,7 +322,7 @@ func (c *auditCol) fits(pg16 bool) {
 		case pg16:
 			c.cast = fmt.Sprintf("NOT pg_input_is_valid(%s, 'numeric')", text)
 		default:
-			c.cast = fmt.Sprintf("%s !~* %s", text, quoteLiteral(numericSyntax))
+			c.cast = fmt.Sprintf("CASE WHEN %s THEN false ELSE %s !~* %s END", digitsOnly(text, 0), text, quoteLiteral(numericSyntax))
 		}
 	case d.dims == 0 && stringType[d.base]:
 		// Every value has a text form.
@@ -346,6 +354,18 @@ func (c *auditCol) fits(pg16 bool) {
 	} else {
 		c.typed = "($v)::text::" + c.newType
 	}
+}
+
+// digitsOnly is SQL that is true when text is a run of 1 to max ASCII
+// digits (any length when max is 0), and false or NULL otherwise: the
+// common value's fast path before a regular expression, which costs
+// several times as much per row (docs/benchmarks.md).
+func digitsOnly(text string, max int) string {
+	n := "octet_length(" + text + ") > 0"
+	if max > 0 {
+		n = fmt.Sprintf("octet_length(%s) BETWEEN 1 AND %d", text, max)
+	}
+	return fmt.Sprintf("(%s AND ltrim(%s, '0123456789') = '')", n, text)
 }
 
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }

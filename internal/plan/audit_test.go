@@ -1,11 +1,14 @@
 package plan
 
 import (
+	"fmt"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/pgtest/harness"
+	"github.com/tandemdb/tandem/internal/table"
 )
 
 // TestAuditCastRules checks that the audit's PostgreSQL 15 checks (a value
@@ -92,5 +95,135 @@ func TestAuditCastRules(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestAuditExamples checks the counts and the example keys when a check
+// fails more rows than it lists, beside a check that fails other rows: each
+// reject counts all of its rows and lists the first auditExamples of them
+// in the table's order, only rows that fail it, including a row that an
+// UPDATE moved to the table's end; an empty table has nothing to reject.
+func TestAuditExamples(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	ctx := t.Context()
+	if err := old.Exec(ctx, "postgres", `CREATE TABLE t (id int PRIMARY KEY, v text, w text);
+		INSERT INTO t SELECT g, 'v', 'w' FROM generate_series(1, 5000) g;
+		UPDATE t SET v = NULL WHERE id % 400 = 7;
+		UPDATE t SET w = 'long' WHERE id IN (3, 4100);
+		UPDATE t SET v = NULL WHERE id = 2;
+		CREATE TABLE empty (id int PRIMARY KEY, v text);
+		ANALYZE t;`); err != nil {
+		t.Fatal(err)
+	}
+	if err := new.Exec(ctx, "postgres", `CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL, w varchar(3));
+		CREATE TABLE empty (id int PRIMARY KEY, v text NOT NULL UNIQUE)`); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Run(ctx, Options{Old: harness.Connect(t, old, "postgres"), New: harness.Connect(t, new, "postgres"), Audit: true,
+		Map: func(n table.Name) Mapping { return Mapping{New: n} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Tables) != 2 || rep.Tables[0].Audit == nil || rep.Tables[1].Audit == nil || rep.Tables[1].Name != "public.t" {
+		t.Fatalf("tables %+v", rep.Tables)
+	}
+	if e := rep.Tables[0].Audit; e.Rows != 0 || len(e.Rejects) != 0 || len(e.Unchecked) != 0 {
+		t.Errorf("audit of the empty table: %+v", e)
+	}
+	a := rep.Tables[1].Audit
+	var got []string
+	for _, r := range a.Rejects {
+		got = append(got, fmt.Sprintf("%s %s %d [%s]", r.Reason, r.Column, r.Rows, strings.Join(r.Keys, " ")))
+	}
+	// The UPDATEs moved the ids 7 mod 400, then 3 and 4100, then 2 after
+	// the rest, in the order they ran.
+	want := []string{"length w 2 [3 4100]", "null v 14 [7 407 807 1207 1607]"}
+	if a.Rows != 5000 || strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Errorf("audit of %d rows: %q, want %q", a.Rows, got, want)
+	}
+}
+
+// TestAuditComputedFunctions checks the scan and the examples when a
+// computed column's expression is volatile (the planner does not flatten
+// its subquery, and the examples' ctid range must still reach the table) or
+// calls a PARALLEL UNSAFE function: the CHECK on it finds exactly the
+// planted rows, with their keys. (The table is too small for parallel
+// workers either way: this checks the SQL, not the plan.)
+func TestAuditComputedFunctions(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	ctx := t.Context()
+	if err := old.Exec(ctx, "postgres", `CREATE TABLE t (id int PRIMARY KEY, price numeric, amount int);
+		INSERT INTO t SELECT g, 1, 2 FROM generate_series(1, 5000) g;
+		UPDATE t SET price = -1 WHERE id IN (10, 20, 4000);
+		CREATE FUNCTION unsafe_id(numeric) RETURNS numeric LANGUAGE sql PARALLEL UNSAFE AS 'SELECT $1';
+		ANALYZE t;`); err != nil {
+		t.Fatal(err)
+	}
+	if err := new.Exec(ctx, "postgres", `CREATE TABLE t (id int PRIMARY KEY, total numeric(12,2) CHECK (total >= 0), amount int)`); err != nil {
+		t.Fatal(err)
+	}
+	oldConn, newConn := harness.Connect(t, old, "postgres"), harness.Connect(t, new, "postgres")
+	for _, expr := range []string{"price * amount + 0 * random()", "unsafe_id(price * amount)"} {
+		rep, err := Run(ctx, Options{Old: oldConn, New: newConn, Audit: true, Map: func(n table.Name) Mapping {
+			return Mapping{New: n, Declared: true, Computed: map[string]string{"total": expr}, Consumed: map[string]bool{"price": true}}
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := rep.Tables[0].Audit
+		if a == nil || a.Rows != 5000 || len(a.Unchecked) != 0 || len(a.Rejects) != 1 ||
+			a.Rejects[0].Reason != RejectCheck || a.Rejects[0].Rows != 3 || strings.Join(a.Rejects[0].Keys, " ") != "10 20 4000" {
+			t.Errorf("%s: audit %+v", expr, a)
+		}
+	}
+}
+
+// TestAuditWhere: a mapping with a where predicate carries only some old
+// rows to new, and the audit counts rejects among those alone: the rows
+// outside it (here the other region's) never reach new, whatever they
+// hold, for the row checks, the unique key and the foreign key alike.
+func TestAuditWhere(t *testing.T) {
+	old, new := pgtest.NewPair(t)
+	ctx := t.Context()
+	if err := old.Exec(ctx, "postgres", `CREATE TABLE p (id int PRIMARY KEY);
+		INSERT INTO p SELECT g FROM generate_series(1, 10) g;
+		CREATE TABLE t (id int PRIMARY KEY, region text, v text, code text, p int);
+		INSERT INTO t SELECT g, CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END, 'v', 'c' || g, 1 FROM generate_series(1, 100) g;
+		-- outside the predicate (us): a NULL, a duplicate code and an orphan, none of which new sees
+		UPDATE t SET v = NULL WHERE id = 1;
+		UPDATE t SET code = 'c2' WHERE id = 3;
+		UPDATE t SET p = 99 WHERE id = 5;
+		-- inside it (eu): one of each
+		UPDATE t SET v = NULL WHERE id = 10;
+		UPDATE t SET code = 'c20' WHERE id = 12;
+		UPDATE t SET p = 98 WHERE id = 14;`); err != nil {
+		t.Fatal(err)
+	}
+	if err := new.Exec(ctx, "postgres", `CREATE TABLE p (id int PRIMARY KEY);
+		CREATE TABLE t (id int PRIMARY KEY, region text, v text NOT NULL, code text UNIQUE, p int REFERENCES p)`); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Run(ctx, Options{Old: harness.Connect(t, old, "postgres"), New: harness.Connect(t, new, "postgres"), Audit: true,
+		Map: func(n table.Name) Mapping {
+			if n.Table == "t" {
+				return Mapping{New: n, Declared: true, Where: "region = 'eu'"}
+			}
+			return Mapping{New: n}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	i := slices.IndexFunc(rep.Tables, func(t Table) bool { return t.Name == "public.t" })
+	if i < 0 || rep.Tables[i].Audit == nil {
+		t.Fatalf("tables %+v", rep.Tables)
+	}
+	a := rep.Tables[i].Audit
+	var got []string
+	for _, r := range a.Rejects {
+		got = append(got, fmt.Sprintf("%s %d [%s]", r.Reason, r.Rows, strings.Join(r.Keys, " ")))
+	}
+	want := []string{"fk_orphan 1 [14]", "null 1 [10]", "unique_duplicate 1 [c20]"}
+	if a.Rows != 50 || strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Errorf("audit of %d rows: %q, want 50 rows and %q", a.Rows, got, want)
 	}
 }

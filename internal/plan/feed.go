@@ -12,12 +12,17 @@ import (
 // logical slot and a publication of the tables in scope. Either store can
 // be the primary, so the plan checks both.
 
-// feedPublication and feedSlotPrefix are the names the feed uses (see
-// route.FeedPublication and route.FeedSlot; plan does not import route).
-const (
-	feedPublication = "tandem_feed"
-	feedSlotPrefix  = "tandem_feed_"
-)
+// feedPublication is the publication the feed uses under feed.name, and
+// feedSlot its slot on store (as route.FeedNames names them; plan does not
+// import route).
+func feedPublication(name string) string {
+	if name == "" {
+		return "tandem_feed"
+	}
+	return "tandem_feed_" + name
+}
+
+func feedSlot(name, store string) string { return feedPublication(name) + "_" + store }
 
 // managedReplicationRoles are the roles managed services grant instead of
 // the REPLICATION attribute.
@@ -41,6 +46,7 @@ type FeedPrereqs struct {
 	CreatePublication bool `json:"create_publication"`
 	HasPublication    bool `json:"has_publication"`
 	database          string
+	publication       string
 }
 
 // identity is what the plan knows about one table's replica identity and
@@ -68,10 +74,11 @@ func (id identity) String() string {
 	return id.kind
 }
 
-// readFeedPrereqs reads the feed's prerequisites on store (old or new).
-func readFeedPrereqs(ctx context.Context, q table.Querier, store string) (FeedPrereqs, error) {
-	var f FeedPrereqs
-	args := []any{feedSlotPrefix + store, managedReplicationRoles, feedPublication}
+// readFeedPrereqs reads the feed's prerequisites on store (old or new),
+// for the feed named name (feed.name).
+func readFeedPrereqs(ctx context.Context, q table.Querier, store, name string) (FeedPrereqs, error) {
+	f := FeedPrereqs{publication: feedPublication(name)}
+	args := []any{feedSlot(name, store), managedReplicationRoles, f.publication}
 	err := q.QueryRow(ctx, `SELECT current_setting('wal_level'),
 			current_setting('max_replication_slots')::int,
 			(SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1)::int,
@@ -94,8 +101,9 @@ func readFeedPrereqs(ctx context.Context, q table.Querier, store string) (FeedPr
 	return f, nil
 }
 
-// readIdentities reads the replica identity of every user table on q.
-func readIdentities(ctx context.Context, q table.Querier) (map[table.Name]identity, error) {
+// readIdentities reads the replica identity of every user table on q, and
+// whether it is in the publication pub.
+func readIdentities(ctx context.Context, q table.Querier, pub string) (map[table.Name]identity, error) {
 	rows, err := q.Query(ctx, `
 		SELECT n.nspname, c.relname, c.relreplident::text,
 			EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident),
@@ -108,7 +116,7 @@ func readIdentities(ctx context.Context, q table.Querier) (map[table.Name]identi
 			EXISTS (SELECT 1 FROM pg_publication_tables p WHERE p.pubname = $1 AND p.schemaname = n.nspname AND p.tablename = c.relname)
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 		WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tandem') AND n.nspname NOT LIKE 'pg\_%'`,
-		feedPublication)
+		pub)
 	if err != nil {
 		return nil, fmt.Errorf("reading replica identities: %w", err)
 	}
@@ -149,13 +157,14 @@ func assessFeedStore(s *Store, f FeedPrereqs, v Verdict) {
 	}
 	if !f.HasPublication && !f.CreatePublication {
 		s.reason(v, "%s cannot create the publication %s (CREATE on the database): %s needs it; run GRANT CREATE ON DATABASE %s TO %s;",
-			s.User, feedPublication, need, quoteIdent(f.database), quoteIdent(s.User))
+			s.User, f.publication, need, quoteIdent(f.database), quoteIdent(s.User))
 	}
 }
 
 // assessFeedTable adds the feed's missing prerequisites for table t on
-// store (its name there is n) to t's reasons, at verdict v.
-func assessFeedTable(t *Table, store, user string, n table.Name, id identity, ok bool, v Verdict) {
+// store (its name there is n) to t's reasons, at verdict v; pub is the
+// feed's publication.
+func assessFeedTable(t *Table, store, user, pub string, n table.Name, id identity, ok bool, v Verdict) {
 	if !ok {
 		return // missing on that store: the table's own reasons say so
 	}
@@ -185,6 +194,6 @@ func assessFeedTable(t *Table, store, user string, n table.Name, id identity, ok
 	}
 	if !id.published && !id.owner {
 		t.reason(v, "%s does not own %s on %s: it cannot add it to the publication %s that %s reads; run ALTER TABLE %s OWNER TO %s; or have its owner add it to the publication (CREATE PUBLICATION %s FOR TABLE ...)",
-			user, n, store, feedPublication, need, q, quoteIdent(user), feedPublication)
+			user, n, store, pub, need, q, quoteIdent(user), pub)
 	}
 }

@@ -24,6 +24,9 @@ type Mapping struct {
 	// (new column -> value); they are filled, and left out of the key
 	// comparison (the rest of new's key must be old's).
 	Discriminator map[string]string
+	// Where is the mapping's row predicate over the old row ("" = every
+	// row): the audit reads only the rows it carries.
+	Where string
 }
 
 // newColumn returns the new column that old column c becomes, and false when
@@ -59,6 +62,8 @@ type Options struct {
 	// Feed says the change feed is enabled (feed.enabled): its missing
 	// prerequisites block; otherwise they need attention.
 	Feed bool
+	// FeedName is feed.name, which names the feed's publication and slots.
+	FeedName string
 	// CountBelow is the heap size in bytes under which a never-analyzed
 	// table is counted exactly; 0 means 64 MiB.
 	CountBelow int64
@@ -124,6 +129,7 @@ type reading struct {
 	triggers       []Trigger
 	fks            []ForeignKey
 	feedVerdict    Verdict // of a missing change feed prerequisite: Blocked with o.Feed
+	feedName       string  // o.FeedName
 }
 
 // read reads both catalogs, assesses the stores, and reads the tables'
@@ -144,11 +150,11 @@ func (r *Report) read(ctx context.Context, o Options) (*reading, error) {
 	if o.Feed {
 		feedVerdict = Blocked
 	}
-	oldIDs, err := readIdentities(ctx, o.Old)
+	oldIDs, err := readIdentities(ctx, o.Old, feedPublication(o.FeedName))
 	if err != nil {
 		return nil, fmt.Errorf("old store: %w", err)
 	}
-	newIDs, err := readIdentities(ctx, o.New)
+	newIDs, err := readIdentities(ctx, o.New, feedPublication(o.FeedName))
 	if err != nil {
 		return nil, fmt.Errorf("new store: %w", err)
 	}
@@ -160,7 +166,7 @@ func (r *Report) read(ctx context.Context, o Options) (*reading, error) {
 	if err != nil {
 		return nil, fmt.Errorf("old store: %w", err)
 	}
-	return &reading{oldCat: oldCat, newCat: newCat, oldIDs: oldIDs, newIDs: newIDs, triggers: triggers, fks: fks, feedVerdict: feedVerdict}, nil
+	return &reading{oldCat: oldCat, newCat: newCat, oldIDs: oldIDs, newIDs: newIDs, triggers: triggers, fks: fks, feedVerdict: feedVerdict, feedName: o.FeedName}, nil
 }
 
 // scopeCatalog keeps the triggers and foreign keys of the tables in scope
@@ -207,8 +213,8 @@ func (r *Report) assessScoped(ctx context.Context, o Options, rd *reading, n tab
 	if nok {
 		t.NewReplicaIdentity = nid.String()
 	}
-	assessFeedTable(&t, "old", r.Stores[0].User, n, oid, ook, rd.feedVerdict)
-	assessFeedTable(&t, "new", r.Stores[1].User, m.New, nid, nok, rd.feedVerdict)
+	assessFeedTable(&t, "old", r.Stores[0].User, feedPublication(rd.feedName), n, oid, ook, rd.feedVerdict)
+	assessFeedTable(&t, "new", r.Stores[1].User, feedPublication(rd.feedName), m.New, nid, nok, rd.feedVerdict)
 	for _, p := range o.Problems[n] {
 		t.reason(p.Verdict, "%s", p.Text)
 	}
@@ -287,7 +293,7 @@ func (r *Report) assessStores(ctx context.Context, o Options) error {
 			s.reason(Attention, "%s cannot SET session_replication_role: row images would be applied with this store's triggers and foreign keys active (grant it: GRANT SET ON PARAMETER session_replication_role TO %s, on PostgreSQL 15+, or use a superuser)",
 				s.User, quoteIdent(s.User))
 		}
-		f, err := readFeedPrereqs(ctx, st.conn, st.name)
+		f, err := readFeedPrereqs(ctx, st.conn, st.name, o.FeedName)
 		if err != nil {
 			return err
 		}

@@ -16,11 +16,25 @@ import (
 // only through the contract below: the slot and publication names and the
 // control table tandem.feed, one row per store whose WAL is read.
 
-// FeedPublication is the publication of the tables in scope on each store.
-const FeedPublication = "tandem_feed"
+// FeedNames are the names of the change feed's publication and slots, from
+// its name (feed.name): empty, the publication tandem_feed and the slots
+// tandem_feed_old and tandem_feed_new; "shop", tandem_feed_shop and
+// tandem_feed_shop_old, tandem_feed_shop_new. Deployments that share a store
+// (a consolidation's new store, or service databases on one cluster, where
+// slot names are cluster-wide) each need a name of their own, or they would
+// read and confirm one slot and each miss what the other confirmed.
+type FeedNames struct{ Name string }
 
-// FeedSlot is the name of the change feed's logical slot on store s.
-func FeedSlot(s Store) string { return "tandem_feed_" + string(s) }
+// Publication is the publication of the tables in scope on each store.
+func (f FeedNames) Publication() string {
+	if f.Name == "" {
+		return "tandem_feed"
+	}
+	return "tandem_feed_" + f.Name
+}
+
+// Slot is the name of the change feed's logical slot on store s.
+func (f FeedNames) Slot(s Store) string { return f.Publication() + "_" + string(s) }
 
 // FeedLive is how recent the feed's heartbeat must be for it to count as
 // running: it writes one at least every second.

@@ -32,7 +32,7 @@ func startFakeFeed(t *testing.T, c *pgtest.Cluster, store Store) *fakeFeed {
 	}
 	if _, err := f.conn.Exec(ctx, `INSERT INTO tandem.feed (store, slot_name, holder, checked_lsn, checked_at) VALUES ($1, $2, 'feed-test', '0/0', now())
 		ON CONFLICT (store) DO UPDATE SET holder = 'feed-test', checked_lsn = '0/0', checked_at = now(), heartbeat_at = now(), last_error = NULL`,
-		string(store), FeedSlot(store)); err != nil {
+		string(store), FeedNames{}.Slot(store)); err != nil {
 		t.Fatal(err)
 	}
 	hb := connect(t, c)

@@ -135,6 +135,15 @@ type copier struct {
 	// needed.
 	lockTables bool
 
+	// replace makes each unit delete the secondary's rows of the keys it
+	// writes, and the absent keys, before it writes the primary's rows:
+	// then no row of the secondary that the copy replaces or removes can
+	// hold a unique value one of the written rows takes (a key change or
+	// a swap of a unique column's values that reached the secondary only
+	// in part). The repairer sets it to retry a copy that met a
+	// unique_violation.
+	replace bool
+
 	// stage is the fast path's staging table and upsert (plans with a
 	// key only).
 	stage stage
@@ -559,10 +568,15 @@ func (u *copyUnit) copyKeys(ctx context.Context, keys [][]string, deleteAbsent b
 	if err != nil {
 		return err
 	}
+	if deleteAbsent && u.p.replace { // the absent rows first: they may hold a unique value a written row takes
+		if err := u.deleteAbsent(ctx, keys, rows.keys); err != nil {
+			return err
+		}
+	}
 	if err := u.write(ctx, rows); err != nil {
 		return err
 	}
-	if deleteAbsent {
+	if deleteAbsent && !u.p.replace {
 		if u.p.knobs.afterRead != nil {
 			u.p.knobs.afterRead()
 		}
@@ -640,7 +654,8 @@ func readRows(ctx context.Context, tx pgx.Tx, sql string, args ...any) (rowSet, 
 	return rs, nil
 }
 
-// write upserts rows into the secondary.
+// write upserts rows into the secondary (with replace, it deletes the
+// secondary's rows of their keys first).
 func (u *copyUnit) write(ctx context.Context, rows rowSet) error {
 	if len(rows.json) == 0 {
 		return nil
@@ -663,6 +678,14 @@ func (u *copyUnit) write(ctx context.Context, rows rowSet) error {
 		return nil
 	}
 	for _, q := range u.p.parts() {
+		if u.p.replace {
+			// The secondary's rows of these keys first, in every part.
+			dst := q.dstKey
+			sql := "DELETE FROM " + q.dst.Name.Quoted() + " d WHERE " + keyTuple("d", dst) + " IN (" + keySet("x", 1, dst) + ")" + q.dstAnd()
+			if _, err := u.stx.Exec(ctx, sql, columnsOf(rows.keys, len(dst))...); err != nil {
+				return fmt.Errorf("deleting the rows to replace on the secondary: %w", err)
+			}
+		}
 		if _, err := u.stx.Exec(ctx, q.upsert, arr); err != nil {
 			return fmt.Errorf("writing the secondary: %w", err)
 		}
@@ -772,6 +795,40 @@ func (p *copier) copyKeys(ctx context.Context, primary, secondary *pgx.Conn, key
 func (p *copier) copyTable(ctx context.Context, primary, secondary *pgx.Conn, chunk int) (CopyResult, error) {
 	res, _, err := p.copyRange(ctx, primary, secondary, RangeOptions{Chunk: chunk})
 	return res, err
+}
+
+// deleteAbsentAll deletes the secondary's rows whose keys the primary does
+// not have, over the whole table, chunk keys per locked unit, and copies
+// nothing else: before a copy with replace, so that no row the primary has
+// lost (a key that changed) still holds a unique value on the secondary.
+func (p *copier) deleteAbsentAll(ctx context.Context, primary, secondary *pgx.Conn, chunk int) (CopyResult, error) {
+	var res CopyResult
+	for _, q := range p.parts() { // a split's owner: the keys of every part's table
+		var lo []string
+		for {
+			var keys [][]string
+			r, err := p.runCopyUnit(ctx, primary, secondary, func(u *copyUnit) error {
+				var err error
+				if keys, err = u.candidates(ctx, q, lo, false, nil, nil, chunk); err != nil || len(keys) == 0 {
+					return err
+				}
+				found, err := u.lockKeys(ctx, keys)
+				if err != nil {
+					return err
+				}
+				return u.deleteAbsent(ctx, keys, found.keys)
+			})
+			res.add(r)
+			if err != nil {
+				return res, err
+			}
+			if len(keys) < chunk {
+				break
+			}
+			lo = keys[len(keys)-1]
+		}
+	}
+	return res, nil
 }
 
 // copyWhole copies a table without a primary key in one unit: lock the

@@ -92,7 +92,7 @@ func CopyRangeMapped(ctx context.Context, primary, secondary *pgx.Conn, m *Mappi
 // the previous chunk, as text; each chunk starts strictly after it.
 func (p *copier) copyRange(ctx context.Context, primary, secondary *pgx.Conn, opts RangeOptions) (CopyResult, []string, error) {
 	var res CopyResult
-	fast := opts.Chunk >= fastRows(opts.FastRows) && !p.noFast
+	fast := opts.Chunk >= fastRows(opts.FastRows) && !p.noFast && !p.replace
 	cursor, incl := opts.Lo, opts.LoInclusive
 	var committed []string
 	for {

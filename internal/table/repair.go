@@ -372,6 +372,16 @@ func (r *repairPass) repairTable(ctx context.Context, n Name, g *driftGroup) err
 		err = settle(g.ids, fmt.Errorf("repairing %s on %s: %w", n, targetName, err))
 	case g.whole:
 		_, err = p.copyAll(ctx, source, target, repairChunk)
+		if isUniqueViolation(err) && p.src.HasKey() {
+			// A key changed (the old key's row on the target still holds
+			// a unique value the new key's row takes), or a unique
+			// column's values moved between rows: remove the target's
+			// rows the source has lost, then replace rather than upsert.
+			if _, err = p.deleteAbsentAll(ctx, source, target, repairChunk); err == nil {
+				p.replace = true
+				_, err = p.copyAll(ctx, source, target, repairChunk)
+			}
+		}
 		if err != nil {
 			err = fmt.Errorf("repairing %s on %s: %w", n, targetName, err)
 		}
@@ -435,6 +445,12 @@ func repairKeys(ctx context.Context, source, target *pgx.Conn, p *copier, ids []
 		return nil
 	}
 	_, err := p.copyKeys(ctx, source, target, goodKeys)
+	if isUniqueViolation(err) {
+		// Unique values moved between the rows of these keys (a swap the
+		// target saw only in part): replace the rows instead.
+		p.replace = true
+		_, err = p.copyKeys(ctx, source, target, goodKeys)
+	}
 	if err == nil || len(goodIDs) == 1 || storeError(err, source, target) {
 		if err != nil {
 			err = fmt.Errorf("repairing %s: %w", p.src.Name, err)
@@ -477,4 +493,11 @@ func repairCopier(ctx context.Context, source, target *pgx.Conn, n Name, stale s
 		return nil, fmt.Errorf("no mapping has %s as its new table", n)
 	}
 	return loadCopier(ctx, source, target, n, n)
+}
+
+// isUniqueViolation reports whether err is the target's unique_violation
+// (23505).
+func isUniqueViolation(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "23505"
 }
