@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/Shopify/toxiproxy/v2"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -529,35 +530,17 @@ INSERT INTO cp SELECT generate_series(1, 40);`, generousBudget)
 func TestHoleCommitReplyLost(t *testing.T) {
 	e := newPairEnv(t, `CREATE TABLE rl (id int PRIMARY KEY, v text)`)
 	ctx := context.Background()
-	tp := startToxiproxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(e.old.Port())))
 	var cut atomic.Bool
-	p := startProxyWith(t, e.old, e.db, Options{
-		RecordDrift: func(ctx context.Context, entries []table.DriftEntry) error {
-			return table.RecordDrift(ctx, e.control, entries)
-		},
-		Knobs: TestingKnobs{BeforePrimaryCommit: func() {
-			if !cut.CompareAndSwap(true, false) {
-				return
-			}
-			// The COMMIT still reaches old; its reply does not come back.
-			if _, err := tp.Toxics.AddToxicJson(strings.NewReader(`{"name": "cut", "type": "timeout", "stream": "downstream", "attributes": {"timeout": 200}}`)); err != nil {
-				t.Error(err)
-			}
-		}},
-	}, func(c *config.Config) {
-		c.Old.DSN = "postgres://postgres@" + tp.Listen + "/" + e.db + "?sslmode=disable"
-		c.New.DSN = e.new.DSN(e.db)
-	})
-	p.srv.ApplyState(route.State{Version: 2, Settings: route.Settings{Primary: route.Old, Mirror: true}})
-	c, err := pgx.Connect(ctx, p.dsn(e.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close(ctx)
+	var tp *toxiproxy.Proxy
+	tp, c := e.dualWriteThroughToxiproxy(TestingKnobs{BeforePrimaryCommit: func() {
+		if cut.CompareAndSwap(true, false) {
+			cutReplies(t, tp) // the COMMIT still reaches old; its reply does not come back
+		}
+	}})
 	e.exec(c, `INSERT INTO rl VALUES (1, 'a')`)
 	e.assertLockstep("before the cut")
 	cut.Store(true)
-	_, err = c.Exec(ctx, `INSERT INTO rl VALUES (2, 'b')`)
+	_, err := c.Exec(ctx, `INSERT INTO rl VALUES (2, 'b')`)
 	if sqlState(err) != "08006" {
 		t.Fatalf("want SQLSTATE 08006 when the primary's commit reply is lost, got %v", err)
 	}
@@ -584,30 +567,13 @@ func TestHoleCommitReplyLost(t *testing.T) {
 func TestHoleAutocommitDDLLost(t *testing.T) {
 	e := newPairEnv(t, `CREATE TABLE ddl (id int PRIMARY KEY, v text)`)
 	ctx := context.Background()
-	tp := startToxiproxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(e.old.Port())))
-	p := startProxyWith(t, e.old, e.db, Options{
-		RecordDrift: func(ctx context.Context, entries []table.DriftEntry) error {
-			return table.RecordDrift(ctx, e.control, entries)
-		},
-	}, func(c *config.Config) {
-		c.Old.DSN = "postgres://postgres@" + tp.Listen + "/" + e.db + "?sslmode=disable"
-		c.New.DSN = e.new.DSN(e.db)
-	})
-	p.srv.ApplyState(route.State{Version: 2, Settings: route.Settings{Primary: route.Old, Mirror: true}})
-	c, err := pgx.Connect(ctx, p.dsn(e.db))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close(ctx)
+	tp, c := e.dualWriteThroughToxiproxy(TestingKnobs{})
 	e.exec(c, `INSERT INTO ddl VALUES (1, 'a')`, `ALTER TABLE ddl ADD COLUMN n int`)
 	if d := e.openEntries(); len(d) > 0 {
 		t.Fatalf("mirrored writes and DDL recorded drift: %v", d)
 	}
-	// The DDL still reaches old; its reply does not come back.
-	if _, err := tp.Toxics.AddToxicJson(strings.NewReader(`{"name": "cut", "type": "timeout", "stream": "downstream", "attributes": {"timeout": 200}}`)); err != nil {
-		t.Fatal(err)
-	}
-	_, err = c.Exec(ctx, `ALTER TABLE ddl ADD COLUMN extra int DEFAULT 7`)
+	cutReplies(t, tp) // the DDL still reaches old; its reply does not come back
+	_, err := c.Exec(ctx, `ALTER TABLE ddl ADD COLUMN extra int DEFAULT 7`)
 	if sqlState(err) != "08006" {
 		t.Fatalf("want SQLSTATE 08006 when the primary's reply to a DDL is lost, got %v", err)
 	}
@@ -621,5 +587,38 @@ func TestHoleAutocommitDDLLost(t *testing.T) {
 	d := e.openEntries()
 	if len(d) != 1 || d[0] != "ddl (whole table) the primary's outcome of an autocommit statement is unknown" {
 		t.Fatalf("want one whole-table entry for ddl, got %v", d)
+	}
+}
+
+// dualWriteThroughToxiproxy starts a proxy in dual-write whose old store is
+// reached through a toxiproxy (for cutReplies), recording drift in e's
+// ledger, with knobs, and a client connected through it.
+func (e *pairEnv) dualWriteThroughToxiproxy(knobs TestingKnobs) (*toxiproxy.Proxy, *pgx.Conn) {
+	t := e.t.(*testing.T)
+	tp := startToxiproxy(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(e.old.Port())))
+	p := startProxyWith(t, e.old, e.db, Options{
+		RecordDrift: func(ctx context.Context, entries []table.DriftEntry) error {
+			return table.RecordDrift(ctx, e.control, entries)
+		},
+		Knobs: knobs,
+	}, func(c *config.Config) {
+		c.Old.DSN = "postgres://postgres@" + tp.Listen + "/" + e.db + "?sslmode=disable"
+		c.New.DSN = e.new.DSN(e.db)
+	})
+	p.srv.ApplyState(route.State{Version: 2, Settings: route.Settings{Primary: route.Old, Mirror: true}})
+	c, err := pgx.Connect(context.Background(), p.dsn(e.db))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	return tp, c
+}
+
+// cutReplies stops old's replies through tp (what the proxy sends still
+// reaches old) and closes the connection 200 ms later; the test removes
+// the toxic "cut" to end it.
+func cutReplies(t *testing.T, tp *toxiproxy.Proxy) {
+	if _, err := tp.Toxics.AddToxicJson(strings.NewReader(`{"name": "cut", "type": "timeout", "stream": "downstream", "attributes": {"timeout": 200}}`)); err != nil {
+		t.Error(err)
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,11 +12,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/admin"
-	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
-	"github.com/tandemdb/tandem/internal/table"
 	"go.uber.org/goleak"
 )
 
@@ -87,100 +83,40 @@ func tenantText(t *testing.T, dsn, where string) (string, int) {
 
 // consolLoad is random writes to orders through each deployment's proxy,
 // in the old schema (before a flip or after its rollback).
-type consolLoad struct {
-	base int64 // inserted ids start after base + 100000 per writer
-	mu   sync.Mutex
-	ok   int
-	errs []error
-	wg   sync.WaitGroup
-	stop chan struct{}
-}
+type consolLoad struct{ writerLoad }
 
 func (l *consolLoad) run(deps []*consolDeployment, writers int) {
-	l.stop = make(chan struct{})
-	ctx := context.Background()
-	for w := range writers {
+	l.start(writers, func(w int) (string, string) {
 		d := deps[w%len(deps)]
-		l.wg.Go(func() {
-			fail := func(err error) {
-				l.mu.Lock()
-				l.errs = append(l.errs, fmt.Errorf("%s writer %d: %w", d.tenant, w, err))
-				l.mu.Unlock()
+		return fmt.Sprintf("%s writer %d", d.tenant, w), d.dsn
+	}, func(ctx context.Context, c *pgx.Conn, rnd *rand.Rand, next *int64) error {
+		id := 1 + rnd.Int64N(3000)
+		switch op := rnd.IntN(10); {
+		case op < 3:
+			*next++
+			_, err := c.Exec(ctx, `INSERT INTO orders VALUES ($1, $2, now())`, *next, rnd.IntN(100000))
+			return err
+		case op < 6:
+			_, err := c.Exec(ctx, `UPDATE orders SET total = total + 1 WHERE id = $1`, id)
+			return err
+		case op < 7:
+			_, err := c.Exec(ctx, `DELETE FROM orders WHERE id = $1`, id)
+			return err
+		}
+		return pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+			*next++
+			if _, err := tx.Exec(ctx, `INSERT INTO orders VALUES ($1, 1, now())`, *next); err != nil {
+				return err
 			}
-			c, err := pgx.Connect(ctx, d.dsn)
-			if err != nil {
-				fail(err)
-				return
+			if _, err := tx.Exec(ctx, `UPDATE orders SET total = total * 2 WHERE id IN ($1, $2)`, *next, id); err != nil {
+				return err
 			}
-			defer c.Close(ctx)
-			rnd := rand.New(rand.NewPCG(uint64(w), uint64(l.base)))
-			next := l.base + int64(100000+w*100000)
-			for i := 0; ; i++ {
-				select {
-				case <-l.stop:
-					return
-				default:
-				}
-				id := 1 + rnd.Int64N(3000)
-				var err error
-				switch op := rnd.IntN(10); {
-				case op < 3:
-					next++
-					_, err = c.Exec(ctx, `INSERT INTO orders VALUES ($1, $2, now())`, next, rnd.IntN(100000))
-				case op < 6:
-					_, err = c.Exec(ctx, `UPDATE orders SET total = total + 1 WHERE id = $1`, id)
-				case op < 7:
-					_, err = c.Exec(ctx, `DELETE FROM orders WHERE id = $1`, id)
-				default:
-					err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
-						next++
-						if _, err := tx.Exec(ctx, `INSERT INTO orders VALUES ($1, 1, now())`, next); err != nil {
-							return err
-						}
-						if _, err := tx.Exec(ctx, `UPDATE orders SET total = total * 2 WHERE id IN ($1, $2)`, next, id); err != nil {
-							return err
-						}
-						_, err := tx.Exec(ctx, `INSERT INTO orders VALUES ($1, 3, now()) ON CONFLICT (id) DO UPDATE SET total = excluded.total`, id)
-						return err
-					})
-				}
-				if err != nil {
-					fail(fmt.Errorf("write %d: %w", i, err))
-					return
-				}
-				l.mu.Lock()
-				l.ok++
-				l.mu.Unlock()
-			}
+			_, err := tx.Exec(ctx, `INSERT INTO orders VALUES ($1, 3, now()) ON CONFLICT (id) DO UPDATE SET total = excluded.total`, id)
+			return err
 		})
-	}
+	})
 }
 
-func (l *consolLoad) done() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.ok
-}
-
-func (l *consolLoad) finish(t *testing.T) {
-	close(l.stop)
-	l.wg.Wait()
-	for _, err := range l.errs {
-		t.Errorf("client error: %v", err)
-	}
-}
-
-// TestConsolidation is the consolidation example (deploy/examples/
-// consolidate) end to end: two service databases on the old cluster, each
-// with its own Tandem deployment, consolidate into one new database with a
-// tenant column in the key. 8 random writers (4 through each proxy) write
-// while both backfills run; then each tenant's verify is clean, and stays
-// clean (and touches nothing) when another tenant's rows on new are made
-// to differ; shadow reads through one proxy match; each deployment flips
-// and rolls back, with writes through it in the new schema after the flip
-// reaching only its own old store, even a write to another tenant's row;
-// and after every step each tenant's old orders equal the new orders WHERE
-// tenant = it.
 // consolidation is the example's two deployments on a pair of clusters:
 // each service's database (shop, billing) with rows orders of its own on
 // oldC, the consolidated database on newC, and each
@@ -246,6 +182,17 @@ func (c *consolidation) stop(t *testing.T) {
 	}
 }
 
+// TestConsolidation is the consolidation example (deploy/examples/
+// consolidate) end to end: two service databases on the old cluster, each
+// with its own Tandem deployment, consolidate into one new database with a
+// tenant column in the key. 8 random writers (4 through each proxy) write
+// while both backfills run; then each tenant's verify is clean, and stays
+// clean (and touches nothing) when another tenant's rows on new are made
+// to differ; shadow reads through one proxy match; each deployment flips
+// and rolls back, with writes through it in the new schema after the flip
+// reaching only its own old store, even a write to another tenant's row;
+// and after every step each tenant's old orders equal the new orders WHERE
+// tenant = it.
 func TestConsolidation(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
@@ -266,24 +213,7 @@ func TestConsolidation(t *testing.T) {
 	noDrift := func() {
 		t.Helper()
 		for _, d := range deps {
-			ctl, err := pgx.Connect(ctx, d.oldDSN)
-			if err != nil {
-				t.Fatal(err)
-			}
-			deadline := time.Now().Add(10 * time.Second)
-			for {
-				n, err := table.OpenDriftTotal(ctx, ctl)
-				if err == nil && n == 0 {
-					break
-				}
-				if time.Now().After(deadline) {
-					var rows string
-					_ = ctl.QueryRow(ctx, `SELECT string_agg(format('%s %s %s %s: %s', table_name, key, stale, reason, last_error), E'\n') FROM tandem.drift WHERE repaired_at IS NULL`).Scan(&rows)
-					t.Fatalf("%s: open drift %d (%v):\n%s", d.tenant, n, err, rows)
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
-			ctl.Close(ctx)
+			waitNoDrift(t, d.oldDSN, d.tenant, 10*time.Second)
 		}
 	}
 
@@ -369,24 +299,7 @@ func TestConsolidation(t *testing.T) {
 		}
 	}
 	app.Close(ctx)
-	deadline := time.Now().Add(3 * control.ShadowFlush)
-	for {
-		var rep admin.MismatchReport
-		code, raw := shop.api.call("GET", "/api/v1/mismatches", "", &rep)
-		if code != http.StatusOK {
-			t.Fatalf("GET /api/v1/mismatches: %d %s", code, raw)
-		}
-		if rep.Rate.Total.Mismatched != 0 || len(rep.Groups) != 0 {
-			t.Fatalf("shadow mismatches: %s", raw)
-		}
-		if rep.Rate.Total.Compared() >= 20 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("shadow reads not compared: %s", raw)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	waitShadowed(t, shop.api, 20, 0)
 	shop.api.change("/api/v1/route", `{"mirror": true, "shadow": 0}`, "shop")
 
 	// Each deployment: flip, write in the new schema, rollback, write in
@@ -455,7 +368,7 @@ func TestConsolidation(t *testing.T) {
 		if res.State.Primary != route.Old {
 			t.Fatalf("%s rollback: %+v", d.tenant, res)
 		}
-		after := consolLoad{base: int64(1+i) * 10000000}
+		after := consolLoad{writerLoad{base: int64(1+i) * 10000000}}
 		after.run([]*consolDeployment{d}, 2)
 		waitFor(t, func() bool { return after.done() >= 100 })
 		after.finish(t)

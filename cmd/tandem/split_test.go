@@ -4,20 +4,15 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/tandemdb/tandem/internal/admin"
-	"github.com/tandemdb/tandem/internal/control"
 	"github.com/tandemdb/tandem/internal/pgtest"
 	"github.com/tandemdb/tandem/internal/route"
-	"github.com/tandemdb/tandem/internal/table"
 	"go.uber.org/goleak"
 )
 
@@ -59,93 +54,42 @@ func splitText(t *testing.T, dsn, sql string) string {
 // schema: new users with and without a profile, renames, a bio set or
 // cleared (a row moving in and out of profiles' where), deletes, and
 // transactions of several.
-type splitLoad struct {
-	base int64
-	mu   sync.Mutex
-	ok   int
-	errs []error
-	wg   sync.WaitGroup
-	stop chan struct{}
-}
+type splitLoad struct{ writerLoad }
 
 func (l *splitLoad) run(dsn string, writers int) {
-	l.stop = make(chan struct{})
-	ctx := context.Background()
-	for w := range writers {
-		l.wg.Go(func() {
-			fail := func(err error) {
-				l.mu.Lock()
-				l.errs = append(l.errs, fmt.Errorf("writer %d: %w", w, err))
-				l.mu.Unlock()
+	l.start(writers, func(w int) (string, string) { return fmt.Sprintf("writer %d", w), dsn },
+		func(ctx context.Context, c *pgx.Conn, rnd *rand.Rand, next *int64) error {
+			id := 1 + rnd.Int64N(3000)
+			switch op := rnd.IntN(12); {
+			case op < 2:
+				*next++
+				_, err := c.Exec(ctx, `INSERT INTO users VALUES ($1::bigint, 'new ' || $1::bigint, NULL, CASE WHEN $2::boolean THEN 'bio ' || $1::bigint END, NULL)`, *next, rnd.IntN(2) == 0)
+				return err
+			case op < 4:
+				_, err := c.Exec(ctx, `UPDATE users SET name = name || '+', email = coalesce(email, 'e@x') WHERE id = $1`, id)
+				return err
+			case op < 6:
+				_, err := c.Exec(ctx, `UPDATE users SET bio = CASE WHEN bio IS NULL THEN 'set ' || id END WHERE id = $1`, id)
+				return err
+			case op < 7:
+				_, err := c.Exec(ctx, `UPDATE users SET avatar = CASE WHEN avatar IS NULL THEN '\x0102'::bytea END, bio = NULL WHERE id = $1`, id)
+				return err
+			case op < 8:
+				_, err := c.Exec(ctx, `DELETE FROM users WHERE id = $1`, id)
+				return err
 			}
-			c, err := pgx.Connect(ctx, dsn)
-			if err != nil {
-				fail(err)
-				return
-			}
-			defer c.Close(ctx)
-			rnd := rand.New(rand.NewPCG(uint64(w), uint64(l.base)))
-			next := l.base + int64(100000+w*100000)
-			for i := 0; ; i++ {
-				select {
-				case <-l.stop:
-					return
-				default:
+			return pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+				*next++
+				if _, err := tx.Exec(ctx, `INSERT INTO users VALUES ($1, 'tx', NULL, 'tx bio', NULL)`, *next); err != nil {
+					return err
 				}
-				id := 1 + rnd.Int64N(3000)
-				var err error
-				switch op := rnd.IntN(12); {
-				case op < 2:
-					next++
-					_, err = c.Exec(ctx, `INSERT INTO users VALUES ($1::bigint, 'new ' || $1::bigint, NULL, CASE WHEN $2::boolean THEN 'bio ' || $1::bigint END, NULL)`, next, rnd.IntN(2) == 0)
-				case op < 4:
-					_, err = c.Exec(ctx, `UPDATE users SET name = name || '+', email = coalesce(email, 'e@x') WHERE id = $1`, id)
-				case op < 6:
-					_, err = c.Exec(ctx, `UPDATE users SET bio = CASE WHEN bio IS NULL THEN 'set ' || id END WHERE id = $1`, id)
-				case op < 7:
-					_, err = c.Exec(ctx, `UPDATE users SET avatar = CASE WHEN avatar IS NULL THEN '\x0102'::bytea END, bio = NULL WHERE id = $1`, id)
-				case op < 8:
-					_, err = c.Exec(ctx, `DELETE FROM users WHERE id = $1`, id)
-				default:
-					err = pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
-						next++
-						if _, err := tx.Exec(ctx, `INSERT INTO users VALUES ($1, 'tx', NULL, 'tx bio', NULL)`, next); err != nil {
-							return err
-						}
-						if _, err := tx.Exec(ctx, `UPDATE users SET bio = bio || '!', name = name || '!' WHERE id IN ($1, $2)`, next, id); err != nil {
-							return err
-						}
-						_, err := tx.Exec(ctx, `INSERT INTO users VALUES ($1, 'upserted', NULL, NULL, NULL) ON CONFLICT (id) DO UPDATE SET bio = NULL, avatar = NULL`, id)
-						return err
-					})
+				if _, err := tx.Exec(ctx, `UPDATE users SET bio = bio || '!', name = name || '!' WHERE id IN ($1, $2)`, *next, id); err != nil {
+					return err
 				}
-				if err != nil {
-					fail(fmt.Errorf("write %d: %w", i, err))
-					return
-				}
-				l.mu.Lock()
-				l.ok++
-				l.mu.Unlock()
-			}
+				_, err := tx.Exec(ctx, `INSERT INTO users VALUES ($1, 'upserted', NULL, NULL, NULL) ON CONFLICT (id) DO UPDATE SET bio = NULL, avatar = NULL`, id)
+				return err
+			})
 		})
-	}
-}
-
-func (l *splitLoad) done() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.errs) > 0 {
-		return int(^uint(0) >> 1) // a writer failed: finish reports it
-	}
-	return l.ok
-}
-
-func (l *splitLoad) finish(t *testing.T) {
-	close(l.stop)
-	l.wg.Wait()
-	for _, err := range l.errs {
-		t.Errorf("client error: %v", err)
-	}
 }
 
 // TestSplit is the split example (deploy/examples/split) end to end: 8
@@ -195,27 +139,7 @@ func TestSplit(t *testing.T) {
 			t.Fatalf("%s: profiles differ: old %s, new %s", when, o, n)
 		}
 	}
-	noDrift := func() {
-		t.Helper()
-		ctl, err := pgx.Connect(ctx, oldDSN)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ctl.Close(ctx)
-		deadline := time.Now().Add(15 * time.Second)
-		for {
-			n, err := table.OpenDriftTotal(ctx, ctl)
-			if err == nil && n == 0 {
-				return
-			}
-			if time.Now().After(deadline) {
-				var rows string
-				_ = ctl.QueryRow(ctx, `SELECT string_agg(format('%s %s %s %s: %s', table_name, key, stale, reason, last_error), E'\n') FROM tandem.drift WHERE repaired_at IS NULL`).Scan(&rows)
-				t.Fatalf("open drift %d (%v):\n%s", n, err, rows)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
+	noDrift := func() { t.Helper(); waitNoDrift(t, oldDSN, "split", 15*time.Second) }
 
 	// The snapshot path does not take a split, and says so.
 	if out, errOut, err := cli("backfill", "-c", file, "--path", "snapshot"); err == nil || !strings.Contains(err.Error()+out+errOut, "split into 2 new tables") {
@@ -264,24 +188,7 @@ func TestSplit(t *testing.T) {
 		}
 	}
 	app.Close(ctx)
-	deadline := time.Now().Add(3 * control.ShadowFlush)
-	for {
-		var rep admin.MismatchReport
-		code, raw := api.call("GET", "/api/v1/mismatches", "", &rep)
-		if code != http.StatusOK {
-			t.Fatalf("GET /api/v1/mismatches: %d %s", code, raw)
-		}
-		if rep.Rate.Total.Mismatched != 0 || len(rep.Groups) != 0 {
-			t.Fatalf("shadow mismatches: %s", raw)
-		}
-		if rep.Rate.Total.Compared() >= 20 && rep.Rate.Total.Skipped >= 20 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("shadow reads not compared and skipped: %s", raw)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	waitShadowed(t, api, 20, 20)
 	api.change("/api/v1/route", `{"mirror": true, "shadow": 0}`, "split-1")
 	verifyAll(t, file) // the flip's gate wants a clean last run of each part
 
@@ -352,7 +259,7 @@ func TestSplit(t *testing.T) {
 	if res.State.Primary != route.Old {
 		t.Fatalf("rollback: %+v", res)
 	}
-	after := splitLoad{base: 10000000}
+	after := splitLoad{writerLoad{base: 10000000}}
 	after.run(dsn, 2)
 	waitFor(t, func() bool { return after.done() >= 100 })
 	after.finish(t)
