@@ -1,6 +1,7 @@
 // Package feed is the change feed (design section 10): one elected proxy
 // replica reads the store of record's WAL through a logical replication
-// slot (pgoutput, the publication tandem_feed over the tables in scope)
+// slot (pgoutput, the publication tandem_feed over the tables in scope;
+// the names follow feed.name, route.FeedNames)
 // and checks, for every committed transaction, that the other store holds
 // the same row for each key it changed. A key whose row differs is
 // re-checked with the verify's race-free protocol (compare.Checker) and a

@@ -119,14 +119,6 @@ func TestMirrorThroughPredicate(t *testing.T) {
 	e.set(route.Settings{Primary: route.Old, Mirror: true})
 
 	c := e.client()
-	ids := func(q *pgx.Conn, sql string) string {
-		t.Helper()
-		var s string
-		if err := q.QueryRow(ctx, sql).Scan(&s); err != nil {
-			t.Fatalf("%s: %v", sql, err)
-		}
-		return s
-	}
 	const oldEU = `SELECT coalesce(string_agg(id || ':' || total, ',' ORDER BY id), '') FROM orders WHERE region = 'eu'`
 	const newAll = `SELECT coalesce(string_agg(id || ':' || total, ',' ORDER BY id), '') FROM eu_orders`
 	for _, step := range []struct{ sql, want string }{
@@ -154,11 +146,11 @@ func TestMirrorThroughPredicate(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", step.sql, err)
 		}
-		if got := ids(nc, newAll); got != step.want || got != ids(oc, oldEU) {
-			t.Fatalf("after %s: eu_orders on new = %q, want %q (old's eu rows: %q)", step.sql, got, step.want, ids(oc, oldEU))
+		if got := queryText(t, nc, newAll); got != step.want || got != queryText(t, oc, oldEU) {
+			t.Fatalf("after %s: eu_orders on new = %q, want %q (old's eu rows: %q)", step.sql, got, step.want, queryText(t, oc, oldEU))
 		}
 	}
-	if got := ids(oc, `SELECT string_agg(id::text, ',' ORDER BY id) FROM orders`); got != "2,3,5" {
+	if got := queryText(t, oc, `SELECT string_agg(id::text, ',' ORDER BY id) FROM orders`); got != "2,3,5" {
 		t.Fatalf("old orders = %s", got)
 	}
 
@@ -170,7 +162,7 @@ func TestMirrorThroughPredicate(t *testing.T) {
 			t.Fatalf("%s: %v", sql, err)
 		}
 	}
-	if got := ids(oc, `SELECT string_agg(id || ':' || region || ':' || total, ',' ORDER BY id) FROM orders`); got != "2:eu:43,3:us:60,5:us:5,6:eu:6" {
+	if got := queryText(t, oc, `SELECT string_agg(id || ':' || region || ':' || total, ',' ORDER BY id) FROM orders`); got != "2:eu:43,3:us:60,5:us:5,6:eu:6" {
 		t.Fatalf("old orders after the flip = %s", got)
 	}
 	if d := e.openDrift(); d != 0 {
@@ -197,14 +189,6 @@ func TestMirrorConsolidated(t *testing.T) {
 	ms, oc, nc := e.loadMappings(t, cfg)
 	e.proxy.srv.SetMappings(ms)
 	e.set(route.Settings{Primary: route.Old, Mirror: true})
-	text := func(q *pgx.Conn, sql string) string {
-		t.Helper()
-		var s string
-		if err := q.QueryRow(ctx, sql).Scan(&s); err != nil {
-			t.Fatalf("%s: %v", sql, err)
-		}
-		return s
-	}
 	const billing = `SELECT string_agg(id || ':' || total, ',' ORDER BY id) FROM orders WHERE tenant = 'billing'`
 	const shopNew = `SELECT coalesce(string_agg(id || ':' || total, ',' ORDER BY id), '') FROM orders WHERE tenant = 'shop'`
 	const shopOld = `SELECT coalesce(string_agg(id || ':' || total, ',' ORDER BY id), '') FROM orders`
@@ -220,11 +204,11 @@ func TestMirrorConsolidated(t *testing.T) {
 		if d := e.openDrift(); d != 0 {
 			t.Fatalf("after %s: open drift %d", sql, d)
 		}
-		if got, want := text(nc, shopNew), text(oc, shopOld); got != want {
+		if got, want := queryText(t, nc, shopNew), queryText(t, oc, shopOld); got != want {
 			t.Fatalf("after %s: shop on new %q, old %q", sql, got, want)
 		}
 	}
-	if got := text(nc, billing); got != "1:100.00,2:200.00" {
+	if got := queryText(t, nc, billing); got != "1:100.00,2:200.00" {
 		t.Fatalf("billing rows on new: %s", got)
 	}
 
@@ -239,7 +223,7 @@ func TestMirrorConsolidated(t *testing.T) {
 			t.Fatalf("%s: %v", sql, err)
 		}
 	}
-	if got := text(oc, shopOld); got != "2:0.00,3:3.00,4:4.00" {
+	if got := queryText(t, oc, shopOld); got != "2:0.00,3:3.00,4:4.00" {
 		t.Fatalf("shop's old orders after the flip: %s", got)
 	}
 	if d := e.openDrift(); d != 0 {
@@ -253,7 +237,7 @@ func TestMirrorConsolidated(t *testing.T) {
 	if _, err := c.Exec(ctx, `TRUNCATE orders`); err != nil {
 		t.Fatal(err)
 	}
-	if got := text(nc, billing); got != "2:0.00,4:400.00" {
+	if got := queryText(t, nc, billing); got != "2:0.00,4:400.00" {
 		t.Fatalf("billing rows on new after the shop's TRUNCATE: %s", got)
 	}
 	if d := e.openDrift(); d != 1 {
@@ -287,14 +271,6 @@ func TestMirrorSplit(t *testing.T) {
 	e.proxy.srv.SetMappings(ms)
 	e.set(route.Settings{Primary: route.Old, Mirror: true})
 	c := e.client()
-	text := func(q *pgx.Conn, sql string) string {
-		t.Helper()
-		var s string
-		if err := q.QueryRow(ctx, sql).Scan(&s); err != nil {
-			t.Fatalf("%s: %v", sql, err)
-		}
-		return s
-	}
 	const (
 		oldRows  = `SELECT coalesce(string_agg(id || ':' || name || ':' || coalesce(bio, '-'), ',' ORDER BY id), '') FROM users`
 		accounts = `SELECT coalesce(string_agg(id || ':' || name, ',' ORDER BY id), '') FROM accounts`
@@ -309,17 +285,17 @@ func TestMirrorSplit(t *testing.T) {
 		if _, err := c.Exec(ctx, step.sql); err != nil {
 			t.Fatalf("%s: %v", step.sql, err)
 		}
-		if got, got2 := text(nc, accounts), text(nc, profiles); got != step.accounts || got2 != step.profiles {
+		if got, got2 := queryText(t, nc, accounts), queryText(t, nc, profiles); got != step.accounts || got2 != step.profiles {
 			t.Fatalf("after %s: accounts %q profiles %q, want %q and %q", step.sql, got, got2, step.accounts, step.profiles)
 		}
 	}
 	if _, err := c.Exec(ctx, `TRUNCATE users`); err != nil {
 		t.Fatal(err)
 	}
-	if got := text(nc, accounts); got != "1:a,2:B" {
+	if got := queryText(t, nc, accounts); got != "1:a,2:B" {
 		t.Fatalf("a TRUNCATE of a split table was run on new: accounts %q", got)
 	}
-	if got := text(oc, `SELECT string_agg(DISTINCT reason, ';') FROM tandem.drift WHERE table_name = 'users' AND repaired_at IS NULL`); !strings.Contains(got, "split") {
+	if got := queryText(t, oc, `SELECT string_agg(DISTINCT reason, ';') FROM tandem.drift WHERE table_name = 'users' AND repaired_at IS NULL`); !strings.Contains(got, "split") {
 		t.Fatalf("drift for the TRUNCATE: %q", got)
 	}
 	if _, err := e.control.Exec(ctx, `UPDATE tandem.drift SET repaired_at = now() WHERE repaired_at IS NULL`); err != nil {
@@ -342,7 +318,7 @@ func TestMirrorSplit(t *testing.T) {
 			t.Fatalf("%s: %v", sql, err)
 		}
 	}
-	if got := text(oc, oldRows); got != "1:A:bio A,2:B:-,4:d:bio d" {
+	if got := queryText(t, oc, oldRows); got != "1:A:bio A,2:B:-,4:d:bio d" {
 		t.Fatalf("old after writes to one new table at a time = %s", got)
 	}
 	if d := e.openDrift(); d != 0 {
@@ -352,16 +328,26 @@ func TestMirrorSplit(t *testing.T) {
 	if _, err := c.Exec(ctx, `INSERT INTO profiles VALUES (9, 'early', NULL)`); err != nil {
 		t.Fatalf("a profile without its old row failed the client: %v", err)
 	}
-	if got := text(oc, `SELECT count(*)::text FROM users WHERE id = 9`); got != "0" {
+	if got := queryText(t, oc, `SELECT count(*)::text FROM users WHERE id = 9`); got != "0" {
 		t.Fatalf("old row 9 = %s", got)
 	}
-	if got := text(oc, `SELECT string_agg(table_name || ' ' || array_to_string(key, ','), ';') FROM tandem.drift WHERE repaired_at IS NULL`); got != "profiles 9" {
+	if got := queryText(t, oc, `SELECT string_agg(table_name || ' ' || array_to_string(key, ','), ';') FROM tandem.drift WHERE repaired_at IS NULL`); got != "profiles 9" {
 		t.Fatalf("drift = %q, want profiles 9", got)
 	}
 	if _, err := c.Exec(ctx, `DELETE FROM accounts WHERE id = 4`); err != nil {
 		t.Fatal(err)
 	}
-	if got := text(oc, `SELECT string_agg(id::text, ',' ORDER BY id) FROM users`); got != "1,2" {
+	if got := queryText(t, oc, `SELECT string_agg(id::text, ',' ORDER BY id) FROM users`); got != "1,2" {
 		t.Fatalf("old after the owner's delete = %s", got)
 	}
+}
+
+// queryText runs sql on q and returns its one text value.
+func queryText(t *testing.T, q *pgx.Conn, sql string) string {
+	t.Helper()
+	var s string
+	if err := q.QueryRow(context.Background(), sql).Scan(&s); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return s
 }

@@ -31,7 +31,8 @@ Sections of the report:
                the change feed reads): wal_level (logical needed), free
                replication slots and WAL senders, the REPLICATION privilege (or
                rds_replication, cloudsqlsuperuser, azure_pg_admin), whether the
-               publication tandem_feed can be created (CREATE on the database).
+               publication tandem_feed (tandem_feed_<name> with feed.name) can
+               be created (CREATE on the database).
                Each table in scope also needs a replica identity on both stores
                (a primary key, or REPLICA IDENTITY USING INDEX; NOTHING, or
                DEFAULT without a key, does not name the row) and an owner that

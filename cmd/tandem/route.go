@@ -50,7 +50,8 @@ transactions wait, in-flight ones get routing.fence_timeout to end (else the
 flip is abandoned and the fence released), sequences are synced to the new
 primary, every live replica acknowledges the new version, and the fence is
 released. With feed.enabled, a flip or rollback first creates the publication
-tandem_feed and the slot tandem_feed_<store> on the store becoming primary,
+tandem_feed and the slot tandem_feed_<store> (tandem_feed_<name>, _<name>_<store>
+with feed.name) on the store becoming primary,
 then, writes fenced, waits up to routing.feed_wait until the change feed has
 checked the primary's WAL up to the fence and the drift it found is repaired;
 else the fence is released, nothing changes, and the error names the change

@@ -255,16 +255,9 @@ func loadMapping(ctx context.Context, old, new Querier, n Name, decl config.Tabl
 	if om.HasKey() && !nm.HasKey() {
 		probs = append(probs, Problem{Table: n, Side: "new", Message: fmt.Sprintf("%s has no primary key, so row images cannot be applied to it by key; add the key on the new store", nm.Name)})
 	}
-	// The predicate and the discriminator first: every statement of the
-	// mapping carries them, so one that fails would fail all the others.
-	ps, err := m.checkFilters(ctx, old, new)
+	ps, err := m.checkServer(ctx, old, new)
 	if err != nil {
 		return nil, nil, err
-	}
-	if len(ps) == 0 {
-		if ps, err = m.check(ctx, old, new); err != nil {
-			return nil, nil, err
-		}
 	}
 	probs = append(probs, ps...)
 	for _, c := range m.reverseMissing {
@@ -330,14 +323,9 @@ func loadSplit(ctx context.Context, old, new Querier, n Name, decl config.TableM
 	}
 	for i, m := range parts {
 		field := "split[" + strconv.Itoa(i) + "]"
-		ps, err := m.checkFilters(ctx, old, new)
+		ps, err := m.checkServer(ctx, old, new)
 		if err != nil {
 			return nil, nil, err
-		}
-		if len(ps) == 0 {
-			if ps, err = m.check(ctx, old, new); err != nil {
-				return nil, nil, err
-			}
 		}
 		if len(ps) == 0 && !m.Owner() {
 			// A dependent's way back is an UPDATE, not the upsert check
@@ -559,6 +547,17 @@ func (dir checkDir) checkStatement(ctx context.Context, from string, cols []stri
 		add(dir.toSide, "", fmt.Sprintf("the %s statement does not compile on the %s store: %s", map[bool]string{false: "forward", true: "reverse"}[dir.flipOnly], dir.toSide, msg), dir.flipOnly)
 	}
 	return nil
+}
+
+// checkServer checks the mapping on the servers: the predicate and the
+// discriminator first (every statement of the mapping carries them, so one
+// that fails would fail all the others), then its statements (check).
+func (m *Mapping) checkServer(ctx context.Context, old, new Querier) ([]Problem, error) {
+	ps, err := m.checkFilters(ctx, old, new)
+	if err != nil || len(ps) > 0 {
+		return ps, err
+	}
+	return m.check(ctx, old, new)
 }
 
 // checkFilters checks the row predicate and the discriminator on the
