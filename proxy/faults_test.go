@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -119,4 +120,28 @@ func TestMirrorNewStoreKilled(t *testing.T) {
 	}
 	repairAll(t, e)
 	e.assertEqual("acct", "id")
+}
+
+// TestBreakerHalfOpensWithoutTraffic: an open breaker reports half-open
+// once its timeout has passed, with no write asking it in between. The
+// drift repairer waits while the breaker is open and only asks for its
+// state: when the state was the one last remembered from a change, the
+// breaker stayed "open" after the writers had stopped, and the ledger was
+// never drained (a failure of TestCompletenessUnderChaos in CI).
+func TestBreakerHalfOpensWithoutTraffic(t *testing.T) {
+	e := newPairEnv(t, `CREATE TABLE acct (id int PRIMARY KEY)`, func(c *config.Config) {
+		c.Routing.BreakerFailures = 2
+		c.Routing.BreakerOpen = config.Duration(200 * time.Millisecond)
+	})
+	srv := e.proxy.srv
+	for range 2 {
+		_, _ = srv.breaker.Execute(func() (struct{}, error) { return struct{}{}, errors.New("the secondary is down") })
+	}
+	if got := srv.BreakerState(); got != "open" {
+		t.Fatalf("after 2 failures the breaker is %q, want open", got)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if got := srv.BreakerState(); got != "half-open" {
+		t.Fatalf("300ms after opening with a 200ms timeout, and no traffic, the breaker is %q, want half-open", got)
+	}
 }

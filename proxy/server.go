@@ -95,17 +95,16 @@ type Server struct {
 	nextLoop  atomic.Uint32
 	looped    atomic.Int64 // sessions relayed by a loop, for tests and metrics
 
-	routing      routing
-	drift        atomic.Pointer[map[string]bool] // tables with open drift ("schema.table")
-	breaker      *gobreaker.CircuitBreaker[struct{}]
-	breakerState atomic.Value // string, as the breaker last reported
-	cats         catalogs
-	oids         oidCache // user-defined OIDs translated between the stores
-	recordDrift  func(ctx context.Context, entries []table.DriftEntry) error
-	held         heldDrift // drift not yet recorded though its write committed (held.go)
-	classifier   *classify.Classifier
-	mappings     atomic.Pointer[table.Mappings]
-	shadow       *shadowpool.Pool // nil without a new store
+	routing     routing
+	drift       atomic.Pointer[map[string]bool] // tables with open drift ("schema.table")
+	breaker     *gobreaker.CircuitBreaker[struct{}]
+	cats        catalogs
+	oids        oidCache // user-defined OIDs translated between the stores
+	recordDrift func(ctx context.Context, entries []table.DriftEntry) error
+	held        heldDrift // drift not yet recorded though its write committed (held.go)
+	classifier  *classify.Classifier
+	mappings    atomic.Pointer[table.Mappings]
+	shadow      *shadowpool.Pool // nil without a new store
 	// recordMismatch stores a confirmed shadow mismatch (Options.RecordMismatch).
 	recordMismatch func(ctx context.Context, r mismatch.Record) error
 	tracer         trace.Tracer // nil: no spans (trace.go)
