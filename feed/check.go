@@ -59,24 +59,34 @@ func (s *session) check(ctx context.Context, b *changes) error {
 		if len(m) == 0 {
 			continue
 		}
-		c, err := s.checker(ctx, rel)
-		if err != nil {
-			return err
-		}
 		keys := make([][]string, 0, len(m))
 		for _, ch := range m {
 			keys = append(keys, ch.key)
 		}
-		diffs, _, err := c.Check(ctx, keys)
-		if err != nil {
-			return fmt.Errorf("checking %s: %w", rel.name, err)
+		// A split old table's key is checked through every part: its row
+		// is a row of each part's new table (or of none, outside a
+		// dependent's where). A key that differs in any part is one entry
+		// of the old table, which the repair copies through all of them.
+		differs := map[string]bool{}
+		for _, pm := range rel.parts() {
+			c, err := s.checker(ctx, pm)
+			if err != nil {
+				return err
+			}
+			diffs, _, err := c.Check(ctx, keys)
+			if err != nil {
+				return fmt.Errorf("checking %s: %w", rel.name, err)
+			}
+			for _, d := range diffs {
+				s.r.opts.Metrics.Differences(rel.name.String(), string(d.Kind), 1)
+				if k := joinKey(d.Key); !differs[k] {
+					differs[k] = true
+					entries = append(entries, table.DriftEntry{Table: rel.name, Key: d.Key, Reason: Reason, Stale: string(s.secondary)})
+					detected = append(detected, m[k].at)
+				}
+			}
 		}
 		s.r.opts.Metrics.Checked(rel.name.String(), len(keys))
-		for _, d := range diffs {
-			entries = append(entries, table.DriftEntry{Table: rel.name, Key: d.Key, Reason: Reason, Stale: string(s.secondary)})
-			detected = append(detected, m[joinKey(d.Key)].at)
-			s.r.opts.Metrics.Differences(rel.name.String(), string(d.Kind), 1)
-		}
 	}
 	if len(entries) > 0 && s.until == 0 {
 		// Before recording which store is stale, make sure this store is
@@ -113,26 +123,35 @@ func (s *session) check(ctx context.Context, b *changes) error {
 	return nil
 }
 
+// secondaryEmpty reports whether the secondary's tables of rel (every
+// part's new table for a split old table) have no rows.
 func (s *session) secondaryEmpty(ctx context.Context, rel *relation) (bool, error) {
-	conn, name := s.new, rel.m.New.Name
-	if s.store == route.New {
-		conn, name = s.old, rel.m.Old.Name
+	for _, pm := range rel.parts() {
+		conn, name := s.new, pm.New.Name
+		if s.store == route.New {
+			conn, name = s.old, pm.Old.Name
+		}
+		var exists bool
+		if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+name.Quoted()+")").Scan(&exists); err != nil {
+			return false, fmt.Errorf("reading %s on the %s store: %w", name, s.secondary, err)
+		}
+		if exists {
+			return false, nil
+		}
 	}
-	var exists bool
-	if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+name.Quoted()+")").Scan(&exists); err != nil {
-		return false, fmt.Errorf("reading %s on the %s store: %w", name, s.secondary, err)
-	}
-	return !exists, nil
+	return true, nil
 }
 
-func (s *session) checker(ctx context.Context, rel *relation) (*compare.Checker, error) {
-	if c := s.checkers[rel.name]; c != nil {
+// checker is the Checker of mapping m (a table's, or one part's of a
+// split), made once per session.
+func (s *session) checker(ctx context.Context, m *table.Mapping) (*compare.Checker, error) {
+	if c := s.checkers[m]; c != nil {
 		return c, nil
 	}
-	c, err := compare.NewChecker(ctx, s.old, s.new, rel.m, compare.Options{Settle: s.r.opts.Settle, PrimaryNew: s.primaryNow == route.New})
+	c, err := compare.NewChecker(ctx, s.old, s.new, m, compare.Options{Settle: s.r.opts.Settle, PrimaryNew: s.primaryNow == route.New})
 	if err != nil {
 		return nil, err
 	}
-	s.checkers[rel.name] = c
+	s.checkers[m] = c
 	return c, nil
 }

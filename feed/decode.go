@@ -111,7 +111,7 @@ func (s *session) relation(m *pglogrepl.RelationMessage) *relation {
 		s.r.log.Warn("a published table has no usable mapping; its changes are not checked", "table", n)
 		return nil
 	}
-	rel := &relation{name: n, m: mp}
+	rel := &relation{name: n, m: mp, onOld: s.store == route.Old}
 	var names []string
 	if s.store == route.New && mp.Filtered() {
 		// A new table other deployments share: only the rows with this
@@ -177,12 +177,25 @@ func (s *session) addTuple(id uint32, t *pglogrepl.TupleData) {
 
 // relation is a published table as the stream describes it.
 type relation struct {
-	name   table.Name // the primary's table
+	name table.Name // the primary's table
+	// m is its mapping: on old, the old table's (a split's owner part);
+	// on new, the new table's (one part of a split).
 	m      *table.Mapping
+	onOld  bool  // the primary is old: a split's changes are checked through every part
 	keyIdx []int // the key columns' positions in a tuple, in key order; nil when the key cannot be read
 	// cols are the tuple's column names when the table is a new table
 	// shared with other deployments (a discriminator), nil otherwise.
 	cols []string
+}
+
+// parts are the mappings rel's changes are checked through: on old, every
+// part of a split old table (its one mapping otherwise); on new, the new
+// table's mapping.
+func (rel *relation) parts() []*table.Mapping {
+	if rel.onOld {
+		return rel.m.Parts()
+	}
+	return []*table.Mapping{rel.m}
 }
 
 // owns reports whether tuple t of rel carries this deployment's

@@ -39,7 +39,7 @@ type session struct {
 	repl      *pgconn.PgConn
 	ms        *table.Mappings
 	rels      map[uint32]*relation
-	checkers  map[table.Name]*compare.Checker
+	checkers  map[*table.Mapping]*compare.Checker
 
 	inTx  bool
 	tx    changes
@@ -73,7 +73,7 @@ type session struct {
 // tandem.feed.
 func (r *Runner) open(ctx context.Context, control *pgx.Conn, primary route.Store) (_ *session, err error) {
 	s := &session{r: r, control: control, store: primary, primaryNow: primary, secondary: route.New, slot: r.opts.Names.Slot(primary),
-		rels: map[uint32]*relation{}, checkers: map[table.Name]*compare.Checker{}}
+		rels: map[uint32]*relation{}, checkers: map[*table.Mapping]*compare.Checker{}}
 	if primary == route.New {
 		s.secondary = route.Old
 	}
@@ -329,7 +329,7 @@ func (s *session) follow(ctx context.Context) error {
 	}
 	// The re-check holds the actual primary from now on.
 	s.flippedAt, s.primaryNow = st.ChangedAt, st.Primary
-	s.checkers = map[table.Name]*compare.Checker{}
+	s.checkers = map[*table.Mapping]*compare.Checker{}
 	s.r.log.Info("the primary changed; checking the former primary's WAL to its end before moving", "from", s.store, "to", st.Primary, "until", s.until)
 	return nil
 }

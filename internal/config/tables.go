@@ -458,11 +458,6 @@ func (v *validator) validateSplit(field, key string, old [2]string, tm TableMap,
 	if len(tm.Split) < 2 {
 		v.add(field+".split", fmt.Sprintf("a split needs two parts or more, not %d: one new table is an ordinary mapping (to, rename, ...)", len(tm.Split)))
 	}
-	if v.c.Feed.Enabled {
-		// The feed checks a change against one row of the other store
-		// through one mapping; a split old row is several.
-		v.add(field+".split", "the change feed (feed.enabled) does not yet check a split table's changes: turn feed.enabled off for a split")
-	}
 	for i, p := range tm.Split {
 		f := fmt.Sprintf("%s.split[%d]", field, i)
 		switch {
