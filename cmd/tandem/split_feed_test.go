@@ -111,4 +111,3 @@ func TestSplitFeed(t *testing.T) {
 		t.Fatalf("old rows composed from direct writes on new: %s", composed)
 	}
 }
-
