@@ -92,8 +92,10 @@ func (l *splitLoad) run(dsn string, writers int) {
 		})
 }
 
-// TestSplit is the split example (deploy/examples/split) end to end: 8
-// random writers through the proxy while the backfill runs; then the
+// TestSplit is the split example (deploy/examples/split) end to end, with
+// each backfill path: 8 random writers through the proxy while the
+// backfill runs (the snapshot path's loads and reconcile, or the locked
+// path's units, write every part); then the
 // verify of each part is clean; shadow reads of the owner's columns match
 // and those of a dependent's are skipped; after the flip, writes to one
 // new table at a time are composed back on old (a profile written before
@@ -101,6 +103,12 @@ func (l *splitLoad) run(dsn string, writers int) {
 // rollback, writes in the old schema again; and after every step the old
 // users, seen through each part, equal accounts and profiles.
 func TestSplit(t *testing.T) {
+	for _, path := range []string{"locked", "snapshot"} {
+		t.Run(path, func(t *testing.T) { testSplit(t, path) })
+	}
+}
+
+func testSplit(t *testing.T, path string) {
 	oldC, newC := pgtest.NewPair(t)
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	ctx := context.Background()
@@ -141,17 +149,12 @@ func TestSplit(t *testing.T) {
 	}
 	noDrift := func() { t.Helper(); waitNoDrift(t, oldDSN, "split", 15*time.Second) }
 
-	// The snapshot path does not take a split, and says so.
-	if out, errOut, err := cli("backfill", "-c", file, "--path", "snapshot"); err == nil || !strings.Contains(err.Error()+out+errOut, "split into 2 new tables") {
-		t.Fatalf("backfill --path snapshot of a split: %v, want a refusal naming the split\n%s%s", err, out, errOut)
-	}
-
 	// The backfill under 8 writers.
 	var load splitLoad
 	load.run(dsn, 8)
 	waitFor(t, func() bool { return load.done() >= 200 })
-	if out, errOut, err := cli("backfill", "-c", file, "--chunk", "500", "--path", "locked"); err != nil {
-		t.Fatalf("tandem backfill: %v\n%s%s", err, out, errOut)
+	if out, errOut, err := cli("backfill", "-c", file, "--chunk", "500", "--path", path); err != nil || !strings.Contains(out, "path: "+path) {
+		t.Fatalf("tandem backfill --path %s: %v\n%s%s", path, err, out, errOut)
 	}
 	before := load.done()
 	waitFor(t, func() bool { return load.done() >= before+200 })

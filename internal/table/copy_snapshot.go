@@ -46,6 +46,19 @@ type SnapshotCopy struct {
 	Overwrite bool
 
 	straight *straightCopy // nil: the mapping needs the staging table
+
+	// split is set for a split old table (its owner's mapping): the rows
+	// are staged once, with every column any part reads, and written to
+	// each part's new table.
+	split *splitLoad
+}
+
+// splitLoad is how a split old table's staged rows reach its parts.
+type splitLoad struct {
+	cols    []string // the staged old columns, in the old table's order
+	stage   stage    // the staging table of cols
+	inserts []string // per part, owner first: its INSERT ... SELECT from the stage, DO NOTHING
+	parts   []*copier
 }
 
 // straightCopy is a COPY of the old table's pass-through columns straight
@@ -59,10 +72,10 @@ type straightCopy struct {
 // table needs a key that the mapping carries column for column.
 func NewSnapshotCopy(m *Mapping) (*SnapshotCopy, error) {
 	if m.Split() {
-		// The snapshot loader stages one new table's rows; a split writes
-		// several. Its backfill takes the locked path, which copies every
-		// part in one unit.
-		return nil, fmt.Errorf("%s is split into %d new tables, which the snapshot loader does not write: it is copied by the locked path", m.Old.Name, len(m.Parts()))
+		if !m.Owner() {
+			return nil, fmt.Errorf("copying %s from a snapshot: %s is a dependent part of its split: the owner's loader writes it", m.Old.Name, m.New.Name)
+		}
+		return newSplitSnapshotCopy(m)
 	}
 	p, err := newMappedCopier(m, true)
 	if err != nil {
@@ -85,6 +98,54 @@ func NewSnapshotCopy(m *Mapping) (*SnapshotCopy, error) {
 		}
 	}
 	s.straight = newStraightCopy(d, p.cols)
+	return s, nil
+}
+
+// newSplitSnapshotCopy is NewSnapshotCopy of a split's owner m: one staging
+// table of the old columns any part reads, then each part's own INSERT ...
+// SELECT from it (a dependent's where keeps only its rows), DO NOTHING on
+// its key. The reconcile copies a changed key through every part
+// (CopyKeysMapped of the owner), as the locked path does.
+func newSplitSnapshotCopy(m *Mapping) (*SnapshotCopy, error) {
+	p, err := newMappedCopier(m, true)
+	if err != nil {
+		return nil, err
+	}
+	parts := p.parts()
+	if !p.src.HasKey() {
+		return nil, fmt.Errorf("copying %s from a snapshot: %w", p.src.Name, ErrNoKey)
+	}
+	sl := &splitLoad{parts: parts}
+	var types []string
+	s := &SnapshotCopy{p: p, split: sl, Binary: true}
+	pms := m.Parts()
+	for _, c := range m.Old.Columns {
+		for i, q := range parts {
+			if slices.Contains(q.cols, c.Name) {
+				d := &pms[i].fwd
+				sl.cols = append(sl.cols, c.Name)
+				types = append(types, d.srcType(c.Name))
+				if c.TypeOID >= firstNormalOID || c.TypeOID == 0 || d.srcType(c.Name) != c.ParamType {
+					s.Binary = false
+				}
+				break
+			}
+		}
+	}
+	scratch := &copier{cols: sl.cols}
+	if err := scratch.newStage(types, func(from string) (string, error) { return m.fwd.upsert(from, sl.cols, true) }); err != nil {
+		return nil, fmt.Errorf("copying %s from a snapshot: %w", m.Old.Name, err)
+	}
+	sl.stage = scratch.stage
+	from := "(SELECT " + identList(sl.cols) + " FROM " + sl.stage.name + ") AS src"
+	for _, pm := range pms {
+		d := &pm.fwd
+		ins, err := d.upsert(from, sl.cols, false)
+		if err != nil {
+			return nil, fmt.Errorf("copying %s to %s: %w", d.from.Name, d.to.Name, err)
+		}
+		sl.inserts = append(sl.inserts, ins+" ON CONFLICT ("+identList(d.to.KeyNames())+") DO NOTHING")
+	}
 	return s, nil
 }
 
@@ -143,8 +204,21 @@ func (s *SnapshotCopy) CheckStraight(ctx context.Context, q Querier) error {
 // check under lock: rows the mirror wrote, but also rows that were on new
 // before (stale, or absent on old). RangeStraight leaves them out of its
 // COPY.
+//
+// For a split, they are the keys any part's new table holds: a part's
+// row the mirror wrote is left as it is too.
 func (s *SnapshotCopy) PresentKeysSQL(lo, hi []string) string {
-	p := s.p
+	if s.split == nil {
+		return presentKeysSQL(s.p, lo, hi)
+	}
+	sqls := make([]string, len(s.split.parts))
+	for i, q := range s.split.parts {
+		sqls[i] = presentKeysSQL(q, lo, hi)
+	}
+	return strings.Join(sqls, " UNION ")
+}
+
+func presentKeysSQL(p *copier, lo, hi []string) string {
 	return "SELECT " + keyText("d", p.dstKey) + " FROM " + p.dstFrom() + " d" + literalRange("d", p.dstKey, lo, false, hi)
 }
 
@@ -162,6 +236,9 @@ func IsUniqueViolation(err error) bool {
 // returns the rows read and the rows inserted (the others were on new
 // already).
 func (s *SnapshotCopy) Range(ctx context.Context, src, dst pgx.Tx, lo, hi []string) (read, inserted int64, err error) {
+	if s.split != nil {
+		return s.rangeSplit(ctx, src, dst, lo, hi)
+	}
 	p := s.p
 	setup := "SET LOCAL session_replication_role = replica; " + p.stage.create
 	if err := copySetup(ctx, src, dst, s.Binary, setup); err != nil {
@@ -182,6 +259,32 @@ func (s *SnapshotCopy) Range(ctx context.Context, src, dst pgx.Tx, lo, hi []stri
 		return 0, 0, fmt.Errorf("writing the new store: %w", err)
 	}
 	return read, ins.RowsAffected(), nil
+}
+
+// rangeSplit is Range of a split old table: the rows staged once, then
+// written to every part. inserted counts the rows written over all parts.
+func (s *SnapshotCopy) rangeSplit(ctx context.Context, src, dst pgx.Tx, lo, hi []string) (read, inserted int64, err error) {
+	p, sl := s.p, s.split
+	if s.Overwrite {
+		return 0, 0, fmt.Errorf("copying %s: overwriting loads are not made for a split", p.src.Name)
+	}
+	if err := copySetup(ctx, src, dst, s.Binary, "SET LOCAL session_replication_role = replica; "+sl.stage.create); err != nil {
+		return 0, 0, err
+	}
+	out := "COPY (SELECT " + prefixedList("r", sl.cols) + " FROM " + p.srcFrom() + " r" +
+		literalRange("r", p.srcKey, lo, false, hi) + ") TO STDOUT" + copyFormat(s.Binary)
+	in := "COPY " + sl.stage.name + " (" + identList(sl.cols) + ") FROM STDIN" + copyFormat(s.Binary)
+	if read, err = pipeCopy(ctx, src, dst, out, in, "staging on the new store"); err != nil {
+		return 0, 0, err
+	}
+	for _, ins := range sl.inserts {
+		tag, err := dst.Exec(ctx, ins)
+		if err != nil {
+			return 0, 0, fmt.Errorf("writing the new store: %w", err)
+		}
+		inserted += tag.RowsAffected()
+	}
+	return read, inserted, nil
 }
 
 // MaxExcept is the most keys new may already hold in a range for
