@@ -381,6 +381,9 @@ func (r *repairPass) repairTable(ctx context.Context, n Name, g *driftGroup) err
 				p.replace = true
 				_, err = p.copyAll(ctx, source, target, repairChunk)
 			}
+			if isUniqueViolation(err) {
+				err = p.replaceWhole(ctx, source, target, err)
+			}
 		}
 		if err != nil {
 			err = fmt.Errorf("repairing %s on %s: %w", n, targetName, err)
@@ -389,6 +392,37 @@ func (r *repairPass) repairTable(ctx context.Context, n Name, g *driftGroup) err
 	default:
 		err = repairKeys(ctx, source, target, p, g.ids, g.keys, settle)
 	}
+	return err
+}
+
+// repairWholeMaxRows is the most rows a table may have for replaceWhole to
+// rewrite it in one unit (a variable for the tests).
+var repairWholeMaxRows = 100_000
+
+// replaceWhole is the last resort of a whole-table repair whose chunked
+// replace still met a unique_violation (chunkErr): a unique value moved
+// between two rows that lie in different chunks, so each chunk's rows
+// collide with a row of another chunk that still holds the value on the
+// target. It rewrites the table in one unit: the source's table locked IN
+// SHARE MODE (writers wait for the unit), the target's rows deleted and the
+// source's inserted. A table above repairWholeMaxRows rows, or a split's
+// owner or a dependent part, is not rewritten: the entry fails with
+// chunkErr and a hint, and stays open for its backoff.
+func (p *copier) replaceWhole(ctx context.Context, source, target *pgx.Conn, chunkErr error) error {
+	if len(p.deps) > 0 || p.update {
+		return chunkErr
+	}
+	// Counted, up to one past the bound: a table never analyzed has no
+	// estimate.
+	var rows int
+	if err := source.QueryRow(ctx, "SELECT count(*) FROM (SELECT FROM "+p.srcFrom()+" r LIMIT $1) c", repairWholeMaxRows+1).Scan(&rows); err != nil {
+		return fmt.Errorf("%w (and counting the rows of %s: %v)", chunkErr, p.src.Name, err)
+	}
+	if rows > repairWholeMaxRows {
+		return fmt.Errorf("%w: unique values moved between rows of %s far apart in key order, and the table has more than %d rows, too many to rewrite in one locked unit; "+
+			"hint: record the moved rows' keys as drift (they are repaired together), or run tandem compare --table %s --repair", chunkErr, p.src.Name, repairWholeMaxRows, p.src.Name)
+	}
+	_, err := p.copyWhole(ctx, source, target, repairChunk)
 	return err
 }
 

@@ -2,6 +2,8 @@ package table
 
 import (
 	"context"
+	"errors"
+	"strings"
 	"testing"
 )
 
@@ -11,9 +13,11 @@ import (
 // the key: a key change (the row under its old key still holds the email;
 // whole-table drift, as the proxy records a key change), a swap of two
 // rows' emails (keyed drift), and a key change whose old key's row lies in
-// a later chunk than its new key's. Before, each entry failed on every
-// attempt until it was stuck; now the repair removes the rows the primary
-// has lost and replaces rather than upserts, and both stores end equal.
+// a later chunk than its new key's, and a swap of emails between rows
+// chunks apart (whole-table drift: the table is rewritten in one unit).
+// Before, each entry failed on every attempt until it was stuck; now the
+// repair removes the rows the primary has lost and replaces rather than
+// upserts, and both stores end equal.
 func TestRepairUniqueMoves(t *testing.T) {
 	for _, tc := range []struct {
 		name, schema, old, new string
@@ -29,6 +33,14 @@ func TestRepairUniqueMoves(t *testing.T) {
 			old:     `INSERT INTO u SELECT g, 'e' || g, g FROM generate_series(2, 3000) g; UPDATE u SET id = 1 WHERE id = 2999`,
 			new:     `INSERT INTO u SELECT g, 'e' || g, g FROM generate_series(2, 3000) g`,
 			entries: []DriftEntry{{Table: Name{"public", "u"}, Reason: "key columns updated"}}},
+		{name: "swap across chunks, whole table",
+			// Rows 1 and 2000 swap emails: each chunk's replace meets the
+			// other chunk's row still holding the value, so the table is
+			// rewritten in one unit.
+			old: `INSERT INTO u SELECT g, 'e' || g, g FROM generate_series(1, 3000) g;
+				UPDATE u SET email = 'swapping' WHERE id = 1; UPDATE u SET email = 'e1' WHERE id = 2000; UPDATE u SET email = 'e2000' WHERE id = 1`,
+			new:     `INSERT INTO u SELECT g, 'e' || g, g FROM generate_series(1, 3000) g`,
+			entries: []DriftEntry{{Table: Name{"public", "u"}, Reason: "statement text"}}},
 		{name: "swap, by key",
 			old: `INSERT INTO u SELECT g, 'e' || g, g FROM generate_series(1, 10) g;
 				UPDATE u SET email = 'swapping' WHERE id = 2; UPDATE u SET email = 'e2' WHERE id = 3; UPDATE u SET email = 'e3' WHERE id = 2`,
@@ -56,5 +68,35 @@ func TestRepairUniqueMoves(t *testing.T) {
 				t.Fatalf("open drift after the repair: %v %v", open, err)
 			}
 		})
+	}
+}
+
+// TestRepairUniqueMovesTooLarge: above repairWholeMaxRows, a swap across
+// chunks is not rewritten in one locked unit: the entry fails with the
+// reason and a hint and stays open, and the table is left as it was.
+func TestRepairUniqueMovesTooLarge(t *testing.T) {
+	defer func(n int) { repairWholeMaxRows = n }(repairWholeMaxRows)
+	repairWholeMaxRows = 2999
+	s := newStores(t)
+	s.both(`CREATE TABLE u (id int PRIMARY KEY, email text NOT NULL UNIQUE, n int); INSERT INTO u SELECT g, 'e' || g, g FROM generate_series(1, 3000) g`)
+	s.old(`UPDATE u SET email = 'swapping' WHERE id = 1; UPDATE u SET email = 'e1' WHERE id = 2000; UPDATE u SET email = 'e2000' WHERE id = 1`)
+	control, primary, secondary := s.primary(), s.primary(), s.secondary()
+	ctx := context.Background()
+	if err := EnsureSchema(ctx, control); err != nil {
+		t.Fatal(err)
+	}
+	if err := RecordDrift(ctx, control, []DriftEntry{{Table: Name{"public", "u"}, Reason: "statement text"}}); err != nil {
+		t.Fatal(err)
+	}
+	n, err := Repair(ctx, control, primary, secondary, StaleNew, 100)
+	var ef *EntryFailures
+	if n != 0 || !errors.As(err, &ef) || !strings.Contains(err.Error(), "more than 2999 rows") || !strings.Contains(err.Error(), "hint:") {
+		t.Fatalf("Repair = %d, %v; want the entry failed, naming the bound and a hint", n, err)
+	}
+	if open, err := OpenDrift(ctx, control); err != nil || len(open) != 1 {
+		t.Fatalf("open drift: %v %v, want the entry", open, err)
+	}
+	if got := queryText(t, secondary, `SELECT email FROM u WHERE id = 1`); got != "e1" {
+		t.Errorf("the secondary's row 1 after the refused rewrite: %s, want e1 as it was", got)
 	}
 }
