@@ -3,9 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -28,22 +25,8 @@ func TestSplitFeed(t *testing.T) {
 	ctx := context.Background()
 	mustExec(t, oldC, splitExample(t, "old.sql")+`; INSERT INTO users SELECT g, 'user ' || g, NULL,
 		CASE WHEN g % 3 = 0 THEN 'bio ' || g END, NULL FROM generate_series(1, 300) g`)
-	mustExec(t, newC, splitExample(t, "new.sql"))
-	example := splitExample(t, "split-users.yaml")
-	i := strings.Index(example, "\ntables:\n")
-	if i < 0 {
-		t.Fatal("split-users.yaml has no tables section")
-	}
 	oldDSN, newDSN := oldC.DSN("postgres"), newC.DSN("postgres")
-	file := filepath.Join(t.TempDir(), "split-feed.yaml")
-	if err := os.WriteFile(file, []byte(pairYAML(oldDSN, newDSN, "split-feed")+"feed:\n  enabled: true\n"+example[i+1:]), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	for _, cmd := range [][]string{{"config", "check", "-c", file}, {"plan", "-c", file}} {
-		if out, errOut, err := cli(cmd...); err != nil {
-			t.Fatalf("%s: %v\n%s%s", cmd[0], err, out, errOut)
-		}
-	}
+	file := splitConfig(t, newC, oldDSN, newDSN, "split-feed", "feed:\n  enabled: true\n")
 	rp := startQuietProxy(t, loadConfig(t, file))
 	defer stopProxy(t, rp)
 	api := newAdminClient(t, rp)
@@ -54,11 +37,8 @@ func TestSplitFeed(t *testing.T) {
 	equalSoon := func(when string) {
 		t.Helper()
 		harness.SucceedsSoon(t, 60*time.Second, func() error {
-			if o, n := splitText(t, oldDSN, splitOldAccounts), splitText(t, newDSN, splitNewAccounts); o != n {
-				return fmt.Errorf("%s: accounts differ: old %s, new %s", when, o, n)
-			}
-			if o, n := splitText(t, oldDSN, splitOldProfiles), splitText(t, newDSN, splitNewProfiles); o != n {
-				return fmt.Errorf("%s: profiles differ: old %s, new %s", when, o, n)
+			if err := splitDiffers(t, oldDSN, newDSN); err != nil {
+				return fmt.Errorf("%s: %w", when, err)
 			}
 			return nil
 		})

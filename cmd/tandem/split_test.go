@@ -34,6 +34,43 @@ const (
 	splitNewProfiles = `SELECT coalesce(md5(string_agg(user_id || '|' || coalesce(bio, '-') || '|' || coalesce(encode(avatar, 'hex'), '-'), ',' ORDER BY user_id)), ''), count(*) FROM profiles`
 )
 
+// splitDiffers says how the old users, seen through each part, differ from
+// accounts and profiles; nil when they do not.
+func splitDiffers(t *testing.T, oldDSN, newDSN string) error {
+	t.Helper()
+	if o, n := splitText(t, oldDSN, splitOldAccounts), splitText(t, newDSN, splitNewAccounts); o != n {
+		return fmt.Errorf("accounts differ: old %s, new %s", o, n)
+	}
+	if o, n := splitText(t, oldDSN, splitOldProfiles), splitText(t, newDSN, splitNewProfiles); o != n {
+		return fmt.Errorf("profiles differ: old %s, new %s", o, n)
+	}
+	return nil
+}
+
+// splitConfig creates the example's new schema on newC and writes the
+// example's config for the two stores (sections, such as a feed section,
+// go before its tables section), then checks it with config check and
+// plan.
+func splitConfig(t *testing.T, newC *pgtest.Cluster, oldDSN, newDSN, replica, sections string) string {
+	t.Helper()
+	mustExec(t, newC, splitExample(t, "new.sql"))
+	example := splitExample(t, "split-users.yaml")
+	i := strings.Index(example, "\ntables:\n")
+	if i < 0 {
+		t.Fatal("split-users.yaml has no tables section")
+	}
+	file := filepath.Join(t.TempDir(), replica+".yaml")
+	if err := os.WriteFile(file, []byte(pairYAML(oldDSN, newDSN, replica)+sections+example[i+1:]), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"config", "check", "-c", file}, {"plan", "-c", file}} {
+		if out, errOut, err := cli(args...); err != nil {
+			t.Fatalf("%s: %v\n%s%s", strings.Join(args, " "), err, out, errOut)
+		}
+	}
+	return file
+}
+
 func splitText(t *testing.T, dsn, sql string) string {
 	t.Helper()
 	ctx := context.Background()
@@ -114,23 +151,8 @@ func testSplit(t *testing.T, path string) {
 	ctx := context.Background()
 	mustExec(t, oldC, splitExample(t, "old.sql")+`; INSERT INTO users SELECT g, 'user ' || g, CASE WHEN g % 2 = 0 THEN g || '@example.com' END,
 		CASE WHEN g % 3 = 0 THEN 'bio ' || g END, CASE WHEN g % 7 = 0 THEN decode(lpad(to_hex(g), 8, '0'), 'hex') END FROM generate_series(1, 3000) g`)
-	mustExec(t, newC, splitExample(t, "new.sql"))
-	example := splitExample(t, "split-users.yaml")
-	i := strings.Index(example, "\ntables:\n")
-	if i < 0 {
-		t.Fatal("split-users.yaml has no tables section")
-	}
 	oldDSN, newDSN := oldC.DSN("postgres"), newC.DSN("postgres")
-	file := filepath.Join(t.TempDir(), "split.yaml")
-	if err := os.WriteFile(file, []byte(pairYAML(oldDSN, newDSN, "split-1")+example[i+1:]), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if out, errOut, err := cli("config", "check", "-c", file); err != nil {
-		t.Fatalf("config check: %v\n%s%s", err, out, errOut)
-	}
-	if out, errOut, err := cli("plan", "-c", file); err != nil {
-		t.Fatalf("plan: %v\n%s%s", err, out, errOut)
-	}
+	file := splitConfig(t, newC, oldDSN, newDSN, "split-1", "")
 	rp := startQuietProxy(t, loadConfig(t, file))
 	defer stopProxy(t, rp)
 	api := newAdminClient(t, rp)
@@ -140,11 +162,8 @@ func testSplit(t *testing.T, path string) {
 
 	equal := func(when string) {
 		t.Helper()
-		if o, n := splitText(t, oldDSN, splitOldAccounts), splitText(t, newDSN, splitNewAccounts); o != n {
-			t.Fatalf("%s: accounts differ: old %s, new %s", when, o, n)
-		}
-		if o, n := splitText(t, oldDSN, splitOldProfiles), splitText(t, newDSN, splitNewProfiles); o != n {
-			t.Fatalf("%s: profiles differ: old %s, new %s", when, o, n)
+		if err := splitDiffers(t, oldDSN, newDSN); err != nil {
+			t.Fatalf("%s: %v", when, err)
 		}
 	}
 	noDrift := func() { t.Helper(); waitNoDrift(t, oldDSN, "split", 15*time.Second) }
