@@ -3,6 +3,8 @@ package table
 import (
 	"fmt"
 	"slices"
+	"strconv"
+	"strings"
 
 	pg_query "github.com/pganalyze/pg_query_go/v6"
 	"github.com/tandemdb/tandem/internal/classify"
@@ -60,6 +62,9 @@ func (ms *Mappings) RewriteRead(sql string) (rewritten string, ok bool, reason s
 		return "", false, r.reason
 	}
 	for _, t := range r.tables {
+		if t.composed != nil {
+			continue // replaced whole by composeSplits
+		}
 		n := t.m.New.Name
 		if t.rv.Schemaname != "" || n.Schema != defaultSchema {
 			t.rv.Schemaname = n.Schema
@@ -67,6 +72,9 @@ func (ms *Mappings) RewriteRead(sql string) (rewritten string, ok bool, reason s
 		t.rv.Relname = n.Table
 	}
 	if err := restrictNew(root, r.tables); err != nil {
+		return "", false, err.Error()
+	}
+	if err := composeSplits(root, r.tables); err != nil {
 		return "", false, err.Error()
 	}
 	out, err := pg_query.Deparse(tree)
@@ -80,6 +88,53 @@ func (ms *Mappings) RewriteRead(sql string) (rewritten string, ok bool, reason s
 type tableRef struct {
 	rv *pg_query.RangeVar
 	m  *Mapping // nil for a FROM item that is not a table (a subquery, a function)
+	// composed is set for a split old table: the reference is replaced by
+	// the subquery that composes the old rows from the parts (splitRows),
+	// whose columns keep their old names.
+	composed *composedRows
+}
+
+// composedRows is the old rows of a split table as the new store can give
+// them back: the owner's table left-joined to every dependent's on the key,
+// each old column read from the first part that passes it through.
+type composedRows struct {
+	sql  string          // SELECT ... FROM owner LEFT JOIN ... (no alias)
+	cols map[string]bool // the old columns it has
+	all  bool            // it has every old column, in the old order
+}
+
+// splitRows composes the old rows of the split whose owner is m. A column
+// that no part passes through unchanged (computed, or dropped) is left out,
+// and a read of it is not shadowed. A user outside a dependent's where has
+// no row in its table: its columns read as NULL, as the reverse write
+// leaves them (design section 6).
+func splitRows(m *Mapping) *composedRows {
+	parts := m.Parts()
+	c := &composedRows{cols: map[string]bool{}, all: true}
+	var sel []string
+	for _, col := range m.Old.Columns {
+		found := false
+		for i, p := range parts {
+			if t := p.fwd.passFrom(col.Name); t != nil {
+				sel = append(sel, "p"+strconv.Itoa(i)+"."+quoteIdent(p.New.Columns[t.col].Name)+" AS "+quoteIdent(col.Name))
+				c.cols[col.Name], found = true, true
+				break
+			}
+		}
+		if !found {
+			c.all = false
+		}
+	}
+	_, ownerKey, _ := m.fwd.keyPairs()
+	var b strings.Builder
+	b.WriteString("SELECT " + strings.Join(sel, ", ") + " FROM " + m.New.Name.Quoted() + " p0")
+	for i, p := range parts[1:] {
+		_, key, _ := p.fwd.keyPairs() // every part carries the old key, column for column
+		alias := "p" + strconv.Itoa(i+1)
+		b.WriteString(" LEFT JOIN " + p.New.Name.Quoted() + " " + alias + " ON " + keyTuple(alias, key) + " = " + keyTuple("p0", ownerKey))
+	}
+	c.sql = b.String()
+	return c
 }
 
 type rewriter struct {
@@ -164,6 +219,13 @@ func (r *rewriter) collect(msg protoreflect.Message) {
 			return
 		}
 		t := tableRef{rv: x, m: m}
+		if m.Split() {
+			if x.Alias != nil && len(x.Alias.Colnames) > 0 {
+				r.fail("renames the columns of split table %s in its alias", n)
+				return
+			}
+			t.composed = splitRows(m)
+		}
 		r.tables = append(r.tables, t)
 		name := x.Relname
 		if x.Alias != nil {
@@ -249,7 +311,7 @@ func (r *rewriter) columnRef(cr *pg_query.ColumnRef) {
 		if cands[0].m == nil {
 			return // a subquery's or function's column
 		}
-		if cands[0].rv.Alias == nil {
+		if cands[0].rv.Alias == nil && cands[0].composed == nil { // a composed table keeps its old name as its alias
 			parts[0].Sval = cands[0].m.New.Name.Table
 		}
 		cands = cands[:1]
@@ -260,6 +322,10 @@ func (r *rewriter) columnRef(cr *pg_query.ColumnRef) {
 			return
 		}
 		cands = r.tables[i : i+1]
+		if cands[0].composed != nil {
+			r.fail("qualifies a column of split table %s with its schema", n)
+			return
+		}
 		parts[0].Sval, parts[1].Sval = cands[0].m.New.Name.Schema, cands[0].m.New.Name.Table
 	default:
 		r.fail("has a column reference with a database name")
@@ -268,7 +334,11 @@ func (r *rewriter) columnRef(cr *pg_query.ColumnRef) {
 
 	if star {
 		for _, t := range cands {
-			if !sameStar(t.m) {
+			if t.composed != nil && !t.composed.all {
+				r.fail("* expands to columns of %s that no part of its split passes through unchanged", t.m.Old.Name)
+				return
+			}
+			if t.composed == nil && !sameStar(t.m) {
 				r.fail("* expands to other columns on %s", t.m.New.Name)
 				return
 			}
@@ -316,6 +386,15 @@ func (r *rewriter) resolve(col string, cands []tableRef) (newName string, found 
 		if _, ok := t.m.Old.Column(col); !ok {
 			continue
 		}
+		if t.composed != nil && t.composed.cols[col] {
+			nn := col // the composed rows keep the old names
+			if found && nn != newName {
+				r.fail("column %q is ambiguous: it is renamed differently in the tables read", col)
+				return "", false
+			}
+			newName, found = nn, true
+			continue
+		}
 		nn, why := t.m.newColumn(col)
 		if why != "" {
 			r.fail("%s", why)
@@ -345,12 +424,12 @@ func (m *Mapping) newColumn(col string) (string, string) {
 		return "", fmt.Sprintf("touches dropped column %s", col)
 	}
 	if m.Split() {
-		// A read of a split table is rewritten to its owner part, which
-		// holds every row; another part's columns are in another table.
+		// A read of a split table reads the old rows composed from the
+		// parts; a column no part passes through is not among them.
 		for _, p := range m.Parts() {
 			if p.carried[col] {
-				return "", fmt.Sprintf("touches column %s, which the split of %s puts in %s: a read of a split table is shadowed only when it reads its owner part's (%s) columns",
-					col, m.Old.Name, p.New.Name, m.New.Name)
+				return "", fmt.Sprintf("touches column %s, which the split of %s computes in %s: a read of a split table is shadowed only when every column it reads passes through a part unchanged",
+					col, m.Old.Name, p.New.Name)
 			}
 		}
 	}
@@ -407,6 +486,40 @@ func restrictNew(root protoreflect.Message, tables []tableRef) error {
 		}
 		from := sub.Stmts[0].GetStmt().GetSelectStmt().FromClause[0]
 		n.Node = from.Node
+	})
+	return err
+}
+
+// composeSplits replaces, in the tree under root, each split table of
+// tables by the subquery of its old rows composed from its parts:
+// `users AS u` becomes `(SELECT p0.id AS id, ..., p1.bio AS bio FROM
+// accounts p0 LEFT JOIN profiles p1 ON (p1.user_id) = (p0.id)) AS u`, and
+// the query's column references, left with their old names, read it.
+func composeSplits(root protoreflect.Message, tables []tableRef) error {
+	var err error
+	walkMessages(root, func(msg protoreflect.Message) {
+		n, ok := msg.Interface().(*pg_query.Node)
+		if !ok || err != nil {
+			return
+		}
+		rv := n.GetRangeVar()
+		if rv == nil {
+			return
+		}
+		i := slices.IndexFunc(tables, func(t tableRef) bool { return t.rv == rv })
+		if i < 0 || tables[i].composed == nil {
+			return
+		}
+		alias := rv.Relname
+		if rv.Alias != nil {
+			alias = rv.Alias.Aliasname
+		}
+		var sub *pg_query.ParseResult
+		if sub, err = pg_query.Parse("SELECT * FROM (" + tables[i].composed.sql + ") AS " + quoteIdent(alias)); err != nil {
+			err = fmt.Errorf("cannot compose the rows of split table %s: %w", tables[i].m.Old.Name, err)
+			return
+		}
+		n.Node = sub.Stmts[0].GetStmt().GetSelectStmt().FromClause[0].Node
 	})
 	return err
 }
