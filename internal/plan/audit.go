@@ -67,6 +67,7 @@ type auditInput struct {
 	side     *auditSide
 	notes    []string                             // what building side could not check
 	parents  func(table.Name) (*auditSide, error) // the side of the old table that maps to a new table, nil when none
+	byteSort bool                                 // old's collations all compare equal values byte by byte (uniqueCheck)
 }
 
 // auditTable audits one table: one scan for the per-row reasons and the
@@ -100,7 +101,7 @@ func auditTable(ctx context.Context, in auditInput) (*Audit, error) {
 	checks = append(checks, fks...)
 	var uniques []uniqueCheck
 	for _, u := range newCons.uniques {
-		if uc, ok := s.uniqueCheck(u, oldCons.uniques, a); ok {
+		if uc, ok := s.uniqueCheck(u, oldCons.uniques, in.byteSort, a); ok {
 			uniques = append(uniques, uc)
 		}
 	}
@@ -120,6 +121,13 @@ func auditTable(ctx context.Context, in auditInput) (*Audit, error) {
 	ua := &Audit{}
 	g, gctx := errgroup.WithContext(ctx)
 	runUniques := func(ctx context.Context, conn *pgx.Conn) error {
+		if in.byteSort {
+			restore, err := setting(ctx, conn, "enable_hashagg", "off")
+			if err != nil {
+				return err
+			}
+			defer restore()
+		}
 		for _, uc := range uniques {
 			if err := s.unique(ctx, conn, uc, ua); err != nil {
 				return err
@@ -174,6 +182,15 @@ func raiseWorkMem(ctx context.Context, conn *pgx.Conn) (func(), error) {
 	return func() { _, _ = conn.Exec(context.WithoutCancel(ctx), "SELECT set_config('work_mem', $1, false)", was) }, nil
 }
 
+// setting sets a setting of conn's session, and returns what puts it back.
+func setting(ctx context.Context, conn *pgx.Conn, name, value string) (func(), error) {
+	var was string
+	if err := conn.QueryRow(ctx, "SELECT current_setting($1), set_config($1, $2, false)", name, value).Scan(&was, nil); err != nil {
+		return nil, fmt.Errorf("old store: %w", err)
+	}
+	return func() { _, _ = conn.Exec(context.WithoutCancel(ctx), "SELECT set_config($1, $2, false)", name, was) }, nil
+}
+
 // oldWhere names the old rows with keys, for a fix: a WHERE condition on
 // old's key when it has one column.
 func (s *auditSide) oldWhere(keys []string) string {
@@ -190,8 +207,12 @@ func (s *auditSide) oldWhere(keys []string) string {
 // audit runs the data audit of every table in scope that exists on new and
 // that old lets Tandem read, and adds a blocking reason per reject.
 func (r *Report) audit(ctx context.Context, o Options, rd *reading, scoped map[string]bool, mapOf func(table.Name) Mapping) error {
-	var pg16 bool
-	if err := o.Old.QueryRow(ctx, "SELECT current_setting('server_version_num')::int >= 160000").Scan(&pg16); err != nil {
+	// byteSort: no collation on old compares other than byte by byte for
+	// equality (only CREATE COLLATION ... deterministic = false makes one),
+	// so that a unique key's text groups are the same under COLLATE "C".
+	var pg16, byteSort bool
+	if err := o.Old.QueryRow(ctx, `SELECT current_setting('server_version_num')::int >= 160000,
+		NOT EXISTS (SELECT FROM pg_collation c WHERE (to_jsonb(c)->>'collisdeterministic')::bool IS FALSE)`).Scan(&pg16, &byteSort); err != nil {
 		return fmt.Errorf("old store: %w", err)
 	}
 	mapped := func(n table.Name) Mapping {
@@ -243,7 +264,7 @@ func (r *Report) audit(ctx context.Context, o Options, rd *reading, scoped map[s
 		if s == nil {
 			continue
 		}
-		a, err := auditTable(ctx, auditInput{old: o.Old, new: o.New, side: s, notes: notes[n], parents: parents})
+		a, err := auditTable(ctx, auditInput{old: o.Old, new: o.New, side: s, notes: notes[n], parents: parents, byteSort: byteSort})
 		if err != nil {
 			return err
 		}

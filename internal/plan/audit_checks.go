@@ -420,8 +420,12 @@ type uniqueCheck struct {
 // uniqueCheck builds the query for one of new's unique indexes, unless
 // old enforces it (old has a unique index on a subset of the same columns,
 // passed through with the same types) or it cannot be audited (noted in
-// a): then ok is false.
-func (s *auditSide) uniqueCheck(u uniqueIdx, oldUniques []uniqueIdx, a *Audit) (uc uniqueCheck, ok bool) {
+// a): then ok is false. With byteSort (no collation of old's is
+// nondeterministic) its text columns are grouped under COLLATE "C", the
+// same groups, so that the GROUP BY can sort them by bytes: the audit runs
+// it with enable_hashagg off, since sorting 1M short text keys by bytes
+// costs about 0.6 s of CPU and hashing them about 1.0 s (docs/benchmarks.md).
+func (s *auditSide) uniqueCheck(u uniqueIdx, oldUniques []uniqueIdx, byteSort bool, a *Audit) (uc uniqueCheck, ok bool) {
 	if u.partial || u.exprs {
 		a.Unchecked = append(a.Unchecked, fmt.Sprintf("unique index %s is partial or on expressions: duplicates not audited", u.name))
 		return uc, false
@@ -451,6 +455,9 @@ func (s *auditSide) uniqueCheck(u uniqueIdx, oldUniques []uniqueIdx, a *Audit) (
 	for i, c := range u.cols {
 		cols[i] = "m." + quoteIdent(c)
 		notNull = append(notNull, cols[i]+" IS NOT NULL")
+		if d := parseType(s.col(c).newType); byteSort && d.dims == 0 && stringType[d.base] {
+			cols[i] = "(" + cols[i] + ` COLLATE "C")`
+		}
 	}
 	v := cols[0] + "::text"
 	if len(cols) > 1 {
@@ -460,7 +467,7 @@ func (s *auditSide) uniqueCheck(u uniqueIdx, oldUniques []uniqueIdx, a *Audit) (
 	if u.nullsNotDistinct {
 		where = ""
 	}
-	q := fmt.Sprintf(`SELECT coalesce(sum(n - 1), 0)::int8, coalesce((array_agg(v ORDER BY v))[1:%d], '{}') FROM (
+	q := fmt.Sprintf(`SELECT coalesce(sum(n - 1), 0)::int8, coalesce((array_agg(v ORDER BY v COLLATE "default"))[1:%d], '{}') FROM (
 		SELECT %s AS v, count(*) AS n FROM %s AS m%s GROUP BY %s HAVING count(*) > 1) AS d`,
 		auditExamples, v, s.fromCols(u.cols, ""), where, strings.Join(cols, ", "))
 	return uniqueCheck{idx: u, sql: q}, true
