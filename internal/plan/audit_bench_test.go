@@ -180,15 +180,15 @@ func baselineAudit(b *testing.B, bin string, old, new *pgtest.Cluster, want stri
 // cmd/tandem's TestPlanAudit reads too.
 func auditFixture(tb testing.TB, customers, rows int) (old, new string) {
 	tb.Helper()
-	o, err := os.ReadFile("testdata/audit_old.sql")
-	if err != nil {
-		tb.Fatal(err)
+	var sql [2]string
+	for i, name := range []string{"audit_old.sql", "audit_new.sql"} {
+		b, err := os.ReadFile(filepath.Join("testdata", name))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		sql[i] = string(b)
 	}
-	n, err := os.ReadFile("testdata/audit_new.sql")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return strings.NewReplacer("{{customers}}", strconv.Itoa(customers), "{{rows}}", strconv.Itoa(rows)).Replace(string(o)), string(n)
+	return strings.NewReplacer("{{customers}}", strconv.Itoa(customers), "{{rows}}", strconv.Itoa(rows)).Replace(sql[0]), sql[1]
 }
 
 func median(ds []time.Duration) time.Duration {
