@@ -20,8 +20,9 @@ import (
 // new's columns (renamed, computed). One scan of the table computes every
 // per-row reason (length, NULL, type cast, CHECK, and the foreign key
 // orphans through a hash join with the parent's keys), with parallel
-// workers where PostgreSQL plans them; a unique key that old does not
-// enforce takes one GROUP BY more, on a second connection beside the scan.
+// workers where PostgreSQL plans them, grouping only the rows a sieve keeps
+// (scanSQL); a unique key that old does not enforce takes one GROUP BY
+// more, on a second connection beside the scan.
 
 // Audit reasons.
 const (
@@ -160,9 +161,10 @@ func auditTable(ctx context.Context, in auditInput) (*Audit, error) {
 }
 
 // auditWorkMem is the work_mem the audit's queries run with on old, so
-// that a unique key's GROUP BY over a large table hashes in memory instead
-// of spilling to disk in batches (at PostgreSQL's default 4MB, 1M text keys
-// spill 17 batches and take several times as long).
+// that a unique key's GROUP BY over a large table sorts or hashes mostly in
+// memory (at PostgreSQL's default 4MB, hashing 1M text keys spilled 17
+// batches and took several times as long; sorting them spills about 17MB
+// at 64MB, and 128MB was no faster).
 const auditWorkMem = "64MB"
 
 // raiseWorkMem sets work_mem for the session to auditWorkMem when it is
