@@ -462,46 +462,25 @@ func itoa(n int) string { return strconv.Itoa(n) }
 // --audit.
 func TestPlanAudit(t *testing.T) {
 	old, new := pgtest.NewPair(t)
-	mustExec(t, old, `
-		CREATE TABLE customers (id int PRIMARY KEY, name text);
-		INSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 100) g;
-		CREATE TABLE orders (id bigint PRIMARY KEY, cust int, code varchar(40), note text, qty text, ref text,
-			price numeric, amount int, legacy bool);
-		INSERT INTO orders SELECT g, 1 + g % 100, 'c' || g % 1000, 'n', g::text, 'r' || g, 1.50, 2, true
-			FROM generate_series(1, 3000) g;
-		UPDATE orders SET code = 'ABCDEFGHIJKLMNOP' WHERE id = 101;
-		UPDATE orders SET note = NULL WHERE id = 202;
-		UPDATE orders SET cust = 9999 WHERE id = 303;
-		UPDATE orders SET ref = 'dup' WHERE id IN (404, 405);
-		UPDATE orders SET price = -1 WHERE id = 505;
-		UPDATE orders SET qty = '12a' WHERE id = 606;
+	// The fixture BenchmarkAudit (internal/plan) audits at 1M rows.
+	fixture := func(name string) string {
+		b, err := os.ReadFile(filepath.Join("..", "..", "internal", "plan", "testdata", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.NewReplacer("{{customers}}", "100", "{{rows}}", "3000").Replace(string(b))
+	}
+	mustExec(t, old, fixture("audit_old.sql")+`
 		CREATE TABLE lines (order_id int, pos int, sku text, PRIMARY KEY (order_id, pos));
 		INSERT INTO lines VALUES (1, 1, 'a'), (1, 2, NULL), (2, 1, 'b');
 		CREATE TABLE log (line text);
 		INSERT INTO log VALUES ('a'), (NULL);
 		ANALYZE;`)
-	mustExec(t, new, `
-		CREATE TABLE clients (id int PRIMARY KEY, name text);
-		CREATE TABLE purchases (id bigint PRIMARY KEY, customer_id int REFERENCES clients (id), code varchar(10),
-			note text NOT NULL, qty integer, ref text UNIQUE, total numeric(12,2) CHECK (total >= 0), amount int);
+	mustExec(t, new, fixture("audit_new.sql")+`
 		CREATE TABLE lines (order_id int, pos int, sku text NOT NULL, PRIMARY KEY (order_id, pos));
 		CREATE TABLE log (line text NOT NULL);`)
 	cfgPath := filepath.Join(t.TempDir(), "tandem.yaml")
-	if err := os.WriteFile(cfgPath, []byte(`old:
-  dsn: `+old.DSN("")+`
-new:
-  dsn: `+new.DSN("")+`
-tables:
-  map:
-    customers:
-      to: clients
-    orders:
-      to: purchases
-      rename: {cust: customer_id}
-      drop: [legacy]
-      compute: {total: "price * amount"}
-      reverse: {price: "total / nullif(amount, 0)"}
-`), 0o600); err != nil {
+	if err := os.WriteFile(cfgPath, []byte("old:\n  dsn: "+old.DSN("")+"\nnew:\n  dsn: "+new.DSN("")+"\n"+fixture("audit_map.yaml")), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	var lines, logT plan.Table

@@ -20,8 +20,9 @@ import (
 // new's columns (renamed, computed). One scan of the table computes every
 // per-row reason (length, NULL, type cast, CHECK, and the foreign key
 // orphans through a hash join with the parent's keys), with parallel
-// workers where PostgreSQL plans them; a unique key that old does not
-// enforce takes one GROUP BY more, on a second connection beside the scan.
+// workers where PostgreSQL plans them, grouping only the rows a sieve keeps
+// (scanSQL); a unique key that old does not enforce takes one GROUP BY
+// more, on a second connection beside the scan.
 
 // Audit reasons.
 const (
@@ -67,6 +68,7 @@ type auditInput struct {
 	side     *auditSide
 	notes    []string                             // what building side could not check
 	parents  func(table.Name) (*auditSide, error) // the side of the old table that maps to a new table, nil when none
+	byteSort bool                                 // old's collations all compare equal values byte by byte (uniqueCheck)
 }
 
 // auditTable audits one table: one scan for the per-row reasons and the
@@ -100,7 +102,7 @@ func auditTable(ctx context.Context, in auditInput) (*Audit, error) {
 	checks = append(checks, fks...)
 	var uniques []uniqueCheck
 	for _, u := range newCons.uniques {
-		if uc, ok := s.uniqueCheck(u, oldCons.uniques, a); ok {
+		if uc, ok := s.uniqueCheck(u, oldCons.uniques, in.byteSort, a); ok {
 			uniques = append(uniques, uc)
 		}
 	}
@@ -120,6 +122,13 @@ func auditTable(ctx context.Context, in auditInput) (*Audit, error) {
 	ua := &Audit{}
 	g, gctx := errgroup.WithContext(ctx)
 	runUniques := func(ctx context.Context, conn *pgx.Conn) error {
+		if in.byteSort {
+			restore, err := setting(ctx, conn, "enable_hashagg", "off")
+			if err != nil {
+				return err
+			}
+			defer restore()
+		}
 		for _, uc := range uniques {
 			if err := s.unique(ctx, conn, uc, ua); err != nil {
 				return err
@@ -152,9 +161,10 @@ func auditTable(ctx context.Context, in auditInput) (*Audit, error) {
 }
 
 // auditWorkMem is the work_mem the audit's queries run with on old, so
-// that a unique key's GROUP BY over a large table hashes in memory instead
-// of spilling to disk in batches (at PostgreSQL's default 4MB, 1M text keys
-// spill 17 batches and take several times as long).
+// that a unique key's GROUP BY over a large table sorts or hashes mostly in
+// memory (at PostgreSQL's default 4MB, hashing 1M text keys spilled 17
+// batches and took several times as long; sorting them spills about 17MB
+// at 64MB, and 128MB was no faster).
 const auditWorkMem = "64MB"
 
 // raiseWorkMem sets work_mem for the session to auditWorkMem when it is
@@ -174,6 +184,15 @@ func raiseWorkMem(ctx context.Context, conn *pgx.Conn) (func(), error) {
 	return func() { _, _ = conn.Exec(context.WithoutCancel(ctx), "SELECT set_config('work_mem', $1, false)", was) }, nil
 }
 
+// setting sets a setting of conn's session, and returns what puts it back.
+func setting(ctx context.Context, conn *pgx.Conn, name, value string) (func(), error) {
+	var was string
+	if err := conn.QueryRow(ctx, "SELECT current_setting($1), set_config($1, $2, false)", name, value).Scan(&was, nil); err != nil {
+		return nil, fmt.Errorf("old store: %w", err)
+	}
+	return func() { _, _ = conn.Exec(context.WithoutCancel(ctx), "SELECT set_config($1, $2, false)", name, was) }, nil
+}
+
 // oldWhere names the old rows with keys, for a fix: a WHERE condition on
 // old's key when it has one column.
 func (s *auditSide) oldWhere(keys []string) string {
@@ -190,8 +209,12 @@ func (s *auditSide) oldWhere(keys []string) string {
 // audit runs the data audit of every table in scope that exists on new and
 // that old lets Tandem read, and adds a blocking reason per reject.
 func (r *Report) audit(ctx context.Context, o Options, rd *reading, scoped map[string]bool, mapOf func(table.Name) Mapping) error {
-	var pg16 bool
-	if err := o.Old.QueryRow(ctx, "SELECT current_setting('server_version_num')::int >= 160000").Scan(&pg16); err != nil {
+	// byteSort: no collation on old compares other than byte by byte for
+	// equality (only CREATE COLLATION ... deterministic = false makes one),
+	// so that a unique key's text groups are the same under COLLATE "C".
+	var pg16, byteSort bool
+	if err := o.Old.QueryRow(ctx, `SELECT current_setting('server_version_num')::int >= 160000,
+		NOT EXISTS (SELECT FROM pg_collation c WHERE (to_jsonb(c)->>'collisdeterministic')::bool IS FALSE)`).Scan(&pg16, &byteSort); err != nil {
 		return fmt.Errorf("old store: %w", err)
 	}
 	mapped := func(n table.Name) Mapping {
@@ -243,7 +266,7 @@ func (r *Report) audit(ctx context.Context, o Options, rd *reading, scoped map[s
 		if s == nil {
 			continue
 		}
-		a, err := auditTable(ctx, auditInput{old: o.Old, new: o.New, side: s, notes: notes[n], parents: parents})
+		a, err := auditTable(ctx, auditInput{old: o.Old, new: o.New, side: s, notes: notes[n], parents: parents, byteSort: byteSort})
 		if err != nil {
 			return err
 		}

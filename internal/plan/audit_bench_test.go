@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -38,28 +39,11 @@ import (
 func BenchmarkAudit(b *testing.B) {
 	old, new := pgtest.NewPair(b)
 	ctx := context.Background()
+	oldSQL, newSQL := auditFixture(b, 1000, 1000000)
 	for _, step := range []struct {
 		c   *pgtest.Cluster
 		sql string
-	}{
-		{old, `CREATE TABLE customers (id int PRIMARY KEY, name text);
-			INSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 1000) g;
-			CREATE TABLE orders (id bigint PRIMARY KEY, cust int, code varchar(40), note text, qty text, ref text,
-				price numeric, amount int, legacy bool);
-			INSERT INTO orders SELECT g, 1 + g % 1000, 'c' || g % 1000, 'n', g::text, 'r' || g, 1.50, 2, true
-				FROM generate_series(1, 1000000) g;
-			UPDATE orders SET code = 'ABCDEFGHIJKLMNOP' WHERE id = 101;
-			UPDATE orders SET note = NULL WHERE id = 202;
-			UPDATE orders SET cust = 9999 WHERE id = 303;
-			UPDATE orders SET ref = 'dup' WHERE id IN (404, 405);
-			UPDATE orders SET price = -1 WHERE id = 505;
-			UPDATE orders SET qty = '12a' WHERE id = 606;
-`},
-		{old, `VACUUM ANALYZE`},
-		{new, `CREATE TABLE clients (id int PRIMARY KEY, name text);
-			CREATE TABLE purchases (id bigint PRIMARY KEY, customer_id int REFERENCES clients (id), code varchar(10),
-				note text NOT NULL, qty integer, ref text UNIQUE, total numeric(12,2) CHECK (total >= 0), amount int);`},
-	} {
+	}{{old, oldSQL}, {old, `VACUUM ANALYZE`}, {new, newSQL}} {
 		if err := step.c.Exec(ctx, "postgres", step.sql); err != nil {
 			b.Fatal(err)
 		}
@@ -158,21 +142,11 @@ func baselineAudit(b *testing.B, bin string, old, new *pgtest.Cluster, want stri
 		return nil
 	}
 	cfg := filepath.Join(b.TempDir(), "tandem.yaml")
-	if err := os.WriteFile(cfg, []byte(`old:
-  dsn: `+old.DSN("")+`
-new:
-  dsn: `+new.DSN("")+`
-tables:
-  map:
-    customers:
-      to: clients
-    orders:
-      to: purchases
-      rename: {cust: customer_id}
-      drop: [legacy]
-      compute: {total: "price * amount"}
-      reverse: {price: "total / nullif(amount, 0)"}
-`), 0o600); err != nil {
+	mapping, err := os.ReadFile("testdata/audit_map.yaml")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := os.WriteFile(cfg, []byte("old:\n  dsn: "+old.DSN("")+"\nnew:\n  dsn: "+new.DSN("")+"\n"+string(mapping)), 0o600); err != nil {
 		b.Fatal(err)
 	}
 	return func() time.Duration {
@@ -199,6 +173,22 @@ tables:
 		}
 		return a.Duration.D()
 	}
+}
+
+// auditFixture is the audit's fixture, testdata/audit_old.sql (with
+// customers parents and rows orders) and testdata/audit_new.sql, which
+// cmd/tandem's TestPlanAudit reads too.
+func auditFixture(tb testing.TB, customers, rows int) (old, new string) {
+	tb.Helper()
+	var sql [2]string
+	for i, name := range []string{"audit_old.sql", "audit_new.sql"} {
+		b, err := os.ReadFile(filepath.Join("testdata", name))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		sql[i] = string(b)
+	}
+	return strings.NewReplacer("{{customers}}", strconv.Itoa(customers), "{{rows}}", strconv.Itoa(rows)).Replace(sql[0]), sql[1]
 }
 
 func median(ds []time.Duration) time.Duration {

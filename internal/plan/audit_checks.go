@@ -17,7 +17,10 @@ type scanCheck struct {
 	pred string // SQL over the scan's row m: true when new rejects the row
 	need string // an aggregate input (max) for the fix, or ""
 	join string // a LEFT JOIN the predicate needs, or ""
-	fix  func(need string, keys []string) string
+	// flagged: pred is a column's cast or length flag, which the scan's
+	// sieve tests first (auditSide.flags).
+	flagged bool
+	fix     func(need string, keys []string) string
 }
 
 // constraints are a table's constraints that the audit checks.
@@ -130,13 +133,13 @@ func (s *auditSide) columnChecks() []scanCheck {
 				}})
 		}
 		if c.length != "" {
-			out = append(out, scanCheck{rej: Reject{Reason: RejectLength, Column: c.name}, pred: fmt.Sprintf("m.tandem_l%d", slices.Index(s.cols, c)),
+			out = append(out, scanCheck{rej: Reject{Reason: RejectLength, Column: c.name}, pred: fmt.Sprintf("m.tandem_l%d", slices.Index(s.cols, c)), flagged: true,
 				need: strings.ReplaceAll(c.need, "$v", v), fix: func(need string, _ []string) string {
 					return fmt.Sprintf("%s, or shorten those values (%s) on old", widen(c.name, c.newType, need), origin)
 				}})
 		}
 		if c.cast != "" {
-			out = append(out, scanCheck{rej: Reject{Reason: RejectCast, Column: c.name}, pred: fmt.Sprintf("m.tandem_c%d", slices.Index(s.cols, c)),
+			out = append(out, scanCheck{rej: Reject{Reason: RejectCast, Column: c.name}, pred: fmt.Sprintf("m.tandem_c%d", slices.Index(s.cols, c)), flagged: true,
 				fix: func(_ string, keys []string) string {
 					d := parseType(c.newType)
 					if intBytes[d.base] > 0 && intBytes[d.base] < 8 && intBytes[parseType(c.srcType).base] > intBytes[d.base] {
@@ -258,7 +261,7 @@ fks:
 			childNotNull = append(childNotNull, "m."+quoteIdent(c)+" IS NOT NULL")
 		}
 		join := fmt.Sprintf(" LEFT JOIN (SELECT DISTINCT %s FROM %s AS p WHERE %s) AS %s ON %s",
-			strings.Join(sel, ", "), p.fromCols(fk.refs), strings.Join(notNull, " AND "), alias, strings.Join(on, " AND "))
+			strings.Join(sel, ", "), p.fromCols(fk.refs, ""), strings.Join(notNull, " AND "), alias, strings.Join(on, " AND "))
 		pred := fmt.Sprintf("%s AND %s.tandem_p0 IS NULL", strings.Join(childNotNull, " AND "), alias)
 		if fk.matchFull && len(fk.cols) > 1 {
 			pred = fmt.Sprintf("(%s) OR num_nulls(%s) BETWEEN 1 AND %d", pred, "m."+strings.Join(quoteAll(fk.cols), ", m."), len(fk.cols)-1)
@@ -287,22 +290,29 @@ func quoteAll(names []string) []string {
 	return out
 }
 
-// scanSQL is the table's one scan for checks, as one row: the rows, then
-// per check the rows that fail it, the largest value its fix needs, and
-// the ctids of the first and the last of those rows (where examplesSQL
-// starts and stops). The scan groups the rows by their outcomes (one
-// group per combination that occurs, the clean rows' first), so that each
-// predicate is a grouping expression, computed once per row, and the
-// aggregates' FILTERs reuse it; a grouped aggregate runs with parallel
-// workers and partial aggregation where the table is large enough.
+// scanSQL is the table's one scan for checks, as one row: the rows (their
+// count(*), an InitPlan), then per check the rows that fail it, the
+// largest value its fix needs, and the ctids of the first and the last of
+// those rows (where examplesSQL starts and stops).
+//
+// A sieve keeps the rows that may fail a check, and only those are
+// grouped by their outcomes (one group per combination that occurs), so
+// that each predicate is a grouping expression, computed once per kept
+// row, and the aggregates' FILTERs reuse it. A clean row costs the sieve
+// alone: each column's cast and length flags; where none is set, the NULL
+// checks and new's CHECKs over the typed values unguarded (equal to the
+// guarded ones there, without computing the flags and a computed value
+// once more for the guard); and the foreign keys' hash probes. The sieve
+// keeps every row that fails a check: a flagged row is kept, and an
+// unflagged row fails a CHECK exactly when its unguarded values do. Both
+// the sieve and the grouping run with parallel workers and partial
+// aggregation where the table is large enough.
 func (s *auditSide) scanSQL(checks []scanCheck) string {
-	inner := []string{"m.tandem_t"}
-	var group, groupSel, sel, anyFails []string
+	var inner, group, groupSel, sel, others, fks []string
 	for i, c := range checks {
 		b := fmt.Sprintf("tandem_b%d", i)
 		inner = append(inner, fmt.Sprintf("coalesce(%s, false) AS %s", c.pred, b))
-		group, anyFails = append(group, "x."+b), append(anyFails, "x."+b)
-		groupSel = append(groupSel, "x."+b)
+		group, groupSel = append(group, "x."+b), append(groupSel, "x."+b)
 		need := "NULL::text"
 		if c.need != "" {
 			inner = append(inner, fmt.Sprintf("%s AS tandem_n%d", c.need, i))
@@ -311,22 +321,31 @@ func (s *auditSide) scanSQL(checks []scanCheck) string {
 		}
 		sel = append(sel, fmt.Sprintf("coalesce(sum(g.tandem_rows) FILTER (WHERE g.%s), 0)::int8", b), need,
 			fmt.Sprintf("(min(g.tandem_first) FILTER (WHERE g.%s))::text", b), fmt.Sprintf("(max(g.tandem_last) FILTER (WHERE g.%s))::text", b))
+		switch {
+		case c.join != "":
+			fks = append(fks, "coalesce("+c.pred+", false)")
+		case !c.flagged:
+			others = append(others, "coalesce("+c.pred+", false)")
+		}
 	}
-	fails := "false"
-	if len(anyFails) > 0 {
-		fails = strings.Join(anyFails, " OR ")
+	sieve := "false"
+	if len(others) > 0 {
+		sieve = strings.Join(others, " OR ")
 	}
-	groupSel = append(groupSel, "count(*) AS tandem_rows",
-		fmt.Sprintf("min(x.tandem_t) FILTER (WHERE %s) AS tandem_first", fails), fmt.Sprintf("max(x.tandem_t) FILTER (WHERE %s) AS tandem_last", fails))
+	if f := s.flags(); f != "" {
+		sieve = fmt.Sprintf("CASE WHEN %s THEN true ELSE %s END", f, sieve)
+	}
 	var joins strings.Builder
 	for _, c := range checks {
 		joins.WriteString(c.join)
 	}
-	grouped := fmt.Sprintf("SELECT %s FROM (SELECT %s FROM %s AS m%s) AS x", strings.Join(groupSel, ", "), strings.Join(inner, ", "), s.from(), joins.String())
+	grouped := fmt.Sprintf("SELECT %s FROM (SELECT m.tandem_t%s FROM %s AS m%s WHERE %s) AS x",
+		strings.Join(append(groupSel, "count(*) AS tandem_rows", "min(x.tandem_t) AS tandem_first", "max(x.tandem_t) AS tandem_last"), ", "),
+		prefixComma(inner), s.fromCols(nil, sieve), joins.String(), strings.Join(append([]string{"m.tandem_s"}, fks...), " OR "))
 	if len(group) > 0 {
 		grouped += " GROUP BY " + strings.Join(group, ", ")
 	}
-	return fmt.Sprintf("SELECT coalesce(sum(g.tandem_rows), 0)::int8%s FROM (%s) AS g", prefixComma(sel), grouped)
+	return fmt.Sprintf("SELECT (%s)::int8%s FROM (%s) AS g", s.countSQL(), prefixComma(sel), grouped)
 }
 
 // examplesSQL reads up to auditExamples keys of rows that fail c, between
@@ -401,8 +420,12 @@ type uniqueCheck struct {
 // uniqueCheck builds the query for one of new's unique indexes, unless
 // old enforces it (old has a unique index on a subset of the same columns,
 // passed through with the same types) or it cannot be audited (noted in
-// a): then ok is false.
-func (s *auditSide) uniqueCheck(u uniqueIdx, oldUniques []uniqueIdx, a *Audit) (uc uniqueCheck, ok bool) {
+// a): then ok is false. With byteSort (no collation of old's is
+// nondeterministic) its text columns are grouped under COLLATE "C", the
+// same groups, so that the GROUP BY can sort them by bytes: the audit runs
+// it with enable_hashagg off, since sorting 1M short text keys by bytes
+// costs about 0.6 s of CPU and hashing them about 1.0 s (docs/benchmarks.md).
+func (s *auditSide) uniqueCheck(u uniqueIdx, oldUniques []uniqueIdx, byteSort bool, a *Audit) (uc uniqueCheck, ok bool) {
 	if u.partial || u.exprs {
 		a.Unchecked = append(a.Unchecked, fmt.Sprintf("unique index %s is partial or on expressions: duplicates not audited", u.name))
 		return uc, false
@@ -432,6 +455,9 @@ func (s *auditSide) uniqueCheck(u uniqueIdx, oldUniques []uniqueIdx, a *Audit) (
 	for i, c := range u.cols {
 		cols[i] = "m." + quoteIdent(c)
 		notNull = append(notNull, cols[i]+" IS NOT NULL")
+		if d := parseType(s.col(c).newType); byteSort && d.dims == 0 && stringType[d.base] {
+			cols[i] = "(" + cols[i] + ` COLLATE "C")`
+		}
 	}
 	v := cols[0] + "::text"
 	if len(cols) > 1 {
@@ -441,9 +467,9 @@ func (s *auditSide) uniqueCheck(u uniqueIdx, oldUniques []uniqueIdx, a *Audit) (
 	if u.nullsNotDistinct {
 		where = ""
 	}
-	q := fmt.Sprintf(`SELECT coalesce(sum(n - 1), 0)::int8, coalesce((array_agg(v ORDER BY v))[1:%d], '{}') FROM (
+	q := fmt.Sprintf(`SELECT coalesce(sum(n - 1), 0)::int8, coalesce((array_agg(v ORDER BY v COLLATE "default"))[1:%d], '{}') FROM (
 		SELECT %s AS v, count(*) AS n FROM %s AS m%s GROUP BY %s HAVING count(*) > 1) AS d`,
-		auditExamples, v, s.fromCols(u.cols), where, strings.Join(cols, ", "))
+		auditExamples, v, s.fromCols(u.cols, ""), where, strings.Join(cols, ", "))
 	return uniqueCheck{idx: u, sql: q}, true
 }
 
