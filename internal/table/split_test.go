@@ -219,7 +219,7 @@ func TestSplitReverse(t *testing.T) {
 	owner, dep := parts[0], parts[1]
 
 	// The dependent first: 4 has no old row yet.
-	if _, err := CopyKeysMapped(ctx, nw, old, dep, false, [][]string{{"4"}}); err == nil || !strings.Contains(err.Error(), "owner part of the split has not written it yet") {
+	if _, err := CopyKeysMapped(ctx, nw, old, dep, false, [][]string{{"4"}}); err == nil || !strings.Contains(err.Error(), "owner of the split or merge has not written it yet") {
 		t.Fatalf("a dependent row without its old row: err %v", err)
 	}
 	if got := queryText(t, old, `SELECT count(*)::text FROM users WHERE id = 4`); got != "0" {
