@@ -288,3 +288,18 @@ func loadMerge(ctx context.Context, old, new Querier, n Name, members []Name, de
 	}
 	return ms[0], probs, nil
 }
+
+// KeyFrom turns a key of the old table of o, another table of m's merge
+// (as text, in its key order), into the key of the same new row on m's old
+// table, in m's key order: both carry the new key column for column.
+func (m *Mapping) KeyFrom(o *Mapping, key []string) []string {
+	_, mine, _ := m.fwd.keyPairs()
+	_, theirs, _ := o.fwd.keyPairs()
+	out := make([]string, len(mine))
+	for i, c := range mine {
+		if j := slices.IndexFunc(theirs, func(t Column) bool { return t.Name == c.Name }); j >= 0 && j < len(key) {
+			out[i] = key[j]
+		}
+	}
+	return out
+}
