@@ -148,7 +148,7 @@ type sharedTable struct {
 }
 
 // sharedTables returns the primary's names of the tables ev's statement
-// names whose mapping is filtered (table.Mapping.Filtered) or a split's
+// names whose mapping is merged, filtered (table.Mapping.Filtered) or a split's
 // part, each with the reason its text is not run on the secondary.
 func (rs *routedSession) sharedTables(ev *event) []sharedTable {
 	ms := rs.srv.mappings.Load()

@@ -421,7 +421,7 @@ func TestMirrorMerge(t *testing.T) {
 	for _, sql := range []string{
 		`INSERT INTO users VALUES (4, 'd', 'd@x', NULL, NULL), (5, 'e', NULL, 'bio e', NULL)`,
 		`UPDATE users SET name = 'B', bio = NULL WHERE id = 2`, // out of profiles
-		`UPDATE users SET avatar = '\x04' WHERE id = 4`,         // into it
+		`UPDATE users SET avatar = '\x04' WHERE id = 4`,        // into it
 		`UPDATE users SET bio = 'bio a' WHERE id = 1`,
 		`DELETE FROM users WHERE id = 5`,
 	} {
