@@ -245,7 +245,9 @@ func declaredKey(t config.Tables, n table.Name) string {
 	return ""
 }
 
-// splitPlanMapping is mapping with a split table seen as its owner part:
+// splitPlanMapping is mapping with a split table seen as its owner part
+// and a merged table with the new columns the other tables of its merge
+// fill:
 // the plan compares one old table with one new table, so it compares the
 // old table with the owner's, the columns other parts carry taken as not
 // the owner's (each part is checked against both catalogs by LoadMappings,
@@ -254,6 +256,19 @@ func splitPlanMapping(ms *table.Mappings, mapping func(table.Name) plan.Mapping)
 	return func(n table.Name) plan.Mapping {
 		pm := mapping(n)
 		m := ms.ForOld(n)
+		if m != nil && m.Merged() {
+			// A table of a merge fills some of the new table's columns;
+			// the other tables of the merge fill the rest.
+			pm.FilledElsewhere = map[string]table.Name{}
+			for _, o := range m.Members() {
+				if o != m {
+					for _, c := range o.NewColumns() {
+						pm.FilledElsewhere[c] = o.Old.Name
+					}
+				}
+			}
+			return pm
+		}
 		if m == nil || !m.Split() {
 			return pm
 		}
@@ -294,8 +309,19 @@ func planMapping(t config.Tables) (func(table.Name) plan.Mapping, error) {
 				m.Consumed[c] = true
 			}
 		}
-		if tm.To != "" {
-			ts, tn, err := config.ParseTableName(tm.To)
+		to := tm.To
+		if to == "" && tm.MergeInto != "" {
+			// A merge's member writes its owner's new table (or, when the
+			// owner's to is left out, the table named as the owner).
+			to = tm.MergeInto
+			if os, on, err := config.ParseTableName(tm.MergeInto); err == nil {
+				if owner := t.Map[declaredKey(t, table.Name{Schema: os, Table: on})]; owner.To != "" {
+					to = owner.To
+				}
+			}
+		}
+		if to != "" {
+			ts, tn, err := config.ParseTableName(to)
 			if err != nil {
 				return nil, fmt.Errorf("tables.map[%s].to: %w", key, err)
 			}

@@ -619,15 +619,16 @@ func (u *copyUnit) copyKeys(ctx context.Context, keys [][]string, deleteAbsent b
 // lockKeys reads the rows with these keys on the primary FOR SHARE, in key
 // order (the order writers are likeliest to lock in).
 func (u *copyUnit) lockKeys(ctx context.Context, keys [][]string) (rowSet, error) {
-	return u.lockKeysOf(ctx, u.p, keys)
+	return u.readKeys(ctx, u.p, keys, " FOR SHARE OF r")
 }
 
-// lockKeysOf is lockKeys of q's source table (a merge member's, read in
-// its owner's unit).
-func (u *copyUnit) lockKeysOf(ctx context.Context, q *copier, keys [][]string) (rowSet, error) {
+// readKeys reads the rows with these keys of q's source table on the
+// primary, in key order, with lock (" FOR SHARE OF r", or "" for a plain
+// read).
+func (u *copyUnit) readKeys(ctx context.Context, q *copier, keys [][]string, lock string) (rowSet, error) {
 	src := q.srcKey
 	sql := "SELECT row_to_json(r.*)::text, " + keyText("r", src) + " FROM " + q.srcFrom() + " r WHERE " +
-		keyTuple("r", src) + " IN (" + keySet("x", 1, src) + ") ORDER BY " + keyList("r", src) + " FOR SHARE OF r"
+		keyTuple("r", src) + " IN (" + keySet("x", 1, src) + ") ORDER BY " + keyList("r", src) + lock
 	return readRows(ctx, u.ptx, sql, columnsOf(keys, len(src))...)
 }
 
@@ -749,13 +750,23 @@ func (u *copyUnit) update(ctx context.Context, q *copier, arr string) error {
 
 // writeMembers writes, for the owner of a merge copied forward, each
 // member's columns of the new rows of keys (the owner's rows the unit has
-// just written): the member's rows of these keys, read under lock, or its
-// columns' defaults for a key it has no row of. The unit holds the new
-// rows' locks, so a member's write mirrored meanwhile waits for it and
-// lands after it: no re-read is needed.
+// just written): the member's rows of these keys, or its columns' defaults
+// for a key it has no row of.
+//
+// The member's rows are read without a lock, after the unit has written
+// (and so locked) the new rows: a member's write W of one of them is then
+// either committed on the primary before the read (its mirror on the
+// secondary ran before the unit's write, which waited for it to commit,
+// and the primary commits first), so the read sees it; or its mirror
+// waits for the unit's lock and lands after the unit. Either way the new
+// row ends with W's columns, with no re-read, and the unit never waits on
+// the primary for a row lock a writer holds while its mirror waits for
+// the unit on the secondary (the writers' order, primary first, is kept;
+// a lock on a second old table would also deadlock with an application
+// transaction that writes the two tables in the other order).
 func (u *copyUnit) writeMembers(ctx context.Context, keys [][]string) error {
 	for _, q := range u.p.members {
-		rows, err := u.lockKeysOf(ctx, q, keys)
+		rows, err := u.readKeys(ctx, q, keys, "")
 		if err != nil {
 			return err
 		}

@@ -303,3 +303,15 @@ func (m *Mapping) KeyFrom(o *Mapping, key []string) []string {
 	}
 	return out
 }
+
+// NewColumns returns the new table's columns the mapping writes (but its
+// key), in column order.
+func (m *Mapping) NewColumns() []string {
+	var out []string
+	for _, t := range m.fwd.targets {
+		if !slices.Contains(m.New.Key, t.col) {
+			out = append(out, m.New.Columns[t.col].Name)
+		}
+	}
+	return out
+}
