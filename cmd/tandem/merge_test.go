@@ -280,3 +280,49 @@ func TestMerge(t *testing.T) {
 		t.Fatalf("verify after the rollback: %v\n%s%s", err, out, errOut)
 	}
 }
+
+// TestPlanMergePositions: `tandem plan` checks each table of a merge
+// against the catalogs and reports a wrong one with its file, line and
+// column; `tandem config check` reports the static mistakes the same way.
+func TestPlanMergePositions(t *testing.T) {
+	oldC, newC := pgtest.NewPair(t)
+	mustExec(t, oldC, mergeExample(t, "old.sql"))
+	mustExec(t, newC, mergeExample(t, "new.sql"))
+	file, _ := pairConfig(t, oldC, newC, "plan-merge")
+	head, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := strings.Count(string(head), "\n") // the lines before tables:
+	appendFile(t, file, `tables:
+  map:
+    accounts:
+      to: users
+    profiles:
+      merge_into: accounts
+      rename: {user_id: uid}
+`)
+	out, errOut, err := cli("plan", "-c", file)
+	if ec, ok := err.(exitCode); !ok || ec != 2 {
+		t.Fatalf("plan: %v, want exit status 2\n%s%s", err, out, errOut)
+	}
+	want := fmt.Sprintf("%s:%d:5: ", file, base+5) + `tables.map[profiles]: public.profiles: new column "uid": rename names a column that public.users does not have (did you mean "id"?)`
+	if !strings.Contains(out, want) {
+		t.Errorf("plan output lacks\n  %s\n%s", want, out)
+	}
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	if err := os.WriteFile(bad, []byte(string(head)+`tables:
+  map:
+    accounts:
+      to: users
+    profiles:
+      merge_into: acounts
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, err = cli("config", "check", "-c", bad)
+	want = fmt.Sprintf("%s:%d:7: ", bad, base+6) + "tables.map[profiles].merge_into: names public.acounts, which has no entry in tables.map"
+	if ec, ok := err.(exitCode); !ok || ec != 1 || !strings.Contains(out, want) {
+		t.Fatalf("config check: %v, want\n  %s\n%s%s", err, want, out, errOut)
+	}
+}

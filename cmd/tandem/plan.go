@@ -201,6 +201,12 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int, audit bool
 			if file, line, col, ok := cfg.Position("tables.map[" + key + "]." + p.Field); ok {
 				text = fmt.Sprintf("mapping: %s:%d:%d: tables.map[%s].%s: %s", file, line, col, key, p.Field, p.String())
 			}
+		} else if key != "" && merged(cfg.Tables, key) {
+			// A table of a merge: several entries share one new table, so
+			// say which entry the problem is about.
+			if file, line, col, ok := cfg.Position("tables.map[" + key + "]"); ok {
+				text = fmt.Sprintf("mapping: %s:%d:%d: tables.map[%s]: %s", file, line, col, key, p.String())
+			}
 		}
 		opts.Problems[p.Table] = append(opts.Problems[p.Table], plan.Reason{Verdict: v, Text: text})
 	}
@@ -233,6 +239,24 @@ func upstreamAuthReasons(ctx context.Context, cfg *config.Config) map[string][]p
 // declaredAs reports whether tables.map declares the old table n under any
 // spelling of its name.
 func declaredAs(t config.Tables, n table.Name) bool { return declaredKey(t, n) != "" }
+
+// merged reports whether the entry key of tables.map is a table of a
+// merge: a member (merge_into) or the owner another entry names.
+func merged(t config.Tables, key string) bool {
+	if t.Map[key].MergeInto != "" {
+		return true
+	}
+	s, n, err := config.ParseTableName(key)
+	if err != nil {
+		return false
+	}
+	for _, tm := range t.Map {
+		if os, on, err := config.ParseTableName(tm.MergeInto); err == nil && tm.MergeInto != "" && os == s && on == n {
+			return true
+		}
+	}
+	return false
+}
 
 // declaredKey returns the key under which tables.map declares the old table
 // n, or "".
