@@ -173,8 +173,11 @@ func TestMerge(t *testing.T) {
 	var load mergeLoad
 	load.run(dsn, 8)
 	waitFor(t, func() bool { return load.done() >= 200 })
-	if out, errOut, err := cli("backfill", "-c", file, "--chunk", "500", "--path", "locked"); err != nil {
+	// --path auto takes the locked path for a merge, and says why.
+	if out, errOut, err := cli("backfill", "-c", file, "--chunk", "500", "--path", "auto"); err != nil {
 		t.Fatalf("tandem backfill: %v\n%s%s", err, out, errOut)
+	} else if !strings.Contains(out, "path: locked") || !strings.Contains(out, "merged with 1 other old tables") {
+		t.Fatalf("tandem backfill --path auto of a merge: want the locked path with the reason\n%s", out)
 	}
 	before := load.done()
 	waitFor(t, func() bool { return load.done() >= before+200 })
