@@ -65,7 +65,10 @@ func (l *mergeLoad) run(dsn string, writers int) {
 				_, err := c.Exec(ctx, `UPDATE accounts SET name = name || '+', email = coalesce(email, 'e@x') WHERE id = $1`, id)
 				return err
 			case op < 7:
-				_, err := c.Exec(ctx, `INSERT INTO profiles SELECT id, 'set ' || id, NULL FROM accounts WHERE id = $1
+				// The account locked, or a concurrent delete of it would
+				// leave an orphan profile (no foreign key here), which the
+				// merged table cannot hold: open drift, rightly.
+				_, err := c.Exec(ctx, `INSERT INTO profiles SELECT id, 'set ' || id, NULL FROM accounts WHERE id = $1 FOR SHARE
 					ON CONFLICT (user_id) DO UPDATE SET bio = CASE WHEN profiles.bio IS NULL THEN excluded.bio END`, id)
 				return err
 			case op < 8:
