@@ -231,13 +231,7 @@ func TestConsolidation(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	before := load.done()
-	waitFor(t, func() bool { return load.done() >= before+200 })
-	load.finish(t)
-	if t.Failed() {
-		t.FailNow()
-	}
-	t.Logf("%d writes acknowledged through the two proxies", load.done())
+	load.finishAfter(t, 200, "the two proxies")
 	noDrift()
 	equal("after the backfills")
 	for _, d := range deps {

@@ -16,15 +16,6 @@ import (
 	"go.uber.org/goleak"
 )
 
-func mergeExample(t *testing.T, name string) string {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "examples", "merge", name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
-}
-
 // Rendered independently of the mapping: each old table, and the new users
 // as each old table holds them (a profile is a user with a bio or an
 // avatar), hashed, with their counts.
@@ -125,41 +116,14 @@ func TestMerge(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	ctx := context.Background()
-	mustExec(t, oldC, mergeExample(t, "old.sql")+`; INSERT INTO accounts SELECT g, 'user ' || g, CASE WHEN g % 2 = 0 THEN g || '@example.com' END FROM generate_series(1, 3000) g;
+	ex, rp := startExample(t, oldC, newC, "merge", "merge-users.yaml", `INSERT INTO accounts SELECT g, 'user ' || g, CASE WHEN g % 2 = 0 THEN g || '@example.com' END FROM generate_series(1, 3000) g;
 		INSERT INTO profiles SELECT g, CASE WHEN g % 3 = 0 THEN 'bio ' || g END, CASE WHEN g % 7 = 0 THEN decode(lpad(to_hex(g), 8, '0'), 'hex') END
-		FROM generate_series(1, 3000) g WHERE g % 3 = 0 OR g % 7 = 0`)
-	mustExec(t, newC, mergeExample(t, "new.sql"))
-	example := mergeExample(t, "merge-users.yaml")
-	i := strings.Index(example, "\ntables:\n")
-	if i < 0 {
-		t.Fatal("merge-users.yaml has no tables section")
-	}
-	oldDSN, newDSN := oldC.DSN("postgres"), newC.DSN("postgres")
-	file := filepath.Join(t.TempDir(), "merge.yaml")
-	if err := os.WriteFile(file, []byte(pairYAML(oldDSN, newDSN, "merge-1")+example[i+1:]), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if out, errOut, err := cli("config", "check", "-c", file); err != nil {
-		t.Fatalf("config check: %v\n%s%s", err, out, errOut)
-	}
-	if out, errOut, err := cli("plan", "-c", file); err != nil {
-		t.Fatalf("plan: %v\n%s%s", err, out, errOut)
-	}
-	rp := startQuietProxy(t, loadConfig(t, file))
+		FROM generate_series(1, 3000) g WHERE g % 3 = 0 OR g % 7 = 0`, "merge-1")
 	defer stopProxy(t, rp)
-	api := newAdminClient(t, rp)
-	dsn := fmt.Sprintf("postgres://postgres@%s/postgres?sslmode=disable&application_name=merge-load", rp.Addr())
-	api.waitLive(1)
-	api.change("/api/v1/route", `{"mirror": true, "reason": "dual-write"}`, "merge-1")
-
+	file, oldDSN, dsn, api := ex.file, ex.oldDSN, ex.dsn, ex.api
 	equal := func(when string) {
 		t.Helper()
-		if o, n := splitText(t, oldDSN, mergeOldAccounts), splitText(t, newDSN, mergeNewAccounts); o != n {
-			t.Fatalf("%s: accounts differ: old %s, new %s", when, o, n)
-		}
-		if o, n := splitText(t, oldDSN, mergeOldProfiles), splitText(t, newDSN, mergeNewProfiles); o != n {
-			t.Fatalf("%s: profiles differ: old %s, new %s", when, o, n)
-		}
+		ex.sameRows(t, when, [3]string{"accounts", mergeOldAccounts, mergeNewAccounts}, [3]string{"profiles", mergeOldProfiles, mergeNewProfiles})
 	}
 	noDrift := func() { t.Helper(); waitNoDrift(t, oldDSN, "merge", 15*time.Second) }
 
@@ -182,13 +146,7 @@ func TestMerge(t *testing.T) {
 	} else if !strings.Contains(out, "path: locked") || !strings.Contains(out, "merged with 1 other old tables") {
 		t.Fatalf("tandem backfill --path auto of a merge: want the locked path with the reason\n%s", out)
 	}
-	before := load.done()
-	waitFor(t, func() bool { return load.done() >= before+200 })
-	load.finish(t)
-	if t.Failed() {
-		t.FailNow()
-	}
-	t.Logf("%d writes acknowledged through the proxy", load.done())
+	load.finishAfter(t, 200, "the proxy")
 	noDrift()
 	equal("after the backfill")
 	out, errOut, err := cli("compare", "-c", file)
@@ -292,8 +250,8 @@ func TestMerge(t *testing.T) {
 // column; `tandem config check` reports the static mistakes the same way.
 func TestPlanMergePositions(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
-	mustExec(t, oldC, mergeExample(t, "old.sql"))
-	mustExec(t, newC, mergeExample(t, "new.sql"))
+	mustExec(t, oldC, exampleFile(t, "merge", "old.sql"))
+	mustExec(t, newC, exampleFile(t, "merge", "new.sql"))
 	file, _ := pairConfig(t, oldC, newC, "plan-merge")
 	head, err := os.ReadFile(file)
 	if err != nil {

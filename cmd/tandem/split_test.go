@@ -16,15 +16,6 @@ import (
 	"go.uber.org/goleak"
 )
 
-func splitExample(t *testing.T, name string) string {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "examples", "split", name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
-}
-
 // splitTexts renders, independently of the mapping, the old users as each
 // part holds them and the two new tables, hashed, with their counts.
 const (
@@ -104,40 +95,13 @@ func TestSplit(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	ctx := context.Background()
-	mustExec(t, oldC, splitExample(t, "old.sql")+`; INSERT INTO users SELECT g, 'user ' || g, CASE WHEN g % 2 = 0 THEN g || '@example.com' END,
-		CASE WHEN g % 3 = 0 THEN 'bio ' || g END, CASE WHEN g % 7 = 0 THEN decode(lpad(to_hex(g), 8, '0'), 'hex') END FROM generate_series(1, 3000) g`)
-	mustExec(t, newC, splitExample(t, "new.sql"))
-	example := splitExample(t, "split-users.yaml")
-	i := strings.Index(example, "\ntables:\n")
-	if i < 0 {
-		t.Fatal("split-users.yaml has no tables section")
-	}
-	oldDSN, newDSN := oldC.DSN("postgres"), newC.DSN("postgres")
-	file := filepath.Join(t.TempDir(), "split.yaml")
-	if err := os.WriteFile(file, []byte(pairYAML(oldDSN, newDSN, "split-1")+example[i+1:]), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if out, errOut, err := cli("config", "check", "-c", file); err != nil {
-		t.Fatalf("config check: %v\n%s%s", err, out, errOut)
-	}
-	if out, errOut, err := cli("plan", "-c", file); err != nil {
-		t.Fatalf("plan: %v\n%s%s", err, out, errOut)
-	}
-	rp := startQuietProxy(t, loadConfig(t, file))
+	ex, rp := startExample(t, oldC, newC, "split", "split-users.yaml", `INSERT INTO users SELECT g, 'user ' || g, CASE WHEN g % 2 = 0 THEN g || '@example.com' END,
+		CASE WHEN g % 3 = 0 THEN 'bio ' || g END, CASE WHEN g % 7 = 0 THEN decode(lpad(to_hex(g), 8, '0'), 'hex') END FROM generate_series(1, 3000) g`, "split-1")
 	defer stopProxy(t, rp)
-	api := newAdminClient(t, rp)
-	dsn := fmt.Sprintf("postgres://postgres@%s/postgres?sslmode=disable&application_name=split-load", rp.Addr())
-	api.waitLive(1)
-	api.change("/api/v1/route", `{"mirror": true, "reason": "dual-write"}`, "split-1")
-
+	file, oldDSN, dsn, api := ex.file, ex.oldDSN, ex.dsn, ex.api
 	equal := func(when string) {
 		t.Helper()
-		if o, n := splitText(t, oldDSN, splitOldAccounts), splitText(t, newDSN, splitNewAccounts); o != n {
-			t.Fatalf("%s: accounts differ: old %s, new %s", when, o, n)
-		}
-		if o, n := splitText(t, oldDSN, splitOldProfiles), splitText(t, newDSN, splitNewProfiles); o != n {
-			t.Fatalf("%s: profiles differ: old %s, new %s", when, o, n)
-		}
+		ex.sameRows(t, when, [3]string{"accounts", splitOldAccounts, splitNewAccounts}, [3]string{"profiles", splitOldProfiles, splitNewProfiles})
 	}
 	noDrift := func() { t.Helper(); waitNoDrift(t, oldDSN, "split", 15*time.Second) }
 
@@ -153,13 +117,7 @@ func TestSplit(t *testing.T) {
 	if out, errOut, err := cli("backfill", "-c", file, "--chunk", "500", "--path", "locked"); err != nil {
 		t.Fatalf("tandem backfill: %v\n%s%s", err, out, errOut)
 	}
-	before := load.done()
-	waitFor(t, func() bool { return load.done() >= before+200 })
-	load.finish(t)
-	if t.Failed() {
-		t.FailNow()
-	}
-	t.Logf("%d writes acknowledged through the proxy", load.done())
+	load.finishAfter(t, 200, "the proxy")
 	noDrift()
 	equal("after the backfill")
 	out, errOut, err := cli("compare", "-c", file)
@@ -286,8 +244,8 @@ func mustConnect(t *testing.T, dsn string) *pgx.Conn {
 // column; `tandem config check` reports the static mistakes the same way.
 func TestPlanSplitPositions(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
-	mustExec(t, oldC, splitExample(t, "old.sql"))
-	mustExec(t, newC, splitExample(t, "new.sql"))
+	mustExec(t, oldC, exampleFile(t, "split", "old.sql"))
+	mustExec(t, newC, exampleFile(t, "split", "new.sql"))
 	file, _ := pairConfig(t, oldC, newC, "plan-split")
 	head, err := os.ReadFile(file)
 	if err != nil {
