@@ -378,12 +378,7 @@ func TestPlanFilterPositions(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	mustExec(t, oldC, exampleSQL(t, "service.sql")+"; CREATE TABLE items (id int PRIMARY KEY, region text)")
 	mustExec(t, newC, exampleSQL(t, "consolidated.sql")+"; CREATE TABLE items (id int PRIMARY KEY, region text)")
-	file, _ := pairConfig(t, oldC, newC, "plan-filters")
-	head, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := strings.Count(string(head), "\n") // the lines before tables:
+	file, _, base := positionsConfig(t, oldC, newC, "plan-filters") // base: the lines before tables:
 	appendFile(t, file, `tables:
   map:
     orders:

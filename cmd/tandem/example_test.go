@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
 )
 
@@ -71,4 +73,59 @@ func (ex *example) sameRows(t *testing.T, when string, pairs ...[3]string) {
 			t.Fatalf("%s: %s differ: old %s, new %s", when, p[0], o, n)
 		}
 	}
+}
+
+// verifyClean runs tandem compare and wants a clean run of each of the
+// tables names (old names, or the new tables of a split's parts), which it
+// logs.
+func (ex *example) verifyClean(t *testing.T, when string, names ...string) {
+	t.Helper()
+	out, errOut, err := cli("compare", "-c", ex.file)
+	if err != nil || strings.Count(out, "clean") < len(names) {
+		t.Fatalf("verify %s: %v\n%s%s", when, err, out, errOut)
+	}
+	for _, n := range names {
+		if !strings.Contains(out, n) {
+			t.Fatalf("verify %s does not name %s:\n%s", when, n, out)
+		}
+	}
+	t.Logf("verify %s:\n%s", when, out)
+}
+
+// shadowReads turns shadowing on for all reads, runs compared (a read the
+// proxy can shadow, which must match) and skipped (one it cannot, which is
+// skipped with a reason) for ids 1 to 20 through the proxy, waits for the
+// 20 of each to be counted, and turns shadowing off.
+func (ex *example) shadowReads(t *testing.T, replica, compared, skipped string) {
+	t.Helper()
+	ctx := context.Background()
+	ex.api.change("/api/v1/route", `{"mirror": true, "shadow": 100}`, replica)
+	app, err := pgx.Connect(ctx, ex.dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close(ctx)
+	for id := 1; id <= 20; id++ {
+		for _, q := range []string{compared, skipped} {
+			var s string
+			if err := app.QueryRow(ctx, q, id).Scan(&s); err != nil {
+				t.Fatalf("%s: %v", q, err)
+			}
+		}
+	}
+	waitShadowed(t, ex.api, 20, 20)
+	ex.api.change("/api/v1/route", `{"mirror": true, "shadow": 0}`, replica)
+}
+
+// positionsConfig is a config of the pair (replica id replica) to which a
+// test appends a tables section: its file, its text so far, and the number
+// of its lines before that section.
+func positionsConfig(t *testing.T, oldC, newC *pgtest.Cluster, replica string) (file, head string, base int) {
+	t.Helper()
+	file, _ = pairConfig(t, oldC, newC, replica)
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return file, string(b), strings.Count(string(b), "\n")
 }

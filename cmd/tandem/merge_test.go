@@ -149,34 +149,12 @@ func TestMerge(t *testing.T) {
 	load.finishAfter(t, 200, "the proxy")
 	noDrift()
 	equal("after the backfill")
-	out, errOut, err := cli("compare", "-c", file)
-	if err != nil || strings.Count(out, "clean") < 2 {
-		t.Fatalf("verify after the backfill: %v\n%s%s", err, out, errOut)
-	}
-	if !strings.Contains(out, "accounts") || !strings.Contains(out, "profiles") {
-		t.Fatalf("verify does not name both old tables:\n%s", out)
-	}
-	t.Logf("verify:\n%s", out)
+	ex.verifyClean(t, "after the backfill", "accounts", "profiles")
 
 	// Shadow reads: the owner's read from users and match; a profile's
 	// read is skipped with its reason.
-	api.change("/api/v1/route", `{"mirror": true, "shadow": 100}`, "merge-1")
-	app, err := pgx.Connect(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for id := 1; id <= 20; id++ {
-		var s string
-		if err := app.QueryRow(ctx, "SELECT coalesce(max(name), '') || coalesce(max(email), '') FROM accounts WHERE id = $1", id).Scan(&s); err != nil {
-			t.Fatal(err)
-		}
-		if err := app.QueryRow(ctx, "SELECT coalesce(max(bio), '') FROM profiles WHERE user_id = $1", id).Scan(&s); err != nil {
-			t.Fatal(err)
-		}
-	}
-	app.Close(ctx)
-	waitShadowed(t, api, 20, 20)
-	api.change("/api/v1/route", `{"mirror": true, "shadow": 0}`, "merge-1")
+	ex.shadowReads(t, "merge-1", "SELECT coalesce(max(name), '') || coalesce(max(email), '') FROM accounts WHERE id = $1",
+		"SELECT coalesce(max(bio), '') FROM profiles WHERE user_id = $1")
 	verifyAll(t, file) // the flip's gate wants a clean last run of each old table
 
 	// The flip; then writes in the new schema, composed on both old tables.
@@ -239,10 +217,7 @@ func TestMerge(t *testing.T) {
 	after.finish(t)
 	noDrift()
 	equal("rolled back")
-	out, errOut, err = cli("compare", "-c", file)
-	if err != nil || strings.Count(out, "clean") < 2 {
-		t.Fatalf("verify after the rollback: %v\n%s%s", err, out, errOut)
-	}
+	ex.verifyClean(t, "after the rollback", "accounts", "profiles")
 }
 
 // TestPlanMergePositions: `tandem plan` checks each table of a merge
@@ -252,12 +227,7 @@ func TestPlanMergePositions(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	mustExec(t, oldC, exampleFile(t, "merge", "old.sql"))
 	mustExec(t, newC, exampleFile(t, "merge", "new.sql"))
-	file, _ := pairConfig(t, oldC, newC, "plan-merge")
-	head, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := strings.Count(string(head), "\n") // the lines before tables:
+	file, head, base := positionsConfig(t, oldC, newC, "plan-merge") // base: the lines before tables:
 	appendFile(t, file, `tables:
   map:
     accounts:
@@ -275,7 +245,7 @@ func TestPlanMergePositions(t *testing.T) {
 		t.Errorf("plan output lacks\n  %s\n%s", want, out)
 	}
 	bad := filepath.Join(t.TempDir(), "bad.yaml")
-	if err := os.WriteFile(bad, []byte(string(head)+`tables:
+	if err := os.WriteFile(bad, []byte(head+`tables:
   map:
     accounts:
       to: users

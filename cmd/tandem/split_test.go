@@ -120,34 +120,12 @@ func TestSplit(t *testing.T) {
 	load.finishAfter(t, 200, "the proxy")
 	noDrift()
 	equal("after the backfill")
-	out, errOut, err := cli("compare", "-c", file)
-	if err != nil || strings.Count(out, "clean") < 2 {
-		t.Fatalf("verify after the backfill: %v\n%s%s", err, out, errOut)
-	}
-	if !strings.Contains(out, "accounts") || !strings.Contains(out, "profiles") {
-		t.Fatalf("verify does not name both parts:\n%s", out)
-	}
-	t.Logf("verify:\n%s", out)
+	ex.verifyClean(t, "after the backfill", "accounts", "profiles")
 
 	// Shadow reads: the owner's columns are read from accounts and match;
 	// a read of a profile's column cannot be one new table's: skipped.
-	api.change("/api/v1/route", `{"mirror": true, "shadow": 100}`, "split-1")
-	app, err := pgx.Connect(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for id := 1; id <= 20; id++ {
-		var s string
-		if err := app.QueryRow(ctx, "SELECT coalesce(max(name), '') || coalesce(max(email), '') FROM users WHERE id = $1", id).Scan(&s); err != nil {
-			t.Fatal(err)
-		}
-		if err := app.QueryRow(ctx, "SELECT coalesce(max(bio), '') FROM users WHERE id = $1", id).Scan(&s); err != nil {
-			t.Fatal(err)
-		}
-	}
-	app.Close(ctx)
-	waitShadowed(t, api, 20, 20)
-	api.change("/api/v1/route", `{"mirror": true, "shadow": 0}`, "split-1")
+	ex.shadowReads(t, "split-1", "SELECT coalesce(max(name), '') || coalesce(max(email), '') FROM users WHERE id = $1",
+		"SELECT coalesce(max(bio), '') FROM users WHERE id = $1")
 	verifyAll(t, file) // the flip's gate wants a clean last run of each part
 
 	// The flip; then writes in the new schema, to one new table at a time.
@@ -223,10 +201,7 @@ func TestSplit(t *testing.T) {
 	after.finish(t)
 	noDrift()
 	equal("rolled back")
-	out, errOut, err = cli("compare", "-c", file)
-	if err != nil || strings.Count(out, "clean") < 2 {
-		t.Fatalf("verify after the rollback: %v\n%s%s", err, out, errOut)
-	}
+	ex.verifyClean(t, "after the rollback", "accounts", "profiles")
 }
 
 func mustConnect(t *testing.T, dsn string) *pgx.Conn {
@@ -246,12 +221,7 @@ func TestPlanSplitPositions(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	mustExec(t, oldC, exampleFile(t, "split", "old.sql"))
 	mustExec(t, newC, exampleFile(t, "split", "new.sql"))
-	file, _ := pairConfig(t, oldC, newC, "plan-split")
-	head, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := strings.Count(string(head), "\n") // the lines before tables:
+	file, head, base := positionsConfig(t, oldC, newC, "plan-split") // base: the lines before tables:
 	appendFile(t, file, `tables:
   map:
     users:
@@ -269,7 +239,7 @@ func TestPlanSplitPositions(t *testing.T) {
 		t.Errorf("plan output lacks\n  %s\n%s", want, out)
 	}
 	bad := filepath.Join(t.TempDir(), "bad.yaml")
-	if err := os.WriteFile(bad, []byte(string(head)+`tables:
+	if err := os.WriteFile(bad, []byte(head+`tables:
   map:
     users:
       split:
