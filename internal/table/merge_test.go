@@ -149,19 +149,9 @@ func TestMergeCopy(t *testing.T) {
 	owner, member := ms.ForOld(accountsName), ms.ForOld(profilesName)
 	check := func(when string) {
 		t.Helper()
-		if got, want := queryText(t, nw, mergeNewAccounts), queryText(t, old, mergeOldAccounts); got != want {
-			t.Fatalf("%s: users as accounts = %s\nold = %s", when, got, want)
-		}
-		if got, want := queryText(t, nw, mergeNewProfiles), queryText(t, old, mergeOldProfiles); got != want {
-			t.Fatalf("%s: users as profiles = %s\nold = %s", when, got, want)
-		}
+		sameText(t, when, old, nw, [3]string{"users as accounts", mergeOldAccounts, mergeNewAccounts}, [3]string{"users as profiles", mergeOldProfiles, mergeNewProfiles})
 	}
-	for _, path := range copyPaths {
-		if _, err := copyTableMappedOn(ctx, path.fastRows, old, nw, owner, true, 7); err != nil {
-			t.Fatal(err)
-		}
-		check("after the " + path.name + " copy")
-	}
+	copyOnEveryPath(t, old, nw, owner, check)
 	s.old(`UPDATE profiles SET bio = NULL, avatar = NULL WHERE user_id = 3; UPDATE profiles SET bio = 'new' WHERE user_id = 10;
 		DELETE FROM profiles WHERE user_id = 9; DELETE FROM accounts WHERE id = 6; DELETE FROM profiles WHERE user_id = 6; INSERT INTO profiles VALUES (4, 'four', NULL)`)
 	if _, err := CopyKeysMapped(ctx, old, nw, owner, true, [][]string{{"3"}, {"4"}, {"6"}, {"9"}, {"10"}}); err != nil {
