@@ -443,9 +443,10 @@ func (e *Engine) finishedFilter(ctx context.Context, control *pgx.Conn) func(tab
 func (e *Engine) tables() ([]*table.Mapping, error) {
 	var ms []*table.Mapping
 	if len(e.o.Tables) == 0 {
-		// One unit per old table: a split's owner copies every part.
+		// One unit per old table: a split's owner copies every part, a
+		// merge's owner every member's rows of its keys.
 		for _, m := range e.o.Mappings.All() {
-			if m.Owner() {
+			if m.Owner() && !m.MergeMember() {
 				ms = append(ms, m)
 			}
 		}
@@ -457,6 +458,10 @@ func (e *Engine) tables() ([]*table.Mapping, error) {
 			m := e.o.Mappings.ForOld(n)
 			if m == nil {
 				return nil, fmt.Errorf("table %s has no usable mapping (see tandem mappings check)", n)
+			}
+			if m.MergeMember() {
+				return nil, fmt.Errorf("table %s is merged into %s, whose rows the backfill of %s (the merge's owner) copies with its own: backfill %s",
+					n, m.New.Name, m.Members()[0].Old.Name, m.Members()[0].Old.Name)
 			}
 			ms = append(ms, m)
 		}

@@ -298,7 +298,7 @@ func UnfinishedTables(ctx context.Context, control Querier, ms *table.Mappings, 
 	var out []Unfinished
 	for _, m := range ms.All() {
 		n := m.Old.Name
-		if !m.Owner() || !ms.InScope(n) || !m.Old.HasKey() {
+		if !m.Owner() || m.MergeMember() || !ms.InScope(n) || !m.Old.HasKey() {
 			continue
 		}
 		t, ok := byName[n]

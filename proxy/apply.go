@@ -148,7 +148,7 @@ type sharedTable struct {
 }
 
 // sharedTables returns the primary's names of the tables ev's statement
-// names whose mapping is filtered (table.Mapping.Filtered) or a split's
+// names whose mapping is merged, filtered (table.Mapping.Filtered) or a split's
 // part, each with the reason its text is not run on the secondary.
 func (rs *routedSession) sharedTables(ev *event) []sharedTable {
 	ms := rs.srv.mappings.Load()
@@ -164,6 +164,8 @@ func (rs *routedSession) sharedTables(ev *event) []sharedTable {
 		}
 		switch {
 		case m == nil:
+		case m.Merged():
+			out = append(out, sharedTable{n, "statement not run on a table merged with others into one new table"})
 		case m.Filtered():
 			out = append(out, sharedTable{n, "statement not run on a table whose new side other rows share"})
 		case m.Split():
@@ -453,7 +455,23 @@ func (rs *routedSession) mappedApplier(ev *event, pm *table.Meta, m *table.Mappi
 	del := isDelete(ev)
 	var steps []mappedStep
 	switch {
+	case rs.state.Primary == route.Old && m.MergeMember():
+		// A member of a merge before the flip: its columns of the new
+		// row, which the merge's owner holds.
+		return entries, rs.keyedUpdateApplier(pm, m.ForwardUpdateSQL, m.ForwardClearSQL, names, img.rows, del,
+			"no new row for a table merged into another (its owner's row is not there yet)",
+			"no new row to clear for a table merged into another (its owner's row is not there, or not yet)"), nil
 	case rs.state.Primary == route.Old:
+		if del && m.Merged() {
+			// The owner's delete deletes the new row, and with it the
+			// members' columns: a member's old row of the key is drift
+			// (repaired once it is gone, or its owner's row is back).
+			for _, mm := range m.Members()[1:] {
+				for _, e := range entries {
+					rs.must = append(rs.must, table.DriftEntry{Table: mm.Old.Name, Key: mm.KeyFrom(m, e.Key), Reason: "the merge's owner row was deleted"})
+				}
+			}
+		}
 		// Forward, through every part of a split (one part otherwise).
 		for _, p := range m.Parts() {
 			st := mappedStep{upsert: p.ForwardUpsertSQL, remove: p.ForwardDeleteSQL, del: del, rows: img.rows}
@@ -475,10 +493,21 @@ func (rs *routedSession) mappedApplier(ev *event, pm *table.Meta, m *table.Mappi
 		var rows [][][]byte
 		rows, entries = ownRows(m, names, img.rows, entries)
 		steps = append(steps, mappedStep{upsert: m.ReverseUpsertSQL, remove: m.ReverseDeleteSQL, del: del, rows: rows})
+		for _, mm := range m.Members()[1:] {
+			// A merged row back to every member: its row upserted where
+			// one of its columns is not NULL, deleted where none is.
+			st := mappedStep{upsert: mm.ReverseUpsertSQL, remove: mm.ReverseDeleteSQL, del: true, rows: rows}
+			if !del {
+				st.remove = mm.ReverseDeleteUnmatchedSQL
+			}
+			steps = append(steps, st)
+		}
 	default:
 		// A dependent part of a split after the flip: its columns of the
 		// old row, which the owner holds.
-		return entries, rs.dependentApplier(pm, m, names, img.rows, del), nil
+		return entries, rs.keyedUpdateApplier(pm, m.ReverseUpdateSQL, m.ReverseClearSQL, names, img.rows, del,
+			"no old row for a dependent part of a split (its owner's row is not there yet)",
+			"no old row to clear for a dependent part of a split (its owner's row is not there, or not yet)"), nil
 	}
 	apply := func(sec *rstore) error {
 		for _, st := range steps {
@@ -504,19 +533,22 @@ type mappedStep struct {
 	rows           [][][]byte
 }
 
-// dependentApplier applies row images of a dependent part's new table to
-// old after the flip (see table.NewSplit): an update of the part's columns
-// of the old rows by key, or for a DELETE their reset to the defaults. An
-// image whose key has no old row (the owner part's row is not there: the
-// application wrote this part first) is drift for the part's new table,
-// which the repairer copies once the owner's row is on old.
-func (rs *routedSession) dependentApplier(pm *table.Meta, m *table.Mapping, names []string, rows [][][]byte, del bool) func(*rstore) error {
-	stmt, reason := m.ReverseUpdateSQL, "no old row for a dependent part of a split (its owner's row is not there yet)"
+// keyedUpdateApplier applies row images of pm (a dependent part's new
+// table after the flip, see table.NewSplit; a merge member's old table
+// before it, see table.NewMerge) to the table its owner's rows are in: an
+// update of its columns of those rows by key (update), or for a DELETE
+// their reset to the defaults (clear). An image whose key has no row there
+// (the owner's row is not there: the application wrote this table first)
+// is drift for pm with reason (clearReason for a DELETE), which the
+// repairer copies once the owner's row is there.
+func (rs *routedSession) keyedUpdateApplier(pm *table.Meta, update, clear func([]string, int) (string, error), names []string, rows [][][]byte, del bool,
+	reason, clearReason string) func(*rstore) error {
+	stmt := update
 	if del {
-		// Cleared, not deleted; a key without an old row may be one whose
-		// insert has not committed on old yet: drift, which the repairer
+		// Cleared, not deleted; a key without a row may be one whose
+		// insert has not committed there yet: drift, which the repairer
 		// clears once it has.
-		stmt, reason = m.ReverseClearSQL, "no old row to clear for a dependent part of a split (its owner's row is not there, or not yet)"
+		stmt, reason = clear, clearReason
 	}
 	return func(sec *rstore) error {
 		if len(rows) == 0 {
@@ -538,13 +570,13 @@ func (rs *routedSession) dependentApplier(pm *table.Meta, m *table.Mapping, name
 			return err
 		}
 		for _, r := range missing {
-			if len(r) != len(m.Old.Key) {
-				return fmt.Errorf("updating %s from %s: a reply of %d columns for a key of %d", m.Old.Name, pm.Name, len(r), len(m.Old.Key))
+			if len(r) != len(pm.Key) {
+				return fmt.Errorf("updating the rows of %s: a reply of %d columns for a key of %d", pm.Name, len(r), len(pm.Key))
 			}
 			key := make([]string, len(r))
 			for i, v := range r {
 				if v == nil {
-					return fmt.Errorf("updating %s from %s: a NULL key in the reply", m.Old.Name, pm.Name)
+					return fmt.Errorf("updating the rows of %s: a NULL key in the reply", pm.Name)
 				}
 				key[i] = *v
 			}

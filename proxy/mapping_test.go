@@ -351,3 +351,97 @@ func queryText(t *testing.T, q *pgx.Conn, sql string) string {
 	}
 	return s
 }
+
+// TestMirrorMerge: the merge of accounts (the owner) and profiles into
+// users, mirrored both ways. Before the flip a write to accounts upserts
+// its columns of the new row and its delete deletes the row (a profile of
+// the key is then drift); a write to profiles updates its columns and its
+// delete resets them; a profile before its account is drift by key, not an
+// error and not lost; a TRUNCATE of a merged table is drift, not run.
+// After the flip a write to users is composed on both old tables: a
+// profile exists on old exactly when one of its columns is not NULL.
+func TestMirrorMerge(t *testing.T) {
+	e := newPairEnv(t, "")
+	ctx := context.Background()
+	if err := e.old.Exec(ctx, e.db, `CREATE TABLE accounts (id bigint PRIMARY KEY, name text NOT NULL, email text);
+		CREATE TABLE profiles (user_id bigint PRIMARY KEY, bio text, avatar bytea)`); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.new.Exec(ctx, e.db, `CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text, bio text, avatar bytea)`); err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.Tables{Map: map[string]config.TableMap{
+		"accounts": {To: "users"},
+		"profiles": {MergeInto: "accounts", Rename: map[string]string{"user_id": "id"}},
+	}}
+	ms, oc, nc := e.loadMappings(t, cfg)
+	e.proxy.srv.SetMappings(ms)
+	e.set(route.Settings{Primary: route.Old, Mirror: true})
+	c := e.client()
+	const (
+		users     = `SELECT coalesce(string_agg(id || ':' || name || ':' || coalesce(bio, '-'), ',' ORDER BY id), '') FROM users`
+		openDrift = `SELECT coalesce(string_agg(table_name || ' ' || array_to_string(key, ','), ';' ORDER BY table_name, key), '') FROM tandem.drift WHERE repaired_at IS NULL`
+	)
+	for _, step := range []struct{ sql, users, drift string }{
+		{`INSERT INTO accounts VALUES (1, 'a', NULL), (2, 'b', NULL), (3, 'c', NULL)`, "1:a:-,2:b:-,3:c:-", ""},
+		{`INSERT INTO profiles VALUES (1, 'bio a', NULL), (3, NULL, '\x03')`, "1:a:bio a,2:b:-,3:c:-", ""},
+		{`UPDATE accounts SET name = 'A' WHERE id = 1`, "1:A:bio a,2:b:-,3:c:-", ""}, // the member's columns stay
+		{`UPDATE profiles SET bio = 'bio c' WHERE user_id = 3`, "1:A:bio a,2:b:-,3:c:bio c", ""},
+		{`DELETE FROM profiles WHERE user_id = 1`, "1:A:-,2:b:-,3:c:bio c", ""},
+		{`INSERT INTO profiles VALUES (9, 'early', NULL)`, "1:A:-,2:b:-,3:c:bio c", "profiles 9"},
+		{`DELETE FROM accounts WHERE id = 3`, "1:A:-,2:b:-", "profiles 3;profiles 9"},
+	} {
+		if _, err := c.Exec(ctx, step.sql); err != nil {
+			t.Fatalf("%s: %v", step.sql, err)
+		}
+		if got, d := queryText(t, nc, users), queryText(t, oc, openDrift); got != step.users || d != step.drift {
+			t.Fatalf("after %s: users %q, drift %q; want %q and %q", step.sql, got, d, step.users, step.drift)
+		}
+	}
+	if _, err := c.Exec(ctx, `TRUNCATE profiles`); err != nil {
+		t.Fatal(err)
+	}
+	if got := queryText(t, nc, users); got != "1:A:-,2:b:-" {
+		t.Fatalf("a TRUNCATE of a merged table was run on new: users %q", got)
+	}
+	if got := queryText(t, oc, `SELECT string_agg(DISTINCT reason, ';') FROM tandem.drift WHERE table_name = 'profiles' AND key IS NULL AND repaired_at IS NULL`); !strings.Contains(got, "merged") {
+		t.Fatalf("drift for the TRUNCATE: %q", got)
+	}
+	if _, err := e.control.Exec(ctx, `UPDATE tandem.drift SET repaired_at = now() WHERE repaired_at IS NULL`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := oc.Exec(ctx, `INSERT INTO profiles VALUES (2, 'bio b', NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := nc.Exec(ctx, `UPDATE users SET bio = 'bio b' WHERE id = 2`); err != nil {
+		t.Fatal(err)
+	}
+
+	e.set(route.Settings{Primary: route.New, Mirror: true, Reads: 100})
+	for _, sql := range []string{
+		`INSERT INTO users VALUES (4, 'd', 'd@x', NULL, NULL), (5, 'e', NULL, 'bio e', NULL)`,
+		`UPDATE users SET name = 'B', bio = NULL WHERE id = 2`, // out of profiles
+		`UPDATE users SET avatar = '\x04' WHERE id = 4`,        // into it
+		`UPDATE users SET bio = 'bio a' WHERE id = 1`,
+		`DELETE FROM users WHERE id = 5`,
+	} {
+		if _, err := c.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	if got := queryText(t, oc, `SELECT string_agg(id || ':' || name || ':' || coalesce(email, '-'), ',' ORDER BY id) FROM accounts`); got != "1:A:-,2:B:-,4:d:d@x" {
+		t.Fatalf("old accounts after writes to users = %s", got)
+	}
+	if got := queryText(t, oc, `SELECT string_agg(user_id || ':' || coalesce(bio, '-') || ':' || coalesce(encode(avatar, 'hex'), '-'), ',' ORDER BY user_id) FROM profiles`); got != "1:bio a:-,4:-:04" {
+		t.Fatalf("old profiles after writes to users = %s", got)
+	}
+	if d := queryText(t, oc, openDrift); d != "" {
+		t.Fatalf("open drift: %s", d)
+	}
+	if _, err := c.Exec(ctx, `TRUNCATE users`); err != nil {
+		t.Fatal(err)
+	}
+	if got := queryText(t, oc, `SELECT count(*)::text FROM accounts`); got != "3" {
+		t.Fatalf("a TRUNCATE of a merged table was run on old: %s accounts", got)
+	}
+}

@@ -231,13 +231,7 @@ func TestConsolidation(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	before := load.done()
-	waitFor(t, func() bool { return load.done() >= before+200 })
-	load.finish(t)
-	if t.Failed() {
-		t.FailNow()
-	}
-	t.Logf("%d writes acknowledged through the two proxies", load.done())
+	load.finishAfter(t, 200, "the two proxies")
 	noDrift()
 	equal("after the backfills")
 	for _, d := range deps {
@@ -384,12 +378,7 @@ func TestPlanFilterPositions(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	mustExec(t, oldC, exampleSQL(t, "service.sql")+"; CREATE TABLE items (id int PRIMARY KEY, region text)")
 	mustExec(t, newC, exampleSQL(t, "consolidated.sql")+"; CREATE TABLE items (id int PRIMARY KEY, region text)")
-	file, _ := pairConfig(t, oldC, newC, "plan-filters")
-	head, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := strings.Count(string(head), "\n") // the lines before tables:
+	file, _, base := positionsConfig(t, oldC, newC, "plan-filters") // base: the lines before tables:
 	appendFile(t, file, `tables:
   map:
     orders:

@@ -141,3 +141,17 @@ func waitShadowed(t *testing.T, api *adminClient, compared, skipped int64) {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// finishAfter lets the writers make more acknowledged writes than they
+// have made so far, then stops them, fails the test now on any client
+// error and logs how many writes went through (via names where).
+func (l *writerLoad) finishAfter(t *testing.T, more int, via string) {
+	t.Helper()
+	before := l.done()
+	waitFor(t, func() bool { return l.done() >= before+more })
+	l.finish(t)
+	if t.Failed() {
+		t.FailNow()
+	}
+	t.Logf("%d writes acknowledged through %s", l.done(), via)
+}

@@ -201,6 +201,12 @@ func runPlan(ctx context.Context, cfg *config.Config, sampleRows int, audit bool
 			if file, line, col, ok := cfg.Position("tables.map[" + key + "]." + p.Field); ok {
 				text = fmt.Sprintf("mapping: %s:%d:%d: tables.map[%s].%s: %s", file, line, col, key, p.Field, p.String())
 			}
+		} else if key != "" && merged(cfg.Tables, key) {
+			// A table of a merge: several entries share one new table, so
+			// say which entry the problem is about.
+			if file, line, col, ok := cfg.Position("tables.map[" + key + "]"); ok {
+				text = fmt.Sprintf("mapping: %s:%d:%d: tables.map[%s]: %s", file, line, col, key, p.String())
+			}
 		}
 		opts.Problems[p.Table] = append(opts.Problems[p.Table], plan.Reason{Verdict: v, Text: text})
 	}
@@ -234,6 +240,24 @@ func upstreamAuthReasons(ctx context.Context, cfg *config.Config) map[string][]p
 // spelling of its name.
 func declaredAs(t config.Tables, n table.Name) bool { return declaredKey(t, n) != "" }
 
+// merged reports whether the entry key of tables.map is a table of a
+// merge: a member (merge_into) or the owner another entry names.
+func merged(t config.Tables, key string) bool {
+	if t.Map[key].MergeInto != "" {
+		return true
+	}
+	s, n, err := config.ParseTableName(key)
+	if err != nil {
+		return false
+	}
+	for _, tm := range t.Map {
+		if os, on, err := config.ParseTableName(tm.MergeInto); err == nil && tm.MergeInto != "" && os == s && on == n {
+			return true
+		}
+	}
+	return false
+}
+
 // declaredKey returns the key under which tables.map declares the old table
 // n, or "".
 func declaredKey(t config.Tables, n table.Name) string {
@@ -245,7 +269,9 @@ func declaredKey(t config.Tables, n table.Name) string {
 	return ""
 }
 
-// splitPlanMapping is mapping with a split table seen as its owner part:
+// splitPlanMapping is mapping with a split table seen as its owner part
+// and a merged table with the new columns the other tables of its merge
+// fill:
 // the plan compares one old table with one new table, so it compares the
 // old table with the owner's, the columns other parts carry taken as not
 // the owner's (each part is checked against both catalogs by LoadMappings,
@@ -254,6 +280,19 @@ func splitPlanMapping(ms *table.Mappings, mapping func(table.Name) plan.Mapping)
 	return func(n table.Name) plan.Mapping {
 		pm := mapping(n)
 		m := ms.ForOld(n)
+		if m != nil && m.Merged() {
+			// A table of a merge fills some of the new table's columns;
+			// the other tables of the merge fill the rest.
+			pm.FilledElsewhere = map[string]table.Name{}
+			for _, o := range m.Members() {
+				if o != m {
+					for _, c := range o.NewColumns() {
+						pm.FilledElsewhere[c] = o.Old.Name
+					}
+				}
+			}
+			return pm
+		}
 		if m == nil || !m.Split() {
 			return pm
 		}
@@ -294,8 +333,19 @@ func planMapping(t config.Tables) (func(table.Name) plan.Mapping, error) {
 				m.Consumed[c] = true
 			}
 		}
-		if tm.To != "" {
-			ts, tn, err := config.ParseTableName(tm.To)
+		to := tm.To
+		if to == "" && tm.MergeInto != "" {
+			// A merge's member writes its owner's new table (or, when the
+			// owner's to is left out, the table named as the owner).
+			to = tm.MergeInto
+			if os, on, err := config.ParseTableName(tm.MergeInto); err == nil {
+				if owner := t.Map[declaredKey(t, table.Name{Schema: os, Table: on})]; owner.To != "" {
+					to = owner.To
+				}
+			}
+		}
+		if to != "" {
+			ts, tn, err := config.ParseTableName(to)
 			if err != nil {
 				return nil, fmt.Errorf("tables.map[%s].to: %w", key, err)
 			}

@@ -23,22 +23,19 @@ func TestSplitFeed(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	ctx := context.Background()
-	mustExec(t, oldC, splitExample(t, "old.sql")+`; INSERT INTO users SELECT g, 'user ' || g, NULL,
-		CASE WHEN g % 3 = 0 THEN 'bio ' || g END, NULL FROM generate_series(1, 300) g`)
-	oldDSN, newDSN := oldC.DSN("postgres"), newC.DSN("postgres")
-	file := splitConfig(t, newC, oldDSN, newDSN, "split-feed", "feed:\n  enabled: true\n")
-	rp := startQuietProxy(t, loadConfig(t, file))
+	ex, rp := startExample(t, oldC, newC, "split", "split-users.yaml", `INSERT INTO users SELECT g, 'user ' || g, NULL,
+		CASE WHEN g % 3 = 0 THEN 'bio ' || g END, NULL FROM generate_series(1, 300) g`, "split-feed", "feed:\n  enabled: true\n")
 	defer stopProxy(t, rp)
-	api := newAdminClient(t, rp)
-	api.waitLive(1)
-	api.change("/api/v1/route", `{"mirror": true, "reason": "dual-write"}`, "split-feed")
+	file, oldDSN, newDSN, api := ex.file, ex.oldDSN, ex.newDSN, ex.api
 	backfillAll(t, file) // waits for the feed's slot on old
 
 	equalSoon := func(when string) {
 		t.Helper()
 		harness.SucceedsSoon(t, 60*time.Second, func() error {
-			if err := splitDiffers(t, oldDSN, newDSN); err != nil {
-				return fmt.Errorf("%s: %w", when, err)
+			for _, p := range [][3]string{{"accounts", splitOldAccounts, splitNewAccounts}, {"profiles", splitOldProfiles, splitNewProfiles}} {
+				if o, n := splitText(t, oldDSN, p[1]), splitText(t, newDSN, p[2]); o != n {
+					return fmt.Errorf("%s: %s differ: old %s, new %s", when, p[0], o, n)
+				}
 			}
 			return nil
 		})

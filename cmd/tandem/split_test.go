@@ -16,15 +16,6 @@ import (
 	"go.uber.org/goleak"
 )
 
-func splitExample(t *testing.T, name string) string {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join("..", "..", "deploy", "examples", "split", name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
-}
-
 // splitTexts renders, independently of the mapping, the old users as each
 // part holds them and the two new tables, hashed, with their counts.
 const (
@@ -33,43 +24,6 @@ const (
 	splitOldProfiles = `SELECT coalesce(md5(string_agg(id || '|' || coalesce(bio, '-') || '|' || coalesce(encode(avatar, 'hex'), '-'), ',' ORDER BY id)), ''), count(*) FROM users WHERE bio IS NOT NULL OR avatar IS NOT NULL`
 	splitNewProfiles = `SELECT coalesce(md5(string_agg(user_id || '|' || coalesce(bio, '-') || '|' || coalesce(encode(avatar, 'hex'), '-'), ',' ORDER BY user_id)), ''), count(*) FROM profiles`
 )
-
-// splitDiffers says how the old users, seen through each part, differ from
-// accounts and profiles; nil when they do not.
-func splitDiffers(t *testing.T, oldDSN, newDSN string) error {
-	t.Helper()
-	if o, n := splitText(t, oldDSN, splitOldAccounts), splitText(t, newDSN, splitNewAccounts); o != n {
-		return fmt.Errorf("accounts differ: old %s, new %s", o, n)
-	}
-	if o, n := splitText(t, oldDSN, splitOldProfiles), splitText(t, newDSN, splitNewProfiles); o != n {
-		return fmt.Errorf("profiles differ: old %s, new %s", o, n)
-	}
-	return nil
-}
-
-// splitConfig creates the example's new schema on newC and writes the
-// example's config for the two stores (sections, such as a feed section,
-// go before its tables section), then checks it with config check and
-// plan.
-func splitConfig(t *testing.T, newC *pgtest.Cluster, oldDSN, newDSN, replica, sections string) string {
-	t.Helper()
-	mustExec(t, newC, splitExample(t, "new.sql"))
-	example := splitExample(t, "split-users.yaml")
-	i := strings.Index(example, "\ntables:\n")
-	if i < 0 {
-		t.Fatal("split-users.yaml has no tables section")
-	}
-	file := filepath.Join(t.TempDir(), replica+".yaml")
-	if err := os.WriteFile(file, []byte(pairYAML(oldDSN, newDSN, replica)+sections+example[i+1:]), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	for _, args := range [][]string{{"config", "check", "-c", file}, {"plan", "-c", file}} {
-		if out, errOut, err := cli(args...); err != nil {
-			t.Fatalf("%s: %v\n%s%s", strings.Join(args, " "), err, out, errOut)
-		}
-	}
-	return file
-}
 
 func splitText(t *testing.T, dsn, sql string) string {
 	t.Helper()
@@ -149,22 +103,13 @@ func testSplit(t *testing.T, path string) {
 	oldC, newC := pgtest.NewPair(t)
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	ctx := context.Background()
-	mustExec(t, oldC, splitExample(t, "old.sql")+`; INSERT INTO users SELECT g, 'user ' || g, CASE WHEN g % 2 = 0 THEN g || '@example.com' END,
-		CASE WHEN g % 3 = 0 THEN 'bio ' || g END, CASE WHEN g % 7 = 0 THEN decode(lpad(to_hex(g), 8, '0'), 'hex') END FROM generate_series(1, 3000) g`)
-	oldDSN, newDSN := oldC.DSN("postgres"), newC.DSN("postgres")
-	file := splitConfig(t, newC, oldDSN, newDSN, "split-1", "")
-	rp := startQuietProxy(t, loadConfig(t, file))
+	ex, rp := startExample(t, oldC, newC, "split", "split-users.yaml", `INSERT INTO users SELECT g, 'user ' || g, CASE WHEN g % 2 = 0 THEN g || '@example.com' END,
+		CASE WHEN g % 3 = 0 THEN 'bio ' || g END, CASE WHEN g % 7 = 0 THEN decode(lpad(to_hex(g), 8, '0'), 'hex') END FROM generate_series(1, 3000) g`, "split-1", "")
 	defer stopProxy(t, rp)
-	api := newAdminClient(t, rp)
-	dsn := fmt.Sprintf("postgres://postgres@%s/postgres?sslmode=disable&application_name=split-load", rp.Addr())
-	api.waitLive(1)
-	api.change("/api/v1/route", `{"mirror": true, "reason": "dual-write"}`, "split-1")
-
+	file, oldDSN, dsn, api := ex.file, ex.oldDSN, ex.dsn, ex.api
 	equal := func(when string) {
 		t.Helper()
-		if err := splitDiffers(t, oldDSN, newDSN); err != nil {
-			t.Fatalf("%s: %v", when, err)
-		}
+		ex.sameRows(t, when, [3]string{"accounts", splitOldAccounts, splitNewAccounts}, [3]string{"profiles", splitOldProfiles, splitNewProfiles})
 	}
 	noDrift := func() { t.Helper(); waitNoDrift(t, oldDSN, "split", 15*time.Second) }
 
@@ -175,43 +120,15 @@ func testSplit(t *testing.T, path string) {
 	if out, errOut, err := cli("backfill", "-c", file, "--chunk", "500", "--path", path); err != nil || !strings.Contains(out, "path: "+path) {
 		t.Fatalf("tandem backfill --path %s: %v\n%s%s", path, err, out, errOut)
 	}
-	before := load.done()
-	waitFor(t, func() bool { return load.done() >= before+200 })
-	load.finish(t)
-	if t.Failed() {
-		t.FailNow()
-	}
-	t.Logf("%d writes acknowledged through the proxy", load.done())
+	load.finishAfter(t, 200, "the proxy")
 	noDrift()
 	equal("after the backfill")
-	out, errOut, err := cli("compare", "-c", file)
-	if err != nil || strings.Count(out, "clean") < 2 {
-		t.Fatalf("verify after the backfill: %v\n%s%s", err, out, errOut)
-	}
-	if !strings.Contains(out, "accounts") || !strings.Contains(out, "profiles") {
-		t.Fatalf("verify does not name both parts:\n%s", out)
-	}
-	t.Logf("verify:\n%s", out)
+	ex.verifyClean(t, "after the backfill", "accounts", "profiles")
 
 	// Shadow reads: the owner's columns, and a profile's, read from the
 	// old rows composed of accounts and profiles, match.
-	api.change("/api/v1/route", `{"mirror": true, "shadow": 100}`, "split-1")
-	app, err := pgx.Connect(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for id := 1; id <= 20; id++ {
-		var s string
-		if err := app.QueryRow(ctx, "SELECT coalesce(max(name), '') || coalesce(max(email), '') FROM users WHERE id = $1", id).Scan(&s); err != nil {
-			t.Fatal(err)
-		}
-		if err := app.QueryRow(ctx, "SELECT coalesce(max(bio), '') FROM users WHERE id = $1", id).Scan(&s); err != nil {
-			t.Fatal(err)
-		}
-	}
-	app.Close(ctx)
-	waitShadowed(t, api, 40, 0)
-	api.change("/api/v1/route", `{"mirror": true, "shadow": 0}`, "split-1")
+	ex.shadowReads(t, "split-1", []string{"SELECT coalesce(max(name), '') || coalesce(max(email), '') FROM users WHERE id = $1",
+		"SELECT coalesce(max(bio), '') FROM users WHERE id = $1"}, nil)
 	verifyAll(t, file) // the flip's gate wants a clean last run of each part
 
 	// The flip; then writes in the new schema, to one new table at a time.
@@ -287,10 +204,7 @@ func testSplit(t *testing.T, path string) {
 	after.finish(t)
 	noDrift()
 	equal("rolled back")
-	out, errOut, err = cli("compare", "-c", file)
-	if err != nil || strings.Count(out, "clean") < 2 {
-		t.Fatalf("verify after the rollback: %v\n%s%s", err, out, errOut)
-	}
+	ex.verifyClean(t, "after the rollback", "accounts", "profiles")
 }
 
 func mustConnect(t *testing.T, dsn string) *pgx.Conn {
@@ -308,14 +222,9 @@ func mustConnect(t *testing.T, dsn string) *pgx.Conn {
 // column; `tandem config check` reports the static mistakes the same way.
 func TestPlanSplitPositions(t *testing.T) {
 	oldC, newC := pgtest.NewPair(t)
-	mustExec(t, oldC, splitExample(t, "old.sql"))
-	mustExec(t, newC, splitExample(t, "new.sql"))
-	file, _ := pairConfig(t, oldC, newC, "plan-split")
-	head, err := os.ReadFile(file)
-	if err != nil {
-		t.Fatal(err)
-	}
-	base := strings.Count(string(head), "\n") // the lines before tables:
+	mustExec(t, oldC, exampleFile(t, "split", "old.sql"))
+	mustExec(t, newC, exampleFile(t, "split", "new.sql"))
+	file, head, base := positionsConfig(t, oldC, newC, "plan-split") // base: the lines before tables:
 	appendFile(t, file, `tables:
   map:
     users:
@@ -333,7 +242,7 @@ func TestPlanSplitPositions(t *testing.T) {
 		t.Errorf("plan output lacks\n  %s\n%s", want, out)
 	}
 	bad := filepath.Join(t.TempDir(), "bad.yaml")
-	if err := os.WriteFile(bad, []byte(string(head)+`tables:
+	if err := os.WriteFile(bad, []byte(head+`tables:
   map:
     users:
       split:

@@ -46,10 +46,14 @@ type TableMap struct {
 	// row exists on new when it exists there; the others are dependents. An entry with split declares nothing
 	// else itself.
 	Split []TableMap `yaml:"split"`
+	// MergeInto makes the old table part of a merge: several old tables that share a key become one new table.
+	// It names the entry of the owner, the old table whose rows give the new rows their existence; the entry
+	// maps its own old table to the owner's new table (to may be left out) and writes some of its columns.
+	MergeInto string `yaml:"merge_into"`
 }
 
 // tableMapKeys are the keys of one entry under tables.map, in the order of TableMap.
-var tableMapKeys = []string{"to", "rename", "drop", "compute", "reverse", "where", "discriminator", "split"}
+var tableMapKeys = []string{"to", "rename", "drop", "compute", "reverse", "where", "discriminator", "split", "merge_into"}
 
 // tablesKeys are the keys of the tables section, in the order of Tables.
 var tablesKeys = []string{"include", "exclude", "map"}
@@ -199,6 +203,8 @@ func (w *walker) tableMap(k, v *yaml.Node, field string) TableMap {
 			tm.Discriminator = w.stringMap(key, val, f)
 		case "split":
 			tm.Split = w.splitParts(key, val, f)
+		case "merge_into":
+			tm.MergeInto = w.str(key, val, f)
 		}
 	})
 	return tm
@@ -397,7 +403,21 @@ func (v *validator) validateTables(t Tables) {
 		return strings.Compare(a, b)
 	})
 	olds := make(map[[2]string]string) // parsed old name -> key
-	news := make(map[[2]string]string) // parsed new name -> key
+	news := make(map[[2]string]string) // parsed new name -> key (of the merge's owner, for a merge)
+	byName := make(map[[2]string]string)
+	owners := make(map[string]bool) // keys that a merge_into names
+	for _, key := range keys {
+		if s, n, err := ParseTableName(key); err == nil {
+			byName[[2]string{s, n}] = key
+		}
+	}
+	for _, key := range keys {
+		if s, n, err := ParseTableName(t.Map[key].MergeInto); err == nil && t.Map[key].MergeInto != "" {
+			if o, ok := byName[[2]string{s, n}]; ok && o != key {
+				owners[o] = true
+			}
+		}
+	}
 	for _, key := range keys {
 		tm := t.Map[key]
 		field := tablesPath(key)
@@ -411,13 +431,98 @@ func (v *validator) validateTables(t Tables) {
 			continue
 		}
 		olds[[2]string{s, n}] = key
+		if v.set(field + ".merge_into") {
+			v.validateMember(field, key, tm, t.Map, byName, news)
+			v.validateColumns(field, tm)
+			continue
+		}
 		if len(tm.Split) > 0 || v.set(field+".split") {
+			if owners[key] {
+				v.add(field+".split", "a split table cannot own a merge (another entry's merge_into names it): merge into a table mapped to one new table")
+			}
 			v.validateSplit(field, key, [2]string{s, n}, tm, news)
 			continue
+		}
+		if owners[key] {
+			v.refuseInMerge(field, tm)
 		}
 		v.validateTarget(field, key, [2]string{s, n}, tm, news)
 		v.validateColumns(field, tm)
 	}
+}
+
+// refuseInMerge reports what a table of a merge (its owner, which another entry's merge_into names, or a member)
+// cannot carry: a where, a discriminator (its new rows are every member's), the change feed.
+func (v *validator) refuseInMerge(field string, tm TableMap) {
+	if v.set(field + ".where") {
+		v.add(field+".where", "a table of a merge cannot carry a where: a member's row exists on old when one of the columns it writes is not NULL")
+	}
+	if len(tm.Discriminator) > 0 {
+		v.add(field+".discriminator", "a table of a merge cannot carry a discriminator (a merge into a table other deployments share is not supported)")
+	}
+	if v.c.Feed.Enabled {
+		// The feed checks a change against one row of the other store
+		// through one mapping; a merged new row is several old rows.
+		v.add(field, "the change feed (feed.enabled) does not yet check a merged table's changes: turn feed.enabled off for a merge")
+	}
+}
+
+// validateMember checks the member of a merge at field (an entry with merge_into): merge_into names another
+// entry of tables.map that is not a member or a split itself, and the member's to (when given) is the owner's
+// new table, which it then shares with the owner.
+func (v *validator) validateMember(field, key string, tm TableMap, all map[string]TableMap, byName map[[2]string]string, news map[[2]string]string) {
+	f := field + ".merge_into"
+	v.refuseInMerge(field, tm)
+	if len(tm.Split) > 0 || v.set(field+".split") {
+		v.add(field+".split", "split beside merge_into: a table of a merge maps to the merged table alone")
+	}
+	if strings.TrimSpace(tm.MergeInto) == "" {
+		v.add(f, "empty: name the entry of tables.map whose old table owns the merged rows")
+		return
+	}
+	os, on, err := ParseTableName(tm.MergeInto)
+	if err != nil {
+		v.add(f, "bad table name: "+err.Error())
+		return
+	}
+	owner, ok := byName[[2]string{os, on}]
+	switch {
+	case !ok:
+		v.add(f, fmt.Sprintf("names %s.%s, which has no entry in tables.map: declare the owner's mapping to the merged table (its to)", os, on))
+		return
+	case owner == key:
+		v.add(f, "names this entry itself: name the entry of the table that owns the merged rows")
+		return
+	case all[owner].MergeInto != "":
+		v.add(f, fmt.Sprintf("names %q, which is merged into %q itself: name the owner", owner, all[owner].MergeInto))
+		return
+	case len(all[owner].Split) > 0:
+		return // reported at the owner
+	}
+	to := [2]string{os, on}
+	if ot := all[owner].To; ot != "" {
+		ts, tn, err := ParseTableName(ot)
+		if err != nil {
+			return // reported at the owner
+		}
+		to = [2]string{ts, tn}
+	}
+	if tm.To != "" {
+		ts, tn, err := ParseTableName(tm.To)
+		if err != nil {
+			v.add(field+".to", "bad table name: "+err.Error())
+			return
+		}
+		if [2]string{ts, tn} != to {
+			v.add(field+".to", fmt.Sprintf("is %s.%s, but %q (merge_into) maps to %s.%s: a member writes the owner's new table (leave to out)", ts, tn, owner, to[0], to[1]))
+			return
+		}
+	}
+	if other, dup := news[to]; dup && other != owner {
+		v.add(field+".merge_into", fmt.Sprintf("merges into %s.%s, which is already the new table of %q", to[0], to[1], other))
+		return
+	}
+	news[to] = owner
 }
 
 // validateTarget checks the new table of the entry (or split part) at field of the old table key: a name, and
@@ -433,11 +538,11 @@ func (v *validator) validateTarget(field, key string, old [2]string, tm TableMap
 		}
 		to = [2]string{ts, tn}
 	}
-	if other, dup := news[to]; dup {
+	if other, dup := news[to]; dup && (other != key || strings.Contains(field, ".split[")) /* a merge's member registered its owner's key */ {
 		if other == key {
 			v.add(field+".to", fmt.Sprintf("%s.%s is already the new table of another part of this split: each part writes a new table of its own", to[0], to[1]))
 		} else {
-			v.add(field+".to", fmt.Sprintf("%s.%s is already the new table of %q: one new table per old table (merging several old tables into one new table is not supported)", to[0], to[1], other))
+			v.add(field+".to", fmt.Sprintf("%s.%s is already the new table of %q: one new table per old table, unless they are merged (merge_into names the owner's entry)", to[0], to[1], other))
 		}
 	}
 	news[to] = key

@@ -60,7 +60,7 @@ func TestLoadTablesErrors(t *testing.T) {
 		{"typo in the section", "tables:\n  inclde: [x]\n",
 			[]string{`t.yaml:2:3: unknown field "inclde" in tables (did you mean "include"?)`}},
 		{"unknown key lists the valid ones", "tables:\n  map:\n    users:\n      columns: {}\n",
-			[]string{`t.yaml:4:7: unknown field "columns" in tables.map[users] (valid: to, rename, drop, compute, reverse, where, discriminator, split)`}},
+			[]string{`t.yaml:4:7: unknown field "columns" in tables.map[users] (valid: to, rename, drop, compute, reverse, where, discriminator, split, merge_into)`}},
 		{"discriminator is a list", "tables:\n  map:\n    orders:\n      discriminator: [tenant, shop]\n",
 			[]string{`t.yaml:4:7: tables.map[orders].discriminator: must be a mapping (key: value), not a list`}},
 		{"discriminator value is a mapping", "tables:\n  map:\n    orders:\n      discriminator:\n        tenant: {shop: 1}\n",
@@ -157,7 +157,7 @@ tables:
 		file + `:11:17: tables.map[users].compute.full_name: empty expression`,
 		file + `:12:17: tables.map[users].reverse.mail: old column "mail" is renamed, which already mirrors it back from "email"; remove its reverse expression`,
 		file + `:13:5: tables.map[public.users]: names the same table as "users"`,
-		file + `:14:14: tables.map[orders].to: public.accounts is already the new table of "users": one new table per old table (merging several old tables into one new table is not supported)`,
+		file + `:14:14: tables.map[orders].to: public.accounts is already the new table of "users": one new table per old table, unless they are merged (merge_into names the owner's entry)`,
 		file + `:15:5: tables.map[a.b.c]: bad table name: "a.b.c" has more than two parts; write schema.table`,
 	}
 	if !reflect.DeepEqual(got, want) {
@@ -282,7 +282,7 @@ tables:
 		file + `:11:11: tables.map[users].split[0].where: the first part is the owner, whose new table holds every row of the old table: put the where on a later part`,
 		file + `:14:11: tables.map[users].split[2].to: public.accounts is already the new table of another part of this split: each part writes a new table of its own`,
 		file + `:16:7: tables.map[orders].split: a split needs two parts or more, not 1: one new table is an ordinary mapping (to, rename, ...)`,
-		file + `:19:7: tables.map[items].to: public.profiles is already the new table of "users": one new table per old table (merging several old tables into one new table is not supported)`,
+		file + `:19:7: tables.map[items].to: public.profiles is already the new table of "users": one new table per old table, unless they are merged (merge_into names the owner's entry)`,
 		file + `:24:11: tables.map[notes].split[1].split: a part cannot be split again: list every new table in one split`,
 		file + `:26:11: tables.map[notes].split[2].discriminator: a split part cannot carry a discriminator (a split into new tables others share is not supported)`,
 	}
@@ -300,5 +300,68 @@ tables:
 		if !ok || f != file || line != want[0] || col != want[1] {
 			t.Errorf("Position(%s) = %s:%d:%d %v, want %d:%d", field, f, line, col, ok, want[0], want[1])
 		}
+	}
+}
+
+func TestCheckMerge(t *testing.T) {
+	dir := t.TempDir()
+	file := writeFile(t, dir, "tandem.yaml", `old:
+  dsn: "postgres://app@localhost/app?sslmode=disable"
+tables:
+  map:
+    accounts:
+      to: users
+    profiles:
+      merge_into: accounts
+      rename: {user_id: id}
+    avatars:
+      merge_into: accounts
+      to: people
+      where: "url IS NOT NULL"
+    notes:
+      merge_into: profiles
+    tags:
+      merge_into: nobody
+    self:
+      merge_into: self
+    parts:
+      split:
+        - to: parts_a
+        - to: parts_b
+    bits:
+      merge_into: parts
+    orders:
+      to: users
+`)
+	got := problemStrings(Check(file, nil))
+	want := []string{
+		file + `:12:7: tables.map[avatars].to: is public.people, but "accounts" (merge_into) maps to public.users: a member writes the owner's new table (leave to out)`,
+		file + `:13:7: tables.map[avatars].where: a table of a merge cannot carry a where: a member's row exists on old when one of the columns it writes is not NULL`,
+		file + `:15:7: tables.map[notes].merge_into: names "profiles", which is merged into "accounts" itself: name the owner`,
+		file + `:17:7: tables.map[tags].merge_into: names public.nobody, which has no entry in tables.map: declare the owner's mapping to the merged table (its to)`,
+		file + `:19:7: tables.map[self].merge_into: names this entry itself: name the entry of the table that owns the merged rows`,
+		file + `:21:7: tables.map[parts].split: a split table cannot own a merge (another entry's merge_into names it): merge into a table mapped to one new table`,
+		file + `:27:7: tables.map[orders].to: public.users is already the new table of "accounts": one new table per old table, unless they are merged (merge_into names the owner's entry)`,
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
+	}
+	// The example's declaration is clean; with the change feed it is refused at each table of the merge.
+	ok := writeFile(t, dir, "ok.yaml", `old:
+  dsn: "postgres://app@localhost/app?sslmode=disable"
+feed:
+  enabled: true
+tables:
+  map:
+    accounts: {to: users}
+    profiles: {merge_into: accounts, rename: {user_id: id}}
+`)
+	got = problemStrings(Check(ok, nil))
+	want = []string{
+		ok + `:7:5: tables.map[accounts]: the change feed (feed.enabled) does not yet check a merged table's changes: turn feed.enabled off for a merge`,
+		ok + `:8:5: tables.map[profiles]: the change feed (feed.enabled) does not yet check a merged table's changes: turn feed.enabled off for a merge`,
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got\n  %s\nwant\n  %s", strings.Join(got, "\n  "), strings.Join(want, "\n  "))
 	}
 }

@@ -27,6 +27,10 @@ type Mapping struct {
 	// Where is the mapping's row predicate over the old row ("" = every
 	// row): the audit reads only the rows it carries.
 	Where string
+	// FilledElsewhere are the new columns another old table fills (a
+	// merge: new column -> that old table); they are not this table's
+	// to fill.
+	FilledElsewhere map[string]table.Name
 }
 
 // newColumn returns the new column that old column c becomes, and false when
@@ -470,6 +474,9 @@ func (t *Table) assessNewColumns(new *relation, m Mapping, filled map[string]boo
 			continue
 		}
 		if _, disc := m.Discriminator[nc.name]; disc {
+			continue
+		}
+		if _, other := m.FilledElsewhere[nc.name]; other {
 			continue
 		}
 		switch {

@@ -167,6 +167,11 @@ type copier struct {
 	// written to every part's new table in the unit's one secondary
 	// transaction, and keys absent on old are deleted from each.
 	deps []*copier
+	// members are, for the owner of a merge copied forward, the copiers
+	// of the other old tables of the merge: the unit reads their rows of
+	// the keys it copies, under lock, and writes their columns of the new
+	// rows it has just written, in its one secondary transaction.
+	members []*copier
 	// unmatched is, for a dependent part with a where copied forward,
 	// the statement (json array $1 of old rows) that deletes the part's
 	// rows of the old rows its predicate no longer passes.
@@ -276,17 +281,33 @@ func newCopier(src, dst *Meta) (*copier, error) {
 // as a mirrored one.
 func newMappedCopier(m *Mapping, forward bool) (*copier, error) {
 	p, err := newPartCopier(m, forward)
-	if err != nil || !forward || !m.Split() || !m.Owner() {
+	if err != nil {
 		return p, err
 	}
-	// The owner of a split, forward: every part in one unit.
+	var others []*Mapping
+	into := &p.deps
+	switch {
+	case forward && m.Split() && m.Owner():
+		// The owner of a split, forward: every part in one unit.
+		others = m.Parts()[1:]
+	case m.Merged() && !m.MergeMember():
+		// The owner of a merge: in reverse every member is written from
+		// the same new rows (deps); forward each member's own rows of
+		// the unit's keys are read and written (members).
+		others = m.Members()[1:]
+		if forward {
+			into = &p.members
+		}
+	default:
+		return p, nil
+	}
 	p.noFast = true
-	for _, dm := range m.Parts()[1:] {
-		dp, err := newPartCopier(dm, true)
+	for _, dm := range others {
+		dp, err := newPartCopier(dm, forward)
 		if err != nil {
 			return nil, err
 		}
-		p.deps = append(p.deps, dp)
+		*into = append(*into, dp)
 	}
 	return p, nil
 }
@@ -302,9 +323,16 @@ func newPartCopier(m *Mapping, forward bool) (*copier, error) {
 		}
 	}
 	p := &copier{src: d.from, dst: d.to}
-	if forward {
+	switch {
+	case forward:
 		p.srcWhere, p.dstWhere = m.where, m.NewWhere()
-	} else {
+	case m.MergeMember():
+		// Back to a merge member: the new rows its predicate passes are
+		// upserted (the statement's filter) and the others' old rows
+		// deleted (unmatched); a key absent on new is deleted on old
+		// whatever the old row holds.
+		p.srcWhere = m.NewWhere()
+	default:
 		p.srcWhere, p.dstWhere = m.NewWhere(), m.where
 		if len(m.disc) > 0 {
 			p.keyIn = m.ownKey
@@ -331,15 +359,16 @@ func newPartCopier(m *Mapping, forward bool) (*copier, error) {
 			return nil, fmt.Errorf("copying %s to %s: primary keys differ: %s (%s) does not become %s (%s) column for column, so a key cannot name the same row on both",
 				d.from.Name, d.to.Name, d.from.Name, strings.Join(d.from.KeyNames(), ", "), d.to.Name, strings.Join(d.to.KeyNames(), ", "))
 		}
-		if forward && m.Split() && m.where != "" {
+		if (forward && m.Split() && m.where != "") || (!forward && m.MergeMember()) {
 			keys, err := d.keyValues(p.cols)
 			if err != nil {
 				return nil, fmt.Errorf("copying %s to %s: %w", d.from.Name, d.to.Name, err)
 			}
 			p.unmatched = d.deleteWhere(from, keys, " WHERE NOT coalesce("+d.filter+", false)")
 		}
-		if !forward && !m.Owner() {
-			// A dependent part back to old: its columns of the old row.
+		if (!forward && !m.Owner()) || (forward && m.MergeMember()) {
+			// A dependent part back to old, or a merge member forward: its
+			// columns of the owner's row.
 			p.update, p.noFast = true, true
 			if p.upsert, err = d.reverseUpdate(from, p.cols); err != nil {
 				return nil, fmt.Errorf("copying %s to %s: %w", d.from.Name, d.to.Name, err)
@@ -541,8 +570,10 @@ func (p *copier) openCopyUnit(ctx context.Context, primary, secondary *pgx.Conn,
 				return u, fmt.Errorf("copying %s: locking the secondary: %w", p.src.Name, err)
 			}
 		}
-		if _, err := u.ptx.Exec(ctx, "LOCK TABLE "+p.src.Name.Quoted()+" IN SHARE MODE"); err != nil {
-			return u, fmt.Errorf("copying %s: locking the primary: %w", p.src.Name, err)
+		for _, q := range append([]*copier{p}, p.members...) { // a merge's owner reads every member's table
+			if _, err := u.ptx.Exec(ctx, "LOCK TABLE "+q.src.Name.Quoted()+" IN SHARE MODE"); err != nil {
+				return u, fmt.Errorf("copying %s: locking the primary: %w", p.src.Name, err)
+			}
 		}
 	}
 	if err := body(u); err != nil {
@@ -588,9 +619,16 @@ func (u *copyUnit) copyKeys(ctx context.Context, keys [][]string, deleteAbsent b
 // lockKeys reads the rows with these keys on the primary FOR SHARE, in key
 // order (the order writers are likeliest to lock in).
 func (u *copyUnit) lockKeys(ctx context.Context, keys [][]string) (rowSet, error) {
-	src := u.p.srcKey
-	sql := "SELECT row_to_json(r.*)::text, " + keyText("r", src) + " FROM " + u.p.srcFrom() + " r WHERE " +
-		keyTuple("r", src) + " IN (" + keySet("x", 1, src) + ") ORDER BY " + keyList("r", src) + " FOR SHARE OF r"
+	return u.readKeys(ctx, u.p, keys, " FOR SHARE OF r")
+}
+
+// readKeys reads the rows with these keys of q's source table on the
+// primary, in key order, with lock (" FOR SHARE OF r", or "" for a plain
+// read).
+func (u *copyUnit) readKeys(ctx context.Context, q *copier, keys [][]string, lock string) (rowSet, error) {
+	src := q.srcKey
+	sql := "SELECT row_to_json(r.*)::text, " + keyText("r", src) + " FROM " + q.srcFrom() + " r WHERE " +
+		keyTuple("r", src) + " IN (" + keySet("x", 1, src) + ") ORDER BY " + keyList("r", src) + lock
 	return readRows(ctx, u.ptx, sql, columnsOf(keys, len(src))...)
 }
 
@@ -662,17 +700,8 @@ func (u *copyUnit) write(ctx context.Context, rows rowSet) error {
 	}
 	arr := rows.jsonArray()
 	if u.p.update {
-		// A dependent part's columns onto old rows: each must be there.
-		rs, err := u.stx.Query(ctx, u.p.upsert, arr)
-		if err != nil {
-			return fmt.Errorf("writing the secondary: %w", err)
-		}
-		missing, err := pgx.CollectRows(rs, func(r pgx.CollectableRow) ([]any, error) { return r.Values() })
-		if err != nil {
-			return fmt.Errorf("writing the secondary: %w", err)
-		}
-		if len(missing) > 0 {
-			return fmt.Errorf("writing the secondary: %s has no row for key %v (of %d): the owner part of the split has not written it yet", u.p.dst.Name, missing[0], len(missing))
+		if err := u.update(ctx, u.p, arr); err != nil {
+			return err
 		}
 		u.res.Upserted += len(rows.json)
 		return nil
@@ -699,6 +728,61 @@ func (u *copyUnit) write(ctx context.Context, rows rowSet) error {
 		}
 	}
 	u.res.Upserted += len(rows.json)
+	return u.writeMembers(ctx, rows.keys)
+}
+
+// update runs q's keyed UPDATE (a dependent part's columns onto old rows,
+// a merge member's onto new rows) of the rows arr: each row must be there.
+func (u *copyUnit) update(ctx context.Context, q *copier, arr string) error {
+	rs, err := u.stx.Query(ctx, q.upsert, arr)
+	if err != nil {
+		return fmt.Errorf("writing the secondary: %w", err)
+	}
+	missing, err := pgx.CollectRows(rs, func(r pgx.CollectableRow) ([]any, error) { return r.Values() })
+	if err != nil {
+		return fmt.Errorf("writing the secondary: %w", err)
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("writing the secondary: %s has no row for key %v (of %d): the owner of the split or merge has not written it yet", q.dst.Name, missing[0], len(missing))
+	}
+	return nil
+}
+
+// writeMembers writes, for the owner of a merge copied forward, each
+// member's columns of the new rows of keys (the owner's rows the unit has
+// just written): the member's rows of these keys, or its columns' defaults
+// for a key it has no row of.
+//
+// The member's rows are read without a lock, after the unit has written
+// (and so locked) the new rows: a member's write W of one of them is then
+// either committed on the primary before the read (its mirror on the
+// secondary ran before the unit's write, which waited for it to commit,
+// and the primary commits first), so the read sees it; or its mirror
+// waits for the unit's lock and lands after the unit. Either way the new
+// row ends with W's columns, with no re-read, and the unit never waits on
+// the primary for a row lock a writer holds while its mirror waits for
+// the unit on the secondary (the writers' order, primary first, is kept;
+// a lock on a second old table would also deadlock with an application
+// transaction that writes the two tables in the other order).
+func (u *copyUnit) writeMembers(ctx context.Context, keys [][]string) error {
+	for _, q := range u.p.members {
+		rows, err := u.readKeys(ctx, q, keys, "")
+		if err != nil {
+			return err
+		}
+		if len(rows.json) > 0 {
+			if err := u.update(ctx, q, rows.jsonArray()); err != nil {
+				return err
+			}
+		}
+		if len(rows.keys) == len(keys) {
+			continue
+		}
+		w := len(q.dstKey)
+		if _, err := u.stx.Exec(ctx, q.clear, append(columnsOf(keys, w), columnsOf(rows.keys, w)...)...); err != nil {
+			return fmt.Errorf("clearing %s's columns on the secondary: %w", q.src.Name, err)
+		}
+	}
 	return nil
 }
 

@@ -77,6 +77,12 @@ func NewSnapshotCopy(m *Mapping) (*SnapshotCopy, error) {
 		}
 		return newSplitSnapshotCopy(m)
 	}
+	if m.Merged() {
+		// A merge's member writes its columns of the owner's rows, which
+		// a snapshot of its table alone cannot order after them; the
+		// locked path copies every member in the owner's units.
+		return nil, fmt.Errorf("%s is merged with %d other old tables into %s, which the snapshot loader does not write: it is copied by the locked path", m.Old.Name, len(m.Members())-1, m.New.Name)
+	}
 	p, err := newMappedCopier(m, true)
 	if err != nil {
 		return nil, err

@@ -40,6 +40,10 @@ type Mapping struct {
 	// owner).
 	split *splitInfo
 	part  int
+	// merge is the merge the mapping is a table of (nil when its new
+	// table is its own), member its index there (0: the owner).
+	merge  *mergeInfo
+	member int
 	// carried are the old columns the forward direction reads.
 	carried map[string]bool
 }

@@ -172,7 +172,7 @@ func LoadMappings(ctx context.Context, cfg config.Tables, old, new Querier) (*Ma
 		return nil, nil, fmt.Errorf("listing the old store's tables: %w", err)
 	}
 
-	var probs []Problem
+	merges, probs := mergeGroups(decls)
 	for n := range decls {
 		if !slices.Contains(names, n) {
 			probs = append(probs, Problem{Table: n, Side: "old", Message: "is declared in tables.map but the old store has no such table"})
@@ -187,9 +187,14 @@ func LoadMappings(ctx context.Context, cfg config.Tables, old, new Querier) (*Ma
 		ms.inScope[n] = true
 		var m *Mapping
 		var ps []Problem
-		if len(decls[n].Split) > 0 {
+		switch {
+		case decls[n].MergeInto != "":
+			continue // loaded with the owner it names
+		case len(merges[n]) > 0:
+			m, ps, err = loadMerge(ctx, old, new, n, merges[n], decls)
+		case len(decls[n].Split) > 0:
 			m, ps, err = loadSplit(ctx, old, new, n, decls[n])
-		} else {
+		default:
 			m, ps, err = loadMapping(ctx, old, new, n, decls[n])
 		}
 		if err != nil {
@@ -216,6 +221,9 @@ func LoadMappings(ctx context.Context, cfg config.Tables, old, new Querier) (*Ma
 		ms.byOld[n] = m
 		for _, p := range m.Parts() {
 			ms.byNew[p.New.Name] = p
+		}
+		for _, mm := range m.Members()[1:] {
+			ms.byOld[mm.Old.Name] = mm
 		}
 	}
 	slices.SortStableFunc(probs, func(a, b Problem) int { return strings.Compare(a.Table.String(), b.Table.String()) })
@@ -355,26 +363,32 @@ func loadSplit(ctx context.Context, old, new Querier, n Name, decl config.TableM
 // mirror's and the repair's after the flip) on old, over a typed row of
 // its new table.
 func (m *Mapping) checkReverseUpdate(ctx context.Context, old Querier) ([]Problem, error) {
+	return m.checkKeyedUpdate(ctx, checkDir{d: &m.rev, on: old, fromSide: "new", toSide: "old", flipOnly: true}, "the reverse update of this part")
+}
+
+// checkKeyedUpdate compiles dir's keyed UPDATE (a split dependent's in
+// reverse, a merge member's forward) on its store, over a typed source row;
+// what names the statement in a problem.
+func (m *Mapping) checkKeyedUpdate(ctx context.Context, dir checkDir, what string) ([]Problem, error) {
 	var probs []Problem
 	add := func(side, col, msg string, flipOnly bool) {
 		probs = append(probs, Problem{Table: m.Old.Name, Side: side, Column: col, Message: msg, FlipOnly: flipOnly})
 	}
-	dir := checkDir{d: &m.rev, on: old, fromSide: "new", toSide: "old", flipOnly: true}
 	from, cols, err := dir.sourceRow(ctx, add)
 	if err != nil || len(probs) > 0 {
 		return probs, err
 	}
-	sql, err := m.rev.reverseUpdate(from, cols)
+	sql, err := dir.d.reverseUpdate(from, cols)
 	if err != nil {
-		add("old", "", err.Error(), true)
+		add(dir.toSide, "", err.Error(), dir.flipOnly)
 		return probs, nil
 	}
-	msg, err := prepareCheck(ctx, old, sql)
+	msg, err := prepareCheck(ctx, dir.on, sql)
 	if err != nil {
 		return nil, err
 	}
 	if msg != "" {
-		add("old", "", "the reverse update of this part does not compile on the old store: "+msg, true)
+		add(dir.toSide, "", what+" does not compile on the "+dir.toSide+" store: "+msg, dir.flipOnly)
 	}
 	return probs, nil
 }
@@ -568,7 +582,7 @@ func (m *Mapping) checkServer(ctx context.Context, old, new Querier) ([]Problem,
 func (m *Mapping) checkFilters(ctx context.Context, old, new Querier) ([]Problem, error) {
 	var probs []Problem
 	if m.where != "" {
-		msg, err := prepareCheck(ctx, old, "SELECT 1 FROM "+m.Old.Name.Quoted()+" WHERE "+m.fwd.filter)
+		msg, err := prepareCheck(ctx, old, "SELECT 1 FROM "+m.Old.Name.Quoted()+" WHERE ("+m.where+")")
 		if err != nil {
 			return nil, err
 		}

@@ -212,6 +212,12 @@ func (r *rewriter) collect(msg protoreflect.Message) {
 			r.fail("table %s is not in the migration's scope", n)
 			return
 		}
+		if m.MergeMember() {
+			// Its rows are those of the new table where one of its columns
+			// is not NULL; an old row with all of them NULL has none there.
+			r.fail("table %s is merged into %s, which holds only its rows with a column not NULL: a read of a merged table other than its owner is not shadowed", n, m.New.Name)
+			return
+		}
 		if m.Where() != "" {
 			// The new table holds only the rows of the predicate: a read of
 			// the old table would have rows the new one lacks.

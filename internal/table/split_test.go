@@ -233,20 +233,10 @@ func TestSplitCopy(t *testing.T) {
 	owner := splitMappings(t, old, nw, splitDecl()).ForOld(Name{"public", "users"})
 	check := func(when string) {
 		t.Helper()
-		if got, want := queryText(t, nw, newAccounts), queryText(t, old, oldAccounts); got != want {
-			t.Fatalf("%s: accounts = %s\nold = %s", when, got, want)
-		}
-		if got, want := queryText(t, nw, newProfiles), queryText(t, old, oldProfiles); got != want {
-			t.Fatalf("%s: profiles = %s\nold = %s", when, got, want)
-		}
+		sameText(t, when, old, nw, [3]string{"accounts", oldAccounts, newAccounts}, [3]string{"profiles", oldProfiles, newProfiles})
 	}
 	// The fast path is not taken for a split: both settings copy alike.
-	for _, path := range copyPaths {
-		if _, err := copyTableMappedOn(ctx, path.fastRows, old, nw, owner, true, 7); err != nil {
-			t.Fatal(err)
-		}
-		check("after the " + path.name + " copy")
-	}
+	copyOnEveryPath(t, old, nw, owner, check)
 	s.old(`UPDATE users SET bio = NULL, avatar = NULL WHERE id = 3; UPDATE users SET bio = 'new' WHERE id = 4; DELETE FROM users WHERE id = 6`)
 	res, err := CopyKeysMapped(ctx, old, nw, owner, true, [][]string{{"3"}, {"4"}, {"6"}})
 	if err != nil {
@@ -358,7 +348,7 @@ func TestSplitReverse(t *testing.T) {
 	owner, dep := parts[0], parts[1]
 
 	// The dependent first: 4 has no old row yet.
-	if _, err := CopyKeysMapped(ctx, nw, old, dep, false, [][]string{{"4"}}); err == nil || !strings.Contains(err.Error(), "owner part of the split has not written it yet") {
+	if _, err := CopyKeysMapped(ctx, nw, old, dep, false, [][]string{{"4"}}); err == nil || !strings.Contains(err.Error(), "owner of the split or merge has not written it yet") {
 		t.Fatalf("a dependent row without its old row: err %v", err)
 	}
 	if got := queryText(t, old, `SELECT count(*)::text FROM users WHERE id = 4`); got != "0" {
@@ -444,5 +434,28 @@ func TestSplitReverseSQL(t *testing.T) {
 	}
 	if _, err := splitMappings(t, old, nw, splitDecl()).ForOld(Name{"public", "users"}).ReverseUpdateSQL([]string{"id", "name"}, 1); err == nil {
 		t.Error("ReverseUpdateSQL of the owner: no error")
+	}
+}
+
+// sameText fails the test unless each pair of queries (what, one over
+// old, one over nw) gives the same text.
+func sameText(t *testing.T, when string, old, nw *pgx.Conn, pairs ...[3]string) {
+	t.Helper()
+	for _, p := range pairs {
+		if got, want := queryText(t, nw, p[2]), queryText(t, old, p[1]); got != want {
+			t.Fatalf("%s: %s = %s\nold = %s", when, p[0], got, want)
+		}
+	}
+}
+
+// copyOnEveryPath copies m's old table whole, forward, in chunks of 7, on
+// each copy path setting, and runs check after each.
+func copyOnEveryPath(t *testing.T, old, nw *pgx.Conn, m *Mapping, check func(when string)) {
+	t.Helper()
+	for _, path := range copyPaths {
+		if _, err := copyTableMappedOn(context.Background(), path.fastRows, old, nw, m, true, 7); err != nil {
+			t.Fatal(err)
+		}
+		check("after the " + path.name + " copy")
 	}
 }
