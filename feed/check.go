@@ -65,8 +65,9 @@ func (s *session) check(ctx context.Context, b *changes) error {
 		}
 		// A split old table's key is checked through every part: its row
 		// is a row of each part's new table (or of none, outside a
-		// dependent's where). A key that differs in any part is one entry
-		// of the old table, which the repair copies through all of them.
+		// dependent's where); a merged new table's key through every
+		// table of the merge. A key that differs in any is one entry of
+		// the changed table, which the repair copies through all of them.
 		differs := map[string]bool{}
 		for _, pm := range rel.parts() {
 			c, err := s.checker(ctx, pm)

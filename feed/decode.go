@@ -189,11 +189,15 @@ type relation struct {
 }
 
 // parts are the mappings rel's changes are checked through: on old, every
-// part of a split old table (its one mapping otherwise); on new, the new
-// table's mapping.
+// part of a split old table (its one mapping otherwise; a table of a merge
+// its own); on new, every table of a merge into the new table (the new
+// table's one mapping otherwise, a split's part).
 func (rel *relation) parts() []*table.Mapping {
-	if rel.onOld {
+	switch {
+	case rel.onOld:
 		return rel.m.Parts()
+	case rel.m.Merged():
+		return rel.m.Members()
 	}
 	return []*table.Mapping{rel.m}
 }

@@ -8,9 +8,11 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/tandemdb/tandem/internal/pgtest"
+	"github.com/tandemdb/tandem/internal/pgtest/harness"
 )
 
 // exampleFile returns the text of deploy/examples/<dir>/<name>.
@@ -73,6 +75,33 @@ func (ex *example) sameRows(t *testing.T, when string, pairs ...[3]string) {
 	for _, p := range pairs {
 		if o, n := splitText(t, ex.oldDSN, p[1]), splitText(t, ex.newDSN, p[2]); o != n {
 			t.Fatalf("%s: %s differ: old %s, new %s", when, p[0], o, n)
+		}
+	}
+}
+
+// sameRowsSoon is sameRows that waits up to a minute for the pairs to give
+// the same: for what only the change feed and the repairer bring there.
+func (ex *example) sameRowsSoon(t *testing.T, when string, pairs ...[3]string) {
+	t.Helper()
+	harness.SucceedsSoon(t, 60*time.Second, func() error {
+		for _, p := range pairs {
+			if o, n := splitText(t, ex.oldDSN, p[1]), splitText(t, ex.newDSN, p[2]); o != n {
+				return fmt.Errorf("%s: %s differ: old %s, new %s", when, p[0], o, n)
+			}
+		}
+		return nil
+	})
+}
+
+// direct runs sqls, one by one, on the store at dsn, around the proxy.
+func direct(t *testing.T, dsn string, sqls ...string) {
+	t.Helper()
+	ctx := context.Background()
+	c := mustConnect(t, dsn)
+	defer c.Close(ctx)
+	for _, sql := range sqls {
+		if _, err := c.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
 		}
 	}
 }

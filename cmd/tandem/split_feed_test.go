@@ -2,12 +2,9 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"testing"
-	"time"
 
 	"github.com/tandemdb/tandem/internal/pgtest"
-	"github.com/tandemdb/tandem/internal/pgtest/harness"
 	"github.com/tandemdb/tandem/internal/route"
 	"go.uber.org/goleak"
 )
@@ -29,33 +26,14 @@ func TestSplitFeed(t *testing.T) {
 	file, oldDSN, newDSN, api := ex.file, ex.oldDSN, ex.newDSN, ex.api
 	backfillAll(t, file) // waits for the feed's slot on old
 
-	equalSoon := func(when string) {
-		t.Helper()
-		harness.SucceedsSoon(t, 60*time.Second, func() error {
-			for _, p := range [][3]string{{"accounts", splitOldAccounts, splitNewAccounts}, {"profiles", splitOldProfiles, splitNewProfiles}} {
-				if o, n := splitText(t, oldDSN, p[1]), splitText(t, newDSN, p[2]); o != n {
-					return fmt.Errorf("%s: %s differ: old %s, new %s", when, p[0], o, n)
-				}
-			}
-			return nil
-		})
-	}
-	direct := func(dsn string, sqls ...string) {
-		t.Helper()
-		c := mustConnect(t, dsn)
-		defer c.Close(ctx)
-		for _, sql := range sqls {
-			if _, err := c.Exec(ctx, sql); err != nil {
-				t.Fatalf("%s: %v", sql, err)
-			}
-		}
-	}
+	pairs := [][3]string{{"accounts", splitOldAccounts, splitNewAccounts}, {"profiles", splitOldProfiles, splitNewProfiles}}
+	equalSoon := func(when string) { t.Helper(); ex.sameRowsSoon(t, when, pairs...) }
 	equalSoon("after the backfill")
 
 	// Straight to old: into profiles (user 1 had no bio), out of it (user
 	// 3 had one), a dependent's column changed (6), an owner's column (2),
 	// a new user with a profile, and a delete of a user with a profile.
-	direct(oldDSN,
+	direct(t, oldDSN,
 		`UPDATE users SET bio = 'direct' WHERE id = 1`,
 		`UPDATE users SET bio = NULL WHERE id = 3`,
 		`UPDATE users SET avatar = '\x0a0b' WHERE id = 6`,
@@ -69,7 +47,7 @@ func TestSplitFeed(t *testing.T) {
 		t.Fatalf("flip: %+v", res)
 	}
 	// Straight to new, one new table at a time.
-	direct(newDSN,
+	direct(t, newDSN,
 		`UPDATE profiles SET bio = 'rewritten on new' WHERE user_id = 12`,
 		`DELETE FROM profiles WHERE user_id = 15`,
 		`UPDATE accounts SET email = 'direct@new' WHERE id = 4`,

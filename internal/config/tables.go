@@ -452,18 +452,13 @@ func (v *validator) validateTables(t Tables) {
 }
 
 // refuseInMerge reports what a table of a merge (its owner, which another entry's merge_into names, or a member)
-// cannot carry: a where, a discriminator (its new rows are every member's), the change feed.
+// cannot carry: a where, a discriminator (its new rows are every member's).
 func (v *validator) refuseInMerge(field string, tm TableMap) {
 	if v.set(field + ".where") {
 		v.add(field+".where", "a table of a merge cannot carry a where: a member's row exists on old when one of the columns it writes is not NULL")
 	}
 	if len(tm.Discriminator) > 0 {
 		v.add(field+".discriminator", "a table of a merge cannot carry a discriminator (a merge into a table other deployments share is not supported)")
-	}
-	if v.c.Feed.Enabled {
-		// The feed checks a change against one row of the other store
-		// through one mapping; a merged new row is several old rows.
-		v.add(field, "the change feed (feed.enabled) does not yet check a merged table's changes: turn feed.enabled off for a merge")
 	}
 }
 

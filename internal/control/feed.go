@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -65,9 +66,12 @@ func FeedTables(ms *table.Mappings, store route.Store) []table.Name {
 		if !ms.InScope(m.Old.Name) {
 			continue
 		}
-		if store == route.New {
-			out = append(out, m.New.Name)
-		} else if m.Owner() { // a split's parts share the old table
+		switch {
+		case store == route.New:
+			if !slices.Contains(out, m.New.Name) { // a merge's tables share the new table
+				out = append(out, m.New.Name)
+			}
+		case m.Owner(): // a split's parts share the old table
 			out = append(out, m.Old.Name)
 		}
 	}
