@@ -466,34 +466,12 @@ func sameStar(m *Mapping) bool {
 // so a shadow read of one deployment's old table reads only its own rows of
 // the shared new one (design section 6).
 func restrictNew(root protoreflect.Message, tables []tableRef) error {
-	var err error
-	walkMessages(root, func(msg protoreflect.Message) {
-		n, ok := msg.Interface().(*pg_query.Node)
-		if !ok || err != nil {
-			return
+	return replaceTables(root, tables, "restrict it to its discriminator", func(t tableRef) string {
+		if t.m.NewWhere() == "" {
+			return ""
 		}
-		rv := n.GetRangeVar()
-		if rv == nil {
-			return
-		}
-		i := slices.IndexFunc(tables, func(t tableRef) bool { return t.rv == rv })
-		if i < 0 || tables[i].m.NewWhere() == "" {
-			return
-		}
-		m := tables[i].m
-		alias := rv.Relname
-		if rv.Alias != nil {
-			alias = rv.Alias.Aliasname
-		}
-		var sub *pg_query.ParseResult
-		if sub, err = pg_query.Parse("SELECT * FROM (SELECT * FROM " + m.New.Name.Quoted() + " WHERE " + m.NewWhere() + ") AS " + quoteIdent(alias)); err != nil {
-			err = fmt.Errorf("cannot restrict %s to its discriminator: %w", m.New.Name, err)
-			return
-		}
-		from := sub.Stmts[0].GetStmt().GetSelectStmt().FromClause[0]
-		n.Node = from.Node
+		return "SELECT * FROM " + t.m.New.Name.Quoted() + " WHERE " + t.m.NewWhere()
 	})
-	return err
 }
 
 // composeSplits replaces, in the tree under root, each split table of
@@ -502,6 +480,19 @@ func restrictNew(root protoreflect.Message, tables []tableRef) error {
 // accounts p0 LEFT JOIN profiles p1 ON (p1.user_id) = (p0.id)) AS u`, and
 // the query's column references, left with their old names, read it.
 func composeSplits(root protoreflect.Message, tables []tableRef) error {
+	return replaceTables(root, tables, "compose its rows from the split's parts", func(t tableRef) string {
+		if t.composed == nil {
+			return ""
+		}
+		return t.composed.sql
+	})
+}
+
+// replaceTables replaces, in the tree under root, each reference of tables
+// for which sub gives a query ("" leaves it) by that query as a subquery
+// under the reference's alias (or its table name); what names the step in
+// an error.
+func replaceTables(root protoreflect.Message, tables []tableRef, what string, sub func(tableRef) string) error {
 	var err error
 	walkMessages(root, func(msg protoreflect.Message) {
 		n, ok := msg.Interface().(*pg_query.Node)
@@ -513,19 +504,23 @@ func composeSplits(root protoreflect.Message, tables []tableRef) error {
 			return
 		}
 		i := slices.IndexFunc(tables, func(t tableRef) bool { return t.rv == rv })
-		if i < 0 || tables[i].composed == nil {
+		if i < 0 {
+			return
+		}
+		q := sub(tables[i])
+		if q == "" {
 			return
 		}
 		alias := rv.Relname
 		if rv.Alias != nil {
 			alias = rv.Alias.Aliasname
 		}
-		var sub *pg_query.ParseResult
-		if sub, err = pg_query.Parse("SELECT * FROM (" + tables[i].composed.sql + ") AS " + quoteIdent(alias)); err != nil {
-			err = fmt.Errorf("cannot compose the rows of split table %s: %w", tables[i].m.Old.Name, err)
+		var tree *pg_query.ParseResult
+		if tree, err = pg_query.Parse("SELECT * FROM (" + q + ") AS " + quoteIdent(alias)); err != nil {
+			err = fmt.Errorf("cannot %s (%s): %w", what, tables[i].m.Old.Name, err)
 			return
 		}
-		n.Node = sub.Stmts[0].GetStmt().GetSelectStmt().FromClause[0].Node
+		n.Node = tree.Stmts[0].GetStmt().GetSelectStmt().FromClause[0].Node
 	})
 	return err
 }

@@ -140,6 +140,20 @@ func TestRewriteReadOnStores(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	sameReads(t, ms, old, nw,
+		"SELECT id, email FROM users WHERE id > 5 ORDER BY id",
+		"SELECT o.cust, sum(o.total) AS s FROM orders o JOIN users u ON u.id = o.cust WHERE u.email LIKE '%1%' GROUP BY o.cust ORDER BY 1",
+		"SELECT * FROM orders WHERE note IS NOT NULL ORDER BY id",
+		"SELECT cust FROM orders WHERE total > 50 UNION SELECT id FROM users WHERE id < 3 ORDER BY cust",
+		"SELECT count(*), max(orders.note) FROM orders WHERE cust IN (SELECT id FROM users WHERE email <> '')",
+	)
+}
+
+// sameReads wants each of sqls, rewritten by ms, to run on nw and return
+// the rows (at least one) the original returns on old.
+func sameReads(t *testing.T, ms *Mappings, old, nw *pgx.Conn, sqls ...string) {
+	t.Helper()
+	ctx := context.Background()
 	rowsOf := func(q *pgx.Conn, sql string) []string {
 		t.Helper()
 		rows, err := q.Query(ctx, "SELECT x::text FROM ("+sql+") x")
@@ -152,13 +166,7 @@ func TestRewriteReadOnStores(t *testing.T) {
 		}
 		return got
 	}
-	for _, sql := range []string{
-		"SELECT id, email FROM users WHERE id > 5 ORDER BY id",
-		"SELECT o.cust, sum(o.total) AS s FROM orders o JOIN users u ON u.id = o.cust WHERE u.email LIKE '%1%' GROUP BY o.cust ORDER BY 1",
-		"SELECT * FROM orders WHERE note IS NOT NULL ORDER BY id",
-		"SELECT cust FROM orders WHERE total > 50 UNION SELECT id FROM users WHERE id < 3 ORDER BY cust",
-		"SELECT count(*), max(orders.note) FROM orders WHERE cust IN (SELECT id FROM users WHERE email <> '')",
-	} {
+	for _, sql := range sqls {
 		rw, ok, reason := ms.RewriteRead(sql)
 		if !ok {
 			t.Errorf("%s: not rewritten: %s", sql, reason)
